@@ -1,0 +1,159 @@
+"""Reading data files from disk, tokenising them per task, and the matching collators.
+
+Data files are JSON lines (``.jsonl``, optionally ``.gz``), a JSON list, CSV, or a ``datasets``
+dataset saved with ``save_to_disk`` (what ``lmkd generate`` writes).  Columns are named:
+``source``/``target`` for translation, ``document``/``summary`` for summarisation, ``text``/``label``
+for classification, ``text`` for mlm and causal-lm -- each name is an option.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import datasets
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+)
+
+from .errors import LmkdError
+from .modeling import TASK_KIND
+
+TASKS = tuple(TASK_KIND)
+
+DEFAULT_COLUMNS = {
+    "translation": ("source", "target"),
+    "summarization": ("document", "summary"),
+    "classification": ("text", "label"),
+    "mlm": ("text", None),
+    "causal-lm": ("text", None),
+}
+
+
+@dataclass
+class DataArguments:
+    """What to train on and how to tokenise it."""
+
+    task: str = field(metadata={"help": f"One of {', '.join(TASKS)}."})
+    train_file: str = field(metadata={"help": "Training data: .jsonl[.gz], .json, .csv or a save_to_disk dir."})
+    validation_file: str | None = field(default=None, metadata={"help": "Optional evaluation data, same format."})
+    source_column: str | None = field(
+        default=None, metadata={"help": "Input column (default: source / document / text by task)."})
+    target_column: str | None = field(
+        default=None, metadata={"help": "Label column (default: target / summary / label by task). "
+                                        "For seq-KD, the teacher's output column of `lmkd generate`."})
+    source_prefix: str = field(default="", metadata={"help": "Text put before every input, e.g. 'translate "
+                                                             "English to French: ' for T5."})
+    max_source_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
+    max_target_length: int = field(default=128, metadata={"help": "Targets are truncated to this many tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "mlm only: share of tokens masked (BERT: 0.15)."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        src, tgt = DEFAULT_COLUMNS[self.task]
+        self.source_column = self.source_column or src
+        self.target_column = self.target_column or tgt
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a .jsonl/.json/.csv file (optionally gzipped), with one-line errors."""
+    if not os.path.exists(path):
+        raise LmkdError(f"data file {path} does not exist; check the path")
+    name = path[:-3] if path.endswith(".gz") else path
+    rows: list[dict] = []
+    with _open_text(path) as f:
+        if name.endswith(".csv"):
+            rows = list(csv.DictReader(f))
+        elif name.endswith(".json") and not name.endswith(".jsonl"):
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise LmkdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                                "use a JSON list of objects or JSON lines") from e
+        else:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LmkdError(f"{path} line {lineno} is not JSON ({e.msg}); each line must be one JSON "
+                                    "object like {\"source\": ..., \"target\": ...}") from e
+                if not isinstance(row, dict):
+                    raise LmkdError(f"{path} line {lineno} is not a JSON object; each line must be one object")
+                rows.append(row)
+    if not rows:
+        raise LmkdError(f"data file {path} is empty; it needs at least one row")
+    return rows
+
+
+def load_data(path: str, columns: list[str] | tuple[str, ...] = ()) -> datasets.Dataset:
+    """A ``datasets.Dataset`` from a file or a ``save_to_disk`` directory, checked for ``columns``."""
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise LmkdError(f"{path} is a directory but not a saved dataset; pass a .jsonl/.csv file or a "
+                            "directory written by `lmkd generate`") from e
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if len(ds) == 0:
+            raise LmkdError(f"dataset {path} is empty; it needs at least one row")
+    else:
+        ds = datasets.Dataset.from_list(read_rows(path))
+    missing = [c for c in columns if c and c not in ds.column_names]
+    if missing:
+        raise LmkdError(f"{path} has no column {missing[0]!r} (it has: {', '.join(ds.column_names)}); "
+                        f"name the right one with --{'source' if missing[0] == columns[0] else 'target'}_column")
+    return ds
+
+
+def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: bool = True) -> datasets.Dataset:
+    """Tokenise ``ds`` for ``args.task``; the original columns are dropped."""
+    src, tgt = args.source_column, args.target_column
+    kind = TASK_KIND[args.task]
+
+    def fn(batch):
+        texts = [args.source_prefix + str(t) for t in batch[src]]
+        if kind == "seq2seq":
+            enc = tokenizer(texts, max_length=args.max_source_length, truncation=True)
+            if labelled:
+                enc["labels"] = tokenizer(text_target=[str(t) for t in batch[tgt]],
+                                          max_length=args.max_target_length, truncation=True)["input_ids"]
+            return enc
+        if kind == "classification":
+            enc = tokenizer(texts, max_length=args.max_source_length, truncation=True)
+            if labelled:
+                enc["labels"] = [int(v) for v in batch[tgt]]
+            return enc
+        return tokenizer(texts, max_length=args.max_source_length, truncation=True)
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenising")
+
+
+def collator_for(task: str, tokenizer, model=None, mlm_probability: float = 0.15, seed: int | None = None):
+    """The HF collator for a task (dynamic padding; labels padded with -100)."""
+    kind = TASK_KIND[task]
+    if kind == "seq2seq":
+        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding=True)
+    if kind == "classification":
+        return DataCollatorWithPadding(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForLanguageModeling(tokenizer, mlm=(kind == "mlm"), mlm_probability=mlm_probability,
+                                           seed=seed)

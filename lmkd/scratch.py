@@ -1,0 +1,96 @@
+"""Models and tokenizers from scratch: for the study (no teacher given), the demo and the tests.
+
+With no network there is no pretrained checkpoint, so lmkd trains a tokenizer on the user's data
+(``tokenizers``) and builds a model from a config.  One function per concern, one table of
+architectures -- the same ones make_student knows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    BartConfig,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MarianConfig,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
+
+SPECIAL_TOKENS = ["<pad>", "</s>", "<s>", "<unk>", "<mask>"]
+PAD, EOS, BOS, UNK, MASK = range(5)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedTokenizerFast:
+    """A unigram (SentencePiece-style) tokenizer trained on ``texts``; appends ``</s>`` to every
+    sequence.  Ids 0-4 are ``<pad> </s> <s> <unk> <mask>``."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>",
+                                      show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", EOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+
+
+def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2, decoder_layers: int | None = None,
+                 heads: int = 4, ffn: int | None = None, max_positions: int = 256, num_labels: int = 2):
+    """A config for ``arch`` in bart, marian, t5, bert, gpt2, llama with the special ids above."""
+    ffn = ffn or 4 * d_model
+    dec = layers if decoder_layers is None else decoder_layers
+    ids = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+    if arch == "bart":
+        return BartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
+                          encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                          decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=BOS,
+                          forced_eos_token_id=EOS, dropout=0.1, **ids)
+    if arch == "marian":
+        return MarianConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
+                            encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                            decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=PAD,
+                            decoder_vocab_size=vocab_size, share_encoder_decoder_embeddings=True, dropout=0.1,
+                            **ids)
+    if arch == "t5":
+        return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=ffn, num_layers=layers,
+                        num_decoder_layers=dec, num_heads=heads, decoder_start_token_id=PAD, dropout_rate=0.1,
+                        **ids)
+    if arch == "bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=layers,
+                          num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
+                          num_labels=num_labels, **ids)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=layers, n_head=heads, n_inner=ffn,
+                          n_positions=max_positions, **ids)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=ffn, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                           max_position_embeddings=max_positions, **ids)
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+ARCH_KINDS = {"bart": "seq2seq", "marian": "seq2seq", "t5": "seq2seq", "bert": "mlm", "gpt2": "causal",
+              "llama": "causal"}
+
+_AUTO = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM,
+         "classification": AutoModelForSequenceClassification}
+
+
+def build_model(arch: str, vocab_size: int, kind: str | None = None, seed: int = 0, **sizes):
+    """A freshly initialised model of ``arch`` (``kind`` defaults to the architecture's LM head;
+    ``classification`` gives a sequence classifier)."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = model_config(arch, vocab_size, **sizes)
+    return _AUTO[kind or ARCH_KINDS[arch]].from_config(config)
