@@ -8,19 +8,18 @@ import os
 from .config import DistillationConfig
 from .data import DataArguments, collator_for, load_data, tokenize
 from .errors import LmkdError
-from .modeling import TASK_KIND, load_model, load_tokenizer
+from .modeling import TASK_KIND, check_model_path, load_model, load_tokenizer
 from .trainer import DistillationTrainer
 
 
-def _dataset(path, data_args, tokenizer, limit):
-    columns = [data_args.source_column]
-    labelled = data_args.target_column is not None and data_args.task not in ("mlm", "causal-lm")
-    if labelled:
-        columns.append(data_args.target_column)
+def _labelled(data_args) -> bool:
+    return data_args.target_column is not None and data_args.task not in ("mlm", "causal-lm")
+
+
+def _raw(path, data_args, limit):
+    columns = [data_args.source_column] + ([data_args.target_column] if _labelled(data_args) else [])
     ds = load_data(path, columns)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return tokenize(ds, tokenizer, data_args, labelled=labelled)
+    return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
 
 def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, resume: bool = False,
@@ -28,12 +27,20 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     """Train ``model_args.student_model_name_or_path`` on ``data_args`` with ``args``; save the
     student and its tokenizer to ``args.output_dir``; return the training metrics."""
     kind = TASK_KIND[data_args.task]
+    # Check everything cheap (files, columns, paths) before loading any model.
+    train = _raw(data_args.train_file, data_args, data_args.max_train_samples)
+    evaluation = _raw(data_args.validation_file, data_args, data_args.max_eval_samples) \
+        if data_args.validation_file else None
+    if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
+        check_model_path(args.teacher_model_name_or_path)
+    check_model_path(model_args.student_model_name_or_path)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.student_model_name_or_path)
     student = load_model(model_args.student_model_name_or_path, kind=kind)
     with args.main_process_first(desc="tokenising"):
-        train = _dataset(data_args.train_file, data_args, tokenizer, data_args.max_train_samples)
-        evaluation = (_dataset(data_args.validation_file, data_args, tokenizer, data_args.max_eval_samples)
-                      if data_args.validation_file else None)
+        labelled = _labelled(data_args)
+        train = tokenize(train, tokenizer, data_args, labelled=labelled)
+        if evaluation is not None:
+            evaluation = tokenize(evaluation, tokenizer, data_args, labelled=labelled)
     collator = collator_for(data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed)
     if (resume and not os.path.isdir(args.output_dir)):
         raise LmkdError(f"--resume: {args.output_dir} has no checkpoint to resume from; run without --resume")

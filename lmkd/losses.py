@@ -33,14 +33,19 @@ def mask_from_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return labels.ne(ignore_index)
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _select(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Flatten to ``(N, V)`` keeping only the masked positions, in float32."""
+    """Flatten to ``(N, V)`` keeping only the masked positions, in at least float32."""
     v = logits.shape[-1]
     if mask is not None:
         if mask.shape != logits.shape[:-1]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}")
         logits = logits[mask.to(torch.bool)]
-    return logits.reshape(-1, v).float()
+    return _up(logits.reshape(-1, v))
 
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -126,7 +131,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Hard-label cross-entropy summed over the positions whose label is not ``ignore_index``."""
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        _up(logits.reshape(-1, logits.shape[-1])),
         labels.reshape(-1),
         ignore_index=ignore_index,
         reduction="sum",

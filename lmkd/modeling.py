@@ -90,7 +90,8 @@ def model_kind(model: torch.nn.Module) -> str:
                     "masked LM or sequence-classification model")
 
 
-def _check_model_dir(path: str) -> None:
+def check_model_path(path: str) -> None:
+    """One-line error for a local model path that does not exist or holds no model."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise LmkdError(f"{path} is not a model directory (no config.json); pass a dir written by "
@@ -105,7 +106,7 @@ def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | No
     """``from_pretrained`` with the auto class of ``kind`` (inferred from the config if None)."""
     if isinstance(path, PreTrainedModel):
         return path
-    _check_model_dir(str(path))
+    check_model_path(str(path))
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else DTYPES[dtype]
     if kind is None:
@@ -119,7 +120,7 @@ def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | No
 
 def kind_from_config(path: str) -> str:
     """Model kind from a checkpoint's config (its ``architectures`` entry, else encoder-decoder-ness)."""
-    _check_model_dir(str(path))
+    check_model_path(str(path))
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -45,7 +45,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedT
 
 
 def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2, decoder_layers: int | None = None,
-                 heads: int = 4, ffn: int | None = None, max_positions: int = 256, num_labels: int = 2):
+                 heads: int = 4, ffn: int | None = None, max_positions: int = 256, num_labels: int = 2,
+                 dropout: float = 0.1):
     """A config for ``arch`` in bart, marian, t5, bert, gpt2, llama with the special ids above."""
     ffn = ffn or 4 * d_model
     dec = layers if decoder_layers is None else decoder_layers
@@ -54,24 +55,26 @@ def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2,
         return BartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
                           encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
                           decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=BOS,
-                          forced_eos_token_id=EOS, dropout=0.1, **ids)
+                          forced_eos_token_id=EOS, dropout=dropout, **ids)
     if arch == "marian":
         return MarianConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
                             encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
                             decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=PAD,
-                            decoder_vocab_size=vocab_size, share_encoder_decoder_embeddings=True, dropout=0.1,
+                            decoder_vocab_size=vocab_size, share_encoder_decoder_embeddings=True, dropout=dropout,
                             **ids)
     if arch == "t5":
         return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=ffn, num_layers=layers,
-                        num_decoder_layers=dec, num_heads=heads, decoder_start_token_id=PAD, dropout_rate=0.1,
+                        num_decoder_layers=dec, num_heads=heads, decoder_start_token_id=PAD, dropout_rate=dropout,
                         **ids)
     if arch == "bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=layers,
                           num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
-                          num_labels=num_labels, **ids)
+                          num_labels=num_labels, hidden_dropout_prob=dropout,
+                          attention_probs_dropout_prob=dropout, **ids)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=layers, n_head=heads, n_inner=ffn,
-                          n_positions=max_positions, **ids)
+                          n_positions=max_positions, resid_pdrop=dropout, embd_pdrop=dropout,
+                          attn_pdrop=dropout, **ids)
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=ffn, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
