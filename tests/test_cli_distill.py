@@ -37,7 +37,7 @@ def test_distill_end_to_end(recipe, tmp_path, capsys):
     results = json.loads((out / "distill_results.json").read_text())
     assert results["train_loss"] > 0 and "eval_loss" in results and "eval_loss_kd" in results
     out_text = capsys.readouterr().out
-    assert json.loads(out_text[out_text.index("{"):])["train_loss"] == results["train_loss"]
+    assert json.loads(out_text[out_text.rindex("{\n"):])["train_loss"] == results["train_loss"]
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert args.kd_temperature == 3.0  # the override won over the YAML
 
