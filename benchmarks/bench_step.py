@@ -1,0 +1,171 @@
+"""Training-step cost of distillation, measured side by side on one batch (CPU).
+
+Goals (issue 5):
+  * online KD step / (plain student step + teacher forward)  <= 1.10
+  * cached top-K KD step / plain cross-entropy step          <= 1.05
+  * bytes per cached token                                   <= 6K + 8
+
+    .venv/bin/python benchmarks/bench_step.py [--vocab 16000] [--k 32] [--steps 5]
+
+Models: Marian-style teacher (d=256, 4+4 layers) and student (d=256, 2+2 layers) built from configs
+with a unigram tokenizer trained on the shipped en->fr corpus (so the vocabulary is what the corpus
+supports, up to --vocab).  One batch of 16 real sentence pairs.  A "step" is forward + backward +
+SGD update.  The plain student step is the model's own HF loss (``model(**batch).loss``, mean CE);
+the teacher forward is ``torch.no_grad`` teacher(**batch) as the trainer runs it; the KD steps run
+``DistillationTrainer.compute_loss`` (kd_alpha 0.5, tau 2) -- its default path (chunked/fused CE+KD)
+and, for reference, its plain path (kd_chunk_size 0).  The cached step trains from a real
+`cache-logits` directory (K ids + log-probs + tail) with no teacher loaded.  Variants are run
+round-robin, ``--steps`` timed rounds after one warm-up round, and the median is reported, so load
+from other processes hits all variants alike.  Timing is the process's CPU time with torch on one
+thread (the cores here are shared, so wall-clock ratios swing); wall-clock ratios are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def corpus(n):
+    rows = []
+    with gzip.open(ROOT / "lmkd" / "corpora" / "ddtp_en_fr.train.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) >= n:
+                break
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab", type=int, default=16000)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=16)
+    ns = ap.parse_args()
+
+    import datasets
+    import transformers
+
+    # One thread and CPU time (time.process_time): the machine's cores are shared with other jobs,
+    # which makes wall-clock times of multi-threaded steps swing by tens of percent.
+    torch.set_num_threads(1)
+
+    from lmkd import DistillationConfig, DistillationTrainer
+    from lmkd.data import DataArguments, collator_for, load_data, tokenize
+    from lmkd.logit_cache import cache_logits
+    from lmkd.scratch import build_model, train_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    rows = corpus(3000)
+    tok = train_tokenizer([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=ns.vocab)
+    v = len(tok)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    data = tmp / "train.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for r in rows[:ns.batch * 4]:
+            f.write(json.dumps(r) + "\n")
+    teacher = build_model("marian", v, seed=1, layers=4, d_model=256, heads=4, dropout=0.0)
+    teacher.save_pretrained(tmp / "teacher")
+    tok.save_pretrained(tmp / "teacher")
+    student = build_model("marian", v, seed=2, layers=2, d_model=256, heads=4, dropout=0.0)
+    data_args = DataArguments(task="translation", train_file=str(data), max_source_length=64, max_target_length=64)
+
+    t0 = time.perf_counter()
+    summary = cache_logits(str(tmp / "teacher"), data_args, str(tmp / "cache"), ns.k, batch_size=16)
+    cache_s = time.perf_counter() - t0
+    ds = tokenize(load_data(str(data), ["source", "target"]), tok, data_args)
+    base_collator = collator_for("translation", tok, student)
+
+    def cfg(**kw):
+        return DistillationConfig(output_dir=str(tmp / "out"), report_to="none", use_cpu=True, kd_alpha=0.5,
+                                  kd_temperature=2.0, save_strategy="no", **kw)
+
+    models = {name: copy.deepcopy(student) for name in ("plain", "online", "online_plain", "cached")}
+    online = DistillationTrainer(model=models["online"], args=cfg(), teacher_model=teacher, processing_class=tok)
+    online_plain = DistillationTrainer(model=models["online_plain"], args=cfg(kd_chunk_size=0),
+                                       teacher_model=teacher, processing_class=tok)
+    cached = DistillationTrainer(model=models["cached"], args=cfg(teacher_cache=str(tmp / "cache")),
+                                 train_dataset=ds, data_collator=base_collator, processing_class=tok)
+    assert cached.teacher is None
+    idx = list(range(ns.batch))
+    batch = base_collator([ds[i] for i in idx])
+    cached_batch = cached.data_collator([dict(cached.train_dataset[i]) for i in idx])
+    opts = {n: torch.optim.SGD(m.parameters(), lr=1e-4) for n, m in models.items()}
+    for m in models.values():
+        m.train()
+    t_fwd = online._forward_inputs(teacher, batch)
+
+    def step(name):
+        model, opt = models.get(name), opts.get(name)
+        if name == "plain":
+            loss = model(**batch).loss
+        elif name == "teacher_forward":
+            with torch.no_grad():
+                teacher(**t_fwd)
+            return
+        elif name == "online":
+            loss = online.compute_loss(model, batch)
+        elif name == "online_plain":
+            loss = online_plain.compute_loss(model, batch)
+        else:
+            loss = cached.compute_loss(model, cached_batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    names = ["plain", "teacher_forward", "online", "online_plain", "cached"]
+    models["teacher_forward"] = None
+    times = {n: [] for n in names}
+    walls = {n: [] for n in names}
+    for r in range(ns.steps + 1):
+        for n in names:
+            start, wall = time.process_time(), time.perf_counter()
+            step(n)
+            if r:  # round 0 is the warm-up
+                times[n].append(time.process_time() - start)
+                walls[n].append(time.perf_counter() - wall)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    med_wall = {n: statistics.median(ts) for n, ts in walls.items()}
+    n_tok = int(batch["labels"].ne(-100).sum())
+    print(f"batch: {ns.batch} pairs, {n_tok} target tokens, V={v}, student/teacher d=256 2+2/4+4 layers, "
+          f"1 thread, median of {ns.steps} rounds")
+    print(f"  {'variant':<16} {'CPU ms':>8} {'wall ms':>8}")
+    for n in names:
+        print(f"  {n:<16} {med[n] * 1000:8.1f} {med_wall[n] * 1000:8.1f}")
+    ratio_online = med["online"] / (med["plain"] + med["teacher_forward"])
+    ratio_online_plain = med["online_plain"] / (med["plain"] + med["teacher_forward"])
+    ratio_cached = med["cached"] / med["plain"]
+    bpt = summary["bytes_per_position"]
+    wall_online = med_wall["online"] / (med_wall["plain"] + med_wall["teacher_forward"])
+    wall_cached = med_wall["cached"] / med_wall["plain"]
+    print("ratios of CPU time (wall-clock ratios, noisier on shared cores: "
+          f"online {wall_online:.3f}, cached {wall_cached:.3f})")
+    print(f"online KD step / (plain step + teacher forward) = {ratio_online:.3f}   (goal <= 1.10; plain-loss "
+          f"path: {ratio_online_plain:.3f})")
+    print(f"cached top-{ns.k} KD step / plain CE step       = {ratio_cached:.3f}   (goal <= 1.05)")
+    print(f"bytes per cached token = {bpt:.1f} (goal <= 6K+8 = {6 * ns.k + 8}); {summary['positions']} positions, "
+          f"ids {json.load(open(tmp / 'cache' / 'meta.json'))['id_dtype']}, log-probs float16; "
+          f"cache-logits took {cache_s:.1f} s")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+"""Memory-lean KD losses: the token-level losses of :mod:`lmkd.losses` computed chunk by chunk.
+
+The plain losses build several full ``(N, V)`` float32 tensors for both models (log-softmaxes,
+probabilities, products) and keep most of them alive for the backward pass; at ``N = 8192`` and
+``V = 152k`` that is tens of gigabytes.  Here the loss **and its gradient** with respect to the
+student's logits are computed in the forward pass, a chunk of positions at a time, and only the
+gradient is kept (in the logits' own dtype); backward just returns it (the pattern of Liger
+Kernel's fused losses).  Peak extra memory is one gradient the size of the student's logits plus
+a few ``(chunk, V)`` float32 temporaries (see :data:`DEFAULT_CHUNK_ELEMENTS`).
+
+:func:`fused_linear_distill_loss` goes further: it takes the student's final hidden states and the
+LM head (weight, optional bias, optional extra bias such as Marian's ``final_logits_bias``, logit
+scale, final soft-capping) and computes the logits per chunk too, so the full student logits never
+exist; the gradients w.r.t. the hidden states, the head weight and bias are accumulated per chunk.
+The teacher's logits can be given the same way (:class:`LazyLogits`: its final hidden states and
+head, computed per chunk under no_grad), so neither model's ``(N, V)`` logits exist whole.
+
+Every divergence of :data:`lmkd.losses.KD_LOSSES` is supported against full teacher logits, plus
+hard-label cross-entropy in the same pass (the trainer's objective is
+``w_ce * CE_sum + w_kd * KD_sum``); ``forward_kl``/``reverse_kl``/``jsd`` are also supported
+against a top-K teacher (``lmkd.logit_cache``): the KL is then taken between the two
+distributions over ``K + 1`` buckets -- the K cached token ids, and one tail bucket holding all
+other tokens (see :func:`topk_kd_loss`).  The gradients are closed forms checked against the
+plain autograd path in ``tests/test_chunked.py`` -- a fast path never changes the objective.
+
+Conventions are those of :mod:`lmkd.losses`: sums over positions, softmaxes in float32, tau^2
+scaling for the KL family, an all-masked batch gives exactly 0 with a 0 gradient.
+
+This module imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
+TOPK_KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+#: default chunk: about this many logits (positions x vocabulary) per chunk.  On CPU 1M fp32
+#: (4 MB per temporary: measured fastest -- larger chunks pay page faults on fresh allocations,
+#: smaller ones per-chunk overhead); on accelerators 8M (32 MB), negligible next to their memory
+#: and large enough to keep kernels busy.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+DEFAULT_CHUNK_ELEMENTS_ACCELERATOR = 1 << 23
+#: the fused-linear loss uses at least this many positions per chunk (see fused_linear_distill_loss)
+FUSED_MIN_CHUNK = 128
+
+
+def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.device | str = "cpu") -> int:
+    """Positions per chunk: ``chunk_size`` when given and > 0, else ~1M (CPU) / 8M logits per chunk."""
+    if chunk_size and chunk_size > 0:
+        return int(chunk_size)
+    kind = torch.device(device).type
+    return max(1, DEFAULT_CHUNK_ELEMENTS.get(kind, DEFAULT_CHUNK_ELEMENTS_ACCELERATOR) // max(1, vocab))
+
+
+@dataclass
+class TopK:
+    """A top-K teacher for a set of positions: token ids ``(N, K)``, their log-probabilities
+    ``(N, K)`` and the log of the remaining mass ``(N,)`` (``-inf`` when the top-K holds it all)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> TopK:
+        return TopK(self.ids[index], self.logprobs[index], self.tail[index])
+
+
+@dataclass
+class LazyLogits:
+    """Teacher logits computed per chunk from its final hidden states ``(N, H)`` and head, so the
+    teacher's ``(N, V)`` logits never exist whole either (no gradient flows to the teacher)."""
+
+    hidden: torch.Tensor
+    head: Head
+
+    def __getitem__(self, index) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head.logits(self.hidden[index])
+
+
+# ---- closed-form per-chunk losses and gradients -------------------------------------------------
+
+
+def _bucket_terms(lt: torch.Tensor, ls: torch.Tensor, loss: str, beta: float):
+    """Per-row divergence between teacher log-probs ``lt`` and student log-probs ``ls`` over the
+    same buckets ``(n, B)``, and ``h = P_s * dL/dP_s`` (the gradient w.r.t. the student's
+    probabilities times those probabilities: finite wherever the loss is)."""
+    zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
+    if loss == "jsd" and beta == 0.0:
+        loss = "forward_kl"
+    if loss == "jsd" and beta == 1.0:
+        loss = "reverse_kl"
+    if loss == "forward_kl":
+        pt = lt.exp()
+        rows = torch.where(pt > 0, pt * (lt - ls), zero).sum(-1)
+        return rows, -pt
+    ps = ls.exp()
+    if loss == "reverse_kl":
+        d = torch.where(ps > 0, ls - lt, zero)
+        return (ps * d).sum(-1), ps * d
+    if loss == "jsd":
+        pt = lt.exp()
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log(1 - beta))
+        ds = torch.where(ps > 0, ls - lm, zero)
+        rows = beta * torch.where(pt > 0, pt * (lt - lm), zero).sum(-1) + (1 - beta) * (ps * ds).sum(-1)
+        return rows, (1 - beta) * ps * ds
+    raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(KD_LOSSES)}")
+
+
+def _kd_full(s: torch.Tensor, t: torch.Tensor, loss: str, temperature: float, beta: float):
+    """(sum of the divergence, gradient w.r.t. ``s``) for float32 logits ``s``, ``t`` of ``(n, V)``."""
+    if loss == "mse":
+        diff = s - t
+        v = s.shape[-1]
+        return diff.pow(2).mean(-1).sum(), diff.mul_(2.0 / v)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    ls = F.log_softmax(s, -1)
+    lt = F.log_softmax(t, -1)
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        pt = lt.exp()
+        total = F.kl_div(ls, lt, reduction="sum", log_target=True)  # one fused pass
+        if not torch.isfinite(total):  # -inf teacher log-probs: 0 * log 0 must count as 0
+            total = torch.where(pt > 0, pt * (lt - ls), 0.0).sum()
+        grad = ls.exp_().sub_(pt)
+        return total * temperature**2, grad.mul_(temperature)
+    rows, h = _bucket_terms(lt, ls, loss, beta)
+    # dL/dz_j = p_j * (g_j - sum_i p_i g_i) with h = p * g; times tau^2 / tau for z = s * tau
+    grad = h - ls.exp() * h.sum(-1, keepdim=True)
+    return rows.sum() * temperature**2, grad.mul_(temperature)
+
+
+def _topk_buckets(ls: torch.Tensor, teacher: TopK, temperature: float):
+    """Teacher and student log-probs over the K + 1 buckets (top-K ids, tail) of one chunk, given
+    the student's tempered log-softmax ``ls`` ``(n, V)``; also the student's log tail mass."""
+    ids = teacher.ids.long()
+    s_top = ls.gather(1, ids)
+    s_tail = torch.logsumexp(ls.scatter(1, ids, float("-inf")), -1)
+    t = torch.cat([teacher.logprobs.float(), teacher.tail.float().unsqueeze(-1)], -1)
+    lt = F.log_softmax(t / temperature, -1)
+    return lt, torch.cat([s_top, s_tail.unsqueeze(-1)], -1), s_tail
+
+
+def _kd_topk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float, beta: float):
+    """Like :func:`_kd_full` against a top-K teacher with one tail bucket."""
+    if loss not in TOPK_KD_LOSSES:
+        raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
+                         f"{', '.join(TOPK_KD_LOSSES)}")
+    ls = F.log_softmax(s / temperature if temperature != 1.0 else s, -1)
+    ids = teacher.ids.long()
+    p = ls.exp()
+    # The student's tail mass as a plain sum of its non-top-K probabilities (no cancellation);
+    # rows where it is too small for float32 (< 1e-30) take the exact log-sum-exp instead.
+    p_tail = p.scatter(1, ids, 0.0).sum(-1)
+    tiny = p_tail < 1e-30
+    s_tail = p_tail.log()
+    any_tiny = bool(tiny.any())
+    if any_tiny:
+        s_tail[tiny] = torch.logsumexp(ls[tiny].scatter(1, ids[tiny], float("-inf")), -1)
+    t = torch.cat([teacher.logprobs.float(), teacher.tail.float().unsqueeze(-1)], -1)
+    lt = F.log_softmax(t / temperature, -1)
+    p_top = p.gather(1, ids)
+    lsb = torch.cat([ls.gather(1, ids), s_tail.unsqueeze(-1)], -1)
+    rows, h = _bucket_terms(lt, lsb, loss, beta)
+    # A token j in bucket b gets p_j / P_b * h_b - p_j * sum(h): the top-K buckets are single
+    # tokens (p_j / P_b = 1); tail tokens share h_tail in proportion to their probability, i.e.
+    # p_j * (h_tail / P_tail - sum(h)) -- one per-row factor.
+    hs = h.sum(-1)
+    h_tail = h[:, -1]
+    ratio = torch.where(tiny, torch.zeros_like(h_tail), h_tail / torch.where(tiny, torch.ones_like(p_tail), p_tail))
+    grad = p.mul_(((ratio - hs) * temperature).unsqueeze(-1))
+    if any_tiny:  # exact shares exp(ls_j - log P_tail) for those rows
+        grad[tiny] += (ls[tiny] - s_tail[tiny].unsqueeze(-1)).exp() * (h_tail[tiny] * temperature).unsqueeze(-1)
+    grad.scatter_(1, ids, (h[:, :-1] - p_top * hs.unsqueeze(-1)) * temperature)
+    return rows.sum() * temperature**2, grad
+
+
+def _ce(s: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """(summed cross-entropy, gradient) for float32 logits ``s`` (n, V) and labels (n,)."""
+    valid = labels.ne(ignore_index)
+    ls = F.log_softmax(s, -1)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    total = -(ls.gather(1, safe).squeeze(-1) * valid).sum()
+    grad = ls.exp_()
+    grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    if not bool(valid.all()):
+        grad.mul_(valid.unsqueeze(-1))
+    return total, grad
+
+
+@dataclass
+class _Spec:
+    loss: str
+    temperature: float
+    beta: float
+    w_ce: float
+    w_kd: float
+    kd_vocab: int | None
+    chunk_size: int
+
+
+def _chunk_loss_and_grad(s: torch.Tensor, labels, kd_on, teacher, spec: _Spec):
+    """Weighted loss, CE sum, KD sum and d(weighted loss)/ds for one chunk of float32 logits."""
+    grad = None
+    ce_sum = s.new_zeros(())
+    kd_sum = s.new_zeros(())
+    if labels is not None and spec.w_ce != 0:
+        ce_sum, grad = _ce(s, labels)
+        grad.mul_(spec.w_ce)
+    if teacher is not None and spec.w_kd != 0 and bool(kd_on.any()):
+        sel = kd_on.nonzero().squeeze(-1)
+        all_rows = sel.numel() == kd_on.numel()
+        v = spec.kd_vocab or s.shape[-1]
+        s_kd = s[:, :v] if all_rows else s[sel, :v]
+        if isinstance(teacher, TopK):
+            t_kd = teacher if all_rows else teacher.rows(sel)
+            kd_sum, g = _kd_topk(s_kd, t_kd, spec.loss, spec.temperature, spec.beta)
+        else:
+            t_kd = (teacher if all_rows else teacher[sel])[:, :v].float()
+            kd_sum, g = _kd_full(s_kd, t_kd, spec.loss, spec.temperature, spec.beta)
+        if all_rows and v == s.shape[-1]:
+            grad = g.mul_(spec.w_kd) if grad is None else grad.add_(g, alpha=spec.w_kd)
+        else:
+            grad = torch.zeros_like(s) if grad is None else grad
+            grad[sel, :v] += g * spec.w_kd
+    if grad is None:
+        grad = torch.zeros_like(s)
+    return spec.w_ce * ce_sum + spec.w_kd * kd_sum, ce_sum, kd_sum, grad
+
+
+def _rows(n: int, labels, kd_mask, has_teacher: bool, device):
+    """Indices of the positions any term uses (so fully padded positions cost nothing)."""
+    if has_teacher and kd_mask is None:
+        return torch.arange(n, device=device)
+    used = torch.zeros(n, dtype=torch.bool, device=device)
+    if labels is not None:
+        used |= labels.ne(IGNORE_INDEX)
+    if has_teacher:
+        used |= kd_mask
+    return used.nonzero().squeeze(-1)
+
+
+def _gather_teacher(teacher, index):
+    if teacher is None:
+        return None
+    if isinstance(teacher, TopK):
+        return teacher.rows(index)
+    return teacher[index]
+
+
+class _ChunkedDistillLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, kd_mask, teacher_logits, topk, spec):
+        n, v = logits.shape
+        teacher = topk if topk is not None else teacher_logits
+        rows = _rows(n, labels, kd_mask, teacher is not None, logits.device)
+        grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
+        loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+        ce_total, kd_total = loss.clone(), loss.clone()
+        dense = rows.numel() == n  # every position is used: slices (views) instead of gathers
+        for start in range(0, rows.numel(), spec.chunk_size):
+            idx = rows[start:start + spec.chunk_size]
+            sl = slice(start, start + idx.numel()) if dense else idx
+            s = logits[sl].float()
+            lab = labels[sl] if labels is not None else None
+            kd_on = kd_mask[sl] if kd_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            l, ce, kd, g = _chunk_loss_and_grad(s, lab, kd_on, _gather_teacher(teacher, sl), spec)
+            loss += l
+            ce_total += ce
+            kd_total += kd
+            if grad is not None:
+                if dense:
+                    grad[sl] = g
+                else:
+                    grad.index_copy_(0, idx, g.to(grad.dtype))
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return loss, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kd):
+        (grad,) = ctx.saved_tensors
+        if grad is not None and not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def _prepare(student_shape, labels, mask, teacher, loss, temperature, beta):
+    lead = student_shape[:-1]
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if loss not in KD_LOSSES:
+        raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(KD_LOSSES)}")
+    if mask is not None:
+        if mask.shape != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(lead)}")
+        mask = mask.reshape(-1).to(torch.bool)
+    if labels is not None:
+        labels = labels.reshape(-1)
+    topk = teacher_logits = None
+    if isinstance(teacher, TopK):
+        topk = teacher
+    elif isinstance(teacher, LazyLogits):
+        teacher_logits = teacher
+    elif teacher is not None:
+        teacher_logits = teacher.reshape(-1, teacher.shape[-1])
+    return labels, mask, teacher_logits, topk
+
+
+def chunked_distill_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | TopK | None = None,
+    labels: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    kd_vocab: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ce_weight * CE_sum + kd_weight * KD_sum`` over chunks of positions, with its exact gradient.
+
+    ``student_logits`` ``(..., V)``; ``teacher`` is the teacher's logits ``(..., V_t)``, a
+    :class:`TopK` over the KD positions (in their flattened order), or None (CE only);
+    ``labels`` ``(...)`` with ``-100`` for ignored positions or None (KD only); ``kd_mask``
+    selects the KD positions (None = all).  ``kd_vocab`` restricts KD to the first columns (teacher
+    and student vocabularies differing by padding rows).  Returns ``(loss, ce_sum, kd_sum)``; only
+    ``loss`` carries a gradient.
+    """
+    v = student_logits.shape[-1]
+    labels, kd_mask, t_logits, topk = _prepare(student_logits.shape, labels, kd_mask, teacher, loss,
+                                               temperature, beta)
+    if topk is not None:
+        topk = _expand_topk(topk, kd_mask, student_logits.shape[:-1].numel())
+    spec = _Spec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab,
+                 auto_chunk_size(v, chunk_size, student_logits.device))
+    return _ChunkedDistillLoss.apply(student_logits.reshape(-1, v), labels, kd_mask, t_logits, topk, spec)
+
+
+def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
+    """A TopK given for the KD positions only, scattered to all ``n`` positions (zeros elsewhere)."""
+    if kd_mask is None or topk.ids.shape[0] == n:
+        return topk
+    idx = kd_mask.nonzero().squeeze(-1)
+    if idx.numel() != topk.ids.shape[0]:
+        raise ValueError(f"the top-K teacher has {topk.ids.shape[0]} positions but the mask selects {idx.numel()}")
+    out = TopK(topk.ids.new_zeros((n, topk.ids.shape[1])), topk.logprobs.new_zeros((n, topk.ids.shape[1])),
+               topk.tail.new_zeros(n))
+    out.ids[idx], out.logprobs[idx], out.tail[idx] = topk.ids, topk.logprobs, topk.tail
+    return out
+
+
+def chunked_kd_loss(student_logits, teacher, mask=None, *, loss="forward_kl", temperature=1.0, beta=0.5,
+                    chunk_size=None) -> torch.Tensor:
+    """Drop-in for :func:`lmkd.losses.token_kd_loss` (same value and gradient), chunked."""
+    return chunked_distill_loss(student_logits, teacher, None, mask, loss=loss, temperature=temperature,
+                                beta=beta, ce_weight=0.0, chunk_size=chunk_size)[0]
+
+
+def chunked_cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, chunk_size=None) -> torch.Tensor:
+    """Drop-in for :func:`lmkd.losses.cross_entropy` (summed), chunked."""
+    if ignore_index != IGNORE_INDEX:
+        labels = torch.where(labels.eq(ignore_index), torch.full_like(labels, IGNORE_INDEX), labels)
+    return chunked_distill_loss(logits, None, labels, None, kd_weight=0.0, chunk_size=chunk_size)[0]
+
+
+# ---- plain (autograd) top-K loss: the reference of the cached path ----------------------------
+
+
+def topk_kd_loss(student_logits, teacher: TopK, mask=None, *, loss="forward_kl", temperature=1.0,
+                 beta=0.5) -> torch.Tensor:
+    """Divergence between a top-K teacher and the student over K + 1 buckets, summed over positions.
+
+    The buckets are the K cached token ids and one **tail bucket** with all other tokens.  The
+    teacher's bucket distribution is its K log-probs plus its log tail mass, renormalised (fp16
+    rounding) and tempered as K + 1 logits; the student's is its tempered softmax summed into the
+    same buckets.  With K = V the tail is empty and this is exactly :func:`lmkd.losses.token_kd_loss`.
+    ``teacher`` holds one row per selected position (in flattened order).  Plain autograd.
+    """
+    if loss not in TOPK_KD_LOSSES:
+        raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
+                         f"{', '.join(TOPK_KD_LOSSES)}")
+    v = student_logits.shape[-1]
+    s = student_logits
+    if mask is not None:
+        s = s[mask.to(torch.bool)]
+    s = s.reshape(-1, v).float()
+    ls = F.log_softmax(s / temperature, -1)
+    lt, lsb, _ = _topk_buckets(ls, teacher, temperature)
+    rows, _h = _bucket_terms(lt, lsb, loss, beta)
+    return rows.sum() * temperature**2
+
+
+# ---- fused linear: logits computed per chunk from the hidden states ----------------------------
+
+
+@dataclass
+class Head:
+    """The student's output layer as the plain model applies it:
+    ``z = (hidden @ weight.T + bias + extra_bias) * scale``, then ``cap * tanh(z / cap)`` when
+    ``softcap`` is set (Gemma's final soft-capping; Cohere's ``logit_scale``; Marian's
+    ``final_logits_bias`` as ``extra_bias``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    extra_bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The full logits (the plain path, for reference and for checks)."""
+        z = F.linear(hidden, self.weight, self.bias)
+        if self.extra_bias is not None:
+            z = z + self.extra_bias
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+class _FusedLinearDistillLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, kd_mask, teacher_logits, topk, head, spec):
+        n, _ = hidden.shape
+        teacher = topk if topk is not None else teacher_logits
+        rows = _rows(n, labels, kd_mask, teacher is not None, hidden.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_total, kd_total = loss.clone(), loss.clone()
+        dense = rows.numel() == n
+        for start in range(0, rows.numel(), spec.chunk_size):
+            idx = rows[start:start + spec.chunk_size]
+            sl = slice(start, start + idx.numel()) if dense else idx
+            h = hidden[sl]
+            z = F.linear(h, weight, bias)
+            if head.extra_bias is not None:
+                z = z + head.extra_bias
+            z = z.float()
+            if head.scale != 1.0:
+                z = z * head.scale
+            if head.softcap:
+                th = torch.tanh(z / head.softcap)
+                z = th * head.softcap
+            lab = labels[sl] if labels is not None else None
+            kd_on = kd_mask[sl] if kd_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            l, ce, kd, g = _chunk_loss_and_grad(z, lab, kd_on, _gather_teacher(teacher, sl), spec)
+            loss += l
+            ce_total += ce
+            kd_total += kd
+            if head.softcap:
+                g.mul_(1 - th * th)
+            if head.scale != 1.0:
+                g.mul_(head.scale)
+            if grad_h is not None:
+                gh = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
+                if dense:
+                    grad_h[sl] = gh
+                else:
+                    grad_h.index_copy_(0, idx, gh)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h.float())
+            if grad_b is not None:
+                grad_b.add_(g.sum(0))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                              grad_b.to(bias.dtype) if grad_b is not None else None)
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return loss, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kd):
+        grads = list(ctx.saved_tensors)
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in grads]
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+
+
+def fused_linear_distill_loss(
+    hidden: torch.Tensor,
+    head: Head,
+    teacher: torch.Tensor | TopK | None = None,
+    labels: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    kd_vocab: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_distill_loss` of ``head.logits(hidden)`` without materialising those logits.
+
+    ``hidden`` ``(..., H)`` are the student's final hidden states (what its head receives);
+    gradients flow to ``hidden``, ``head.weight`` and ``head.bias``.  Returns
+    ``(loss, ce_sum, kd_sum)``.
+    """
+    h = hidden.shape[-1]
+    v = head.weight.shape[0]
+    shape = (*hidden.shape[:-1], v)
+    labels, kd_mask, t_logits, topk = _prepare(shape, labels, kd_mask, teacher, loss, temperature, beta)
+    if topk is not None:
+        topk = _expand_topk(topk, kd_mask, hidden.shape[:-1].numel())
+    # Each chunk also adds its (V, H) share to the head's gradient: at least FUSED_MIN_CHUNK rows per
+    # chunk keep that accumulation small next to the chunk's matmuls (8 rows at V=128k ran 2.3x slower).
+    rows = auto_chunk_size(v, chunk_size, hidden.device)
+    if not (chunk_size and chunk_size > 0):
+        rows = max(rows, FUSED_MIN_CHUNK)
+    spec = _Spec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab, rows)
+    return _FusedLinearDistillLoss.apply(hidden.reshape(-1, h), head.weight, head.bias, labels, kd_mask,
+                                         t_logits, topk, head, spec)

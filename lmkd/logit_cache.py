@@ -1,0 +1,345 @@
+"""Cached teacher logits: the teacher's top-K log-probabilities per target position, on disk.
+
+``lmkd cache-logits`` runs the teacher once over the training data and stores, for every position
+the KD loss uses (every target token of a seq2seq example; every next-token position of a causal
+LM example), the teacher's K most probable token ids and their log-probabilities.  Training with
+``DistillationConfig.teacher_cache`` then needs no teacher in memory and no teacher forward.
+
+**The mass outside the top-K: one tail bucket.**  For each position the cache also stores
+``tail = log(1 - sum_k p_k)``, computed in float32 by the teacher as the log-sum-exp of all the
+other log-probs (``-inf`` when the top-K holds all the mass).  The KD loss is then the divergence
+between two distributions over K + 1 buckets -- the K token ids and "everything else" -- the
+student's tail being the sum of its probabilities outside the K ids (:func:`lmkd.chunked.topk_kd_loss`).
+Why not renormalise the top-K (as several toolkits do): renormalising tells the student that the
+teacher puts zero mass outside the top-K, so it pushes the student's tail mass towards 0 and
+inflates the top-K probabilities by ``1 / sum_k p_k`` -- a different, sharper target whenever
+the teacher is uncertain.  The tail bucket keeps the teacher's total probabilities exact (the KL
+of the bucketed distributions is a lower bound of the full KL, reached when the student's tail
+is shaped like the teacher's), and with K = V it is exactly the full-vocabulary loss.  The tail
+is stored rather than derived from ``1 - sum exp(logprob)`` because the stored log-probs are
+rounded to 16 bits: the derived tail would be pure rounding noise when the top-K holds ~all mass.
+Temperature: the K + 1 teacher buckets are tempered as K + 1 logits ``log p / tau``.
+
+**Layout** of ``DIR``: ``meta.json`` (settings, row count, vocabulary, dtypes) and one directory
+per shard of ``shard_rows`` consecutive data rows, ``shard-00000/`` ..., each holding ``.npy``
+arrays (memory-mapped when training): ``offsets`` (rows + 1, int64: the positions of row i are
+``offsets[i]:offsets[i+1]``), ``tokens`` (the target token at each position: checks that the
+training data is tokenised as the cache was), ``ids`` (positions x K), ``logprobs``
+(positions x K), ``tail`` (positions).  Ids and tokens are uint16 when the vocabulary fits, else
+int32; log-probs float16 (default), bfloat16 (stored as its uint16 bits) or float32.  Bytes per
+position: ``K * (2 or 4) + K * 2 + (2 or 4) + 2 <= 6K + 6`` plus a 128-byte header per array.
+
+**Resumable**: a shard is written to a temporary directory and renamed when complete; a rerun
+with the same settings skips the shards that exist, so an interrupted run loses at most one shard.
+Shards are deterministic (fixed rows per shard, fixed batching), so a resumed cache is
+byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from .chunked import TopK
+from .errors import LmkdError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+#: the dataset column carrying each example's row number in the cache
+CACHE_ROW = "teacher_cache_row"
+#: batch keys added by :class:`CachedLogitsCollator` (the model never sees them)
+IDS, LOGPROBS, TAIL, MASK = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail", "teacher_topk_mask"
+BATCH_KEYS = (IDS, LOGPROBS, TAIL, MASK)
+LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
+ARRAYS = ("offsets", "tokens", "ids", "logprobs", "tail")
+
+
+def _id_dtype(vocab: int):
+    return np.uint16 if vocab <= 65536 else np.int32
+
+
+def _targets(row: dict, kind: str) -> list[int]:
+    """The token predicted at each KD position of one tokenised example."""
+    if kind == "seq2seq":
+        return [int(t) for t in row["labels"]]
+    if kind == "causal":
+        return [int(t) for t in row["input_ids"][1:]]
+    raise LmkdError(f"cached teacher logits support seq2seq and causal LMs, not {kind} models; "
+                    "use the online teacher (no teacher_cache)")
+
+
+def _lp_to_numpy(lp: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return lp.to(torch.bfloat16).view(torch.uint16).numpy()
+    return lp.to(getattr(torch, dtype)).numpy()
+
+
+def _lp_from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.array(arr))  # a copy: the shards are read-only memory maps
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _teacher_topk(teacher, kind, batch, top_k):
+    """(ids, logprobs, tail) per KD position of a padded batch, rows in order, positions in order."""
+    fwd = {k: v for k, v in batch.items() if k != "labels"}
+    if kind == "seq2seq":
+        fwd["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        mask = batch["labels"].ne(-100)
+    else:
+        mask = batch["attention_mask"][:, 1:].bool()
+    fwd["use_cache"] = False
+    logits = teacher(**fwd).logits
+    if kind == "causal":
+        logits = logits[:, :-1]
+    logits = logits[mask].float()
+    lp = torch.log_softmax(logits, -1)
+    top, ids = lp.topk(top_k, -1)
+    tail = torch.logsumexp(lp.scatter(1, ids, float("-inf")), -1)
+    return ids, top, tail
+
+
+def _write_shard(path: str, arrays: dict) -> None:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in ARRAYS:
+        np.save(os.path.join(tmp, name + ".npy"), arrays[name])
+    os.replace(tmp, path)
+
+
+def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch_size: int = 16,
+                 shard_rows: int = 1024, logprob_dtype: str = "float16", teacher_dtype: str = "auto",
+                 device: str | None = None, overwrite: bool = False) -> dict:
+    """Run the teacher over ``data_args.train_file`` and write its top-K log-probs to ``output``.
+
+    ``data_args`` is a :class:`lmkd.data.DataArguments` (task, columns, max lengths, prefix): the
+    same values must be used for training, so the positions match.  Returns a summary dict.
+    """
+    from transformers import DataCollatorForSeq2Seq
+
+    from .data import load_data, tokenize
+    from .modeling import TASK_KIND, load_model, load_tokenizer, vocab_size_of
+
+    kind = TASK_KIND[data_args.task]
+    if kind not in ("seq2seq", "causal"):
+        raise LmkdError(f"cache-logits supports translation, summarization and causal-lm, not {data_args.task}")
+    if top_k < 1:
+        raise LmkdError(f"--top-k must be >= 1, got {top_k}")
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise LmkdError(f"unknown log-prob dtype {logprob_dtype!r}; choose one of {', '.join(LOGPROB_DTYPES)}")
+    if batch_size < 1 or shard_rows < 1:
+        raise LmkdError("--batch-size and --shard-rows must be >= 1")
+    tokenizer = load_tokenizer(teacher_path)
+    teacher = load_model(teacher_path, kind=kind, dtype=teacher_dtype)
+    vocab = vocab_size_of(teacher)
+    if top_k > vocab:
+        raise LmkdError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use at most {vocab}")
+    labelled = kind == "seq2seq"
+    columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
+    ds = load_data(data_args.train_file, columns)
+    if data_args.max_train_samples is not None:
+        ds = ds.select(range(min(data_args.max_train_samples, len(ds))))
+    ds = tokenize(ds, tokenizer, data_args, labelled=labelled)
+
+    meta = {
+        "format": FORMAT_VERSION, "teacher": os.path.abspath(teacher_path) if os.path.exists(teacher_path)
+        else teacher_path, "kind": kind, "top_k": top_k, "vocab_size": vocab, "rows": len(ds),
+        "shard_rows": shard_rows, "batch_size": batch_size, "logprob_dtype": logprob_dtype,
+        "id_dtype": np.dtype(_id_dtype(vocab)).name, "teacher_dtype": teacher_dtype,
+        "data": {k: v for k, v in asdict(data_args).items() if k not in ("validation_file", "max_eval_samples")},
+    }
+    meta_path = os.path.join(output, "meta.json")
+    if os.path.exists(meta_path) and not overwrite:
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(meta)):
+            diff = sorted(k for k in meta if old.get(k) != json.loads(json.dumps(meta))[k])
+            raise LmkdError(f"{output} holds a cache made with other settings ({', '.join(diff)}); choose "
+                            "another --output, or pass --overwrite to start it again")
+    else:
+        if os.path.exists(output) and os.listdir(output):
+            if not overwrite:
+                raise LmkdError(f"output directory {output} exists and is not a logit cache; choose another "
+                                "--output or pass --overwrite")
+            shutil.rmtree(output)
+        os.makedirs(output, exist_ok=True)
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        os.replace(meta_path + ".tmp", meta_path)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher.to(dev).eval()
+    teacher.requires_grad_(False)
+    if kind == "seq2seq":
+        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    else:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+
+        def collate(rows):
+            return tokenizer.pad(rows, return_tensors="pt")
+
+    id_dtype = _id_dtype(vocab)
+    n_shards = (len(ds) + shard_rows - 1) // shard_rows
+    done = 0
+    for shard in range(n_shards):
+        path = os.path.join(output, f"shard-{shard:05d}")
+        if os.path.isdir(path):
+            done += 1
+            continue
+        lo, hi = shard * shard_rows, min(len(ds), (shard + 1) * shard_rows)
+        rows = [ds[i] for i in range(lo, hi)]
+        targets = [_targets(r, kind) for r in rows]
+        lengths = np.array([len(t) for t in targets], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        n_pos = int(offsets[-1])
+        ids = np.zeros((n_pos, top_k), dtype=id_dtype)
+        lps = np.zeros((n_pos, top_k), dtype=np.uint16 if logprob_dtype == "bfloat16" else logprob_dtype)
+        tails = np.zeros(n_pos, dtype=lps.dtype)
+        # length-sorted batches (less padding); the order is fixed, so shards are reproducible
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]) - lengths[i], i))
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            feats = [{k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}
+                     for i in idx]
+            batch = {k: v.to(dev) for k, v in collate(feats).items()}
+            top_ids, top_lp, tail = _teacher_topk(teacher, kind, batch, top_k)
+            pos = 0
+            for i in idx:
+                n = int(lengths[i])
+                sl = slice(int(offsets[i]), int(offsets[i]) + n)
+                ids[sl] = top_ids[pos:pos + n].cpu().numpy().astype(id_dtype)
+                lps[sl] = _lp_to_numpy(top_lp[pos:pos + n].cpu(), logprob_dtype)
+                tails[sl] = _lp_to_numpy(tail[pos:pos + n].cpu(), logprob_dtype)
+                pos += n
+        tokens = np.array([t for ts in targets for t in ts], dtype=id_dtype)
+        _write_shard(path, {"offsets": offsets, "tokens": tokens, "ids": ids, "logprobs": lps, "tail": tails})
+        logger.info("cache-logits: shard %d/%d (%d rows, %d positions) -> %s", shard + 1, n_shards,
+                    hi - lo, n_pos, path)
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(output) for f in fs
+               if dp != output)
+    cache = LogitCache(output)
+    return {"output": output, "rows": len(ds), "positions": cache.positions, "shards": n_shards,
+            "shards_skipped": done, "top_k": top_k, "bytes": size,
+            "bytes_per_position": size / max(1, cache.positions)}
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+class LogitCache:
+    """A cache directory opened for reading: shards memory-mapped, rows looked up by number."""
+
+    def __init__(self, path: str):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise LmkdError(f"{path} is not a logit cache (no meta.json); write one with `lmkd cache-logits`")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise LmkdError(f"{path} is a logit cache of format {self.meta.get('format')}; this lmkd reads "
+                            f"format {FORMAT_VERSION}: write it again with `lmkd cache-logits`")
+        self.path = path
+        self.rows = self.meta["rows"]
+        self.shard_rows = self.meta["shard_rows"]
+        self.top_k = self.meta["top_k"]
+        self.kind = self.meta["kind"]
+        self.lp_dtype = self.meta["logprob_dtype"]
+        n_shards = (self.rows + self.shard_rows - 1) // self.shard_rows
+        self.shards = []
+        for s in range(n_shards):
+            d = os.path.join(path, f"shard-{s:05d}")
+            if not os.path.isdir(d):
+                raise LmkdError(f"logit cache {path} is incomplete (no {os.path.basename(d)}); rerun the same "
+                                "`lmkd cache-logits` command to finish it")
+            self.shards.append({a: np.load(os.path.join(d, a + ".npy"), mmap_mode="r") for a in ARRAYS})
+        self.positions = sum(int(s["offsets"][-1]) for s in self.shards)
+
+    def row(self, i: int):
+        """(tokens, ids, logprobs, tail) numpy views of data row ``i``."""
+        if not 0 <= i < self.rows:
+            raise IndexError(i)
+        s = self.shards[i // self.shard_rows]
+        j = i % self.shard_rows
+        sl = slice(int(s["offsets"][j]), int(s["offsets"][j + 1]))
+        return s["tokens"][sl], s["ids"][sl], s["logprobs"][sl], s["tail"][sl]
+
+
+def attach_cache(ds, cache: LogitCache | str, kind: str):
+    """``ds`` (the tokenised training data) with a :data:`CACHE_ROW` column, after checking row by
+    row that it is tokenised exactly as the cache was (same rows, same target tokens)."""
+    if isinstance(cache, str):
+        cache = LogitCache(cache)
+    if cache.kind != kind:
+        raise LmkdError(f"the logit cache {cache.path} was made for a {cache.kind} teacher but the student is "
+                        f"a {kind} model")
+    if CACHE_ROW in ds.column_names:
+        return ds
+    if len(ds) != cache.rows:
+        raise LmkdError(f"the training data has {len(ds)} rows but the logit cache {cache.path} has {cache.rows}; "
+                        "train on the same file (and max_train_samples) the cache was made from")
+    for i, row in enumerate(ds):
+        tokens = cache.row(i)[0]
+        if _targets(row, kind) != tokens.tolist():
+            raise LmkdError(f"row {i} of the training data is tokenised differently from the logit cache "
+                            f"{cache.path}; use the same file, tokenizer, max lengths and prefix as `lmkd "
+                            "cache-logits` did")
+    return ds.add_column(CACHE_ROW, list(range(len(ds))))
+
+
+class CachedLogitsCollator:
+    """Wraps a collator: pops :data:`CACHE_ROW` from each example and adds the cached top-K of the
+    batch as ``(B, P, K)`` tensors aligned with the KD positions (the logits' leading shape after
+    the causal shift), padded on the tokenizer's side, plus a ``(B, P)`` mask of cached positions."""
+
+    def __init__(self, collator, cache: LogitCache | str, padding_side: str = "right"):
+        self.collator = collator
+        self.cache = LogitCache(cache) if isinstance(cache, str) else cache
+        self.padding_side = padding_side
+
+    def __call__(self, features):
+        rows = [f.pop(CACHE_ROW, None) if isinstance(f, dict) else None for f in features]
+        batch = self.collator(features)
+        if any(r is None for r in rows):
+            return batch
+        if self.cache.kind == "seq2seq":
+            p = batch["labels"].shape[1]
+        else:
+            p = batch["input_ids"].shape[1] - 1
+        b, k = len(rows), self.cache.top_k
+        ids = torch.zeros((b, p, k), dtype=torch.int64)
+        lp = torch.zeros((b, p, k), dtype=torch.bfloat16 if self.cache.lp_dtype == "bfloat16"
+                         else getattr(torch, self.cache.lp_dtype))
+        tail = torch.zeros((b, p), dtype=lp.dtype)
+        mask = torch.zeros((b, p), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            _, r_ids, r_lp, r_tail = self.cache.row(int(r))
+            n = min(len(r_ids), p)
+            sl = slice(0, n) if self.padding_side == "right" else slice(p - n, p)
+            ids[i, sl] = torch.from_numpy(r_ids[:n].astype(np.int64))
+            lp[i, sl] = _lp_from_numpy(r_lp[:n], self.cache.lp_dtype)
+            tail[i, sl] = _lp_from_numpy(r_tail[:n], self.cache.lp_dtype)
+            mask[i, sl] = True
+        batch[IDS], batch[LOGPROBS], batch[TAIL], batch[MASK] = ids, lp, tail, mask
+        return batch
+
+
+def batch_topk(inputs: dict, kd_mask: torch.Tensor) -> TopK:
+    """The cached teacher of a batch at the KD positions (flattened, in order)."""
+    cached = inputs[MASK]
+    if cached.shape != kd_mask.shape or bool((kd_mask & ~cached).any()):
+        raise LmkdError("the logit cache does not cover every KD position of this batch (truncated or "
+                        "differently padded data); make the cache from the same data and settings")
+    return TopK(inputs[IDS][kd_mask], inputs[LOGPROBS][kd_mask], inputs[TAIL][kd_mask])
