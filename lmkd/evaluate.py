@@ -1,0 +1,287 @@
+"""evaluate_models: quality, size and speed of students side by side with their teacher.
+
+The body of ``lmkd evaluate`` and what the study runner calls.  Quality comes from
+:mod:`lmkd.metrics` (sacrebleu, rouge-score), speed from one run in which every model takes
+turns on the same inputs.  ``write_report`` writes the JSON, a markdown table next to it and,
+optionally, a plot of quality against latency.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+
+from . import metrics
+from .data import DEFAULT_COLUMNS, load_data
+from .errors import LmkdError
+from .modeling import CLASSIFICATION, SEQ2SEQ, load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+EVAL_TASKS = ("translation", "summarization", "classification")
+#: the score quality is retained against and plotted, per task
+PRIMARY_METRIC = {"translation": "bleu", "summarization": "rouge2", "classification": "accuracy"}
+METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+                "rougeLsum": "ROUGE-Lsum", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+def _labels(values, model) -> list[int]:
+    """Class ids of a label column: ints, digit strings, or names in the model's label2id."""
+    label2id = {str(k): int(v) for k, v in (getattr(model.config, "label2id", None) or {}).items()}
+    out = []
+    for v in values:
+        if isinstance(v, bool) or v is None:
+            raise LmkdError(f"label {v!r} is not a class id; labels must be integers or the model's label names")
+        if isinstance(v, int):
+            out.append(v)
+        elif str(v).strip().lstrip("-").isdigit():
+            out.append(int(str(v).strip()))
+        elif str(v) in label2id:
+            out.append(label2id[str(v)])
+        else:
+            raise LmkdError(f"label {v!r} is neither an integer nor one of the model's labels "
+                            f"({', '.join(label2id) or 'none'}); use class ids 0..N-1")
+    return out
+
+
+def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
+    """(scores, sacrebleu signatures) for ``task``."""
+    if task == "translation":
+        b, b_sig = metrics.bleu(predictions, references)
+        c, c_sig = metrics.chrf(predictions, references)
+        return {"bleu": b, "chrf": c}, {"bleu": b_sig, "chrf": c_sig}
+    if task == "summarization":
+        return metrics.rouge(predictions, references), {"rouge": "rouge-score, use_stemmer=True, mean F1, "
+                                                                 "Lsum on newline-split sentences"}
+    return ({"accuracy": metrics.accuracy(predictions, references),
+             "macro_f1": metrics.macro_f1(predictions, references)}, {})
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/None: cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_tokens: int = 128,
+               max_source_length: int = 512):
+    """A function from a list of inputs to predictions, in one batch, no progress bar: what
+    :func:`lmkd.metrics.measure_speed` times."""
+    if task == "classification":
+        return lambda xs: metrics.classify(model, tokenizer, xs, batch_size=max(len(xs), 1),
+                                           max_source_length=max_source_length, progress=False)
+    return lambda xs: metrics.generate_texts(model, tokenizer, xs, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                             batch_size=max(len(xs), 1), max_source_length=max_source_length,
+                                             progress=False)
+
+
+def evaluate_models(
+    models: str | Mapping[str, str],
+    data: str,
+    task: str,
+    teacher: str | None = None,
+    *,
+    num_beams: int = 4,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    source_column: str | None = None,
+    target_column: str | None = None,
+    source_prefix: str = "",
+    max_source_length: int = 512,
+    max_samples: int | None = None,
+    speed_samples: int = 32,
+    latency_samples: int = 8,
+    repeats: int = 3,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score ``models`` (a path, or ``{label: path}``) and ``teacher`` on ``data``.
+
+    Every model is loaded from its saved directory (or hub id), predicts on the first
+    ``max_samples`` rows (beam search with ``num_beams`` for translation/summarization, argmax
+    for classification) and is scored with :func:`quality`.  Speed: latency per example at batch
+    1 over ``latency_samples`` inputs and throughput at ``batch_size`` over ``speed_samples``
+    inputs, all models in one interleaved run (``speed_samples=0`` skips it).  With a teacher each
+    student also gets ``vs_teacher``: quality retained (% of the teacher's score, per metric) and
+    speed-ups (teacher latency / student latency, student throughput / teacher throughput).
+    """
+    if task not in EVAL_TASKS:
+        raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(EVAL_TASKS)}")
+    if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise LmkdError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
+    if isinstance(models, str):
+        models = {"student": models}
+    models = dict(models)
+    if not models:
+        raise LmkdError("evaluate needs at least one model")
+    if teacher is not None:
+        if "teacher" in models:
+            raise LmkdError("'teacher' is reserved for the teacher; give the students other labels")
+        models["teacher"] = teacher
+    src, tgt = source_column or DEFAULT_COLUMNS[task][0], target_column or DEFAULT_COLUMNS[task][1]
+    ds = load_data(data, [src, tgt])
+    if max_samples is not None:
+        if max_samples < 1:
+            raise LmkdError("--max-samples must be at least 1")
+        ds = ds.select(range(min(max_samples, len(ds))))
+    sources = [source_prefix + str(s) for s in ds[src]]
+    references = list(ds[tgt])
+    dev = resolve_device(device)
+    kind = CLASSIFICATION if task == "classification" else SEQ2SEQ
+
+    loaded = {}
+    for label, path in models.items():
+        model = load_model(path, kind=kind, dtype=dtype).to(dev).eval()
+        tokenizer = load_tokenizer(path)
+        loaded[label] = (model, tokenizer)
+
+    result: dict = {
+        "task": task, "data": data, "n_examples": len(sources), "primary_metric": PRIMARY_METRIC[task],
+        "teacher": "teacher" if teacher is not None else None,
+        "settings": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "source_column": src, "target_column": tgt, "source_prefix": source_prefix,
+                     "max_source_length": max_source_length, "device": str(dev), "dtype": dtype or "auto",
+                     "torch": torch.__version__},
+        "signatures": {}, "models": {}, "predictions": {},
+    }
+
+    for label, (model, tokenizer) in loaded.items():
+        if task == "classification":
+            refs = _labels(references, model)
+            preds = metrics.classify(model, tokenizer, sources, batch_size=batch_size,
+                                     max_source_length=max_source_length, progress=progress, desc=label)
+        else:
+            refs = [str(r) for r in references]
+            preds = metrics.generate_texts(model, tokenizer, sources, num_beams=num_beams,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           max_source_length=max_source_length, progress=progress, desc=label)
+        scores, signatures = quality(task, preds, refs)
+        result["signatures"].update(signatures)
+        result["predictions"][label] = preds
+        result["models"][label] = {
+            "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
+            "quality": scores,
+            "size": {"parameters": metrics.count_parameters(model), "bytes_on_disk": metrics.dir_bytes(str(models[label]))},
+        }
+
+    if speed_samples > 0:
+        speed_inputs = sources[:speed_samples]
+        logger.info("measuring speed of %s on %d examples (%d repeats)", ", ".join(loaded), len(speed_inputs),
+                    repeats)
+        runners = {k: runner_for(task, m, t, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                 max_source_length=max_source_length) for k, (m, t) in loaded.items()}
+        speed = metrics.measure_speed(runners, speed_inputs,
+                                      batch_size=batch_size, latency_examples=latency_samples, repeats=repeats,
+                                      devices={k: dev for k in loaded})
+        for label in loaded:
+            result["models"][label]["speed"] = speed[label]
+
+    if teacher is not None:
+        t = result["models"]["teacher"]
+        for label, m in result["models"].items():
+            if label == "teacher":
+                continue
+            vs: dict = {"retained_%": {k: (100.0 * v / t["quality"][k] if t["quality"][k] else None)
+                                       for k, v in m["quality"].items()},
+                        "parameters_ratio": m["size"]["parameters"] / t["size"]["parameters"]}
+            if "speed" in m:
+                vs["speedup_latency"] = t["speed"]["latency_ms"] / m["speed"]["latency_ms"]
+                vs["speedup_throughput"] = m["speed"]["throughput_per_s"] / t["speed"]["throughput_per_s"]
+            m["vs_teacher"] = vs
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown_table(result: dict) -> str:
+    """One row per model: quality, size, speed and, with a teacher, retained quality and speed-up."""
+    names = list(next(iter(result["models"].values()))["quality"])
+    primary = result["primary_metric"]
+    has_speed = all("speed" in m for m in result["models"].values())
+    has_teacher = result["teacher"] is not None
+    bs = result["settings"]["batch_size"]
+    head = ["model"] + [METRIC_NAMES[n] for n in names] + ["parameters", "MB on disk"]
+    if has_speed:
+        head += ["latency ms (batch 1)", f"examples/s (batch {bs})"]
+    if has_teacher:
+        head += [f"{METRIC_NAMES[primary]} retained %"]
+        if has_speed:
+            head += ["speed-up (batch 1)", f"speed-up (batch {bs})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, m in result["models"].items():
+        size = m["size"]
+        row = [label] + [_fmt(m["quality"][n]) for n in names]
+        row += [f"{size['parameters']:,}",
+                _fmt(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
+        if has_speed:
+            row += [_fmt(m["speed"]["latency_ms"], ".1f"), _fmt(m["speed"]["throughput_per_s"], ".1f")]
+        if has_teacher:
+            vs = m.get("vs_teacher")
+            row += [_fmt(vs["retained_%"][primary], ".1f") if vs else "100 (teacher)"]
+            if has_speed:
+                row += [f"{vs['speedup_latency']:.2f}x" if vs else "1x",
+                        f"{vs['speedup_throughput']:.2f}x" if vs else "1x"]
+        lines.append("| " + " | ".join(row) + " |")
+    s = result["settings"]
+    notes = [f"{result['task']} on {result['data']} ({result['n_examples']} examples)"
+             + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if result["task"] != "classification"
+                else "") + f", {s['device']}."]
+    for k, sig in result["signatures"].items():
+        notes.append(f"{k} signature: {sig}")
+    if has_speed:
+        sp = next(iter(result["models"].values()))["speed"]
+        notes.append(f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
+                     f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> None:
+    """A scatter of ``metric`` (default: the primary one) against latency, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric or result["primary_metric"]
+    if not all("speed" in m for m in result["models"].values()):
+        raise LmkdError("--plot needs speed measurements; do not pass --speed-samples 0")
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for label, m in result["models"].items():
+        x, y = m["speed"]["latency_ms"], m["quality"][metric]
+        ax.scatter([x], [y], s=40, marker="*" if m["role"] == "teacher" else "o")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(0.2)  # room for the labels
+    ax.set_xlabel("latency per example, batch 1 (ms)")
+    ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+    ax.set_title(f"{result['task']}: quality against latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def write_report(result: dict, output: str | None = None, plot: str | None = None) -> str:
+    """Write ``output`` (JSON), the markdown table next to it (``.md``) and ``plot`` (PNG); return
+    the markdown."""
+    table = markdown_table(result)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1, ensure_ascii=False)
+        with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(table)
+    if plot:
+        os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
+        plot_quality_latency(result, plot)
+    return table

@@ -1,0 +1,236 @@
+"""Quality, size and speed of a model -- through the real libraries, nothing reimplemented.
+
+* BLEU and chrF: sacrebleu (``BLEU().corpus_score`` == ``sacrebleu.corpus_bleu``), with the
+  signature string that makes a score reproducible;
+* ROUGE-1/2/L/Lsum: rouge-score with the Porter stemmer, mean F-measure over examples;
+  ROUGE-Lsum splits texts into sentences on newlines (added after sentence-final punctuation when
+  a text has none, as the CNN/DM evaluations do);
+* accuracy and macro-F1 from confusion counts (sklearn's definitions, zero_division=0);
+* size: distinct parameters and bytes on disk of a saved model directory;
+* speed: latency per example at batch 1 and throughput at a larger batch, measured with the
+  same inputs for every model in one run, the models interleaved within each repeat (so a
+  machine that gets busier mid-run slows all of them alike); warm-up first, then the median of
+  the repeats, under ``torch.inference_mode``.
+
+All quality scores are on a 0-100 scale (accuracy and macro-F1 as percentages).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .errors import LmkdError
+
+# ---- text quality -------------------------------------------------------------------------------
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exp smoothing) and its signature."""
+    from sacrebleu.metrics import BLEU
+
+    _check_pairs(hypotheses, references)
+    metric = BLEU()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return float(score.score), str(metric.get_signature())
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2) and its signature."""
+    from sacrebleu.metrics import CHRF
+
+    _check_pairs(hypotheses, references)
+    metric = CHRF()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return float(score.score), str(metric.get_signature())
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> str:
+    """``text`` with one sentence per line, as ROUGE-Lsum expects.  Text that already has
+    newlines is kept as it is; otherwise lines are broken after ``.``, ``!`` or ``?``."""
+    text = text.strip()
+    if "\n" in text:
+        return text
+    return "\n".join(s for s in _SENTENCE_END.split(text) if s)
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F-measure x 100 (rouge-score, ``use_stemmer=True``)."""
+    from rouge_score import rouge_scorer
+
+    _check_pairs(hypotheses, references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for hyp, ref in zip(hypotheses, references):
+        # score(target, prediction); Lsum reads the newlines, the others ignore them
+        scores = scorer.score(split_sentences(ref), split_sentences(hyp))
+        for k in ROUGE_TYPES:
+            totals[k] += scores[k].fmeasure
+    return {k: 100.0 * v / len(hypotheses) for k, v in totals.items()}
+
+
+def accuracy(predictions: Sequence, labels: Sequence) -> float:
+    """Share of predictions equal to their label, in %."""
+    _check_pairs(predictions, labels)
+    return 100.0 * sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+
+
+def macro_f1(predictions: Sequence, labels: Sequence) -> float:
+    """Unweighted mean over classes (those in labels or predictions) of per-class F1, in %; a class
+    never predicted correctly scores 0 (sklearn's ``f1_score(average='macro', zero_division=0)``)."""
+    _check_pairs(predictions, labels)
+    classes = sorted(set(labels) | set(predictions), key=str)
+    f1s = []
+    for c in classes:
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return 100.0 * sum(f1s) / len(f1s)
+
+
+def _check_pairs(hypotheses, references) -> None:
+    if len(hypotheses) != len(references):
+        raise LmkdError(f"{len(hypotheses)} predictions but {len(references)} references; score the same rows")
+    if not len(references):
+        raise LmkdError("nothing to score: no examples")
+
+
+# ---- size ---------------------------------------------------------------------------------------
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def dir_bytes(path: str) -> int | None:
+    """Bytes of the files under a saved model directory (None for a hub id)."""
+    if not os.path.isdir(path):
+        return None
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+# ---- running models -----------------------------------------------------------------------------
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(n: int, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches of ``batch_size``, longest inputs first (less padding, early OOM)."""
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4, max_new_tokens: int = 128,
+                   batch_size: int = 16, max_source_length: int | None = 512, progress: bool = True,
+                   desc: str = "generating") -> list[str]:
+    """Beam-search outputs of a seq2seq ``model`` for ``sources``, in the order of ``sources``.
+
+    Inputs are batched by length (longest first) and the outputs put back in order; a tqdm bar
+    counts examples.  The model's own generation config applies apart from ``num_beams`` and
+    ``max_new_tokens``.
+    """
+    from tqdm.auto import tqdm
+
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise LmkdError(f"{type(model).__name__} is not a sequence-to-sequence model; translation and "
+                        "summarization evaluation need one (T5, BART, Marian, ...)")
+    sources = [str(s) for s in sources]
+    outputs: list[str | None] = [None] * len(sources)
+    device = _device_of(model)
+    model.eval()
+    with tqdm(total=len(sources), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
+        for idx in _batches(len(sources), [len(s) for s in sources], batch_size):
+            enc = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_source_length).to(device)
+            out = model.generate(**enc, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                 do_sample=False)
+            for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
+                outputs[i] = text.strip()
+            bar.update(len(idx))
+    return outputs  # type: ignore[return-value]
+
+
+def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
+             progress: bool = True, desc: str = "classifying") -> list[int]:
+    """Predicted class ids (argmax of the logits) of a sequence classifier, in input order."""
+    from tqdm.auto import tqdm
+
+    texts = [str(t) for t in texts]
+    preds: list[int] = [0] * len(texts)
+    device = _device_of(model)
+    model.eval()
+    with tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
+        for idx in _batches(len(texts), [len(t) for t in texts], batch_size):
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_source_length).to(device)
+            logits = model(**enc).logits
+            for i, p in zip(idx, logits.argmax(-1).tolist()):
+                preds[i] = int(p)
+            bar.update(len(idx))
+    return preds
+
+
+# ---- speed --------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Sequence[str], batch_size: int,
+                  latency_examples: int = 16, repeats: int = 3, devices: dict[str, torch.device] | None = None,
+                  ) -> dict[str, dict[str, float]]:
+    """Latency per example at batch 1 and throughput at ``batch_size`` for each runner.
+
+    ``runners`` maps a name to a function that processes a list of inputs (generates, classifies).
+    Every runner gets the same inputs: the first ``latency_examples`` one at a time (latency), and
+    all of ``inputs`` in batches of ``batch_size`` (throughput).  One warm-up pass per runner,
+    then ``repeats`` rounds in which the runners take turns; the median round is reported.
+    """
+    if repeats < 1 or not inputs:
+        raise LmkdError("speed needs at least one repeat and one input example")
+    inputs = [str(x) for x in inputs]
+    single = inputs[:max(1, latency_examples)]
+    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
+    devices = devices or {}
+    lat: dict[str, list[float]] = {k: [] for k in runners}
+    thr: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for name, run in runners.items():  # warm-up: kernels, allocator, caches
+            dev = devices.get(name, torch.device("cpu"))
+            run(single[:1])
+            run(batches[0])
+            _sync(dev)
+        for _ in range(repeats):
+            for name, run in runners.items():
+                dev = devices.get(name, torch.device("cpu"))
+                _sync(dev)
+                t0 = time.perf_counter()
+                for x in single:
+                    run([x])
+                _sync(dev)
+                lat[name].append((time.perf_counter() - t0) / len(single))
+                t0 = time.perf_counter()
+                for b in batches:
+                    run(b)
+                _sync(dev)
+                thr[name].append(len(inputs) / (time.perf_counter() - t0))
+    return {name: {"latency_ms": 1000.0 * statistics.median(lat[name]),
+                   "throughput_per_s": statistics.median(thr[name]),
+                   "latency_batch_size": 1, "throughput_batch_size": batch_size,
+                   "latency_examples": len(single), "throughput_examples": len(inputs), "repeats": repeats}
+            for name in runners}

@@ -1,0 +1,86 @@
+"""Check, under an accelerate config, that the teacher is handled as lmkd promises -- before a long run.
+
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/accelerate/check_teacher.py \
+        --teacher facebook/bart-large-cnn --student students/distilbart-cnn-12-3 \
+        --data data/cnn_dm/validation.jsonl --task summarization --source-column article --target-column highlights
+
+Runs a few DistillationTrainer steps on the first rows of --data and asserts on every process that
+the teacher is not wrapped (DDP/FSDP/DeepSpeed), holds real (not partitioned or meta) weights, has
+no gradients, is unchanged by training and is identical on every process; prints one line per
+process and exits non-zero if any check fails.
+"""
+
+import argparse
+import hashlib
+
+import torch
+
+from lmkd import DistillationConfig, DistillationTrainer
+from lmkd.data import DataArguments, collator_for, load_data, tokenize
+from lmkd.modeling import TASK_KIND, load_model, load_tokenizer, unwrap
+
+
+def checksum(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--task", default="translation")
+    p.add_argument("--source-column")
+    p.add_argument("--target-column")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--output", default="runs/check_teacher")
+    p.add_argument("--bf16", action="store_true")
+    a = p.parse_args()
+
+    data_args = DataArguments(task=a.task, train_file=a.data, source_column=a.source_column,
+                              target_column=a.target_column)
+    tok = load_tokenizer(a.student)
+    student = load_model(a.student, kind=TASK_KIND[a.task])
+    ds = load_data(a.data, [data_args.source_column, data_args.target_column])
+    ds = tokenize(ds.select(range(min(64, len(ds)))), tok, data_args)
+    args = DistillationConfig(output_dir=a.output, teacher_model_name_or_path=a.teacher, kd_alpha=0.5,
+                              per_device_train_batch_size=4, max_steps=a.steps, learning_rate=1e-4,
+                              report_to="none", save_strategy="no", bf16=a.bf16, disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=ds, processing_class=tok,
+                                  data_collator=collator_for(a.task, tok, student))
+    teacher = trainer.teacher
+    before = checksum(teacher)
+    trainer.train()
+    rank, world = args.process_index, args.world_size
+    problems = []
+    if unwrap(teacher) is not teacher or type(teacher).__module__.split(".")[0] != "transformers":
+        problems.append(f"teacher is wrapped: {type(teacher).__name__}")
+    params = list(teacher.parameters())
+    if any(p.requires_grad for p in params):
+        problems.append("teacher has parameters with requires_grad")
+    if any(p.is_meta or p.numel() == 0 or hasattr(p, "ds_id") for p in params):
+        problems.append("teacher weights are partitioned or on the meta device (ZeRO-3 / FSDP loading)")
+    after = checksum(teacher)
+    if after != before:
+        problems.append("teacher weights changed during training")
+    sums = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(sums, after)
+    else:
+        sums = [after]
+    if len(set(sums)) != 1:
+        problems.append(f"teacher weights differ between processes: {sums}")
+    wrapped = type(trainer.model_wrapped).__name__
+    status = "ok" if not problems else "FAILED: " + "; ".join(problems)
+    print(f"rank {rank}/{world}: student wrapped as {wrapped}, teacher {type(teacher).__name__} on "
+          f"{next(teacher.parameters()).device} {next(teacher.parameters()).dtype}, checksum {after}: {status}",
+          flush=True)
+    raise SystemExit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""`lmkd evaluate`: scores equal direct sacrebleu / rouge-score calls on the same outputs, a model
+against itself keeps 100% at a speed-up near 1, and the JSON / markdown / PNG files are written."""
+
+import json
+
+import pytest
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from lmkd import metrics
+from lmkd.cli import main
+from lmkd.errors import LmkdError
+from lmkd.evaluate import evaluate_models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only add waiting (a layer norm of a
+    32-wide tensor took milliseconds with the default thread count under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def plain_generate(path, sources, num_beams, max_new_tokens):
+    """Outputs of plain transformers, one example at a time (no padding, no sorting)."""
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    out = []
+    with torch.no_grad():
+        for s in sources:
+            ids = model.generate(**tok([s], return_tensors="pt"), num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                 do_sample=False)
+            out.append(tok.decode(ids[0], skip_special_tokens=True).strip())
+    return out
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture()
+def translation_case(tmp_path, tiny_model_dir, corpus):
+    """A tiny Marian model and a file whose references equal its own outputs on every other row,
+    so BLEU is neither 0 nor 100."""
+    path = tiny_model_dir("marian", seed=1)
+    rows = corpus[:10]
+    outputs = plain_generate(path, [r["source"] for r in rows], num_beams=2, max_new_tokens=12)
+    refs = [o if i % 2 == 0 else r["target"] for i, (o, r) in enumerate(zip(outputs, rows))]
+    data = write_jsonl(tmp_path / "test.jsonl", [{"source": r["source"], "target": t} for r, t in zip(rows, refs)])
+    return path, data, outputs, refs
+
+
+def test_translation_scores_equal_sacrebleu_and_self_is_100_percent(tmp_path, translation_case, capsys):
+    path, data, outputs, refs = translation_case
+    out = tmp_path / "report" / "eval.json"
+    plot = tmp_path / "report" / "eval.png"
+    assert main(["evaluate", "--model", path, "--teacher", path, "--data", data, "--task", "translation",
+                 "--num-beams", "2", "--max-new-tokens", "12", "--batch-size", "4", "--speed-samples", "8",
+                 "--repeats", "5", "--device", "cpu", "--output", str(out), "--plot", str(plot)]) == 0
+    result = json.loads(out.read_text())
+    # predictions: length-sorted batches put back in order == plain one-by-one generation
+    assert result["predictions"]["student"] == outputs == result["predictions"]["teacher"]
+    direct_bleu = sacrebleu.corpus_bleu(outputs, [refs])
+    direct_chrf = sacrebleu.corpus_chrf(outputs, [refs])
+    assert 0 < direct_bleu.score < 100
+    q = result["models"]["student"]["quality"]
+    assert q["bleu"] == direct_bleu.score and q["chrf"] == direct_chrf.score
+    assert result["signatures"]["bleu"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert result["signatures"]["chrf"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+    # against itself: all quality retained, speed-up near 1 (loose: a shared machine is noisy)
+    vs = result["models"]["student"]["vs_teacher"]
+    assert vs["retained_%"] == {"bleu": 100.0, "chrf": 100.0} and vs["parameters_ratio"] == 1.0
+    assert 0.5 < vs["speedup_latency"] < 2 and 0.5 < vs["speedup_throughput"] < 2
+    size = result["models"]["student"]["size"]
+    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    assert size["parameters"] == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert size["bytes_on_disk"] > 4 * size["parameters"] * 0.9  # float32 weights are most of the files
+    speed = result["models"]["teacher"]["speed"]
+    assert speed["latency_ms"] > 0 and speed["throughput_per_s"] > 0 and speed["repeats"] == 5
+    # markdown next to the JSON, printed too; the plot is a real PNG
+    table = (tmp_path / "report" / "eval.md").read_text()
+    assert table in capsys.readouterr().out
+    assert "| student |" in table and "| teacher |" in table and "BLEU retained %" in table
+    assert f"{direct_bleu.score:.2f}" in table and "100.0" in table
+    assert "bleu signature: nrefs:1" in table
+    png = plot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(plot)).shape[2] in (3, 4)
+
+
+def test_summarization_scores_equal_rouge_score(tmp_path, tiny_model_dir, corpus):
+    path = tiny_model_dir("bart", seed=2)
+    rows = [{"document": r["source"] + ". " + r["source"], "summary": r["source"]} for r in corpus[20:28]]
+    data = write_jsonl(tmp_path / "sum.jsonl", rows)
+    result = evaluate_models(path, data, "summarization", num_beams=2, max_new_tokens=10, batch_size=3,
+                             speed_samples=0, device="cpu", progress=False)
+    preds = result["predictions"]["student"]
+    assert preds == plain_generate(path, [r["document"] for r in rows], 2, 10)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    q = result["models"]["student"]["quality"]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        direct = [scorer.score(r["summary"], p)[key].fmeasure for r, p in zip(rows, preds)]
+        assert q[key] == pytest.approx(100 * sum(direct) / len(direct), abs=1e-9)
+    assert "speed" not in result["models"]["student"] and result["teacher"] is None
+
+
+def test_rouge_lsum_reads_sentences_on_lines():
+    hyp = "The cats sat on the mat. Dogs were running!"
+    ref = "Dogs were running. The cat sat on the mat?"
+    scorer = rouge_scorer.RougeScorer(["rougeLsum", "rouge1"], use_stemmer=True)
+    direct = scorer.score("Dogs were running.\nThe cat sat on the mat?", "The cats sat on the mat.\nDogs were running!")
+    ours = metrics.rouge([hyp], [ref])
+    assert ours["rougeLsum"] == pytest.approx(100 * direct["rougeLsum"].fmeasure)
+    assert ours["rouge1"] == pytest.approx(100 * direct["rouge1"].fmeasure)  # stemming: cats == cat
+    assert ours["rougeLsum"] == pytest.approx(100.0)  # the same sentences in another order
+    assert ours["rougeL"] < 100.0
+    assert metrics.split_sentences("A b. C d? E") == "A b.\nC d?\nE"
+    assert metrics.split_sentences("kept\nas is. here") == "kept\nas is. here"
+
+
+def test_accuracy_and_macro_f1():
+    preds, labels = [0, 0, 1, 2], [0, 1, 1, 2]
+    assert metrics.accuracy(preds, labels) == 75.0
+    # per class F1: 0 -> 2/3, 1 -> 2/3, 2 -> 1 (sklearn's macro average)
+    assert metrics.macro_f1(preds, labels) == pytest.approx(100 * (2 / 3 + 2 / 3 + 1) / 3)
+    assert metrics.macro_f1([1, 1], [0, 0]) == 0.0
+    with pytest.raises(LmkdError, match="2 predictions but 3 references"):
+        metrics.accuracy([0, 1], [0, 1, 1])
+
+
+def test_classification(tmp_path, tiny_model_dir, corpus):
+    path = tiny_model_dir("bert", kind="classification", seed=3)
+    texts = [r["source"] for r in corpus[:12]]
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        direct = [int(model(**tok([t], return_tensors="pt")).logits.argmax(-1)) for t in texts]
+    labels = [p if i % 3 else 1 - p for i, p in enumerate(direct)]  # 8 of 12 right
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels)])
+    result = evaluate_models(path, data, "classification", teacher=path, batch_size=5, speed_samples=6, repeats=2,
+                             device="cpu", progress=False)
+    assert result["predictions"]["student"] == direct
+    q = result["models"]["student"]["quality"]
+    assert q["accuracy"] == pytest.approx(100 * 8 / 12) and q["macro_f1"] == metrics.macro_f1(direct, labels)
+    assert result["models"]["student"]["vs_teacher"]["retained_%"] == {"accuracy": 100.0, "macro_f1": 100.0}
+
+
+def test_user_mistakes_are_one_line(tmp_path, tiny_model_dir, corpus, capsys):
+    path = tiny_model_dir("marian", seed=1)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"en": "a", "fr": "b"}])
+    assert main(["evaluate", "--model", path, "--data", data, "--task", "translation"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no column 'source'" in err
+    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", data, "--task", "translation",
+                 "--source-column", "en", "--target-column", "fr"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--model", path, "--data", data, "--task", "translation", "--source-column", "en",
+                 "--target-column", "fr", "--speed-samples", "0", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot draws quality against latency" in capsys.readouterr().err
+
+
+def run_script(name, argv, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "eval" / name
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_scripts(tmp_path, monkeypatch, capsys, translation_case):
+    hyps = ["the cat sat on the mat", "a dog runs in the park today"]
+    refs = ["the cat sat on a mat", "a dog runs in the park"]
+    (tmp_path / "h.txt").write_text("\n".join(hyps) + "\n")
+    (tmp_path / "r.txt").write_text("\n".join(refs) + "\n")
+    out = run_script("bleu.py", [str(tmp_path / "h.txt"), str(tmp_path / "r.txt")], monkeypatch, capsys)
+    assert out["bleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
+    assert out["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score and out["bleu_signature"].startswith("nrefs:1")
+    write_jsonl(tmp_path / "h.jsonl", hyps)
+    write_jsonl(tmp_path / "r.jsonl", refs)
+    out = run_script("rouge.py", [str(tmp_path / "h.jsonl"), str(tmp_path / "r.jsonl")], monkeypatch, capsys)
+    scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
+    assert out["rouge2"] == pytest.approx(50 * sum(scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hyps, refs)))
+    path, data, _, _ = translation_case
+    out = run_script("speed.py", ["--model", path, "--teacher", path, "--data", data, "--task", "translation",
+                                  "--samples", "4", "--batch-size", "2", "--num-beams", "1", "--max-new-tokens", "4",
+                                  "--repeats", "1", "--device", "cpu"], monkeypatch, capsys)
+    assert out["student"]["latency_ms"] > 0 and out["teacher"]["throughput_per_s"] > 0
+    assert out["student"]["throughput_examples"] == 4 and out["speedup_latency"] > 0
