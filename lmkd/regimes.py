@@ -1,0 +1,589 @@
+"""Distillation regimes beyond one fixed teacher, on the same trainer, config and CLI.
+
+* **Transfer sets** (unlabelled data): ``kd_alpha: 1`` trains on KD alone; a classification run with
+  ``kd_alpha: 1`` never reads the label column (:func:`unlabelled_data_args`).  ``transfer_file``
+  mixes an unlabelled set into a labelled one (classification, causal-lm, mlm): its rows get KD but
+  no CE, and the CE is averaged over the labelled rows only (:func:`add_transfer_set`,
+  :class:`TransferCollator`, :class:`RegimeTrainer`).  A seq2seq student needs target tokens to
+  train on: either give an unlabelled seq2seq transfer set the teacher's outputs with ``lmkd
+  generate`` and distil on them (sequence-level KD), or train on the inputs alone on-policy
+  (``on_policy_fraction: 1``: the targets are the student's own samples, scored by the teacher).
+* **Teacher ensembles**: :class:`EnsembleTeacher` averages several teachers' softened
+  distributions; ``teacher_model_name_or_path: a,b`` (+ ``teacher_weights``) builds one.
+* **Born-again networks** (Furlanello et al. 2018): ``rounds: N`` (:func:`run_born_again`).
+* **Co-distillation / deep mutual learning** (Zhang et al. 2018): ``cohort_size: K``
+  (:class:`CohortModel`, :class:`CoDistillationTrainer`).
+* **On-policy KD** (GKD, Agarwal et al. 2024): ``on_policy_fraction: lambda``
+  (:class:`OnPolicyDistillationTrainer`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import datasets
+import torch
+from torch import nn
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import ModelOutput
+
+from . import losses
+from .errors import LmkdError
+from .modeling import (
+    CAUSAL,
+    CLASSIFICATION,
+    MLM,
+    SEQ2SEQ,
+    TASK_KIND,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    shared_vocab_size,
+    unwrap,
+    vocab_size_of,
+)
+from .trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+#: batch key: per row, whether it has a label (rows of a transfer_file have none)
+LABELLED = "lmkd_labelled"
+#: batch key: present on a batch whose targets are the student's own generations
+ON_POLICY = "lmkd_on_policy"
+REGIME_KEYS = (LABELLED, ON_POLICY)
+
+
+# ---- teacher ensembles ---------------------------------------------------------------------------
+
+
+@dataclass
+class EnsembleOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+
+
+def teacher_paths(args) -> list[str]:
+    """The teachers named by ``teacher_model_name_or_path`` (a comma-separated list for an ensemble)."""
+    return [p.strip() for p in (args.teacher_model_name_or_path or "").split(",") if p.strip()]
+
+
+class EnsembleTeacher(nn.Module):
+    """Several frozen teachers acting as one: ``forward`` returns the logits
+
+        tau * log( sum_i w_i * softmax(z_i / tau) )
+
+    so a temperature-``tau`` KD loss (forward/reverse KL, JSD) sees exactly the weighted average of
+    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  ``temperature``
+    must be the trainer's ``kd_temperature``.  Logit matching (``kd_loss: mse``) is refused: the
+    average of distributions is not an average of logits.  All teachers must be of one model kind
+    with one output size; each is checked against the student's vocabulary by :func:`load_teacher`.
+    """
+
+    def __init__(self, teachers, weights=None, *, temperature: float):
+        super().__init__()
+        teachers = list(teachers)
+        if len(teachers) < 2:
+            raise LmkdError("a teacher ensemble needs at least two teachers")
+        weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(teachers) or any(not w > 0 for w in weights):
+            raise LmkdError(f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})")
+        if not temperature > 0:
+            raise LmkdError(f"temperature must be > 0, got {temperature}")
+        kinds = {model_kind(t) for t in teachers}
+        if len(kinds) > 1:
+            raise LmkdError(f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind")
+        sizes = [vocab_size_of(t) for t in teachers]
+        if len(set(sizes)) > 1:
+            raise LmkdError(f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
+                            "vocabulary (or label set) of one size")
+        self.teachers = nn.ModuleList(teachers)
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.temperature = float(temperature)
+        self.lmkd_kind = kinds.pop()  # lmkd.modeling.model_kind reads this
+        for t in teachers:
+            for flag in ("use_cache", "output_hidden_states", "output_attentions"):
+                if getattr(t.config, flag, None):
+                    setattr(t.config, flag, False)
+
+    @property
+    def config(self):
+        return self.teachers[0].config
+
+    def get_output_embeddings(self):
+        return self.teachers[0].get_output_embeddings()
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        return self.teachers[0].prepare_decoder_input_ids_from_labels(labels=labels)
+
+    def forward(self, **inputs) -> EnsembleOutput:
+        tau, mix = self.temperature, None
+        for w, teacher in zip(self.weights, self.teachers):
+            z = teacher(**inputs).logits
+            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+            lp = torch.log_softmax(z / tau, dim=-1) + math.log(w)
+            mix = lp if mix is None else torch.logaddexp(mix, lp)
+        return EnsembleOutput(logits=tau * mix)
+
+
+def load_teacher(args, student, tokenizer):
+    """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
+    checked against the student's vocabulary), else None (DistillationTrainer loads the one)."""
+    paths = teacher_paths(args)
+    if len(paths) < 2 or not (args.kd_alpha > 0 or _features_on(args)):
+        return None
+    if _features_on(args):
+        raise LmkdError("hidden/attention/relation losses compare with one teacher's layers, not an ensemble; "
+                        "set their weights 0 or name one teacher")
+    if args.teacher_cache:
+        raise LmkdError("teacher_cache holds one teacher's logits; drop it to distil from an ensemble")
+    kind = model_kind(student)
+    teachers = []
+    for path in paths:
+        teacher = load_model(path, kind=kind)
+        if model_kind(teacher) != kind:
+            raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
+        shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch
+        teachers.append(teacher)
+    weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
+    logger.info("teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal")
+    return EnsembleTeacher(teachers, weights, temperature=args.kd_temperature)
+
+
+def _features_on(args) -> bool:
+    return args.hidden_weight > 0 or args.attention_weight > 0 or args.relation_weight > 0
+
+
+# ---- unlabelled transfer sets --------------------------------------------------------------------
+
+
+def unlabelled_data_args(data_args, args, evaluation: bool = False):
+    """``data_args`` with no label column when the run never uses one, so none is read (and the
+    data needs none): a classification run with ``kd_alpha: 1`` is supervised by the teacher alone;
+    a seq2seq run with ``on_policy_fraction: 1`` trains only on the student's own outputs (its
+    training data are inputs alone; the validation data keep their targets, ``evaluation=True``).
+    Other runs are returned as they are: causal-lm and mlm read no label column anyway, and a
+    seq2seq student trained off-policy needs target tokens (``lmkd generate`` makes them)."""
+    kind = TASK_KIND[data_args.task]
+    drop = (kind == CLASSIFICATION and args.kd_alpha == 1) or (
+        kind == SEQ2SEQ and args.on_policy_fraction == 1 and not evaluation)
+    if drop and data_args.target_column:
+        data_args = copy.copy(data_args)
+        data_args.target_column = None
+    return data_args
+
+
+def read_transfer_set(data_args) -> datasets.Dataset | None:
+    """The source column (and nothing else) of ``data_args.transfer_file``, or None without one."""
+    from .data import load_data
+
+    if not data_args.transfer_file:
+        return None
+    if TASK_KIND[data_args.task] == SEQ2SEQ:
+        raise LmkdError("transfer_file: a seq2seq student cannot train without target tokens; give the transfer "
+                        "set the teacher's outputs with `lmkd generate --teacher T --data FILE --output DIR` and "
+                        "train on DIR (target_column teacher_target), or train on it alone with on_policy_fraction 1")
+    return load_data(data_args.transfer_file, [data_args.source_column]).select_columns([data_args.source_column])
+
+
+def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, tokenizer) -> datasets.Dataset:
+    """``train`` (tokenised) plus the tokenised rows of ``raw`` (:func:`read_transfer_set`), each
+    tagged with :data:`LABELLED` (1 for ``train``, 0 for the transfer set).  The Trainer's shuffling
+    sampler interleaves the two."""
+    from .data import tokenize
+
+    kind = TASK_KIND[data_args.task]
+    extra = tokenize(raw, tokenizer, data_args, labelled=False)
+    if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
+        extra = extra.add_column("labels", [losses.IGNORE_INDEX] * len(extra))
+    train = train.add_column(LABELLED, [1] * len(train))
+    extra = extra.add_column(LABELLED, [0] * len(extra)).cast(train.features)
+    logger.info("transfer set %s: %d unlabelled rows (KD only) mixed with %d labelled rows",
+                data_args.transfer_file, len(extra), len(train))
+    return datasets.concatenate_datasets([train, extra])
+
+
+class TransferCollator:
+    """Wraps a task's collator: takes the :data:`LABELLED` flag off every example, collates the rest,
+    sets the labels of unlabelled rows to -100 (causal-lm/mlm; classification rows already have
+    -100) and returns the flags as a boolean tensor under :data:`LABELLED`."""
+
+    def __init__(self, collator, kind: str):
+        self.collator, self.kind = collator, kind
+
+    def __call__(self, features):
+        flags = torch.tensor([bool(f.get(LABELLED, 1)) for f in features], dtype=torch.bool)
+        batch = self.collator([{k: v for k, v in f.items() if k != LABELLED} for f in features])
+        labels = batch.get("labels")
+        if labels is not None and self.kind != CLASSIFICATION:
+            batch["labels"] = labels.masked_fill(~flags[:, None], losses.IGNORE_INDEX)
+        batch[LABELLED] = flags
+        return batch
+
+
+# ---- trainers ------------------------------------------------------------------------------------
+
+
+class RegimeTrainer(DistillationTrainer):
+    """DistillationTrainer that also understands the regime keys of a batch: rows without labels
+    (:data:`LABELLED`, from ``transfer_file``) get KD on their tokens and no CE; a batch tagged
+    :data:`ON_POLICY` gets no CE.  Without those keys it is exactly DistillationTrainer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.teacher, EnsembleTeacher) and self.teacher.temperature != self.args.kd_temperature:
+            raise LmkdError(f"EnsembleTeacher(temperature={self.teacher.temperature}) must use the trainer's "
+                            f"kd_temperature {self.args.kd_temperature}")
+        if isinstance(self.teacher, EnsembleTeacher) and self.args.kd_loss == "mse":
+            raise LmkdError("a teacher ensemble averages distributions, not logits: use kd_loss forward_kl, "
+                            "reverse_kl or jsd")
+        if self.kind == MLM and self.args.mlm_kd_positions == "masked" and isinstance(self.data_collator,
+                                                                                        TransferCollator):
+            raise LmkdError("transfer_file with mlm needs mlm_kd_positions all (unlabelled rows have no masked "
+                            "targets of their own)")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if LABELLED not in self._signature_columns:  # keep the flag through remove_unused_columns
+            self._signature_columns = [*self._signature_columns, LABELLED]
+
+    def _forward_inputs(self, model, inputs: dict) -> dict:
+        fwd = super()._forward_inputs(model, inputs)
+        for key in REGIME_KEYS:
+            fwd.pop(key, None)
+        return fwd
+
+    def _masks(self, inputs: dict):
+        ce, kd = super()._masks(inputs)
+        if ON_POLICY in inputs:  # the targets are the student's own samples: KD only
+            return None, kd
+        flags = inputs.get(LABELLED)
+        if flags is None:
+            return ce, kd
+        flags = flags.to(kd.device)
+        if self.kind == CLASSIFICATION:
+            return (flags if ce is not None else None), kd
+        # causal/mlm: unlabelled rows have labels -100 (no CE); KD covers their real tokens
+        att = inputs.get("attention_mask")
+        tokens = att.bool() if att is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+        if self.kind == CAUSAL:
+            tokens = tokens[:, 1:]
+        return ce, kd | (tokens & ~flags[:, None])
+
+
+class OnPolicyDistillationTrainer(RegimeTrainer):
+    """On-policy KD (GKD, Agarwal et al. 2024) for causal and seq2seq students.
+
+    Each micro-batch is, with probability ``on_policy_fraction`` (a ``random.Random(seed)`` coin, so
+    no torch random state is touched and ``on_policy_fraction: 0`` is exactly DistillationTrainer),
+    replaced by the student's own samples (``do_sample``, ``on_policy_temperature``, full
+    distribution, ``on_policy_max_new_tokens``; seq2seq: given the batch's inputs, causal: given the
+    first ``on_policy_prompt_tokens`` tokens of each row), generated in eval mode under the seed
+    :attr:`last_generation_seed` (in a forked RNG).  The teacher scores those tokens and the loss
+    on them is ``kd_alpha * JSD_beta`` (``kd_loss: jsd``) with no CE; generated tokens up to and
+    including the first EOS count.  Batches kept from the data train as usual (GKD's supervised
+    KD).  The replacement happens before the token counts of the accumulated batch are taken, so
+    gradient accumulation stays exact."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.kind not in (CAUSAL, SEQ2SEQ):
+            raise LmkdError(f"on-policy KD needs a generative student (causal or seq2seq LM), not a {self.kind} "
+                            "model; set on_policy_fraction 0")
+        if self.teacher is None:
+            raise LmkdError("on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
+                            "teacher_model_name_or_path (a teacher_cache only covers the fixed data)")
+        self._coin = random.Random(self.args.seed)
+        self.on_policy_batches = 0
+        self.last_generation_seed: int | None = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer.get_batch_samples, with the on-policy batches swapped in before counting tokens."""
+        lam, batch_samples = self.args.on_policy_fraction, []
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            if lam > 0 and self._coin.random() < lam:
+                batch = self.on_policy_batch(self.model, batch)
+            elif self.kind == SEQ2SEQ and batch.get("labels") is None:
+                raise LmkdError("seq2seq training data without targets can only train on-policy: set "
+                                "on_policy_fraction 1, or give the data targets (lmkd generate)")
+            batch_samples.append(batch)
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def generation_kwargs(self) -> dict:
+        a = self.args
+        return dict(do_sample=True, temperature=a.on_policy_temperature, top_k=0, top_p=1.0, num_beams=1,
+                    max_new_tokens=a.on_policy_max_new_tokens)
+
+    @torch.no_grad()
+    def on_policy_batch(self, model, batch: dict) -> dict:
+        """``batch`` with its targets replaced by the student's samples (tagged :data:`ON_POLICY`)."""
+        student = unwrap(model)
+        device = next(student.parameters()).device
+        ids = batch["input_ids"].to(device)
+        att = batch.get("attention_mask")
+        att = att.to(device) if att is not None else torch.ones_like(ids)
+        cfg = student.generation_config
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else student.config.pad_token_id
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else student.config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        pad = pad if pad is not None else (min(eos) if eos else 0)
+        if self.kind == CAUSAL:
+            lengths = att.sum(1)
+            p = max(1, min(self.args.on_policy_prompt_tokens, int(lengths.min()) - 1))
+            prompt = torch.stack([row[m.bool()][:p] for row, m in zip(ids, att)])
+            gen_in = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt))
+        else:
+            p = 1  # the decoder start token
+            gen_in = dict(input_ids=ids, attention_mask=att)
+        self.last_generation_seed = self.args.seed + 1 + self.on_policy_batches
+        self.on_policy_batches += 1
+        was_training = student.training
+        student.eval()
+        devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.last_generation_seed)
+                out = student.generate(**gen_in, pad_token_id=pad, **self.generation_kwargs())
+        finally:
+            student.train(was_training)
+        new = out[:, p:]
+        # count generated tokens up to and including the first EOS
+        is_eos = torch.zeros_like(new, dtype=torch.bool)
+        for e in eos:
+            is_eos |= new.eq(e)
+        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before
+        valid = before.eq(0)
+        if self.kind == CAUSAL:
+            labels = out.clone()
+            labels[:, :p] = losses.IGNORE_INDEX
+            labels[:, p:] = new.masked_fill(~valid, losses.IGNORE_INDEX)
+            mask = torch.ones_like(out)
+            mask[:, p:] = valid.long()
+            input_ids = out.clone()
+            input_ids[:, p:] = new.masked_fill(~valid, pad)
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                    ON_POLICY: torch.ones((), dtype=torch.bool)}
+        labels = new.masked_fill(~valid, losses.IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": att, "labels": labels, ON_POLICY: torch.ones((), dtype=torch.bool)}
+
+
+class CohortModel(nn.Module):
+    """K students trained together (deep mutual learning).  One ``nn.Module`` so the Trainer's
+    optimizer, device placement and DDP wrapping cover all of them; ``forward`` returns the list
+    of the members' outputs."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise LmkdError("a cohort needs at least two students (cohort_size >= 2)")
+        kinds = {model_kind(m) for m in members}
+        if len(kinds) > 1:
+            raise LmkdError(f"the cohort mixes model kinds ({', '.join(sorted(kinds))}); use students of one kind")
+        if len({vocab_size_of(m) for m in members}) > 1:
+            raise LmkdError("the cohort's students have different output sizes; use one vocabulary (label set)")
+        self.members = nn.ModuleList(members)
+        self.lmkd_kind = kinds.pop()
+
+    @classmethod
+    def copies(cls, student, k: int) -> CohortModel:
+        """``k`` members that start as copies of ``student``; they diverge through their own dropout
+        masks (with dropout 0 they would stay identical, so pass differently initialised students)."""
+        return cls([student] + [copy.deepcopy(student) for _ in range(k - 1)])
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+    def forward(self, **inputs):
+        return [m(**inputs) for m in self.members]
+
+
+class CoDistillationTrainer(RegimeTrainer):
+    """Online co-distillation / deep mutual learning (Zhang et al. 2018): no pretrained teacher;
+    member k's loss is ``(1 - kd_alpha) * CE_k + kd_alpha * KD(target_k, member k)``, with
+    ``target_k`` the detached average of the other members' softened distributions (passed to the
+    KD loss as the logits ``tau * log mean_{j != k} softmax(z_j / tau)``, so the temperature-``tau``
+    loss sees exactly that average).  The trained loss is the sum over members (each member's
+    gradient comes from its own terms only).  ``save_model`` writes every member to
+    ``member-k`` (each a plain HF model) and member 0 also to the directory itself."""
+
+    def __init__(self, model=None, args=None, **kwargs):
+        if args is not None and not isinstance(model, CohortModel):
+            if args.cohort_size < 2:
+                raise LmkdError("co-distillation needs cohort_size >= 2 (or model=CohortModel([...]))")
+            model = CohortModel.copies(model, args.cohort_size)
+        if kwargs.get("teacher_model") is not None:
+            raise LmkdError("co-distillation trains without a teacher; drop teacher_model")
+        super().__init__(model=model, args=args, **kwargs)
+        a = self.args
+        if a.label_names is None:  # the Trainer looked for them in CohortModel.forward; use a member's
+            from transformers.utils import find_labels
+
+            self.label_names = find_labels(type(unwrap(self.model).members[0]))
+        if a.kd_loss == "mse":
+            raise LmkdError("co-distillation averages the members' distributions: use kd_loss forward_kl, "
+                            "reverse_kl or jsd, not mse")
+        if _features_on(a) or a.teacher_cache:
+            raise LmkdError("co-distillation uses the members' output distributions only: set hidden/attention/"
+                            "relation weights 0 and drop teacher_cache")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return False
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            import inspect
+
+            member = unwrap(self.model).members[0]
+            self._signature_columns = list(inspect.signature(member.forward).parameters) + list(
+                {"label", "label_ids", *self.label_names})
+        super()._set_signature_columns_if_needed()
+
+    def member_targets(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per member, the detached KD target logits ``tau * log mean_{j != k} softmax(z_j / tau)``."""
+        tau, k = self.args.kd_temperature, len(logits)
+        with torch.no_grad():
+            logp = torch.stack([torch.log_softmax(z.detach().float() / tau, dim=-1) for z in logits])
+            out = []
+            for i in range(k):
+                others = torch.cat([logp[:i], logp[i + 1:]])
+                out.append(tau * (torch.logsumexp(others, dim=0) - math.log(k - 1)))
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if model.training else "eval"
+        members = unwrap(model).members
+        outputs = model(**self._forward_inputs(members[0], inputs))
+        logits = [self._aligned(o.logits) for o in outputs]
+        ce_mask, kd_mask = self._masks(inputs)
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2:
+            n_ce, n_kd = num_items_in_batch.tolist()
+            scale = self.accelerator.num_processes if (args.average_tokens_across_devices and args.world_size > 1) else 1
+        else:
+            n_ce = int(ce_mask.sum()) if ce_mask is not None else 0
+            n_kd, scale = int(kd_mask.sum()), 1
+        alpha, k = args.kd_alpha, len(logits)
+        targets = self.member_targets(logits) if alpha > 0 else [None] * k
+        stats = self._stats[mode]
+        loss = logits[0].new_zeros((), dtype=torch.float32)
+        labels = inputs.get("labels")
+        if labels is not None and self.kind == CAUSAL:
+            labels = labels[:, 1:]
+        for z, target in zip(logits, targets):
+            if ce_mask is not None and alpha < 1:
+                ce_sum = losses.cross_entropy(z, labels)
+                loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
+                stats["ce_sum"] += ce_sum.item() / k
+                stats["ce_n"] += int(ce_mask.sum()) / k
+            if alpha > 0:
+                kd_sum = losses.token_kd_loss(z, target, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
+                                              beta=args.jsd_beta)
+                loss = loss + alpha * kd_sum / max(n_kd, 1)
+                stats["kd_sum"] += kd_sum.item() / k
+                stats["kd_n"] += int(kd_mask.sum()) / k
+        if not torch.isfinite(loss):
+            raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the learning "
+                            "rate or check the data for empty targets")
+        loss = loss * scale
+        return (loss, outputs[0]) if return_outputs else loss
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        members = unwrap(self.accelerator.unwrap_model(self.model)).members
+        for k, member in enumerate(members):
+            for path in ([os.path.join(output_dir, f"member-{k}")] + ([output_dir] if k == 0 else [])):
+                os.makedirs(path, exist_ok=True)
+                member.save_pretrained(path)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(path)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        members = unwrap(model if model is not None else self.model).members
+        for k, member in enumerate(members):
+            path = os.path.join(resume_from_checkpoint, f"member-{k}")
+            if not os.path.isdir(path):
+                raise LmkdError(f"{resume_from_checkpoint} has no {os.path.basename(path)}; it is not a checkpoint "
+                                f"of a cohort of {len(members)}")
+            member.load_state_dict(type(member).from_pretrained(path).state_dict())
+
+
+def trainer_class(args, data_args=None):
+    """The trainer ``lmkd distill`` uses for ``args`` (DistillationTrainer when no regime is on)."""
+    if args.cohort_size > 1:
+        return CoDistillationTrainer
+    if args.on_policy_fraction > 0:
+        return OnPolicyDistillationTrainer
+    if data_args is not None and data_args.transfer_file:
+        return RegimeTrainer
+    return DistillationTrainer
+
+
+def wrap_collator(collator, data_args):
+    """The task's collator, wrapped in :class:`TransferCollator` when a transfer set is mixed in."""
+    return TransferCollator(collator, TASK_KIND[data_args.task]) if data_args.transfer_file else collator
+
+
+# ---- born-again networks -------------------------------------------------------------------------
+
+
+def run_born_again(model_args, data_args, args, resume: bool = False, teacher_model=None) -> dict:
+    """``rounds: N``: N runs of ``lmkd distill``, each from the same student init; round 1 learns
+    from the given teacher (or, with none, from the labels alone -- the born-again "teacher"
+    generation), round r > 1 from round r-1's student.  Round r writes ``output_dir/round-r``
+    (trained student, tokenizer, metrics; evaluated on validation_file when given); the last
+    round's student is also copied into ``output_dir``.  With ``--resume`` finished rounds are
+    kept and the interrupted one resumes from its last checkpoint."""
+    from .distill import run_distill
+
+    rounds, per_round = args.rounds, {}
+    previous, metrics = None, {}
+    for r in range(1, rounds + 1):
+        out = os.path.join(args.output_dir, f"round-{r}")
+        a = copy.copy(args)
+        a.output_dir, a.rounds = out, 1
+        if r > 1:
+            a.teacher_model_name_or_path, a.teacher_weights, a.teacher_cache = previous, None, None
+        elif teacher_model is None and not args.teacher_model_name_or_path and not args.teacher_cache:
+            logger.info("born-again round 1 has no teacher: it trains on the labels alone (kd_alpha 0)")
+            a.kd_alpha, a.hidden_weight, a.attention_weight, a.relation_weight = 0.0, 0.0, 0.0, 0.0
+        done = os.path.join(out, "distill_results.json")
+        if resume and os.path.isfile(done):
+            with open(done) as f:
+                metrics = json.load(f)
+            logger.info("born-again round %d/%d already finished in %s", r, rounds, out)
+        else:
+            logger.info("born-again round %d/%d -> %s (teacher: %s)", r, rounds, out,
+                        "given model" if r == 1 and teacher_model is not None else a.teacher_model_name_or_path
+                        if a.kd_alpha > 0 else "none")
+            metrics = run_distill(model_args, data_args, a, resume=resume and os.path.isdir(out),
+                                  teacher_model=teacher_model if r == 1 else None)
+        per_round[f"round-{r}"] = metrics
+        previous = out
+    final = dict(metrics)
+    final["rounds"] = per_round
+    if args.should_save:
+        for name in os.listdir(previous):
+            src = os.path.join(previous, name)
+            if os.path.isfile(src) and name != "distill_results.json":
+                shutil.copy2(src, os.path.join(args.output_dir, name))
+        with open(os.path.join(args.output_dir, "distill_results.json"), "w") as f:
+            json.dump(final, f, indent=1, sort_keys=True)
+    return final
