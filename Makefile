@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-slow test-all demo bench clean
+.PHONY: setup test test-fast test-slow demo bench clean
 
 setup: $(STAMP)
 
@@ -23,17 +23,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The whole suite: about 3 minutes on 2 cores (the `slow` ones -- multi-process runs, whole tiny
+# studies -- take about 70 s of it).
 test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
 	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
 
 test-slow: setup
 	$(PY) -m pytest -m slow -q -p no:cacheprovider
 
-test-all: setup
-	$(PY) -m pytest -q -p no:cacheprovider
-
 demo: setup
-	$(VENV)/bin/lmkd demo --output runs/demo
+	$(VENV)/bin/lmkd study --task translation --budget quick --output runs/demo
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

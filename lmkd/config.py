@@ -7,10 +7,55 @@ from dataclasses import dataclass, field
 from transformers import Seq2SeqTrainingArguments
 
 from .errors import LmkdError
-from .losses import KD_LOSSES
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES, RELATION_LOSSES, RELATION_POOLINGS
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MLM_KD_POSITIONS = ("all", "masked")
+LAYER_STACK_NAMES = ("layers", "encoder", "decoder")
+
+
+def parse_layer_map(spec: str) -> dict[str, list[tuple[int, int]]]:
+    """``DistillationConfig.layer_map`` -> ``{stack: [(student layer, teacher layer), ...]}``.
+
+    ``"0,2,4"`` gives the teacher layer of student layers 0, 1, 2; ``"0:1,2:5"`` explicit
+    ``student:teacher`` pairs (a subset of layers is fine); negative indices count from the last
+    layer (``"-1:-1"``: last to last, DistilBERT's cosine loss).  ``"encoder=0,2;decoder=-1:-1"``
+    maps the stacks of an encoder-decoder separately; without a name (key ``"*"``) the map applies
+    to every stack.  Layers are transformer blocks counted from 0 (the embeddings are not one).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise LmkdError(f"layer_map must be a string like '0,2,4' or '0:0,1:2', got {spec!r}")
+    out: dict[str, list[tuple[int, int]]] = {}
+    for part in spec.split(";"):
+        if not part.strip():
+            continue
+        name, sep, body = part.partition("=")
+        name = name.strip() if sep else "*"
+        body = body if sep else part
+        if sep and name not in LAYER_STACK_NAMES:
+            raise LmkdError(f"layer_map names an unknown layer stack {name!r}; use {', '.join(LAYER_STACK_NAMES)}")
+        if name in out:
+            raise LmkdError(f"layer_map gives the {name!r} stack twice")
+        items = [x.strip() for x in body.split(",") if x.strip()]
+        if not items or (any(":" in x for x in items) and not all(":" in x for x in items)):
+            raise LmkdError(f"layer_map {spec!r}: write either teacher layers per student layer ('0,2,4') or "
+                            "student:teacher pairs ('0:0,1:2'), not a mix")
+        try:
+            if ":" in items[0]:
+                pairs = [tuple(int(v) for v in x.split(":")) for x in items]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError
+            else:
+                pairs = list(enumerate(int(x) for x in items))
+        except ValueError:
+            raise LmkdError(f"layer_map {spec!r} is not a list of integer layer indices like '0,2,4' or "
+                            "'0:0,1:2'") from None
+        out[name] = pairs
+    if not out:
+        raise LmkdError(f"layer_map {spec!r} maps no layers")
+    if "*" in out and len(out) > 1:
+        raise LmkdError(f"layer_map {spec!r}: name every stack ('encoder=...;decoder=...') or none")
+    return out
 
 
 @dataclass
@@ -23,7 +68,10 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         (1 - kd_alpha) * CE(labels, student) / n_ce  +  kd_alpha * KD(teacher, student) / n_kd
 
     with ``n_ce``/``n_kd`` the number of positions each term is taken over in the whole
-    (accumulated, all-process) batch.
+    (accumulated, all-process) batch.  Feature and relation terms are added on top, each with its
+    own weight (0 = off): ``hidden_weight * hidden + attention_weight * attention +
+    relation_weight * relation``, each averaged over the mapped layer pairs (see ``layer_map``)
+    and over tokens (hidden, attention) or examples (relation) of the whole batch.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -60,6 +108,96 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "
                           "on the masked ones (masked). CE is always on the masked positions."},
     )
+    kd_chunk_size: int = field(
+        default=-1,
+        metadata={"help": "Positions per chunk of the memory-lean CE+KD loss (lmkd.chunked): -1 = auto (~1M "
+                          "logits per chunk on CPU, 8M on GPU), 0 = the plain loss. Same loss and gradients; on causal and "
+                          "seq2seq LMs with a plain linear head the student's logits are never materialised."},
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Directory written by `lmkd cache-logits`: train from the teacher's cached top-K "
+                          "log-probs with no teacher loaded and no teacher forward (kd_loss forward_kl, "
+                          "reverse_kl or jsd). The training data must be the file the cache was made from."},
+    )
+    hidden_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hidden-state loss between mapped layers (0 = off). When the hidden "
+                          "sizes differ the student's states go through a learned linear projection (FitNets "
+                          "hint), trained with the student but not saved with it."},
+    )
+    hidden_loss: str = field(
+        default="mse",
+        metadata={"help": "Hidden-state loss per token: mse (mean over features, Shleifer & Rush) or cosine "
+                          "(1 - cos, DistilBERT's alpha_cos)."},
+    )
+    attention_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the self-attention-map loss between mapped layers (0 = off). Switches "
+                          "both models to eager attention (the only kind that returns attention maps)."},
+    )
+    attention_loss: str = field(
+        default="kl",
+        metadata={"help": "Attention-map loss per query token: kl (KL(teacher || student) over keys, MiniLM) "
+                          "or mse (squared error summed over keys, TinyBERT). Heads are averaged when the "
+                          "head counts differ."},
+    )
+    relation_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the relation loss on the mapped layers (0 = off); needs no projection "
+                          "since relations do not depend on the feature size."},
+    )
+    relation_loss: str = field(
+        default="rkd",
+        metadata={"help": "rkd (Relational KD: distances + 2 x angles, Park et al. 2019) or sp "
+                          "(Similarity-Preserving KD: row-normalised Gram matrices, Tung & Mori 2019)."},
+    )
+    relation_pooling: str = field(
+        default="mean",
+        metadata={"help": "Relations among examples, each the mean of its tokens (mean), or among the tokens "
+                          "of each sequence (token)."},
+    )
+    layer_map: str | None = field(
+        default=None,
+        metadata={"help": "Which teacher layer each student layer is compared with: '0,2,4' (teacher layer "
+                          "per student layer), '0:1,2:5' (student:teacher pairs), '-1:-1' (last to last), "
+                          "'encoder=0,2;decoder=-1:-1' per stack. Default: the layers make-student copied "
+                          "(lmkd_layer_map in the student's config), else evenly spaced ending at the last. On the command "
+                          "line write --layer_map=-1:-1 (with '=') when the value starts with '-'."},
+    )
+    # ---- regimes beyond one fixed teacher (lmkd.regimes) ----
+    teacher_weights: str | None = field(
+        default=None,
+        metadata={"help": "Teacher ensemble: with teacher_model_name_or_path a comma-separated list of teachers, "
+                          "their weights ('0.7,0.3'; default equal). KD targets the weighted average of their "
+                          "softened distributions."},
+    )
+    rounds: int = field(
+        default=1,
+        metadata={"help": "Born-again self-distillation: train N students in turn from the same init, round r's "
+                          "student the teacher of round r+1 (output_dir/round-r; the last also in output_dir). "
+                          "1 = one ordinary run."},
+    )
+    cohort_size: int = field(
+        default=1,
+        metadata={"help": "Co-distillation (deep mutual learning): train K >= 2 copies of the student together, "
+                          "each with CE + KD towards the detached average of the others; no teacher "
+                          "(output_dir/member-k; member 0 also in output_dir). 1 = off."},
+    )
+    on_policy_fraction: float = field(
+        default=0.0,
+        metadata={"help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn with the seed) whose "
+                          "targets are the student's own samples, scored by the teacher with kd_loss jsd. 0 = off."},
+    )
+    on_policy_temperature: float = field(
+        default=1.0, metadata={"help": "On-policy KD: sampling temperature of the student's generations."})
+    on_policy_max_new_tokens: int = field(
+        default=64, metadata={"help": "On-policy KD: length limit of the student's generations."})
+    on_policy_prompt_tokens: int = field(
+        default=16,
+        metadata={"help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (cut "
+                          "to the shortest row of the batch)."},
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.kd_alpha <= 1.0:
@@ -75,4 +213,53 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError(f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}")
         if self.mlm_kd_positions not in MLM_KD_POSITIONS:
             raise LmkdError(f"unknown mlm_kd_positions {self.mlm_kd_positions!r}; choose all or masked")
+        if self.kd_chunk_size < -1:
+            raise LmkdError(f"kd_chunk_size must be -1 (auto), 0 (plain loss) or a number of positions, got "
+                            f"{self.kd_chunk_size}")
+        if self.teacher_cache is not None and self.kd_loss == "mse":
+            raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K teacher_cache does not "
+                            "hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
+        for name in ("hidden_weight", "attention_weight", "relation_weight"):
+            if not getattr(self, name) >= 0:
+                raise LmkdError(f"{name} must be >= 0, got {getattr(self, name)}; 0 turns that loss off")
+        for name, choices in (("hidden_loss", HIDDEN_LOSSES), ("attention_loss", ATTENTION_LOSSES),
+                              ("relation_loss", RELATION_LOSSES), ("relation_pooling", RELATION_POOLINGS)):
+            if getattr(self, name) not in choices:
+                raise LmkdError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        if isinstance(self.layer_map, (list, tuple)):
+            self.layer_map = ",".join(str(int(i)) for i in self.layer_map)
+        if self.layer_map is not None:
+            parse_layer_map(self.layer_map)
+        if self.relation_weight > 0 and self.relation_pooling == "mean" and self.per_device_train_batch_size < 2:
+            raise LmkdError("relation_pooling mean relates the examples of a batch, so it needs "
+                            "per_device_train_batch_size >= 2; raise it or use relation_pooling token")
+        self._check_regimes()
         super().__post_init__()
+
+    def _check_regimes(self) -> None:
+        for name in ("rounds", "cohort_size", "on_policy_max_new_tokens", "on_policy_prompt_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise LmkdError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise LmkdError(f"on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if not self.on_policy_temperature > 0:
+            raise LmkdError(f"on_policy_temperature must be > 0, got {self.on_policy_temperature}")
+        if self.on_policy_fraction > 0 and self.kd_loss != "jsd":
+            raise LmkdError(f"on-policy KD scores the student's samples with the generalized JSD: set kd_loss jsd "
+                            f"(jsd_beta 0 = forward KL, 1 = reverse KL), not {self.kd_loss}")
+        if self.cohort_size > 1 and (self.teacher_model_name_or_path or self.rounds > 1 or self.on_policy_fraction):
+            raise LmkdError("cohort_size > 1 (co-distillation) trains without a teacher: drop "
+                            "teacher_model_name_or_path, rounds and on_policy_fraction")
+        teachers = [t for t in (self.teacher_model_name_or_path or "").split(",") if t.strip()]
+        if self.teacher_weights is not None:
+            try:
+                weights = [float(w) for w in str(self.teacher_weights).split(",")]
+            except ValueError:
+                raise LmkdError(f"teacher_weights must be numbers like '0.7,0.3', got {self.teacher_weights!r}") \
+                    from None
+            if len(weights) != len(teachers) or any(not w > 0 for w in weights):
+                raise LmkdError(f"teacher_weights {self.teacher_weights!r}: give one weight > 0 per teacher of "
+                                f"teacher_model_name_or_path ({len(teachers)})")
+        if len(teachers) > 1 and self.kd_loss == "mse":
+            raise LmkdError("a teacher ensemble averages softened distributions, which logit matching (kd_loss "
+                            "mse) cannot use; choose forward_kl, reverse_kl or jsd")

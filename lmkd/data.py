@@ -55,6 +55,16 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     mlm_probability: float = field(default=0.15, metadata={"help": "mlm only: share of tokens masked (BERT: 0.15)."})
+    mix_gold_fraction: float = field(
+        default=0.0, metadata={"help": "Seq-KD on `lmkd generate` output: share of training rows (drawn with the "
+                                       "seed) whose label is the gold reference (gold_column) instead of "
+                                       "target_column. 0 = all pseudo-targets, 1 = all gold."})
+    gold_column: str | None = field(
+        default=None, metadata={"help": "Gold reference column for mix_gold_fraction (default: target / summary "
+                                        "by task)."})
+    transfer_file: str | None = field(
+        default=None, metadata={"help": "Unlabelled transfer set mixed into train_file (classification, causal-lm, "
+                                        "mlm): only source_column is read; its rows get KD only, no CE."})
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -62,6 +72,13 @@ class DataArguments:
         src, tgt = DEFAULT_COLUMNS[self.task]
         self.source_column = self.source_column or src
         self.target_column = self.target_column or tgt
+        if not 0.0 <= self.mix_gold_fraction <= 1.0:
+            raise LmkdError(f"mix_gold_fraction must be in [0, 1], got {self.mix_gold_fraction}")
+        if self.mix_gold_fraction > 0:
+            self.gold_column = self.gold_column or tgt
+            if self.gold_column == self.target_column:
+                raise LmkdError(f"mix_gold_fraction mixes gold_column into target_column but both are "
+                                f"{self.gold_column!r}; set target_column: teacher_target (lmkd generate output)")
 
 
 def _open_text(path: str):
@@ -121,6 +138,21 @@ def load_data(path: str, columns: list[str] | tuple[str, ...] = ()) -> datasets.
         raise LmkdError(f"{path} has no column {missing[0]!r} (it has: {', '.join(ds.column_names)}); "
                         f"name the right one with --{'source' if missing[0] == columns[0] else 'target'}_column")
     return ds
+
+
+def mix_gold_targets(ds: datasets.Dataset, target_column: str, gold_column: str, fraction: float,
+                     seed: int = 0) -> datasets.Dataset:
+    """``ds`` with ``round(fraction * len(ds))`` rows, drawn at random with ``seed``, taking their
+    ``target_column`` from ``gold_column`` (a mix of teacher pseudo-targets and gold references)."""
+    import random
+
+    n = round(fraction * len(ds))
+    gold = set(random.Random(seed).sample(range(len(ds)), n))
+
+    def fn(row, idx):
+        return {target_column: row[gold_column] if idx in gold else row[target_column]}
+
+    return ds.map(fn, with_indices=True, desc="mixing gold targets")
 
 
 def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: bool = True) -> datasets.Dataset:

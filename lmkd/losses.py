@@ -176,3 +176,10 @@ def hinton_loss(
     ce = cross_entropy(student_logits, labels, ignore_index)
     kd = forward_kl(student_logits, teacher_logits, mask, temperature)
     return ((1 - alpha) * ce + alpha * kd) / n
+
+
+# Feature (hidden-state, attention) and relation losses live in their own module; re-exported here
+# so that ``lmkd.losses.<name>`` is the one place to find every loss.
+from .feature_losses import *  # noqa: E402,F401,F403
+# Memory-lean (chunked / fused-linear) versions of the token-level losses, same values and gradients.
+from .chunked import chunked_cross_entropy, chunked_distill_loss, chunked_kd_loss, fused_linear_distill_loss, topk_kd_loss  # noqa: E402,F401,E501

@@ -75,6 +75,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def model_kind(model: torch.nn.Module) -> str:
     """``seq2seq``, ``causal``, ``mlm`` or ``classification`` for an HF model (or wrapper)."""
     model = unwrap(model)
+    if getattr(model, "lmkd_kind", None):  # lmkd's own wrappers (lmkd.regimes) say what they hold
+        return model.lmkd_kind
     name = type(model).__name__
     for kind, names in _KIND_CLASSES:
         if name in names:
@@ -152,6 +154,15 @@ def vocab_size_of(model: PreTrainedModel) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
+    """Raise when both tokenizers are known and their vocabularies differ."""
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise LmkdError("teacher and student tokenizers differ (different vocabularies); token-level KD "
+                            "needs one tokenizer -- build the student from the teacher (lmkd make-student) "
+                            "or use sequence-level KD (lmkd generate)")
+
+
 def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
     """Check that teacher and student speak the same vocabulary.
 
@@ -160,11 +171,7 @@ def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenize
     multiples such as 151,936 vs 152,064); raises :class:`LmkdError` when the vocabularies differ.
     """
     vs, vt = vocab_size_of(student), vocab_size_of(teacher)
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise LmkdError("teacher and student tokenizers differ (different vocabularies); token-level KD "
-                            "needs one tokenizer -- build the student from the teacher (lmkd make-student) "
-                            "or use sequence-level KD (lmkd generate)")
+    check_same_tokenizer(student_tokenizer, teacher_tokenizer)
     if vs == vt:
         return None
     if model_kind(student) == CLASSIFICATION:

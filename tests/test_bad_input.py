@@ -1,0 +1,125 @@
+"""The bad-input matrix: every user mistake, through the real CLI, is one line on stderr naming
+the problem, exit status 2, no traceback, and no partial output left behind."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from lmkd.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir, corpus):
+    from lmkd.scratch import build_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad")
+    teacher = tiny_model_dir("bart")
+    student = root / "student"
+    assert main(["make-student", "--teacher", teacher, "--output", str(student)]) == 0
+    # a student with another tokenizer (a genuinely different vocabulary)
+    other_tok = train_tokenizer([r["target"] for r in corpus], vocab_size=150)
+    alien = root / "alien"
+    build_model("bart", len(other_tok), layers=1).save_pretrained(alien)
+    other_tok.save_pretrained(alien)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in corpus[:16]))
+    (root / "empty.jsonl").write_text("")
+    (root / "notjson.jsonl").write_text('{"source": "a", "target": "b"}\n{oops\n')
+    (root / "notamodel").mkdir()
+    (root / "notamodel" / "readme.txt").write_text("hello")
+    base = dict(student_model_name_or_path=str(student), teacher_model_name_or_path=teacher, task="translation",
+                train_file=str(data), output_dir=str(root / "run"), max_steps=1, per_device_train_batch_size=4,
+                report_to="none", save_strategy="no", use_cpu=True)
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    # an output dir that holds a finished run
+    (root / "done").mkdir()
+    (root / "done" / "distill_results.json").write_text("{}")
+    # a generation run made with other settings
+    assert main(["generate", "--teacher", teacher, "--data", str(data), "--output", str(root / "gen"),
+                 "--num-beams", "1", "--max-new-tokens", "4", "--batch-size", "8", "--no-progress"]) == 0
+    return {"root": str(root), "teacher": teacher, "student": str(student), "alien": str(alien), "data": str(data)}
+
+
+def distill(w, **over):
+    cfg = yaml.safe_load(open(os.path.join(w["root"], "base.yaml")))
+    cfg.update({k: v.replace(R, w["root"]) if isinstance(v, str) else v for k, v in over.items()})
+    path = os.path.join(w["root"], f"cfg-{abs(hash(json.dumps(over, sort_keys=True)))}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return ["distill", path]
+
+
+R = "{root}"
+CASES = {
+    # make-student
+    "teacher path does not exist": (lambda w: ["make-student", "--teacher", R + "/nope", "--output", R + "/o1"],
+                                    "does not exist", R + "/o1"),
+    "directory is not a model": (lambda w: ["make-student", "--teacher", R + "/notamodel", "--output", R + "/o2"],
+                                 "not a model directory", R + "/o2"),
+    "layer index out of range": (lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o3",
+                                            "--decoder-layers", "0,9"], "out of range", R + "/o3"),
+    "student not smaller": (lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o4",
+                                       "--encoder-layers", "0-3", "--decoder-layers", "0-3"], "not be smaller",
+                            R + "/o4"),
+    "layer list not integers": (lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o5",
+                                           "--layers", "a,b"], "layer list must be integers", R + "/o5"),
+    # distill
+    "empty data file": (lambda w: distill(w, train_file=R + "/empty.jsonl"), "is empty", R + "/run"),
+    "data not JSON": (lambda w: distill(w, train_file=R + "/notjson.jsonl"), "line 2 is not JSON", R + "/run"),
+    "missing column": (lambda w: distill(w, source_column="english"), "has no column 'english'", R + "/run"),
+    "unknown task": (lambda w: distill(w, task="qa"), "unknown task 'qa'", R + "/run"),
+    "alpha out of range": (lambda w: distill(w, kd_alpha=1.5), "kd_alpha must be in [0, 1]", R + "/run"),
+    "temperature zero": (lambda w: distill(w, kd_temperature=0), "kd_temperature must be > 0", R + "/run"),
+    "unknown YAML key": (lambda w: distill(w, kd_temprature=2), "unknown key 'kd_temprature'", R + "/run"),
+    "different tokenizers": (lambda w: distill(w, student_model_name_or_path=w["alien"]), "tokenizers differ",
+                             R + "/run"),
+    "output dir holds another run": (lambda w: distill(w, output_dir=R + "/done"), "already holds a run", None),
+    "config file missing": (lambda w: ["distill", R + "/nope.yaml"], "does not exist", None),
+    # generate
+    "generate: data missing": (lambda w: ["generate", "--teacher", w["teacher"], "--data", R + "/nope.jsonl",
+                                          "--output", R + "/g1"], "does not exist", R + "/g1"),
+    "generate: missing column": (lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"],
+                                            "--source-column", "english", "--output", R + "/g2"],
+                                 "no column 'english'", R + "/g2"),
+    "generate: other run's settings": (lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"],
+                                                  "--output", R + "/gen", "--num-beams", "3",
+                                                  "--max-new-tokens", "4"], "different settings", None),
+    # evaluate
+    "evaluate: unknown task": (lambda w: ["evaluate", "--model", w["student"], "--data", w["data"],
+                                          "--task", "qa"], "invalid choice: 'qa'", None),
+    "evaluate: model missing": (lambda w: ["evaluate", "--model", R + "/nope", "--data", w["data"],
+                                           "--task", "translation", "--output", R + "/e1.json"],
+                                "does not exist", R + "/e1.json"),
+    # study
+    "study: train file missing": (lambda w: ["study", "--task", "translation", "--train", R + "/nope.jsonl",
+                                             "--validation", w["data"], "--test", w["data"], "--output",
+                                             R + "/s1"], "does not exist", R + "/s1"),
+    "study: unknown budget": (lambda w: ["study", "--task", "translation", "--budget", "huge", "--output",
+                                         R + "/s2"], "invalid choice: 'huge'", R + "/s2"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_no_partial_output(world, capsys, case):
+    make_argv, message, output = CASES[case]
+    argv = [a.replace(R, world["root"]) for a in make_argv(world)]
+    before = set(os.listdir(world["root"]))
+    with pytest.raises(SystemExit) as exc_info:
+        raise SystemExit(main(argv))
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0] and "Traceback" not in err, err
+    if output is not None:
+        assert not os.path.exists(output.replace(R, world["root"]))
+    after = set(os.listdir(world["root"]))
+    leftovers = [n for n in after - before if not n.startswith("cfg-")]
+    assert leftovers == [], leftovers
+
+
+def test_debug_shows_the_traceback(world):
+    with pytest.raises(Exception, match="does not exist"):
+        main(["--debug", "make-student", "--teacher", world["root"] + "/nope", "--output", world["root"] + "/x"])
