@@ -52,19 +52,23 @@ BUDGETS: dict[str, dict] = {
         train_rows=160, transfer_rows=64, validation_rows=32, test_rows=24, vocab_size=200,
         teacher=dict(d_model=32, layers=2, heads=2, ffn=64), teacher_steps=40, teacher_mlm_steps=30,
         student_steps=12, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, warmup_steps=4,
-        beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1,
+        beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1, dropout=0.0,
     ),
     "quick": dict(
         train_rows=None, transfer_rows=4000, validation_rows=200, test_rows=300, vocab_size=4000,
         teacher=dict(d_model=256, layers=3, heads=4, ffn=1024), teacher_steps=1500, teacher_mlm_steps=1000,
         student_steps=600, batch_size=32, teacher_lr=1e-3, student_lr=1e-3, warmup_steps=300,
         beams=4, max_new_tokens=64, max_length=128, speed_examples=16, speed_repeats=3,
+        # No dropout for the short from-scratch runs: measured on a d_model-128 BART after 1,500 steps
+        # on this corpus, dropout 0.1 left it ignoring the source (val loss 3.79 with the right
+        # sources vs 3.82 with shuffled ones) while dropout 0 used it (2.77 vs 5.58).
+        dropout=0.0,
     ),
     "full": dict(
         train_rows=None, transfer_rows=None, validation_rows=1000, test_rows=None, vocab_size=8000,
         teacher=dict(d_model=512, layers=6, heads=8, ffn=2048), teacher_steps=20000, teacher_mlm_steps=20000,
         student_steps=10000, batch_size=64, teacher_lr=5e-4, student_lr=1e-3, warmup_steps=1000,
-        beams=5, max_new_tokens=128, max_length=256, speed_examples=32, speed_repeats=5,
+        beams=5, max_new_tokens=128, max_length=256, speed_examples=32, speed_repeats=5, dropout=0.1,
     ),
 }
 
@@ -569,7 +573,7 @@ def _teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str
         shape = plan["teacher"]
         teacher_opts = {"arch": arch, "shape": shape, "steps": plan["teacher_mlm_steps" if cls else "teacher_steps"],
                         "lr": plan["teacher_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
-                        "max_length": plan["max_length"], "seed": opts.seed}
+                        "max_length": plan["max_length"], "seed": opts.seed, "dropout": plan["dropout"]}
 
         def teacher_fn(out, kind=None):
             from .modeling import load_tokenizer
@@ -578,7 +582,7 @@ def _teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str
             tok = load_tokenizer(tok_dir)
             init = os.path.join(out, "init")
             model = build_model(arch, len(tok), seed=opts.seed, max_positions=max(256, plan["max_length"] + 2),
-                                **shape)
+                                dropout=plan["dropout"], **shape)
             _save(model, tok, init)
             task = "mlm" if cls else opts.task
             _train(out, init, task, data["train"], data["validation"], plan, steps=teacher_opts["steps"], lr=plan["teacher_lr"], seed=opts.seed)

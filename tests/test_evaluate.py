@@ -15,14 +15,6 @@ from lmkd.errors import LmkdError
 from lmkd.evaluate import evaluate_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add waiting (a layer norm of a
-    32-wide tensor took milliseconds with the default thread count under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def plain_generate(path, sources, num_beams, max_new_tokens):

@@ -31,14 +31,6 @@ ARCH_BY_NAME = [("opus-mt", "marian"), ("marian", "marian"), ("t5", "t5"), ("gpt
                 ("bert", "bert"), ("llama", "llama")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add waiting (a layer norm of a
-    32-wide tensor took milliseconds with the default thread count under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def arch_of(*names) -> str:

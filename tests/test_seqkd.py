@@ -26,14 +26,6 @@ from lmkd.seqkd import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only spin-wait on each other
-    (a 20-row generation took 15 s with 2 threads under load, 1 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
