@@ -55,8 +55,8 @@ def _check_mask(mask: torch.Tensor | None, shape: torch.Size, what: str) -> None
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match {what} {tuple(shape)}")
 
 
-def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
-    """``(N, D_s)``, ``(N, D_t)`` rows of the selected positions, in float32."""
+def _token_rows(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
+    """The selected positions of both (shapes checked), in their own dtypes."""
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(f"student positions {tuple(student.shape[:-1])} and teacher positions "
                          f"{tuple(teacher.shape[:-1])} differ")
@@ -64,6 +64,12 @@ def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
     if mask is not None:
         m = mask.to(torch.bool)
         student, teacher = student[m], teacher[m]
+    return student, teacher
+
+
+def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
+    """``(N, D_s)``, ``(N, D_t)`` rows of the selected positions, in float32."""
+    student, teacher = _token_rows(student, teacher, mask)
     return _f32(student.reshape(-1, student.shape[-1])), _f32(teacher.reshape(-1, teacher.shape[-1]))
 
 
@@ -117,13 +123,7 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor, projection: torch.nn
     ``projection`` (the regressor, e.g. ``nn.Linear(d_s, d_t)``) and compared with
     :func:`hidden_loss`.  ``projection=None`` compares them directly (equal sizes).  Only the
     selected tokens go through the projection, cast to its dtype."""
-    if student.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(f"student positions {tuple(student.shape[:-1])} and teacher positions "
-                         f"{tuple(teacher.shape[:-1])} differ")
-    _check_mask(mask, student.shape[:-1], "hidden states")
-    if mask is not None:
-        m = mask.to(torch.bool)
-        student, teacher = student[m], teacher[m]
+    student, teacher = _token_rows(student, teacher, mask)
     if projection is not None:
         weight = next(projection.parameters(), None)
         if weight is not None and weight.is_floating_point():

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import LmkdError
+from .student import count_parameters  # noqa: F401  (re-exported: the size metric)
 
 # ---- text quality -------------------------------------------------------------------------------
 
@@ -108,9 +109,6 @@ def _check_pairs(hypotheses, references) -> None:
 # ---- size ---------------------------------------------------------------------------------------
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def dir_bytes(path: str) -> int | None:

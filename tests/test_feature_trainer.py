@@ -7,37 +7,23 @@ really pulls the student's hidden states towards the teacher's."""
 import copy
 import os
 
-import datasets
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses, make_student
 from lmkd.config import parse_layer_map
-from lmkd.data import DataArguments, collator_for, tokenize
+from lmkd.data import collator_for
 from lmkd.modeling import load_model
 from lmkd.scratch import build_model
 from lmkd.trainer import PROJECTIONS_NAME
-
-
-def make_dataset(task, rows, tokenizer):
-    if task == "translation":
-        raw = [{"source": r["source"], "target": r["target"]} for r in rows]
-    else:
-        raw = [{"text": r["source"]} for r in rows]
-    return tokenize(datasets.Dataset.from_list(raw), tokenizer, DataArguments(task=task, train_file="-"))
+from test_trainer import config as trainer_config
+from test_trainer import make_dataset, state
 
 
 def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=3e-3,
-                max_steps=4, report_to="none", save_strategy="no", logging_steps=2, use_cpu=True,
-                kd_alpha=0.5, kd_temperature=2.0, seed=0, disable_tqdm=True, warmup_steps=0)
-    base.update(kw)
-    return DistillationConfig(**base)
-
-
-def state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """test_trainer's config, with fewer steps."""
+    return trainer_config(tmp_path, **{"max_steps": 4, "logging_steps": 2, **kw})
 
 
 def mlm_batch(tokenizer, corpus, n=8):
