@@ -151,7 +151,10 @@ def vocab_size_of(model: PreTrainedModel) -> int:
     if model_kind(model) == CLASSIFICATION:
         return model.config.num_labels
     head = model.get_output_embeddings()
-    return head.weight.shape[0] if head is not None else model.config.vocab_size
+    if head is None:
+        return model.config.vocab_size
+    # under DeepSpeed ZeRO-3 the weight is a partitioned placeholder; ds_shape is its real shape
+    return tuple(getattr(head.weight, "ds_shape", head.weight.shape))[0]
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:

@@ -48,7 +48,8 @@ class DistillationTrainer(Seq2SeqTrainer):
     The teacher (a model, or a path in ``args.teacher_model_name_or_path``) is moved to the
     student's device in ``args.teacher_dtype``, put in ``eval()`` with gradients off, and kept out
     of the Trainer's model: it is never wrapped by DDP/FSDP, never in the optimizer and never in
-    a checkpoint.  With ``kd_alpha == 0`` no teacher is loaded or run: plain fine-tuning.
+    a checkpoint (under DeepSpeed ZeRO-3, where loading partitions it, it runs in a DeepSpeed
+    inference engine of its own).  With ``kd_alpha == 0`` no teacher is loaded or run.
 
     ``compute_loss`` sums the hard-label CE and the KD divergence over their positions and divides
     each by its count in the whole accumulated (and, across processes, gathered) batch, so gradient
@@ -104,12 +105,17 @@ class DistillationTrainer(Seq2SeqTrainer):
         if model_kind(teacher) != self.kind:
             raise LmkdError(f"teacher is a {model_kind(teacher)} model but the student a {self.kind} model; "
                             "distil between models of the same kind")
-        dtype = self.args.teacher_dtype
-        if dtype == "auto":
-            dtype = next(unwrap(self.model).parameters()).dtype
-        else:
-            dtype = getattr(torch, dtype)
-        teacher = teacher.to(device=self.args.device, dtype=dtype)
+        zero3 = self._zero3()
+        if not zero3:
+            dtype = self.args.teacher_dtype
+            if dtype == "auto":
+                dtype = next(unwrap(self.model).parameters()).dtype
+            else:
+                dtype = getattr(torch, dtype)
+            teacher = teacher.to(device=self.args.device, dtype=dtype)
+        elif self.args.teacher_dtype != "auto":
+            raise LmkdError(f"teacher_dtype {self.args.teacher_dtype} is not supported under DeepSpeed ZeRO-3: the "
+                            "teacher takes the precision of the DeepSpeed config (bf16/fp16); set teacher_dtype auto")
         teacher.eval()
         teacher.requires_grad_(False)
         # Teacher forward at its floor: no KV cache, no hidden states/attentions unless a loss asks
@@ -121,7 +127,52 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self._vocab is not None:
             logger.info("teacher and student vocabularies differ only by padding rows; KD uses the first %d",
                         self._vocab)
-        self.teacher = teacher
+        self.teacher = self._deepspeed_teacher(teacher) if zero3 else teacher
+
+    def _zero3(self) -> bool:
+        """Whether this run uses DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
+        if not self.is_deepspeed_enabled:
+            return False
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        return int(config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+    def _deepspeed_teacher(self, teacher):
+        """Under ZeRO-3, ``from_pretrained`` builds every model partitioned (``zero.Init``), the
+        teacher included, so a plain forward would see empty weights.  Wrap the teacher in a
+        DeepSpeed engine of its own -- ZeRO-3, no optimizer -- whose forward gathers each layer's
+        parameters just in time and frees them after, as DeepSpeed inference and TRL's
+        ``prepare_deepspeed`` do.  The engine is never the Trainer's model: not in the optimizer,
+        not saved.  (Under ZeRO-1/2 the teacher is an ordinary full replica and stays unwrapped.)"""
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):  # training-only; an engine without them optimises nothing
+            config.pop(key, None)
+        zero = config.setdefault("zero_optimization", {})
+        for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
+            zero.pop(key, None)
+        cfg = unwrap(teacher).config
+        hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "hidden_size", None)
+        if isinstance(hidden, int):  # the values the Trainer derives for the student, from the teacher's width
+            zero.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                        stage3_param_persistence_threshold=10 * hidden)
+
+        def settle(node):  # "auto" values left are the Trainer's to fill for the student: DeepSpeed defaults here
+            for k in [k for k, v in node.items() if v == "auto"]:
+                del node[k]
+            for v in node.values():
+                if isinstance(v, dict):
+                    settle(v)
+
+        settle(config)
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        engine.requires_grad_(False)
+        logger.info("DeepSpeed ZeRO-3: the teacher runs in its own inference engine (parameters partitioned, "
+                    "gathered layer by layer for its forward)")
+        return engine
 
     # ---- positions ----------------------------------------------------------------------------
 
@@ -255,7 +306,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         """Eager attention when attention maps are needed; hint projections when sizes differ."""
         args = self.args
         self._layer_spec = parse_layer_map(args.layer_map) if args.layer_map is not None else None
-        student, teacher = unwrap(self.model), self.teacher
+        student, teacher = unwrap(self.model), unwrap(self.teacher)
         if not isinstance(teacher, PreTrainedModel):
             raise LmkdError(f"hidden/attention/relation losses need one Hugging Face teacher model, not a "
                             f"{type(teacher).__name__} (e.g. a teacher ensemble); set their weights to 0")

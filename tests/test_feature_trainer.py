@@ -327,33 +327,22 @@ def test_two_processes_equal_one_with_hint_projections(tiny_model_dir, tokenizer
     """torchrun, 2 CPU processes (gloo) with 4 examples each = 1 process with 8: the same student and
     the same projections (their gradients, outside DDP, are averaged by hand)."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from transformers import AutoModelForSeq2SeqLM
 
-    script = Path(__file__).parent / "scripts" / "mp_feature_distill.py"
+    from _mp_helpers import assert_same_student, run_script
+
     teacher_dir = tiny_model_dir("bart", layers=2, dropout=0.0)
     student = build_model("bart", len(tokenizer), seed=3, layers=1, d_model=16, heads=2, dropout=0.0)
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in corpus[:48]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     common = [teacher_dir, str(tmp_path / "student"), str(data)]
-    one = subprocess.run([sys.executable, str(script), *common, str(tmp_path / "one"), "8"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29547", str(script), *common, str(tmp_path / "two"), "4"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "world_size=2 ok" in two.stdout
-    a = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "one").state_dict()
-    b = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "two").state_dict()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    run_script("mp_feature_distill.py", [*common, str(tmp_path / "one"), "8"])
+    out = run_script("mp_feature_distill.py", [*common, str(tmp_path / "two"), "4"], processes=2, port=29547)
+    assert "world_size=2 ok" in out
+    assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", student.state_dict())
     pa = torch.load(tmp_path / "one" / "projections.pt", weights_only=True)
     pb = torch.load(tmp_path / "two" / "projections.pt", weights_only=True)
     for k in pa:

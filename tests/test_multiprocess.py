@@ -1,46 +1,47 @@
-"""A 2-process (torchrun, gloo, CPU) run gives the same student as a 1-process run with the same
-global batch; the teacher is never wrapped in DDP nor updated (checked inside the script)."""
+"""A 2-process run (torchrun, gloo, CPU) gives the same student as a 1-process run with the same
+global batch, under DDP and under DeepSpeed ZeRO-3; the teacher is never wrapped for training
+nor updated (checked inside the scripts)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from _mp_helpers import assert_same_student, run_script
 from lmkd import make_student
 from lmkd.modeling import load_model
 
-SCRIPT = Path(__file__).parent / "scripts" / "mp_distill.py"
 
-
-@pytest.mark.slow
-def test_two_processes_equal_one(tiny_model_dir, tmp_path, corpus):
+@pytest.fixture()
+def pair(tiny_model_dir, tmp_path, corpus):
+    """(teacher dir, student dir, data file, the student's initial state dict)."""
     teacher_dir = tiny_model_dir("bart", layers=2, dropout=0.0)
     student = make_student(load_model(teacher_dir), encoder_layers=[0], decoder_layers=[1])
     student.save_pretrained(tmp_path / "student")
-    load_model(teacher_dir)  # tokenizer lives next to the teacher
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "student")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in corpus[:48]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    common = [teacher_dir, str(tmp_path / "student"), str(data)]
-    one = subprocess.run([sys.executable, str(SCRIPT), *common, str(tmp_path / "one"), "8"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", str(SCRIPT), *common, str(tmp_path / "two"), "4"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "world_size=2 ok" in two.stdout
-    a = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "one").state_dict()
-    b = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "two").state_dict()
-    s0 = student.state_dict()
-    assert any(not torch.equal(a[k], s0[k]) for k in a)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    return teacher_dir, str(tmp_path / "student"), str(data), student.state_dict()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(pair, tmp_path):
+    teacher_dir, student_dir, data, start = pair
+    run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
+    out = run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4"], processes=2)
+    assert "world_size=2 ok" in out
+    assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_equal_one(pair, tmp_path, stage):
+    """ZeRO-2: the teacher stays a plain frozen replica.  ZeRO-3 partitions the teacher too (zero.Init
+    in from_pretrained); DistillationTrainer runs it in its own inference engine.  DeepSpeed's CPU
+    accelerator over gloo stands in for GPUs."""
+    teacher_dir, student_dir, data, start = pair
+    run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
+    out = run_script("ds_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4", str(stage)],
+                     processes=2, port=29534 + stage)
+    assert out.count(f"world_size=2 zero{stage} teacher ok") == 2
+    assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)

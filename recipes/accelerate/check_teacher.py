@@ -5,12 +5,15 @@
         --data data/cnn_dm/validation.jsonl --task summarization --source-column article --target-column highlights
 
 Runs a few DistillationTrainer steps on the first rows of --data and asserts on every process that
-the teacher is not wrapped (DDP/FSDP/DeepSpeed), holds real (not partitioned or meta) weights, has
-no gradients, is unchanged by training and is identical on every process; prints one line per
-process and exits non-zero if any check fails.
+the teacher is not wrapped for training (DDP/FSDP/the student's DeepSpeed engine), holds real (not
+partitioned or meta) weights, has no gradients, is unchanged by training and is identical on every
+process; prints one line per process and exits non-zero if any check fails.  Under DeepSpeed ZeRO-3
+the teacher is expected partitioned inside an inference engine of its own; its weights are gathered
+for the checksum.
 """
 
 import argparse
+import contextlib
 import hashlib
 
 import torch
@@ -43,28 +46,42 @@ def main():
 
     data_args = DataArguments(task=a.task, train_file=a.data, source_column=a.source_column,
                               target_column=a.target_column)
+    # The config first: under DeepSpeed ZeRO-3, from_pretrained then partitions the models it loads.
+    args = DistillationConfig(output_dir=a.output, teacher_model_name_or_path=a.teacher, kd_alpha=0.5,
+                              per_device_train_batch_size=4, max_steps=a.steps, learning_rate=1e-4,
+                              report_to="none", save_strategy="no", bf16=a.bf16, disable_tqdm=True)
     tok = load_tokenizer(a.student)
     student = load_model(a.student, kind=TASK_KIND[a.task])
     ds = load_data(a.data, [data_args.source_column, data_args.target_column])
     ds = tokenize(ds.select(range(min(64, len(ds)))), tok, data_args)
-    args = DistillationConfig(output_dir=a.output, teacher_model_name_or_path=a.teacher, kd_alpha=0.5,
-                              per_device_train_batch_size=4, max_steps=a.steps, learning_rate=1e-4,
-                              report_to="none", save_strategy="no", bf16=a.bf16, disable_tqdm=True)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=ds, processing_class=tok,
                                   data_collator=collator_for(a.task, tok, student))
-    teacher = trainer.teacher
-    before = checksum(teacher)
+    zero3 = trainer._zero3()
+    teacher = unwrap(trainer.teacher)
+
+    def whole():  # ZeRO-3: gather the partitioned weights for reading
+        if not zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(teacher.parameters()))
+
+    with whole():
+        before = checksum(teacher)
     trainer.train()
     rank, world = args.process_index, args.world_size
     problems = []
-    if unwrap(teacher) is not teacher or type(teacher).__module__.split(".")[0] != "transformers":
-        problems.append(f"teacher is wrapped: {type(teacher).__name__}")
+    if type(teacher).__module__.split(".")[0] != "transformers":
+        problems.append(f"teacher is not a transformers model: {type(teacher).__name__}")
+    if trainer.teacher is trainer.model_wrapped or (not zero3 and trainer.teacher is not teacher):
+        problems.append(f"teacher is wrapped: {type(trainer.teacher).__name__}")
     params = list(teacher.parameters())
     if any(p.requires_grad for p in params):
         problems.append("teacher has parameters with requires_grad")
-    if any(p.is_meta or p.numel() == 0 or hasattr(p, "ds_id") for p in params):
+    if not zero3 and any(p.is_meta or p.numel() == 0 or hasattr(p, "ds_id") for p in params):
         problems.append("teacher weights are partitioned or on the meta device (ZeRO-3 / FSDP loading)")
-    after = checksum(teacher)
+    with whole():
+        after = checksum(teacher)
     if after != before:
         problems.append("teacher weights changed during training")
     sums = [None] * world
@@ -76,7 +93,7 @@ def main():
         problems.append(f"teacher weights differ between processes: {sums}")
     wrapped = type(trainer.model_wrapped).__name__
     status = "ok" if not problems else "FAILED: " + "; ".join(problems)
-    print(f"rank {rank}/{world}: student wrapped as {wrapped}, teacher {type(teacher).__name__} on "
+    print(f"rank {rank}/{world}: student wrapped as {wrapped}, teacher {type(trainer.teacher).__name__} on "
           f"{next(teacher.parameters()).device} {next(teacher.parameters()).dtype}, checksum {after}: {status}",
           flush=True)
     raise SystemExit(1 if problems else 0)
