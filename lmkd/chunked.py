@@ -62,14 +62,25 @@ def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.dev
 @dataclass
 class TopK:
     """A top-K teacher for a set of positions: token ids ``(N, K)``, their log-probabilities
-    ``(N, K)`` and the log of the remaining mass ``(N,)`` (``-inf`` when the top-K holds it all)."""
+    ``(N, K)`` and the log of the remaining mass ``(N,)`` (``-inf`` when the top-K holds it all);
+    optionally ``M`` token ids per position drawn (with replacement) from the teacher's distribution
+    outside the top-K, ``sample_ids`` ``(N, M)``, with their log-probabilities ``sample_logprobs``."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail: torch.Tensor
+    sample_ids: torch.Tensor | None = None
+    sample_logprobs: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> TopK:
-        return TopK(self.ids[index], self.logprobs[index], self.tail[index])
+        if self.sample_ids is None:
+            return TopK(self.ids[index], self.logprobs[index], self.tail[index])
+        return TopK(self.ids[index], self.logprobs[index], self.tail[index], self.sample_ids[index],
+                    self.sample_logprobs[index])
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_ids is not None and self.sample_ids.shape[-1] > 0
 
 
 @dataclass
@@ -148,11 +159,58 @@ def _topk_buckets(ls: torch.Tensor, teacher: TopK, temperature: float):
     return lt, torch.cat([s_top, s_tail.unsqueeze(-1)], -1), s_tail
 
 
+def _uses_samples(teacher: TopK, loss: str, beta: float) -> bool:
+    """Sampled tails serve the forward KL (for which they give an unbiased gradient); the other
+    divergences need the teacher's probability wherever the student puts mass: the tail bucket."""
+    return teacher.sampled and (loss == "forward_kl" or (loss == "jsd" and beta == 0.0))
+
+
+def _sampled_targets(teacher: TopK, temperature: float):
+    """The tempered teacher over the K top ids and the M tail samples of each position.
+
+    Returns ``(ids (n, K+M), weights (n, K+M), log-probs (n, K+M))``: ``weights`` is the target
+    distribution (summing to 1 per row; a token drawn twice has two entries), ``log-probs`` the
+    tempered teacher log-probability of each entry.  At ``tau = 1`` each sample stands for
+    ``P_tail / M`` of the mass, so the weights, scattered over the vocabulary, are an unbiased
+    estimate of the teacher's distribution.  At other ``tau`` the tempered tail mass
+    ``sum_tail p_j^(1/tau)`` is estimated by importance sampling, ``P_tail / M * sum_m
+    p_m^(1/tau - 1)``, and everything is normalised together (self-normalised: consistent)."""
+    inv = 1.0 / temperature
+    lt_top = teacher.logprobs.float()
+    lt_smp = teacher.sample_logprobs.float()
+    m = lt_smp.shape[-1]
+    tail = teacher.tail.float().unsqueeze(-1)
+    # log of each entry's unnormalised tempered mass
+    log_top = lt_top * inv
+    log_smp = (tail - math.log(m)).expand_as(lt_smp)
+    if inv != 1.0:
+        log_smp = log_smp + lt_smp * (inv - 1.0)
+    log_smp = torch.where(torch.isfinite(tail), log_smp, torch.full_like(log_smp, float("-inf")))
+    log_mass = torch.cat([log_top, log_smp], -1)
+    log_z = torch.logsumexp(log_mass, -1, keepdim=True)
+    weights = (log_mass - log_z).exp()
+    logprobs = torch.cat([lt_top, lt_smp], -1) * inv - log_z
+    return torch.cat([teacher.ids, teacher.sample_ids], -1).long(), weights, logprobs
+
+
+def _kd_sampled(s: torch.Tensor, teacher: TopK, temperature: float):
+    """Forward KL against the top-K + sampled-tail teacher: (sum, gradient w.r.t. ``s``)."""
+    ls = F.log_softmax(s / temperature if temperature != 1.0 else s, -1)
+    ids, w, lq = _sampled_targets(teacher, temperature)
+    rows = torch.where(w > 0, w * (lq - ls.gather(1, ids)), torch.zeros_like(w)).sum(-1)
+    grad = ls.exp_()
+    grad.scatter_add_(1, ids, -w)
+    return rows.sum() * temperature**2, grad.mul_(temperature)
+
+
 def _kd_topk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float, beta: float):
-    """Like :func:`_kd_full` against a top-K teacher with one tail bucket."""
+    """Like :func:`_kd_full` against a top-K teacher with one tail bucket (or, for the forward KL,
+    with the teacher's sampled tail when the cache holds one)."""
     if loss not in TOPK_KD_LOSSES:
         raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
                          f"{', '.join(TOPK_KD_LOSSES)}")
+    if _uses_samples(teacher, loss, beta):
+        return _kd_sampled(s, teacher, temperature)
     ls = F.log_softmax(s / temperature if temperature != 1.0 else s, -1)
     ids = teacher.ids.long()
     p = ls.exp()
@@ -359,6 +417,10 @@ def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
     out = TopK(topk.ids.new_zeros((n, topk.ids.shape[1])), topk.logprobs.new_zeros((n, topk.ids.shape[1])),
                topk.tail.new_zeros(n))
     out.ids[idx], out.logprobs[idx], out.tail[idx] = topk.ids, topk.logprobs, topk.tail
+    if topk.sample_ids is not None:
+        m = topk.sample_ids.shape[1]
+        out.sample_ids, out.sample_logprobs = topk.sample_ids.new_zeros((n, m)), topk.sample_logprobs.new_zeros((n, m))
+        out.sample_ids[idx], out.sample_logprobs[idx] = topk.sample_ids, topk.sample_logprobs
     return out
 
 
@@ -398,6 +460,10 @@ def topk_kd_loss(student_logits, teacher: TopK, mask=None, *, loss="forward_kl",
         s = s[mask.to(torch.bool)]
     s = s.reshape(-1, v).float()
     ls = F.log_softmax(s / temperature, -1)
+    if _uses_samples(teacher, loss, beta):
+        ids, w, lq = _sampled_targets(teacher, temperature)
+        rows = torch.where(w > 0, w * (lq - ls.gather(1, ids)), torch.zeros_like(w)).sum(-1)
+        return rows.sum() * temperature**2
     lt, lsb, _ = _topk_buckets(ls, teacher, temperature)
     rows, _h = _bucket_terms(lt, lsb, loss, beta)
     return rows.sum() * temperature**2

@@ -474,15 +474,21 @@ def _add_cache_logits(sub):
                     "in memory and no teacher forward. Interrupted runs resume: rerun the same command.",
         epilog="examples:\n"
                "  lmkd cache-logits --teacher runs/teacher --data train.jsonl --top-k 32 --output runs/cache\n"
+               "  lmkd cache-logits --teacher runs/teacher --data train.jsonl --top-k 32 --tail-samples 32 "
+               "--output runs/cache\n"
                "  lmkd cache-logits --teacher gpt2 --data corpus.jsonl --task causal-lm --top-k 64 "
                "--batch-size 32 --output runs/cache\n"
                "  lmkd distill config.yaml --teacher_cache runs/cache --kd_alpha 0.5\n"
                "Use the same --task, columns, max lengths and prefix for distill as here; the data must be the "
-               "same file (the cache checks the tokens row by row). On disk: about 6*K+6 bytes per target "
+               "same file (the cache checks the tokens row by row). On disk: about 4*(K+M)+4 bytes per target "
                "token (ids uint16 when the vocabulary fits, log-probs float16).")
     p.add_argument("--teacher", required=True, help="teacher checkpoint (hub id or local dir with its tokenizer)")
     p.add_argument("--data", required=True, help="training data (.jsonl[.gz]/.json/.csv or a save_to_disk dir)")
     p.add_argument("--top-k", type=int, required=True, help="token ids kept per position (e.g. 32 or 64)")
+    p.add_argument("--tail-samples", type=int, default=0,
+                   help="also store M token ids per position drawn from the teacher's mass outside the top-K: "
+                        "the forward-KL gradient is then unbiased (default 0: one tail bucket)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tail samples (default 0)")
     p.add_argument("--output", required=True, help="cache directory to write (resumed when it exists)")
     p.add_argument("--task", default="translation", help="translation, summarization or causal-lm "
                                                          "(default: translation)")
@@ -514,7 +520,7 @@ def _run_cache_logits(ns) -> None:
                               max_train_samples=ns.max_samples)
     summary = cache_logits(ns.teacher, data_args, ns.output, ns.top_k, batch_size=ns.batch_size,
                            shard_rows=ns.shard_rows, logprob_dtype=ns.dtype, teacher_dtype=ns.teacher_dtype,
-                           device=ns.device, overwrite=ns.overwrite)
+                           device=ns.device, overwrite=ns.overwrite, tail_samples=ns.tail_samples, seed=ns.seed)
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 

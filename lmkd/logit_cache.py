@@ -20,14 +20,31 @@ is stored rather than derived from ``1 - sum exp(logprob)`` because the stored l
 rounded to 16 bits: the derived tail would be pure rounding noise when the top-K holds ~all mass.
 Temperature: the K + 1 teacher buckets are tempered as K + 1 logits ``log p / tau``.
 
+**Optionally, a sampled tail** (``--tail-samples M``).  The bucket leaves the *shape* of the
+student's tail free: for tail tokens its forward-KL gradient is ``p_s,j (1 - P_t,tail / P_s,tail)``
+instead of ``p_s,j - p_t,j``, a bias that does not average out over steps, and an uncertain
+teacher's tail is large (on the shipped en->fr data the demo teacher's top-32 leaves ~10% of the
+mass outside).  With M > 0 the cache also stores, per position, M token ids drawn with
+replacement from the teacher's distribution renormalised outside the top-K, with their
+log-probs.  For the forward KL each draw then stands for ``P_tail / M`` of the teacher's mass: the
+K exact probabilities plus the draws, scattered over the vocabulary, are an unbiased estimate of
+the teacher's distribution, so the gradient ``p_s - q`` is unbiased for the full-vocabulary one
+(the "random-sampling KD" idea of Anshumann et al., 2025, on top of an exact top-K).  At
+``tau != 1`` the tempered tail mass is estimated by importance sampling and all K + M entries are
+normalised together (consistent, slightly biased for small M).  Reverse KL and JSD need the
+teacher's probability wherever the student puts mass, so they keep using the bucket.  Draws are
+made from a generator seeded by ``(seed, shard)``: a resumed cache is byte-identical.
+
 **Layout** of ``DIR``: ``meta.json`` (settings, row count, vocabulary, dtypes) and one directory
 per shard of ``shard_rows`` consecutive data rows, ``shard-00000/`` ..., each holding ``.npy``
 arrays (memory-mapped when training): ``offsets`` (rows + 1, int64: the positions of row i are
 ``offsets[i]:offsets[i+1]``), ``tokens`` (the target token at each position: checks that the
 training data is tokenised as the cache was), ``ids`` (positions x K), ``logprobs``
-(positions x K), ``tail`` (positions).  Ids and tokens are uint16 when the vocabulary fits, else
+(positions x K), ``tail`` (positions), and with tail samples ``sample_ids`` and
+``sample_logprobs`` (positions x M).  Ids and tokens are uint16 when the vocabulary fits, else
 int32; log-probs float16 (default), bfloat16 (stored as its uint16 bits) or float32.  Bytes per
-position: ``K * (2 or 4) + K * 2 + (2 or 4) + 2 <= 6K + 6`` plus a 128-byte header per array.
+position: ``(K + M) * (2 or 4) + (K + M) * 2 + (2 or 4) + 2 <= 6(K + M) + 6`` plus a 128-byte
+header per array.
 
 **Resumable**: a shard is written to a temporary directory and renamed when complete; a rerun
 with the same settings skips the shards that exist, so an interrupted run loses at most one shard.
@@ -56,9 +73,12 @@ FORMAT_VERSION = 1
 CACHE_ROW = "teacher_cache_row"
 #: batch keys added by :class:`CachedLogitsCollator` (the model never sees them)
 IDS, LOGPROBS, TAIL, MASK = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail", "teacher_topk_mask"
-BATCH_KEYS = (IDS, LOGPROBS, TAIL, MASK)
+SAMPLE_IDS, SAMPLE_LOGPROBS = "teacher_sample_ids", "teacher_sample_logprobs"
+BATCH_KEYS = (IDS, LOGPROBS, TAIL, MASK, SAMPLE_IDS, SAMPLE_LOGPROBS)
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
 ARRAYS = ("offsets", "tokens", "ids", "logprobs", "tail")
+#: written only by a cache with tail samples (``--tail-samples M``)
+SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs")
 
 
 def _id_dtype(vocab: int):
@@ -90,8 +110,10 @@ def _lp_from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _teacher_topk(teacher, kind, batch, top_k):
-    """(ids, logprobs, tail) per KD position of a padded batch, rows in order, positions in order."""
+def _teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
+    """(ids, logprobs, tail, sample ids, sample logprobs) per KD position of a padded batch, rows
+    in order, positions in order; ``tail_samples`` ids per position drawn with replacement from
+    the teacher's distribution outside its top-K (None when 0)."""
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     if kind == "seq2seq":
         fwd["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
@@ -105,26 +127,38 @@ def _teacher_topk(teacher, kind, batch, top_k):
     logits = logits[mask].float()
     lp = torch.log_softmax(logits, -1)
     top, ids = lp.topk(top_k, -1)
-    tail = torch.logsumexp(lp.scatter(1, ids, float("-inf")), -1)
-    return ids, top, tail
+    rest = lp.scatter(1, ids, float("-inf"))
+    tail = torch.logsumexp(rest, -1)
+    if not tail_samples:
+        return ids, top, tail, None, None
+    # sample from the tail renormalised (rows whose tail is empty draw uniformly: weight 0 anyway)
+    probs = (rest - tail.unsqueeze(-1)).exp()
+    empty = ~torch.isfinite(tail)
+    if bool(empty.any()):
+        probs[empty] = 1.0
+    drawn = torch.multinomial(probs, tail_samples, replacement=True, generator=generator)
+    return ids, top, tail, drawn, lp.gather(1, drawn)
 
 
 def _write_shard(path: str, arrays: dict) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name in ARRAYS:
-        np.save(os.path.join(tmp, name + ".npy"), arrays[name])
+    for name, array in arrays.items():
+        np.save(os.path.join(tmp, name + ".npy"), array)
     os.replace(tmp, path)
 
 
 def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch_size: int = 16,
                  shard_rows: int = 1024, logprob_dtype: str = "float16", teacher_dtype: str = "auto",
-                 device: str | None = None, overwrite: bool = False) -> dict:
+                 device: str | None = None, overwrite: bool = False, tail_samples: int = 0,
+                 seed: int = 0) -> dict:
     """Run the teacher over ``data_args.train_file`` and write its top-K log-probs to ``output``.
 
     ``data_args`` is a :class:`lmkd.data.DataArguments` (task, columns, max lengths, prefix): the
-    same values must be used for training, so the positions match.  Returns a summary dict.
+    same values must be used for training, so the positions match.  ``tail_samples`` M > 0 also
+    stores M token ids per position drawn from the teacher's distribution outside the top-K (see
+    the module docstring), reproducibly from ``seed``.  Returns a summary dict.
     """
     from transformers import DataCollatorForSeq2Seq
 
@@ -140,6 +174,8 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         raise LmkdError(f"unknown log-prob dtype {logprob_dtype!r}; choose one of {', '.join(LOGPROB_DTYPES)}")
     if batch_size < 1 or shard_rows < 1:
         raise LmkdError("--batch-size and --shard-rows must be >= 1")
+    if tail_samples < 0:
+        raise LmkdError(f"--tail-samples must be >= 0, got {tail_samples}")
     tokenizer = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, kind=kind, dtype=teacher_dtype)
     vocab = vocab_size_of(teacher)
@@ -157,6 +193,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         else teacher_path, "kind": kind, "top_k": top_k, "vocab_size": vocab, "rows": len(ds),
         "shard_rows": shard_rows, "batch_size": batch_size, "logprob_dtype": logprob_dtype,
         "id_dtype": np.dtype(_id_dtype(vocab)).name, "teacher_dtype": teacher_dtype,
+        "tail_samples": tail_samples, "seed": seed,
         "data": {k: v for k, v in asdict(data_args).items() if k not in ("validation_file", "max_eval_samples")},
     }
     meta_path = os.path.join(output, "meta.json")
@@ -208,6 +245,10 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         ids = np.zeros((n_pos, top_k), dtype=id_dtype)
         lps = np.zeros((n_pos, top_k), dtype=np.uint16 if logprob_dtype == "bfloat16" else logprob_dtype)
         tails = np.zeros(n_pos, dtype=lps.dtype)
+        s_ids = np.zeros((n_pos, tail_samples), dtype=id_dtype)
+        s_lps = np.zeros((n_pos, tail_samples), dtype=lps.dtype)
+        # one generator per shard, seeded by (seed, shard): a resumed cache draws the same samples
+        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + shard) if tail_samples else None
         # length-sorted batches (less padding); the order is fixed, so shards are reproducible
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]) - lengths[i], i))
         for b in range(0, len(order), batch_size):
@@ -215,7 +256,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
             feats = [{k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}
                      for i in idx]
             batch = {k: v.to(dev) for k, v in collate(feats).items()}
-            top_ids, top_lp, tail = _teacher_topk(teacher, kind, batch, top_k)
+            top_ids, top_lp, tail, smp_ids, smp_lp = _teacher_topk(teacher, kind, batch, top_k, tail_samples, gen)
             pos = 0
             for i in idx:
                 n = int(lengths[i])
@@ -223,16 +264,22 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
                 ids[sl] = top_ids[pos:pos + n].cpu().numpy().astype(id_dtype)
                 lps[sl] = _lp_to_numpy(top_lp[pos:pos + n].cpu(), logprob_dtype)
                 tails[sl] = _lp_to_numpy(tail[pos:pos + n].cpu(), logprob_dtype)
+                if tail_samples:
+                    s_ids[sl] = smp_ids[pos:pos + n].cpu().numpy().astype(id_dtype)
+                    s_lps[sl] = _lp_to_numpy(smp_lp[pos:pos + n].cpu(), logprob_dtype)
                 pos += n
         tokens = np.array([t for ts in targets for t in ts], dtype=id_dtype)
-        _write_shard(path, {"offsets": offsets, "tokens": tokens, "ids": ids, "logprobs": lps, "tail": tails})
+        arrays = {"offsets": offsets, "tokens": tokens, "ids": ids, "logprobs": lps, "tail": tails}
+        if tail_samples:
+            arrays.update(sample_ids=s_ids, sample_logprobs=s_lps)
+        _write_shard(path, arrays)
         logger.info("cache-logits: shard %d/%d (%d rows, %d positions) -> %s", shard + 1, n_shards,
                     hi - lo, n_pos, path)
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(output) for f in fs
                if dp != output)
     cache = LogitCache(output)
     return {"output": output, "rows": len(ds), "positions": cache.positions, "shards": n_shards,
-            "shards_skipped": done, "top_k": top_k, "bytes": size,
+            "shards_skipped": done, "top_k": top_k, "tail_samples": tail_samples, "bytes": size,
             "bytes_per_position": size / max(1, cache.positions)}
 
 
@@ -257,6 +304,7 @@ class LogitCache:
         self.top_k = self.meta["top_k"]
         self.kind = self.meta["kind"]
         self.lp_dtype = self.meta["logprob_dtype"]
+        self.tail_samples = int(self.meta.get("tail_samples", 0))
         n_shards = (self.rows + self.shard_rows - 1) // self.shard_rows
         self.shards = []
         for s in range(n_shards):
@@ -264,17 +312,26 @@ class LogitCache:
             if not os.path.isdir(d):
                 raise LmkdError(f"logit cache {path} is incomplete (no {os.path.basename(d)}); rerun the same "
                                 "`lmkd cache-logits` command to finish it")
-            self.shards.append({a: np.load(os.path.join(d, a + ".npy"), mmap_mode="r") for a in ARRAYS})
+            names = ARRAYS + (SAMPLE_ARRAYS if self.tail_samples else ())
+            self.shards.append({a: np.load(os.path.join(d, a + ".npy"), mmap_mode="r") for a in names})
         self.positions = sum(int(s["offsets"][-1]) for s in self.shards)
 
     def row(self, i: int):
         """(tokens, ids, logprobs, tail) numpy views of data row ``i``."""
+        s, sl = self._where(i)
+        return s["tokens"][sl], s["ids"][sl], s["logprobs"][sl], s["tail"][sl]
+
+    def samples(self, i: int):
+        """(sample ids, sample logprobs) numpy views of data row ``i`` (a cache with tail samples)."""
+        s, sl = self._where(i)
+        return s["sample_ids"][sl], s["sample_logprobs"][sl]
+
+    def _where(self, i: int):
         if not 0 <= i < self.rows:
             raise IndexError(i)
         s = self.shards[i // self.shard_rows]
         j = i % self.shard_rows
-        sl = slice(int(s["offsets"][j]), int(s["offsets"][j + 1]))
-        return s["tokens"][sl], s["ids"][sl], s["logprobs"][sl], s["tail"][sl]
+        return s, slice(int(s["offsets"][j]), int(s["offsets"][j + 1]))
 
 
 def attach_cache(ds, cache: LogitCache | str, kind: str):
@@ -324,6 +381,9 @@ class CachedLogitsCollator:
                          else getattr(torch, self.cache.lp_dtype))
         tail = torch.zeros((b, p), dtype=lp.dtype)
         mask = torch.zeros((b, p), dtype=torch.bool)
+        m = self.cache.tail_samples
+        s_ids = torch.zeros((b, p, m), dtype=torch.int64)
+        s_lp = torch.zeros((b, p, m), dtype=lp.dtype)
         for i, r in enumerate(rows):
             _, r_ids, r_lp, r_tail = self.cache.row(int(r))
             n = min(len(r_ids), p)
@@ -332,7 +392,13 @@ class CachedLogitsCollator:
             lp[i, sl] = _lp_from_numpy(r_lp[:n], self.cache.lp_dtype)
             tail[i, sl] = _lp_from_numpy(r_tail[:n], self.cache.lp_dtype)
             mask[i, sl] = True
+            if m:
+                r_sids, r_slp = self.cache.samples(int(r))
+                s_ids[i, sl] = torch.from_numpy(r_sids[:n].astype(np.int64))
+                s_lp[i, sl] = _lp_from_numpy(r_slp[:n], self.cache.lp_dtype)
         batch[IDS], batch[LOGPROBS], batch[TAIL], batch[MASK] = ids, lp, tail, mask
+        if m:
+            batch[SAMPLE_IDS], batch[SAMPLE_LOGPROBS] = s_ids, s_lp
         return batch
 
 
@@ -342,4 +408,7 @@ def batch_topk(inputs: dict, kd_mask: torch.Tensor) -> TopK:
     if cached.shape != kd_mask.shape or bool((kd_mask & ~cached).any()):
         raise LmkdError("the logit cache does not cover every KD position of this batch (truncated or "
                         "differently padded data); make the cache from the same data and settings")
+    if SAMPLE_IDS in inputs:
+        return TopK(inputs[IDS][kd_mask], inputs[LOGPROBS][kd_mask], inputs[TAIL][kd_mask],
+                    inputs[SAMPLE_IDS][kd_mask], inputs[SAMPLE_LOGPROBS][kd_mask])
     return TopK(inputs[IDS][kd_mask], inputs[LOGPROBS][kd_mask], inputs[TAIL][kd_mask])

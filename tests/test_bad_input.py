@@ -92,6 +92,11 @@ CASES = {
     "evaluate: model missing": (lambda w: ["evaluate", "--model", R + "/nope", "--data", w["data"],
                                            "--task", "translation", "--output", R + "/e1.json"],
                                 "does not exist", R + "/e1.json"),
+    # cache-logits
+    "cache-logits: negative tail samples": (lambda w: ["cache-logits", "--teacher", w["teacher"], "--data",
+                                                       w["data"], "--top-k", "4", "--tail-samples", "-1",
+                                                       "--output", R + "/c1"], "--tail-samples must be >= 0",
+                                            R + "/c1"),
     # study
     "study: train file missing": (lambda w: ["study", "--task", "translation", "--train", R + "/nope.jsonl",
                                              "--validation", w["data"], "--test", w["data"], "--output",

@@ -327,3 +327,93 @@ def test_teacher_forward_at_its_floor(tokenizer, corpus, tmp_path, hidden_weight
     assert all(not grad and not cache for grad, _, cache, _ in seen)
     assert all(hidden == (hidden_weight > 0) for _, hidden, _, _ in seen)
     assert seen[0][3] == len(tokenizer) and seen[1][3] == 1  # second step: no (B, T, V) teacher logits
+
+
+# ---- top-K + sampled tail (cache-logits --tail-samples) ----------------------------------------
+
+
+def _topk_sampled(t, mask, k, m, seed=0):
+    """The top-K of ``t`` plus ``m`` draws per position from its distribution outside the top-K,
+    drawn here with torch.multinomial exactly as lmkd.logit_cache does."""
+    from lmkd.logit_cache import _teacher_topk
+
+    class _Teacher:  # what _teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
+        def __call__(self, **kw):
+            return type("O", (), {"logits": torch.cat([t[mask].float(), t[mask][:1].float()]).unsqueeze(0)})
+
+    n = int(mask.sum())
+    batch = {"input_ids": torch.zeros(1, n + 1, dtype=torch.long),
+             "attention_mask": torch.ones(1, n + 1, dtype=torch.long)}
+    return TopK(*_teacher_topk(_Teacher(), "causal", batch, k, m, torch.Generator().manual_seed(seed)))
+
+
+def test_tail_samples_come_from_outside_the_topk_with_their_logprobs():
+    _, t, mask, _ = _data(10)
+    tk = _topk_sampled(t, mask, 4, 500)
+    lp = torch.log_softmax(t[mask].float(), -1)
+    assert tk.sample_ids.shape == (int(mask.sum()), 500)
+    assert not (tk.sample_ids.unsqueeze(-1) == tk.ids.unsqueeze(1)).any()  # never a top-K id
+    assert torch.equal(tk.sample_logprobs, lp.gather(1, tk.sample_ids))
+    # frequencies follow the teacher's tail distribution (500 draws: within 0.1 of the probability)
+    row = 0
+    freq = torch.bincount(tk.sample_ids[row], minlength=V).float() / 500
+    p_tail = lp[row].exp().scatter(0, tk.ids[row], 0.0)
+    assert (freq - p_tail / p_tail.sum()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_tail_chunked_equals_plain(temperature):
+    s, t, mask, _ = _data(11)
+    tk = _topk_sampled(t, mask, 3, 5)
+    ref, ref_g = _grad(lambda x: topk_kd_loss(x, tk, mask, temperature=temperature), s)
+    for cs in (2, 100):
+        got, got_g = _grad(lambda x: chunked_kd_loss(x, tk, mask, temperature=temperature, chunk_size=cs), s)
+        assert torch.allclose(got, ref, rtol=1e-5) and torch.allclose(got_g, ref_g, atol=1e-6), cs
+    # and the fused-linear path, logits from hidden states and a head
+    g = torch.Generator().manual_seed(12)
+    hidden, weight = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    ref, ref_g = _grad(lambda w: topk_kd_loss(hidden @ w.T, tk, mask, temperature=temperature), weight)
+    w = weight.clone().requires_grad_()
+    got = fused_linear_distill_loss(hidden, Head(w), tk, None, mask, loss="forward_kl", temperature=temperature,
+                                    ce_weight=0.0, chunk_size=4)[0]
+    got.backward()
+    assert torch.allclose(got, ref, rtol=1e-5) and torch.allclose(w.grad, ref_g, atol=1e-5)
+
+
+def test_sampled_tail_gradient_is_unbiased_and_bucket_is_not():
+    """At tau = 1 the average gradient over independent tail draws is the full-vocabulary KD
+    gradient; the tail bucket's gradient differs from it by a fixed amount (its bias)."""
+    s, t, mask, _ = _data(13)
+    _, full_g = _grad(lambda x: losses.token_kd_loss(x, t, mask), s)
+    _, bucket_g = _grad(lambda x: topk_kd_loss(x, _topk(t, mask, 3), mask), s)
+    draws = [_grad(lambda x: topk_kd_loss(x, _topk_sampled(t, mask, 3, 4, seed=i), mask), s)[1] for i in range(400)]
+    mean_g = torch.stack(draws).mean(0)
+    sem = torch.stack(draws).std(0) / 400**0.5
+    # unbiased: the mean's deviation is the size of its standard error (chi^2 per degree of freedom
+    # ~1; a biased estimator gives >> 1) -- tokens of tiny probability may never be drawn, so no
+    # per-entry bound
+    assert ((mean_g - full_g) ** 2).sum() / (sem**2).sum() < 2.0
+    rel = ((mean_g - full_g).norm() / full_g.norm()).item()
+    bias = ((bucket_g - full_g).norm() / full_g.norm()).item()
+    assert rel < 0.01 and bias > 10 * rel  # the bucket's error is systematic, not noise
+
+
+def test_sampled_tail_loss_estimates_the_full_kl():
+    s, t, mask, _ = _data(14)
+    full = losses.token_kd_loss(s, t, mask).item()
+    est = [topk_kd_loss(s, _topk_sampled(t, mask, 2, 8, seed=i), mask).item() for i in range(300)]
+    mean = sum(est) / len(est)
+    sd = (sum((e - mean) ** 2 for e in est) / (len(est) - 1)) ** 0.5
+    assert abs(mean - full) < 5 * sd / len(est) ** 0.5 + 1e-4
+    bucket = topk_kd_loss(s, _topk(t, mask, 2), mask).item()
+    assert bucket < full - 10 * sd / len(est) ** 0.5  # the bucket KL is a lower bound, strictly below here
+
+
+def test_sampled_tail_falls_back_to_the_bucket_for_other_divergences():
+    s, t, mask, _ = _data(15)
+    tk = _topk_sampled(t, mask, 3, 6)
+    plain = TopK(tk.ids, tk.logprobs, tk.tail)
+    for loss in ("reverse_kl", "jsd"):
+        a = topk_kd_loss(s, tk, mask, loss=loss, beta=0.3)
+        b = topk_kd_loss(s, plain, mask, loss=loss, beta=0.3)
+        assert torch.equal(a, b)

@@ -68,9 +68,11 @@ def test_cache_stores_teacher_topk_compactly(teacher_dir, translation_file, tmp_
     assert np.allclose(total, 1.0, atol=5e-3)
 
 
-def test_resume_after_kill_gives_identical_shards(teacher_dir, translation_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tail_samples", [0, 3])
+def test_resume_after_kill_gives_identical_shards(teacher_dir, translation_file, tmp_path, monkeypatch,
+                                                  tail_samples):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    kw = dict(batch_size=3, shard_rows=6)
+    kw = dict(batch_size=3, shard_rows=6, tail_samples=tail_samples)
     data = _data_args(translation_file, max_train_samples=24)
     logit_cache.cache_logits(teacher_dir, data, str(full), 4, **kw)
 
@@ -184,6 +186,71 @@ def test_cli_cache_then_distill_without_teacher(teacher_dir, translation_file, t
     assert np.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     after = load_model(args.output_dir, kind="seq2seq").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tail_samples_are_stored_compactly_and_drawn_outside_the_topk(teacher_dir, translation_file, tmp_path):
+    out = tmp_path / "cache"
+    k, m = 4, 6
+    summary = logit_cache.cache_logits(teacher_dir, _data_args(translation_file, max_train_samples=32), str(out),
+                                       k, batch_size=5, shard_rows=16, tail_samples=m, seed=3)
+    assert summary["bytes_per_position"] <= 6 * (k + m) + 8
+    cache = logit_cache.LogitCache(str(out))
+    assert cache.tail_samples == m
+    assert cache.shards[0]["sample_ids"].dtype == np.uint16 and cache.shards[0]["sample_logprobs"].dtype == np.float16
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir, kind="seq2seq").eval()
+    ds = tokenize(load_data(translation_file, ["source", "target"]).select(range(32)), tok,
+                  _data_args(translation_file))
+    for row in (0, 17):
+        batch = collator_for("translation", tok, teacher)([ds[row]])
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(**batch).logits[0].float(), -1)
+        _, ids, _, _ = cache.row(row)
+        s_ids, s_lps = cache.samples(row)
+        assert s_ids.shape == (len(ds[row]["labels"]), m)
+        assert not (s_ids[:, :, None] == ids[:, None, :]).any()  # never one of the top-K
+        want = lp.gather(1, torch.from_numpy(s_ids.astype(np.int64)))
+        assert np.allclose(s_lps.astype(np.float32), want.numpy(), atol=2e-2, rtol=1e-3)
+    # another seed draws other samples; the same seed, the same ones
+    again = logit_cache.cache_logits(teacher_dir, _data_args(translation_file, max_train_samples=32),
+                                     str(tmp_path / "again"), k, batch_size=5, shard_rows=16, tail_samples=m, seed=3)
+    other = logit_cache.cache_logits(teacher_dir, _data_args(translation_file, max_train_samples=32),
+                                     str(tmp_path / "other"), k, batch_size=5, shard_rows=16, tail_samples=m, seed=4)
+    assert again["bytes"] == summary["bytes"] and other["bytes"] == summary["bytes"]
+    a = logit_cache.LogitCache(again["output"]).samples(17)[0]
+    b = logit_cache.LogitCache(other["output"]).samples(17)[0]
+    assert np.array_equal(a, cache.samples(17)[0]) and not np.array_equal(b, a)
+
+
+def test_training_from_a_sampled_tail_cache_uses_the_samples(teacher_dir, translation_file, tmp_path):
+    """The trainer's KD on a batch equals lmkd.chunked.topk_kd_loss with the samples -- and differs
+    from the same cache read without them (the tail bucket)."""
+    from lmkd.chunked import TopK, topk_kd_loss
+
+    out = str(tmp_path / "cache")
+    logit_cache.cache_logits(teacher_dir, _data_args(translation_file, max_train_samples=16), out, 4,
+                             batch_size=8, tail_samples=5)
+    tok = load_tokenizer(teacher_dir)
+    ds = tokenize(load_data(translation_file, ["source", "target"]).select(range(16)), tok,
+                  _data_args(translation_file))
+    student = build_model("marian", len(tok), seed=2, layers=1, dropout=0.0)
+    trainer = DistillationTrainer(model=student, args=_config(tmp_path, teacher_cache=out, kd_alpha=1.0,
+                                                              kd_temperature=1.0),
+                                  train_dataset=ds, data_collator=collator_for("translation", tok, student),
+                                  processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert logit_cache.SAMPLE_IDS in batch
+    student.train()
+    loss = trainer.compute_loss(student, dict(batch))
+    mask = batch["labels"].ne(-100)
+    fwd = {k: v for k, v in batch.items() if k not in logit_cache.BATCH_KEYS and k != "labels"}
+    fwd["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    logits = student(**fwd).logits
+    teacher = logit_cache.batch_topk(batch, mask)
+    ref = topk_kd_loss(logits, teacher, mask) / mask.sum()
+    bucket = topk_kd_loss(logits, TopK(teacher.ids, teacher.logprobs, teacher.tail), mask) / mask.sum()
+    assert torch.allclose(loss, ref, rtol=1e-4), (loss, ref)
+    assert not torch.allclose(loss, bucket, rtol=1e-3)
 
 
 def test_small_k_training_logs_kd_and_keeps_cache_columns(teacher_dir, translation_file, tmp_path):
