@@ -504,8 +504,9 @@ def measure_models_speed(model_dirs: dict[str, str], task: str, test_file: str, 
 
 def _train(out: str, init_dir: str, task: str, train_file: str, validation_file: str, plan: dict, *,
            steps: int, lr: float, target_column: str | None = None, teacher_dir: str | None = None,
-           kd_alpha: float = 0.0, seed: int = 42) -> dict:
-    """One run of DistillationTrainer (``kd_alpha`` 0: plain training) from ``init_dir`` into ``out``."""
+           kd_alpha: float = 0.0, seed: int = 42, **config) -> dict:
+    """One run of DistillationTrainer (``kd_alpha`` 0: plain training) from ``init_dir`` into ``out``;
+    ``config`` adds or overrides DistillationConfig fields (e.g. ``teacher_cache``)."""
     from .cli import ModelArguments
     from .config import DistillationConfig
     from .data import DataArguments
@@ -532,6 +533,7 @@ def _train(out: str, init_dir: str, task: str, train_file: str, validation_file:
         max_grad_norm=0.0,
         dataloader_pin_memory=False, kd_alpha=kd_alpha, kd_temperature=plan["kd_temperature"],
         teacher_model_name_or_path=teacher_dir if kd_alpha > 0 else None, disable_tqdm=False,
+        **config,
     )
     metrics = run_distill(ModelArguments(student_model_name_or_path=init_dir), data_args, args)
     return metrics
