@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The whole suite: about 3 minutes on 2 cores (the `slow` ones -- multi-process runs, whole tiny
+# The whole suite: about 3-4 minutes on 2 cores (the `slow` ones -- multi-process runs, whole tiny
 # studies -- take about 70 s of it).
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
