@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole suite: about 3-4 minutes on 2 cores (the `slow` ones -- multi-process runs, whole tiny
-# studies -- take about 70 s of it).
+# studies, DeepSpeed ZeRO-2/3 on 2 CPU processes -- take about 2 minutes of it).
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
