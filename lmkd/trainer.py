@@ -84,6 +84,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._teacher_head = None  # the same for computing the teacher's logits per chunk
         if args.teacher_cache:
             self._setup_teacher_cache()
+        if args.fsdp and not self.is_fsdp_enabled:
+            # accelerate switches to FSDP only for accelerator processes (GPU/NPU/XPU...); with CPU
+            # processes the Trainer quietly wraps the student in DDP instead
+            logger.warning("fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
+                           "this run is plain data parallel (DDP), every process holding the whole student")
 
     # ---- teacher ------------------------------------------------------------------------------
 

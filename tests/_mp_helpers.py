@@ -15,7 +15,7 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 def run_script(script: str, args: list[str], processes: int = 1, port: int = 29533, timeout: int = 300):
     """Run ``tests/scripts/<script>`` with ``args`` in 1 process (plain python) or ``processes``
-    under torchrun; assert it succeeded and return its stdout."""
+    under torchrun; assert it succeeded and return its stdout, then its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                                           "--master_port", str(port)]
@@ -26,7 +26,7 @@ def run_script(script: str, args: list[str], processes: int = 1, port: int = 295
                if any(w in line for w in ("Error", "error:", "terminate", "Abort", "assert"))]
         raise AssertionError(f"{script} exited {done.returncode}:\n" + "\n".join(why[-20:]) + "\n...\n"
                              + done.stderr[-2000:])
-    return done.stdout
+    return done.stdout + "\n" + done.stderr
 
 
 def assert_same_student(model_class, one: Path, two: Path, start: dict | None = None, atol=1e-5, rtol=1e-4):

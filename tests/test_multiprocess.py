@@ -1,6 +1,6 @@
 """A 2-process run (torchrun, gloo, CPU) gives the same student as a 1-process run with the same
-global batch, under DDP and under DeepSpeed ZeRO-3; the teacher is never wrapped for training
-nor updated (checked inside the scripts)."""
+global batch, under DDP and under DeepSpeed ZeRO-2/3 (FSDP: accelerate trains DDP on CPU, and
+lmkd says so); the teacher is never wrapped for training nor updated (checked in the scripts)."""
 
 import json
 
@@ -30,6 +30,19 @@ def test_two_processes_equal_one(pair, tmp_path):
     run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
     out = run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4"], processes=2)
     assert "world_size=2 ok" in out
+    assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_trains_ddp_and_says_so(pair, tmp_path):
+    """accelerate enables FSDP only for GPU-like processes: on CPU the Trainer wraps the student in
+    DDP (asserted in the script) -- the same student as one process -- and lmkd warns about it."""
+    teacher_dir, student_dir, data, start = pair
+    run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
+    out = run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4", "fsdp"],
+                     processes=2, port=29540)
+    assert "world_size=2 ok" in out
+    assert out.count("fsdp is set but accelerate did not enable FSDP") == 2  # once per process
     assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)
 
 

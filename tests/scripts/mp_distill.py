@@ -11,6 +11,7 @@ from lmkd.data import DataArguments, collator_for, load_data, tokenize
 from lmkd.modeling import load_model, load_tokenizer
 
 teacher_dir, student_dir, data, out, bs = sys.argv[1:6]
+fsdp = sys.argv[6:7] == ["fsdp"]  # FSDP asked for: on CPU accelerate trains DDP instead
 tok = load_tokenizer(student_dir)
 student = load_model(student_dir, kind="seq2seq")
 teacher = load_model(teacher_dir, kind="seq2seq")
@@ -18,7 +19,8 @@ t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
 ds = tokenize(load_data(data, ["source", "target"]), tok, DataArguments(task="translation", train_file=data))
 args = DistillationConfig(output_dir=out, per_device_train_batch_size=int(bs), max_steps=3, learning_rate=1e-3,
                           kd_alpha=0.5, use_cpu=True, report_to="none", save_strategy="no", seed=0,
-                          disable_tqdm=True, ddp_backend="gloo" if torch.distributed.is_torchelastic_launched() else None)
+                          disable_tqdm=True, ddp_backend="gloo" if torch.distributed.is_torchelastic_launched() else None,
+                          fsdp=fsdp)
 trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=ds,
                               processing_class=tok, data_collator=collator_for("translation", tok, student))
 trainer.train()
