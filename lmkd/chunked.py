@@ -72,11 +72,13 @@ class TopK:
     sample_ids: torch.Tensor | None = None
     sample_logprobs: torch.Tensor | None = None
 
+    def map(self, fn) -> TopK:
+        """A TopK of ``fn(t)`` for each of its tensors (absent samples stay None)."""
+        return TopK(*(None if t is None else fn(t) for t in
+                      (self.ids, self.logprobs, self.tail, self.sample_ids, self.sample_logprobs)))
+
     def rows(self, index: torch.Tensor) -> TopK:
-        if self.sample_ids is None:
-            return TopK(self.ids[index], self.logprobs[index], self.tail[index])
-        return TopK(self.ids[index], self.logprobs[index], self.tail[index], self.sample_ids[index],
-                    self.sample_logprobs[index])
+        return self.map(lambda t: t[index])
 
     @property
     def sampled(self) -> bool:
@@ -193,11 +195,18 @@ def _sampled_targets(teacher: TopK, temperature: float):
     return torch.cat([teacher.ids, teacher.sample_ids], -1).long(), weights, logprobs
 
 
+def _sampled_rows(ls: torch.Tensor, teacher: TopK, temperature: float):
+    """Per-row forward KL against the top-K + sampled-tail teacher, given the student's tempered
+    log-softmax ``ls``; also the entries' ids and target weights (for the gradient)."""
+    ids, w, lq = _sampled_targets(teacher, temperature)
+    rows = torch.where(w > 0, w * (lq - ls.gather(1, ids)), torch.zeros_like(w)).sum(-1)
+    return rows, ids, w
+
+
 def _kd_sampled(s: torch.Tensor, teacher: TopK, temperature: float):
     """Forward KL against the top-K + sampled-tail teacher: (sum, gradient w.r.t. ``s``)."""
     ls = F.log_softmax(s / temperature if temperature != 1.0 else s, -1)
-    ids, w, lq = _sampled_targets(teacher, temperature)
-    rows = torch.where(w > 0, w * (lq - ls.gather(1, ids)), torch.zeros_like(w)).sum(-1)
+    rows, ids, w = _sampled_rows(ls, teacher, temperature)
     grad = ls.exp_()
     grad.scatter_add_(1, ids, -w)
     return rows.sum() * temperature**2, grad.mul_(temperature)
@@ -414,14 +423,13 @@ def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
     idx = kd_mask.nonzero().squeeze(-1)
     if idx.numel() != topk.ids.shape[0]:
         raise ValueError(f"the top-K teacher has {topk.ids.shape[0]} positions but the mask selects {idx.numel()}")
-    out = TopK(topk.ids.new_zeros((n, topk.ids.shape[1])), topk.logprobs.new_zeros((n, topk.ids.shape[1])),
-               topk.tail.new_zeros(n))
-    out.ids[idx], out.logprobs[idx], out.tail[idx] = topk.ids, topk.logprobs, topk.tail
-    if topk.sample_ids is not None:
-        m = topk.sample_ids.shape[1]
-        out.sample_ids, out.sample_logprobs = topk.sample_ids.new_zeros((n, m)), topk.sample_logprobs.new_zeros((n, m))
-        out.sample_ids[idx], out.sample_logprobs[idx] = topk.sample_ids, topk.sample_logprobs
-    return out
+
+    def scatter(t):
+        out = t.new_zeros((n, *t.shape[1:]))
+        out[idx] = t
+        return out
+
+    return topk.map(scatter)
 
 
 def chunked_kd_loss(student_logits, teacher, mask=None, *, loss="forward_kl", temperature=1.0, beta=0.5,
@@ -461,9 +469,7 @@ def topk_kd_loss(student_logits, teacher: TopK, mask=None, *, loss="forward_kl",
     s = s.reshape(-1, v).float()
     ls = F.log_softmax(s / temperature, -1)
     if _uses_samples(teacher, loss, beta):
-        ids, w, lq = _sampled_targets(teacher, temperature)
-        rows = torch.where(w > 0, w * (lq - ls.gather(1, ids)), torch.zeros_like(w)).sum(-1)
-        return rows.sum() * temperature**2
+        return _sampled_rows(ls, teacher, temperature)[0].sum() * temperature**2
     lt, lsb, _ = _topk_buckets(ls, teacher, temperature)
     rows, _h = _bucket_terms(lt, lsb, loss, beta)
     return rows.sum() * temperature**2

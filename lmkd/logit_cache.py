@@ -408,7 +408,5 @@ def batch_topk(inputs: dict, kd_mask: torch.Tensor) -> TopK:
     if cached.shape != kd_mask.shape or bool((kd_mask & ~cached).any()):
         raise LmkdError("the logit cache does not cover every KD position of this batch (truncated or "
                         "differently padded data); make the cache from the same data and settings")
-    if SAMPLE_IDS in inputs:
-        return TopK(inputs[IDS][kd_mask], inputs[LOGPROBS][kd_mask], inputs[TAIL][kd_mask],
-                    inputs[SAMPLE_IDS][kd_mask], inputs[SAMPLE_LOGPROBS][kd_mask])
-    return TopK(inputs[IDS][kd_mask], inputs[LOGPROBS][kd_mask], inputs[TAIL][kd_mask])
+    return TopK(*(inputs[k][kd_mask] if k in inputs else None
+                  for k in (IDS, LOGPROBS, TAIL, SAMPLE_IDS, SAMPLE_LOGPROBS)))
