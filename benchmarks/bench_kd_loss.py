@@ -1,4 +1,4 @@
-"""KD loss forward+backward: peak memory and time of lmkd.chunked against the plain loss.
+"""KD loss forward+backward: peak memory and time of lmkd.losses.chunked against the plain loss.
 
 Goals (issue 5): at N = 4096 positions and V = 32k / 128k, peak memory <= 25% of the naive loss's
 and time <= 1.0x naive, with the same loss and gradients.
@@ -17,8 +17,8 @@ would not see torch's allocations at all.  Time is the child's CPU time (``time.
 with torch on one thread: the cores here are shared with other jobs, so wall-clock swings.
 
 Variants: ``naive`` = lmkd.losses.token_kd_loss on full logits (plus CE for the linear case);
-``chunked`` = lmkd.chunked.chunked_kd_loss on the same logits; ``naive+linear`` = student logits
-from hidden states through the LM head, then the plain CE + KD; ``fused`` = lmkd.chunked's
+``chunked`` = lmkd.losses.chunked.chunked_kd_loss on the same logits; ``naive+linear`` = student logits
+from hidden states through the LM head, then the plain CE + KD; ``fused`` = lmkd.losses.chunked's
 fused_linear_distill_loss (CE + KD from the hidden states, logits never materialised).
 """
 
@@ -44,7 +44,7 @@ def child(variant: str, n: int, v: int, h: int, loss: str) -> dict:
 
     torch.set_num_threads(1)  # CPU time of one thread: the cores here are shared with other jobs
     from lmkd import losses
-    from lmkd.chunked import Head, chunked_kd_loss, fused_linear_distill_loss
+    from lmkd.losses.chunked import Head, chunked_kd_loss, fused_linear_distill_loss
 
     torch.manual_seed(0)
     t = torch.randn(n, v).mul_(3)

@@ -1,7 +1,7 @@
 """One short GPU check (run on a lent H200; see README "GPU"): prints side-by-side figures.
 
 1. KD loss fwd+bwd, N=4096 positions, V=32k/128k, bf16 logits: naive (lmkd.losses) vs chunked
-   and fused-linear (lmkd.chunked): peak CUDA memory and time.
+   and fused-linear (lmkd.losses.chunked): peak CUDA memory and time.
 2. bf16 training step of a BART-size pair: online KD step vs (plain student step + teacher forward).
 3. Teacher generation: length-sorted vs file-order batches (lmkd.seqkd), examples/s.
 Usage: python benchmarks/gpu_check.py   (add --small for a CPU smoke run)
@@ -14,7 +14,7 @@ import time
 import torch
 
 from lmkd import losses
-from lmkd.chunked import Head, chunked_kd_loss, fused_linear_distill_loss
+from lmkd.losses.chunked import Head, chunked_kd_loss, fused_linear_distill_loss
 
 SMALL = "--small" in sys.argv
 dev = torch.device("cuda" if torch.cuda.is_available() and not SMALL else "cpu")

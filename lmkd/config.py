@@ -110,7 +110,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     )
     kd_chunk_size: int = field(
         default=-1,
-        metadata={"help": "Positions per chunk of the memory-lean CE+KD loss (lmkd.chunked): -1 = auto (~1M "
+        metadata={"help": "Positions per chunk of the memory-lean CE+KD loss (lmkd.losses.chunked): -1 = auto (~1M "
                           "logits per chunk on CPU, 8M on GPU), 0 = the plain loss. Same loss and gradients; on causal and "
                           "seq2seq LMs with a plain linear head the student's logits are never materialised."},
     )

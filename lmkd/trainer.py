@@ -12,7 +12,8 @@ from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import chunked, logit_cache, losses
+from . import logit_cache, losses
+from .losses import chunked
 from .config import DistillationConfig, parse_layer_map
 from .errors import LmkdError
 from .modeling import (
@@ -80,7 +81,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             self._setup_teacher(teacher_model, teacher_tokenizer)
         if self._features_on:
             self._setup_features()
-        self._fused_head = None  # lmkd.chunked.Head once the fused loss is checked, False when off
+        self._fused_head = None  # lmkd.losses.chunked.Head once the fused loss is checked, False when off
         self._teacher_head = None  # the same for computing the teacher's logits per chunk
         if args.teacher_cache:
             self._setup_teacher_cache()
@@ -256,7 +257,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         loss = s_logits.new_zeros((), dtype=torch.float32)
         stats = self._stats[mode]
         lean = self._lean_ce_kd(inputs, outputs, s_logits, lean_head, ce_mask, kd_mask, n_ce, n_kd, alpha, stats)
-        if lean is not None:  # lmkd.chunked / the logit cache did CE and KD
+        if lean is not None:  # lmkd.losses.chunked / the logit cache did CE and KD
             loss = loss + lean[0]
         if lean is None and ce_mask is not None and alpha < 1:
             labels = inputs["labels"]
@@ -504,7 +505,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 logger.warning("%s has no %s: the hint projections restart from a random initialisation",
                                resume_from_checkpoint, PROJECTIONS_NAME)
 
-    # ---- memory-lean CE + KD (lmkd.chunked) and the cached teacher (lmkd.logit_cache) ----------
+    # ---- memory-lean CE + KD (lmkd.losses.chunked) and the cached teacher (lmkd.logit_cache) ----------
 
     def _setup_teacher_cache(self) -> None:
         """Train from `lmkd cache-logits` output: tag each training row with its cache row, and
@@ -530,7 +531,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             self._signature_columns = [*self._signature_columns, logit_cache.CACHE_ROW]
 
     def _head_for_fused_loss(self, model):
-        """The student's LM head as lmkd.chunked.Head, or (None, why not)."""
+        """The student's LM head as lmkd.losses.chunked.Head, or (None, why not)."""
         m = unwrap(model)
         if self.kind not in (CAUSAL, SEQ2SEQ):
             return None, f"{self.kind} models are not supported"
@@ -594,7 +595,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         return self._head_skipped(model, self._fused_head) if use else contextlib.nullcontext(None)
 
     def _check_head(self, model, box, outputs, who: str):
-        """Once per model: does lmkd.chunked.Head reproduce the model's logits?  The Head, or False."""
+        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits?  The Head, or False."""
         head, why = self._head_for_fused_loss(model)
         if head is not None and len(box["hidden"]) != 1:
             head, why = None, "the LM head is called more than once per forward"
@@ -616,7 +617,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         return head if head is not None else False
 
     def _teacher_for_loss(self, inputs):
-        """(teacher outputs, teacher logits for lmkd.chunked): per-chunk logits from the teacher's
+        """(teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the teacher's
         final hidden states when its head is checked (no (N, V) teacher tensor), else its logits."""
         use = self.args.kd_chunk_size != 0 and self._teacher_head is not False and self.kind in (CAUSAL, SEQ2SEQ)
         ctx = self._head_skipped(self.teacher, self._teacher_head) if use else contextlib.nullcontext(None)
@@ -630,7 +631,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         return t_outputs, self._aligned(t_outputs.logits)
 
     def _lean_ce_kd(self, inputs, outputs, s_logits, lean_head, ce_mask, kd_mask, n_ce, n_kd, alpha, stats):
-        """CE + KD in one chunked pass (lmkd.chunked), or against the cached teacher.  Returns
+        """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher.  Returns
         (weighted loss, teacher outputs or None), or None for the plain path of compute_loss."""
         args = self.args
         cached = logit_cache.MASK in inputs

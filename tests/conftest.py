@@ -15,6 +15,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Property tests draw the same examples on every run and machine (no example database): a result
+# of `make test` depends on the code, not on which random cases a run happened to try.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("lmkd", derandomize=True, database=None)
+_hypothesis_settings.load_profile("lmkd")
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run faster on one thread than split across cores (and CI has two)."""

@@ -1,4 +1,4 @@
-"""lmkd.chunked: the chunked and fused-linear CE+KD losses give the plain losses' values and
+"""lmkd.losses.chunked: the chunked and fused-linear CE+KD losses give the plain losses' values and
 gradients (every divergence, masks incl. all-masked, chunk sizes that do and do not divide N,
 head bias / extra bias / logit scale / soft-capping), and DistillationTrainer's default path
 equals its plain path."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer, losses
-from lmkd.chunked import (
+from lmkd.losses.chunked import (
     Head,
     TopK,
     chunked_cross_entropy,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lmkd import feature_losses as FL
+from lmkd.losses import feature as FL
 from lmkd import losses
 
 DT = torch.float64

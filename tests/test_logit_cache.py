@@ -223,9 +223,9 @@ def test_tail_samples_are_stored_compactly_and_drawn_outside_the_topk(teacher_di
 
 
 def test_training_from_a_sampled_tail_cache_uses_the_samples(teacher_dir, translation_file, tmp_path):
-    """The trainer's KD on a batch equals lmkd.chunked.topk_kd_loss with the samples -- and differs
+    """The trainer's KD on a batch equals lmkd.losses.chunked.topk_kd_loss with the samples -- and differs
     from the same cache read without them (the tail bucket)."""
-    from lmkd.chunked import TopK, topk_kd_loss
+    from lmkd.losses.chunked import TopK, topk_kd_loss
 
     out = str(tmp_path / "cache")
     logit_cache.cache_logits(teacher_dir, _data_args(translation_file, max_train_samples=16), out, 4,

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmkd import chunked, losses
+from lmkd import losses
+from lmkd.losses import chunked
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
+from ..constants import IGNORE_INDEX
+from .token import KD_LOSSES
+
 TOPK_KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
 #: default chunk: about this many logits (positions x vocabulary) per chunk.  On CPU 1M fp32

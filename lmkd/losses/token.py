@@ -22,10 +22,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..constants import IGNORE_INDEX
 
 #: names accepted by :func:`token_kd_loss` (and ``DistillationConfig.kd_loss``)
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
+
+__all__ = ["IGNORE_INDEX", "KD_LOSSES", "mask_from_labels", "forward_kl", "reverse_kl", "generalized_jsd",
+           "logit_mse", "cross_entropy", "token_kd_loss", "hinton_loss"]
 
 
 def mask_from_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -176,10 +179,3 @@ def hinton_loss(
     ce = cross_entropy(student_logits, labels, ignore_index)
     kd = forward_kl(student_logits, teacher_logits, mask, temperature)
     return ((1 - alpha) * ce + alpha * kd) / n
-
-
-# Feature (hidden-state, attention) and relation losses live in their own module; re-exported here
-# so that ``lmkd.losses.<name>`` is the one place to find every loss.
-from .feature_losses import *  # noqa: E402,F401,F403
-# Memory-lean (chunked / fused-linear) versions of the token-level losses, same values and gradients.
-from .chunked import chunked_cross_entropy, chunked_distill_loss, chunked_kd_loss, fused_linear_distill_loss, topk_kd_loss  # noqa: E402,F401,E501

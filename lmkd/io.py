@@ -1,0 +1,134 @@
+"""Files: reading data rows, and writing so that a killed command never leaves a half-written file.
+
+The bottom layer (with :mod:`lmkd.errors` and :mod:`lmkd.constants`).  Every module that reads
+JSON lines or writes a result uses these instead of its own copy:
+
+* :func:`read_rows` -- ``.jsonl`` / ``.json`` / ``.csv`` (optionally ``.gz``) with one-line errors;
+* :func:`atomic_write_text` / :func:`atomic_write_json` / :func:`write_jsonl` -- write a temporary
+  file beside the target, fsync, then ``os.replace`` (atomic on POSIX);
+* :func:`atomic_dir` -- a temporary directory renamed to the target on success, removed on failure;
+* :func:`file_digest` / :func:`stable_hash` -- content hashes that key cached work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+from .errors import LmkdError
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a .jsonl/.json/.csv file (optionally gzipped), with one-line errors."""
+    if not os.path.exists(path):
+        raise LmkdError(f"data file {path} does not exist; check the path")
+    name = path[:-3] if path.endswith(".gz") else path
+    rows: list[dict] = []
+    with _open_text(path) as f:
+        if name.endswith(".csv"):
+            rows = list(csv.DictReader(f))
+        elif name.endswith(".json") and not name.endswith(".jsonl"):
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise LmkdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                                "use a JSON list of objects or JSON lines") from e
+        else:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LmkdError(f"{path} line {lineno} is not JSON ({e.msg}); each line must be one JSON "
+                                    "object like {\"source\": ..., \"target\": ...}") from e
+                if not isinstance(row, dict):
+                    raise LmkdError(f"{path} line {lineno} is not a JSON object; each line must be one object")
+                rows.append(row)
+    if not rows:
+        raise LmkdError(f"data file {path} is empty; it needs at least one row")
+    return rows
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it (fsync'd, then renamed)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj, **kwargs) -> None:
+    """``json.dump`` of ``obj`` to ``path``, atomically (keyword arguments go to ``json.dumps``)."""
+    kwargs.setdefault("indent", 1)
+    atomic_write_text(path, json.dumps(obj, **kwargs) + "\n")
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped), atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the finished directory ``tmp`` to ``final``, replacing what was there."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str, overwrite: bool = False):
+    """Yield a temporary directory next to ``final``; it becomes ``final`` when the block succeeds
+    and is removed when it fails, so a failed command leaves no partial output behind.  A
+    non-empty ``final`` is refused unless ``overwrite``."""
+    if os.path.exists(final) and os.listdir(final) and not overwrite:
+        raise LmkdError(f"output directory {final} already exists and is not empty; choose another "
+                        "--output or pass --overwrite")
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def stable_hash(obj) -> str:
+    """A short content hash of a JSON-able object (keys sorted), stable across runs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str) -> str:
+    """Content hash of a data file (or of every file under a directory, names included)."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        h.update(os.path.relpath(p, path).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

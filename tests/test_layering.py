@@ -1,0 +1,212 @@
+"""The house rules of lmkd/, checked on the source with ``ast`` (function-local imports included):
+
+* imports run one way: a module imports only from its own layer or the layers below it
+  (ARCHITECTURE.md draws them); ``lmkd/__init__.py`` is the public facade and may import any
+  layer but the CLI;
+* no import cycle between modules, not even through imports inside functions;
+* no ``from lmkd.x import _private`` across modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
+
+#: bottom to top; a module (or package: every module under it) belongs to the first layer naming it
+LAYERS = [
+    ["errors", "constants", "io"],                                               # L0: names and files
+    ["losses", "metrics"],                                                       # L1: pure functions
+    ["modeling", "positions", "data", "student", "scratch", "generation"],       # L2: models and data
+    ["teachers", "seqkd", "logit_cache"],                                        # L3: teacher signals
+    ["config", "objective", "features", "trainer", "regimes"],                   # L4: training
+    ["distill", "evaluate", "report", "study"],                                  # L5: commands' bodies
+    ["cli", "__main__"],                                                         # L6: the lmkd command
+]
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def layer_of(module: str) -> int | None:
+    if module == "":
+        return None  # the package facade
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or module.startswith(name + "."):
+                return i
+    raise AssertionError(f"lmkd.{module} is in no layer of tests/test_layering.py: add it to LAYERS "
+                         "(and to ARCHITECTURE.md)")
+
+
+def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom) -> str | None:
+    """The lmkd-relative dotted name an ImportFrom refers to, or None when outside lmkd."""
+    if node.level:
+        base = module.split(".") if module else []
+        if path.name != "__init__.py":
+            base = base[:-1]
+        base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+        target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+        return target
+    if node.module == "lmkd" or (node.module or "").startswith("lmkd."):
+        return node.module[len("lmkd."):] if node.module != "lmkd" else ""
+    return None
+
+
+def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[str, list[str], int]]:
+    """(imported lmkd module, names taken from it, line) for every import in the file; a private
+    attribute read off an imported lmkd module (``regimes._helper(...)``) counts as taking it."""
+    out = []
+    tree = ast.parse(path.read_text(), filename=str(path))
+    aliases: dict[str, str] = {}  # local name -> lmkd module it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "lmkd" or alias.name.startswith("lmkd."):
+                    target = alias.name[len("lmkd."):] if alias.name != "lmkd" else ""
+                    out.append((target, [], node.lineno))
+                    if alias.asname:
+                        aliases[alias.asname] = target
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, path, node)
+            if target is None:
+                continue
+            names = [a.name for a in node.names]
+            # `from . import x` / `from .pkg import sub` imports modules, not attributes
+            subs = [f"{target}.{n}" if target else n for n in names]
+            mods = [s for s in subs if s in known]
+            if mods:
+                out.extend((m, [], node.lineno) for m in mods)
+                for a, sub in zip(node.names, subs):
+                    if sub in known:
+                        aliases[a.asname or a.name] = sub
+                names = [n for n, s in zip(names, subs) if s not in known]
+            if names:
+                out.append((target, names, node.lineno))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            out.append((aliases[node.value.id], [node.attr], node.lineno))
+    return out
+
+
+def _graph():
+    mods = _modules()
+    known = set(mods)
+    return mods, {m: imports_of(m, p, known) for m, p in mods.items()}
+
+
+def test_every_module_has_a_layer():
+    for module in _modules():
+        layer_of(module)
+
+
+def test_imports_run_downhill():
+    mods, graph = _graph()
+    bad = []
+    for module, imports in graph.items():
+        mine = layer_of(module)
+        for target, _, line in imports:
+            if target == module or (module and target == ""):
+                if module and target == "":
+                    bad.append(f"lmkd/{mods[module].relative_to(ROOT)}:{line} imports the lmkd facade")
+                continue
+            theirs = layer_of(target)
+            if mine is None:
+                if theirs == len(LAYERS) - 1:
+                    bad.append(f"lmkd/__init__.py:{line} imports the CLI lmkd.{target}")
+            elif theirs is not None and theirs > mine:
+                bad.append(f"lmkd/{mods[module].relative_to(ROOT)}:{line} (L{mine}) imports lmkd.{target} (L{theirs})")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_private_names_across_modules():
+    """Neither lmkd's modules nor its tests, benchmarks and eval scripts take a private name of
+    another lmkd module: what they need is public (and documented), or it is not needed."""
+    mods, graph = _graph()
+    bad = [f"lmkd/{mods[m].relative_to(ROOT)}:{line} takes {n} from lmkd.{t}"
+           for m, imports in graph.items() for t, names, line in imports
+           for n in names if n.startswith("_") and not n.startswith("__") and t != m]
+    known = set(mods)
+    for folder in ("tests", "benchmarks", "eval", "recipes"):
+        for path in sorted((ROOT.parent / folder).rglob("*.py")):
+            if path.resolve() == pathlib.Path(__file__).resolve():
+                continue
+            for t, names, line in imports_of("__outside__", path, known):
+                bad += [f"{path.relative_to(ROOT.parent)}:{line} takes {n} from lmkd.{t}"
+                        for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(edges):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    _, graph = _graph()
+    edges = {m: {t for t, _, _ in imports if t != m and t != ""} for m, imports in graph.items()}
+    # a package's __init__ importing its own submodules is how packages work, not a cycle
+    for m in edges:
+        edges[m] = {t for t in edges[m] if not t.startswith(m + ".")} if m else edges[m]
+    cycle = _find_cycle(edges)
+    assert cycle is None, "import cycle: " + " -> ".join(f"lmkd.{c}" for c in cycle)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+    ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
+])
+def test_cycle_finder_finds_cycles(case, expected):
+    assert _find_cycle(case) == expected
+
+
+def test_upward_import_is_caught(tmp_path):
+    """The checker itself: an upward and a private import written into a scratch module are seen."""
+    src = "from .cli import main\nfrom .trainer import _helper\n\ndef f():\n    from . import study\n"
+    path = tmp_path / "losses_probe.py"
+    path.write_text(src)
+    found = imports_of("losses", path, {"cli", "trainer", "study"})
+    assert ("cli", [], 1) not in found and ("cli", ["main"], 1) in found
+    assert ("trainer", ["_helper"], 2) in found and ("study", [], 5) in found
+    assert layer_of("cli") > layer_of("losses.chunked") == 1
+
+
+if __name__ == "__main__":  # python tests/test_layering.py: print every violation
+    for fn in (test_imports_run_downhill, test_no_private_names_across_modules, test_no_import_cycles):
+        try:
+            fn()
+        except AssertionError as e:
+            print(e)
