@@ -2,7 +2,7 @@
 
 1. A student with fewer decoder layers against its teacher: latency (batch 1) and throughput
    speed-ups as `lmkd evaluate` reports them (lmkd.evaluate.evaluate_models).
-2. Length-sorted batching in lmkd.metrics.generate_texts against batching in file order: the
+2. Length-sorted batching in lmkd.generation.generate_texts against batching in file order: the
    throughput ratio (same model, same inputs, same outputs).
 
 Models are built from configs (no network): a Marian-style teacher (--layers encoder and decoder
@@ -24,7 +24,7 @@ import time
 import torch
 
 from lmkd.evaluate import evaluate_models
-from lmkd.metrics import generate_texts
+from lmkd.generation import generate_texts
 from lmkd.scratch import build_model, train_tokenizer
 from lmkd.student import make_student
 

@@ -8,10 +8,6 @@ for classification, ``text`` for mlm and causal-lm -- each name is an option.
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -22,18 +18,9 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
+from .constants import CLASSIFICATION, DEFAULT_COLUMNS, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND, TASKS
 from .errors import LmkdError
-from .modeling import TASK_KIND
-
-TASKS = tuple(TASK_KIND)
-
-DEFAULT_COLUMNS = {
-    "translation": ("source", "target"),
-    "summarization": ("document", "summary"),
-    "classification": ("text", "label"),
-    "mlm": ("text", None),
-    "causal-lm": ("text", None),
-}
+from .io import read_rows
 
 
 @dataclass
@@ -81,44 +68,6 @@ class DataArguments:
                                 f"{self.gold_column!r}; set target_column: teacher_target (lmkd generate output)")
 
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl/.json/.csv file (optionally gzipped), with one-line errors."""
-    if not os.path.exists(path):
-        raise LmkdError(f"data file {path} does not exist; check the path")
-    name = path[:-3] if path.endswith(".gz") else path
-    rows: list[dict] = []
-    with _open_text(path) as f:
-        if name.endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        elif name.endswith(".json") and not name.endswith(".jsonl"):
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise LmkdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                                "use a JSON list of objects or JSON lines") from e
-        else:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LmkdError(f"{path} line {lineno} is not JSON ({e.msg}); each line must be one JSON "
-                                    "object like {\"source\": ..., \"target\": ...}") from e
-                if not isinstance(row, dict):
-                    raise LmkdError(f"{path} line {lineno} is not a JSON object; each line must be one object")
-                rows.append(row)
-    if not rows:
-        raise LmkdError(f"data file {path} is empty; it needs at least one row")
-    return rows
-
-
 def load_data(path: str, columns: list[str] | tuple[str, ...] = ()) -> datasets.Dataset:
     """A ``datasets.Dataset`` from a file or a ``save_to_disk`` directory, checked for ``columns``."""
     if os.path.isdir(path):
@@ -162,13 +111,13 @@ def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: boo
 
     def fn(batch):
         texts = [args.source_prefix + str(t) for t in batch[src]]
-        if kind == "seq2seq":
+        if kind == SEQ2SEQ:
             enc = tokenizer(texts, max_length=args.max_source_length, truncation=True)
             if labelled:
                 enc["labels"] = tokenizer(text_target=[str(t) for t in batch[tgt]],
                                           max_length=args.max_target_length, truncation=True)["input_ids"]
             return enc
-        if kind == "classification":
+        if kind == CLASSIFICATION:
             enc = tokenizer(texts, max_length=args.max_source_length, truncation=True)
             if labelled:
                 enc["labels"] = [int(v) for v in batch[tgt]]
@@ -179,13 +128,13 @@ def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: boo
 
 
 def collator_for(task: str, tokenizer, model=None, mlm_probability: float = 0.15, seed: int | None = None):
-    """The HF collator for a task (dynamic padding; labels padded with -100)."""
+    """The HF collator for a task (dynamic padding; labels padded with IGNORE_INDEX, -100)."""
     kind = TASK_KIND[task]
-    if kind == "seq2seq":
-        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding=True)
-    if kind == "classification":
+    if kind == SEQ2SEQ:
+        return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, padding=True)
+    if kind == CLASSIFICATION:
         return DataCollatorWithPadding(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return DataCollatorForLanguageModeling(tokenizer, mlm=(kind == "mlm"), mlm_probability=mlm_probability,
+    return DataCollatorForLanguageModeling(tokenizer, mlm=(kind == MLM), mlm_probability=mlm_probability,
                                            seed=seed)

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 import torch
 
-from . import metrics
+from . import generation, metrics
 from .data import DEFAULT_COLUMNS, load_data
 from .errors import LmkdError
-from .modeling import CLASSIFICATION, SEQ2SEQ, load_model, load_tokenizer
+from .modeling import CLASSIFICATION, SEQ2SEQ, count_parameters, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_token
     """A function from a list of inputs to predictions, in one batch, no progress bar: what
     :func:`lmkd.metrics.measure_speed` times."""
     if task == "classification":
-        return lambda xs: metrics.classify(model, tokenizer, xs, batch_size=max(len(xs), 1),
+        return lambda xs: generation.classify(model, tokenizer, xs, batch_size=max(len(xs), 1),
                                            max_source_length=max_source_length, progress=False)
-    return lambda xs: metrics.generate_texts(model, tokenizer, xs, num_beams=num_beams, max_new_tokens=max_new_tokens,
+    return lambda xs: generation.generate_texts(model, tokenizer, xs, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                              batch_size=max(len(xs), 1), max_source_length=max_source_length,
                                              progress=False)
 
@@ -154,11 +154,11 @@ def evaluate_models(
     for label, (model, tokenizer) in loaded.items():
         if task == "classification":
             refs = _labels(references, model)
-            preds = metrics.classify(model, tokenizer, sources, batch_size=batch_size,
+            preds = generation.classify(model, tokenizer, sources, batch_size=batch_size,
                                      max_source_length=max_source_length, progress=progress, desc=label)
         else:
             refs = [str(r) for r in references]
-            preds = metrics.generate_texts(model, tokenizer, sources, num_beams=num_beams,
+            preds = generation.generate_texts(model, tokenizer, sources, num_beams=num_beams,
                                            max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            max_source_length=max_source_length, progress=progress, desc=label)
         scores, signatures = quality(task, preds, refs)
@@ -167,7 +167,7 @@ def evaluate_models(
         result["models"][label] = {
             "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
             "quality": scores,
-            "size": {"parameters": metrics.count_parameters(model), "bytes_on_disk": metrics.dir_bytes(str(models[label]))},
+            "size": {"parameters": count_parameters(model), "bytes_on_disk": metrics.dir_bytes(str(models[label]))},
         }
 
     if speed_samples > 0:

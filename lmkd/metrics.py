@@ -6,13 +6,15 @@
   ROUGE-Lsum splits texts into sentences on newlines (added after sentence-final punctuation when
   a text has none, as the CNN/DM evaluations do);
 * accuracy and macro-F1 from confusion counts (sklearn's definitions, zero_division=0);
-* size: distinct parameters and bytes on disk of a saved model directory;
+* size: bytes on disk of a saved model directory (distinct parameters:
+  :func:`lmkd.modeling.count_parameters`);
 * speed: latency per example at batch 1 and throughput at a larger batch, measured with the
   same inputs for every model in one run, the models interleaved within each repeat (so a
   machine that gets busier mid-run slows all of them alike); warm-up first, then the median of
   the repeats, under ``torch.inference_mode``.
 
-All quality scores are on a 0-100 scale (accuracy and macro-F1 as percentages).
+All quality scores are on a 0-100 scale (accuracy and macro-F1 as percentages).  Running the
+models whose outputs these score is :mod:`lmkd.generation`'s (``generate_texts``, ``classify``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import LmkdError
-from .student import count_parameters  # noqa: F401  (re-exported: the size metric)
 
 # ---- text quality -------------------------------------------------------------------------------
 
@@ -106,9 +107,7 @@ def _check_pairs(hypotheses, references) -> None:
         raise LmkdError("nothing to score: no examples")
 
 
-# ---- size ---------------------------------------------------------------------------------------
-
-
+# ---- size (parameters: lmkd.modeling.count_parameters) -----------------------------------------
 
 
 def dir_bytes(path: str) -> int | None:
@@ -116,69 +115,6 @@ def dir_bytes(path: str) -> int | None:
     if not os.path.isdir(path):
         return None
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-# ---- running models -----------------------------------------------------------------------------
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batches(n: int, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Index batches of ``batch_size``, longest inputs first (less padding, early OOM)."""
-    order = sorted(range(n), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4, max_new_tokens: int = 128,
-                   batch_size: int = 16, max_source_length: int | None = 512, progress: bool = True,
-                   desc: str = "generating") -> list[str]:
-    """Beam-search outputs of a seq2seq ``model`` for ``sources``, in the order of ``sources``.
-
-    Inputs are batched by length (longest first) and the outputs put back in order; a tqdm bar
-    counts examples.  The model's own generation config applies apart from ``num_beams`` and
-    ``max_new_tokens``.
-    """
-    from tqdm.auto import tqdm
-
-    if not getattr(model.config, "is_encoder_decoder", False):
-        raise LmkdError(f"{type(model).__name__} is not a sequence-to-sequence model; translation and "
-                        "summarization evaluation need one (T5, BART, Marian, ...)")
-    sources = [str(s) for s in sources]
-    outputs: list[str | None] = [None] * len(sources)
-    device = _device_of(model)
-    model.eval()
-    with tqdm(total=len(sources), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
-        for idx in _batches(len(sources), [len(s) for s in sources], batch_size):
-            enc = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_source_length).to(device)
-            out = model.generate(**enc, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                 do_sample=False)
-            for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
-                outputs[i] = text.strip()
-            bar.update(len(idx))
-    return outputs  # type: ignore[return-value]
-
-
-def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
-             progress: bool = True, desc: str = "classifying") -> list[int]:
-    """Predicted class ids (argmax of the logits) of a sequence classifier, in input order."""
-    from tqdm.auto import tqdm
-
-    texts = [str(t) for t in texts]
-    preds: list[int] = [0] * len(texts)
-    device = _device_of(model)
-    model.eval()
-    with tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
-        for idx in _batches(len(texts), [len(t) for t in texts], batch_size):
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_source_length).to(device)
-            logits = model(**enc).logits
-            for i, p in zip(idx, logits.argmax(-1).tolist()):
-                preds[i] = int(p)
-            bar.update(len(idx))
-    return preds
 
 
 # ---- speed --------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
+from .constants import CAUSAL, CLASSIFICATION, DTYPE_NAMES, MLM, SEQ2SEQ
+from .constants import TASK_KIND  # noqa: F401  (also read as lmkd.modeling.TASK_KIND by callers and tests)
 from .errors import LmkdError
-
-SEQ2SEQ, CAUSAL, MLM, CLASSIFICATION = "seq2seq", "causal", "mlm", "classification"
 
 AUTO_CLASS = {
     SEQ2SEQ: AutoModelForSeq2SeqLM,
@@ -36,16 +36,8 @@ AUTO_CLASS = {
     CLASSIFICATION: AutoModelForSequenceClassification,
 }
 
-#: which model kind each data task trains
-TASK_KIND = {
-    "translation": SEQ2SEQ,
-    "summarization": SEQ2SEQ,
-    "causal-lm": CAUSAL,
-    "mlm": MLM,
-    "classification": CLASSIFICATION,
-}
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the torch dtype of each name in lmkd.constants.DTYPE_NAMES
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def _names(mapping) -> set[str]:
@@ -90,6 +82,11 @@ def model_kind(model: torch.nn.Module) -> str:
             return kind
     raise LmkdError(f"lmkd cannot tell what kind of model {name} is; use a seq2seq LM, causal LM, "
                     "masked LM or sequence-classification model")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once): the size metric of evaluate and study."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def check_model_path(path: str) -> None:

@@ -327,16 +327,14 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
     @torch.no_grad()
     def on_policy_batch(self, model, batch: dict) -> dict:
         """``batch`` with its targets replaced by the student's samples (tagged :data:`ON_POLICY`)."""
+        from .generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
+
         student = unwrap(model)
         device = next(student.parameters()).device
         ids = batch["input_ids"].to(device)
         att = batch.get("attention_mask")
         att = att.to(device) if att is not None else torch.ones_like(ids)
-        cfg = student.generation_config
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else student.config.pad_token_id
-        eos = cfg.eos_token_id if cfg.eos_token_id is not None else student.config.eos_token_id
-        eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        pad = pad if pad is not None else (min(eos) if eos else 0)
+        pad = pad_token_id(student)
         if self.kind == CAUSAL:
             lengths = att.sum(1)
             p = max(1, min(self.args.on_policy_prompt_tokens, int(lengths.min()) - 1))
@@ -347,22 +345,10 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
             gen_in = dict(input_ids=ids, attention_mask=att)
         self.last_generation_seed = self.args.seed + 1 + self.on_policy_batches
         self.on_policy_batches += 1
-        was_training = student.training
-        student.eval()
-        devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.last_generation_seed)
-                out = student.generate(**gen_in, pad_token_id=pad, **self.generation_kwargs())
-        finally:
-            student.train(was_training)
+        out = generate_seeded(student, self.last_generation_seed, **gen_in, pad_token_id=pad,
+                              **self.generation_kwargs())
         new = out[:, p:]
-        # count generated tokens up to and including the first EOS
-        is_eos = torch.zeros_like(new, dtype=torch.bool)
-        for e in eos:
-            is_eos |= new.eq(e)
-        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before
-        valid = before.eq(0)
+        valid = eos_mask(new, eos_token_ids(student))  # generated tokens up to and including the first EOS
         if self.kind == CAUSAL:
             labels = out.clone()
             labels[:, :p] = losses.IGNORE_INDEX

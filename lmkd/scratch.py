@@ -11,10 +11,6 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
     BartConfig,
     BertConfig,
     GPT2Config,
@@ -23,6 +19,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
 )
+
+from .constants import CAUSAL, MLM, SEQ2SEQ
+from .modeling import AUTO_CLASS
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<s>", "<unk>", "<mask>"]
 PAD, EOS, BOS, UNK, MASK = range(5)
@@ -82,11 +81,8 @@ def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2,
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-ARCH_KINDS = {"bart": "seq2seq", "marian": "seq2seq", "t5": "seq2seq", "bert": "mlm", "gpt2": "causal",
-              "llama": "causal"}
-
-_AUTO = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM,
-         "classification": AutoModelForSequenceClassification}
+#: the model kind of each architecture's LM head (build a model of it with lmkd.modeling.AUTO_CLASS[kind])
+ARCH_KINDS = {"bart": SEQ2SEQ, "marian": SEQ2SEQ, "t5": SEQ2SEQ, "bert": MLM, "gpt2": CAUSAL, "llama": CAUSAL}
 
 
 def build_model(arch: str, vocab_size: int, kind: str | None = None, seed: int = 0, **sizes):
@@ -96,4 +92,4 @@ def build_model(arch: str, vocab_size: int, kind: str | None = None, seed: int =
 
     torch.manual_seed(seed)
     config = model_config(arch, vocab_size, **sizes)
-    return _AUTO[kind or ARCH_KINDS[arch]].from_config(config)
+    return AUTO_CLASS[kind or ARCH_KINDS[arch]].from_config(config)

@@ -39,13 +39,16 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from .errors import LmkdError
-from .modeling import CAUSAL, SEQ2SEQ, kind_from_config, load_model, load_tokenizer, model_kind, unwrap
+from .generation import generate_batch, length_batches, longest_first
+from .io import atomic_write_text
+from .modeling import kind_from_config, load_model, load_tokenizer, model_kind
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +58,6 @@ JSONL_FILE = "generated.jsonl"
 FILTER_METRICS = ("bleu", "chrf", "rouge2")
 SELECT_METHODS = ("seq-inter",)
 FORMATS = ("arrow", "jsonl")
-STOP_ENV = "LMKD_GENERATE_STOP_AFTER_CHUNKS"  # test hook: raise after writing this many chunks
-
-
-class StopForTest(RuntimeError):
-    """Raised by the ``_stop_after_chunks`` test hook to simulate a run killed part-way."""
 
 
 # ---- Seq-Inter and filtering: pure functions -----------------------------------------------------
@@ -197,192 +195,7 @@ class GenerationSettings:
             raise LmkdError("--select seq-inter chooses among the K-best: pass --num-return-sequences K > 1")
 
 
-# ---- sampling that does not depend on the batch ----------------------------------------------------
-
-
-def _row_seed(seed: int, index: int, sample: int, step: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{index}/{sample}/{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class PerExampleSampler:
-    """A logits processor that turns greedy search into sampling (Gumbel-max): to the warped
-    log-probabilities it adds Gumbel noise drawn from a generator seeded by (seed, example index,
-    sample number, step).  The draw of an example therefore does not depend on which other
-    examples share its batch, on the batch size, on the process, or on a resumed run."""
-
-    def __init__(self, seed: int, keys: list[tuple[int, int]], temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None):
-        from transformers import TopKLogitsWarper, TopPLogitsWarper
-
-        self.seed, self.keys, self.temperature = seed, keys, temperature
-        self.warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p else [])
-        self.step = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        noise = torch.empty_like(scores, device="cpu")
-        for row, (index, sample) in enumerate(self.keys):
-            g = torch.Generator().manual_seed(_row_seed(self.seed, index, sample, self.step))
-            u = torch.rand(scores.shape[-1], generator=g, dtype=torch.float64).clamp_(1e-20, 1 - 1e-16)
-            noise[row] = (-torch.log(-torch.log(u))).float()
-        self.step += 1
-        return scores + noise.to(scores.device)
-
-
-# ---- generation of one batch ---------------------------------------------------------------------
-
-
-def _pad(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if left:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-        else:
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _generation_config(model, s: GenerationSettings, pad_id: int):
-    from transformers import GenerationConfig
-
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    kwargs = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=False,
-                  num_return_sequences=1 if s.do_sample else s.num_return_sequences,
-                  length_penalty=s.length_penalty, no_repeat_ngram_size=s.no_repeat_ngram_size,
-                  repetition_penalty=s.repetition_penalty, pad_token_id=pad_id, eos_token_id=eos,
-                  bos_token_id=model.generation_config.bos_token_id,
-                  decoder_start_token_id=model.generation_config.decoder_start_token_id,
-                  forced_bos_token_id=model.generation_config.forced_bos_token_id,
-                  forced_eos_token_id=model.generation_config.forced_eos_token_id,
-                  early_stopping=model.generation_config.early_stopping if s.num_beams > 1 else False)
-    if getattr(model.config, "is_encoder_decoder", False) and kwargs["decoder_start_token_id"] is None:
-        kwargs["decoder_start_token_id"] = model.config.decoder_start_token_id
-    return GenerationConfig(**kwargs)
-
-
-def _eos_ids(gc) -> set[int]:
-    eos = gc.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-
-
-def _trim(tokens: list[int], eos: set[int], pad_id: int) -> list[int]:
-    """Generated tokens up to and including the first EOS (trailing padding removed)."""
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    while tokens and tokens[-1] == pad_id and pad_id not in eos:
-        tokens = tokens[:-1]
-    return tokens
-
-
-@torch.no_grad()
-def _score(model, kind: str, prompts: list[list[int]], hyps: list[list[int]], pad_id: int, start_id: int | None,
-           max_elements: int = 2 ** 25) -> list[float]:
-    """Mean teacher log-probability per token of each hypothesis given its prompt (teacher forcing)."""
-    device = next(model.parameters()).device
-    vocab = unwrap(model).config.get_text_config().vocab_size
-    out: list[float] = []
-
-    def width(t: int) -> int:  # logits positions of row t
-        return len(prompts[t]) + len(hyps[t]) if kind == CAUSAL else len(hyps[t]) + 1
-
-    i = 0
-    while i < len(hyps):  # sub-batches whose logits stay under max_elements
-        j, widest = i + 1, width(i)
-        while j < len(hyps) and (j + 1 - i) * max(widest, width(j)) * vocab <= max_elements:
-            widest = max(widest, width(j))
-            j += 1
-        P, H = prompts[i:j], [h if h else [pad_id] for h in hyps[i:j]]
-        lengths = [max(len(h), 1) for h in hyps[i:j]]
-        if kind == SEQ2SEQ:
-            ids, mask = _pad(P, pad_id, False, device)
-            dec_in, _ = _pad([[start_id] + h[:-1] for h in H], pad_id, False, device)
-            target, tmask = _pad(H, pad_id, False, device)
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in).logits
-        else:
-            seqs = [p + h for p, h in zip(P, H)]
-            ids, mask = _pad(seqs, pad_id, True, device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            hl = max(len(h) for h in H)
-            logits = logits[:, -hl - 1:-1]
-            target, tmask = _pad(H, pad_id, True, device)
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        sums = (lp * tmask).sum(-1)
-        out.extend(float(s) / n for s, n in zip(sums.tolist(), lengths))
-        i = j
-    return out
-
-
-@torch.no_grad()
-def generate_batch(model, tokenizer, inputs: list[list[int]], indices: list[int], s: GenerationSettings,
-                   kind: str | None = None) -> list[dict]:
-    """Generate for one batch of tokenised inputs; returns per input ``{"teacher_nbest": [...],
-    "teacher_nbest_scores": [...]}`` (K hypotheses, best first for beam search)."""
-    kind = kind or model_kind(model)
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise LmkdError("the teacher's tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    gc = _generation_config(unwrap(model), s, pad_id)
-    k = s.num_return_sequences
-    processors = None
-    rows = inputs
-    if s.do_sample:
-        from transformers import LogitsProcessorList
-
-        rows = [x for x in inputs for _ in range(k)]
-        keys = [(idx, j) for idx in indices for j in range(k)]
-        processors = LogitsProcessorList([PerExampleSampler(s.seed, keys, s.temperature, s.top_k, s.top_p)])
-    ids, mask = _pad(rows, pad_id, left=(kind == CAUSAL), device=device)
-    seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, logits_processor=processors)
-    new = seq[:, ids.shape[1]:] if kind == CAUSAL else seq[:, 1:]
-    eos = _eos_ids(gc)
-    hyps = [_trim(t, eos, pad_id) for t in new.tolist()]
-    prompts = [x for x in inputs for _ in range(k)]
-    scores = _score(model, kind, prompts, hyps, pad_id, gc.decoder_start_token_id)
-    texts = tokenizer.batch_decode(hyps, skip_special_tokens=True)
-    return [{"teacher_nbest": [t.strip() for t in texts[i * k:(i + 1) * k]],
-             "teacher_nbest_scores": scores[i * k:(i + 1) * k]} for i in range(len(inputs))]
-
-
 # ---- the whole run -------------------------------------------------------------------------------
-
-
-def _batches(order: list[int], lengths: list[int], batch_size: int | None, max_tokens: int | None):
-    """Consecutive slices of ``order``: ``batch_size`` rows, or as many as fit ``max_tokens`` padded
-    input tokens."""
-    i = 0
-    while i < len(order):
-        if max_tokens is None:
-            j = min(i + batch_size, len(order))
-        else:
-            j, longest = i + 1, lengths[order[i]]
-            while j < len(order) and (j + 1 - i) * max(longest, lengths[order[j]]) <= max_tokens:
-                longest = max(longest, lengths[order[j]])
-                j += 1
-            if batch_size is not None:
-                j = min(j, i + batch_size)
-        yield order[i:j]
-        i = j
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_rows(data) -> list[dict]:
@@ -420,7 +233,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
                             reference_column: str | None = None, filter_metric: str | None = None,
                             filter_min: float | None = None, dtype: str = "auto", sort_by_length: bool = True,
                             overwrite: bool = False, progress: bool = True,
-                            _stop_after_chunks: int | None = None) -> dict:
+                            on_chunk: Callable[[int], None] | None = None) -> dict:
     """Generate teacher pseudo-targets for every row of ``data`` into ``output_dir``.
 
     ``teacher`` is a checkpoint path (the tokenizer is loaded from it) or a model object (then pass
@@ -428,6 +241,10 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     or a list of dicts.  Returns a report: rows generated, rows changed by Seq-Inter, rows dropped
     by the filter, seconds, examples/s, and the output path.  Run under ``accelerate launch`` to
     split the work across processes; call again with the same arguments to resume.
+
+    ``on_chunk``, when given, is called after each chunk this process generates is durably written,
+    with the number of chunks this call has written so far (a progress hook; what it raises stops
+    the run as a kill would, and the same call resumes it).
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -441,9 +258,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     # cpu=True when there is no GPU: otherwise accelerate runs every torchrun process alone (non-distributed)
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
                          or not torch.cuda.is_available())
-    if _stop_after_chunks is None and os.environ.get(STOP_ENV):
-        _stop_after_chunks = int(os.environ[STOP_ENV])
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if dtype not in AUTO_DTYPE_NAMES:
         raise LmkdError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
     if isinstance(teacher, (str, os.PathLike)):
         teacher_name = str(teacher)
@@ -503,14 +318,14 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
             shutil.rmtree(output_dir)
         os.makedirs(chunk_dir, exist_ok=True)
         if not os.path.isfile(settings_path):
-            _write_atomic(settings_path, json.dumps({"settings": settings_json, "complete": False}, indent=1))
+            atomic_write_text(settings_path, json.dumps({"settings": settings_json, "complete": False}, indent=1))
     state.wait_for_everyone()
 
     # -- tokenise, sort, chunk ------------------------------------------------------------------
     model, tokenizer = _teacher_and_tokenizer(teacher, tokenizer, dtype)
     enc = tokenizer(sources, max_length=max_source_length, truncation=True)["input_ids"]
     lengths = [len(x) for x in enc]
-    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i)) if sort_by_length else list(range(len(rows)))
+    order = longest_first(lengths) if sort_by_length else list(range(len(rows)))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
     todo = [c for c in mine if not os.path.isfile(os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl"))]
@@ -526,17 +341,17 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     bar = tqdm(total=sum(len(chunks[c]) for c in mine), initial=done_rows, unit="ex", desc="generating",
                disable=not (progress and state.is_local_main_process), dynamic_ncols=True)
     try:
-        for n_written, c in enumerate(todo):
-            if _stop_after_chunks is not None and n_written >= _stop_after_chunks:
-                raise StopForTest(f"stopped after {n_written} chunks (test hook)")
+        for n_written, c in enumerate(todo, 1):
             lines = []
-            for batch in _batches(chunks[c], lengths, batch_size, max_tokens):
+            for batch in length_batches(chunks[c], lengths, batch_size, max_tokens):
                 outs = generate_batch(model, tokenizer, [enc[i] for i in batch], batch, settings, kind)
                 for i, o in zip(batch, outs):
                     lines.append(json.dumps({"_index": i, **o}, ensure_ascii=False))
                 bar.update(len(batch))
                 generated += len(batch)
-            _write_atomic(os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl"), "\n".join(lines) + "\n")
+            atomic_write_text(os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl"), "\n".join(lines) + "\n")
+            if on_chunk is not None:
+                on_chunk(n_written)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -547,7 +362,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
               "output": output_dir}
     if state.is_main_process:
         report.update(_merge(rows, chunks, settings, output_dir))
-        _write_atomic(settings_path, json.dumps({"settings": asdict(settings), "complete": True,
+        atomic_write_text(settings_path, json.dumps({"settings": asdict(settings), "complete": True,
                                                  "report": {k: v for k, v in report.items() if k != "output"}},
                                                 indent=1))
         shutil.rmtree(chunk_dir, ignore_errors=True)
@@ -591,7 +406,7 @@ def _merge(rows: list[dict], chunks: list[list[int]], s: GenerationSettings, out
     if not out:
         raise LmkdError("the filter dropped every row; lower --filter-min")
     if s.output_format == "jsonl":
-        _write_atomic(os.path.join(output_dir, JSONL_FILE),
+        atomic_write_text(os.path.join(output_dir, JSONL_FILE),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
     else:
         tmp = os.path.join(output_dir, ".tmp-dataset")
@@ -616,5 +431,5 @@ def load_generated(output_dir: str):
     return datasets.load_from_disk(output_dir)
 
 
-__all__ = ["generate_pseudo_targets", "generate_batch", "seq_inter_select", "sentence_scores", "filter_below",
-           "select_and_filter", "load_generated", "GenerationSettings", "PerExampleSampler", "StopForTest"]
+__all__ = ["generate_pseudo_targets", "seq_inter_select", "sentence_scores", "filter_below",
+           "select_and_filter", "load_generated", "GenerationSettings"]

@@ -13,7 +13,8 @@ import json
 
 import torch
 
-from lmkd.scratch import _AUTO, ARCH_KINDS, EOS, model_config
+from lmkd.modeling import AUTO_CLASS
+from lmkd.scratch import ARCH_KINDS, EOS, model_config
 
 # (init scale, EOS boost) per architecture, chosen so greedy outputs are varied and mixed in length
 TEACHER_SETTINGS = {"t5": (10.0, 2.0), "bart": (10.0, 3.0), "marian": (10.0, 4.0), "gpt2": (10.0, 2.0)}
@@ -26,7 +27,7 @@ def build_teacher(arch: str, tokenizer, seed: int = 0):
     for name in ("init_std", "initializer_range", "initializer_factor"):
         if hasattr(config, name):
             setattr(config, name, getattr(config, name) * scale)
-    model = _AUTO[ARCH_KINDS[arch]].from_config(config).eval()
+    model = AUTO_CLASS[ARCH_KINDS[arch]].from_config(config).eval()
     with torch.no_grad():
         if hasattr(model, "final_logits_bias"):  # BART / Marian
             model.final_logits_bias[0, EOS] += eos

@@ -15,7 +15,6 @@ from lmkd.modeling import load_model, load_tokenizer
 from lmkd.seqkd import (
     CHUNK_DIR,
     SETTINGS_FILE,
-    StopForTest,
     filter_below,
     generate_pseudo_targets,
     load_generated,
@@ -148,14 +147,26 @@ def test_max_tokens_batching_gives_the_same_rows(teacher_dir, rows, tmp_path):
     _assert_same(a, b.to_list())
 
 
+class Killed(RuntimeError):
+    """Raised from the on_chunk callback to simulate a run killed part-way."""
+
+
+def _kill_after(chunks: int):
+    def on_chunk(written: int) -> None:
+        if written >= chunks:
+            raise Killed(f"killed after {written} chunks")
+
+    return on_chunk
+
+
 def test_killed_run_resumes_to_the_uninterrupted_output(teacher_dir, rows, tmp_path):
     path = teacher_dir("t5")
     kw = dict(num_beams=2, num_return_sequences=2, batch_size=3, chunk_size=4)  # 20 rows -> 5 chunks
     full = load_generated(_gen(path, rows, tmp_path / "full", **kw)["output"]).to_list()
 
     out = tmp_path / "killed"
-    with pytest.raises(StopForTest):
-        _gen(path, rows, out, _stop_after_chunks=2, **kw)
+    with pytest.raises(Killed):
+        _gen(path, rows, out, on_chunk=_kill_after(2), **kw)
     assert sorted(os.listdir(out / CHUNK_DIR)) == ["chunk-000000.jsonl", "chunk-000001.jsonl"]
     assert json.loads((out / SETTINGS_FILE).read_text())["complete"] is False
     (out / CHUNK_DIR / "chunk-000002.jsonl.tmp-1").write_text('{"_index": 0, "half a line')  # a torn write
