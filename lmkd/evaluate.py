@@ -74,10 +74,10 @@ def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_token
     :func:`lmkd.metrics.measure_speed` times."""
     if task == "classification":
         return lambda xs: generation.classify(model, tokenizer, xs, batch_size=max(len(xs), 1),
-                                           max_source_length=max_source_length, progress=False)
-    return lambda xs: generation.generate_texts(model, tokenizer, xs, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                             batch_size=max(len(xs), 1), max_source_length=max_source_length,
-                                             progress=False)
+                                              max_source_length=max_source_length, progress=False)
+    return lambda xs: generation.generate_texts(model, tokenizer, xs, num_beams=num_beams,
+                                                max_new_tokens=max_new_tokens, batch_size=max(len(xs), 1),
+                                                max_source_length=max_source_length, progress=False)
 
 
 def evaluate_models(
@@ -155,12 +155,12 @@ def evaluate_models(
         if task == "classification":
             refs = _labels(references, model)
             preds = generation.classify(model, tokenizer, sources, batch_size=batch_size,
-                                     max_source_length=max_source_length, progress=progress, desc=label)
+                                        max_source_length=max_source_length, progress=progress, desc=label)
         else:
             refs = [str(r) for r in references]
             preds = generation.generate_texts(model, tokenizer, sources, num_beams=num_beams,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                           max_source_length=max_source_length, progress=progress, desc=label)
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                              max_source_length=max_source_length, progress=progress, desc=label)
         scores, signatures = quality(task, preds, refs)
         result["signatures"].update(signatures)
         result["predictions"][label] = preds

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .token import at_least_float32
+
 #: names accepted by :func:`hidden_loss` / ``DistillationConfig.hidden_loss``
 HIDDEN_LOSSES = ("mse", "cosine")
 #: names accepted by :func:`attention_loss` / ``DistillationConfig.attention_loss``
@@ -44,10 +46,6 @@ __all__ = [
     "masked_mean_pool", "hidden_mse", "hidden_cosine", "hidden_loss", "hint_loss", "attention_loss",
     "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss", "relation_loss",
 ]
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _check_mask(mask: torch.Tensor | None, shape: torch.Size, what: str) -> None:
@@ -70,7 +68,8 @@ def _token_rows(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
 def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
     """``(N, D_s)``, ``(N, D_t)`` rows of the selected positions, in float32."""
     student, teacher = _token_rows(student, teacher, mask)
-    return _f32(student.reshape(-1, student.shape[-1])), _f32(teacher.reshape(-1, teacher.shape[-1]))
+    return (at_least_float32(student.reshape(-1, student.shape[-1])),
+            at_least_float32(teacher.reshape(-1, teacher.shape[-1])))
 
 
 # ---- hidden states ----------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, T, D) -> (B, D)``: the mean over each sequence's selected tokens (0 for an empty one)."""
-    hidden = _f32(hidden)
+    hidden = at_least_float32(hidden)
     if mask is None:
         return hidden.mean(1)
     _check_mask(mask, hidden.shape[:-1], "hidden states")
@@ -158,7 +157,7 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
         raise ValueError(f"attention maps {tuple(student.shape)} and {tuple(teacher.shape)} do not align")
     if loss not in ATTENTION_LOSSES:
         raise ValueError(f"unknown attention loss {loss!r}; choose one of {', '.join(ATTENTION_LOSSES)}")
-    s, t = _f32(student), _f32(teacher)
+    s, t = at_least_float32(student), at_least_float32(teacher)
     if s.shape[1] != t.shape[1]:
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
     b, _, tq, tk = s.shape
@@ -199,7 +198,7 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     mean over the pairs ``i != j``, compared with the Huber loss (smooth L1, delta 1); the mean over
     the ``N (N - 1)`` ordered pairs ``i != j``.  ``student`` ``(N, D_s)``, ``teacher``
     ``(N, D_t)``; 0 for ``N < 2``."""
-    s, t = _f32(student), _f32(teacher)
+    s, t = at_least_float32(student), at_least_float32(teacher)
     n = s.shape[0]
     if n < 2:
         return s.sum() * 0
@@ -215,7 +214,7 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     ``<e(x_i - x_j), e(x_k - x_j)>`` with ``e`` the unit vector, compared with the Huber loss;
     the mean over the ``N (N - 1)^2`` triples with ``i != j`` and ``k != j``.  0 for ``N < 2``.
     Memory grows as ``N^2 D`` (and ``N^3`` for the cosines)."""
-    s, t = _f32(student), _f32(teacher)
+    s, t = at_least_float32(student), at_least_float32(teacher)
     n = s.shape[0]
     if n < 2:
         return s.sum() * 0
@@ -245,7 +244,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Similarity-Preserving KD (Tung & Mori 2019, eq. 3-4): Gram matrices ``G = X X^T``
     ``(N, N)`` of each side, each row L2-normalised, and ``||G_s - G_t||_F^2 / N^2``.  Invariant
     to rotations and scaling of either side and to its feature dimension."""
-    s, t = _f32(student), _f32(teacher)
+    s, t = at_least_float32(student), at_least_float32(teacher)
     n = s.shape[0]
     if n == 0:
         return s.sum() * 0
@@ -257,7 +256,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def _sp_per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """:func:`sp_loss` among the selected tokens of each sequence, for all sequences at once
     ``(B,)``: padded tokens give zero rows and columns of the Gram matrices, which add nothing."""
-    s, t = _f32(student), _f32(teacher)
+    s, t = at_least_float32(student), at_least_float32(teacher)
     if mask is None:
         mask = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
     m = mask.to(s.dtype)

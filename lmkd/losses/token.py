@@ -28,7 +28,7 @@ from ..constants import IGNORE_INDEX
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
 
 __all__ = ["IGNORE_INDEX", "KD_LOSSES", "mask_from_labels", "forward_kl", "reverse_kl", "generalized_jsd",
-           "logit_mse", "cross_entropy", "token_kd_loss", "hinton_loss"]
+           "logit_mse", "cross_entropy", "token_kd_loss", "hinton_loss", "at_least_float32"]
 
 
 def mask_from_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -36,8 +36,9 @@ def mask_from_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return labels.ne(ignore_index)
 
 
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 stays float64)."""
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` up-cast to float32 when it is half precision (bf16/fp16); float32 and float64 stay as
+    they are.  Every loss of :mod:`lmkd.losses` computes in this dtype."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -48,7 +49,7 @@ def _select(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if mask.shape != logits.shape[:-1]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}")
         logits = logits[mask.to(torch.bool)]
-    return _up(logits.reshape(-1, v))
+    return at_least_float32(logits.reshape(-1, v))
 
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Hard-label cross-entropy summed over the positions whose label is not ``ignore_index``."""
     return F.cross_entropy(
-        _up(logits.reshape(-1, logits.shape[-1])),
+        at_least_float32(logits.reshape(-1, logits.shape[-1])),
         labels.reshape(-1),
         ignore_index=ignore_index,
         reduction="sum",
