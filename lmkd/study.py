@@ -507,8 +507,7 @@ def _train(out: str, init_dir: str, task: str, train_file: str, validation_file:
            kd_alpha: float = 0.0, seed: int = 42, **config) -> dict:
     """One run of DistillationTrainer (``kd_alpha`` 0: plain training) from ``init_dir`` into ``out``;
     ``config`` adds or overrides DistillationConfig fields (e.g. ``teacher_cache``)."""
-    from .cli import ModelArguments
-    from .config import DistillationConfig
+    from .config import DistillationConfig, ModelArguments
     from .data import DataArguments
     from .distill import run_distill
 
