@@ -238,8 +238,8 @@ def test_cli_help_has_examples(capsys):
 
 def test_student_init_copies_teacher_layers_when_they_fit_else_builds_a_narrower_model():
     from lmkd.scratch import build_model
-    from lmkd.student import count_parameters
-    from lmkd.study import _spread, copied_layers_within, scaled_student_config
+    from lmkd.student import copied_layers_within, count_parameters, scaled_student_config
+    from lmkd.student import spread_layers as _spread
 
     assert _spread(12, 3) == [0, 6, 11] and _spread(3, 1) == [0] and _spread(6, 2) == [0, 5]
     teacher = build_model("bart", 4000, d_model=256, layers=3, ffn=1024)  # the quick budget's teacher
