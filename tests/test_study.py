@@ -14,7 +14,7 @@ import torch
 
 from conftest import corpus_rows
 from lmkd.errors import LmkdError
-from lmkd.study import STOP_ENV, SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
+from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
 BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "teacher", "transfer-rows", "transfer",
                "s025-init"]
@@ -47,10 +47,13 @@ def translation(tmp_path_factory, one_thread):
     """The tiny translation study on the shipped corpus, interrupted after the student init and
     then resumed.  Returns (output dir, stages run before the stop, their stage.json)."""
     out = str(tmp_path_factory.mktemp("study") / "translation")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(STOP_ENV, "s025-init")
-        with pytest.raises(StudyStopped):
-            run_study(StudyOptions(task="translation", budget="tiny", output=out))
+
+    def stop_after_init(stage):  # the interruption: right after the student init is saved
+        if stage == "s025-init":
+            raise StudyStopped(f"stopped after stage {stage}")
+
+    with pytest.raises(StudyStopped):
+        run_study(StudyOptions(task="translation", budget="tiny", output=out), after_stage=stop_after_init)
     before = _log(out)
     metas = {name: _stage_meta(out, name) for name in before}
     run_study(StudyOptions(task="translation", budget="tiny", output=out))
