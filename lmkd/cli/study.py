@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..constants import EVAL_TASKS
+from ..study import BUDGETS
 
 
 def _fractions(text: str) -> list[float]:
@@ -45,7 +46,7 @@ def add_parser(sub):
     p.add_argument("--student-sizes", type=_fractions,
                    help="student sizes as fractions of the teacher: of its parameters for seq2seq (default 0.25), "
                         "of its layers for classification (default 0.5 = every other layer)")
-    p.add_argument("--budget", default="quick", choices=["tiny", "quick", "full"],
+    p.add_argument("--budget", default="quick", choices=list(BUDGETS),
                    help="how much to train and evaluate (default quick)")
     p.add_argument("--teacher-steps", type=int, help="override the budget's teacher training steps")
     p.add_argument("--student-steps", type=int, help="override the budget's steps per student")
