@@ -4,7 +4,7 @@ Issue 5's goal: on the shipped en->fr data, a student trained from cached top-K 
 within 0.5 BLEU of one trained with the online teacher, same seed and steps.  This script takes
 the teacher, the student initialisation and the transfer set of a `make demo` study (`lmkd
 study --budget quick`, in ``--study``) and trains, for every seed, three Word-KD students with
-the study's own training settings (lmkd.study._train: AdamW 1e-3, constant after 200 warm-up
+the study's own training settings (lmkd.study.train_student: AdamW 1e-3, constant after 200 warm-up
 steps, batch 32, alpha 0.5, tau 1):
 
   online     the teacher runs in every step
@@ -43,7 +43,7 @@ def main() -> int:
 
     from lmkd.data import DataArguments
     from lmkd.logit_cache import cache_logits
-    from lmkd.study import BUDGETS, _train, evaluate_quality, shipped_corpus
+    from lmkd.study import BUDGETS, evaluate_quality, shipped_corpus, train_student
 
     stages = os.path.join(ns.study, "stages")
     teacher, init = os.path.join(stages, "teacher"), os.path.join(stages, "s025-init")
@@ -74,8 +74,8 @@ def main() -> int:
             out = os.path.join(ns.output, f"{name.replace('+', '-tail')}-s{seed}-{ns.steps}")
             if not os.path.isfile(os.path.join(out, "model.safetensors")):
                 t0 = time.perf_counter()
-                _train(out, init, "translation", transfer, None, plan, steps=ns.steps, lr=plan["student_lr"],
-                       teacher_dir=teacher if name == "online" else None, kd_alpha=0.5, seed=seed, **extra)
+                train_student(out, init, "translation", transfer, None, plan, steps=ns.steps, lr=plan["student_lr"],
+                              teacher_dir=teacher if name == "online" else None, kd_alpha=0.5, seed=seed, **extra)
                 print(f"trained {name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             bleu[name][seed] = evaluate_quality(out, "translation", test, 1, plan["max_new_tokens"])["greedy"]["bleu"]
             print(f"  {name:<10} seed {seed}: BLEU {bleu[name][seed]:.2f}", flush=True)

@@ -263,3 +263,13 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if len(teachers) > 1 and self.kd_loss == "mse":
             raise LmkdError("a teacher ensemble averages softened distributions, which logit matching (kd_loss "
                             "mse) cannot use; choose forward_kl, reverse_kl or jsd")
+
+
+@dataclass
+class ModelArguments:
+    """Which student to train (the teacher is a DistillationConfig field)."""
+
+    student_model_name_or_path: str = field(
+        metadata={"help": "Student checkpoint (hub id or local dir), e.g. one written by `lmkd make-student`."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use (default: the student's)."})

@@ -3,26 +3,26 @@
 The body of ``lmkd evaluate`` and what the study runner calls.  Quality comes from
 :mod:`lmkd.metrics` (sacrebleu, rouge-score), speed from one run in which every model takes
 turns on the same inputs.  ``write_report`` writes the JSON, a markdown table next to it and,
-optionally, a plot of quality against latency.
+optionally, a plot of quality against latency, through the shared writer :mod:`lmkd.report`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
 
 import torch
 
-from . import generation, metrics
-from .data import DEFAULT_COLUMNS, load_data
+from . import generation, metrics, report
+from .constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ
+from .data import load_data
 from .errors import LmkdError
-from .modeling import CLASSIFICATION, SEQ2SEQ, count_parameters, load_model, load_tokenizer
+from .modeling import count_parameters, load_model, load_tokenizer
+from .report import format_cell
 
 logger = logging.getLogger(__name__)
 
-EVAL_TASKS = ("translation", "summarization", "classification")
 #: the score quality is retained against and plotted, per task
 PRIMARY_METRIC = {"translation": "bleu", "summarization": "rouge2", "classification": "accuracy"}
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
@@ -200,10 +200,6 @@ def evaluate_models(
 # ---- report -------------------------------------------------------------------------------------
 
 
-def _fmt(v, spec=".2f") -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def markdown_table(result: dict) -> str:
     """One row per model: quality, size, speed and, with a teacher, retained quality and speed-up."""
     names = list(next(iter(result["models"].values()))["quality"])
@@ -218,21 +214,21 @@ def markdown_table(result: dict) -> str:
         head += [f"{METRIC_NAMES[primary]} retained %"]
         if has_speed:
             head += ["speed-up (batch 1)", f"speed-up (batch {bs})"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for label, m in result["models"].items():
         size = m["size"]
-        row = [label] + [_fmt(m["quality"][n]) for n in names]
+        row = [label] + [format_cell(m["quality"][n]) for n in names]
         row += [f"{size['parameters']:,}",
-                _fmt(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
+                format_cell(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
         if has_speed:
-            row += [_fmt(m["speed"]["latency_ms"], ".1f"), _fmt(m["speed"]["throughput_per_s"], ".1f")]
+            row += [format_cell(m["speed"]["latency_ms"], ".1f"), format_cell(m["speed"]["throughput_per_s"], ".1f")]
         if has_teacher:
             vs = m.get("vs_teacher")
-            row += [_fmt(vs["retained_%"][primary], ".1f") if vs else "100 (teacher)"]
+            row += [format_cell(vs["retained_%"][primary], ".1f") if vs else "100 (teacher)"]
             if has_speed:
                 row += [f"{vs['speedup_latency']:.2f}x" if vs else "1x",
                         f"{vs['speedup_throughput']:.2f}x" if vs else "1x"]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
     s = result["settings"]
     notes = [f"{result['task']} on {result['data']} ({result['n_examples']} examples)"
              + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if result["task"] != "classification"
@@ -243,32 +239,18 @@ def markdown_table(result: dict) -> str:
         sp = next(iter(result["models"].values()))["speed"]
         notes.append(f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
                      f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return report.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> None:
     """A scatter of ``metric`` (default: the primary one) against latency, one labelled point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = metric or result["primary_metric"]
     if not all("speed" in m for m in result["models"].values()):
         raise LmkdError("--plot needs speed measurements; do not pass --speed-samples 0")
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for label, m in result["models"].items():
-        x, y = m["speed"]["latency_ms"], m["quality"][metric]
-        ax.scatter([x], [y], s=40, marker="*" if m["role"] == "teacher" else "o")
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.margins(0.2)  # room for the labels
-    ax.set_xlabel("latency per example, batch 1 (ms)")
-    ax.set_ylabel(METRIC_NAMES.get(metric, metric))
-    ax.set_title(f"{result['task']}: quality against latency")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    points = [report.PlotPoint(label, m["speed"]["latency_ms"], m["quality"][metric], m["role"] == "teacher")
+              for label, m in result["models"].items()]
+    report.plot_quality_latency(points, path, ylabel=METRIC_NAMES.get(metric, metric),
+                                title=f"{result['task']}: quality against latency")
 
 
 def write_report(result: dict, output: str | None = None, plot: str | None = None) -> str:
@@ -276,12 +258,7 @@ def write_report(result: dict, output: str | None = None, plot: str | None = Non
     the markdown."""
     table = markdown_table(result)
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1, ensure_ascii=False)
-        with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
-            f.write(table)
+        report.write_report(result, table, output, os.path.splitext(output)[0] + ".md")
     if plot:
-        os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
         plot_quality_latency(result, plot)
     return table

@@ -4,6 +4,10 @@ DistilBERT (Sanh et al., 2019) initialises its student from every other teacher 
 Rush (2020, "shrink and fine-tune") copy chosen encoder and decoder layers of BART/Pegasus/Marian.
 One table says, per architecture, where each layer stack lives and which config field counts it;
 the copying itself is the same code for every model.
+
+The student-shape search of ``lmkd study`` lives here too: :func:`copied_layers_within` (the most
+teacher layers that fit in a parameter budget, spread by :func:`spread_layers`) and
+:func:`scaled_student_config` (a fresh, narrower config of the teacher's family when no copy fits).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .errors import LmkdError
-from .modeling import unwrap
+from .modeling import AUTO_CLASS, count_parameters, model_kind, unwrap
 
 #: model_type -> {stack name: (module path of the layer list inside the state dict, config field)}
 LAYER_STACKS: dict[str, dict[str, tuple[str, str]]] = {
@@ -120,6 +124,99 @@ def make_student(
     return student
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+# ---- student shapes within a parameter budget ---------------------------------------------------
+
+# Width/depth fields per config family, for students scaled down from the teacher's config.
+_SHAPE_FIELDS = {
+    "bart": dict(d="d_model", ffn=("encoder_ffn_dim", "decoder_ffn_dim"),
+                 heads=("encoder_attention_heads", "decoder_attention_heads"),
+                 layers=("encoder_layers", "decoder_layers")),
+    "t5": dict(d="d_model", ffn=("d_ff",), heads=("num_heads",), layers=("num_layers", "num_decoder_layers"),
+               kv="d_kv"),
+    "bert": dict(d="hidden_size", ffn=("intermediate_size",), heads=("num_attention_heads",),
+                 layers=("num_hidden_layers",)),
+}
+_FAMILY = {**{t: "bart" for t in ("bart", "mbart", "marian", "pegasus", "m2m_100", "plbart", "blenderbot")},
+           **{t: "t5" for t in ("t5", "mt5", "umt5")},
+           **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")}}
+
+
+def _count_on_meta(config, kind: str) -> int:
+    """Parameters of a ``kind`` model built from ``config`` on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return count_parameters(AUTO_CLASS[kind].from_config(config))
+
+
+def scaled_student_config(teacher, fraction: float):
+    """The config of a fresh student with at most ``fraction`` of the teacher's parameters: the
+    teacher's config with width (d_model / 2^k, heads and feed-forward scaled alike) and depth
+    chosen to give the most parameters within the limit."""
+    config = teacher.config
+    family = _FAMILY.get(config.model_type)
+    if family is None:
+        raise LmkdError(f"lmkd study cannot scale down a {config.model_type!r} teacher; supported: "
+                        f"{', '.join(sorted(_FAMILY))} (or build a student with lmkd make-student and distil it)")
+    f = _SHAPE_FIELDS[family]
+    kind = model_kind(teacher)
+    limit = fraction * count_parameters(teacher)
+    d0 = getattr(config, f["d"])
+    heads0 = getattr(config, f["heads"][0])
+    ffn0 = getattr(config, f["ffn"][0])
+    layers0 = max(getattr(config, n) or getattr(config, f["layers"][0]) for n in f["layers"])
+    best = None
+    for k in range(0, 4):
+        d = d0 // (2 ** k)
+        if d < 8 or d0 % (2 ** k):
+            break
+        heads = max(1, heads0 // (2 ** k)) if d % max(1, heads0 // (2 ** k)) == 0 else 1
+        for layers in range(1, layers0 + 1):
+            cfg = copy.deepcopy(config)
+            setattr(cfg, f["d"], d)
+            for n in f["heads"]:
+                setattr(cfg, n, heads)
+            for n in f["ffn"]:
+                setattr(cfg, n, max(1, ffn0 // (2 ** k)))
+            for n in f["layers"]:
+                setattr(cfg, n, layers)
+            if "kv" in f:
+                setattr(cfg, f["kv"], d // heads)
+            if hasattr(cfg, "lmkd_layer_map"):
+                del cfg.lmkd_layer_map
+            n_params = _count_on_meta(cfg, kind)
+            if n_params <= limit and (best is None or n_params > best[0]):
+                best = (n_params, cfg)
+    if best is None:
+        raise LmkdError(f"no student of this teacher's shape fits in {fraction:g} of its parameters (the "
+                        "embeddings alone are larger); pass a larger --student-sizes value")
+    return best[1]
+
+
+def spread_layers(n: int, k: int) -> list[int]:
+    """``k`` of ``n`` layer indices spread from the first to the last (k=1: the first), as Shleifer &
+    Rush's shrink-and-fine-tune tables (12 -> 3: 0, 6, 11)."""
+    return [0] if k == 1 else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def copied_layers_within(teacher, fraction: float) -> dict[str, list[int]] | None:
+    """The encoder/decoder layers to copy from a seq2seq teacher (make_student) for the largest
+    student within ``fraction`` of its parameters, or None when even one layer each is too big
+    (then the study builds a fresh, narrower student)."""
+    stacks = stacks_of(teacher)
+    if set(stacks) != {"encoder", "decoder"}:
+        return None
+    config = teacher.config
+    counts = {name: getattr(config, f) or config.num_layers for name, (_, f) in stacks.items()}
+    limit = fraction * count_parameters(teacher)
+    best = None
+    for ke in range(1, counts["encoder"] + 1):
+        for kd in range(1, counts["decoder"] + 1):
+            if (ke, kd) == (counts["encoder"], counts["decoder"]):
+                continue
+            cfg = copy.deepcopy(config)
+            setattr(cfg, stacks["encoder"][1], ke)
+            setattr(cfg, stacks["decoder"][1], kd)
+            n = _count_on_meta(cfg, model_kind(teacher))
+            if n <= limit and (best is None or n > best[0]):
+                best = (n, {"encoder": spread_layers(counts["encoder"], ke),
+                            "decoder": spread_layers(counts["decoder"], kd)})
+    return best[1] if best else None

@@ -8,7 +8,8 @@ from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from lmkd import LmkdError, make_student
 from lmkd.modeling import kind_from_config, load_model
-from lmkd.student import LAYER_STACKS, count_parameters
+from lmkd.modeling import count_parameters
+from lmkd.student import LAYER_STACKS
 
 
 def _layer_params(model, path, i):

@@ -14,7 +14,7 @@ import torch
 
 from conftest import corpus_rows
 from lmkd.errors import LmkdError
-from lmkd.study import STOP_ENV, SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
+from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
 BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "teacher", "transfer-rows", "transfer",
                "s025-init"]
@@ -47,10 +47,13 @@ def translation(tmp_path_factory, one_thread):
     """The tiny translation study on the shipped corpus, interrupted after the student init and
     then resumed.  Returns (output dir, stages run before the stop, their stage.json)."""
     out = str(tmp_path_factory.mktemp("study") / "translation")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(STOP_ENV, "s025-init")
-        with pytest.raises(StudyStopped):
-            run_study(StudyOptions(task="translation", budget="tiny", output=out))
+
+    def stop_after_init(stage):  # the interruption: right after the student init is saved
+        if stage == "s025-init":
+            raise StudyStopped(f"stopped after stage {stage}")
+
+    with pytest.raises(StudyStopped):
+        run_study(StudyOptions(task="translation", budget="tiny", output=out), after_stage=stop_after_init)
     before = _log(out)
     metas = {name: _stage_meta(out, name) for name in before}
     run_study(StudyOptions(task="translation", budget="tiny", output=out))
@@ -238,8 +241,9 @@ def test_cli_help_has_examples(capsys):
 
 def test_student_init_copies_teacher_layers_when_they_fit_else_builds_a_narrower_model():
     from lmkd.scratch import build_model
-    from lmkd.student import count_parameters
-    from lmkd.study import _spread, copied_layers_within, scaled_student_config
+    from lmkd.modeling import count_parameters
+    from lmkd.student import copied_layers_within, scaled_student_config
+    from lmkd.student import spread_layers as _spread
 
     assert _spread(12, 3) == [0, 6, 11] and _spread(3, 1) == [0] and _spread(6, 2) == [0, 5]
     teacher = build_model("bart", 4000, d_model=256, layers=3, ffn=1024)  # the quick budget's teacher

@@ -1,0 +1,81 @@
+"""The ``lmkd`` command.  Thin: parses arguments and calls the modules that do the work.
+
+Every user mistake (an :class:`~lmkd.errors.LmkdError`) is printed as one line on stderr with
+exit status 2; ``--debug`` shows the traceback instead.
+
+One module per subcommand (``make_student``, ``distill``, ``evaluate``, ``generate``, ``study``,
+``cache_logits``), each with ``add_parser(subparsers)`` and ``run(namespace)``; ``settings`` turns a
+recipe YAML plus ``--key value`` overrides into the distill argument dataclasses.  Nothing imports
+this package but ``lmkd/__main__.py`` and the ``lmkd`` console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..config import ModelArguments  # noqa: F401  (re-exported: the distill argument groups' first)
+from ..errors import LmkdError
+from . import cache_logits, distill, evaluate, generate, make_student, study
+from .settings import parse_distill_args, yaml_to_argv  # noqa: F401  (re-exported)
+
+
+#: the subcommands, in the order ``lmkd --help`` lists them; each module adds its parser and runs it
+COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2), like every other lmkd error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lmkd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="lmkd: knowledge distillation for Hugging Face language models.",
+        epilog="examples:\n  lmkd make-student --teacher my-teacher --output my-student\n"
+               "  lmkd distill recipes/translation/marian_word_kd.yaml\n"
+               "Each command has its own --help with examples.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    ns.debug = debug
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    if rest and not getattr(ns, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    ns.overrides = rest
+    # transformers' per-tensor "Loading weights" bars are noise around lmkd's own progress and errors
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO if not os.environ.get("LMKD_QUIET") else logging.WARNING,
+                        format="%(message)s")
+    try:
+        ns.func(ns)
+    except LmkdError as e:
+        if ns.debug:
+            raise
+        print(f"lmkd {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmkd {ns.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+

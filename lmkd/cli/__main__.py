@@ -1,0 +1,7 @@
+"""``python -m lmkd.cli``: the same as ``lmkd`` and ``python -m lmkd``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

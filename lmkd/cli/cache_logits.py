@@ -1,0 +1,68 @@
+"""``lmkd cache-logits``: store the teacher's top-K log-probs for teacher-free KD."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..constants import AUTO_DTYPE_NAMES, DTYPE_NAMES
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "cache-logits", help="store the teacher's top-K log-probs per target token, for teacher-free KD",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the teacher once over the training data and store, for every target position, its "
+                    "top-K token ids and log-probs (plus the log of the remaining mass, one tail bucket) in "
+                    "shards under --output. `lmkd distill ... --teacher_cache DIR` then trains with no teacher "
+                    "in memory and no teacher forward. Interrupted runs resume: rerun the same command.",
+        epilog="examples:\n"
+               "  lmkd cache-logits --teacher runs/teacher --data train.jsonl --top-k 32 --output runs/cache\n"
+               "  lmkd cache-logits --teacher runs/teacher --data train.jsonl --top-k 32 --tail-samples 32 "
+               "--output runs/cache\n"
+               "  lmkd cache-logits --teacher gpt2 --data corpus.jsonl --task causal-lm --top-k 64 "
+               "--batch-size 32 --output runs/cache\n"
+               "  lmkd distill config.yaml --teacher_cache runs/cache --kd_alpha 0.5\n"
+               "Use the same --task, columns, max lengths and prefix for distill as here; the data must be the "
+               "same file (the cache checks the tokens row by row). On disk: about 4*(K+M)+4 bytes per target "
+               "token (ids uint16 when the vocabulary fits, log-probs float16).")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (hub id or local dir with its tokenizer)")
+    p.add_argument("--data", required=True, help="training data (.jsonl[.gz]/.json/.csv or a save_to_disk dir)")
+    p.add_argument("--top-k", type=int, required=True, help="token ids kept per position (e.g. 32 or 64)")
+    p.add_argument("--tail-samples", type=int, default=0,
+                   help="also store M token ids per position drawn from the teacher's mass outside the top-K: "
+                        "the forward-KL gradient is then unbiased (default 0: one tail bucket)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tail samples (default 0)")
+    p.add_argument("--output", required=True, help="cache directory to write (resumed when it exists)")
+    p.add_argument("--task", default="translation", help="translation, summarization or causal-lm "
+                                                         "(default: translation)")
+    p.add_argument("--source-column", help="input column (default by task: source / document / text)")
+    p.add_argument("--target-column", help="target column (default by task: target / summary)")
+    p.add_argument("--source-prefix", default="", help="text put before every input, as for distill")
+    p.add_argument("--max-source-length", type=int, default=128, help="as for distill (default 128)")
+    p.add_argument("--max-target-length", type=int, default=128, help="as for distill (default 128)")
+    p.add_argument("--max-samples", type=int, help="cache only the first N rows (use max_train_samples N "
+                                                   "for distill)")
+    p.add_argument("--batch-size", type=int, default=16, help="teacher batch size (default 16)")
+    p.add_argument("--shard-rows", type=int, default=1024, help="data rows per shard file (default 1024)")
+    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES,
+                   help="dtype of the stored log-probs (default float16)")
+    p.add_argument("--teacher-dtype", default="auto", choices=AUTO_DTYPE_NAMES,
+                   help="dtype the teacher runs in (default: as saved)")
+    p.add_argument("--device", help="torch device for the teacher (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing cache in --output")
+    p.set_defaults(func=run)
+
+
+def run(ns) -> None:
+    from ..data import DataArguments
+    from ..logit_cache import cache_logits
+
+    data_args = DataArguments(task=ns.task, train_file=ns.data, source_column=ns.source_column,
+                              target_column=ns.target_column, source_prefix=ns.source_prefix,
+                              max_source_length=ns.max_source_length, max_target_length=ns.max_target_length,
+                              max_train_samples=ns.max_samples)
+    summary = cache_logits(ns.teacher, data_args, ns.output, ns.top_k, batch_size=ns.batch_size,
+                           shard_rows=ns.shard_rows, logprob_dtype=ns.dtype, teacher_dtype=ns.teacher_dtype,
+                           device=ns.device, overwrite=ns.overwrite, tail_samples=ns.tail_samples, seed=ns.seed)
+    print(json.dumps(summary, indent=1, sort_keys=True))

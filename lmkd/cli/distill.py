@@ -1,0 +1,66 @@
+"""``lmkd distill``: train a student from a recipe YAML plus ``--key value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..errors import LmkdError
+from .settings import distill_parser, parse_distill_args
+
+EPILOG = """examples:
+  lmkd distill recipes/translation/marian_word_kd.yaml
+  lmkd distill config.yaml --kd_alpha 0.9 --kd_temperature 2 --output_dir runs/student
+  accelerate launch -m lmkd distill recipes/distilbert/mlm_distil.yaml
+
+regimes beyond one fixed teacher (recipes/regimes/):
+  lmkd distill config.yaml --kd_alpha 1                            # KD only: data needs no label column
+  lmkd distill config.yaml --transfer_file unlabelled.jsonl        # + unlabelled rows (KD only, no CE)
+  lmkd distill config.yaml --teacher_model_name_or_path t1,t2 --teacher_weights 0.7,0.3   # ensemble
+  lmkd distill config.yaml --rounds 3                              # born-again: round r teaches r+1
+  lmkd distill config.yaml --cohort_size 2                         # co-distillation, no teacher
+  lmkd distill config.yaml --kd_loss jsd --on_policy_fraction 0.5  # on-policy KD (GKD)
+
+The YAML holds keys of the three argument groups below (model, data, DistillationConfig -- which
+includes every Seq2SeqTrainingArguments field); --key value pairs after it override the YAML.
+Run `lmkd distill --help-keys` to list every key."""
+
+
+def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a directory that holds another run (its checkpoints would be mixed
+    with ours, and its student overwritten) unless the user asks to resume or overwrite."""
+    if resume or overwrite or not os.path.isdir(output_dir):
+        return
+    held = [n for n in os.listdir(output_dir)
+            if n.startswith("checkpoint-") or n in ("distill_results.json", "config.json", "model.safetensors")]
+    if held:
+        raise LmkdError(f"output_dir {output_dir} already holds a run ({sorted(held)[0]}); pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another --output_dir")
+
+
+def add_parser(sub):
+    p = sub.add_parser("distill", help="train a student with a frozen teacher (YAML + overrides)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Distil a teacher into a student with DistillationTrainer.",
+                       epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)")
+    p.add_argument("--help-keys", action="store_true", help="list every accepted key and exit")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="train even if output_dir holds another run")
+    p.set_defaults(func=run, takes_overrides=True)
+
+
+def run(ns) -> None:
+    if ns.help_keys:
+        distill_parser().print_help()
+        return
+    if not ns.config and not ns.overrides:
+        raise LmkdError("distill needs a recipe YAML (or --key value arguments); see `lmkd distill --help`")
+    from ..distill import run_distill
+
+    model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
+    _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
+    metrics = run_distill(model_args, data_args, training_args, resume=ns.resume)
+    if training_args.process_index == 0:
+        print(json.dumps(metrics, indent=1, sort_keys=True))

@@ -1,0 +1,67 @@
+"""``lmkd evaluate``: quality, size and speed of a student against its teacher."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..constants import AUTO_DTYPE_NAMES, EVAL_TASKS
+from ..errors import LmkdError
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "evaluate", help="BLEU/chrF/ROUGE/accuracy, size and speed of a student (against its teacher)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a model on a data file with sacrebleu / rouge-score / accuracy and macro-F1, "
+                    "measure its size and speed, and with --teacher show the quality it retains and its "
+                    "speed-up, all measured in one run.",
+        epilog="examples:\n"
+               "  lmkd evaluate --model runs/marian-student --teacher Helsinki-NLP/opus-mt-en-fr \\\n"
+               "      --data lmkd/corpora/ddtp_en_fr.test.jsonl.gz --task translation --output eval/marian.json\n"
+               "  lmkd evaluate --model runs/distilbart --teacher facebook/bart-large-cnn --task summarization \\\n"
+               "      --data data/cnn_dm/test.jsonl --num-beams 4 --max-new-tokens 142 --plot eval/bart.png\n"
+               "  lmkd evaluate --model runs/distilbert-sst2 --data data/sst2/validation.jsonl --task classification "
+               "--source-column sentence\n"
+               "The JSON (--output) holds scores, sacrebleu signatures, sizes, speeds and every prediction; a "
+               "markdown table is written next to it (.md) and printed.")
+    p.add_argument("--model", required=True, help="student checkpoint (saved dir or hub id)")
+    p.add_argument("--data", required=True, help="data file (.jsonl[.gz], .csv, .json) or a save_to_disk dir")
+    p.add_argument("--task", required=True, choices=EVAL_TASKS)
+    p.add_argument("--teacher", help="teacher checkpoint, scored and timed the same way for comparison")
+    p.add_argument("--num-beams", type=int, default=4, help="beam size for generation (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="batch size for predictions and for the throughput measurement (default 16)")
+    p.add_argument("--source-column", help="input column (default: source / document / text by task)")
+    p.add_argument("--target-column", help="reference column (default: target / summary / label by task)")
+    p.add_argument("--source-prefix", default="", help="text put before every input, e.g. 'translate English "
+                                                       "to French: ' for T5")
+    p.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
+    p.add_argument("--max-samples", type=int, help="score only the first N rows")
+    p.add_argument("--speed-samples", type=int, default=32,
+                   help="inputs timed for throughput (the first 8 of them one by one for latency); 0 skips speed")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per model; the median is reported")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=AUTO_DTYPE_NAMES, default="auto",
+                   help="dtype the models run in (default: as saved)")
+    p.add_argument("--output", help="write the results here (JSON) and the table next to it (.md)")
+    p.add_argument("--plot", help="draw quality against latency into this PNG file")
+    p.set_defaults(func=run)
+
+
+def run(ns) -> None:
+    from ..evaluate import evaluate_models, write_report
+
+    if ns.plot and ns.speed_samples == 0:
+        raise LmkdError("--plot draws quality against latency; it needs speed, so drop --speed-samples 0")
+    result = evaluate_models(
+        ns.model, ns.data, ns.task, teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
+        batch_size=ns.batch_size, source_column=ns.source_column, target_column=ns.target_column,
+        source_prefix=ns.source_prefix, max_source_length=ns.max_source_length, max_samples=ns.max_samples,
+        speed_samples=ns.speed_samples, repeats=ns.repeats, device=ns.device,
+        dtype=None if ns.dtype == "auto" else ns.dtype)
+    print(write_report(result, ns.output, ns.plot), end="")
+    for path in (ns.output, ns.output and os.path.splitext(ns.output)[0] + ".md", ns.plot):
+        if path:
+            print(f"wrote {path}")

@@ -1,0 +1,86 @@
+"""Distill settings: a recipe YAML turned into ``--key value`` arguments and parsed, with overrides,
+into (ModelArguments, DataArguments, DistillationConfig); unknown keys get a did-you-mean hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import fields
+
+from ..errors import LmkdError
+
+
+def distill_parser():
+    """The HfArgumentParser of the three distill argument groups."""
+    from transformers import HfArgumentParser
+
+    from ..config import DistillationConfig, ModelArguments
+    from ..data import DataArguments
+
+    return HfArgumentParser((ModelArguments, DataArguments, DistillationConfig))
+
+
+def _known_keys() -> dict[str, str]:
+    from ..config import DistillationConfig, ModelArguments
+    from ..data import DataArguments
+
+    return {f.name: cls.__name__ for cls in (ModelArguments, DataArguments, DistillationConfig) for f in fields(cls)}
+
+
+def yaml_to_argv(path: str) -> list[str]:
+    """Turn a recipe YAML into ``--key value`` arguments, rejecting unknown keys with a hint."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise LmkdError(f"config file {path} does not exist; pass a YAML file such as recipes/…/*.yaml")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise LmkdError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise LmkdError(f"{path} must be a mapping of key: value lines")
+    known = _known_keys()
+    argv: list[str] = []
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; `lmkd distill --help-keys` lists them"
+            raise LmkdError(f"{path}: unknown key {key!r}{hint}")
+        argv.append(f"--{key}")
+        if isinstance(value, bool):
+            argv.append(str(value).lower())
+        elif isinstance(value, (list, tuple)):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        elif value is None:
+            argv.pop()
+        elif str(value).startswith("-"):  # e.g. layer_map "-1:-1": argparse would take it for an option
+            argv[-1] += f"={value}"
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def parse_distill_args(config: str | None, overrides: list[str]):
+    """(model_args, data_args, training_args) from a YAML file plus ``--key value`` overrides."""
+    argv = yaml_to_argv(config) if config else []
+    known = _known_keys()
+    for tok in overrides:
+        if tok.startswith("--") and tok[2:].split("=")[0] not in known:
+            key = tok[2:].split("=")[0]
+            close = difflib.get_close_matches(key, known, n=1)
+            raise LmkdError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
+    parser = distill_parser()
+    try:
+        return parser.parse_args_into_dataclasses(args=argv + list(overrides))
+    except SystemExit as e:  # argparse already printed its message
+        raise LmkdError("invalid distill arguments (see the message above)") from e
+    except LmkdError:
+        raise
+    except ValueError as e:  # TrainingArguments' own checks, e.g. bf16 on a machine without a bf16 GPU
+        raise LmkdError(f"invalid distill arguments: {str(e).splitlines()[0]} (override the recipe's key on "
+                        "the command line, e.g. --bf16 false --use_cpu true on a CPU)") from e

@@ -1,0 +1,41 @@
+"""``lmkd study``: one command runs a whole distillation study on the user's data and reports it.
+
+Seq2seq (translation, summarization) -- Kim & Rush (2016)'s table:
+
+    data -> tokenizer -> teacher -> transfer set (teacher beam outputs + n-best)
+         -> student init (one per size, saved once, copied by every variant)
+         -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each)
+         -> eval of every model (greedy and beam) -> speed (all models, interleaved) -> report
+
+Classification -- the DistilBERT path against plain fine-tuning:
+
+    data -> tokenizer -> teacher-mlm -> teacher (classifier) -> student init (every other layer)
+         -> student MLM-distilled from teacher-mlm -> fine-tuned | student fine-tuned without KD
+         -> eval -> speed -> report
+
+Every stage lives in ``OUTPUT/stages/NAME`` (:mod:`.stages`): it is written to a temp dir and renamed into place
+when it finishes, with a ``stage.json`` holding the hash of the options it depends on (its own
+options plus the hashes of the stages it reads).  Re-running the same command skips every stage
+whose hash matches, so an interrupted study resumes at its first unfinished stage and a changed
+option recomputes only the stages that depend on it.  ``OUTPUT/study.log`` (JSON lines) records
+every stage that ran, with its timing.
+
+One trainer does every training: :class:`lmkd.DistillationTrainer` through ``run_distill``
+(:func:`train_student`) with ``kd_alpha 0`` for plain training (teacher, baseline, seq-KD) and
+``kd_alpha > 0`` for word-level KD.
+
+The package: :mod:`.plan` (budgets, options, stage count), :mod:`.stages` (the cache),
+:mod:`.splits` (data stages), :mod:`.teachers`, :mod:`.seq2seq` and :mod:`.classification` (the
+pipelines), :mod:`.models` (train, save, score, time), :mod:`.results` (the report) and
+:mod:`.runner` (:func:`run_study`).
+"""
+
+from .models import evaluate_quality, measure_models_speed, train_student
+from .plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, StudyOptions, shipped_corpus
+from .runner import run_study
+from .seq2seq import make_transfer_set
+from .stages import Stages, StudyStopped
+
+__all__ = ["BUDGETS", "CLS_VARIANTS", "SEQ2SEQ_VARIANTS", "Stages", "StudyOptions", "StudyStopped",
+           "evaluate_quality", "make_transfer_set", "measure_models_speed", "run_study", "shipped_corpus",
+           "train_student"]

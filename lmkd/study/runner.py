@@ -1,0 +1,97 @@
+"""``run_study``: the stages of a whole study in order -- data, teacher, students (the seq2seq or the
+classification pipeline), an eval stage per model, one speed stage for all of them, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+from ..io import atomic_write_json, file_digest
+from .classification import classification_students
+from .models import evaluate_quality, measure_models_speed
+from .plan import StudyOptions, count_stages
+from .results import build_report, write_study_report
+from .seq2seq import seq2seq_students
+from .splits import prepare_split
+from .stages import Stages, format_duration
+from .teachers import teacher_stages
+
+
+def _data_stages(st: Stages, opts: StudyOptions) -> dict[str, str]:
+    """The three normalised splits: ``{split: jsonl path, split + "_dir": its stage dir}``."""
+    data: dict[str, str] = {}
+    labels = None
+    for split in ("train", "validation", "test"):
+        split_opts = {"task": opts.task, "columns": [opts.source_column, opts.target_column],
+                      "file": file_digest(getattr(opts, split)), "rows": opts.plan[f"{split}_rows"]}
+        d = st.run(f"data-{split}", split_opts, [] if split == "train" else ["data-train"],
+                   lambda out, split=split: prepare_split(opts, split, out, labels), f"reading the {split} data")
+        data[split], data[f"{split}_dir"] = os.path.join(d, f"{split}.jsonl"), d
+        if split == "train" and opts.task == "classification":
+            with open(os.path.join(d, "info.json")) as f:
+                labels = json.load(f)["labels"]
+    return data
+
+
+def _read_json(stage_dir: str, name: str) -> dict:
+    with open(os.path.join(stage_dir, name)) as f:
+        return json.load(f)
+
+
+def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) the study described by ``opts``; return the report dict (also written to
+    ``OUTPUT/report.json``).
+
+    ``after_stage(name)`` is called after every stage that ran, once it is saved (see
+    :class:`~lmkd.study.stages.Stages`); raising :class:`~lmkd.study.stages.StudyStopped` from it
+    stops the study there, as an interruption would.
+    """
+    opts.resolve()
+    plan = opts.plan
+    os.makedirs(opts.output, exist_ok=True)
+    st = Stages(opts.output, count_stages(opts), after_stage=after_stage)
+    print(f"lmkd study: {opts.task}, budget {opts.budget}, output {opts.output}", flush=True)
+
+    data = _data_stages(st, opts)
+    test_file = data["test"]
+    teachers = teacher_stages(st, opts, data)
+    models: dict[str, dict] = {"teacher": {"dir": teachers["teacher"], "stage": "teacher", "variant": "teacher",
+                                           "size": None}}
+    if opts.task == "classification":
+        models.update(classification_students(st, opts, teachers, data))
+    else:
+        models.update(seq2seq_students(st, opts, data, teachers["teacher"]))
+
+    eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], "evaluate": "evaluate_models"}
+    results: dict[str, dict] = {}
+    for name, m in models.items():
+        def eval_fn(out, m=m):
+            atomic_write_json(os.path.join(out, "quality.json"),
+                              evaluate_quality(m["dir"], opts.task, test_file, plan["beams"], plan["max_new_tokens"]))
+
+        ed = st.run(f"eval-{name}", eval_opts, [m["stage"], "data-test"], eval_fn, f"evaluating {name} on the test set")
+        results[name] = _read_json(ed, "quality.json")
+
+    speed_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"],
+                  "examples": plan["speed_examples"], "repeats": plan["speed_repeats"]}
+
+    def speed_fn(out):
+        atomic_write_json(os.path.join(out, "speed.json"), measure_models_speed(
+            {n: m["dir"] for n, m in models.items()}, opts.task, test_file, plan["beams"], plan["max_new_tokens"],
+            plan["speed_examples"], plan["speed_repeats"]))
+
+    sd = st.run("speed", speed_opts, [m["stage"] for m in models.values()] + ["data-test"], speed_fn,
+                f"measuring the speed of {len(models)} models side by side")
+    report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
+    rd = st.run("report", {"v": 1}, [f"eval-{n}" for n in models] + ["speed"],
+                lambda out: write_study_report(report, out), "writing the report")
+    for fname in ("report.md", "report.json", "report.png"):
+        shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
+    with open(os.path.join(opts.output, "report.md")) as f:
+        print("\n" + f.read(), flush=True)
+    print(f"lmkd study: finished in {format_duration(time.time() - st.start)}; report in {opts.output}/report.md",
+          flush=True)
+    return report
