@@ -335,16 +335,16 @@ def test_teacher_forward_at_its_floor(tokenizer, corpus, tmp_path, hidden_weight
 def _topk_sampled(t, mask, k, m, seed=0):
     """The top-K of ``t`` plus ``m`` draws per position from its distribution outside the top-K,
     drawn here with torch.multinomial exactly as lmkd.logit_cache does."""
-    from lmkd.logit_cache import _teacher_topk
+    from lmkd.logit_cache import teacher_topk
 
-    class _Teacher:  # what _teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
+    class _Teacher:  # what teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
         def __call__(self, **kw):
             return type("O", (), {"logits": torch.cat([t[mask].float(), t[mask][:1].float()]).unsqueeze(0)})
 
     n = int(mask.sum())
     batch = {"input_ids": torch.zeros(1, n + 1, dtype=torch.long),
              "attention_mask": torch.ones(1, n + 1, dtype=torch.long)}
-    return TopK(*_teacher_topk(_Teacher(), "causal", batch, k, m, torch.Generator().manual_seed(seed)))
+    return TopK(*teacher_topk(_Teacher(), "causal", batch, k, m, torch.Generator().manual_seed(seed)))
 
 
 def test_tail_samples_come_from_outside_the_topk_with_their_logprobs():
