@@ -44,6 +44,10 @@ class DistillationTrainer(Seq2SeqTrainer):
     each by its count in the whole accumulated (and, across processes, gathered) batch, so gradient
     accumulation and data parallelism give the gradient of one large batch.
 
+    Its parts: :attr:`loss_objective` (:class:`lmkd.objective.DistillationObjective`, CE + KD),
+    :attr:`features` (:class:`lmkd.features.FeatureDistiller` when a feature weight is > 0, else
+    None) and :attr:`projections` (the hint projections; empty without them).
+
     Hooks for subclasses (lmkd.regimes overrides these and nothing private):
 
     * :meth:`position_masks` ``(inputs) -> (CE mask, KD mask)``: which positions each term covers;
@@ -82,7 +86,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                                              deepspeed=self.is_deepspeed_enabled)
         # learned student->teacher projections of the hint loss, one per layer stack
         self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
-        self.objective = DistillationObjective(self, self._vocab)
+        self.loss_objective = DistillationObjective(self, self._vocab)
         if args.teacher_cache:
             side = getattr(self.processing_class, "padding_side", "right") or "right"
             _, self.train_dataset, self.data_collator = teachers.attach_teacher_cache(
@@ -160,7 +164,7 @@ class DistillationTrainer(Seq2SeqTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stats = self.loss_stats["train" if model.training else "eval"]
         counts, scale = self.loss_counts(num_items_in_batch)
-        loss, outputs, t_outputs = self.objective(model, inputs, stats, counts, return_outputs)
+        loss, outputs, t_outputs = self.loss_objective(model, inputs, stats, counts, return_outputs)
         if self.features is not None:
             if t_outputs is None:
                 with torch.no_grad():

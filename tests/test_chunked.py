@@ -237,8 +237,8 @@ def test_trainer_default_path_equals_plain(tokenizer, corpus, tmp_path, arch, ta
         assert grads.keys() == ref_grads.keys()
         for n in grads:
             assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), (step, n)
-        assert isinstance(lean.objective.fused_head, Head), step  # the check passed: the fused path is on
-        assert isinstance(lean.objective.teacher_head, Head), step  # and the teacher's logits come per chunk
+        assert isinstance(lean.loss_objective.fused_head, Head), step  # the check passed: the fused path is on
+        assert isinstance(lean.loss_objective.teacher_head, Head), step  # and the teacher's logits come per chunk
     # eval mode: real logits come back (prediction_step needs them), same loss
     student.eval()
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_trainer_falls_back_when_logits_are_transformed(tokenizer, corpus, tmp_p
             assert torch.allclose(loss, ref_loss, rtol=1e-5)
             for n in grads:
                 assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), n
-    assert lean.objective.fused_head is False
+    assert lean.loss_objective.fused_head is False
     assert sum("fused linear KD loss off" in r.message for r in caplog.records) == 1
 
 
