@@ -105,8 +105,15 @@ class DistillationTrainer(Seq2SeqTrainer):
         """Whether any loss term needs the teacher's outputs."""
         return (self.args.kd_alpha > 0 and not self.args.teacher_cache) or self.args.uses_features
 
+    def _deepspeed_config(self) -> dict | None:
+        return self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+
+    def _zero3(self) -> bool:
+        """Whether this run uses DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
+        return teachers.zero3_enabled(self._deepspeed_config())
+
     def _setup_teacher(self, teacher, teacher_tokenizer) -> None:
-        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+        ds_config = self._deepspeed_config()
         self.teacher, self._vocab = teachers.load_frozen_teacher(
             teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
             student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,
