@@ -118,7 +118,7 @@ def main():
     opts = {n: torch.optim.SGD(m.parameters(), lr=1e-4) for n, m in models.items()}
     for m in models.values():
         m.train()
-    t_fwd = online._forward_inputs(teacher, batch)
+    t_fwd = online.forward_inputs(teacher, batch)
 
     def step(name):
         model, opt = models.get(name), opts.get(name)

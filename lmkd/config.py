@@ -1,4 +1,9 @@
-"""DistillationConfig: the Seq2SeqTrainingArguments of an ordinary HF run plus the KD fields."""
+"""DistillationConfig: the Seq2SeqTrainingArguments of an ordinary HF run plus the KD fields.
+
+Every check of the fields -- each on its own and across fields (which regimes, losses and teacher
+signals go together) -- is made in ``DistillationConfig.__post_init__``, so a bad combination is
+refused when the config is built, before any model loads.  Also here: :func:`parse_layer_map`.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments
 
+from .constants import AUTO_DTYPE_NAMES
 from .errors import LmkdError
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES, RELATION_LOSSES, RELATION_POOLINGS
 
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_DTYPES = AUTO_DTYPE_NAMES
 MLM_KD_POSITIONS = ("all", "masked")
 LAYER_STACK_NAMES = ("layers", "encoder", "decoder")
 
@@ -250,6 +256,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if self.cohort_size > 1 and (self.teacher_model_name_or_path or self.rounds > 1 or self.on_policy_fraction):
             raise LmkdError("cohort_size > 1 (co-distillation) trains without a teacher: drop "
                             "teacher_model_name_or_path, rounds and on_policy_fraction")
+        if self.cohort_size > 1:
+            self.check_co_distillation()
         teachers = [t for t in (self.teacher_model_name_or_path or "").split(",") if t.strip()]
         if self.teacher_weights is not None:
             try:
@@ -263,6 +271,27 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if len(teachers) > 1 and self.kd_loss == "mse":
             raise LmkdError("a teacher ensemble averages softened distributions, which logit matching (kd_loss "
                             "mse) cannot use; choose forward_kl, reverse_kl or jsd")
+        if len(teachers) > 1 and self.uses_features:
+            raise LmkdError("hidden/attention/relation losses compare with one teacher's layers, not an ensemble; "
+                            "set their weights 0 or name one teacher")
+        if len(teachers) > 1 and self.teacher_cache and self.kd_alpha > 0:
+            raise LmkdError("teacher_cache holds one teacher's logits; drop it to distil from an ensemble")
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether any feature/relation term is on (a hidden, attention or relation weight > 0)."""
+        return self.hidden_weight > 0 or self.attention_weight > 0 or self.relation_weight > 0
+
+    def check_co_distillation(self) -> None:
+        """Refuse the losses co-distillation (a cohort of students, no teacher) cannot compute.  Run
+        by ``__post_init__`` for ``cohort_size > 1``, and by :class:`lmkd.regimes.CoDistillationTrainer`
+        for a cohort it is given as a model."""
+        if self.kd_loss == "mse":
+            raise LmkdError("co-distillation averages the members' distributions: use kd_loss forward_kl, "
+                            "reverse_kl or jsd, not mse")
+        if self.uses_features or self.teacher_cache:
+            raise LmkdError("co-distillation uses the members' output distributions only: set hidden/attention/"
+                            "relation weights 0 and drop teacher_cache")
 
 
 @dataclass

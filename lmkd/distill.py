@@ -1,16 +1,35 @@
-"""run_distill: the body of `lmkd distill` -- load, tokenise, train, save."""
+"""The body of `lmkd distill`: load, tokenise, train, save -- and the drivers around whole runs.
+
+* :func:`run_distill` -- one run; the regimes of :mod:`lmkd.regimes` (transfer sets, ensembles,
+  cohorts, on-policy KD) are chosen by its config;
+* :func:`run_born_again` -- ``rounds: N``, N runs in turn, each student the next one's teacher;
+* the data side of transfer sets: :func:`unlabelled_data_args`, :func:`read_transfer_set`,
+  :func:`add_transfer_set` (the collator that reads their flag is :class:`lmkd.regimes.TransferCollator`).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
+import shutil
 
+import datasets
+
+from . import regimes, teachers
 from .config import DistillationConfig
+from .constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .data import DataArguments, collator_for, load_data, mix_gold_targets, tokenize
-from . import regimes
 from .errors import LmkdError
-from .modeling import TASK_KIND, check_model_path, check_same_tokenizer, load_model, load_tokenizer
-from .trainer import DistillationTrainer
+from .io import atomic_write_json
+from .modeling import check_model_path, check_same_tokenizer, load_model, load_tokenizer
+from .regimes import LABELLED
+
+logger = logging.getLogger(__name__)
+
+#: what each run writes next to the student: its training (and evaluation) metrics
+RESULTS_NAME = "distill_results.json"
 
 
 def _labelled(data_args) -> bool:
@@ -34,32 +53,32 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     student and its tokenizer to ``args.output_dir``; return the training metrics.  The regimes of
     lmkd.regimes (transfer sets, ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``."""
     if args.rounds > 1:
-        return regimes.run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model)
-    eval_data_args = regimes.unlabelled_data_args(data_args, args, evaluation=True)
-    data_args = regimes.unlabelled_data_args(data_args, args)
+        return run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model)
+    eval_data_args = unlabelled_data_args(data_args, args, evaluation=True)
+    data_args = unlabelled_data_args(data_args, args)
     kind = TASK_KIND[data_args.task]
     # Check everything cheap (files, columns, paths) before loading any model.
     train = _raw(data_args.train_file, data_args, data_args.max_train_samples, mix_seed=args.seed)
     evaluation = _raw(data_args.validation_file, eval_data_args, data_args.max_eval_samples) \
         if data_args.validation_file else None
-    transfer = regimes.read_transfer_set(data_args)
+    transfer = read_transfer_set(data_args)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
-        for path in regimes.teacher_paths(args):
+        for path in teachers.teacher_paths(args):
             check_model_path(path)
     check_model_path(model_args.student_model_name_or_path)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.student_model_name_or_path)
-    if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or regimes._features_on(args)):
-        for path in regimes.teacher_paths(args):  # before any model loads or tokenising: one clear error
+    if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
+        for path in teachers.teacher_paths(args):  # before any model loads or tokenising: one clear error
             check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     student = load_model(model_args.student_model_name_or_path, kind=kind)
-    teacher_model = teacher_model if teacher_model is not None else regimes.load_teacher(args, student, tokenizer)
+    teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
     with args.main_process_first(desc="tokenising"):
         labelled = _labelled(data_args)
         train = tokenize(train, tokenizer, data_args, labelled=labelled)
         if evaluation is not None:
             evaluation = tokenize(evaluation, tokenizer, eval_data_args, labelled=_labelled(eval_data_args))
         if transfer is not None:
-            train = regimes.add_transfer_set(train, transfer, data_args, tokenizer)
+            train = add_transfer_set(train, transfer, data_args, tokenizer)
     collator = collator_for(data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed)
     collator = regimes.wrap_collator(collator, data_args)
     if (resume and not os.path.isdir(args.output_dir)):
@@ -73,6 +92,95 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     if evaluation is not None:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "distill_results.json"), "w") as f:
-            json.dump(metrics, f, indent=1, sort_keys=True)
+        atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True)
     return metrics
+
+
+# ---- born-again networks -------------------------------------------------------------------------
+
+
+def run_born_again(model_args, data_args, args, resume: bool = False, teacher_model=None) -> dict:
+    """``rounds: N``: N runs of ``lmkd distill``, each from the same student init; round 1 learns
+    from the given teacher (or, with none, from the labels alone -- the born-again "teacher"
+    generation), round r > 1 from round r-1's student.  Round r writes ``output_dir/round-r``
+    (trained student, tokenizer, metrics; evaluated on validation_file when given); the last
+    round's student is also copied into ``output_dir``.  With ``--resume`` finished rounds are
+    kept and the interrupted one resumes from its last checkpoint."""
+    rounds, per_round = args.rounds, {}
+    previous, metrics = None, {}
+    for r in range(1, rounds + 1):
+        out = os.path.join(args.output_dir, f"round-{r}")
+        a = copy.copy(args)
+        a.output_dir, a.rounds = out, 1
+        if r > 1:
+            a.teacher_model_name_or_path, a.teacher_weights, a.teacher_cache = previous, None, None
+        elif teacher_model is None and not args.teacher_model_name_or_path and not args.teacher_cache:
+            logger.info("born-again round 1 has no teacher: it trains on the labels alone (kd_alpha 0)")
+            a.kd_alpha, a.hidden_weight, a.attention_weight, a.relation_weight = 0.0, 0.0, 0.0, 0.0
+        done = os.path.join(out, RESULTS_NAME)
+        if resume and os.path.isfile(done):
+            with open(done) as f:
+                metrics = json.load(f)
+            logger.info("born-again round %d/%d already finished in %s", r, rounds, out)
+        else:
+            logger.info("born-again round %d/%d -> %s (teacher: %s)", r, rounds, out,
+                        "given model" if r == 1 and teacher_model is not None else a.teacher_model_name_or_path
+                        if a.kd_alpha > 0 else "none")
+            metrics = run_distill(model_args, data_args, a, resume=resume and os.path.isdir(out),
+                                  teacher_model=teacher_model if r == 1 else None)
+        per_round[f"round-{r}"] = metrics
+        previous = out
+    final = dict(metrics)
+    final["rounds"] = per_round
+    if args.should_save:
+        for name in os.listdir(previous):
+            src = os.path.join(previous, name)
+            if os.path.isfile(src) and name != RESULTS_NAME:
+                shutil.copy2(src, os.path.join(args.output_dir, name))
+        atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), final, indent=1, sort_keys=True)
+    return final
+
+
+# ---- unlabelled transfer sets: the data side -----------------------------------------------------
+
+
+def unlabelled_data_args(data_args, args, evaluation: bool = False):
+    """``data_args`` with no label column when the run never uses one, so none is read (and the
+    data needs none): a classification run with ``kd_alpha: 1`` is supervised by the teacher alone;
+    a seq2seq run with ``on_policy_fraction: 1`` trains only on the student's own outputs (its
+    training data are inputs alone; the validation data keep their targets, ``evaluation=True``).
+    Other runs are returned as they are: causal-lm and mlm read no label column anyway, and a
+    seq2seq student trained off-policy needs target tokens (``lmkd generate`` makes them)."""
+    kind = TASK_KIND[data_args.task]
+    drop = (kind == CLASSIFICATION and args.kd_alpha == 1) or (
+        kind == SEQ2SEQ and args.on_policy_fraction == 1 and not evaluation)
+    if drop and data_args.target_column:
+        data_args = copy.copy(data_args)
+        data_args.target_column = None
+    return data_args
+
+
+def read_transfer_set(data_args) -> datasets.Dataset | None:
+    """The source column (and nothing else) of ``data_args.transfer_file``, or None without one."""
+    if not data_args.transfer_file:
+        return None
+    if TASK_KIND[data_args.task] == SEQ2SEQ:
+        raise LmkdError("transfer_file: a seq2seq student cannot train without target tokens; give the transfer "
+                        "set the teacher's outputs with `lmkd generate --teacher T --data FILE --output DIR` and "
+                        "train on DIR (target_column teacher_target), or train on it alone with on_policy_fraction 1")
+    return load_data(data_args.transfer_file, [data_args.source_column]).select_columns([data_args.source_column])
+
+
+def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, tokenizer) -> datasets.Dataset:
+    """``train`` (tokenised) plus the tokenised rows of ``raw`` (:func:`read_transfer_set`), each
+    tagged with :data:`lmkd.regimes.LABELLED` (1 for ``train``, 0 for the transfer set).  The
+    Trainer's shuffling sampler interleaves the two."""
+    kind = TASK_KIND[data_args.task]
+    extra = tokenize(raw, tokenizer, data_args, labelled=False)
+    if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
+        extra = extra.add_column("labels", [IGNORE_INDEX] * len(extra))
+    train = train.add_column(LABELLED, [1] * len(train))
+    extra = extra.add_column(LABELLED, [0] * len(extra)).cast(train.features)
+    logger.info("transfer set %s: %d unlabelled rows (KD only) mixed with %d labelled rows",
+                data_args.transfer_file, len(extra), len(train))
+    return datasets.concatenate_datasets([train, extra])

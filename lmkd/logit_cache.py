@@ -63,8 +63,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from .losses import TopK
+from .constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .errors import LmkdError
+from .io import atomic_write_json, replace_dir
+from .losses import TopK
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +83,16 @@ ARRAYS = ("offsets", "tokens", "ids", "logprobs", "tail")
 SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs")
 
 
-def _id_dtype(vocab: int):
+def id_dtype(vocab: int):
+    """The numpy dtype a cache stores token ids of a ``vocab``-sized vocabulary in (uint16 when it fits)."""
     return np.uint16 if vocab <= 65536 else np.int32
 
 
 def _targets(row: dict, kind: str) -> list[int]:
     """The token predicted at each KD position of one tokenised example."""
-    if kind == "seq2seq":
+    if kind == SEQ2SEQ:
         return [int(t) for t in row["labels"]]
-    if kind == "causal":
+    if kind == CAUSAL:
         return [int(t) for t in row["input_ids"][1:]]
     raise LmkdError(f"cached teacher logits support seq2seq and causal LMs, not {kind} models; "
                     "use the online teacher (no teacher_cache)")
@@ -110,19 +113,19 @@ def _lp_from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
+def teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
     """(ids, logprobs, tail, sample ids, sample logprobs) per KD position of a padded batch, rows
     in order, positions in order; ``tail_samples`` ids per position drawn with replacement from
     the teacher's distribution outside its top-K (None when 0)."""
     fwd = {k: v for k, v in batch.items() if k != "labels"}
-    if kind == "seq2seq":
+    if kind == SEQ2SEQ:
         fwd["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-        mask = batch["labels"].ne(-100)
+        mask = batch["labels"].ne(IGNORE_INDEX)
     else:
         mask = batch["attention_mask"][:, 1:].bool()
     fwd["use_cache"] = False
     logits = teacher(**fwd).logits
-    if kind == "causal":
+    if kind == CAUSAL:
         logits = logits[:, :-1]
     logits = logits[mask].float()
     lp = torch.log_softmax(logits, -1)
@@ -140,13 +143,15 @@ def _teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
     return ids, top, tail, drawn, lp.gather(1, drawn)
 
 
-def _write_shard(path: str, arrays: dict) -> None:
+def write_shard(path: str, arrays: dict) -> None:
+    """Write one shard directory (``name.npy`` per array) atomically: into ``path.tmp``, which
+    replaces ``path`` once complete, so an interrupted run leaves no half-written shard."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, array in arrays.items():
         np.save(os.path.join(tmp, name + ".npy"), array)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch_size: int = 16,
@@ -163,10 +168,10 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     from transformers import DataCollatorForSeq2Seq
 
     from .data import load_data, tokenize
-    from .modeling import TASK_KIND, load_model, load_tokenizer, vocab_size_of
+    from .modeling import load_model, load_tokenizer, vocab_size_of
 
     kind = TASK_KIND[data_args.task]
-    if kind not in ("seq2seq", "causal"):
+    if kind not in (SEQ2SEQ, CAUSAL):
         raise LmkdError(f"cache-logits supports translation, summarization and causal-lm, not {data_args.task}")
     if top_k < 1:
         raise LmkdError(f"--top-k must be >= 1, got {top_k}")
@@ -181,7 +186,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     vocab = vocab_size_of(teacher)
     if top_k > vocab:
         raise LmkdError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use at most {vocab}")
-    labelled = kind == "seq2seq"
+    labelled = kind == SEQ2SEQ
     columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
     ds = load_data(data_args.train_file, columns)
     if data_args.max_train_samples is not None:
@@ -192,7 +197,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         "format": FORMAT_VERSION, "teacher": os.path.abspath(teacher_path) if os.path.exists(teacher_path)
         else teacher_path, "kind": kind, "top_k": top_k, "vocab_size": vocab, "rows": len(ds),
         "shard_rows": shard_rows, "batch_size": batch_size, "logprob_dtype": logprob_dtype,
-        "id_dtype": np.dtype(_id_dtype(vocab)).name, "teacher_dtype": teacher_dtype,
+        "id_dtype": np.dtype(id_dtype(vocab)).name, "teacher_dtype": teacher_dtype,
         "tail_samples": tail_samples, "seed": seed,
         "data": {k: v for k, v in asdict(data_args).items() if k not in ("validation_file", "max_eval_samples")},
     }
@@ -211,15 +216,13 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
                                 "--output or pass --overwrite")
             shutil.rmtree(output)
         os.makedirs(output, exist_ok=True)
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        os.replace(meta_path + ".tmp", meta_path)
+        atomic_write_json(meta_path, meta, indent=1, sort_keys=True)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher.to(dev).eval()
     teacher.requires_grad_(False)
-    if kind == "seq2seq":
-        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    if kind == SEQ2SEQ:
+        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     else:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -228,7 +231,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         def collate(rows):
             return tokenizer.pad(rows, return_tensors="pt")
 
-    id_dtype = _id_dtype(vocab)
+    ids_dtype = id_dtype(vocab)
     n_shards = (len(ds) + shard_rows - 1) // shard_rows
     done = 0
     for shard in range(n_shards):
@@ -242,10 +245,10 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         lengths = np.array([len(t) for t in targets], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n_pos = int(offsets[-1])
-        ids = np.zeros((n_pos, top_k), dtype=id_dtype)
+        ids = np.zeros((n_pos, top_k), dtype=ids_dtype)
         lps = np.zeros((n_pos, top_k), dtype=np.uint16 if logprob_dtype == "bfloat16" else logprob_dtype)
         tails = np.zeros(n_pos, dtype=lps.dtype)
-        s_ids = np.zeros((n_pos, tail_samples), dtype=id_dtype)
+        s_ids = np.zeros((n_pos, tail_samples), dtype=ids_dtype)
         s_lps = np.zeros((n_pos, tail_samples), dtype=lps.dtype)
         # one generator per shard, seeded by (seed, shard): a resumed cache draws the same samples
         gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + shard) if tail_samples else None
@@ -256,23 +259,23 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
             feats = [{k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}
                      for i in idx]
             batch = {k: v.to(dev) for k, v in collate(feats).items()}
-            top_ids, top_lp, tail, smp_ids, smp_lp = _teacher_topk(teacher, kind, batch, top_k, tail_samples, gen)
+            top_ids, top_lp, tail, smp_ids, smp_lp = teacher_topk(teacher, kind, batch, top_k, tail_samples, gen)
             pos = 0
             for i in idx:
                 n = int(lengths[i])
                 sl = slice(int(offsets[i]), int(offsets[i]) + n)
-                ids[sl] = top_ids[pos:pos + n].cpu().numpy().astype(id_dtype)
+                ids[sl] = top_ids[pos:pos + n].cpu().numpy().astype(ids_dtype)
                 lps[sl] = _lp_to_numpy(top_lp[pos:pos + n].cpu(), logprob_dtype)
                 tails[sl] = _lp_to_numpy(tail[pos:pos + n].cpu(), logprob_dtype)
                 if tail_samples:
-                    s_ids[sl] = smp_ids[pos:pos + n].cpu().numpy().astype(id_dtype)
+                    s_ids[sl] = smp_ids[pos:pos + n].cpu().numpy().astype(ids_dtype)
                     s_lps[sl] = _lp_to_numpy(smp_lp[pos:pos + n].cpu(), logprob_dtype)
                 pos += n
-        tokens = np.array([t for ts in targets for t in ts], dtype=id_dtype)
+        tokens = np.array([t for ts in targets for t in ts], dtype=ids_dtype)
         arrays = {"offsets": offsets, "tokens": tokens, "ids": ids, "logprobs": lps, "tail": tails}
         if tail_samples:
             arrays.update(sample_ids=s_ids, sample_logprobs=s_lps)
-        _write_shard(path, arrays)
+        write_shard(path, arrays)
         logger.info("cache-logits: shard %d/%d (%d rows, %d positions) -> %s", shard + 1, n_shards,
                     hi - lo, n_pos, path)
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(output) for f in fs
@@ -371,7 +374,7 @@ class CachedLogitsCollator:
         batch = self.collator(features)
         if any(r is None for r in rows):
             return batch
-        if self.cache.kind == "seq2seq":
+        if self.cache.kind == SEQ2SEQ:
             p = batch["labels"].shape[1]
         else:
             p = batch["input_ids"].shape[1] - 1

@@ -1,16 +1,17 @@
 """Distillation regimes beyond one fixed teacher, on the same trainer, config and CLI.
 
 * **Transfer sets** (unlabelled data): ``kd_alpha: 1`` trains on KD alone; a classification run with
-  ``kd_alpha: 1`` never reads the label column (:func:`unlabelled_data_args`).  ``transfer_file``
-  mixes an unlabelled set into a labelled one (classification, causal-lm, mlm): its rows get KD but
-  no CE, and the CE is averaged over the labelled rows only (:func:`add_transfer_set`,
-  :class:`TransferCollator`, :class:`RegimeTrainer`).  A seq2seq student needs target tokens to
+  ``kd_alpha: 1`` never reads the label column (:func:`lmkd.distill.unlabelled_data_args`).
+  ``transfer_file`` mixes an unlabelled set into a labelled one (classification, causal-lm, mlm): its
+  rows get KD but no CE, and the CE is averaged over the labelled rows only
+  (:func:`lmkd.distill.add_transfer_set`, :class:`TransferCollator`, :class:`RegimeTrainer`).  A seq2seq student needs target tokens to
   train on: either give an unlabelled seq2seq transfer set the teacher's outputs with ``lmkd
   generate`` and distil on them (sequence-level KD), or train on the inputs alone on-policy
   (``on_policy_fraction: 1``: the targets are the student's own samples, scored by the teacher).
-* **Teacher ensembles**: :class:`EnsembleTeacher` averages several teachers' softened
+* **Teacher ensembles**: :class:`lmkd.teachers.EnsembleTeacher` averages several teachers' softened
   distributions; ``teacher_model_name_or_path: a,b`` (+ ``teacher_weights``) builds one.
-* **Born-again networks** (Furlanello et al. 2018): ``rounds: N`` (:func:`run_born_again`).
+* **Born-again networks** (Furlanello et al. 2018): ``rounds: N`` (:func:`lmkd.distill.run_born_again`,
+  a driver of whole runs, so it lives with them).
 * **Co-distillation / deep mutual learning** (Zhang et al. 2018): ``cohort_size: K``
   (:class:`CohortModel`, :class:`CoDistillationTrainer`).
 * **On-policy KD** (GKD, Agarwal et al. 2024): ``on_policy_fraction: lambda``
@@ -20,35 +21,24 @@
 from __future__ import annotations
 
 import copy
-import json
+import inspect
 import logging
 import math
 import os
 import random
-import shutil
-from dataclasses import dataclass
 
-import datasets
 import torch
 from torch import nn
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.utils import ModelOutput
+from transformers.utils import find_labels
 
 from . import losses
+from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
 from .errors import LmkdError
-from .modeling import (
-    CAUSAL,
-    CLASSIFICATION,
-    MLM,
-    SEQ2SEQ,
-    TASK_KIND,
-    load_model,
-    load_tokenizer,
-    model_kind,
-    shared_vocab_size,
-    unwrap,
-    vocab_size_of,
-)
+from .generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
+from .modeling import model_kind, unwrap, vocab_size_of
+from .positions import aligned_labels, token_mask
+from .teachers import EnsembleTeacher
 from .trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -60,153 +50,7 @@ ON_POLICY = "lmkd_on_policy"
 REGIME_KEYS = (LABELLED, ON_POLICY)
 
 
-# ---- teacher ensembles ---------------------------------------------------------------------------
-
-
-@dataclass
-class EnsembleOutput(ModelOutput):
-    logits: torch.Tensor | None = None
-
-
-def teacher_paths(args) -> list[str]:
-    """The teachers named by ``teacher_model_name_or_path`` (a comma-separated list for an ensemble)."""
-    return [p.strip() for p in (args.teacher_model_name_or_path or "").split(",") if p.strip()]
-
-
-class EnsembleTeacher(nn.Module):
-    """Several frozen teachers acting as one: ``forward`` returns the logits
-
-        tau * log( sum_i w_i * softmax(z_i / tau) )
-
-    so a temperature-``tau`` KD loss (forward/reverse KL, JSD) sees exactly the weighted average of
-    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  ``temperature``
-    must be the trainer's ``kd_temperature``.  Logit matching (``kd_loss: mse``) is refused: the
-    average of distributions is not an average of logits.  All teachers must be of one model kind
-    with one output size; each is checked against the student's vocabulary by :func:`load_teacher`.
-    """
-
-    def __init__(self, teachers, weights=None, *, temperature: float):
-        super().__init__()
-        teachers = list(teachers)
-        if len(teachers) < 2:
-            raise LmkdError("a teacher ensemble needs at least two teachers")
-        weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(teachers) or any(not w > 0 for w in weights):
-            raise LmkdError(f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})")
-        if not temperature > 0:
-            raise LmkdError(f"temperature must be > 0, got {temperature}")
-        kinds = {model_kind(t) for t in teachers}
-        if len(kinds) > 1:
-            raise LmkdError(f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind")
-        sizes = [vocab_size_of(t) for t in teachers]
-        if len(set(sizes)) > 1:
-            raise LmkdError(f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
-                            "vocabulary (or label set) of one size")
-        self.teachers = nn.ModuleList(teachers)
-        total = sum(weights)
-        self.weights = [w / total for w in weights]
-        self.temperature = float(temperature)
-        self.lmkd_kind = kinds.pop()  # lmkd.modeling.model_kind reads this
-        for t in teachers:
-            for flag in ("use_cache", "output_hidden_states", "output_attentions"):
-                if getattr(t.config, flag, None):
-                    setattr(t.config, flag, False)
-
-    @property
-    def config(self):
-        return self.teachers[0].config
-
-    def get_output_embeddings(self):
-        return self.teachers[0].get_output_embeddings()
-
-    def prepare_decoder_input_ids_from_labels(self, labels):
-        return self.teachers[0].prepare_decoder_input_ids_from_labels(labels=labels)
-
-    def forward(self, **inputs) -> EnsembleOutput:
-        tau, mix = self.temperature, None
-        for w, teacher in zip(self.weights, self.teachers):
-            z = teacher(**inputs).logits
-            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
-            lp = torch.log_softmax(z / tau, dim=-1) + math.log(w)
-            mix = lp if mix is None else torch.logaddexp(mix, lp)
-        return EnsembleOutput(logits=tau * mix)
-
-
-def load_teacher(args, student, tokenizer):
-    """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
-    checked against the student's vocabulary), else None (DistillationTrainer loads the one)."""
-    paths = teacher_paths(args)
-    if len(paths) < 2 or not (args.kd_alpha > 0 or _features_on(args)):
-        return None
-    if _features_on(args):
-        raise LmkdError("hidden/attention/relation losses compare with one teacher's layers, not an ensemble; "
-                        "set their weights 0 or name one teacher")
-    if args.teacher_cache:
-        raise LmkdError("teacher_cache holds one teacher's logits; drop it to distil from an ensemble")
-    kind = model_kind(student)
-    teachers = []
-    for path in paths:
-        teacher = load_model(path, kind=kind)
-        if model_kind(teacher) != kind:
-            raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
-        shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch
-        teachers.append(teacher)
-    weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
-    logger.info("teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal")
-    return EnsembleTeacher(teachers, weights, temperature=args.kd_temperature)
-
-
-def _features_on(args) -> bool:
-    return args.hidden_weight > 0 or args.attention_weight > 0 or args.relation_weight > 0
-
-
-# ---- unlabelled transfer sets --------------------------------------------------------------------
-
-
-def unlabelled_data_args(data_args, args, evaluation: bool = False):
-    """``data_args`` with no label column when the run never uses one, so none is read (and the
-    data needs none): a classification run with ``kd_alpha: 1`` is supervised by the teacher alone;
-    a seq2seq run with ``on_policy_fraction: 1`` trains only on the student's own outputs (its
-    training data are inputs alone; the validation data keep their targets, ``evaluation=True``).
-    Other runs are returned as they are: causal-lm and mlm read no label column anyway, and a
-    seq2seq student trained off-policy needs target tokens (``lmkd generate`` makes them)."""
-    kind = TASK_KIND[data_args.task]
-    drop = (kind == CLASSIFICATION and args.kd_alpha == 1) or (
-        kind == SEQ2SEQ and args.on_policy_fraction == 1 and not evaluation)
-    if drop and data_args.target_column:
-        data_args = copy.copy(data_args)
-        data_args.target_column = None
-    return data_args
-
-
-def read_transfer_set(data_args) -> datasets.Dataset | None:
-    """The source column (and nothing else) of ``data_args.transfer_file``, or None without one."""
-    from .data import load_data
-
-    if not data_args.transfer_file:
-        return None
-    if TASK_KIND[data_args.task] == SEQ2SEQ:
-        raise LmkdError("transfer_file: a seq2seq student cannot train without target tokens; give the transfer "
-                        "set the teacher's outputs with `lmkd generate --teacher T --data FILE --output DIR` and "
-                        "train on DIR (target_column teacher_target), or train on it alone with on_policy_fraction 1")
-    return load_data(data_args.transfer_file, [data_args.source_column]).select_columns([data_args.source_column])
-
-
-def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, tokenizer) -> datasets.Dataset:
-    """``train`` (tokenised) plus the tokenised rows of ``raw`` (:func:`read_transfer_set`), each
-    tagged with :data:`LABELLED` (1 for ``train``, 0 for the transfer set).  The Trainer's shuffling
-    sampler interleaves the two."""
-    from .data import tokenize
-
-    kind = TASK_KIND[data_args.task]
-    extra = tokenize(raw, tokenizer, data_args, labelled=False)
-    if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
-        extra = extra.add_column("labels", [losses.IGNORE_INDEX] * len(extra))
-    train = train.add_column(LABELLED, [1] * len(train))
-    extra = extra.add_column(LABELLED, [0] * len(extra)).cast(train.features)
-    logger.info("transfer set %s: %d unlabelled rows (KD only) mixed with %d labelled rows",
-                data_args.transfer_file, len(extra), len(train))
-    return datasets.concatenate_datasets([train, extra])
+# ---- unlabelled transfer sets (the data side: lmkd.distill) ----------------------------------------
 
 
 class TransferCollator:
@@ -222,7 +66,7 @@ class TransferCollator:
         batch = self.collator([{k: v for k, v in f.items() if k != LABELLED} for f in features])
         labels = batch.get("labels")
         if labels is not None and self.kind != CLASSIFICATION:
-            batch["labels"] = labels.masked_fill(~flags[:, None], losses.IGNORE_INDEX)
+            batch["labels"] = labels.masked_fill(~flags[:, None], IGNORE_INDEX)
         batch[LABELLED] = flags
         return batch
 
@@ -253,14 +97,14 @@ class RegimeTrainer(DistillationTrainer):
         if LABELLED not in self._signature_columns:  # keep the flag through remove_unused_columns
             self._signature_columns = [*self._signature_columns, LABELLED]
 
-    def _forward_inputs(self, model, inputs: dict) -> dict:
-        fwd = super()._forward_inputs(model, inputs)
+    def forward_inputs(self, model, inputs: dict) -> dict:
+        fwd = super().forward_inputs(model, inputs)
         for key in REGIME_KEYS:
             fwd.pop(key, None)
         return fwd
 
-    def _masks(self, inputs: dict):
-        ce, kd = super()._masks(inputs)
+    def position_masks(self, inputs: dict):
+        ce, kd = super().position_masks(inputs)
         if ON_POLICY in inputs:  # the targets are the student's own samples: KD only
             return None, kd
         flags = inputs.get(LABELLED)
@@ -270,10 +114,7 @@ class RegimeTrainer(DistillationTrainer):
         if self.kind == CLASSIFICATION:
             return (flags if ce is not None else None), kd
         # causal/mlm: unlabelled rows have labels -100 (no CE); KD covers their real tokens
-        att = inputs.get("attention_mask")
-        tokens = att.bool() if att is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-        if self.kind == CAUSAL:
-            tokens = tokens[:, 1:]
+        tokens = token_mask(inputs, shift=self.kind == CAUSAL)
         return ce, kd | (tokens & ~flags[:, None])
 
 
@@ -327,7 +168,6 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
     @torch.no_grad()
     def on_policy_batch(self, model, batch: dict) -> dict:
         """``batch`` with its targets replaced by the student's samples (tagged :data:`ON_POLICY`)."""
-        from .generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
 
         student = unwrap(model)
         device = next(student.parameters()).device
@@ -414,17 +254,9 @@ class CoDistillationTrainer(RegimeTrainer):
         if kwargs.get("teacher_model") is not None:
             raise LmkdError("co-distillation trains without a teacher; drop teacher_model")
         super().__init__(model=model, args=args, **kwargs)
-        a = self.args
-        if a.label_names is None:  # the Trainer looked for them in CohortModel.forward; use a member's
-            from transformers.utils import find_labels
-
+        if self.args.label_names is None:  # the Trainer looked for them in CohortModel.forward; use a member's
             self.label_names = find_labels(type(unwrap(self.model).members[0]))
-        if a.kd_loss == "mse":
-            raise LmkdError("co-distillation averages the members' distributions: use kd_loss forward_kl, "
-                            "reverse_kl or jsd, not mse")
-        if _features_on(a) or a.teacher_cache:
-            raise LmkdError("co-distillation uses the members' output distributions only: set hidden/attention/"
-                            "relation weights 0 and drop teacher_cache")
+        self.args.check_co_distillation()  # (the config ran it already when cohort_size > 1)
 
     @property
     def uses_teacher(self) -> bool:
@@ -432,8 +264,6 @@ class CoDistillationTrainer(RegimeTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            import inspect
-
             member = unwrap(self.model).members[0]
             self._signature_columns = list(inspect.signature(member.forward).parameters) + list(
                 {"label", "label_ids", *self.label_names})
@@ -452,24 +282,19 @@ class CoDistillationTrainer(RegimeTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        mode = "train" if model.training else "eval"
         members = unwrap(model).members
-        outputs = model(**self._forward_inputs(members[0], inputs))
-        logits = [self._aligned(o.logits) for o in outputs]
-        ce_mask, kd_mask = self._masks(inputs)
-        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2:
-            n_ce, n_kd = num_items_in_batch.tolist()
-            scale = self.accelerator.num_processes if (args.average_tokens_across_devices and args.world_size > 1) else 1
-        else:
-            n_ce = int(ce_mask.sum()) if ce_mask is not None else 0
-            n_kd, scale = int(kd_mask.sum()), 1
+        outputs = model(**self.forward_inputs(members[0], inputs))
+        logits = [self.aligned(o.logits) for o in outputs]
+        ce_mask, kd_mask = self.position_masks(inputs)
+        counts, scale = self.loss_counts(num_items_in_batch)
+        n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
+                                                         int(kd_mask.sum()))
         alpha, k = args.kd_alpha, len(logits)
         targets = self.member_targets(logits) if alpha > 0 else [None] * k
-        stats = self._stats[mode]
+        stats = self.loss_stats["train" if model.training else "eval"]
         loss = logits[0].new_zeros((), dtype=torch.float32)
         labels = inputs.get("labels")
-        if labels is not None and self.kind == CAUSAL:
-            labels = labels[:, 1:]
+        labels = aligned_labels(self.kind, labels) if labels is not None else None
         for z, target in zip(logits, targets):
             if ce_mask is not None and alpha < 1:
                 ce_sum = losses.cross_entropy(z, labels)
@@ -525,51 +350,3 @@ def trainer_class(args, data_args=None):
 def wrap_collator(collator, data_args):
     """The task's collator, wrapped in :class:`TransferCollator` when a transfer set is mixed in."""
     return TransferCollator(collator, TASK_KIND[data_args.task]) if data_args.transfer_file else collator
-
-
-# ---- born-again networks -------------------------------------------------------------------------
-
-
-def run_born_again(model_args, data_args, args, resume: bool = False, teacher_model=None) -> dict:
-    """``rounds: N``: N runs of ``lmkd distill``, each from the same student init; round 1 learns
-    from the given teacher (or, with none, from the labels alone -- the born-again "teacher"
-    generation), round r > 1 from round r-1's student.  Round r writes ``output_dir/round-r``
-    (trained student, tokenizer, metrics; evaluated on validation_file when given); the last
-    round's student is also copied into ``output_dir``.  With ``--resume`` finished rounds are
-    kept and the interrupted one resumes from its last checkpoint."""
-    from .distill import run_distill
-
-    rounds, per_round = args.rounds, {}
-    previous, metrics = None, {}
-    for r in range(1, rounds + 1):
-        out = os.path.join(args.output_dir, f"round-{r}")
-        a = copy.copy(args)
-        a.output_dir, a.rounds = out, 1
-        if r > 1:
-            a.teacher_model_name_or_path, a.teacher_weights, a.teacher_cache = previous, None, None
-        elif teacher_model is None and not args.teacher_model_name_or_path and not args.teacher_cache:
-            logger.info("born-again round 1 has no teacher: it trains on the labels alone (kd_alpha 0)")
-            a.kd_alpha, a.hidden_weight, a.attention_weight, a.relation_weight = 0.0, 0.0, 0.0, 0.0
-        done = os.path.join(out, "distill_results.json")
-        if resume and os.path.isfile(done):
-            with open(done) as f:
-                metrics = json.load(f)
-            logger.info("born-again round %d/%d already finished in %s", r, rounds, out)
-        else:
-            logger.info("born-again round %d/%d -> %s (teacher: %s)", r, rounds, out,
-                        "given model" if r == 1 and teacher_model is not None else a.teacher_model_name_or_path
-                        if a.kd_alpha > 0 else "none")
-            metrics = run_distill(model_args, data_args, a, resume=resume and os.path.isdir(out),
-                                  teacher_model=teacher_model if r == 1 else None)
-        per_round[f"round-{r}"] = metrics
-        previous = out
-    final = dict(metrics)
-    final["rounds"] = per_round
-    if args.should_save:
-        for name in os.listdir(previous):
-            src = os.path.join(previous, name)
-            if os.path.isfile(src) and name != "distill_results.json":
-                shutil.copy2(src, os.path.join(args.output_dir, name))
-        with open(os.path.join(args.output_dir, "distill_results.json"), "w") as f:
-            json.dump(final, f, indent=1, sort_keys=True)
-    return final

@@ -237,8 +237,8 @@ def test_trainer_default_path_equals_plain(tokenizer, corpus, tmp_path, arch, ta
         assert grads.keys() == ref_grads.keys()
         for n in grads:
             assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), (step, n)
-        assert isinstance(lean._fused_head, Head), step  # the check passed: the fused path is on
-        assert isinstance(lean._teacher_head, Head), step  # and the teacher's logits come per chunk
+        assert isinstance(lean.loss_objective.fused_head, Head), step  # the check passed: the fused path is on
+        assert isinstance(lean.loss_objective.teacher_head, Head), step  # and the teacher's logits come per chunk
     # eval mode: real logits come back (prediction_step needs them), same loss
     student.eval()
     with torch.no_grad():
@@ -266,13 +266,13 @@ def test_trainer_falls_back_when_logits_are_transformed(tokenizer, corpus, tmp_p
     plain = _trainer(student, teacher, tokenizer, tmp_path, kd_chunk_size=0)
     ref_loss, ref_grads = _loss_and_grads(plain, student, batch)
     lean = _trainer(student, teacher, tokenizer, tmp_path)
-    with caplog.at_level("INFO", logger="lmkd.trainer"):
+    with caplog.at_level("INFO", logger="lmkd.objective"):
         for _ in range(2):
             loss, grads = _loss_and_grads(lean, student, batch)
             assert torch.allclose(loss, ref_loss, rtol=1e-5)
             for n in grads:
                 assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), n
-    assert lean._fused_head is False
+    assert lean.loss_objective.fused_head is False
     assert sum("fused linear KD loss off" in r.message for r in caplog.records) == 1
 
 
@@ -335,16 +335,16 @@ def test_teacher_forward_at_its_floor(tokenizer, corpus, tmp_path, hidden_weight
 def _topk_sampled(t, mask, k, m, seed=0):
     """The top-K of ``t`` plus ``m`` draws per position from its distribution outside the top-K,
     drawn here with torch.multinomial exactly as lmkd.logit_cache does."""
-    from lmkd.logit_cache import _teacher_topk
+    from lmkd.logit_cache import teacher_topk
 
-    class _Teacher:  # what _teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
+    class _Teacher:  # what teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
         def __call__(self, **kw):
             return type("O", (), {"logits": torch.cat([t[mask].float(), t[mask][:1].float()]).unsqueeze(0)})
 
     n = int(mask.sum())
     batch = {"input_ids": torch.zeros(1, n + 1, dtype=torch.long),
              "attention_mask": torch.ones(1, n + 1, dtype=torch.long)}
-    return TopK(*_teacher_topk(_Teacher(), "causal", batch, k, m, torch.Generator().manual_seed(seed)))
+    return TopK(*teacher_topk(_Teacher(), "causal", batch, k, m, torch.Generator().manual_seed(seed)))
 
 
 def test_tail_samples_come_from_outside_the_topk_with_their_logprobs():

@@ -157,7 +157,7 @@ def test_layer_map_defaults_and_errors(tokenizer, tmp_path):
     def pairs(student, n_s, n_t, **kw):
         tr = DistillationTrainer(model=student, args=config(tmp_path, hidden_weight=1.0, **kw),
                                  teacher_model=copy.deepcopy(teacher), processing_class=tokenizer)
-        return tr._layer_pairs("layers", n_s, n_t)
+        return tr.features.layer_pairs("layers", n_s, n_t)
 
     assert pairs(make_student(teacher, layers=[0, 3]), 2, 4) == [(0, 0), (1, 3)]  # copied layers
     plain = build_model("bert", len(tokenizer), seed=2, layers=2)
@@ -172,7 +172,7 @@ def test_layer_map_defaults_and_errors(tokenizer, tmp_path):
             model=build_model("bart", len(tokenizer), seed=2, layers=1),
             args=config(tmp_path, hidden_weight=1.0, layer_map="encoder=0"),
             teacher_model=build_model("bart", len(tokenizer), seed=1, layers=2),
-            processing_class=tokenizer)._layer_pairs("decoder", 1, 2)
+            processing_class=tokenizer).features.layer_pairs("decoder", 1, 2)
 
 
 # ---- hint projections -------------------------------------------------------------------------
@@ -297,8 +297,8 @@ def test_seq2seq_maps_encoder_and_decoder_separately(tiny_model_dir, tokenizer, 
         model=student, args=config(tmp_path, hidden_weight=1.0, attention_weight=1.0, relation_weight=1.0,
                                    relation_pooling="token", max_steps=2, logging_steps=1),
         teacher_model=teacher, train_dataset=ds, processing_class=tokenizer, data_collator=collator)
-    assert trainer._layer_pairs("encoder", 2, 4) == [(0, 0), (1, 3)]
-    assert trainer._layer_pairs("decoder", 1, 4) == [(0, 1)]
+    assert trainer.features.layer_pairs("encoder", 2, 4) == [(0, 0), (1, 3)]
+    assert trainer.features.layer_pairs("decoder", 1, 4) == [(0, 1)]
     batch = collator([ds[i] for i in range(4)])
     student.eval(), teacher.eval()
     with torch.no_grad():
@@ -350,7 +350,7 @@ def test_two_processes_equal_one_with_hint_projections(tiny_model_dir, tokenizer
 
 
 def test_teacher_ensemble_is_refused_for_feature_losses(tokenizer, tmp_path):
-    from lmkd.regimes import EnsembleTeacher
+    from lmkd.teachers import EnsembleTeacher
 
     teachers = [build_model("bert", len(tokenizer), seed=s, layers=1) for s in (1, 2)]
     with pytest.raises(LmkdError, match="one Hugging Face teacher model"):

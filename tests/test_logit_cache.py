@@ -47,7 +47,7 @@ def test_cache_stores_teacher_topk_compactly(teacher_dir, translation_file, tmp_
     assert summary["bytes_per_position"] <= 6 * k + 8
     assert cache.shards[0]["ids"].dtype == np.uint16 and cache.shards[0]["logprobs"].dtype == np.float16
     # the 32-bit layout (vocabulary > 65536) is also within 6K + 8: 4K ids + 2K log-probs + token + tail
-    assert np.dtype(logit_cache._id_dtype(70000)).itemsize * (k + 1) + 2 * (k + 1) <= 6 * k + 8
+    assert np.dtype(logit_cache.id_dtype(70000)).itemsize * (k + 1) + 2 * (k + 1) <= 6 * k + 8
 
     # row 5 against a direct teacher forward
     tok = load_tokenizer(teacher_dir)
@@ -76,7 +76,7 @@ def test_resume_after_kill_gives_identical_shards(teacher_dir, translation_file,
     data = _data_args(translation_file, max_train_samples=24)
     logit_cache.cache_logits(teacher_dir, data, str(full), 4, **kw)
 
-    write = logit_cache._write_shard
+    write = logit_cache.write_shard
     calls = []
 
     def killed(path, arrays):
@@ -87,10 +87,10 @@ def test_resume_after_kill_gives_identical_shards(teacher_dir, translation_file,
             raise KeyboardInterrupt
         write(path, arrays)
 
-    monkeypatch.setattr(logit_cache, "_write_shard", killed)
+    monkeypatch.setattr(logit_cache, "write_shard", killed)
     with pytest.raises(KeyboardInterrupt):
         logit_cache.cache_logits(teacher_dir, data, str(resumed), 4, **kw)
-    monkeypatch.setattr(logit_cache, "_write_shard", write)
+    monkeypatch.setattr(logit_cache, "write_shard", write)
     with pytest.raises(LmkdError, match="incomplete"):
         logit_cache.LogitCache(str(resumed))
     summary = logit_cache.cache_logits(teacher_dir, data, str(resumed), 4, **kw)

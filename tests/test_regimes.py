@@ -13,17 +13,17 @@ import yaml
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses
 from lmkd.cli import main
 from lmkd.data import DataArguments, collator_for, tokenize
+from lmkd.distill import add_transfer_set
 from lmkd.regimes import (
     LABELLED,
     ON_POLICY,
     CoDistillationTrainer,
     CohortModel,
-    EnsembleTeacher,
     OnPolicyDistillationTrainer,
     RegimeTrainer,
     TransferCollator,
-    add_transfer_set,
 )
+from lmkd.teachers import EnsembleTeacher
 from lmkd.scratch import build_model
 
 
@@ -468,8 +468,8 @@ def test_on_policy_targets_are_the_students_samples(tmp_path, tokenizer, corpus,
     trainer.args.kd_alpha = 0.4
     with torch.no_grad():
         loss = trainer.compute_loss(init, got)
-        fwd = trainer._forward_inputs(init, got)
-        s, t = trainer._aligned(init(**fwd).logits), trainer._aligned(teacher(**fwd).logits)
+        fwd = trainer.forward_inputs(init, got)
+        s, t = trainer.aligned(init(**fwd).logits), trainer.aligned(teacher(**fwd).logits)
     lab = got["labels"][:, 1:] if task == "causal-lm" else got["labels"]
     mask = lab != -100
     ref_loss = 0.4 * losses.generalized_jsd(s, t, mask, beta=0.5, temperature=2.0) / mask.sum()

@@ -1,0 +1,241 @@
+"""The CE + KD objective of one micro-batch, over whichever teacher signal the run has.
+
+:class:`DistillationObjective` is what :meth:`lmkd.DistillationTrainer.compute_loss` calls.  Read
+:meth:`DistillationObjective.__call__` top to bottom: the student's forward, its positions, then
+one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_kd``:
+
+* **plain** (``kd_chunk_size: 0``, online teacher): full logits, :func:`lmkd.losses.cross_entropy`
+  and :func:`lmkd.losses.token_kd_loss`;
+* **chunked / fused** (:mod:`lmkd.losses.chunked`): CE and KD in one pass over chunks of
+  positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model
+  on the first training batch against the real logits), the student's head is skipped in the
+  forward and run per chunk inside the loss (no (N, V) student logits), and so is the teacher's;
+* **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.logit_cache`).
+
+The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
+sharding flags and the declared hooks ``forward_inputs``, ``position_masks`` and ``aligned`` -- and
+never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from . import logit_cache, losses
+from .constants import CAUSAL, SEQ2SEQ
+from .losses import chunked
+from .modeling import unwrap
+from .positions import aligned_labels
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationObjective:
+    """CE + KD of a micro-batch for ``trainer`` (a :class:`lmkd.DistillationTrainer`).
+
+    :attr:`fused_head` / :attr:`teacher_head`: None until the first training batch checks the
+    student's / teacher's LM head, then the :class:`lmkd.losses.chunked.Head` that reproduces it,
+    or False when the head cannot be run inside the loss (the chunked loss then takes the real
+    logits)."""
+
+    def __init__(self, trainer, vocab: int | None = None):
+        self.trainer = trainer
+        self.vocab = vocab  # the vocabulary teacher and student share, when their output layers differ
+        self.fused_head = None
+        self.teacher_head = None
+
+    def __call__(self, model, inputs: dict, stats: dict, counts: tuple[int, int] | None = None,
+                 return_outputs: bool = False):
+        """(weighted loss, student outputs, teacher outputs or None).  ``counts`` (n_ce, n_kd) are the
+        positions of the whole accumulated batch (this micro-batch's own when None); ``stats``
+        receives the running sums the trainer logs."""
+        tr, args = self.trainer, self.trainer.args
+        with self.lean_head(model, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
+            outputs = model(**tr.forward_inputs(model, inputs))
+        s_logits = tr.aligned(outputs.logits)
+        ce_mask, kd_mask = tr.position_masks(inputs)
+        n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
+                                                         int(kd_mask.sum()))
+        cached = logit_cache.MASK in inputs
+        alpha = args.kd_alpha if (tr.teacher is not None or cached) else 0.0
+        use_ce, use_kd = ce_mask is not None and alpha < 1, alpha > 0
+        labels = aligned_labels(tr.kind, inputs["labels"]) if use_ce else None
+
+        if args.kd_chunk_size == 0 and not cached:
+            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd,
+                                                               use_ce, use_kd)
+        else:
+            w_ce = (1 - alpha) / max(n_ce, 1) if use_ce else 0.0
+            w_kd = alpha / max(n_kd, 1) if use_kd else 0.0
+            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(inputs, outputs, s_logits, lean_head, labels, kd_mask,
+                                                              w_ce, w_kd)
+        if use_ce:
+            stats["ce_sum"] += ce_sum.item()
+            stats["ce_n"] += int(ce_mask.sum())
+        if use_kd:
+            stats["kd_sum"] += kd_sum.item()
+            stats["kd_n"] += int(kd_mask.sum())
+        return loss, outputs, t_outputs
+
+    # ---- the three paths --------------------------------------------------------------------------
+
+    def plain_ce_kd(self, inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd, use_ce, use_kd):
+        """Full logits, autograd: (loss, CE sum, KD sum, teacher outputs)."""
+        tr, args = self.trainer, self.trainer.args
+        loss = s_logits.new_zeros((), dtype=torch.float32)
+        ce_sum = kd_sum = t_outputs = None
+        if use_ce:
+            ce_sum = losses.cross_entropy(s_logits, labels)
+            loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
+        if use_kd:
+            with torch.no_grad():
+                t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
+                t_logits = tr.aligned(t_outputs.logits)
+            s_kd, t_kd = self._shared(s_logits), self._shared(t_logits)
+            kd_sum = losses.token_kd_loss(s_kd, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
+                                          beta=args.jsd_beta)
+            loss = loss + alpha * kd_sum / max(n_kd, 1)
+        return loss, ce_sum, kd_sum, t_outputs
+
+    def lean_ce_kd(self, inputs, outputs, s_logits, lean_head, labels, kd_mask, w_ce, w_kd):
+        """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher:
+        (loss, CE sum, KD sum, teacher outputs or None)."""
+        tr, args = self.trainer, self.trainer.args
+        if lean_head is not None and lean_head["probe"]:
+            self.fused_head = self.check_head(tr.model, lean_head, outputs, "student")
+            lean_head = None
+        teacher, t_outputs = None, None
+        if w_kd:
+            if logit_cache.MASK in inputs:
+                teacher = logit_cache.batch_topk(inputs, kd_mask)
+            else:
+                t_outputs, teacher = self.teacher_for_loss(inputs)
+        kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, ce_weight=w_ce,
+                  kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=args.kd_chunk_size)
+        if lean_head is not None:
+            hidden = tr.aligned(lean_head["hidden"][0])
+            total, ce_sum, kd_sum = chunked.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
+                                                                      kd_mask, **kw)
+        elif args.kd_chunk_size == 0:  # the cached teacher on the plain (autograd) path
+            zero = s_logits.new_zeros((), dtype=torch.float32)
+            ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero
+            kd_sum = (chunked.topk_kd_loss(self._shared(s_logits), teacher, kd_mask, loss=args.kd_loss,
+                                           temperature=args.kd_temperature, beta=args.jsd_beta) if w_kd else zero)
+            total = w_ce * ce_sum + w_kd * kd_sum
+        else:
+            total, ce_sum, kd_sum = chunked.chunked_distill_loss(s_logits, teacher, labels, kd_mask, **kw)
+        zero = s_logits.new_zeros((), dtype=torch.float32)
+        return zero + total, ce_sum, kd_sum, t_outputs
+
+    def _shared(self, logits):
+        """``logits`` cut to the vocabulary teacher and student share (see lmkd.modeling.shared_vocab_size)."""
+        return logits[..., : self.vocab] if self.vocab is not None else logits
+
+    # ---- the LM head run inside the loss --------------------------------------------------------------
+
+    def teacher_for_loss(self, inputs):
+        """(teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the teacher's
+        final hidden states when its head is checked (no (N, V) teacher tensor), else its logits."""
+        tr = self.trainer
+        use = tr.args.kd_chunk_size != 0 and self.teacher_head is not False and tr.kind in (CAUSAL, SEQ2SEQ)
+        ctx = self.head_skipped(tr.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
+        with ctx as box, torch.no_grad():
+            t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
+        if box is not None and box["probe"]:
+            self.teacher_head = self.check_head(tr.teacher, box, t_outputs, "teacher")
+        elif box is not None:
+            hidden = tr.aligned(box["hidden"][0])
+            return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
+        return t_outputs, tr.aligned(t_outputs.logits)
+
+    def lean_head(self, model, return_outputs: bool = False):
+        """The student's forward context: head skipped when the fused loss is on (training only, and
+        never when the caller wants the outputs: their logits would be placeholders)."""
+        tr = self.trainer
+        use = (model.training and not return_outputs and tr.args.kd_chunk_size != 0
+               and self.fused_head is not False and tr.kind in (CAUSAL, SEQ2SEQ))
+        return self.head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
+
+    def head_for_fused_loss(self, model):
+        """The LM head of ``model`` as lmkd.losses.chunked.Head, or (None, why not)."""
+        tr, m = self.trainer, unwrap(model)
+        if tr.kind not in (CAUSAL, SEQ2SEQ):
+            return None, f"{tr.kind} models are not supported"
+        if tr.is_fsdp_enabled or tr.is_deepspeed_enabled:
+            return None, "the head is sharded (FSDP/DeepSpeed)"
+        if m is unwrap(tr.model) and tr.args.world_size > 1:
+            # the fused loss differentiates the head outside DDP's forward, so DDP's gradient hooks
+            # would fire twice for the (tied) head weight
+            return None, "the student is wrapped for data parallelism (DDP)"
+        head = m.get_output_embeddings()
+        if type(head) is not nn.Linear:
+            return None, f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
+        cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
+        scale = getattr(cfg, "logit_scale", None)
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        extra = getattr(m, "final_logits_bias", None)
+        return chunked.Head(head.weight, head.bias, extra if isinstance(extra, torch.Tensor) else None,
+                            float(scale) if isinstance(scale, (int, float)) else 1.0,
+                            float(softcap) if softcap else None), ""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def head_skipped(model, decided):
+        """Around a forward of ``model``: with ``decided`` a Head, the LM head only records its input
+        and returns zeros of width 1 (Marian/BART's final_logits_bias is swapped for a (1, 1) zero
+        meanwhile, so no (B, T, V) tensor is made); with ``decided`` None a hook records the head's
+        input so the caller can check the fused head against the model's real logits."""
+        module = unwrap(model).get_output_embeddings()
+        box = {"hidden": [], "probe": decided is None}
+        if box["probe"]:
+            handle = module.register_forward_hook(lambda m, args, out: box["hidden"].append(args[0]))
+            try:
+                yield box
+            finally:
+                handle.remove()
+            return
+        inner = unwrap(model)
+        swap = "final_logits_bias" in inner._buffers
+        width = 1 if (not swap or inner is model) else module.out_features  # never swap under a wrapper
+        swap = swap and width == 1
+
+        def skip(hidden, *a, **k):
+            box["hidden"].append(hidden)
+            return hidden.new_zeros(()).expand(*hidden.shape[:-1], width)
+
+        bias = inner._buffers.get("final_logits_bias")
+        module.forward = skip
+        if swap:
+            inner._buffers["final_logits_bias"] = bias.new_zeros(1, 1)
+        try:
+            yield box
+        finally:
+            del module.forward
+            if swap:
+                inner._buffers["final_logits_bias"] = bias
+
+    def check_head(self, model, box, outputs, who: str):
+        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits?  The Head, or False."""
+        head, why = self.head_for_fused_loss(model)
+        if head is not None and len(box["hidden"]) != 1:
+            head, why = None, "the LM head is called more than once per forward"
+        if head is not None:
+            with torch.no_grad():
+                real = outputs.logits.float()
+                mine = head.logits(box["hidden"][0]).float()
+                tol = 1e-4 if real.dtype == torch.float32 and head.weight.dtype == torch.float32 else 1e-2
+                ok = mine.shape == real.shape and bool(
+                    (mine - real).abs().max() <= tol * real.abs().max().clamp(min=1.0))
+            if not ok:
+                head, why = None, "the model transforms its logits in a way lmkd cannot reproduce"
+        if head is None:
+            if who == "student":
+                logger.info("fused linear KD loss off (%s); using the chunked loss on the full logits -- the "
+                            "same objective", why)
+            else:
+                logger.info("teacher logits computed whole, not per chunk (%s)", why)
+        return head if head is not None else False

@@ -1,0 +1,236 @@
+"""The teacher side of a run: loading, placing and freezing a teacher, DeepSpeed ZeRO-3's teacher
+engine, teacher ensembles, and wiring a cached teacher (``lmkd cache-logits``) into a trainer.
+
+Layer 3: takes plain values and a training-arguments object (read, never imported), so that the
+trainer (layer 4) calls it and not the other way round.
+
+* :func:`load_frozen_teacher` -- a model or path -> the frozen teacher on the student's device in
+  ``teacher_dtype``, with the vocabulary guard (:func:`lmkd.modeling.shared_vocab_size`);
+* :func:`zero3_enabled` / :func:`deepspeed_teacher` -- under ZeRO-3 the teacher runs in a
+  DeepSpeed inference engine of its own;
+* :class:`EnsembleTeacher` / :func:`load_teacher` -- several teachers acting as one;
+* :func:`attach_teacher_cache` -- the training data and collator of a run trained from a cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from . import logit_cache
+from .errors import LmkdError
+from .modeling import load_model, load_tokenizer, model_kind, shared_vocab_size, unwrap, vocab_size_of
+
+logger = logging.getLogger(__name__)
+
+#: config flags that make a forward return more than the logits; a teacher runs with them off
+_EXTRA_OUTPUT_FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
+
+
+def forward_at_floor(model) -> None:
+    """Turn off the KV cache and the hidden-state/attention outputs in ``model.config``: a
+    teacher returns them only when a loss asks for them as a forward keyword."""
+    for flag in _EXTRA_OUTPUT_FLAGS:
+        if getattr(model.config, flag, None):
+            setattr(model.config, flag, False)
+
+
+def teacher_paths(args) -> list[str]:
+    """The teachers named by ``args.teacher_model_name_or_path`` (a comma-separated list for an ensemble)."""
+    return [p.strip() for p in (args.teacher_model_name_or_path or "").split(",") if p.strip()]
+
+
+# ---- one teacher ---------------------------------------------------------------------------------
+
+
+def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teacher_tokenizer=None, device=None,
+                        dtype: str = "auto", deepspeed_config: dict | None = None):
+    """(teacher, shared vocabulary size or None) for ``source`` (a model, or a path to load as a
+    ``kind`` model): in ``eval()`` with gradients off and its extra outputs off, on ``device`` in
+    ``dtype`` (``auto``: the student's), or -- with a ZeRO-3 ``deepspeed_config`` -- in a DeepSpeed
+    engine of its own.  The vocabulary size is what both logits are sliced to when the two output
+    layers differ only by padding rows (see :func:`lmkd.modeling.shared_vocab_size`)."""
+    if source is None:
+        raise LmkdError("kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "
+                        "teacher_model_name_or_path (or pass teacher_model=...), or set kd_alpha 0 for "
+                        "plain fine-tuning")
+    teacher = source
+    if isinstance(source, str):
+        if teacher_tokenizer is None:
+            teacher_tokenizer = load_tokenizer(source, required=False)
+        teacher = load_model(source, kind=kind)
+    if model_kind(teacher) != kind:
+        raise LmkdError(f"teacher is a {model_kind(teacher)} model but the student a {kind} model; "
+                        "distil between models of the same kind")
+    zero3 = zero3_enabled(deepspeed_config)
+    if not zero3:
+        torch_dtype = next(unwrap(student).parameters()).dtype if dtype == "auto" else getattr(torch, dtype)
+        teacher = teacher.to(device=device, dtype=torch_dtype)
+    elif dtype != "auto":
+        raise LmkdError(f"teacher_dtype {dtype} is not supported under DeepSpeed ZeRO-3: the teacher takes the "
+                        "precision of the DeepSpeed config (bf16/fp16); set teacher_dtype auto")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    forward_at_floor(teacher)
+    vocab = shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
+    if vocab is not None:
+        logger.info("teacher and student vocabularies differ only by padding rows; KD uses the first %d", vocab)
+    return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
+
+
+def zero3_enabled(deepspeed_config: dict | None) -> bool:
+    """Whether a DeepSpeed config (None: no DeepSpeed) partitions parameters (ZeRO stage 3)."""
+    if deepspeed_config is None:
+        return False
+    return int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def deepspeed_teacher(teacher, deepspeed_config: dict):
+    """Under ZeRO-3, ``from_pretrained`` builds every model partitioned (``zero.Init``), the
+    teacher included, so a plain forward would see empty weights.  Wrap the teacher in a
+    DeepSpeed engine of its own -- ZeRO-3, no optimizer -- whose forward gathers each layer's
+    parameters just in time and frees them after, as DeepSpeed inference and TRL's
+    ``prepare_deepspeed`` do.  The engine is never the Trainer's model: not in the optimizer,
+    not saved.  (Under ZeRO-1/2 the teacher is an ordinary full replica and stays unwrapped.)"""
+    import deepspeed
+
+    config = copy.deepcopy(deepspeed_config)
+    for key in ("optimizer", "scheduler"):  # training-only; an engine without them optimises nothing
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
+        zero.pop(key, None)
+    cfg = unwrap(teacher).config
+    hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "hidden_size", None)
+    if isinstance(hidden, int):  # the values the Trainer derives for the student, from the teacher's width
+        zero.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                    stage3_param_persistence_threshold=10 * hidden)
+
+    def settle(node):  # "auto" values left are the Trainer's to fill for the student: DeepSpeed defaults here
+        for k in [k for k, v in node.items() if v == "auto"]:
+            del node[k]
+        for v in node.values():
+            if isinstance(v, dict):
+                settle(v)
+
+    settle(config)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    engine.requires_grad_(False)
+    logger.info("DeepSpeed ZeRO-3: the teacher runs in its own inference engine (parameters partitioned, "
+                "gathered layer by layer for its forward)")
+    return engine
+
+
+# ---- teacher ensembles ---------------------------------------------------------------------------
+
+
+@dataclass
+class EnsembleOutput(ModelOutput):
+    """What :class:`EnsembleTeacher` returns: the logits of the mixed distribution."""
+
+    logits: torch.Tensor | None = None
+
+
+class EnsembleTeacher(nn.Module):
+    """Several frozen teachers acting as one: ``forward`` returns the logits
+
+        tau * log( sum_i w_i * softmax(z_i / tau) )
+
+    so a temperature-``tau`` KD loss (forward/reverse KL, JSD) sees exactly the weighted average of
+    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  ``temperature``
+    must be the trainer's ``kd_temperature``.  Logit matching (``kd_loss: mse``) is refused: the
+    average of distributions is not an average of logits.  All teachers must be of one model kind
+    with one output size; each is checked against the student's vocabulary by :func:`load_teacher`.
+    """
+
+    def __init__(self, teachers, weights=None, *, temperature: float):
+        super().__init__()
+        teachers = list(teachers)
+        if len(teachers) < 2:
+            raise LmkdError("a teacher ensemble needs at least two teachers")
+        weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(teachers) or any(not w > 0 for w in weights):
+            raise LmkdError(f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})")
+        if not temperature > 0:
+            raise LmkdError(f"temperature must be > 0, got {temperature}")
+        kinds = {model_kind(t) for t in teachers}
+        if len(kinds) > 1:
+            raise LmkdError(f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind")
+        sizes = [vocab_size_of(t) for t in teachers]
+        if len(set(sizes)) > 1:
+            raise LmkdError(f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
+                            "vocabulary (or label set) of one size")
+        self.teachers = nn.ModuleList(teachers)
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.temperature = float(temperature)
+        self.lmkd_kind = kinds.pop()  # lmkd.modeling.model_kind reads this
+        for t in teachers:
+            forward_at_floor(t)
+
+    @property
+    def config(self):
+        return self.teachers[0].config
+
+    def get_output_embeddings(self):
+        return self.teachers[0].get_output_embeddings()
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        return self.teachers[0].prepare_decoder_input_ids_from_labels(labels=labels)
+
+    def forward(self, **inputs) -> EnsembleOutput:
+        tau, mix = self.temperature, None
+        for w, teacher in zip(self.weights, self.teachers):
+            z = teacher(**inputs).logits
+            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+            lp = torch.log_softmax(z / tau, dim=-1) + math.log(w)
+            mix = lp if mix is None else torch.logaddexp(mix, lp)
+        return EnsembleOutput(logits=tau * mix)
+
+
+def load_teacher(args, student, tokenizer):
+    """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
+    checked against the student's vocabulary), else None (DistillationTrainer loads the one).
+    ``args`` is the run's :class:`lmkd.DistillationConfig`, which has refused the settings an
+    ensemble cannot serve (feature losses, a teacher cache, logit matching)."""
+    paths = teacher_paths(args)
+    if len(paths) < 2 or not (args.kd_alpha > 0 or args.uses_features):
+        return None
+    kind = model_kind(student)
+    teachers = []
+    for path in paths:
+        teacher = load_model(path, kind=kind)
+        if model_kind(teacher) != kind:
+            raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
+        shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch
+        teachers.append(teacher)
+    weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
+    logger.info("teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal")
+    return EnsembleTeacher(teachers, weights, temperature=args.kd_temperature)
+
+
+# ---- the cached teacher (lmkd.logit_cache) -------------------------------------------------------
+
+
+def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right"):
+    """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
+    training row tagged with its cache row, the cached top-K collated with each batch.  Checks
+    that the cache's token ids fit the student's outputs."""
+    cache = logit_cache.LogitCache(path)
+    if train_dataset is not None:
+        if not hasattr(train_dataset, "column_names"):
+            raise LmkdError("teacher_cache needs the training data as a datasets.Dataset (tokenised, with "
+                            "the rows the cache was made from)")
+        train_dataset = logit_cache.attach_cache(train_dataset, cache, kind)
+    top = max((int(s["ids"].max()) for s in cache.shards if len(s["ids"])), default=0)
+    if top >= vocab_size_of(student):
+        raise LmkdError(f"the logit cache {cache.path} holds token id {top} but the student has only "
+                        f"{vocab_size_of(student)} outputs; cache with the student's teacher and tokenizer")
+    return cache, train_dataset, logit_cache.CachedLogitsCollator(collator, cache, padding_side)
