@@ -108,7 +108,8 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _deepspeed_config(self) -> dict | None:
         return self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
 
-    def _zero3(self) -> bool:
+    @property
+    def zero3(self) -> bool:
         """Whether this run uses DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
         return teachers.zero3_enabled(self._deepspeed_config())
 

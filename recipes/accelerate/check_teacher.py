@@ -56,7 +56,7 @@ def main():
     ds = tokenize(ds.select(range(min(64, len(ds)))), tok, data_args)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=ds, processing_class=tok,
                                   data_collator=collator_for(a.task, tok, student))
-    zero3 = trainer._zero3()
+    zero3 = trainer.zero3
     teacher = unwrap(trainer.teacher)
 
     def whole():  # ZeRO-3: gather the partitioned weights for reading
