@@ -65,6 +65,7 @@ import torch
 
 from .constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .errors import LmkdError
+from .generation import longest_first
 from .io import atomic_write_json, replace_dir
 from .losses import TopK
 
@@ -253,7 +254,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         # one generator per shard, seeded by (seed, shard): a resumed cache draws the same samples
         gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + shard) if tail_samples else None
         # length-sorted batches (less padding); the order is fixed, so shards are reproducible
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]) - lengths[i], i))
+        order = longest_first([len(r["input_ids"]) + n for r, n in zip(rows, lengths.tolist())])
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             feats = [{k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}

@@ -26,7 +26,6 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .constants import CAUSAL, CLASSIFICATION, DTYPE_NAMES, MLM, SEQ2SEQ
-from .constants import TASK_KIND  # noqa: F401  (also read as lmkd.modeling.TASK_KIND by callers and tests)
 from .errors import LmkdError
 
 AUTO_CLASS = {

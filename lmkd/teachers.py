@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from . import logit_cache
 from .errors import LmkdError
+from .losses import at_least_float32
 from .modeling import load_model, load_tokenizer, model_kind, shared_vocab_size, unwrap, vocab_size_of
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class EnsembleTeacher(nn.Module):
         tau, mix = self.temperature, None
         for w, teacher in zip(self.weights, self.teachers):
             z = teacher(**inputs).logits
-            z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+            z = at_least_float32(z)
             lp = torch.log_softmax(z / tau, dim=-1) + math.log(w)
             mix = lp if mix is None else torch.logaddexp(mix, lp)
         return EnsembleOutput(logits=tau * mix)

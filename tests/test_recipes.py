@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from lmkd.cli import build_parser, main, parse_distill_args
-from lmkd.modeling import AUTO_CLASS, TASK_KIND
+from lmkd.constants import TASK_KIND
+from lmkd.modeling import AUTO_CLASS
 from lmkd.student import make_student
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -126,7 +126,7 @@ def test_kd_only_on_data_without_a_label_column(tmp_path, tokenizer, corpus, cap
 
 def mixed_data(tokenizer, corpus, task):
     """3 labelled + 3 unlabelled rows (tagged by add_transfer_set), and the wrapped collator."""
-    from lmkd.modeling import TASK_KIND
+    from lmkd.constants import TASK_KIND
 
     args = DataArguments(task=task, train_file="-")
     if task == "classification":

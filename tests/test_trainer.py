@@ -48,7 +48,7 @@ def state(model):
 
 @pytest.mark.parametrize("arch,kind,task", KINDS, ids=[f"{a}-{t}" for a, _, t in KINDS])
 def test_trainer_learns_and_keeps_teacher_frozen(tiny_model_dir, tokenizer, corpus, tmp_path, arch, kind, task):
-    from lmkd.modeling import TASK_KIND
+    from lmkd.constants import TASK_KIND
 
     teacher = load_model(tiny_model_dir(arch, kind), kind=TASK_KIND[task])
     student = make_student(teacher)

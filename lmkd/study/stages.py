@@ -10,13 +10,13 @@ unfinished stage and a changed option recomputes only what depends on it.  ``ROO
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..io import atomic_write_json, replace_dir, stable_hash
+from ..io import atomic_dir, atomic_write_json, stable_hash
 
 
 class StudyStopped(Exception):
@@ -73,17 +73,12 @@ class Stages:
             why = f" (recomputing: {', '.join(changed) or 'changed'} changed)"
         print(f"{label}: {what or 'running'}{why} ...", flush=True)
         t0 = time.time()
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.dir))
-        try:
-            fn(str(tmp))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        elapsed = time.time() - t0
-        meta = {"stage": name, "key": key, "options": options, "deps": {d: self.keys[d] for d in deps},
-                "elapsed_s": round(elapsed, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(str(tmp / "stage.json"), meta, default=str)
-        replace_dir(str(tmp), str(final))
+        with atomic_dir(str(final), overwrite=True) as tmp:  # a killed stage leaves only a .tmp-* dir
+            fn(tmp)
+            elapsed = time.time() - t0
+            meta = {"stage": name, "key": key, "options": options, "deps": {d: self.keys[d] for d in deps},
+                    "elapsed_s": round(elapsed, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_json(os.path.join(tmp, "stage.json"), meta, default=str)
         self.keys[name] = key
         with open(self.root / "study.log", "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": name, "key": key, "elapsed_s": round(elapsed, 2),

@@ -20,7 +20,8 @@ import torch
 
 from lmkd import DistillationConfig, DistillationTrainer
 from lmkd.data import DataArguments, collator_for, load_data, tokenize
-from lmkd.modeling import TASK_KIND, load_model, load_tokenizer, unwrap
+from lmkd.constants import TASK_KIND
+from lmkd.modeling import load_model, load_tokenizer, unwrap
 
 
 def checksum(model) -> str:
