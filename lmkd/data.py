@@ -8,6 +8,7 @@ for classification, ``text`` for mlm and causal-lm -- each name is an option.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +22,9 @@ from transformers import (
 from .constants import CLASSIFICATION, DEFAULT_COLUMNS, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND, TASKS
 from .errors import LmkdError
 from .io import read_rows
+from .modeling import describe_truncation, encode_fitted, fit_length, input_limit, target_limit, truncation_note
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,27 +108,56 @@ def mix_gold_targets(ds: datasets.Dataset, target_column: str, gold_column: str,
     return ds.map(fn, with_indices=True, desc="mixing gold targets")
 
 
-def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: bool = True) -> datasets.Dataset:
-    """Tokenise ``ds`` for ``args.task``; the original columns are dropped."""
+#: temporary columns of :func:`tokenize`: 1 where the row's input (target) was truncated
+_CUT_SOURCE, _CUT_TARGET = "lmkd_truncated_input", "lmkd_truncated_target"
+
+
+def _flags(n: int, cut: list[int]) -> list[int]:
+    flags = [0] * n
+    for i in cut:
+        flags[i] = 1
+    return flags
+
+
+def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: bool = True, model=None,
+             notes: list | None = None) -> datasets.Dataset:
+    """Tokenise ``ds`` for ``args.task``; the original columns are dropped.
+
+    Inputs are truncated to :func:`lmkd.modeling.fit_length` of ``args.max_source_length`` and the
+    ``model`` (a model, config, path, or a list of them: every model that will read the data;
+    None: the maximum alone), labels likewise to ``args.max_target_length`` and the decoder's
+    table.  The rows cut are logged once per call; with ``notes`` each
+    :func:`lmkd.modeling.truncation_note` is also appended to it."""
     src, tgt = args.source_column, args.target_column
     kind = TASK_KIND[args.task]
+    src_len = fit_length(args.max_source_length, model, tokenizer, "inputs")
+    with_targets = labelled and kind == SEQ2SEQ
+    tgt_len = fit_length(args.max_target_length, model, None, "targets") if with_targets else None
 
     def fn(batch):
         texts = [args.source_prefix + str(t) for t in batch[src]]
-        if kind == SEQ2SEQ:
-            enc = tokenizer(texts, max_length=args.max_source_length, truncation=True)
-            if labelled:
-                enc["labels"] = tokenizer(text_target=[str(t) for t in batch[tgt]],
-                                          max_length=args.max_target_length, truncation=True)["input_ids"]
-            return enc
-        if kind == CLASSIFICATION:
-            enc = tokenizer(texts, max_length=args.max_source_length, truncation=True)
-            if labelled:
-                enc["labels"] = [int(v) for v in batch[tgt]]
-            return enc
-        return tokenizer(texts, max_length=args.max_source_length, truncation=True)
+        enc, cut = encode_fitted(tokenizer, texts, src_len)
+        enc[_CUT_SOURCE] = _flags(len(texts), cut)
+        if with_targets:
+            labels, cut = encode_fitted(tokenizer, [str(t) for t in batch[tgt]], tgt_len, target=True)
+            enc["labels"] = labels["input_ids"]
+            enc[_CUT_TARGET] = _flags(len(texts), cut)
+        elif labelled and kind == CLASSIFICATION:
+            enc["labels"] = [int(v) for v in batch[tgt]]
+        return enc
 
-    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenising")
+    out = ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenising")
+    found = [("inputs", _CUT_SOURCE, src_len, args.max_source_length, input_limit(model, tokenizer))]
+    if with_targets:
+        found.append(("targets", _CUT_TARGET, tgt_len, args.max_target_length, target_limit(model)))
+    for what, column, length, requested, positions in found:
+        cut = int(sum(out[column])) if column in out.column_names else 0
+        note = truncation_note(what, len(out), cut, length, requested, positions)
+        (logger.warning if note["truncated"] and length != requested else logger.info)(
+            "tokenising: %s", describe_truncation(note))
+        if notes is not None:
+            notes.append(note)
+    return out.remove_columns([c for c in (_CUT_SOURCE, _CUT_TARGET) if c in out.column_names])
 
 
 def collator_for(task: str, tokenizer, model=None, mlm_probability: float = 0.15, seed: int | None = None):

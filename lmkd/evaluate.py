@@ -18,7 +18,7 @@ from . import generation, metrics, report
 from .constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ
 from .data import load_data
 from .errors import LmkdError
-from .modeling import count_parameters, load_model, load_tokenizer
+from .modeling import count_parameters, describe_truncation, load_model, load_tokenizer
 from .report import format_cell
 
 logger = logging.getLogger(__name__)
@@ -152,21 +152,26 @@ def evaluate_models(
     }
 
     for label, (model, tokenizer) in loaded.items():
+        truncation: dict = {}  # what lmkd.modeling's rule cut for this model: reported once, here
         if task == "classification":
             refs = _labels(references, model)
             preds = generation.classify(model, tokenizer, sources, batch_size=batch_size,
-                                        max_source_length=max_source_length, progress=progress, desc=label)
+                                        max_source_length=max_source_length, progress=progress, desc=label,
+                                        stats=truncation)
         else:
             refs = [str(r) for r in references]
             preds = generation.generate_texts(model, tokenizer, sources, num_beams=num_beams,
                                               max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                              max_source_length=max_source_length, progress=progress, desc=label)
+                                              max_source_length=max_source_length, progress=progress, desc=label,
+                                              stats=truncation)
+        for note in truncation.values():
+            (logger.warning if note["truncated"] else logger.info)("%s: %s", label, describe_truncation(note))
         scores, signatures = quality(task, preds, refs)
         result["signatures"].update(signatures)
         result["predictions"][label] = preds
         result["models"][label] = {
             "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
-            "quality": scores,
+            "quality": scores, "truncation": truncation,
             "size": {"parameters": count_parameters(model), "bytes_on_disk": metrics.dir_bytes(str(models[label]))},
         }
 
@@ -235,6 +240,8 @@ def markdown_table(result: dict) -> str:
                 else "") + f", {s['device']}."]
     for k, sig in result["signatures"].items():
         notes.append(f"{k} signature: {sig}")
+    for label, m in result["models"].items():  # only what the one truncation rule actually cut
+        notes += [f"{label}: {describe_truncation(n)}." for n in m.get("truncation", {}).values() if n["truncated"]]
     if has_speed:
         sp = next(iter(result["models"].values()))["speed"]
         notes.append(f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "

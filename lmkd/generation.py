@@ -13,7 +13,9 @@ on-policy KD (:func:`generate_seeded`, :func:`eos_mask`, used by
 * **batching**: :func:`longest_first` orders inputs by length and :func:`length_batches` cuts that
   order into batches of ``batch_size`` rows and/or at most ``max_tokens`` padded tokens, so a batch
   holds inputs of similar length (little padding) and the largest batch comes first (an early OOM);
-* **sampling that does not depend on the batch**: :class:`PerExampleSampler`.
+* **sampling that does not depend on the batch**: :class:`PerExampleSampler`;
+* **lengths**: inputs (and new tokens) fitted to the model by :func:`lmkd.modeling.fit_length` /
+  :func:`lmkd.modeling.generation_lengths`, the one truncation rule of every command.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ import torch
 
 from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
-from .modeling import model_kind, unwrap
+from .modeling import (
+    encode_fitted,
+    fit_length,
+    generation_lengths,
+    input_limit,
+    model_kind,
+    target_limit,
+    truncation_note,
+    unwrap,
+)
 
 # ---- the shared rules: EOS, padding, batching --------------------------------------------------
 
@@ -127,14 +138,40 @@ def _device_of(model) -> torch.device:
 # ---- lmkd evaluate: texts and class ids in input order -------------------------------------------
 
 
+def _encode_inputs(model, tokenizer, texts: list[str], max_source_length: int | None, stats: dict | None,
+                   max_new_tokens: int | None = None):
+    """Token lists of ``texts`` fitted to ``model`` by :mod:`lmkd.modeling`'s rule, and the number
+    of new tokens that fit; records the truncation notes in ``stats`` (``inputs``, ``new tokens``)."""
+    if max_new_tokens is None:
+        length, new = fit_length(max_source_length, model, tokenizer, "inputs"), None
+    else:
+        length, new = generation_lengths(model, tokenizer, max_source_length, max_new_tokens)
+    enc, cut = encode_fitted(tokenizer, texts, length)
+    if stats is not None:
+        stats["inputs"] = truncation_note("inputs", len(texts), len(cut), length, max_source_length,
+                                          input_limit(model, tokenizer))
+        if new is not None:
+            lowered = len(texts) if new < max_new_tokens else 0
+            stats["new tokens"] = truncation_note("new tokens", len(texts), lowered, new, max_new_tokens,
+                                                  target_limit(model))
+    return enc, new
+
+
+def _padded(tokenizer, enc: dict, idx: list[int], device):
+    return tokenizer.pad([{k: enc[k][i] for k in enc} for i in idx], return_tensors="pt").to(device)
+
+
 def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4, max_new_tokens: int = 128,
                    batch_size: int = 16, max_source_length: int | None = 512, progress: bool = True,
-                   desc: str = "generating") -> list[str]:
+                   desc: str = "generating", stats: dict | None = None) -> list[str]:
     """Beam-search outputs of a seq2seq ``model`` for ``sources``, in the order of ``sources``.
 
-    Inputs are batched by length (longest first) and the outputs put back in order; a tqdm bar
-    counts examples.  The model's own generation config applies apart from ``num_beams`` and
-    ``max_new_tokens``.
+    Inputs are truncated by :func:`lmkd.modeling.generation_lengths` (the smaller of
+    ``max_source_length`` and the encoder's table; ``max_new_tokens`` lowered to what the
+    decoder's table holds), batched by token length (longest first) and the outputs put back in
+    order; a tqdm bar counts examples.  ``stats``, when given, receives the truncation notes
+    (``inputs``, ``new tokens``: :func:`lmkd.modeling.truncation_note`).  The model's own
+    generation config applies apart from ``num_beams`` and ``max_new_tokens``.
     """
     from tqdm.auto import tqdm
 
@@ -145,12 +182,11 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
     outputs: list[str | None] = [None] * len(sources)
     device = _device_of(model)
     model.eval()
-    lengths = [len(s) for s in sources]
+    enc, new = _encode_inputs(model, tokenizer, sources, max_source_length, stats, max_new_tokens)
+    lengths = [len(ids) for ids in enc["input_ids"]]
     with tqdm(total=len(sources), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
         for idx in length_batches(longest_first(lengths), lengths, batch_size):
-            enc = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_source_length).to(device)
-            out = model.generate(**enc, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            out = model.generate(**_padded(tokenizer, enc, idx, device), num_beams=num_beams, max_new_tokens=new,
                                  do_sample=False)
             for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
                 outputs[i] = text.strip()
@@ -159,20 +195,20 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
 
 
 def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
-             progress: bool = True, desc: str = "classifying") -> list[int]:
-    """Predicted class ids (argmax of the logits) of a sequence classifier, in input order."""
+             progress: bool = True, desc: str = "classifying", stats: dict | None = None) -> list[int]:
+    """Predicted class ids (argmax of the logits) of a sequence classifier, in input order; inputs
+    truncated to :func:`lmkd.modeling.fit_length` (``stats``: as in :func:`generate_texts`)."""
     from tqdm.auto import tqdm
 
     texts = [str(t) for t in texts]
     preds: list[int] = [0] * len(texts)
     device = _device_of(model)
     model.eval()
-    lengths = [len(t) for t in texts]
+    enc, _ = _encode_inputs(model, tokenizer, texts, max_source_length, stats)
+    lengths = [len(ids) for ids in enc["input_ids"]]
     with tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
         for idx in length_batches(longest_first(lengths), lengths, batch_size):
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_source_length).to(device)
-            logits = model(**enc).logits
+            logits = model(**_padded(tokenizer, enc, idx, device)).logits
             for i, p in zip(idx, logits.argmax(-1).tolist()):
                 preds[i] = int(p)
             bar.update(len(idx))
