@@ -17,7 +17,7 @@ import shutil
 
 import datasets
 
-from . import regimes, teachers
+from . import logit_cache, regimes, teachers
 from .config import DistillationConfig
 from .constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .data import DataArguments, collator_for, load_data, mix_gold_targets, tokenize
@@ -72,13 +72,16 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
             check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     student = load_model(model_args.student_model_name_or_path, kind=kind)
     teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
+    readers = data_readers(args, student, teacher_model)
+    notes: dict[str, list] = {"train": [], "validation": []}
     with args.main_process_first(desc="tokenising"):
         labelled = _labelled(data_args)
-        train = tokenize(train, tokenizer, data_args, labelled=labelled)
+        train = tokenize(train, tokenizer, data_args, labelled=labelled, model=readers, notes=notes["train"])
         if evaluation is not None:
-            evaluation = tokenize(evaluation, tokenizer, eval_data_args, labelled=_labelled(eval_data_args))
+            evaluation = tokenize(evaluation, tokenizer, eval_data_args, labelled=_labelled(eval_data_args),
+                                  model=readers, notes=notes["validation"])
         if transfer is not None:
-            train = add_transfer_set(train, transfer, data_args, tokenizer)
+            train = add_transfer_set(train, transfer, data_args, tokenizer, model=readers, notes=notes["train"])
     collator = collator_for(data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed)
     collator = regimes.wrap_collator(collator, data_args)
     if (resume and not os.path.isdir(args.output_dir)):
@@ -91,9 +94,25 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     metrics = dict(result.metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())
+    metrics["truncation"] = {split: ns for split, ns in notes.items() if ns}  # lmkd.modeling.truncation_note
     if trainer.is_world_process_zero():
         atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True)
     return metrics
+
+
+def data_readers(args, student, teacher_model=None) -> list:
+    """Every model that reads the training data, so the one truncation rule
+    (:func:`lmkd.modeling.fit_length`) fits the data to the smallest of their position tables: the
+    student, the live teacher(s) when they are used, and the teacher a logit cache was made with."""
+    readers = [student]
+    if teacher_model is not None:
+        readers.append(teacher_model)
+    elif args.teacher_cache:
+        made_with = logit_cache.cache_teacher(args.teacher_cache)
+        readers += [made_with] if made_with else []
+    elif args.teacher_model_name_or_path and (args.kd_alpha > 0 or args.uses_features):
+        readers += teachers.teacher_paths(args)
+    return readers
 
 
 # ---- born-again networks -------------------------------------------------------------------------
@@ -171,12 +190,13 @@ def read_transfer_set(data_args) -> datasets.Dataset | None:
     return load_data(data_args.transfer_file, [data_args.source_column]).select_columns([data_args.source_column])
 
 
-def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, tokenizer) -> datasets.Dataset:
+def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, tokenizer, model=None,
+                     notes: list | None = None) -> datasets.Dataset:
     """``train`` (tokenised) plus the tokenised rows of ``raw`` (:func:`read_transfer_set`), each
     tagged with :data:`lmkd.regimes.LABELLED` (1 for ``train``, 0 for the transfer set).  The
     Trainer's shuffling sampler interleaves the two."""
     kind = TASK_KIND[data_args.task]
-    extra = tokenize(raw, tokenizer, data_args, labelled=False)
+    extra = tokenize(raw, tokenizer, data_args, labelled=False, model=model, notes=notes)
     if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
         extra = extra.add_column("labels", [IGNORE_INDEX] * len(extra))
     train = train.add_column(LABELLED, [1] * len(train))

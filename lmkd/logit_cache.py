@@ -164,7 +164,10 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     ``data_args`` is a :class:`lmkd.data.DataArguments` (task, columns, max lengths, prefix): the
     same values must be used for training, so the positions match.  ``tail_samples`` M > 0 also
     stores M token ids per position drawn from the teacher's distribution outside the top-K (see
-    the module docstring), reproducibly from ``seed``.  Returns a summary dict.
+    the module docstring), reproducibly from ``seed``.  Inputs and targets are truncated by the one
+    rule (:func:`lmkd.modeling.fit_length`) to the teacher's tables; training on the cache applies
+    the same rule with the same teacher (:func:`cache_teacher`).  Returns a summary dict (with
+    ``truncation``: the rows cut, :func:`lmkd.modeling.truncation_note`).
     """
     from transformers import DataCollatorForSeq2Seq
 
@@ -192,7 +195,8 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     ds = load_data(data_args.train_file, columns)
     if data_args.max_train_samples is not None:
         ds = ds.select(range(min(data_args.max_train_samples, len(ds))))
-    ds = tokenize(ds, tokenizer, data_args, labelled=labelled)
+    notes: list = []  # the one truncation rule (lmkd.modeling.fit_length): fitted to the teacher's tables
+    ds = tokenize(ds, tokenizer, data_args, labelled=labelled, model=teacher, notes=notes)
 
     meta = {
         "format": FORMAT_VERSION, "teacher": os.path.abspath(teacher_path) if os.path.exists(teacher_path)
@@ -284,10 +288,23 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     cache = LogitCache(output)
     return {"output": output, "rows": len(ds), "positions": cache.positions, "shards": n_shards,
             "shards_skipped": done, "top_k": top_k, "tail_samples": tail_samples, "bytes": size,
-            "bytes_per_position": size / max(1, cache.positions)}
+            "bytes_per_position": size / max(1, cache.positions),
+            "truncation": {n["what"]: n for n in notes}}
 
 
 # ---- reading ----------------------------------------------------------------------------------
+
+
+def cache_teacher(path: str) -> str | None:
+    """The teacher directory a cache was made with, when it is still there (its position tables
+    decide how the cached data were truncated); None otherwise."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path) as f:
+        teacher = json.load(f).get("teacher")
+    return teacher if teacher and os.path.isfile(os.path.join(teacher, "config.json")) else None
+
 
 
 class LogitCache:

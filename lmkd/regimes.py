@@ -36,7 +36,15 @@ from . import losses
 from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
 from .errors import LmkdError
 from .generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
-from .modeling import model_kind, unwrap, vocab_size_of
+from .modeling import (
+    describe_truncation,
+    generation_lengths,
+    model_kind,
+    target_limit,
+    truncation_note,
+    unwrap,
+    vocab_size_of,
+)
 from .positions import aligned_labels, token_mask
 from .teachers import EnsembleTeacher
 from .trainer import DistillationTrainer
@@ -141,6 +149,7 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
             raise LmkdError("on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
                             "teacher_model_name_or_path (a teacher_cache only covers the fixed data)")
         self._coin = random.Random(self.args.seed)
+        self.max_new_tokens = self.fitted_new_tokens()
         self.on_policy_batches = 0
         self.last_generation_seed: int | None = None
 
@@ -160,10 +169,27 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
             batch_samples.append(batch)
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
+    def fitted_new_tokens(self) -> int:
+        """``on_policy_max_new_tokens`` lowered, by the one truncation rule of lmkd.modeling, so the
+        student's samples fit the position tables of the student and the teacher that scores them:
+        seq2seq -- start token + new tokens in the decoder's table; causal -- the prompt (at most
+        ``on_policy_prompt_tokens``) + new tokens in the table.  Logged once when lowered."""
+        a, models = self.args, [self.model, self.teacher]
+        asked = a.on_policy_max_new_tokens
+        limit = target_limit(models)  # the decoder's table (seq2seq), the one table (causal)
+        if self.kind == SEQ2SEQ:
+            new = generation_lengths(models, None, None, asked)[1]
+        else:
+            new = asked if limit is None else min(asked, limit - min(a.on_policy_prompt_tokens, limit - 1))
+        if new < asked:
+            logger.warning("on-policy KD: %s", describe_truncation(truncation_note("new tokens", 1, 1, new, asked,
+                                                                                   limit)))
+        return new
+
     def generation_kwargs(self) -> dict:
         a = self.args
         return dict(do_sample=True, temperature=a.on_policy_temperature, top_k=0, top_p=1.0, num_beams=1,
-                    max_new_tokens=a.on_policy_max_new_tokens)
+                    max_new_tokens=self.max_new_tokens)
 
     @torch.no_grad()
     def on_policy_batch(self, model, batch: dict) -> dict:

@@ -40,7 +40,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -48,7 +48,18 @@ from .constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .generation import generate_batch, length_batches, longest_first
 from .io import atomic_write_text
-from .modeling import kind_from_config, load_model, load_tokenizer, model_kind
+from .modeling import (
+    describe_truncation,
+    encode_fitted,
+    generation_lengths,
+    input_limit,
+    kind_from_config,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    target_limit,
+    truncation_note,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +250,9 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     ``teacher`` is a checkpoint path (the tokenizer is loaded from it) or a model object (then pass
     ``tokenizer``).  ``data`` is a file/dir :func:`lmkd.data.load_data` reads, a ``datasets.Dataset``
     or a list of dicts.  Returns a report: rows generated, rows changed by Seq-Inter, rows dropped
-    by the filter, seconds, examples/s, and the output path.  Run under ``accelerate launch`` to
+    by the filter, seconds, examples/s, the truncation notes (``truncation``: inputs cut to the
+    teacher's table or ``max_source_length``, ``max_new_tokens`` lowered to what its table holds;
+    see :func:`lmkd.modeling.generation_lengths`) and the output path.  Run under ``accelerate launch`` to
     split the work across processes; call again with the same arguments to resume.
 
     ``on_chunk``, when given, is called after each chunk this process generates is durably written,
@@ -323,7 +336,18 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
 
     # -- tokenise, sort, chunk ------------------------------------------------------------------
     model, tokenizer = _teacher_and_tokenizer(teacher, tokenizer, dtype)
-    enc = tokenizer(sources, max_length=max_source_length, truncation=True)["input_ids"]
+    # the one truncation rule (lmkd.modeling): inputs and new tokens fitted to the teacher's tables
+    src_len, new = generation_lengths(model, tokenizer, max_source_length, max_new_tokens)
+    encoded, cut = encode_fitted(tokenizer, sources, src_len)
+    enc = encoded["input_ids"]
+    truncation = {"inputs": truncation_note("inputs", len(rows), len(cut), src_len, max_source_length,
+                                            input_limit(model, tokenizer)),
+                  "new tokens": truncation_note("new tokens", len(rows), len(rows) if new < max_new_tokens else 0,
+                                                new, max_new_tokens, target_limit(model))}
+    if state.is_main_process:
+        for note in truncation.values():
+            (logger.warning if note["truncated"] else logger.info)("generate: %s", describe_truncation(note))
+    decoding = replace(settings, max_new_tokens=new)  # the settings file keeps what was asked for
     lengths = [len(x) for x in enc]
     order = longest_first(lengths) if sort_by_length else list(range(len(rows)))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
@@ -344,7 +368,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
         for n_written, c in enumerate(todo, 1):
             lines = []
             for batch in length_batches(chunks[c], lengths, batch_size, max_tokens):
-                outs = generate_batch(model, tokenizer, [enc[i] for i in batch], batch, settings, kind)
+                outs = generate_batch(model, tokenizer, [enc[i] for i in batch], batch, decoding, kind)
                 for i, o in zip(batch, outs):
                     lines.append(json.dumps({"_index": i, **o}, ensure_ascii=False))
                 bar.update(len(batch))
@@ -359,7 +383,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
 
     report = {"rows": len(rows), "generated_here": generated, "seconds": round(seconds, 3),
               "examples_per_second": round(generated / seconds, 2) if seconds > 0 else None,
-              "output": output_dir}
+              "truncation": truncation, "output": output_dir}
     if state.is_main_process:
         report.update(_merge(rows, chunks, settings, output_dir))
         atomic_write_text(settings_path, json.dumps({"settings": asdict(settings), "complete": True,
