@@ -73,7 +73,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     student = load_model(model_args.student_model_name_or_path, kind=kind)
     teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
     readers = data_readers(args, student, teacher_model)
-    notes: dict[str, list] = {"train": [], "validation": []}
+    notes: dict[str, list] = {"train": [], "validation": [], "transfer": []}
     with args.main_process_first(desc="tokenising"):
         labelled = _labelled(data_args)
         train = tokenize(train, tokenizer, data_args, labelled=labelled, model=readers, notes=notes["train"])
@@ -81,7 +81,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
             evaluation = tokenize(evaluation, tokenizer, eval_data_args, labelled=_labelled(eval_data_args),
                                   model=readers, notes=notes["validation"])
         if transfer is not None:
-            train = add_transfer_set(train, transfer, data_args, tokenizer, model=readers, notes=notes["train"])
+            train = add_transfer_set(train, transfer, data_args, tokenizer, model=readers, notes=notes["transfer"])
     collator = collator_for(data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed)
     collator = regimes.wrap_collator(collator, data_args)
     if (resume and not os.path.isdir(args.output_dir)):
@@ -94,10 +94,23 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     metrics = dict(result.metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())
-    metrics["truncation"] = {split: ns for split, ns in notes.items() if ns}  # lmkd.modeling.truncation_note
+    metrics.update(truncation_metrics(notes))
     if trainer.is_world_process_zero():
         atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True)
     return metrics
+
+
+def truncation_metrics(notes: dict[str, list]) -> dict[str, int]:
+    """Flat metrics of the rows the truncation rule cut, per split (train, validation, transfer)
+    and part (inputs, targets): ``train_inputs_truncated`` (rows) and ``train_inputs_truncated_to``
+    (tokens; absent when nothing limits the length)."""
+    out = {}
+    for split, ns in notes.items():
+        for n in ns:
+            out[f"{split}_{n['what']}_truncated"] = n["truncated"]
+            if n["length"] is not None:
+                out[f"{split}_{n['what']}_truncated_to"] = n["length"]
+    return out
 
 
 def data_readers(args, student, teacher_model=None) -> list:

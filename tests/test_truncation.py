@@ -207,9 +207,9 @@ def test_cache_logits_and_distill_seq2seq_32_positions(tmp_path, bart32, documen
                     distill("cached", teacher_cache=str(tmp_path / "cache"))):
         assert metrics["eval_loss"] == metrics["eval_loss"]  # a number, not NaN
         for split in ("train", "validation"):
-            notes = {n["what"]: n for n in metrics["truncation"][split]}
-            assert notes["inputs"]["truncated"] == cut_counts[0] and notes["inputs"]["length"] == TABLE
-            assert notes["targets"]["truncated"] == cut_counts[1] and notes["targets"]["length"] == TABLE
+            assert metrics[f"{split}_inputs_truncated"] == cut_counts[0]
+            assert metrics[f"{split}_targets_truncated"] == cut_counts[1]
+            assert metrics[f"{split}_inputs_truncated_to"] == metrics[f"{split}_targets_truncated_to"] == TABLE
 
 
 # ---- a 32-position BERT classifier ---------------------------------------------------------------
@@ -235,8 +235,8 @@ def test_evaluate_and_distill_bert_classifier_32_positions(tmp_path, bert32, doc
                               disable_tqdm=True, kd_alpha=0.5, seed=0, teacher_model_name_or_path=teacher)
     metrics = run_distill(ModelArguments(student_model_name_or_path=student), data_args, args)
     for split in ("train", "validation"):
-        (note,) = metrics["truncation"][split]
-        assert (note["what"], note["truncated"], note["length"]) == ("inputs", cut_counts[0], TABLE)
+        assert (metrics[f"{split}_inputs_truncated"], metrics[f"{split}_inputs_truncated_to"]) == (cut_counts[0], TABLE)
+        assert f"{split}_targets_truncated" not in metrics  # class labels are not tokenised
 
 
 # ---- a GPT-2 with 32 positions: generation and on-policy KD --------------------------------------
