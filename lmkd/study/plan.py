@@ -63,6 +63,8 @@ class StudyOptions:
     kd_temperature: float | None = None
     beams: int | None = None
     seed: int = 42
+    #: check that the teacher has learned before any student is compared with it (lmkd.study.checks)
+    teacher_check: bool = True
     # filled in by resolve(): the budget's table with the overrides applied
     plan: dict = field(default_factory=dict)
 
@@ -112,6 +114,8 @@ class StudyOptions:
                 plan[key] = value
         plan["kd_alpha"] = self.kd_alpha
         plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
+        # the teacher check scores this many validation rows (all of them up to 200)
+        plan.setdefault("check_rows", min(200, plan["validation_rows"] or 200))
         self.plan = plan
         return self
 
@@ -132,7 +136,8 @@ def count_stages(opts: StudyOptions) -> int:
         per_size = 1 + 3  # init, mlm-distil, distilbert, no-kd
         models = 1 + 2 * n_sizes
     else:
-        pre = 3 + (0 if given else 1) + 1 + 2  # data x3, tokenizer, teacher, transfer-rows, transfer
+        pre = 3 + (0 if given else 1) + 1 + (1 if given else 0) + 2  # data x3, tokenizer, teacher,
+        # teacher-check (a given teacher's; a trained one is checked in its stage), transfer-rows, transfer
         per_size = 1 + len(SEQ2SEQ_VARIANTS)
         models = 1 + len(SEQ2SEQ_VARIANTS) * n_sizes
     return pre + per_size * n_sizes + models + 2  # evals, speed, report
