@@ -16,7 +16,7 @@ from conftest import corpus_rows
 from lmkd.errors import LmkdError
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
-BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "teacher", "transfer-rows", "transfer",
+BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows", "transfer",
                "s025-init"]
 TRANSLATION_STAGES = (BEFORE_STOP
                       + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
@@ -194,7 +194,7 @@ def test_tiny_classification_study(tmp_path, one_thread):
     out = str(tmp_path / "cls")
     report = run_study(StudyOptions(task="classification", budget="tiny", teacher_check=False, output=out, source_column="sentence",
                                     target_column="lang", **files))
-    assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "teacher-mlm", "teacher", "s05-init", "s05-mlm-distil",
+    assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher-mlm", "teacher", "s05-init", "s05-mlm-distil",
                          "s05-distilbert", "s05-no-kd", "eval-teacher", "eval-s05-distilbert", "eval-s05-no-kd",
                          "speed", "report"]
     assert [r["model"] for r in report["rows"]] == ["teacher", "s05-distilbert", "s05-no-kd"]

@@ -11,6 +11,7 @@ import shutil
 
 from ..io import atomic_write_json, file_digest, read_rows
 from .checks import TeacherDidNotLearn, check_teacher, summary
+from .lengths import describe, size_lengths
 from .models import classifier_from, save_model, train_student
 from .plan import StudyOptions
 from .stages import Stages
@@ -27,9 +28,11 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         given = {"path": os.path.abspath(opts.teacher), "digest": file_digest(opts.teacher)}
         if not cls:
             st.run("teacher", given, [], lambda out: None, "using the given teacher")
+            _length_stage(st, opts, data, opts.teacher, "teacher")
             _check_stage(st, opts, data, opts.teacher, opts.task, ["teacher"])
             return {"teacher": opts.teacher}
         st.run("teacher-mlm", given, [], lambda out: None, "using the given teacher as the MLM encoder")
+        _length_stage(st, opts, data, opts.teacher, "teacher-mlm")
         mlm_dir = opts.teacher
     else:
         from ..scratch import train_tokenizer
@@ -41,11 +44,13 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
         tok_dir = st.run("tokenizer", {"vocab_size": plan["vocab_size"]}, ["data-train"], tokenizer_fn,
                          f"training a {plan['vocab_size']}-token BPE tokenizer")
+        _length_stage(st, opts, data, tok_dir, "tokenizer")
         arch = "bert" if cls else "bart"
         shape = plan["teacher"]
         teacher_opts = {"arch": arch, "shape": shape, "steps": plan["teacher_mlm_steps" if cls else "teacher_steps"],
                         "lr": plan["teacher_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
-                        "max_length": plan["max_length"], "seed": opts.seed, "dropout": plan["dropout"]}
+                        "max_length": plan["max_length"], "positions": plan["positions"], "seed": opts.seed,
+                        "dropout": plan["dropout"]}
 
         def teacher_fn(out, kind=None):
             from ..modeling import load_tokenizer
@@ -53,7 +58,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
             tok = load_tokenizer(tok_dir)
             init = os.path.join(out, "init")
-            model = build_model(arch, len(tok), seed=opts.seed, max_positions=max(256, plan["max_length"] + 2),
+            model = build_model(arch, len(tok), seed=opts.seed, max_positions=plan["positions"],
                                 dropout=plan["dropout"], **shape)
             save_model(model, tok, init)
             if cls:  # the masked LM is checked as the classifier it becomes (teacher_cls_fn)
@@ -158,3 +163,33 @@ def teacher_check_of(teacher_dir: str, stage_dir: str | None = None) -> dict | N
             with open(path) as f:
                 return json.load(f)
     return None
+
+
+def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str, dep: str) -> None:
+    """Size the study's max length and position tables from the training data (:mod:`lmkd.study.lengths`)
+    and put them into the plan: ``max_length``, ``positions`` and the record ``length_sizing``."""
+    import json
+
+    plan = opts.plan
+    cap = plan.setdefault("max_length_cap", plan["max_length"])
+    cls = opts.task == "classification"
+
+    def fn(out):
+        from ..modeling import load_tokenizer
+
+        limit = None
+        if dep != "tokenizer":  # a given teacher: its position table is a hard limit
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(tokenizer_dir)
+            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        sizing = size_lengths(load_tokenizer(tokenizer_dir), read_rows(data["train"]),
+                              ("text", None) if cls else ("source", "target"), cap, plan["max_new_tokens"], limit)
+        atomic_write_json(os.path.join(out, "lengths.json"), sizing)
+
+    d = st.run("lengths", {"cap": cap, "max_new_tokens": plan["max_new_tokens"], "v": 1}, [dep, "data-train"], fn,
+               "sizing the maximum length and position tables from the training data")
+    with open(os.path.join(d, "lengths.json")) as f:
+        sizing = json.load(f)
+    plan.update(max_length=sizing["max_length"], positions=sizing["positions"], length_sizing=sizing)
+    print(f"  {describe(sizing)}", flush=True)
