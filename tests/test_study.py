@@ -16,7 +16,7 @@ from conftest import corpus_rows
 from lmkd.errors import LmkdError
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
-BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "teacher", "transfer-rows", "transfer",
+BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows", "transfer",
                "s025-init"]
 TRANSLATION_STAGES = (BEFORE_STOP
                       + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
@@ -53,10 +53,10 @@ def translation(tmp_path_factory, one_thread):
             raise StudyStopped(f"stopped after stage {stage}")
 
     with pytest.raises(StudyStopped):
-        run_study(StudyOptions(task="translation", budget="tiny", output=out), after_stage=stop_after_init)
+        run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out), after_stage=stop_after_init)
     before = _log(out)
     metas = {name: _stage_meta(out, name) for name in before}
-    run_study(StudyOptions(task="translation", budget="tiny", output=out))
+    run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out))
     return out, before, metas
 
 
@@ -130,7 +130,7 @@ def test_students_are_at_most_a_quarter_of_the_teacher_and_share_one_init(transl
 def test_same_command_again_recomputes_nothing(translation):
     out, _, _ = translation
     report = (Path(out) / "report.json").read_text()
-    run_study(StudyOptions(task="translation", budget="tiny", output=out))
+    run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out))
     assert _log(out) == TRANSLATION_STAGES
     assert (Path(out) / "report.json").read_text() == report
 
@@ -138,13 +138,13 @@ def test_same_command_again_recomputes_nothing(translation):
 def test_changed_kd_alpha_recomputes_only_the_word_kd_stages(translation):
     out, _, _ = translation
     n = len(_log(out))
-    report = run_study(StudyOptions(task="translation", budget="tiny", output=out, kd_alpha=0.9))
+    report = run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, kd_alpha=0.9))
     assert sorted(_log(out)[n:]) == sorted(["s025-word-kd", "s025-seq-kd+word-kd", "eval-s025-word-kd",
                                             "eval-s025-seq-kd+word-kd", "speed", "report"])
     assert report["plan"]["kd_alpha"] == 0.9
     # a second student size adds its own stages and reuses everything else
     n = len(_log(out))
-    report = run_study(StudyOptions(task="translation", budget="tiny", output=out, kd_alpha=0.9,
+    report = run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, kd_alpha=0.9,
                                     student_sizes=[0.25, 0.5]))
     new = _log(out)[n:]
     assert sorted(new) == sorted(["s05-init"] + [f"s05-{v}" for v in SEQ2SEQ_VARIANTS]
@@ -159,7 +159,7 @@ def test_changed_kd_alpha_recomputes_only_the_word_kd_stages(translation):
     (dict(task="summarization"), "--train, --validation and --test are needed"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, options, message):
-    opts = dict(task="translation", budget="tiny", output=str(tmp_path / "o"))
+    opts = dict(task="translation", budget="tiny", teacher_check=False, output=str(tmp_path / "o"))
     opts.update(options)
     with pytest.raises(LmkdError, match=message.replace("-", r"\-")):
         run_study(StudyOptions(**opts))
@@ -169,7 +169,7 @@ def test_missing_column_names_the_flag(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"en": "a", "fr": "b"}) + "\n")
     with pytest.raises(LmkdError, match="--source-column"):
-        run_study(StudyOptions(task="translation", budget="tiny", output=str(tmp_path / "o"), train=str(path),
+        run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=str(tmp_path / "o"), train=str(path),
                                validation=str(path), test=str(path)))
 
 
@@ -192,9 +192,9 @@ def test_tiny_classification_study(tmp_path, one_thread):
         random.Random(0).shuffle(rows)
         files[split] = _write(tmp_path / f"{split}.jsonl", rows)
     out = str(tmp_path / "cls")
-    report = run_study(StudyOptions(task="classification", budget="tiny", output=out, source_column="sentence",
+    report = run_study(StudyOptions(task="classification", budget="tiny", teacher_check=False, output=out, source_column="sentence",
                                     target_column="lang", **files))
-    assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "teacher-mlm", "teacher", "s05-init", "s05-mlm-distil",
+    assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher-mlm", "teacher", "s05-init", "s05-mlm-distil",
                          "s05-distilbert", "s05-no-kd", "eval-teacher", "eval-s05-distilbert", "eval-s05-no-kd",
                          "speed", "report"]
     assert [r["model"] for r in report["rows"]] == ["teacher", "s05-distilbert", "s05-no-kd"]
@@ -218,7 +218,7 @@ def test_tiny_summarization_study_with_named_columns(tmp_path, one_thread):
                            [{"document": r["source"], "summary": r["target"]} for r in corpus_rows(split, 200)])
              for split in ("train", "validation", "test")}
     out = str(tmp_path / "sum")
-    report = run_study(StudyOptions(task="summarization", budget="tiny", output=out, **files))
+    report = run_study(StudyOptions(task="summarization", budget="tiny", teacher_check=False, output=out, **files))
     assert report["rows"][0]["main_metric"] == "beam.rouge2"
     test_file = str(Path(out) / "stages" / "data-test" / "test.jsonl")
     row = report["rows"][1]
@@ -264,7 +264,7 @@ def test_given_teacher_is_used_with_its_tokenizer(translation, tmp_path):
     out, _, _ = translation
     teacher = str(Path(out) / "stages" / "teacher")
     dest = str(tmp_path / "given")
-    report = run_study(StudyOptions(task="translation", budget="tiny", output=dest, teacher=teacher))
+    report = run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=dest, teacher=teacher))
     log = _log(dest)
     assert "tokenizer" not in log and log[:4] == ["data-train", "data-validation", "data-test", "teacher"]
     assert report["rows"][0]["path"] == os.path.abspath(teacher)

@@ -56,6 +56,10 @@ def add_parser(sub):
                    help="KD softmax temperature (default 1 for seq2seq as Kim & Rush, 2 for MLM as DistilBERT)")
     p.add_argument("--beams", type=int, help="beam size for the teacher's pseudo-targets and beam evaluation")
     p.add_argument("--seed", type=int, default=42, help="seed of every initialisation and data order")
+    p.add_argument("--skip-teacher-check", action="store_true",
+                   help="compare the students with a teacher that has not passed the check (its validation quality "
+                        "above copying the source / the most frequent target, and its use of the source); the "
+                        "report then says the teacher is unchecked")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     p.set_defaults(func=run)
 
@@ -68,5 +72,5 @@ def run(ns) -> None:
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
-        seed=ns.seed)
+        seed=ns.seed, teacher_check=not ns.skip_teacher_check)
     run_study(options)

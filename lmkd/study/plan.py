@@ -17,6 +17,7 @@ CLS_VARIANTS = ("no-kd", "distilbert")
 
 # What each budget trains and evaluates.  ``quick`` is sized for `make demo` (<= 20 min on 2 CPU
 # cores); ``tiny`` for tests (seconds); ``full`` for a real study.  Row limits of None = all rows.
+# ``max_length`` caps the length the study sizes from the data (lmkd.study.lengths).
 BUDGETS: dict[str, dict] = {
     "tiny": dict(
         train_rows=160, transfer_rows=64, validation_rows=32, test_rows=24, vocab_size=200,
@@ -28,7 +29,7 @@ BUDGETS: dict[str, dict] = {
         train_rows=None, transfer_rows=4000, validation_rows=200, test_rows=300, vocab_size=4000,
         teacher=dict(d_model=256, layers=3, heads=4, ffn=1024), teacher_steps=1500, teacher_mlm_steps=1000,
         student_steps=600, batch_size=32, teacher_lr=1e-3, student_lr=1e-3, warmup_steps=300,
-        beams=4, max_new_tokens=64, max_length=128, speed_examples=16, speed_repeats=3,
+        beams=4, max_new_tokens=64, max_length=256, speed_examples=16, speed_repeats=3,
         # No dropout for the short from-scratch runs: measured on a d_model-128 BART after 1,500 steps
         # on this corpus, dropout 0.1 left it ignoring the source (val loss 3.79 with the right
         # sources vs 3.82 with shuffled ones) while dropout 0 used it (2.77 vs 5.58).
@@ -63,6 +64,8 @@ class StudyOptions:
     kd_temperature: float | None = None
     beams: int | None = None
     seed: int = 42
+    #: check that the teacher has learned before any student is compared with it (lmkd.study.checks)
+    teacher_check: bool = True
     # filled in by resolve(): the budget's table with the overrides applied
     plan: dict = field(default_factory=dict)
 
@@ -112,6 +115,8 @@ class StudyOptions:
                 plan[key] = value
         plan["kd_alpha"] = self.kd_alpha
         plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
+        # the teacher check scores this many validation rows (all of them up to 200)
+        plan.setdefault("check_rows", min(200, plan["validation_rows"] or 200))
         self.plan = plan
         return self
 
@@ -128,11 +133,12 @@ def count_stages(opts: StudyOptions) -> int:
     n_sizes = len(opts.student_sizes)
     given = opts.teacher is not None
     if opts.task == "classification":
-        pre = 3 + (0 if given else 1) + 2  # data x3, tokenizer, teacher-mlm, teacher
+        pre = 3 + (0 if given else 1) + 1 + 2  # data x3, tokenizer, lengths, teacher-mlm, teacher
         per_size = 1 + 3  # init, mlm-distil, distilbert, no-kd
         models = 1 + 2 * n_sizes
     else:
-        pre = 3 + (0 if given else 1) + 1 + 2  # data x3, tokenizer, teacher, transfer-rows, transfer
+        pre = 3 + (0 if given else 1) + 1 + 1 + (1 if given else 0) + 2  # data x3, tokenizer, lengths, teacher,
+        # teacher-check (a given teacher's; a trained one is checked in its stage), transfer-rows, transfer
         per_size = 1 + len(SEQ2SEQ_VARIANTS)
         models = 1 + len(SEQ2SEQ_VARIANTS) * n_sizes
     return pre + per_size * n_sizes + models + 2  # evals, speed, report

@@ -1,13 +1,17 @@
 """The study's teacher stages: a given teacher (hashed by content), or a tokenizer and a teacher
 trained from scratch -- a BART-style seq2seq model, or for classification a BERT-style masked LM
-that is then fine-tuned as the classifier teacher."""
+that is then fine-tuned as the classifier teacher.  Every teacher passes the check of
+:mod:`lmkd.study.checks` before any student is trained: a from-scratch teacher that fails it
+trains one more round at half the learning rate, then the study stops (no report)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 
-from ..io import file_digest, read_rows
+from ..io import atomic_write_json, file_digest, read_rows
+from .checks import TeacherDidNotLearn, check_teacher, summary
+from .lengths import describe, size_lengths
 from .models import classifier_from, save_model, train_student
 from .plan import StudyOptions
 from .stages import Stages
@@ -24,8 +28,11 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         given = {"path": os.path.abspath(opts.teacher), "digest": file_digest(opts.teacher)}
         if not cls:
             st.run("teacher", given, [], lambda out: None, "using the given teacher")
+            _length_stage(st, opts, data, opts.teacher, "teacher")
+            _check_stage(st, opts, data, opts.teacher, opts.task, ["teacher"])
             return {"teacher": opts.teacher}
         st.run("teacher-mlm", given, [], lambda out: None, "using the given teacher as the MLM encoder")
+        _length_stage(st, opts, data, opts.teacher, "teacher-mlm")
         mlm_dir = opts.teacher
     else:
         from ..scratch import train_tokenizer
@@ -36,12 +43,14 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
             train_tokenizer(texts, vocab_size=plan["vocab_size"]).save_pretrained(out)
 
         tok_dir = st.run("tokenizer", {"vocab_size": plan["vocab_size"]}, ["data-train"], tokenizer_fn,
-                         f"training a {plan['vocab_size']}-token unigram tokenizer")
+                         f"training a {plan['vocab_size']}-token BPE tokenizer")
+        _length_stage(st, opts, data, tok_dir, "tokenizer")
         arch = "bert" if cls else "bart"
         shape = plan["teacher"]
         teacher_opts = {"arch": arch, "shape": shape, "steps": plan["teacher_mlm_steps" if cls else "teacher_steps"],
                         "lr": plan["teacher_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
-                        "max_length": plan["max_length"], "seed": opts.seed, "dropout": plan["dropout"]}
+                        "max_length": plan["max_length"], "positions": plan["positions"], "seed": opts.seed,
+                        "dropout": plan["dropout"]}
 
         def teacher_fn(out, kind=None):
             from ..modeling import load_tokenizer
@@ -49,18 +58,22 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
             tok = load_tokenizer(tok_dir)
             init = os.path.join(out, "init")
-            model = build_model(arch, len(tok), seed=opts.seed, max_positions=max(256, plan["max_length"] + 2),
+            model = build_model(arch, len(tok), seed=opts.seed, max_positions=plan["positions"],
                                 dropout=plan["dropout"], **shape)
             save_model(model, tok, init)
-            task = "mlm" if cls else opts.task
-            train_student(out, init, task, data["train"], data["validation"], plan, steps=teacher_opts["steps"],
-                          lr=plan["teacher_lr"], seed=opts.seed)
+            if cls:  # the masked LM is checked as the classifier it becomes (teacher_cls_fn)
+                train_student(out, init, "mlm", data["train"], data["validation"], plan, steps=teacher_opts["steps"],
+                              lr=plan["teacher_lr"], seed=opts.seed)
+            else:
+                _train_checked(out, init, opts, data, teacher_opts["steps"])
             shutil.rmtree(init)
 
         name = "teacher-mlm" if cls else "teacher"
         n = f"{shape['d_model']}-wide, {shape['layers']}{'' if cls else '+' + str(shape['layers'])} layers"
         what = (f"pre-training a BERT-style masked-LM teacher ({n}) for {teacher_opts['steps']} steps" if cls else
                 f"training a BART-style teacher ({n}) for {teacher_opts['steps']} steps")
+        if not cls:
+            teacher_opts["check"] = _check_options(opts)
         mlm_dir = st.run(name, teacher_opts, ["tokenizer", "data-train", "data-validation"], teacher_fn, what)
         if not cls:
             return {"teacher": mlm_dir}
@@ -68,12 +81,115 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
     def teacher_cls_fn(out):
         init = os.path.join(out, "init")
         classifier_from(mlm_dir, data["train_dir"], init)
-        train_student(out, init, "classification", data["train"], data["validation"], plan,
-                      steps=plan["teacher_steps"], lr=plan["teacher_lr"], seed=opts.seed)
+        _train_checked(out, init, opts, data, plan["teacher_steps"])
         shutil.rmtree(init)
 
     cls_opts = {"steps": plan["teacher_steps"], "lr": plan["teacher_lr"], "batch": plan["batch_size"],
-                "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": opts.seed}
+                "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": opts.seed,
+                "check": _check_options(opts)}
     teacher_dir = st.run("teacher", cls_opts, ["teacher-mlm", "data-train", "data-validation"], teacher_cls_fn,
                          f"fine-tuning the teacher classifier for {plan['teacher_steps']} steps")
     return {"teacher": teacher_dir, "teacher-mlm": mlm_dir}
+
+
+# ---- the teacher check ----------------------------------------------------------------------------
+
+
+def _check_options(opts: StudyOptions) -> dict:
+    return {"on": opts.teacher_check, "rows": opts.plan["check_rows"], "v": 1}
+
+
+def _run_check(opts: StudyOptions, data: dict, model_dir: str, task: str) -> dict:
+    plan = opts.plan
+    return check_teacher(model_dir, task, read_rows(data["train"]), read_rows(data["validation"]),
+                         rows=plan["check_rows"], max_new_tokens=plan["max_new_tokens"],
+                         max_source_length=plan["max_length"], max_target_length=plan["max_length"], seed=opts.seed)
+
+
+def _refuse(check: dict, given: bool) -> None:
+    advice = ("give a teacher that has learned this task" if given else
+              "train it longer (--teacher-steps), on more rows, or give a trained --teacher")
+    raise TeacherDidNotLearn(f"the teacher did not learn: {'; '.join(check['reasons'])}; no student is compared "
+                             f"with it and no report is written -- {advice} (or pass --skip-teacher-check to "
+                             "study an unchecked teacher)")
+
+
+def _train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: int) -> None:
+    """Train the from-scratch teacher ``init`` into ``out`` and check it; when it fails, one more
+    round of ``steps`` from where it stopped at half the learning rate, then check again.  Writes
+    ``teacher_check.json`` (every round's figures) into ``out``; raises :class:`TeacherDidNotLearn`."""
+    plan, task = opts.plan, opts.task
+    rounds: list[dict] = []
+    start, lr = init, plan["teacher_lr"]
+    for r in (1, 2):
+        dest = os.path.join(out, f"round-{r}")
+        train_student(dest, start, task, data["train"], data["validation"], plan, steps=steps, lr=lr, seed=opts.seed)
+        check = _run_check(opts, data, dest, task) if opts.teacher_check else {"passed": True, "skipped": True}
+        rounds.append({"round": r, "steps": steps, "lr": lr, **check})
+        print(f"  teacher check, round {r}: " + ("skipped (--skip-teacher-check)" if check.get("skipped")
+                                                   else summary(check)), flush=True)
+        if check["passed"] or r == 2:
+            break
+        start, lr = dest, lr / 2
+    final = rounds[-1]
+    if not final["passed"]:
+        _refuse(final, given=False)
+    for name in os.listdir(dest):  # the checked round becomes the stage's model
+        shutil.move(os.path.join(dest, name), os.path.join(out, name))
+    for r in range(1, len(rounds) + 1):
+        shutil.rmtree(os.path.join(out, f"round-{r}"), ignore_errors=True)
+    atomic_write_json(os.path.join(out, "teacher_check.json"), {"rounds": rounds, **final})
+
+
+def _check_stage(st: Stages, opts: StudyOptions, data: dict, model_dir: str, task: str, deps: list[str]) -> None:
+    """The check of a given (not trained here) teacher as a stage of its own; raises when it fails."""
+    def fn(out):
+        check = _run_check(opts, data, model_dir, task) if opts.teacher_check else {"passed": True, "skipped": True}
+        if not check["passed"]:
+            _refuse(check, given=True)
+        atomic_write_json(os.path.join(out, "teacher_check.json"), {"rounds": [], **check})
+
+    st.run("teacher-check", _check_options(opts), deps + ["data-train", "data-validation"], fn,
+           "checking that the given teacher has learned the task")
+
+
+def teacher_check_of(teacher_dir: str, stage_dir: str | None = None) -> dict | None:
+    """The saved check of a study's teacher (``teacher_check.json`` in its stage dir), or None."""
+    import json
+
+    for d in (teacher_dir, stage_dir):
+        path = os.path.join(d, "teacher_check.json") if d else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str, dep: str) -> None:
+    """Size the study's max length and position tables from the training data (:mod:`lmkd.study.lengths`)
+    and put them into the plan: ``max_length``, ``positions`` and the record ``length_sizing``."""
+    import json
+
+    plan = opts.plan
+    cap = plan.setdefault("max_length_cap", plan["max_length"])
+    cls = opts.task == "classification"
+
+    def fn(out):
+        from ..modeling import load_tokenizer
+
+        limit = None
+        if dep != "tokenizer":  # a given teacher: its position table is a hard limit
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(tokenizer_dir)
+            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        sizing = size_lengths(load_tokenizer(tokenizer_dir), read_rows(data["train"]),
+                              ("text", None) if cls else ("source", "target"), cap, plan["max_new_tokens"], limit)
+        atomic_write_json(os.path.join(out, "lengths.json"), sizing)
+
+    d = st.run("lengths", {"cap": cap, "max_new_tokens": plan["max_new_tokens"], "v": 1}, [dep, "data-train"], fn,
+               "sizing the maximum length and position tables from the training data")
+    with open(os.path.join(d, "lengths.json")) as f:
+        sizing = json.load(f)
+    plan.update(max_length=sizing["max_length"], positions=sizing["positions"], length_sizing=sizing)
+    print(f"  {describe(sizing)}", flush=True)

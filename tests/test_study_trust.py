@@ -1,0 +1,91 @@
+"""A study a user can trust: a teacher that has not learned stops the study (one line, exit 2, no
+report), the check's figures are what they say, and the same command twice gives the same report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import corpus_rows
+from lmkd import metrics
+from lmkd.study import StudyOptions, run_study
+from lmkd.study.checks import QUALITY_MARGIN, check_teacher, target_cross_entropy
+
+
+@pytest.fixture()
+def untrained_teacher(tmp_path, tokenizer):
+    """A BART that was never trained, saved with its tokenizer: what a broken teacher looks like."""
+    from lmkd.scratch import build_model
+
+    path = tmp_path / "untrained"
+    build_model("bart", len(tokenizer), d_model=32, layers=1, heads=2, ffn=64, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_untrained_teacher_stops_the_study_with_one_line(untrained_teacher, tmp_path):
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "-m", "lmkd", "study", "--task", "translation", "--budget", "tiny",
+                           "--teacher", untrained_teacher, "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lmkd study")]
+    assert len(lines) == 1 and "the teacher did not learn" in lines[0] and "no report" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not any((out / name).exists() for name in ("report.md", "report.json", "report.png"))
+    assert not (out / "stages" / "teacher-check" / "teacher_check.json").exists()
+
+
+def test_check_figures_are_computed_as_they_say(untrained_teacher):
+    train = corpus_rows("train", 200)
+    val = corpus_rows("validation", 24)
+    check = check_teacher(untrained_teacher, "translation", train, val, rows=24, max_new_tokens=16,
+                          max_source_length=64, max_target_length=64, seed=3)
+    sources, targets = [r["source"] for r in val], [r["target"] for r in val]
+    assert check["floors"]["copying the source"] == pytest.approx(metrics.bleu(sources, targets)[0])
+    assert check["floor"] == max(check["floors"].values())
+    assert not check["passed"] and check["score"] < check["floor"] + QUALITY_MARGIN
+    assert any("ignores the source" in r for r in check["reasons"])  # an untrained model cannot use it
+
+
+def test_target_cross_entropy_equals_the_models_own_loss(untrained_teacher):
+    """The source-use figure is the mean token CE: the same as HF's loss computed row by row."""
+    from lmkd.modeling import load_model, load_tokenizer
+
+    model, tok = load_model(untrained_teacher), load_tokenizer(untrained_teacher)
+    rows = corpus_rows("validation", 6)
+    src, tgt = [r["source"] for r in rows], [r["target"] for r in rows]
+    mine = target_cross_entropy(model, tok, src, tgt, max_source_length=64, max_target_length=64, batch_size=4)
+    total = count = 0
+    with torch.no_grad():
+        for s, t in zip(src, tgt):
+            enc = tok(s, max_length=64, truncation=True, return_tensors="pt")
+            labels = tok(text_target=t, max_length=64, truncation=True, return_tensors="pt")["input_ids"]
+            total += float(model(**enc, labels=labels).loss) * labels.numel()
+            count += labels.numel()
+    assert mine == pytest.approx(total / count, rel=1e-5)
+
+
+def _without_timings(obj):
+    """report.json less what a clock or the output path decides."""
+    timing = re.compile(r"latency|throughput|speed|per_s|_ms$|elapsed|seconds|time|path|^output$")
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if not timing.search(k)}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow
+def test_same_command_twice_gives_the_same_report(tmp_path):
+    reports = []
+    for run in ("a", "b"):
+        run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=str(tmp_path / run)))
+        reports.append(json.loads((tmp_path / run / "report.json").read_text()))
+    assert _without_timings(reports[0]) == _without_timings(reports[1])
+    assert reports[0]["rows"][0]["quality"]  # the comparison is over real content
