@@ -111,8 +111,8 @@ def test_make_student_cli(tiny_model_dir, tmp_path, capsys):
     ("bart", {"encoder_layers": [0, 5]},
      "encoder layer index 5 is out of range: the teacher has 4 encoder layers (0..3)"),
     ("bert", {"layers": [0, 0]}, "--layers 0,0 names layer 0 more than once"),
-    ("bert", {"layers": [3, 0]}, "--layers 3,0 is not in increasing order; list the teacher layers in the order "
-                                 "they run, e.g. 0,3"),
+    ("bert", {"layers": [3, 0]}, ("--layers 3,0 is not in increasing order; list the teacher layers in the order "
+                                  "they run, e.g. 0,3")),
     ("bart", {"decoder_layers": [2, 2, 1]}, "--decoder-layers 2,2,1 names decoder layer 2 more than once"),
     ("bart", {"encoder_layers": [2, 1]}, "--encoder-layers 2,1 is not in increasing order"),
     ("bert", {"layers": []}, "the student needs at least one layer; --layers is empty"),
