@@ -72,8 +72,17 @@ class DataArguments:
                                 f"{self.gold_column!r}; set target_column: teacher_target (lmkd generate output)")
 
 
-def load_data(path: str, columns: list[str] | tuple[str, ...] = ()) -> datasets.Dataset:
-    """A ``datasets.Dataset`` from a file or a ``save_to_disk`` directory, checked for ``columns``."""
+#: the distill keys that name the columns load_data is asked for, in order (source, target, gold)
+DISTILL_COLUMN_FLAGS = ("--source_column", "--target_column", "--gold_column")
+
+
+def load_data(path: str, columns: list[str] | tuple[str, ...] = (),
+              flags: list[str] | tuple[str, ...] = DISTILL_COLUMN_FLAGS) -> datasets.Dataset:
+    """A ``datasets.Dataset`` from a file or a ``save_to_disk`` directory, checked for ``columns``.
+
+    ``flags[i]`` is the option that names ``columns[i]`` in the calling command (distill's keys by
+    default; ``lmkd evaluate`` and ``cache-logits`` pass ``--source-column``/``--target-column``),
+    so the error for a missing column says which option to fix."""
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)
@@ -86,10 +95,12 @@ def load_data(path: str, columns: list[str] | tuple[str, ...] = ()) -> datasets.
             raise LmkdError(f"dataset {path} is empty; it needs at least one row")
     else:
         ds = datasets.Dataset.from_list(read_rows(path))
-    missing = [c for c in columns if c and c not in ds.column_names]
+    missing = [(c, flag) for c, flag in zip(columns, list(flags) + [None] * len(columns))
+               if c and c not in ds.column_names]
     if missing:
-        raise LmkdError(f"{path} has no column {missing[0]!r} (it has: {', '.join(ds.column_names)}); "
-                        f"name the right one with --{'source' if missing[0] == columns[0] else 'target'}_column")
+        column, flag = missing[0]
+        raise LmkdError(f"{path} has no column {column!r} (it has: {', '.join(ds.column_names)}); "
+                        + (f"name the right one with {flag}" if flag else "name the right column"))
     return ds
 
 

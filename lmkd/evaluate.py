@@ -18,7 +18,7 @@ from . import generation, metrics, report
 from .constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ
 from .data import load_data
 from .errors import LmkdError
-from .modeling import count_parameters, describe_truncation, load_model, load_tokenizer
+from .modeling import count_parameters, describe_truncation, load_model, load_tokenizer, resolve_device, weights_bytes
 from .report import format_cell
 
 logger = logging.getLogger(__name__)
@@ -59,13 +59,6 @@ def quality(task: str, predictions: list, references: list) -> tuple[dict[str, f
                                                                  "Lsum on newline-split sentences"}
     return ({"accuracy": metrics.accuracy(predictions, references),
              "macro_f1": metrics.macro_f1(predictions, references)}, {})
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto``/None: cuda when available, else cpu."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_tokens: int = 128,
@@ -124,15 +117,15 @@ def evaluate_models(
         if "teacher" in models:
             raise LmkdError("'teacher' is reserved for the teacher; give the students other labels")
         models["teacher"] = teacher
+    dev = resolve_device(device)  # before any data or model loads: `--device cuda` on a CPU machine is one line
     src, tgt = source_column or DEFAULT_COLUMNS[task][0], target_column or DEFAULT_COLUMNS[task][1]
-    ds = load_data(data, [src, tgt])
+    ds = load_data(data, [src, tgt], flags=("--source-column", "--target-column"))
     if max_samples is not None:
         if max_samples < 1:
             raise LmkdError("--max-samples must be at least 1")
         ds = ds.select(range(min(max_samples, len(ds))))
     sources = [source_prefix + str(s) for s in ds[src]]
     references = list(ds[tgt])
-    dev = resolve_device(device)
     kind = CLASSIFICATION if task == "classification" else SEQ2SEQ
 
     loaded = {}
@@ -172,7 +165,7 @@ def evaluate_models(
         result["models"][label] = {
             "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
             "quality": scores, "truncation": truncation,
-            "size": {"parameters": count_parameters(model), "bytes_on_disk": metrics.dir_bytes(str(models[label]))},
+            "size": {"parameters": count_parameters(model), "bytes_on_disk": weights_bytes(str(models[label]))},
         }
 
     if speed_samples > 0:

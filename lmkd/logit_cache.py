@@ -172,7 +172,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     from transformers import DataCollatorForSeq2Seq
 
     from .data import load_data, tokenize
-    from .modeling import load_model, load_tokenizer, vocab_size_of
+    from .modeling import load_model, load_tokenizer, resolve_device, vocab_size_of
 
     kind = TASK_KIND[data_args.task]
     if kind not in (SEQ2SEQ, CAUSAL):
@@ -185,14 +185,15 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         raise LmkdError("--batch-size and --shard-rows must be >= 1")
     if tail_samples < 0:
         raise LmkdError(f"--tail-samples must be >= 0, got {tail_samples}")
+    dev = resolve_device(device)  # before anything loads or is written: `--device cuda` without CUDA is one line
+    labelled = kind == SEQ2SEQ
+    columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
+    ds = load_data(data_args.train_file, columns, flags=("--source-column", "--target-column"))
     tokenizer = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, kind=kind, dtype=teacher_dtype)
     vocab = vocab_size_of(teacher)
     if top_k > vocab:
         raise LmkdError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use at most {vocab}")
-    labelled = kind == SEQ2SEQ
-    columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
-    ds = load_data(data_args.train_file, columns)
     if data_args.max_train_samples is not None:
         ds = ds.select(range(min(data_args.max_train_samples, len(ds))))
     notes: list = []  # the one truncation rule (lmkd.modeling.fit_length): fitted to the teacher's tables
@@ -223,7 +224,6 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         os.makedirs(output, exist_ok=True)
         atomic_write_json(meta_path, meta, indent=1, sort_keys=True)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher.to(dev).eval()
     teacher.requires_grad_(False)
     if kind == SEQ2SEQ:

@@ -1,4 +1,4 @@
-"""Quality, size and speed of a model -- through the real libraries, nothing reimplemented.
+"""Quality and speed of a model -- through the real libraries, nothing reimplemented.
 
 * BLEU and chrF: sacrebleu (``BLEU().corpus_score`` == ``sacrebleu.corpus_bleu``), with the
   signature string that makes a score reproducible;
@@ -6,8 +6,8 @@
   ROUGE-Lsum splits texts into sentences on newlines (added after sentence-final punctuation when
   a text has none, as the CNN/DM evaluations do);
 * accuracy and macro-F1 from confusion counts (sklearn's definitions, zero_division=0);
-* size: bytes on disk of a saved model directory (distinct parameters:
-  :func:`lmkd.modeling.count_parameters`);
+* size lives with the models: :func:`lmkd.modeling.count_parameters` (distinct parameters) and
+  :func:`lmkd.modeling.weights_bytes` (the weight files ``from_pretrained`` loads);
 * speed: latency per example at batch 1 and throughput at a larger batch, measured with the
   same inputs for every model in one run, the models interleaved within each repeat (so a
   machine that gets busier mid-run slows all of them alike); warm-up first, then the median of
@@ -19,7 +19,6 @@ models whose outputs these score is :mod:`lmkd.generation`'s (``generate_texts``
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import time
@@ -105,16 +104,6 @@ def _check_pairs(hypotheses, references) -> None:
         raise LmkdError(f"{len(hypotheses)} predictions but {len(references)} references; score the same rows")
     if not len(references):
         raise LmkdError("nothing to score: no examples")
-
-
-# ---- size (parameters: lmkd.modeling.count_parameters) -----------------------------------------
-
-
-def dir_bytes(path: str) -> int | None:
-    """Bytes of the files under a saved model directory (None for a hub id)."""
-    if not os.path.isdir(path):
-        return None
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 # ---- speed --------------------------------------------------------------------------------------

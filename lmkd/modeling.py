@@ -88,6 +88,55 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def weights_bytes(path: str) -> int | None:
+    """Bytes of the weights ``from_pretrained`` loads from a saved model directory: the top-level
+    ``model.safetensors`` (else ``pytorch_model.bin``), or the shards its index file lists.  Other
+    files (tokenizer, checkpoints, ``round-*``/``member-*`` runs in subfolders) are not counted.
+    None for a hub id or a directory without weights."""
+    import json
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    if not os.path.isdir(path):
+        return None
+    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        if os.path.isfile(os.path.join(path, single)):
+            return os.path.getsize(os.path.join(path, single))
+        index_path = os.path.join(path, index)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+            return sum(os.path.getsize(os.path.join(path, s)) for s in shards
+                       if os.path.isfile(os.path.join(path, s)))
+    return None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None: cuda when available, else cpu; otherwise the named device, checked to exist
+    here (a one-line error instead of torch's traceback at the first ``.to(device)``)."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LmkdError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, ... or auto") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LmkdError(f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                            "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LmkdError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LmkdError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise LmkdError(f"--device {device}: no {dev.type} device is available here; use --device cpu")
+    return dev
+
+
 def check_model_path(path: str) -> None:
     """One-line error for a local model path that does not exist or holds no model."""
     if os.path.isdir(path):

@@ -192,7 +192,8 @@ class GenerationSettings:
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
             raise LmkdError("--num-beams, --num-return-sequences and --max-new-tokens must be at least 1")
         if self.do_sample and self.num_beams > 1:
-            raise LmkdError("sampling (--do-sample) uses one beam; drop --num-beams or --do-sample")
+            raise LmkdError(f"sampling (--do-sample) uses one beam, not --num-beams {self.num_beams}; drop "
+                            "--num-beams (or pass --num-beams 1), or drop --do-sample for beam search")
         if not self.do_sample and self.num_return_sequences > self.num_beams:
             raise LmkdError(f"--num-return-sequences {self.num_return_sequences} needs --num-beams >= "
                             f"{self.num_return_sequences} (or --do-sample to draw K samples)")
@@ -235,7 +236,7 @@ def _teacher_and_tokenizer(teacher, tokenizer, dtype: str):
 
 def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str | None = None, *,
                             source_column: str = "source", source_prefix: str = "", max_source_length: int = 512,
-                            num_beams: int = 5, num_return_sequences: int = 1, max_new_tokens: int = 128,
+                            num_beams: int | None = None, num_return_sequences: int = 1, max_new_tokens: int = 128,
                             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                             top_p: float | None = None, seed: int = 0, length_penalty: float = 1.0,
                             no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
@@ -253,7 +254,8 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     by the filter, seconds, examples/s, the truncation notes (``truncation``: inputs cut to the
     teacher's table or ``max_source_length``, ``max_new_tokens`` lowered to what its table holds;
     see :func:`lmkd.modeling.generation_lengths`) and the output path.  Run under ``accelerate launch`` to
-    split the work across processes; call again with the same arguments to resume.
+    split the work across processes; call again with the same arguments to resume.  ``num_beams``
+    defaults to 5 (Kim & Rush), or 1 with ``do_sample`` (sampling draws from one beam).
 
     ``on_chunk``, when given, is called after each chunk this process generates is durably written,
     with the number of chunks this call has written so far (a progress hook; what it raises stops
@@ -292,6 +294,8 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
                         "fix --reference-column")
     sources = [source_prefix + str(r[source_column]) for r in rows]
     digest = hashlib.sha256("\x00".join(sources).encode()).hexdigest()
+    if num_beams is None:  # the default: beam search with 5 beams (Kim & Rush), one "beam" when sampling
+        num_beams = 1 if do_sample else 5
     settings = GenerationSettings(
         teacher=teacher_name, data_rows=len(rows), data_sha256=digest, source_column=source_column,
         source_prefix=source_prefix, max_source_length=max_source_length, num_beams=num_beams,

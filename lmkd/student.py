@@ -55,6 +55,26 @@ def every_other(n: int) -> list[int]:
     return list(range(0, n, 2))
 
 
+def _check_chosen(stack: str, chosen: list[int], n: int) -> None:
+    """One-line errors for a layer list of ``stack`` ("layers", "encoder", "decoder") of a teacher
+    stack of ``n`` layers: empty, out of range, repeated, or not in increasing order."""
+    what = "layer" if stack == "layers" else f"{stack} layer"  # "layer 5", "encoder layer 5"
+    flag = "--layers" if stack == "layers" else f"--{stack}-layers"
+    listed = ",".join(str(i) for i in chosen)
+    if not chosen:
+        raise LmkdError(f"the student needs at least one {what}; {flag} is empty")
+    bad = [i for i in chosen if not 0 <= i < n]
+    if bad:
+        raise LmkdError(f"{what} index {bad[0]} is out of range: the teacher has {n} {what}s (0..{n - 1})")
+    repeated = sorted({i for i in chosen if chosen.count(i) > 1})
+    if repeated:
+        raise LmkdError(f"{flag} {listed} names {what} {repeated[0]} more than once; list each teacher {what} "
+                        "once")
+    if chosen != sorted(chosen):
+        raise LmkdError(f"{flag} {listed} is not in increasing order; list the teacher {what}s in the order they "
+                        f"run, e.g. {','.join(str(i) for i in sorted(chosen))}")
+
+
 def make_student(
     teacher: PreTrainedModel,
     layers: list[int] | None = None,
@@ -84,12 +104,7 @@ def make_student(
         if n is None and field == "num_decoder_layers":  # T5 configs may leave it unset (= num_layers)
             n = config.num_layers
         chosen = list(requested[name]) if requested[name] is not None else every_other(n)
-        if not chosen:
-            raise LmkdError(f"the student needs at least one {name} layer")
-        bad = [i for i in chosen if not 0 <= i < n]
-        if bad:
-            raise LmkdError(f"{name} layer index {bad[0]} is out of range: the teacher has {n} {name} layers "
-                            f"(0..{n - 1})")
+        _check_chosen(name, chosen, n)
         layer_map[name] = chosen
         setattr(config, field, len(chosen))
         for per_layer in _PER_LAYER_FIELDS:

@@ -128,3 +128,126 @@ def test_bad_input_is_one_line_exit_2_no_partial_output(world, capsys, case):
 def test_debug_shows_the_traceback(world):
     with pytest.raises(Exception, match="does not exist"):
         main(["--debug", "make-student", "--teacher", world["root"] + "/nope", "--output", world["root"] + "/x"])
+
+
+# ---- issue 16 (CLI / evaluate side): more bad inputs, the same rules --------------------------------
+
+CASES_16 = {
+    # the advice names the option of the command that raised it
+    "evaluate: missing column names --source-column": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--source-column", "english", "--output", R + "/e2.json"],
+        "name the right one with --source-column", R + "/e2.json"),
+    "evaluate: missing target column names --target-column": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--target-column", "french", "--output", R + "/e3.json"],
+        "name the right one with --target-column", R + "/e3.json"),
+    "cache-logits: missing column names --target-column": (
+        lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4",
+                   "--target-column", "french", "--output", R + "/c2"],
+        "name the right one with --target-column", R + "/c2"),
+    "distill: missing column names --target_column": (
+        lambda w: distill(w, target_column="french"), "name the right one with --target_column", R + "/run"),
+    # a device this machine does not have (cuda:99 is missing with or without a GPU)
+    "evaluate: --device without that device": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--device", "cuda:99", "--output", R + "/e4.json"], "--device cuda:99", R + "/e4.json"),
+    "evaluate: --device not a device": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--device", "gpu", "--output", R + "/e5.json"], "is not a torch device", R + "/e5.json"),
+    "cache-logits: --device without that device": (
+        lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4",
+                   "--device", "cuda:99", "--output", R + "/c3"], "--device cuda:99", R + "/c3"),
+    # an --output that cannot be written, found before the scoring
+    "evaluate: --output is a directory": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--output", R + "/notamodel"], "is a directory", None),
+    "evaluate: --output under a file": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--output", R + "/train.jsonl/eval.json"], "is a file, not a directory", None),
+    "evaluate: --plot under a file": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--output", R + "/e6.json", "--plot", R + "/train.jsonl/p.png"], "is a file, not a directory",
+        R + "/e6.json"),
+    # report_to an integration transformers does not know
+    "distill: unknown report_to": (lambda w: distill(w, report_to="tensorbored"), "not a logging integration",
+                                   R + "/run"),
+    # a bad --key value: one line, not the whole usage of every key
+    "distill: --kd_alpha not a number": (lambda w: distill(w) + ["--kd_alpha", "abc"],
+                                         "invalid float value: 'abc'", R + "/run"),
+    "distill: YAML value not a number": (lambda w: distill(w, max_steps="many"), "invalid int value: 'many'",
+                                         R + "/run"),
+    "evaluate: --num-beams not a number": (lambda w: ["evaluate", "--model", w["student"], "--data", w["data"],
+                                                      "--task", "translation", "--num-beams", "abc"],
+                                           "invalid int value: 'abc'", None),
+    "generate: --num-beams not a number": (lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"],
+                                                      "--output", R + "/g3", "--num-beams", "abc"],
+                                           "invalid int value: 'abc'", R + "/g3"),
+    "cache-logits: --top-k not a number": (lambda w: ["cache-logits", "--teacher", w["teacher"], "--data",
+                                                      w["data"], "--top-k", "abc", "--output", R + "/c4"],
+                                           "invalid int value: 'abc'", R + "/c4"),
+    "study: --kd-alpha not a number": (lambda w: ["study", "--task", "translation", "--kd-alpha", "abc",
+                                                  "--output", R + "/s3"], "invalid float value: 'abc'", R + "/s3"),
+    # generate: only an explicit --num-beams > 1 is refused with --do-sample
+    "generate: --do-sample with --num-beams 3": (lambda w: ["generate", "--teacher", w["teacher"], "--data",
+                                                            w["data"], "--output", R + "/g4", "--do-sample",
+                                                            "--num-beams", "3"], "uses one beam", R + "/g4"),
+    # make-student: repeated and decreasing layers
+    "make-student: a layer twice": (lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o6",
+                                               "--decoder-layers", "0,0"], "names decoder layer 0 more than once",
+                                    R + "/o6"),
+    "make-student: layers not increasing": (lambda w: ["make-student", "--teacher", w["teacher"], "--output",
+                                                       R + "/o7", "--encoder-layers", "1,0"],
+                                            "not in increasing order", R + "/o7"),
+}
+
+
+def _one_line_exit_2(world, capsys, argv, message, output):
+    """The assertions of test_bad_input_is_one_line_exit_2_no_partial_output, for the cases below."""
+    argv = [a.replace(R, world["root"]) for a in argv]
+    before = set(os.listdir(world["root"]))
+    with pytest.raises(SystemExit) as exc_info:
+        raise SystemExit(main(argv))
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0] and "Traceback" not in err, err
+    if output is not None:
+        assert not os.path.exists(output.replace(R, world["root"]))
+    leftovers = [n for n in set(os.listdir(world["root"])) - before if not n.startswith("cfg-")]
+    assert leftovers == [], leftovers
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(CASES_16))
+def test_issue16_bad_input_is_one_line_exit_2_no_partial_output(world, capsys, case):
+    make_argv, message, output = CASES_16[case]
+    _one_line_exit_2(world, capsys, make_argv(world), message, output)
+
+
+@pytest.mark.parametrize("integration,package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_report_to_without_its_package_is_one_line(world, capsys, monkeypatch, integration, package):
+    """Whether or not the package is installed here, the check sees it missing (find_spec says None)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in ("tensorboard", "tensorboardX", "wandb")
+                        else real(name, *a, **k))
+    line = _one_line_exit_2(world, capsys, distill(world, report_to=integration),
+                            f"report_to {integration} needs the {package} package", world["root"] + "/run")
+    assert f"pip install {package}" in line and "--report_to none" in line
+
+
+def test_device_cuda_on_a_machine_without_cuda_is_one_line(world, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, output in (
+            (["evaluate", "--model", world["student"], "--data", world["data"], "--task", "translation",
+              "--device", "cuda", "--output", R + "/e7.json"], R + "/e7.json"),
+            (["cache-logits", "--teacher", world["teacher"], "--data", world["data"], "--top-k", "4",
+              "--device", "cuda", "--output", R + "/c5"], R + "/c5")):
+        line = _one_line_exit_2(world, capsys, argv, "--device cuda: this machine has no CUDA GPU", output)
+        assert "--device cpu" in line

@@ -82,3 +82,25 @@ def test_bad_data_files(recipe, tmp_path, capsys):
 def test_unknown_override(recipe, capsys):
     assert main(["distill", recipe, "--kd_temprature", "2"]) == 2
     assert "did you mean --kd_temperature" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
+    """issue 16: after Ctrl-C, distill names the real resuming command (the same one is refused
+    without --resume, and --overwrite would start again); commands that write nothing say so."""
+    import lmkd.distill
+    import lmkd.student
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmkd.distill, "run_distill", interrupted)
+    assert main(["distill", recipe, "--kd_alpha", "0.7"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"lmkd distill: interrupted; continue from the last saved checkpoint with: lmkd distill {recipe} " \
+                  "--kd_alpha 0.7 --resume"
+    assert main(["distill", recipe, "--overwrite", "--resume"]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"with: lmkd distill {recipe} --resume")
+    monkeypatch.setattr(lmkd.student, "make_student", interrupted)
+    assert main(["make-student", "--teacher", yaml.safe_load(open(recipe))["teacher_model_name_or_path"],
+                 "--output", recipe + ".never"]) == 130
+    assert "nothing was written" in capsys.readouterr().err

@@ -191,3 +191,38 @@ def test_eval_scripts(tmp_path, monkeypatch, capsys, translation_case):
                                   "--repeats", "1", "--device", "cpu"], monkeypatch, capsys)
     assert out["student"]["latency_ms"] > 0 and out["teacher"]["throughput_per_s"] > 0
     assert out["student"]["throughput_examples"] == 4 and out["speedup_latency"] > 0
+
+
+# ---- issue 16: "MB on disk" is the weights from_pretrained loads, not every file under the folder ----
+
+
+def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(tmp_path, tiny_model_dir, corpus):
+    import shutil
+
+    from lmkd.modeling import weights_bytes
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(tiny_model_dir("marian", seed=1), model_dir)
+    weights = (model_dir / "model.safetensors").stat().st_size
+    # what a finished run also holds: checkpoints, born-again rounds, cohort members, metrics
+    for sub in ("checkpoint-2", "round-1", "member-1"):
+        shutil.copytree(tiny_model_dir("marian", seed=1), model_dir / sub)
+    (model_dir / "distill_results.json").write_text("{}")
+    assert weights_bytes(str(model_dir)) == weights
+    data = write_jsonl(tmp_path / "test.jsonl", corpus[:2])
+    result = evaluate_models(str(model_dir), data, "translation", num_beams=1, max_new_tokens=2,
+                             speed_samples=0, device="cpu", progress=False)
+    assert result["models"]["student"]["size"]["bytes_on_disk"] == weights
+    # sharded weights: the shards the index lists (the index itself and stray files are not counted)
+    sharded = tmp_path / "sharded"
+    AutoModelForSeq2SeqLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
+    (sharded / "model-99999-of-99999.safetensors").write_bytes(b"x" * 1000)  # not in the index
+    assert weights_bytes(str(sharded)) == sum(p.stat().st_size for p in shards)
+    # pytorch_model.bin when there are no safetensors; nothing for a hub id or a folder without weights
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "pytorch_model.bin").write_bytes(b"y" * 123)
+    assert weights_bytes(str(legacy)) == 123
+    assert weights_bytes("Helsinki-NLP/opus-mt-en-de") is None and weights_bytes(str(tmp_path / "sharded" / "x")) is None

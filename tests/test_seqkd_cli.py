@@ -165,3 +165,22 @@ def test_seqkd_recipes_parse():
         model_args, data_args, args = parse_distill_args(str(path), ["--use_cpu", "true"])
         assert data_args.target_column == "teacher_target"
         assert (args.kd_alpha > 0) == bool(args.teacher_model_name_or_path)
+
+
+def test_generate_do_sample_without_num_beams_samples_from_one_beam(teacher, data_file, tmp_path, capsys):
+    """issue 16: the default of 5 beams gives way to sampling; only an explicit --num-beams > 1 is refused."""
+    from lmkd.seqkd import SETTINGS_FILE
+
+    out = tmp_path / "sampled"
+    assert main(["generate", "--teacher", teacher, "--data", data_file, "--output", str(out), "--do-sample",
+                 "--max-new-tokens", "4", "--batch-size", "8", "--no-progress"]) == 0
+    settings = json.loads((out / SETTINGS_FILE).read_text())["settings"]
+    assert settings["do_sample"] is True and settings["num_beams"] == 1
+    assert main(["generate", "--teacher", teacher, "--data", data_file, "--output", str(tmp_path / "beam"),
+                 "--max-new-tokens", "2", "--batch-size", "8", "--chunk-size", "100", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "beam" / SETTINGS_FILE).read_text())["settings"]["num_beams"] == 5  # default
+    capsys.readouterr()
+    assert main(["generate", "--teacher", teacher, "--data", data_file, "--output", str(tmp_path / "bad"),
+                 "--do-sample", "--num-beams", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not --num-beams 2" in err and not (tmp_path / "bad").exists()

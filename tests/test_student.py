@@ -100,3 +100,37 @@ def test_make_student_cli(tiny_model_dir, tmp_path, capsys):
     assert main(["make-student", "--teacher", tiny_model_dir("bart"), "--output", str(bad),
                  "--decoder-layers", "9"]) == 2
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ---- issue 16: the layer-list messages read right, and repeated / decreasing lists are refused --------
+
+
+@pytest.mark.parametrize("arch,kw,message", [
+    ("bert", {"layers": [0, 5]},
+     "layer index 5 is out of range: the teacher has 4 layers (0..3)"),
+    ("bart", {"encoder_layers": [0, 5]},
+     "encoder layer index 5 is out of range: the teacher has 4 encoder layers (0..3)"),
+    ("bert", {"layers": [0, 0]}, "--layers 0,0 names layer 0 more than once"),
+    ("bert", {"layers": [3, 0]}, ("--layers 3,0 is not in increasing order; list the teacher layers in the order "
+                                  "they run, e.g. 0,3")),
+    ("bart", {"decoder_layers": [2, 2, 1]}, "--decoder-layers 2,2,1 names decoder layer 2 more than once"),
+    ("bart", {"encoder_layers": [2, 1]}, "--encoder-layers 2,1 is not in increasing order"),
+    ("bert", {"layers": []}, "the student needs at least one layer; --layers is empty"),
+])
+def test_layer_list_errors_read_right(tiny_model_dir, arch, kw, message):
+    teacher = load_model(tiny_model_dir(arch))
+    with pytest.raises(LmkdError) as exc_info:
+        make_student(teacher, **kw)
+    assert message in str(exc_info.value)
+    assert "layers layer" not in str(exc_info.value) and "layers layers" not in str(exc_info.value)
+
+
+def test_make_student_cli_refuses_repeated_and_decreasing_layers(tiny_model_dir, tmp_path, capsys):
+    from lmkd.cli import main
+
+    for layers, message in (("0,0", "names layer 0 more than once"), ("3,0", "not in increasing order")):
+        out = tmp_path / f"s-{layers}"
+        assert main(["make-student", "--teacher", tiny_model_dir("gpt2"), "--output", str(out),
+                     "--layers", layers]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and not out.exists()

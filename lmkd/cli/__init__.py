@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from ..config import ModelArguments  # noqa: F401  (re-exported: the distill argument groups' first)
@@ -75,7 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmkd {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lmkd {ns.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"lmkd {ns.command}: interrupted; {interrupted_hint(ns.command, argv)}", file=sys.stderr)
         return 130
     return 0
+
+
+def interrupted_hint(command: str, argv: list[str]) -> str:
+    """What to run after Ctrl-C: the command that really resumes (``distill`` needs ``--resume``,
+    and must drop ``--overwrite``, which would start again), or that nothing was written."""
+    if command == "distill":
+        again = [a for a in argv if a != "--overwrite"]
+        if "--resume" not in again:
+            again.append("--resume")
+        return f"continue from the last saved checkpoint with: lmkd {shlex.join(again)}"
+    if command in ("generate", "cache-logits", "study"):  # these resume when run again as they were
+        return "re-run the same command to resume"
+    return "nothing was written; re-run the same command to start again"
 

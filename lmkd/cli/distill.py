@@ -39,6 +39,35 @@ def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
                         "it, --overwrite to replace it, or choose another --output_dir")
 
 
+#: report_to integration -> (modules it imports, any one will do; the package to pip install), as
+#: transformers' is_<name>_available checks; an integration not listed needs the module of its name
+REPORT_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "azure_ml": (("azureml",), "azureml-core"),
+    "flyte": (("flytekit",), "flytekit"),
+    "dagshub": (("dagshub",), "dagshub"),
+}
+
+
+def check_report_to(report_to) -> None:
+    """Refuse, before anything loads, a ``report_to`` integration whose package is not installed
+    (transformers would raise only when the Trainer is built, as a traceback) or that it does not know."""
+    from importlib.util import find_spec
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise LmkdError(f"report_to {name!r} is not a logging integration; use none, all or one of "
+                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        modules, package = REPORT_PACKAGES.get(name, ((name,), name))
+        if not any(find_spec(m) is not None for m in modules):
+            raise LmkdError(f"report_to {name} needs the {package} package, which is not installed: "
+                            f"`pip install {package}`, or pass --report_to none")
+
+
 def add_parser(sub):
     p = sub.add_parser("distill", help="train a student with a frozen teacher (YAML + overrides)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,6 +89,7 @@ def run(ns) -> None:
     from ..distill import run_distill
 
     model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
+    check_report_to(training_args.report_to)
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
     metrics = run_distill(model_args, data_args, training_args, resume=ns.resume)
     if training_args.process_index == 0:

@@ -52,9 +52,16 @@ def add_parser(sub):
 
 def run(ns) -> None:
     from ..evaluate import evaluate_models, write_report
+    from ..report import check_writable
 
     if ns.plot and ns.speed_samples == 0:
         raise LmkdError("--plot draws quality against latency; it needs speed, so drop --speed-samples 0")
+    # the files are written after all the scoring: find out now that they cannot be
+    if ns.output:
+        check_writable(ns.output, "--output")
+        check_writable(os.path.splitext(ns.output)[0] + ".md", "--output's table (.md next to it)")
+    if ns.plot:
+        check_writable(ns.plot, "--plot")
     result = evaluate_models(
         ns.model, ns.data, ns.task, teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
         batch_size=ns.batch_size, source_column=ns.source_column, target_column=ns.target_column,

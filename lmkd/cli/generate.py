@@ -26,7 +26,7 @@ def add_parser(sub):
                "  lmkd generate --teacher my-teacher --data train.jsonl --output data/filtered "
                "--reference-column target --filter-metric chrf --filter-min 30\n"
                "  lmkd generate --teacher my-gpt --data prompts.jsonl --source-column prompt --output data/compl "
-               "--do-sample --num-beams 1 --top-p 0.9 --seed 1\n"
+               "--do-sample --top-p 0.9 --seed 1\n"
                "Then train on it: `lmkd distill recipe.yaml --train_file data/seqkd-fr --target_column "
                "teacher_target` (recipes/translation/seqkd_*.yaml).")
     p.add_argument("--teacher", required=True, help="teacher checkpoint (seq2seq or causal LM; dir or hub id)")
@@ -36,7 +36,8 @@ def add_parser(sub):
     p.add_argument("--source-prefix", default="", help="text put before every input, e.g. 'translate English "
                                                        "to French: ' for T5")
     p.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
-    p.add_argument("--num-beams", type=int, default=5, help="beam size (default 5, as Kim & Rush); 1 = greedy")
+    p.add_argument("--num-beams", type=int, help="beam size (default 5, as Kim & Rush; 1 with --do-sample); "
+                                                 "1 = greedy")
     p.add_argument("--num-return-sequences", type=int, default=1,
                    help="K hypotheses kept per input (the n-best, default 1); K > 1 adds teacher_nbest")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")

@@ -75,9 +75,14 @@ def parse_distill_args(config: str | None, overrides: list[str]):
             close = difflib.get_close_matches(key, known, n=1)
             raise LmkdError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
     parser = distill_parser()
+
+    def one_line(message):  # argparse would print the whole usage (every key) before its message
+        raise LmkdError(f"{message} (see `lmkd distill --help-keys`)")
+
+    parser.error = one_line
     try:
         return parser.parse_args_into_dataclasses(args=argv + list(overrides))
-    except SystemExit as e:  # argparse already printed its message
+    except SystemExit as e:  # argparse printed something and exited (e.g. --help among the keys)
         raise LmkdError("invalid distill arguments (see the message above)") from e
     except LmkdError:
         raise
