@@ -132,6 +132,8 @@ class StudyOptions:
                 plan[key] = value
         plan["kd_alpha"] = self.kd_alpha
         plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
+        # sentences the report prints about what this study did differently and why (e.g. skipped variants)
+        plan["notes"] = []
         self.plan = plan
         return self
 

@@ -51,8 +51,6 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     """
     opts.resolve()
     plan = opts.plan
-    # plan["notes"]: sentences the report prints about what the study did differently and why
-    plan.setdefault("notes", [])
     # a given classification teacher may be a bare encoder: no MLM to distil from (checked before any stage)
     mlm_head = opts.task != "classification" or opts.teacher is None or has_mlm_head(opts.teacher)
     if not mlm_head:
