@@ -48,10 +48,12 @@ def _raw(path, data_args, limit, mix_seed=None):
 
 
 def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, resume: bool = False,
-                teacher_model=None) -> dict:
+                teacher_model=None, callbacks: list | None = None) -> dict:
     """Train ``model_args.student_model_name_or_path`` on ``data_args`` with ``args``; save the
     student and its tokenizer to ``args.output_dir``; return the training metrics.  The regimes of
-    lmkd.regimes (transfer sets, ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``."""
+    lmkd.regimes (transfer sets, ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``.
+    ``callbacks``: transformers ``TrainerCallback`` objects for the trainer (e.g. the study's early
+    stopping); not passed on to born-again rounds."""
     if args.rounds > 1:
         return run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model)
     eval_data_args = unlabelled_data_args(data_args, args, evaluation=True)
@@ -88,7 +90,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         raise LmkdError(f"--resume: {args.output_dir} has no checkpoint to resume from; run without --resume")
     trainer = regimes.trainer_class(args, data_args)(
         model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
-        processing_class=tokenizer, data_collator=collator)
+        processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(args.output_dir)
     metrics = dict(result.metrics)

@@ -135,6 +135,62 @@ def test_same_command_again_recomputes_nothing(translation):
     assert (Path(out) / "report.json").read_text() == report
 
 
+def test_students_stop_on_their_plateau_and_keep_their_best_weights(translation):
+    """Every student's train_log.json: the validation CE every eval_every steps, within the cap;
+    stopped early exactly when it trained fewer steps than the cap, and the saved student is the
+    best evaluation's (min_delta 0 on the tiny budget: the minimum of the curve)."""
+    out, _, _ = translation
+    report = json.loads((Path(out) / "report.json").read_text())
+    plan = report["plan"]
+    for row in report["rows"][1:]:
+        stage = Path(out) / "stages" / row["model"].replace("+", "_")
+        log = json.loads((stage / "train_log.json").read_text())
+        assert log["metric"] == "eval_loss_ce" and log["kept"] == "best"
+        assert 0 < log["steps"] <= plan["student_steps"]
+        assert log["stopped_early"] == (log["steps"] < plan["student_steps"])
+        steps = [p["step"] for p in log["curve"]]
+        assert steps == list(range(plan["eval_every"], log["steps"] + 1, plan["eval_every"])) + \
+            ([log["steps"]] if log["steps"] % plan["eval_every"] else [])
+        values = [p["metric"] for p in log["curve"]]
+        assert log["best_metric"] == min(values) and log["best_step"] == steps[values.index(min(values))]
+        # run_distill evaluates the saved (restored) student once more after training
+        final = json.loads((stage / "distill_results.json").read_text())["eval_loss_ce"]
+        assert final == pytest.approx(min(values), abs=2e-6)
+
+
+def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(translation, capsys):
+    from safetensors.torch import load_file
+
+    from lmkd.study.plan import count_stages
+
+    out, _, _ = translation
+    n = len(_log(out))
+    opts = StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, seeds=2)
+    run_study(opts)
+    seed2 = ["s025-init-seed43"] + [f"s025-{v}-seed43" for v in SEQ2SEQ_VARIANTS]
+    # the first seed's stages (and the teacher, the transfer set) are the one-seed study's, cached
+    assert sorted(_log(out)[n:]) == sorted(seed2 + [f"eval-s025-{v}-seed43" for v in SEQ2SEQ_VARIANTS]
+                                           + ["speed", "report"])
+    total = count_stages(opts)
+    assert total == len(TRANSLATION_STAGES) + 2 * len(SEQ2SEQ_VARIANTS) + 1
+    assert f"[{total}/{total}] report" in capsys.readouterr().out
+    for v in SEQ2SEQ_VARIANTS:
+        first = Path(out) / "stages" / f"s025-{v}".replace("+", "_")
+        second = Path(out) / "stages" / f"s025-{v}-seed43".replace("+", "_")
+        assert _stage_meta(out, f"s025-{v}-seed43")["options"]["seed"] == 43
+        assert _stage_meta(out, f"s025-{v}")["options"]["seed"] == 42
+        a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+        assert json.loads((second / "train_log.json").read_text())["steps"] > 0
+    report = json.loads((Path(out) / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == (["teacher"] + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
+                                                   + [f"s025-{v}-seed43" for v in SEQ2SEQ_VARIANTS])
+    # back to one seed: nothing retrains, the report has the one-seed rows again
+    n = len(_log(out))
+    run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out))
+    assert sorted(_log(out)[n:]) == ["report", "speed"]
+
+
 def test_changed_kd_alpha_recomputes_only_the_word_kd_stages(translation):
     out, _, _ = translation
     n = len(_log(out))
@@ -157,6 +213,7 @@ def test_changed_kd_alpha_recomputes_only_the_word_kd_stages(translation):
     (dict(train="a.jsonl"), "--validation"),
     (dict(kd_alpha=0.0), "--kd-alpha"),
     (dict(task="summarization"), "--train, --validation and --test are needed"),
+    (dict(seeds=0), "--seeds"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, options, message):
     opts = dict(task="translation", budget="tiny", teacher_check=False, output=str(tmp_path / "o"))
@@ -180,24 +237,22 @@ def _write(path: Path, rows: list[dict]) -> str:
 
 @pytest.mark.slow
 def test_tiny_classification_study(tmp_path, one_thread):
-    """Language identification (en/fr) from the shipped corpus with string labels: the DistilBERT
-    path and plain fine-tuning, reported with the accuracy `evaluate_models` gives."""
+    """Language identification (en/fr) from the shipped corpus with string labels: fine-tuning
+    alone, task KD, the DistilBERT path and MLM-distil + task KD, reported with the accuracy
+    `evaluate_models` gives."""
     from lmkd.evaluate import evaluate_models
 
-    files = {}
-    for split, n in (("train", 150), ("validation", 20), ("test", 30)):
-        rows = []
-        for r in corpus_rows(split, n):
-            rows += [{"sentence": r["source"], "lang": "en"}, {"sentence": r["target"], "lang": "fr"}]
-        random.Random(0).shuffle(rows)
-        files[split] = _write(tmp_path / f"{split}.jsonl", rows)
+    files = _language_id_files(tmp_path)
     out = str(tmp_path / "cls")
     report = run_study(StudyOptions(task="classification", budget="tiny", teacher_check=False, output=out, source_column="sentence",
                                     target_column="lang", **files))
-    assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher-mlm", "teacher", "s05-init", "s05-mlm-distil",
-                         "s05-distilbert", "s05-no-kd", "eval-teacher", "eval-s05-distilbert", "eval-s05-no-kd",
-                         "speed", "report"]
-    assert [r["model"] for r in report["rows"]] == ["teacher", "s05-distilbert", "s05-no-kd"]
+    assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher-mlm", "teacher",
+                         "s05-init", "s05-mlm-distil", "s05-no-kd", "s05-task-kd", "s05-distilbert",
+                         "s05-distilbert+task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd",
+                         "eval-s05-distilbert", "eval-s05-distilbert+task-kd", "speed", "report"]
+    assert [r["model"] for r in report["rows"]] == ["teacher", "s05-no-kd", "s05-task-kd", "s05-distilbert",
+                                                    "s05-distilbert+task-kd"]
+    assert report["plan"]["notes"] == []
     test_file = str(Path(out) / "stages" / "data-test" / "test.jsonl")
     for row in report["rows"]:
         res = evaluate_models({"m": row["path"]}, test_file, "classification", source_column="text",
@@ -208,6 +263,17 @@ def test_tiny_classification_study(tmp_path, one_thread):
     assert cfg["num_hidden_layers"] == 1 and cfg["lmkd_layer_map"] == {"layers": [0]}
     labels = json.loads((Path(out) / "stages" / "data-train" / "info.json").read_text())["labels"]
     assert labels == ["en", "fr"]
+    # task KD from the fine-tuned teacher classifier; the DistilBERT variants start from the MLM-distilled student
+    for variant, start, kd in (("no-kd", "s05-init", False), ("task-kd", "s05-init", True),
+                               ("distilbert", "s05-mlm-distil", False),
+                               ("distilbert+task-kd", "s05-mlm-distil", True)):
+        meta = _stage_meta(out, f"s05-{variant}")
+        assert start in meta["deps"] and ("teacher" in meta["deps"]) == kd
+        assert meta["options"].get("kd_alpha") == (0.5 if kd else None)
+        train_log = json.loads((Path(out) / "stages" / f"s05-{variant}".replace("+", "_")
+                                / "train_log.json").read_text())
+        assert train_log["metric"] == "eval_loss_ce" and 0 < train_log["steps"] <= report["plan"]["student_steps"]
+    assert json.loads((Path(out) / "stages" / "s05-mlm-distil" / "train_log.json").read_text())["steps"] > 0
 
 
 @pytest.mark.slow
@@ -272,3 +338,158 @@ def test_given_teacher_is_used_with_its_tokenizer(translation, tmp_path):
     assert report["rows"][0]["quality"] == first["quality"]  # the same teacher scores the same
     init_vocab = json.loads((Path(dest) / "stages" / "s025-init" / "tokenizer.json").read_text())["model"]
     assert init_vocab == json.loads((Path(teacher) / "tokenizer.json").read_text())["model"]
+
+
+# ---- early stopping: the rule, the callback, real tiny runs ---------------------------------------
+
+
+def test_plateau_rule_stops_a_flat_metric_and_not_an_improving_one():
+    from lmkd.study.models import Plateau, plateau_stop
+
+    assert plateau_stop([2.0] * 10, patience=3, min_delta=0.0) == 3  # the first value, then 3 without gain
+    assert plateau_stop([5.0, 4.0, 3.0, 2.5, 2.25, 2.2], patience=2, min_delta=0.0) is None
+    assert plateau_stop([5.0, 4.0, 3.0, 2.5, 2.25, 2.2], patience=1, min_delta=0.1) == 5  # 0.05 < min_delta
+    # gains smaller than min_delta do not count; a real gain resets the count
+    assert plateau_stop([1.0, 0.995, 0.99, 0.98], patience=2, min_delta=0.01) == 2
+    assert plateau_stop([3.0, 2.0, 2.0, 1.5, 1.5, 1.5], patience=2, min_delta=0.0) == 5
+    assert plateau_stop([3.0, 3.5, 2.0, 2.5, 2.6], patience=2, min_delta=0.0) == 4
+    assert plateau_stop([float("nan")] * 3, patience=2, min_delta=0.0) == 1  # NaN never improves
+    p = Plateau(patience=2, min_delta=0.0)
+    for v in (3.0, 2.0, 2.5):
+        p.update(v)
+    assert (p.best, p.best_index, p.bad) == (2.0, 1, 1)
+    with pytest.raises(LmkdError, match="patience"):
+        Plateau(patience=0, min_delta=0.0)
+
+
+def test_plateau_callback_stops_training_and_puts_the_best_weights_back():
+    from transformers import TrainerControl, TrainerState
+
+    from lmkd.study.models import PlateauStopping, StoppingRule
+
+    def run(values, cap=100):
+        model = torch.nn.Linear(2, 1, bias=False)
+        cb = PlateauStopping(StoppingRule(eval_every=10, patience=2, min_delta=0.0))
+        state, control = TrainerState(max_steps=cap), TrainerControl()
+        cb.on_train_begin(None, state, control)
+        for i, v in enumerate(values):
+            state.global_step = 10 * (i + 1)
+            with torch.no_grad():
+                model.weight.fill_(float(i))  # the weights at evaluation i are all i
+            cb.on_evaluate(None, state, control, metrics={"eval_loss_ce": v, "eval_loss": v + 1}, model=model)
+            if control.should_training_stop:
+                break
+        cb.on_train_end(None, state, control, model=model)
+        cb.on_evaluate(None, state, control, metrics={"eval_loss_ce": 0.0}, model=model)  # after training
+        return cb.log(), model.weight.flatten().tolist()
+
+    log, weights = run([3.0, 2.0, 2.5, 2.4, 1.0])
+    assert log["stopped_early"] and log["steps"] == 40 and log["max_steps"] == 100
+    assert log["curve"] == [{"step": 10, "metric": 3.0}, {"step": 20, "metric": 2.0},
+                            {"step": 30, "metric": 2.5}, {"step": 40, "metric": 2.4}]
+    assert (log["best_step"], log["best_metric"]) == (20, 2.0) and weights == [1.0, 1.0]
+    log, weights = run([3.0, 2.0, 1.5, 1.0], cap=40)  # improving to the cap: not stopped, last kept
+    assert not log["stopped_early"] and log["steps"] == 40 and log["best_step"] == 40 and weights == [3.0, 3.0]
+    log, _ = run([3.0, 3.0, 3.0], cap=30)  # flat, but the plateau is reached at the cap itself
+    assert not log["stopped_early"] and log["steps"] == 30
+    with pytest.raises(LmkdError, match="eval_loss_ce"):
+        cb = PlateauStopping(StoppingRule(eval_every=1, patience=1, min_delta=0.0))
+        cb.on_train_begin(None, TrainerState(), TrainerControl())
+        cb.on_evaluate(None, TrainerState(), TrainerControl(), metrics={"eval_loss": 1.0})
+
+
+def test_tiny_real_students_flat_is_stopped_early_improving_is_not(tmp_path, tiny_model_dir):
+    """Real DistillationTrainer runs: a student that cannot learn (learning rate 0: its validation
+    CE is flat) stops after `patience` evaluations; one that learns trains to the cap."""
+    from lmkd.study.models import StoppingRule, train_student
+    from lmkd.study.plan import BUDGETS
+
+    rows = corpus_rows("train", 96)
+    train = _write(tmp_path / "train.jsonl", rows[:64])
+    val = _write(tmp_path / "val.jsonl", rows[64:])
+    init = tiny_model_dir("bart", d_model=32, layers=1, heads=2, ffn=64)
+    plan = {**BUDGETS["tiny"], "kd_temperature": 1.0}
+    rule = StoppingRule(eval_every=3, patience=2, min_delta=0.0)
+    logs = {}
+    for name, lr, cap in (("flat", 0.0, 30), ("learns", 3e-3, 9)):
+        out = str(tmp_path / name)
+        metrics = train_student(out, init, "translation", train, val, plan, steps=cap, lr=lr, seed=0,
+                                stopping=rule)
+        logs[name] = log = json.loads((Path(out) / "train_log.json").read_text())
+        assert {"steps", "stopped_early", "curve", "metric"} <= set(log) and log["metric"] == "eval_loss_ce"
+        assert metrics["eval_loss_ce"] == pytest.approx(log["best_metric"], abs=2e-6)
+    flat, learns = logs["flat"], logs["learns"]
+    assert flat["stopped_early"] and flat["steps"] == 3 * (2 + 1)  # best at the first evaluation, 2 more
+    assert [p["step"] for p in flat["curve"]] == [3, 6, 9]
+    assert len({p["metric"] for p in flat["curve"]}) == 1
+    assert not learns["stopped_early"] and learns["steps"] == 9
+    values = [p["metric"] for p in learns["curve"]]
+    assert [p["step"] for p in learns["curve"]] == [3, 6, 9] and values == sorted(values, reverse=True)
+    assert values[-1] < values[0] and learns["best_step"] == 9
+
+
+def test_train_student_stopping_needs_a_validation_file(tmp_path):
+    from lmkd.study.models import StoppingRule, train_student
+    from lmkd.study.plan import BUDGETS
+
+    with pytest.raises(LmkdError, match="validation"):
+        train_student(str(tmp_path / "o"), str(tmp_path), "translation", str(tmp_path / "t.jsonl"), None,
+                      BUDGETS["tiny"], steps=3, lr=1e-3, stopping=StoppingRule(1, 1, 0.0))
+
+
+# ---- classification: a teacher without an MLM head ------------------------------------------------
+
+
+def _language_id_files(tmp_path, sizes=(("train", 150), ("validation", 20), ("test", 30))) -> dict:
+    files = {}
+    for split, n in sizes:
+        rows = []
+        for r in corpus_rows(split, n):
+            rows += [{"sentence": r["source"], "lang": "en"}, {"sentence": r["target"], "lang": "fr"}]
+        random.Random(0).shuffle(rows)
+        files[split] = _write(tmp_path / f"{split}.jsonl", rows)
+    return files
+
+
+def test_has_mlm_head_tells_a_masked_lm_from_a_bare_encoder(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import BertModel
+
+    from lmkd.scratch import model_config
+    from lmkd.study.models import has_mlm_head
+
+    assert has_mlm_head(tiny_model_dir("bert", "mlm", d_model=32, layers=2, heads=2, ffn=64))
+    bare = tmp_path / "bare"
+    BertModel(model_config("bert", len(tokenizer), d_model=32, layers=2, heads=2, ffn=64)).save_pretrained(bare)
+    tokenizer.save_pretrained(bare)
+    assert not has_mlm_head(str(bare))
+    assert not has_mlm_head(tiny_model_dir("bert", "classification", d_model=32, layers=2, heads=2, ffn=64))
+
+
+@pytest.mark.slow
+def test_classification_study_with_a_bare_encoder_teacher_skips_the_mlm_variants(tmp_path, tokenizer, capsys):
+    """A BertModel directory (no MLM head) as --teacher: fine-tuned as the teacher, no MLM-distil
+    stage and no MLM-distil variant, and the report data says why."""
+    from transformers import BertModel
+
+    from lmkd.scratch import model_config
+
+    teacher = tmp_path / "encoder"
+    torch.manual_seed(0)
+    BertModel(model_config("bert", len(tokenizer), d_model=32, layers=2, heads=2, ffn=64)).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    files = _language_id_files(tmp_path)
+    out = str(tmp_path / "cls")
+    report = run_study(StudyOptions(task="classification", budget="tiny", teacher_check=False, output=out, source_column="sentence",
+                                    target_column="lang", teacher=str(teacher), **files))
+    log = _log(out)
+    assert log == ["data-train", "data-validation", "data-test", "teacher-mlm", "teacher", "s05-init", "s05-no-kd",
+                   "s05-task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd", "speed", "report"]
+    assert f"[{len(log)}/{len(log)}] report" in capsys.readouterr().out  # count_stages knew
+    assert [r["variant"] for r in report["rows"]] == ["teacher", "no-kd", "task-kd"]
+    notes = report["plan"]["notes"]
+    assert len(notes) == 1 and "no masked-LM head" in notes[0] and "distilbert+task-kd" in notes[0]
+    # the students copy the encoder's layers (every other: 2 -> 1) and are fine-tuned with a fresh head
+    cfg = json.loads((Path(out) / "stages" / "s05-init" / "config.json").read_text())
+    assert cfg["architectures"] == ["BertModel"] and cfg["lmkd_layer_map"] == {"layers": [0]}
+    assert _stage_meta(out, "s05-task-kd")["options"]["kd_alpha"] == 0.5
+    assert "kd_alpha" not in _stage_meta(out, "s05-no-kd")["options"]

@@ -22,8 +22,10 @@ def add_parser(sub):
         description="Train (or take) a teacher, distil students of one or more sizes with every KD variant, "
                     "evaluate all of them on the test set with quality, size and speed, and write "
                     "report.md, report.json and report.png into --output.  Seq2seq variants: baseline, word-kd, "
-                    "seq-kd, seq-kd+word-kd, seq-inter (Kim & Rush 2016); classification: the DistilBERT path "
-                    "(MLM-distil a layer-copied student, then fine-tune) against fine-tuning without KD.  Every "
+                    "seq-kd, seq-kd+word-kd, seq-inter (Kim & Rush 2016); classification: fine-tuning alone (no-kd), "
+                    "task KD from the fine-tuned teacher's class logits (task-kd), the DistilBERT path "
+                    "(MLM-distil a layer-copied student, then fine-tune) and MLM-distil + task KD.  Every student "
+                    "trains until its validation loss stops improving (within the budget's cap).  Every "
                     "stage is cached under --output/stages: re-run the same command to resume; a changed "
                     "option recomputes only the stages that depend on it.",
         epilog="examples:\n"
@@ -42,14 +44,17 @@ def add_parser(sub):
     p.add_argument("--source-column", help="input column (default: source / document / text by task)")
     p.add_argument("--target-column", help="target column (default: target / summary / label by task)")
     p.add_argument("--teacher", help="teacher checkpoint with its tokenizer (default: train one from scratch); "
-                                     "for classification a pretrained masked-LM encoder")
+                                     "for classification a pretrained encoder (with a masked-LM head for the "
+                                     "MLM-distil variants; without one they are skipped)")
     p.add_argument("--student-sizes", type=_fractions,
                    help="student sizes as fractions of the teacher: of its parameters for seq2seq (default 0.25), "
                         "of its layers for classification (default 0.5 = every other layer)")
     p.add_argument("--budget", default="quick", choices=list(BUDGETS),
                    help="how much to train and evaluate (default quick)")
     p.add_argument("--teacher-steps", type=int, help="override the budget's teacher training steps")
-    p.add_argument("--student-steps", type=int, help="override the budget's steps per student")
+    p.add_argument("--student-steps", type=int,
+                   help="override the budget's cap of steps per student (each student stops earlier when its "
+                        "validation loss stops improving)")
     p.add_argument("--kd-alpha", type=float, default=0.5,
                    help="weight of word-level KD against the gold labels in the KD variants (default 0.5)")
     p.add_argument("--kd-temperature", type=float,
@@ -60,6 +65,9 @@ def add_parser(sub):
                    help="compare the students with a teacher that has not passed the check (its validation quality "
                         "above copying the source / the most frequent target, and its use of the source); the "
                         "report then says the teacher is unchecked")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every student variant with this many seeds (seed, seed+1, ...) and report "
+                        "mean +- std; the teacher and the transfer set are shared (default 1)")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     p.set_defaults(func=run)
 
@@ -72,5 +80,5 @@ def run(ns) -> None:
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
-        seed=ns.seed, teacher_check=not ns.skip_teacher_check)
+        seed=ns.seed, seeds=ns.seeds, teacher_check=not ns.skip_teacher_check)
     run_study(options)

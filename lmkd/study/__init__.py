@@ -3,15 +3,22 @@
 Seq2seq (translation, summarization) -- Kim & Rush (2016)'s table:
 
     data -> tokenizer -> teacher -> transfer set (teacher beam outputs + n-best)
-         -> student init (one per size, saved once, copied by every variant)
-         -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each)
+         -> student init (one per size and seed, saved once, copied by every variant)
+         -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each, per seed)
          -> eval of every model (greedy and beam) -> speed (all models, interleaved) -> report
 
-Classification -- the DistilBERT path against plain fine-tuning:
+Classification -- fine-tuning alone, task KD (the teacher's class logits), the DistilBERT path and
+MLM-distil + task KD:
 
     data -> tokenizer -> teacher-mlm -> teacher (classifier) -> student init (every other layer)
-         -> student MLM-distilled from teacher-mlm -> fine-tuned | student fine-tuned without KD
+         -> fine-tuned (no-kd) | fine-tuned with task KD (task-kd)
+         -> MLM-distilled from teacher-mlm -> fine-tuned (distilbert) | with task KD (distilbert+task-kd)
          -> eval -> speed -> report
+
+Every student trains until its validation CE stops improving (early stopping with patience,
+``student_steps`` the cap; :class:`~lmkd.study.models.StoppingRule`) and keeps its best weights;
+its stage holds ``train_log.json`` (steps, stopped early or not, the validation curve).
+``--seeds N`` trains every student variant with N seeds.
 
 Every stage lives in ``OUTPUT/stages/NAME`` (:mod:`.stages`): it is written to a temp dir and renamed into place
 when it finishes, with a ``stage.json`` holding the hash of the options it depends on (its own

@@ -1,8 +1,15 @@
-"""The classification study -- the DistilBERT path against plain fine-tuning, per student size:
+"""The classification study -- four students per size and seed, from one layer-copied init:
 
-    student init (every other teacher-MLM layer, or ``fraction`` of them evenly spaced)
-    -> student MLM-distilled from the teacher MLM -> fine-tuned on the labels   (distilbert)
-    -> the same init fine-tuned on the labels without KD                        (no-kd)
+    student init (every other teacher layer, or ``fraction`` of them evenly spaced)
+    -> fine-tuned on the labels alone                                            (no-kd)
+    -> fine-tuned with task KD from the fine-tuned teacher's class logits         (task-kd; Hinton)
+    -> MLM-distilled from the teacher MLM -> fine-tuned on the labels             (distilbert)
+    -> MLM-distilled from the teacher MLM -> fine-tuned with task KD              (distilbert+task-kd)
+
+A teacher without masked-LM head weights (e.g. a ``BertModel`` / sentence-transformers encoder) has
+no MLM to distil from: the MLM-distil variants are skipped and a note says so (``plan["notes"]``).
+Every fine-tuning and every MLM distillation stops on its validation plateau
+(:class:`~lmkd.study.models.StoppingRule`), ``student_steps`` being the cap.
 """
 
 from __future__ import annotations
@@ -10,62 +17,103 @@ from __future__ import annotations
 import os
 import shutil
 
-from .models import classifier_from, save_model, train_student
-from .plan import StudyOptions, size_name
+from .models import TRAIN_LOG, StoppingRule, classifier_from, save_model, train_student
+from .plan import (
+    MLM_VARIANTS,
+    StudyOptions,
+    classification_variants,
+    seeded,
+    size_name,
+    student_seeds,
+)
 from .stages import Stages
 
 
-def classification_students(st: Stages, opts: StudyOptions, teachers: dict, data: dict) -> dict[str, dict]:
-    """Both variants of every student size; returns ``{stage name: {"dir", "stage", "variant", "size"}}``."""
+def no_mlm_head_note(teacher: str) -> str:
+    """The report note of a teacher without MLM head weights."""
+    return (f"The teacher {teacher} has no masked-LM head weights (an encoder without an MLM head): it was "
+            f"fine-tuned as the teacher classifier, and the MLM-distil variants ({', '.join(MLM_VARIANTS)}) were "
+            "skipped -- distilling through a randomly initialised MLM head would teach the student nothing.")
+
+
+def classification_students(st: Stages, opts: StudyOptions, teachers: dict, data: dict,
+                            mlm_head: bool = True) -> dict[str, dict]:
+    """Every variant of every student size and seed; returns ``{stage name: {"dir", "stage",
+    "variant", "size", "seed", "train_log"}}``.  ``mlm_head``: whether ``teachers["teacher-mlm"]``
+    has MLM head weights (:func:`~lmkd.study.models.has_mlm_head`); without, only the variants that
+    need none run."""
     students: dict[str, dict] = {}
     for fraction in opts.student_sizes:
-        students.update(_students_of_size(st, opts, teachers, data, fraction))
+        students.update(_students_of_size(st, opts, teachers, data, fraction, mlm_head))
     return students
 
 
-def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict, fraction: float) -> dict[str, dict]:
-    """DistilBERT path (MLM-distil a layer-copied student, then fine-tune) vs plain fine-tuning of the
-    same init, for one student size (``fraction`` of the teacher's layers, evenly spaced)."""
+def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict, fraction: float,
+                      mlm_head: bool) -> dict[str, dict]:
+    """The variants of one student size (``fraction`` of the teacher's layers, evenly spaced), all
+    from the same layer-copied init."""
     plan = opts.plan
     size = size_name(fraction)
-    mlm_dir = teachers["teacher-mlm"]
+    mlm_dir, teacher_dir = teachers["teacher-mlm"], teachers["teacher"]
     train_file, val_file = data["train"], data["validation"]
+    stopping = StoppingRule.from_plan(plan)
 
     def init_fn(out):
         from ..modeling import load_model, load_tokenizer
         from ..student import every_other, make_student, spread_layers
 
-        teacher = load_model(mlm_dir, kind="mlm")
+        if mlm_head:
+            teacher = load_model(mlm_dir, kind="mlm")
+        else:  # the bare encoder: the student copies its layers and gets a fresh classifier head later
+            from transformers import AutoModel
+
+            teacher = AutoModel.from_pretrained(mlm_dir)
         n = teacher.config.num_hidden_layers
         keep = max(1, round(n * fraction))
         layers = every_other(n) if keep == len(every_other(n)) else spread_layers(n, keep)
         save_model(make_student(teacher, layers=layers), load_tokenizer(mlm_dir), out)
 
-    init_dir = st.run(f"{size}-init", {"fraction": fraction}, ["teacher-mlm"], init_fn,
+    init_opts = {"fraction": fraction} if mlm_head else {"fraction": fraction, "encoder": "no MLM head"}
+    init_dir = st.run(f"{size}-init", init_opts, ["teacher-mlm"], init_fn,
                       f"a student of {fraction:g} of the teacher's layers (copied, DistilBERT-style)")
-    common = {"lr": plan["student_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
-              "max_length": plan["max_length"], "seed": opts.seed}
-
-    def mlm_fn(out):
-        train_student(out, init_dir, "mlm", train_file, val_file, plan, steps=plan["student_steps"],
-                      lr=plan["student_lr"], teacher_dir=mlm_dir, kd_alpha=plan["kd_alpha"], seed=opts.seed)
-
-    mlm_opts = {**common, "steps": plan["student_steps"], "kd_alpha": plan["kd_alpha"],
-                "kd_temperature": plan["kd_temperature"]}
-    distil_dir = st.run(f"{size}-mlm-distil", mlm_opts, [f"{size}-init", "teacher-mlm", "data-train",
-                                                         "data-validation"], mlm_fn,
-                        f"MLM-distilling the student from the teacher (alpha {plan['kd_alpha']})")
+    kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
     out_models = {}
-    for variant, start, dep in (("distilbert", distil_dir, f"{size}-mlm-distil"), ("no-kd", init_dir, f"{size}-init")):
-        def fn(out, start=start):
-            init = os.path.join(out, "init")
-            classifier_from(start, data["train_dir"], init)
-            train_student(out, init, "classification", train_file, val_file, plan, steps=plan["student_steps"],
-                          lr=plan["student_lr"], seed=opts.seed)
-            shutil.rmtree(init)
+    for seed in student_seeds(opts):
+        common = {"lr": plan["student_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
+                  "max_length": plan["max_length"], "seed": seed, "steps": plan["student_steps"],
+                  "stopping": stopping.options()}
+        starts = {"init": (init_dir, f"{size}-init")}
+        if mlm_head:
+            distil = seeded(f"{size}-mlm-distil", opts, seed)
 
-        name = f"{size}-{variant}"
-        d = st.run(name, {**common, "steps": plan["student_steps"]}, [dep, "data-train", "data-validation"], fn,
-                   f"fine-tuning the {variant} student on the labels")
-        out_models[name] = {"dir": d, "stage": name, "variant": variant, "size": fraction}
+            def mlm_fn(out, seed=seed):
+                train_student(out, init_dir, "mlm", train_file, val_file, plan, steps=plan["student_steps"],
+                              lr=plan["student_lr"], teacher_dir=mlm_dir, kd_alpha=plan["kd_alpha"], seed=seed,
+                              stopping=stopping)
+
+            distil_dir = st.run(distil, {**common, **kd}, [f"{size}-init", "teacher-mlm", "data-train",
+                                                            "data-validation"], mlm_fn,
+                                f"MLM-distilling the student from the teacher (alpha {plan['kd_alpha']}, seed {seed})")
+            starts["mlm-distil"] = (distil_dir, distil)
+        for variant in classification_variants(mlm_head):
+            start, dep = starts["mlm-distil" if variant in MLM_VARIANTS else "init"]
+            task_kd = variant.endswith("task-kd")
+
+            def fn(out, start=start, task_kd=task_kd, seed=seed):
+                init = os.path.join(out, "init")
+                classifier_from(start, data["train_dir"], init, seed=seed)
+                train_student(out, init, "classification", train_file, val_file, plan, steps=plan["student_steps"],
+                              lr=plan["student_lr"], seed=seed, stopping=stopping,
+                              teacher_dir=teacher_dir if task_kd else None,
+                              kd_alpha=plan["kd_alpha"] if task_kd else 0.0)
+                shutil.rmtree(init)
+
+            name = seeded(f"{size}-{variant}", opts, seed)
+            deps = [dep, "data-train", "data-validation"] + (["teacher"] if task_kd else [])
+            what = (f"fine-tuning the {variant} student on the labels (seed {seed})"
+                    + (f" with KD from the teacher's class logits (alpha {plan['kd_alpha']}, "
+                       f"temperature {plan['kd_temperature']})" if task_kd else ""))
+            d = st.run(name, {**common, **(kd if task_kd else {})}, deps, fn, what)
+            out_models[name] = {"dir": d, "stage": name, "variant": variant, "size": fraction, "seed": seed,
+                                "train_log": os.path.join(d, TRAIN_LOG)}
     return out_models

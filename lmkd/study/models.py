@@ -1,16 +1,140 @@
 """What the study does to a model: train it (:func:`train_student`, the one DistillationConfig the
-study builds), save it, turn an encoder into a classifier, score it and time it (through
-:func:`lmkd.evaluate.evaluate_models`)."""
+study builds, stopped on its validation plateau by :class:`PlateauStopping`), save it, turn an
+encoder into a classifier, score it and time it (through :func:`lmkd.evaluate.evaluate_models`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import asdict, dataclass
+
+from transformers import TrainerCallback
+
+from ..errors import LmkdError
+from ..io import atomic_write_json
+
+#: the validation metric every student is stopped on: the CE against the gold labels that
+#: DistillationTrainer logs in evaluation -- comparable across variants, whatever their KD term
+STOP_METRIC = "eval_loss_ce"
+#: the file each early-stopped training writes into its output dir (see :meth:`PlateauStopping.log`)
+TRAIN_LOG = "train_log.json"
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """Early stopping, the same for every student: evaluate ``metric`` (lower is better) on the
+    validation split every ``eval_every`` steps and stop after ``patience`` evaluations in a row
+    without an improvement of at least ``min_delta`` on the best so far; the step cap is the
+    training's ``max_steps``."""
+
+    eval_every: int
+    patience: int
+    min_delta: float
+    metric: str = STOP_METRIC
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> StoppingRule:
+        return cls(eval_every=plan["eval_every"], patience=plan["patience"], min_delta=plan["min_delta"])
+
+    def options(self) -> dict:
+        """What a stage's hash must include (a changed rule retrains)."""
+        return asdict(self)
+
+
+class Plateau:
+    """The stopping rule on a stream of validation values: :meth:`update` each value, in order;
+    it returns True once ``patience`` values in a row failed to improve on the best by
+    ``min_delta`` (a NaN never improves).  :attr:`best_index` is the value that last improved."""
+
+    def __init__(self, patience: int, min_delta: float):
+        if patience < 1 or min_delta < 0:
+            raise LmkdError(f"early stopping needs patience >= 1 and min_delta >= 0, got {patience}, {min_delta}")
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_index: int | None = None
+        self.bad = 0
+        self.count = 0
+
+    def update(self, value: float) -> bool:
+        """Record ``value``; whether it improved is :attr:`improved`; returns whether to stop."""
+        self.improved = not math.isnan(value) and (self.best is None or value < self.best - self.min_delta)
+        if self.improved:
+            self.best, self.best_index, self.bad = value, self.count, 0
+        else:
+            self.bad += 1
+        self.count += 1
+        return self.bad >= self.patience
+
+
+def plateau_stop(values, patience: int, min_delta: float) -> int | None:
+    """The index of the evaluation after which :class:`Plateau` stops ``values``, or None when it
+    never does (every value seen)."""
+    p = Plateau(patience, min_delta)
+    for i, v in enumerate(values):
+        if p.update(v):
+            return i
+    return None
+
+
+class PlateauStopping(TrainerCallback):
+    """A transformers callback applying a :class:`StoppingRule` during ``Trainer.train``: records
+    every validation evaluation, stops the training on the plateau, keeps a copy of the weights of
+    the best evaluation and puts them back into the model at the end of training -- so the saved
+    student is the one with the best validation metric, whichever step the rule stopped at (the
+    last weights are ``patience`` evaluations past the best, i.e. no better by the rule's own
+    measure).  Evaluations after training (``run_distill``'s final ``evaluate``) are not recorded."""
+
+    def __init__(self, rule: StoppingRule):
+        self.rule = rule
+        self.plateau = Plateau(rule.patience, rule.min_delta)
+        self.curve: list[dict] = []
+        self.best_state: dict | None = None
+        self.best_step: int | None = None
+        self.steps = 0
+        self.max_steps = 0
+        self.stopped_early = False
+        self.training = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        if not self.training:
+            return
+        if not metrics or self.rule.metric not in metrics:
+            raise LmkdError(f"early stopping: the evaluation logged no {self.rule.metric} (it logged "
+                            f"{', '.join(sorted(metrics or {})) or 'nothing'}); does the validation data have labels?")
+        value = float(metrics[self.rule.metric])
+        self.curve.append({"step": int(state.global_step), "metric": value})
+        stop = self.plateau.update(value)
+        if self.plateau.improved and model is not None:
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_step = int(state.global_step)
+        if stop and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped_early = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.training = False
+        self.steps, self.max_steps = int(state.global_step), int(state.max_steps)
+        if self.best_state is not None and model is not None and self.best_step != self.steps:
+            model.load_state_dict(self.best_state)
+        self.best_state = None  # free the copy
+
+    def log(self) -> dict:
+        """``train_log.json``: ``steps`` trained, ``stopped_early``, the validation ``curve``
+        (``[{"step", "metric"}]``) of ``metric``, and the rule, the cap and the kept (best) step."""
+        best = self.plateau.best
+        return {"steps": self.steps, "stopped_early": self.stopped_early, "curve": self.curve,
+                "metric": self.rule.metric, "kept": "best", "best_step": self.best_step,
+                "best_metric": best, "max_steps": self.max_steps, "eval_every": self.rule.eval_every,
+                "patience": self.rule.patience, "min_delta": self.rule.min_delta}
 
 
 def train_student(out: str, init_dir: str, task: str, train_file: str, validation_file: str | None, plan: dict, *,
                   steps: int, lr: float, target_column: str | None = None, teacher_dir: str | None = None,
-                  kd_alpha: float = 0.0, seed: int = 42, **config) -> dict:
+                  kd_alpha: float = 0.0, seed: int = 42, stopping: StoppingRule | None = None, **config) -> dict:
     """Every training of the study: one :func:`lmkd.distill.run_distill` (DistillationTrainer) run from
     the saved model ``init_dir`` into ``out``; returns its metrics.
 
@@ -20,11 +144,18 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
     :data:`lmkd.study.BUDGETS` entry, resolved) gives the batch size, warm-up and max length; the optimiser
     settings are the study's (constant rate after warm-up, no gradient clipping, weight decay 0.01).
     ``config`` adds or overrides DistillationConfig fields (e.g. ``teacher_cache``).
+
+    ``stopping`` (a :class:`StoppingRule`; needs ``validation_file``): ``steps`` becomes a cap; the
+    training stops on its validation plateau, the best evaluation's weights are saved, and
+    ``out/train_log.json`` records the steps and the validation curve (:meth:`PlateauStopping.log`).
+    Without it the training runs exactly ``steps`` steps with no evaluation on the way.
     """
     from ..config import DistillationConfig, ModelArguments
     from ..data import DataArguments
     from ..distill import run_distill
 
+    if stopping is not None and validation_file is None:
+        raise LmkdError("early stopping needs a validation file")
     data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
     if data_task == "translation":
         cols = dict(source_column="source", target_column=target_column or "target")
@@ -39,7 +170,9 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
         # constant after warm-up: small from-scratch models learn the target-side language model first
         # and only later use the source; a decaying rate slows them down before that
         lr_scheduler_type="constant_with_warmup", weight_decay=0.01, per_device_train_batch_size=plan["batch_size"],
-        per_device_eval_batch_size=64, save_strategy="no", eval_strategy="no", report_to="none",
+        per_device_eval_batch_size=64, save_strategy="no", report_to="none",
+        eval_strategy="steps" if stopping is not None else "no",
+        eval_steps=stopping.eval_every if stopping is not None else None,
         logging_steps=max(1, steps // 5), seed=seed, data_seed=seed, dataloader_num_workers=0,
         # measured on the quick teacher: with length-grouped batches and gradient clipping at 1.0 it still
         # ignored the source after 2000 steps, while random batches without clipping used it after 400
@@ -48,7 +181,11 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
         teacher_model_name_or_path=teacher_dir if kd_alpha > 0 else None, disable_tqdm=False,
         **config,
     )
-    metrics = run_distill(ModelArguments(student_model_name_or_path=init_dir), data_args, args)
+    callback = PlateauStopping(stopping) if stopping is not None else None
+    metrics = run_distill(ModelArguments(student_model_name_or_path=init_dir), data_args, args,
+                          callbacks=[callback] if callback is not None else None)
+    if callback is not None:
+        atomic_write_json(os.path.join(out, TRAIN_LOG), callback.log())
     return metrics
 
 
@@ -58,18 +195,44 @@ def save_model(model, tokenizer, out: str) -> None:
     tokenizer.save_pretrained(out)
 
 
-def classifier_from(encoder_dir: str, data_dir: str, out: str) -> None:
-    """Save ``encoder_dir`` as a sequence classifier with the study's label set (a fresh head)."""
+def classifier_from(encoder_dir: str, data_dir: str, out: str, seed: int = 42) -> None:
+    """Save ``encoder_dir`` as a sequence classifier with the study's label set (a fresh head,
+    initialised from ``seed``: the same call gives the same classifier)."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     from ..modeling import load_tokenizer
 
     with open(os.path.join(data_dir, "info.json")) as f:
         labels = json.load(f)["labels"]
+    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         encoder_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={v: i for i, v in enumerate(labels)})
     save_model(model, load_tokenizer(encoder_dir), out)
+
+
+def has_mlm_head(encoder_dir: str) -> bool:
+    """Whether the checkpoint in ``encoder_dir`` holds masked-LM head weights: loaded as a masked
+    LM, none of its weights is freshly initialised (a ``BertModel`` directory, e.g. a
+    sentence-transformers encoder, has none: as an MLM its head would be random)."""
+    import logging
+
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    from ..modeling import check_model_path
+
+    check_model_path(encoder_dir)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # the "newly initialized" warning is what we are checking
+    try:
+        _, info = AutoModelForMaskedLM.from_pretrained(encoder_dir, output_loading_info=True)
+    except (OSError, ValueError):
+        return False
+    finally:
+        hf_logging.set_verbosity(level)
+    return not info["missing_keys"]
 
 
 def evaluate_quality(model_dir: str, task: str, test_file: str, beams: int, max_new_tokens: int) -> dict:

@@ -12,23 +12,38 @@ from ..errors import LmkdError
 
 #: the seq2seq students of Kim & Rush (2016)'s table, one stage each per student size
 SEQ2SEQ_VARIANTS = ("baseline", "word-kd", "seq-kd", "seq-kd+word-kd", "seq-inter")
-#: the classification students: plain fine-tuning against the DistilBERT path
-CLS_VARIANTS = ("no-kd", "distilbert")
+#: the classification students: fine-tuning alone, task KD from the fine-tuned teacher's class
+#: logits (Hinton et al., 2015), the DistilBERT path (MLM-distil, then fine-tune) and MLM-distil + task KD
+CLS_VARIANTS = ("no-kd", "task-kd", "distilbert", "distilbert+task-kd")
+#: the classification variants that start from an MLM-distilled student (they need a teacher MLM head)
+MLM_VARIANTS = ("distilbert", "distilbert+task-kd")
 
 # What each budget trains and evaluates.  ``quick`` is sized for `make demo` (<= 20 min on 2 CPU
 # cores); ``tiny`` for tests (seconds); ``full`` for a real study.  Row limits of None = all rows.
 # ``max_length`` caps the length the study sizes from the data (lmkd.study.lengths).
+# Students (every variant the same rule, lmkd.study.models.StoppingRule): ``student_steps`` is a cap;
+# the validation CE against the gold labels is measured every ``eval_every`` steps and a student stops
+# after ``patience`` evaluations without an improvement of at least ``min_delta`` (nats), keeping its
+# best evaluation's weights.
 BUDGETS: dict[str, dict] = {
     "tiny": dict(
         train_rows=160, transfer_rows=64, validation_rows=32, test_rows=24, vocab_size=200,
         teacher=dict(d_model=32, layers=2, heads=2, ffn=64), teacher_steps=40, teacher_mlm_steps=30,
-        student_steps=12, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, warmup_steps=4,
+        student_steps=12, eval_every=4, patience=2, min_delta=0.0,
+        batch_size=16, teacher_lr=3e-3, student_lr=3e-3, warmup_steps=4,
         beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1, dropout=0.0,
     ),
     "quick": dict(
         train_rows=None, transfer_rows=4000, validation_rows=200, test_rows=300, vocab_size=4000,
         teacher=dict(d_model=256, layers=3, heads=4, ffn=1024), teacher_steps=1500, teacher_mlm_steps=1000,
-        student_steps=600, batch_size=32, teacher_lr=1e-3, student_lr=1e-3, warmup_steps=300,
+        # The students' cap.  600 fixed steps stopped them on the steep part of their curve (README); at
+        # 2,000 they reach the teacher.  What fits `make demo` (<= 20 min): the 600-step demo took
+        # 13m23s, ~3.5 min of it the five students (a step ~0.05 s; measured here: a Word-KD step,
+        # which also runs the teacher, costs 2.0x a plain one), so ~10 min are left for them and
+        # their validation passes: 3 x 0.05 + 2 x 0.10 = 0.35 s per step of all five -> 1,500 steps
+        # (~9 min) if none stopped early, plus ~15 validation passes each.
+        student_steps=1500, eval_every=100, patience=3, min_delta=0.01,
+        batch_size=32, teacher_lr=1e-3, student_lr=1e-3, warmup_steps=300,
         beams=4, max_new_tokens=64, max_length=256, speed_examples=16, speed_repeats=3,
         # No dropout for the short from-scratch runs: measured on a d_model-128 BART after 1,500 steps
         # on this corpus, dropout 0.1 left it ignoring the source (val loss 3.79 with the right
@@ -38,7 +53,7 @@ BUDGETS: dict[str, dict] = {
     "full": dict(
         train_rows=None, transfer_rows=None, validation_rows=1000, test_rows=None, vocab_size=8000,
         teacher=dict(d_model=512, layers=6, heads=8, ffn=2048), teacher_steps=20000, teacher_mlm_steps=20000,
-        student_steps=10000, batch_size=64, teacher_lr=5e-4, student_lr=1e-3, warmup_steps=1000,
+        student_steps=10000, eval_every=500, patience=4, min_delta=0.005, batch_size=64, teacher_lr=5e-4, student_lr=1e-3, warmup_steps=1000,
         beams=5, max_new_tokens=128, max_length=256, speed_examples=32, speed_repeats=5, dropout=0.1,
     ),
 }
@@ -66,6 +81,8 @@ class StudyOptions:
     seed: int = 42
     #: check that the teacher has learned before any student is compared with it (lmkd.study.checks)
     teacher_check: bool = True
+    #: every student variant is trained with seeds seed, seed+1, ..., seed+seeds-1
+    seeds: int = 1
     # filled in by resolve(): the budget's table with the overrides applied
     plan: dict = field(default_factory=dict)
 
@@ -79,6 +96,9 @@ class StudyOptions:
         if not 0 < self.kd_alpha <= 1:
             raise LmkdError(f"--kd-alpha must be in (0, 1], got {self.kd_alpha}; it weights word-level KD "
                             "against the gold labels in the Word-KD variants")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise LmkdError(f"--seeds must be a whole number >= 1, got {self.seeds!r}; each student variant "
+                            "is trained with that many seeds")
         if self.kd_temperature is not None and not self.kd_temperature > 0:
             raise LmkdError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         default_cols = DEFAULT_COLUMNS[self.task]
@@ -117,6 +137,8 @@ class StudyOptions:
         plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
         # the teacher check scores this many validation rows (all of them up to 200)
         plan.setdefault("check_rows", min(200, plan["validation_rows"] or 200))
+        # sentences the report prints about what this study did differently and why (e.g. skipped variants)
+        plan["notes"] = []
         self.plan = plan
         return self
 
@@ -128,20 +150,41 @@ def shipped_corpus(split: str) -> str:
     return str(files("lmkd") / "corpora" / f"ddtp_en_fr.{split}.jsonl.gz")
 
 
-def count_stages(opts: StudyOptions) -> int:
-    """How many stages the study of (resolved) ``opts`` runs, for its ``[i/N]`` progress lines."""
-    n_sizes = len(opts.student_sizes)
+def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
+    """How many stages the study of (resolved) ``opts`` runs, for its ``[i/N]`` progress lines;
+    ``mlm_head``: whether the classification teacher has one (else the MLM-distil variants are skipped)."""
+    n_sizes, n_seeds = len(opts.student_sizes), opts.seeds
     given = opts.teacher is not None
     if opts.task == "classification":
         pre = 3 + (0 if given else 1) + 1 + 2  # data x3, tokenizer, lengths, teacher-mlm, teacher
-        per_size = 1 + 3  # init, mlm-distil, distilbert, no-kd
-        models = 1 + 2 * n_sizes
+        variants = classification_variants(mlm_head)
+        # per size: one init; per seed: an MLM-distil stage (when there is a head) and every variant
+        per_size = 1 + n_seeds * ((1 if mlm_head else 0) + len(variants))
     else:
-        pre = 3 + (0 if given else 1) + 1 + 1 + (1 if given else 0) + 2  # data x3, tokenizer, lengths, teacher,
-        # teacher-check (a given teacher's; a trained one is checked in its stage), transfer-rows, transfer
-        per_size = 1 + len(SEQ2SEQ_VARIANTS)
-        models = 1 + len(SEQ2SEQ_VARIANTS) * n_sizes
+        # data x3, tokenizer, lengths, teacher, teacher-check (a given teacher's; a trained one is checked
+        # in its own stage), transfer-rows, transfer
+        pre = 3 + (0 if given else 1) + 1 + 1 + (1 if given else 0) + 2
+        variants = SEQ2SEQ_VARIANTS
+        per_size = n_seeds * (1 + len(variants))  # per seed: the init and every variant
+    models = 1 + len(variants) * n_sizes * n_seeds
     return pre + per_size * n_sizes + models + 2  # evals, speed, report
+
+
+def classification_variants(mlm_head: bool = True) -> tuple[str, ...]:
+    """The classification variants a teacher allows: all of :data:`CLS_VARIANTS` with an MLM head,
+    else those that need none."""
+    return CLS_VARIANTS if mlm_head else tuple(v for v in CLS_VARIANTS if v not in MLM_VARIANTS)
+
+
+def student_seeds(opts: StudyOptions) -> list[int]:
+    """The seeds every student variant is trained with: ``seed, seed+1, ..., seed+seeds-1``."""
+    return [opts.seed + k for k in range(opts.seeds)]
+
+
+def seeded(name: str, opts: StudyOptions, seed: int) -> str:
+    """The stage name of ``name`` trained with ``seed``: ``name`` for the first seed (the stage
+    names of a one-seed study), ``name-seed{seed}`` for the others."""
+    return name if seed == opts.seed else f"{name}-seed{seed}"
 
 
 def size_name(fraction: float) -> str:

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 from ..io import atomic_write_json, file_digest
-from .classification import classification_students
-from .models import evaluate_quality, measure_models_speed
+from .classification import classification_students, no_mlm_head_note
+from .models import evaluate_quality, has_mlm_head, measure_models_speed
 from .plan import StudyOptions, count_stages
 from .results import build_report, write_study_report
 from .seq2seq import seq2seq_students
@@ -51,17 +51,21 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     """
     opts.resolve()
     plan = opts.plan
+    # a given classification teacher may be a bare encoder: no MLM to distil from (checked before any stage)
+    mlm_head = opts.task != "classification" or opts.teacher is None or has_mlm_head(opts.teacher)
+    if not mlm_head:
+        plan["notes"].append(no_mlm_head_note(opts.teacher))
     os.makedirs(opts.output, exist_ok=True)
-    st = Stages(opts.output, count_stages(opts), after_stage=after_stage)
+    st = Stages(opts.output, count_stages(opts, mlm_head), after_stage=after_stage)
     print(f"lmkd study: {opts.task}, budget {opts.budget}, output {opts.output}", flush=True)
 
     data = _data_stages(st, opts)
     test_file = data["test"]
     teachers = teacher_stages(st, opts, data)
     models: dict[str, dict] = {"teacher": {"dir": teachers["teacher"], "stage": "teacher", "variant": "teacher",
-                                           "size": None}}
+                                           "size": None, "seed": None}}
     if opts.task == "classification":
-        models.update(classification_students(st, opts, teachers, data))
+        models.update(classification_students(st, opts, teachers, data, mlm_head))
     else:
         models.update(seq2seq_students(st, opts, data, teachers["teacher"]))
 

@@ -1,8 +1,9 @@
 """The seq2seq study (translation, summarization) -- Kim & Rush (2016)'s table:
 
     transfer rows -> transfer set (teacher beam outputs + n-best, Seq-Inter choice)
-    -> student init (one per size, saved once, copied by every variant)
-    -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each)
+    -> student init (one per size and seed, saved once, copied by every variant)
+    -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each, per seed;
+       each trained until its validation CE stops improving, within the budget's cap)
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import os
 import shutil
 
 from ..io import atomic_write_json, read_rows, write_jsonl
-from .models import save_model, train_student
-from .plan import SEQ2SEQ_VARIANTS, StudyOptions, size_name
+from .models import TRAIN_LOG, StoppingRule, save_model, train_student
+from .plan import SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds
 from .splits import select_transfer_rows
 from .stages import Stages
 
@@ -69,8 +70,12 @@ def _student_init(teacher_dir: str, fraction: float, seed: int, out: str) -> Non
 
 
 def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str) -> dict[str, dict]:
-    """The transfer-set stages, then every variant of every student size; returns the students as
-    ``{stage name: {"dir", "stage", "variant", "size"}}`` (``data["transfer_rows"]`` is set)."""
+    """The transfer-set stages, then every variant of every student size and seed; returns the
+    students as ``{stage name: {"dir", "stage", "variant", "size", "seed", "train_log"}}``
+    (``data["transfer_rows"]`` is set).  The teacher and the transfer set are shared by all seeds;
+    each seed has its own init (shared by that seed's variants) and data order.  Every student
+    stops on its validation plateau (:class:`~lmkd.study.models.StoppingRule`), ``student_steps``
+    being the cap."""
     plan = opts.plan
     rows_dir = st.run("transfer-rows", {"rows": plan["transfer_rows"], "seed": opts.seed}, ["data-train"],
                       lambda out: select_transfer_rows(data["train"], plan["transfer_rows"], opts.seed, out),
@@ -86,31 +91,37 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
     transfer_file = os.path.join(transfer_dir, "transfer.jsonl")
 
     students: dict[str, dict] = {}
-    student_opts = {"steps": plan["student_steps"], "lr": plan["student_lr"], "batch": plan["batch_size"],
-                    "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": opts.seed}
+    stopping = StoppingRule.from_plan(plan)
     kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
     for fraction in opts.student_sizes:
         size = size_name(fraction)
-        init_dir = st.run(f"{size}-init", {"fraction": fraction, "seed": opts.seed, "rule": "copy-if-fits"},
-                          ["teacher"], lambda out, fraction=fraction: _student_init(teacher_dir, fraction, opts.seed,
-                                                                                    out),
-                          f"the student init with <= {fraction:g} of the teacher's parameters")
-        for variant in SEQ2SEQ_VARIANTS:
-            word = "word-kd" in variant
-            target = VARIANT_TARGET[variant]
-            data_file = rows_file if target == "target" else transfer_file
-            deps = [f"{size}-init", "data-validation"] + (["transfer"] if target != "target" else ["transfer-rows"]) + \
-                (["teacher"] if word else [])
+        for seed in student_seeds(opts):
+            init = seeded(f"{size}-init", opts, seed)
+            init_dir = st.run(init, {"fraction": fraction, "seed": seed, "rule": "copy-if-fits"},
+                              ["teacher"], lambda out, fraction=fraction, seed=seed: _student_init(
+                                  teacher_dir, fraction, seed, out),
+                              f"the student init with <= {fraction:g} of the teacher's parameters (seed {seed})")
+            student_opts = {"steps": plan["student_steps"], "lr": plan["student_lr"], "batch": plan["batch_size"],
+                            "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": seed,
+                            "stopping": stopping.options()}
+            for variant in SEQ2SEQ_VARIANTS:
+                word = "word-kd" in variant
+                target = VARIANT_TARGET[variant]
+                data_file = rows_file if target == "target" else transfer_file
+                deps = [init, "data-validation"] + (["transfer"] if target != "target" else ["transfer-rows"]) + \
+                    (["teacher"] if word else [])
 
-            def fn(out, init_dir=init_dir, data_file=data_file, target=target, word=word):
-                train_student(out, init_dir, opts.task, data_file, data["validation"], plan,
-                              steps=plan["student_steps"], lr=plan["student_lr"], target_column=target,
-                              teacher_dir=teacher_dir if word else None, kd_alpha=plan["kd_alpha"] if word else 0.0,
-                              seed=opts.seed)
+                def fn(out, init_dir=init_dir, data_file=data_file, target=target, word=word, seed=seed):
+                    train_student(out, init_dir, opts.task, data_file, data["validation"], plan,
+                                  steps=plan["student_steps"], lr=plan["student_lr"], target_column=target,
+                                  teacher_dir=teacher_dir if word else None,
+                                  kd_alpha=plan["kd_alpha"] if word else 0.0, seed=seed, stopping=stopping)
 
-            name = f"{size}-{variant}"
-            what = (f"training student {variant}: targets = {target}"
-                    + (f", word-level KD alpha {plan['kd_alpha']}" if word else ""))
-            stage_dir = st.run(name, {**student_opts, "target": target, **(kd if word else {})}, deps, fn, what)
-            students[name] = {"dir": stage_dir, "stage": name, "variant": variant, "size": fraction}
+                name = seeded(f"{size}-{variant}", opts, seed)
+                what = (f"training student {variant} (seed {seed}): targets = {target}"
+                        + (f", word-level KD alpha {plan['kd_alpha']}" if word else "")
+                        + f", until its validation CE stops improving (at most {plan['student_steps']} steps)")
+                stage_dir = st.run(name, {**student_opts, "target": target, **(kd if word else {})}, deps, fn, what)
+                students[name] = {"dir": stage_dir, "stage": name, "variant": variant, "size": fraction,
+                                  "seed": seed, "train_log": os.path.join(stage_dir, TRAIN_LOG)}
     return students

@@ -80,7 +80,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
     def teacher_cls_fn(out):
         init = os.path.join(out, "init")
-        classifier_from(mlm_dir, data["train_dir"], init)
+        classifier_from(mlm_dir, data["train_dir"], init, seed=opts.seed)
         _train_checked(out, init, opts, data, plan["teacher_steps"])
         shutil.rmtree(init)
 
