@@ -240,7 +240,38 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError("relation_pooling mean relates the examples of a batch, so it needs "
                             "per_device_train_batch_size >= 2; raise it or use relation_pooling token")
         self._check_regimes()
+        self._check_sizes()
+        self._check_precision()
         super().__post_init__()
+
+    def _check_sizes(self) -> None:
+        """Batch sizes and step counts the Trainer would only trip over later (a ZeroDivisionError or
+        a DataLoader error after the models load and output_dir is made)."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise LmkdError(f"{name} must be an integer >= 1, got {value}")
+        if self.eval_accumulation_steps is not None and not self.eval_accumulation_steps >= 1:
+            raise LmkdError(f"eval_accumulation_steps must be >= 1 (or unset), got {self.eval_accumulation_steps}")
+        if self.dataloader_num_workers < 0:
+            raise LmkdError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        for name in ("save_steps", "eval_steps", "logging_steps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LmkdError(f"{name} must be > 0 (an integer, or a fraction < 1 of the training steps), "
+                                f"got {value}")
+
+    def _check_precision(self) -> None:
+        """bf16 without a device that runs it: transformers refuses with a ValueError (and a hint about
+        use_cpu); say it in one line with the device-independent fix."""
+        if not (self.bf16 or self.bf16_full_eval) or self.use_cpu:
+            return
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            raise LmkdError("bf16 needs a GPU with bfloat16 support and none was found; choose by device "
+                            "(bf16=torch.cuda.is_available() from Python, --bf16 false on the command line) or "
+                            "set use_cpu=True to run bfloat16 on the CPU")
 
     def _check_regimes(self) -> None:
         for name in ("rounds", "cohort_size", "on_policy_max_new_tokens", "on_policy_prompt_tokens"):

@@ -23,8 +23,10 @@ from .constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .data import DataArguments, collator_for, load_data, mix_gold_targets, tokenize
 from .errors import LmkdError
 from .io import atomic_write_json
-from .modeling import check_model_path, check_same_tokenizer, load_model, load_tokenizer
+from .features import check_layer_maps
+from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
+from .trainer import nothing_left_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +70,12 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     check_model_path(model_args.student_model_name_or_path)
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.student_model_name_or_path)
     if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
+        student_config = load_config(model_args.student_model_name_or_path)
         for path in teachers.teacher_paths(args):  # before any model loads or tokenising: one clear error
             check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
+            teacher_config = load_config(path)
+            teachers.check_teacher_kind(teacher_config, kind, path)
+            check_layer_maps(args, kind, student_config, teacher_config)
     student = load_model(model_args.student_model_name_or_path, kind=kind)
     teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
     with args.main_process_first(desc="tokenising"):
@@ -83,9 +89,10 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     collator = regimes.wrap_collator(collator, data_args)
     if (resume and not os.path.isdir(args.output_dir)):
         raise LmkdError(f"--resume: {args.output_dir} has no checkpoint to resume from; run without --resume")
-    trainer = regimes.trainer_class(args, data_args)(
-        model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
-        processing_class=tokenizer, data_collator=collator)
+    with nothing_left_on_error(args.output_dir):  # (the regime trainers check more after the Trainer made it)
+        trainer = regimes.trainer_class(args, data_args)(
+            model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
+            processing_class=tokenizer, data_collator=collator)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(args.output_dir)
     metrics = dict(result.metrics)

@@ -84,6 +84,19 @@ def model_kind(model: torch.nn.Module) -> str:
                     "masked LM or sequence-classification model")
 
 
+def saved_kind(model) -> str | None:
+    """The kind of model a checkpoint was saved as (``config.architectures``), or None when unknown.
+    ``from_pretrained`` with another auto class may load it anyway (a BART checkpoint loads as a
+    ``BartForCausalLM``), so this is what tells a teacher of the wrong kind."""
+    config = getattr(unwrap(model), "config", model)  # a model or its config
+    archs = getattr(config, "architectures", None) or []
+    for name in archs[:1]:
+        for kind, names in _KIND_CLASSES:
+            if name in names:
+                return kind
+    return None
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once): the size metric of evaluate and study."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -99,6 +112,15 @@ def check_model_path(path: str) -> None:
         raise LmkdError(f"{path} is a file, not a model directory; pass the directory save_pretrained wrote")
     elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise LmkdError(f"model path {path} does not exist; check the path (or give a hub id)")
+
+
+def load_config(path: str):
+    """``AutoConfig.from_pretrained`` with a one-line error: what a model is, without loading it."""
+    check_model_path(str(path))
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LmkdError(f"cannot read the model config of {path}: {str(e).splitlines()[0]}") from e
 
 
 def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | None = None) -> PreTrainedModel:

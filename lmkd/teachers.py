@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from . import logit_cache
 from .errors import LmkdError
-from .modeling import load_model, load_tokenizer, model_kind, shared_vocab_size, unwrap, vocab_size_of
+from .modeling import load_model, load_tokenizer, model_kind, saved_kind, shared_vocab_size, unwrap, vocab_size_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ def forward_at_floor(model) -> None:
     for flag in _EXTRA_OUTPUT_FLAGS:
         if getattr(model.config, flag, None):
             setattr(model.config, flag, False)
+
+
+def check_teacher_kind(teacher, kind: str, path: str) -> None:
+    """Refuse a teacher checkpoint (a model or its config) saved as another kind of model than the student (loaded with the
+    student's auto class it may load all the same, e.g. BART as BartForCausalLM, and fail later)."""
+    saved = saved_kind(teacher)
+    if saved is not None and saved != kind:
+        arch = getattr(teacher, "config", teacher).architectures[0]
+        raise LmkdError(f"teacher {path} is a {saved} model ({arch}) but the student a {kind} model; distil "
+                        "between models of the same kind")
 
 
 def teacher_paths(args) -> list[str]:
@@ -65,6 +75,7 @@ def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teache
         if teacher_tokenizer is None:
             teacher_tokenizer = load_tokenizer(source, required=False)
         teacher = load_model(source, kind=kind)
+        check_teacher_kind(teacher, kind, source)
     if model_kind(teacher) != kind:
         raise LmkdError(f"teacher is a {model_kind(teacher)} model but the student a {kind} model; "
                         "distil between models of the same kind")
@@ -207,6 +218,7 @@ def load_teacher(args, student, tokenizer):
     teachers = []
     for path in paths:
         teacher = load_model(path, kind=kind)
+        check_teacher_kind(teacher, kind, path)
         if model_kind(teacher) != kind:
             raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
         shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch

@@ -8,6 +8,7 @@ counts of the accumulated batch, logging, and the Trainer overrides the hint pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -29,6 +30,25 @@ logger = logging.getLogger(__name__)
 
 #: file holding the hint projections in each checkpoint dir (never in the saved student)
 PROJECTIONS_NAME = "lmkd_projections.pt"
+
+
+@contextlib.contextmanager
+def nothing_left_on_error(path):
+    """Around building a trainer (``Trainer.__init__`` creates ``output_dir``): when an
+    :class:`LmkdError` comes out, remove the directories made meanwhile if they are still empty,
+    so a refused run leaves nothing behind."""
+    made, p = [], os.path.abspath(str(path)) if path else None
+    while p and not os.path.exists(p):  # path and its parents that do not exist yet, deepest first
+        made.append(p)
+        parent = os.path.dirname(p)
+        p = parent if parent != p else None
+    try:
+        yield
+    except LmkdError:
+        for d in made:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -70,7 +90,12 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
             raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
-        super().__init__(model=model, args=args, **kwargs)
+        with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
+            super().__init__(model=model, args=args, **kwargs)
+            self._setup(teacher_model, teacher_tokenizer)
+
+    def _setup(self, teacher_model, teacher_tokenizer) -> None:
+        args = self.args
         # Make the Trainer count label tokens over the accumulated batch (see _get_num_items_in_batch).
         self.model_accepts_loss_kwargs = True
         self.kind = model_kind(self.model)

@@ -128,3 +128,63 @@ def test_bad_input_is_one_line_exit_2_no_partial_output(world, capsys, case):
 def test_debug_shows_the_traceback(world):
     with pytest.raises(Exception, match="does not exist"):
         main(["--debug", "make-student", "--teacher", world["root"] + "/nope", "--output", world["root"] + "/x"])
+
+
+# ---- issue 16, training side: mistakes caught only at the first step (or by a crash) before -------------------
+
+
+@pytest.fixture(scope="module")
+def world_a(world, tiny_model_dir):
+    """``world`` plus teachers of another kind / architecture than its BART student."""
+    return {**world, "gpt2": tiny_model_dir("gpt2"), "marian": tiny_model_dir("marian", layers=2)}
+
+
+CASES_A = {
+    "teacher of another kind": (lambda w: distill(w, teacher_model_name_or_path=w["gpt2"]),
+                                "is a causal model (GPT2LMHeadModel) but the student a seq2seq model", R + "/run"),
+    "layer_map out of range": (lambda w: distill(w, hidden_weight=1.0, layer_map="0:9"),
+                               "layer_map '0:9' pairs encoder layers 0:9, but the student has 2 and the teacher 4",
+                               R + "/run"),
+    "teacher of another architecture (make-student's map does not fit)": (
+        lambda w: distill(w, teacher_model_name_or_path=w["marian"], hidden_weight=1.0),
+        "lmkd_layer_map (from make-student) pairs encoder layers", R + "/run"),
+    "batch size 0": (lambda w: distill(w, per_device_train_batch_size=0),
+                     "per_device_train_batch_size must be an integer >= 1, got 0", R + "/run"),
+    "eval batch size 0": (lambda w: distill(w, per_device_eval_batch_size=0, validation_file=w["data"]),
+                          "per_device_eval_batch_size must be an integer >= 1, got 0", R + "/run"),
+    "gradient accumulation 0": (lambda w: distill(w, gradient_accumulation_steps=0),
+                                "gradient_accumulation_steps must be an integer >= 1, got 0", R + "/run"),
+    "save_steps 0": (lambda w: distill(w, save_strategy="steps", save_steps=0), "save_steps must be > 0",
+                     R + "/run"),
+}
+
+
+def _bad_input(world, capsys, make_argv, message, output):
+    argv = [a.replace(R, world["root"]) for a in make_argv(world)]
+    before = set(os.listdir(world["root"]))
+    with pytest.raises(SystemExit) as exc_info:
+        raise SystemExit(main(argv))
+    assert exc_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0] and "Traceback" not in err, err
+    if output is not None:
+        assert not os.path.exists(output.replace(R, world["root"]))
+    after = set(os.listdir(world["root"]))
+    assert [n for n in after - before if not n.startswith("cfg-")] == []
+
+
+@pytest.mark.parametrize("case", list(CASES_A))
+def test_bad_training_input_is_refused_before_anything_is_written(world_a, capsys, case):
+    _bad_input(world_a, capsys, *CASES_A[case])
+
+
+def test_bf16_without_a_bf16_device_is_one_line(world_a, capsys):
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if torch.cuda.is_available() and is_torch_bf16_gpu_available():
+        pytest.skip("this machine runs bf16")
+    _bad_input(world_a, capsys, lambda w: distill(w, bf16=True, use_cpu=False),
+               "bf16 needs a GPU with bfloat16 support and none was found", R + "/run")
