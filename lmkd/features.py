@@ -67,8 +67,9 @@ def resolve_layer_pairs(args, layer_spec, student_config, stack: str, n_s: int, 
     for i, j in pairs:
         i2, j2 = i + n_s if i < 0 else i, j + n_t if j < 0 else j
         if not (0 <= i2 < n_s and 0 <= j2 < n_t):
-            raise LmkdError(f"{where} pairs {stack} layers {i}:{j}, but the student has {n_s} and the teacher "
-                            f"{n_t} {stack} layers; set layer_map (e.g. '-1:-1')")
+            what = "" if stack == "layers" else f"{stack} "  # ("layers", not "layers layers")
+            raise LmkdError(f"{where} pairs {what}layers {i}:{j}, but the student has {n_s} and the teacher "
+                            f"{n_t} {what}layers; set layer_map (e.g. '-1:-1')")
         resolved.append((i2, j2))
     return resolved
 

@@ -89,9 +89,7 @@ def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teache
     teacher.eval()
     teacher.requires_grad_(False)
     forward_at_floor(teacher)
-    vocab = shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
-    if vocab is not None:
-        logger.info("teacher and student vocabularies differ only by padding rows; KD uses the first %d", vocab)
+    vocab = shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)  # (logs what it decided from)
     return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
 
 

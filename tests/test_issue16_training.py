@@ -1,0 +1,128 @@
+"""Issue 16, the training side: results that were wrong without a warning (co-distillation
+cohorts, the vocabulary guard, eval_loss with a teacher cache, on-policy resume and prompts)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from lmkd import DistillationConfig, DistillationTrainer, LmkdError
+from lmkd.cli import main
+from lmkd.modeling import load_model, load_tokenizer
+from lmkd.scratch import build_model
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    base.update(kw)
+    return DistillationConfig(**base)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def distill_cli(tmp_path, name="cfg", **cfg):
+    import yaml
+
+    base = dict(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                save_strategy="no", disable_tqdm=True)
+    base.update(cfg)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return main(["distill", str(path)])
+
+
+# ---- bf16 from Python ------------------------------------------------------------------------------
+
+
+def test_bf16_on_a_machine_without_it_is_an_lmkd_error(tmp_path):
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if is_torch_bf16_gpu_available():
+        pytest.skip("this machine runs bf16")
+    with pytest.raises(LmkdError, match=r"bf16 needs a GPU .*bf16=torch.cuda.is_available\(\)"):
+        config(tmp_path, bf16=True, use_cpu=False)
+    assert config(tmp_path, bf16=torch.cuda.is_available()).bf16 is False  # the README's choice by device
+
+
+def test_layer_map_out_of_range_from_python_leaves_no_output_dir(tmp_path, tokenizer):
+    teacher = build_model("gpt2", len(tokenizer), seed=1, layers=2)
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
+    out = tmp_path / "a" / "b"
+    with pytest.raises(LmkdError, match="layer_map '0:5' pairs layers 0:5, but the student has 1 and the teacher 2"):
+        DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
+                            args=config(tmp_path, output_dir=str(out), hidden_weight=1.0, layer_map="0:5"))
+    assert not (tmp_path / "a").exists()
+
+
+# ---- the vocabulary guard -----------------------------------------------------------------------
+
+
+def test_teacher_dir_without_tokenizer_files_is_judged_by_its_config(tmp_path, tokenizer, corpus, caplog):
+    """(a) same vocabulary, no tokenizer files: transformers 5 loads a near-empty tokenizer, which
+    used to be refused as 'tokenizers differ'."""
+    teacher = build_model("gpt2", len(tokenizer), seed=1, layers=2)
+    tdir = tmp_path / "teacher"
+    teacher.save_pretrained(tdir)  # config + weights, no tokenizer
+    sdir = tmp_path / "student"
+    build_model("gpt2", len(tokenizer), seed=2, layers=1).save_pretrained(sdir)
+    tokenizer.save_pretrained(sdir)
+    assert load_tokenizer(str(tdir), required=False) is None
+    with pytest.raises(LmkdError, match="no tokenizer found"):
+        load_tokenizer(str(tdir))
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": r["source"]} for r in corpus[:8]])
+    with caplog.at_level(logging.INFO, logger="lmkd.modeling"):
+        assert distill_cli(tmp_path, student_model_name_or_path=str(sdir), teacher_model_name_or_path=str(tdir),
+                           task="causal-lm", train_file=train, max_steps=1) == 0
+    assert "the teacher's tokenizer is unknown; decided from the configs" in caplog.text
+
+
+def test_teacher_object_with_a_larger_vocabulary_and_no_tokenizer_is_refused(tmp_path, tokenizer):
+    """(b) a teacher of another, larger vocabulary passed without its tokenizer used to be sliced
+    silently to the student's width."""
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
+    teacher = build_model("gpt2", len(tokenizer) + 100, seed=1, layers=2)
+    with pytest.raises(LmkdError, match=r"teacher vocabulary \(400\) and student vocabulary \(300\) differ and "
+                                        "the teacher's tokenizer is unknown"):
+        DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
+                            args=config(tmp_path, kd_alpha=0.5))
+    assert not (tmp_path / "out").exists()
+    # with the teacher's tokenizer the padding rows are sliced as before
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
+                                  teacher_tokenizer=tokenizer, args=config(tmp_path, kd_alpha=0.5))
+    assert trainer.loss_objective.vocab == len(tokenizer)
+
+
+def test_same_size_but_other_special_tokens_without_tokenizer_is_refused(tmp_path, tokenizer):
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
+    teacher = build_model("gpt2", len(tokenizer), seed=1, layers=2)
+    teacher.config.eos_token_id = 7
+    with pytest.raises(LmkdError, match=r"configs name different special tokens \(teacher vs student: "
+                                        r"eos_token_id \[7\] vs \[1\]\)"):
+        DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
+                            args=config(tmp_path, kd_alpha=0.5))
+
+
+def test_teacher_loaded_from_a_dir_brings_its_tokenizer(tmp_path, tokenizer, corpus):
+    """A teacher object loaded with from_pretrained: its saved tokenizer is the evidence."""
+    from lmkd.scratch import train_tokenizer
+
+    other = train_tokenizer([r["target"] for r in corpus], vocab_size=len(tokenizer))
+    tdir = tmp_path / "teacher"
+    build_model("gpt2", len(other), seed=1, layers=2).save_pretrained(tdir)
+    other.save_pretrained(tdir)
+    teacher = load_model(str(tdir), kind="causal")
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
+    with pytest.raises(LmkdError, match="tokenizers differ"):
+        DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
+                            args=config(tmp_path, kd_alpha=0.5))
