@@ -186,9 +186,12 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     )
     cohort_size: int = field(
         default=1,
-        metadata={"help": "Co-distillation (deep mutual learning): train K >= 2 copies of the student together, "
-                          "each with CE + KD towards the detached average of the others; no teacher "
-                          "(output_dir/member-k; member 0 also in output_dir). 1 = off."},
+        metadata={"help": "Co-distillation (deep mutual learning): train K >= 2 students together, each with CE + "
+                          "KD towards the detached average of the others; no teacher (output_dir/member-k; member 0 "
+                          "also in output_dir). The members start from student_model_name_or_path: K checkpoints "
+                          "'a,b,c' (one per member), or one loaded K times (member k under seed + k for weights it "
+                          "lacks) that then diverge through dropout; a cohort that cannot differ (identical weights, "
+                          "no dropout) is refused. 1 = off."},
     )
     on_policy_fraction: float = field(
         default=0.0,

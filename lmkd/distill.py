@@ -67,16 +67,20 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
         for path in teachers.teacher_paths(args):
             check_model_path(path)
-    check_model_path(model_args.student_model_name_or_path)
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.student_model_name_or_path)
+    student_paths = cohort_paths(model_args, args)
+    for path in student_paths:
+        check_model_path(path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name or student_paths[0])
+    for path in student_paths[1:]:  # a cohort of checkpoints: one vocabulary
+        check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
-        student_config = load_config(model_args.student_model_name_or_path)
+        student_config = load_config(student_paths[0])
         for path in teachers.teacher_paths(args):  # before any model loads or tokenising: one clear error
             check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
             teacher_config = load_config(path)
             teachers.check_teacher_kind(teacher_config, kind, path)
             check_layer_maps(args, kind, student_config, teacher_config)
-    student = load_model(model_args.student_model_name_or_path, kind=kind)
+    student = load_cohort(student_paths, kind, args) if args.cohort_size > 1 else load_model(student_paths[0], kind=kind)
     teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
     with args.main_process_first(desc="tokenising"):
         labelled = _labelled(data_args)
@@ -101,6 +105,39 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     if trainer.is_world_process_zero():
         atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True)
     return metrics
+
+
+# ---- co-distillation cohorts ---------------------------------------------------------------------
+
+
+def cohort_paths(model_args, args) -> list[str]:
+    """The student checkpoints of a run: one, or -- co-distillation -- one per cohort member
+    (``student_model_name_or_path: a,b,c`` with ``cohort_size: 3``) or one for all of them."""
+    paths = [p.strip() for p in str(model_args.student_model_name_or_path).split(",") if p.strip()]
+    if not paths:
+        raise LmkdError("student_model_name_or_path is empty; name the student checkpoint")
+    if len(paths) > 1 and args.cohort_size != len(paths):
+        raise LmkdError(f"student_model_name_or_path names {len(paths)} students: that is a co-distillation cohort, "
+                        f"set cohort_size {len(paths)} (or name one student)")
+    return paths
+
+
+def load_cohort(paths: list[str], kind: str, args) -> regimes.CohortModel:
+    """The members of a co-distillation cohort: each from its own checkpoint, or -- one path for
+    all -- K loads of it, member k under seed ``seed + k`` so that weights the checkpoint lacks
+    (a new classification head) start differently.  A cohort that cannot differ is refused
+    (:func:`lmkd.regimes.check_cohort_can_differ`)."""
+    import torch
+
+    members = []
+    for k in range(args.cohort_size):
+        torch.manual_seed(args.seed + k)
+        members.append(load_model(paths[k] if len(paths) > 1 else paths[0], kind=kind))
+    torch.manual_seed(args.seed)
+    logger.info("co-distillation cohort of %d: %s", len(members),
+                ", ".join(paths) if len(paths) > 1 else f"{len(members)} loads of {paths[0]} (seeds {args.seed}.."
+                f"{args.seed + len(members) - 1} for weights it lacks)")
+    return regimes.CohortModel(members)
 
 
 # ---- born-again networks -------------------------------------------------------------------------

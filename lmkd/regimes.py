@@ -203,6 +203,38 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         return {"input_ids": ids, "attention_mask": att, "labels": labels, ON_POLICY: torch.ones((), dtype=torch.bool)}
 
 
+def has_dropout(model) -> bool:
+    """Whether a forward of ``model`` in train mode is random: a dropout module with p > 0, or a
+    dropout or LayerDrop rate (``dropout``, ``attention_dropout``, ``*_pdrop``, ``layerdrop``) > 0 kept as a float by a
+    module that applies it functionally (BART, Llama attention)."""
+    for m in unwrap(model).modules():
+        if "Dropout" in type(m).__name__ and float(getattr(m, "p", 0) or 0) > 0:
+            return True
+        for name, value in vars(m).items():
+            if any(w in name for w in ("dropout", "pdrop", "layerdrop")) and isinstance(value, float) and value > 0:
+                return True
+    return False
+
+
+def same_weights(a, b) -> bool:
+    """Whether two models hold bit-identical parameters and buffers."""
+    sa, sb = unwrap(a).state_dict(), unwrap(b).state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def check_cohort_can_differ(members) -> None:
+    """Refuse a cohort whose members cannot become different: identical starting weights and no
+    dropout (the same batches, no randomness per member) keep them bit-identical, so every KD
+    term is exactly 0 and the run is K copies of plain fine-tuning."""
+    if any(has_dropout(m) for m in members):
+        return
+    if all(same_weights(members[0], m) for m in members[1:]):
+        raise LmkdError(f"the cohort's {len(members)} members start from identical weights and have no dropout, so "
+                        "they would stay identical (KD term exactly 0); give each member its own checkpoint "
+                        "(student_model_name_or_path: a,b,... one per member) or use a student with dropout")
+
+
 class CohortModel(nn.Module):
     """K students trained together (deep mutual learning).  One ``nn.Module`` so the Trainer's
     optimizer, device placement and DDP wrapping cover all of them; ``forward`` returns the list
@@ -220,13 +252,15 @@ class CohortModel(nn.Module):
             raise LmkdError(f"the cohort mixes model kinds ({', '.join(sorted(kinds))}); use students of one kind")
         if len({vocab_size_of(m) for m in members}) > 1:
             raise LmkdError("the cohort's students have different output sizes; use one vocabulary (label set)")
+        check_cohort_can_differ(members)
         self.members = nn.ModuleList(members)
         self.lmkd_kind = kinds.pop()
 
     @classmethod
     def copies(cls, student, k: int) -> CohortModel:
         """``k`` members that start as copies of ``student``; they diverge through their own dropout
-        masks (with dropout 0 they would stay identical, so pass differently initialised students)."""
+        masks.  A student without dropout is refused (its copies would stay identical): pass
+        differently initialised students to ``CohortModel([...])`` instead."""
         return cls([student] + [copy.deepcopy(student) for _ in range(k - 1)])
 
     @property

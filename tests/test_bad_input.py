@@ -135,8 +135,10 @@ def test_debug_shows_the_traceback(world):
 
 @pytest.fixture(scope="module")
 def world_a(world, tiny_model_dir):
-    """``world`` plus teachers of another kind / architecture than its BART student."""
-    return {**world, "gpt2": tiny_model_dir("gpt2"), "marian": tiny_model_dir("marian", layers=2)}
+    """``world`` plus teachers of another kind / architecture than its BART student, and a BART
+    student without dropout."""
+    return {**world, "gpt2": tiny_model_dir("gpt2"), "marian": tiny_model_dir("marian", layers=2),
+            "nodrop": tiny_model_dir("bart", layers=1, dropout=0.0)}
 
 
 CASES_A = {
@@ -154,6 +156,13 @@ CASES_A = {
                           "per_device_eval_batch_size must be an integer >= 1, got 0", R + "/run"),
     "gradient accumulation 0": (lambda w: distill(w, gradient_accumulation_steps=0),
                                 "gradient_accumulation_steps must be an integer >= 1, got 0", R + "/run"),
+    "cohort of identical dropout-free copies": (
+        lambda w: distill(w, student_model_name_or_path=w["nodrop"], teacher_model_name_or_path=None, cohort_size=2),
+        "the cohort's 2 members start from identical weights and have no dropout", R + "/run"),
+    "cohort size and student checkpoints disagree": (
+        lambda w: distill(w, student_model_name_or_path=f"{w['nodrop']},{w['student']}",
+                          teacher_model_name_or_path=None, cohort_size=3),
+        "names 2 students: that is a co-distillation cohort, set cohort_size 2", R + "/run"),
     "save_steps 0": (lambda w: distill(w, save_strategy="steps", save_steps=0), "save_steps must be > 0",
                      R + "/run"),
 }

@@ -126,3 +126,63 @@ def test_teacher_loaded_from_a_dir_brings_its_tokenizer(tmp_path, tokenizer, cor
     with pytest.raises(LmkdError, match="tokenizers differ"):
         DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
                             args=config(tmp_path, kd_alpha=0.5))
+
+
+# ---- co-distillation cohorts ----------------------------------------------------------------------
+
+
+def test_cohort_of_dropout_free_copies_is_refused(tmp_path, tokenizer):
+    from lmkd.regimes import CoDistillationTrainer, CohortModel
+
+    student = build_model("llama", len(tokenizer), seed=1, layers=1)  # Llama: no dropout at all
+    with pytest.raises(LmkdError, match="2 members start from identical weights and have no dropout"):
+        CoDistillationTrainer(model=student, args=config(tmp_path, cohort_size=2, kd_alpha=0.5),
+                              processing_class=tokenizer)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LmkdError, match="identical weights"):
+        CohortModel([student, copy.deepcopy(student), copy.deepcopy(student)])
+    # with dropout the copies diverge through their own masks: accepted, as before
+    CohortModel.copies(build_model("gpt2", len(tokenizer), seed=1, layers=1, dropout=0.1), 2)
+
+
+def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, tokenizer, corpus):
+    paths = []
+    for seed in (1, 2):
+        d = tmp_path / f"s{seed}"
+        build_model("llama", len(tokenizer), seed=seed, layers=1).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        paths.append(str(d))
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": r["source"]} for r in corpus[:16]])
+    out = tmp_path / "o"
+    assert distill_cli(tmp_path, student_model_name_or_path=",".join(paths), task="causal-lm", train_file=train,
+                       cohort_size=2, kd_alpha=0.5, max_steps=3, learning_rate=1e-3, logging_steps=1) == 0
+    members = [load_model(str(out / f"member-{k}"), kind="causal") for k in range(2)]
+    inits = [load_model(p, kind="causal") for p in paths]
+    batch = tokenizer([r["source"] for r in corpus[:4]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        z = [m.eval()(**batch).logits for m in members]
+    assert not torch.allclose(z[0], z[1])  # the KD term between them is not 0
+    for member, init in zip(members, inits):  # member k trained from checkpoint k
+        a, b = member.state_dict(), init.state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+        assert all(a[k].shape == b[k].shape for k in a)
+    # a cohort of 3 from 2 checkpoints is refused
+    with pytest.raises(LmkdError, match="names 2 students: that is a co-distillation cohort, set cohort_size 2"):
+        from lmkd.config import ModelArguments
+        from lmkd.distill import cohort_paths
+
+        cohort_paths(ModelArguments(student_model_name_or_path=",".join(paths)), config(tmp_path, cohort_size=3))
+
+
+def test_one_checkpoint_cohort_gets_distinct_seeds_for_weights_it_lacks(tmp_path, tokenizer):
+    """A masked-LM checkpoint loaded as K classifiers: each member's new head is initialised under
+    its own seed, so a dropout-free cohort of them can differ."""
+    from lmkd.distill import load_cohort
+
+    d = tmp_path / "mlm"
+    build_model("bert", len(tokenizer), seed=1, layers=1, dropout=0.0).save_pretrained(d)
+    cohort = load_cohort([str(d)], "classification", config(tmp_path, cohort_size=2, kd_alpha=0.5))
+    heads = [m.classifier.weight for m in cohort.members]
+    assert not torch.equal(heads[0], heads[1])
+    assert torch.equal(cohort.members[0].bert.embeddings.word_embeddings.weight,
+                       cohort.members[1].bert.embeddings.word_embeddings.weight)
