@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 
 import pytest
 import torch
@@ -186,3 +185,134 @@ def test_one_checkpoint_cohort_gets_distinct_seeds_for_weights_it_lacks(tmp_path
     assert not torch.equal(heads[0], heads[1])
     assert torch.equal(cohort.members[0].bert.embeddings.word_embeddings.weight,
                        cohort.members[1].bert.embeddings.word_embeddings.weight)
+
+
+# ---- on-policy KD: exact resume, per-row prompts ----------------------------------------------------
+
+
+def _on_policy_run(tmp_path, tokenizer, corpus, out, max_steps=6, callbacks=(), resume=None, record=None):
+    import datasets
+
+    from lmkd.data import DataArguments, collator_for, tokenize
+    from lmkd.regimes import OnPolicyDistillationTrainer
+
+    class Recording(OnPolicyDistillationTrainer):
+        def on_policy_batch(self, model, batch):
+            if record is not None:
+                record.append(self.batch_index)
+            return super().on_policy_batch(model, batch)
+
+    teacher = build_model("gpt2", len(tokenizer), seed=1, layers=2)
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
+    ds = tokenize(datasets.Dataset.from_list([{"text": r["source"]} for r in corpus[:24]]), tokenizer,
+                  DataArguments(task="causal-lm", train_file="-"))
+    args = config(tmp_path, output_dir=str(tmp_path / out), kd_loss="jsd", kd_alpha=0.7, on_policy_fraction=0.5,
+                  on_policy_max_new_tokens=4, max_steps=max_steps, gradient_accumulation_steps=2,
+                  per_device_train_batch_size=2, save_strategy="steps", save_steps=2, learning_rate=3e-3, seed=5)
+    trainer = Recording(model=student, args=args, teacher_model=teacher, train_dataset=ds, processing_class=tokenizer,
+                        data_collator=collator_for("causal-lm", tokenizer), callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_on_policy_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpus):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("simulated kill")
+
+    drawn_full, drawn_resumed = [], []
+    full = _on_policy_run(tmp_path, tokenizer, corpus, "full", record=drawn_full)
+    with pytest.raises(KeyboardInterrupt):
+        _on_policy_run(tmp_path, tokenizer, corpus, "killed", callbacks=[Crash()])
+    resumed = _on_policy_run(tmp_path, tokenizer, corpus, "killed", resume=True, record=drawn_resumed)
+    assert resumed.state.global_step == 6
+    # the coin is a function of (seed, micro-batch index): the resumed run draws the same batches on-policy
+    assert drawn_resumed == [i for i in drawn_full if i >= 2 * 2] and 0 < len(drawn_full) < 12
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_on_policy_causal_prompts_are_per_row(tmp_path, tokenizer, corpus):
+    import datasets
+
+    from lmkd.data import PROMPT_LENGTH, DataArguments, collator_for, tokenize
+    from lmkd.regimes import OnPolicyDistillationTrainer, wrap_collator
+
+    rows = [{"text": r["source"], "prompt": " ".join(r["source"].split()[: 1 + i % 3])} for i, r in
+            enumerate(corpus[:4])]
+    data_args = DataArguments(task="causal-lm", train_file="-", prompt_column="prompt")
+    ds = tokenize(datasets.Dataset.from_list(rows), tokenizer, data_args)
+    lengths = ds[PROMPT_LENGTH]
+    for row, n, ids in zip(rows, lengths, ds["input_ids"]):  # the tokens the prompt and the row share
+        p_ids = tokenizer(row["prompt"])["input_ids"]
+        assert ids[:n] == p_ids[:n] and n >= 1
+    assert len(set(lengths)) > 1
+    teacher = build_model("gpt2", len(tokenizer), seed=1, layers=2)
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
+    collator = wrap_collator(collator_for("causal-lm", tokenizer), data_args)
+    args = config(tmp_path, kd_loss="jsd", kd_alpha=1.0, on_policy_fraction=1.0, on_policy_max_new_tokens=5)
+    trainer = OnPolicyDistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=ds,
+                                          processing_class=tokenizer, data_collator=collator)
+    batch = collator([ds[i] for i in range(4)])
+    assert batch[PROMPT_LENGTH].tolist() == lengths
+    got = trainer.on_policy_batch(student, batch)
+    for k, n in enumerate(lengths):  # row k continues its own prompt of n tokens, not the shortest one
+        assert got["input_ids"][k, :n].tolist() == ds[k]["input_ids"][:n]
+        assert (got["labels"][k, :n] == -100).all() and got["labels"][k, n] != -100
+        assert got["attention_mask"][k, :n].all()
+        assert torch.equal(got["attention_mask"][k, n:].bool(), got["labels"][k, n:] != -100)
+    # without a prompt column: each row's first on_policy_prompt_tokens tokens (all but its last at most)
+    short = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 0, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])}
+    trainer.args.on_policy_prompt_tokens = 4
+    got = trainer.on_policy_batch(student, short)
+    assert got["input_ids"][0, :4].tolist() == [5, 6, 7, 8] and (got["labels"][0, :4] == -100).all()
+    assert got["input_ids"][1, :1].tolist() == [5] and (got["labels"][1, 1] != -100)
+
+
+# ---- eval_loss: one quantity with an online teacher and with a teacher cache ----------------------
+
+
+def test_eval_loss_is_the_same_mix_online_and_from_a_cache(tmp_path, tiny_model_dir, tokenizer, corpus):
+    from lmkd import logit_cache
+    from lmkd.data import DataArguments, collator_for, load_data, tokenize
+
+    teacher_dir = tiny_model_dir("marian", layers=1)
+    train = write_jsonl(tmp_path / "train.jsonl", corpus[:12])
+    valid = write_jsonl(tmp_path / "valid.jsonl", corpus[100:110])
+    data_args = DataArguments(task="translation", train_file=train, max_source_length=24, max_target_length=24)
+    caches = {}
+    for name, path in (("train", train), ("valid", valid)):
+        caches[name] = str(tmp_path / f"cache-{name}")
+        logit_cache.cache_logits(teacher_dir, DataArguments(task="translation", train_file=path, max_source_length=24,
+                                                            max_target_length=24),
+                                 caches[name], len(tokenizer), batch_size=4, logprob_dtype="float32")
+    ds = {n: tokenize(load_data(p, ["source", "target"]), tokenizer, data_args) for n, p in
+          (("train", train), ("valid", valid))}
+    student = build_model("marian", len(tokenizer), seed=2, layers=1, dropout=0.0)
+    results = []
+    for extra in ({}, {"teacher_cache": caches["train"], "eval_teacher_cache": caches["valid"]}):
+        kw = {} if extra else {"teacher_model": load_model(teacher_dir, kind="seq2seq")}
+        trainer = DistillationTrainer(model=copy.deepcopy(student), processing_class=tokenizer,
+                                      args=config(tmp_path, kd_alpha=0.6, per_device_eval_batch_size=4, **extra),
+                                      train_dataset=ds["train"], eval_dataset=ds["valid"],
+                                      data_collator=collator_for("translation", tokenizer, student), **kw)
+        results.append(trainer.evaluate())
+    online, cached = results
+    assert online["eval_loss_kd"] > 0 and cached["eval_loss_kd"] > 0
+    for key in ("eval_loss", "eval_loss_ce", "eval_loss_kd"):
+        assert online[key] == pytest.approx(cached[key], rel=1e-4), key
+    # the documented mix (the mean over eval batches of each batch's (1 - alpha) CE + alpha KD)
+    assert online["eval_loss"] == pytest.approx(0.4 * online["eval_loss_ce"] + 0.6 * online["eval_loss_kd"], rel=0.05)
+    # without a cache of the validation data a cached run is refused instead of reporting CE alone
+    with pytest.raises(LmkdError, match="set eval_teacher_cache DIR"):
+        DistillationTrainer(model=copy.deepcopy(student), processing_class=tokenizer,
+                            args=config(tmp_path, kd_alpha=0.6, teacher_cache=caches["train"],
+                                        output_dir=str(tmp_path / "refused")),
+                            train_dataset=ds["train"], eval_dataset=ds["valid"],
+                            data_collator=collator_for("translation", tokenizer, student))
+    assert not (tmp_path / "refused").exists()
