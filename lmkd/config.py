@@ -74,7 +74,10 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         (1 - kd_alpha) * CE(labels, student) / n_ce  +  kd_alpha * KD(teacher, student) / n_kd
 
     with ``n_ce``/``n_kd`` the number of positions each term is taken over in the whole
-    (accumulated, all-process) batch.  Feature and relation terms are added on top, each with its
+    (accumulated, all-process) batch.  ``eval_loss`` (what ``metric_for_best_model`` reads) is this
+    same quantity on the validation data, the KD term from the online teacher or, with
+    ``teacher_cache``, from ``eval_teacher_cache``; its parts are logged as ``eval_loss_ce`` and
+    ``eval_loss_kd``.  Feature and relation terms are added on top, each with its
     own weight (0 = off): ``hidden_weight * hidden + attention_weight * attention +
     relation_weight * relation``, each averaged over the mapped layer pairs (see ``layer_map``)
     and over tokens (hidden, attention) or examples (relation) of the whole batch.
@@ -125,6 +128,11 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Directory written by `lmkd cache-logits`: train from the teacher's cached top-K "
                           "log-probs with no teacher loaded and no teacher forward (kd_loss forward_kl, "
                           "reverse_kl or jsd). The training data must be the file the cache was made from."},
+    )
+    eval_teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "With teacher_cache and validation data: `lmkd cache-logits` of the validation file (same "
+                          "settings), so that eval_loss is the same CE+KD mix as with an online teacher."},
     )
     hidden_weight: float = field(
         default=0.0,
@@ -195,8 +203,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     )
     on_policy_fraction: float = field(
         default=0.0,
-        metadata={"help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn with the seed) whose "
-                          "targets are the student's own samples, scored by the teacher with kd_loss jsd. 0 = off."},
+        metadata={"help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn from the seed and the "
+                          "batch's index: a resumed run draws the same) whose targets are the student's own samples, scored by the teacher with kd_loss jsd. 0 = off."},
     )
     on_policy_temperature: float = field(
         default=1.0, metadata={"help": "On-policy KD: sampling temperature of the student's generations."})
@@ -204,8 +212,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         default=64, metadata={"help": "On-policy KD: length limit of the student's generations."})
     on_policy_prompt_tokens: int = field(
         default=16,
-        metadata={"help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (cut "
-                          "to the shortest row of the batch)."},
+        metadata={"help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (at "
+                          "most all but its last), unless the data name each row's prompt (prompt_column)."},
     )
 
     def __post_init__(self):
@@ -228,6 +236,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if self.teacher_cache is not None and self.kd_loss == "mse":
             raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K teacher_cache does not "
                             "hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
+        if self.eval_teacher_cache and not self.teacher_cache:
+            raise LmkdError("eval_teacher_cache goes with teacher_cache (an online teacher scores the validation "
+                            "data itself); drop it or set teacher_cache")
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if not getattr(self, name) >= 0:
                 raise LmkdError(f"{name} must be >= 0, got {getattr(self, name)}; 0 turns that loss off")

@@ -19,14 +19,14 @@ import datasets
 
 from . import regimes, teachers
 from .config import DistillationConfig
-from .constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
-from .data import DataArguments, collator_for, load_data, mix_gold_targets, tokenize
+from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
+from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, tokenize
 from .errors import LmkdError
 from .io import atomic_write_json
 from .features import check_layer_maps
 from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
-from .trainer import nothing_left_on_error
+from .trainer import EVAL_CACHE_NEEDED, nothing_left_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def _labelled(data_args) -> bool:
 
 def _raw(path, data_args, limit, mix_seed=None):
     columns = [data_args.source_column] + ([data_args.target_column] if _labelled(data_args) else [])
+    columns += [data_args.prompt_column] if data_args.prompt_column else []
     mix = _labelled(data_args) and mix_seed is not None and data_args.mix_gold_fraction > 0
     ds = load_data(path, columns + ([data_args.gold_column] if mix else []))
     ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
@@ -59,11 +60,19 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     eval_data_args = unlabelled_data_args(data_args, args, evaluation=True)
     data_args = unlabelled_data_args(data_args, args)
     kind = TASK_KIND[data_args.task]
+    if data_args.prompt_column:
+        if kind != CAUSAL or not args.on_policy_fraction > 0:
+            raise LmkdError("prompt_column names the prompt a causal LM student continues in on-policy KD: use it "
+                            "with task causal-lm and on_policy_fraction > 0, or drop it")
+        eval_data_args = copy.copy(eval_data_args)
+        eval_data_args.prompt_column = None  # evaluation scores the data, it generates nothing
     # Check everything cheap (files, columns, paths) before loading any model.
     train = _raw(data_args.train_file, data_args, data_args.max_train_samples, mix_seed=args.seed)
     evaluation = _raw(data_args.validation_file, eval_data_args, data_args.max_eval_samples) \
         if data_args.validation_file else None
     transfer = read_transfer_set(data_args)
+    if args.teacher_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_teacher_cache:
+        raise LmkdError(EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
         for path in teachers.teacher_paths(args):
             check_model_path(path)
@@ -80,7 +89,8 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
             teacher_config = load_config(path)
             teachers.check_teacher_kind(teacher_config, kind, path)
             check_layer_maps(args, kind, student_config, teacher_config)
-    student = load_cohort(student_paths, kind, args) if args.cohort_size > 1 else load_model(student_paths[0], kind=kind)
+    student = (load_cohort(student_paths, kind, args) if args.cohort_size > 1
+               else load_model(student_paths[0], kind=kind))
     teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
     with args.main_process_first(desc="tokenising"):
         labelled = _labelled(data_args)
@@ -220,7 +230,11 @@ def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, 
     tagged with :data:`lmkd.regimes.LABELLED` (1 for ``train``, 0 for the transfer set).  The
     Trainer's shuffling sampler interleaves the two."""
     kind = TASK_KIND[data_args.task]
-    extra = tokenize(raw, tokenizer, data_args, labelled=False)
+    plain = copy.copy(data_args)
+    plain.prompt_column = None  # a transfer set has no prompt column: its rows use on_policy_prompt_tokens
+    extra = tokenize(raw, tokenizer, plain, labelled=False)
+    if PROMPT_LENGTH in train.column_names:
+        extra = extra.add_column(PROMPT_LENGTH, [-1] * len(extra))
     if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
         extra = extra.add_column("labels", [IGNORE_INDEX] * len(extra))
     train = train.add_column(LABELLED, [1] * len(train))

@@ -42,8 +42,9 @@ def forward_at_floor(model) -> None:
 
 
 def check_teacher_kind(teacher, kind: str, path: str) -> None:
-    """Refuse a teacher checkpoint (a model or its config) saved as another kind of model than the student (loaded with the
-    student's auto class it may load all the same, e.g. BART as BartForCausalLM, and fail later)."""
+    """Refuse a teacher checkpoint (a model or its config) saved as another kind of model than the
+    student (loaded with the student's auto class it may load all the same, e.g. BART as
+    BartForCausalLM, and fail later)."""
     saved = saved_kind(teacher)
     if saved is not None and saved != kind:
         arch = getattr(teacher, "config", teacher).architectures[0]
@@ -229,16 +230,17 @@ def load_teacher(args, student, tokenizer):
 # ---- the cached teacher (lmkd.logit_cache) -------------------------------------------------------
 
 
-def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right"):
+def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right",
+                         what: str = "training"):
     """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
     training row tagged with its cache row, the cached top-K collated with each batch.  Checks
     that the cache's token ids fit the student's outputs."""
     cache = logit_cache.LogitCache(path)
     if train_dataset is not None:
         if not hasattr(train_dataset, "column_names"):
-            raise LmkdError("teacher_cache needs the training data as a datasets.Dataset (tokenised, with "
+            raise LmkdError(f"a teacher cache needs the {what} data as a datasets.Dataset (tokenised, with "
                             "the rows the cache was made from)")
-        train_dataset = logit_cache.attach_cache(train_dataset, cache, kind)
+        train_dataset = logit_cache.attach_cache(train_dataset, cache, kind, what)
     top = max((int(s["ids"].max()) for s in cache.shards if len(s["ids"])), default=0)
     if top >= vocab_size_of(student):
         raise LmkdError(f"the logit cache {cache.path} holds token id {top} but the student has only "

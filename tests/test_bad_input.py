@@ -163,6 +163,15 @@ CASES_A = {
         lambda w: distill(w, student_model_name_or_path=f"{w['nodrop']},{w['student']}",
                           teacher_model_name_or_path=None, cohort_size=3),
         "names 2 students: that is a co-distillation cohort, set cohort_size 2", R + "/run"),
+    "prompt_column without on-policy KD of a causal LM": (
+        lambda w: distill(w, prompt_column="source"), "prompt_column names the prompt a causal LM student continues",
+        R + "/run"),
+    "teacher cache and validation data without a cache of those": (
+        lambda w: distill(w, teacher_model_name_or_path=None, teacher_cache=R + "/cache", validation_file=w["data"]),
+        "set eval_teacher_cache DIR", R + "/run"),
+    "eval_teacher_cache without teacher_cache": (
+        lambda w: distill(w, eval_teacher_cache=R + "/cache", validation_file=w["data"]),
+        "eval_teacher_cache goes with teacher_cache", R + "/run"),
     "save_steps 0": (lambda w: distill(w, save_strategy="steps", save_steps=0), "save_steps must be > 0",
                      R + "/run"),
 }
