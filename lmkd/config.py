@@ -284,8 +284,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
 
         if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
             raise LmkdError("bf16 needs a GPU with bfloat16 support and none was found; choose by device "
-                            "(bf16=torch.cuda.is_available() from Python, --bf16 false on the command line) or "
-                            "set use_cpu=True to run bfloat16 on the CPU")
+                            "(bf16=torch.cuda.is_available() from Python; on the command line override the "
+                            "recipe's key, e.g. --bf16 false --use_cpu true on a CPU)")
 
     def _check_regimes(self) -> None:
         for name in ("rounds", "cohort_size", "on_policy_max_new_tokens", "on_policy_prompt_tokens"):
