@@ -74,7 +74,10 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         (1 - kd_alpha) * CE(labels, student) / n_ce  +  kd_alpha * KD(teacher, student) / n_kd
 
     with ``n_ce``/``n_kd`` the number of positions each term is taken over in the whole
-    (accumulated, all-process) batch.  Feature and relation terms are added on top, each with its
+    (accumulated, all-process) batch.  ``eval_loss`` (what ``metric_for_best_model`` reads) is this
+    same quantity on the validation data, the KD term from the online teacher or, with
+    ``teacher_cache``, from ``eval_teacher_cache``; its parts are logged as ``eval_loss_ce`` and
+    ``eval_loss_kd``.  Feature and relation terms are added on top, each with its
     own weight (0 = off): ``hidden_weight * hidden + attention_weight * attention +
     relation_weight * relation``, each averaged over the mapped layer pairs (see ``layer_map``)
     and over tokens (hidden, attention) or examples (relation) of the whole batch.
@@ -125,6 +128,11 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Directory written by `lmkd cache-logits`: train from the teacher's cached top-K "
                           "log-probs with no teacher loaded and no teacher forward (kd_loss forward_kl, "
                           "reverse_kl or jsd). The training data must be the file the cache was made from."},
+    )
+    eval_teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "With teacher_cache and validation data: `lmkd cache-logits` of the validation file (same "
+                          "settings), so that eval_loss is the same CE+KD mix as with an online teacher."},
     )
     hidden_weight: float = field(
         default=0.0,
@@ -186,14 +194,17 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     )
     cohort_size: int = field(
         default=1,
-        metadata={"help": "Co-distillation (deep mutual learning): train K >= 2 copies of the student together, "
-                          "each with CE + KD towards the detached average of the others; no teacher "
-                          "(output_dir/member-k; member 0 also in output_dir). 1 = off."},
+        metadata={"help": "Co-distillation (deep mutual learning): train K >= 2 students together, each with CE + "
+                          "KD towards the detached average of the others; no teacher (output_dir/member-k; member 0 "
+                          "also in output_dir). The members start from student_model_name_or_path: K checkpoints "
+                          "'a,b,c' (one per member), or one loaded K times (member k under seed + k for weights it "
+                          "lacks) that then diverge through dropout; a cohort that cannot differ (identical weights, "
+                          "no dropout) is refused. 1 = off."},
     )
     on_policy_fraction: float = field(
         default=0.0,
-        metadata={"help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn with the seed) whose "
-                          "targets are the student's own samples, scored by the teacher with kd_loss jsd. 0 = off."},
+        metadata={"help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn from the seed and the "
+                          "batch's index: a resumed run draws the same) whose targets are the student's own samples, scored by the teacher with kd_loss jsd. 0 = off."},
     )
     on_policy_temperature: float = field(
         default=1.0, metadata={"help": "On-policy KD: sampling temperature of the student's generations."})
@@ -201,8 +212,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         default=64, metadata={"help": "On-policy KD: length limit of the student's generations."})
     on_policy_prompt_tokens: int = field(
         default=16,
-        metadata={"help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (cut "
-                          "to the shortest row of the batch)."},
+        metadata={"help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (at "
+                          "most all but its last), unless the data name each row's prompt (prompt_column)."},
     )
 
     def __post_init__(self):
@@ -225,6 +236,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if self.teacher_cache is not None and self.kd_loss == "mse":
             raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K teacher_cache does not "
                             "hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
+        if self.eval_teacher_cache and not self.teacher_cache:
+            raise LmkdError("eval_teacher_cache goes with teacher_cache (an online teacher scores the validation "
+                            "data itself); drop it or set teacher_cache")
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if not getattr(self, name) >= 0:
                 raise LmkdError(f"{name} must be >= 0, got {getattr(self, name)}; 0 turns that loss off")
@@ -240,7 +254,38 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError("relation_pooling mean relates the examples of a batch, so it needs "
                             "per_device_train_batch_size >= 2; raise it or use relation_pooling token")
         self._check_regimes()
+        self._check_sizes()
+        self._check_precision()
         super().__post_init__()
+
+    def _check_sizes(self) -> None:
+        """Batch sizes and step counts the Trainer would only trip over later (a ZeroDivisionError or
+        a DataLoader error after the models load and output_dir is made)."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise LmkdError(f"{name} must be an integer >= 1, got {value}")
+        if self.eval_accumulation_steps is not None and not self.eval_accumulation_steps >= 1:
+            raise LmkdError(f"eval_accumulation_steps must be >= 1 (or unset), got {self.eval_accumulation_steps}")
+        if self.dataloader_num_workers < 0:
+            raise LmkdError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        for name in ("save_steps", "eval_steps", "logging_steps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LmkdError(f"{name} must be > 0 (an integer, or a fraction < 1 of the training steps), "
+                                f"got {value}")
+
+    def _check_precision(self) -> None:
+        """bf16 without a device that runs it: transformers refuses with a ValueError (and a hint about
+        use_cpu); say it in one line with the device-independent fix."""
+        if not (self.bf16 or self.bf16_full_eval) or self.use_cpu:
+            return
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            raise LmkdError("bf16 needs a GPU with bfloat16 support and none was found; choose by device "
+                            "(bf16=torch.cuda.is_available() from Python; on the command line override the "
+                            "recipe's key, e.g. --bf16 false --use_cpu true on a CPU)")
 
     def _check_regimes(self) -> None:
         for name in ("rounds", "cohort_size", "on_policy_max_new_tokens", "on_policy_prompt_tokens"):

@@ -53,6 +53,11 @@ class DataArguments:
     gold_column: str | None = field(
         default=None, metadata={"help": "Gold reference column for mix_gold_fraction (default: target / summary "
                                         "by task)."})
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "causal-lm with on-policy KD: the column holding each row's prompt -- its text "
+                                        "(the row's text starts with it) or its length in tokens. The student "
+                                        "continues each row's own prompt (default: the first "
+                                        "on_policy_prompt_tokens tokens of each row)."})
     transfer_file: str | None = field(
         default=None, metadata={"help": "Unlabelled transfer set mixed into train_file (classification, causal-lm, "
                                         "mlm): only source_column is read; its rows get KD only, no CE."})
@@ -155,6 +160,8 @@ def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: boo
             enc[_CUT_TARGET] = _flags(len(texts), cut)
         elif labelled and kind == CLASSIFICATION:
             enc["labels"] = [int(v) for v in batch[tgt]]
+        if args.prompt_column and kind not in (SEQ2SEQ, CLASSIFICATION):
+            enc[PROMPT_LENGTH] = prompt_lengths(tokenizer, texts, batch[args.prompt_column], enc["input_ids"], args)
         return enc
 
     out = ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenising")
@@ -169,6 +176,31 @@ def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: boo
         if notes is not None:
             notes.append(note)
     return out.remove_columns([c for c in (_CUT_SOURCE, _CUT_TARGET) if c in out.column_names])
+
+
+#: the tokenised column (and batch key) of each row's prompt length in tokens (``prompt_column``)
+PROMPT_LENGTH = "lmkd_prompt_length"
+
+
+def prompt_lengths(tokenizer, texts, prompts, input_ids, args: DataArguments) -> list[int]:
+    """Per row, the number of its tokens that are its prompt: ``prompts`` holds token counts, or
+    texts the row's text starts with (then: the tokens the prompt and the row share at the start)."""
+    out = []
+    for text, prompt, ids in zip(texts, prompts, input_ids):
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            n = prompt
+        else:
+            prompt = args.source_prefix + str(prompt)
+            if not text.startswith(prompt):
+                raise LmkdError(f"a row's {args.source_column} does not start with its {args.prompt_column} "
+                                f"({prompt[:40]!r}...); the prompt column holds each row's prompt text (or its "
+                                "length in tokens)")
+            p_ids = tokenizer(prompt, max_length=args.max_source_length, truncation=True)["input_ids"]
+            n = next((i for i, (a, b) in enumerate(zip(p_ids, ids)) if a != b), min(len(p_ids), len(ids)))
+        if n < 1:
+            raise LmkdError(f"a row of {args.prompt_column!r} gives a prompt of {n} tokens; a prompt needs >= 1")
+        out.append(min(int(n), len(ids)))
+    return out
 
 
 def collator_for(task: str, tokenizer, model=None, mlm_probability: float = 0.15, seed: int | None = None):

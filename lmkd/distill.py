@@ -19,12 +19,14 @@ import datasets
 
 from . import logit_cache, regimes, teachers
 from .config import DistillationConfig
-from .constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
-from .data import DataArguments, collator_for, load_data, mix_gold_targets, tokenize
+from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
+from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, tokenize
 from .errors import LmkdError
 from .io import atomic_write_json
-from .modeling import check_model_path, check_same_tokenizer, load_model, load_tokenizer
+from .features import check_layer_maps
+from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
+from .trainer import EVAL_CACHE_NEEDED, nothing_left_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def _labelled(data_args) -> bool:
 
 def _raw(path, data_args, limit, mix_seed=None):
     columns = [data_args.source_column] + ([data_args.target_column] if _labelled(data_args) else [])
+    columns += [data_args.prompt_column] if data_args.prompt_column else []
     mix = _labelled(data_args) and mix_seed is not None and data_args.mix_gold_fraction > 0
     ds = load_data(path, columns + ([data_args.gold_column] if mix else []))
     ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
@@ -59,20 +62,37 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     eval_data_args = unlabelled_data_args(data_args, args, evaluation=True)
     data_args = unlabelled_data_args(data_args, args)
     kind = TASK_KIND[data_args.task]
+    if data_args.prompt_column:
+        if kind != CAUSAL or not args.on_policy_fraction > 0:
+            raise LmkdError("prompt_column names the prompt a causal LM student continues in on-policy KD: use it "
+                            "with task causal-lm and on_policy_fraction > 0, or drop it")
+        eval_data_args = copy.copy(eval_data_args)
+        eval_data_args.prompt_column = None  # evaluation scores the data, it generates nothing
     # Check everything cheap (files, columns, paths) before loading any model.
     train = _raw(data_args.train_file, data_args, data_args.max_train_samples, mix_seed=args.seed)
     evaluation = _raw(data_args.validation_file, eval_data_args, data_args.max_eval_samples) \
         if data_args.validation_file else None
     transfer = read_transfer_set(data_args)
+    if args.teacher_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_teacher_cache:
+        raise LmkdError(EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
         for path in teachers.teacher_paths(args):
             check_model_path(path)
-    check_model_path(model_args.student_model_name_or_path)
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.student_model_name_or_path)
+    student_paths = cohort_paths(model_args, args)
+    for path in student_paths:
+        check_model_path(path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name or student_paths[0])
+    for path in student_paths[1:]:  # a cohort of checkpoints: one vocabulary
+        check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
+        student_config = load_config(student_paths[0])
         for path in teachers.teacher_paths(args):  # before any model loads or tokenising: one clear error
             check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
-    student = load_model(model_args.student_model_name_or_path, kind=kind)
+            teacher_config = load_config(path)
+            teachers.check_teacher_kind(teacher_config, kind, path)
+            check_layer_maps(args, kind, student_config, teacher_config)
+    student = (load_cohort(student_paths, kind, args) if args.cohort_size > 1
+               else load_model(student_paths[0], kind=kind))
     teacher_model = teacher_model if teacher_model is not None else teachers.load_teacher(args, student, tokenizer)
     readers = data_readers(args, student, teacher_model)
     notes: dict[str, list] = {"train": [], "validation": [], "transfer": []}
@@ -88,9 +108,10 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     collator = regimes.wrap_collator(collator, data_args)
     if (resume and not os.path.isdir(args.output_dir)):
         raise LmkdError(f"--resume: {args.output_dir} has no checkpoint to resume from; run without --resume")
-    trainer = regimes.trainer_class(args, data_args)(
-        model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
-        processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
+    with nothing_left_on_error(args.output_dir):  # (the regime trainers check more after the Trainer made it)
+        trainer = regimes.trainer_class(args, data_args)(
+            model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
+            processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(args.output_dir)
     metrics = dict(result.metrics)
@@ -128,6 +149,39 @@ def data_readers(args, student, teacher_model=None) -> list:
     elif args.teacher_model_name_or_path and (args.kd_alpha > 0 or args.uses_features):
         readers += teachers.teacher_paths(args)
     return readers
+
+
+# ---- co-distillation cohorts ---------------------------------------------------------------------
+
+
+def cohort_paths(model_args, args) -> list[str]:
+    """The student checkpoints of a run: one, or -- co-distillation -- one per cohort member
+    (``student_model_name_or_path: a,b,c`` with ``cohort_size: 3``) or one for all of them."""
+    paths = [p.strip() for p in str(model_args.student_model_name_or_path).split(",") if p.strip()]
+    if not paths:
+        raise LmkdError("student_model_name_or_path is empty; name the student checkpoint")
+    if len(paths) > 1 and args.cohort_size != len(paths):
+        raise LmkdError(f"student_model_name_or_path names {len(paths)} students: that is a co-distillation cohort, "
+                        f"set cohort_size {len(paths)} (or name one student)")
+    return paths
+
+
+def load_cohort(paths: list[str], kind: str, args) -> regimes.CohortModel:
+    """The members of a co-distillation cohort: each from its own checkpoint, or -- one path for
+    all -- K loads of it, member k under seed ``seed + k`` so that weights the checkpoint lacks
+    (a new classification head) start differently.  A cohort that cannot differ is refused
+    (:func:`lmkd.regimes.check_cohort_can_differ`)."""
+    import torch
+
+    members = []
+    for k in range(args.cohort_size):
+        torch.manual_seed(args.seed + k)
+        members.append(load_model(paths[k] if len(paths) > 1 else paths[0], kind=kind))
+    torch.manual_seed(args.seed)
+    logger.info("co-distillation cohort of %d: %s", len(members),
+                ", ".join(paths) if len(paths) > 1 else f"{len(members)} loads of {paths[0]} (seeds {args.seed}.."
+                f"{args.seed + len(members) - 1} for weights it lacks)")
+    return regimes.CohortModel(members)
 
 
 # ---- born-again networks -------------------------------------------------------------------------
@@ -211,7 +265,11 @@ def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, 
     tagged with :data:`lmkd.regimes.LABELLED` (1 for ``train``, 0 for the transfer set).  The
     Trainer's shuffling sampler interleaves the two."""
     kind = TASK_KIND[data_args.task]
-    extra = tokenize(raw, tokenizer, data_args, labelled=False, model=model, notes=notes)
+    plain = copy.copy(data_args)
+    plain.prompt_column = None  # a transfer set has no prompt column: its rows use on_policy_prompt_tokens
+    extra = tokenize(raw, tokenizer, plain, labelled=False, model=model, notes=notes)
+    if PROMPT_LENGTH in train.column_names:
+        extra = extra.add_column(PROMPT_LENGTH, [-1] * len(extra))
     if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
         extra = extra.add_column("labels", [IGNORE_INDEX] * len(extra))
     train = train.add_column(LABELLED, [1] * len(train))

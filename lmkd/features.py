@@ -23,6 +23,7 @@ from .constants import IGNORE_INDEX, SEQ2SEQ
 from .errors import LmkdError
 from .modeling import unwrap
 from .positions import token_mask
+from .student import stacks_of
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,61 @@ STACK_OUTPUTS = {
     "encoder": ("encoder_hidden_states", "encoder_attentions"),
     "decoder": ("decoder_hidden_states", "decoder_attentions"),
 }
+
+
+def _layer_counts(model_or_config) -> dict[str, int] | None:
+    """{stack: number of layers} from the config of a model (or a config), None for an unknown type."""
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
+    try:
+        stacks = stacks_of(config)
+    except LmkdError:
+        return None
+    return {stack: getattr(config, field, None) for stack, (_, field) in stacks.items()}
+
+
+def resolve_layer_pairs(args, layer_spec, student_config, stack: str, n_s: int, n_t: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs of ``stack``, from ``layer_map`` (``layer_spec``, parsed),
+    else the layers make_student copied (``lmkd_layer_map``), else evenly spaced ending at the last
+    layer; negative indices resolved.  Raises :class:`LmkdError` for a pair out of range."""
+    copied = getattr(student_config, "lmkd_layer_map", None)
+    copied = copied.get(stack) if isinstance(copied, dict) else None
+    if layer_spec is not None:
+        pairs = layer_spec.get(stack, layer_spec.get("*"))
+        where = f"layer_map {args.layer_map!r}"
+        if pairs is None:
+            raise LmkdError(f"{where} says nothing about the {stack} stack; add '{stack}=...'")
+    elif copied is not None and len(copied) == n_s:
+        pairs, where = list(enumerate(copied)), "the student's lmkd_layer_map (from make-student)"
+    else:
+        pairs = [(i, (i + 1) * n_t // n_s - 1) for i in range(n_s)]
+        where = "the evenly spaced layer map"
+    resolved = []
+    for i, j in pairs:
+        i2, j2 = i + n_s if i < 0 else i, j + n_t if j < 0 else j
+        if not (0 <= i2 < n_s and 0 <= j2 < n_t):
+            what = "" if stack == "layers" else f"{stack} "  # ("layers", not "layers layers")
+            raise LmkdError(f"{where} pairs {what}layers {i}:{j}, but the student has {n_s} and the teacher "
+                            f"{n_t} {what}layers; set layer_map (e.g. '-1:-1')")
+        resolved.append((i2, j2))
+    return resolved
+
+
+def check_layer_maps(args, kind: str, student, teacher) -> None:
+    """Resolve the layer map of every layer stack from the layer counts in the configs of
+    ``student`` and ``teacher`` (models or configs), so that a map out of range is refused before
+    any training (or any model load), not at the first step.  Models whose layers lmkd does not
+    know are left to the first step."""
+    if not args.uses_features:
+        return
+    counts = [_layer_counts(m) for m in (student, teacher)]
+    if None in counts:
+        return
+    spec = parse_layer_map(args.layer_map) if args.layer_map is not None else None
+    student_config = getattr(unwrap(student), "config", student)
+    for stack in (("encoder", "decoder") if kind == SEQ2SEQ else ("layers",)):
+        n_s, n_t = counts[0].get(stack), counts[1].get(stack)
+        if isinstance(n_s, int) and isinstance(n_t, int) and n_s > 0 and n_t > 0:
+            resolve_layer_pairs(args, spec, student_config, stack, n_s, n_t)
 
 
 class FeatureDistiller:
@@ -62,6 +118,7 @@ class FeatureDistiller:
                     except (ValueError, ImportError) as e:
                         raise LmkdError(f"attention_weight > 0 needs attention maps but the {who} cannot use "
                                         f"eager attention ({str(e).splitlines()[0]}); set attention_weight 0")
+        self.check_layer_maps(teacher)
         if args.hidden_weight > 0:
             d_s = self.student.config.get_text_config().hidden_size
             d_t = teacher.config.get_text_config().hidden_size
@@ -76,6 +133,10 @@ class FeatureDistiller:
                     self.projections[stack] = nn.Linear(d_s, d_t).to(device=device, dtype=dtype)
                 logger.info("hidden sizes differ (student %d, teacher %d): training a linear projection per layer "
                             "stack (%s) for the hint loss", d_s, d_t, ", ".join(self.projections))
+
+    def check_layer_maps(self, teacher) -> None:
+        """:func:`check_layer_maps` of this run's student and ``teacher``."""
+        check_layer_maps(self.args, self.kind, self.student, teacher)
 
     def stacks(self) -> tuple[str, ...]:
         """The layer stacks compared: encoder and decoder of a seq2seq model, else its one stack."""
@@ -113,32 +174,11 @@ class FeatureDistiller:
         return dict(zip(names, counts.tolist()))
 
     def layer_pairs(self, stack: str, n_s: int, n_t: int) -> list[tuple[int, int]]:
-        """(student layer, teacher layer) pairs of ``stack``, from ``layer_map``, else the layers
-        make_student copied (``lmkd_layer_map``), else evenly spaced ending at the last layer."""
+        """(student layer, teacher layer) pairs of ``stack`` (:func:`resolve_layer_pairs`), cached."""
         key = (stack, n_s, n_t)
-        if key in self._pairs:
-            return self._pairs[key]
-        copied = getattr(self.student.config, "lmkd_layer_map", None)
-        copied = copied.get(stack) if isinstance(copied, dict) else None
-        if self.layer_spec is not None:
-            pairs = self.layer_spec.get(stack, self.layer_spec.get("*"))
-            where = f"layer_map {self.args.layer_map!r}"
-            if pairs is None:
-                raise LmkdError(f"{where} says nothing about the {stack} stack; add '{stack}=...'")
-        elif copied is not None and len(copied) == n_s:
-            pairs, where = list(enumerate(copied)), "the student's lmkd_layer_map (from make-student)"
-        else:
-            pairs = [(i, (i + 1) * n_t // n_s - 1) for i in range(n_s)]
-            where = "the evenly spaced layer map"
-        resolved = []
-        for i, j in pairs:
-            i2, j2 = i + n_s if i < 0 else i, j + n_t if j < 0 else j
-            if not (0 <= i2 < n_s and 0 <= j2 < n_t):
-                raise LmkdError(f"{where} pairs {stack} layers {i}:{j}, but the student has {n_s} and the teacher "
-                                f"{n_t} {stack} layers; set layer_map (e.g. '-1:-1')")
-            resolved.append((i2, j2))
-        self._pairs[key] = resolved
-        return resolved
+        if key not in self._pairs:
+            self._pairs[key] = resolve_layer_pairs(self.args, self.layer_spec, self.student.config, stack, n_s, n_t)
+        return self._pairs[key]
 
     def loss(self, outputs, t_outputs, inputs: dict, stats: dict, totals: dict | None = None) -> torch.Tensor:
         """``hidden_weight * hidden + attention_weight * attention + relation_weight * relation``.

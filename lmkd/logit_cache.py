@@ -355,7 +355,7 @@ class LogitCache:
         return s, slice(int(s["offsets"][j]), int(s["offsets"][j + 1]))
 
 
-def attach_cache(ds, cache: LogitCache | str, kind: str):
+def attach_cache(ds, cache: LogitCache | str, kind: str, what: str = "training"):
     """``ds`` (the tokenised training data) with a :data:`CACHE_ROW` column, after checking row by
     row that it is tokenised exactly as the cache was (same rows, same target tokens)."""
     if isinstance(cache, str):
@@ -366,12 +366,13 @@ def attach_cache(ds, cache: LogitCache | str, kind: str):
     if CACHE_ROW in ds.column_names:
         return ds
     if len(ds) != cache.rows:
-        raise LmkdError(f"the training data has {len(ds)} rows but the logit cache {cache.path} has {cache.rows}; "
-                        "train on the same file (and max_train_samples) the cache was made from")
+        raise LmkdError(f"the {what} data has {len(ds)} rows but the logit cache {cache.path} has {cache.rows}; "
+                        f"use the same file (and max_{'eval' if what == 'validation' else 'train'}_samples) the "
+                        "cache was made from")
     for i, row in enumerate(ds):
         tokens = cache.row(i)[0]
         if _targets(row, kind) != tokens.tolist():
-            raise LmkdError(f"row {i} of the training data is tokenised differently from the logit cache "
+            raise LmkdError(f"row {i} of the {what} data is tokenised differently from the logit cache "
                             f"{cache.path}; use the same file, tokenizer, max lengths and prefix as `lmkd "
                             "cache-logits` did")
     return ds.add_column(CACHE_ROW, list(range(len(ds))))

@@ -6,6 +6,7 @@ switching on class names itself.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -27,6 +28,8 @@ from transformers.models.auto.modeling_auto import (
 
 from .constants import CAUSAL, CLASSIFICATION, DTYPE_NAMES, MLM, SEQ2SEQ
 from .errors import LmkdError
+
+logger = logging.getLogger(__name__)
 
 AUTO_CLASS = {
     SEQ2SEQ: AutoModelForSeq2SeqLM,
@@ -81,6 +84,19 @@ def model_kind(model: torch.nn.Module) -> str:
             return kind
     raise LmkdError(f"lmkd cannot tell what kind of model {name} is; use a seq2seq LM, causal LM, "
                     "masked LM or sequence-classification model")
+
+
+def saved_kind(model) -> str | None:
+    """The kind of model a checkpoint was saved as (``config.architectures``), or None when unknown.
+    ``from_pretrained`` with another auto class may load it anyway (a BART checkpoint loads as a
+    ``BartForCausalLM``), so this is what tells a teacher of the wrong kind."""
+    config = getattr(unwrap(model), "config", model)  # a model or its config
+    archs = getattr(config, "architectures", None) or []
+    for name in archs[:1]:
+        for kind, names in _KIND_CLASSES:
+            if name in names:
+                return kind
+    return None
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -149,6 +165,15 @@ def check_model_path(path: str) -> None:
         raise LmkdError(f"model path {path} does not exist; check the path (or give a hub id)")
 
 
+def load_config(path: str):
+    """``AutoConfig.from_pretrained`` with a one-line error: what a model is, without loading it."""
+    check_model_path(str(path))
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LmkdError(f"cannot read the model config of {path}: {str(e).splitlines()[0]}") from e
+
+
 def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
     """``from_pretrained`` with the auto class of ``kind`` (inferred from the config if None)."""
     if isinstance(path, PreTrainedModel):
@@ -179,9 +204,27 @@ def kind_from_config(path: str) -> str:
     return SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else CAUSAL
 
 
+#: files a saved tokenizer consists of (any one of them); a directory with none holds no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "source.spm", "target.spm", "tokenizer.model",
+                   "special_tokens_map.json")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    """Whether ``path`` (a local directory) holds the files of a saved tokenizer.  Hub ids: True."""
+    if not os.path.isdir(str(path)):
+        return True  # a hub id: from_pretrained decides
+    return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str, required: bool = True):
-    """``AutoTokenizer.from_pretrained`` with a one-line error (or None when not ``required``)."""
+    """``AutoTokenizer.from_pretrained`` with a one-line error (or None when not ``required``).
+
+    A model directory without tokenizer files has no tokenizer -- transformers 5 would build a
+    near-empty one from the model config instead of failing -- so that is "not found" too."""
     try:
+        if not has_tokenizer_files(path):
+            raise OSError(f"{path} holds no tokenizer files")
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         if not required:
@@ -211,24 +254,78 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
                             "or use sequence-level KD (lmkd generate)")
 
 
-def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
-    """Check that teacher and student speak the same vocabulary.
+#: config fields naming special tokens; teacher and student of one vocabulary agree on them
+SPECIAL_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
-    Returns None when their output layers have the same size; the size to slice both logits to
-    when they differ only by padding rows (same tokenizer, embedding matrices padded to different
-    multiples such as 151,936 vs 152,064); raises :class:`LmkdError` when the vocabularies differ.
+
+def _special_ids(model) -> dict:
+    cfg = getattr(unwrap(model), "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    out = {}
+    for name in SPECIAL_TOKEN_FIELDS:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            out[name] = sorted(int(v) for v in value) if isinstance(value, (list, tuple)) else [int(value)]
+    return out
+
+
+def tokenizer_of(model):
+    """The tokenizer saved next to a model loaded from a local directory (``config.name_or_path``),
+    or None (a model built in Python, or a directory without tokenizer files)."""
+    path = getattr(getattr(unwrap(model), "config", None), "name_or_path", "") or ""
+    if path and os.path.isdir(path):
+        return load_tokenizer(path, required=False)
+    return None
+
+
+def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
+    """Check that teacher and student speak the same vocabulary, deciding from what is known.
+
+    * both tokenizers known (given, or saved next to a model loaded from a directory): their
+      vocabularies must be equal; output layers of different sizes are then sliced to the
+      tokenizer's size when both are at least that large (padding rows, e.g. 151,936 vs 152,064);
+    * otherwise: the output sizes must be equal (a size difference could be padding rows or a
+      different, larger vocabulary, which only the teacher's tokenizer can tell) and the
+      special-token ids in the two configs must agree.
+
+    Returns None when the output layers have the same size, else the size to slice both logits to;
+    raises :class:`LmkdError` (saying which evidence it used) when the vocabularies differ or
+    cannot be shown to be the same.  Logs which evidence it used.
     """
     vs, vt = vocab_size_of(student), vocab_size_of(teacher)
-    check_same_tokenizer(student_tokenizer, teacher_tokenizer)
-    if vs == vt:
-        return None
-    if model_kind(student) == CLASSIFICATION:
+    teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else tokenizer_of(teacher)
+    student_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer_of(student)
+    if model_kind(student) == CLASSIFICATION and vs != vt:
         raise LmkdError(f"teacher has {vt} labels but student {vs}; give both the same label set")
-    tok = student_tokenizer or teacher_tokenizer
-    if tok is not None and len(tok) <= min(vs, vt):
-        return len(tok)
-    raise LmkdError(f"teacher vocabulary ({vt}) and student vocabulary ({vs}) differ and no shared tokenizer "
-                    "shows the difference is only padding rows; use the teacher's tokenizer for the student")
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        check_same_tokenizer(student_tokenizer, teacher_tokenizer)
+        if vs == vt:
+            logger.info("vocabulary check: the teacher's and the student's tokenizers are the same")
+            return None
+        if len(student_tokenizer) <= min(vs, vt):
+            logger.info("vocabulary check: the tokenizers are the same and the output layers (teacher %d, student "
+                        "%d) differ only by padding rows; KD uses the first %d", vt, vs, len(student_tokenizer))
+            return len(student_tokenizer)
+        raise LmkdError(f"teacher vocabulary ({vt}) and student vocabulary ({vs}) are smaller than their one "
+                        f"tokenizer ({len(student_tokenizer)} tokens); resize the embeddings to the tokenizer")
+    missing = "the teacher's" if teacher_tokenizer is None else "the student's"
+    if student_tokenizer is None and teacher_tokenizer is None:
+        missing = "both models'"
+    if vs != vt:
+        raise LmkdError(f"teacher vocabulary ({vt}) and student vocabulary ({vs}) differ and {missing} tokenizer "
+                        "is unknown, so nothing shows the difference is only padding rows; pass the teacher's "
+                        "tokenizer (teacher_tokenizer=..., or save it next to the teacher) or use one vocabulary")
+    ids_s, ids_t = _special_ids(student), _special_ids(teacher)
+    differ = [f"{k} {ids_t[k]} vs {ids_s[k]}" for k in SPECIAL_TOKEN_FIELDS
+              if k in ids_s and k in ids_t and ids_s[k] != ids_t[k]]
+    if differ:
+        raise LmkdError(f"{missing} tokenizer is unknown and the configs name different special tokens (teacher "
+                        f"vs student: {', '.join(differ)}), so the vocabularies differ; token-level KD needs one "
+                        "tokenizer -- pass the teacher's tokenizer or use sequence-level KD (lmkd generate)")
+    logger.info("vocabulary check: %s tokenizer is unknown; decided from the configs -- the same output size "
+                "(%d) and the same special-token ids (%s)", missing, vs,
+                ", ".join(f"{k}={v}" for k, v in ids_s.items() if k in ids_t) or "none set")
+    return None
 
 
 # ---- how long an input may be: the one truncation rule ------------------------------------------

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import logit_cache, losses
 from .constants import CAUSAL, SEQ2SEQ
+from .errors import LmkdError
 from .losses import chunked
 from .modeling import unwrap
 from .positions import aligned_labels
@@ -61,6 +62,10 @@ class DistillationObjective:
         n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
                                                          int(kd_mask.sum()))
         cached = logit_cache.MASK in inputs
+        if args.teacher_cache and args.kd_alpha > 0 and tr.teacher is None and not cached:
+            raise LmkdError("a batch without cached teacher logits in a run trained from teacher_cache: its KD "
+                            "term cannot be computed (evaluate on the data of eval_teacher_cache, or a cached "
+                            "dataset)")
         alpha = args.kd_alpha if (tr.teacher is not None or cached) else 0.0
         use_ce, use_kd = ce_mask is not None and alpha < 1, alpha > 0
         labels = aligned_labels(tr.kind, inputs["labels"]) if use_ce else None

@@ -34,6 +34,7 @@ from transformers.utils import find_labels
 
 from . import losses
 from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
+from .data import PROMPT_LENGTH
 from .errors import LmkdError
 from .generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
 from .modeling import (
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 LABELLED = "lmkd_labelled"
 #: batch key: present on a batch whose targets are the student's own generations
 ON_POLICY = "lmkd_on_policy"
-REGIME_KEYS = (LABELLED, ON_POLICY)
+REGIME_KEYS = (LABELLED, ON_POLICY, PROMPT_LENGTH)  # (PROMPT_LENGTH: lmkd.data, each row's prompt in tokens)
 
 
 # ---- unlabelled transfer sets (the data side: lmkd.distill) ----------------------------------------
@@ -76,6 +77,20 @@ class TransferCollator:
         if labels is not None and self.kind != CLASSIFICATION:
             batch["labels"] = labels.masked_fill(~flags[:, None], IGNORE_INDEX)
         batch[LABELLED] = flags
+        return batch
+
+
+class PromptLengthCollator:
+    """Wraps a collator: takes :data:`lmkd.data.PROMPT_LENGTH` off every example and returns the
+    prompt lengths as a tensor under that key (-1 for a row without one, e.g. of a transfer set)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        lengths = torch.tensor([int(f.get(PROMPT_LENGTH, -1)) for f in features], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in f.items() if k != PROMPT_LENGTH} for f in features])
+        batch[PROMPT_LENGTH] = lengths
         return batch
 
 
@@ -102,8 +117,9 @@ class RegimeTrainer(DistillationTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if LABELLED not in self._signature_columns:  # keep the flag through remove_unused_columns
-            self._signature_columns = [*self._signature_columns, LABELLED]
+        for key in (LABELLED, PROMPT_LENGTH):  # keep the flag and prompt lengths through remove_unused_columns
+            if key not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, key]
 
     def forward_inputs(self, model, inputs: dict) -> dict:
         fwd = super().forward_inputs(model, inputs)
@@ -129,12 +145,14 @@ class RegimeTrainer(DistillationTrainer):
 class OnPolicyDistillationTrainer(RegimeTrainer):
     """On-policy KD (GKD, Agarwal et al. 2024) for causal and seq2seq students.
 
-    Each micro-batch is, with probability ``on_policy_fraction`` (a ``random.Random(seed)`` coin, so
-    no torch random state is touched and ``on_policy_fraction: 0`` is exactly DistillationTrainer),
-    replaced by the student's own samples (``do_sample``, ``on_policy_temperature``, full
-    distribution, ``on_policy_max_new_tokens``; seq2seq: given the batch's inputs, causal: given the
-    first ``on_policy_prompt_tokens`` tokens of each row), generated in eval mode under the seed
-    :attr:`last_generation_seed` (in a forked RNG).  The teacher scores those tokens and the loss
+    Each micro-batch is, with probability ``on_policy_fraction`` (a coin of :meth:`on_policy_coin`, a
+    function of the seed and the micro-batch's index in the run, so a resumed run draws what an
+    uninterrupted one does, no torch random state is touched and ``on_policy_fraction: 0`` is
+    exactly DistillationTrainer), replaced by the student's own samples (``do_sample``,
+    ``on_policy_temperature``, full distribution, ``on_policy_max_new_tokens``; seq2seq: given the
+    batch's inputs, causal: given each row's own prompt -- its ``prompt_column`` length, else its
+    first ``on_policy_prompt_tokens`` tokens), generated in eval mode under the seed
+    :attr:`last_generation_seed` (``seed + 1 + index``, in a forked RNG).  The teacher scores those tokens and the loss
     on them is ``kd_alpha * JSD_beta`` (``kd_loss: jsd``) with no CE; generated tokens up to and
     including the first EOS count.  Batches kept from the data train as usual (GKD's supervised
     KD).  The replacement happens before the token counts of the accumulated batch are taken, so
@@ -148,20 +166,27 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         if self.teacher is None:
             raise LmkdError("on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
                             "teacher_model_name_or_path (a teacher_cache only covers the fixed data)")
-        self._coin = random.Random(self.args.seed)
         self.max_new_tokens = self.fitted_new_tokens()
         self.on_policy_batches = 0
         self.last_generation_seed: int | None = None
+        self.batch_index: int | None = None  # the micro-batch being drawn, counted over the whole run
+
+    def on_policy_coin(self, index: int) -> bool:
+        """Whether micro-batch ``index`` (counted from the start of the run) is on-policy: a function of
+        (seed, index) alone, so a resumed run draws exactly what an uninterrupted one does."""
+        return random.Random(f"lmkd-on-policy:{self.args.seed}:{index}").random() < self.args.on_policy_fraction
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer.get_batch_samples, with the on-policy batches swapped in before counting tokens."""
         lam, batch_samples = self.args.on_policy_fraction, []
-        for _ in range(num_batches):
+        first = self.state.global_step * self.args.gradient_accumulation_steps  # (restored on resume)
+        for i in range(num_batches):
             try:
                 batch = next(epoch_iterator)
             except StopIteration:
                 break
-            if lam > 0 and self._coin.random() < lam:
+            self.batch_index = first + i
+            if lam > 0 and self.on_policy_coin(self.batch_index):
                 batch = self.on_policy_batch(self.model, batch)
             elif self.kind == SEQ2SEQ and batch.get("labels") is None:
                 raise LmkdError("seq2seq training data without targets can only train on-policy: set "
@@ -201,32 +226,78 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         att = batch.get("attention_mask")
         att = att.to(device) if att is not None else torch.ones_like(ids)
         pad = pad_token_id(student)
-        if self.kind == CAUSAL:
-            lengths = att.sum(1)
-            p = max(1, min(self.args.on_policy_prompt_tokens, int(lengths.min()) - 1))
-            prompt = torch.stack([row[m.bool()][:p] for row, m in zip(ids, att)])
-            gen_in = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt))
-        else:
-            p = 1  # the decoder start token
-            gen_in = dict(input_ids=ids, attention_mask=att)
-        self.last_generation_seed = self.args.seed + 1 + self.on_policy_batches
+        index = self.batch_index if self.batch_index is not None else self.on_policy_batches
+        self.last_generation_seed = self.args.seed + 1 + index
         self.on_policy_batches += 1
-        out = generate_seeded(student, self.last_generation_seed, **gen_in, pad_token_id=pad,
-                              **self.generation_kwargs())
-        new = out[:, p:]
-        valid = eos_mask(new, eos_token_ids(student))  # generated tokens up to and including the first EOS
-        if self.kind == CAUSAL:
-            labels = out.clone()
-            labels[:, :p] = losses.IGNORE_INDEX
-            labels[:, p:] = new.masked_fill(~valid, losses.IGNORE_INDEX)
-            mask = torch.ones_like(out)
-            mask[:, p:] = valid.long()
-            input_ids = out.clone()
-            input_ids[:, p:] = new.masked_fill(~valid, pad)
-            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+        if self.kind != CAUSAL:
+            out = generate_seeded(student, self.last_generation_seed, input_ids=ids, attention_mask=att,
+                                  pad_token_id=pad, **self.generation_kwargs())
+            new = out[:, 1:]  # after the decoder start token
+            labels = new.masked_fill(~eos_mask(new, eos_token_ids(student)), losses.IGNORE_INDEX)
+            return {"input_ids": ids, "attention_mask": att, "labels": labels,
                     ON_POLICY: torch.ones((), dtype=torch.bool)}
-        labels = new.masked_fill(~valid, losses.IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": att, "labels": labels, ON_POLICY: torch.ones((), dtype=torch.bool)}
+        # causal: each row continues its own prompt -- its prompt_column length, else its first
+        # on_policy_prompt_tokens tokens (at most all but one) -- left-padded for generation
+        rows = [row[m.bool()] for row, m in zip(ids, att)]
+        given = batch.get(PROMPT_LENGTH)
+        lengths = []
+        for k, row in enumerate(rows):
+            n = int(given[k]) if given is not None and int(given[k]) > 0 else min(self.args.on_policy_prompt_tokens,
+                                                                                  len(row) - 1)
+            lengths.append(max(1, min(n, len(row))))
+        width = max(lengths)
+        prompt = torch.full((len(rows), width), pad, dtype=ids.dtype, device=device)
+        p_att = torch.zeros_like(prompt)
+        for k, (row, n) in enumerate(zip(rows, lengths)):
+            prompt[k, width - n:], p_att[k, width - n:] = row[:n], 1
+        out = generate_seeded(student, self.last_generation_seed, input_ids=prompt, attention_mask=p_att,
+                              pad_token_id=pad, **self.generation_kwargs())
+        new = out[:, width:]
+        valid = eos_mask(new, eos_token_ids(student))  # generated tokens up to and including the first EOS
+        # the scored batch, right-padded: row k = its prompt, then its generated tokens
+        t = new.shape[1]
+        input_ids = torch.full((len(rows), width + t), pad, dtype=ids.dtype, device=device)
+        labels = torch.full_like(input_ids, losses.IGNORE_INDEX)
+        mask = torch.zeros_like(input_ids)
+        for k, (row, n) in enumerate(zip(rows, lengths)):
+            input_ids[k, :n], mask[k, :n] = row[:n], 1
+            input_ids[k, n:n + t] = new[k].masked_fill(~valid[k], pad)
+            labels[k, n:n + t] = new[k].masked_fill(~valid[k], losses.IGNORE_INDEX)
+            mask[k, n:n + t] = valid[k].long()
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                ON_POLICY: torch.ones((), dtype=torch.bool)}
+
+
+def has_dropout(model) -> bool:
+    """Whether a forward of ``model`` in train mode is random: a dropout module with p > 0, or a
+    dropout or LayerDrop rate (``dropout``, ``attention_dropout``, ``*_pdrop``, ``layerdrop``) > 0
+    kept as a float by a module that applies it functionally (BART, Llama attention)."""
+    for m in unwrap(model).modules():
+        if "Dropout" in type(m).__name__ and float(getattr(m, "p", 0) or 0) > 0:
+            return True
+        for name, value in vars(m).items():
+            if any(w in name for w in ("dropout", "pdrop", "layerdrop")) and isinstance(value, float) and value > 0:
+                return True
+    return False
+
+
+def same_weights(a, b) -> bool:
+    """Whether two models hold bit-identical parameters and buffers."""
+    sa, sb = unwrap(a).state_dict(), unwrap(b).state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def check_cohort_can_differ(members) -> None:
+    """Refuse a cohort whose members cannot become different: identical starting weights and no
+    dropout (the same batches, no randomness per member) keep them bit-identical, so every KD
+    term is exactly 0 and the run is K copies of plain fine-tuning."""
+    if any(has_dropout(m) for m in members):
+        return
+    if all(same_weights(members[0], m) for m in members[1:]):
+        raise LmkdError(f"the cohort's {len(members)} members start from identical weights and have no dropout, so "
+                        "they would stay identical (KD term exactly 0); give each member its own checkpoint "
+                        "(student_model_name_or_path: a,b,... one per member) or use a student with dropout")
 
 
 class CohortModel(nn.Module):
@@ -246,13 +317,15 @@ class CohortModel(nn.Module):
             raise LmkdError(f"the cohort mixes model kinds ({', '.join(sorted(kinds))}); use students of one kind")
         if len({vocab_size_of(m) for m in members}) > 1:
             raise LmkdError("the cohort's students have different output sizes; use one vocabulary (label set)")
+        check_cohort_can_differ(members)
         self.members = nn.ModuleList(members)
         self.lmkd_kind = kinds.pop()
 
     @classmethod
     def copies(cls, student, k: int) -> CohortModel:
         """``k`` members that start as copies of ``student``; they diverge through their own dropout
-        masks (with dropout 0 they would stay identical, so pass differently initialised students)."""
+        masks.  A student without dropout is refused (its copies would stay identical): pass
+        differently initialised students to ``CohortModel([...])`` instead."""
         return cls([student] + [copy.deepcopy(student) for _ in range(k - 1)])
 
     @property
@@ -374,5 +447,8 @@ def trainer_class(args, data_args=None):
 
 
 def wrap_collator(collator, data_args):
-    """The task's collator, wrapped in :class:`TransferCollator` when a transfer set is mixed in."""
-    return TransferCollator(collator, TASK_KIND[data_args.task]) if data_args.transfer_file else collator
+    """The task's collator, wrapped in :class:`TransferCollator` when a transfer set is mixed in and
+    in :class:`PromptLengthCollator` when the data name each row's prompt (``prompt_column``)."""
+    if data_args.transfer_file:
+        collator = TransferCollator(collator, TASK_KIND[data_args.task])
+    return PromptLengthCollator(collator) if getattr(data_args, "prompt_column", None) else collator

@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 from . import logit_cache
 from .errors import LmkdError
 from .losses import at_least_float32
-from .modeling import load_model, load_tokenizer, model_kind, shared_vocab_size, unwrap, vocab_size_of
+from .modeling import load_model, load_tokenizer, model_kind, saved_kind, shared_vocab_size, unwrap, vocab_size_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,17 @@ def forward_at_floor(model) -> None:
     for flag in _EXTRA_OUTPUT_FLAGS:
         if getattr(model.config, flag, None):
             setattr(model.config, flag, False)
+
+
+def check_teacher_kind(teacher, kind: str, path: str) -> None:
+    """Refuse a teacher checkpoint (a model or its config) saved as another kind of model than the
+    student (loaded with the student's auto class it may load all the same, e.g. BART as
+    BartForCausalLM, and fail later)."""
+    saved = saved_kind(teacher)
+    if saved is not None and saved != kind:
+        arch = getattr(teacher, "config", teacher).architectures[0]
+        raise LmkdError(f"teacher {path} is a {saved} model ({arch}) but the student a {kind} model; distil "
+                        "between models of the same kind")
 
 
 def teacher_paths(args) -> list[str]:
@@ -66,6 +77,7 @@ def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teache
         if teacher_tokenizer is None:
             teacher_tokenizer = load_tokenizer(source, required=False)
         teacher = load_model(source, kind=kind)
+        check_teacher_kind(teacher, kind, source)
     if model_kind(teacher) != kind:
         raise LmkdError(f"teacher is a {model_kind(teacher)} model but the student a {kind} model; "
                         "distil between models of the same kind")
@@ -79,9 +91,7 @@ def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teache
     teacher.eval()
     teacher.requires_grad_(False)
     forward_at_floor(teacher)
-    vocab = shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
-    if vocab is not None:
-        logger.info("teacher and student vocabularies differ only by padding rows; KD uses the first %d", vocab)
+    vocab = shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)  # (logs what it decided from)
     return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
 
 
@@ -208,6 +218,7 @@ def load_teacher(args, student, tokenizer):
     teachers = []
     for path in paths:
         teacher = load_model(path, kind=kind)
+        check_teacher_kind(teacher, kind, path)
         if model_kind(teacher) != kind:
             raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
         shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch
@@ -220,16 +231,17 @@ def load_teacher(args, student, tokenizer):
 # ---- the cached teacher (lmkd.logit_cache) -------------------------------------------------------
 
 
-def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right"):
+def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right",
+                         what: str = "training"):
     """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
     training row tagged with its cache row, the cached top-K collated with each batch.  Checks
     that the cache's token ids fit the student's outputs."""
     cache = logit_cache.LogitCache(path)
     if train_dataset is not None:
         if not hasattr(train_dataset, "column_names"):
-            raise LmkdError("teacher_cache needs the training data as a datasets.Dataset (tokenised, with "
+            raise LmkdError(f"a teacher cache needs the {what} data as a datasets.Dataset (tokenised, with "
                             "the rows the cache was made from)")
-        train_dataset = logit_cache.attach_cache(train_dataset, cache, kind)
+        train_dataset = logit_cache.attach_cache(train_dataset, cache, kind, what)
     top = max((int(s["ids"].max()) for s in cache.shards if len(s["ids"])), default=0)
     if top >= vocab_size_of(student):
         raise LmkdError(f"the logit cache {cache.path} holds token id {top} but the student has only "

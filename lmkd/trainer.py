@@ -8,6 +8,7 @@ counts of the accumulated batch, logging, and the Trainer overrides the hint pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -27,8 +28,32 @@ from .objective import DistillationObjective
 
 logger = logging.getLogger(__name__)
 
+#: why a run trained from a teacher cache with validation data needs a cache of those too
+EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a teacher cache as with an online teacher, so the "
+                     "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
+                     "VALIDATION_FILE --output DIR, same settings) and set eval_teacher_cache DIR, or drop the "
+                     "validation data")
 #: file holding the hint projections in each checkpoint dir (never in the saved student)
 PROJECTIONS_NAME = "lmkd_projections.pt"
+
+
+@contextlib.contextmanager
+def nothing_left_on_error(path):
+    """Around building a trainer (``Trainer.__init__`` creates ``output_dir``): when an
+    :class:`LmkdError` comes out, remove the directories made meanwhile if they are still empty,
+    so a refused run leaves nothing behind."""
+    made, p = [], os.path.abspath(str(path)) if path else None
+    while p and not os.path.exists(p):  # path and its parents that do not exist yet, deepest first
+        made.append(p)
+        parent = os.path.dirname(p)
+        p = parent if parent != p else None
+    try:
+        yield
+    except LmkdError:
+        for d in made:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -70,7 +95,12 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
             raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
-        super().__init__(model=model, args=args, **kwargs)
+        with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
+            super().__init__(model=model, args=args, **kwargs)
+            self._setup(teacher_model, teacher_tokenizer)
+
+    def _setup(self, teacher_model, teacher_tokenizer) -> None:
+        args = self.args
         # Make the Trainer count label tokens over the accumulated batch (see _get_num_items_in_batch).
         self.model_accepts_loss_kwargs = True
         self.kind = model_kind(self.model)
@@ -87,16 +117,38 @@ class DistillationTrainer(Seq2SeqTrainer):
         # learned student->teacher projections of the hint loss, one per layer stack
         self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
         self.loss_objective = DistillationObjective(self, self._vocab)
+        self._eval_collator = None  # the collator of the validation data's own cache (eval_teacher_cache)
         if args.teacher_cache:
             side = getattr(self.processing_class, "padding_side", "right") or "right"
+            base = self.data_collator
             _, self.train_dataset, self.data_collator = teachers.attach_teacher_cache(
                 args.teacher_cache, kind=self.kind, student=self.model, train_dataset=self.train_dataset,
-                collator=self.data_collator, padding_side=side)
+                collator=base, padding_side=side)
+            if args.kd_alpha > 0 and self.eval_dataset is not None:
+                # eval_loss is the training loss's CE+KD mix with an online teacher; with a cache it needs the
+                # teacher's logits on the validation data too, or it would silently be CE alone
+                if not args.eval_teacher_cache:
+                    raise LmkdError(EVAL_CACHE_NEEDED)
+                if isinstance(self.eval_dataset, dict):
+                    raise LmkdError("eval_teacher_cache covers one validation set; pass one eval_dataset, not a dict")
+                _, self.eval_dataset, self._eval_collator = teachers.attach_teacher_cache(
+                    args.eval_teacher_cache, kind=self.kind, student=self.model, train_dataset=self.eval_dataset,
+                    collator=base, padding_side=side, what="validation")
         if args.fsdp and not self.is_fsdp_enabled:
             # accelerate switches to FSDP only for accelerator processes (GPU/NPU/XPU...); with CPU
             # processes the Trainer quietly wraps the student in DDP instead
             logger.warning("fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
                            "this run is plain data parallel (DDP), every process holding the whole student")
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's, collating with the validation data's own logit cache (``eval_teacher_cache``)."""
+        if self._eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self._eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     # ---- teacher ------------------------------------------------------------------------------
 

@@ -251,3 +251,66 @@ def test_device_cuda_on_a_machine_without_cuda_is_one_line(world, capsys, monkey
               "--device", "cuda", "--output", R + "/c5"], R + "/c5")):
         line = _one_line_exit_2(world, capsys, argv, "--device cuda: this machine has no CUDA GPU", output)
         assert "--device cpu" in line
+
+
+# ---- issue 16, training side: mistakes caught only at the first step (or by a crash) before -------------------
+
+
+@pytest.fixture(scope="module")
+def world_a(world, tiny_model_dir):
+    """``world`` plus teachers of another kind / architecture than its BART student, and a BART
+    student without dropout."""
+    return {**world, "gpt2": tiny_model_dir("gpt2"), "marian": tiny_model_dir("marian", layers=2),
+            "nodrop": tiny_model_dir("bart", layers=1, dropout=0.0)}
+
+
+CASES_A = {
+    "teacher of another kind": (lambda w: distill(w, teacher_model_name_or_path=w["gpt2"]),
+                                "is a causal model (GPT2LMHeadModel) but the student a seq2seq model", R + "/run"),
+    "layer_map out of range": (lambda w: distill(w, hidden_weight=1.0, layer_map="0:9"),
+                               "layer_map '0:9' pairs encoder layers 0:9, but the student has 2 and the teacher 4",
+                               R + "/run"),
+    "teacher of another architecture (make-student's map does not fit)": (
+        lambda w: distill(w, teacher_model_name_or_path=w["marian"], hidden_weight=1.0),
+        "lmkd_layer_map (from make-student) pairs encoder layers", R + "/run"),
+    "batch size 0": (lambda w: distill(w, per_device_train_batch_size=0),
+                     "per_device_train_batch_size must be an integer >= 1, got 0", R + "/run"),
+    "eval batch size 0": (lambda w: distill(w, per_device_eval_batch_size=0, validation_file=w["data"]),
+                          "per_device_eval_batch_size must be an integer >= 1, got 0", R + "/run"),
+    "gradient accumulation 0": (lambda w: distill(w, gradient_accumulation_steps=0),
+                                "gradient_accumulation_steps must be an integer >= 1, got 0", R + "/run"),
+    "cohort of identical dropout-free copies": (
+        lambda w: distill(w, student_model_name_or_path=w["nodrop"], teacher_model_name_or_path=None, cohort_size=2),
+        "the cohort's 2 members start from identical weights and have no dropout", R + "/run"),
+    "cohort size and student checkpoints disagree": (
+        lambda w: distill(w, student_model_name_or_path=f"{w['nodrop']},{w['student']}",
+                          teacher_model_name_or_path=None, cohort_size=3),
+        "names 2 students: that is a co-distillation cohort, set cohort_size 2", R + "/run"),
+    "prompt_column without on-policy KD of a causal LM": (
+        lambda w: distill(w, prompt_column="source"), "prompt_column names the prompt a causal LM student continues",
+        R + "/run"),
+    "teacher cache and validation data without a cache of those": (
+        lambda w: distill(w, teacher_model_name_or_path=None, teacher_cache=R + "/cache", validation_file=w["data"]),
+        "set eval_teacher_cache DIR", R + "/run"),
+    "eval_teacher_cache without teacher_cache": (
+        lambda w: distill(w, eval_teacher_cache=R + "/cache", validation_file=w["data"]),
+        "eval_teacher_cache goes with teacher_cache", R + "/run"),
+    "save_steps 0": (lambda w: distill(w, save_strategy="steps", save_steps=0), "save_steps must be > 0",
+                     R + "/run"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES_A))
+def test_bad_training_input_is_refused_before_anything_is_written(world_a, capsys, case):
+    make_argv, message, output = CASES_A[case]
+    _one_line_exit_2(world_a, capsys, make_argv(world_a), message, output)
+
+
+def test_bf16_without_a_bf16_device_is_one_line(world_a, capsys):
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if torch.cuda.is_available() and is_torch_bf16_gpu_available():
+        pytest.skip("this machine runs bf16")
+    _one_line_exit_2(world_a, capsys, distill(world_a, bf16=True, use_cpu=False),
+                     "bf16 needs a GPU with bfloat16 support and none was found", R + "/run")

@@ -154,8 +154,10 @@ def test_vocab_padding_rows_are_sliced(tokenizer, corpus, tmp_path):
     teacher = build_model("gpt2", v + 40, seed=1, layers=2)
     student = build_model("gpt2", v + 8, seed=2, layers=1)
     ds = make_dataset("causal-lm", corpus[:4], tokenizer)
+    # the same tokenizer on both sides is what shows the extra rows are padding (issue 16: without the
+    # teacher's tokenizer a larger teacher vocabulary is refused, not sliced)
     trainer = DistillationTrainer(model=student, args=config(tmp_path, kd_alpha=1.0), teacher_model=teacher,
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer, teacher_tokenizer=tokenizer)
     assert trainer._vocab == v
     batch = collator_for("causal-lm", tokenizer)([ds[i] for i in range(4)])
     teacher.eval(), student.eval()
