@@ -109,20 +109,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_no_partial_output(world, capsys, case):
     make_argv, message, output = CASES[case]
-    argv = [a.replace(R, world["root"]) for a in make_argv(world)]
-    before = set(os.listdir(world["root"]))
-    with pytest.raises(SystemExit) as exc_info:
-        raise SystemExit(main(argv))
-    assert exc_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert message in lines[0] and "Traceback" not in err, err
-    if output is not None:
-        assert not os.path.exists(output.replace(R, world["root"]))
-    after = set(os.listdir(world["root"]))
-    leftovers = [n for n in after - before if not n.startswith("cfg-")]
-    assert leftovers == [], leftovers
+    _one_line_exit_2(world, capsys, make_argv(world), message, output)
 
 
 def test_debug_shows_the_traceback(world):
@@ -203,7 +190,8 @@ CASES_16 = {
 
 
 def _one_line_exit_2(world, capsys, argv, message, output):
-    """The assertions of test_bad_input_is_one_line_exit_2_no_partial_output, for the cases below."""
+    """Every bad input's assertions: exit 2, one line naming ``message``, no traceback, ``output`` not
+    written and nothing new under the world's root; returns the line."""
     argv = [a.replace(R, world["root"]) for a in argv]
     before = set(os.listdir(world["root"]))
     with pytest.raises(SystemExit) as exc_info:
