@@ -1,6 +1,6 @@
 """The one report writer of ``lmkd evaluate`` and ``lmkd study``: a markdown table of models x
 metrics, the JSON and markdown files (written atomically through :mod:`lmkd.io`), and the plot of
-quality against latency.
+quality against speed (with error bars, and the students' validation curves beside it).
 
 Each caller decides what its rows and notes say (:func:`lmkd.evaluate.markdown_table`, the study's
 :mod:`lmkd.study.results`); this module only lays them out and writes them.
@@ -38,32 +38,91 @@ def write_report(result: dict, markdown: str, json_path: str, markdown_path: str
 
 @dataclass
 class PlotPoint:
-    """One model on the quality/latency plot."""
+    """One model on the quality/speed plot: ``speed`` on x (ms per token, or per example), ``score``
+    on y; ``score_err`` / ``speed_err`` are (below, above) lengths of its error bars, or None."""
 
     label: str
-    latency_ms: float
+    speed: float
     score: float
     teacher: bool = False
+    score_err: tuple[float, float] | None = None
+    speed_err: tuple[float, float] | None = None
 
 
-def plot_quality_latency(points: Sequence[PlotPoint], path: str, *, ylabel: str, title: str) -> None:
-    """A PNG scatter of score against latency (batch 1), one labelled point per model; the teacher
-    is a star."""
+@dataclass
+class Curve:
+    """One line on the validation-curve panel: ``values`` at training ``steps``."""
+
+    label: str
+    steps: Sequence[int]
+    values: Sequence[float]
+
+
+def padded_range(lo: float, hi: float, min_span: float, floor: float | None = None) -> tuple[float, float]:
+    """An axis range holding ``lo``..``hi`` with 10% margins, at least ``min_span`` wide (centred on
+    the data), starting at ``floor`` (less a 3% sliver) when it would go below: a plot of scores 0.004 apart does not fill the axis with noise."""
+    span = max(hi - lo, 0.0)
+    width = max(span * 1.2, min_span)
+    mid = (lo + hi) / 2
+    a, b = mid - width / 2, mid + width / 2
+    if floor is not None and a < floor:  # start at the floor, with a sliver below it so markers on it show
+        a, b = floor - 0.03 * width, floor + 0.97 * width
+    return a, b
+
+
+_MARKERS = "osD^vP<>Xh"
+
+
+def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, ylabel: str, title: str,
+                       min_score_span: float = 5.0, curves: Sequence[Curve] = (), curve_ylabel: str = "",
+                       curve_title: str = "students' validation curves", note: str = "") -> None:
+    """A PNG: score against speed, one marker per model with its error bars and a legend (no labels
+    on the points, so none overlap; the teacher is a black star), axes padded to at least
+    ``min_score_span`` score points and 30% of the slowest speed; with ``curves`` a second panel of
+    validation curves.  ``note`` is printed under the plot (what the error bars are)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    panels = 2 if curves else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 5.2), dpi=120, squeeze=False)
+    ax = axes[0][0]
+    colours = plt.get_cmap("tab10")
+    student = 0
     for p in points:
-        ax.scatter([p.latency_ms], [p.score], s=40, marker="*" if p.teacher else "o")
-        ax.annotate(p.label, (p.latency_ms, p.score), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.margins(0.2)  # room for the labels
-    ax.set_xlabel("latency per example, batch 1 (ms)")
+        if p.teacher:
+            style = dict(marker="*", color="black", markersize=14)
+        else:
+            style = dict(marker=_MARKERS[student % len(_MARKERS)], color=colours(student % 10), markersize=8)
+            student += 1
+        yerr = None if p.score_err is None else [[p.score_err[0]], [p.score_err[1]]]
+        xerr = None if p.speed_err is None else [[p.speed_err[0]], [p.speed_err[1]]]
+        ax.errorbar([p.speed], [p.score], yerr=yerr, xerr=xerr, linestyle="none", capsize=3, label=p.label, **style)
+    lows = [p.score - (p.score_err[0] if p.score_err else 0) for p in points]
+    highs = [p.score + (p.score_err[1] if p.score_err else 0) for p in points]
+    if points:
+        ax.set_ylim(*padded_range(min(lows), max(highs), min_score_span, floor=0.0))
+        xs_lo = [p.speed - (p.speed_err[0] if p.speed_err else 0) for p in points]
+        xs_hi = [p.speed + (p.speed_err[1] if p.speed_err else 0) for p in points]
+        ax.set_xlim(*padded_range(min(xs_lo), max(xs_hi), 0.3 * max(xs_hi), floor=0.0))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    if curves:
+        cx = axes[0][1]
+        for i, c in enumerate(curves):
+            cx.plot(list(c.steps), list(c.values), marker=".", color=colours(i % 10), label=c.label)
+        cx.set_xlabel("training step")
+        cx.set_ylabel(curve_ylabel)
+        cx.set_title(curve_title, fontsize=10)
+        cx.grid(alpha=0.3)
+        cx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     fig.savefig(path, format="png")
     plt.close(fig)
