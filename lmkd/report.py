@@ -76,44 +76,60 @@ _MARKERS = "osD^vP<>Xh"
 def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, ylabel: str, title: str,
                        min_score_span: float = 5.0, curves: Sequence[Curve] = (), curve_ylabel: str = "",
                        curve_title: str = "students' validation curves", note: str = "") -> None:
-    """A PNG: score against speed, one marker per model with its error bars and a legend (no labels
-    on the points, so none overlap; the teacher is a black star), axes padded to at least
-    ``min_score_span`` score points and 30% of the slowest speed; with ``curves`` a second panel of
-    validation curves.  ``note`` is printed under the plot (what the error bars are)."""
+    """A PNG of up to three panels: each model's score with its error bars, one row per model
+    (students of one size share an architecture, so on a speed axis they sit on top of each other);
+    score against speed, one marker per model in a legend (no labels on the points, so none overlap;
+    the teacher is a black star); and with ``curves`` the validation curves.  Score axes span at
+    least ``min_score_span`` points, the speed axis at least 30% of the slowest model.  ``note`` is
+    printed under the plot (what the error bars are)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    panels = 2 if curves else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 5.2), dpi=120, squeeze=False)
-    ax = axes[0][0]
+    panels = 3 if curves else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 5.2), dpi=110, squeeze=False)
+    bars, ax = axes[0][0], axes[0][1]
     colours = plt.get_cmap("tab10")
-    student = 0
+    styles, student = [], 0
     for p in points:
         if p.teacher:
-            style = dict(marker="*", color="black", markersize=14)
+            styles.append(dict(marker="*", color="black", markersize=14))
         else:
-            style = dict(marker=_MARKERS[student % len(_MARKERS)], color=colours(student % 10), markersize=8)
+            styles.append(dict(marker=_MARKERS[student % len(_MARKERS)], color=colours(student % 10), markersize=8))
             student += 1
+    lows = [p.score - (p.score_err[0] if p.score_err else 0) for p in points]
+    highs = [p.score + (p.score_err[1] if p.score_err else 0) for p in points]
+    score_range = padded_range(min(lows), max(highs), min_score_span, floor=0.0) if points else None
+    # panel 1: the scores, one row per model (top to bottom in the given order)
+    for i, (p, style) in enumerate(zip(points, styles)):
+        xerr = None if p.score_err is None else [[p.score_err[0]], [p.score_err[1]]]
+        bars.errorbar([p.score], [i], xerr=xerr, linestyle="none", capsize=4, **style)
+    bars.set_yticks(range(len(points)), [p.label for p in points], fontsize=8)
+    bars.set_ylim(len(points) - 0.5, -0.5)
+    if score_range:
+        bars.set_xlim(*score_range)
+    bars.set_xlabel(ylabel)
+    bars.set_title(title, fontsize=10)
+    bars.grid(alpha=0.3, axis="x")
+    # panel 2: score against speed
+    for p, style in zip(points, styles):
         yerr = None if p.score_err is None else [[p.score_err[0]], [p.score_err[1]]]
         xerr = None if p.speed_err is None else [[p.speed_err[0]], [p.speed_err[1]]]
         ax.errorbar([p.speed], [p.score], yerr=yerr, xerr=xerr, linestyle="none", capsize=3, label=p.label, **style)
-    lows = [p.score - (p.score_err[0] if p.score_err else 0) for p in points]
-    highs = [p.score + (p.score_err[1] if p.score_err else 0) for p in points]
     if points:
-        ax.set_ylim(*padded_range(min(lows), max(highs), min_score_span, floor=0.0))
+        ax.set_ylim(*score_range)
         xs_lo = [p.speed - (p.speed_err[0] if p.speed_err else 0) for p in points]
         xs_hi = [p.speed + (p.speed_err[1] if p.speed_err else 0) for p in points]
         ax.set_xlim(*padded_range(min(xs_lo), max(xs_hi), 0.3 * max(xs_hi), floor=0.0))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("quality against speed (left: faster)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if curves:
-        cx = axes[0][1]
+        cx = axes[0][2]
         for i, c in enumerate(curves):
             cx.plot(list(c.steps), list(c.values), marker=".", color=colours(i % 10), label=c.label)
         cx.set_xlabel("training step")

@@ -347,6 +347,15 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(label: str) -> str:
+    """A legend entry: the label without its article (``the baseline`` -> ``baseline``)."""
+    return label[4:] if label.startswith("the ") else label
+
+
+#: how the validation metric of train_log.json is named on the curve panel
+CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)"}
+
+
 def _plot_points(report: dict) -> tuple[list[PlotPoint], str]:
     """One point per variant (the mean over its seeds), error bars = std over seeds when there are
     several, else the bootstrap 95% CI of the model's own score; and the note saying which."""
@@ -366,8 +375,7 @@ def _plot_points(report: dict) -> tuple[list[PlotPoint], str]:
         else:
             half = ci.get(g["first"]) if main_is_sig else None
             err = (half, half) if half is not None else None
-        label = g["label"][4:] if g["label"].startswith("the ") else g["label"]
-        points.append(PlotPoint(label, g[key], g["score_mean"], g["variant"] == "teacher", score_err=err))
+        points.append(PlotPoint(_short(g["label"]), g[key], g["score_mean"], g["variant"] == "teacher", score_err=err))
     note = ("error bars: ±1 std over the seeds of each variant" if seeds
             else f"error bars: bootstrap 95% CI of each model's score ({report['significance']['n_samples']} "
                  "resamples of the test rows)")
@@ -384,11 +392,11 @@ def write_study_report(report: dict, out: str) -> None:
     xlabel = (f"ms per token ({fixed} tokens forced, greedy, batch 1)" if per_token
               else "latency per example, batch 1 (ms)")
     first = {g["first"] for g in report["variants"]}
-    curves = [Curve(r["label"], [c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]])
+    curves = [Curve(_short(r["label"]), [c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]])
               for r in report["rows"] if r["model"] in first and r.get("curve")]
     curve_metric = next((r["curve_metric"] for r in report["rows"] if r.get("curve")), "")
     plot_quality_speed(points, os.path.join(out, "report.png"), xlabel=xlabel, ylabel=_main_label(report),
                        title=f"lmkd study: {report['task']} ({report['budget']} budget)", curves=curves,
-                       curve_ylabel=f"validation {curve_metric}".strip(), note=note,
+                       curve_ylabel=CURVE_METRICS.get(curve_metric, f"validation {curve_metric}".strip()), note=note,
                        curve_title="students' validation curves" + (" (first seed)" if len(first) < sum(
                            len(g["models"]) for g in report["variants"]) else ""))
