@@ -201,3 +201,27 @@ def test_train_log_is_read_defensively(tmp_path):
         {"steps": 30, "curve": [{"step": 10, "metric": 2.5}, {"bad": 1}], "metric": "eval_loss_ce"}))
     assert read_train_log({"dir": str(tmp_path)}) == {"steps": 30, "stopped_early": False, "metric": "eval_loss_ce",
                                                       "curve": [{"step": 10, "metric": 2.5}]}
+
+
+def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):
+    from lmkd.evaluate import evaluate_models, markdown_table
+    from lmkd.generation import output_lengths
+    from lmkd.modeling import load_tokenizer
+
+    path = tiny_model_dir("marian", seed=1)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in corpus[:6]))
+    res = evaluate_models(path, str(data), "translation", teacher=path, num_beams=2, max_new_tokens=9, batch_size=3,
+                          speed_samples=4, latency_samples=2, repeats=1, device="cpu", progress=False)
+    assert res["settings"]["fixed_new_tokens"] == 9
+    s, t = res["models"]["student"], res["models"]["teacher"]
+    assert s["speed"]["fixed_new_tokens"] == 9 and s["speed"]["ms_per_token"] > 0
+    assert s["vs_teacher"]["speedup_per_token"] == t["speed"]["ms_per_token"] / s["speed"]["ms_per_token"]
+    lengths = output_lengths(load_tokenizer(path), res["predictions"]["student"])
+    assert s["output_tokens"] == {"mean": sum(lengths) / len(lengths), "max": max(lengths)}
+    table = markdown_table(res)
+    assert "ms/token (9 tokens, batch 1)" in table and "speed-up per token" in table
+    assert f"| {s['speed']['ms_per_token']:.2f} |" in table
+    off = evaluate_models(path, str(data), "translation", num_beams=1, max_new_tokens=9, speed_samples=2,
+                          latency_samples=1, repeats=1, fixed_new_tokens=0, device="cpu", progress=False)
+    assert off["settings"]["fixed_new_tokens"] is None and "ms_per_token" not in off["models"]["student"]["speed"]
