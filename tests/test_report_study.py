@@ -180,7 +180,9 @@ def test_seeds_give_mean_and_std_per_variant_and_train_logs_give_steps_and_curve
     assert (f"| Word-KD | 2 | – | {g['greedy.bleu']['mean']:.1f} ± {g['greedy.bleu']['std']:.1f} | "
             f"{g['greedy.chrf']['mean']:.1f} ± {g['greedy.chrf']['std']:.1f} |") in md
     assert "| the baseline | 1 | 100 | " in md
-    assert "| s025-baseline | 0.01M | 13% | 100 (stopped) | " in md and "| s025-word-kd | 0.01M | 13% | 110 | " in md
+    for name, steps in (("s025-baseline", "100 (stopped)"), ("s025-word-kd", "110")):
+        r = rows[name]
+        assert f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['parameters_vs_teacher']:.0%} | {steps} | " in md
     # the plot: two panels (quality against speed, the first seeds' validation curves)
     write_study_report(report, str(tmp_path / "r"))
     import matplotlib.image
