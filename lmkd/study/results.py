@@ -40,6 +40,8 @@ VARIANT_NAMES = {"baseline": "the baseline", "word-kd": "Word-KD", "seq-kd": "Se
 METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
                  "accuracy": "accuracy", "macro_f1": "macro-F1"}
 TRAIN_LOG = "train_log.json"
+#: how the validation metric of train_log.json is named in the notes and on the curve panel
+CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)"}
 
 
 def _main_metric(task: str) -> tuple[str, list[tuple[str, str]]]:
@@ -317,16 +319,20 @@ def report_markdown(report: dict) -> str:
                          f"{_signed(t['ci_high'], '.2f')}), p = {t['p_value']:.3f}")
         crows.append(cells)
     lines += [markdown_table(chead, crows), ""]
-    steps_note = (f"Students: at most {plan['student_steps']} steps each, stopped when the validation "
-                  f"{rows_in[1].get('curve_metric', 'metric') if len(rows_in) > 1 else 'metric'} stops improving "
-                  f"(every {plan['eval_every']} steps, patience {plan.get('patience')}); the steps column is "
-                  "where each one stopped" if has_steps and "eval_every" in plan
-                  else f"Students: {plan['student_steps']} steps each")
+    if has_steps and "eval_every" in plan:
+        metric_name = next((r["curve_metric"] for r in rows_in if r.get("curve_metric")), "metric")
+        steps_note = (f"Students: each trained until its {CURVE_METRICS.get(metric_name, 'validation ' + metric_name)} "
+                      f"stopped improving (measured every {plan['eval_every']} steps, patience "
+                      f"{plan.get('patience')}), at most {plan['student_steps']} steps; the steps column says where "
+                      "each one stopped (\"stopped\": before the cap).")
+    else:
+        steps_note = f"Students: {plan['student_steps']} steps each."
     lines += [
         f"Teacher: {report['teacher']}. Data: {d.get('train_rows')} training rows"
         + (f" ({d['transfer_rows']} in the transfer set every student learns from)" if "transfer_rows" in d else "")
         + f", {d.get('validation_rows')} validation, {d.get('test_rows')} test rows.",
-        f"{steps_note}, batch {plan['batch_size']}, lr {plan['student_lr']}; "
+        steps_note,
+        f"Training: batch {plan['batch_size']}, lr {plan['student_lr']}; "
         f"word-level KD alpha {plan['kd_alpha']}, temperature {plan['kd_temperature']}."
         + ("" if report["task"] == "classification" else f" Beam size {plan['beams']}."),
     ]
@@ -350,10 +356,6 @@ def report_markdown(report: dict) -> str:
 def _short(label: str) -> str:
     """A legend entry: the label without its article (``the baseline`` -> ``baseline``)."""
     return label[4:] if label.startswith("the ") else label
-
-
-#: how the validation metric of train_log.json is named on the curve panel
-CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)"}
 
 
 def _plot_points(report: dict) -> tuple[list[PlotPoint], str]:
