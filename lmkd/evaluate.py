@@ -73,6 +73,13 @@ def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_token
                                                 max_source_length=max_source_length, progress=False)
 
 
+def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: int = 512):
+    """A function from one input to the number of tokens decoded when exactly ``new_tokens`` are
+    forced (greedy, batch 1): what :func:`lmkd.metrics.measure_speed` times per token."""
+    return lambda x: generation.generate_fixed_length(model, tokenizer, x, new_tokens,
+                                                      max_source_length=max_source_length)
+
+
 def evaluate_models(
     models: str | Mapping[str, str],
     data: str,
@@ -90,6 +97,7 @@ def evaluate_models(
     speed_samples: int = 32,
     latency_samples: int = 8,
     repeats: int = 3,
+    fixed_new_tokens: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
@@ -100,14 +108,20 @@ def evaluate_models(
     ``max_samples`` rows (beam search with ``num_beams`` for translation/summarization, argmax
     for classification) and is scored with :func:`quality`.  Speed: latency per example at batch
     1 over ``latency_samples`` inputs and throughput at ``batch_size`` over ``speed_samples``
-    inputs, all models in one interleaved run (``speed_samples=0`` skips it).  With a teacher each
-    student also gets ``vs_teacher``: quality retained (% of the teacher's score, per metric) and
-    speed-ups (teacher latency / student latency, student throughput / teacher throughput).
+    inputs, all models in one interleaved run (``speed_samples=0`` skips it); for seq2seq also ms
+    per token when each model decodes exactly ``fixed_new_tokens`` tokens (default
+    ``max_new_tokens``; greedy, batch 1, the latency inputs): the architecture's speed, which the
+    length of a model's own outputs does not change (``output_tokens``: how long those are).  With
+    a teacher each student also gets ``vs_teacher``: quality retained (% of the teacher's score, per
+    metric) and speed-ups (teacher / student latency, student / teacher throughput and, seq2seq,
+    teacher / student ms per token).
     """
     if task not in EVAL_TASKS:
         raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(EVAL_TASKS)}")
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise LmkdError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
+    if fixed_new_tokens is not None and fixed_new_tokens < 0:
+        raise LmkdError(f"fixed_new_tokens must be >= 0 (0: no per-token speed), got {fixed_new_tokens}")
     if isinstance(models, str):
         models = {"student": models}
     models = dict(models)
@@ -140,6 +154,8 @@ def evaluate_models(
         "settings": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "source_column": src, "target_column": tgt, "source_prefix": source_prefix,
                      "max_source_length": max_source_length, "device": str(dev), "dtype": dtype or "auto",
+                     "fixed_new_tokens": (None if task == "classification"
+                                          else max_new_tokens if fixed_new_tokens is None else fixed_new_tokens or None),
                      "torch": torch.__version__},
         "signatures": {}, "models": {}, "predictions": {},
     }
@@ -167,6 +183,9 @@ def evaluate_models(
             "quality": scores, "truncation": truncation,
             "size": {"parameters": count_parameters(model), "bytes_on_disk": weights_bytes(str(models[label]))},
         }
+        if task != "classification":
+            lengths = generation.output_lengths(tokenizer, preds)
+            result["models"][label]["output_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths)}
 
     if speed_samples > 0:
         speed_inputs = sources[:speed_samples]
@@ -174,9 +193,12 @@ def evaluate_models(
                     repeats)
         runners = {k: runner_for(task, m, t, num_beams=num_beams, max_new_tokens=max_new_tokens,
                                  max_source_length=max_source_length) for k, (m, t) in loaded.items()}
+        fixed = result["settings"]["fixed_new_tokens"]
+        token_runners = ({k: fixed_length_runner(m, t, fixed, max_source_length=max_source_length)
+                          for k, (m, t) in loaded.items()} if fixed else None)
         speed = metrics.measure_speed(runners, speed_inputs,
                                       batch_size=batch_size, latency_examples=latency_samples, repeats=repeats,
-                                      devices={k: dev for k in loaded})
+                                      devices={k: dev for k in loaded}, token_runners=token_runners)
         for label in loaded:
             result["models"][label]["speed"] = speed[label]
 
@@ -191,6 +213,8 @@ def evaluate_models(
             if "speed" in m:
                 vs["speedup_latency"] = t["speed"]["latency_ms"] / m["speed"]["latency_ms"]
                 vs["speedup_throughput"] = m["speed"]["throughput_per_s"] / t["speed"]["throughput_per_s"]
+                if "ms_per_token" in m["speed"]:
+                    vs["speedup_per_token"] = t["speed"]["ms_per_token"] / m["speed"]["ms_per_token"]
             m["vs_teacher"] = vs
     return result
 
@@ -203,13 +227,22 @@ def markdown_table(result: dict) -> str:
     names = list(next(iter(result["models"].values()))["quality"])
     primary = result["primary_metric"]
     has_speed = all("speed" in m for m in result["models"].values())
+    per_token = has_speed and all("ms_per_token" in m["speed"] for m in result["models"].values())
+    has_len = all("output_tokens" in m for m in result["models"].values())
     has_teacher = result["teacher"] is not None
     bs = result["settings"]["batch_size"]
+    fixed = result["settings"].get("fixed_new_tokens")
     head = ["model"] + [METRIC_NAMES[n] for n in names] + ["parameters", "MB on disk"]
+    if has_len:
+        head += ["output tokens (mean)"]
+    if per_token:
+        head += [f"ms/token ({fixed} tokens, batch 1)"]
     if has_speed:
         head += ["latency ms (batch 1)", f"examples/s (batch {bs})"]
     if has_teacher:
         head += [f"{METRIC_NAMES[primary]} retained %"]
+        if per_token:
+            head += ["speed-up per token"]
         if has_speed:
             head += ["speed-up (batch 1)", f"speed-up (batch {bs})"]
     rows = []
@@ -218,11 +251,17 @@ def markdown_table(result: dict) -> str:
         row = [label] + [format_cell(m["quality"][n]) for n in names]
         row += [f"{size['parameters']:,}",
                 format_cell(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
+        if has_len:
+            row += [format_cell(m["output_tokens"]["mean"], ".1f")]
+        if per_token:
+            row += [format_cell(m["speed"]["ms_per_token"], ".2f")]
         if has_speed:
             row += [format_cell(m["speed"]["latency_ms"], ".1f"), format_cell(m["speed"]["throughput_per_s"], ".1f")]
         if has_teacher:
             vs = m.get("vs_teacher")
             row += [format_cell(vs["retained_%"][primary], ".1f") if vs else "100 (teacher)"]
+            if per_token:
+                row += [f"{vs['speedup_per_token']:.2f}x" if vs else "1x"]
             if has_speed:
                 row += [f"{vs['speedup_latency']:.2f}x" if vs else "1x",
                         f"{vs['speedup_throughput']:.2f}x" if vs else "1x"]
@@ -239,18 +278,28 @@ def markdown_table(result: dict) -> str:
         sp = next(iter(result["models"].values()))["speed"]
         notes.append(f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
                      f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}.")
+        if per_token:
+            notes.append(f"ms/token: greedy decoding of exactly {fixed} new tokens per example (EOS held off), batch 1, "
+                         "the same latency examples -- the architecture's speed, whatever the length of a model's "
+                         "own outputs; latency per example also counts how long those outputs are "
+                         "(output tokens: mean over the scored rows).")
     return report.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> None:
-    """A scatter of ``metric`` (default: the primary one) against latency, one labelled point per model."""
+    """A plot of ``metric`` (default: the primary one) against speed, one marker per model in a
+    legend: ms per token at a fixed output length when measured (seq2seq), else latency per example."""
     metric = metric or result["primary_metric"]
     if not all("speed" in m for m in result["models"].values()):
         raise LmkdError("--plot needs speed measurements; do not pass --speed-samples 0")
-    points = [report.PlotPoint(label, m["speed"]["latency_ms"], m["quality"][metric], m["role"] == "teacher")
+    per_token = all("ms_per_token" in m["speed"] for m in result["models"].values())
+    key = "ms_per_token" if per_token else "latency_ms"
+    points = [report.PlotPoint(label, m["speed"][key], m["quality"][metric], m["role"] == "teacher")
               for label, m in result["models"].items()]
-    report.plot_quality_latency(points, path, ylabel=METRIC_NAMES.get(metric, metric),
-                                title=f"{result['task']}: quality against latency")
+    xlabel = (f"ms per token, {result['settings']['fixed_new_tokens']} tokens forced, batch 1" if per_token
+              else "latency per example, batch 1 (ms)")
+    report.plot_quality_speed(points, path, xlabel=xlabel, ylabel=METRIC_NAMES.get(metric, metric),
+                              title=f"{result['task']}: quality against speed")
 
 
 def write_report(result: dict, output: str | None = None, plot: str | None = None) -> str:

@@ -194,6 +194,35 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
     return outputs  # type: ignore[return-value]
 
 
+def generate_fixed_length(model, tokenizer, source: str, new_tokens: int, max_source_length: int | None = 512) -> int:
+    """Greedy decoding of exactly ``new_tokens`` tokens (fewer when the decoder's position table
+    holds fewer: :func:`lmkd.modeling.generation_lengths`) for one source at batch 1 (EOS is held
+    off until then: ``min_new_tokens == max_new_tokens``); returns the number of tokens generated.
+
+    What :func:`lmkd.metrics.measure_speed` times for the per-token speed of an architecture: every
+    model decodes the same number of tokens, whatever it would have said, so a model that writes
+    longer outputs is not counted as slower per token."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise LmkdError(f"{type(model).__name__} is not a sequence-to-sequence model; fixed-length decoding "
+                        "needs one")
+    if new_tokens < 1:
+        raise LmkdError(f"fixed-length decoding needs at least 1 new token, got {new_tokens}")
+    # the one truncation rule: the source fitted to the encoder's table, the length to the decoder's
+    enc, new = _encode_inputs(model, tokenizer, [str(source)], max_source_length, None, new_tokens)
+    with torch.inference_mode():
+        out = model.generate(**_padded(tokenizer, enc, [0], _device_of(model)), num_beams=1, do_sample=False,
+                             min_new_tokens=new, max_new_tokens=new)
+    return int(out.shape[1]) - 1  # the decoder start token is not generated
+
+
+def output_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Tokens of each output text under ``tokenizer`` (no special tokens): how long a model's
+    outputs are, in the unit its decoder pays for."""
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]]
+
+
 def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
              progress: bool = True, desc: str = "classifying", stats: dict | None = None) -> list[int]:
     """Predicted class ids (argmax of the logits) of a sequence classifier, in input order; inputs

@@ -8,7 +8,8 @@
 * accuracy and macro-F1 from confusion counts (sklearn's definitions, zero_division=0);
 * size lives with the models: :func:`lmkd.modeling.count_parameters` (distinct parameters) and
   :func:`lmkd.modeling.weights_bytes` (the weight files ``from_pretrained`` loads);
-* speed: latency per example at batch 1 and throughput at a larger batch, measured with the
+* speed: latency per example at batch 1, throughput at a larger batch and (seq2seq) ms per token
+  when every model decodes the same fixed number of tokens (greedy, batch 1), measured with the
   same inputs for every model in one run, the models interleaved within each repeat (so a
   machine that gets busier mid-run slows all of them alike); warm-up first, then the median of
   the repeats, under ``torch.inference_mode``.
@@ -116,6 +117,7 @@ def _sync(device: torch.device) -> None:
 
 def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Sequence[str], batch_size: int,
                   latency_examples: int = 16, repeats: int = 3, devices: dict[str, torch.device] | None = None,
+                  token_runners: dict[str, Callable[[str], int]] | None = None,
                   ) -> dict[str, dict[str, float]]:
     """Latency per example at batch 1 and throughput at ``batch_size`` for each runner.
 
@@ -123,6 +125,11 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     Every runner gets the same inputs: the first ``latency_examples`` one at a time (latency), and
     all of ``inputs`` in batches of ``batch_size`` (throughput).  One warm-up pass per runner,
     then ``repeats`` rounds in which the runners take turns; the median round is reported.
+
+    ``token_runners`` (optional, per name) decode one input to a fixed number of new tokens and
+    return that number (:func:`lmkd.generation.generate_fixed_length`): timed in the same rounds on
+    the latency inputs, they give ``ms_per_token`` -- the decoding speed of the architecture,
+    independent of how long the model's own outputs are -- and ``fixed_new_tokens``.
     """
     if repeats < 1 or not inputs:
         raise LmkdError("speed needs at least one repeat and one input example")
@@ -130,13 +137,18 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     single = inputs[:max(1, latency_examples)]
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
     devices = devices or {}
+    token_runners = token_runners or {}
     lat: dict[str, list[float]] = {k: [] for k in runners}
     thr: dict[str, list[float]] = {k: [] for k in runners}
+    per_tok: dict[str, list[float]] = {k: [] for k in token_runners}
+    fixed: dict[str, int] = {}
     with torch.inference_mode():
         for name, run in runners.items():  # warm-up: kernels, allocator, caches
             dev = devices.get(name, torch.device("cpu"))
             run(single[:1])
             run(batches[0])
+            if name in token_runners:
+                fixed[name] = token_runners[name](single[0])
             _sync(dev)
         for _ in range(repeats):
             for name, run in runners.items():
@@ -152,8 +164,18 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
                     run(b)
                 _sync(dev)
                 thr[name].append(len(inputs) / (time.perf_counter() - t0))
-    return {name: {"latency_ms": 1000.0 * statistics.median(lat[name]),
-                   "throughput_per_s": statistics.median(thr[name]),
-                   "latency_batch_size": 1, "throughput_batch_size": batch_size,
-                   "latency_examples": len(single), "throughput_examples": len(inputs), "repeats": repeats}
-            for name in runners}
+                if name in token_runners:
+                    t0 = time.perf_counter()
+                    tokens = sum(token_runners[name](x) for x in single)
+                    _sync(dev)
+                    per_tok[name].append((time.perf_counter() - t0) / max(tokens, 1))
+    out: dict[str, dict[str, float]] = {}
+    for name in runners:
+        out[name] = {"latency_ms": 1000.0 * statistics.median(lat[name]),
+                     "throughput_per_s": statistics.median(thr[name]),
+                     "latency_batch_size": 1, "throughput_batch_size": batch_size,
+                     "latency_examples": len(single), "throughput_examples": len(inputs), "repeats": repeats}
+        if name in token_runners:
+            out[name]["ms_per_token"] = 1000.0 * statistics.median(per_tok[name])
+            out[name]["fixed_new_tokens"] = fixed[name]
+    return out

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
 #: bottom to top; a module (or package: every module under it) belongs to the first layer naming it
 LAYERS = [
     ["errors", "constants", "io"],                                               # L0: names and files
-    ["losses", "metrics"],                                                       # L1: pure functions
+    ["losses", "metrics", "significance"],                                       # L1: pure functions
     ["modeling", "positions", "data", "student", "scratch", "generation"],       # L2: models and data
     ["teachers", "seqkd", "logit_cache"],                                        # L3: teacher signals
     ["config", "objective", "features", "trainer", "regimes"],                   # L4: training

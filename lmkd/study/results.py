@@ -1,14 +1,47 @@
-"""The study's report: one row per model with its quality, size and latency against the teacher's,
-written as report.json / report.md / report.png by the shared writer :mod:`lmkd.report`."""
+"""The study's report: verdict lines first (paired bootstrap of every student variant against the
+baseline, the teacher and the best student), one row per model with its quality, size, output
+length and speed against the teacher's, and per variant the mean ± std over seeds; written as
+report.json / report.md / report.png by the shared writer :mod:`lmkd.report`.
+
+What it reads, and from whom:
+
+* ``models``: ``{name: {"dir", "stage", "variant", "size", "seed"?, "train_log"?}}`` (the teacher is
+  ``"teacher"``); with several seeds per variant the names are ``{size}-{variant}`` for the first
+  seed and ``{size}-{variant}-seed{k}`` for the others, and the rows are grouped by (size, variant);
+* ``results``: each eval stage's ``quality.json`` -- the scores, and ``predictions`` (greedy/beam
+  texts, or class ids) on the test rows, which the significance tests resample;
+* ``speed``: the speed stage's per-model figures (latency per example, throughput and, seq2seq,
+  ``ms_per_token`` at ``fixed_new_tokens`` forced tokens);
+* ``train_log.json`` in a student's stage dir (optional): ``{"steps", "stopped_early", "curve":
+  [{"step", "metric"}], "metric"}`` -- the steps column and the validation-curve panel.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 
+from ..generation import output_lengths
 from ..io import read_rows
-from ..report import PlotPoint, markdown_table, plot_quality_latency, write_report
+from ..modeling import load_tokenizer
+from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
+from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
 from .plan import StudyOptions
+
+#: a comparison with p below this is reported as a difference; otherwise it is inconclusive
+ALPHA = 0.05
+#: the variant the KD variants are compared with: trained on the same rows without a teacher
+BASELINE_VARIANTS = ("baseline", "no-kd")
+VARIANT_NAMES = {"baseline": "the baseline", "word-kd": "Word-KD", "seq-kd": "Seq-KD",
+                 "seq-kd+word-kd": "Seq-KD + Word-KD", "seq-inter": "Seq-Inter", "no-kd": "fine-tuning alone",
+                 "task-kd": "task KD", "distilbert": "MLM-distil + fine-tune",
+                 "distilbert+task-kd": "MLM-distil + task KD", "teacher": "the teacher"}
+METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+                 "accuracy": "accuracy", "macro_f1": "macro-F1"}
+TRAIN_LOG = "train_log.json"
+#: how the validation metric of train_log.json is named in the notes and on the curve panel
+CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)"}
 
 
 def _main_metric(task: str) -> tuple[str, list[tuple[str, str]]]:
@@ -22,19 +55,134 @@ def _main_metric(task: str) -> tuple[str, list[tuple[str, str]]]:
                          ("BLEU beam", "beam.bleu"), ("chrF beam", "beam.chrf")]
 
 
+#: the metrics the paired bootstrap runs on, per task (the first is the headline's)
+SIGNIFICANCE_METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge2", "rouge1", "rougeL"),
+                        "classification": ("accuracy", "macro_f1")}
+
+
 def _get(d: dict, path: str):
     for k in path.split("."):
         d = d[k]
     return d
 
 
+def variant_label(variant: str, size: float | None, sizes: int) -> str:
+    """``Word-KD`` (one student size) or ``Word-KD (25%)``; the teacher is ``the teacher``."""
+    name = VARIANT_NAMES.get(variant, variant)
+    return name if size is None or sizes <= 1 else f"{name} ({size:.0%})"
+
+
+def read_train_log(model: dict) -> dict | None:
+    """A student's ``train_log.json`` (its ``train_log`` path, else the file in its stage dir), or
+    None when there is none or it is not the documented shape."""
+    path = model.get("train_log") or os.path.join(model["dir"], TRAIN_LOG)
+    try:
+        with open(path) as f:
+            log = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(log, dict) or not isinstance(log.get("steps"), int):
+        return None
+    curve = [c for c in log.get("curve") or [] if isinstance(c, dict) and "step" in c and "metric" in c]
+    return {"steps": log["steps"], "stopped_early": bool(log.get("stopped_early", False)), "curve": curve,
+            "metric": str(log.get("metric", "validation metric"))}
+
+
+def _references(task: str, test_file: str) -> list:
+    rows = read_rows(test_file)
+    return [r["label"] for r in rows] if task == "classification" else [str(r["target"]) for r in rows]
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _groups(rows: list[dict], keys: list[str], sizes: int) -> list[dict]:
+    """Rows grouped by (size, variant) in model order: the seeds, mean ± std of every column and of
+    the headline score, and the first seed's model (the one the significance tests use)."""
+    by_key: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["size"], r["variant"]), []).append(r)
+    out = []
+    for (size, variant), rs in by_key.items():
+        scores = [r["score"] for r in rs]
+        g = {"size": size, "variant": variant, "label": variant_label(variant, size, sizes),
+             "models": [r["model"] for r in rs], "seeds": [r["seed"] for r in rs], "first": rs[0]["model"],
+             "score_mean": statistics.fmean(scores), "score_std": _std(scores),
+             "columns": {k: {"mean": statistics.fmean(_get(r["quality"], k) for r in rs),
+                             "std": _std([_get(r["quality"], k) for r in rs])} for k in keys}}
+        for key in ("ms_per_token", "latency_ms", "steps"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            g[f"{key}_mean"] = statistics.fmean(vals) if len(vals) == len(rs) else None
+        out.append(g)
+    return out
+
+
+def _compare(kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tuple[str, ...],
+             mode: str | None) -> dict:
+    """Paired bootstrap of group ``a``'s first model against group ``b``'s on every metric."""
+    pa, pb = preds[a["first"]], preds[b["first"]]
+    if mode is not None:
+        pa, pb = pa[mode], pb[mode]
+    tests = {m: paired_bootstrap(m, pa, pb, refs).as_dict() for m in metrics}
+    for t in tests.values():
+        t["verdict"] = ("inconclusive" if t["p_value"] >= ALPHA else "better" if t["difference"] > 0 else "worse")
+    return {"kind": kind, "a": a["first"], "b": b["first"], "a_label": a["label"], "b_label": b["label"],
+            "tests": tests}
+
+
+def _signed(x: float, spec: str = ".1f") -> str:
+    return ("+" if x >= 0 else "−") + format(abs(x), spec)
+
+
+def verdict_line(c: dict, metric: str) -> str:
+    """One comparison in words, e.g. ``Word-KD beats the baseline by +3.1 BLEU (95% CI +2.2…+4.0, p = 0.001).``"""
+    t = c["tests"][metric]
+    label = METRIC_LABELS.get(metric, metric)
+    a, b = c["a_label"], c["b_label"]
+    a = a[0].upper() + a[1:]
+    ci = f"95% CI {_signed(t['ci_low'])}…{_signed(t['ci_high'])}, p = {t['p_value']:.3f}"
+    if t["verdict"] == "better":
+        return f"{a} beats {b} by {_signed(t['difference'])} {label} ({ci})."
+    if t["verdict"] == "worse":
+        return f"{a} is behind {b} by {abs(t['difference']):.1f} {label} ({ci})."
+    return (f"{a} does not differ significantly from {b}: {_signed(t['difference'])} {label} ({ci}) -- "
+            "inconclusive on this test set.")
+
+
+def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs: list, mode: str | None) -> dict:
+    """Every student variant against the baseline of its size and against the teacher, and the best
+    student variant of each size against the others of that size; verdict lines on the headline metric."""
+    metrics = SIGNIFICANCE_METRICS[task]
+    comparisons = []
+    students = [g for g in groups if g["variant"] != "teacher"]
+    for size in dict.fromkeys(g["size"] for g in students):
+        same = [g for g in students if g["size"] == size]
+        base = next((g for v in BASELINE_VARIANTS for g in same if g["variant"] == v), None)
+        others = [g for g in same if g is not base]
+        if base is not None:
+            comparisons += [_compare("vs-baseline", g, base, preds, refs, metrics, mode) for g in others]
+        ranked = sorted(others, key=lambda g: -g["score_mean"])
+        if len(ranked) > 1:
+            comparisons += [_compare("best-vs-other", ranked[0], g, preds, refs, metrics, mode) for g in ranked[1:]]
+        comparisons += [_compare("vs-teacher", g, teacher, preds, refs, metrics, mode) for g in same]
+    order = {"vs-baseline": 0, "best-vs-other": 1, "vs-teacher": 2}
+    comparisons.sort(key=lambda c: order[c["kind"]])
+    return {"metrics": list(metrics), "mode": mode, "alpha": ALPHA, "n_samples": DEFAULT_SAMPLES, "seed": DEFAULT_SEED,
+            "first_seed_only": any(len(g["models"]) > 1 for g in groups), "comparisons": comparisons,
+            "verdicts": [verdict_line(c, metrics[0]) for c in comparisons]}
+
+
 def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, data: dict) -> dict:
-    """The report: the plan, the data sizes and one row per model (quality, size, latency, and each
-    against the teacher) from the eval stages' ``results`` and the speed stage's ``speed``."""
+    """The report: the plan, the data sizes, one row per model (quality, size, output length,
+    speed, steps, and each against the teacher), the variants (mean ± std over seeds) and the
+    significance tests with their verdict lines, from the eval stages' ``results``, the speed
+    stage's ``speed`` and the students' ``train_log.json``."""
     plan = opts.plan
     main, cols = _main_metric(opts.task)
+    mode = None if opts.task == "classification" else main.split(".")[0]
     t_params = results["teacher"]["parameters"]
-    t_lat = speed["teacher"]["latency_ms"]
+    t_sp = speed["teacher"]
     t_score = _get(results["teacher"], main)
     info = {}
     for split in ("train", "validation", "test"):
@@ -45,65 +193,212 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
             info["labels"] = split_info["labels"]
     if "transfer_rows" in data:
         info["transfer_rows"] = len(read_rows(data["transfer_rows"]))
+    sizes = len({m["size"] for m in models.values() if m["size"] is not None})
     rows = []
     for name, m in models.items():
         r = results[name]
         sp = speed[name]
-        rows.append({
-            "model": name, "variant": m["variant"], "size": m["size"], "path": os.path.abspath(m["dir"]),
+        row = {
+            "model": name, "variant": m["variant"], "size": m["size"], "seed": m.get("seed"),
+            "label": variant_label(m["variant"], m["size"], sizes), "path": os.path.abspath(m["dir"]),
             "parameters": r["parameters"], "parameters_vs_teacher": r["parameters"] / t_params,
             "quality": {k: v for k, v in r.items() if k not in ("parameters", "predictions")},
             "main_metric": main, "score": _get(r, main),
             "score_vs_teacher": (_get(r, main) / t_score) if t_score else None,
             "latency_ms": sp["latency_ms"], "throughput_per_s": sp["throughput_per_s"],
-            "speedup": t_lat / sp["latency_ms"] if sp["latency_ms"] else None,
-        })
+            # per example (batch 1, the study's beam search): counts how long each model's outputs are
+            "speedup": t_sp["latency_ms"] / sp["latency_ms"] if sp["latency_ms"] else None,
+            "ms_per_token": sp.get("ms_per_token"),
+            # per token at a fixed output length: the architecture's speed, the headline speed-up
+            "speedup_per_token": (t_sp["ms_per_token"] / sp["ms_per_token"]
+                                  if sp.get("ms_per_token") and t_sp.get("ms_per_token") else None),
+        }
+        if mode is not None:
+            lengths = output_lengths(load_tokenizer(m["dir"]), r["predictions"][mode])
+            row["output_tokens_mean"] = sum(lengths) / len(lengths)
+        log = read_train_log(m) if m["variant"] != "teacher" else None
+        if log is not None:
+            row.update(steps=log["steps"], stopped_early=log["stopped_early"], curve=log["curve"],
+                       curve_metric=log["metric"])
+        rows.append(row)
+    keys = [k for _, k in cols]
+    groups = _groups(rows, keys, sizes)
+    teacher = next(g for g in groups if g["variant"] == "teacher")
+    sig = significance(opts.task, groups, teacher, {n: results[n]["predictions"] for n in models},
+                       _references(opts.task, data["test"]), mode)
+    per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
     return {"task": opts.task, "budget": opts.budget, "plan": plan,
             "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
             "teacher": opts.teacher or "trained from scratch", "columns": [c for c, _ in cols],
-            "column_keys": [k for _, k in cols], "speed_setup": {k: v for k, v in speed["teacher"].items()
-                                                               if k not in ("latency_ms", "throughput_per_s")},
-            "rows": rows}
+            "column_keys": keys, "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
+            "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows}
 
 
 def _main_label(report: dict) -> str:
     return report["columns"][report["column_keys"].index(report["rows"][0]["main_metric"])]
 
 
+def _pm(mean: float, std: float | None, spec: str = ".1f") -> str:
+    return format(mean, spec) if std is None else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def _opt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _steps_cell(r: dict) -> str:
+    if r.get("steps") is None:
+        return "–"
+    return f"{r['steps']}" + (" (stopped)" if r.get("stopped_early") else "")
+
+
 def report_markdown(report: dict) -> str:
-    """``report.md``: a title, the table of models and notes saying how it was measured."""
+    """``report.md``: the verdict lines, the table of models (or variants, with several seeds) and
+    notes saying how everything was measured."""
     keys = report["column_keys"]
-    head = ["model", "params", "size"] + report["columns"] + ["latency ms", "speed-up",
-                                                              f"{_main_label(report)} vs teacher"]
-    rows = []
-    for r in report["rows"]:
+    rows_in = report["rows"]
+    seq2seq = report["task"] != "classification"
+    per_token = all(r.get("ms_per_token") is not None for r in rows_in)
+    has_steps = any(r.get("steps") is not None for r in rows_in)
+    fixed = report["speed_setup"].get("fixed_new_tokens")
+    head = ["model", "params", "size"] + (["steps"] if has_steps else []) + report["columns"]
+    if seq2seq:
+        head += ["output tokens"]
+    if per_token:
+        head += [f"ms/token ({fixed} tokens)", "speed-up per token"]
+    head += ["latency ms/example", "speed-up per example", f"{_main_label(report)} vs teacher"]
+
+    def speed_cells(r):
+        cells = [f"{r['output_tokens_mean']:.1f}"] if seq2seq else []
+        if per_token:
+            cells += [f"{r['ms_per_token']:.2f}", _opt(r["speedup_per_token"], ".2f") + "x"]
+        return cells + [f"{r['latency_ms']:.1f}", _opt(r["speedup"], ".2f") + "x"]
+
+    table = []
+    for r in rows_in:
         vals = [r["model"], f"{r['parameters'] / 1e6:.2f}M", f"{r['parameters_vs_teacher']:.0%}"]
+        vals += [_steps_cell(r)] if has_steps else []
         vals += [f"{_get(r['quality'], k):.1f}" for k in keys]
-        vals += [f"{r['latency_ms']:.1f}", f"{r['speedup']:.2f}x",
-                 f"{r['score_vs_teacher']:.0%}" if r["score_vs_teacher"] is not None else "-"]
-        rows.append(vals)
+        vals += speed_cells(r)
+        vals += [f"{r['score_vs_teacher']:.0%}" if r["score_vs_teacher"] is not None else "-"]
+        table.append(vals)
+    sig = report["significance"]
     plan = report["plan"]
     d = report["data"]
     sp = report["speed_setup"]
-    notes = [
-        f"# lmkd study: {report['task']} ({report['budget']} budget)", "",
-        markdown_table(head, rows), "",
+    metric = METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0])
+    lines = [f"# lmkd study: {report['task']} ({report['budget']} budget)", ""]
+    lines += ["## Verdicts", ""] + [f"- {v}" for v in report["verdicts"]] + [""]
+    lines += [f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
+              f"BLEU/chrF exactly sacrebleu's paired bootstrap test) on {metric}"
+              + (f", {sig['mode']} search" if sig["mode"] else "")
+              + f": a difference is reported when p < {sig['alpha']}, otherwise the comparison is inconclusive; "
+              "each p-value is for one comparison (no correction for the number of comparisons)."
+              + (" With several seeds per variant the tests compare each variant's first seed; the table "
+                 "below gives mean ± std over the seeds." if sig["first_seed_only"] else ""), ""]
+    variants = report["variants"]
+    if any(len(g["models"]) > 1 for g in variants):
+        vhead = ["variant", "seeds"] + (["steps (mean)"] if has_steps else []) + report["columns"]
+        vrows = []
+        for g in variants:
+            v = [g["label"], str(len(g["models"]))]
+            v += [_opt(g["steps_mean"], ".0f")] if has_steps else []
+            v += [_pm(g["columns"][k]["mean"], g["columns"][k]["std"]) for k in keys]
+            vrows.append(v)
+        lines += ["## Variants: mean ± std over seeds", "", markdown_table(vhead, vrows), "",
+                  "## Every model", ""]
+    lines += [markdown_table(head, table), ""]
+    lines += ["## Comparisons", ""]
+    chead = ["A", "B"] + [f"{METRIC_LABELS.get(m, m)} A − B (95% CI), p" for m in sig["metrics"]]
+    crows = []
+    for c in sig["comparisons"]:
+        cells = [c["a"], c["b"]]
+        for m in sig["metrics"]:
+            t = c["tests"][m]
+            cells.append(f"{_signed(t['difference'], '.2f')} ({_signed(t['ci_low'], '.2f')}…"
+                         f"{_signed(t['ci_high'], '.2f')}), p = {t['p_value']:.3f}")
+        crows.append(cells)
+    lines += [markdown_table(chead, crows), ""]
+    if has_steps and "eval_every" in plan:
+        metric_name = next((r["curve_metric"] for r in rows_in if r.get("curve_metric")), "metric")
+        steps_note = (f"Students: each trained until its {CURVE_METRICS.get(metric_name, 'validation ' + metric_name)} "
+                      f"stopped improving (measured every {plan['eval_every']} steps, patience "
+                      f"{plan.get('patience')}), at most {plan['student_steps']} steps; the steps column says where "
+                      "each one stopped (\"stopped\": before the cap).")
+    else:
+        steps_note = f"Students: {plan['student_steps']} steps each."
+    lines += [
         f"Teacher: {report['teacher']}. Data: {d.get('train_rows')} training rows"
         + (f" ({d['transfer_rows']} in the transfer set every student learns from)" if "transfer_rows" in d else "")
         + f", {d.get('validation_rows')} validation, {d.get('test_rows')} test rows.",
-        f"Students: {plan['student_steps']} steps each, batch {plan['batch_size']}, lr {plan['student_lr']}; "
+        steps_note,
+        f"Training: batch {plan['batch_size']}, lr {plan['student_lr']}; "
         f"word-level KD alpha {plan['kd_alpha']}, temperature {plan['kd_temperature']}."
         + ("" if report["task"] == "classification" else f" Beam size {plan['beams']}."),
-        f"Latency: ms per example at batch size 1 ({'beam search' if report['task'] != 'classification' else 'forward'}), "
-        f"median of {sp.get('repeats')} rounds over {sp.get('latency_examples')} examples, models interleaved; "
-        "speed-up = teacher latency / model latency.",
     ]
-    return "\n".join(notes) + "\n"
+    if seq2seq:
+        lines.append(f"Output tokens: mean length of each model's {sig['mode'] or ''} outputs on the test rows, "
+                     "in its tokenizer's tokens.")
+    if per_token:
+        lines.append(f"Speed per token: greedy decoding forced to exactly {fixed} new tokens per example "
+                     "(EOS held off), batch 1 -- the architecture's speed, whatever the length of a model's own "
+                     "outputs; speed-up per token = teacher ms/token / model ms/token (the headline figure).")
+    lines.append(
+        f"Latency: ms per example at batch size 1 ({'beam search' if seq2seq else 'forward'}), "
+        f"median of {sp.get('repeats')} rounds over {sp.get('latency_examples')} examples, models interleaved; "
+        "speed-up per example = teacher latency / model latency"
+        + (" -- it also counts how long each model's outputs are." if seq2seq else "."))
+    for note in plan.get("notes") or []:
+        lines.append(str(note))
+    return "\n".join(lines) + "\n"
+
+
+def _short(label: str) -> str:
+    """A legend entry: the label without its article (``the baseline`` -> ``baseline``)."""
+    return label[4:] if label.startswith("the ") else label
+
+
+def _plot_points(report: dict) -> tuple[list[PlotPoint], str]:
+    """One point per variant (the mean over its seeds), error bars = std over seeds when there are
+    several, else the bootstrap 95% CI of the model's own score; and the note saying which."""
+    per_token = all(r.get("ms_per_token") is not None for r in report["rows"])
+    key = "ms_per_token_mean" if per_token else "latency_ms_mean"
+    seeds = any(len(g["models"]) > 1 for g in report["variants"])
+    ci = {}
+    for c in report["significance"]["comparisons"]:
+        t = c["tests"][report["significance"]["metrics"][0]]
+        ci.setdefault(c["a"], t["ci_a"])
+        ci.setdefault(c["b"], t["ci_b"])
+    main_is_sig = report["rows"][0]["main_metric"].split(".")[-1] == report["significance"]["metrics"][0]
+    points = []
+    for g in report["variants"]:
+        if seeds:
+            err = (g["score_std"], g["score_std"]) if g["score_std"] is not None else None
+        else:
+            half = ci.get(g["first"]) if main_is_sig else None
+            err = (half, half) if half is not None else None
+        points.append(PlotPoint(_short(g["label"]), g[key], g["score_mean"], g["variant"] == "teacher", score_err=err))
+    note = ("error bars: ±1 std over the seeds of each variant" if seeds
+            else f"error bars: bootstrap 95% CI of each model's score ({report['significance']['n_samples']} "
+                 "resamples of the test rows)")
+    return points, note
 
 
 def write_study_report(report: dict, out: str) -> None:
-    """``report.json``, ``report.md`` and ``report.png`` (quality against latency) into ``out``."""
+    """``report.json``, ``report.md`` and ``report.png`` (quality against speed, and the students'
+    validation curves) into ``out``."""
     write_report(report, report_markdown(report), os.path.join(out, "report.json"), os.path.join(out, "report.md"))
-    points = [PlotPoint(r["model"], r["latency_ms"], r["score"], r["model"] == "teacher") for r in report["rows"]]
-    plot_quality_latency(points, os.path.join(out, "report.png"), ylabel=_main_label(report),
-                         title=f"lmkd study: {report['task']} ({report['budget']} budget)")
+    points, note = _plot_points(report)
+    per_token = all(r.get("ms_per_token") is not None for r in report["rows"])
+    fixed = report["speed_setup"].get("fixed_new_tokens")
+    xlabel = (f"ms per token ({fixed} tokens forced, greedy, batch 1)" if per_token
+              else "latency per example, batch 1 (ms)")
+    first = {g["first"] for g in report["variants"]}
+    curves = [Curve(_short(r["label"]), [c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]])
+              for r in report["rows"] if r["model"] in first and r.get("curve")]
+    curve_metric = next((r["curve_metric"] for r in report["rows"] if r.get("curve")), "")
+    plot_quality_speed(points, os.path.join(out, "report.png"), xlabel=xlabel, ylabel=_main_label(report),
+                       title=f"lmkd study: {report['task']} ({report['budget']} budget)", curves=curves,
+                       curve_ylabel=CURVE_METRICS.get(curve_metric, f"validation {curve_metric}".strip()), note=note,
+                       curve_title="students' validation curves" + (" (first seed)" if len(first) < sum(
+                           len(g["models"]) for g in report["variants"]) else ""))

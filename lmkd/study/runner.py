@@ -79,8 +79,10 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
         ed = st.run(f"eval-{name}", eval_opts, [m["stage"], "data-test"], eval_fn, f"evaluating {name} on the test set")
         results[name] = _read_json(ed, "quality.json")
 
+    # "fixed_new_tokens": the per-token speed (every model forced to decode that many tokens) is measured too
     speed_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"],
-                  "examples": plan["speed_examples"], "repeats": plan["speed_repeats"]}
+                  "examples": plan["speed_examples"], "repeats": plan["speed_repeats"],
+                  "fixed_new_tokens": plan["max_new_tokens"]}
 
     def speed_fn(out):
         atomic_write_json(os.path.join(out, "speed.json"), measure_models_speed(
@@ -90,7 +92,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     sd = st.run("speed", speed_opts, [m["stage"] for m in models.values()] + ["data-test"], speed_fn,
                 f"measuring the speed of {len(models)} models side by side")
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
-    rd = st.run("report", {"v": 1}, [f"eval-{n}" for n in models] + ["speed"],
+    # v2: verdict lines, significance, per-token speed, seeds (a report written by v1 is rewritten)
+    rd = st.run("report", {"v": 2}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))

@@ -1,0 +1,236 @@
+"""The study report (lmkd.study.results, lmkd.report): its significance numbers equal sacrebleu's
+PairedTest run directly on the saved outputs, its verdict lines say what the tests say, its speed
+is per token at a fixed output length beside per example, several seeds give mean ± std per
+variant, train_log.json gives the steps and the curves, and the plot's axes show the real spread."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from lmkd.report import padded_range
+from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, run_study
+from lmkd.study.results import build_report, read_train_log, report_markdown, verdict_line, write_study_report
+
+
+def _tiny(out) -> StudyOptions:
+    """The tiny translation study; its 40-step teacher is not meant to pass the teacher check (where
+    the study has one): these tests are about the report, not the teacher."""
+    unchecked = {"teacher_check": False} if "teacher_check" in StudyOptions.__dataclass_fields__ else {}
+    return StudyOptions(task="translation", budget="tiny", output=str(out), **unchecked)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny translation study, and what build_report needs to rebuild its report."""
+    out = tmp_path_factory.mktemp("report") / "study"
+    report = run_study(_tiny(out))
+    return out, report
+
+
+def _stage(out: Path, name: str) -> Path:
+    return out / "stages" / name.replace("+", "_")
+
+
+def _inputs(out: Path, names: list[str]):
+    """(opts, models, results, speed, data) of build_report, read back from the study's stage dirs."""
+    opts = _tiny(out).resolve()
+    models = {"teacher": {"dir": str(_stage(out, "teacher")), "stage": "teacher", "variant": "teacher",
+                          "size": None}}
+    for n in names:
+        models[n] = {"dir": str(_stage(out, n)), "stage": n, "variant": n.split("-", 1)[1], "size": 0.25}
+    results = {n: json.loads((_stage(out, f"eval-{n}") / "quality.json").read_text()) for n in models}
+    speed = json.loads((_stage(out, "speed") / "speed.json").read_text())
+    data = {s: str(_stage(out, f"data-{s}") / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    data.update({f"{s}_dir": str(_stage(out, f"data-{s}")) for s in ("train", "validation", "test")})
+    data["transfer_rows"] = str(_stage(out, "transfer-rows") / "transfer.jsonl")
+    return opts, models, results, speed, data
+
+
+def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    out, report = study
+    refs = [json.loads(line)["target"] for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()]
+    preds = {r["model"]: json.loads((_stage(out, f"eval-{r['model']}") / "quality.json").read_text())["predictions"]
+             for r in report["rows"]}
+    sig = report["significance"]
+    assert sig["mode"] == "beam" and sig["metrics"] == ["bleu", "chrf"] and sig["n_samples"] == 1000
+    kinds = [c["kind"] for c in sig["comparisons"]]
+    n = len(SEQ2SEQ_VARIANTS)
+    assert kinds == ["vs-baseline"] * (n - 1) + ["best-vs-other"] * (n - 2) + ["vs-teacher"] * n
+    assert {c["a"] for c in sig["comparisons"] if c["kind"] == "vs-baseline"} == \
+        {f"s025-{v}" for v in SEQ2SEQ_VARIANTS[1:]}
+    for c in sig["comparisons"]:
+        _, scores = PairedTest([("b", preds[c["b"]]["beam"]), ("a", preds[c["a"]]["beam"])],
+                               {"bleu": BLEU(), "chrf": CHRF()}, references=[refs], test_type="bs",
+                               n_samples=1000)()
+        for metric, key in (("bleu", "BLEU"), ("chrf", "chrF2")):
+            base, sys = scores[key]
+            t = c["tests"][metric]
+            assert t["difference"] == sys.score - base.score
+            assert t["score_a"] == sys.score and t["score_b"] == base.score
+            assert (t["mean_a"], t["ci_a"]) == (sys.mean, sys.ci)
+            # two models that score alike on every resample (tiny models: often 0 BLEU each) have p = 1,
+            # where sacrebleu's formula gives its smallest value; otherwise the p-value is sacrebleu's
+            alike = t["difference"] == t["ci_low"] == t["ci_high"] == 0.0
+            assert t["p_value"] == (1.0 if alike else sys.p_value)
+            assert not alike or sys.p_value == 1 / 1001
+            assert t["verdict"] == ("inconclusive" if t["p_value"] >= 0.05 else
+                                    "better" if t["difference"] > 0 else "worse")
+    # the report opens with one verdict line per comparison, in words
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[2] == "## Verdicts"
+    body = md.split("## Verdicts\n\n", 1)[1]
+    assert body.startswith("\n".join(f"- {v}" for v in report["verdicts"]))
+    assert len(report["verdicts"]) == len(sig["comparisons"])
+    assert report["verdicts"][0].startswith("Word-KD ") and "the baseline" in report["verdicts"][0]
+
+
+def test_verdict_lines_say_what_the_test_says():
+    def comp(diff, lo, hi, p, a="Word-KD", b="the baseline"):
+        verdict = "inconclusive" if p >= 0.05 else "better" if diff > 0 else "worse"
+        return {"a_label": a, "b_label": b, "tests": {"bleu": {"difference": diff, "ci_low": lo, "ci_high": hi,
+                                                             "p_value": p, "verdict": verdict}}}
+
+    assert verdict_line(comp(3.14, 2.2, 4.0, 0.000999), "bleu") == \
+        "Word-KD beats the baseline by +3.1 BLEU (95% CI +2.2…+4.0, p = 0.001)."
+    assert verdict_line(comp(-1.26, -2.0, -0.5, 0.012, "Seq-KD", "the teacher"), "bleu") == \
+        "Seq-KD is behind the teacher by 1.3 BLEU (95% CI −2.0…−0.5, p = 0.012)."
+    line = verdict_line(comp(0.4, -0.9, 1.8, 0.41, "Seq-KD", "Word-KD"), "bleu")
+    assert line == ("Seq-KD does not differ significantly from Word-KD: +0.4 BLEU (95% CI −0.9…+1.8, p = 0.410) "
+                    "-- inconclusive on this test set.")
+    assert verdict_line(comp(1.0, 0.1, 2.0, 0.2, "the baseline", "the teacher"), "bleu").startswith("The baseline")
+
+
+def test_speed_is_per_token_at_a_fixed_length_beside_per_example(study):
+    from lmkd.generation import output_lengths
+    from lmkd.modeling import load_tokenizer
+
+    out, report = study
+    plan = report["plan"]
+    assert report["speed_setup"]["fixed_new_tokens"] == plan["max_new_tokens"]
+    teacher = report["rows"][0]
+    for r in report["rows"]:
+        assert r["ms_per_token"] > 0 and r["latency_ms"] > 0
+        assert r["speedup_per_token"] == teacher["ms_per_token"] / r["ms_per_token"]
+        assert r["speedup"] == teacher["latency_ms"] / r["latency_ms"]
+        beam = json.loads((_stage(out, f"eval-{r['model']}") / "quality.json").read_text())["predictions"]["beam"]
+        lengths = output_lengths(load_tokenizer(r["path"]), beam)
+        assert r["output_tokens_mean"] == sum(lengths) / len(lengths)
+        assert r["output_tokens_mean"] <= plan["max_new_tokens"]
+    md = (out / "report.md").read_text()
+    assert f"ms/token ({plan['max_new_tokens']} tokens)" in md and "speed-up per token" in md
+    assert "speed-up per example" in md
+    for r in report["rows"]:
+        assert f"{r['ms_per_token']:.2f} | {r['speedup_per_token']:.2f}x" in md
+
+
+def test_fixed_length_decoding_generates_exactly_that_many_tokens(tiny_model_dir):
+    from lmkd.generation import generate_fixed_length
+    from lmkd.modeling import load_model, load_tokenizer
+
+    path = tiny_model_dir("marian", seed=1)
+    model, tok = load_model(path).eval(), load_tokenizer(path)
+    # an untrained model says EOS early or never; forced, it decodes exactly the asked length
+    for n in (1, 7, 20):
+        assert generate_fixed_length(model, tok, "the source sentence", n) == n
+
+
+def test_seeds_give_mean_and_std_per_variant_and_train_logs_give_steps_and_curves(study, tmp_path):
+    out, _ = study
+    names = [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
+    opts, models, results, speed, data = _inputs(out, names)
+    # a second "seed" of Word-KD: the Seq-KD model's outputs stand in for it (other numbers, same shape)
+    models["s025-word-kd-seed43"] = {**models["s025-seq-kd"], "variant": "word-kd", "seed": 43}
+    models["s025-word-kd"]["seed"] = 42
+    results["s025-word-kd-seed43"] = results["s025-seq-kd"]
+    speed["s025-word-kd-seed43"] = speed["s025-seq-kd"]
+    logs = {}
+    for i, n in enumerate(names):  # train_log.json as the students' stages write it
+        log = {"steps": 100 + 10 * i, "stopped_early": i % 2 == 0, "metric": "eval_loss_ce",
+               "curve": [{"step": s, "metric": 5.0 - 0.01 * s - 0.1 * i} for s in (20, 40, 60)]}
+        path = tmp_path / f"{n}.json"
+        path.write_text(json.dumps(log))
+        models[n]["train_log"] = logs[n] = str(path)
+    (tmp_path / "broken.json").write_text("{not json")
+    models["s025-word-kd-seed43"]["train_log"] = str(tmp_path / "broken.json")  # read defensively: omitted
+    report = build_report(opts, models, results, speed, data)
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["s025-baseline"]["steps"] == 100 and rows["s025-baseline"]["stopped_early"] is True
+    assert rows["s025-word-kd"]["curve"] == json.loads(Path(logs["s025-word-kd"]).read_text())["curve"]
+    assert "steps" not in rows["s025-word-kd-seed43"] and "steps" not in rows["teacher"]
+    word = next(g for g in report["variants"] if g["variant"] == "word-kd")
+    assert word["models"] == ["s025-word-kd", "s025-word-kd-seed43"] and word["seeds"] == [42, 43]
+    chrf = [results["s025-word-kd"]["beam"]["chrf"], results["s025-seq-kd"]["beam"]["chrf"]]
+    assert word["columns"]["beam.chrf"] == {"mean": statistics.fmean(chrf), "std": statistics.stdev(chrf)}
+    assert word["first"] == "s025-word-kd"
+    assert all(g["score_std"] is None for g in report["variants"] if g["variant"] != "word-kd")
+    sig = report["significance"]
+    assert sig["first_seed_only"] is True
+    assert "s025-word-kd-seed43" not in {c["a"] for c in sig["comparisons"]} | {c["b"] for c in sig["comparisons"]}
+    md = report_markdown(report)
+    assert "## Variants: mean ± std over seeds" in md and "compare each variant's first seed" in md
+    # steps: a mean only when every seed has a log (here one does not); quality: mean ± std over the seeds
+    g = word["columns"]
+    assert (f"| Word-KD | 2 | – | {g['greedy.bleu']['mean']:.1f} ± {g['greedy.bleu']['std']:.1f} | "
+            f"{g['greedy.chrf']['mean']:.1f} ± {g['greedy.chrf']['std']:.1f} |") in md
+    assert "| the baseline | 1 | 100 | " in md
+    for name, steps in (("s025-baseline", "100 (stopped)"), ("s025-word-kd", "110")):
+        r = rows[name]
+        assert f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['parameters_vs_teacher']:.0%} | {steps} | " in md
+    # the plot: two panels (quality against speed, the first seeds' validation curves)
+    write_study_report(report, str(tmp_path / "r"))
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(tmp_path / "r" / "report.png"))
+    assert img.shape[1] > 1.8 * img.shape[0]  # two panels side by side
+
+
+def test_axes_show_the_real_spread():
+    # scores 0.004 apart: the axis is at least 5 points wide, centred on them
+    lo, hi = padded_range(20.100, 20.104, 5.0, floor=0.0)
+    assert hi - lo == pytest.approx(5.0) and lo < 20.100 < 20.104 < hi
+    # a real spread keeps its 10% margins on each side
+    assert padded_range(10.0, 40.0, 5.0, floor=0.0) == (pytest.approx(7.0), pytest.approx(43.0))
+    # near zero: starts at the floor (less a sliver so markers on it show), never far below it
+    lo, hi = padded_range(0.0, 0.0, 5.0, floor=0.0)
+    assert lo == pytest.approx(-0.15) and hi == pytest.approx(4.85)
+
+
+def test_train_log_is_read_defensively(tmp_path):
+    assert read_train_log({"dir": str(tmp_path)}) is None  # absent
+    (tmp_path / "train_log.json").write_text(json.dumps({"steps": "many"}))
+    assert read_train_log({"dir": str(tmp_path)}) is None  # not the documented shape
+    (tmp_path / "train_log.json").write_text(json.dumps(
+        {"steps": 30, "curve": [{"step": 10, "metric": 2.5}, {"bad": 1}], "metric": "eval_loss_ce"}))
+    assert read_train_log({"dir": str(tmp_path)}) == {"steps": 30, "stopped_early": False, "metric": "eval_loss_ce",
+                                                      "curve": [{"step": 10, "metric": 2.5}]}
+
+
+def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):
+    from lmkd.evaluate import evaluate_models, markdown_table
+    from lmkd.generation import output_lengths
+    from lmkd.modeling import load_tokenizer
+
+    path = tiny_model_dir("marian", seed=1)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in corpus[:6]))
+    res = evaluate_models(path, str(data), "translation", teacher=path, num_beams=2, max_new_tokens=9, batch_size=3,
+                          speed_samples=4, latency_samples=2, repeats=1, device="cpu", progress=False)
+    assert res["settings"]["fixed_new_tokens"] == 9
+    s, t = res["models"]["student"], res["models"]["teacher"]
+    assert s["speed"]["fixed_new_tokens"] == 9 and s["speed"]["ms_per_token"] > 0
+    assert s["vs_teacher"]["speedup_per_token"] == t["speed"]["ms_per_token"] / s["speed"]["ms_per_token"]
+    lengths = output_lengths(load_tokenizer(path), res["predictions"]["student"])
+    assert s["output_tokens"] == {"mean": sum(lengths) / len(lengths), "max": max(lengths)}
+    table = markdown_table(res)
+    assert "ms/token (9 tokens, batch 1)" in table and "speed-up per token" in table
+    assert f"| {s['speed']['ms_per_token']:.2f} |" in table
+    off = evaluate_models(path, str(data), "translation", num_beams=1, max_new_tokens=9, speed_samples=2,
+                          latency_samples=1, repeats=1, fixed_new_tokens=0, device="cpu", progress=False)
+    assert off["settings"]["fixed_new_tokens"] is None and "ms_per_token" not in off["models"]["student"]["speed"]
