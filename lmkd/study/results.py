@@ -27,6 +27,8 @@ from ..io import read_rows
 from ..modeling import load_tokenizer
 from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
 from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
+from .checks import summary as check_summary
+from .lengths import describe as describe_lengths
 from .plan import StudyOptions
 
 #: a comparison with p below this is reported as a difference; otherwise it is inconclusive
@@ -348,6 +350,16 @@ def report_markdown(report: dict) -> str:
         f"median of {sp.get('repeats')} rounds over {sp.get('latency_examples')} examples, models interleaved; "
         "speed-up per example = teacher latency / model latency"
         + (" -- it also counts how long each model's outputs are." if seq2seq else "."))
+    check = plan.get("teacher_check")
+    if check and not check.get("skipped"):
+        lines.append(f"Teacher check ({check['rows']} validation rows): {check_summary(check)}"
+                     + (f" -- after {len(check['rounds'])} training rounds." if len(check.get("rounds", [])) > 1
+                        else "."))
+    else:
+        lines.append("**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
+                     "comparisons with it may mean nothing.")
+    if plan.get("length_sizing"):
+        lines.append(describe_lengths(plan["length_sizing"]))
     for note in plan.get("notes") or []:
         lines.append(str(note))
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from .results import build_report, write_study_report
 from .seq2seq import seq2seq_students
 from .splits import prepare_split
 from .stages import Stages, format_duration
-from .teachers import teacher_stages
+from .teachers import teacher_check_of, teacher_stages
 
 
 def _data_stages(st: Stages, opts: StudyOptions) -> dict[str, str]:
@@ -62,6 +62,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     data = _data_stages(st, opts)
     test_file = data["test"]
     teachers = teacher_stages(st, opts, data)
+    # what the report says of the teacher: its check (stage dir of a trained one, or the check stage)
+    plan["teacher_check"] = teacher_check_of(teachers["teacher"], st.path("teacher-check"))
     models: dict[str, dict] = {"teacher": {"dir": teachers["teacher"], "stage": "teacher", "variant": "teacher",
                                            "size": None, "seed": None}}
     if opts.task == "classification":
@@ -93,7 +95,7 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
                 f"measuring the speed of {len(models)} models side by side")
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
     # v2: verdict lines, significance, per-token speed, seeds (a report written by v1 is rewritten)
-    rd = st.run("report", {"v": 2}, [f"eval-{n}" for n in models] + ["speed"],
+    rd = st.run("report", {"v": 3}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
