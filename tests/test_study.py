@@ -482,7 +482,7 @@ def test_classification_study_with_a_bare_encoder_teacher_skips_the_mlm_variants
     report = run_study(StudyOptions(task="classification", budget="tiny", teacher_check=False, output=out, source_column="sentence",
                                     target_column="lang", teacher=str(teacher), **files))
     log = _log(out)
-    assert log == ["data-train", "data-validation", "data-test", "teacher-mlm", "teacher", "s05-init", "s05-no-kd",
+    assert log == ["data-train", "data-validation", "data-test", "teacher-mlm", "lengths", "teacher", "s05-init", "s05-no-kd",
                    "s05-task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd", "speed", "report"]
     assert f"[{len(log)}/{len(log)}] report" in capsys.readouterr().out  # count_stages knew
     assert [r["variant"] for r in report["rows"]] == ["teacher", "no-kd", "task-kd"]
