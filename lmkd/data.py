@@ -22,7 +22,7 @@ from transformers import (
 from .constants import CLASSIFICATION, DEFAULT_COLUMNS, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND, TASKS
 from .errors import LmkdError
 from .io import read_rows
-from .modeling import describe_truncation, encode_fitted, fit_length, input_limit, target_limit, truncation_note
+from .truncation import describe_truncation, encode_fitted, fit_length, input_limit, target_limit, truncation_note
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +139,11 @@ def tokenize(ds: datasets.Dataset, tokenizer, args: DataArguments, labelled: boo
              notes: list | None = None) -> datasets.Dataset:
     """Tokenise ``ds`` for ``args.task``; the original columns are dropped.
 
-    Inputs are truncated to :func:`lmkd.modeling.fit_length` of ``args.max_source_length`` and the
+    Inputs are truncated to :func:`lmkd.truncation.fit_length` of ``args.max_source_length`` and the
     ``model`` (a model, config, path, or a list of them: every model that will read the data;
     None: the maximum alone), labels likewise to ``args.max_target_length`` and the decoder's
     table.  The rows cut are logged once per call; with ``notes`` each
-    :func:`lmkd.modeling.truncation_note` is also appended to it."""
+    :func:`lmkd.truncation.truncation_note` is also appended to it."""
     src, tgt = args.source_column, args.target_column
     kind = TASK_KIND[args.task]
     src_len = fit_length(args.max_source_length, model, tokenizer, "inputs")

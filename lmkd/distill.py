@@ -138,7 +138,7 @@ def truncation_metrics(notes: dict[str, list]) -> dict[str, int]:
 
 def data_readers(args, student, teacher_model=None) -> list:
     """Every model that reads the training data, so the one truncation rule
-    (:func:`lmkd.modeling.fit_length`) fits the data to the smallest of their position tables: the
+    (:func:`lmkd.truncation.fit_length`) fits the data to the smallest of their position tables: the
     student, the live teacher(s) when they are used, and the teacher a logit cache was made with."""
     readers = [student]
     if teacher_model is not None:

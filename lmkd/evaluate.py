@@ -18,7 +18,8 @@ from . import generation, metrics, report
 from .constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ
 from .data import load_data
 from .errors import LmkdError
-from .modeling import count_parameters, describe_truncation, load_model, load_tokenizer, resolve_device, weights_bytes
+from .modeling import count_parameters, load_model, load_tokenizer, resolve_device, weights_bytes
+from .truncation import describe_truncation
 from .report import format_cell
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def evaluate_models(
     }
 
     for label, (model, tokenizer) in loaded.items():
-        truncation: dict = {}  # what lmkd.modeling's rule cut for this model: reported once, here
+        truncation: dict = {}  # what lmkd.truncation's rule cut for this model: reported once, here
         if task == "classification":
             refs = _labels(references, model)
             preds = generation.classify(model, tokenizer, sources, batch_size=batch_size,

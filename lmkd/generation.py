@@ -14,8 +14,8 @@ on-policy KD (:func:`generate_seeded`, :func:`eos_mask`, used by
   order into batches of ``batch_size`` rows and/or at most ``max_tokens`` padded tokens, so a batch
   holds inputs of similar length (little padding) and the largest batch comes first (an early OOM);
 * **sampling that does not depend on the batch**: :class:`PerExampleSampler`;
-* **lengths**: inputs (and new tokens) fitted to the model by :func:`lmkd.modeling.fit_length` /
-  :func:`lmkd.modeling.generation_lengths`, the one truncation rule of every command.
+* **lengths**: inputs (and new tokens) fitted to the model by :func:`lmkd.truncation.fit_length` /
+  :func:`lmkd.truncation.generation_lengths`, the one truncation rule of every command.
 """
 
 from __future__ import annotations
@@ -28,16 +28,8 @@ import torch
 
 from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
-from .modeling import (
-    encode_fitted,
-    fit_length,
-    generation_lengths,
-    input_limit,
-    model_kind,
-    target_limit,
-    truncation_note,
-    unwrap,
-)
+from .modeling import model_kind, unwrap
+from .truncation import encode_fitted, fit_length, generation_lengths, input_limit, target_limit, truncation_note
 
 # ---- the shared rules: EOS, padding, batching --------------------------------------------------
 
@@ -140,7 +132,7 @@ def _device_of(model) -> torch.device:
 
 def _encode_inputs(model, tokenizer, texts: list[str], max_source_length: int | None, stats: dict | None,
                    max_new_tokens: int | None = None):
-    """Token lists of ``texts`` fitted to ``model`` by :mod:`lmkd.modeling`'s rule, and the number
+    """Token lists of ``texts`` fitted to ``model`` by :mod:`lmkd.truncation`'s rule, and the number
     of new tokens that fit; records the truncation notes in ``stats`` (``inputs``, ``new tokens``)."""
     if max_new_tokens is None:
         length, new = fit_length(max_source_length, model, tokenizer, "inputs"), None
@@ -166,11 +158,11 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
                    desc: str = "generating", stats: dict | None = None) -> list[str]:
     """Beam-search outputs of a seq2seq ``model`` for ``sources``, in the order of ``sources``.
 
-    Inputs are truncated by :func:`lmkd.modeling.generation_lengths` (the smaller of
+    Inputs are truncated by :func:`lmkd.truncation.generation_lengths` (the smaller of
     ``max_source_length`` and the encoder's table; ``max_new_tokens`` lowered to what the
     decoder's table holds), batched by token length (longest first) and the outputs put back in
     order; a tqdm bar counts examples.  ``stats``, when given, receives the truncation notes
-    (``inputs``, ``new tokens``: :func:`lmkd.modeling.truncation_note`).  The model's own
+    (``inputs``, ``new tokens``: :func:`lmkd.truncation.truncation_note`).  The model's own
     generation config applies apart from ``num_beams`` and ``max_new_tokens``.
     """
     from tqdm.auto import tqdm
@@ -196,7 +188,7 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
 
 def generate_fixed_length(model, tokenizer, source: str, new_tokens: int, max_source_length: int | None = 512) -> int:
     """Greedy decoding of exactly ``new_tokens`` tokens (fewer when the decoder's position table
-    holds fewer: :func:`lmkd.modeling.generation_lengths`) for one source at batch 1 (EOS is held
+    holds fewer: :func:`lmkd.truncation.generation_lengths`) for one source at batch 1 (EOS is held
     off until then: ``min_new_tokens == max_new_tokens``); returns the number of tokens generated.
 
     What :func:`lmkd.metrics.measure_speed` times for the per-token speed of an architecture: every
@@ -226,7 +218,7 @@ def output_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
 def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
              progress: bool = True, desc: str = "classifying", stats: dict | None = None) -> list[int]:
     """Predicted class ids (argmax of the logits) of a sequence classifier, in input order; inputs
-    truncated to :func:`lmkd.modeling.fit_length` (``stats``: as in :func:`generate_texts`)."""
+    truncated to :func:`lmkd.truncation.fit_length` (``stats``: as in :func:`generate_texts`)."""
     from tqdm.auto import tqdm
 
     texts = [str(t) for t in texts]

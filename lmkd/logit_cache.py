@@ -165,9 +165,9 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     same values must be used for training, so the positions match.  ``tail_samples`` M > 0 also
     stores M token ids per position drawn from the teacher's distribution outside the top-K (see
     the module docstring), reproducibly from ``seed``.  Inputs and targets are truncated by the one
-    rule (:func:`lmkd.modeling.fit_length`) to the teacher's tables; training on the cache applies
+    rule (:func:`lmkd.truncation.fit_length`) to the teacher's tables; training on the cache applies
     the same rule with the same teacher (:func:`cache_teacher`).  Returns a summary dict (with
-    ``truncation``: the rows cut, :func:`lmkd.modeling.truncation_note`).
+    ``truncation``: the rows cut, :func:`lmkd.truncation.truncation_note`).
     """
     from transformers import DataCollatorForSeq2Seq
 
@@ -196,7 +196,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         raise LmkdError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use at most {vocab}")
     if data_args.max_train_samples is not None:
         ds = ds.select(range(min(data_args.max_train_samples, len(ds))))
-    notes: list = []  # the one truncation rule (lmkd.modeling.fit_length): fitted to the teacher's tables
+    notes: list = []  # the one truncation rule (lmkd.truncation.fit_length): fitted to the teacher's tables
     ds = tokenize(ds, tokenizer, data_args, labelled=labelled, model=teacher, notes=notes)
 
     meta = {

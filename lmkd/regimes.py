@@ -37,15 +37,8 @@ from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_
 from .data import PROMPT_LENGTH
 from .errors import LmkdError
 from .generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
-from .modeling import (
-    describe_truncation,
-    generation_lengths,
-    model_kind,
-    target_limit,
-    truncation_note,
-    unwrap,
-    vocab_size_of,
-)
+from .modeling import model_kind, unwrap, vocab_size_of
+from .truncation import describe_truncation, generation_lengths, target_limit, truncation_note
 from .positions import aligned_labels, token_mask
 from .teachers import EnsembleTeacher
 from .trainer import DistillationTrainer

@@ -48,18 +48,8 @@ from .constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .generation import generate_batch, length_batches, longest_first
 from .io import atomic_write_text
-from .modeling import (
-    describe_truncation,
-    encode_fitted,
-    generation_lengths,
-    input_limit,
-    kind_from_config,
-    load_model,
-    load_tokenizer,
-    model_kind,
-    target_limit,
-    truncation_note,
-)
+from .modeling import kind_from_config, load_model, load_tokenizer, model_kind
+from .truncation import describe_truncation, encode_fitted, generation_lengths, input_limit, target_limit, truncation_note
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +243,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     or a list of dicts.  Returns a report: rows generated, rows changed by Seq-Inter, rows dropped
     by the filter, seconds, examples/s, the truncation notes (``truncation``: inputs cut to the
     teacher's table or ``max_source_length``, ``max_new_tokens`` lowered to what its table holds;
-    see :func:`lmkd.modeling.generation_lengths`) and the output path.  Run under ``accelerate launch`` to
+    see :func:`lmkd.truncation.generation_lengths`) and the output path.  Run under ``accelerate launch`` to
     split the work across processes; call again with the same arguments to resume.  ``num_beams``
     defaults to 5 (Kim & Rush), or 1 with ``do_sample`` (sampling draws from one beam).
 

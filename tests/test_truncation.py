@@ -1,4 +1,4 @@
-"""Issue 20: one truncation rule for every command (lmkd.modeling.fit_length and friends).
+"""Issue 20: one truncation rule for every command (lmkd.truncation.fit_length and friends).
 
 Models whose position tables hold 32 positions get documents of 100+ tokens through every path that
 tokenises text -- evaluate, generate, cache-logits, distill (live teacher and cached), on-policy
@@ -89,7 +89,7 @@ def _model(arch, **kw):
 def test_fit_length_is_what_the_model_takes_and_one_more_crashes(arch, kw):
     """The rule read from the config agrees with the model itself: an input of fit_length tokens
     runs, one token more overruns the table."""
-    from lmkd.modeling import fit_length, input_limit
+    from lmkd.truncation import fit_length, input_limit
 
     model = _model(arch, **kw).eval()
     length = fit_length(512, model)
@@ -111,7 +111,7 @@ def test_fit_length_is_what_the_model_takes_and_one_more_crashes(arch, kw):
 def test_tables_of_relative_and_rotary_models_and_real_tokenizer_limits(tokenizer):
     from transformers import DebertaV2Config, LlamaConfig, T5Config
 
-    from lmkd.modeling import fit_length, generation_lengths, input_limit, position_table, target_limit
+    from lmkd.truncation import fit_length, generation_lengths, input_limit, position_table, target_limit
 
     assert position_table(T5Config()) is None and fit_length(777, T5Config()) == 777  # relative: no table
     assert fit_length(None, T5Config()) is None
@@ -136,7 +136,7 @@ def test_tables_of_relative_and_rotary_models_and_real_tokenizer_limits(tokenize
 
 
 def test_encode_fitted_counts_the_rows_it_cuts_and_keeps_eos(tokenizer, documents, cut_counts):
-    from lmkd.modeling import describe_truncation, encode_fitted, truncation_note
+    from lmkd.truncation import describe_truncation, encode_fitted, truncation_note
 
     texts = [r["document"] for r in documents]
     enc, cut = encode_fitted(tokenizer, texts, TABLE)
