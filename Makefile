@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast test-slow demo bench clean
+.PHONY: setup test test-fast test-slow test-all demo bench clean
 
 setup: $(STAMP)
 
@@ -23,16 +23,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The whole suite: about 3-4 minutes on 2 cores (the `slow` ones -- multi-process runs, whole tiny
-# studies, DeepSpeed ZeRO-2/3 on 2 CPU processes -- take about 2 minutes of it).
+# The test suite (`make test`): everything but the `slow` tests, under 10 minutes on 2 cores.
+# `make test-slow`: multi-process runs (torchrun DDP, DeepSpeed ZeRO-2/3 on 2 CPU processes) and
+# whole tiny studies, a few minutes more; CI runs both (.ci/run), `make test-all` too.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
-
-test-fast: setup
 	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
+
+test-fast: test
 
 test-slow: setup
 	$(PY) -m pytest -m slow -q -p no:cacheprovider
+
+test-all: setup
+	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup
 	$(VENV)/bin/lmkd study --task translation --budget quick --output runs/demo
