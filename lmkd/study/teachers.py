@@ -177,12 +177,10 @@ def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str
     def fn(out):
         from ..modeling import load_tokenizer
 
-        limit = None
-        if dep != "tokenizer":  # a given teacher: its position table is a hard limit
-            from transformers import AutoConfig
+        from ..truncation import input_limit
 
-            cfg = AutoConfig.from_pretrained(tokenizer_dir)
-            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        # a given teacher: what its position table takes is a hard limit (the one truncation rule)
+        limit = input_limit(tokenizer_dir) if dep != "tokenizer" else None
         sizing = size_lengths(load_tokenizer(tokenizer_dir), read_rows(data["train"]),
                               ("text", None) if cls else ("source", "target"), cap, plan["max_new_tokens"], limit)
         atomic_write_json(os.path.join(out, "lengths.json"), sizing)
