@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s")
     try:
         ns.func(ns)
+        end_distributed()
     except LmkdError as e:
         if ns.debug:
             raise
@@ -79,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmkd {ns.command}: interrupted; {interrupted_hint(ns.command, argv)}", file=sys.stderr)
         return 130
     return 0
+
+
+def end_distributed() -> None:
+    """Destroy the process group of a multi-process run (accelerate launch, torchrun) before the
+    interpreter exits: left to interpreter teardown, gloo's worker threads can abort the process
+    (SIGABRT, "terminate called without an active exception") after the run finished and saved."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
 
 
 def interrupted_hint(command: str, argv: list[str]) -> str:

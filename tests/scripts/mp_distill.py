@@ -30,3 +30,4 @@ if args.world_size > 1:
     assert isinstance(trainer.model_wrapped, DistributedDataParallel), type(trainer.model_wrapped)
 trainer.save_model(out)
 print(f"world_size={args.world_size} ok")
+trainer.accelerator.end_training()  # destroys the process group: gloo can abort at exit without it

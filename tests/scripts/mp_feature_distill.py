@@ -30,3 +30,4 @@ trainer.save_model(out)
 if trainer.is_world_process_zero():
     torch.save(trainer.projections.state_dict(), os.path.join(out, "projections.pt"))
 print(f"world_size={args.world_size} ok")
+trainer.accelerator.end_training()  # destroys the process group: gloo can abort at exit without it
