@@ -212,7 +212,7 @@ def test_changed_kd_alpha_recomputes_only_the_word_kd_stages(translation):
     (dict(student_sizes=[1.5]), "--student-sizes"),
     (dict(train="a.jsonl"), "--validation"),
     (dict(kd_alpha=0.0), "--kd-alpha"),
-    (dict(task="summarization"), "--train, --validation and --test are needed"),
+    (dict(task="summarization", source_column="text"), "--train, --validation and --test are needed"),
     (dict(seeds=0), "--seeds"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, options, message):
@@ -220,6 +220,22 @@ def test_bad_options_are_one_line_errors(tmp_path, options, message):
     opts.update(options)
     with pytest.raises(LmkdError, match=message.replace("-", r"\-")):
         run_study(StudyOptions(**opts))
+
+
+@pytest.mark.parametrize("task, columns", [("translation", ("source", "target")),
+                                           ("summarization", ("document", "summary")),
+                                           ("classification", ("text", "label"))])
+def test_every_task_has_a_shipped_corpus(tmp_path, task, columns):
+    """Without --train/--validation/--test a study runs on the task's shipped DDTP corpus: files that
+    exist, with the task's default columns in every row read."""
+    import gzip
+
+    opts = StudyOptions(task=task, budget="tiny", output=str(tmp_path / "o")).resolve()
+    for split, path in (("train", opts.train), ("validation", opts.validation), ("test", opts.test)):
+        assert Path(path).name.endswith(f".{split}.jsonl.gz")
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert len(rows) >= 1000 and all(set(columns) <= r.keys() for r in rows)
 
 
 def test_missing_column_names_the_flag(tmp_path):

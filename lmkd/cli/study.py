@@ -32,13 +32,16 @@ def add_parser(sub):
                "  lmkd study --task translation --budget quick --output runs/demo     # the shipped en->fr corpus\n"
                "  lmkd study --task translation --train tr.jsonl --validation va.jsonl --test te.jsonl \\\n"
                "      --teacher Helsinki-NLP/opus-mt-en-de --student-sizes 0.25,0.5 --budget full --output runs/de\n"
+               "  lmkd study --task summarization --output runs/sum    # shipped French descriptions -> synopses\n"
+               "  lmkd study --task classification --output runs/cls   # shipped French descriptions -> section\n"
                "  lmkd study --task summarization --train tr.jsonl --validation va.jsonl --test te.jsonl "
-               "--output runs/sum\n"
+               "--output runs/mysum\n"
                "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
                "--source-column sentence --output runs/cls\n"
-               "Budgets: tiny (seconds, for tests), quick (about 15 min on 2 CPU cores), full (hours).")
+               "Budgets: tiny (seconds, for tests), quick (the demo: ~20 min on 2 CPU cores for translation), full (hours).")
     p.add_argument("--task", required=True, choices=EVAL_TASKS)
-    p.add_argument("--train", help="training data (.jsonl[.gz], .json, .csv); default: the shipped en->fr corpus")
+    p.add_argument("--train", help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
+                                   "synopses; French descriptions -> synopsis; -> archive section)")
     p.add_argument("--validation", help="validation data, same format")
     p.add_argument("--test", help="test data the report is measured on, same format")
     p.add_argument("--source-column", help="input column (default: source / document / text by task)")

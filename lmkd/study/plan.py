@@ -105,14 +105,14 @@ class StudyOptions:
         self.source_column = self.source_column or default_cols[0]
         self.target_column = self.target_column or default_cols[1]
         if self.train is None and self.validation is None and self.test is None:
-            if self.task != "translation" or (self.source_column, self.target_column) != ("source", "target"):
-                raise LmkdError("--train, --validation and --test are needed (the shipped corpus is an "
-                                "en->fr translation set with source/target columns)")
-            self.train, self.validation, self.test = (shipped_corpus(s) for s in ("train", "validation", "test"))
+            if (self.source_column, self.target_column) != default_cols:
+                raise LmkdError(f"--train, --validation and --test are needed (the shipped {self.task} corpus has "
+                                f"the columns {default_cols[0]}/{default_cols[1]})")
+            self.train, self.validation, self.test = (shipped_corpus(s, self.task) for s in ("train", "validation", "test"))
         missing = [n for n in ("train", "validation", "test") if getattr(self, n) is None]
         if missing:
             raise LmkdError(f"--{missing[0]} is missing; give all of --train, --validation and --test "
-                            "(or none of them for the shipped en->fr corpus)")
+                            f"(or none of them for the shipped {self.task} corpus)")
         for name in ("train", "validation", "test"):  # fail before the output dir is made
             path = getattr(self, name)
             if not os.path.exists(path):
@@ -143,11 +143,16 @@ class StudyOptions:
         return self
 
 
-def shipped_corpus(split: str) -> str:
-    """Path of the shipped en->fr DDTP corpus file of ``split``."""
+#: the shipped DDTP corpus of each study task (lmkd/corpora; README "Data"): English->French package
+#: synopses; French long descriptions -> their synopsis; French descriptions -> archive section
+SHIPPED_CORPORA = {"translation": "ddtp_en_fr", "summarization": "ddtp_fr_summ", "classification": "ddtp_fr_section"}
+
+
+def shipped_corpus(split: str, task: str = "translation") -> str:
+    """Path of the shipped DDTP corpus file of ``split`` for ``task`` (default: the en->fr pairs)."""
     from importlib.resources import files
 
-    return str(files("lmkd") / "corpora" / f"ddtp_en_fr.{split}.jsonl.gz")
+    return str(files("lmkd") / "corpora" / f"{SHIPPED_CORPORA[task]}.{split}.jsonl.gz")
 
 
 def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
