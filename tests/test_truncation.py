@@ -290,3 +290,17 @@ def test_on_policy_new_tokens_fit_a_32_position_table(tmp_path, tokenizer, docum
     assert trainer.max_new_tokens == TABLE - 3  # 3 prompt tokens + 29 new ones fill the table
     trainer.train()
     assert len(widths) == 2 and max(widths) <= TABLE
+
+
+@pytest.mark.parametrize("max_length, batch, noted", [(32, 32, False), (128, 8, True), (256, 4, True), (4096, 4, True)])
+def test_study_batch_fits_the_token_budget(max_length, batch, noted):
+    """Long documents get a smaller batch (batch x length within the budget's input tokens, at least
+    4); short rows keep the budget's batch, and only a changed batch is noted in the report."""
+    from lmkd.study.teachers import fit_batch
+
+    plan = {"batch_size": 32, "batch_tokens": 1024, "max_length": max_length, "notes": []}
+    fit_batch(plan)
+    assert plan["batch_size"] == batch and plan["batch_size_cap"] == 32
+    assert bool(plan["notes"]) == noted and (not noted or f"Batch {batch} rather than 32" in plan["notes"][0])
+    fit_batch(plan)  # idempotent: the cap, not the fitted batch, is the base
+    assert plan["batch_size"] == batch

@@ -191,3 +191,22 @@ def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str
         sizing = json.load(f)
     plan.update(max_length=sizing["max_length"], positions=sizing["positions"], length_sizing=sizing)
     print(f"  {describe(sizing)}", flush=True)
+    fit_batch(plan)
+
+
+#: the smallest batch the token budget may leave
+MIN_BATCH = 4
+
+
+def fit_batch(plan: dict) -> None:
+    """Fit the plan's batch size to its ``batch_tokens`` budget of input tokens per step, now that
+    ``max_length`` is known: ``min(batch_size, batch_tokens // max_length)``, at least :data:`MIN_BATCH`.
+    Short rows keep the budget's batch; long documents get a smaller one (the report says so)."""
+    budget = plan.get("batch_tokens")
+    if not budget:
+        return
+    base = plan.setdefault("batch_size_cap", plan["batch_size"])
+    plan["batch_size"] = max(MIN_BATCH, min(base, budget // plan["max_length"]))
+    if plan["batch_size"] < base:
+        plan["notes"].append(f"Batch {plan['batch_size']} rather than {base}: inputs of up to {plan['max_length']} "
+                             f"tokens, and the budget's {budget} input tokens per step.")
