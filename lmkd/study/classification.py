@@ -79,7 +79,7 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
     kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
     out_models = {}
     for seed in student_seeds(opts):
-        common = {"lr": plan["student_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
+        common = {"lr": plan["finetune_lr"], "mlm_lr": plan["student_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
                   "max_length": plan["max_length"], "seed": seed, "steps": plan["student_steps"],
                   "stopping": stopping.options()}
         starts = {"init": (init_dir, f"{size}-init")}
@@ -103,7 +103,7 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
                 init = os.path.join(out, "init")
                 classifier_from(start, data["train_dir"], init, seed=seed)
                 train_student(out, init, "classification", train_file, val_file, plan, steps=plan["student_steps"],
-                              lr=plan["student_lr"], seed=seed, stopping=stopping,
+                              lr=plan["finetune_lr"], seed=seed, stopping=stopping,
                               teacher_dir=teacher_dir if task_kd else None,
                               kd_alpha=plan["kd_alpha"] if task_kd else 0.0)
                 shutil.rmtree(init)

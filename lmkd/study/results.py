@@ -334,9 +334,12 @@ def report_markdown(report: dict) -> str:
         + (f" ({d['transfer_rows']} in the transfer set every student learns from)" if "transfer_rows" in d else "")
         + f", {d.get('validation_rows')} validation, {d.get('test_rows')} test rows.",
         steps_note,
-        f"Training: batch {plan['batch_size']}, lr {plan['student_lr']}; "
-        f"word-level KD alpha {plan['kd_alpha']}, temperature {plan['kd_temperature']}."
-        + ("" if report["task"] == "classification" else f" Beam size {plan['beams']}."),
+        (f"Training: batch {plan['batch_size']}, lr {plan['student_lr']}; "
+         f"word-level KD alpha {plan['kd_alpha']}, temperature {plan['kd_temperature']}. Beam size {plan['beams']}."
+         if report["task"] != "classification" else
+         f"Training: batch {plan['batch_size']}; classifiers (the teacher's fine-tuning, every student) at lr "
+         f"{plan.get('finetune_lr', plan['student_lr'])}, MLM-distillation at lr {plan['student_lr']}; KD alpha "
+         f"{plan['kd_alpha']}, temperature {plan['kd_temperature']}."),
     ]
     if seq2seq:
         lines.append(f"Output tokens: mean length of each model's {sig['mode'] or ''} outputs on the test rows, "

@@ -65,7 +65,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
                 train_student(out, init, "mlm", data["train"], data["validation"], plan, steps=teacher_opts["steps"],
                               lr=plan["teacher_lr"], seed=opts.seed)
             else:
-                _train_checked(out, init, opts, data, teacher_opts["steps"])
+                _train_checked(out, init, opts, data, teacher_opts["steps"], plan["teacher_lr"])
             shutil.rmtree(init)
 
         name = "teacher-mlm" if cls else "teacher"
@@ -81,10 +81,10 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
     def teacher_cls_fn(out):
         init = os.path.join(out, "init")
         classifier_from(mlm_dir, data["train_dir"], init, seed=opts.seed)
-        _train_checked(out, init, opts, data, plan["teacher_steps"])
+        _train_checked(out, init, opts, data, plan["teacher_steps"], plan["finetune_lr"])
         shutil.rmtree(init)
 
-    cls_opts = {"steps": plan["teacher_steps"], "lr": plan["teacher_lr"], "batch": plan["batch_size"],
+    cls_opts = {"steps": plan["teacher_steps"], "lr": plan["finetune_lr"], "batch": plan["batch_size"],
                 "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": opts.seed,
                 "check": _check_options(opts)}
     teacher_dir = st.run("teacher", cls_opts, ["teacher-mlm", "data-train", "data-validation"], teacher_cls_fn,
@@ -114,13 +114,13 @@ def _refuse(check: dict, given: bool) -> None:
                              "study an unchecked teacher)")
 
 
-def _train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: int) -> None:
-    """Train the from-scratch teacher ``init`` into ``out`` and check it; when it fails, one more
+def _train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: int, lr: float) -> None:
+    """Train the from-scratch teacher ``init`` into ``out`` at ``lr`` and check it; when it fails, one more
     round of ``steps`` from where it stopped at half the learning rate, then check again.  Writes
     ``teacher_check.json`` (every round's figures) into ``out``; raises :class:`TeacherDidNotLearn`."""
     plan, task = opts.plan, opts.task
     rounds: list[dict] = []
-    start, lr = init, plan["teacher_lr"]
+    start = init
     for r in (1, 2):
         dest = os.path.join(out, f"round-{r}")
         train_student(dest, start, task, data["train"], data["validation"], plan, steps=steps, lr=lr, seed=opts.seed)
