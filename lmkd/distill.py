@@ -26,7 +26,7 @@ from .io import atomic_write_json
 from .features import check_layer_maps
 from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
-from .trainer import EVAL_CACHE_NEEDED, nothing_left_on_error
+from .trainer import EVAL_CACHE_NEEDED, compute_metrics_for, nothing_left_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     evaluation = _raw(data_args.validation_file, eval_data_args, data_args.max_eval_samples) \
         if data_args.validation_file else None
     transfer = read_transfer_set(data_args)
+    # BLEU/ROUGE (predict_with_generate) or accuracy on the validation set, as `lmkd evaluate` scores them
+    scored = evaluation is not None and _labelled(eval_data_args) and (kind == CLASSIFICATION or (
+        kind == SEQ2SEQ and args.predict_with_generate))
+    references = list(evaluation[eval_data_args.target_column]) if scored and kind == SEQ2SEQ else None
     if args.teacher_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_teacher_cache:
         raise LmkdError(EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
@@ -111,7 +115,8 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     with nothing_left_on_error(args.output_dir):  # (the regime trainers check more after the Trainer made it)
         trainer = regimes.trainer_class(args, data_args)(
             model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
-            processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
+            processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
+            compute_metrics=compute_metrics_for(data_args.task, tokenizer, references) if scored else None)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(args.output_dir)
     metrics = dict(result.metrics)
