@@ -20,7 +20,7 @@ import datasets
 from . import logit_cache, regimes, teachers
 from .config import DistillationConfig
 from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
-from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, tokenize
+from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, read_split, tokenize
 from .errors import LmkdError
 from .io import atomic_write_json
 from .features import check_layer_maps
@@ -38,11 +38,13 @@ def _labelled(data_args) -> bool:
     return data_args.target_column is not None and data_args.task not in ("mlm", "causal-lm")
 
 
-def _raw(path, data_args, limit, mix_seed=None):
+def _raw(split, data_args, limit, mix_seed=None):
     columns = [data_args.source_column] + ([data_args.target_column] if _labelled(data_args) else [])
     columns += [data_args.prompt_column] if data_args.prompt_column else []
     mix = _labelled(data_args) and mix_seed is not None and data_args.mix_gold_fraction > 0
-    ds = load_data(path, columns + ([data_args.gold_column] if mix else []))
+    ds = read_split(data_args, split, columns + ([data_args.gold_column] if mix else []))
+    if ds is None:
+        return None
     ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
     if mix:  # Seq-KD with a share of gold references (`lmkd generate` output)
         ds = mix_gold_targets(ds, data_args.target_column, data_args.gold_column, data_args.mix_gold_fraction,
@@ -69,9 +71,8 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         eval_data_args = copy.copy(eval_data_args)
         eval_data_args.prompt_column = None  # evaluation scores the data, it generates nothing
     # Check everything cheap (files, columns, paths) before loading any model.
-    train = _raw(data_args.train_file, data_args, data_args.max_train_samples, mix_seed=args.seed)
-    evaluation = _raw(data_args.validation_file, eval_data_args, data_args.max_eval_samples) \
-        if data_args.validation_file else None
+    train = _raw("train", data_args, data_args.max_train_samples, mix_seed=args.seed)
+    evaluation = _raw("validation", eval_data_args, data_args.max_eval_samples)
     transfer = read_transfer_set(data_args)
     # BLEU/ROUGE (predict_with_generate) or accuracy on the validation set, as `lmkd evaluate` scores them
     scored = evaluation is not None and _labelled(eval_data_args) and (kind == CLASSIFICATION or (
