@@ -16,7 +16,7 @@ import torch
 
 from . import fidelity, generation, metrics, report
 from .constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
-from .data import DataArguments, load_data
+from .data import DataArguments, read_split
 from .errors import LmkdError
 from .modeling import check_same_tokenizer, count_parameters, load_model, load_tokenizer, resolve_device, weights_bytes
 from .truncation import describe_truncation, fit_length
@@ -82,7 +82,7 @@ def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: in
 
 def evaluate_models(
     models: str | Mapping[str, str],
-    data: str,
+    data: str | None,
     task: str,
     teacher: str | None = None,
     *,
@@ -104,6 +104,7 @@ def evaluate_models(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    dataset: Mapping[str, str | None] | None = None,
 ) -> dict:
     """Score ``models`` (a path, or ``{label: path}``) and ``teacher`` on ``data``.
 
@@ -118,6 +119,10 @@ def evaluate_models(
     a teacher each student also gets ``vs_teacher``: quality retained (% of the teacher's score, per
     metric; teacher / student for perplexity) and speed-ups (teacher / student latency, student /
     teacher throughput and, seq2seq, teacher / student ms per token).
+
+    ``data`` is a file (or save_to_disk dir); with ``data=None``, ``dataset`` names the rows as the
+    :class:`lmkd.data.DataArguments` fields ``dataset_name``, ``dataset_config_name``, ``train_split``
+    (the split scored), ``source_lang``, ``target_lang`` (these two also for a file).
 
     ``causal-lm`` / ``mlm``: quality is the perplexity of :mod:`lmkd.fidelity` (mlm: over the tokens
     the collator masks with ``mlm_probability``, drawn with ``seed``; inputs cut to
@@ -145,7 +150,14 @@ def evaluate_models(
     lm = task in LM_EVAL_TASKS
     if lm and not 0.0 < mlm_probability < 1.0:
         raise LmkdError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
-    ds = load_data(data, [src, tgt], flags=("--source-column", "--target-column"))
+    data_args = DataArguments(task=task, train_file=data, source_column=src, target_column=tgt,
+                              source_prefix=source_prefix, max_source_length=max_source_length,
+                              max_target_length=max_target_length, mlm_probability=mlm_probability,
+                              **(dataset or {}))
+    ds = read_split(data_args, "train", [src, tgt], flags=("--source-column", "--target-column"))
+    if data is None:
+        data = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
+                                              else "") + f" [{data_args.train_split}]"
     if max_samples is not None:
         if max_samples < 1:
             raise LmkdError("--max-samples must be at least 1")
@@ -176,9 +188,6 @@ def evaluate_models(
         "signatures": {}, "models": {}, "predictions": {},
     }
 
-    data_args = DataArguments(task=task, train_file=data, source_column=src, target_column=tgt,
-                              source_prefix=source_prefix, max_source_length=max_source_length,
-                              max_target_length=max_target_length, mlm_probability=mlm_probability)
     tokens = (token_scores(loaded, ds, data_args, batch_size, "teacher" if teacher else None, seed)
               if lm or (kind == SEQ2SEQ and teacher is not None) else {})
     for label, (model, tokenizer) in loaded.items():

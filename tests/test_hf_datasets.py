@@ -124,3 +124,36 @@ def test_distill_from_dataset_name_trains_the_same_student_as_from_files(tmp_pat
     assert all(torch.equal(v, mb[k]) for k, v in ma.items())
     assert any(not torch.equal(v, before[k]) for k, v in ma.items())
     assert AutoTokenizer.from_pretrained(tmp_path / "out-a") is not None
+
+
+def test_evaluate_and_cache_logits_read_dataset_name_as_data(tmp_path, tiny_model_dir, rows, capsys):
+    model = tiny_model_dir("marian", seed=7)
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(nested(rows[:6]))}).save_to_disk(saved)
+    flat = jsonl(tmp_path / "flat.jsonl", rows[:6])
+    common = ["--model", model, "--task", "translation", "--num-beams", "1", "--max-new-tokens", "5",
+              "--speed-samples", "0", "--device", "cpu"]
+    assert main(["evaluate", *common, "--data", flat, "--output", str(tmp_path / "a.json")]) == 0
+    assert main(["evaluate", *common, "--dataset-name", saved, "--source-lang", "en", "--target-lang", "fr",
+                 "--output", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["predictions"] == b["predictions"] and a["models"]["student"]["quality"] == b["models"]["student"]["quality"]
+    assert b["data"] == f"{saved} [test]"
+    with pytest.raises(SystemExit):
+        main(["evaluate", *common, "--data", flat, "--dataset-name", saved])
+    assert "not allowed with argument" in capsys.readouterr().err
+    # cache-logits: the same top-K entries from the dataset's split as from the flat file
+    train = str(tmp_path / "train.parquet")
+    datasets.Dataset.from_list(nested(rows[:6])).to_parquet(train)
+    assert main(["cache-logits", "--teacher", model, "--data", flat, "--top-k", "4", "--output",
+                 str(tmp_path / "ca")]) == 0
+    assert main(["cache-logits", "--teacher", model, "--dataset-name", train, "--source-lang", "en",
+                 "--target-lang", "fr", "--top-k", "4", "--output", str(tmp_path / "cb")]) == 0
+    files = sorted(p.relative_to(tmp_path / "ca") for p in (tmp_path / "ca").rglob("*") if p.is_file())
+    assert len(files) > 1
+    for rel in files:
+        if rel.name != "meta.json":
+            assert (tmp_path / "ca" / rel).read_bytes() == (tmp_path / "cb" / rel).read_bytes(), rel
+    meta = json.loads((tmp_path / "cb" / "meta.json").read_text())
+    assert meta["data"]["dataset_name"] == train and "dataset_name" not in json.loads(
+        (tmp_path / "ca" / "meta.json").read_text())["data"]

@@ -7,6 +7,7 @@ import os
 
 from ..constants import AUTO_DTYPE_NAMES, EVAL_TASKS, LM_EVAL_TASKS
 from ..errors import LmkdError
+from .dataset_flags import add_data_arguments, data_kwargs
 
 
 def add_parser(sub):
@@ -29,10 +30,12 @@ def add_parser(sub):
                "--max-source-length 256\n"
                "  lmkd evaluate --model runs/distilbert --teacher bert-base-uncased --data data/wiki.jsonl --task mlm "
                "--mlm-probability 0.15 --seed 0\n"
+               "  lmkd evaluate --model runs/marian-ro --teacher Helsinki-NLP/opus-mt-en-ro --task translation \\\n"
+               "      --dataset-name wmt16 --dataset-config-name ro-en --split test --source-lang en --target-lang ro\n"
                "The JSON (--output) holds scores, sacrebleu signatures, sizes, speeds and every prediction; a "
                "markdown table is written next to it (.md) and printed.")
     p.add_argument("--model", required=True, help="student checkpoint (saved dir or hub id)")
-    p.add_argument("--data", required=True, help="data file (.jsonl[.gz], .csv, .json) or a save_to_disk dir")
+    add_data_arguments(p, "data file (.jsonl[.gz], .csv, .json) or a save_to_disk dir", "test")
     p.add_argument("--task", required=True, choices=EVAL_TASKS + LM_EVAL_TASKS)
     p.add_argument("--teacher", help="teacher checkpoint, scored and timed the same way for comparison")
     p.add_argument("--num-beams", type=int, default=4, help="beam size for generation (default 4)")
@@ -74,7 +77,8 @@ def run(ns) -> None:
     if ns.plot:
         check_writable(ns.plot, "--plot")
     result = evaluate_models(
-        ns.model, ns.data, ns.task, teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
+        ns.model, ns.data, ns.task, dataset={k: v for k, v in data_kwargs(ns).items() if k != "train_file"},
+        teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
         batch_size=ns.batch_size, source_column=ns.source_column, target_column=ns.target_column,
         source_prefix=ns.source_prefix, max_source_length=ns.max_source_length,
         max_target_length=ns.max_target_length, mlm_probability=ns.mlm_probability, seed=ns.seed,
