@@ -23,6 +23,8 @@ def add_parser(sub):
                "--output runs/cache\n"
                "  lmkd cache-logits --teacher gpt2 --data corpus.jsonl --task causal-lm --top-k 64 "
                "--batch-size 32 --output runs/cache\n"
+               "  lmkd cache-logits --teacher runs/teacher --dataset-name wmt16 --dataset-config-name ro-en "
+               "--source-lang en --target-lang ro --top-k 32 --output runs/cache\n"
                "  lmkd distill config.yaml --teacher_cache runs/cache --kd_alpha 0.5\n"
                "Use the same --task, columns, max lengths and prefix for distill as here; the data must be the "
                "same file (the cache checks the tokens row by row). On disk: about 4*(K+M)+4 bytes per target "
