@@ -22,6 +22,8 @@ TASK_KIND = {
 TASKS = tuple(TASK_KIND)
 #: the tasks scored with a quality metric (``lmkd evaluate``) and studied (``lmkd study``)
 EVAL_TASKS = ("translation", "summarization", "classification")
+#: the language-modelling tasks ``lmkd evaluate`` scores by perplexity and fidelity to a teacher
+LM_EVAL_TASKS = ("causal-lm", "mlm")
 
 #: (input column, label column) of each task's data files; every name is an option
 DEFAULT_COLUMNS = {

@@ -1,9 +1,14 @@
-"""Reading data files from disk, tokenising them per task, and the matching collators.
+"""Reading data, tokenising it per task, and the matching collators.
 
 Data files are JSON lines (``.jsonl``, optionally ``.gz``), a JSON list, CSV, or a ``datasets``
-dataset saved with ``save_to_disk`` (what ``lmkd generate`` writes).  Columns are named:
-``source``/``target`` for translation, ``document``/``summary`` for summarisation, ``text``/``label``
-for classification, ``text`` for mlm and causal-lm -- each name is an option.
+dataset saved with ``save_to_disk`` (what ``lmkd generate`` writes).  Or, as in transformers'
+``run_translation.py``, ``dataset_name`` (+ ``dataset_config_name``) read with
+``datasets.load_dataset`` -- a hub id (where the network allows), a directory of data files, a
+``.parquet``/``.json(l)``/``.csv`` file or a ``save_to_disk`` directory -- and its splits
+``train_split`` / ``validation_split``.  Columns are named: ``source``/``target`` for translation,
+``document``/``summary`` for summarisation, ``text``/``label`` for classification, ``text`` for mlm
+and causal-lm -- each name is an option; rows in the HF translation layout
+(``{"translation": {"en": ..., "fr": ...}}``) are read with ``source_lang`` / ``target_lang``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class DataArguments:
     """What to train on and how to tokenise it."""
 
     task: str = field(metadata={"help": f"One of {', '.join(TASKS)}."})
-    train_file: str = field(metadata={"help": "Training data: .jsonl[.gz], .json, .csv or a save_to_disk dir."})
+    train_file: str | None = field(default=None, metadata={
+        "help": "Training data: .jsonl[.gz], .json, .csv or a save_to_disk dir (or give dataset_name)."})
     validation_file: str | None = field(default=None, metadata={"help": "Optional evaluation data, same format."})
     source_column: str | None = field(
         default=None, metadata={"help": "Input column (default: source / document / text by task)."})
@@ -58,6 +64,20 @@ class DataArguments:
                                         "(the row's text starts with it) or its length in tokens. The student "
                                         "continues each row's own prompt (default: the first "
                                         "on_policy_prompt_tokens tokens of each row)."})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Instead of train_file: a dataset read with datasets.load_dataset -- a hub id (e.g. wmt16), a "
+                "directory of data files, a .parquet/.json/.jsonl/.csv file, or a save_to_disk directory."})
+    dataset_config_name: str | None = field(default=None, metadata={
+        "help": "The dataset's configuration, e.g. ro-en for wmt16."})
+    train_split: str = field(default="train", metadata={"help": "dataset_name's training split (default train; "
+                                                                "slices like train[:10%] work)."})
+    validation_split: str | None = field(default=None, metadata={
+        "help": "dataset_name's evaluation split (default: validation, when the dataset has one; none when "
+                "validation_file is given)."})
+    source_lang: str | None = field(default=None, metadata={
+        "help": "Translation layout {'translation': {'en': ..., 'fr': ...}}: the source language key (e.g. en)."})
+    target_lang: str | None = field(default=None, metadata={
+        "help": "Translation layout: the target language key (e.g. fr)."})
     transfer_file: str | None = field(
         default=None, metadata={"help": "Unlabelled transfer set mixed into train_file (classification, causal-lm, "
                                         "mlm): only source_column is read; its rows get KD only, no CE."})
@@ -65,6 +85,12 @@ class DataArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if bool(self.train_file) == bool(self.dataset_name):
+            raise LmkdError("give the training data as train_file (a file or save_to_disk dir) or as dataset_name "
+                            "(datasets.load_dataset), " + ("not both" if self.train_file else "one of them"))
+        if bool(self.source_lang) != bool(self.target_lang):
+            raise LmkdError("source_lang and target_lang go together: the keys of the 'translation' column's "
+                            "languages, e.g. source_lang en, target_lang fr")
         src, tgt = DEFAULT_COLUMNS[self.task]
         self.source_column = self.source_column or src
         self.target_column = self.target_column or tgt
@@ -100,13 +126,106 @@ def load_data(path: str, columns: list[str] | tuple[str, ...] = (),
             raise LmkdError(f"dataset {path} is empty; it needs at least one row")
     else:
         ds = datasets.Dataset.from_list(read_rows(path))
+    check_columns(ds, columns, flags, path)
+    return ds
+
+
+TRANSLATION = "translation"  # the column of the HF translation layout
+
+
+def _load_named(args: DataArguments, split: str, required: bool) -> datasets.Dataset | None:
+    """``split`` of ``args.dataset_name`` (None when absent and not ``required``)."""
+    name, config = args.dataset_name, args.dataset_config_name
+    ext = next((e for e in (".parquet", ".jsonl", ".json", ".csv") if name.endswith(e) or name.endswith(e + ".gz")),
+               None)
+    try:
+        if os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in
+                                       ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(name)
+            ds = ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
+            if "[" in split:
+                raise LmkdError(f"{name} is a saved dataset: its splits are whole ({split!r} slices one); use "
+                                "max_train_samples / max_eval_samples")
+            if split not in ds:
+                if required:
+                    raise LmkdError(f"dataset {name} has no split {split!r} (it has: {', '.join(ds)}); name one "
+                                    "with train_split / validation_split")
+                return None
+            return ds[split]
+        if ext is not None:
+            builder = {".parquet": "parquet", ".csv": "csv"}.get(ext, "json")
+            if split.split("[")[0] != "train":  # one file is one split
+                if required:
+                    raise LmkdError(f"{name} is one file, read as the train split; give the evaluation data as "
+                                    "validation_file")
+                return None
+            return datasets.load_dataset(builder, data_files={"train": name}, split=split)
+        found = datasets.get_dataset_split_names(name, config)
+        if split.split("[")[0] not in found:
+            if required:
+                raise LmkdError(f"dataset {name} has no split {split.split('[')[0]!r} (it has: {', '.join(found)}); "
+                                "name one with train_split / validation_split")
+            return None
+        return datasets.load_dataset(name, config, split=split)
+    except LmkdError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise LmkdError(f"cannot read dataset_name {name!r}" + (f" ({config})" if config else "")
+                        + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def read_split(args: DataArguments, split: str = "train", columns: list[str] | tuple[str, ...] = (),
+               flags: list[str] | tuple[str, ...] = DISTILL_COLUMN_FLAGS) -> datasets.Dataset | None:
+    """The training (``split="train"``) or evaluation (``"validation"``) rows of ``args``:
+    ``train_file`` / ``validation_file``, else ``dataset_name``'s ``train_split`` / ``validation_split``
+    (the default ``validation`` only when the dataset has it: None otherwise), the translation layout
+    flattened into ``source_column`` / ``target_column`` (:func:`flatten_translation`), checked for
+    ``columns``."""
+    path = args.train_file if split == "train" else args.validation_file
+    if path:
+        ds = load_data(path, [] if args.source_lang else columns, flags)
+    elif args.dataset_name:
+        name = args.train_split if split == "train" else (args.validation_split or "validation")
+        ds = _load_named(args, name, required=split == "train" or args.validation_split is not None)
+        if ds is None:
+            logger.info("dataset %s has no %s split: no evaluation data", args.dataset_name, name)
+            return None
+        if len(ds) == 0:
+            raise LmkdError(f"split {name!r} of dataset {args.dataset_name} is empty; it needs at least one row")
+    else:
+        return None
+    ds = flatten_translation(ds, args)
+    check_columns(ds, columns, flags, path or args.dataset_name)
+    return ds
+
+
+def flatten_translation(ds: datasets.Dataset, args: DataArguments) -> datasets.Dataset:
+    """Rows ``{"translation": {src_lang: ..., tgt_lang: ...}}`` as ``source_column`` / ``target_column``
+    (what transformers' ``run_translation.py`` reads with ``source_lang`` / ``target_lang``); other
+    data, or no languages given, unchanged."""
+    if not args.source_lang:
+        return ds
+    if TRANSLATION not in ds.column_names:
+        raise LmkdError(f"source_lang/target_lang read a {TRANSLATION!r} column of {{language: text}}, but the data "
+                        f"has: {', '.join(ds.column_names)}; drop them and name source_column / target_column")
+    first = ds[0][TRANSLATION]
+    missing = [lang for lang in (args.source_lang, args.target_lang) if lang not in (first or {})]
+    if missing:
+        raise LmkdError(f"the {TRANSLATION!r} column has no language {missing[0]!r} (it has: "
+                        f"{', '.join(first or {})}); set source_lang / target_lang to its keys")
+    src, tgt, s_lang, t_lang = args.source_column, args.target_column, args.source_lang, args.target_lang
+    return ds.map(lambda row: {src: row[TRANSLATION][s_lang], tgt: row[TRANSLATION][t_lang]},
+                  remove_columns=[TRANSLATION], desc="reading the translation layout")
+
+
+def check_columns(ds: datasets.Dataset, columns, flags, where: str) -> None:
+    """A one-line error naming the option to fix when ``ds`` lacks one of ``columns``."""
     missing = [(c, flag) for c, flag in zip(columns, list(flags) + [None] * len(columns))
                if c and c not in ds.column_names]
     if missing:
         column, flag = missing[0]
-        raise LmkdError(f"{path} has no column {column!r} (it has: {', '.join(ds.column_names)}); "
+        raise LmkdError(f"{where} has no column {column!r} (it has: {', '.join(ds.column_names)}); "
                         + (f"name the right one with {flag}" if flag else "name the right column"))
-    return ds
 
 
 def mix_gold_targets(ds: datasets.Dataset, target_column: str, gold_column: str, fraction: float,

@@ -20,13 +20,13 @@ import datasets
 from . import logit_cache, regimes, teachers
 from .config import DistillationConfig
 from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
-from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, tokenize
+from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, read_split, tokenize
 from .errors import LmkdError
 from .io import atomic_write_json
 from .features import check_layer_maps
 from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
-from .trainer import EVAL_CACHE_NEEDED, nothing_left_on_error
+from .trainer import EVAL_CACHE_NEEDED, compute_metrics_for, nothing_left_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,13 @@ def _labelled(data_args) -> bool:
     return data_args.target_column is not None and data_args.task not in ("mlm", "causal-lm")
 
 
-def _raw(path, data_args, limit, mix_seed=None):
+def _raw(split, data_args, limit, mix_seed=None):
     columns = [data_args.source_column] + ([data_args.target_column] if _labelled(data_args) else [])
     columns += [data_args.prompt_column] if data_args.prompt_column else []
     mix = _labelled(data_args) and mix_seed is not None and data_args.mix_gold_fraction > 0
-    ds = load_data(path, columns + ([data_args.gold_column] if mix else []))
+    ds = read_split(data_args, split, columns + ([data_args.gold_column] if mix else []))
+    if ds is None:
+        return None
     ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
     if mix:  # Seq-KD with a share of gold references (`lmkd generate` output)
         ds = mix_gold_targets(ds, data_args.target_column, data_args.gold_column, data_args.mix_gold_fraction,
@@ -69,10 +71,13 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         eval_data_args = copy.copy(eval_data_args)
         eval_data_args.prompt_column = None  # evaluation scores the data, it generates nothing
     # Check everything cheap (files, columns, paths) before loading any model.
-    train = _raw(data_args.train_file, data_args, data_args.max_train_samples, mix_seed=args.seed)
-    evaluation = _raw(data_args.validation_file, eval_data_args, data_args.max_eval_samples) \
-        if data_args.validation_file else None
+    train = _raw("train", data_args, data_args.max_train_samples, mix_seed=args.seed)
+    evaluation = _raw("validation", eval_data_args, data_args.max_eval_samples)
     transfer = read_transfer_set(data_args)
+    # BLEU/ROUGE (predict_with_generate) or accuracy on the validation set, as `lmkd evaluate` scores them
+    scored = evaluation is not None and _labelled(eval_data_args) and (kind == CLASSIFICATION or (
+        kind == SEQ2SEQ and args.predict_with_generate))
+    references = list(evaluation[eval_data_args.target_column]) if scored and kind == SEQ2SEQ else None
     if args.teacher_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_teacher_cache:
         raise LmkdError(EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
@@ -111,7 +116,8 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     with nothing_left_on_error(args.output_dir):  # (the regime trainers check more after the Trainer made it)
         trainer = regimes.trainer_class(args, data_args)(
             model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
-            processing_class=tokenizer, data_collator=collator, callbacks=callbacks)
+            processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
+            compute_metrics=compute_metrics_for(data_args.task, tokenizer, references) if scored else None)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(args.output_dir)
     metrics = dict(result.metrics)

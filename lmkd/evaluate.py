@@ -14,20 +14,25 @@ from collections.abc import Mapping
 
 import torch
 
-from . import generation, metrics, report
-from .constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ
-from .data import load_data
+from . import fidelity, generation, metrics, report
+from .constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
+from .data import DataArguments, read_split
 from .errors import LmkdError
-from .modeling import count_parameters, load_model, load_tokenizer, resolve_device, weights_bytes
-from .truncation import describe_truncation
+from .modeling import check_same_tokenizer, count_parameters, load_model, load_tokenizer, resolve_device, weights_bytes
+from .truncation import describe_truncation, fit_length
 from .report import format_cell
 
 logger = logging.getLogger(__name__)
 
 #: the score quality is retained against and plotted, per task
-PRIMARY_METRIC = {"translation": "bleu", "summarization": "rouge2", "classification": "accuracy"}
+PRIMARY_METRIC = {"translation": "bleu", "summarization": "rouge2", "classification": "accuracy",
+                  "causal-lm": "perplexity", "mlm": "perplexity"}
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
-                "rougeLsum": "ROUGE-Lsum", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+                "rougeLsum": "ROUGE-Lsum", "accuracy": "accuracy", "macro_f1": "macro-F1", "perplexity": "perplexity"}
+#: scores where lower is better: quality retained is teacher / student (100% when equal)
+LOWER_IS_BETTER = ("perplexity",)
+#: every task ``lmkd evaluate`` scores
+TASKS = EVAL_TASKS + LM_EVAL_TASKS
 
 
 def _labels(values, model) -> list[int]:
@@ -49,23 +54,17 @@ def _labels(values, model) -> list[int]:
     return out
 
 
-def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
-    """(scores, sacrebleu signatures) for ``task``."""
-    if task == "translation":
-        b, b_sig = metrics.bleu(predictions, references)
-        c, c_sig = metrics.chrf(predictions, references)
-        return {"bleu": b, "chrf": c}, {"bleu": b_sig, "chrf": c_sig}
-    if task == "summarization":
-        return metrics.rouge(predictions, references), {"rouge": "rouge-score, use_stemmer=True, mean F1, "
-                                                                 "Lsum on newline-split sentences"}
-    return ({"accuracy": metrics.accuracy(predictions, references),
-             "macro_f1": metrics.macro_f1(predictions, references)}, {})
+quality = metrics.quality  # (scores, signatures) of a task's predictions: also what training reports
 
 
 def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_tokens: int = 128,
                max_source_length: int = 512):
     """A function from a list of inputs to predictions, in one batch, no progress bar: what
     :func:`lmkd.metrics.measure_speed` times."""
+    if task in LM_EVAL_TASKS:
+        length = fit_length(max_source_length, model, tokenizer, "inputs")
+        return lambda xs: model(**tokenizer(xs, padding=True, truncation=length is not None, max_length=length,
+                                            return_tensors="pt").to(model.device))
     if task == "classification":
         return lambda xs: generation.classify(model, tokenizer, xs, batch_size=max(len(xs), 1),
                                               max_source_length=max_source_length, progress=False)
@@ -83,7 +82,7 @@ def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: in
 
 def evaluate_models(
     models: str | Mapping[str, str],
-    data: str,
+    data: str | None,
     task: str,
     teacher: str | None = None,
     *,
@@ -94,6 +93,9 @@ def evaluate_models(
     target_column: str | None = None,
     source_prefix: str = "",
     max_source_length: int = 512,
+    max_target_length: int = 512,
+    mlm_probability: float = 0.15,
+    seed: int = 0,
     max_samples: int | None = None,
     speed_samples: int = 32,
     latency_samples: int = 8,
@@ -102,6 +104,7 @@ def evaluate_models(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    dataset: Mapping[str, str | None] | None = None,
 ) -> dict:
     """Score ``models`` (a path, or ``{label: path}``) and ``teacher`` on ``data``.
 
@@ -114,11 +117,21 @@ def evaluate_models(
     ``max_new_tokens``; greedy, batch 1, the latency inputs): the architecture's speed, which the
     length of a model's own outputs does not change (``output_tokens``: how long those are).  With
     a teacher each student also gets ``vs_teacher``: quality retained (% of the teacher's score, per
-    metric) and speed-ups (teacher / student latency, student / teacher throughput and, seq2seq,
-    teacher / student ms per token).
+    metric; teacher / student for perplexity) and speed-ups (teacher / student latency, student /
+    teacher throughput and, seq2seq, teacher / student ms per token).
+
+    ``data`` is a file (or save_to_disk dir); with ``data=None``, ``dataset`` names the rows as the
+    :class:`lmkd.data.DataArguments` fields ``dataset_name``, ``dataset_config_name``, ``train_split``
+    (the split scored), ``source_lang``, ``target_lang`` (these two also for a file).
+
+    ``causal-lm`` / ``mlm``: quality is the perplexity of :mod:`lmkd.fidelity` (mlm: over the tokens
+    the collator masks with ``mlm_probability``, drawn with ``seed``; inputs cut to
+    ``max_source_length``), speed one forward pass.  With a teacher every model also gets
+    ``fidelity`` -- top-1 agreement with the teacher (%) and mean KL(teacher || model) per token --
+    and so do seq2seq models, teacher-forced on the references (cut to ``max_target_length``).
     """
-    if task not in EVAL_TASKS:
-        raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(EVAL_TASKS)}")
+    if task not in TASKS:
+        raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(TASKS)}")
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise LmkdError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
     if fixed_new_tokens is not None and fixed_new_tokens < 0:
@@ -134,19 +147,31 @@ def evaluate_models(
         models["teacher"] = teacher
     dev = resolve_device(device)  # before any data or model loads: `--device cuda` on a CPU machine is one line
     src, tgt = source_column or DEFAULT_COLUMNS[task][0], target_column or DEFAULT_COLUMNS[task][1]
-    ds = load_data(data, [src, tgt], flags=("--source-column", "--target-column"))
+    lm = task in LM_EVAL_TASKS
+    if lm and not 0.0 < mlm_probability < 1.0:
+        raise LmkdError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
+    data_args = DataArguments(task=task, train_file=data, source_column=src, target_column=tgt,
+                              source_prefix=source_prefix, max_source_length=max_source_length,
+                              max_target_length=max_target_length, mlm_probability=mlm_probability,
+                              **(dataset or {}))
+    ds = read_split(data_args, "train", [src, tgt], flags=("--source-column", "--target-column"))
+    if data is None:
+        data = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
+                                              else "") + f" [{data_args.train_split}]"
     if max_samples is not None:
         if max_samples < 1:
             raise LmkdError("--max-samples must be at least 1")
         ds = ds.select(range(min(max_samples, len(ds))))
     sources = [source_prefix + str(s) for s in ds[src]]
-    references = list(ds[tgt])
-    kind = CLASSIFICATION if task == "classification" else SEQ2SEQ
+    references = list(ds[tgt]) if tgt else []
+    kind = TASK_KIND[task]
 
     loaded = {}
     for label, path in models.items():
         model = load_model(path, kind=kind, dtype=dtype).to(dev).eval()
         tokenizer = load_tokenizer(path)
+        if lm and tokenizer.pad_token is None:  # GPT-2: batches pad with EOS (masked out of every score)
+            tokenizer.pad_token = tokenizer.eos_token
         loaded[label] = (model, tokenizer)
 
     result: dict = {
@@ -155,15 +180,21 @@ def evaluate_models(
         "settings": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "source_column": src, "target_column": tgt, "source_prefix": source_prefix,
                      "max_source_length": max_source_length, "device": str(dev), "dtype": dtype or "auto",
-                     "fixed_new_tokens": (None if task == "classification"
+                     **({"mlm_probability": mlm_probability, "seed": seed} if task == "mlm" else {}),
+                     **({"max_target_length": max_target_length} if kind == SEQ2SEQ and teacher else {}),
+                     "fixed_new_tokens": (None if task == "classification" or lm
                                           else max_new_tokens if fixed_new_tokens is None else fixed_new_tokens or None),
                      "torch": torch.__version__},
         "signatures": {}, "models": {}, "predictions": {},
     }
 
+    tokens = (token_scores(loaded, ds, data_args, batch_size, "teacher" if teacher else None, seed)
+              if lm or (kind == SEQ2SEQ and teacher is not None) else {})
     for label, (model, tokenizer) in loaded.items():
         truncation: dict = {}  # what lmkd.truncation's rule cut for this model: reported once, here
-        if task == "classification":
+        if lm:
+            preds, refs = None, None
+        elif task == "classification":
             refs = _labels(references, model)
             preds = generation.classify(model, tokenizer, sources, batch_size=batch_size,
                                         max_source_length=max_source_length, progress=progress, desc=label,
@@ -176,15 +207,18 @@ def evaluate_models(
                                               stats=truncation)
         for note in truncation.values():
             (logger.warning if note["truncated"] else logger.info)("%s: %s", label, describe_truncation(note))
-        scores, signatures = quality(task, preds, refs)
+        scores, signatures = ({"perplexity": tokens[label]["perplexity"]}, {}) if lm else quality(task, preds, refs)
         result["signatures"].update(signatures)
-        result["predictions"][label] = preds
+        if not lm:
+            result["predictions"][label] = preds
         result["models"][label] = {
             "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
             "quality": scores, "truncation": truncation,
             "size": {"parameters": count_parameters(model), "bytes_on_disk": weights_bytes(str(models[label]))},
         }
-        if task != "classification":
+        if label in tokens:
+            result["models"][label]["fidelity"] = tokens[label]
+        if kind == SEQ2SEQ:
             lengths = generation.output_lengths(tokenizer, preds)
             result["models"][label]["output_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths)}
 
@@ -208,8 +242,7 @@ def evaluate_models(
         for label, m in result["models"].items():
             if label == "teacher":
                 continue
-            vs: dict = {"retained_%": {k: (100.0 * v / t["quality"][k] if t["quality"][k] else None)
-                                       for k, v in m["quality"].items()},
+            vs: dict = {"retained_%": {k: retained(k, v, t["quality"][k]) for k, v in m["quality"].items()},
                         "parameters_ratio": m["size"]["parameters"] / t["size"]["parameters"]}
             if "speed" in m:
                 vs["speedup_latency"] = t["speed"]["latency_ms"] / m["speed"]["latency_ms"]
@@ -218,6 +251,38 @@ def evaluate_models(
                     vs["speedup_per_token"] = t["speed"]["ms_per_token"] / m["speed"]["ms_per_token"]
             m["vs_teacher"] = vs
     return result
+
+
+def retained(metric: str, student: float, teacher: float) -> float | None:
+    """Quality retained, in %: student / teacher, or teacher / student where lower is better."""
+    num, den = (teacher, student) if metric in LOWER_IS_BETTER else (student, teacher)
+    return 100.0 * num / den if den else None
+
+
+def token_scores(loaded: dict, ds, data_args: DataArguments, batch_size: int, teacher: str | None,
+                 seed: int) -> dict[str, dict]:
+    """:func:`lmkd.fidelity.score_tokens` of every loaded ``(model, tokenizer)`` on ``ds``: in one
+    pass over the same batches with fidelity to ``teacher`` when all share its tokenizer, else each
+    on its own tokenisation (perplexity only)."""
+    models = {k: m for k, (m, _) in loaded.items()}
+    if teacher is not None:
+        try:
+            for label, (_, tok) in loaded.items():
+                check_same_tokenizer(tok, loaded[teacher][1])
+        except LmkdError as e:
+            logger.warning("no fidelity figures: %s", e)
+            teacher = None
+    if teacher is not None:
+        batches = fidelity.token_batches(ds, loaded[teacher][1], data_args, batch_size, model=list(models.values()),
+                                          seed=seed)
+        return fidelity.score_tokens(models, batches, data_args.task, teacher=teacher)
+    if TASK_KIND[data_args.task] == SEQ2SEQ:
+        return {}
+    out = {}
+    for label, (model, tok) in loaded.items():
+        batches = fidelity.token_batches(ds, tok, data_args, batch_size, model=model, seed=seed)
+        out.update(fidelity.score_tokens({label: model}, batches, data_args.task))
+    return out
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -231,9 +296,14 @@ def markdown_table(result: dict) -> str:
     per_token = has_speed and all("ms_per_token" in m["speed"] for m in result["models"].values())
     has_len = all("output_tokens" in m for m in result["models"].values())
     has_teacher = result["teacher"] is not None
+    has_fidelity = has_teacher and all("top1_agreement" in m.get("fidelity", {}) for m in result["models"].values())
+    seq2seq = result["task"] not in LM_EVAL_TASKS + ("classification",)
     bs = result["settings"]["batch_size"]
     fixed = result["settings"].get("fixed_new_tokens")
-    head = ["model"] + [METRIC_NAMES[n] for n in names] + ["parameters", "MB on disk"]
+    head = ["model"] + [METRIC_NAMES[n] for n in names]
+    if has_fidelity:
+        head += (["perplexity (teacher-forced)"] if seq2seq else []) + ["top-1 agreement %", "KL to teacher"]
+    head += ["parameters", "MB on disk"]
     if has_len:
         head += ["output tokens (mean)"]
     if per_token:
@@ -250,6 +320,10 @@ def markdown_table(result: dict) -> str:
     for label, m in result["models"].items():
         size = m["size"]
         row = [label] + [format_cell(m["quality"][n]) for n in names]
+        if has_fidelity:
+            f = m["fidelity"]
+            row += ([format_cell(f["perplexity"])] if seq2seq else []) + [
+                format_cell(f["top1_agreement"]), format_cell(f["kl_to_teacher"], ".4f")]
         row += [f"{size['parameters']:,}",
                 format_cell(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
         if has_len:
@@ -269,8 +343,14 @@ def markdown_table(result: dict) -> str:
         rows.append(row)
     s = result["settings"]
     notes = [f"{result['task']} on {result['data']} ({result['n_examples']} examples)"
-             + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if result["task"] != "classification"
+             + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if seq2seq else "")
+             + (f", {s['mlm_probability']:g} of the tokens masked (seed {s['seed']})" if result["task"] == "mlm"
                 else "") + f", {s['device']}."]
+    if has_fidelity:
+        n = next(iter(result["models"].values()))["fidelity"]["tokens"]
+        notes.append(f"Fidelity over {n} scored tokens" + (" (teacher-forced on the references)" if seq2seq else "")
+                     + ": top-1 agreement = % of positions where the model's argmax is the teacher's; "
+                     "KL to teacher = mean KL(teacher || model) per token, nats.")
     for k, sig in result["signatures"].items():
         notes.append(f"{k} signature: {sig}")
     for label, m in result["models"].items():  # only what the one truncation rule actually cut

@@ -155,11 +155,15 @@ def write_shard(path: str, arrays: dict) -> None:
     replace_dir(tmp, path)
 
 
+#: the DataArguments of ``dataset_name``: in a cache's meta only when used
+DATASET_KEYS = ("dataset_name", "dataset_config_name", "train_split", "validation_split", "source_lang", "target_lang")
+
+
 def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch_size: int = 16,
                  shard_rows: int = 1024, logprob_dtype: str = "float16", teacher_dtype: str = "auto",
                  device: str | None = None, overwrite: bool = False, tail_samples: int = 0,
                  seed: int = 0) -> dict:
-    """Run the teacher over ``data_args.train_file`` and write its top-K log-probs to ``output``.
+    """Run the teacher over ``data_args.train_file`` (or ``dataset_name``'s ``train_split``) and write its top-K log-probs to ``output``.
 
     ``data_args`` is a :class:`lmkd.data.DataArguments` (task, columns, max lengths, prefix): the
     same values must be used for training, so the positions match.  ``tail_samples`` M > 0 also
@@ -171,7 +175,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     """
     from transformers import DataCollatorForSeq2Seq
 
-    from .data import load_data, tokenize
+    from .data import read_split, tokenize
     from .modeling import load_model, load_tokenizer, resolve_device, vocab_size_of
 
     kind = TASK_KIND[data_args.task]
@@ -188,7 +192,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     dev = resolve_device(device)  # before anything loads or is written: `--device cuda` without CUDA is one line
     labelled = kind == SEQ2SEQ
     columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
-    ds = load_data(data_args.train_file, columns, flags=("--source-column", "--target-column"))
+    ds = read_split(data_args, "train", columns, flags=("--source-column", "--target-column"))
     tokenizer = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, kind=kind, dtype=teacher_dtype)
     vocab = vocab_size_of(teacher)
@@ -205,7 +209,8 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         "shard_rows": shard_rows, "batch_size": batch_size, "logprob_dtype": logprob_dtype,
         "id_dtype": np.dtype(id_dtype(vocab)).name, "teacher_dtype": teacher_dtype,
         "tail_samples": tail_samples, "seed": seed,
-        "data": {k: v for k, v in asdict(data_args).items() if k not in ("validation_file", "max_eval_samples")},
+        "data": {k: v for k, v in asdict(data_args).items() if k not in ("validation_file", "max_eval_samples")
+                 and not (k in DATASET_KEYS and v in (None, "train"))},  # (file caches keep their old meta)
     }
     meta_path = os.path.join(output, "meta.json")
     if os.path.exists(meta_path) and not overwrite:

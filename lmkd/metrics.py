@@ -100,6 +100,22 @@ def macro_f1(predictions: Sequence, labels: Sequence) -> float:
     return 100.0 * sum(f1s) / len(f1s)
 
 
+def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
+    """(scores, sacrebleu signatures) of ``predictions`` for ``task``: BLEU and chrF (translation),
+    ROUGE (summarization), accuracy and macro-F1 (classification) -- what ``lmkd evaluate`` reports
+    and what training reports with ``predict_with_generate`` (:func:`trainer_metrics`)."""
+    if task == "translation":
+        b, b_sig = bleu(predictions, references)
+        c, c_sig = chrf(predictions, references)
+        return {"bleu": b, "chrf": c}, {"bleu": b_sig, "chrf": c_sig}
+    if task == "summarization":
+        return rouge(predictions, references), {"rouge": "rouge-score, use_stemmer=True, mean F1, "
+                                                         "Lsum on newline-split sentences"}
+    if task == "classification":
+        return {"accuracy": accuracy(predictions, references), "macro_f1": macro_f1(predictions, references)}, {}
+    raise LmkdError(f"no prediction metric for task {task!r}")
+
+
 def _check_pairs(hypotheses, references) -> None:
     if len(hypotheses) != len(references):
         raise LmkdError(f"{len(hypotheses)} predictions but {len(references)} references; score the same rows")

@@ -15,10 +15,10 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer
+from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import logit_cache, positions, teachers
+from . import logit_cache, metrics, positions, teachers
 from .config import DistillationConfig
 from .constants import SEQ2SEQ
 from .errors import LmkdError
@@ -35,6 +35,28 @@ EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a teacher cache as wi
                      "validation data")
 #: file holding the hint projections in each checkpoint dir (never in the saved student)
 PROJECTIONS_NAME = "lmkd_projections.pt"
+
+
+def compute_metrics_for(task: str, tokenizer, references: list | None = None):
+    """The Trainer's ``compute_metrics`` for ``task``, scored by :func:`lmkd.metrics.quality` -- the code
+    of ``lmkd evaluate``: translation/summarization decode the generated ids (``predict_with_generate``)
+    as :func:`lmkd.generation.generate_texts` does and score them against ``references`` (the
+    validation rows' target texts, in order); classification scores the argmax of the logits
+    against the label ids.  The keys (``bleu``, ``chrf``, ``rouge2``, ``accuracy``, ``macro_f1``, ...)
+    are logged with the ``eval_`` prefix and can be ``metric_for_best_model`` (e.g. ``eval_bleu``)."""
+    import numpy as np
+
+    def compute(pred) -> dict[str, float]:
+        out = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        if task == "classification":
+            return metrics.quality(task, np.asarray(out).argmax(-1).tolist(), np.asarray(pred.label_ids).tolist())[0]
+        ids = np.where(np.asarray(out) < 0, tokenizer.pad_token_id, out)
+        texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        if references is None or len(references) != len(texts):
+            raise LmkdError(f"{len(texts)} generated outputs for {len(references or [])} validation references")
+        return metrics.quality(task, texts, [str(r) for r in references])[0]
+
+    return compute
 
 
 @contextlib.contextmanager
@@ -236,6 +258,17 @@ class DistillationTrainer(Seq2SeqTrainer):
                             "learning rate, use bf16 instead of fp16, or check the data for empty targets")
         loss = loss * scale
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """With ``predict_with_generate``: the loss is still :meth:`compute_loss`'s CE + KD mix (the
+        Seq2SeqTrainer's would be the model's own CE) and the generated ids go to ``compute_metrics``
+        with the batch's labels."""
+        if not self.args.predict_with_generate or prediction_loss_only or self.kind != SEQ2SEQ:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
+        gen_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+        _, tokens, _ = super().prediction_step(model, gen_inputs, False, ignore_keys=ignore_keys, **gen_kwargs)
+        return loss, tokens, inputs.get("labels")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

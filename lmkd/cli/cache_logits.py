@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..constants import AUTO_DTYPE_NAMES, DTYPE_NAMES
+from .dataset_flags import add_data_arguments, data_kwargs
 
 
 def add_parser(sub):
@@ -22,12 +23,14 @@ def add_parser(sub):
                "--output runs/cache\n"
                "  lmkd cache-logits --teacher gpt2 --data corpus.jsonl --task causal-lm --top-k 64 "
                "--batch-size 32 --output runs/cache\n"
+               "  lmkd cache-logits --teacher runs/teacher --dataset-name wmt16 --dataset-config-name ro-en "
+               "--source-lang en --target-lang ro --top-k 32 --output runs/cache\n"
                "  lmkd distill config.yaml --teacher_cache runs/cache --kd_alpha 0.5\n"
                "Use the same --task, columns, max lengths and prefix for distill as here; the data must be the "
                "same file (the cache checks the tokens row by row). On disk: about 4*(K+M)+4 bytes per target "
                "token (ids uint16 when the vocabulary fits, log-probs float16).")
     p.add_argument("--teacher", required=True, help="teacher checkpoint (hub id or local dir with its tokenizer)")
-    p.add_argument("--data", required=True, help="training data (.jsonl[.gz]/.json/.csv or a save_to_disk dir)")
+    add_data_arguments(p, "training data (.jsonl[.gz]/.json/.csv or a save_to_disk dir)", "train")
     p.add_argument("--top-k", type=int, required=True, help="token ids kept per position (e.g. 32 or 64)")
     p.add_argument("--tail-samples", type=int, default=0,
                    help="also store M token ids per position drawn from the teacher's mass outside the top-K: "
@@ -58,7 +61,7 @@ def run(ns) -> None:
     from ..data import DataArguments
     from ..logit_cache import cache_logits
 
-    data_args = DataArguments(task=ns.task, train_file=ns.data, source_column=ns.source_column,
+    data_args = DataArguments(task=ns.task, **data_kwargs(ns), source_column=ns.source_column,
                               target_column=ns.target_column, source_prefix=ns.source_prefix,
                               max_source_length=ns.max_source_length, max_target_length=ns.max_target_length,
                               max_train_samples=ns.max_samples)

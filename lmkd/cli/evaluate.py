@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..constants import AUTO_DTYPE_NAMES, EVAL_TASKS
+from ..constants import AUTO_DTYPE_NAMES, EVAL_TASKS, LM_EVAL_TASKS
 from ..errors import LmkdError
+from .dataset_flags import add_data_arguments, data_kwargs
 
 
 def add_parser(sub):
     p = sub.add_parser(
-        "evaluate", help="BLEU/chrF/ROUGE/accuracy, size and speed of a student (against its teacher)",
+        "evaluate", help="BLEU/chrF/ROUGE/accuracy/perplexity, size and speed of a student (against its teacher)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a model on a data file with sacrebleu / rouge-score / accuracy and macro-F1, "
-                    "measure its size and speed, and with --teacher show the quality it retains and its "
-                    "speed-up, all measured in one run.",
+                    "or (causal-lm, mlm) by perplexity, measure its size and speed, and with --teacher show the "
+                    "quality it retains, its speed-up and its fidelity to the teacher (top-1 agreement, mean "
+                    "KL(teacher || student) per token; seq2seq: teacher-forced on the references), all measured "
+                    "in one run.",
         epilog="examples:\n"
                "  lmkd evaluate --model runs/marian-student --teacher Helsinki-NLP/opus-mt-en-fr \\\n"
                "      --data lmkd/corpora/ddtp_en_fr.test.jsonl.gz --task translation --output eval/marian.json\n"
@@ -23,11 +26,17 @@ def add_parser(sub):
                "      --data data/cnn_dm/test.jsonl --num-beams 4 --max-new-tokens 142 --plot eval/bart.png\n"
                "  lmkd evaluate --model runs/distilbert-sst2 --data data/sst2/validation.jsonl --task classification "
                "--source-column sentence\n"
+               "  lmkd evaluate --model runs/distilgpt2 --teacher gpt2 --data data/wikitext/test.jsonl --task causal-lm "
+               "--max-source-length 256\n"
+               "  lmkd evaluate --model runs/distilbert --teacher bert-base-uncased --data data/wiki.jsonl --task mlm "
+               "--mlm-probability 0.15 --seed 0\n"
+               "  lmkd evaluate --model runs/marian-ro --teacher Helsinki-NLP/opus-mt-en-ro --task translation \\\n"
+               "      --dataset-name wmt16 --dataset-config-name ro-en --split test --source-lang en --target-lang ro\n"
                "The JSON (--output) holds scores, sacrebleu signatures, sizes, speeds and every prediction; a "
                "markdown table is written next to it (.md) and printed.")
     p.add_argument("--model", required=True, help="student checkpoint (saved dir or hub id)")
-    p.add_argument("--data", required=True, help="data file (.jsonl[.gz], .csv, .json) or a save_to_disk dir")
-    p.add_argument("--task", required=True, choices=EVAL_TASKS)
+    add_data_arguments(p, "data file (.jsonl[.gz], .csv, .json) or a save_to_disk dir", "test")
+    p.add_argument("--task", required=True, choices=EVAL_TASKS + LM_EVAL_TASKS)
     p.add_argument("--teacher", help="teacher checkpoint, scored and timed the same way for comparison")
     p.add_argument("--num-beams", type=int, default=4, help="beam size for generation (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
@@ -38,6 +47,11 @@ def add_parser(sub):
     p.add_argument("--source-prefix", default="", help="text put before every input, e.g. 'translate English "
                                                        "to French: ' for T5")
     p.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
+    p.add_argument("--max-target-length", type=int, default=512,
+                   help="seq2seq fidelity: references are truncated to this many tokens (default 512)")
+    p.add_argument("--mlm-probability", type=float, default=0.15,
+                   help="mlm: share of tokens masked and scored, as in training (default 0.15)")
+    p.add_argument("--seed", type=int, default=0, help="mlm: seed of the masks, the same for every model (default 0)")
     p.add_argument("--max-samples", type=int, help="score only the first N rows")
     p.add_argument("--speed-samples", type=int, default=32,
                    help="inputs timed for throughput (the first 8 of them one by one for latency); 0 skips speed")
@@ -63,9 +77,12 @@ def run(ns) -> None:
     if ns.plot:
         check_writable(ns.plot, "--plot")
     result = evaluate_models(
-        ns.model, ns.data, ns.task, teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
+        ns.model, ns.data, ns.task, dataset={k: v for k, v in data_kwargs(ns).items() if k != "train_file"},
+        teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,
         batch_size=ns.batch_size, source_column=ns.source_column, target_column=ns.target_column,
-        source_prefix=ns.source_prefix, max_source_length=ns.max_source_length, max_samples=ns.max_samples,
+        source_prefix=ns.source_prefix, max_source_length=ns.max_source_length,
+        max_target_length=ns.max_target_length, mlm_probability=ns.mlm_probability, seed=ns.seed,
+        max_samples=ns.max_samples,
         speed_samples=ns.speed_samples, repeats=ns.repeats, device=ns.device,
         dtype=None if ns.dtype == "auto" else ns.dtype)
     print(write_report(result, ns.output, ns.plot), end="")
