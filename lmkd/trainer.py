@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections import defaultdict
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import logit_cache, positions, teachers
+from . import card, logit_cache, positions, teachers
 from .config import DistillationConfig
 from .constants import SEQ2SEQ
 from .errors import LmkdError
@@ -54,6 +55,24 @@ def nothing_left_on_error(path):
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
+
+
+def import_deepspeed_only_when_used() -> None:
+    """Keep DeepSpeed unimported (and its "Setting accelerator to CPU" warning unprinted) in runs
+    that do not use it.  accelerate's ``extract_model_from_parallel`` (behind every
+    ``unwrap_model``, from ``Trainer.__init__`` on) imports deepspeed whenever it is installed,
+    only to test ``isinstance(model, DeepSpeedEngine)``; a model can be an engine only once
+    deepspeed is imported (a DeepSpeed run imports it before building one), so that check asks
+    whether it is imported instead.  The other availability checks (transformers' and
+    accelerate's own) only look for the package and stay as they are."""
+    import accelerate.utils.other as other
+
+    other.is_deepspeed_available = deepspeed_imported
+
+
+def deepspeed_imported() -> bool:
+    """Whether the deepspeed package has been imported in this process."""
+    return "deepspeed" in sys.modules
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -95,6 +114,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
             raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
+        import_deepspeed_only_when_used()
         with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
             super().__init__(model=model, args=args, **kwargs)
             self._setup(teacher_model, teacher_tokenizer)
@@ -295,6 +315,14 @@ class DistillationTrainer(Seq2SeqTrainer):
             else:
                 logger.warning("%s has no %s: the hint projections restart from a random initialisation",
                                resume_from_checkpoint, PROJECTIONS_NAME)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's draft card (``push_to_hub`` writes one before uploading), unless
+        ``output_dir`` already holds lmkd's card (:func:`lmkd.card.write_card`), which says more
+        (teacher, KD settings, command) and is kept."""
+        if self.is_world_process_zero() and card.is_lmkd_card(self.args.output_dir):
+            return
+        super().create_model_card(*args, **kwargs)
 
     # ---- logging ------------------------------------------------------------------------------
 

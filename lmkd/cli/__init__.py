@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(ns, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     ns.overrides = rest
+    ns.argv = argv  # the command line as given (the model card of `lmkd distill` records it)
     # transformers' per-tensor "Loading weights" bars are noise around lmkd's own progress and errors
     from transformers.utils import logging as hf_logging
 
