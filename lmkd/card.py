@@ -40,8 +40,10 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "to_dict"):  # e.g. a GenerationConfig object given from Python
+        return _plain(value.to_dict())
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _default(f: dataclasses.Field):

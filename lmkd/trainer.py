@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections import defaultdict
 
 import torch
@@ -57,24 +56,6 @@ def nothing_left_on_error(path):
         raise
 
 
-def import_deepspeed_only_when_used() -> None:
-    """Keep DeepSpeed unimported (and its "Setting accelerator to CPU" warning unprinted) in runs
-    that do not use it.  accelerate's ``extract_model_from_parallel`` (behind every
-    ``unwrap_model``, from ``Trainer.__init__`` on) imports deepspeed whenever it is installed,
-    only to test ``isinstance(model, DeepSpeedEngine)``; a model can be an engine only once
-    deepspeed is imported (a DeepSpeed run imports it before building one), so that check asks
-    whether it is imported instead.  The other availability checks (transformers' and
-    accelerate's own) only look for the package and stay as they are."""
-    import accelerate.utils.other as other
-
-    other.is_deepspeed_available = deepspeed_imported
-
-
-def deepspeed_imported() -> bool:
-    """Whether the deepspeed package has been imported in this process."""
-    return "deepspeed" in sys.modules
-
-
 class DistillationTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
 
@@ -114,7 +95,6 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
             raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
-        import_deepspeed_only_when_used()
         with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
             super().__init__(model=model, args=args, **kwargs)
             self._setup(teacher_model, teacher_tokenizer)
