@@ -59,17 +59,19 @@ def run_settings(model_args, data_args, args: DistillationConfig) -> dict:
     (a :class:`DistillationConfig` is compared with one built from defaults, so the values its
     ``__post_init__`` derives are not written twice), in the groups' field order.  Secrets are
     left out."""
-    reference = DistillationConfig(output_dir=args.output_dir)
+    try:  # the reference must not reset the process's accelerate state (a plain TrainingArguments does)
+        reference = DistillationConfig(output_dir=args.output_dir, use_cpu=args.use_cpu,
+                                       accelerator_config={"use_configured_state": True})
+    except ValueError:  # no state configured yet: nothing to reset
+        reference = DistillationConfig(output_dir=args.output_dir, use_cpu=args.use_cpu)
     out: dict = {}
     for obj in (model_args, data_args, args):
         for f in dataclasses.fields(obj):
             if not f.init or f.name in SECRET_KEYS or f.name in out:
                 continue
             value = _plain(getattr(obj, f.name))
-            if obj is args:
-                if value == _plain(getattr(reference, f.name)) and f.name != "output_dir":
-                    continue
-            elif value == _plain(_default(f)):
+            derived = obj is args and f.name not in ("output_dir", "use_cpu")  # (those two the reference shares)
+            if value == _plain(getattr(reference, f.name) if derived else _default(f)):
                 continue
             out[f.name] = value
     return out

@@ -62,6 +62,7 @@ def test_card_metadata_body_and_settings_rerun_to_the_same_student(recipe, tmp_p
     settings = yaml.safe_load((out / "lmkd_config.yaml").read_text())
     assert settings["kd_temperature"] == 3.0 and settings["kd_loss"] == "jsd" and settings["kd_alpha"] == 0.7
     assert settings["max_steps"] == 3 and settings["teacher_model_name_or_path"] == teacher
+    assert settings["use_cpu"] is True and settings["output_dir"] == str(out)
     assert "per_device_train_batch_size" not in settings  # 8 is the default: only what differs is written
 
     again = tmp_path / "again"
