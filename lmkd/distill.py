@@ -17,7 +17,7 @@ import shutil
 
 import datasets
 
-from . import logit_cache, regimes, teachers
+from . import card, logit_cache, regimes, teachers
 from .config import DistillationConfig
 from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, read_split, tokenize
@@ -53,14 +53,18 @@ def _raw(split, data_args, limit, mix_seed=None):
 
 
 def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, resume: bool = False,
-                teacher_model=None, callbacks: list | None = None) -> dict:
+                teacher_model=None, callbacks: list | None = None, command: str | None = None) -> dict:
     """Train ``model_args.student_model_name_or_path`` on ``data_args`` with ``args``; save the
-    student and its tokenizer to ``args.output_dir``; return the training metrics.  The regimes of
-    lmkd.regimes (transfer sets, ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``.
+    student and its tokenizer to ``args.output_dir``, with a model card and the run's settings
+    (:mod:`lmkd.card`); return the training metrics.  The regimes of lmkd.regimes (transfer sets,
+    ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``.
     ``callbacks``: transformers ``TrainerCallback`` objects for the trainer (e.g. the study's early
-    stopping); not passed on to born-again rounds."""
+    stopping); not passed on to born-again rounds.  ``command``: the command line that ran it,
+    for the model card (None: run from Python).  With ``push_to_hub`` the student, its card and
+    settings are pushed once they are all written."""
     if args.rounds > 1:
-        return run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model)
+        return run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model,
+                              command=command)
     eval_data_args = unlabelled_data_args(data_args, args, evaluation=True)
     data_args = unlabelled_data_args(data_args, args)
     kind = TASK_KIND[data_args.task]
@@ -118,14 +122,21 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
             model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
             processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
             compute_metrics=compute_metrics_for(data_args.task, tokenizer, references) if scored else None)
+    rows = {"train": len(train)} | ({"validation": len(evaluation)} if evaluation is not None else {})
     result = trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir, _internal_call=True)  # pushed below, once the card is written
     metrics = dict(result.metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())
     metrics.update(truncation_metrics(notes))
     if trainer.is_world_process_zero():
         atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True)
+        card.write_card(args.output_dir, model_args, data_args, args, metrics, rows=rows,
+                        steps=trainer.state.global_step, command=command,
+                        teacher="a model passed from Python" if teacher_model is not None and
+                        not args.teacher_model_name_or_path else None)
+    if args.push_to_hub:  # the Trainer's own push (hub_model_id, hub_token, ...); it keeps lmkd's card
+        trainer.push_to_hub(commit_message="End of training")
     return metrics
 
 
@@ -193,13 +204,15 @@ def load_cohort(paths: list[str], kind: str, args) -> regimes.CohortModel:
 # ---- born-again networks -------------------------------------------------------------------------
 
 
-def run_born_again(model_args, data_args, args, resume: bool = False, teacher_model=None) -> dict:
+def run_born_again(model_args, data_args, args, resume: bool = False, teacher_model=None,
+                   command: str | None = None) -> dict:
     """``rounds: N``: N runs of ``lmkd distill``, each from the same student init; round 1 learns
     from the given teacher (or, with none, from the labels alone -- the born-again "teacher"
     generation), round r > 1 from round r-1's student.  Round r writes ``output_dir/round-r``
     (trained student, tokenizer, metrics; evaluated on validation_file when given); the last
-    round's student is also copied into ``output_dir``.  With ``--resume`` finished rounds are
-    kept and the interrupted one resumes from its last checkpoint."""
+    round's student is also copied into ``output_dir``, with a card and settings of the whole run
+    (each round's own are in its directory).  With ``--resume`` finished rounds are kept and the
+    interrupted one resumes from its last checkpoint."""
     rounds, per_round = args.rounds, {}
     previous, metrics = None, {}
     for r in range(1, rounds + 1):
@@ -221,7 +234,7 @@ def run_born_again(model_args, data_args, args, resume: bool = False, teacher_mo
                         "given model" if r == 1 and teacher_model is not None else a.teacher_model_name_or_path
                         if a.kd_alpha > 0 else "none")
             metrics = run_distill(model_args, data_args, a, resume=resume and os.path.isdir(out),
-                                  teacher_model=teacher_model if r == 1 else None)
+                                  teacher_model=teacher_model if r == 1 else None, command=command)
         per_round[f"round-{r}"] = metrics
         previous = out
     final = dict(metrics)
@@ -232,6 +245,9 @@ def run_born_again(model_args, data_args, args, resume: bool = False, teacher_mo
             if os.path.isfile(src) and name != RESULTS_NAME:
                 shutil.copy2(src, os.path.join(args.output_dir, name))
         atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), final, indent=1, sort_keys=True)
+        card.write_card(args.output_dir, model_args, data_args, args, metrics, command=command,
+                        teacher="a model passed from Python" if teacher_model is not None and
+                        not args.teacher_model_name_or_path else None)
     return final
 
 

@@ -162,7 +162,7 @@ DATASET_KEYS = ("dataset_name", "dataset_config_name", "train_split", "validatio
 def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch_size: int = 16,
                  shard_rows: int = 1024, logprob_dtype: str = "float16", teacher_dtype: str = "auto",
                  device: str | None = None, overwrite: bool = False, tail_samples: int = 0,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, progress: bool | None = None) -> dict:
     """Run the teacher over ``data_args.train_file`` (or ``dataset_name``'s ``train_split``) and write its top-K log-probs to ``output``.
 
     ``data_args`` is a :class:`lmkd.data.DataArguments` (task, columns, max lengths, prefix): the
@@ -171,8 +171,10 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     the module docstring), reproducibly from ``seed``.  Inputs and targets are truncated by the one
     rule (:func:`lmkd.truncation.fit_length`) to the teacher's tables; training on the cache applies
     the same rule with the same teacher (:func:`cache_teacher`).  Returns a summary dict (with
-    ``truncation``: the rows cut, :func:`lmkd.truncation.truncation_note`).
+    ``truncation``: the rows cut, :func:`lmkd.truncation.truncation_note`).  A tqdm bar counts the
+    rows the teacher has read (``progress``: None shows it on a terminal only, as tqdm decides).
     """
+    from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
     from .data import read_split, tokenize
@@ -244,10 +246,12 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     ids_dtype = id_dtype(vocab)
     n_shards = (len(ds) + shard_rows - 1) // shard_rows
     done = 0
+    bar = tqdm(total=len(ds), desc="cache-logits", unit="ex", disable=None if progress is None else not progress)
     for shard in range(n_shards):
         path = os.path.join(output, f"shard-{shard:05d}")
         if os.path.isdir(path):
             done += 1
+            bar.update(min(len(ds), (shard + 1) * shard_rows) - shard * shard_rows)
             continue
         lo, hi = shard * shard_rows, min(len(ds), (shard + 1) * shard_rows)
         rows = [ds[i] for i in range(lo, hi)]
@@ -281,6 +285,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
                     s_ids[sl] = smp_ids[pos:pos + n].cpu().numpy().astype(ids_dtype)
                     s_lps[sl] = _lp_to_numpy(smp_lp[pos:pos + n].cpu(), logprob_dtype)
                 pos += n
+            bar.update(len(idx))
         tokens = np.array([t for ts in targets for t in ts], dtype=ids_dtype)
         arrays = {"offsets": offsets, "tokens": tokens, "ids": ids, "logprobs": lps, "tail": tails}
         if tail_samples:
@@ -288,6 +293,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         write_shard(path, arrays)
         logger.info("cache-logits: shard %d/%d (%d rows, %d positions) -> %s", shard + 1, n_shards,
                     hi - lo, n_pos, path)
+    bar.close()
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(output) for f in fs
                if dp != output)
     cache = LogitCache(output)

@@ -1,13 +1,15 @@
 """What kind of model is this, and loading models/tokenizers with one-line errors.
 
 Four kinds cover the models lmkd distils; every other module asks this one instead of
-switching on class names itself.
+switching on class names itself.  Also :func:`import_deepspeed_only_when_used` (the package
+facade calls it), so that saving or training a model does not import DeepSpeed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 from transformers import (
@@ -30,6 +32,25 @@ from .constants import CAUSAL, CLASSIFICATION, DTYPE_NAMES, MLM, SEQ2SEQ
 from .errors import LmkdError
 
 logger = logging.getLogger(__name__)
+
+
+def import_deepspeed_only_when_used() -> None:
+    """Keep DeepSpeed unimported (and its "Setting accelerator to CPU" warning unprinted) in runs
+    that do not use it.  accelerate's ``extract_model_from_parallel`` (behind every
+    ``unwrap_model`` and ``save_pretrained``) imports deepspeed whenever it is installed,
+    only to test ``isinstance(model, DeepSpeedEngine)``; a model can be an engine only once
+    deepspeed is imported (a DeepSpeed run imports it before building one), so that check asks
+    whether it is imported instead.  The other availability checks (transformers' and
+    accelerate's own) only look for the package and stay as they are."""
+    import accelerate.utils.other as other
+
+    other.is_deepspeed_available = deepspeed_imported
+
+
+def deepspeed_imported() -> bool:
+    """Whether the deepspeed package has been imported in this process."""
+    return "deepspeed" in sys.modules
+
 
 AUTO_CLASS = {
     SEQ2SEQ: AutoModelForSeq2SeqLM,

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import logit_cache, metrics, positions, teachers
+from . import card, logit_cache, metrics, positions, teachers
 from .config import DistillationConfig
 from .constants import SEQ2SEQ
 from .errors import LmkdError
@@ -328,6 +328,14 @@ class DistillationTrainer(Seq2SeqTrainer):
             else:
                 logger.warning("%s has no %s: the hint projections restart from a random initialisation",
                                resume_from_checkpoint, PROJECTIONS_NAME)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's draft card (``push_to_hub`` writes one before uploading), unless
+        ``output_dir`` already holds lmkd's card (:func:`lmkd.card.write_card`), which says more
+        (teacher, KD settings, command) and is kept."""
+        if self.is_world_process_zero() and card.is_lmkd_card(self.args.output_dir):
+            return
+        super().create_model_card(*args, **kwargs)
 
     # ---- logging ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ LAYERS = [
     ["losses", "metrics", "significance"],                                       # L1: pure functions
     ["modeling", "truncation", "positions", "data", "student", "scratch", "generation", "fidelity"],  # L2: models, data
     ["teachers", "seqkd", "logit_cache"],                                        # L3: teacher signals
-    ["config", "objective", "features", "trainer", "regimes"],                   # L4: training
+    ["config", "card", "objective", "features", "trainer", "regimes"],           # L4: training
     ["distill", "evaluate", "report", "study"],                                  # L5: commands' bodies
     ["cli", "__main__"],                                                         # L6: the lmkd command
 ]

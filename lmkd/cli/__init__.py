@@ -42,10 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
                "  lmkd distill recipes/translation/marian_word_kd.yaml\n"
                "Each command has its own --help with examples.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"lmkd {version()}",
+                        help="print lmkd's version and exit (e.g. `lmkd --version`)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
     return parser
+
+
+def version() -> str:
+    """lmkd's installed version (its package metadata), or a note when it runs uninstalled."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("lmkd")
+    except PackageNotFoundError:
+        return "(not installed: run `pip install -e .` for its version)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(ns, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     ns.overrides = rest
+    ns.argv = argv  # the command line as given (the model card of `lmkd distill` records it)
     # transformers' per-tensor "Loading weights" bars are noise around lmkd's own progress and errors
     from transformers.utils import logging as hf_logging
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 
 from ..errors import LmkdError
 from .settings import distill_parser, parse_distill_args
@@ -91,6 +93,8 @@ def run(ns) -> None:
     model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
     check_report_to(training_args.report_to)
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
-    metrics = run_distill(model_args, data_args, training_args, resume=ns.resume)
+    command = "lmkd " + shlex.join(ns.argv)
+    metrics = run_distill(model_args, data_args, training_args, resume=ns.resume, command=command)
     if training_args.process_index == 0:
         print(json.dumps(metrics, indent=1, sort_keys=True))
+        print(f"student saved to {training_args.output_dir}", file=sys.stderr)
