@@ -7,9 +7,11 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
 * **plain** (``kd_chunk_size: 0``, online teacher): full logits, :func:`lmkd.losses.cross_entropy`
   and :func:`lmkd.losses.token_kd_loss`;
 * **chunked / fused** (:mod:`lmkd.losses.chunked`): CE and KD in one pass over chunks of
-  positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model
-  on the first training batch against the real logits), the student's head is skipped in the
-  forward and run per chunk inside the loss (no (N, V) student logits), and so is the teacher's;
+  positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model,
+  before the first training forward, against the real logits of a no-grad forward of a slice of
+  the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor exists even at
+  step 1), the student's head is skipped in the forward and run per chunk inside the loss (no
+  (N, V) student logits), and so is the teacher's;
 * **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.logit_cache`).
 
 The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
@@ -34,6 +36,32 @@ from .positions import aligned_labels
 
 logger = logging.getLogger(__name__)
 
+#: positions of the one-row slice of the first batch on which a model's fused LM head is checked
+PROBE_POSITIONS = 32
+
+
+def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS) -> dict:
+    """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
+    of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
+    tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
+    seq_key = "decoder_input_ids" if kind == SEQ2SEQ else "input_ids"
+    ref = fwd.get(seq_key)
+    if ref is None:
+        ref = fwd.get("decoder_inputs_embeds" if kind == SEQ2SEQ else "inputs_embeds")
+    b, t = ref.shape[:2]
+    row = int(attention_mask.sum(-1).argmax()) if attention_mask is not None and kind != SEQ2SEQ else 0
+    # right padding (or none): the first positions are real tokens; left padding: the last ones
+    left = kind != SEQ2SEQ and attention_mask is not None and not bool(attention_mask[row, 0])
+    cut = slice(max(0, t - positions), t) if left else slice(0, min(t, positions))
+    out = {}
+    for k, v in fwd.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
+            v = v[row:row + 1]
+            if v.dim() >= 2 and v.shape[1] == t and (kind != SEQ2SEQ or k.startswith("decoder_")):
+                v = v[:, cut]
+        out[k] = v
+    return out
+
 
 class DistillationObjective:
     """CE + KD of a micro-batch for ``trainer`` (a :class:`lmkd.DistillationTrainer`).
@@ -55,7 +83,7 @@ class DistillationObjective:
         positions of the whole accumulated batch (this micro-batch's own when None); ``stats``
         receives the running sums the trainer logs."""
         tr, args = self.trainer, self.trainer.args
-        with self.lean_head(model, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
+        with self.lean_head(model, inputs, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
             outputs = model(**tr.forward_inputs(model, inputs))
         s_logits = tr.aligned(outputs.logits)
         ce_mask, kd_mask = tr.position_masks(inputs)
@@ -110,9 +138,6 @@ class DistillationObjective:
         """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher:
         (loss, CE sum, KD sum, teacher outputs or None)."""
         tr, args = self.trainer, self.trainer.args
-        if lean_head is not None and lean_head["probe"]:
-            self.fused_head = self.check_head(tr.model, lean_head, outputs, "student")
-            lean_head = None
         teacher, t_outputs = None, None
         if w_kd:
             if logit_cache.MASK in inputs:
@@ -147,23 +172,43 @@ class DistillationObjective:
         final hidden states when its head is checked (no (N, V) teacher tensor), else its logits."""
         tr = self.trainer
         use = tr.args.kd_chunk_size != 0 and self.teacher_head is not False and tr.kind in (CAUSAL, SEQ2SEQ)
+        if use and self.teacher_head is None:
+            self.teacher_head = self.probe_head(tr.teacher, inputs, "teacher")
+            use = self.teacher_head is not False
         ctx = self.head_skipped(tr.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
         with ctx as box, torch.no_grad():
             t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
-        if box is not None and box["probe"]:
-            self.teacher_head = self.check_head(tr.teacher, box, t_outputs, "teacher")
-        elif box is not None:
+        if box is not None:
             hidden = tr.aligned(box["hidden"][0])
             return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
         return t_outputs, tr.aligned(t_outputs.logits)
 
-    def lean_head(self, model, return_outputs: bool = False):
+    def lean_head(self, model, inputs: dict, return_outputs: bool = False):
         """The student's forward context: head skipped when the fused loss is on (training only, and
-        never when the caller wants the outputs: their logits would be placeholders)."""
+        never when the caller wants the outputs: their logits would be placeholders).  The first time,
+        the head is checked on a slice of ``inputs`` first (:meth:`probe_head`)."""
         tr = self.trainer
         use = (model.training and not return_outputs and tr.args.kd_chunk_size != 0
                and self.fused_head is not False and tr.kind in (CAUSAL, SEQ2SEQ))
+        if use and self.fused_head is None:
+            self.fused_head = self.probe_head(model, inputs, "student")
+            use = self.fused_head is not False
         return self.head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
+
+    def probe_head(self, model, inputs: dict, who: str):
+        """Check ``model``'s LM head once, on a no-grad forward of one row and PROBE_POSITIONS positions
+        of the batch (:func:`probe_inputs`): the Head, or False (see :meth:`check_head`)."""
+        head, why = self.head_for_fused_loss(model)
+        if head is None:
+            return self.check_head(model, None, None, who, (None, why))
+        tr = self.trainer
+        small = probe_inputs(tr.kind, tr.forward_inputs(model, inputs), inputs.get("attention_mask"))
+        # the RNG is left as it was (dropout in the probe would shift every later draw)
+        device = getattr(unwrap(model), "device", torch.device("cpu"))
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.head_skipped(model, None) as box, torch.no_grad():
+            outputs = model(**small)
+        return self.check_head(model, box, outputs, who, (head, why))
 
     def head_for_fused_loss(self, model):
         """The LM head of ``model`` as lmkd.losses.chunked.Head, or (None, why not)."""
@@ -223,9 +268,11 @@ class DistillationObjective:
             if swap:
                 inner._buffers["final_logits_bias"] = bias
 
-    def check_head(self, model, box, outputs, who: str):
-        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits?  The Head, or False."""
-        head, why = self.head_for_fused_loss(model)
+    def check_head(self, model, box, outputs, who: str, found=None):
+        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits (``outputs`` of a
+        forward whose head inputs ``box`` recorded)?  The Head, or False.  ``found``: what
+        :meth:`head_for_fused_loss` returned, when already asked."""
+        head, why = found if found is not None else self.head_for_fused_loss(model)
         if head is not None and len(box["hidden"]) != 1:
             head, why = None, "the LM head is called more than once per forward"
         if head is not None:
