@@ -1,5 +1,6 @@
 """The first training step of the fused CE+KD loss: the LM-head check runs on a one-row slice, so
-no (tokens x vocabulary) tensor exists at step 1 either, and the loss still equals the plain path's."""
+no (tokens x vocabulary) tensor exists at step 1 either, and the loss still equals the plain path's;
+and ``kd_chunk_size: auto`` (plain where the full logits fit comfortably, chunked otherwise)."""
 
 import copy
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lmkd import DistillationConfig, DistillationTrainer
+from lmkd import DistillationConfig, DistillationTrainer, objective
 from lmkd.data import DataArguments, collator_for, tokenize
 from lmkd.losses.chunked import Head
-from lmkd.objective import PROBE_POSITIONS
+from lmkd.errors import LmkdError
+from lmkd.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
 from lmkd.scratch import build_model
 
 CHUNK = 8
@@ -72,3 +74,64 @@ def test_first_step_never_makes_full_logits(tokenizer, corpus, tmp_path, arch, t
     assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
     for n in ref_grads:
         assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), n
+
+
+# ---- kd_chunk_size: auto -------------------------------------------------------------------------
+
+
+def test_auto_path_plain_only_when_the_full_logits_fit_comfortably():
+    n, v = 2048, 128_000
+    need = PLAIN_PEAK_LOGITS * n * v * 4  # bytes of the plain path's peak, ~12.6 GB here
+    assert choose_kd_path(n, v, "cuda", free_bytes=int(need / FIT_SHARE))[0] == 0
+    chunk, line = choose_kd_path(n, v, "cuda", free_bytes=int(need / FIT_SHARE) - 1)
+    assert chunk == -1 and line.startswith("kd path: chunked")
+    chunk, line = choose_kd_path(1024, 32_000, "cuda", free_bytes=140 * 2**30)
+    assert chunk == 0 and line == "kd path: plain (full logits 1.5 GB of 140.0 GB free)"
+    # on CPU the chunked/fused loss is the faster one too: chunked whatever the free memory
+    assert choose_kd_path(8, 100, "cpu", free_bytes=2**40)[0] == -1
+
+
+@pytest.mark.parametrize("free_gb,expected", [(1000.0, 0), (0.001, -1)])
+def test_auto_choice_is_made_once_and_gives_the_same_loss(tokenizer, corpus, tmp_path, monkeypatch, caplog,
+                                                          free_gb, expected):
+    teacher = build_model("gpt2", len(tokenizer), seed=1, layers=1, dropout=0.0)
+    student = build_model("gpt2", len(tokenizer), seed=2, layers=1, dropout=0.0)
+    student.train()
+    ds = tokenize(datasets.Dataset.from_list([{"text": r["source"]} for r in corpus[:6]]), tokenizer,
+                  DataArguments(task="causal-lm", train_file="-"))
+    batch = collator_for("causal-lm", tokenizer, student)([ds[i] for i in range(6)])
+    plain = _trainer(copy.deepcopy(student), teacher, tokenizer, tmp_path, kd_chunk_size=0)
+    ref_loss, ref_grads = _step(plain, plain.model, batch)
+
+    # as on a GPU with free_gb free (the device is faked, the batch still runs on CPU)
+    calls = []
+
+    def on_gpu(positions, vocab, device, free_bytes=None):
+        calls.append((positions, vocab))
+        return choose_kd_path(positions, vocab, "cuda", free_bytes=int(free_gb * 2**30))
+
+    monkeypatch.setattr(objective, "choose_kd_path", on_gpu)
+    auto = _trainer(student, teacher, tokenizer, tmp_path)
+    assert auto.args.kd_chunk_size == "auto"  # the default
+    with caplog.at_level("INFO", logger="lmkd.objective"):
+        for _ in range(2):
+            loss, grads = _step(auto, student, batch)
+            assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
+            for n in ref_grads:
+                assert torch.allclose(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6), n
+    assert calls == [(batch["labels"].numel(), len(tokenizer))]
+    assert auto.loss_objective.chunk == expected
+    assert sum(r.message.startswith("kd path: ") for r in caplog.records) == 1
+    # the fused head is only checked (and used) on the chunked path
+    assert (auto.loss_objective.fused_head is None) == (expected == 0)
+
+
+@pytest.mark.parametrize("given,kept", [("auto", "auto"), ("AUTO", "auto"), ("-1", -1), (0, 0), ("64", 64)])
+def test_kd_chunk_size_values(tmp_path, given, kept):
+    assert DistillationConfig(output_dir=str(tmp_path), kd_chunk_size=given).kd_chunk_size == kept
+
+
+@pytest.mark.parametrize("bad", ["-2", "big", 1.5, -3])
+def test_kd_chunk_size_bad_values(tmp_path, bad):
+    with pytest.raises(LmkdError, match="kd_chunk_size must be auto, -1"):
+        DistillationConfig(output_dir=str(tmp_path), kd_chunk_size=bad)
