@@ -11,7 +11,13 @@ from torch.overrides import TorchFunctionMode
 
 from lmkd import DistillationConfig, DistillationTrainer, objective
 from lmkd.data import DataArguments, collator_for, tokenize
-from lmkd.losses.chunked import Head
+from lmkd.losses.chunked import (
+    ACCELERATOR_CHUNK_RANGE,
+    ACCELERATOR_CHUNK_SHARE,
+    CHUNK_TEMPORARIES,
+    Head,
+    auto_chunk_size,
+)
 from lmkd.errors import LmkdError
 from lmkd.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
 from lmkd.scratch import build_model
@@ -135,3 +141,15 @@ def test_kd_chunk_size_values(tmp_path, given, kept):
 def test_kd_chunk_size_bad_values(tmp_path, bad):
     with pytest.raises(LmkdError, match="kd_chunk_size must be auto, -1"):
         DistillationConfig(output_dir=str(tmp_path), kd_chunk_size=bad)
+
+
+def test_accelerator_chunks_are_sized_to_free_memory():
+    v = 128_000
+    free = 120 * 2**30  # an H200's free memory, injected (no GPU needed)
+    per_chunk = int(free * ACCELERATOR_CHUNK_SHARE) // (4 * CHUNK_TEMPORARIES)  # logits per chunk, ~107M
+    assert auto_chunk_size(v, None, "cuda", free_bytes=free) == per_chunk // v == 838  # 5 chunks at N = 4096
+    lo, hi = ACCELERATOR_CHUNK_RANGE
+    assert auto_chunk_size(v, None, "cuda", free_bytes=10**15) == hi // v
+    assert auto_chunk_size(v, None, "cuda", free_bytes=1) == lo // v
+    assert auto_chunk_size(v, 100, "cuda", free_bytes=free) == 100  # a given size wins
+    assert auto_chunk_size(v, None, "cpu") == (1 << 20) // v  # CPU: unchanged (measured fastest there)
