@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="memory benchmark at B*T = 2048, V = 128k (~7 GB naive)")
     ns = ap.parse_args()
     mem = _run("bench_memory.py", *(["--full"] if ns.full else []))
+    print("memory:", json.dumps(mem), flush=True)  # kept even if the step benchmark fails
     step = _run("bench_step.py", "--steps", "5")
     cpu = step["cpu_s"]
     rows = [

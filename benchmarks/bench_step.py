@@ -101,8 +101,8 @@ def main():
     base_collator = collator_for("translation", tok, student)
 
     def cfg(**kw):
-        return DistillationConfig(output_dir=str(tmp / "out"), report_to="none", use_cpu=True, kd_alpha=0.5,
-                                  kd_temperature=2.0, save_strategy="no", **kw)
+        return DistillationConfig(**{"output_dir": str(tmp / "out"), "report_to": "none", "use_cpu": True,
+                                     "kd_alpha": 0.5, "kd_temperature": 2.0, "save_strategy": "no", **kw})
 
     models = {name: copy.deepcopy(student)
               for name in ("plain", "fused_ce", "online", "online_plain", "cached", "cached_s")}
