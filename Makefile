@@ -40,8 +40,9 @@ test-all: setup
 demo: setup
 	$(VENV)/bin/lmkd study --task translation --budget quick --output runs/demo
 
+# `make bench`: one table (benchmarks/bench.py); the other benchmarks/bench_*.py run on their own.
 bench: setup
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,8 +1,9 @@
 """Training-step cost of distillation, measured side by side on one batch (CPU).
 
-Goals (issue 5):
+Goals (issue 5, 15):
   * online KD step / (plain student step + teacher forward)  <= 1.10
   * cached top-K KD step / plain cross-entropy step          <= 1.05
+  * cached top-K KD step / fused cross-entropy step (lmkd's own CE-only step, kd_alpha 0: the cost of KD alone)
   * bytes per cached token                                   <= 6K + 8 (6(K+M) + 8 with M tail samples)
 
     .venv/bin/python benchmarks/bench_step.py [--vocab 16000] [--k 32] [--steps 5]
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--json", help="also write the medians and ratios here (benchmarks/bench.py reads them)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tail-samples", type=int, default=32, help="M of the sampled-tail cache variant")
     ns = ap.parse_args()
@@ -99,10 +101,12 @@ def main():
     base_collator = collator_for("translation", tok, student)
 
     def cfg(**kw):
-        return DistillationConfig(output_dir=str(tmp / "out"), report_to="none", use_cpu=True, kd_alpha=0.5,
-                                  kd_temperature=2.0, save_strategy="no", **kw)
+        return DistillationConfig(**{"output_dir": str(tmp / "out"), "report_to": "none", "use_cpu": True,
+                                     "kd_alpha": 0.5, "kd_temperature": 2.0, "save_strategy": "no", **kw})
 
-    models = {name: copy.deepcopy(student) for name in ("plain", "online", "online_plain", "cached", "cached_s")}
+    models = {name: copy.deepcopy(student)
+              for name in ("plain", "fused_ce", "online", "online_plain", "cached", "cached_s")}
+    fused_ce = DistillationTrainer(model=models["fused_ce"], args=cfg(kd_alpha=0.0), processing_class=tok)
     online = DistillationTrainer(model=models["online"], args=cfg(), teacher_model=teacher, processing_class=tok)
     online_plain = DistillationTrainer(model=models["online_plain"], args=cfg(kd_chunk_size=0),
                                        teacher_model=teacher, processing_class=tok)
@@ -128,6 +132,8 @@ def main():
             with torch.no_grad():
                 teacher(**t_fwd)
             return
+        elif name == "fused_ce":
+            loss = fused_ce.compute_loss(model, batch)
         elif name == "online":
             loss = online.compute_loss(model, batch)
         elif name == "online_plain":
@@ -140,7 +146,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    names = ["plain", "teacher_forward", "online", "online_plain", "cached", "cached_s"]
+    names = ["plain", "fused_ce", "teacher_forward", "online", "online_plain", "cached", "cached_s"]
     models["teacher_forward"] = None
     times = {n: [] for n in names}
     walls = {n: [] for n in names}
@@ -177,6 +183,13 @@ def main():
     print(f"cached top-{ns.k} + {ns.tail_samples} tail samples: step / plain CE step = "
           f"{med['cached_s'] / med['plain']:.3f}   (goal <= 1.05); bytes per cached token = "
           f"{summary_s['bytes_per_position']:.1f} (goal <= 6(K+M)+8 = {6 * k_s + 8})")
+    print(f"cached top-{ns.k} KD step / fused CE step = {med['cached'] / med['fused_ce']:.3f}; with "
+          f"{ns.tail_samples} tail samples {med['cached_s'] / med['fused_ce']:.3f}")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump({"cpu_s": med, "wall_s": med_wall, "k": ns.k, "tail_samples": ns.tail_samples, "vocab": v,
+                       "tokens": n_tok, "bytes_per_token": bpt, "bytes_per_token_samples":
+                       summary_s["bytes_per_position"]}, f, indent=1)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -64,6 +64,20 @@ def parse_layer_map(spec: str) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+def _chunk_size(value) -> str | int:
+    """``kd_chunk_size`` as given (YAML int, CLI string): "auto", or an int >= -1."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = None
+    if size is None or size < -1 or isinstance(value, (bool, float)):
+        raise LmkdError(f"kd_chunk_size must be auto, -1 (automatic chunk size), 0 (plain loss) or a number of "
+                        f"positions, got {value!r}")
+    return size
+
+
 @dataclass
 class DistillationConfig(Seq2SeqTrainingArguments):
     """Training arguments for :class:`lmkd.DistillationTrainer`.
@@ -117,11 +131,15 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "
                           "on the masked ones (masked). CE is always on the masked positions."},
     )
-    kd_chunk_size: int = field(
-        default=-1,
-        metadata={"help": "Positions per chunk of the memory-lean CE+KD loss (lmkd.losses.chunked): -1 = auto (~1M "
-                          "logits per chunk on CPU, 8M on GPU), 0 = the plain loss. Same loss and gradients; on causal and "
-                          "seq2seq LMs with a plain linear head the student's logits are never materialised."},
+    kd_chunk_size: str = field(
+        default="auto",
+        metadata={"help": "Which CE+KD loss: auto (default) = the plain loss on GPUs when both models' full logits "
+                          "fit comfortably in free memory, else the memory-lean chunked/fused loss "
+                          "(lmkd.losses.chunked; always on CPU, where it is measured faster), decided on the first "
+                          "batch and logged once; -1 = the chunked loss with an automatic chunk size (~1M logits "
+                          "per chunk on CPU, 8M on GPU); N > 0 = chunks of N positions; 0 = the plain loss. Same "
+                          "loss and gradients; on causal and seq2seq LMs with a plain linear head the chunked loss "
+                          "never materialises the student's logits. Example: --kd_chunk_size 0"},
     )
     teacher_cache: str | None = field(
         default=None,
@@ -230,9 +248,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError(f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}")
         if self.mlm_kd_positions not in MLM_KD_POSITIONS:
             raise LmkdError(f"unknown mlm_kd_positions {self.mlm_kd_positions!r}; choose all or masked")
-        if self.kd_chunk_size < -1:
-            raise LmkdError(f"kd_chunk_size must be -1 (auto), 0 (plain loss) or a number of positions, got "
-                            f"{self.kd_chunk_size}")
+        self.kd_chunk_size = _chunk_size(self.kd_chunk_size)
         if self.teacher_cache is not None and self.kd_loss == "mse":
             raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K teacher_cache does not "
                             "hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")

@@ -5,11 +5,14 @@
 one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_kd``:
 
 * **plain** (``kd_chunk_size: 0``, online teacher): full logits, :func:`lmkd.losses.cross_entropy`
-  and :func:`lmkd.losses.token_kd_loss`;
+  and :func:`lmkd.losses.token_kd_loss`;  ``kd_chunk_size: auto`` (the default) picks plain or
+  chunked once, on the first batch (:func:`choose_kd_path`);
 * **chunked / fused** (:mod:`lmkd.losses.chunked`): CE and KD in one pass over chunks of
-  positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model
-  on the first training batch against the real logits), the student's head is skipped in the
-  forward and run per chunk inside the loss (no (N, V) student logits), and so is the teacher's;
+  positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model,
+  before the first training forward, against the real logits of a no-grad forward of a slice of
+  the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor exists even at
+  step 1), the student's head is skipped in the forward and run per chunk inside the loss (no
+  (N, V) student logits), and so is the teacher's;
 * **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.logit_cache`).
 
 The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
@@ -34,6 +37,61 @@ from .positions import aligned_labels
 
 logger = logging.getLogger(__name__)
 
+#: the plain path's peak extra memory in (N, V) float32 tensors: both models' logits, their softmaxes
+#: and the gradient (benchmarks/bench_memory.py measured ~11 at N = 1024, V = 64k)
+PLAIN_PEAK_LOGITS = 12
+#: ``kd_chunk_size: auto`` takes the plain path when that peak is at most this share of free memory
+FIT_SHARE = 0.5
+
+
+def choose_kd_path(positions: int, vocab: int, device, free_bytes: int | None = None) -> tuple[int, str]:
+    """(kd_chunk_size, the line to log) for ``kd_chunk_size: auto``: 0 (the plain loss, fastest on
+    GPUs) when its full logits fit comfortably in ``free_bytes`` (default: the device's free memory),
+    else -1 (chunked/fused, automatic chunk size).  On CPU always -1: there the chunked/fused loss is
+    measured faster than the plain one as well as leaner (benchmarks/results/bench_cpu.txt)."""
+    need = PLAIN_PEAK_LOGITS * positions * vocab * 4
+
+    def gb(x):
+        return f"{x / 2**30:.1f} GB"
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return -1, f"kd path: chunked (on CPU it is faster than the plain loss; full logits would take {gb(need)})"
+    if free_bytes is None and dev.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(dev)[0]
+    if free_bytes is None:
+        return -1, f"kd path: chunked (free memory of a {dev.type} device unknown; full logits {gb(need)})"
+    if need <= FIT_SHARE * free_bytes:
+        return 0, f"kd path: plain (full logits {gb(need)} of {gb(free_bytes)} free)"
+    return -1, f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)"
+
+
+#: positions of the one-row slice of the first batch on which a model's fused LM head is checked
+PROBE_POSITIONS = 32
+
+
+def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS) -> dict:
+    """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
+    of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
+    tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
+    seq_key = "decoder_input_ids" if kind == SEQ2SEQ else "input_ids"
+    ref = fwd.get(seq_key)
+    if ref is None:
+        ref = fwd.get("decoder_inputs_embeds" if kind == SEQ2SEQ else "inputs_embeds")
+    b, t = ref.shape[:2]
+    row = int(attention_mask.sum(-1).argmax()) if attention_mask is not None and kind != SEQ2SEQ else 0
+    # right padding (or none): the first positions are real tokens; left padding: the last ones
+    left = kind != SEQ2SEQ and attention_mask is not None and not bool(attention_mask[row, 0])
+    cut = slice(max(0, t - positions), t) if left else slice(0, min(t, positions))
+    out = {}
+    for k, v in fwd.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
+            v = v[row:row + 1]
+            if v.dim() >= 2 and v.shape[1] == t and (kind != SEQ2SEQ or k.startswith("decoder_")):
+                v = v[:, cut]
+        out[k] = v
+    return out
+
 
 class DistillationObjective:
     """CE + KD of a micro-batch for ``trainer`` (a :class:`lmkd.DistillationTrainer`).
@@ -48,6 +106,25 @@ class DistillationObjective:
         self.vocab = vocab  # the vocabulary teacher and student share, when their output layers differ
         self.fused_head = None
         self.teacher_head = None
+        self.auto_chunk = None  # what kd_chunk_size: auto chose (0 or -1), once, on the first batch
+
+    @property
+    def chunk(self) -> int:
+        """The kd_chunk_size in force: the configured one, or what ``auto`` chose (see :meth:`decide_path`)."""
+        cs = self.trainer.args.kd_chunk_size
+        return self.auto_chunk if cs == "auto" else cs
+
+    def decide_path(self, inputs: dict) -> None:
+        """``kd_chunk_size: auto``: choose plain or chunked once, from the first batch's size, and log it."""
+        tr = self.trainer
+        if tr.args.kd_chunk_size != "auto" or self.auto_chunk is not None:
+            return
+        m = unwrap(tr.model)
+        out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+        vocab = self.vocab or getattr(out, "out_features", None) or getattr(m.config, "num_labels", 2)
+        positions = (inputs.get("labels") if inputs.get("labels") is not None else inputs["input_ids"]).numel()
+        self.auto_chunk, line = choose_kd_path(positions, vocab, tr.args.device)
+        logger.info(line)
 
     def __call__(self, model, inputs: dict, stats: dict, counts: tuple[int, int] | None = None,
                  return_outputs: bool = False):
@@ -55,7 +132,8 @@ class DistillationObjective:
         positions of the whole accumulated batch (this micro-batch's own when None); ``stats``
         receives the running sums the trainer logs."""
         tr, args = self.trainer, self.trainer.args
-        with self.lean_head(model, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
+        self.decide_path(inputs)
+        with self.lean_head(model, inputs, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
             outputs = model(**tr.forward_inputs(model, inputs))
         s_logits = tr.aligned(outputs.logits)
         ce_mask, kd_mask = tr.position_masks(inputs)
@@ -70,7 +148,7 @@ class DistillationObjective:
         use_ce, use_kd = ce_mask is not None and alpha < 1, alpha > 0
         labels = aligned_labels(tr.kind, inputs["labels"]) if use_ce else None
 
-        if args.kd_chunk_size == 0 and not cached:
+        if self.chunk == 0 and not cached:
             loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd,
                                                                use_ce, use_kd)
         else:
@@ -110,9 +188,6 @@ class DistillationObjective:
         """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher:
         (loss, CE sum, KD sum, teacher outputs or None)."""
         tr, args = self.trainer, self.trainer.args
-        if lean_head is not None and lean_head["probe"]:
-            self.fused_head = self.check_head(tr.model, lean_head, outputs, "student")
-            lean_head = None
         teacher, t_outputs = None, None
         if w_kd:
             if logit_cache.MASK in inputs:
@@ -120,12 +195,12 @@ class DistillationObjective:
             else:
                 t_outputs, teacher = self.teacher_for_loss(inputs)
         kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, ce_weight=w_ce,
-                  kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=args.kd_chunk_size)
+                  kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=self.chunk)
         if lean_head is not None:
             hidden = tr.aligned(lean_head["hidden"][0])
             total, ce_sum, kd_sum = chunked.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
                                                                       kd_mask, **kw)
-        elif args.kd_chunk_size == 0:  # the cached teacher on the plain (autograd) path
+        elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
             zero = s_logits.new_zeros((), dtype=torch.float32)
             ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero
             kd_sum = (chunked.topk_kd_loss(self._shared(s_logits), teacher, kd_mask, loss=args.kd_loss,
@@ -146,24 +221,44 @@ class DistillationObjective:
         """(teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the teacher's
         final hidden states when its head is checked (no (N, V) teacher tensor), else its logits."""
         tr = self.trainer
-        use = tr.args.kd_chunk_size != 0 and self.teacher_head is not False and tr.kind in (CAUSAL, SEQ2SEQ)
+        use = self.chunk != 0 and self.teacher_head is not False and tr.kind in (CAUSAL, SEQ2SEQ)
+        if use and self.teacher_head is None:
+            self.teacher_head = self.probe_head(tr.teacher, inputs, "teacher")
+            use = self.teacher_head is not False
         ctx = self.head_skipped(tr.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
         with ctx as box, torch.no_grad():
             t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
-        if box is not None and box["probe"]:
-            self.teacher_head = self.check_head(tr.teacher, box, t_outputs, "teacher")
-        elif box is not None:
+        if box is not None:
             hidden = tr.aligned(box["hidden"][0])
             return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
         return t_outputs, tr.aligned(t_outputs.logits)
 
-    def lean_head(self, model, return_outputs: bool = False):
+    def lean_head(self, model, inputs: dict, return_outputs: bool = False):
         """The student's forward context: head skipped when the fused loss is on (training only, and
-        never when the caller wants the outputs: their logits would be placeholders)."""
+        never when the caller wants the outputs: their logits would be placeholders).  The first time,
+        the head is checked on a slice of ``inputs`` first (:meth:`probe_head`)."""
         tr = self.trainer
-        use = (model.training and not return_outputs and tr.args.kd_chunk_size != 0
+        use = (model.training and not return_outputs and self.chunk != 0
                and self.fused_head is not False and tr.kind in (CAUSAL, SEQ2SEQ))
+        if use and self.fused_head is None:
+            self.fused_head = self.probe_head(model, inputs, "student")
+            use = self.fused_head is not False
         return self.head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
+
+    def probe_head(self, model, inputs: dict, who: str):
+        """Check ``model``'s LM head once, on a no-grad forward of one row and PROBE_POSITIONS positions
+        of the batch (:func:`probe_inputs`): the Head, or False (see :meth:`check_head`)."""
+        head, why = self.head_for_fused_loss(model)
+        if head is None:
+            return self.check_head(model, None, None, who, (None, why))
+        tr = self.trainer
+        small = probe_inputs(tr.kind, tr.forward_inputs(model, inputs), inputs.get("attention_mask"))
+        # the RNG is left as it was (dropout in the probe would shift every later draw)
+        device = getattr(unwrap(model), "device", torch.device("cpu"))
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.head_skipped(model, None) as box, torch.no_grad():
+            outputs = model(**small)
+        return self.check_head(model, box, outputs, who, (head, why))
 
     def head_for_fused_loss(self, model):
         """The LM head of ``model`` as lmkd.losses.chunked.Head, or (None, why not)."""
@@ -223,9 +318,11 @@ class DistillationObjective:
             if swap:
                 inner._buffers["final_logits_bias"] = bias
 
-    def check_head(self, model, box, outputs, who: str):
-        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits?  The Head, or False."""
-        head, why = self.head_for_fused_loss(model)
+    def check_head(self, model, box, outputs, who: str, found=None):
+        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits (``outputs`` of a
+        forward whose head inputs ``box`` recorded)?  The Head, or False.  ``found``: what
+        :meth:`head_for_fused_loss` returned, when already asked."""
+        head, why = found if found is not None else self.head_for_fused_loss(model)
         if head is not None and len(box["hidden"]) != 1:
             head, why = None, "the LM head is called more than once per forward"
         if head is not None:

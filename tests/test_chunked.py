@@ -20,6 +20,7 @@ from lmkd.losses.chunked import (
     topk_kd_loss,
 )
 from lmkd.data import DataArguments, collator_for, tokenize
+from lmkd.objective import PROBE_POSITIONS
 from lmkd.scratch import build_model
 
 B, T, V, H = 3, 7, 13, 6  # N = 21 positions
@@ -317,16 +318,18 @@ def test_teacher_forward_at_its_floor(tokenizer, corpus, tmp_path, hidden_weight
     def spy(*a, **k):
         out = forward(*a, **k)
         seen.append((torch.is_grad_enabled(), out.hidden_states is not None, out.past_key_values is not None,
-                     out.logits.shape[-1]))
+                     tuple(out.logits.shape)))
         return out
 
     teacher.forward = spy
-    for _ in range(2):  # the first step checks the teacher's head, the second computes its logits per chunk
+    for _ in range(2):  # the first step checks the teacher's head on a slice, then both compute logits per chunk
         trainer.compute_loss(student, batch).backward()
-    assert len(seen) == 2
+    assert len(seen) == 3
     assert all(not grad and not cache for grad, _, cache, _ in seen)
     assert all(hidden == (hidden_weight > 0) for _, hidden, _, _ in seen)
-    assert seen[0][3] == len(tokenizer) and seen[1][3] == 1  # second step: no (B, T, V) teacher logits
+    b, t = batch["input_ids"].shape
+    assert seen[0][3] == (1, min(t, PROBE_POSITIONS), len(tokenizer))  # the check: one row, a few positions
+    assert seen[1][3] == seen[2][3] == (b, t, 1)  # the training forwards: no (B, T, V) teacher logits
 
 
 # ---- top-K + sampled tail (cache-logits --tail-samples) ----------------------------------------

@@ -168,7 +168,9 @@ def test_cli_cache_then_distill_without_teacher(teacher_dir, translation_file, t
                "--max-samples", "16"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["bytes_per_position"] <= 6 * 4 + 8
+    # the CLI's default stores 32 sampled tail ids per token (uint16 ids, fp16 log-probs): 4 * (K + 32) + 4
+    assert summary["tail_samples"] == 32
+    assert 4 * (4 + 32) <= summary["bytes_per_position"] <= 4 * (4 + 32) + 8
 
     def no_teacher(*a, **k):
         raise AssertionError("a teacher was loaded")

@@ -26,6 +26,11 @@ plain autograd path in ``tests/test_chunked.py`` -- a fast path never changes th
 Conventions are those of :mod:`lmkd.losses`: sums over positions, softmaxes in float32, tau^2
 scaling for the KL family, an all-masked batch gives exactly 0 with a 0 gradient.
 
+On accelerators the loss is built for speed as well: chunks sized to the free memory (a few per
+batch rather than dozens, :func:`auto_chunk_size`), no host synchronisation inside the chunk loop,
+and the per-chunk closed forms compiled with ``torch.compile`` on CUDA GPUs that Triton supports
+(compute capability >= 7.0; anything else, or a failed compile, runs them eagerly -- same values).
+
 This module imports torch only.
 """
 
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
+from .compiling import Compiled
 from .token import KD_LOSSES
 from .topk import TopK, bucket_divergence, topk_kd_chunk
 from .topk import TOPK_KD_LOSSES, topk_kd_loss  # noqa: F401  (also read as chunked.*: trainer, tests)
@@ -49,14 +55,27 @@ DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20}
 DEFAULT_CHUNK_ELEMENTS_ACCELERATOR = 1 << 23
 #: the fused-linear loss uses at least this many positions per chunk (see fused_linear_distill_loss)
 FUSED_MIN_CHUNK = 128
+#: on a CUDA GPU a chunk's float32 temporaries (about CHUNK_TEMPORARIES tensors of (chunk, V)) take
+#: up to this share of the free memory, within ACCELERATOR_CHUNK_RANGE logits per chunk
+ACCELERATOR_CHUNK_SHARE = 0.02
+CHUNK_TEMPORARIES = 6
+ACCELERATOR_CHUNK_RANGE = (1 << 23, 1 << 27)
 
-
-def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.device | str = "cpu") -> int:
-    """Positions per chunk: ``chunk_size`` when given and > 0, else ~1M (CPU) / 8M logits per chunk."""
+def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.device | str = "cpu",
+                    free_bytes: int | None = None) -> int:
+    """Positions per chunk: ``chunk_size`` when given and > 0; else ~1M logits per chunk on CPU; on a
+    CUDA GPU as many as fit in ACCELERATOR_CHUNK_SHARE of ``free_bytes`` (default: its free memory),
+    8M to 128M logits; 8M on other accelerators."""
     if chunk_size and chunk_size > 0:
         return int(chunk_size)
-    kind = torch.device(device).type
-    return max(1, DEFAULT_CHUNK_ELEMENTS.get(kind, DEFAULT_CHUNK_ELEMENTS_ACCELERATOR) // max(1, vocab))
+    dev = torch.device(device)
+    elements = DEFAULT_CHUNK_ELEMENTS.get(dev.type, DEFAULT_CHUNK_ELEMENTS_ACCELERATOR)
+    if dev.type == "cuda" or free_bytes is not None:
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(dev)[0]
+        lo, hi = ACCELERATOR_CHUNK_RANGE
+        elements = min(hi, max(lo, int(free_bytes * ACCELERATOR_CHUNK_SHARE) // (4 * CHUNK_TEMPORARIES)))
+    return max(1, elements // max(1, vocab))
 
 
 @dataclass
@@ -87,9 +106,12 @@ def _kd_full(s: torch.Tensor, t: torch.Tensor, loss: str, temperature: float, be
     lt = F.log_softmax(t, -1)
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
         pt = lt.exp()
-        total = F.kl_div(ls, lt, reduction="sum", log_target=True)  # one fused pass
-        if not torch.isfinite(total):  # -inf teacher log-probs: 0 * log 0 must count as 0
+        if s.device.type != "cpu":  # no host sync (and one graph for torch.compile): 0 * log 0 counts as 0
             total = torch.where(pt > 0, pt * (lt - ls), 0.0).sum()
+        else:
+            total = F.kl_div(ls, lt, reduction="sum", log_target=True)  # one fused pass
+            if not torch.isfinite(total):  # -inf teacher log-probs: 0 * log 0 must count as 0
+                total = torch.where(pt > 0, pt * (lt - ls), 0.0).sum()
         grad = ls.exp_().sub_(pt)
         return total * temperature**2, grad.mul_(temperature)
     rows, h = bucket_divergence(lt, ls, loss, beta)
@@ -106,9 +128,13 @@ def _ce(s: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
     total = -(ls.gather(1, safe).squeeze(-1) * valid).sum()
     grad = ls.exp_()
     grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-    if not bool(valid.all()):
+    if s.device.type != "cpu" or not bool(valid.all()):  # off CPU: no host sync, the product is cheap
         grad.mul_(valid.unsqueeze(-1))
     return total, grad
+
+
+_kd_full_fast = Compiled(_kd_full)
+_ce_fast = Compiled(_ce)
 
 
 @dataclass
@@ -128,11 +154,12 @@ def _chunk_loss_and_grad(s: torch.Tensor, labels, kd_on, teacher, spec: _Spec):
     ce_sum = s.new_zeros(())
     kd_sum = s.new_zeros(())
     if labels is not None and spec.w_ce != 0:
-        ce_sum, grad = _ce(s, labels)
+        ce_sum, grad = _ce_fast(s, labels)
         grad.mul_(spec.w_ce)
-    if teacher is not None and spec.w_kd != 0 and bool(kd_on.any()):
-        sel = kd_on.nonzero().squeeze(-1)
-        all_rows = sel.numel() == kd_on.numel()
+    # kd_on None: every row of the chunk is a KD row (decided once per batch: no host sync per chunk)
+    if teacher is not None and spec.w_kd != 0 and (kd_on is None or bool(kd_on.any())):
+        sel = None if kd_on is None else kd_on.nonzero().squeeze(-1)
+        all_rows = sel is None or sel.numel() == kd_on.numel()
         v = spec.kd_vocab or s.shape[-1]
         s_kd = s[:, :v] if all_rows else s[sel, :v]
         if isinstance(teacher, TopK):
@@ -140,12 +167,12 @@ def _chunk_loss_and_grad(s: torch.Tensor, labels, kd_on, teacher, spec: _Spec):
             kd_sum, g = topk_kd_chunk(s_kd, t_kd, spec.loss, spec.temperature, spec.beta)
         else:
             t_kd = (teacher if all_rows else teacher[sel])[:, :v].float()
-            kd_sum, g = _kd_full(s_kd, t_kd, spec.loss, spec.temperature, spec.beta)
+            kd_sum, g = _kd_full_fast(s_kd, t_kd, spec.loss, spec.temperature, spec.beta)
         if all_rows and v == s.shape[-1]:
             grad = g.mul_(spec.w_kd) if grad is None else grad.add_(g, alpha=spec.w_kd)
         else:
             grad = torch.zeros_like(s) if grad is None else grad
-            grad[sel, :v] += g * spec.w_kd
+            grad[slice(None) if sel is None else sel, :v] += g * spec.w_kd
     if grad is None:
         grad = torch.zeros_like(s)
     return spec.w_ce * ce_sum + spec.w_kd * kd_sum, ce_sum, kd_sum, grad
@@ -161,6 +188,11 @@ def _rows(n: int, labels, kd_mask, has_teacher: bool, device):
     if has_teacher:
         used |= kd_mask
     return used.nonzero().squeeze(-1)
+
+
+def _all_kd(kd_mask, rows, dense: bool) -> bool:
+    """Whether every used row is a KD row (one host sync per batch, so none per chunk)."""
+    return kd_mask is None or bool((kd_mask if dense else kd_mask[rows]).all())
 
 
 def _gather_teacher(teacher, index):
@@ -181,12 +213,13 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         ce_total, kd_total = loss.clone(), loss.clone()
         dense = rows.numel() == n  # every position is used: slices (views) instead of gathers
+        all_kd = _all_kd(kd_mask, rows, dense)
         for start in range(0, rows.numel(), spec.chunk_size):
             idx = rows[start:start + spec.chunk_size]
             sl = slice(start, start + idx.numel()) if dense else idx
             s = logits[sl].float()
             lab = labels[sl] if labels is not None else None
-            kd_on = kd_mask[sl] if kd_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            kd_on = None if all_kd else kd_mask[sl]
             l, ce, kd, g = _chunk_loss_and_grad(s, lab, kd_on, _gather_teacher(teacher, sl), spec)
             loss += l
             ce_total += ce
@@ -336,6 +369,7 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_total, kd_total = loss.clone(), loss.clone()
         dense = rows.numel() == n
+        all_kd = _all_kd(kd_mask, rows, dense)
         for start in range(0, rows.numel(), spec.chunk_size):
             idx = rows[start:start + spec.chunk_size]
             sl = slice(start, start + idx.numel()) if dense else idx
@@ -350,7 +384,7 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
                 th = torch.tanh(z / head.softcap)
                 z = th * head.softcap
             lab = labels[sl] if labels is not None else None
-            kd_on = kd_mask[sl] if kd_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+            kd_on = None if all_kd else kd_mask[sl]
             l, ce, kd, g = _chunk_loss_and_grad(z, lab, kd_on, _gather_teacher(teacher, sl), spec)
             loss += l
             ce_total += ce
