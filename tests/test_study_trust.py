@@ -4,9 +4,11 @@ report), the check's figures are what they say, and the same command twice gives
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,43 @@ def test_same_command_twice_gives_the_same_report(tmp_path):
     a, b = (_flat(_without_timings(r)) for r in reports)
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert reports[0]["rows"][0]["quality"]  # the comparison is over real content
+
+
+@pytest.mark.parametrize("first, start, factor", [
+    # ignores the source: collapsed -> round 2 starts again from the init at a third of the lr
+    (dict(score=2.1, floor=10.0, ce_real_sources=4.15, ce_shuffled_sources=4.15, source_use_margin=0.25), "init", 1 / 3),
+    # no better than the trivial answer (a classifier at the majority's accuracy): collapsed too
+    (dict(score=11.0, floor=13.5), "init", 1 / 3),
+    # uses the source and beats the floor, by too little: under-trained -> continue at half the lr
+    (dict(score=10.5, floor=10.0, ce_real_sources=3.0, ce_shuffled_sources=4.0, source_use_margin=0.25), "round-1", 1 / 2),
+])
+def test_a_failed_teacher_retries_by_how_it_failed(tmp_path, monkeypatch, first, start, factor):
+    """The teacher check's second round: a collapsed teacher restarts from its init at lr/3, an
+    under-trained one continues from round 1 at lr/2; the second check decides."""
+    import types
+
+    from lmkd.study import teachers
+
+    calls, checks = [], [dict(first, passed=False, reasons=["x"], metric="bleu", rows=4, floor_name="f"),
+                         dict(score=20.0, floor=10.0, passed=True, reasons=[], metric="bleu", rows=4, floor_name="f")]
+
+    def fake_train(dest, start_dir, *args, lr, **kw):
+        calls.append((start_dir, lr))
+        os.makedirs(dest)
+        Path(dest, "model.safetensors").write_text(str(len(calls)))
+
+    monkeypatch.setattr(teachers, "train_student", fake_train)
+    monkeypatch.setattr(teachers, "check_teacher", lambda *a, **k: checks[len(calls) - 1])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"source": "a", "target": "b"}) + "\n")
+    opts = types.SimpleNamespace(plan={"check_rows": 4, "max_new_tokens": 8, "max_length": 16}, task="translation",
+                                 teacher_check=True, seed=0)
+    out, init = tmp_path / "out", str(tmp_path / "init")
+    out.mkdir()
+    teachers.train_checked(str(out), init, opts, {"train": str(rows), "validation": str(rows)}, steps=10, lr=1e-3)
+    expected_start = init if start == "init" else str(out / "round-1")
+    assert calls == [(init, 1e-3), (expected_start, pytest.approx(1e-3 * factor))]
+    assert Path(out, "model.safetensors").read_text() == "2"  # the checked round is the stage's model
+    saved = json.loads(Path(out, "teacher_check.json").read_text())
+    assert [r["from"] for r in saved["rounds"]] == ["init", "init" if start == "init" else "round 1"]
+    assert saved["passed"] and teachers.collapsed(saved["rounds"][0]) == (start == "init")

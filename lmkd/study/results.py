@@ -355,9 +355,14 @@ def report_markdown(report: dict) -> str:
         + (" -- it also counts how long each model's outputs are." if seq2seq else "."))
     check = plan.get("teacher_check")
     if check and not check.get("skipped"):
-        lines.append(f"Teacher check ({check['rows']} validation rows): {check_summary(check)}"
-                     + (f" -- after {len(check['rounds'])} training rounds." if len(check.get("rounds", [])) > 1
-                        else "."))
+        rounds = check.get("rounds", [])
+        text = f"Teacher check ({check['rows']} validation rows): {check_summary(check)}"
+        if len(rounds) > 1:
+            first, last = rounds[0], rounds[-1]
+            how = ("restarted from the init" if last.get("from") == "init" else "continued from round 1")
+            text += (f" -- after {len(rounds)} training rounds: round 1 (lr {first['lr']:g}) failed "
+                     f"({check_summary(first)}); round 2 {how} at lr {last['lr']:g}")
+        lines.append(text + ".")
     else:
         lines.append("**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
                      "comparisons with it may mean nothing.")
