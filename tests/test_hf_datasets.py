@@ -157,3 +157,41 @@ def test_evaluate_and_cache_logits_read_dataset_name_as_data(tmp_path, tiny_mode
     meta = json.loads((tmp_path / "cb" / "meta.json").read_text())
     assert meta["data"]["dataset_name"] == train and "dataset_name" not in json.loads(
         (tmp_path / "ca" / "meta.json").read_text())["data"]
+
+
+def test_generate_reads_dataset_name_as_data(tmp_path, tiny_model_dir, rows):
+    """lmkd generate --dataset-name (the translation layout of a saved dataset's split) writes the same
+    pseudo-targets as --data on the flat file."""
+    model = tiny_model_dir("marian", seed=7)
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(nested(rows[:6]))}).save_to_disk(saved)
+    flat = jsonl(tmp_path / "flat.jsonl", rows[:6])
+    common = ["generate", "--teacher", model, "--num-beams", "1", "--max-new-tokens", "5", "--format", "jsonl",
+              "--no-progress"]
+    assert main([*common, "--data", flat, "--output", str(tmp_path / "a")]) == 0
+    assert main([*common, "--dataset-name", saved, "--source-lang", "en", "--target-lang", "fr",
+                 "--output", str(tmp_path / "b")]) == 0
+    a, b = ([json.loads(line) for line in (tmp_path / d / "generated.jsonl").read_text().splitlines()] for d in "ab")
+    assert len(a) == 6 and [r["teacher_target"] for r in a] == [r["teacher_target"] for r in b]
+    assert [r["source"] for r in b] == [r["source"] for r in rows[:6]]
+
+
+def test_study_reads_dataset_name_splits_into_its_files(tmp_path, rows):
+    """lmkd study --dataset-name: the dataset's train/validation/test splits (translation layout) become
+    the study's three files with the task's flat columns; mixing it with --train is one line."""
+    import argparse
+
+    from lmkd.cli.study import named_splits
+
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict({s: datasets.Dataset.from_list(nested(rows[i:i + 8]))
+                          for s, i in (("train", 0), ("validation", 8), ("test", 16))}).save_to_disk(saved)
+    ns = argparse.Namespace(task="translation", dataset_name=saved, dataset_config_name=None, source_lang="en",
+                            target_lang="fr", source_column=None, target_column=None, train=None, validation=None,
+                            test=None, output=str(tmp_path / "study"))
+    paths = named_splits(ns)
+    for path, i in zip(paths, (0, 8, 16)):
+        assert [json.loads(line) for line in open(path, encoding="utf-8")] == rows[i:i + 8]
+    ns.train = "x.jsonl"
+    with pytest.raises(LmkdError, match="either --dataset-name or --train"):
+        named_splits(ns)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..constants import AUTO_DTYPE_NAMES
+from .dataset_flags import add_data_arguments, data_kwargs
 
 
 def add_parser(sub):
@@ -27,10 +28,12 @@ def add_parser(sub):
                "--reference-column target --filter-metric chrf --filter-min 30\n"
                "  lmkd generate --teacher my-gpt --data prompts.jsonl --source-column prompt --output data/compl "
                "--do-sample --top-p 0.9 --seed 1\n"
+               "  lmkd generate --teacher my-teacher --dataset-name wmt16 --dataset-config-name ro-en --split train "
+               "--source-lang en --target-lang ro --output data/seqkd-ro\n"
                "Then train on it: `lmkd distill recipe.yaml --train_file data/seqkd-fr --target_column "
                "teacher_target` (recipes/translation/seqkd_*.yaml).")
     p.add_argument("--teacher", required=True, help="teacher checkpoint (seq2seq or causal LM; dir or hub id)")
-    p.add_argument("--data", required=True, help="input data (.jsonl[.gz], .json, .csv, or a save_to_disk dir)")
+    add_data_arguments(p, "input data (.jsonl[.gz], .json, .csv, or a save_to_disk dir)", "train")
     p.add_argument("--output", required=True, help="output directory (a save_to_disk dataset, or generated.jsonl)")
     p.add_argument("--source-column", default="source", help="input column (default: source)")
     p.add_argument("--source-prefix", default="", help="text put before every input, e.g. 'translate English "
@@ -77,7 +80,7 @@ def run(ns) -> None:
     from ..seqkd import generate_pseudo_targets
 
     report = generate_pseudo_targets(
-        ns.teacher, data=ns.data, output_dir=ns.output, source_column=ns.source_column,
+        ns.teacher, data=ns.data if ns.data else _named_rows(ns), output_dir=ns.output, source_column=ns.source_column,
         source_prefix=ns.source_prefix, max_source_length=ns.max_source_length, num_beams=ns.num_beams,
         num_return_sequences=ns.num_return_sequences, max_new_tokens=ns.max_new_tokens,
         do_sample=ns.do_sample, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
@@ -91,3 +94,13 @@ def run(ns) -> None:
 
     if PartialState().is_main_process:
         print(json.dumps(report, indent=1, sort_keys=True))
+
+
+def _named_rows(ns):
+    """The rows of ``--dataset-name`` (its ``--split``; the translation layout flattened into
+    ``--source-column`` and ``target``, which ``--reference-column target`` can then name)."""
+    from ..data import DataArguments, read_split
+
+    args = DataArguments(task="translation", source_column=ns.source_column, target_column="target",
+                         **data_kwargs(ns))
+    return read_split(args, "train", [ns.source_column], ("--source-column",))

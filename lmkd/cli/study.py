@@ -44,6 +44,13 @@ def add_parser(sub):
                                    "synopses; French descriptions -> synopsis; -> archive section)")
     p.add_argument("--validation", help="validation data, same format")
     p.add_argument("--test", help="test data the report is measured on, same format")
+    p.add_argument("--dataset-name", help="instead of --train/--validation/--test: a dataset read with "
+                                          "datasets.load_dataset (a hub id, a directory of data files or a "
+                                          "save_to_disk dir) with train, validation and test splits; its splits "
+                                          "are written as .jsonl files into --output/dataset")
+    p.add_argument("--dataset-config-name", help="the dataset's configuration (e.g. ro-en)")
+    p.add_argument("--source-lang", help="rows {'translation': {'en': ..., 'fr': ...}}: the source language")
+    p.add_argument("--target-lang", help="the translation layout's target language (with --source-lang)")
     p.add_argument("--source-column", help="input column (default: source / document / text by task)")
     p.add_argument("--target-column", help="target column (default: target / summary / label by task)")
     p.add_argument("--teacher", help="teacher checkpoint with its tokenizer (default: train one from scratch); "
@@ -75,9 +82,38 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def named_splits(ns) -> tuple[str, str, str]:
+    """``--dataset-name``'s train / validation / test splits as .jsonl files under ``--output/dataset``
+    (the translation layout flattened into the task's columns), for the study's file-based stages."""
+    import os
+
+    from ..constants import DEFAULT_COLUMNS
+    from ..data import DataArguments, read_split
+    from ..errors import LmkdError
+    from ..io import write_jsonl
+
+    if ns.train or ns.validation or ns.test:
+        raise LmkdError("give either --dataset-name or --train/--validation/--test, not both")
+    src, tgt = DEFAULT_COLUMNS[ns.task]
+    src, tgt = ns.source_column or src, ns.target_column or tgt
+    paths = []
+    for split in ("train", "validation", "test"):
+        args = DataArguments(task=ns.task, dataset_name=ns.dataset_name, dataset_config_name=ns.dataset_config_name,
+                             train_split=split, source_lang=ns.source_lang, target_lang=ns.target_lang,
+                             source_column=src, target_column=tgt)
+        rows = read_split(args, "train", [src, tgt], ("--source-column", "--target-column"))
+        path = os.path.join(ns.output, "dataset", f"{split}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path, [{src: r[src], tgt: r[tgt]} for r in rows])
+        paths.append(path)
+    return tuple(paths)
+
+
 def run(ns) -> None:
     from ..study import StudyOptions, run_study
 
+    if ns.dataset_name:
+        ns.train, ns.validation, ns.test = named_splits(ns)
     options = StudyOptions(
         task=ns.task, output=ns.output, train=ns.train, validation=ns.validation, test=ns.test,
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
