@@ -4,10 +4,12 @@
   logit MSE, hard-label CE, masking.
 * :mod:`lmkd.losses.feature` -- hidden-state, attention, hint and relation (RKD, SP) losses.
 * :mod:`lmkd.losses.topk` -- KD against a cached top-K teacher (K + 1 buckets, sampled tails).
+* :mod:`lmkd.losses.uld` -- cross-tokenizer KD: ULD (sorted-probability L1) and its hybrid with the
+  exact KL over shared tokens.
 * :mod:`lmkd.losses.chunked` -- memory-lean chunked and fused-linear CE+KD (full or top-K teachers);
   same values and gradients as the plain losses.
 
-Every public name of the four is importable from ``lmkd.losses``; the conventions (sums over
+Every public name of the five is importable from ``lmkd.losses``; the conventions (sums over
 positions, float32 softmaxes, tau^2 scaling) are written in :mod:`lmkd.losses.token`.
 """
 
@@ -23,4 +25,5 @@ from .chunked import (  # noqa: F401
 from .feature import *  # noqa: F401,F403
 from .token import *  # noqa: F401,F403
 from .token import IGNORE_INDEX, KD_LOSSES, at_least_float32  # noqa: F401
+from .uld import CROSS_KD_LOSSES, cross_kd_loss, sorted_l1, uld_hybrid_loss, uld_loss  # noqa: F401
 from .topk import TOPK_KD_LOSSES, TopK, topk_kd_loss  # noqa: F401

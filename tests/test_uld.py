@@ -1,0 +1,213 @@
+"""Cross-tokenizer KD: the offset alignment on hand-made strings, and the ULD losses against references
+written another way (plain Python lists), with their limits."""
+
+import math
+
+import pytest
+import torch
+
+from lmkd.alignment import CrossTokenizerCollator, align_offsets, align_texts, shared_vocabulary
+from lmkd.losses import forward_kl, sorted_l1, uld_hybrid_loss, uld_loss
+
+
+def spans(text, pieces):
+    """(start, end) of each piece, found left to right in ``text`` (a piece may start with a space)."""
+    out, at = [], 0
+    for p in pieces:
+        i = text.index(p, at)
+        out.append((i, i + len(p)))
+        at = i + len(p)
+    return out
+
+
+# ---- alignment --------------------------------------------------------------------------------
+
+
+def test_a_word_one_tokenizer_splits():
+    text = "the unbelievable cat"
+    student = spans(text, ["the", " un", "believ", "able", " cat"])
+    teacher = spans(text, ["the", " unbelievable", " cat"])
+    # "the" ends at 3 in both; " un" and "believ" end inside the teacher's word: the last teacher token before
+    # them is "the"; "able" ends where the teacher's word ends; " cat" too
+    assert align_offsets(student, teacher) == [0, 0, 0, 1, 2]
+    # the other way round: the teacher splits, the student does not
+    assert align_offsets(teacher, student) == [0, 3, 4]
+
+
+def test_first_token_unmatched_and_special_tokens():
+    text = "hello world"
+    student = [(0, 0), *spans(text, ["he", "llo", " world"]), (0, 0)]  # BOS ... EOS as (0, 0)
+    teacher = [(0, 0), *spans(text, ["hello", " world"])]
+    # "he" ends at 2, before any teacher token ends: unmatched; specials never align, never are targets
+    assert align_offsets(student, teacher) == [-1, -1, 1, 2, -1]
+
+
+def test_teacher_cut_short_leaves_the_rest_unmatched():
+    text = "a b c"
+    student = spans(text, ["a", " b", " c"])
+    teacher = spans(text, ["a", " b"])
+    assert align_offsets(student, teacher) == [0, 1, 1]
+    assert align_offsets(student, teacher, teacher_covers=3) == [0, 1, -1]
+
+
+def test_unicode_accents_and_emoji_offsets():
+    # offsets count characters (str indices), not bytes: é is one character, 😀 one as well
+    text = " café 😀 ok"
+    assert len("😀") == 1
+    student = spans(text, [" caf", "é", " 😀", " ok"])
+    # a byte-level teacher splits the emoji into two byte tokens sharing the emoji's span
+    teacher = [*spans(text, [" café"]), (5, 7), (5, 7), (7, 10)]
+    assert align_offsets(student, teacher) == [-1, 0, 2, 3]  # the last of the two byte tokens
+
+
+def byte_bpe(texts, vocab_size):
+    """A GPT-2-style byte-level BPE tokenizer trained with ``tokenizers`` (offsets in characters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+TEXTS = ["the café serves crème brûlée 😀 daily", "unbelievable things happen in the café",
+         "leading spaces  and   gaps", "a cat sat on the mat"] * 20
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers():
+    from lmkd.scratch import train_tokenizer
+
+    return byte_bpe(TEXTS, 270), train_tokenizer(TEXTS, vocab_size=300)
+
+
+def test_real_tokenizers_agree_with_the_rule(two_tokenizers):
+    small, large = two_tokenizers
+    text = "  the café 😀 unbelievable"
+    s_ids, t_ids, align = align_texts(small, large, text)
+    s_off = small(text, return_offsets_mapping=True)["offset_mapping"]
+    t_off = large(text, return_offsets_mapping=True)["offset_mapping"]
+    assert len(s_ids) > len(t_ids)  # the smaller vocabulary splits more
+    for (s, e), j in zip(s_off, align):
+        if e <= s:
+            assert j == -1
+            continue
+        ends = [te for ts, te in t_off if te > ts and te <= e]
+        if not ends:
+            assert j == -1
+        else:  # the teacher token ending last at or before e
+            assert t_off[j][1] == max(ends)
+    # where a token ends at the same character in both, they are aligned exactly
+    t_ends = {e: k for k, (s, e) in enumerate(t_off) if e > s}
+    exact = [(i, t_ends[e]) for i, (s, e) in enumerate(s_off) if e > s and e in t_ends]
+    assert exact and all(align[i] == k or t_off[align[i]][1] == t_off[k][1] for i, k in exact)
+
+
+def test_collator_adds_teacher_tokens_and_positions(two_tokenizers):
+    small, large = two_tokenizers
+    small.pad_token = small.pad_token or small.unk_token
+    texts = ["the café 😀", "a cat sat on the mat"]
+
+    def base(features):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), small.pad_token_id)
+        att = torch.zeros_like(ids)
+        for b, f in enumerate(features):
+            ids[b, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            att[b, :len(f["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": att}
+
+    coll = CrossTokenizerCollator(base, small, large)
+    batch = coll([{"input_ids": small(t)["input_ids"]} for t in texts])
+    for b, t in enumerate(texts):
+        s_ids, t_ids, align = align_texts(small, large, t)
+        n = len(s_ids)
+        assert batch["teacher_position"][b, :n].tolist() == align
+        assert (batch["teacher_position"][b, n:] == -1).all()
+        assert batch["teacher_input_ids"][b, :len(t_ids)].tolist() == t_ids
+        assert batch["teacher_attention_mask"][b].sum() == len(t_ids)
+
+
+def test_shared_vocabulary_pairs_same_strings(two_tokenizers):
+    small, large = two_tokenizers
+    s, t = shared_vocabulary(small, large)
+    sv, tv = small.convert_ids_to_tokens(s.tolist()), large.convert_ids_to_tokens(t.tolist())
+    assert sv == tv and len(sv) == len(set(small.get_vocab()) & set(large.get_vocab()))
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+
+def softmax_list(z, tau):
+    m = max(z)
+    e = [math.exp((x - m) / tau) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def uld_reference(s_rows, t_rows, tau=1.0):
+    total = 0.0
+    for zs, zt in zip(s_rows, t_rows):
+        p = sorted(softmax_list(zs, tau), reverse=True)
+        q = sorted(softmax_list(zt, tau), reverse=True)
+        n = max(len(p), len(q))
+        p, q = p + [0.0] * (n - len(p)), q + [0.0] * (n - len(q))
+        total += sum(abs(a - b) for a, b in zip(p, q))
+    return total
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_uld_matches_a_plain_python_reference(tau):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g) * 3, torch.randn(2, 3, 11, generator=g) * 3
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    got = uld_loss(s, t, mask, temperature=tau)
+    rows_s = [s[b, i].tolist() for b in range(2) for i in range(3) if mask[b, i]]
+    rows_t = [t[b, i].tolist() for b in range(2) for i in range(3) if mask[b, i]]
+    assert got.item() == pytest.approx(uld_reference(rows_s, rows_t, tau), rel=1e-5)
+
+
+def test_uld_limits():
+    z = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    # a permutation of the same probabilities is at distance 0: ULD ignores token identity
+    assert uld_loss(z, z[:, [2, 0, 3, 1]]).item() == pytest.approx(0.0, abs=1e-7)
+    # zero padding: a one-hot against a longer one-hot is 0; against uniform over V it is 2 (1 - 1/V)
+    one = torch.tensor([[50.0, -50.0]])
+    assert uld_loss(one, torch.tensor([[-50.0, 50.0, -50.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert uld_loss(one, torch.zeros(1, 4)).item() == pytest.approx(2 * (1 - 0.25), rel=1e-5)
+    assert sorted_l1(torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0]])).item() == pytest.approx(1.0)
+    # an all-masked batch: exactly 0 with a 0 gradient
+    s = torch.randn(1, 2, 5, requires_grad=True)
+    out = uld_loss(s, torch.randn(1, 2, 6), torch.zeros(1, 2, dtype=torch.bool))
+    out.backward()
+    assert out.item() == 0.0 and s.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_hybrid_with_one_tokenizer_is_the_forward_kl(tau):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 4, 9, generator=g), torch.randn(2, 4, 9, generator=g)
+    mask = torch.rand(2, 4, generator=g) > 0.3
+    ids = torch.arange(9)
+    assert uld_hybrid_loss(s, t, ids, ids, mask, tau).item() == pytest.approx(
+        forward_kl(s, t, mask, tau).item(), rel=1e-5)
+
+
+def test_hybrid_matches_a_plain_python_reference():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, 6, generator=g) * 2, torch.randn(3, 8, generator=g) * 2
+    s_shared, t_shared = torch.tensor([0, 2, 5]), torch.tensor([7, 1, 3])  # three strings both vocabularies hold
+    tau = 1.5
+    want = 0.0
+    for zs, zt in zip(s.tolist(), t.tolist()):
+        p, q = softmax_list(zs, tau), softmax_list(zt, tau)
+        want += tau**2 * sum(q[j] * math.log(q[j] / p[i]) for i, j in zip(s_shared.tolist(), t_shared.tolist()))
+        rest_p = sorted((p[i] for i in range(6) if i not in s_shared.tolist()), reverse=True)
+        rest_q = sorted((q[j] for j in range(8) if j not in t_shared.tolist()), reverse=True)
+        rest_p += [0.0] * (len(rest_q) - len(rest_p))
+        want += sum(abs(a - b) for a, b in zip(rest_p, rest_q))
+    assert uld_hybrid_loss(s, t, s_shared, t_shared, temperature=tau).item() == pytest.approx(want, rel=1e-5)
