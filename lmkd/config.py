@@ -13,7 +13,7 @@ from transformers import Seq2SeqTrainingArguments
 
 from .constants import AUTO_DTYPE_NAMES
 from .errors import LmkdError
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOSSES, RELATION_LOSSES, RELATION_POOLINGS
+from .losses import ATTENTION_LOSSES, CROSS_KD_LOSSES, HIDDEN_LOSSES, KD_LOSSES, RELATION_LOSSES, RELATION_POOLINGS
 
 TEACHER_DTYPES = AUTO_DTYPE_NAMES
 MLM_KD_POSITIONS = ("all", "masked")
@@ -110,7 +110,15 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     kd_loss: str = field(
         default="forward_kl",
         metadata={"help": "Token-level divergence: forward_kl (Hinton), reverse_kl, jsd (generalized JSD, "
-                          "see jsd_beta) or mse (logit matching)."},
+                          "see jsd_beta) or mse (logit matching); with teacher_tokenizer uld or uld_hybrid."},
+    )
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Cross-tokenizer KD (causal LMs): the teacher's tokenizer (a path) when it differs from the "
+                          "student's. Each batch's text is re-tokenised for the teacher, positions are aligned by "
+                          "character offsets (lmkd.alignment) and the KD term is kd_loss uld (sorted-probability L1, "
+                          "Boizard et al. 2024) or uld_hybrid (exact KL over shared token strings + ULD over the "
+                          "rest). Example: --teacher_tokenizer teachers/llama --kd_loss uld"},
     )
     kd_alpha: float = field(
         default=0.5,
@@ -240,8 +248,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if not self.kd_temperature > 0:
             raise LmkdError(f"kd_temperature must be > 0, got {self.kd_temperature}; 1 is the plain softmax, "
                             "DistilBERT used 2")
-        if self.kd_loss not in KD_LOSSES:
-            raise LmkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of {', '.join(KD_LOSSES)}")
+        if self.kd_loss not in KD_LOSSES + CROSS_KD_LOSSES:
+            raise LmkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of {', '.join(KD_LOSSES + CROSS_KD_LOSSES)}")
+        self._check_cross_tokenizer()
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise LmkdError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.teacher_dtype not in TEACHER_DTYPES:
@@ -273,6 +282,21 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         self._check_sizes()
         self._check_precision()
         super().__post_init__()
+
+    def _check_cross_tokenizer(self) -> None:
+        if self.kd_loss in CROSS_KD_LOSSES and not self.teacher_tokenizer:
+            raise LmkdError(f"kd_loss {self.kd_loss} is the cross-tokenizer loss: set teacher_tokenizer (the teacher's "
+                            "tokenizer path), or use forward_kl with a teacher of the student's tokenizer")
+        if self.teacher_tokenizer and self.kd_loss not in CROSS_KD_LOSSES:
+            raise LmkdError(f"teacher_tokenizer is set, so teacher and student vocabularies differ: kd_loss "
+                            f"{self.kd_loss} needs one vocabulary; use kd_loss uld or uld_hybrid")
+        if self.teacher_tokenizer:
+            other = [name for name, on in (("teacher_cache", self.teacher_cache), ("on_policy_fraction",
+                     self.on_policy_fraction > 0), ("cohort_size", self.cohort_size > 1), ("teacher_weights",
+                     self.teacher_weights), ("hidden/attention/relation weights", self.hidden_weight > 0
+                     or self.attention_weight > 0 or self.relation_weight > 0)) if on]
+            if other:
+                raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) does not combine with {other[0]}; drop one")
 
     def _check_sizes(self) -> None:
         """Batch sizes and step counts the Trainer would only trip over later (a ZeroDivisionError or

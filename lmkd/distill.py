@@ -95,8 +95,14 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
         student_config = load_config(student_paths[0])
+        if args.teacher_tokenizer and kind != CAUSAL:
+            raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs for now, not {kind} "
+                            "models; for seq2seq use sequence-level KD (lmkd generate), whose targets are text")
         for path in teachers.teacher_paths(args):  # before any model loads or tokenising: one clear error
-            check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
+            if args.teacher_tokenizer:
+                load_tokenizer(args.teacher_tokenizer)  # one clear error when it is missing
+            else:
+                check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
             teacher_config = load_config(path)
             teachers.check_teacher_kind(teacher_config, kind, path)
             check_layer_maps(args, kind, student_config, teacher_config)

@@ -28,7 +28,7 @@ import logging
 import torch
 from torch import nn
 
-from . import logit_cache, losses
+from . import alignment, logit_cache, losses
 from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .losses import chunked
@@ -112,6 +112,8 @@ class DistillationObjective:
     def chunk(self) -> int:
         """The kd_chunk_size in force: the configured one, or what ``auto`` chose (see :meth:`decide_path`)."""
         cs = self.trainer.args.kd_chunk_size
+        if getattr(self.trainer.args, "teacher_tokenizer", None):
+            return 0  # cross-tokenizer KD: the plain path (the teacher's positions are gathered from its logits)
         return self.auto_chunk if cs == "auto" else cs
 
     def decide_path(self, inputs: dict) -> None:
@@ -175,6 +177,9 @@ class DistillationObjective:
             ce_sum = losses.cross_entropy(s_logits, labels)
             loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
         if use_kd:
+            if alignment.TEACHER_POSITION in inputs:  # cross-tokenizer KD (teacher_tokenizer)
+                t_outputs, kd_sum = self.cross_tokenizer_kd(inputs, s_logits, kd_mask)
+                return loss + alpha * kd_sum / max(n_kd, 1), ce_sum, kd_sum, t_outputs
             with torch.no_grad():
                 t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
                 t_logits = tr.aligned(t_outputs.logits)
@@ -183,6 +188,20 @@ class DistillationObjective:
                                           beta=args.jsd_beta)
             loss = loss + alpha * kd_sum / max(n_kd, 1)
         return loss, ce_sum, kd_sum, t_outputs
+
+    def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
+        """(teacher outputs, KD sum) with a teacher of another tokenizer: its forward on its own tokens of
+        the batch, its logits gathered at each student position's teacher position (lmkd.alignment), ULD."""
+        tr, args = self.trainer, self.trainer.args
+        with torch.no_grad():
+            t_outputs = tr.teacher(input_ids=inputs[alignment.TEACHER_INPUT_IDS],
+                                   attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
+        t_logits = t_outputs.logits
+        where = tr.aligned(inputs[alignment.TEACHER_POSITION]).clamp(min=0)
+        t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
+        kd_sum = losses.cross_kd_loss(s_logits, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
+                                      shared=tr.cross_shared)
+        return t_outputs, kd_sum
 
     def lean_ce_kd(self, inputs, outputs, s_logits, lean_head, labels, kd_mask, w_ce, w_kd):
         """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher:

@@ -62,7 +62,8 @@ def teacher_paths(args) -> list[str]:
 
 
 def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teacher_tokenizer=None, device=None,
-                        dtype: str = "auto", deepspeed_config: dict | None = None):
+                        dtype: str = "auto", deepspeed_config: dict | None = None,
+                        cross_tokenizer: bool = False):
     """(teacher, shared vocabulary size or None) for ``source`` (a model, or a path to load as a
     ``kind`` model): in ``eval()`` with gradients off and its extra outputs off, on ``device`` in
     ``dtype`` (``auto``: the student's), or -- with a ZeRO-3 ``deepspeed_config`` -- in a DeepSpeed
@@ -91,7 +92,8 @@ def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teache
     teacher.eval()
     teacher.requires_grad_(False)
     forward_at_floor(teacher)
-    vocab = shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)  # (logs what it decided from)
+    # (logs what it decided from); a cross-tokenizer teacher (teacher_tokenizer) has its own vocabulary
+    vocab = None if cross_tokenizer else shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
     return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
 
 

@@ -18,12 +18,12 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import card, logit_cache, metrics, positions, teachers
+from . import alignment, card, logit_cache, metrics, positions, teachers
 from .config import DistillationConfig
-from .constants import SEQ2SEQ
+from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .features import FEATURE_TERMS, FeatureDistiller
-from .modeling import model_kind, unwrap
+from .modeling import load_tokenizer, model_kind, unwrap
 from .objective import DistillationObjective
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.teacher = None
         self._vocab = None  # the vocabulary teacher and student share, when their output layers differ
         self.loss_stats = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
         if self.uses_teacher:
             self._setup_teacher(teacher_model, teacher_tokenizer)
+            if args.teacher_tokenizer:
+                self._setup_cross_tokenizer(teacher_tokenizer)
         self.features = None  # lmkd.features.FeatureDistiller when a feature weight is > 0
         self._feature_totals = None
         if args.uses_features:
@@ -192,18 +195,40 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.teacher, self._vocab = teachers.load_frozen_teacher(
             teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
             student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,
-            device=self.args.device, dtype=self.args.teacher_dtype, deepspeed_config=ds_config)
+            device=self.args.device, dtype=self.args.teacher_dtype, deepspeed_config=ds_config,
+            cross_tokenizer=bool(self.args.teacher_tokenizer))
+
+    def _setup_cross_tokenizer(self, teacher_tokenizer) -> None:
+        """``teacher_tokenizer`` set: the collator re-tokenises each batch for the teacher and aligns the
+        positions (:class:`lmkd.alignment.CrossTokenizerCollator`); uld_hybrid gets the shared tokens."""
+        if self.kind != CAUSAL:
+            raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs for now, not {self.kind}")
+        t_tok = teacher_tokenizer if teacher_tokenizer is not None else load_tokenizer(self.args.teacher_tokenizer)
+        if not getattr(t_tok, "is_fast", False) or not getattr(self.processing_class, "is_fast", False):
+            raise LmkdError("cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
+                            "give: use the tokenizer.json (fast) versions of both tokenizers")
+        cfg = unwrap(self.teacher).config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.data_collator = alignment.CrossTokenizerCollator(self.data_collator, self.processing_class, t_tok,
+                                                              teacher_max_length=limit)
+        if self.args.kd_loss == "uld_hybrid":
+            self.cross_shared = alignment.shared_vocabulary(self.processing_class, t_tok)
+            logger.info("uld_hybrid: %d token strings shared by the two vocabularies", len(self.cross_shared[0]))
 
     # ---- hooks: positions and forward keywords ------------------------------------------------------
 
     def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(CE mask, KD mask) over the aligned positions of a batch (:func:`lmkd.positions.position_masks`)."""
-        return positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
+        ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
+        if alignment.TEACHER_POSITION in inputs:  # cross-tokenizer KD: only the positions with a teacher position
+            kd = kd & positions.aligned(self.kind, inputs[alignment.TEACHER_POSITION]).ge(0)
+        return ce, kd
 
     def forward_inputs(self, model, inputs: dict) -> dict:
         """The keywords of ``model``'s forward for a batch: no labels or cached-teacher keys, the
         decoder inputs of a seq2seq model, and the outputs the feature losses need."""
-        fwd = {k: v for k, v in inputs.items() if k != "labels" and k not in logit_cache.BATCH_KEYS}
+        fwd = {k: v for k, v in inputs.items()
+               if k != "labels" and k not in logit_cache.BATCH_KEYS and k not in alignment.BATCH_KEYS}
         if self.kind == SEQ2SEQ and "decoder_input_ids" not in fwd:
             fwd["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         if self.features is not None:

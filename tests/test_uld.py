@@ -1,6 +1,7 @@
 """Cross-tokenizer KD: the offset alignment on hand-made strings, and the ULD losses against references
 written another way (plain Python lists), with their limits."""
 
+import json
 import math
 
 import pytest
@@ -211,3 +212,53 @@ def test_hybrid_matches_a_plain_python_reference():
         rest_p += [0.0] * (len(rest_q) - len(rest_p))
         want += sum(abs(a - b) for a, b in zip(rest_p, rest_q))
     assert uld_hybrid_loss(s, t, s_shared, t_shared, temperature=tau).item() == pytest.approx(want, rel=1e-5)
+
+
+# ---- a cross-tokenizer run through the CLI ------------------------------------------------------
+
+
+def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus):
+    from lmkd.cli import main
+    from lmkd.scratch import build_model
+
+    texts = [r["source"] for r in corpus[:200]]
+    tokenizers = {"student": byte_bpe(texts, 320), "teacher": byte_bpe(texts, 700)}
+    assert tokenizers["student"].get_vocab() != tokenizers["teacher"].get_vocab()
+    for name, tok in tokenizers.items():
+        model = build_model("gpt2", len(tok), seed=1 if name == "teacher" else 0)
+        if name == "teacher":  # a peaked teacher (sharper final norm), so there is something to learn
+            with torch.no_grad():
+                model.transformer.ln_f.weight.mul_(20)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:32]))
+    out = tmp_path / "out"
+    flags = ["--student_model_name_or_path", str(tmp_path / "student"),
+            "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--teacher_tokenizer", str(tmp_path / "teacher"),
+            "--task", "causal-lm", "--train_file", str(data), "--source_column", "text", "--max_source_length", "48",
+            "--kd_loss", "uld", "--kd_alpha", "1.0", "--kd_temperature", "1.0", "--learning_rate", "1e-2",
+            "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+            "--max_steps", "10", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--use_cpu", "true",
+            "--report_to", "none", "--save_strategy", "steps", "--save_steps", "10", "--output_dir", str(out),
+            "--dataloader_num_workers", "0", "--seed", "0"]
+    recipe = tmp_path / "cross.yaml"
+    recipe.write_text("".join(f"{k[2:]}: {json.dumps(v)}\n" for k, v in zip(flags[::2], flags[1::2])))
+    assert main(["distill", str(recipe)]) == 0
+    history = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+    kd = [h["loss_kd"] for h in history if "loss_kd" in h]
+    print("loss_kd per step:", kd)
+    assert len(kd) == 10 and all(math.isfinite(x) and 0 < x <= 2 for x in kd)
+    assert sum(kd[-3:]) / 3 < 0.8 * sum(kd[:3]) / 3, kd
+
+
+def test_cross_tokenizer_settings_are_checked():
+    from lmkd.config import DistillationConfig
+    from lmkd.errors import LmkdError
+
+    with pytest.raises(LmkdError, match="set teacher_tokenizer"):
+        DistillationConfig(output_dir="x", kd_loss="uld")
+    with pytest.raises(LmkdError, match="use kd_loss uld or uld_hybrid"):
+        DistillationConfig(output_dir="x", teacher_tokenizer="t")
+    with pytest.raises(LmkdError, match="does not combine with teacher_cache"):
+        DistillationConfig(output_dir="x", teacher_tokenizer="t", kd_loss="uld", teacher_cache="c")
