@@ -127,6 +127,8 @@ def test_recipe_runs_two_steps(path, tmp_path, tiny_pairs, corpus):
                  "--eval_strategy", "no", "--logging_steps", "1"]
     if args.teacher_model_name_or_path:
         overrides += ["--teacher_model_name_or_path", teacher]
+    if args.teacher_tokenizer:  # cross-tokenizer KD, here with the tiny pair's one tokenizer (identity alignment)
+        overrides += ["--teacher_tokenizer", teacher]
     if data_args.validation_file:
         overrides += ["--validation_file", train, "--max_eval_samples", "2"]
     assert main(["distill", str(path), *overrides]) == 0
