@@ -217,7 +217,8 @@ def test_hybrid_matches_a_plain_python_reference():
 # ---- a cross-tokenizer run through the CLI ------------------------------------------------------
 
 
-def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus):
+@pytest.mark.parametrize("loss", ["uld", "uld_hybrid"])
+def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus, loss):
     from lmkd.cli import main
     from lmkd.scratch import build_model
 
@@ -237,7 +238,7 @@ def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus):
     flags = ["--student_model_name_or_path", str(tmp_path / "student"),
             "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--teacher_tokenizer", str(tmp_path / "teacher"),
             "--task", "causal-lm", "--train_file", str(data), "--source_column", "text", "--max_source_length", "48",
-            "--kd_loss", "uld", "--kd_alpha", "1.0", "--kd_temperature", "1.0", "--learning_rate", "1e-2",
+            "--kd_loss", loss, "--kd_alpha", "1.0", "--kd_temperature", "1.0", "--learning_rate", "1e-2",
             "--lr_scheduler_type", "constant", "--warmup_steps", "0",
             "--max_steps", "10", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--use_cpu", "true",
             "--report_to", "none", "--save_strategy", "steps", "--save_steps", "10", "--output_dir", str(out),
@@ -248,8 +249,9 @@ def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus):
     history = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
     kd = [h["loss_kd"] for h in history if "loss_kd" in h]
     print("loss_kd per step:", kd)
-    assert len(kd) == 10 and all(math.isfinite(x) and 0 < x <= 2 for x in kd)
-    assert sum(kd[-3:]) / 3 < 0.8 * sum(kd[:3]) / 3, kd
+    assert len(kd) == 10 and all(math.isfinite(x) and x > 0 for x in kd)
+    assert loss == "uld_hybrid" or max(kd) <= 2  # ULD alone is an L1 distance of probability vectors
+    assert sum(kd[-3:]) / 3 < 0.9 * sum(kd[:3]) / 3 and kd[-1] < kd[0], kd  # seeded: the same on every run
 
 
 def test_cross_tokenizer_settings_are_checked():
