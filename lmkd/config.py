@@ -141,7 +141,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                           "it moves to taid_t_end over max_steps (TAID used 0.4 -> 1). Example: --taid_t_start 0.4"},
     )
     taid_t_end: float = field(
-        default=1.0, metadata={"help": "kd_loss taid: t at the last step (1 = the forward KL to the teacher)."})
+        default=1.0, metadata={"help": "kd_loss taid: t at the last step (1 = the forward KL to the teacher). "
+                                   "Example: --taid_t_end 1.0"})
     taid_schedule: str = field(
         default="adaptive",
         metadata={"help": "kd_loss taid: linear (t from taid_t_start to taid_t_end in proportion to the step) or "
@@ -149,10 +150,12 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                           "taid_beta). Example: --taid_schedule linear"},
     )
     taid_alpha: float = field(
-        default=5e-4, metadata={"help": "kd_loss taid, adaptive schedule: step size of t's growth (TAID: 5e-4)."})
+        default=5e-4, metadata={"help": "kd_loss taid, adaptive schedule: step size of t's growth (TAID: 5e-4). "
+                                      "Example: --taid_alpha 5e-4"})
     taid_beta: float = field(
         default=0.99,
-        metadata={"help": "kd_loss taid, adaptive schedule: momentum of the loss's relative change (TAID: 0.99)."})
+        metadata={"help": "kd_loss taid, adaptive schedule: momentum of the loss's relative change (TAID: 0.99). "
+                          "Example: --taid_beta 0.99"})
     mlm_kd_positions: str = field(
         default="all",
         metadata={"help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "

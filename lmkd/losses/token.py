@@ -203,7 +203,9 @@ class TaidSchedule:
     * adaptive (``adaptive=True``): after each optimizer step, with ``delta`` the relative decrease of
       the step's mean TAID loss against the previous step's, ``m <- beta m + (1 - beta) delta`` and
       ``t <- min(t_end, max(t_linear(step), t + alpha * sigmoid(m) * (1 - t)))`` -- never behind the
-      linear schedule, faster while the loss falls.  The paper's defaults: ``alpha = 5e-4``, ``beta = 0.99``.
+      linear schedule, faster while the loss falls (the first update, with no change to measure yet, only
+      keeps up with linear; the reference code leaves t there).  The paper's defaults: ``alpha = 5e-4``,
+      ``beta = 0.99``.
 
     :meth:`at` gives ``t`` for a batch of optimizer step ``step``; :meth:`observe` records that batch's
     mean loss (the adaptive update of a step happens when the next step's first batch asks).  The
@@ -244,8 +246,9 @@ class TaidSchedule:
             self._n += 1
 
     def _update(self, loss: float, step: int, max_steps: int) -> None:
-        if self.prev_loss is None:
+        if self.prev_loss is None:  # no change to measure yet: t only keeps up with the linear schedule
             self.prev_loss = loss
+            self.t = min(self.t_end, max(self.linear(step, max_steps), self.t))
             return
         delta = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
         self.momentum = self.beta * self.momentum + (1 - self.beta) * delta
