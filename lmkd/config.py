@@ -13,7 +13,8 @@ from transformers import Seq2SeqTrainingArguments
 
 from .constants import AUTO_DTYPE_NAMES
 from .errors import LmkdError
-from .losses import ATTENTION_LOSSES, CROSS_KD_LOSSES, HIDDEN_LOSSES, KD_LOSSES, RELATION_LOSSES, RELATION_POOLINGS
+from .losses import (ATTENTION_LOSSES, CROSS_KD_LOSSES, HIDDEN_LOSSES, KD_LOSSES, PLAIN_KD_LOSSES,
+                     RELATION_LOSSES, RELATION_POOLINGS)
 
 TEACHER_DTYPES = AUTO_DTYPE_NAMES
 MLM_KD_POSITIONS = ("all", "masked")
@@ -110,7 +111,10 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     kd_loss: str = field(
         default="forward_kl",
         metadata={"help": "Token-level divergence: forward_kl (Hinton), reverse_kl, jsd (generalized JSD, "
-                          "see jsd_beta) or mse (logit matching); with teacher_tokenizer uld or uld_hybrid."},
+                          "see jsd_beta), mse (logit matching), skew_kl / skew_reverse_kl (DistiLLM, see "
+                          "skew_alpha) or taid (TAID's interpolated target, see taid_t_start). The last three run "
+                          "on the plain loss only (kd_chunk_size auto or 0); with teacher_tokenizer uld or uld_hybrid. Example: --kd_loss skew_kl "
+                          "--skew_alpha 0.1"},
     )
     teacher_tokenizer: str | None = field(
         default=None,
@@ -134,6 +138,33 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         default=0.5,
         metadata={"help": "beta of the generalized JSD in [0, 1]: 0 = forward KL, 1 = reverse KL (TRL/GKD)."},
     )
+    skew_alpha: float = field(
+        default=0.1,
+        metadata={"help": "kd_loss skew_kl / skew_reverse_kl: the mixing weight alpha in [0, 1) of DistiLLM: "
+                          "KL(p || a p + (1-a) q), KL(q || (1-a) p + a q) (p teacher, q student); 0 = the plain "
+                          "forward / reverse KL. DistiLLM used 0.1. Example: --skew_alpha 0.1"},
+    )
+    taid_t_start: float = field(
+        default=0.4,
+        metadata={"help": "kd_loss taid: the interpolation t at step 0 of the target softmax((1-t) sg(z_s) + t z_t); "
+                          "it moves to taid_t_end over max_steps (TAID used 0.4 -> 1). Example: --taid_t_start 0.4"},
+    )
+    taid_t_end: float = field(
+        default=1.0, metadata={"help": "kd_loss taid: t at the last step (1 = the forward KL to the teacher). "
+                                   "Example: --taid_t_end 1.0"})
+    taid_schedule: str = field(
+        default="adaptive",
+        metadata={"help": "kd_loss taid: linear (t from taid_t_start to taid_t_end in proportion to the step) or "
+                          "adaptive (TAID's: never behind linear, faster while the loss falls; see taid_alpha, "
+                          "taid_beta). Example: --taid_schedule linear"},
+    )
+    taid_alpha: float = field(
+        default=5e-4, metadata={"help": "kd_loss taid, adaptive schedule: step size of t's growth (TAID: 5e-4). "
+                                      "Example: --taid_alpha 5e-4"})
+    taid_beta: float = field(
+        default=0.99,
+        metadata={"help": "kd_loss taid, adaptive schedule: momentum of the loss's relative change (TAID: 0.99). "
+                          "Example: --taid_beta 0.99"})
     mlm_kd_positions: str = field(
         default="all",
         metadata={"help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "
@@ -248,8 +279,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if not self.kd_temperature > 0:
             raise LmkdError(f"kd_temperature must be > 0, got {self.kd_temperature}; 1 is the plain softmax, "
                             "DistilBERT used 2")
-        if self.kd_loss not in KD_LOSSES + CROSS_KD_LOSSES:
-            raise LmkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of {', '.join(KD_LOSSES + CROSS_KD_LOSSES)}")
+        if self.kd_loss not in KD_LOSSES + PLAIN_KD_LOSSES + CROSS_KD_LOSSES:
+            raise LmkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of "
+                            f"{', '.join(KD_LOSSES + PLAIN_KD_LOSSES + CROSS_KD_LOSSES)}")
         self._check_cross_tokenizer()
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise LmkdError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
@@ -258,6 +290,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if self.mlm_kd_positions not in MLM_KD_POSITIONS:
             raise LmkdError(f"unknown mlm_kd_positions {self.mlm_kd_positions!r}; choose all or masked")
         self.kd_chunk_size = _chunk_size(self.kd_chunk_size)
+        self._check_plain_losses()
         if self.teacher_cache is not None and self.kd_loss == "mse":
             raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K teacher_cache does not "
                             "hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
@@ -297,6 +330,28 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                      or self.attention_weight > 0 or self.relation_weight > 0)) if on]
             if other:
                 raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) does not combine with {other[0]}; drop one")
+
+    def _check_plain_losses(self) -> None:
+        """skew_alpha and the TAID schedule, and the paths skew KL / TAID cannot take."""
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise LmkdError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}; 0 is the plain KL, at 1 the "
+                            "skew KL is identically 0")
+        if not 0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0:
+            raise LmkdError(f"TAID needs 0 <= taid_t_start <= taid_t_end <= 1, got {self.taid_t_start} and "
+                            f"{self.taid_t_end}")
+        if self.taid_schedule not in ("linear", "adaptive"):
+            raise LmkdError(f"unknown taid_schedule {self.taid_schedule!r}; choose linear or adaptive")
+        if not (0.0 <= self.taid_alpha <= 1.0 and 0.0 <= self.taid_beta < 1.0):
+            raise LmkdError(f"taid_alpha must be in [0, 1] and taid_beta in [0, 1), got {self.taid_alpha} and "
+                            f"{self.taid_beta}")
+        if self.kd_loss not in PLAIN_KD_LOSSES:
+            return
+        if self.kd_chunk_size not in ("auto", 0):
+            raise LmkdError(f"kd_loss {self.kd_loss} is computed on the plain loss only: set kd_chunk_size: 0 "
+                            f"(or auto), not {self.kd_chunk_size}")
+        if self.teacher_cache:
+            raise LmkdError(f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K teacher_cache "
+                            "does not hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
 
     def _check_sizes(self) -> None:
         """Batch sizes and step counts the Trainer would only trip over later (a ZeroDivisionError or
@@ -371,9 +426,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         """Refuse the losses co-distillation (a cohort of students, no teacher) cannot compute.  Run
         by ``__post_init__`` for ``cohort_size > 1``, and by :class:`lmkd.regimes.CoDistillationTrainer`
         for a cohort it is given as a model."""
-        if self.kd_loss == "mse":
+        if self.kd_loss == "mse" or self.kd_loss in PLAIN_KD_LOSSES:
             raise LmkdError("co-distillation averages the members' distributions: use kd_loss forward_kl, "
-                            "reverse_kl or jsd, not mse")
+                            f"reverse_kl or jsd, not {self.kd_loss}")
         if self.uses_features or self.teacher_cache:
             raise LmkdError("co-distillation uses the members' output distributions only: set hidden/attention/"
                             "relation weights 0 and drop teacher_cache")

@@ -6,7 +6,10 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
 
 * **plain** (``kd_chunk_size: 0``, online teacher): full logits, :func:`lmkd.losses.cross_entropy`
   and :func:`lmkd.losses.token_kd_loss`;  ``kd_chunk_size: auto`` (the default) picks plain or
-  chunked once, on the first batch (:func:`choose_kd_path`);
+  chunked once, on the first batch (:func:`choose_kd_path`) -- always plain for the losses of
+  :data:`lmkd.losses.PLAIN_KD_LOSSES` (skew KL, TAID; the config refuses them any other path).
+  TAID's ``t`` comes from :class:`lmkd.losses.TaidSchedule` at the trainer's ``state.global_step``
+  of ``state.max_steps``;
 * **chunked / fused** (:mod:`lmkd.losses.chunked`): CE and KD in one pass over chunks of
   positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model,
   before the first training forward, against the real logits of a no-grad forward of a slice of
@@ -107,6 +110,9 @@ class DistillationObjective:
         self.fused_head = None
         self.teacher_head = None
         self.auto_chunk = None  # what kd_chunk_size: auto chose (0 or -1), once, on the first batch
+        args = trainer.args
+        self.taid = (losses.TaidSchedule(args.taid_t_start, args.taid_t_end, args.taid_schedule == "adaptive",
+                                         args.taid_alpha, args.taid_beta) if args.kd_loss == "taid" else None)
 
     @property
     def chunk(self) -> int:
@@ -120,6 +126,10 @@ class DistillationObjective:
         """``kd_chunk_size: auto``: choose plain or chunked once, from the first batch's size, and log it."""
         tr = self.trainer
         if tr.args.kd_chunk_size != "auto" or self.auto_chunk is not None:
+            return
+        if tr.args.kd_loss in losses.PLAIN_KD_LOSSES:
+            self.auto_chunk = 0
+            logger.info("kd path: plain (kd_loss %s is computed on full logits only)", tr.args.kd_loss)
             return
         m = unwrap(tr.model)
         out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
@@ -152,7 +162,7 @@ class DistillationObjective:
 
         if self.chunk == 0 and not cached:
             loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd,
-                                                               use_ce, use_kd)
+                                                               use_ce, use_kd, model.training, stats)
         else:
             w_ce = (1 - alpha) / max(n_ce, 1) if use_ce else 0.0
             w_kd = alpha / max(n_kd, 1) if use_kd else 0.0
@@ -168,7 +178,13 @@ class DistillationObjective:
 
     # ---- the three paths --------------------------------------------------------------------------
 
-    def plain_ce_kd(self, inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd, use_ce, use_kd):
+    def taid_t(self, training: bool) -> float:
+        """TAID's t for this batch: the schedule at the trainer's step (training), its current value (eval)."""
+        state = self.trainer.state
+        return self.taid.at(state.global_step, state.max_steps) if training else self.taid.t
+
+    def plain_ce_kd(self, inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd, use_ce, use_kd, training=True,
+                    stats=None):
         """Full logits, autograd: (loss, CE sum, KD sum, teacher outputs)."""
         tr, args = self.trainer, self.trainer.args
         loss = s_logits.new_zeros((), dtype=torch.float32)
@@ -184,8 +200,15 @@ class DistillationObjective:
                 t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
                 t_logits = tr.aligned(t_outputs.logits)
             s_kd, t_kd = self._shared(s_logits), self._shared(t_logits)
+            taid_t = self.taid_t(training) if self.taid is not None else 1.0
             kd_sum = losses.token_kd_loss(s_kd, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
-                                          beta=args.jsd_beta)
+                                          beta=args.jsd_beta, skew_alpha=args.skew_alpha, taid_t=taid_t)
+            if self.taid is not None:
+                if training:
+                    self.taid.observe(kd_sum.item() / max(int(kd_mask.sum()), 1))
+                if stats is not None:
+                    stats["taid_t_sum"] += taid_t
+                    stats["taid_t_n"] += 1
             loss = loss + alpha * kd_sum / max(n_kd, 1)
         return loss, ce_sum, kd_sum, t_outputs
 

@@ -372,6 +372,8 @@ class DistillationTrainer(Seq2SeqTrainer):
             logs[f"{prefix}loss_ce"] = round(stats["ce_sum"] / stats["ce_n"], 6)
         if stats.get("kd_n"):
             logs[f"{prefix}loss_kd"] = round(stats["kd_sum"] / stats["kd_n"], 6)
+        if stats.get("taid_t_n"):  # kd_loss taid: the mean interpolation t of the logged steps
+            logs[f"{prefix}taid_t"] = round(stats["taid_t_sum"] / stats["taid_t_n"], 6)
         for name in FEATURE_TERMS:
             if stats.get(f"{name}_n"):
                 logs[f"{prefix}loss_{name}"] = round(stats[f"{name}_sum"] / stats[f"{name}_n"], 6)

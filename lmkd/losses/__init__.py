@@ -1,7 +1,8 @@
 """Distillation losses: pure functions over tensors (torch only; nothing of models or trainers).
 
 * :mod:`lmkd.losses.token` -- token-level KD: forward/reverse KL with temperature, generalized JSD,
-  logit MSE, hard-label CE, masking.
+  skew KL / skew reverse KL (DistiLLM), TAID's interpolated target and its schedule, logit MSE,
+  hard-label CE, masking.
 * :mod:`lmkd.losses.feature` -- hidden-state, attention, hint and relation (RKD, SP) losses.
 * :mod:`lmkd.losses.topk` -- KD against a cached top-K teacher (K + 1 buckets, sampled tails).
 * :mod:`lmkd.losses.uld` -- cross-tokenizer KD: ULD (sorted-probability L1) and its hybrid with the
@@ -24,6 +25,6 @@ from .chunked import (  # noqa: F401
 )
 from .feature import *  # noqa: F401,F403
 from .token import *  # noqa: F401,F403
-from .token import IGNORE_INDEX, KD_LOSSES, at_least_float32  # noqa: F401
+from .token import IGNORE_INDEX, KD_LOSSES, PLAIN_KD_LOSSES, TaidSchedule, at_least_float32  # noqa: F401
 from .uld import CROSS_KD_LOSSES, cross_kd_loss, sorted_l1, uld_hybrid_loss, uld_loss  # noqa: F401
 from .topk import TOPK_KD_LOSSES, TopK, topk_kd_loss  # noqa: F401
