@@ -234,3 +234,29 @@ def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model
     off = evaluate_models(path, str(data), "translation", num_beams=1, max_new_tokens=9, speed_samples=2,
                           latency_samples=1, repeats=1, fixed_new_tokens=0, device="cpu", progress=False)
     assert off["settings"]["fixed_new_tokens"] is None and "ms_per_token" not in off["models"]["student"]["speed"]
+
+
+def test_a_baseline_that_beats_the_teacher_opens_the_verdicts_with_a_weak_teacher_warning():
+    """The fr->en study's case: the teacher passed its check, but the baseline (gold data, no teacher)
+    beats it -- the verdicts then open with a warning; when the teacher is the better one, none."""
+    from lmkd.study.results import significance
+
+    refs = [f"the package number {i} provides a small tool for files" for i in range(40)]
+    good, bad = list(refs), [f"package {i} tool" for i in range(40)]
+
+    def groups(teacher_out, baseline_out):
+        g = lambda name, variant, label, score: {"first": name, "variant": variant, "size": 0.25 if variant != "teacher" else None,
+                                                  "label": label, "score_mean": score, "models": [name]}
+        preds = {"teacher": {"beam": teacher_out}, "s025-baseline": {"beam": baseline_out},
+                 "s025-word-kd": {"beam": baseline_out}}
+        gs = [g("teacher", "teacher", "the teacher", 0), g("s025-baseline", "baseline", "the baseline", 0),
+              g("s025-word-kd", "word-kd", "Word-KD", 0)]
+        return gs, preds
+
+    gs, preds = groups(bad, good)
+    sig = significance("translation", gs, gs[0], preds, refs, "beam")
+    assert sig["weak_teacher"] and sig["verdicts"][0] == sig["weak_teacher"]
+    assert sig["verdicts"][0].startswith("**Weak teacher**: the baseline") and "beats the teacher by +" in sig["verdicts"][0]
+    gs, preds = groups(good, bad)
+    sig = significance("translation", gs, gs[0], preds, refs, "beam")
+    assert sig["weak_teacher"] is None and not any("Weak teacher" in v for v in sig["verdicts"])

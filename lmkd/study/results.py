@@ -130,6 +130,7 @@ def _compare(kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tupl
     for t in tests.values():
         t["verdict"] = ("inconclusive" if t["p_value"] >= ALPHA else "better" if t["difference"] > 0 else "worse")
     return {"kind": kind, "a": a["first"], "b": b["first"], "a_label": a["label"], "b_label": b["label"],
+            "a_variant": a["variant"],
             "tests": tests}
 
 
@@ -170,9 +171,28 @@ def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs
         comparisons += [_compare("vs-teacher", g, teacher, preds, refs, metrics, mode) for g in same]
     order = {"vs-baseline": 0, "best-vs-other": 1, "vs-teacher": 2}
     comparisons.sort(key=lambda c: order[c["kind"]])
+    weak = weak_teacher(comparisons, metrics[0])
     return {"metrics": list(metrics), "mode": mode, "alpha": ALPHA, "n_samples": DEFAULT_SAMPLES, "seed": DEFAULT_SEED,
             "first_seed_only": any(len(g["models"]) > 1 for g in groups), "comparisons": comparisons,
-            "verdicts": [verdict_line(c, metrics[0]) for c in comparisons]}
+            "weak_teacher": weak,
+            "verdicts": ([weak] if weak else []) + [verdict_line(c, metrics[0]) for c in comparisons]}
+
+
+def weak_teacher(comparisons: list[dict], metric: str) -> str | None:
+    """The warning that opens the verdicts when a baseline student -- trained on the gold targets with
+    no teacher at all -- beats the teacher significantly: the teacher passed its check (it learned
+    something) but less than a student a fraction of its size, so every "vs teacher" figure and
+    every KD variant's gain is distillation from a weak teacher.  None when no baseline beats it."""
+    for c in comparisons:
+        t = c["tests"][metric]
+        if c["kind"] == "vs-teacher" and c.get("a_variant") in BASELINE_VARIANTS and t["verdict"] == "better":
+            label = METRIC_LABELS.get(metric, metric)
+            return (f"**Weak teacher**: {c['a_label']}, trained on the gold data without any teacher, beats "
+                    f"the teacher by {_signed(t['difference'])} {label} (95% CI {_signed(t['ci_low'])}…"
+                    f"{_signed(t['ci_high'])}, p = {t['p_value']:.3f}). The teacher passed its check but learned "
+                    "less than a student a fraction of its size: the \"vs teacher\" figures and the KD variants' "
+                    "gains below are distillation from a weak teacher, not evidence about a good one.")
+    return None
 
 
 def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, data: dict) -> dict:

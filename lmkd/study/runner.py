@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 
@@ -94,8 +95,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     sd = st.run("speed", speed_opts, [m["stage"] for m in models.values()] + ["data-test"], speed_fn,
                 f"measuring the speed of {len(models)} models side by side")
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
-    # v2: verdict lines, significance, per-token speed, seeds (a report written by v1 is rewritten)
-    rd = st.run("report", {"v": 3}, [f"eval-{n}" for n in models] + ["speed"],
+    # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
+    rd = st.run("report", {"v": 4}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
@@ -103,4 +104,7 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
         print("\n" + f.read(), flush=True)
     print(f"lmkd study: finished in {format_duration(time.time() - st.start)}; report in {opts.output}/report.md",
           flush=True)
+    if report["significance"].get("weak_teacher"):
+        print("lmkd study: warning: a student trained without the teacher beats it -- a weak teacher (see the "
+              "report's first verdict)", file=sys.stderr, flush=True)
     return report
