@@ -119,7 +119,7 @@ def generalized_jsd(
         return reverse_kl(student_logits, teacher_logits, mask, temperature)
     log_s = F.log_softmax(_select(student_logits, mask) / temperature, -1)
     log_t = F.log_softmax(_select(teacher_logits, mask) / temperature, -1)
-    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1 - beta)]), dim=0)
+    log_m = _log_mixture(log_t, log_s, beta)
     jsd = beta * _kl_from_log_probs(log_t, log_m) + (1 - beta) * _kl_from_log_probs(log_s, log_m)
     return jsd.sum() * temperature**2
 
@@ -133,8 +133,13 @@ def _skew(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tenso
         return _kl_from_log_probs(log_a, log_b)
     if alpha == 1.0:
         return torch.where(torch.isfinite(log_a), log_a, torch.zeros_like(log_a)).sum(-1) * 0.0
-    log_m = torch.logsumexp(torch.stack([log_a + math.log(alpha), log_b + math.log(1 - alpha)]), dim=0)
-    return _kl_from_log_probs(log_a, log_m)
+    return _kl_from_log_probs(log_a, _log_mixture(log_a, log_b, alpha))
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """``log(w * a + (1 - w) * b)`` from log-probabilities, in log space (0 < w < 1): the mixture
+    inside the generalized JSD and the skew KLs."""
+    return torch.logsumexp(torch.stack([log_a + math.log(w), log_b + math.log(1 - w)]), dim=0)
 
 
 def skew_kl(

@@ -185,7 +185,7 @@ def weak_teacher(comparisons: list[dict], metric: str) -> str | None:
     every KD variant's gain is distillation from a weak teacher.  None when no baseline beats it."""
     for c in comparisons:
         t = c["tests"][metric]
-        if c["kind"] == "vs-teacher" and c.get("a_variant") in BASELINE_VARIANTS and t["verdict"] == "better":
+        if c["kind"] == "vs-teacher" and c["a_variant"] in BASELINE_VARIANTS and t["verdict"] == "better":
             label = METRIC_LABELS.get(metric, metric)
             return (f"**Weak teacher**: {c['a_label']}, trained on the gold data without any teacher, beats "
                     f"the teacher by {_signed(t['difference'])} {label} (95% CI {_signed(t['ci_low'])}…"

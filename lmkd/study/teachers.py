@@ -10,7 +10,7 @@ import os
 import shutil
 
 from ..io import atomic_write_json, file_digest, read_rows
-from .checks import TeacherDidNotLearn, check_teacher, summary
+from .checks import TeacherDidNotLearn, check_teacher, ignores_source, summary
 from .lengths import describe, size_lengths
 from .models import classifier_from, save_model, train_student
 from .plan import StudyOptions
@@ -150,9 +150,7 @@ def collapsed(check: dict) -> bool:
     ignores the source (seq2seq), or scores no better than the best trivial answer.  Measured on
     the shipped French descriptions: a from-scratch BART's encoder output had become one constant
     vector (std 0.0005 across inputs) -- cross-entropy 4.15 with the real sources and with shuffled ones."""
-    ignores_source = "ce_real_sources" in check and \
-        check["ce_shuffled_sources"] - check["ce_real_sources"] < check.get("source_use_margin", 0.0)
-    return ignores_source or check["score"] <= check["floor"]
+    return ignores_source(check) or check["score"] <= check["floor"]
 
 
 def _check_stage(st: Stages, opts: StudyOptions, data: dict, model_dir: str, task: str, deps: list[str]) -> None:
