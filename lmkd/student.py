@@ -94,8 +94,10 @@ def make_student(
     requested = {"layers": layers, "encoder": encoder_layers, "decoder": decoder_layers}
     for name, chosen in requested.items():
         if chosen is not None and name not in stacks:
-            raise LmkdError(f"a {teacher.config.model_type} model has no {name!r} layer stack; "
-                            f"use {' / '.join('--' + s + '-layers' if s != 'layers' else '--layers' for s in stacks)}")
+            flag = "--layers" if name == "layers" else f"--{name}-layers"
+            has = "one stack of layers" if "layers" in stacks else "an encoder and a decoder"
+            use = " / ".join("--layers" if s == "layers" else f"--{s}-layers" for s in stacks)
+            raise LmkdError(f"a {teacher.config.model_type} model has {has}, so {flag} does not apply; use {use}")
 
     config = copy.deepcopy(teacher.config)
     layer_map: dict[str, list[int]] = {}

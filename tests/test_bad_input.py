@@ -302,3 +302,20 @@ def test_bf16_without_a_bf16_device_is_one_line(world_a, capsys):
         pytest.skip("this machine runs bf16")
     _one_line_exit_2(world_a, capsys, distill(world_a, bf16=True, use_cpu=False),
                      "bf16 needs a GPU with bfloat16 support and none was found", R + "/run")
+
+
+# ---- issue 16, the audit: cases of the same kinds the issue did not list -----------------------------
+
+CASES_AUDIT = {
+    # make-student: a flag of the other kind of model
+    "make-student: --layers for an encoder-decoder": (
+        lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o8", "--layers", "0,1"],
+        "a bart model has an encoder and a decoder, so --layers does not apply; use --encoder-layers / "
+        "--decoder-layers", R + "/o8"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES_AUDIT))
+def test_issue16_audit_bad_input_is_one_line_exit_2_no_partial_output(world_a, capsys, case):
+    make_argv, message, output = CASES_AUDIT[case]
+    _one_line_exit_2(world_a, capsys, make_argv(world_a), message.replace(R, world_a["root"]), output)
