@@ -204,11 +204,30 @@ def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | No
         dtype = None if dtype == "auto" else DTYPES[dtype]
     if kind is None:
         kind = kind_from_config(path)
+    else:
+        check_loads_as(load_config(str(path)), kind, str(path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         return AUTO_CLASS[kind].from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise LmkdError(f"cannot load a {kind} model from {path}: {str(e).splitlines()[0]}") from e
+
+
+def check_loads_as(config, kind: str, path: str) -> None:
+    """Refuse to load a checkpoint saved as one kind of language model (``config.architectures``) as
+    another: ``from_pretrained`` would do it, leaving out what the other kind has and starting what
+    it lacks untrained (a BART checkpoint loads as a decoder-only ``BartForCausalLM`` without its
+    encoder, a causal LM as a masked LM with a new head), and its scores, logits or cache would be
+    wrong without a word.  Loading any checkpoint as a classifier is fine-tuning's usual start (a
+    new head) and is allowed."""
+    archs = getattr(config, "architectures", None) or []
+    saved = saved_kind(config)
+    if kind == CLASSIFICATION or saved is None or saved == kind:
+        return
+    if any(archs[0] in names for k, names in _KIND_CLASSES if k == kind):  # a class of both kinds
+        return
+    raise LmkdError(f"{path} is a {saved} model ({archs[0]}), not a {kind} model: loaded as one it would be "
+                    f"partly untrained; use a {kind} checkpoint, or the task of a {saved} model")
 
 
 def kind_from_config(path: str) -> str:

@@ -312,6 +312,23 @@ CASES_AUDIT = {
         lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o8", "--layers", "0,1"],
         "a bart model has an encoder and a decoder, so --layers does not apply; use --encoder-layers / "
         "--decoder-layers", R + "/o8"),
+    # wrong results: a checkpoint of another kind, loaded silently as the task's kind (BART as BartForCausalLM)
+    "evaluate: --teacher of another kind": (
+        lambda w: ["evaluate", "--model", w["gpt2"], "--teacher", w["teacher"], "--data", w["data"], "--task",
+                   "causal-lm", "--source-column", "source", "--output", R + "/e10.json"],
+        "is a seq2seq model (BartForConditionalGeneration), not a causal model", R + "/e10.json"),
+    "evaluate: --model of another kind": (
+        lambda w: ["evaluate", "--model", w["gpt2"], "--data", w["data"], "--task", "translation",
+                   "--output", R + "/e11.json"],
+        "is a causal model (GPT2LMHeadModel), not a seq2seq model", R + "/e11.json"),
+    "cache-logits: --teacher of another kind": (
+        lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--task", "causal-lm",
+                   "--source-column", "source", "--top-k", "4", "--output", R + "/c7"],
+        "is a seq2seq model (BartForConditionalGeneration), not a causal model", R + "/c7"),
+    "distill: student of another kind": (
+        lambda w: distill(w, student_model_name_or_path=w["student"], teacher_model_name_or_path=w["gpt2"],
+                          task="causal-lm", source_column="source"),
+        "is a seq2seq model (BartForConditionalGeneration), not a causal model", R + "/run"),
 }
 
 
