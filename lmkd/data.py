@@ -34,7 +34,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataArguments:
-    """What to train on and how to tokenise it."""
+    """What to train on and how to tokenise it.
+
+    Errors name these fields as distill's keys (``train_split``); a command whose flags are dashed
+    (``evaluate``, ``cache-logits``, ``generate``, ``study``: :func:`lmkd.cli.dataset_flags.dashed`)
+    sets the attributes ``dashed_flags = True`` (and ``split_advice``, for a missing split) so that
+    its errors name its flags (``--split``) instead."""
 
     task: str = field(metadata={"help": f"One of {', '.join(TASKS)}."})
     train_file: str | None = field(default=None, metadata={
@@ -106,6 +111,16 @@ class DataArguments:
 #: the distill keys that name the columns load_data is asked for, in order (source, target, gold)
 DISTILL_COLUMN_FLAGS = ("--source_column", "--target_column", "--gold_column")
 
+#: how the commands with dashed flags (DataArguments.dashed_flags) name the fields their errors mention
+DASHED_FLAGS = {"dataset_name": "--dataset-name", "source_lang": "--source-lang", "target_lang": "--target-lang",
+                "source_column": "--source-column", "target_column": "--target-column"}
+
+
+def key_name(args, name: str) -> str:
+    """The name the calling command gives the DataArguments field ``name``: distill's key, or with
+    ``args.dashed_flags`` the flag of evaluate / cache-logits / generate / study."""
+    return DASHED_FLAGS.get(name, name) if getattr(args, "dashed_flags", False) else name
+
 
 def load_data(path: str, columns: list[str] | tuple[str, ...] = (),
               flags: list[str] | tuple[str, ...] = DISTILL_COLUMN_FLAGS) -> datasets.Dataset:
@@ -136,6 +151,10 @@ TRANSLATION = "translation"  # the column of the HF translation layout
 def _load_named(args: DataArguments, split: str, required: bool) -> datasets.Dataset | None:
     """``split`` of ``args.dataset_name`` (None when absent and not ``required``)."""
     name, config = args.dataset_name, args.dataset_config_name
+    dashed = getattr(args, "dashed_flags", False)
+    # what to do about a split the data lack: distill's keys, --split, or the command's own words (study)
+    other_split = getattr(args, "split_advice", None) or ("name one with --split" if dashed
+                                                          else "name one with train_split / validation_split")
     ext = next((e for e in (".parquet", ".jsonl", ".json", ".csv") if name.endswith(e) or name.endswith(e + ".gz")),
                None)
     try:
@@ -144,33 +163,35 @@ def _load_named(args: DataArguments, split: str, required: bool) -> datasets.Dat
             ds = datasets.load_from_disk(name)
             ds = ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
             if "[" in split:
-                raise LmkdError(f"{name} is a saved dataset: its splits are whole ({split!r} slices one); use "
-                                "max_train_samples / max_eval_samples")
+                raise LmkdError(f"{name} is a saved dataset: its splits are whole ({split!r} slices one); " + (
+                    "name a whole split with --split" if dashed else "use max_train_samples / max_eval_samples"))
             if split not in ds:
                 if required:
-                    raise LmkdError(f"dataset {name} has no split {split!r} (it has: {', '.join(ds)}); name one "
-                                    "with train_split / validation_split")
+                    raise LmkdError(f"dataset {name} has no split {split!r} (it has: {', '.join(ds)}); "
+                                    f"{other_split}")
                 return None
             return ds[split]
         if ext is not None:
             builder = {".parquet": "parquet", ".csv": "csv"}.get(ext, "json")
             if split.split("[")[0] != "train":  # one file is one split
                 if required:
-                    raise LmkdError(f"{name} is one file, read as the train split; give the evaluation data as "
-                                    "validation_file")
+                    raise LmkdError(f"{name} is one file, read as the train split; " + (
+                        getattr(args, "split_advice", None) or (f"drop --split {split} (or pass the file with --data)"
+                                                                if dashed else "give the evaluation data as "
+                                                                "validation_file")))
                 return None
             return datasets.load_dataset(builder, data_files={"train": name}, split=split)
         found = datasets.get_dataset_split_names(name, config)
         if split.split("[")[0] not in found:
             if required:
                 raise LmkdError(f"dataset {name} has no split {split.split('[')[0]!r} (it has: {', '.join(found)}); "
-                                "name one with train_split / validation_split")
+                                f"{other_split}")
             return None
         return datasets.load_dataset(name, config, split=split)
     except LmkdError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise LmkdError(f"cannot read dataset_name {name!r}" + (f" ({config})" if config else "")
+        raise LmkdError(f"cannot read {key_name(args, 'dataset_name')} {name!r}" + (f" ({config})" if config else "")
                         + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
@@ -205,14 +226,16 @@ def flatten_translation(ds: datasets.Dataset, args: DataArguments) -> datasets.D
     data, or no languages given, unchanged."""
     if not args.source_lang:
         return ds
+    k = {name: key_name(args, name) for name in ("source_lang", "target_lang", "source_column", "target_column")}
     if TRANSLATION not in ds.column_names:
-        raise LmkdError(f"source_lang/target_lang read a {TRANSLATION!r} column of {{language: text}}, but the data "
-                        f"has: {', '.join(ds.column_names)}; drop them and name source_column / target_column")
+        raise LmkdError(f"{k['source_lang']}/{k['target_lang']} read a {TRANSLATION!r} column of {{language: text}}, "
+                        f"but the data has: {', '.join(ds.column_names)}; drop them and name "
+                        f"{k['source_column']} / {k['target_column']}")
     first = ds[0][TRANSLATION]
     missing = [lang for lang in (args.source_lang, args.target_lang) if lang not in (first or {})]
     if missing:
         raise LmkdError(f"the {TRANSLATION!r} column has no language {missing[0]!r} (it has: "
-                        f"{', '.join(first or {})}); set source_lang / target_lang to its keys")
+                        f"{', '.join(first or {})}); set {k['source_lang']} / {k['target_lang']} to its keys")
     src, tgt, s_lang, t_lang = args.source_column, args.target_column, args.source_lang, args.target_lang
     return ds.map(lambda row: {src: row[TRANSLATION][s_lang], tgt: row[TRANSLATION][t_lang]},
                   remove_columns=[TRANSLATION], desc="reading the translation layout")

@@ -154,6 +154,7 @@ def evaluate_models(
                               source_prefix=source_prefix, max_source_length=max_source_length,
                               max_target_length=max_target_length, mlm_probability=mlm_probability,
                               **(dataset or {}))
+    data_args.dashed_flags = True  # its errors name evaluate's flags (--split, --source-lang), not distill's keys
     ds = read_split(data_args, "train", [src, tgt], flags=("--source-column", "--target-column"))
     if data is None:
         data = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name

@@ -307,6 +307,32 @@ def test_bf16_without_a_bf16_device_is_one_line(world_a, capsys):
 # ---- issue 16, the audit: cases of the same kinds the issue did not list -----------------------------
 
 CASES_AUDIT = {
+    # wrong advice: a missing prompt column was blamed on --target_column (columns and keys out of step)
+    "distill: missing prompt column names --prompt_column": (
+        lambda w: distill(w, student_model_name_or_path=w["gpt2"], teacher_model_name_or_path=w["gpt2"],
+                          task="causal-lm", source_column="source", kd_loss="jsd", on_policy_fraction=0.5,
+                          prompt_column="prompt"),
+        "has no column 'prompt' (it has: source, target); name the right one with --prompt_column", R + "/run"),
+    # the dashed commands' advice names their flags, not distill's keys
+    "evaluate: a one-file --dataset-name and --split validation": (
+        lambda w: ["evaluate", "--model", w["student"], "--dataset-name", w["data"], "--split", "validation",
+                   "--task", "translation", "--output", R + "/e8.json"],
+        "is one file, read as the train split; drop --split validation (or pass the file with --data)",
+        R + "/e8.json"),
+    "cache-logits: --source-lang without --target-lang": (
+        lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4", "--source-lang",
+                   "en", "--output", R + "/c6"], "--source-lang and --target-lang go together", R + "/c6"),
+    "evaluate: --source-lang on data without a translation column": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--source-lang", "en", "--target-lang", "fr", "--output", R + "/e9.json"],
+        "--source-lang/--target-lang read a 'translation' column", R + "/e9.json"),
+    "generate: --source-lang on data without a translation column": (
+        lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"], "--source-lang", "en",
+                   "--target-lang", "fr", "--output", R + "/g5"],
+        "drop them and name --source-column / --target-column", R + "/g5"),
+    "study: a one-file --dataset-name": (
+        lambda w: ["study", "--task", "translation", "--dataset-name", w["data"], "--output", R + "/s4"],
+        "a study reads its train, validation and test splits; give a dataset that has all three", R + "/s4"),
     # make-student: a flag of the other kind of model
     "make-student: --layers for an encoder-decoder": (
         lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/o8", "--layers", "0,1"],

@@ -184,3 +184,17 @@ def test_generate_do_sample_without_num_beams_samples_from_one_beam(teacher, dat
                  "--do-sample", "--num-beams", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not --num-beams 2" in err and not (tmp_path / "bad").exists()
+
+
+def test_generate_reads_the_translation_layout_of_a_data_file(teacher, corpus, tmp_path, capsys):
+    """--source-lang / --target-lang apply to --data as in evaluate and cache-logits (generate read
+    them only with --dataset-name, and refused the file for lacking a 'source' column)."""
+    rows = [{"translation": {"en": r["source"], "fr": r["target"]}} for r in corpus[:6]]
+    data = write_jsonl(tmp_path / "tr.jsonl", rows)
+    out = tmp_path / "gen"
+    assert main(["generate", "--teacher", teacher, "--data", data, "--source-lang", "en", "--target-lang", "fr",
+                 "--output", str(out), "--num-beams", "1", "--max-new-tokens", "3", "--batch-size", "6",
+                 "--no-progress"]) == 0
+    ds = datasets.load_from_disk(str(out))
+    assert list(ds["source"]) == [r["source"] for r in corpus[:6]]
+    assert list(ds["target"]) == [r["target"] for r in corpus[:6]] and len(ds["teacher_target"]) == 6

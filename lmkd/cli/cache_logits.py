@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..constants import AUTO_DTYPE_NAMES, DTYPE_NAMES
-from .dataset_flags import add_data_arguments, data_kwargs
+from .dataset_flags import add_data_arguments, dashed, data_kwargs
 
 
 def add_parser(sub):
@@ -65,10 +65,10 @@ def run(ns) -> None:
     from ..data import DataArguments
     from ..logit_cache import cache_logits
 
-    data_args = DataArguments(task=ns.task, **data_kwargs(ns), source_column=ns.source_column,
-                              target_column=ns.target_column, source_prefix=ns.source_prefix,
-                              max_source_length=ns.max_source_length, max_target_length=ns.max_target_length,
-                              max_train_samples=ns.max_samples)
+    data_args = dashed(DataArguments(task=ns.task, **data_kwargs(ns), source_column=ns.source_column,
+                                     target_column=ns.target_column, source_prefix=ns.source_prefix,
+                                     max_source_length=ns.max_source_length, max_target_length=ns.max_target_length,
+                                     max_train_samples=ns.max_samples))
     summary = cache_logits(ns.teacher, data_args, ns.output, ns.top_k, batch_size=ns.batch_size,
                            shard_rows=ns.shard_rows, logprob_dtype=ns.dtype, teacher_dtype=ns.teacher_dtype,
                            device=ns.device, overwrite=ns.overwrite, tail_samples=ns.tail_samples, seed=ns.seed)

@@ -4,6 +4,8 @@ the translation layout's languages."""
 
 from __future__ import annotations
 
+from ..errors import LmkdError
+
 
 def add_data_arguments(p, data_help: str, split: str) -> None:
     """``--data`` / ``--dataset-name`` (one of them), ``--dataset-config-name``, ``--split`` (default
@@ -23,6 +25,18 @@ def add_data_arguments(p, data_help: str, split: str) -> None:
 
 
 def data_kwargs(ns) -> dict:
-    """The DataArguments fields of those flags."""
+    """The DataArguments fields of those flags (make the DataArguments with :func:`dashed`)."""
+    if bool(ns.source_lang) != bool(ns.target_lang):
+        raise LmkdError("--source-lang and --target-lang go together: the keys of the 'translation' column's "
+                        "languages, e.g. --source-lang en --target-lang fr")
     return {"train_file": ns.data, "dataset_name": ns.dataset_name, "dataset_config_name": ns.dataset_config_name,
             "train_split": ns.split, "source_lang": ns.source_lang, "target_lang": ns.target_lang}
+
+
+def dashed(data_args, split_advice: str | None = None):
+    """``data_args`` (a :class:`lmkd.data.DataArguments`) with its errors naming these dashed flags
+    (``--split``, ``--source-lang``, ...) instead of distill's keys; ``split_advice``: what to do
+    about a split the dataset lacks, for a command without ``--split``."""
+    data_args.dashed_flags = True
+    data_args.split_advice = split_advice
+    return data_args

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..constants import AUTO_DTYPE_NAMES
-from .dataset_flags import add_data_arguments, data_kwargs
+from .dataset_flags import add_data_arguments, dashed, data_kwargs
 
 
 def add_parser(sub):
@@ -80,7 +80,8 @@ def run(ns) -> None:
     from ..seqkd import generate_pseudo_targets
 
     report = generate_pseudo_targets(
-        ns.teacher, data=ns.data if ns.data else _named_rows(ns), output_dir=ns.output, source_column=ns.source_column,
+        ns.teacher, data=_named_rows(ns) if ns.dataset_name or ns.source_lang or ns.target_lang else ns.data,
+        output_dir=ns.output, source_column=ns.source_column,
         source_prefix=ns.source_prefix, max_source_length=ns.max_source_length, num_beams=ns.num_beams,
         num_return_sequences=ns.num_return_sequences, max_new_tokens=ns.max_new_tokens,
         do_sample=ns.do_sample, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
@@ -97,10 +98,11 @@ def run(ns) -> None:
 
 
 def _named_rows(ns):
-    """The rows of ``--dataset-name`` (its ``--split``; the translation layout flattened into
-    ``--source-column`` and ``target``, which ``--reference-column target`` can then name)."""
+    """The rows of ``--dataset-name`` (its ``--split``) or -- with ``--source-lang`` -- of ``--data``,
+    the translation layout flattened into ``--source-column`` and ``target`` (which
+    ``--reference-column target`` can then name)."""
     from ..data import DataArguments, read_split
 
-    args = DataArguments(task="translation", source_column=ns.source_column, target_column="target",
-                         **data_kwargs(ns))
+    args = dashed(DataArguments(task="translation", source_column=ns.source_column, target_column="target",
+                                **data_kwargs(ns)))
     return read_split(args, "train", [ns.source_column], ("--source-column",))

@@ -91,17 +91,27 @@ def named_splits(ns) -> tuple[str, str, str]:
     from ..data import DataArguments, read_split
     from ..errors import LmkdError
     from ..io import write_jsonl
+    from .dataset_flags import dashed
 
     if ns.train or ns.validation or ns.test:
         raise LmkdError("give either --dataset-name or --train/--validation/--test, not both")
+    if bool(ns.source_lang) != bool(ns.target_lang):
+        raise LmkdError("--source-lang and --target-lang go together: the keys of the 'translation' column's "
+                        "languages, e.g. --source-lang en --target-lang fr")
     src, tgt = DEFAULT_COLUMNS[ns.task]
     src, tgt = ns.source_column or src, ns.target_column or tgt
+    splits = {}
+    for split in ("validation", "test", "train"):  # all read before any is written; a missing one said first
+        args = dashed(DataArguments(task=ns.task, dataset_name=ns.dataset_name,
+                                    dataset_config_name=ns.dataset_config_name, train_split=split,
+                                    source_lang=ns.source_lang, target_lang=ns.target_lang, source_column=src,
+                                    target_column=tgt),
+                      split_advice="a study reads its train, validation and test splits; give a dataset that has "
+                                   "all three, or the files as --train, --validation and --test")
+        splits[split] = read_split(args, "train", [src, tgt], ("--source-column", "--target-column"))
     paths = []
     for split in ("train", "validation", "test"):
-        args = DataArguments(task=ns.task, dataset_name=ns.dataset_name, dataset_config_name=ns.dataset_config_name,
-                             train_split=split, source_lang=ns.source_lang, target_lang=ns.target_lang,
-                             source_column=src, target_column=tgt)
-        rows = read_split(args, "train", [src, tgt], ("--source-column", "--target-column"))
+        rows = splits[split]
         path = os.path.join(ns.output, "dataset", f"{split}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_jsonl(path, [{src: r[src], tgt: r[tgt]} for r in rows])
