@@ -22,7 +22,7 @@ from .config import DistillationConfig
 from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, read_split, tokenize
 from .errors import LmkdError
-from .io import atomic_write_json
+from .io import atomic_write_json, check_output
 from .features import check_layer_maps
 from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
@@ -65,6 +65,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     stopping); not passed on to born-again rounds.  ``command``: the command line that ran it,
     for the model card (None: run from Python).  With ``push_to_hub`` the student, its card and
     settings are pushed once they are all written."""
+    check_output(args.output_dir, "output_dir", directory=True)  # (the Trainer makes it, its saves write in it)
     if args.rounds > 1:
         return run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model,
                               command=command)

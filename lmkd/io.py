@@ -7,6 +7,7 @@ JSON lines or writes a result uses these instead of its own copy:
 * :func:`atomic_write_text` / :func:`atomic_write_json` / :func:`write_jsonl` -- write a temporary
   file beside the target, fsync, then ``os.replace`` (atomic on POSIX);
 * :func:`atomic_dir` -- a temporary directory renamed to the target on success, removed on failure;
+* :func:`check_output` -- before any work, a one-line error when an output could not be written;
 * :func:`file_digest` / :func:`stable_hash` -- content hashes that key cached work.
 """
 
@@ -97,14 +98,20 @@ def replace_dir(tmp: str, final: str) -> None:
     os.replace(tmp, final)
 
 
+def check_fresh_dir(final: str, overwrite: bool = False) -> None:
+    """Refuse a non-empty directory ``final`` unless ``overwrite`` (what :func:`atomic_dir` would
+    replace), so a command can say so before its work instead of after it."""
+    if os.path.isdir(final) and os.listdir(final) and not overwrite:
+        raise LmkdError(f"output directory {final} already exists and is not empty; choose another "
+                        "--output or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str, overwrite: bool = False):
     """Yield a temporary directory next to ``final``; it becomes ``final`` when the block succeeds
     and is removed when it fails, so a failed command leaves no partial output behind.  A
     non-empty ``final`` is refused unless ``overwrite``."""
-    if os.path.exists(final) and os.listdir(final) and not overwrite:
-        raise LmkdError(f"output directory {final} already exists and is not empty; choose another "
-                        "--output or pass --overwrite")
+    check_fresh_dir(final, overwrite)
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
@@ -114,6 +121,30 @@ def atomic_dir(final: str, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, final)
+
+
+def check_output(path: str, flag: str, directory: bool = False) -> None:
+    """A one-line error, before any work, when the output ``path`` (given as ``flag``) -- a file, or
+    with ``directory`` a directory, made if missing -- could not be written at the end: a directory
+    (a file) is in its place, a parent of it is a file, or the nearest existing directory cannot be
+    written in.  That last is tried with a temporary file, removed at once: permission bits do not
+    tell a read-only mount, or what root may write."""
+    path = os.path.abspath(path)
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise LmkdError(f"{flag} {path} is a file, not a directory; choose a directory (it is made if missing)")
+    if not directory and os.path.isdir(path):
+        raise LmkdError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+    parent = path if directory and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise LmkdError(f"{flag} {path} cannot be written: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise LmkdError(f"{flag} {path} cannot be written: {parent} does not let files be made in it "
+                        f"({e.strerror or e}); choose another place") from e
 
 
 def stable_hash(obj) -> str:

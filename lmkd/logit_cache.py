@@ -66,7 +66,7 @@ import torch
 from .constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from .errors import LmkdError
 from .generation import longest_first
-from .io import atomic_write_json, replace_dir
+from .io import atomic_write_json, check_output, replace_dir
 from .losses import TopK
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     if tail_samples < 0:
         raise LmkdError(f"--tail-samples must be >= 0, got {tail_samples}")
     dev = resolve_device(device)  # before anything loads or is written: `--device cuda` without CUDA is one line
+    check_output(output, "--output", directory=True)  # (written only after the teacher has run)
     labelled = kind == SEQ2SEQ
     columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
     ds = read_split(data_args, "train", columns, flags=("--source-column", "--target-column"))

@@ -12,7 +12,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import LmkdError
 from .io import atomic_write_json, atomic_write_text
 
 
@@ -26,22 +25,6 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def check_writable(path: str, flag: str) -> None:
-    """A one-line error, before any work, when the file ``path`` (given as ``flag``) could not be
-    written at the end: it is a directory, a parent of it is a file, or the nearest existing parent
-    directory is not writable (the missing ones would be made there)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise LmkdError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise LmkdError(f"{flag} {path} cannot be written: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LmkdError(f"{flag} {path} cannot be written: no permission to write in {parent}")
 
 
 def write_report(result: dict, markdown: str, json_path: str, markdown_path: str) -> None:

@@ -47,7 +47,7 @@ import torch
 from .constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .generation import generate_batch, length_batches, longest_first
-from .io import atomic_write_text
+from .io import atomic_write_text, check_output
 from .modeling import kind_from_config, load_model, load_tokenizer, model_kind
 from .truncation import describe_truncation, encode_fitted, generation_lengths, input_limit, target_limit, truncation_note
 
@@ -260,6 +260,7 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
         raise LmkdError("give --batch-size or --max-tokens")
     if (batch_size is not None and batch_size < 1) or (max_tokens is not None and max_tokens < 1):
         raise LmkdError("--batch-size and --max-tokens must be at least 1")
+    check_output(str(output_dir), "--output", directory=True)  # (its first chunk is written after a batch)
     # cpu=True when there is no GPU: otherwise accelerate runs every torchrun process alone (non-distributed)
     state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
                          or not torch.cuda.is_available())

@@ -355,6 +355,26 @@ CASES_AUDIT = {
         lambda w: distill(w, student_model_name_or_path=w["student"], teacher_model_name_or_path=w["gpt2"],
                           task="causal-lm", source_column="source"),
         "is a seq2seq model (BartForConditionalGeneration), not a causal model", R + "/run"),
+    # tracebacks: an output that a file is in the way of (every command that writes, not only evaluate)
+    "make-student: --output is a file": (
+        lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/train.jsonl"],
+        "is a file, not a directory; choose a directory", None),
+    "make-student: --output under a file": (
+        lambda w: ["make-student", "--teacher", w["teacher"], "--output", R + "/train.jsonl/s"],
+        "train.jsonl is a file, not a directory", R + "/train.jsonl/s"),
+    "generate: --output under a file": (
+        lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"], "--output", R + "/train.jsonl/g"],
+        "train.jsonl is a file, not a directory", None),
+    "cache-logits: --output under a file": (
+        lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4", "--output",
+                   R + "/train.jsonl/c"], "train.jsonl is a file, not a directory", None),
+    "distill: output_dir is a file": (lambda w: distill(w, output_dir=R + "/train.jsonl"),
+                                      "output_dir {root}/train.jsonl is a file, not a directory", None),
+    "distill: output_dir under a file": (lambda w: distill(w, output_dir=R + "/train.jsonl/run"),
+                                         "train.jsonl is a file, not a directory", None),
+    "study: --output under a file": (
+        lambda w: ["study", "--task", "translation", "--train", w["data"], "--validation", w["data"], "--test",
+                   w["data"], "--output", R + "/train.jsonl/s"], "train.jsonl is a file, not a directory", None),
 }
 
 
@@ -362,3 +382,34 @@ CASES_AUDIT = {
 def test_issue16_audit_bad_input_is_one_line_exit_2_no_partial_output(world_a, capsys, case):
     make_argv, message, output = CASES_AUDIT[case]
     _one_line_exit_2(world_a, capsys, make_argv(world_a), message.replace(R, world_a["root"]), output)
+
+
+def test_output_where_nothing_may_be_written_is_one_line_before_any_work(world_a, capsys, monkeypatch):
+    """A directory that refuses new files (a read-only mount, or no permission) is found by trying,
+    before the work: permission bits alone do not tell it (root may write anywhere they allow)."""
+    import tempfile
+
+    import lmkd.io
+
+    locked = os.path.join(world_a["root"], "locked")
+    os.makedirs(locked, exist_ok=True)
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and os.path.abspath(dir).startswith(locked):
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(lmkd.io.tempfile, "TemporaryFile", refuse)
+    w = world_a
+    for argv in (["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation", "--output",
+                  R + "/locked/eval.json"],
+                 ["make-student", "--teacher", w["teacher"], "--output", R + "/locked/s"],
+                 ["generate", "--teacher", w["teacher"], "--data", w["data"], "--output", R + "/locked/g"],
+                 ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4", "--output",
+                  R + "/locked/c"],
+                 distill(w, output_dir=R + "/locked/run")):
+        line = _one_line_exit_2(w, capsys, argv, f"cannot be written: {locked} does not let files be made in it "
+                                                 "(Permission denied)", None)
+        assert line.startswith(f"lmkd {argv[0]}: error:")
+        assert os.listdir(locked) == []

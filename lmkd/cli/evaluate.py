@@ -66,16 +66,16 @@ def add_parser(sub):
 
 def run(ns) -> None:
     from ..evaluate import evaluate_models, write_report
-    from ..report import check_writable
+    from ..io import check_output
 
     if ns.plot and ns.speed_samples == 0:
         raise LmkdError("--plot draws quality against latency; it needs speed, so drop --speed-samples 0")
     # the files are written after all the scoring: find out now that they cannot be
     if ns.output:
-        check_writable(ns.output, "--output")
-        check_writable(os.path.splitext(ns.output)[0] + ".md", "--output's table (.md next to it)")
+        check_output(ns.output, "--output")
+        check_output(os.path.splitext(ns.output)[0] + ".md", "--output's table (.md next to it)")
     if ns.plot:
-        check_writable(ns.plot, "--plot")
+        check_output(ns.plot, "--plot")
     result = evaluate_models(
         ns.model, ns.data, ns.task, dataset={k: v for k, v in data_kwargs(ns).items() if k != "train_file"},
         teacher=ns.teacher, num_beams=ns.num_beams, max_new_tokens=ns.max_new_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io import atomic_dir
+from ..io import atomic_dir, check_fresh_dir, check_output
 
 
 def _layer_list(text: str) -> list[int]:
@@ -46,6 +46,8 @@ def run(ns) -> None:
     from ..modeling import count_parameters
     from ..student import make_student
 
+    check_output(ns.output, "--output", directory=True)  # before the teacher loads, not when saving
+    check_fresh_dir(ns.output, ns.overwrite)
     teacher = load_model(ns.teacher, kind=kind_from_config(ns.teacher))
     tokenizer = load_tokenizer(ns.teacher, required=False)
     student = make_student(teacher, layers=ns.layers, encoder_layers=ns.encoder_layers,

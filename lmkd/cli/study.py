@@ -120,8 +120,10 @@ def named_splits(ns) -> tuple[str, str, str]:
 
 
 def run(ns) -> None:
+    from ..io import check_output
     from ..study import StudyOptions, run_study
 
+    check_output(ns.output, "--output", directory=True)  # its stages write there, the first after a training
     if ns.dataset_name:
         ns.train, ns.validation, ns.test = named_splits(ns)
     options = StudyOptions(
