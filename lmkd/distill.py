@@ -65,6 +65,9 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     stopping); not passed on to born-again rounds.  ``command``: the command line that ran it,
     for the model card (None: run from Python).  With ``push_to_hub`` the student, its card and
     settings are pushed once they are all written."""
+    if resume and not resumable(args.output_dir):
+        raise LmkdError(f"--resume: {args.output_dir} holds no checkpoint to resume from (the run stopped before its "
+                        "first save, or saves nothing: save_strategy no); run without --resume to start it again")
     check_output(args.output_dir, "output_dir", directory=True)  # (the Trainer makes it, its saves write in it)
     if args.rounds > 1:
         return run_born_again(model_args, data_args, args, resume=resume, teacher_model=teacher_model,
@@ -125,8 +128,6 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
             train = add_transfer_set(train, transfer, data_args, tokenizer, model=readers, notes=notes["transfer"])
     collator = collator_for(data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed)
     collator = regimes.wrap_collator(collator, data_args)
-    if (resume and not os.path.isdir(args.output_dir)):
-        raise LmkdError(f"--resume: {args.output_dir} has no checkpoint to resume from; run without --resume")
     with nothing_left_on_error(args.output_dir):  # (the regime trainers check more after the Trainer made it)
         trainer = regimes.trainer_class(args, data_args)(
             model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
@@ -148,6 +149,20 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     if args.push_to_hub:  # the Trainer's own push (hub_model_id, hub_token, ...); it keeps lmkd's card
         trainer.push_to_hub(commit_message="End of training")
     return metrics
+
+
+def resumable(output_dir: str) -> bool:
+    """Whether ``--resume`` has something to continue in ``output_dir``: a ``checkpoint-N`` (what the
+    Trainer resumes from), or -- born-again rounds -- a ``round-r`` that finished or holds one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(output_dir):
+        return False
+    if get_last_checkpoint(output_dir):
+        return True
+    rounds = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if n.startswith("round-")]
+    return any(os.path.isdir(r) and (os.path.isfile(os.path.join(r, RESULTS_NAME)) or get_last_checkpoint(r))
+               for r in rounds)
 
 
 def truncation_metrics(notes: dict[str, list]) -> dict[str, int]:
@@ -243,7 +258,7 @@ def run_born_again(model_args, data_args, args, resume: bool = False, teacher_mo
             logger.info("born-again round %d/%d -> %s (teacher: %s)", r, rounds, out,
                         "given model" if r == 1 and teacher_model is not None else a.teacher_model_name_or_path
                         if a.kd_alpha > 0 else "none")
-            metrics = run_distill(model_args, data_args, a, resume=resume and os.path.isdir(out),
+            metrics = run_distill(model_args, data_args, a, resume=resume and resumable(out),
                                   teacher_model=teacher_model if r == 1 else None, command=command)
         per_round[f"round-{r}"] = metrics
         previous = out

@@ -313,6 +313,10 @@ CASES_AUDIT = {
                           task="causal-lm", source_column="source", kd_loss="jsd", on_policy_fraction=0.5,
                           prompt_column="prompt"),
         "has no column 'prompt' (it has: source, target); name the right one with --prompt_column", R + "/run"),
+    # wrong advice: --resume where nothing was saved (what Ctrl-C's hint said) was the Trainer's traceback
+    "distill: --resume without a checkpoint": (
+        lambda w: distill(w, output_dir=R + "/notamodel") + ["--resume"],
+        "holds no checkpoint to resume from (the run stopped before its first save", None),
     # the dashed commands' advice names their flags, not distill's keys
     "evaluate: a one-file --dataset-name and --split validation": (
         lambda w: ["evaluate", "--model", w["student"], "--dataset-name", w["data"], "--split", "validation",

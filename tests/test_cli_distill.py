@@ -1,6 +1,8 @@
 """`lmkd distill CONFIG.yaml --key value`: the real CLI path, end to end, and its one-line errors."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -93,13 +95,25 @@ def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lmkd.distill, "run_distill", interrupted)
+    def interrupted_after_a_save(model_args, data_args, args, **k):
+        os.makedirs(os.path.join(args.output_dir, "checkpoint-2"), exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmkd.distill, "run_distill", interrupted_after_a_save)
     assert main(["distill", recipe, "--kd_alpha", "0.7"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"lmkd distill: interrupted; continue from the last saved checkpoint with: lmkd distill {recipe} " \
                   "--kd_alpha 0.7 --resume"
     assert main(["distill", recipe, "--overwrite", "--resume"]) == 130
     assert capsys.readouterr().err.strip().endswith(f"with: lmkd distill {recipe} --resume")
+    # stopped before the first checkpoint: --resume would be refused, so the hint starts the run again
+    shutil.rmtree(yaml.safe_load(open(recipe))["output_dir"])
+    monkeypatch.setattr(lmkd.distill, "run_distill", interrupted)
+    assert main(["distill", recipe, "--kd_alpha", "0.7", "--resume"]) == 130
+    out = yaml.safe_load(open(recipe))["output_dir"]
+    assert capsys.readouterr().err.strip() == (f"lmkd distill: interrupted; no checkpoint was saved in {out} yet, so "
+                                               f"there is nothing to resume; start again with: lmkd distill {recipe} "
+                                               "--kd_alpha 0.7")
     monkeypatch.setattr(lmkd.student, "make_student", interrupted)
     assert main(["make-student", "--teacher", yaml.safe_load(open(recipe))["teacher_model_name_or_path"],
                  "--output", recipe + ".never"]) == 130

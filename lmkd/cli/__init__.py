@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmkd {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lmkd {ns.command}: interrupted; {interrupted_hint(ns.command, argv)}", file=sys.stderr)
+        print(f"lmkd {ns.command}: interrupted; {interrupted_hint(ns.command, argv, getattr(ns, 'output_dir', None))}",
+              file=sys.stderr)
         return 130
     return 0
 
@@ -108,15 +109,29 @@ def end_distributed() -> None:
         PartialState().destroy_process_group()
 
 
-def interrupted_hint(command: str, argv: list[str]) -> str:
+def interrupted_hint(command: str, argv: list[str], output_dir: str | None = None) -> str:
     """What to run after Ctrl-C: the command that really resumes (``distill`` needs ``--resume``,
-    and must drop ``--overwrite``, which would start again), or that nothing was written."""
+    and must drop ``--overwrite``, which would start again; ``generate`` and ``cache-logits`` must
+    drop ``--overwrite``), or -- a distill run that saved no checkpoint in ``output_dir`` yet,
+    where ``--resume`` would be refused -- the command that starts it again."""
     if command == "distill":
+        from ..distill import resumable
+        from .distill import held_run
+
+        if output_dir is not None and not resumable(output_dir):
+            again = [a for a in argv if a != "--resume"]
+            if held_run(output_dir) and "--overwrite" not in again:  # a half-saved student would refuse it
+                again.append("--overwrite")
+            return (f"no checkpoint was saved in {output_dir} yet, so there is nothing to resume; start again "
+                    f"with: lmkd {shlex.join(again)}")
         again = [a for a in argv if a != "--overwrite"]
         if "--resume" not in again:
             again.append("--resume")
         return f"continue from the last saved checkpoint with: lmkd {shlex.join(again)}"
     if command in ("generate", "cache-logits", "study"):  # these resume when run again as they were
+        if "--overwrite" in argv:  # ... but not with --overwrite, which discards what was done
+            again = [a for a in argv if a != "--overwrite"]
+            return f"resume with the same command without --overwrite: lmkd {shlex.join(again)}"
         return "re-run the same command to resume"
     return "nothing was written; re-run the same command to start again"
 

@@ -29,13 +29,20 @@ includes every Seq2SeqTrainingArguments field); --key value pairs after it overr
 Run `lmkd distill --help-keys` to list every key."""
 
 
+def held_run(output_dir: str) -> list[str]:
+    """The files and checkpoints of a run that ``output_dir`` holds (none: a fresh or empty directory)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [n for n in os.listdir(output_dir)
+            if n.startswith("checkpoint-") or n in ("distill_results.json", "config.json", "model.safetensors")]
+
+
 def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a directory that holds another run (its checkpoints would be mixed
     with ours, and its student overwritten) unless the user asks to resume or overwrite."""
-    if resume or overwrite or not os.path.isdir(output_dir):
+    if resume or overwrite:
         return
-    held = [n for n in os.listdir(output_dir)
-            if n.startswith("checkpoint-") or n in ("distill_results.json", "config.json", "model.safetensors")]
+    held = held_run(output_dir)
     if held:
         raise LmkdError(f"output_dir {output_dir} already holds a run ({sorted(held)[0]}); pass --resume to continue "
                         "it, --overwrite to replace it, or choose another --output_dir")
@@ -91,6 +98,7 @@ def run(ns) -> None:
     from ..distill import run_distill
 
     model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
+    ns.output_dir = training_args.output_dir  # (what Ctrl-C's hint looks in for a checkpoint)
     check_report_to(training_args.report_to)
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
     command = "lmkd " + shlex.join(ns.argv)
