@@ -118,3 +118,13 @@ def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
     assert main(["make-student", "--teacher", yaml.safe_load(open(recipe))["teacher_model_name_or_path"],
                  "--output", recipe + ".never"]) == 130
     assert "nothing was written" in capsys.readouterr().err
+    # generate resumes when re-run -- but not with --overwrite, which discards its chunks: the hint drops it
+    import lmkd.seqkd
+
+    monkeypatch.setattr(lmkd.seqkd, "generate_pseudo_targets", interrupted)
+    cfg = yaml.safe_load(open(recipe))
+    assert main(["generate", "--teacher", cfg["teacher_model_name_or_path"], "--data", cfg["train_file"], "--output",
+                 recipe + ".gen", "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "lmkd generate: interrupted; resume with the same command without --overwrite: lmkd generate --teacher "
+        f"{cfg['teacher_model_name_or_path']} --data {cfg['train_file']} --output {recipe}.gen")
