@@ -354,7 +354,8 @@ def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenize
     if vs != vt:
         raise LmkdError(f"teacher vocabulary ({vt}) and student vocabulary ({vs}) differ and {missing} tokenizer "
                         "is unknown, so nothing shows the difference is only padding rows; pass the teacher's "
-                        "tokenizer (teacher_tokenizer=..., or save it next to the teacher) or use one vocabulary")
+                        "tokenizer (DistillationTrainer(..., teacher_tokenizer=TOKENIZER), or save it next to the "
+                        "teacher) or use one vocabulary")
     ids_s, ids_t = _special_ids(student), _special_ids(teacher)
     differ = [f"{k} {ids_t[k]} vs {ids_s[k]}" for k in SPECIAL_TOKEN_FIELDS
               if k in ids_s and k in ids_t and ids_s[k] != ids_t[k]]

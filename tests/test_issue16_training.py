@@ -92,7 +92,8 @@ def test_teacher_object_with_a_larger_vocabulary_and_no_tokenizer_is_refused(tmp
     student = build_model("gpt2", len(tokenizer), seed=2, layers=1)
     teacher = build_model("gpt2", len(tokenizer) + 100, seed=1, layers=2)
     with pytest.raises(LmkdError, match=r"teacher vocabulary \(400\) and student vocabulary \(300\) differ and "
-                                        "the teacher's tokenizer is unknown"):
+                                        r"the teacher's tokenizer is unknown.*DistillationTrainer\(\.\.\., "
+                                        r"teacher_tokenizer=TOKENIZER\)"):
         DistillationTrainer(model=student, teacher_model=teacher, processing_class=tokenizer,
                             args=config(tmp_path, kd_alpha=0.5))
     assert not (tmp_path / "out").exists()
