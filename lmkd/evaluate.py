@@ -134,6 +134,10 @@ def evaluate_models(
         raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(TASKS)}")
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise LmkdError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
+    if speed_samples < 0 or (speed_samples > 0 and repeats < 1):
+        # (speed is measured after all the scoring: find out now)
+        raise LmkdError(f"--speed-samples must be >= 0 (0: no speed), and with speed --repeats >= 1; got "
+                        f"--speed-samples {speed_samples}, --repeats {repeats}")
     if fixed_new_tokens is not None and fixed_new_tokens < 0:
         raise LmkdError(f"fixed_new_tokens must be >= 0 (0: no per-token speed), got {fixed_new_tokens}")
     if isinstance(models, str):

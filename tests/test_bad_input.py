@@ -376,6 +376,15 @@ CASES_AUDIT = {
                                       "output_dir {root}/train.jsonl is a file, not a directory", None),
     "distill: output_dir under a file": (lambda w: distill(w, output_dir=R + "/train.jsonl/run"),
                                          "train.jsonl is a file, not a directory", None),
+    # a bad speed setting was found only after all the scoring (the unwritable --output, again)
+    "evaluate: --repeats 0": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation", "--repeats", "0",
+                   "--output", R + "/e12.json"], "with speed --repeats >= 1; got --speed-samples 32, --repeats 0",
+        R + "/e12.json"),
+    "evaluate: --speed-samples -1": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
+                   "--speed-samples", "-1", "--output", R + "/e13.json"], "--speed-samples must be >= 0",
+        R + "/e13.json"),
     "study: --output under a file": (
         lambda w: ["study", "--task", "translation", "--train", w["data"], "--validation", w["data"], "--test",
                    w["data"], "--output", R + "/train.jsonl/s"], "train.jsonl is a file, not a directory", None),
