@@ -5,6 +5,8 @@
 * ROUGE-1/2/L/Lsum: rouge-score with the Porter stemmer, mean F-measure over examples;
   ROUGE-Lsum splits texts into sentences on newlines (added after sentence-final punctuation when
   a text has none, as the CNN/DM evaluations do);
+* per sentence (:func:`sentence_scores`, the filters and Seq-Inter of ``lmkd generate``): sacrebleu's
+  sentence BLEU and chrF, rouge-score's ROUGE-2 F1 (no stemmer);
 * accuracy and macro-F1 from confusion counts (sklearn's definitions, zero_division=0);
 * size lives with the models: :func:`lmkd.modeling.count_parameters` (distinct parameters) and
   :func:`lmkd.modeling.weights_bytes` (the weight files ``from_pretrained`` loads);
@@ -78,6 +80,31 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
         for k in ROUGE_TYPES:
             totals[k] += scores[k].fmeasure
     return {k: 100.0 * v / len(hypotheses) for k, v in totals.items()}
+
+
+#: the sentence-level scores of :func:`sentence_scores`
+SENTENCE_METRICS = ("bleu", "chrf", "rouge2")
+
+
+def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
+    """Sentence-level ``bleu`` / ``chrf`` (sacrebleu) or ``rouge2`` F1 (rouge-score) of each
+    hypothesis against its reference, all on a 0-100 scale."""
+    if len(hypotheses) != len(references):
+        raise LmkdError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one reference per row")
+    if metric == "bleu":
+        from sacrebleu import sentence_bleu
+
+        return [sentence_bleu(h, [r]).score for h, r in zip(hypotheses, references)]
+    if metric == "chrf":
+        from sacrebleu import sentence_chrf
+
+        return [sentence_chrf(h, [r]).score for h, r in zip(hypotheses, references)]
+    if metric == "rouge2":
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=False)
+        return [100.0 * scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hypotheses, references)]
+    raise LmkdError(f"unknown filter metric {metric!r}; choose one of {', '.join(SENTENCE_METRICS)}")
 
 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
