@@ -16,7 +16,8 @@
   machine that gets busier mid-run slows all of them alike); warm-up first, then the median of
   the repeats, under ``torch.inference_mode``.
 
-All quality scores are on a 0-100 scale (accuracy and macro-F1 as percentages).  Running the
+:func:`compute_metrics_for` scores a Trainer's evaluation with the same functions.  All quality
+scores are on a 0-100 scale (accuracy and macro-F1 as percentages).  Running the
 models whose outputs these score is :mod:`lmkd.generation`'s (``generate_texts``, ``classify``).
 """
 
@@ -130,7 +131,7 @@ def macro_f1(predictions: Sequence, labels: Sequence) -> float:
 def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
     """(scores, sacrebleu signatures) of ``predictions`` for ``task``: BLEU and chrF (translation),
     ROUGE (summarization), accuracy and macro-F1 (classification) -- what ``lmkd evaluate`` reports
-    and what training reports with ``predict_with_generate`` (:func:`trainer_metrics`)."""
+    and what training reports with ``predict_with_generate`` (:func:`compute_metrics_for`)."""
     if task == "translation":
         b, b_sig = bleu(predictions, references)
         c, c_sig = chrf(predictions, references)
@@ -141,6 +142,28 @@ def quality(task: str, predictions: list, references: list) -> tuple[dict[str, f
     if task == "classification":
         return {"accuracy": accuracy(predictions, references), "macro_f1": macro_f1(predictions, references)}, {}
     raise LmkdError(f"no prediction metric for task {task!r}")
+
+
+def compute_metrics_for(task: str, tokenizer, references: list | None = None):
+    """The Trainer's ``compute_metrics`` for ``task``, scored by :func:`quality` -- the code
+    of ``lmkd evaluate``: translation/summarization decode the generated ids (``predict_with_generate``)
+    as :func:`lmkd.generation.generate_texts` does and score them against ``references`` (the
+    validation rows' target texts, in order); classification scores the argmax of the logits
+    against the label ids.  The keys (``bleu``, ``chrf``, ``rouge2``, ``accuracy``, ``macro_f1``, ...)
+    are logged with the ``eval_`` prefix and can be ``metric_for_best_model`` (e.g. ``eval_bleu``)."""
+    import numpy as np  # (the Trainer's predictions are numpy arrays)
+
+    def compute(pred) -> dict[str, float]:
+        out = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        if task == "classification":
+            return quality(task, np.asarray(out).argmax(-1).tolist(), np.asarray(pred.label_ids).tolist())[0]
+        ids = np.where(np.asarray(out) < 0, tokenizer.pad_token_id, out)
+        texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        if references is None or len(references) != len(texts):
+            raise LmkdError(f"{len(texts)} generated outputs for {len(references or [])} validation references")
+        return quality(task, texts, [str(r) for r in references])[0]
+
+    return compute
 
 
 def _check_pairs(hypotheses, references) -> None:
