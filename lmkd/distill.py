@@ -19,7 +19,7 @@ import datasets
 
 from . import card, logit_cache, regimes, teachers
 from .config import DistillationConfig
-from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
+from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
 from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, read_split, tokenize
 from .errors import LmkdError
 from .io import atomic_write_json, nothing_left_on_error
@@ -35,7 +35,7 @@ RESULTS_NAME = "distill_results.json"
 
 
 def _labelled(data_args) -> bool:
-    return data_args.target_column is not None and data_args.task not in ("mlm", "causal-lm")
+    return data_args.target_column is not None and TASK_KIND[data_args.task] not in (MLM, CAUSAL)
 
 
 def _raw(split, data_args, limit, mix_seed=None):
