@@ -7,6 +7,7 @@ JSON lines or writes a result uses these instead of its own copy:
 * :func:`atomic_write_text` / :func:`atomic_write_json` / :func:`write_jsonl` -- write a temporary
   file beside the target, fsync, then ``os.replace`` (atomic on POSIX);
 * :func:`atomic_dir` -- a temporary directory renamed to the target on success, removed on failure;
+* :func:`nothing_left_on_error` -- the directories a refused command made, removed again;
 * :func:`file_digest` / :func:`stable_hash` -- content hashes that key cached work.
 """
 
@@ -114,6 +115,25 @@ def atomic_dir(final: str, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, final)
+
+
+@contextlib.contextmanager
+def nothing_left_on_error(path):
+    """Around building a trainer (``Trainer.__init__`` creates ``output_dir``): when an
+    :class:`LmkdError` comes out, remove the directories made meanwhile if they are still empty,
+    so a refused run leaves nothing behind."""
+    made, p = [], os.path.abspath(str(path)) if path else None
+    while p and not os.path.exists(p):  # path and its parents that do not exist yet, deepest first
+        made.append(p)
+        parent = os.path.dirname(p)
+        p = parent if parent != p else None
+    try:
+        yield
+    except LmkdError:
+        for d in made:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
 
 
 def stable_hash(obj) -> str:

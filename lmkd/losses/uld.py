@@ -25,21 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .token import masked_rows
+
 #: the kd_loss names that take a teacher with another tokenizer (``teacher_tokenizer``)
 CROSS_KD_LOSSES = ("uld", "uld_hybrid")
 
 __all__ = ["CROSS_KD_LOSSES", "sorted_l1", "uld_loss", "uld_hybrid_loss", "cross_kd_loss"]
-
-
-def _rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``(N, V)`` float32 (at least) rows at the masked positions."""
-    v = logits.shape[-1]
-    if mask is not None:
-        if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}")
-        logits = logits[mask.to(torch.bool)]
-    logits = logits.reshape(-1, v)
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -53,8 +44,8 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
              temperature: float = 1.0) -> torch.Tensor:
     """ULD: the sorted-probability L1 distance per position, summed over the masked positions."""
-    s = F.softmax(_rows(student_logits, mask) / temperature, -1)
-    t = F.softmax(_rows(teacher_logits, mask) / temperature, -1)
+    s = F.softmax(masked_rows(student_logits, mask) / temperature, -1)
+    t = F.softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     return sorted_l1(s, t).sum()
 
 
@@ -66,8 +57,8 @@ def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     the same token string in each vocabulary (:func:`lmkd.alignment.shared_vocabulary`)."""
     if student_shared.shape != teacher_shared.shape:
         raise ValueError("student_shared and teacher_shared must pair ids one to one")
-    log_s = F.log_softmax(_rows(student_logits, mask) / temperature, -1)
-    log_t = F.log_softmax(_rows(teacher_logits, mask) / temperature, -1)
+    log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
+    log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     s_idx, t_idx = student_shared.to(log_s.device), teacher_shared.to(log_t.device)
     ls, lt = log_s[:, s_idx], log_t[:, t_idx]
     pt = lt.exp()
