@@ -53,7 +53,8 @@ def test_two_workers_give_the_report_of_one(tmp_path, task):
     run_study(StudyOptions(task=task, budget="tiny", teacher_check=False, jobs=2, output=str(tmp_path / "two")))
     one, two = (json.loads((tmp_path / r / "report.json").read_text()) for r in ("one", "two"))
     assert one["plan"]["workers"] == 1 and two["plan"]["workers"] == 2
-    one["plan"].pop("workers"), two["plan"].pop("workers")
+    for r in (one, two):
+        r["plan"].pop("workers"), r["plan"].pop("threads_per_worker")
     a, b = _flat(_without_timings(one)), _flat(_without_timings(two))
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert len(two["rows"]) == (5 if task == "classification" else 6)  # teacher + every variant

@@ -159,6 +159,9 @@ class StudyOptions:
             raise LmkdError(f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
                             "at a time")
         plan["workers"] = self.jobs or max(1, min(plan.get("workers", 1), os.cpu_count() or 1))
+        from .stages import threads_per_worker
+
+        plan["threads_per_worker"] = threads_per_worker(plan["workers"])
         plan["kd_alpha"] = self.kd_alpha
         plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
         # the teacher check scores this many validation rows (all of them up to 200)
