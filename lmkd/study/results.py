@@ -28,6 +28,7 @@ from ..modeling import load_tokenizer
 from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
 from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
 from .checks import summary as check_summary
+from .teachers import scratch_teacher
 from .lengths import describe as describe_lengths
 from .plan import StudyOptions
 
@@ -254,18 +255,6 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
             "teacher": opts.teacher or scratch_teacher(opts), "columns": [c for c, _ in cols],
             "column_keys": keys, "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
             "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows}
-
-
-def scratch_teacher(opts) -> str:
-    """How the report names a teacher the study trained from scratch: its architecture and shape."""
-    from .plan import SEQ2SEQ_TEACHER_ARCH
-
-    shape = opts.plan["teacher"]
-    if opts.task == "classification":
-        return (f"trained from scratch (BERT, {shape['d_model']}-wide, {shape['layers']} layers: masked-LM "
-                "pre-training, then fine-tuned on the labels)")
-    arch = {"mbart": "pre-LN BART (mBART-style)", "bart": "BART"}.get(SEQ2SEQ_TEACHER_ARCH, SEQ2SEQ_TEACHER_ARCH)
-    return f"trained from scratch ({arch}, {shape['d_model']}-wide, {shape['layers']}+{shape['layers']} layers)"
 
 
 def _main_label(report: dict) -> str:

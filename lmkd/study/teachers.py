@@ -222,3 +222,13 @@ def fit_batch(plan: dict) -> None:
     if plan["batch_size"] < base:
         plan["notes"].append(f"Batch {plan['batch_size']} rather than {base}: inputs of up to {plan['max_length']} "
                              f"tokens, and the budget's {budget} input tokens per step.")
+
+
+def scratch_teacher(opts) -> str:
+    """How the report names a teacher the study trained from scratch: its architecture and shape."""
+    shape = opts.plan["teacher"]
+    if opts.task == "classification":
+        return (f"trained from scratch (BERT, {shape['d_model']}-wide, {shape['layers']} layers: masked-LM "
+                "pre-training, then fine-tuned on the labels)")
+    arch = {"mbart": "pre-LN BART (mBART-style)", "bart": "BART"}.get(SEQ2SEQ_TEACHER_ARCH, SEQ2SEQ_TEACHER_ARCH)
+    return f"trained from scratch ({arch}, {shape['d_model']}-wide, {shape['layers']}+{shape['layers']} layers)"
