@@ -1,4 +1,4 @@
-"""Cross-tokenizer position alignment by character offsets, and the collator that carries it.
+"""Cross-tokenizer position alignment by character offsets, and the collators that carry it.
 
 When teacher and student have different tokenizers (``teacher_tokenizer``), a token-level loss
 needs to know which teacher position each student position corresponds to.  Both tokenizers
@@ -17,17 +17,18 @@ what a causal LM's prediction at that position is conditioned on.
 target as its own tokenizer encodes it (its labels).  A decoder position is aligned by the target
 text it has read, with the same rule on the two label sequences (:func:`decoder_positions`): the
 student position after label token ``i`` (which predicts label ``i + 1``) is aligned with the
-teacher position after the teacher label token that token ``i`` aligns with; the student's first
-position that has read no target text but a leading special token (BART's ``<s>``) or only the
-decoder start -- the one predicting the first real target token -- is aligned with the teacher's
-first such position; the positions before it (predicting a leading special token) get none.
+teacher position after the teacher label token that token ``i`` aligns with.  The student
+position predicting the first real target token (having read only the decoder start, and any
+leading special label such as BART's ``<s>``) is aligned with the teacher position predicting its
+first real target token; positions before it (predicting a leading special token) get none.
 
 :func:`align_offsets` is the rule on two lists of offsets; :func:`align_texts` encodes texts with
 both tokenizers and applies it; :class:`CrossTokenizerCollator` wraps a collator: it decodes the
 student's ids of each row back to text, re-encodes it for the teacher and adds
-:data:`BATCH_KEYS` to the batch (a causal LM's ``input_ids``; a seq2seq model's ``input_ids`` and
-``labels``, the teacher's labels in :data:`TEACHER_LABELS`).  :func:`shared_vocabulary` gives the token ids whose strings both
-vocabularies hold (the exact-KL part of ``kd_loss: uld_hybrid``).
+:data:`BATCH_KEYS` to the batch (of a causal LM's ``input_ids``;
+:class:`Seq2SeqCrossTokenizerCollator`: of a seq2seq model's ``input_ids`` and ``labels``, the
+teacher's labels in :data:`TEACHER_LABELS`).  :func:`shared_vocabulary` gives the token ids whose
+strings both vocabularies hold (the exact-KL part of ``kd_loss: uld_hybrid``).
 """
 
 from __future__ import annotations

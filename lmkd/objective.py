@@ -217,7 +217,8 @@ class DistillationObjective:
         the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
         each student position's teacher position (lmkd.alignment), ULD."""
         tr, args = self.trainer, self.trainer.args
-        fwd = dict(input_ids=inputs[alignment.TEACHER_INPUT_IDS], attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
+        fwd = dict(input_ids=inputs[alignment.TEACHER_INPUT_IDS],
+                   attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
         if alignment.TEACHER_LABELS in inputs:
             fwd["decoder_input_ids"] = unwrap(tr.teacher).prepare_decoder_input_ids_from_labels(
                 labels=inputs[alignment.TEACHER_LABELS])

@@ -129,7 +129,8 @@ def distill(tmp_path, paths, corpus, loss, steps, name, teacher_tokenizer=True):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"source": r["source"], "target": r["target"]}) + "\n" for r in corpus[:32]))
     out = tmp_path / name
-    flags = {"student_model_name_or_path": str(paths["student"]), "teacher_model_name_or_path": str(paths["teacher"]),
+    flags = {"student_model_name_or_path": str(paths["student"]),
+             "teacher_model_name_or_path": str(paths["teacher"]),
              "task": "translation", "train_file": str(data), "max_source_length": 48, "max_target_length": 48,
              "kd_loss": loss, "kd_alpha": 1.0, "kd_temperature": 1.0, "learning_rate": 1e-2,
              "lr_scheduler_type": "constant", "warmup_steps": 0, "max_steps": steps,
