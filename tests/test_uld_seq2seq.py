@@ -135,7 +135,8 @@ def distill(tmp_path, paths, corpus, loss, steps, name, teacher_tokenizer=True):
              "kd_loss": loss, "kd_alpha": 1.0, "kd_temperature": 1.0, "learning_rate": 1e-2,
              "lr_scheduler_type": "constant", "warmup_steps": 0, "max_steps": steps,
              "per_device_train_batch_size": 8, "logging_steps": 1, "use_cpu": True, "report_to": "none",
-             "save_strategy": "steps", "save_steps": steps, "output_dir": str(out), "dataloader_num_workers": 0, "seed": 0}
+             "save_strategy": "steps", "save_steps": steps, "output_dir": str(out), "dataloader_num_workers": 0,
+             "seed": 0}
     if teacher_tokenizer:
         flags["teacher_tokenizer"] = str(paths["teacher"])
     recipe = tmp_path / f"{name}.yaml"
@@ -176,3 +177,14 @@ def test_same_tokenizer_hybrid_is_the_forward_kl_through_the_cli(tmp_path, corpu
     assert len(kd_h) == 3 and kd_h == pytest.approx(kd_f, rel=1e-5), (kd_h, kd_f)
     h, f = state(out_h), state(out_f)
     assert all(torch.allclose(v, f[k], atol=1e-5) for k, v in h.items())
+
+
+@pytest.mark.parametrize("kind", ["mlm", "classification"])
+def test_kinds_without_generated_text_are_refused_in_one_line(kind):
+    from lmkd.errors import LmkdError
+    from lmkd.teachers import check_cross_tokenizer_kind
+
+    check_cross_tokenizer_kind("seq2seq"), check_cross_tokenizer_kind("causal")  # accepted
+    with pytest.raises(LmkdError, match=f"works with causal LMs and seq2seq models, not {kind} models") as e:
+        check_cross_tokenizer_kind(kind)
+    assert "\n" not in str(e.value)
