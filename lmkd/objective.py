@@ -214,11 +214,16 @@ class DistillationObjective:
 
     def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
         """(teacher outputs, KD sum) with a teacher of another tokenizer: its forward on its own tokens of
-        the batch, its logits gathered at each student position's teacher position (lmkd.alignment), ULD."""
+        the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
+        each student position's teacher position (lmkd.alignment), ULD."""
         tr, args = self.trainer, self.trainer.args
+        fwd = dict(input_ids=inputs[alignment.TEACHER_INPUT_IDS],
+                   attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
+        if alignment.TEACHER_LABELS in inputs:
+            fwd["decoder_input_ids"] = unwrap(tr.teacher).prepare_decoder_input_ids_from_labels(
+                labels=inputs[alignment.TEACHER_LABELS])
         with torch.no_grad():
-            t_outputs = tr.teacher(input_ids=inputs[alignment.TEACHER_INPUT_IDS],
-                                   attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
+            t_outputs = tr.teacher(**fwd)
         t_logits = t_outputs.logits
         where = tr.aligned(inputs[alignment.TEACHER_POSITION]).clamp(min=0)
         t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))

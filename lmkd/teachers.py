@@ -27,10 +27,11 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from . import alignment, logit_cache
-from .constants import CAUSAL
+from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .losses import at_least_float32
 from .modeling import load_model, load_tokenizer, model_kind, saved_kind, shared_vocab_size, unwrap, vocab_size_of
+from .truncation import input_limit, target_limit
 
 logger = logging.getLogger(__name__)
 
@@ -285,10 +286,12 @@ def attach_teacher_caches(args, *, kind: str, student, train_dataset, eval_datas
 
 
 def check_cross_tokenizer_kind(kind: str) -> None:
-    """Cross-tokenizer KD (``teacher_tokenizer``) aligns causal LMs' positions; refuse other kinds."""
-    if kind != CAUSAL:
-        raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs for now, not {kind} "
-                        "models; for seq2seq use sequence-level KD (lmkd generate), whose targets are text")
+    """Cross-tokenizer KD (``teacher_tokenizer``) aligns the positions of generated text (a causal LM's
+    tokens, a seq2seq decoder's targets); refuse the kinds that generate none."""
+    if kind not in (CAUSAL, SEQ2SEQ):
+        raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs and seq2seq models, not "
+                        f"{kind} models: their outputs are per input token or per example, which another "
+                        "tokenizer does not share; distil from a teacher with the student's tokenizer")
 
 
 def attach_teacher_tokenizer(collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer,
@@ -302,9 +305,13 @@ def attach_teacher_tokenizer(collator, *, kind: str, student_tokenizer, teacher,
     if not getattr(t_tok, "is_fast", False) or not getattr(student_tokenizer, "is_fast", False):
         raise LmkdError("cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
                         "give: use the tokenizer.json (fast) versions of both tokenizers")
-    cfg = unwrap(teacher).config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    collator = alignment.CrossTokenizerCollator(collator, student_tokenizer, t_tok, teacher_max_length=limit)
+    if kind == SEQ2SEQ:  # the source for the teacher's encoder, the target for its decoder
+        collator = alignment.Seq2SeqCrossTokenizerCollator(
+            collator, student_tokenizer, t_tok, teacher_max_length=input_limit(unwrap(teacher), t_tok),
+            teacher_target_length=target_limit(unwrap(teacher)))
+    else:
+        collator = alignment.CrossTokenizerCollator(collator, student_tokenizer, t_tok,
+                                                    teacher_max_length=input_limit(unwrap(teacher), t_tok))
     shared = None
     if kd_loss == "uld_hybrid":
         shared = alignment.shared_vocabulary(student_tokenizer, t_tok)

@@ -155,7 +155,10 @@ def skew_kl(
     ``p`` is the teacher's and ``q`` the student's distribution at temperature ``tau``; the
     gradient flows through the mixture (as DistiLLM's ``skewed_forward_kl``).  ``alpha = 0`` is the
     forward KL ``KL(p || q)``; ``alpha = 1`` is identically 0.  DistiLLM used ``alpha = 0.1``.
-    Scaled by ``tau^2`` and summed over positions like :func:`forward_kl`.
+    Scaled by ``tau^2`` and summed over positions like :func:`forward_kl`.  DistiLLM's
+    ``skewed_forward_kl`` returns the cross-entropy ``-sum p log(mixture)``, this KL plus the teacher's
+    entropy: the same gradient, a different value (tests/test_skew_taid.py); lmkd keeps the KL, which
+    is 0 when the two agree.
     """
     log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
     log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)

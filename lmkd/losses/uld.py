@@ -13,6 +13,15 @@
   TRL's GOLD hybrid).  With one tokenizer every token is shared, the ULD part is empty and the loss
   is exactly :func:`lmkd.losses.forward_kl`.
 
+Against the references (tests/test_uld.py): per position, :func:`uld_loss` is the distillation term
+of Boizard et al.'s ``DistillationLoss`` (Nicolas-BZRD/llm-recipes, models/distillation_model.py),
+which averages over positions and rows where lmkd sums.  :func:`uld_hybrid_loss` is GOLD's
+``ULDLoss._compute_hybrid_uld_loss`` (huggingface/trl, trl/experimental/gold/gold_trainer.py) with
+``beta=0`` and both weights 1.  GOLD's defaults differ, on purpose here: ``beta=0.5`` makes the
+matched part a JSD, not the exact KL this loss is for, and its adaptive weights (matched share of
+the teacher's token *types*, and one minus it) are no measure of the probability mass each part
+carries -- with one tokenizer they are (1, 0), where both are the forward KL.
+
 Conventions as :mod:`lmkd.losses.token`: summed over the masked positions, float32 softmaxes.
 Temperature softens both softmaxes; the KL part is scaled by ``tau^2`` (as forward_kl), the ULD part
 is not (an L1 distance between probability vectors, bounded by 2, with no ``1/tau^2`` gradient shrink
