@@ -63,6 +63,18 @@ def check_teacher_kind(teacher, kind: str, path: str) -> None:
                         "between models of the same kind")
 
 
+def shares_decoder_inputs(teacher, student) -> bool:
+    """Whether a seq2seq ``teacher`` reads the student's decoder inputs as its own: the same model class
+    (the same label shift -- mBART's wraps the last token, BART's prepends a start token) and the same
+    ``decoder_start_token_id``.  When not (a Marian teacher, start ``<pad>``, for a BART student, start
+    ``</s>``), the teacher's decoder inputs are built from the labels by the teacher itself."""
+    t, s = unwrap(teacher), unwrap(student)
+    if hasattr(t, "teachers"):  # an ensemble: every member must
+        return all(shares_decoder_inputs(m, student) for m in t.teachers)
+    return type(t) is type(s) and getattr(t.config, "decoder_start_token_id", None) == getattr(
+        s.config, "decoder_start_token_id", None)
+
+
 def teacher_paths(args) -> list[str]:
     """The teachers named by ``args.teacher_model_name_or_path`` (a comma-separated list for an ensemble)."""
     return [p.strip() for p in (args.teacher_model_name_or_path or "").split(",") if p.strip()]

@@ -157,7 +157,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         decoder inputs of a seq2seq model, and the outputs the feature losses need."""
         fwd = {k: v for k, v in inputs.items()
                if k != "labels" and k not in logit_cache.BATCH_KEYS and k not in alignment.BATCH_KEYS}
-        if self.kind == SEQ2SEQ and "decoder_input_ids" not in fwd:
+        if self.kind == SEQ2SEQ and ("decoder_input_ids" not in fwd or (
+                model is self.teacher and not teachers.shares_decoder_inputs(model, self.model))):
             fwd["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         if self.features is not None:
             fwd.update(self.features.output_flags())
