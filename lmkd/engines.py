@@ -318,14 +318,22 @@ class CT2Seq2Seq(_Engine):
         sources = [self.tokenizer.convert_ids_to_tokens(ids[m.bool()].tolist())
                    for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
         gc = self.generation_config
+        # HF's forced_eos_token_id makes the last of max_new_tokens an EOS: decode one fewer and add it
+        # (not when the length is fixed -- min_new_tokens == max_new_tokens -- where HF decodes them all)
+        forced_eos = gc.forced_eos_token_id is not None and min_new_tokens < max_new_tokens
+        limit = max_new_tokens - 1 if forced_eos else max_new_tokens
         results = self.translator.translate_batch(
-            sources, beam_size=num_beams, max_decoding_length=max_new_tokens, min_decoding_length=min_new_tokens,
+            sources, beam_size=num_beams, max_decoding_length=limit, min_decoding_length=min_new_tokens,
             length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
             no_repeat_ngram_size=gc.no_repeat_ngram_size or 0, repetition_penalty=gc.repetition_penalty or 1.0,
             max_batch_size=0)
         start = getattr(self.config, "decoder_start_token_id", None)
         start = self.tokenizer.pad_token_id if start is None else start
         rows = [[start] + self.tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
+        if forced_eos:
+            eos = gc.forced_eos_token_id
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+            rows = [r + [eos] if len(r) == limit + 1 else r for r in rows]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)

@@ -19,51 +19,37 @@ ct2 = pytest.importorskip("ctranslate2")
 ort = pytest.importorskip("onnxruntime")
 
 
-def _train(model, tokenizer, rows, steps: int, lr: float = 3e-3, seed: int = 0, classify: bool = False):
-    """A few dozen AdamW steps on ``rows`` so the model's argmax means something."""
+def _spread(model, std: float = 0.15, seed: int = 0):
+    """``model`` with its weight matrices drawn with std ``std`` (HF's 0.02 gives a tiny model whose
+    greedy output is the same for every input): different inputs get different outputs, and the
+    argmax has margins that float32 rounding does not flip -- a fixed, deterministic model to compare
+    exports on without training one (a few hundred steps still gave one output for every input)."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        batch = [rows[(step * 16 + i) % len(rows)] for i in range(16)]
-        if classify:
-            enc = tokenizer([r["text"] for r in batch], padding=True, truncation=True, max_length=32,
-                            return_tensors="pt")
-            enc["labels"] = torch.tensor([r["label"] for r in batch])
-        else:
-            enc = tokenizer([r["source"] for r in batch], text_target=[r["target"] for r in batch], padding=True,
-                            truncation=True, max_length=32, return_tensors="pt")
-            enc["labels"][enc["labels"] == tokenizer.pad_token_id] = -100
-        loss = model(**enc).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=std)
     return model.eval()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer, corpus):
-    """Saved tiny seq2seq models trained briefly: a BART student (d 32), a larger BART teacher, a
-    T5 (head pruning), and a BERT classifier; plus test/train files."""
+    """Saved tiny models: a BART student (d 32), a wider BART teacher, a T5 (head pruning) and a BERT
+    classifier; test and train files (translation, classification)."""
     from lmkd.scratch import build_model
 
     root = tmp_path_factory.mktemp("compress")
     out = {"root": str(root)}
-    for name, arch, kw, steps in (("student", "bart", dict(d_model=32, layers=2), 80),
-                                  ("teacher", "bart", dict(d_model=64, layers=2), 80),
-                                  ("t5", "t5", dict(d_model=32, layers=2, heads=4), 80)):
-        model = build_model(arch, len(tokenizer), dropout=0.0, **kw)
-        _train(model, tokenizer, corpus[64:], steps)
+    for name, arch, kind, kw in (("student", "bart", None, dict(d_model=32, layers=2)),
+                                 ("teacher", "bart", None, dict(d_model=64, layers=2)),
+                                 ("t5", "t5", None, dict(d_model=32, layers=2, heads=4)),
+                                 ("bert", "bert", "classification", dict(d_model=32, layers=2))):
+        model = _spread(build_model(arch, len(tokenizer), kind=kind, dropout=0.0, **kw))
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         out[name] = str(root / name)
     rows = [{"text": r["source"], "label": int(len(r["source"].split()) > 8)} for r in corpus]
-    bert = build_model("bert", len(tokenizer), kind="classification", d_model=32, layers=2, dropout=0.0)
-    _train(bert, tokenizer, rows[64:], 40, classify=True)
-    bert.save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    out["bert"] = str(root / "bert")
-    for name, data in (("test", corpus[:24]), ("train", corpus[64:]), ("cls", rows[:24])):
+    for name, data in (("test", corpus[:24]), ("train", corpus[64:]), ("cls", rows[:24]), ("cls_train", rows[64:])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
         out[name] = str(root / f"{name}.jsonl")
     return out
@@ -152,3 +138,70 @@ def test_pruned_heads_are_gone_and_the_model_reloads_with_plain_transformers(tra
     assert count_parameters(reloaded) == before - removed
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+
+
+# ---- exports agree with the fp32 model ------------------------------------------------------------
+
+
+def _next_tokens(served, tok, enc, prefixes):
+    """The token an exported model picks after each fp32 prefix (no compounding of earlier flips):
+    teacher-forced argmax for a PyTorch model, a one-token continuation of the prefix for CTranslate2."""
+    if engines.is_torch(served):
+        with torch.no_grad():
+            return served(**enc, decoder_input_ids=prefixes).logits.argmax(-1)
+    n = prefixes.shape[1]
+    sources, targets = [], []
+    for i in range(prefixes.shape[0]):
+        ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        for t in range(n):
+            sources.append(tok.convert_ids_to_tokens(ids))
+            targets.append(tok.convert_ids_to_tokens(prefixes[i, 1:1 + t].tolist()))
+    res = served.translator.translate_batch(sources, target_prefix=targets, beam_size=1, max_decoding_length=n,
+                                            min_decoding_length=n)
+    picked = [tok.convert_tokens_to_ids(r.hypotheses[0][len(p)]) for r, p in zip(res, targets)]
+    return torch.tensor(picked).reshape(prefixes.shape)
+
+
+@pytest.mark.parametrize("fmt,min_agree", [("ct2-float32", 1.0), ("ct2-int8", 0.8), ("torch-int8", 0.9)])
+def test_exported_seq2seq_models_agree_with_fp32(trained, corpus, tmp_path, fmt, min_agree):
+    """CTranslate2 float32 gives the PyTorch model's greedy outputs on every test row; the int8
+    models pick the fp32 model's next token at most positions of its greedy outputs."""
+    engines.export(trained["student"], str(tmp_path / fmt), fmt, "seq2seq")
+    fp32, tok = load_model(trained["student"], kind="seq2seq").eval(), load_tokenizer(trained["student"])
+    served, stok = engines.load(str(tmp_path / fmt), "seq2seq")
+    sources = [r["source"] for r in corpus[:24]]
+    ref = generation.generate_texts(fp32, tok, sources, num_beams=1, max_new_tokens=16, progress=False)
+    assert len(set(ref)) >= 10, ref  # the model says different things to different inputs
+    ours = generation.generate_texts(served, stok, sources, num_beams=1, max_new_tokens=16, progress=False)
+    if min_agree == 1.0:
+        assert ours == ref
+    enc = tok(sources, return_tensors="pt", padding=True)
+    with torch.no_grad():  # 12 greedy tokens each (EOS held off), then the token after every prefix
+        greedy = fp32.generate(**enc, num_beams=1, do_sample=False, min_new_tokens=13, max_new_tokens=13)[:, :13]
+        expected = fp32(**enc, decoder_input_ids=greedy[:, :-1]).logits.argmax(-1)
+    assert torch.equal(expected, greedy[:, 1:])  # (the check itself: fp32 continues its own prefixes)
+    agree = (_next_tokens(served, stok, enc, greedy[:, :-1]) == expected).float().mean().item()
+    assert agree >= min_agree, agree
+    # what evaluate reports: the fp32 parameter count, the engine's weights file
+    assert engines.parameters(served) == count_parameters(fp32)
+    weights = {"ct2-float32": "model.bin", "ct2-int8": "model.bin", "torch-int8": "model_int8.pt"}[fmt]
+    assert engines.weights_bytes(str(tmp_path / fmt)) == os.path.getsize(tmp_path / fmt / weights)
+    # int8: CTranslate2 quantises embeddings too, torch's dynamic quantisation only nn.Linear (this
+    # tiny model's 300 x 32 embeddings stay float32 -- and the tied LM head gets an int8 copy)
+    ratio = engines.weights_bytes(str(tmp_path / fmt)) / engines.weights_bytes(trained["student"])
+    assert {"ct2-float32": 0.8 < ratio < 1.2, "ct2-int8": ratio < 0.5, "torch-int8": ratio < 0.8}[fmt], ratio
+
+
+@pytest.mark.parametrize("fmt,min_rows", [("onnx", 1.0), ("onnx-int8", 0.75), ("torch-int8", 0.75)])
+def test_exported_classifier_predictions_agree_with_fp32(trained, tmp_path, fmt, min_rows):
+    engines.export(trained["bert"], str(tmp_path / fmt), fmt, "classification")
+    fp32, tok = load_model(trained["bert"], kind="classification").eval(), load_tokenizer(trained["bert"])
+    served, stok = engines.load(str(tmp_path / fmt), "classification")
+    texts = [json.loads(line)["text"] for line in open(trained["cls"])]
+    ref = generation.classify(fp32, tok, texts, progress=False)
+    ours = generation.classify(served, stok, texts, progress=False)
+    assert len(set(ref)) == 2, ref
+    assert sum(a == b for a, b in zip(ours, ref)) / len(ref) >= min_rows
+    if fmt == "onnx":  # the same graph: the same logits up to float rounding
+        enc = tok(texts[:4], return_tensors="pt", padding=True)
+        torch.testing.assert_close(served(**enc).logits, fp32(**enc).logits, rtol=1e-4, atol=1e-5)
