@@ -124,10 +124,16 @@ def compress_model(
     steps: list[dict] = []
     prune_info: dict = {}
     if drops:  # before anything is written: a bad layer list is one line
-        from .student import make_student
+        from .student import make_student, stacks_of
 
-        student = make_student(student, layers=layers, encoder_layers=encoder_layers,
-                               decoder_layers=decoder_layers).eval()
+        # a stack not named keeps all its layers (make_student's default, every other one, is for
+        # students built from a teacher)
+        given = {"layers": layers, "encoder": encoder_layers, "decoder": decoder_layers}
+        for name, (_, field) in stacks_of(config).items():
+            n = getattr(config, field, None) or config.num_layers  # T5 may leave num_decoder_layers unset
+            given[name] = list(range(n)) if given[name] is None else given[name]
+        student = make_student(student, layers=given["layers"], encoder_layers=given["encoder"],
+                               decoder_layers=given["decoder"]).eval()
         prune_info["layer_map"] = student.config.lmkd_layer_map
         steps.append({"step": "drop layers", "kept": student.config.lmkd_layer_map})
 

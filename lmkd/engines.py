@@ -27,7 +27,8 @@ import torch
 
 from .constants import CLASSIFICATION, SEQ2SEQ
 from .errors import LmkdError
-from .modeling import AUTO_CLASS, count_parameters, load_model, load_tokenizer, weights_bytes as hf_weights_bytes
+from .modeling import AUTO_CLASS, count_parameters, load_config, load_model, load_tokenizer
+from .modeling import weights_bytes as hf_weights_bytes
 
 #: the file every lmkd export carries
 EXPORT_FILE = "lmkd_export.json"
@@ -138,6 +139,21 @@ def _convert_ct2(source: str, out: str, quantization: str) -> None:
             if model.config.model_type == "bart" and not hasattr(model.config, "normalize_before"):
                 model.config.normalize_before = False
             return model
+
+        def _load(self):
+            spec = super()._load()
+            # the converter derives T5's head size as d_model / num_heads; a T5 whose heads lmkd pruned
+            # (or an mT5 built that way) has d_kv apart from it: say it in every attention spec
+            config = load_config(source)
+            if config.model_type in ("t5", "mt5") and config.num_heads * config.d_kv != config.d_model:
+                import numpy as np
+
+                for stack in (spec.encoder, spec.decoder):
+                    for layer in stack.layer:
+                        for attention in (getattr(layer, "self_attention", None), getattr(layer, "attention", None)):
+                            if attention is not None:  # the attribute the spec takes as head_dim=
+                                object.__setattr__(attention, "head_dim", np.dtype("int32").type(config.d_kv))
+            return spec
 
     try:
         _Converter(source).convert(out, quantization=quantization, force=True)

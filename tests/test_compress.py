@@ -205,3 +205,83 @@ def test_exported_classifier_predictions_agree_with_fp32(trained, tmp_path, fmt,
     if fmt == "onnx":  # the same graph: the same logits up to float rounding
         enc = tok(texts[:4], return_tensors="pt", padding=True)
         torch.testing.assert_close(served(**enc).logits, fp32(**enc).logits, rtol=1e-4, atol=1e-5)
+
+
+# ---- lmkd compress: the report, and its numbers are lmkd evaluate's -------------------------------
+
+EVAL = ["--num-beams", "2", "--max-new-tokens", "12", "--batch-size", "8"]
+
+
+def _evaluate(path, data, task, out):
+    assert main(["evaluate", "--model", path, "--data", data, "--task", task, "--speed-samples", "0",
+                 "--output", out] + EVAL) == 0
+    with open(out) as f:
+        return json.load(f)["models"]["student"]
+
+
+def test_compress_translation_report_equals_evaluate_on_each_saved_model(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compress", "--model", trained["student"], "--teacher", trained["teacher"], "--data", trained["test"],
+            "--train", trained["train"], "--task", "translation", "--output", str(out), "--decoder-layers", "0",
+            "--finetune-steps", "4", "--train-batch-size", "8", "--speed-samples", "4", "--repeats", "1"] + EVAL
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "compress.json").read_text())
+    models = result["models"]
+    assert list(models) == ["student", "pruned", "pruned-ft", "torch-int8", "ct2-int8", "teacher"]
+    assert "## Against the fp32 student" in (out / "compress.md").read_text() and "ct2-int8" in printed
+    student = models["student"]["size"]["parameters"]
+    # one decoder layer of two dropped: the pruned model is smaller by exactly that layer
+    full = load_model(trained["student"], kind="seq2seq")
+    layer = count_parameters(full.model.decoder.layers[1])
+    assert models["pruned"]["size"]["parameters"] == student - layer == models["pruned-ft"]["size"]["parameters"]
+    assert models["ct2-int8"]["size"]["parameters"] == student - layer  # exported from the fine-tuned model
+    assert result["compress"]["pruning"]["layer_map"] == {"encoder": [0, 1], "decoder": [0]}
+    assert [s["step"] for s in result["compress"]["steps"]] == ["drop layers", "fine-tune", "export", "export"]
+    # every saved model, scored again by lmkd evaluate alone: the same quality and size
+    for label in ("pruned", "pruned-ft", "torch-int8", "ct2-int8"):
+        path = models[label]["path"]
+        assert path == str(out / label) and os.path.isdir(path)
+        alone = _evaluate(path, trained["test"], "translation", str(tmp_path / f"{label}.json"))
+        assert alone["quality"] == models[label]["quality"], label
+        assert alone["size"] == models[label]["size"], label
+    # the fine-tune changed the weights; vs_student is computed from the rows
+    vs = result["compress"]["vs_student"]["ct2-int8"]
+    assert vs["bytes_ratio"] == models["ct2-int8"]["size"]["bytes_on_disk"] / models["student"]["size"]["bytes_on_disk"]
+    assert vs["speedup_per_token"] == (models["student"]["speed"]["ms_per_token"]
+                                       / models["ct2-int8"]["speed"]["ms_per_token"])
+    assert vs["bleu_difference"] == models["ct2-int8"]["quality"]["bleu"] - models["student"]["quality"]["bleu"]
+    assert models["ct2-int8"]["vs_teacher"]["retained_%"]["bleu"] is None or models["teacher"]["quality"]["bleu"] > 0
+
+
+def test_compress_classifier_exports_to_onnx_runtime(trained, tmp_path):
+    out = tmp_path / "cls"
+    assert main(["compress", "--model", trained["bert"], "--data", trained["cls"], "--task", "classification",
+                 "--output", str(out), "--layers", "0", "--speed-samples", "4", "--repeats", "1"]) == 0
+    result = json.loads((out / "compress.json").read_text())
+    assert list(result["models"]) == ["student", "pruned", "torch-int8", "onnx-int8"]
+    assert os.path.isfile(out / "onnx-int8" / "model.onnx")
+    alone = _evaluate(str(out / "onnx-int8"), trained["cls"], "classification", str(tmp_path / "o.json"))
+    assert alone["quality"] == result["models"]["onnx-int8"]["quality"]
+    assert alone["size"] == result["models"]["onnx-int8"]["size"]
+
+
+def test_compress_model_is_callable_from_python_and_prunes_t5_heads(trained, tmp_path):
+    """What the study's compress stage calls: the rows come back, with head pruning of a T5."""
+    from lmkd.compress import compress_model
+
+    result = compress_model(trained["t5"], trained["test"], "translation", str(tmp_path / "t5"),
+                            train=trained["train"], prune_heads=3, importance_rows=16, exports=["ct2-float32"],
+                            num_beams=1, max_new_tokens=8, speed_samples=0)
+    rows = result["models"]
+    assert list(rows) == ["student", "pruned", "ct2-float32"]
+    # CTranslate2 runs the pruned T5 (head size d_kv apart from d_model / heads) as PyTorch does
+    assert result["predictions"]["ct2-float32"] == result["predictions"]["pruned"]
+    assert result["predictions"]["pruned"] != result["predictions"]["student"]
+    assert len(set(result["predictions"]["pruned"])) >= 3
+    cfg = load_model(trained["t5"], kind="seq2seq").config
+    per_head = 4 * cfg.d_model * cfg.d_kv  # q, k, v rows and o columns of one head
+    removed = 6 * 3 * per_head + 2 * cfg.relative_attention_num_buckets * 3
+    assert rows["pruned"]["size"]["parameters"] == rows["student"]["size"]["parameters"] - removed
+    assert load_model(rows["pruned"]["path"], kind="seq2seq").config.num_heads == 1
+    assert all(len(v) == 1 for v in result["compress"]["pruning"]["heads"]["kept"].values())
