@@ -78,10 +78,11 @@ def head_importance(model, batches) -> dict[str, torch.Tensor]:
             model.zero_grad(set_to_none=True)
             loss = model(**batch).loss
             loss.backward()
-            for n, m in modules.items():
-                w, g = m.o.weight, m.o.weight.grad
-                per_head = (w * g).reshape(w.shape[0], m.n_heads, m.key_value_proj_dim).sum(dim=(0, 2))
-                scores[n] += per_head.abs().double().cpu()
+            with torch.no_grad():
+                for n, m in modules.items():
+                    w, g = m.o.weight, m.o.weight.grad
+                    per_head = (w * g).reshape(w.shape[0], m.n_heads, m.key_value_proj_dim).sum(dim=(0, 2))
+                    scores[n] += per_head.abs().double().cpu()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

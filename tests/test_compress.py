@@ -285,3 +285,12 @@ def test_compress_model_is_callable_from_python_and_prunes_t5_heads(trained, tmp
     assert rows["pruned"]["size"]["parameters"] == rows["student"]["size"]["parameters"] - removed
     assert load_model(rows["pruned"]["path"], kind="seq2seq").config.num_heads == 1
     assert all(len(v) == 1 for v in result["compress"]["pruning"]["heads"]["kept"].values())
+
+
+def test_compress_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "lmkd compress --model" in text and "--prune-heads" in text
+    assert all(fmt in text for fmt in engines.FORMATS)
