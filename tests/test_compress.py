@@ -294,3 +294,18 @@ def test_compress_help_has_examples(capsys):
     text = capsys.readouterr().out
     assert "examples:" in text and "lmkd compress --model" in text and "--prune-heads" in text
     assert all(fmt in text for fmt in engines.FORMATS)
+
+
+def test_evaluate_scores_a_ctranslate2_directory_not_written_by_lmkd(trained, tmp_path):
+    """A directory of CTranslate2's own converter (plus the tokenizer): lmkd evaluate runs it and
+    scores what lmkd's own export of the same model scores."""
+    import ctranslate2.converters
+
+    plain = tmp_path / "plain"
+    ctranslate2.converters.TransformersConverter(trained["t5"]).convert(str(plain), quantization="float32")
+    load_tokenizer(trained["t5"]).save_pretrained(plain)
+    engines.export(trained["t5"], str(tmp_path / "ours"), "ct2-float32", "seq2seq")
+    a = _evaluate(str(plain), trained["test"], "translation", str(tmp_path / "a.json"))
+    b = _evaluate(str(tmp_path / "ours"), trained["test"], "translation", str(tmp_path / "b.json"))
+    assert a["quality"] == b["quality"] and a["size"]["bytes_on_disk"] == b["size"]["bytes_on_disk"]
+    assert a["size"]["parameters"] is None  # not recorded by CTranslate2's converter
