@@ -145,8 +145,8 @@ def compress_model(
                 importance = pruning.head_importance(student, _importance_batches(
                     student, tokenizer, train_args, importance_rows, train_batch_size))
                 kept = pruning.prune_heads(student, prune_heads, importance)
-                prune_info["heads"] = {"removed_per_layer": prune_heads, "kept": kept,
-                                       "importance": {k: [round(float(x), 6) for x in v] for k, v in importance.items()}}
+                scores = {k: [round(float(x), 6) for x in v] for k, v in importance.items()}
+                prune_info["heads"] = {"removed_per_layer": prune_heads, "kept": kept, "importance": scores}
                 steps.append({"step": "prune heads", "removed_per_layer": prune_heads,
                               "importance_rows": importance_rows})
             prune_info["parameters"] = count_parameters(student)
