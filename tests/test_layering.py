@@ -20,10 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
 LAYERS = [
     ["errors", "constants", "io"],                                               # L0: names and files
     ["losses", "metrics", "significance"],                                       # L1: pure functions
-    ["modeling", "truncation", "positions", "alignment", "data", "student", "scratch", "generation", "fidelity"],  # L2: models, data
+    ["modeling", "truncation", "positions", "alignment", "data", "student", "scratch", "generation", "fidelity",
+     "engines", "pruning"],  # L2: models, data
     ["teachers", "seqkd", "logit_cache"],                                        # L3: teacher signals
     ["config", "card", "objective", "features", "trainer", "regimes"],           # L4: training
-    ["distill", "evaluate", "report", "study"],                                  # L5: commands' bodies
+    ["distill", "evaluate", "report", "study", "compress"],                       # L5: commands' bodies
     ["cli", "__main__"],                                                         # L6: the lmkd command
 ]
 
