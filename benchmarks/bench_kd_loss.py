@@ -18,7 +18,7 @@ with torch on one thread: the cores here are shared with other jobs, so wall-clo
 
 Variants: ``naive`` = lmkd.losses.token_kd_loss on full logits (plus CE for the linear case);
 ``chunked`` = lmkd.losses.chunked.chunked_kd_loss on the same logits; ``naive+linear`` = student logits
-from hidden states through the LM head, then the plain CE + KD; ``fused`` = lmkd.losses.chunked's
+from hidden states through the LM head, then the plain CE + KD; ``fused`` = lmkd.losses.fused's
 fused_linear_distill_loss (CE + KD from the hidden states, logits never materialised).
 """
 
@@ -44,7 +44,8 @@ def child(variant: str, n: int, v: int, h: int, loss: str) -> dict:
 
     torch.set_num_threads(1)  # CPU time of one thread: the cores here are shared with other jobs
     from lmkd import losses
-    from lmkd.losses.chunked import Head, chunked_kd_loss, fused_linear_distill_loss
+    from lmkd.losses.chunked import Head, chunked_kd_loss
+    from lmkd.losses.fused import fused_linear_distill_loss
 
     torch.manual_seed(0)
     t = torch.randn(n, v).mul_(3)

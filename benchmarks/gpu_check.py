@@ -14,7 +14,8 @@ import time
 import torch
 
 from lmkd import losses
-from lmkd.losses.chunked import Head, chunked_kd_loss, fused_linear_distill_loss
+from lmkd.losses.chunked import Head, chunked_kd_loss
+from lmkd.losses.fused import fused_linear_distill_loss
 
 SMALL = "--small" in sys.argv
 dev = torch.device("cuda" if torch.cuda.is_available() and not SMALL else "cpu")

@@ -118,11 +118,12 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     )
     teacher_tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Cross-tokenizer KD (causal LMs): the teacher's tokenizer (a path) when it differs from the "
-                          "student's. Each batch's text is re-tokenised for the teacher, positions are aligned by "
-                          "character offsets (lmkd.alignment) and the KD term is kd_loss uld (sorted-probability L1, "
-                          "Boizard et al. 2024) or uld_hybrid (exact KL over shared token strings + ULD over the "
-                          "rest). Example: --teacher_tokenizer teachers/llama --kd_loss uld"},
+        metadata={"help": "Cross-tokenizer KD (causal LMs and seq2seq models): the teacher's tokenizer (a path) "
+                          "when it differs from the student's. Each batch's text (seq2seq: source and target) is "
+                          "re-tokenised for the teacher, positions are aligned by character offsets (lmkd.alignment) "
+                          "and the KD term is kd_loss uld (sorted-probability L1, Boizard et al. 2024) or uld_hybrid "
+                          "(exact KL over shared token strings + ULD over the rest). "
+                          "Example: --teacher_tokenizer teachers/llama --kd_loss uld"},
     )
     kd_alpha: float = field(
         default=0.5,

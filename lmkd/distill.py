@@ -19,14 +19,14 @@ import datasets
 
 from . import card, logit_cache, regimes, teachers
 from .config import DistillationConfig
-from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
+from .constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
 from .data import PROMPT_LENGTH, DataArguments, collator_for, load_data, mix_gold_targets, read_split, tokenize
 from .errors import LmkdError
-from .io import atomic_write_json, check_output
+from .io import atomic_write_json, check_output, nothing_left_on_error
 from .features import check_layer_maps
+from .metrics import compute_metrics_for
 from .modeling import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
 from .regimes import LABELLED
-from .trainer import EVAL_CACHE_NEEDED, compute_metrics_for, nothing_left_on_error
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ RESULTS_NAME = "distill_results.json"
 
 
 def _labelled(data_args) -> bool:
-    return data_args.target_column is not None and data_args.task not in ("mlm", "causal-lm")
+    return data_args.target_column is not None and TASK_KIND[data_args.task] not in (MLM, CAUSAL)
 
 
 def _raw(split, data_args, limit, mix_seed=None):
@@ -90,7 +90,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         kind == SEQ2SEQ and args.predict_with_generate))
     references = list(evaluation[eval_data_args.target_column]) if scored and kind == SEQ2SEQ else None
     if args.teacher_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_teacher_cache:
-        raise LmkdError(EVAL_CACHE_NEEDED)
+        raise LmkdError(teachers.EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
         for path in teachers.teacher_paths(args):
             check_model_path(path)
@@ -102,9 +102,8 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
         student_config = load_config(student_paths[0])
-        if args.teacher_tokenizer and kind != CAUSAL:
-            raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs for now, not {kind} "
-                            "models; for seq2seq use sequence-level KD (lmkd generate), whose targets are text")
+        if args.teacher_tokenizer:
+            teachers.check_cross_tokenizer_kind(kind)
         for path in teachers.teacher_paths(args):  # before any model loads or tokenising: one clear error
             if args.teacher_tokenizer:
                 load_tokenizer(args.teacher_tokenizer)  # one clear error when it is missing

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 
 import torch
 
-from . import fidelity, generation, metrics, report
+from . import engines, fidelity, generation, metrics, report
 from .constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
 from .data import DataArguments, read_split
 from .errors import LmkdError
-from .modeling import check_same_tokenizer, count_parameters, load_model, load_tokenizer, resolve_device, weights_bytes
+from .modeling import check_same_tokenizer, resolve_device
 from .truncation import describe_truncation, fit_length
 from .report import format_cell
 
@@ -172,9 +172,8 @@ def evaluate_models(
     kind = TASK_KIND[task]
 
     loaded = {}
-    for label, path in models.items():
-        model = load_model(path, kind=kind, dtype=dtype).to(dev).eval()
-        tokenizer = load_tokenizer(path)
+    for label, path in models.items():  # an HF model, or an export run by its engine (lmkd.engines)
+        model, tokenizer = engines.load(path, kind, dtype=dtype, device=dev)
         if lm and tokenizer.pad_token is None:  # GPT-2: batches pad with EOS (masked out of every score)
             tokenizer.pad_token = tokenizer.eos_token
         loaded[label] = (model, tokenizer)
@@ -219,7 +218,8 @@ def evaluate_models(
         result["models"][label] = {
             "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
             "quality": scores, "truncation": truncation,
-            "size": {"parameters": count_parameters(model), "bytes_on_disk": weights_bytes(str(models[label]))},
+            "size": {"parameters": engines.parameters(model),
+                     "bytes_on_disk": engines.weights_bytes(str(models[label]))},
         }
         if label in tokens:
             result["models"][label]["fidelity"] = tokens[label]
@@ -248,7 +248,8 @@ def evaluate_models(
             if label == "teacher":
                 continue
             vs: dict = {"retained_%": {k: retained(k, v, t["quality"][k]) for k, v in m["quality"].items()},
-                        "parameters_ratio": m["size"]["parameters"] / t["size"]["parameters"]}
+                        "parameters_ratio": (m["size"]["parameters"] / t["size"]["parameters"]
+                                     if m["size"]["parameters"] and t["size"]["parameters"] else None)}
             if "speed" in m:
                 vs["speedup_latency"] = t["speed"]["latency_ms"] / m["speed"]["latency_ms"]
                 vs["speedup_throughput"] = m["speed"]["throughput_per_s"] / t["speed"]["throughput_per_s"]
@@ -269,7 +270,10 @@ def token_scores(loaded: dict, ds, data_args: DataArguments, batch_size: int, te
     """:func:`lmkd.fidelity.score_tokens` of every loaded ``(model, tokenizer)`` on ``ds``: in one
     pass over the same batches with fidelity to ``teacher`` when all share its tokenizer, else each
     on its own tokenisation (perplexity only)."""
+    loaded = {k: v for k, v in loaded.items() if engines.is_torch(v[0])}  # engines give no logits
     models = {k: m for k, (m, _) in loaded.items()}
+    if teacher is not None and teacher not in loaded:
+        teacher = None
     if teacher is not None:
         try:
             for label, (_, tok) in loaded.items():
@@ -301,7 +305,8 @@ def markdown_table(result: dict) -> str:
     per_token = has_speed and all("ms_per_token" in m["speed"] for m in result["models"].values())
     has_len = all("output_tokens" in m for m in result["models"].values())
     has_teacher = result["teacher"] is not None
-    has_fidelity = has_teacher and all("top1_agreement" in m.get("fidelity", {}) for m in result["models"].values())
+    # models run by an inference engine have no logits for teacher-forced scores: a dash in their row
+    has_fidelity = has_teacher and any("top1_agreement" in m.get("fidelity", {}) for m in result["models"].values())
     seq2seq = result["task"] not in LM_EVAL_TASKS + ("classification",)
     bs = result["settings"]["batch_size"]
     fixed = result["settings"].get("fixed_new_tokens")
@@ -326,10 +331,10 @@ def markdown_table(result: dict) -> str:
         size = m["size"]
         row = [label] + [format_cell(m["quality"][n]) for n in names]
         if has_fidelity:
-            f = m["fidelity"]
-            row += ([format_cell(f["perplexity"])] if seq2seq else []) + [
-                format_cell(f["top1_agreement"]), format_cell(f["kl_to_teacher"], ".4f")]
-        row += [f"{size['parameters']:,}",
+            f = m.get("fidelity", {})
+            row += ([format_cell(f.get("perplexity"))] if seq2seq else []) + [
+                format_cell(f.get("top1_agreement")), format_cell(f.get("kl_to_teacher"), ".4f")]
+        row += [format_cell(size["parameters"], ","),
                 format_cell(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
         if has_len:
             row += [format_cell(m["output_tokens"]["mean"], ".1f")]
@@ -352,7 +357,7 @@ def markdown_table(result: dict) -> str:
              + (f", {s['mlm_probability']:g} of the tokens masked (seed {s['seed']})" if result["task"] == "mlm"
                 else "") + f", {s['device']}."]
     if has_fidelity:
-        n = next(iter(result["models"].values()))["fidelity"]["tokens"]
+        n = next(m["fidelity"]["tokens"] for m in result["models"].values() if "top1_agreement" in m.get("fidelity", {}))
         notes.append(f"Fidelity over {n} scored tokens" + (" (teacher-forced on the references)" if seq2seq else "")
                      + ": top-1 agreement = % of positions where the model's argmax is the teacher's; "
                      "KL to teacher = mean KL(teacher || model) per token, nats.")

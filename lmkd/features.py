@@ -5,12 +5,14 @@ each student layer is compared with (``layer_map``, make-student's ``lmkd_layer_
 evenly spaced), the learned hint projections when the hidden sizes differ, which outputs to ask
 the models for -- and computes ``hidden_weight * hidden + attention_weight * attention +
 relation_weight * relation`` of a micro-batch.  :class:`lmkd.DistillationTrainer` builds one when a
-feature weight is > 0 and keeps the projections' optimizer groups and checkpoints.
+feature weight is > 0; its Trainer overrides call the functions at the end of this module for the
+projections' optimizer groups, gradients across processes and checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import torch
@@ -27,6 +29,8 @@ from .student import stacks_of
 
 logger = logging.getLogger(__name__)
 
+#: file holding the hint projections in each checkpoint dir (never in the saved student)
+PROJECTIONS_NAME = "lmkd_projections.pt"
 #: the feature/relation terms, each logged as ``loss_<name>``
 FEATURE_TERMS = ("hidden", "attention", "relation")
 #: which output fields hold each layer stack's (hidden states, attention maps)
@@ -239,3 +243,41 @@ class FeatureDistiller:
                     OrderedDict.__delitem__(outputs, k)  # ModelOutput forbids del
                     object.__setattr__(outputs, k, None)
         return total
+
+
+# ---- the hint projections in training: optimizer groups, gradients, checkpoints ---------------------
+
+
+def projection_param_groups(projections: nn.ModuleDict, weight_decay: float) -> list[dict]:
+    """The optimizer groups of the hint projections: their weights with ``weight_decay``, their
+    biases without (as the Trainer groups the student's parameters)."""
+    params = dict(projections.named_parameters())
+    return [{"params": [p for n, p in params.items() if not n.endswith("bias")], "weight_decay": weight_decay},
+            {"params": [p for n, p in params.items() if n.endswith("bias")], "weight_decay": 0.0}]
+
+
+def average_projection_grads(projections: nn.ModuleDict, world_size: int) -> None:
+    """Average the projections' gradients over the processes by hand: they live outside the
+    DDP-wrapped model, so DDP does not."""
+    for p in projections.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world_size
+
+
+def save_projections(projections: nn.ModuleDict, checkpoint: str) -> None:
+    """Write the projections into the checkpoint directory ``checkpoint`` (when it exists)."""
+    if os.path.isdir(checkpoint):
+        torch.save(projections.state_dict(), os.path.join(checkpoint, PROJECTIONS_NAME))
+
+
+def load_projections(projections: nn.ModuleDict, checkpoint: str, device=None) -> None:
+    """Restore the projections from the checkpoint directory ``checkpoint``; without their file
+    there, say that they restart from a random initialisation."""
+    path = os.path.join(checkpoint, PROJECTIONS_NAME)
+    if os.path.isfile(path):
+        projections.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    else:
+        logger.warning("%s has no %s: the hint projections restart from a random initialisation",
+                       checkpoint, PROJECTIONS_NAME)

@@ -8,6 +8,7 @@ JSON lines or writes a result uses these instead of its own copy:
   file beside the target, fsync, then ``os.replace`` (atomic on POSIX);
 * :func:`atomic_dir` -- a temporary directory renamed to the target on success, removed on failure;
 * :func:`check_output` -- before any work, a one-line error when an output could not be written;
+* :func:`nothing_left_on_error` -- the directories a refused command made, removed again;
 * :func:`file_digest` / :func:`stable_hash` -- content hashes that key cached work.
 """
 
@@ -145,6 +146,25 @@ def check_output(path: str, flag: str, directory: bool = False) -> None:
     except OSError as e:
         raise LmkdError(f"{flag} {path} cannot be written: {parent} does not let files be made in it "
                         f"({e.strerror or e}); choose another place") from e
+
+
+@contextlib.contextmanager
+def nothing_left_on_error(path):
+    """Around building a trainer (``Trainer.__init__`` creates ``output_dir``): when an
+    :class:`LmkdError` comes out, remove the directories made meanwhile if they are still empty,
+    so a refused run leaves nothing behind."""
+    made, p = [], os.path.abspath(str(path)) if path else None
+    while p and not os.path.exists(p):  # path and its parents that do not exist yet, deepest first
+        made.append(p)
+        parent = os.path.dirname(p)
+        p = parent if parent != p else None
+    try:
+        yield
+    except LmkdError:
+        for d in made:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
 
 
 def stable_hash(obj) -> str:

@@ -5,6 +5,8 @@
 * ROUGE-1/2/L/Lsum: rouge-score with the Porter stemmer, mean F-measure over examples;
   ROUGE-Lsum splits texts into sentences on newlines (added after sentence-final punctuation when
   a text has none, as the CNN/DM evaluations do);
+* per sentence (:func:`sentence_scores`, the filters and Seq-Inter of ``lmkd generate``): sacrebleu's
+  sentence BLEU and chrF, rouge-score's ROUGE-2 F1 (no stemmer);
 * accuracy and macro-F1 from confusion counts (sklearn's definitions, zero_division=0);
 * size lives with the models: :func:`lmkd.modeling.count_parameters` (distinct parameters) and
   :func:`lmkd.modeling.weights_bytes` (the weight files ``from_pretrained`` loads);
@@ -14,7 +16,8 @@
   machine that gets busier mid-run slows all of them alike); warm-up first, then the median of
   the repeats, under ``torch.inference_mode``.
 
-All quality scores are on a 0-100 scale (accuracy and macro-F1 as percentages).  Running the
+:func:`compute_metrics_for` scores a Trainer's evaluation with the same functions.  All quality
+scores are on a 0-100 scale (accuracy and macro-F1 as percentages).  Running the
 models whose outputs these score is :mod:`lmkd.generation`'s (``generate_texts``, ``classify``).
 """
 
@@ -80,6 +83,31 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     return {k: 100.0 * v / len(hypotheses) for k, v in totals.items()}
 
 
+#: the sentence-level scores of :func:`sentence_scores`
+SENTENCE_METRICS = ("bleu", "chrf", "rouge2")
+
+
+def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
+    """Sentence-level ``bleu`` / ``chrf`` (sacrebleu) or ``rouge2`` F1 (rouge-score) of each
+    hypothesis against its reference, all on a 0-100 scale."""
+    if len(hypotheses) != len(references):
+        raise LmkdError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one reference per row")
+    if metric == "bleu":
+        from sacrebleu import sentence_bleu
+
+        return [sentence_bleu(h, [r]).score for h, r in zip(hypotheses, references)]
+    if metric == "chrf":
+        from sacrebleu import sentence_chrf
+
+        return [sentence_chrf(h, [r]).score for h, r in zip(hypotheses, references)]
+    if metric == "rouge2":
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=False)
+        return [100.0 * scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hypotheses, references)]
+    raise LmkdError(f"unknown filter metric {metric!r}; choose one of {', '.join(SENTENCE_METRICS)}")
+
+
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
     """Share of predictions equal to their label, in %."""
     _check_pairs(predictions, labels)
@@ -103,7 +131,7 @@ def macro_f1(predictions: Sequence, labels: Sequence) -> float:
 def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
     """(scores, sacrebleu signatures) of ``predictions`` for ``task``: BLEU and chrF (translation),
     ROUGE (summarization), accuracy and macro-F1 (classification) -- what ``lmkd evaluate`` reports
-    and what training reports with ``predict_with_generate`` (:func:`trainer_metrics`)."""
+    and what training reports with ``predict_with_generate`` (:func:`compute_metrics_for`)."""
     if task == "translation":
         b, b_sig = bleu(predictions, references)
         c, c_sig = chrf(predictions, references)
@@ -114,6 +142,28 @@ def quality(task: str, predictions: list, references: list) -> tuple[dict[str, f
     if task == "classification":
         return {"accuracy": accuracy(predictions, references), "macro_f1": macro_f1(predictions, references)}, {}
     raise LmkdError(f"no prediction metric for task {task!r}")
+
+
+def compute_metrics_for(task: str, tokenizer, references: list | None = None):
+    """The Trainer's ``compute_metrics`` for ``task``, scored by :func:`quality` -- the code
+    of ``lmkd evaluate``: translation/summarization decode the generated ids (``predict_with_generate``)
+    as :func:`lmkd.generation.generate_texts` does and score them against ``references`` (the
+    validation rows' target texts, in order); classification scores the argmax of the logits
+    against the label ids.  The keys (``bleu``, ``chrf``, ``rouge2``, ``accuracy``, ``macro_f1``, ...)
+    are logged with the ``eval_`` prefix and can be ``metric_for_best_model`` (e.g. ``eval_bleu``)."""
+    import numpy as np  # (the Trainer's predictions are numpy arrays)
+
+    def compute(pred) -> dict[str, float]:
+        out = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        if task == "classification":
+            return quality(task, np.asarray(out).argmax(-1).tolist(), np.asarray(pred.label_ids).tolist())[0]
+        ids = np.where(np.asarray(out) < 0, tokenizer.pad_token_id, out)
+        texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        if references is None or len(references) != len(texts):
+            raise LmkdError(f"{len(texts)} generated outputs for {len(references or [])} validation references")
+        return quality(task, texts, [str(r) for r in references])[0]
+
+    return compute
 
 
 def _check_pairs(hypotheses, references) -> None:

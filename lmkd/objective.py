@@ -10,12 +10,12 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
   :data:`lmkd.losses.PLAIN_KD_LOSSES` (skew KL, TAID; the config refuses them any other path).
   TAID's ``t`` comes from :class:`lmkd.losses.TaidSchedule` at the trainer's ``state.global_step``
   of ``state.max_steps``;
-* **chunked / fused** (:mod:`lmkd.losses.chunked`): CE and KD in one pass over chunks of
-  positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked once per model,
-  before the first training forward, against the real logits of a no-grad forward of a slice of
-  the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor exists even at
-  step 1), the student's head is skipped in the forward and run per chunk inside the loss (no
-  (N, V) student logits), and so is the teacher's;
+* **chunked / fused** (:mod:`lmkd.losses.chunked`, :mod:`lmkd.losses.fused`): CE and KD in one pass
+  over chunks of positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked
+  once per model, before the first training forward, against the real logits of a no-grad forward
+  of a slice of the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor
+  exists even at step 1), the student's head is skipped in the forward and run per chunk inside
+  the loss (no (N, V) student logits), and so is the teacher's;
 * **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.logit_cache`).
 
 The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
@@ -34,7 +34,7 @@ from torch import nn
 from . import alignment, logit_cache, losses
 from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
-from .losses import chunked
+from .losses import chunked, fused
 from .modeling import unwrap
 from .positions import aligned_labels
 
@@ -214,11 +214,16 @@ class DistillationObjective:
 
     def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
         """(teacher outputs, KD sum) with a teacher of another tokenizer: its forward on its own tokens of
-        the batch, its logits gathered at each student position's teacher position (lmkd.alignment), ULD."""
+        the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
+        each student position's teacher position (lmkd.alignment), ULD."""
         tr, args = self.trainer, self.trainer.args
+        fwd = dict(input_ids=inputs[alignment.TEACHER_INPUT_IDS],
+                   attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
+        if alignment.TEACHER_LABELS in inputs:
+            fwd["decoder_input_ids"] = unwrap(tr.teacher).prepare_decoder_input_ids_from_labels(
+                labels=inputs[alignment.TEACHER_LABELS])
         with torch.no_grad():
-            t_outputs = tr.teacher(input_ids=inputs[alignment.TEACHER_INPUT_IDS],
-                                   attention_mask=inputs[alignment.TEACHER_ATTENTION_MASK])
+            t_outputs = tr.teacher(**fwd)
         t_logits = t_outputs.logits
         where = tr.aligned(inputs[alignment.TEACHER_POSITION]).clamp(min=0)
         t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
@@ -240,8 +245,8 @@ class DistillationObjective:
                   kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=self.chunk)
         if lean_head is not None:
             hidden = tr.aligned(lean_head["hidden"][0])
-            total, ce_sum, kd_sum = chunked.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
-                                                                      kd_mask, **kw)
+            total, ce_sum, kd_sum = fused.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
+                                                                    kd_mask, **kw)
         elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
             zero = s_logits.new_zeros((), dtype=torch.float32)
             ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero

@@ -14,6 +14,7 @@ from transformers import (
     BartConfig,
     BertConfig,
     GPT2Config,
+    MBartConfig,
     LlamaConfig,
     MarianConfig,
     PreTrainedTokenizerFast,
@@ -50,7 +51,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedT
 def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2, decoder_layers: int | None = None,
                  heads: int = 4, ffn: int | None = None, max_positions: int = 256, num_labels: int = 2,
                  dropout: float = 0.1):
-    """A config for ``arch`` in bart, marian, t5, bert, gpt2, llama with the special ids above."""
+    """A config for ``arch`` in bart, mbart, marian, t5, bert, gpt2, llama with the special ids above.
+
+    ``mbart`` is BART with pre-LN layers (a LayerNorm before each sub-layer, and one after each stack):
+    the study's from-scratch seq2seq teacher, because post-LN BART trained from scratch at a high
+    learning rate collapsed on some corpora (README, "What makes the study's verdict worth reading").
+    Its decoder starts from ``</s>`` (mBART's label shift wraps the last non-pad label token, EOS)."""
     ffn = ffn or 4 * d_model
     dec = layers if decoder_layers is None else decoder_layers
     ids = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
@@ -59,6 +65,11 @@ def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2,
                           encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
                           decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=BOS,
                           forced_eos_token_id=EOS, dropout=dropout, **ids)
+    if arch == "mbart":
+        return MBartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
+                           encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                           decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=EOS,
+                           forced_eos_token_id=EOS, dropout=dropout, **ids)
     if arch == "marian":
         return MarianConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
                             encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
@@ -86,7 +97,8 @@ def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2,
 
 
 #: the model kind of each architecture's LM head (build a model of it with lmkd.modeling.AUTO_CLASS[kind])
-ARCH_KINDS = {"bart": SEQ2SEQ, "marian": SEQ2SEQ, "t5": SEQ2SEQ, "bert": MLM, "gpt2": CAUSAL, "llama": CAUSAL}
+ARCH_KINDS = {"bart": SEQ2SEQ, "mbart": SEQ2SEQ, "marian": SEQ2SEQ, "t5": SEQ2SEQ, "bert": MLM, "gpt2": CAUSAL,
+              "llama": CAUSAL}
 
 
 def build_model(arch: str, vocab_size: int, kind: str | None = None, seed: int = 0, **sizes):

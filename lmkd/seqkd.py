@@ -47,7 +47,8 @@ import torch
 from .constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .generation import generate_batch, length_batches, longest_first
-from .io import atomic_write_text, check_output
+from .io import atomic_write_text, check_output, write_jsonl
+from .metrics import SENTENCE_METRICS, sentence_scores
 from .modeling import kind_from_config, load_model, load_tokenizer, model_kind
 from .truncation import describe_truncation, encode_fitted, generation_lengths, input_limit, target_limit, truncation_note
 
@@ -56,33 +57,12 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "lmkd_generate.json"
 CHUNK_DIR = "chunks"
 JSONL_FILE = "generated.jsonl"
-FILTER_METRICS = ("bleu", "chrf", "rouge2")
+FILTER_METRICS = SENTENCE_METRICS  # --filter-metric: the sentence scores of lmkd.metrics
 SELECT_METHODS = ("seq-inter",)
 FORMATS = ("arrow", "jsonl")
 
 
-# ---- Seq-Inter and filtering: pure functions -----------------------------------------------------
-
-
-def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
-    """Sentence-level ``bleu`` / ``chrf`` (sacrebleu) or ``rouge2`` F1 (rouge-score) of each
-    hypothesis against its reference, all on a 0-100 scale."""
-    if len(hypotheses) != len(references):
-        raise LmkdError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one reference per row")
-    if metric == "bleu":
-        from sacrebleu import sentence_bleu
-
-        return [sentence_bleu(h, [r]).score for h, r in zip(hypotheses, references)]
-    if metric == "chrf":
-        from sacrebleu import sentence_chrf
-
-        return [sentence_chrf(h, [r]).score for h, r in zip(hypotheses, references)]
-    if metric == "rouge2":
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=False)
-        return [100.0 * scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hypotheses, references)]
-    raise LmkdError(f"unknown filter metric {metric!r}; choose one of {', '.join(FILTER_METRICS)}")
+# ---- Seq-Inter and filtering: pure functions (the sentence scores are lmkd.metrics') ------------
 
 
 def seq_inter_select(nbest: Sequence[Sequence[str]], references: Sequence[str]) -> tuple[list[int], int]:
@@ -195,6 +175,10 @@ class GenerationSettings:
             raise LmkdError(f"unknown output format {self.output_format!r}; choose arrow or jsonl")
         if self.select is not None and self.num_return_sequences < 2:
             raise LmkdError("--select seq-inter chooses among the K-best: pass --num-return-sequences K > 1")
+        if self.filter_metric is not None and self.filter_metric not in FILTER_METRICS:
+            raise LmkdError(f"unknown filter metric {self.filter_metric!r}; choose one of {', '.join(FILTER_METRICS)}")
+        if (self.select or self.filter_metric) and not self.reference_column:
+            raise LmkdError("--select/--filter-metric need the references: pass --reference-column (e.g. target)")
 
 
 # ---- the whole run -------------------------------------------------------------------------------
@@ -297,10 +281,6 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
         sort_by_length=sort_by_length, select=select, reference_column=reference_column,
         filter_metric=filter_metric, filter_min=filter_min, output_format=output_format)
     settings.check()
-    if filter_metric is not None and filter_metric not in FILTER_METRICS:
-        raise LmkdError(f"unknown filter metric {filter_metric!r}; choose one of {', '.join(FILTER_METRICS)}")
-    if (select or filter_metric) and not reference_column:
-        raise LmkdError("--select/--filter-metric need the references: pass --reference-column (e.g. target)")
 
     # -- the output directory: new, resumable, or finished --------------------------------------
     settings_path = os.path.join(output_dir, SETTINGS_FILE)
@@ -425,8 +405,7 @@ def _merge(rows: list[dict], chunks: list[list[int]], s: GenerationSettings, out
     if not out:
         raise LmkdError("the filter dropped every row; lower --filter-min")
     if s.output_format == "jsonl":
-        atomic_write_text(os.path.join(output_dir, JSONL_FILE),
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
+        write_jsonl(os.path.join(output_dir, JSONL_FILE), out)
     else:
         tmp = os.path.join(output_dir, ".tmp-dataset")
         shutil.rmtree(tmp, ignore_errors=True)

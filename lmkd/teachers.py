@@ -9,7 +9,10 @@ trainer (layer 4) calls it and not the other way round.
 * :func:`zero3_enabled` / :func:`deepspeed_teacher` -- under ZeRO-3 the teacher runs in a
   DeepSpeed inference engine of its own;
 * :class:`EnsembleTeacher` / :func:`load_teacher` -- several teachers acting as one;
-* :func:`attach_teacher_cache` -- the training data and collator of a run trained from a cache.
+* :func:`attach_teacher_cache` / :func:`attach_teacher_caches` -- the training (and validation)
+  data and collators of a run trained from a cache;
+* :func:`attach_teacher_tokenizer` -- the collator of a teacher with another tokenizer
+  (cross-tokenizer KD, :mod:`lmkd.alignment`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import logit_cache
+from . import alignment, logit_cache
+from .constants import CAUSAL, SEQ2SEQ
 from .errors import LmkdError
 from .losses import at_least_float32
 from .modeling import load_model, load_tokenizer, model_kind, saved_kind, shared_vocab_size, unwrap, vocab_size_of
+from .truncation import input_limit, target_limit
 
 logger = logging.getLogger(__name__)
 
 #: config flags that make a forward return more than the logits; a teacher runs with them off
 _EXTRA_OUTPUT_FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
+#: why a run trained from a teacher cache with validation data needs a cache of those too
+EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a teacher cache as with an online teacher, so the "
+                     "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
+                     "VALIDATION_FILE --output DIR, same settings) and set eval_teacher_cache DIR, or drop the "
+                     "validation data")
 
 
 def forward_at_floor(model) -> None:
@@ -51,6 +61,18 @@ def check_teacher_kind(teacher, kind: str, path: str) -> None:
         arch = getattr(teacher, "config", teacher).architectures[0]
         raise LmkdError(f"teacher {path} is a {saved} model ({arch}) but the student a {kind} model; distil "
                         "between models of the same kind")
+
+
+def shares_decoder_inputs(teacher, student) -> bool:
+    """Whether a seq2seq ``teacher`` reads the student's decoder inputs as its own: the same model class
+    (the same label shift -- mBART's wraps the last token, BART's prepends a start token) and the same
+    ``decoder_start_token_id``.  When not (a Marian teacher, start ``<pad>``, for a BART student, start
+    ``</s>``), the teacher's decoder inputs are built from the labels by the teacher itself."""
+    t, s = unwrap(teacher), unwrap(student)
+    if hasattr(t, "teachers"):  # an ensemble: every member must
+        return all(shares_decoder_inputs(m, student) for m in t.teachers)
+    return type(t) is type(s) and getattr(t.config, "decoder_start_token_id", None) == getattr(
+        s.config, "decoder_start_token_id", None)
 
 
 def teacher_paths(args) -> list[str]:
@@ -249,3 +271,61 @@ def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collat
         raise LmkdError(f"the logit cache {cache.path} holds token id {top} but the student has only "
                         f"{vocab_size_of(student)} outputs; cache with the student's teacher and tokenizer")
     return cache, train_dataset, logit_cache.CachedLogitsCollator(collator, cache, padding_side)
+
+
+def attach_teacher_caches(args, *, kind: str, student, train_dataset, eval_dataset, collator,
+                          padding_side: str = "right"):
+    """(training data, collator, validation data, validation collator or None) of a run trained from
+    ``args.teacher_cache`` (:func:`attach_teacher_cache`).  With a KD term, validation data need
+    ``args.eval_teacher_cache`` too: eval_loss is the training loss's CE + KD mix with an online
+    teacher, and without the teacher's logits on the validation data it would silently be CE alone."""
+    _, train_dataset, train_collator = attach_teacher_cache(
+        args.teacher_cache, kind=kind, student=student, train_dataset=train_dataset, collator=collator,
+        padding_side=padding_side)
+    eval_collator = None
+    if args.kd_alpha > 0 and eval_dataset is not None:
+        if not args.eval_teacher_cache:
+            raise LmkdError(EVAL_CACHE_NEEDED)
+        if isinstance(eval_dataset, dict):
+            raise LmkdError("eval_teacher_cache covers one validation set; pass one eval_dataset, not a dict")
+        _, eval_dataset, eval_collator = attach_teacher_cache(
+            args.eval_teacher_cache, kind=kind, student=student, train_dataset=eval_dataset, collator=collator,
+            padding_side=padding_side, what="validation")
+    return train_dataset, train_collator, eval_dataset, eval_collator
+
+
+# ---- a teacher of another tokenizer (lmkd.alignment) ---------------------------------------------
+
+
+def check_cross_tokenizer_kind(kind: str) -> None:
+    """Cross-tokenizer KD (``teacher_tokenizer``) aligns the positions of generated text (a causal LM's
+    tokens, a seq2seq decoder's targets); refuse the kinds that generate none."""
+    if kind not in (CAUSAL, SEQ2SEQ):
+        raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs and seq2seq models, not "
+                        f"{kind} models: their outputs are per input token or per example, which another "
+                        "tokenizer does not share; distil from a teacher with the student's tokenizer")
+
+
+def attach_teacher_tokenizer(collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer,
+                             kd_loss: str):
+    """(collator, shared token ids or None) of cross-tokenizer KD with ``teacher_tokenizer`` (a
+    tokenizer, or the path to load it from): the collator re-tokenises each batch for the teacher and
+    aligns the positions (:class:`lmkd.alignment.CrossTokenizerCollator`); ``kd_loss`` uld_hybrid
+    also gets the (student ids, teacher ids) of the token strings both vocabularies hold."""
+    check_cross_tokenizer_kind(kind)
+    t_tok = load_tokenizer(teacher_tokenizer) if isinstance(teacher_tokenizer, str) else teacher_tokenizer
+    if not getattr(t_tok, "is_fast", False) or not getattr(student_tokenizer, "is_fast", False):
+        raise LmkdError("cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
+                        "give: use the tokenizer.json (fast) versions of both tokenizers")
+    if kind == SEQ2SEQ:  # the source for the teacher's encoder, the target for its decoder
+        collator = alignment.Seq2SeqCrossTokenizerCollator(
+            collator, student_tokenizer, t_tok, teacher_max_length=input_limit(unwrap(teacher), t_tok),
+            teacher_target_length=target_limit(unwrap(teacher)))
+    else:
+        collator = alignment.CrossTokenizerCollator(collator, student_tokenizer, t_tok,
+                                                    teacher_max_length=input_limit(unwrap(teacher), t_tok))
+    shared = None
+    if kd_loss == "uld_hybrid":
+        shared = alignment.shared_vocabulary(student_tokenizer, t_tok)
+        logger.info("uld_hybrid: %d token strings shared by the two vocabularies", len(shared[0]))
+    return collator, shared

@@ -1,14 +1,15 @@
 """DistillationTrainer: an HF Seq2SeqTrainer with a frozen teacher and a distillation loss.
 
-The trainer wires the parts and keeps the counts: the teacher comes from :mod:`lmkd.teachers`,
-the positions from :mod:`lmkd.positions`, the CE + KD loss from :mod:`lmkd.objective`, the
-feature terms (and their hint projections) from :mod:`lmkd.features`.  What stays here: the token
-counts of the accumulated batch, logging, and the Trainer overrides the hint projections need.
+The trainer wires the parts and keeps the counts: the teacher (and a teacher cache, or a teacher of
+another tokenizer) comes from :mod:`lmkd.teachers`, the positions from :mod:`lmkd.positions`, the
+CE + KD loss from :mod:`lmkd.objective`, the feature terms and their hint projections from
+:mod:`lmkd.features`.  What stays here: the token counts of the accumulated batch, logging, the
+declared hooks, and the Trainer overrides that call those modules.  (The Trainer's
+``compute_metrics`` of a task is :func:`lmkd.metrics.compute_metrics_for`.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -18,65 +19,17 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import alignment, card, logit_cache, metrics, positions, teachers
+from . import alignment, card, logit_cache, positions, teachers
 from .config import DistillationConfig
-from .constants import CAUSAL, SEQ2SEQ
+from .constants import SEQ2SEQ
 from .errors import LmkdError
-from .features import FEATURE_TERMS, FeatureDistiller
-from .modeling import load_tokenizer, model_kind, unwrap
+from .features import (FEATURE_TERMS, FeatureDistiller, average_projection_grads, load_projections,
+                       projection_param_groups, save_projections)
+from .io import nothing_left_on_error
+from .modeling import model_kind, unwrap
 from .objective import DistillationObjective
 
 logger = logging.getLogger(__name__)
-
-#: why a run trained from a teacher cache with validation data needs a cache of those too
-EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a teacher cache as with an online teacher, so the "
-                     "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
-                     "VALIDATION_FILE --output DIR, same settings) and set eval_teacher_cache DIR, or drop the "
-                     "validation data")
-#: file holding the hint projections in each checkpoint dir (never in the saved student)
-PROJECTIONS_NAME = "lmkd_projections.pt"
-
-
-def compute_metrics_for(task: str, tokenizer, references: list | None = None):
-    """The Trainer's ``compute_metrics`` for ``task``, scored by :func:`lmkd.metrics.quality` -- the code
-    of ``lmkd evaluate``: translation/summarization decode the generated ids (``predict_with_generate``)
-    as :func:`lmkd.generation.generate_texts` does and score them against ``references`` (the
-    validation rows' target texts, in order); classification scores the argmax of the logits
-    against the label ids.  The keys (``bleu``, ``chrf``, ``rouge2``, ``accuracy``, ``macro_f1``, ...)
-    are logged with the ``eval_`` prefix and can be ``metric_for_best_model`` (e.g. ``eval_bleu``)."""
-    import numpy as np
-
-    def compute(pred) -> dict[str, float]:
-        out = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        if task == "classification":
-            return metrics.quality(task, np.asarray(out).argmax(-1).tolist(), np.asarray(pred.label_ids).tolist())[0]
-        ids = np.where(np.asarray(out) < 0, tokenizer.pad_token_id, out)
-        texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        if references is None or len(references) != len(texts):
-            raise LmkdError(f"{len(texts)} generated outputs for {len(references or [])} validation references")
-        return metrics.quality(task, texts, [str(r) for r in references])[0]
-
-    return compute
-
-
-@contextlib.contextmanager
-def nothing_left_on_error(path):
-    """Around building a trainer (``Trainer.__init__`` creates ``output_dir``): when an
-    :class:`LmkdError` comes out, remove the directories made meanwhile if they are still empty,
-    so a refused run leaves nothing behind."""
-    made, p = [], os.path.abspath(str(path)) if path else None
-    while p and not os.path.exists(p):  # path and its parents that do not exist yet, deepest first
-        made.append(p)
-        parent = os.path.dirname(p)
-        p = parent if parent != p else None
-    try:
-        yield
-    except LmkdError:
-        for d in made:
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
-        raise
-
 
 class DistillationTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
@@ -132,8 +85,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
         if self.uses_teacher:
             self._setup_teacher(teacher_model, teacher_tokenizer)
-            if args.teacher_tokenizer:
-                self._setup_cross_tokenizer(teacher_tokenizer)
+            if args.teacher_tokenizer:  # the collator re-tokenises each batch for the teacher, aligns positions
+                self.data_collator, self.cross_shared = teachers.attach_teacher_tokenizer(
+                    self.data_collator, kind=self.kind, student_tokenizer=self.processing_class, teacher=self.teacher,
+                    teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else args.teacher_tokenizer,
+                    kd_loss=args.kd_loss)
         self.features = None  # lmkd.features.FeatureDistiller when a feature weight is > 0
         self._feature_totals = None
         if args.uses_features:
@@ -143,22 +99,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
         self.loss_objective = DistillationObjective(self, self._vocab)
         self._eval_collator = None  # the collator of the validation data's own cache (eval_teacher_cache)
-        if args.teacher_cache:
-            side = getattr(self.processing_class, "padding_side", "right") or "right"
-            base = self.data_collator
-            _, self.train_dataset, self.data_collator = teachers.attach_teacher_cache(
-                args.teacher_cache, kind=self.kind, student=self.model, train_dataset=self.train_dataset,
-                collator=base, padding_side=side)
-            if args.kd_alpha > 0 and self.eval_dataset is not None:
-                # eval_loss is the training loss's CE+KD mix with an online teacher; with a cache it needs the
-                # teacher's logits on the validation data too, or it would silently be CE alone
-                if not args.eval_teacher_cache:
-                    raise LmkdError(EVAL_CACHE_NEEDED)
-                if isinstance(self.eval_dataset, dict):
-                    raise LmkdError("eval_teacher_cache covers one validation set; pass one eval_dataset, not a dict")
-                _, self.eval_dataset, self._eval_collator = teachers.attach_teacher_cache(
-                    args.eval_teacher_cache, kind=self.kind, student=self.model, train_dataset=self.eval_dataset,
-                    collator=base, padding_side=side, what="validation")
+        if args.teacher_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
+            wired = teachers.attach_teacher_caches(
+                args, kind=self.kind, student=self.model, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
+                collator=self.data_collator, padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
+            self.train_dataset, self.data_collator, self.eval_dataset, self._eval_collator = wired
         if args.fsdp and not self.is_fsdp_enabled:
             # accelerate switches to FSDP only for accelerator processes (GPU/NPU/XPU...); with CPU
             # processes the Trainer quietly wraps the student in DDP instead
@@ -198,23 +143,6 @@ class DistillationTrainer(Seq2SeqTrainer):
             device=self.args.device, dtype=self.args.teacher_dtype, deepspeed_config=ds_config,
             cross_tokenizer=bool(self.args.teacher_tokenizer))
 
-    def _setup_cross_tokenizer(self, teacher_tokenizer) -> None:
-        """``teacher_tokenizer`` set: the collator re-tokenises each batch for the teacher and aligns the
-        positions (:class:`lmkd.alignment.CrossTokenizerCollator`); uld_hybrid gets the shared tokens."""
-        if self.kind != CAUSAL:
-            raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs for now, not {self.kind}")
-        t_tok = teacher_tokenizer if teacher_tokenizer is not None else load_tokenizer(self.args.teacher_tokenizer)
-        if not getattr(t_tok, "is_fast", False) or not getattr(self.processing_class, "is_fast", False):
-            raise LmkdError("cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
-                            "give: use the tokenizer.json (fast) versions of both tokenizers")
-        cfg = unwrap(self.teacher).config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        self.data_collator = alignment.CrossTokenizerCollator(self.data_collator, self.processing_class, t_tok,
-                                                              teacher_max_length=limit)
-        if self.args.kd_loss == "uld_hybrid":
-            self.cross_shared = alignment.shared_vocabulary(self.processing_class, t_tok)
-            logger.info("uld_hybrid: %d token strings shared by the two vocabularies", len(self.cross_shared[0]))
-
     # ---- hooks: positions and forward keywords ------------------------------------------------------
 
     def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -229,7 +157,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         decoder inputs of a seq2seq model, and the outputs the feature losses need."""
         fwd = {k: v for k, v in inputs.items()
                if k != "labels" and k not in logit_cache.BATCH_KEYS and k not in alignment.BATCH_KEYS}
-        if self.kind == SEQ2SEQ and "decoder_input_ids" not in fwd:
+        if self.kind == SEQ2SEQ and ("decoder_input_ids" not in fwd or (
+                model is self.teacher and not teachers.shares_decoder_inputs(model, self.model))):
             fwd["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         if self.features is not None:
             fwd.update(self.features.output_flags())
@@ -309,11 +238,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         optimizer = super().create_optimizer(model)
         if len(self.projections):
             if fresh:
-                params = dict(self.projections.named_parameters())
-                optimizer.add_param_group({"params": [p for n, p in params.items() if not n.endswith("bias")],
-                                           "weight_decay": self.args.weight_decay})
-                optimizer.add_param_group({"params": [p for n, p in params.items() if n.endswith("bias")],
-                                           "weight_decay": 0.0})
+                for group in projection_param_groups(self.projections, self.args.weight_decay):
+                    optimizer.add_param_group(group)
             else:
                 logger.warning("a ready-made optimizer was given: add trainer.projections.parameters() to it, or "
                                "the hint projections stay at their random initialisation")
@@ -324,11 +250,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         # The projections live outside the DDP-wrapped model: average their gradients by hand.
         if (len(self.projections) and self.args.world_size > 1 and self.accelerator.sync_gradients
                 and torch.distributed.is_available() and torch.distributed.is_initialized()):
-            for p in self.projections.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.args.world_size
+            average_projection_grads(self.projections, self.args.world_size)
         return loss
 
     def _clip_grad_norm(self, model):
@@ -341,18 +263,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         super()._save_checkpoint(model, trial)
         if len(self.projections) and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            if os.path.isdir(folder):
-                torch.save(self.projections.state_dict(), os.path.join(folder, PROJECTIONS_NAME))
+            save_projections(self.projections, folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if len(self.projections):
-            path = os.path.join(resume_from_checkpoint, PROJECTIONS_NAME)
-            if os.path.isfile(path):
-                self.projections.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
-            else:
-                logger.warning("%s has no %s: the hint projections restart from a random initialisation",
-                               resume_from_checkpoint, PROJECTIONS_NAME)
+            load_projections(self.projections, resume_from_checkpoint, self.args.device)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The Trainer's draft card (``push_to_hub`` writes one before uploading), unless

@@ -249,7 +249,7 @@ def world_a(world, tiny_model_dir):
     """``world`` plus teachers of another kind / architecture than its BART student, and a BART
     student without dropout."""
     return {**world, "gpt2": tiny_model_dir("gpt2"), "marian": tiny_model_dir("marian", layers=2),
-            "nodrop": tiny_model_dir("bart", layers=1, dropout=0.0)}
+            "nodrop": tiny_model_dir("bart", layers=1, dropout=0.0), "t5": tiny_model_dir("t5", layers=2)}
 
 
 CASES_A = {
@@ -286,6 +286,70 @@ CASES_A = {
     "save_steps 0": (lambda w: distill(w, save_strategy="steps", save_steps=0), "save_steps must be > 0",
                      R + "/run"),
 }
+
+
+# ---- issue 19: lmkd compress -------------------------------------------------------------------------
+
+
+def compress(w, *extra, model=None, data=None, output=R + "/k1"):
+    return ["compress", "--model", model or w["student"], "--data", data or w["data"], "--task", "translation",
+            "--output", output, *extra]
+
+
+CASES_19 = {
+    "compress: an architecture CTranslate2 cannot convert": (
+        lambda w: compress(w, "--export", "ct2-int8", model=w["marian"]),
+        "CTranslate2 converts Marian models whose <pad> is the last token", R + "/k1"),
+    "compress: an engine for another kind of model": (
+        lambda w: compress(w, "--export", "onnx-int8"), "onnx-int8 exports classification models", R + "/k1"),
+    "compress: an unknown format": (lambda w: compress(w, "--export", "tflite"), "unknown export format 'tflite'",
+                                    R + "/k1"),
+    "compress: pruning every head": (
+        lambda w: compress(w, "--prune-heads", "4", "--train", w["data"], model=w["t5"]),
+        "--prune-heads 4 would remove every head: each attention layer has 4", R + "/k1"),
+    "compress: heads of a model whose config cannot hold fewer": (
+        lambda w: compress(w, "--prune-heads", "1", "--train", w["data"]),
+        "cannot prune attention heads of a 'bart' model", R + "/k1"),
+    "compress: head pruning without training rows": (
+        lambda w: compress(w, "--prune-heads", "1", model=w["t5"]), "need --train FILE", R + "/k1"),
+    "compress: fine-tuning with nothing pruned": (
+        lambda w: compress(w, "--finetune-steps", "5", "--train", w["data"]), "fine-tunes the pruned model",
+        R + "/k1"),
+    "compress: a layer out of range": (lambda w: compress(w, "--decoder-layers", "0,7"), "out of range", R + "/k1"),
+    "compress: model missing": (lambda w: compress(w, model=R + "/nope"), "does not exist", R + "/k1"),
+    "compress: data missing": (lambda w: compress(w, data=R + "/nope.jsonl"), "does not exist", R + "/k1"),
+    "compress: train file missing": (lambda w: compress(w, "--decoder-layers", "0", "--finetune-steps", "2",
+                                                        "--train", R + "/nope.jsonl"), "does not exist", R + "/k1"),
+    "compress: missing column": (lambda w: compress(w, "--source-column", "english"), "has no column 'english'",
+                                 R + "/k1"),
+    "compress: output holds other files": (lambda w: compress(w, output=R + "/notamodel"),
+                                           "already exists and is not empty", None),
+    "compress: int8 PyTorch on a GPU": (lambda w: compress(w, "--export", "torch-int8", "--device", "cuda:99"),
+                                        "--device cuda:99", R + "/k1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES_19))
+def test_issue19_compress_bad_input_is_one_line_exit_2_nothing_written(world_a, capsys, case):
+    pytest.importorskip("ctranslate2")
+    make_argv, message, output = CASES_19[case]
+    _one_line_exit_2(world_a, capsys, make_argv(world_a), message, output)
+
+
+@pytest.mark.parametrize("fmt,package", [("ct2-int8", "ctranslate2"), ("onnx-int8", "onnxruntime")])
+def test_compress_without_the_engine_package_is_one_line(world_a, capsys, monkeypatch, tiny_model_dir, fmt, package):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == package else real(name, *a, **k))
+    model = world_a["student"] if fmt.startswith("ct2") else tiny_model_dir("bert", kind="classification", layers=2)
+    argv = ["compress", "--model", model, "--data", world_a["data"], "--output", R + "/k2", "--export", fmt,
+            "--task", "translation" if fmt.startswith("ct2") else "classification"]
+    if not fmt.startswith("ct2"):
+        argv += ["--source-column", "source", "--target-column", "target"]
+    line = _one_line_exit_2(world_a, capsys, argv, f"needs the {package}", R + "/k2")
+    assert "pip install 'lmkd[deploy]'" in line
 
 
 @pytest.mark.parametrize("case", list(CASES_A))
@@ -385,6 +449,11 @@ CASES_AUDIT = {
         lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
                    "--speed-samples", "-1", "--output", R + "/e13.json"], "--speed-samples must be >= 0",
         R + "/e13.json"),
+    "compress: --output under a file": (lambda w: compress(w, output=R + "/train.jsonl/k"),
+                                        "train.jsonl is a file, not a directory", None),
+    "compress: --source-lang on data without a translation column": (
+        lambda w: compress(w, "--source-lang", "en", "--target-lang", "fr"),
+        "--source-lang/--target-lang read a 'translation' column", R + "/k1"),
     "study: --output under a file": (
         lambda w: ["study", "--task", "translation", "--train", w["data"], "--validation", w["data"], "--test",
                    w["data"], "--output", R + "/train.jsonl/s"], "train.jsonl is a file, not a directory", None),
@@ -421,7 +490,7 @@ def test_output_where_nothing_may_be_written_is_one_line_before_any_work(world_a
                  ["generate", "--teacher", w["teacher"], "--data", w["data"], "--output", R + "/locked/g"],
                  ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4", "--output",
                   R + "/locked/c"],
-                 distill(w, output_dir=R + "/locked/run")):
+                 distill(w, output_dir=R + "/locked/run"), compress(w, output=R + "/locked/k")):
         line = _one_line_exit_2(w, capsys, argv, f"cannot be written: {locked} does not let files be made in it "
                                                  "(Permission denied)", None)
         assert line.startswith(f"lmkd {argv[0]}: error:")

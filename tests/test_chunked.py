@@ -16,9 +16,9 @@ from lmkd.losses.chunked import (
     chunked_cross_entropy,
     chunked_distill_loss,
     chunked_kd_loss,
-    fused_linear_distill_loss,
     topk_kd_loss,
 )
+from lmkd.losses.fused import fused_linear_distill_loss
 from lmkd.data import DataArguments, collator_for, tokenize
 from lmkd.objective import PROBE_POSITIONS
 from lmkd.scratch import build_model

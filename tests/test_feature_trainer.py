@@ -16,7 +16,7 @@ from lmkd.config import parse_layer_map
 from lmkd.data import collator_for
 from lmkd.modeling import load_model
 from lmkd.scratch import build_model
-from lmkd.trainer import PROJECTIONS_NAME
+from lmkd.features import PROJECTIONS_NAME
 from test_trainer import config as trainer_config
 from test_trainer import make_dataset, state
 

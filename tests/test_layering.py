@@ -20,18 +20,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
 LAYERS = [
     ["errors", "constants", "io"],                                               # L0: names and files
     ["losses", "metrics", "significance"],                                       # L1: pure functions
-    ["modeling", "truncation", "positions", "alignment", "data", "student", "scratch", "generation", "fidelity"],  # L2: models, data
+    ["modeling", "truncation", "positions", "alignment", "data", "student", "scratch", "generation", "fidelity",
+     "engines", "pruning"],  # L2: models, data
     ["teachers", "seqkd", "logit_cache"],                                        # L3: teacher signals
     ["config", "card", "objective", "features", "trainer", "regimes"],           # L4: training
-    ["distill", "evaluate", "report", "study"],                                  # L5: commands' bodies
+    ["distill", "evaluate", "report", "study", "compress"],                       # L5: commands' bodies
     ["cli", "__main__"],                                                         # L6: the lmkd command
 ]
 
 
-def _modules() -> dict[str, pathlib.Path]:
+def _modules(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
     out = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).with_suffix("")
         parts = list(rel.parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
@@ -64,9 +65,19 @@ def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom) -> str | Non
     return None
 
 
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` of a chain of attribute reads on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
 def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[str, list[str], int]]:
     """(imported lmkd module, names taken from it, line) for every import in the file; a private
-    attribute read off an imported lmkd module (``regimes._helper(...)``) counts as taking it."""
+    attribute read off an imported lmkd module (``regimes._helper(...)``, or
+    ``lmkd.regimes._helper`` after ``import lmkd.regimes``) counts as taking it."""
     out = []
     tree = ast.parse(path.read_text(), filename=str(path))
     aliases: dict[str, str] = {}  # local name -> lmkd module it is bound to
@@ -98,13 +109,64 @@ def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[s
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                 and node.attr.startswith("_") and not node.attr.startswith("__")):
             out.append((aliases[node.value.id], [node.attr], node.lineno))
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and (_dotted(node.value) or "").startswith("lmkd.") and _dotted(node.value)[len("lmkd."):] in known):
+            out.append((_dotted(node.value)[len("lmkd."):], [node.attr], node.lineno))
     return out
 
 
-def _graph():
-    mods = _modules()
+def _graph(root: pathlib.Path = ROOT):
+    mods = _modules(root)
     known = set(mods)
     return mods, {m: imports_of(m, p, known) for m, p in mods.items()}
+
+
+def upward_imports(root: pathlib.Path = ROOT) -> list[str]:
+    """Every import of a module from a layer above its own (and of the facade from inside lmkd)."""
+    mods, graph = _graph(root)
+    bad = []
+    for module, imports in graph.items():
+        mine = layer_of(module)
+        for target, _, line in imports:
+            if target == module or (module and target == ""):
+                if module and target == "":
+                    bad.append(f"lmkd/{mods[module].relative_to(root)}:{line} imports the lmkd facade")
+                continue
+            theirs = layer_of(target)
+            if mine is None:
+                if theirs == len(LAYERS) - 1:
+                    bad.append(f"lmkd/__init__.py:{line} imports the CLI lmkd.{target}")
+            elif theirs is not None and theirs > mine:
+                bad.append(f"lmkd/{mods[module].relative_to(root)}:{line} (L{mine}) imports lmkd.{target} (L{theirs})")
+    return bad
+
+
+def private_imports(root: pathlib.Path = ROOT) -> list[str]:
+    """Every private name one lmkd module takes from another, and every private lmkd name the
+    tests, benchmarks, eval and recipe scripts beside ``root`` take."""
+    mods, graph = _graph(root)
+    bad = [f"lmkd/{mods[m].relative_to(root)}:{line} takes {n} from lmkd.{t}"
+           for m, imports in graph.items() for t, names, line in imports
+           for n in names if n.startswith("_") and not n.startswith("__") and t != m]
+    known = set(mods)
+    for folder in ("tests", "benchmarks", "eval", "recipes"):
+        for path in sorted((root.parent / folder).rglob("*.py")):
+            if path.resolve() == pathlib.Path(__file__).resolve():
+                continue
+            for t, names, line in imports_of("__outside__", path, known):
+                bad += [f"{path.relative_to(root.parent)}:{line} takes {n} from lmkd.{t}"
+                        for n in names if n.startswith("_") and not n.startswith("__")]
+    return bad
+
+
+def import_cycle(root: pathlib.Path = ROOT) -> list[str] | None:
+    """One import cycle between lmkd's modules (function-local imports included), or None."""
+    _, graph = _graph(root)
+    edges = {m: {t for t, _, _ in imports if t != m and t != ""} for m, imports in graph.items()}
+    # a package's __init__ importing its own submodules is how packages work, not a cycle
+    for m in edges:
+        edges[m] = {t for t in edges[m] if not t.startswith(m + ".")} if m else edges[m]
+    return _find_cycle(edges)
 
 
 def test_every_module_has_a_layer():
@@ -113,39 +175,14 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_run_downhill():
-    mods, graph = _graph()
-    bad = []
-    for module, imports in graph.items():
-        mine = layer_of(module)
-        for target, _, line in imports:
-            if target == module or (module and target == ""):
-                if module and target == "":
-                    bad.append(f"lmkd/{mods[module].relative_to(ROOT)}:{line} imports the lmkd facade")
-                continue
-            theirs = layer_of(target)
-            if mine is None:
-                if theirs == len(LAYERS) - 1:
-                    bad.append(f"lmkd/__init__.py:{line} imports the CLI lmkd.{target}")
-            elif theirs is not None and theirs > mine:
-                bad.append(f"lmkd/{mods[module].relative_to(ROOT)}:{line} (L{mine}) imports lmkd.{target} (L{theirs})")
+    bad = upward_imports()
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
 def test_no_private_names_across_modules():
     """Neither lmkd's modules nor its tests, benchmarks and eval scripts take a private name of
     another lmkd module: what they need is public (and documented), or it is not needed."""
-    mods, graph = _graph()
-    bad = [f"lmkd/{mods[m].relative_to(ROOT)}:{line} takes {n} from lmkd.{t}"
-           for m, imports in graph.items() for t, names, line in imports
-           for n in names if n.startswith("_") and not n.startswith("__") and t != m]
-    known = set(mods)
-    for folder in ("tests", "benchmarks", "eval", "recipes"):
-        for path in sorted((ROOT.parent / folder).rglob("*.py")):
-            if path.resolve() == pathlib.Path(__file__).resolve():
-                continue
-            for t, names, line in imports_of("__outside__", path, known):
-                bad += [f"{path.relative_to(ROOT.parent)}:{line} takes {n} from lmkd.{t}"
-                        for n in names if n.startswith("_") and not n.startswith("__")]
+    bad = private_imports()
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
 
@@ -176,12 +213,7 @@ def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycles():
-    _, graph = _graph()
-    edges = {m: {t for t, _, _ in imports if t != m and t != ""} for m, imports in graph.items()}
-    # a package's __init__ importing its own submodules is how packages work, not a cycle
-    for m in edges:
-        edges[m] = {t for t in edges[m] if not t.startswith(m + ".")} if m else edges[m]
-    cycle = _find_cycle(edges)
+    cycle = import_cycle()
     assert cycle is None, "import cycle: " + " -> ".join(f"lmkd.{c}" for c in cycle)
 
 
@@ -202,6 +234,25 @@ def test_upward_import_is_caught(tmp_path):
     assert ("cli", [], 1) not in found and ("cli", ["main"], 1) in found
     assert ("trainer", ["_helper"], 2) in found and ("study", [], 5) in found
     assert layer_of("cli") > layer_of("losses.chunked") == 1
+
+
+def test_the_checks_fail_on_a_tree_that_breaks_the_rules(tmp_path):
+    """The three whole-tree checks run on a scratch copy of the layout whose modules break each rule
+    with imports inside functions (upward, a cycle, private names taken both ways); a clean tree passes."""
+    pkg = tmp_path / "lmkd"
+    (pkg / "losses").mkdir(parents=True)
+    for name in ("__init__.py", "losses/__init__.py"):
+        (pkg / name).write_text("")
+    (pkg / "losses" / "token.py").write_text("def f():\n    return 1\n")
+    (pkg / "trainer.py").write_text("from .losses.token import f\n")
+    assert upward_imports(pkg) == [] and private_imports(pkg) == [] and import_cycle(pkg) is None
+    (pkg / "losses" / "token.py").write_text("def f():\n    from ..trainer import DistillationTrainer\n")
+    (pkg / "objective.py").write_text("import lmkd.trainer\n\n\ndef g():\n    return lmkd.trainer._x\n")
+    (pkg / "trainer.py").write_text("from .losses.token import f\n\n\ndef h():\n    from .objective import _y\n")
+    assert upward_imports(pkg) == ["lmkd/losses/token.py:2 (L1) imports lmkd.trainer (L4)"]
+    assert sorted(private_imports(pkg)) == ["lmkd/objective.py:5 takes _x from lmkd.trainer",
+                                            "lmkd/trainer.py:5 takes _y from lmkd.objective"]
+    assert import_cycle(pkg) == ["losses.token", "trainer", "losses.token"]
 
 
 if __name__ == "__main__":  # python tests/test_layering.py: print every violation

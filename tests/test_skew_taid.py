@@ -229,3 +229,44 @@ def test_trainer_three_steps(tiny_model_dir, tokenizer, corpus, tmp_path, name, 
             assert all(a >= b - 1e-6 for a, b in zip(ts, linear)) and ts[0] == pytest.approx(0.3)
     else:
         assert all("taid_t" not in h for h in logged)
+
+
+# ---- against DistiLLM's own code (github jongwooko/distillm, distillm/losses.py) -------------------
+
+
+def _distillm_skewed(logits, teacher_logits, labels, lam, reverse):
+    """DistiLLM's ``skewed_forward_kl`` / ``skewed_reverse_kl`` (distillm/losses.py, as its finetune.py
+    calls them with ``lam=args.skew_alpha``), restated: a mean over the positions whose label is not -100,
+    no temperature.  The forward one returns the cross-entropy ``-sum_k p log(lam p + (1 - lam) q)``."""
+    p = torch.softmax(teacher_logits.float(), -1)
+    q = torch.softmax(logits.float(), -1)
+    if reverse:
+        mixed = (1 - lam) * p + lam * q
+        x = (q * torch.log(mixed) - q * torch.log_softmax(logits.float(), -1)).sum(-1)
+    else:
+        mixed = lam * p + (1 - lam) * q
+        x = (p * torch.log(mixed)).sum(-1)
+    mask = (labels != -100).float()
+    return -(x * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5])
+@pytest.mark.parametrize("name", ["skew_kl", "skew_reverse_kl"])
+def test_skew_losses_against_distillm(name, lam):
+    """Ours is DistiLLM's objective: the same gradient, and the same value except that DistiLLM's forward
+    skew returns the cross-entropy, which exceeds the KL by the teacher's entropy (a constant of the
+    student).  lmkd returns the KL itself, so identical distributions give 0 (the limit the tests use)."""
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(2, 6, 13, generator=g) * 2).requires_grad_(True)
+    t = torch.randn(2, 6, 13, generator=g) * 2
+    labels = torch.where(torch.rand(2, 6, generator=g) > 0.3, 1, -100)
+    mask = labels != -100
+    theirs = _distillm_skewed(s, t, labels, lam, reverse=name == "skew_reverse_kl")
+    ours = losses.token_kd_loss(s, t, mask, loss=name, temperature=1.0, skew_alpha=lam) / mask.sum()
+    p = torch.softmax(t[mask], -1)
+    entropy = -(p * torch.log(p)).sum(-1).mean()
+    offset = entropy if name == "skew_kl" else 0.0
+    assert ours.item() == pytest.approx((theirs - offset).item(), rel=1e-5, abs=1e-6)
+    (g_theirs,) = torch.autograd.grad(theirs, s)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    assert torch.allclose(g_ours, g_theirs, atol=1e-6)

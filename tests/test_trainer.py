@@ -221,3 +221,30 @@ def test_nonfinite_loss_stops_with_step_number(tiny_model_dir, tokenizer, corpus
                                   data_collator=collator_for("translation", tokenizer, student))
     with pytest.raises(LmkdError, match="at step 0"):
         trainer.train()
+
+
+def test_teacher_of_another_seq2seq_architecture_gets_its_own_decoder_inputs(tokenizer, corpus, tmp_path):
+    """A Marian teacher (decoder start <pad>) for a BART student (start <s>), one tokenizer: the teacher
+    reads the decoder inputs its own label shift makes, not the student's; the KD term equals the one
+    computed with the teacher's own forward on the labels."""
+    teacher = build_model("marian", len(tokenizer), seed=1, layers=1).eval()
+    student = build_model("bart", len(tokenizer), seed=2, layers=1).eval()
+    assert teacher.config.decoder_start_token_id != student.config.decoder_start_token_id
+    ds = make_dataset("translation", corpus[:4], tokenizer)
+    batch = collator_for("translation", tokenizer, student)([ds[i] for i in range(4)])
+    trainer = DistillationTrainer(model=student, args=config(tmp_path, kd_alpha=1.0, kd_temperature=1.0),
+                                  teacher_model=teacher, processing_class=tokenizer)
+    t_in = trainer.forward_inputs(trainer.teacher, batch)["decoder_input_ids"]
+    s_in = trainer.forward_inputs(student, batch)["decoder_input_ids"]
+    assert (t_in[:, 0] == teacher.config.decoder_start_token_id).all()
+    assert (s_in[:, 0] == student.config.decoder_start_token_id).all()
+    assert torch.equal(t_in[:, 1:], s_in[:, 1:])  # the same labels, shifted
+    with torch.no_grad():
+        got = trainer.compute_loss(student, batch)
+        s = student(**batch).logits
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"]).logits  # Marian shifts its own labels
+    mask = batch["labels"] != -100
+    kd = torch.nn.functional.kl_div(torch.log_softmax(s[mask], -1), torch.log_softmax(t[mask], -1),
+                                    reduction="batchmean", log_target=True)
+    assert torch.allclose(got, kd, rtol=1e-5)

@@ -264,3 +264,90 @@ def test_cross_tokenizer_settings_are_checked():
         DistillationConfig(output_dir="x", teacher_tokenizer="t")
     with pytest.raises(LmkdError, match="does not combine with teacher_cache"):
         DistillationConfig(output_dir="x", teacher_tokenizer="t", kd_loss="uld", teacher_cache="c")
+
+
+# ---- against the references' own code ----------------------------------------------------------------
+
+
+def _llm_recipes_uld(student_logits, teacher_logits, student_labels, teacher_labels):
+    """The distillation term of ``DistillationLoss.forward`` in Boizard et al.'s code (github
+    Nicolas-BZRD/llm-recipes, models/distillation_model.py), restated for one temperature: per row, the
+    answer span starts at the position before the first label that is not -100; softmax over it, sort
+    each probability vector decreasing, zero-pad the smaller vocabulary, L1 over the vocabulary, mean
+    over the first min(answer sizes) positions; then the mean over rows."""
+    def answer(logits, labels):
+        first = int((labels != -100).nonzero()[0])
+        size = int((labels != -100).sum())
+        start = max(first - 1, 0)
+        return torch.softmax(logits[start:start + size], -1)
+
+    rows = []
+    for zs, zt, ls, lt in zip(student_logits, teacher_logits, student_labels, teacher_labels):
+        ps, pt = answer(zs, ls), answer(zt, lt)
+        n = min(len(ps), len(pt))
+        ps, pt = ps.sort(-1, descending=True).values, pt.sort(-1, descending=True).values
+        v = max(ps.shape[-1], pt.shape[-1])
+        ps = torch.nn.functional.pad(ps, (0, v - ps.shape[-1]))
+        pt = torch.nn.functional.pad(pt, (0, v - pt.shape[-1]))
+        rows.append((ps[:n] - pt[:n]).abs().sum(-1).mean())
+    return torch.stack(rows).mean()
+
+
+def test_uld_against_the_papers_code():
+    """On the same aligned positions (the paper pairs the i-th answer token of each side), lmkd's sum over
+    positions divided by the positions is the paper's per-row mean (rows of one answer length)."""
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(3, 7, 9, generator=g) * 2, torch.randn(3, 7, 14, generator=g) * 2
+    labels = torch.tensor([[-100, -100, 5, 5, 5, 5, -100]] * 3)  # prompt of 2, answer of 4, padding
+    theirs = _llm_recipes_uld(s, t, labels, labels)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[:, 1:5] = True  # the positions predicting the answer tokens (the causal shift)
+    assert (uld_loss(s, t, mask) / mask.sum()).item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
+def _gold_hybrid(student_probs, teacher_probs, s_ids, t_ids, beta=0.0, weights=(1.0, 1.0)):
+    """``ULDLoss._compute_hybrid_uld_loss`` of TRL's GOLD trainer (github huggingface/trl,
+    trl/experimental/gold/gold_trainer.py) on one row's aligned probabilities, restated: the matched
+    token ids go through ``generalized_jsd_loss(..., logits_are_probs=True, reduction="batchmean")``
+    (log of probabilities clamped at 1e-8; beta 0 is ``kl_div(log q, log p)`` = sum p log(p / q)), the
+    unmatched through the sorted, zero-padded L1 divided by the positions; ``weights`` are
+    (uld_hybrid_matched_weight, uld_hybrid_unmatched_weight).  None: GOLD's adaptive weights,
+    matched = |matched| / teacher vocabulary size, unmatched = 1 - matched."""
+    F = torch.nn.functional
+    n = student_probs.shape[0]
+    ls, lt = torch.log(student_probs[:, s_ids].clamp_min(1e-8)), torch.log(teacher_probs[:, t_ids].clamp_min(1e-8))
+    if beta == 0:
+        matched = F.kl_div(ls, lt, reduction="none", log_target=True).sum() / n
+    else:
+        mix = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
+        matched = (beta * F.kl_div(mix, lt, reduction="none", log_target=True)
+                   + (1 - beta) * F.kl_div(mix, ls, reduction="none", log_target=True)).sum() / n
+    keep_s = torch.ones(student_probs.shape[-1], dtype=torch.bool)
+    keep_t = torch.ones(teacher_probs.shape[-1], dtype=torch.bool)
+    keep_s[s_ids], keep_t[t_ids] = False, False
+    unmatched = sorted_l1(student_probs[:, keep_s], teacher_probs[:, keep_t]).sum() / n if keep_s.any() and \
+        keep_t.any() else torch.tensor(0.0)
+    if weights is None:
+        w = len(t_ids) / teacher_probs.shape[-1]
+        weights = (w, 1 - w)
+    return weights[0] * matched + weights[1] * unmatched
+
+
+def test_hybrid_against_trl_gold():
+    """lmkd's uld_hybrid is GOLD's hybrid with beta 0 (the exact forward KL over matched tokens, which the
+    issue asks for) and both weights 1.  GOLD's defaults differ on purpose: beta 0.5 (a JSD over the
+    matched probabilities) and weights from the share of the teacher's token *types* that match, which
+    is no measure of the probability mass the two parts carry.  With one tokenizer GOLD's adaptive
+    weights are (1, 0) and its beta-0 hybrid is the forward KL, as lmkd's."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 10, generator=g) * 2, torch.randn(6, 12, generator=g) * 2
+    s_ids, t_ids = torch.tensor([0, 3, 4, 8]), torch.tensor([11, 2, 5, 0])
+    ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
+    ours = uld_hybrid_loss(s, t, s_ids, t_ids) / 6
+    assert ours.item() == pytest.approx(_gold_hybrid(ps, pt, s_ids, t_ids).item(), rel=1e-5)
+    assert ours.item() != pytest.approx(_gold_hybrid(ps, pt, s_ids, t_ids, beta=0.5, weights=None).item(), rel=1e-2)
+    ids = torch.arange(10)
+    t_same = torch.randn(6, 10, generator=g)
+    gold_same = _gold_hybrid(ps, torch.softmax(t_same, -1), ids, ids, weights=None)
+    assert gold_same.item() == pytest.approx((forward_kl(s, t_same) / 6).item(), rel=1e-5)
+    assert (uld_hybrid_loss(s, t_same, ids, ids) / 6).item() == pytest.approx(gold_same.item(), rel=1e-5)

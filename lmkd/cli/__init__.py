@@ -4,8 +4,8 @@ Every user mistake (an :class:`~lmkd.errors.LmkdError`) is printed as one line o
 exit status 2; ``--debug`` shows the traceback instead.
 
 One module per subcommand (``make_student``, ``distill``, ``evaluate``, ``generate``, ``study``,
-``cache_logits``), each with ``add_parser(subparsers)`` and ``run(namespace)``; ``settings`` turns a
-recipe YAML plus ``--key value`` overrides into the distill argument dataclasses.  Nothing imports
+``cache_logits``, ``compress``), each with ``add_parser(subparsers)`` and ``run(namespace)``;
+``settings`` turns a recipe YAML plus ``--key value`` overrides into the distill argument dataclasses.  Nothing imports
 this package but ``lmkd/__main__.py`` and the ``lmkd`` console script.
 """
 
@@ -19,12 +19,12 @@ import sys
 
 from ..config import ModelArguments  # noqa: F401  (re-exported: the distill argument groups' first)
 from ..errors import LmkdError
-from . import cache_logits, distill, evaluate, generate, make_student, study
+from . import cache_logits, compress, distill, evaluate, generate, make_student, study
 from .settings import parse_distill_args, yaml_to_argv  # noqa: F401  (re-exported)
 
 
 #: the subcommands, in the order ``lmkd --help`` lists them; each module adds its parser and runs it
-COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits]
+COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits, compress]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ import json
 from ..io import atomic_dir, check_fresh_dir, check_output
 
 
-def _layer_list(text: str) -> list[int]:
+def layer_list(text: str) -> list[int]:
     """'0,2,4' or '0-5,11' (inclusive ranges) -> [0, 2, 4] / [0, 1, 2, 3, 4, 5, 11]."""
     out: list[int] = []
     try:
@@ -34,9 +34,9 @@ def add_parser(sub):
                "Unspecified stacks keep every other layer (0,2,4,...).")
     p.add_argument("--teacher", required=True, help="teacher checkpoint (hub id or local dir)")
     p.add_argument("--output", required=True, help="directory to write the student (and tokenizer) to")
-    p.add_argument("--layers", type=_layer_list, help="teacher layers to keep, single-stack models (BERT, GPT-2)")
-    p.add_argument("--encoder-layers", type=_layer_list, help="encoder layers to keep (T5, BART, Marian)")
-    p.add_argument("--decoder-layers", type=_layer_list, help="decoder layers to keep (T5, BART, Marian)")
+    p.add_argument("--layers", type=layer_list, help="teacher layers to keep, single-stack models (BERT, GPT-2)")
+    p.add_argument("--encoder-layers", type=layer_list, help="encoder layers to keep (T5, BART, Marian)")
+    p.add_argument("--decoder-layers", type=layer_list, help="decoder layers to keep (T5, BART, Marian)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
 

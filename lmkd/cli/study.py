@@ -78,6 +78,9 @@ def add_parser(sub):
     p.add_argument("--seeds", type=int, default=1,
                    help="train every student variant with this many seeds (seed, seed+1, ...) and report "
                         "mean +- std; the teacher and the transfer set are shared (default 1)")
+    p.add_argument("--jobs", type=int,
+                   help="train (and evaluate) this many students at a time, each in a process of its own on an "
+                        "equal share of the cores (default: the budget's, 2 for quick and full, at most the cores)")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     p.set_defaults(func=run)
 
@@ -131,5 +134,5 @@ def run(ns) -> None:
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
-        seed=ns.seed, seeds=ns.seeds, teacher_check=not ns.skip_teacher_check)
+        seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check)
     run_study(options)

@@ -7,10 +7,11 @@
 * :mod:`lmkd.losses.topk` -- KD against a cached top-K teacher (K + 1 buckets, sampled tails).
 * :mod:`lmkd.losses.uld` -- cross-tokenizer KD: ULD (sorted-probability L1) and its hybrid with the
   exact KL over shared tokens.
-* :mod:`lmkd.losses.chunked` -- memory-lean chunked and fused-linear CE+KD (full or top-K teachers);
-  same values and gradients as the plain losses.
+* :mod:`lmkd.losses.chunked` -- memory-lean chunked CE+KD (full or top-K teachers); same values and
+  gradients as the plain losses.
+* :mod:`lmkd.losses.fused` -- the chunked loss with the LM head run per chunk (fused-linear CE+KD).
 
-Every public name of the five is importable from ``lmkd.losses``; the conventions (sums over
+Every public name of the six is importable from ``lmkd.losses``; the conventions (sums over
 positions, float32 softmaxes, tau^2 scaling) are written in :mod:`lmkd.losses.token`.
 """
 
@@ -21,8 +22,8 @@ from .chunked import (  # noqa: F401
     chunked_cross_entropy,
     chunked_distill_loss,
     chunked_kd_loss,
-    fused_linear_distill_loss,
 )
+from .fused import fused_linear_distill_loss  # noqa: F401
 from .feature import *  # noqa: F401,F403
 from .token import *  # noqa: F401,F403
 from .token import IGNORE_INDEX, KD_LOSSES, PLAIN_KD_LOSSES, TaidSchedule, at_least_float32  # noqa: F401

@@ -8,12 +8,12 @@ gradient is kept (in the logits' own dtype); backward just returns it (the patte
 Kernel's fused losses).  Peak extra memory is one gradient the size of the student's logits plus
 a few ``(chunk, V)`` float32 temporaries (see :data:`DEFAULT_CHUNK_ELEMENTS`).
 
-:func:`fused_linear_distill_loss` goes further: it takes the student's final hidden states and the
-LM head (weight, optional bias, optional extra bias such as Marian's ``final_logits_bias``, logit
-scale, final soft-capping) and computes the logits per chunk too, so the full student logits never
-exist; the gradients w.r.t. the hidden states, the head weight and bias are accumulated per chunk.
-The teacher's logits can be given the same way (:class:`LazyLogits`: its final hidden states and
-head, computed per chunk under no_grad), so neither model's ``(N, V)`` logits exist whole.
+:func:`lmkd.losses.fused.fused_linear_distill_loss` goes further: it takes the student's final hidden
+states and the LM head (:class:`Head`) and computes the logits per chunk too, with this module's
+chunks (:func:`chunk_slices`) and per-chunk closed forms (:func:`chunk_loss_and_grad`), so the full
+student logits never exist.  The teacher's logits can be given the same way (:class:`LazyLogits`:
+its final hidden states and head, computed per chunk under no_grad), so neither model's ``(N, V)``
+logits exist whole.
 
 Every divergence of :data:`lmkd.losses.KD_LOSSES` is supported against full teacher logits, plus
 hard-label cross-entropy in the same pass (the trainer's objective is
@@ -36,6 +36,7 @@ This module imports torch only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,6 @@ from .topk import TOPK_KD_LOSSES, topk_kd_loss  # noqa: F401  (also read as chun
 #: and large enough to keep kernels busy.
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20}
 DEFAULT_CHUNK_ELEMENTS_ACCELERATOR = 1 << 23
-#: the fused-linear loss uses at least this many positions per chunk (see fused_linear_distill_loss)
-FUSED_MIN_CHUNK = 128
 #: on a CUDA GPU a chunk's float32 temporaries (about CHUNK_TEMPORARIES tensors of (chunk, V)) take
 #: up to this share of the free memory, within ACCELERATOR_CHUNK_RANGE logits per chunk
 ACCELERATOR_CHUNK_SHARE = 0.02
@@ -138,7 +137,10 @@ _ce_fast = Compiled(_ce)
 
 
 @dataclass
-class _Spec:
+class ChunkSpec:
+    """What every chunk of one pass computes: the KD divergence and its settings, the CE and KD
+    weights, the KD vocabulary (None: all columns) and the positions per chunk."""
+
     loss: str
     temperature: float
     beta: float
@@ -148,7 +150,7 @@ class _Spec:
     chunk_size: int
 
 
-def _chunk_loss_and_grad(s: torch.Tensor, labels, kd_on, teacher, spec: _Spec):
+def chunk_loss_and_grad(s: torch.Tensor, labels, kd_on, teacher, spec: ChunkSpec):
     """Weighted loss, CE sum, KD sum and d(weighted loss)/ds for one chunk of float32 logits."""
     grad = None
     ce_sum = s.new_zeros(())
@@ -203,29 +205,35 @@ def _gather_teacher(teacher, index):
     return teacher[index]
 
 
+def chunk_slices(n: int, labels, kd_mask, teacher, chunk_size: int, device):
+    """The chunks of one pass over ``n`` flattened positions, skipping those no term uses: per chunk
+    (its row indices, where it sits in the flat tensors -- a slice when every position is used, else
+    those indices --, its labels, its KD rows (None: all of them), its teacher rows)."""
+    rows = _rows(n, labels, kd_mask, teacher is not None, device)
+    dense = rows.numel() == n  # every position is used: slices (views) instead of gathers
+    all_kd = _all_kd(kd_mask, rows, dense)
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start:start + chunk_size]
+        sl = slice(start, start + idx.numel()) if dense else idx
+        yield (idx, sl, labels[sl] if labels is not None else None, None if all_kd else kd_mask[sl],
+               _gather_teacher(teacher, sl))
+
+
 class _ChunkedDistillLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, kd_mask, teacher_logits, topk, spec):
         n, v = logits.shape
         teacher = topk if topk is not None else teacher_logits
-        rows = _rows(n, labels, kd_mask, teacher is not None, logits.device)
         grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         ce_total, kd_total = loss.clone(), loss.clone()
-        dense = rows.numel() == n  # every position is used: slices (views) instead of gathers
-        all_kd = _all_kd(kd_mask, rows, dense)
-        for start in range(0, rows.numel(), spec.chunk_size):
-            idx = rows[start:start + spec.chunk_size]
-            sl = slice(start, start + idx.numel()) if dense else idx
-            s = logits[sl].float()
-            lab = labels[sl] if labels is not None else None
-            kd_on = None if all_kd else kd_mask[sl]
-            l, ce, kd, g = _chunk_loss_and_grad(s, lab, kd_on, _gather_teacher(teacher, sl), spec)
+        for idx, sl, lab, kd_on, t in chunk_slices(n, labels, kd_mask, teacher, spec.chunk_size, logits.device):
+            l, ce, kd, g = chunk_loss_and_grad(logits[sl].float(), lab, kd_on, t, spec)
             loss += l
             ce_total += ce
             kd_total += kd
             if grad is not None:
-                if dense:
+                if isinstance(sl, slice):
                     grad[sl] = g
                 else:
                     grad.index_copy_(0, idx, g.to(grad.dtype))
@@ -241,7 +249,9 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _prepare(student_shape, labels, mask, teacher, loss, temperature, beta):
+def prepare(student_shape, labels, mask, teacher, loss, temperature, beta):
+    """Check the settings and flatten the inputs of a pass over logits of ``student_shape``:
+    (labels, KD mask, teacher logits or None, top-K teacher over all positions or None)."""
     lead = student_shape[:-1]
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -257,7 +267,7 @@ def _prepare(student_shape, labels, mask, teacher, loss, temperature, beta):
         labels = labels.reshape(-1)
     topk = teacher_logits = None
     if isinstance(teacher, TopK):
-        topk = teacher
+        topk = _expand_topk(teacher, mask, math.prod(lead))
     elif isinstance(teacher, LazyLogits):
         teacher_logits = teacher
     elif teacher is not None:
@@ -289,11 +299,8 @@ def chunked_distill_loss(
     ``loss`` carries a gradient.
     """
     v = student_logits.shape[-1]
-    labels, kd_mask, t_logits, topk = _prepare(student_logits.shape, labels, kd_mask, teacher, loss,
-                                               temperature, beta)
-    if topk is not None:
-        topk = _expand_topk(topk, kd_mask, student_logits.shape[:-1].numel())
-    spec = _Spec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab,
+    labels, kd_mask, t_logits, topk = prepare(student_logits.shape, labels, kd_mask, teacher, loss, temperature, beta)
+    spec = ChunkSpec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab,
                  auto_chunk_size(v, chunk_size, student_logits.device))
     return _ChunkedDistillLoss.apply(student_logits.reshape(-1, v), labels, kd_mask, t_logits, topk, spec)
 
@@ -328,7 +335,7 @@ def chunked_cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, chun
     return chunked_distill_loss(logits, None, labels, None, kd_weight=0.0, chunk_size=chunk_size)[0]
 
 
-# ---- fused linear: logits computed per chunk from the hidden states ----------------------------
+# ---- the LM head, for the logits computed per chunk (lmkd.losses.fused, LazyLogits) ------------
 
 
 @dataclass
@@ -354,100 +361,3 @@ class Head:
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
-
-
-class _FusedLinearDistillLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, kd_mask, teacher_logits, topk, head, spec):
-        n, _ = hidden.shape
-        teacher = topk if topk is not None else teacher_logits
-        rows = _rows(n, labels, kd_mask, teacher is not None, hidden.device)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ce_total, kd_total = loss.clone(), loss.clone()
-        dense = rows.numel() == n
-        all_kd = _all_kd(kd_mask, rows, dense)
-        for start in range(0, rows.numel(), spec.chunk_size):
-            idx = rows[start:start + spec.chunk_size]
-            sl = slice(start, start + idx.numel()) if dense else idx
-            h = hidden[sl]
-            z = F.linear(h, weight, bias)
-            if head.extra_bias is not None:
-                z = z + head.extra_bias
-            z = z.float()
-            if head.scale != 1.0:
-                z = z * head.scale
-            if head.softcap:
-                th = torch.tanh(z / head.softcap)
-                z = th * head.softcap
-            lab = labels[sl] if labels is not None else None
-            kd_on = None if all_kd else kd_mask[sl]
-            l, ce, kd, g = _chunk_loss_and_grad(z, lab, kd_on, _gather_teacher(teacher, sl), spec)
-            loss += l
-            ce_total += ce
-            kd_total += kd
-            if head.softcap:
-                g.mul_(1 - th * th)
-            if head.scale != 1.0:
-                g.mul_(head.scale)
-            if grad_h is not None:
-                gh = (g.to(weight.dtype) @ weight).to(grad_h.dtype)
-                if dense:
-                    grad_h[sl] = gh
-                else:
-                    grad_h.index_copy_(0, idx, gh)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h.float())
-            if grad_b is not None:
-                grad_b.add_(g.sum(0))
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                              grad_b.to(bias.dtype) if grad_b is not None else None)
-        ctx.mark_non_differentiable(ce_total, kd_total)
-        return loss, ce_total, kd_total
-
-    @staticmethod
-    def backward(ctx, grad_loss, _ce, _kd):
-        grads = list(ctx.saved_tensors)
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in grads]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None
-
-
-def fused_linear_distill_loss(
-    hidden: torch.Tensor,
-    head: Head,
-    teacher: torch.Tensor | TopK | None = None,
-    labels: torch.Tensor | None = None,
-    kd_mask: torch.Tensor | None = None,
-    *,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    ce_weight: float = 1.0,
-    kd_weight: float = 1.0,
-    kd_vocab: int | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`chunked_distill_loss` of ``head.logits(hidden)`` without materialising those logits.
-
-    ``hidden`` ``(..., H)`` are the student's final hidden states (what its head receives);
-    gradients flow to ``hidden``, ``head.weight`` and ``head.bias``.  Returns
-    ``(loss, ce_sum, kd_sum)``.
-    """
-    h = hidden.shape[-1]
-    v = head.weight.shape[0]
-    shape = (*hidden.shape[:-1], v)
-    labels, kd_mask, t_logits, topk = _prepare(shape, labels, kd_mask, teacher, loss, temperature, beta)
-    if topk is not None:
-        topk = _expand_topk(topk, kd_mask, hidden.shape[:-1].numel())
-    # Each chunk also adds its (V, H) share to the head's gradient: at least FUSED_MIN_CHUNK rows per
-    # chunk keep that accumulation small next to the chunk's matmuls (8 rows at V=128k ran 2.3x slower).
-    rows = auto_chunk_size(v, chunk_size, hidden.device)
-    if not (chunk_size and chunk_size > 0):
-        rows = max(rows, FUSED_MIN_CHUNK)
-    spec = _Spec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab, rows)
-    return _FusedLinearDistillLoss.apply(hidden.reshape(-1, h), head.weight, head.bias, labels, kd_mask,
-                                         t_logits, topk, head, spec)

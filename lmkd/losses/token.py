@@ -48,8 +48,9 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _select(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Flatten to ``(N, V)`` keeping only the masked positions, in at least float32."""
+def masked_rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Flatten to ``(N, V)`` keeping only the masked positions, in at least float32 (every token-level
+    loss here and in :mod:`lmkd.losses.uld` reads its logits through this)."""
     v = logits.shape[-1]
     if mask is not None:
         if mask.shape != logits.shape[:-1]:
@@ -76,8 +77,8 @@ def forward_kl(
     The ``tau^2`` factor keeps the gradient magnitude independent of the temperature
     (Hinton et al., 2015, section 2).
     """
-    s = _select(student_logits, mask) / temperature
-    t = _select(teacher_logits, mask) / temperature
+    s = masked_rows(student_logits, mask) / temperature
+    t = masked_rows(teacher_logits, mask) / temperature
     kl = _kl_from_log_probs(F.log_softmax(t, -1), F.log_softmax(s, -1))
     return kl.sum() * temperature**2
 
@@ -89,8 +90,8 @@ def reverse_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mode-seeking ``tau^2 * KL(p_s^tau || p_t^tau)``, summed over positions (MiniLLM, GKD)."""
-    s = _select(student_logits, mask) / temperature
-    t = _select(teacher_logits, mask) / temperature
+    s = masked_rows(student_logits, mask) / temperature
+    t = masked_rows(teacher_logits, mask) / temperature
     kl = _kl_from_log_probs(F.log_softmax(s, -1), F.log_softmax(t, -1))
     return kl.sum() * temperature**2
 
@@ -117,8 +118,8 @@ def generalized_jsd(
         return forward_kl(student_logits, teacher_logits, mask, temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, mask, temperature)
-    log_s = F.log_softmax(_select(student_logits, mask) / temperature, -1)
-    log_t = F.log_softmax(_select(teacher_logits, mask) / temperature, -1)
+    log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
+    log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     log_m = _log_mixture(log_t, log_s, beta)
     jsd = beta * _kl_from_log_probs(log_t, log_m) + (1 - beta) * _kl_from_log_probs(log_s, log_m)
     return jsd.sum() * temperature**2
@@ -154,10 +155,13 @@ def skew_kl(
     ``p`` is the teacher's and ``q`` the student's distribution at temperature ``tau``; the
     gradient flows through the mixture (as DistiLLM's ``skewed_forward_kl``).  ``alpha = 0`` is the
     forward KL ``KL(p || q)``; ``alpha = 1`` is identically 0.  DistiLLM used ``alpha = 0.1``.
-    Scaled by ``tau^2`` and summed over positions like :func:`forward_kl`.
+    Scaled by ``tau^2`` and summed over positions like :func:`forward_kl`.  DistiLLM's
+    ``skewed_forward_kl`` returns the cross-entropy ``-sum p log(mixture)``, this KL plus the teacher's
+    entropy: the same gradient, a different value (tests/test_skew_taid.py); lmkd keeps the KL, which
+    is 0 when the two agree.
     """
-    log_s = F.log_softmax(_select(student_logits, mask) / temperature, -1)
-    log_t = F.log_softmax(_select(teacher_logits, mask) / temperature, -1)
+    log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
+    log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     return _skew(log_t, log_s, alpha).sum() * temperature**2
 
 
@@ -172,8 +176,8 @@ def skew_reverse_kl(
     ``p`` the teacher, ``q`` the student (temperature ``tau``, gradient through both places ``q``
     appears).  ``alpha = 0`` is the reverse KL ``KL(q || p)``; ``alpha = 1`` is identically 0.
     Scaled by ``tau^2``, summed over positions."""
-    log_s = F.log_softmax(_select(student_logits, mask) / temperature, -1)
-    log_t = F.log_softmax(_select(teacher_logits, mask) / temperature, -1)
+    log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
+    log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     return _skew(log_s, log_t, alpha).sum() * temperature**2
 
 
@@ -193,8 +197,8 @@ def taid_kl(
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"TAID t must be in [0, 1], got {t}")
-    s = _select(student_logits, mask) / temperature
-    z_t = _select(teacher_logits, mask) / temperature
+    s = masked_rows(student_logits, mask) / temperature
+    z_t = masked_rows(teacher_logits, mask) / temperature
     target = z_t if t == 1.0 else (1 - t) * s.detach() + t * z_t
     kl = _kl_from_log_probs(F.log_softmax(target, -1), F.log_softmax(s, -1))
     return kl.sum() * temperature**2
@@ -269,8 +273,8 @@ def logit_mse(
 ) -> torch.Tensor:
     """Logit matching (Bucila et al., 2006; Ba & Caruana, 2014): ``mean_v (z_s - z_t)^2``,
     summed over positions.  No temperature: it is the ``tau -> inf`` limit of the KD loss."""
-    s = _select(student_logits, mask)
-    t = _select(teacher_logits, mask)
+    s = masked_rows(student_logits, mask)
+    t = masked_rows(teacher_logits, mask)
     return (s - t).pow(2).mean(-1).sum()
 
 

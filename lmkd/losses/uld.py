@@ -13,6 +13,15 @@
   TRL's GOLD hybrid).  With one tokenizer every token is shared, the ULD part is empty and the loss
   is exactly :func:`lmkd.losses.forward_kl`.
 
+Against the references (tests/test_uld.py): per position, :func:`uld_loss` is the distillation term
+of Boizard et al.'s ``DistillationLoss`` (Nicolas-BZRD/llm-recipes, models/distillation_model.py),
+which averages over positions and rows where lmkd sums.  :func:`uld_hybrid_loss` is GOLD's
+``ULDLoss._compute_hybrid_uld_loss`` (huggingface/trl, trl/experimental/gold/gold_trainer.py) with
+``beta=0`` and both weights 1.  GOLD's defaults differ, on purpose here: ``beta=0.5`` makes the
+matched part a JSD, not the exact KL this loss is for, and its adaptive weights (matched share of
+the teacher's token *types*, and one minus it) are no measure of the probability mass each part
+carries -- with one tokenizer they are (1, 0), where both are the forward KL.
+
 Conventions as :mod:`lmkd.losses.token`: summed over the masked positions, float32 softmaxes.
 Temperature softens both softmaxes; the KL part is scaled by ``tau^2`` (as forward_kl), the ULD part
 is not (an L1 distance between probability vectors, bounded by 2, with no ``1/tau^2`` gradient shrink
@@ -25,21 +34,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .token import masked_rows
+
 #: the kd_loss names that take a teacher with another tokenizer (``teacher_tokenizer``)
 CROSS_KD_LOSSES = ("uld", "uld_hybrid")
 
 __all__ = ["CROSS_KD_LOSSES", "sorted_l1", "uld_loss", "uld_hybrid_loss", "cross_kd_loss"]
-
-
-def _rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``(N, V)`` float32 (at least) rows at the masked positions."""
-    v = logits.shape[-1]
-    if mask is not None:
-        if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}")
-        logits = logits[mask.to(torch.bool)]
-    logits = logits.reshape(-1, v)
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -53,8 +53,8 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
              temperature: float = 1.0) -> torch.Tensor:
     """ULD: the sorted-probability L1 distance per position, summed over the masked positions."""
-    s = F.softmax(_rows(student_logits, mask) / temperature, -1)
-    t = F.softmax(_rows(teacher_logits, mask) / temperature, -1)
+    s = F.softmax(masked_rows(student_logits, mask) / temperature, -1)
+    t = F.softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     return sorted_l1(s, t).sum()
 
 
@@ -66,8 +66,8 @@ def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     the same token string in each vocabulary (:func:`lmkd.alignment.shared_vocabulary`)."""
     if student_shared.shape != teacher_shared.shape:
         raise ValueError("student_shared and teacher_shared must pair ids one to one")
-    log_s = F.log_softmax(_rows(student_logits, mask) / temperature, -1)
-    log_t = F.log_softmax(_rows(teacher_logits, mask) / temperature, -1)
+    log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
+    log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     s_idx, t_idx = student_shared.to(log_s.device), teacher_shared.to(log_t.device)
     ls, lt = log_s[:, s_idx], log_t[:, t_idx]
     pt = lt.exp()

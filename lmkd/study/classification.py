@@ -25,8 +25,9 @@ from .plan import (
     seeded,
     size_name,
     student_seeds,
+    thread_options,
 )
-from .stages import Stages
+from .stages import Job, Stages
 
 
 def no_mlm_head_note(teacher: str) -> str:
@@ -77,43 +78,52 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
     init_dir = st.run(f"{size}-init", init_opts, ["teacher-mlm"], init_fn,
                       f"a student of {fraction:g} of the teacher's layers (copied, DistilBERT-style)")
     kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
-    out_models = {}
+    out_models: dict[str, dict] = {}
+    jobs: list[Job] = []
     for seed in student_seeds(opts):
         common = {"lr": plan["finetune_lr"], "mlm_lr": plan["student_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
                   "max_length": plan["max_length"], "seed": seed, "steps": plan["student_steps"],
-                  "stopping": stopping.options()}
+                  "stopping": stopping.options(), **thread_options(plan)}
         starts = {"init": (init_dir, f"{size}-init")}
         if mlm_head:
             distil = seeded(f"{size}-mlm-distil", opts, seed)
-
-            def mlm_fn(out, seed=seed):
-                train_student(out, init_dir, "mlm", train_file, val_file, plan, steps=plan["student_steps"],
-                              lr=plan["student_lr"], teacher_dir=mlm_dir, kd_alpha=plan["kd_alpha"], seed=seed,
-                              stopping=stopping)
-
-            distil_dir = st.run(distil, {**common, **kd}, [f"{size}-init", "teacher-mlm", "data-train",
-                                                            "data-validation"], mlm_fn,
-                                f"MLM-distilling the student from the teacher (alpha {plan['kd_alpha']}, seed {seed})")
-            starts["mlm-distil"] = (distil_dir, distil)
+            jobs.append(Job(distil, {**common, **kd}, [f"{size}-init", "teacher-mlm", "data-train", "data-validation"],
+                            "models:train_student",
+                            dict(init_dir=init_dir, task="mlm", train_file=train_file, validation_file=val_file,
+                                 plan=plan, steps=plan["student_steps"], lr=plan["student_lr"], teacher_dir=mlm_dir,
+                                 kd_alpha=plan["kd_alpha"], seed=seed, stopping=stopping.options()),
+                            f"MLM-distilling the student from the teacher (alpha {plan['kd_alpha']}, seed {seed})",
+                            cost=3.0))  # the variants that start from it wait for it: first
+            starts["mlm-distil"] = (st.path(distil), distil)
         for variant in classification_variants(mlm_head):
             start, dep = starts["mlm-distil" if variant in MLM_VARIANTS else "init"]
             task_kd = variant.endswith("task-kd")
-
-            def fn(out, start=start, task_kd=task_kd, seed=seed):
-                init = os.path.join(out, "init")
-                classifier_from(start, data["train_dir"], init, seed=seed)
-                train_student(out, init, "classification", train_file, val_file, plan, steps=plan["student_steps"],
-                              lr=plan["finetune_lr"], seed=seed, stopping=stopping,
-                              teacher_dir=teacher_dir if task_kd else None,
-                              kd_alpha=plan["kd_alpha"] if task_kd else 0.0)
-                shutil.rmtree(init)
-
             name = seeded(f"{size}-{variant}", opts, seed)
             deps = [dep, "data-train", "data-validation"] + (["teacher"] if task_kd else [])
             what = (f"fine-tuning the {variant} student on the labels (seed {seed})"
                     + (f" with KD from the teacher's class logits (alpha {plan['kd_alpha']}, "
                        f"temperature {plan['kd_temperature']})" if task_kd else ""))
-            d = st.run(name, {**common, **(kd if task_kd else {})}, deps, fn, what)
-            out_models[name] = {"dir": d, "stage": name, "variant": variant, "size": fraction, "seed": seed,
-                                "train_log": os.path.join(d, TRAIN_LOG)}
+            jobs.append(Job(name, {**common, **(kd if task_kd else {})}, deps, "classification:train_classifier",
+                            dict(start=start, data_dir=data["train_dir"], train_file=train_file, val_file=val_file,
+                                 plan=plan, seed=seed, stopping=stopping.options(),
+                                 teacher_dir=teacher_dir if task_kd else None,
+                                 kd_alpha=plan["kd_alpha"] if task_kd else 0.0), what,
+                            cost=2.0 if task_kd else 1.0))
+            out_models[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed}
+    dirs = st.run_jobs(jobs, plan.get("workers", 1))
+    for name, m in out_models.items():
+        m["dir"] = dirs[name]
+        m["train_log"] = os.path.join(dirs[name], TRAIN_LOG)
     return out_models
+
+
+def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_file: str, plan: dict, seed: int,
+                     stopping: dict, teacher_dir: str | None = None, kd_alpha: float = 0.0) -> None:
+    """A classification student stage: the encoder ``start`` with a fresh classifier head (seeded),
+    fine-tuned on the labels -- with task KD from ``teacher_dir``'s class logits when ``kd_alpha`` > 0 --
+    until its validation plateau; the model is saved into ``out``."""
+    init = os.path.join(out, "init")
+    classifier_from(start, data_dir, init, seed=seed)
+    train_student(out, init, "classification", train_file, val_file, plan, steps=plan["student_steps"],
+                  lr=plan["finetune_lr"], seed=seed, stopping=stopping, teacher_dir=teacher_dir, kd_alpha=kd_alpha)
+    shutil.rmtree(init)

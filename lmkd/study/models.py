@@ -134,7 +134,8 @@ class PlateauStopping(TrainerCallback):
 
 def train_student(out: str, init_dir: str, task: str, train_file: str, validation_file: str | None, plan: dict, *,
                   steps: int, lr: float, target_column: str | None = None, teacher_dir: str | None = None,
-                  kd_alpha: float = 0.0, seed: int = 42, stopping: StoppingRule | None = None, **config) -> dict:
+                  kd_alpha: float = 0.0, seed: int = 42, stopping: StoppingRule | dict | None = None,
+                  **config) -> dict:
     """Every training of the study: one :func:`lmkd.distill.run_distill` (DistillationTrainer) run from
     the saved model ``init_dir`` into ``out``; returns its metrics.
 
@@ -145,7 +146,7 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
     settings are the study's (constant rate after warm-up, no gradient clipping, weight decay 0.01).
     ``config`` adds or overrides DistillationConfig fields (e.g. ``teacher_cache``).
 
-    ``stopping`` (a :class:`StoppingRule`; needs ``validation_file``): ``steps`` becomes a cap; the
+    ``stopping`` (a :class:`StoppingRule` or its :meth:`~StoppingRule.options`; needs ``validation_file``): ``steps`` becomes a cap; the
     training stops on its validation plateau, the best evaluation's weights are saved, and
     ``out/train_log.json`` records the steps and the validation curve (:meth:`PlateauStopping.log`).
     Without it the training runs exactly ``steps`` steps with no evaluation on the way.
@@ -154,6 +155,8 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
     from ..data import DataArguments
     from ..distill import run_distill
 
+    if isinstance(stopping, dict):  # a worker process's job (lmkd.study.stages.Job) carries it as JSON
+        stopping = StoppingRule(**stopping)
     if stopping is not None and validation_file is None:
         raise LmkdError("early stopping needs a validation file")
     data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
@@ -259,6 +262,12 @@ def evaluate_quality(model_dir: str, task: str, test_file: str, beams: int, max_
             out.setdefault("predictions", {})[mode] = res["predictions"]["model"]
             out.setdefault("signatures", {}).update(res["signatures"])
     return out
+
+
+def evaluate_into(out: str, model_dir: str, task: str, test_file: str, beams: int, max_new_tokens: int) -> None:
+    """An evaluation stage: :func:`evaluate_quality` of ``model_dir`` written to ``out/quality.json``."""
+    atomic_write_json(os.path.join(out, "quality.json"),
+                      evaluate_quality(model_dir, task, test_file, beams, max_new_tokens))
 
 
 def measure_models_speed(model_dirs: dict[str, str], task: str, test_file: str, beams: int, max_new_tokens: int,

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from ..constants import DEFAULT_COLUMNS, EVAL_TASKS
 from ..errors import LmkdError
 
+#: the architecture of a seq2seq teacher trained from scratch (lmkd.scratch.model_config): BART with pre-LN
+#: layers.  Post-LN BART at lr 1e-3 collapsed (its encoder output one constant vector) on the 5k-row
+#: subset of the shipped pairs and on the French descriptions, and was weak on the reversed (fr->en)
+#: direction; a LayerNorm before each sub-layer is the standard cure for unstable from-scratch training.
+SEQ2SEQ_TEACHER_ARCH = "mbart"
 #: the seq2seq students of Kim & Rush (2016)'s table, one stage each per student size
 SEQ2SEQ_VARIANTS = ("baseline", "word-kd", "seq-kd", "seq-kd+word-kd", "seq-inter")
 #: the classification students: fine-tuning alone, task KD from the fine-tuned teacher's class
@@ -31,7 +36,7 @@ BUDGETS: dict[str, dict] = {
         teacher=dict(d_model=32, layers=2, heads=2, ffn=64), teacher_steps=40, teacher_mlm_steps=30,
         student_steps=12, eval_every=4, patience=2, min_delta=0.0,
         batch_size=16, teacher_lr=3e-3, student_lr=3e-3, finetune_lr=3e-3, warmup_steps=4,
-        beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1, dropout=0.0,
+        beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1, dropout=0.0, workers=1,
     ),
     "quick": dict(
         train_rows=None, transfer_rows=4000, validation_rows=200, test_rows=300, vocab_size=4000,
@@ -58,6 +63,9 @@ BUDGETS: dict[str, dict] = {
         # on this corpus, dropout 0.1 left it ignoring the source (val loss 3.79 with the right
         # sources vs 3.82 with shuffled ones) while dropout 0 used it (2.77 vs 5.58).
         dropout=0.0,
+        # Students and evaluations run two at a time, each in its own process on one thread: these small
+        # models barely use a second thread (lmkd.study.stages.Stages.run_jobs).  --jobs overrides it.
+        workers=2,
     ),
     "full": dict(
         train_rows=None, transfer_rows=None, validation_rows=1000, test_rows=None, vocab_size=8000,
@@ -65,7 +73,7 @@ BUDGETS: dict[str, dict] = {
         student_steps=10000, eval_every=500, patience=4, min_delta=0.005, batch_size=64, teacher_lr=5e-4, student_lr=1e-3, finetune_lr=1e-4,
         warmup_steps=1000,
         beams=5, max_new_tokens=128, max_length=512, batch_tokens=8192, speed_examples=32, speed_repeats=5,
-        dropout=0.1,
+        dropout=0.1, workers=2,
     ),
 }
 
@@ -94,6 +102,9 @@ class StudyOptions:
     teacher_check: bool = True
     #: every student variant is trained with seeds seed, seed+1, ..., seed+seeds-1
     seeds: int = 1
+    #: students and evaluations run this many at a time, each in a process of its own (None: the budget's
+    #: ``workers``, at most the number of cores)
+    jobs: int | None = None
     # filled in by resolve(): the budget's table with the overrides applied
     plan: dict = field(default_factory=dict)
 
@@ -144,6 +155,13 @@ class StudyOptions:
                 if value < 1:
                     raise LmkdError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
                 plan[key] = value
+        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
+            raise LmkdError(f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
+                            "at a time")
+        plan["workers"] = self.jobs or max(1, min(plan.get("workers", 1), os.cpu_count() or 1))
+        from .stages import threads_per_worker
+
+        plan["threads_per_worker"] = threads_per_worker(plan["workers"])
         plan["kd_alpha"] = self.kd_alpha
         plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
         # the teacher check scores this many validation rows (all of them up to 200)
@@ -190,6 +208,16 @@ def classification_variants(mlm_head: bool = True) -> tuple[str, ...]:
     """The classification variants a teacher allows: all of :data:`CLS_VARIANTS` with an MLM head,
     else those that need none."""
     return CLS_VARIANTS if mlm_head else tuple(v for v in CLS_VARIANTS if v not in MLM_VARIANTS)
+
+
+def thread_options(plan: dict) -> dict:
+    """What a student or evaluation stage's hash records of how it ran: the threads of each worker
+    process when stages run side by side (a different thread count may change the last digits of
+    a training), nothing when they run one at a time in the study's own process."""
+    from .stages import threads_per_worker
+
+    workers = plan.get("workers", 1)
+    return {"threads": threads_per_worker(workers)} if workers > 1 else {}
 
 
 def student_seeds(opts: StudyOptions) -> list[int]:

@@ -28,6 +28,7 @@ from ..modeling import load_tokenizer
 from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
 from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
 from .checks import summary as check_summary
+from .teachers import scratch_teacher
 from .lengths import describe as describe_lengths
 from .plan import StudyOptions
 
@@ -251,7 +252,7 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
     return {"task": opts.task, "budget": opts.budget, "plan": plan,
             "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
-            "teacher": opts.teacher or "trained from scratch", "columns": [c for c, _ in cols],
+            "teacher": opts.teacher or scratch_teacher(opts), "columns": [c for c, _ in cols],
             "column_keys": keys, "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
             "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows}
 
@@ -359,7 +360,9 @@ def report_markdown(report: dict) -> str:
          if report["task"] != "classification" else
          f"Training: batch {plan['batch_size']}; classifiers (the teacher's fine-tuning, every student) at lr "
          f"{plan.get('finetune_lr', plan['student_lr'])}, MLM-distillation at lr {plan['student_lr']}; KD alpha "
-         f"{plan['kd_alpha']}, temperature {plan['kd_temperature']}."),
+         f"{plan['kd_alpha']}, temperature {plan['kd_temperature']}.")
+        + (f" Students and evaluations ran {plan['workers']} at a time, each in its own process on "
+           f"{plan.get('threads_per_worker', 1)} thread(s)." if plan.get("workers", 1) > 1 else ""),
     ]
     if seq2seq:
         lines.append(f"Output tokens: mean length of each model's {sig['mode'] or ''} outputs on the test rows, "

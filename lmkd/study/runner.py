@@ -13,11 +13,11 @@ from collections.abc import Callable
 from ..io import atomic_write_json, file_digest
 from .classification import classification_students, no_mlm_head_note
 from .models import evaluate_quality, has_mlm_head, measure_models_speed
-from .plan import StudyOptions, count_stages
+from .plan import StudyOptions, count_stages, thread_options
 from .results import build_report, write_study_report
 from .seq2seq import seq2seq_students
 from .splits import prepare_split
-from .stages import Stages, format_duration
+from .stages import Job, Stages, format_duration
 from .teachers import teacher_check_of, teacher_stages
 
 
@@ -72,15 +72,14 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     else:
         models.update(seq2seq_students(st, opts, data, teachers["teacher"]))
 
-    eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], "evaluate": "evaluate_models"}
-    results: dict[str, dict] = {}
-    for name, m in models.items():
-        def eval_fn(out, m=m):
-            atomic_write_json(os.path.join(out, "quality.json"),
-                              evaluate_quality(m["dir"], opts.task, test_file, plan["beams"], plan["max_new_tokens"]))
-
-        ed = st.run(f"eval-{name}", eval_opts, [m["stage"], "data-test"], eval_fn, f"evaluating {name} on the test set")
-        results[name] = _read_json(ed, "quality.json")
+    eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], "evaluate": "evaluate_models",
+                 **thread_options(plan)}
+    jobs = [Job(f"eval-{name}", eval_opts, [m["stage"], "data-test"], "models:evaluate_into",
+                dict(model_dir=m["dir"], task=opts.task, test_file=test_file, beams=plan["beams"],
+                     max_new_tokens=plan["max_new_tokens"]), f"evaluating {name} on the test set")
+            for name, m in models.items()]
+    dirs = st.run_jobs(jobs, plan.get("workers", 1))
+    results = {name: _read_json(dirs[f"eval-{name}"], "quality.json") for name in models}
 
     # "fixed_new_tokens": the per-token speed (every model forced to decode that many tokens) is measured too
     speed_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"],
@@ -92,11 +91,13 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
             {n: m["dir"] for n, m in models.items()}, opts.task, test_file, plan["beams"], plan["max_new_tokens"],
             plan["speed_examples"], plan["speed_repeats"]))
 
+    # alone: nothing else may run while the models are timed
     sd = st.run("speed", speed_opts, [m["stage"] for m in models.values()] + ["data-test"], speed_fn,
                 f"measuring the speed of {len(models)} models side by side")
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
     # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
-    rd = st.run("report", {"v": 4}, [f"eval-{n}" for n in models] + ["speed"],
+    # v5: the from-scratch teacher's architecture, the workers
+    rd = st.run("report", {"v": 5}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))

@@ -13,9 +13,9 @@ import shutil
 
 from ..io import atomic_write_json, read_rows, write_jsonl
 from .models import TRAIN_LOG, StoppingRule, save_model, train_student
-from .plan import SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds
+from .plan import SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds, thread_options
 from .splits import select_transfer_rows
-from .stages import Stages
+from .stages import Job, Stages
 
 #: the column each variant trains on: the gold target, the teacher's best beam, or Seq-Inter's pick
 VARIANT_TARGET = {"baseline": "target", "word-kd": "target", "seq-kd": "teacher", "seq-kd+word-kd": "teacher",
@@ -93,6 +93,7 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
     students: dict[str, dict] = {}
     stopping = StoppingRule.from_plan(plan)
     kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
+    jobs: list[Job] = []
     for fraction in opts.student_sizes:
         size = size_name(fraction)
         for seed in student_seeds(opts):
@@ -103,25 +104,27 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
                               f"the student init with <= {fraction:g} of the teacher's parameters (seed {seed})")
             student_opts = {"steps": plan["student_steps"], "lr": plan["student_lr"], "batch": plan["batch_size"],
                             "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": seed,
-                            "stopping": stopping.options()}
+                            "stopping": stopping.options(), **thread_options(plan)}
             for variant in SEQ2SEQ_VARIANTS:
                 word = "word-kd" in variant
                 target = VARIANT_TARGET[variant]
                 data_file = rows_file if target == "target" else transfer_file
                 deps = [init, "data-validation"] + (["transfer"] if target != "target" else ["transfer-rows"]) + \
                     (["teacher"] if word else [])
-
-                def fn(out, init_dir=init_dir, data_file=data_file, target=target, word=word, seed=seed):
-                    train_student(out, init_dir, opts.task, data_file, data["validation"], plan,
-                                  steps=plan["student_steps"], lr=plan["student_lr"], target_column=target,
-                                  teacher_dir=teacher_dir if word else None,
-                                  kd_alpha=plan["kd_alpha"] if word else 0.0, seed=seed, stopping=stopping)
-
+                kwargs = dict(init_dir=init_dir, task=opts.task, train_file=data_file,
+                              validation_file=data["validation"], plan=plan, steps=plan["student_steps"],
+                              lr=plan["student_lr"], target_column=target, teacher_dir=teacher_dir if word else None,
+                              kd_alpha=plan["kd_alpha"] if word else 0.0, seed=seed, stopping=stopping.options())
                 name = seeded(f"{size}-{variant}", opts, seed)
                 what = (f"training student {variant} (seed {seed}): targets = {target}"
                         + (f", word-level KD alpha {plan['kd_alpha']}" if word else "")
                         + f", until its validation CE stops improving (at most {plan['student_steps']} steps)")
-                stage_dir = st.run(name, {**student_opts, "target": target, **(kd if word else {})}, deps, fn, what)
-                students[name] = {"dir": stage_dir, "stage": name, "variant": variant, "size": fraction,
-                                  "seed": seed, "train_log": os.path.join(stage_dir, TRAIN_LOG)}
+                # a Word-KD step also runs the teacher: about twice a plain one
+                jobs.append(Job(name, {**student_opts, "target": target, **(kd if word else {})}, deps,
+                                "models:train_student", kwargs, what, cost=2.0 if word else 1.0))
+                students[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed}
+    dirs = st.run_jobs(jobs, plan.get("workers", 1))
+    for name, m in students.items():
+        m["dir"] = dirs[name]
+        m["train_log"] = os.path.join(dirs[name], TRAIN_LOG)
     return students

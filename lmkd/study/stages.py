@@ -12,10 +12,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import LmkdError
 from ..io import atomic_dir, atomic_write_json, stable_hash
 
 
@@ -28,6 +33,34 @@ def format_duration(seconds: float) -> str:
     """``12.3s`` under a minute, else ``4m05s``."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+@dataclass
+class Job:
+    """A stage that may run in a worker process of its own (:meth:`Stages.run_jobs`): ``call`` names a
+    function of ``lmkd.study`` as ``"module:function"`` (``"models:train_student"``) and ``kwargs`` are
+    its JSON-able keyword arguments; it is called as ``function(out, **kwargs)`` with the stage's
+    temporary directory, in this process or in ``python -m lmkd.study.worker``."""
+
+    name: str
+    options: dict
+    deps: list[str]
+    call: str
+    kwargs: dict
+    what: str = ""
+    #: the scheduler starts the costliest ready jobs first (e.g. 2 for a student that also runs its teacher)
+    cost: float = 1.0
+    dir: str | None = field(default=None, init=False)
+
+
+def call_job(call: str, kwargs: dict, out: str) -> None:
+    """Run a :class:`Job`'s function: ``lmkd.study.<module>.<function>(out, **kwargs)``."""
+    import importlib
+
+    module, _, name = call.partition(":")
+    if not module or not name or "." in module:
+        raise ValueError(f"a study job names a function of lmkd.study as 'module:function', got {call!r}")
+    getattr(importlib.import_module(f"lmkd.study.{module}"), name)(out, **kwargs)
 
 
 class Stages:
@@ -88,3 +121,69 @@ class Stages:
         if self.after_stage is not None:
             self.after_stage(name)
         return str(final)
+
+    def run_jobs(self, jobs: list[Job], workers: int = 1) -> dict[str, str]:
+        """Run every :class:`Job` (each one a :meth:`run`, cached the same way); returns ``{name: dir}``.
+
+        ``workers`` 1: one after the other, in this process.  More: up to ``workers`` jobs at a time,
+        each in a ``python -m lmkd.study.worker`` process on ``threads_per_worker(workers)`` threads
+        (the small study models barely use a second thread, so two one-thread trainings on two cores
+        take about the time of one), its output in ``ROOT/logs/NAME.log``.  A job starts once the jobs
+        it depends on (``deps`` naming another job of the list) are done, costliest first.  A failed job
+        lets the running ones finish (their stages are kept), starts no other, and is raised."""
+        names = {j.name for j in jobs}
+        if workers <= 1:
+            for j in jobs:
+                j.dir = self.run(j.name, j.options, j.deps,
+                                 lambda out, j=j: call_job(j.call, j.kwargs, out), j.what)
+            return {j.name: j.dir for j in jobs}
+        threads = threads_per_worker(workers)
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        pending, running, done = list(jobs), {}, set()
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(workers) as pool:
+            while pending or running:
+                ready = [j for j in pending if all(d in done or d not in names for d in j.deps)]
+                if failure is None:
+                    for j in sorted(ready, key=lambda j: -j.cost)[: workers - len(running)]:
+                        pending.remove(j)
+                        fn = lambda out, j=j: _run_worker(j, out, threads, logs / f"{j.name.replace('+', '_')}.log")
+                        running[pool.submit(self.run, j.name, j.options, j.deps, fn, j.what)] = j
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    j = running.pop(fut)
+                    try:
+                        j.dir = fut.result()
+                        done.add(j.name)
+                    except BaseException as e:  # noqa: BLE001 -- re-raised once the running jobs are done
+                        failure = failure or e
+        if failure is not None:
+            raise failure
+        return {j.name: j.dir for j in jobs}
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads of each of ``workers`` worker processes: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _run_worker(job: Job, out: str, threads: int, log: Path) -> None:
+    """``job`` in a ``python -m lmkd.study.worker`` process writing into ``out``; its output goes to
+    ``log``.  A worker's one-line user error (exit 2) is raised as that line; any other failure names
+    the log."""
+    spec = os.path.join(out, ".job.json")
+    atomic_write_json(spec, {"call": job.call, "kwargs": job.kwargs, "threads": threads}, default=str)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run([sys.executable, "-m", "lmkd.study.worker", spec, out], stdout=f,
+                              stderr=subprocess.STDOUT, env=env)
+    os.remove(spec)
+    if proc.returncode != 0:
+        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        last = lines[-1] if lines else "(no output)"
+        if proc.returncode == 2 and last.startswith("lmkd: error: "):
+            raise LmkdError(last[len("lmkd: error: "):])
+        raise RuntimeError(f"study stage {job.name} failed (exit {proc.returncode}): {last} -- whole log: {log}")

@@ -1,5 +1,5 @@
 """The study's teacher stages: a given teacher (hashed by content), or a tokenizer and a teacher
-trained from scratch -- a BART-style seq2seq model, or for classification a BERT-style masked LM
+trained from scratch -- a pre-LN BART-style (mBART) seq2seq model, or for classification a BERT-style masked LM
 that is then fine-tuned as the classifier teacher.  Every teacher passes the check of
 :mod:`lmkd.study.checks` before any student is trained: a from-scratch teacher that fails it
 trains one more round at half the learning rate, then the study stops (no report)."""
@@ -13,7 +13,7 @@ from ..io import atomic_write_json, file_digest, read_rows
 from .checks import TeacherDidNotLearn, check_teacher, ignores_source, summary
 from .lengths import describe, size_lengths
 from .models import classifier_from, save_model, train_student
-from .plan import StudyOptions
+from .plan import SEQ2SEQ_TEACHER_ARCH, StudyOptions
 from .stages import Stages
 
 
@@ -45,7 +45,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         tok_dir = st.run("tokenizer", {"vocab_size": plan["vocab_size"]}, ["data-train"], tokenizer_fn,
                          f"training a {plan['vocab_size']}-token BPE tokenizer")
         _length_stage(st, opts, data, tok_dir, "tokenizer")
-        arch = "bert" if cls else "bart"
+        arch = "bert" if cls else SEQ2SEQ_TEACHER_ARCH
         shape = plan["teacher"]
         teacher_opts = {"arch": arch, "shape": shape, "steps": plan["teacher_mlm_steps" if cls else "teacher_steps"],
                         "lr": plan["teacher_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
@@ -71,7 +71,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         name = "teacher-mlm" if cls else "teacher"
         n = f"{shape['d_model']}-wide, {shape['layers']}{'' if cls else '+' + str(shape['layers'])} layers"
         what = (f"pre-training a BERT-style masked-LM teacher ({n}) for {teacher_opts['steps']} steps" if cls else
-                f"training a BART-style teacher ({n}) for {teacher_opts['steps']} steps")
+                f"training a pre-LN BART-style (mBART) teacher ({n}) for {teacher_opts['steps']} steps")
         if not cls:
             teacher_opts["check"] = _check_options(opts)
         mlm_dir = st.run(name, teacher_opts, ["tokenizer", "data-train", "data-validation"], teacher_fn, what)
@@ -222,3 +222,13 @@ def fit_batch(plan: dict) -> None:
     if plan["batch_size"] < base:
         plan["notes"].append(f"Batch {plan['batch_size']} rather than {base}: inputs of up to {plan['max_length']} "
                              f"tokens, and the budget's {budget} input tokens per step.")
+
+
+def scratch_teacher(opts) -> str:
+    """How the report names a teacher the study trained from scratch: its architecture and shape."""
+    shape = opts.plan["teacher"]
+    if opts.task == "classification":
+        return (f"trained from scratch (BERT, {shape['d_model']}-wide, {shape['layers']} layers: masked-LM "
+                "pre-training, then fine-tuned on the labels)")
+    arch = {"mbart": "pre-LN BART (mBART-style)", "bart": "BART"}.get(SEQ2SEQ_TEACHER_ARCH, SEQ2SEQ_TEACHER_ARCH)
+    return f"trained from scratch ({arch}, {shape['d_model']}-wide, {shape['layers']}+{shape['layers']} layers)"

@@ -1,0 +1,61 @@
+"""Study stages side by side (lmkd.study.stages.Stages.run_jobs): students and evaluations in worker
+processes give the same report as one after the other, and a failing worker is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmkd.errors import LmkdError
+from lmkd.study import StudyOptions, run_study
+from lmkd.study.stages import Job, Stages, threads_per_worker
+from test_study_trust import _flat, _without_timings
+
+
+def test_a_failing_worker_is_one_line_and_its_dependents_never_start(tmp_path):
+    st = Stages(str(tmp_path / "study"), total=2)
+    missing = str(tmp_path / "no-such-model")
+    bad = Job("bad", {}, [], "models:evaluate_into",
+              dict(model_dir=missing, task="translation", test_file=missing, beams=1, max_new_tokens=4))
+    after = Job("after", {}, ["bad"], "models:evaluate_into", dict(bad.kwargs))
+    with pytest.raises(LmkdError) as e:
+        st.run_jobs([bad, after], workers=2)
+    assert "no-such-model" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "study" / "logs" / "bad.log").is_file()  # the worker's output is kept
+    assert not (tmp_path / "study" / "logs" / "after.log").exists()  # never started
+    stages = tmp_path / "study" / "stages"
+    assert not (stages / "bad").exists() and not (stages / "after").exists()
+    assert not list(stages.glob(".tmp-*"))  # nothing half-written
+
+
+def test_threads_share_the_cores():
+    import os
+
+    assert threads_per_worker(1) == (os.cpu_count() or 1)
+    assert threads_per_worker(2) == max(1, (os.cpu_count() or 1) // 2)
+    assert threads_per_worker(10 ** 6) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["translation", "classification"])
+def test_two_workers_give_the_report_of_one(tmp_path, task):
+    """The same tiny study, its students and evaluations one at a time in this process (one thread) and
+    two at a time in worker processes (one thread each): the same report.json, timings aside.
+    Classification also has a dependency inside the batch (MLM-distil -> the DistilBERT variants)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(StudyOptions(task=task, budget="tiny", teacher_check=False, jobs=1, output=str(tmp_path / "one")))
+    finally:
+        torch.set_num_threads(threads)
+    run_study(StudyOptions(task=task, budget="tiny", teacher_check=False, jobs=2, output=str(tmp_path / "two")))
+    one, two = (json.loads((tmp_path / r / "report.json").read_text()) for r in ("one", "two"))
+    assert one["plan"]["workers"] == 1 and two["plan"]["workers"] == 2
+    for r in (one, two):
+        r["plan"].pop("workers"), r["plan"].pop("threads_per_worker")
+    a, b = _flat(_without_timings(one)), _flat(_without_timings(two))
+    assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert len(two["rows"]) == (5 if task == "classification" else 6)  # teacher + every variant
+    assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir())  # each worker's log kept
