@@ -38,7 +38,7 @@ def add_parser(sub):
                "--output runs/mysum\n"
                "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
                "--source-column sentence --output runs/cls\n"
-               "Budgets: tiny (seconds, for tests), quick (the demo: ~20 min on 2 CPU cores for translation), full (hours).")
+               "Budgets: tiny (seconds, for tests), quick (the demo: aimed at 20 min, about 30-40 min measured on 2 CPU cores for translation), full (hours).")
     p.add_argument("--task", required=True, choices=EVAL_TASKS)
     p.add_argument("--train", help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
                                    "synopses; French descriptions -> synopsis; -> archive section)")

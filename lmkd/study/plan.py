@@ -23,7 +23,7 @@ CLS_VARIANTS = ("no-kd", "task-kd", "distilbert", "distilbert+task-kd")
 #: the classification variants that start from an MLM-distilled student (they need a teacher MLM head)
 MLM_VARIANTS = ("distilbert", "distilbert+task-kd")
 
-# What each budget trains and evaluates.  ``quick`` is sized for `make demo` (<= 20 min on 2 CPU
+# What each budget trains and evaluates.  ``quick`` is aimed at `make demo` (<= 20 min on 2 CPU
 # cores); ``tiny`` for tests (seconds); ``full`` for a real study.  Row limits of None = all rows.
 # ``max_length`` caps the length the study sizes from the data (lmkd.study.lengths).
 # Students (every variant the same rule, lmkd.study.models.StoppingRule): ``student_steps`` is a cap;
