@@ -75,7 +75,7 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={
         "help": "The dataset's configuration, e.g. ro-en for wmt16."})
     train_split: str = field(default="train", metadata={"help": "dataset_name's training split (default train; "
-                                                                "slices like train[:10%] work)."})
+                                                                "slices like train[:1000] work)."})
     validation_split: str | None = field(default=None, metadata={
         "help": "dataset_name's evaluation split (default: validation, when the dataset has one; none when "
                 "validation_file is given)."})

@@ -128,3 +128,19 @@ def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         "lmkd generate: interrupted; resume with the same command without --overwrite: lmkd generate --teacher "
         f"{cfg['teacher_model_name_or_path']} --data {cfg['train_file']} --output {recipe}.gen")
+
+
+def test_help_keys_lists_every_key_without_a_traceback(capsys):
+    """`lmkd distill --help-keys` (the README's pointer for every key) prints every key of the three
+    argument groups: argparse formats each help text, so one with a bare '%' crashed it."""
+    from dataclasses import fields
+
+    from lmkd.config import DistillationConfig, ModelArguments
+    from lmkd.data import DataArguments
+
+    assert main(["distill", "--help-keys"]) in (0, None)
+    out = capsys.readouterr().out
+    for cls in (ModelArguments, DataArguments, DistillationConfig):
+        for f in fields(cls):
+            if f.init and f.metadata.get("help"):
+                assert f"--{f.name}" in out, f.name
