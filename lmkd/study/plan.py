@@ -214,10 +214,7 @@ def thread_options(plan: dict) -> dict:
     """What a student or evaluation stage's hash records of how it ran: the threads of each worker
     process when stages run side by side (a different thread count may change the last digits of
     a training), nothing when they run one at a time in the study's own process."""
-    from .stages import threads_per_worker
-
-    workers = plan.get("workers", 1)
-    return {"threads": threads_per_worker(workers)} if workers > 1 else {}
+    return {"threads": plan["threads_per_worker"]} if plan.get("workers", 1) > 1 else {}
 
 
 def student_seeds(opts: StudyOptions) -> list[int]:
