@@ -138,6 +138,16 @@ def _convert_ct2(source: str, out: str, quantization: str) -> None:
             # is post-norm (mBART's loader sets True itself), so the missing field means False
             if model.config.model_type == "bart" and not hasattr(model.config, "normalize_before"):
                 model.config.normalize_before = False
+            if model.config.model_type == "mbart":
+                # mBART is pre-LN (a LayerNorm before each sub-layer and one after each stack), and its
+                # loader reads the same missing field
+                model.config.normalize_before = True
+                # the loader leaves the decoder start to a target prefix (MBart-25's language code) unless
+                # the tokenizer class says otherwise; a model whose decoder starts at </s> (lmkd's from-
+                # scratch mBART, the study's teacher) must start there without a prefix
+                if (getattr(model.config, "tokenizer_class", None) is None
+                        and model.config.decoder_start_token_id == model.config.eos_token_id):
+                    model.config.tokenizer_class = "PreTrainedTokenizerFast"
             return model
 
         def _load(self):

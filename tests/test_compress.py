@@ -192,6 +192,25 @@ def test_exported_seq2seq_models_agree_with_fp32(trained, corpus, tmp_path, fmt,
     assert {"ct2-float32": 0.8 < ratio < 1.2, "ct2-int8": ratio < 0.5, "torch-int8": ratio < 0.8}[fmt], ratio
 
 
+def test_ctranslate2_converts_the_studys_pre_ln_mbart_exactly(tokenizer, corpus, tmp_path):
+    """The study's from-scratch teacher and students are pre-LN mBART whose decoder starts at </s>:
+    CTranslate2 float32 gives the PyTorch model's greedy and beam outputs on every row."""
+    from lmkd.scratch import build_model
+
+    model = _spread(build_model("mbart", len(tokenizer), dropout=0.0, d_model=32, layers=2))
+    model.save_pretrained(tmp_path / "mbart")
+    tokenizer.save_pretrained(tmp_path / "mbart")
+    engines.export(str(tmp_path / "mbart"), str(tmp_path / "ct2"), "ct2-float32", "seq2seq")
+    fp32, tok = load_model(str(tmp_path / "mbart"), kind="seq2seq").eval(), load_tokenizer(str(tmp_path / "mbart"))
+    served, stok = engines.load(str(tmp_path / "ct2"), "seq2seq")
+    sources = [r["source"] for r in corpus[:16]]
+    for beams in (1, 3):
+        ref = generation.generate_texts(fp32, tok, sources, num_beams=beams, max_new_tokens=12, progress=False)
+        assert len(set(ref)) >= 6, ref
+        assert generation.generate_texts(served, stok, sources, num_beams=beams, max_new_tokens=12,
+                                         progress=False) == ref
+
+
 @pytest.mark.parametrize("fmt,min_rows", [("onnx", 1.0), ("onnx-int8", 0.75), ("torch-int8", 0.75)])
 def test_exported_classifier_predictions_agree_with_fp32(trained, tmp_path, fmt, min_rows):
     engines.export(trained["bert"], str(tmp_path / fmt), fmt, "classification")
