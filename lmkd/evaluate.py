@@ -369,6 +369,9 @@ def markdown_table(result: dict) -> str:
         sp = next(iter(result["models"].values()))["speed"]
         notes.append(f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
                      f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}.")
+        busy = metrics.busy_warning(sp)
+        if busy:
+            notes.append(busy)
         if per_token:
             notes.append(f"ms/token: greedy decoding of exactly {fixed} new tokens per example (EOS held off), batch 1, "
                          "the same latency examples -- the architecture's speed, whatever the length of a model's "

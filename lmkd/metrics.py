@@ -23,6 +23,7 @@ models whose outputs these score is :mod:`lmkd.generation`'s (``generate_texts``
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -204,11 +205,12 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
     devices = devices or {}
     token_runners = token_runners or {}
+    busy = OtherLoad()
     lat: dict[str, list[float]] = {k: [] for k in runners}
     thr: dict[str, list[float]] = {k: [] for k in runners}
     per_tok: dict[str, list[float]] = {k: [] for k in token_runners}
     fixed: dict[str, int] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), busy:
         for name, run in runners.items():  # warm-up: kernels, allocator, caches
             dev = devices.get(name, torch.device("cpu"))
             run(single[:1])
@@ -240,8 +242,56 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
         out[name] = {"latency_ms": 1000.0 * statistics.median(lat[name]),
                      "throughput_per_s": statistics.median(thr[name]),
                      "latency_batch_size": 1, "throughput_batch_size": batch_size,
-                     "latency_examples": len(single), "throughput_examples": len(inputs), "repeats": repeats}
+                     "latency_examples": len(single), "throughput_examples": len(inputs), "repeats": repeats,
+                     "other_cpu_load": busy.fraction, "cpus": os.cpu_count()}
         if name in token_runners:
             out[name]["ms_per_token"] = 1000.0 * statistics.median(per_tok[name])
             out[name]["fixed_new_tokens"] = fixed[name]
     return out
+
+
+#: above this share of the machine's cores used by other processes, timings are flagged as unreliable
+BUSY_MACHINE = 0.15
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of this machine have spent busy since boot (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class OtherLoad:
+    """Context manager: how much CPU *other* processes used while the block ran, as a fraction of all the
+    machine's cores (``fraction``: 0 = nothing else ran, 1 = every core busy elsewhere; None where the
+    machine's counters cannot be read).  A timing taken while other work ran is not the model's speed:
+    :func:`measure_speed` records it, and the reports flag figures above :data:`BUSY_MACHINE`."""
+
+    fraction: float | None = None
+
+    def __enter__(self):
+        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall, own, busy = time.perf_counter() - self._t, time.process_time() - self._own, _busy_cpu_seconds()
+        if self._busy is None or busy is None or wall <= 0:
+            self.fraction = None
+        else:
+            self.fraction = max(0.0, (busy - self._busy - own) / (wall * (os.cpu_count() or 1)))
+        return False
+
+
+def busy_warning(speed: dict) -> str | None:
+    """The line a report prints when ``speed`` (one model's :func:`measure_speed` figures) was timed
+    while other processes used more than :data:`BUSY_MACHINE` of the cores; None otherwise."""
+    load = speed.get("other_cpu_load")
+    if load is None or load <= BUSY_MACHINE:
+        return None
+    return (f"**Speed measured on a busy machine**: other processes used {load:.0%} of the {speed.get('cpus')} "
+            "cores while the models were timed, so the speed columns are not reliable; time them again on an "
+            "idle machine.")

@@ -226,3 +226,30 @@ def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(tmp_path, t
     (legacy / "pytorch_model.bin").write_bytes(b"y" * 123)
     assert weights_bytes(str(legacy)) == 123
     assert weights_bytes("Helsinki-NLP/opus-mt-en-de") is None and weights_bytes(str(tmp_path / "sharded" / "x")) is None
+
+
+def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one():
+    """The busy-machine check behind every speed figure: a process burning a core elsewhere while we
+    wait shows up (about one core's share); this process burning a core does not."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lmkd.metrics import OtherLoad, busy_warning
+
+    cpus = os.cpu_count()
+    burn = "import time\nt=time.perf_counter()\nwhile time.perf_counter()-t<1.5: pass"
+    with OtherLoad() as elsewhere:
+        p = subprocess.Popen([sys.executable, "-c", burn])
+        p.wait()
+    with OtherLoad() as here:
+        t = time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            pass
+    assert elsewhere.fraction is not None and here.fraction is not None
+    assert elsewhere.fraction * cpus > 0.6  # one core (of cpus) busy elsewhere for most of the block
+    assert here.fraction * cpus < 0.4
+    warning = busy_warning({"other_cpu_load": 0.5, "cpus": 2})
+    assert warning.startswith("**Speed measured on a busy machine**: other processes used 50% of the 2 cores")
+    assert busy_warning({"other_cpu_load": 0.05, "cpus": 2}) is None and busy_warning({}) is None
