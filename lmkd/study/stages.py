@@ -97,7 +97,7 @@ class Stages:
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == key:
-                self.keys[name] = key
+                self.keys[name] = meta.get("instance", key)
                 print(f"{label}: cached ({format_duration(meta.get('elapsed_s', 0))} when it ran)", flush=True)
                 return str(final)
             changed = sorted(k for k in set(options) | set(meta.get("options", {}))
@@ -111,8 +111,11 @@ class Stages:
             elapsed = time.time() - t0
             meta = {"stage": name, "key": key, "options": options, "deps": {d: self.keys[d] for d in deps},
                     "elapsed_s": round(elapsed, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            # what the stages that read this one depend on: this run of it, so that a stage run again (its
+            # directory deleted to re-time the speed, say) recomputes what was built from it
+            meta["instance"] = stable_hash({"key": key, "run": time.time_ns()})
             atomic_write_json(os.path.join(tmp, "stage.json"), meta, default=str)
-        self.keys[name] = key
+        self.keys[name] = meta["instance"]
         with open(self.root / "study.log", "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": name, "key": key, "elapsed_s": round(elapsed, 2),
                                 "finished": meta["finished"]}) + "\n")
