@@ -62,7 +62,8 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
     assert sig["mode"] == "beam" and sig["metrics"] == ["bleu", "chrf"] and sig["n_samples"] == 1000
     kinds = [c["kind"] for c in sig["comparisons"]]
     n = len(SEQ2SEQ_VARIANTS)
-    assert kinds == ["vs-baseline"] * (n - 1) + ["best-vs-other"] * (n - 2) + ["vs-teacher"] * n
+    assert kinds == (["vs-baseline"] * (n - 1) + ["best-vs-other"] * (n - 2) + ["served-vs-student"]
+                     + ["vs-teacher"] * (n + 1))
     assert {c["a"] for c in sig["comparisons"] if c["kind"] == "vs-baseline"} == \
         {f"s025-{v}" for v in SEQ2SEQ_VARIANTS[1:]}
     for c in sig["comparisons"]:
@@ -182,7 +183,8 @@ def test_seeds_give_mean_and_std_per_variant_and_train_logs_give_steps_and_curve
     assert "| the baseline | 1 | 100 | " in md
     for name, steps in (("s025-baseline", "100 (stopped)"), ("s025-word-kd", "110")):
         r = rows[name]
-        assert f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['parameters_vs_teacher']:.0%} | {steps} | " in md
+        assert (f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['parameters_vs_teacher']:.0%} | "
+                f"{r['bytes_on_disk'] / 1e6:.1f} | {steps} | ") in md
     # the plot: two panels (quality against speed, the first seeds' validation curves)
     write_study_report(report, str(tmp_path / "r"))
     import matplotlib.image

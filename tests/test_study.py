@@ -19,9 +19,10 @@ from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows", "transfer",
                "s025-init"]
 TRANSLATION_STAGES = (BEFORE_STOP
-                      + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
-                      + ["eval-teacher"] + [f"eval-s025-{v}" for v in SEQ2SEQ_VARIANTS]
+                      + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS] + ["serve"]
+                      + ["eval-teacher"] + [f"eval-s025-{v}" for v in SEQ2SEQ_VARIANTS] + ["eval-served"]
                       + ["speed", "report"])
+STUDENTS = [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_report_numbers_equal_evaluate_on_the_saved_models(translation):
     report = json.loads((Path(out) / "report.json").read_text())
     plan = report["plan"]
     test_file = str(Path(out) / "stages" / "data-test" / "test.jsonl")
-    assert [r["model"] for r in report["rows"]] == ["teacher"] + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
+    assert [r["model"] for r in report["rows"]] == ["teacher"] + STUDENTS + ["served"]
     for row in report["rows"]:
         for mode, beams in (("greedy", 1), ("beam", plan["beams"])):
             res = evaluate_models({"m": row["path"]}, test_file, "translation", num_beams=beams,
@@ -127,6 +128,69 @@ def test_students_are_at_most_a_quarter_of_the_teacher_and_share_one_init(transl
     assert {"source", "target", "teacher", "inter"} <= set(transfer[0])
 
 
+def test_the_best_student_by_validation_ce_is_served_and_scored_like_the_others(translation):
+    """The serve stage: the student with the lowest validation CE (from the train logs, not the test
+    rows) exported to CTranslate2 int8 -- smaller on disk, the same parameters; its row is scored by the
+    same evaluation (test_report_numbers_equal_evaluate_on_the_saved_models covers every row) and is
+    compared with the student it came from by the same paired bootstrap."""
+    out, _, _ = translation
+    report = json.loads((Path(out) / "report.json").read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    best_ce = {}
+    for name in STUDENTS:
+        log = json.loads((Path(out) / "stages" / name.replace("+", "_") / "train_log.json").read_text())
+        best_ce[name] = min(p["metric"] for p in log["curve"])
+    source = min(STUDENTS, key=lambda n: (best_ce[n], STUDENTS.index(n)))
+    served = rows["served"]
+    assert served["source"] == source == report["plan"]["served"]["student"]
+    assert report["plan"]["served"]["validation_ce"] == pytest.approx(best_ce[source])
+    meta = json.loads((Path(out) / "stages" / "serve" / "lmkd_export.json").read_text())
+    assert meta["format"] == "ct2-int8" and meta["engine"] == "ctranslate2"
+    assert served["parameters"] == rows[source]["parameters"]
+    assert served["bytes_on_disk"] < 0.5 * rows[source]["bytes_on_disk"]
+    assert served["label"] == f"{rows[source]['label']}, served (CTranslate2 int8)"
+    assert served["ms_per_token"] > 0 and served["latency_ms"] > 0
+    comps = [c for c in report["significance"]["comparisons"] if c["a"] == "served"]
+    assert [(c["kind"], c["b"]) for c in comps] == [("served-vs-student", source), ("vs-teacher", "teacher")]
+    md = (Path(out) / "report.md").read_text()
+    assert f"Served: {source}, the student with the lowest validation CE" in md
+    assert "| MB on disk |" in md
+
+
+def test_serve_stage_skips_with_a_note_when_the_engine_cannot_export(monkeypatch):
+    from lmkd.study import serving
+
+    def refuse(fmt, config, kind):
+        raise LmkdError("ctranslate2 needs the ctranslate2 package(s): pip install 'lmkd[deploy]'")
+
+    class NoStages:
+        def run(self, *a, **k):
+            raise AssertionError("nothing is exported")
+
+    monkeypatch.setattr(serving.engines, "check_exportable", refuse)
+    monkeypatch.setattr(serving, "load_config", lambda d: None)
+    opts = StudyOptions(task="translation", budget="tiny", output="unused").resolve()
+    models = {"teacher": {"variant": "teacher"}, "a": {"variant": "baseline", "dir": "x", "stage": "a", "size": 0.25}}
+    curve = {"curve": [{"step": 4, "metric": 2.0}]}
+    assert serving.serve_stage(NoStages(), opts, models, lambda m: curve) == {}
+    assert opts.plan["notes"] == ["No served model (CTranslate2 int8): ctranslate2 needs the ctranslate2 package(s): "
+                                  "pip install 'lmkd[deploy]'"]
+    assert "served" not in opts.plan
+    opts = StudyOptions(task="translation", budget="tiny", output="unused", serve=False).resolve()
+    assert serving.serve_stage(NoStages(), opts, models, lambda m: curve) == {}
+    assert opts.plan["notes"] == []
+
+
+def test_best_student_is_the_lowest_validation_ce_first_on_ties():
+    from lmkd.study.serving import best_student
+
+    logs = {"a": [3.0, 2.5], "b": [2.9, 2.4, 2.6], "c": [2.4], "d": []}
+    models = {"teacher": {"variant": "teacher"}, **{n: {"variant": "baseline", "name": n} for n in logs}}
+    read = lambda m: {"curve": [{"step": i, "metric": v} for i, v in enumerate(logs[m["name"]])]}  # noqa: E731
+    assert best_student(models, read) == ("b", 2.4)
+    assert best_student({"teacher": {"variant": "teacher"}}, read) is None
+
+
 def test_same_command_again_recomputes_nothing(translation):
     out, _, _ = translation
     report = (Path(out) / "report.json").read_text()
@@ -142,7 +206,7 @@ def test_students_stop_on_their_plateau_and_keep_their_best_weights(translation)
     out, _, _ = translation
     report = json.loads((Path(out) / "report.json").read_text())
     plan = report["plan"]
-    for row in report["rows"][1:]:
+    for row in report["rows"][1:-1]:  # the students (the last row is the served export)
         stage = Path(out) / "stages" / row["model"].replace("+", "_")
         log = json.loads((stage / "train_log.json").read_text())
         assert log["metric"] == "eval_loss_ce" and log["kept"] == "best"
@@ -158,6 +222,21 @@ def test_students_stop_on_their_plateau_and_keep_their_best_weights(translation)
         assert final == pytest.approx(min(values), abs=2e-6)
 
 
+def test_a_stage_run_again_redoes_what_was_built_from_it(translation):
+    """Deleting the speed stage (to time the models again on an idle machine, as the report advises)
+    redoes it and the report built from it -- not only the deleted stage."""
+    import shutil
+
+    out, _, _ = translation
+    before = json.loads((Path(out) / "stages" / "report" / "stage.json").read_text())
+    shutil.rmtree(Path(out) / "stages" / "speed")
+    n = len(_log(out))
+    run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out))
+    assert _log(out)[n:] == ["speed", "report"]
+    after = json.loads((Path(out) / "stages" / "report" / "stage.json").read_text())
+    assert after["deps"]["speed"] != before["deps"]["speed"] and after["key"] != before["key"]
+
+
 def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(translation, capsys):
     from safetensors.torch import load_file
 
@@ -165,14 +244,14 @@ def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(
 
     out, _, _ = translation
     n = len(_log(out))
-    opts = StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, seeds=2)
+    opts = StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, seeds=2, serve=False)
     run_study(opts)
     seed2 = ["s025-init-seed43"] + [f"s025-{v}-seed43" for v in SEQ2SEQ_VARIANTS]
     # the first seed's stages (and the teacher, the transfer set) are the one-seed study's, cached
     assert sorted(_log(out)[n:]) == sorted(seed2 + [f"eval-s025-{v}-seed43" for v in SEQ2SEQ_VARIANTS]
                                            + ["speed", "report"])
     total = count_stages(opts)
-    assert total == len(TRANSLATION_STAGES) + 2 * len(SEQ2SEQ_VARIANTS) + 1
+    assert total == len(TRANSLATION_STAGES) - 2 + 2 * len(SEQ2SEQ_VARIANTS) + 1  # (no serve, eval-served)
     assert f"[{total}/{total}] report" in capsys.readouterr().out
     for v in SEQ2SEQ_VARIANTS:
         first = Path(out) / "stages" / f"s025-{v}".replace("+", "_")
@@ -185,7 +264,7 @@ def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(
     report = json.loads((Path(out) / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == (["teacher"] + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
                                                    + [f"s025-{v}-seed43" for v in SEQ2SEQ_VARIANTS])
-    # back to one seed: nothing retrains, the report has the one-seed rows again
+    # back to one seed (and the served export): nothing retrains or re-exports, the report has the one-seed rows again
     n = len(_log(out))
     run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out))
     assert sorted(_log(out)[n:]) == ["report", "speed"]
@@ -194,14 +273,15 @@ def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(
 def test_changed_kd_alpha_recomputes_only_the_word_kd_stages(translation):
     out, _, _ = translation
     n = len(_log(out))
-    report = run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, kd_alpha=0.9))
+    report = run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, kd_alpha=0.9,
+                                    serve=False))
     assert sorted(_log(out)[n:]) == sorted(["s025-word-kd", "s025-seq-kd+word-kd", "eval-s025-word-kd",
                                             "eval-s025-seq-kd+word-kd", "speed", "report"])
     assert report["plan"]["kd_alpha"] == 0.9
     # a second student size adds its own stages and reuses everything else
     n = len(_log(out))
     report = run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=out, kd_alpha=0.9,
-                                    student_sizes=[0.25, 0.5]))
+                                    student_sizes=[0.25, 0.5], serve=False))
     new = _log(out)[n:]
     assert sorted(new) == sorted(["s05-init"] + [f"s05-{v}" for v in SEQ2SEQ_VARIANTS]
                                  + [f"eval-s05-{v}" for v in SEQ2SEQ_VARIANTS] + ["speed", "report"])
@@ -264,10 +344,12 @@ def test_tiny_classification_study(tmp_path, one_thread):
                                     target_column="lang", **files))
     assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher-mlm", "teacher",
                          "s05-init", "s05-mlm-distil", "s05-no-kd", "s05-task-kd", "s05-distilbert",
-                         "s05-distilbert+task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd",
-                         "eval-s05-distilbert", "eval-s05-distilbert+task-kd", "speed", "report"]
+                         "s05-distilbert+task-kd", "serve", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd",
+                         "eval-s05-distilbert", "eval-s05-distilbert+task-kd", "eval-served", "speed", "report"]
     assert [r["model"] for r in report["rows"]] == ["teacher", "s05-no-kd", "s05-task-kd", "s05-distilbert",
-                                                    "s05-distilbert+task-kd"]
+                                                    "s05-distilbert+task-kd", "served"]
+    served = json.loads((Path(out) / "stages" / "serve" / "lmkd_export.json").read_text())
+    assert served["format"] == "onnx-int8" and report["rows"][-1]["source"] == report["plan"]["served"]["student"]
     assert report["plan"]["notes"] == []
     test_file = str(Path(out) / "stages" / "data-test" / "test.jsonl")
     for row in report["rows"]:
@@ -499,9 +581,10 @@ def test_classification_study_with_a_bare_encoder_teacher_skips_the_mlm_variants
                                     target_column="lang", teacher=str(teacher), **files))
     log = _log(out)
     assert log == ["data-train", "data-validation", "data-test", "teacher-mlm", "lengths", "teacher", "s05-init", "s05-no-kd",
-                   "s05-task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd", "speed", "report"]
+                   "s05-task-kd", "serve", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd", "eval-served", "speed",
+                   "report"]
     assert f"[{len(log)}/{len(log)}] report" in capsys.readouterr().out  # count_stages knew
-    assert [r["variant"] for r in report["rows"]] == ["teacher", "no-kd", "task-kd"]
+    assert [r["variant"] for r in report["rows"]] == ["teacher", "no-kd", "task-kd", "served"]
     notes = report["plan"]["notes"]
     assert len(notes) == 1 and "no masked-LM head" in notes[0] and "distilbert+task-kd" in notes[0]
     # the students copy the encoder's layers (every other: 2 -> 1) and are fine-tuned with a fresh head

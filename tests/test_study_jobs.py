@@ -57,5 +57,5 @@ def test_two_workers_give_the_report_of_one(tmp_path, task):
         r["plan"].pop("workers"), r["plan"].pop("threads_per_worker")
     a, b = _flat(_without_timings(one)), _flat(_without_timings(two))
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
-    assert len(two["rows"]) == (5 if task == "classification" else 6)  # teacher + every variant
+    assert len(two["rows"]) == (6 if task == "classification" else 7)  # teacher + every variant + served
     assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir())  # each worker's log kept

@@ -81,6 +81,11 @@ def add_parser(sub):
     p.add_argument("--jobs", type=int,
                    help="train (and evaluate) this many students at a time, each in a process of its own on an "
                         "equal share of the cores (default: the budget's, 2 for quick and full, at most the cores)")
+    p.add_argument("--no-serve", action="store_true",
+                   help="skip the last stage, which exports the best student (lowest validation CE) as it would be "
+                        "served -- CTranslate2 int8 for seq2seq, ONNX Runtime int8 for classifiers, as lmkd compress "
+                        "does -- and reports it as one more model (needs pip install 'lmkd[deploy]'; skipped with "
+                        "a note when not installed)")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     p.set_defaults(func=run)
 
@@ -134,5 +139,6 @@ def run(ns) -> None:
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
-        seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check)
+        seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
+        serve=not ns.no_serve)
     run_study(options)

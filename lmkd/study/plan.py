@@ -7,7 +7,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 
-from ..constants import DEFAULT_COLUMNS, EVAL_TASKS
+from ..constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ, TASK_KIND
 from ..errors import LmkdError
 
 #: the architecture of a seq2seq teacher trained from scratch (lmkd.scratch.model_config): BART with pre-LN
@@ -102,6 +102,8 @@ class StudyOptions:
     teacher_check: bool = True
     #: every student variant is trained with seeds seed, seed+1, ..., seed+seeds-1
     seeds: int = 1
+    #: export the best student for serving and report it as one more model (lmkd.study.serving)
+    serve: bool = True
     #: students and evaluations run this many at a time, each in a process of its own (None: the budget's
     #: ``workers``, at most the number of cores)
     jobs: int | None = None
@@ -184,6 +186,26 @@ def shipped_corpus(split: str, task: str = "translation") -> str:
     return str(files("lmkd") / "corpora" / f"{SHIPPED_CORPORA[task]}.{split}.jsonl.gz")
 
 
+#: the export the best student is served as, per model kind (lmkd.study.serving; ``lmkd compress``'s formats)
+SERVE_FORMATS = {SEQ2SEQ: "ct2-int8", CLASSIFICATION: "onnx-int8"}
+#: how the report names them
+FORMAT_NAMES = {"ct2-int8": "CTranslate2 int8", "onnx-int8": "ONNX Runtime int8"}
+
+
+def serve_format(task: str) -> str:
+    return SERVE_FORMATS[TASK_KIND[task]]
+
+
+def engine_installed(task: str) -> bool:
+    """Whether the engine that serves ``task``'s models is importable (else the serving stage is skipped)."""
+    import importlib.util
+
+    from .. import engines
+
+    packages = engines.PACKAGES.get(engines.engine_of(serve_format(task)), ())
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
 def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
     """How many stages the study of (resolved) ``opts`` runs, for its ``[i/N]`` progress lines;
     ``mlm_head``: whether the classification teacher has one (else the MLM-distil variants are skipped)."""
@@ -201,7 +223,8 @@ def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
         variants = SEQ2SEQ_VARIANTS
         per_size = n_seeds * (1 + len(variants))  # per seed: the init and every variant
     models = 1 + len(variants) * n_sizes * n_seeds
-    return pre + per_size * n_sizes + models + 2  # evals, speed, report
+    served = 2 if opts.serve and engine_installed(opts.task) else 0  # the export of the best student and its eval
+    return pre + per_size * n_sizes + models + served + 2  # evals, speed, report
 
 
 def classification_variants(mlm_head: bool = True) -> tuple[str, ...]:

@@ -24,13 +24,14 @@ import statistics
 
 from ..generation import output_lengths
 from ..io import read_rows
+from ..metrics import busy_warning
 from ..modeling import load_tokenizer
 from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
 from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
 from .checks import summary as check_summary
 from .teachers import scratch_teacher
 from .lengths import describe as describe_lengths
-from .plan import StudyOptions
+from .plan import FORMAT_NAMES, StudyOptions
 
 #: a comparison with p below this is reported as a difference; otherwise it is inconclusive
 ALPHA = 0.05
@@ -154,12 +155,23 @@ def verdict_line(c: dict, metric: str) -> str:
             "inconclusive on this test set.")
 
 
-def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs: list, mode: str | None) -> dict:
+def served_sources(rows: list[dict], sizes: int) -> dict[str, dict]:
+    """``{served model: the student it was exported from}`` as one-model groups for :func:`_compare`."""
+    by_name = {r["model"]: r for r in rows}
+    return {r["model"]: {"first": r["source"], "label": by_name[r["source"]]["label"],
+                         "variant": by_name[r["source"]]["variant"]} for r in rows if r.get("source")}
+
+
+def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs: list, mode: str | None,
+                 served: dict[str, dict] | None = None) -> dict:
     """Every student variant against the baseline of its size and against the teacher, and the best
-    student variant of each size against the others of that size; verdict lines on the headline metric."""
+    student variant of each size against the others of that size; a served model (``served``: its
+    source student, :func:`served_sources`) against that student and the teacher; verdict lines on
+    the headline metric."""
     metrics = SIGNIFICANCE_METRICS[task]
     comparisons = []
-    students = [g for g in groups if g["variant"] != "teacher"]
+    exports = [g for g in groups if g["variant"] == "served"]
+    students = [g for g in groups if g["variant"] not in ("teacher", "served")]
     for size in dict.fromkeys(g["size"] for g in students):
         same = [g for g in students if g["size"] == size]
         base = next((g for v in BASELINE_VARIANTS for g in same if g["variant"] == v), None)
@@ -170,7 +182,10 @@ def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs
         if len(ranked) > 1:
             comparisons += [_compare("best-vs-other", ranked[0], g, preds, refs, metrics, mode) for g in ranked[1:]]
         comparisons += [_compare("vs-teacher", g, teacher, preds, refs, metrics, mode) for g in same]
-    order = {"vs-baseline": 0, "best-vs-other": 1, "vs-teacher": 2}
+    for g in exports:
+        comparisons += [_compare("served-vs-student", g, (served or {})[g["first"]], preds, refs, metrics, mode),
+                        _compare("vs-teacher", g, teacher, preds, refs, metrics, mode)]
+    order = {"vs-baseline": 0, "best-vs-other": 1, "served-vs-student": 2, "vs-teacher": 3}
     comparisons.sort(key=lambda c: order[c["kind"]])
     weak = weak_teacher(comparisons, metrics[0])
     return {"metrics": list(metrics), "mode": mode, "alpha": ALPHA, "n_samples": DEFAULT_SAMPLES, "seed": DEFAULT_SEED,
@@ -221,9 +236,14 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     for name, m in models.items():
         r = results[name]
         sp = speed[name]
+        label = variant_label(m["variant"], m["size"], sizes)
+        if m["variant"] == "served":  # "Word-KD, served (CTranslate2 int8)"
+            src = models[m["source"]]
+            label = (f"{variant_label(src['variant'], src['size'], sizes)}, served "
+                     f"({FORMAT_NAMES.get(m['format'], m['format'])})")
         row = {
             "model": name, "variant": m["variant"], "size": m["size"], "seed": m.get("seed"),
-            "label": variant_label(m["variant"], m["size"], sizes), "path": os.path.abspath(m["dir"]),
+            "label": label, "path": os.path.abspath(m["dir"]), "bytes_on_disk": r.get("bytes_on_disk"),
             "parameters": r["parameters"], "parameters_vs_teacher": r["parameters"] / t_params,
             "quality": {k: v for k, v in r.items() if k not in ("parameters", "predictions")},
             "main_metric": main, "score": _get(r, main),
@@ -240,6 +260,8 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
             lengths = output_lengths(load_tokenizer(m["dir"]), r["predictions"][mode])
             row["output_tokens_mean"] = sum(lengths) / len(lengths)
         log = read_train_log(m) if m["variant"] != "teacher" else None
+        if m["variant"] == "served":
+            row.update(source=m["source"], format=m["format"])
         if log is not None:
             row.update(steps=log["steps"], stopped_early=log["stopped_early"], curve=log["curve"],
                        curve_metric=log["metric"])
@@ -248,7 +270,7 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     groups = _groups(rows, keys, sizes)
     teacher = next(g for g in groups if g["variant"] == "teacher")
     sig = significance(opts.task, groups, teacher, {n: results[n]["predictions"] for n in models},
-                       _references(opts.task, data["test"]), mode)
+                       _references(opts.task, data["test"]), mode, served_sources(rows, sizes))
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
     return {"task": opts.task, "budget": opts.budget, "plan": plan,
             "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
@@ -284,7 +306,9 @@ def report_markdown(report: dict) -> str:
     per_token = all(r.get("ms_per_token") is not None for r in rows_in)
     has_steps = any(r.get("steps") is not None for r in rows_in)
     fixed = report["speed_setup"].get("fixed_new_tokens")
-    head = ["model", "params", "size"] + (["steps"] if has_steps else []) + report["columns"]
+    has_bytes = all(r.get("bytes_on_disk") for r in rows_in)
+    head = ["model", "params", "size"] + (["MB on disk"] if has_bytes else []) + (["steps"] if has_steps else [])
+    head += report["columns"]
     if seq2seq:
         head += ["output tokens"]
     if per_token:
@@ -300,6 +324,7 @@ def report_markdown(report: dict) -> str:
     table = []
     for r in rows_in:
         vals = [r["model"], f"{r['parameters'] / 1e6:.2f}M", f"{r['parameters_vs_teacher']:.0%}"]
+        vals += [f"{r['bytes_on_disk'] / 1e6:.1f}"] if has_bytes else []
         vals += [_steps_cell(r)] if has_steps else []
         vals += [f"{_get(r['quality'], k):.1f}" for k in keys]
         vals += speed_cells(r)
@@ -376,6 +401,10 @@ def report_markdown(report: dict) -> str:
         f"median of {sp.get('repeats')} rounds over {sp.get('latency_examples')} examples, models interleaved; "
         "speed-up per example = teacher latency / model latency"
         + (" -- it also counts how long each model's outputs are." if seq2seq else "."))
+    busy = busy_warning(sp)
+    if busy:
+        lines.append(busy + " To time them alone: delete `stages/speed` in the study's output directory and run the "
+                     "same command again (only the speed and the report are redone).")
     check = plan.get("teacher_check")
     if check and not check.get("skipped"):
         rounds = check.get("rounds", [])
@@ -389,6 +418,12 @@ def report_markdown(report: dict) -> str:
     else:
         lines.append("**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
                      "comparisons with it may mean nothing.")
+    served = plan.get("served")
+    if served and any(r["variant"] == "served" for r in rows_in):
+        lines.append(f"Served: {served['student']}, the student with the lowest validation CE "
+                     f"({served['validation_ce']:.3f}), exported to {FORMAT_NAMES.get(served['format'], served['format'])} "
+                     "(lmkd compress's export, no pruning) -- the row `served`, scored and timed like every other "
+                     "model and compared with the student it came from above.")
     if plan.get("length_sizing"):
         lines.append(describe_lengths(plan["length_sizing"]))
     for note in plan.get("notes") or []:

@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable
 
 from ..io import atomic_write_json, file_digest
+from ..metrics import busy_warning
 from .classification import classification_students, no_mlm_head_note
 from .models import evaluate_quality, has_mlm_head, measure_models_speed
 from .plan import StudyOptions, count_stages, thread_options
-from .results import build_report, write_study_report
+from .results import build_report, read_train_log, write_study_report
 from .seq2seq import seq2seq_students
+from .serving import serve_stage
 from .splits import prepare_split
 from .stages import Job, Stages, format_duration
 from .teachers import teacher_check_of, teacher_stages
@@ -71,6 +73,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
         models.update(classification_students(st, opts, teachers, data, mlm_head))
     else:
         models.update(seq2seq_students(st, opts, data, teachers["teacher"]))
+    # the best student by validation CE, exported as it would be served: one more model from here on
+    models.update(serve_stage(st, opts, models, read_train_log))
 
     eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], "evaluate": "evaluate_models",
                  **thread_options(plan)}
@@ -96,8 +100,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
                 f"measuring the speed of {len(models)} models side by side")
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
     # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
-    # v5: the from-scratch teacher's architecture, the workers
-    rd = st.run("report", {"v": 5}, [f"eval-{n}" for n in models] + ["speed"],
+    # v5: the from-scratch teacher's architecture, the workers; v6: the served model's row, bytes on disk
+    rd = st.run("report", {"v": 6}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
@@ -105,6 +109,10 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
         print("\n" + f.read(), flush=True)
     print(f"lmkd study: finished in {format_duration(time.time() - st.start)}; report in {opts.output}/report.md",
           flush=True)
+    if busy_warning(report["speed_setup"]):
+        print(f"lmkd study: warning: other processes used {report['speed_setup']['other_cpu_load']:.0%} of the cores "
+              "while the models were timed: the speed columns are not reliable (see the report's notes)",
+              file=sys.stderr, flush=True)
     if report["significance"].get("weak_teacher"):
         print("lmkd study: warning: a student trained without the teacher beats it -- a weak teacher (see the "
               "report's first verdict)", file=sys.stderr, flush=True)

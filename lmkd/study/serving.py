@@ -1,0 +1,67 @@
+"""The study's serving stage: the best student exported for serving, measured like every other model.
+
+A user's real question is the size, speed and quality of what they will *serve*.  After the students
+are trained, the one with the lowest validation CE (what every student's early stopping measured --
+never the test rows) is exported with :func:`lmkd.engines.export`, the export ``lmkd compress``
+writes: CTranslate2 int8 for an encoder-decoder, ONNX Runtime int8 for a classifier.  The export is
+then one more model of the study: its own eval stage (the same :func:`lmkd.evaluate.evaluate_models`
+scoring), timed in the speed stage side by side with the teacher and the students, a row in the
+report and a point on its plot, and a paired bootstrap against the student it came from.
+
+When the engine is not installed (``pip install 'lmkd[deploy]'``) or cannot convert the architecture,
+the stage is skipped and the report says why in a note.
+"""
+
+from __future__ import annotations
+
+from .. import engines
+from ..constants import TASK_KIND
+from ..errors import LmkdError
+from ..modeling import load_config
+from .plan import FORMAT_NAMES, StudyOptions, serve_format
+from .stages import Stages
+
+#: the variant name of the served model's row
+SERVED = "served"
+
+
+def best_student(models: dict[str, dict], read_log) -> tuple[str, float] | None:
+    """``(name, validation CE)`` of the student whose best validation CE is lowest (ties: the first in
+    model order), from each student's train log (``read_log(model) -> {"curve": [...]} | None``);
+    None when no student has a validation curve."""
+    best: tuple[str, float] | None = None
+    for name, m in models.items():
+        if m["variant"] in ("teacher", SERVED):
+            continue
+        log = read_log(m)
+        values = [c["metric"] for c in (log or {}).get("curve") or [] if c.get("metric") is not None]
+        if values and (best is None or min(values) < best[1]):
+            best = (name, float(min(values)))
+    return best
+
+
+def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_log) -> dict[str, dict]:
+    """Export the best student (see the module docstring); returns ``{"served": model}`` (a model entry
+    like the students', with ``source`` and ``format``), or ``{}`` with a note in the plan when there is
+    nothing to export or the engine cannot do it."""
+    if not opts.serve:
+        return {}
+    fmt = serve_format(opts.task)
+    kind = TASK_KIND[opts.task]
+    best = best_student(models, read_log)
+    if best is None:
+        opts.plan["notes"].append("No served model: no student recorded a validation curve to pick the best by.")
+        return {}
+    name, ce = best
+    src = models[name]
+    try:
+        engines.check_exportable(fmt, load_config(src["dir"]), kind)
+    except LmkdError as e:
+        opts.plan["notes"].append(f"No served model ({FORMAT_NAMES[fmt]}): {e}")
+        return {}
+    d = st.run("serve", {"format": fmt, "student": name}, [src["stage"]],
+               lambda out: engines.export(src["dir"], out, fmt, kind),
+               f"exporting the best student by validation CE ({name}, {ce:.3f}) to {FORMAT_NAMES[fmt]} for serving")
+    opts.plan["served"] = {"student": name, "validation_ce": ce, "format": fmt}
+    return {SERVED: {"dir": d, "stage": "serve", "variant": SERVED, "size": src["size"], "seed": src.get("seed"),
+                     "source": name, "format": fmt}}
