@@ -302,12 +302,32 @@ def _load_torch_int8(path: str, kind: str):
 
 class _Engine(torch.nn.Module):
     """What :mod:`lmkd.generation` and :mod:`lmkd.truncation` ask of a model: ``config``, a device
-    (one empty tensor), ``eval()``."""
+    (one empty tensor), ``eval()``.
+
+    The engine (a CTranslate2 translator, an ONNX Runtime session) is made on first use and can be
+    released with :meth:`close`: measured on this 2-core CPU, while a CTranslate2 translator that has
+    run exists, a PyTorch model in the same process decodes 1.4-2x slower per token (even on one
+    thread; deleting the translator restores it, unloading its weights does not), so
+    :func:`lmkd.metrics.measure_speed` closes an engine after each of its turns."""
 
     def __init__(self, config, device: torch.device):
         super().__init__()
         self.config = config
         self.anchor = torch.nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = self._open()
+        return self._engine
+
+    def _open(self):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine (and its threads); the next call makes it again."""
+        self._engine = None
 
 
 class CT2Seq2Seq(_Engine):
@@ -317,25 +337,33 @@ class CT2Seq2Seq(_Engine):
     config (length penalty, no-repeat n-grams, repetition penalty) applies, as it does in HF."""
 
     def __init__(self, path: str, tokenizer, device: torch.device):
-        import ctranslate2
-
         config = _hf_config(path)
         if config is None:  # a CTranslate2 directory not written by lmkd
             config = SimpleNamespace(is_encoder_decoder=True, model_type="ctranslate2", decoder_start_token_id=None)
         super().__init__(config, torch.device("cpu") if device.type != "cuda" else device)
         self.tokenizer = tokenizer
-        threads = torch.get_num_threads()  # the same threads PyTorch gets: a fair comparison
-        try:
-            self.translator = ctranslate2.Translator(str(path), device=device.type if device.type == "cuda" else "cpu",
-                                                     device_index=device.index or 0, intra_threads=threads,
-                                                     inter_threads=1)
-        except (RuntimeError, ValueError) as e:
-            raise LmkdError(f"CTranslate2 cannot load {path}: {str(e).splitlines()[0]}") from e
+        self.path, self.device_spec = str(path), device
+        self._engine = self._open()  # a model that cannot be loaded says so now
         from transformers import GenerationConfig
 
         hf = os.path.join(path, HF_DIR)
         self.generation_config = (GenerationConfig.from_pretrained(hf)
                                   if os.path.isfile(os.path.join(hf, "generation_config.json")) else GenerationConfig())
+
+    def _open(self):
+        import ctranslate2
+
+        device = self.device_spec
+        threads = torch.get_num_threads()  # the same threads PyTorch gets: a fair comparison
+        try:
+            return ctranslate2.Translator(self.path, device=device.type if device.type == "cuda" else "cpu",
+                                          device_index=device.index or 0, intra_threads=threads, inter_threads=1)
+        except (RuntimeError, ValueError) as e:
+            raise LmkdError(f"CTranslate2 cannot load {self.path}: {str(e).splitlines()[0]}") from e
+
+    @property
+    def translator(self):
+        return self.engine
 
     def generate(self, input_ids, attention_mask=None, num_beams: int = 1, max_new_tokens: int = 128,
                  min_new_tokens: int = 0, do_sample: bool = False, **_) -> torch.Tensor:
@@ -369,15 +397,23 @@ class OrtClassifier(_Engine):
     """An ONNX Runtime session of a sequence classifier, called like the HF model (``.logits``)."""
 
     def __init__(self, path: str):
+        super().__init__(_hf_config(path), torch.device("cpu"))
+        self.path = path
+        self._engine = self._open()
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def _open(self):
         import onnxruntime
 
-        super().__init__(_hf_config(path), torch.device("cpu"))
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(os.path.join(path, WEIGHTS["onnxruntime"]), opts,
-                                                    providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        return onnxruntime.InferenceSession(os.path.join(self.path, WEIGHTS["onnxruntime"]), opts,
+                                            providers=["CPUExecutionProvider"])
+
+    @property
+    def session(self):
+        return self.engine
 
     def forward(self, **batch):
         feed = {n: batch[n].cpu().numpy() for n in self.inputs}

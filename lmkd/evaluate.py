@@ -238,7 +238,8 @@ def evaluate_models(
                           for k, (m, t) in loaded.items()} if fixed else None)
         speed = metrics.measure_speed(runners, speed_inputs,
                                       batch_size=batch_size, latency_examples=latency_samples, repeats=repeats,
-                                      devices={k: dev for k in loaded}, token_runners=token_runners)
+                                      devices={k: dev for k in loaded}, token_runners=token_runners,
+                                      closers={k: m.close for k, (m, _) in loaded.items() if hasattr(m, "close")})
         for label in loaded:
             result["models"][label]["speed"] = speed[label]
 

@@ -185,6 +185,7 @@ def _sync(device: torch.device) -> None:
 def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Sequence[str], batch_size: int,
                   latency_examples: int = 16, repeats: int = 3, devices: dict[str, torch.device] | None = None,
                   token_runners: dict[str, Callable[[str], int]] | None = None,
+                  closers: dict[str, Callable[[], None]] | None = None,
                   ) -> dict[str, dict[str, float]]:
     """Latency per example at batch 1 and throughput at ``batch_size`` for each runner.
 
@@ -197,6 +198,10 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     return that number (:func:`lmkd.generation.generate_fixed_length`): timed in the same rounds on
     the latency inputs, they give ``ms_per_token`` -- the decoding speed of the architecture,
     independent of how long the model's own outputs are -- and ``fixed_new_tokens``.
+
+    ``closers`` (optional, per name) release a runner's engine after each of its turns, warm-up
+    included (:meth:`lmkd.engines._Engine.close`: a live CTranslate2 translator slows the PyTorch
+    models timed beside it); its next turn opens it again with one untimed call.
     """
     if repeats < 1 or not inputs:
         raise LmkdError("speed needs at least one repeat and one input example")
@@ -205,6 +210,7 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
     devices = devices or {}
     token_runners = token_runners or {}
+    closers = closers or {}
     busy = OtherLoad()
     lat: dict[str, list[float]] = {k: [] for k in runners}
     thr: dict[str, list[float]] = {k: [] for k in runners}
@@ -218,9 +224,13 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
             if name in token_runners:
                 fixed[name] = token_runners[name](single[0])
             _sync(dev)
+            if name in closers:
+                closers[name]()
         for _ in range(repeats):
             for name, run in runners.items():
                 dev = devices.get(name, torch.device("cpu"))
+                if name in closers:  # open the engine again, untimed
+                    run(single[:1])
                 _sync(dev)
                 t0 = time.perf_counter()
                 for x in single:
@@ -237,6 +247,8 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
                     tokens = sum(token_runners[name](x) for x in single)
                     _sync(dev)
                     per_tok[name].append((time.perf_counter() - t0) / max(tokens, 1))
+                if name in closers:
+                    closers[name]()
     out: dict[str, dict[str, float]] = {}
     for name in runners:
         out[name] = {"latency_ms": 1000.0 * statistics.median(lat[name]),

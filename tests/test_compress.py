@@ -192,6 +192,22 @@ def test_exported_seq2seq_models_agree_with_fp32(trained, corpus, tmp_path, fmt,
     assert {"ct2-float32": 0.8 < ratio < 1.2, "ct2-int8": ratio < 0.5, "torch-int8": ratio < 0.8}[fmt], ratio
 
 
+def test_a_closed_engine_opens_again_on_its_next_call(trained, corpus, tmp_path):
+    engines.export(trained["student"], str(tmp_path / "ct2"), "ct2-int8", "seq2seq")
+    served, stok = engines.load(str(tmp_path / "ct2"), "seq2seq")
+    sources = [r["source"] for r in corpus[:6]]
+    first = generation.generate_texts(served, stok, sources, num_beams=2, max_new_tokens=12, progress=False)
+    served.close()
+    assert served._engine is None
+    assert generation.generate_texts(served, stok, sources, num_beams=2, max_new_tokens=12, progress=False) == first
+    engines.export(trained["bert"], str(tmp_path / "onnx"), "onnx-int8", "classification")
+    clf, ctok = engines.load(str(tmp_path / "onnx"), "classification")
+    enc = ctok(sources, return_tensors="pt", padding=True)
+    logits = clf(**enc).logits
+    clf.close()
+    assert clf._engine is None and torch.equal(clf(**enc).logits, logits)
+
+
 def test_ctranslate2_converts_the_studys_pre_ln_mbart_exactly(tokenizer, corpus, tmp_path):
     """The study's from-scratch teacher and students are pre-LN mBART whose decoder starts at </s>:
     CTranslate2 float32 gives the PyTorch model's greedy and beam outputs on every row."""

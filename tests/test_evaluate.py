@@ -253,3 +253,32 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one():
     warning = busy_warning({"other_cpu_load": 0.5, "cpus": 2})
     assert warning.startswith("**Speed measured on a busy machine**: other processes used 50% of the 2 cores")
     assert busy_warning({"other_cpu_load": 0.05, "cpus": 2}) is None and busy_warning({}) is None
+
+
+def test_measure_speed_closes_an_engine_after_each_of_its_turns_and_reopens_it_untimed():
+    """A live CTranslate2 translator slows the PyTorch models timed beside it (lmkd.engines._Engine),
+    so measure_speed releases an engine after its warm-up and after every timed turn; the call that
+    opens it again is not timed (here: the slow first call after a close would show in the latency)."""
+    import time
+
+    from lmkd.metrics import measure_speed
+
+    events = []
+    state = {"open": False}
+
+    def engine(xs):
+        if not state["open"]:  # opening costs time: never inside a timed turn
+            events.append("open")
+            time.sleep(0.05)
+            state["open"] = True
+        events.append(("run", len(xs)))
+
+    def close():
+        events.append("close")
+        state["open"] = False
+
+    out = measure_speed({"torch": lambda xs: None, "engine": engine}, ["a", "b", "c"], batch_size=3,
+                        latency_examples=2, repeats=2, closers={"engine": close})
+    assert events.count("close") == 1 + 2  # after the warm-up and after each of the two rounds
+    assert events.count("open") == 3
+    assert out["engine"]["latency_ms"] < 25  # 2 examples per turn, none paying the 50 ms opening
