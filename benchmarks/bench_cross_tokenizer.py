@@ -131,6 +131,29 @@ def study_seed(init_dir: str, default: int = 42) -> int:
     return int(read_json(meta)["options"].get("seed", default)) if os.path.isfile(meta) else default
 
 
+#: the variants that are exactly one of the study's own students (same init, rows, plan and seed)
+STUDY_STUDENTS = {"gold": "s025-baseline", "fkl": "s025-word-kd"}
+
+
+def study_student(study: str, variant: str, plan: dict, seed: int) -> tuple[str, str] | None:
+    """``(train dir, eval dir)`` of the study's own student that ``variant`` would retrain identically
+    (the study's baseline for ``gold``, its Word-KD for ``fkl``: same init, transfer rows, plan, seed),
+    when its stages are there with those settings; None otherwise (the variant is trained here)."""
+    name = STUDY_STUDENTS.get(variant)
+    if name is None:
+        return None
+    train, ev = os.path.join(study, "stages", name), os.path.join(study, "stages", f"eval-{name}")
+    if not all(os.path.isfile(os.path.join(d, f)) for d, f in ((train, "stage.json"), (train, "train_log.json"),
+                                                                 (train, "distill_results.json"))):
+        return None
+    options = read_json(os.path.join(train, "stage.json")).get("options", {})
+    same = (options.get("steps") == plan["student_steps"] and options.get("seed") == seed
+            and options.get("lr") == plan["student_lr"] and options.get("batch") == plan["batch_size"]
+            and options.get("target") == "target"
+            and (variant == "gold" or options.get("kd_alpha") == plan["kd_alpha"]))
+    return (train, ev) if same and study_teacher_eval(ev, plan) else None
+
+
 def study_teacher_eval(eval_dir: str, plan: dict) -> bool:
     """Whether the study's eval-teacher stage scored the teacher as this run would (same beam and
     max_new_tokens; the caller checks that the test rows are all of them)."""
@@ -289,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     test_limited = bool(ns.test_rows)
     eval_teacher_dir = os.path.join(ns.study, "stages", "eval-teacher")
     teacher_reused = not test_limited and study_teacher_eval(eval_teacher_dir, plan)
-    total = 3 + (2 if xtok_used else 0) + 2 * len(names) + (0 if teacher_reused else 1)
+    total = 3 + (2 if xtok_used else 0) + 2 * len(names) + (0 if teacher_reused else 1)  # (less what is reused)
     os.makedirs(ns.output, exist_ok=True)
     st = Stages(ns.output, total)
     print(f"bench_cross_tokenizer: study {ns.study} (plan from {plan_from}), variants {', '.join(names)}, "
@@ -328,8 +351,14 @@ def main(argv: list[str] | None = None) -> int:
                  "warmup": plan["warmup_steps"], "seed": seed, "stopping": stopping.options(), **thread_options(plan)}
     eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], **thread_options(plan)}
     jobs: list[Job] = []
+    # gold and fkl are the study's baseline and Word-KD students, trained by the same rule on the same rows
+    # from the same init with the same seed: read from the study (unless a smoke setting changes them)
+    reused = {} if (ns.rows or ns.test_rows) else {
+        v: d for v in names if (d := study_student(ns.study, v, plan, seed)) is not None}
     for v in names:
         spec = VARIANTS[v]
+        if v in reused:
+            continue
         vplan = dict(plan)
         if spec["student"] == "xtok":  # the study's length rule, with the student's own tokenizer
             vplan["max_length"] = xtok["lengths"]["max_length"]
@@ -356,12 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     if not teacher_reused:
         eval_targets["teacher"] = teacher_dir
     for name, model_dir in eval_targets.items():
+        if name in reused:
+            continue
         jobs.append(Job(f"eval-{name}", eval_opts, ["in-teacher" if name == "teacher" else f"train-{name}", "data"],
                         "models:evaluate_into",
                         dict(model_dir=model_dir, task="translation", test_file=test_file, beams=plan["beams"],
                              max_new_tokens=plan["max_new_tokens"]), f"evaluating {name} on the test rows",
                         cost=0.5))
     dirs = st.run_jobs(jobs, ns.jobs)
+    for v, (train_dir, eval_dir) in reused.items():
+        dirs[f"train-{v}"], dirs[f"eval-{v}"] = train_dir, eval_dir
+        print(f"bench_cross_tokenizer: {v} is the study's {STUDY_STUDENTS[v]} (same settings): read from "
+              f"{train_dir}", flush=True)
 
     # ---- the figures ----
     from lmkd.io import read_rows
@@ -426,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{n_train} transfer rows' sources and gold targets; {xtok['shared_token_strings']} token strings "
                      f"shared with the teacher's; s025-init's shape, fresh weights (seed {seed}); max length "
                      f"{sz['max_length']} by the study's rule ({sz['truncated_rows']} of {sz['rows']} rows truncated)")
+    if reused:
+        lines.append("# read from the study, not retrained (its own students, by the same rule): "
+                     + ", ".join(f"{v} = {STUDY_STUDENTS[v]}" for v in reused))
     lines.append(f"# {ns.jobs} job(s) at a time, {plan['threads_per_worker'] if ns.jobs > 1 else 'torch default'} "
                  "thread(s) each; wall times are per stage (training includes its validation passes)")
     lines += ["", "| variant | what | vocab | params | steps | BLEU greedy | BLEU beam | chrF beam | "

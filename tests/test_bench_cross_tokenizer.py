@@ -69,3 +69,26 @@ def test_bench_cross_tokenizer_tiny(tmp_path, tiny_model_dir, corpus):
     ran = (out / "study.log").read_text()
     assert bench.main(argv) == 0  # the rerun: every stage cached
     assert (out / "study.log").read_text() == ran
+
+
+def test_the_studys_own_baseline_and_word_kd_are_read_only_when_their_settings_match(tmp_path):
+    bench = _bench()
+    plan = dict(student_steps=1500, student_lr=1e-3, batch_size=32, kd_alpha=0.5, beams=4, max_new_tokens=64)
+    for name, options in (("s025-baseline", {}), ("s025-word-kd", {"kd_alpha": 0.5})):
+        d = tmp_path / "stages" / name
+        d.mkdir(parents=True)
+        (d / "stage.json").write_text(json.dumps({"options": dict(steps=1500, seed=42, lr=1e-3, batch=32,
+                                                                    target="target", **options)}))
+        (d / "train_log.json").write_text("{}")
+        (d / "distill_results.json").write_text("{}")
+        e = tmp_path / "stages" / f"eval-{name}"
+        e.mkdir()
+        (e / "quality.json").write_text("{}")
+        (e / "stage.json").write_text(json.dumps({"options": {"beams": 4, "max_new_tokens": 64}}))
+    assert bench.study_student(str(tmp_path), "gold", plan, 42) == (
+        str(tmp_path / "stages" / "s025-baseline"), str(tmp_path / "stages" / "eval-s025-baseline"))
+    assert bench.study_student(str(tmp_path), "fkl", plan, 42)[0].endswith("s025-word-kd")
+    assert bench.study_student(str(tmp_path), "fkl", plan, 43) is None  # another seed: retrained
+    assert bench.study_student(str(tmp_path), "fkl", {**plan, "kd_alpha": 0.9}, 42) is None
+    assert bench.study_student(str(tmp_path), "gold", {**plan, "beams": 2}, 42) is None  # evaluated otherwise
+    assert bench.study_student(str(tmp_path), "taid", plan, 42) is None  # not a study student
