@@ -101,7 +101,7 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def _groups(rows: list[dict], keys: list[str], sizes: int) -> list[dict]:
+def _groups(rows: list[dict], keys: list[str]) -> list[dict]:
     """Rows grouped by (size, variant) in model order: the seeds, mean ± std of every column and of
     the headline score, and the first seed's model (the one the significance tests use)."""
     by_key: dict[tuple, list[dict]] = {}
@@ -110,7 +110,7 @@ def _groups(rows: list[dict], keys: list[str], sizes: int) -> list[dict]:
     out = []
     for (size, variant), rs in by_key.items():
         scores = [r["score"] for r in rs]
-        g = {"size": size, "variant": variant, "label": variant_label(variant, size, sizes),
+        g = {"size": size, "variant": variant, "label": rs[0]["label"],
              "models": [r["model"] for r in rs], "seeds": [r["seed"] for r in rs], "first": rs[0]["model"],
              "score_mean": statistics.fmean(scores), "score_std": _std(scores),
              "columns": {k: {"mean": statistics.fmean(_get(r["quality"], k) for r in rs),
@@ -155,7 +155,7 @@ def verdict_line(c: dict, metric: str) -> str:
             "inconclusive on this test set.")
 
 
-def served_sources(rows: list[dict], sizes: int) -> dict[str, dict]:
+def served_sources(rows: list[dict]) -> dict[str, dict]:
     """``{served model: the student it was exported from}`` as one-model groups for :func:`_compare`."""
     by_name = {r["model"]: r for r in rows}
     return {r["model"]: {"first": r["source"], "label": by_name[r["source"]]["label"],
@@ -267,10 +267,10 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
                        curve_metric=log["metric"])
         rows.append(row)
     keys = [k for _, k in cols]
-    groups = _groups(rows, keys, sizes)
+    groups = _groups(rows, keys)
     teacher = next(g for g in groups if g["variant"] == "teacher")
     sig = significance(opts.task, groups, teacher, {n: results[n]["predictions"] for n in models},
-                       _references(opts.task, data["test"]), mode, served_sources(rows, sizes))
+                       _references(opts.task, data["test"]), mode, served_sources(rows))
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
     return {"task": opts.task, "budget": opts.budget, "plan": plan,
             "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},

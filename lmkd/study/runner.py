@@ -100,8 +100,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
                 f"measuring the speed of {len(models)} models side by side")
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
     # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
-    # v5: the from-scratch teacher's architecture, the workers; v6: the served model's row, bytes on disk
-    rd = st.run("report", {"v": 6}, [f"eval-{n}" for n in models] + ["speed"],
+    # v5: the from-scratch teacher's architecture, the workers; v6: the served model's row, bytes on disk; v7: its label
+    rd = st.run("report", {"v": 7}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
