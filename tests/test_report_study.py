@@ -88,8 +88,12 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
     assert md.splitlines()[2] == "## Verdicts"
     body = md.split("## Verdicts\n\n", 1)[1]
     assert body.startswith("\n".join(f"- {v}" for v in report["verdicts"]))
-    assert len(report["verdicts"]) == len(sig["comparisons"])
-    assert report["verdicts"][0].startswith("Word-KD ") and "the baseline" in report["verdicts"][0]
+    # the warnings first (a weak teacher, students below the trivial floor), then one line per comparison
+    warnings = [w for w in (sig["weak_teacher"], report["below_floor"]) if w]
+    assert report["verdicts"][:len(warnings)] == warnings
+    assert len(report["verdicts"]) == len(warnings) + len(sig["comparisons"])
+    first = report["verdicts"][len(warnings)]
+    assert first.startswith("Word-KD ") and "the baseline" in first
 
 
 def test_verdict_lines_say_what_the_test_says():
@@ -262,3 +266,30 @@ def test_a_baseline_that_beats_the_teacher_opens_the_verdicts_with_a_weak_teache
     gs, preds = groups(good, bad)
     sig = significance("translation", gs, gs[0], preds, refs, "beam")
     assert sig["weak_teacher"] is None and not any("Weak teacher" in v for v in sig["verdicts"])
+
+
+def test_students_below_the_trivial_floor_open_the_verdicts(study):
+    """A student variant scoring below copying the source / the most frequent target on the test rows
+    is named in a warning that opens the verdicts; the floors are computed on the test rows as the
+    teacher check computes them on validation."""
+    import sacrebleu
+
+    from lmkd.study.results import below_floor
+
+    out, report = study
+    test = [json.loads(line) for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()]
+    copy = sacrebleu.corpus_bleu([r["source"] for r in test], [[r["target"] for r in test]]).score
+    assert report["floors"]["copying the source"] == pytest.approx(copy)
+    floor = max(report["floors"].values())
+    low = [g["label"] for g in report["variants"] if g["variant"] != "teacher" and g["score_mean"] < floor]
+    assert (report["below_floor"] is not None) == bool(low)
+    if low:
+        assert report["verdicts"][0 if not report["significance"]["weak_teacher"] else 1] == report["below_floor"]
+    groups = [{"variant": "teacher", "label": "the teacher", "score_mean": 30.0},
+              {"variant": "baseline", "label": "the baseline", "score_mean": 3.2},
+              {"variant": "word-kd", "label": "Word-KD", "score_mean": 14.5},
+              {"variant": "seq-inter", "label": "Seq-Inter", "score_mean": 3.1}]
+    line = below_floor(groups, {"copying the source": 9.8, "the most frequent target": 0.4}, "rouge2")
+    assert line.startswith("**Below the trivial floor**: the baseline (3.2), Seq-Inter (3.1) score below 9.8 "
+                           "ROUGE-2, what copying the source scores on the test rows")
+    assert below_floor(groups[:1] + groups[2:3], {"copying the source": 9.8}, "rouge2") is None

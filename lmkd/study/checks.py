@@ -46,6 +46,20 @@ def _score(task: str, hypotheses: list, references: list) -> float:
     return metrics.accuracy(hypotheses, references)
 
 
+def trivial_floors(task: str, train_rows: list[dict], rows: list[dict]) -> dict[str, float]:
+    """The scores of the input-free or copying answers on ``rows`` (the study's normalised columns):
+    ``{"copying the source": ..., "the most frequent target": ...}`` for seq2seq, ``{"most frequent
+    label": ...}`` for classification -- the floor a model that learned the task must clear."""
+    if task == "classification":
+        labels = [int(r["label"]) for r in rows]
+        majority = Counter(int(r["label"]) for r in train_rows).most_common(1)[0][0]
+        return {"most frequent label": _score(task, [majority] * len(rows), labels)}
+    sources, targets = [r["source"] for r in rows], [r["target"] for r in rows]
+    frequent = Counter(r["target"] for r in train_rows).most_common(1)[0][0]
+    return {"copying the source": _score(task, sources, targets),
+            "the most frequent target": _score(task, [frequent] * len(rows), targets)}
+
+
 def _derangement(n: int, seed: int) -> list[int]:
     """A permutation of range(n) with no fixed point (n >= 2), drawn with ``seed``."""
     rng = random.Random(seed)
@@ -93,25 +107,21 @@ def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_
     out: dict = {"metric": metric, "rows": len(val), "quality_margin": QUALITY_MARGIN}
     if task == "classification":
         texts, labels = [r["text"] for r in val], [int(r["label"]) for r in val]
-        majority = Counter(int(r["label"]) for r in train_rows).most_common(1)[0][0]
         out["score"] = _score(task, classify(model, tok, texts, max_source_length=max_source_length,
                                              progress=False), labels)
-        out["floors"] = {"most frequent label": _score(task, [majority] * len(val), labels)}
     else:
         sources, targets = [r["source"] for r in val], [r["target"] for r in val]
         hyps = generate_texts(model, tok, sources, num_beams=1, max_new_tokens=max_new_tokens,
                               max_source_length=max_source_length, progress=False)
-        frequent = Counter(r["target"] for r in train_rows).most_common(1)[0][0]
         out["score"] = _score(task, hyps, targets)
         out["distinct_outputs"] = len(set(hyps)) / max(len(hyps), 1)
-        out["floors"] = {"copying the source": _score(task, sources, targets),
-                         "the most frequent target": _score(task, [frequent] * len(val), targets)}
-        if len(val) >= 2:
-            shuffled = [sources[j] for j in _derangement(len(val), seed)]
-            kw = dict(max_source_length=max_source_length, max_target_length=max_target_length)
-            out["ce_real_sources"] = target_cross_entropy(model, tok, sources, targets, **kw)
-            out["ce_shuffled_sources"] = target_cross_entropy(model, tok, shuffled, targets, **kw)
-            out["source_use_margin"] = SOURCE_USE_MARGIN
+    out["floors"] = trivial_floors(task, train_rows, val)
+    if task != "classification" and len(val) >= 2:
+        shuffled = [sources[j] for j in _derangement(len(val), seed)]
+        kw = dict(max_source_length=max_source_length, max_target_length=max_target_length)
+        out["ce_real_sources"] = target_cross_entropy(model, tok, sources, targets, **kw)
+        out["ce_shuffled_sources"] = target_cross_entropy(model, tok, shuffled, targets, **kw)
+        out["source_use_margin"] = SOURCE_USE_MARGIN
     floor_name, floor = max(out["floors"].items(), key=lambda kv: kv[1])
     out["floor"], out["floor_name"] = floor, floor_name
     reasons = []

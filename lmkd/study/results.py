@@ -29,6 +29,7 @@ from ..modeling import load_tokenizer
 from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
 from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
 from .checks import summary as check_summary
+from .checks import trivial_floors
 from .teachers import scratch_teacher
 from .lengths import describe as describe_lengths
 from .plan import FORMAT_NAMES, StudyOptions
@@ -211,6 +212,23 @@ def weak_teacher(comparisons: list[dict], metric: str) -> str | None:
     return None
 
 
+def below_floor(groups: list[dict], floors: dict[str, float], metric: str) -> str | None:
+    """The warning that opens the verdicts when a student variant scores below the best trivial answer
+    on the test rows (copying the source, the most frequent target / label): it did not learn to use
+    its inputs under this budget, so a KD variant "beating" it measures whether training held
+    together, not what distillation adds to a student that learned.  None when every student clears it."""
+    name, floor = max(floors.items(), key=lambda kv: kv[1])
+    low = [g for g in groups if g["variant"] != "teacher" and g["score_mean"] < floor]
+    if not low:
+        return None
+    label = METRIC_LABELS.get(metric, metric)
+    who = ", ".join(f"{g['label']} ({g['score_mean']:.1f})" for g in low)
+    return (f"**Below the trivial floor**: {who} score{'s' if len(low) == 1 else ''} below {floor:.1f} {label}, "
+            f"what {name} scores on the test rows -- {'it' if len(low) == 1 else 'they'} did not learn to use the "
+            "inputs under this budget. Comparisons with a student below the floor measure whether its training "
+            "held together, not what distillation adds to a student that learned.")
+
+
 def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, data: dict) -> dict:
     """The report: the plan, the data sizes, one row per model (quality, size, output length,
     speed, steps, and each against the teacher), the variants (mean ± std over seeds) and the
@@ -271,12 +289,18 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     teacher = next(g for g in groups if g["variant"] == "teacher")
     sig = significance(opts.task, groups, teacher, {n: results[n]["predictions"] for n in models},
                        _references(opts.task, data["test"]), mode, served_sources(rows))
+    # the trivial answers' scores on the test rows, on the headline metric (the teacher check's floors)
+    floors = trivial_floors(opts.task, read_rows(data["train"]), read_rows(data["test"]))
+    below = below_floor(groups, floors, sig["metrics"][0])
+    if below:
+        sig["verdicts"].insert(1 if sig["weak_teacher"] else 0, below)
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
     return {"task": opts.task, "budget": opts.budget, "plan": plan,
             "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
             "teacher": opts.teacher or scratch_teacher(opts), "columns": [c for c, _ in cols],
             "column_keys": keys, "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
-            "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows}
+            "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows,
+            "floors": floors, "below_floor": below}
 
 
 def _main_label(report: dict) -> str:
@@ -418,6 +442,10 @@ def report_markdown(report: dict) -> str:
     else:
         lines.append("**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
                      "comparisons with it may mean nothing.")
+    if report.get("floors"):
+        lines.append(f"Trivial floors on the test rows ({metric}): "
+                     + "; ".join(f"{name} {v:.1f}" for name, v in report["floors"].items())
+                     + " -- a student below the best of them did not learn to use its inputs.")
     served = plan.get("served")
     if served and any(r["variant"] == "served" for r in rows_in):
         lines.append(f"Served: {served['student']}, the student with the lowest validation CE "
