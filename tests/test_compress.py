@@ -383,6 +383,8 @@ def causal(tmp_path_factory, tokenizer, corpus):
         out[arch] = str(root / arch)
     (root / "lm.jsonl").write_text("".join(json.dumps({"text": r["source"]}) + "\n" for r in corpus[:24]))
     out["test"] = str(root / "lm.jsonl")
+    (root / "lm_train.jsonl").write_text("".join(json.dumps({"text": r["source"]}) + "\n" for r in corpus[64:96]))
+    out["train"] = str(root / "lm_train.jsonl")
     out["texts"] = [r["source"] for r in corpus[:24]]
     return out
 
@@ -489,34 +491,39 @@ def test_int8_causal_lm_exports_stay_close_to_fp32(causal, tmp_path, arch, fmt):
 
 
 def test_compress_causal_lm_report_equals_evaluate_on_each_saved_model(causal, tmp_path, capsys):
-    """`lmkd compress --task causal-lm` on a GPT-2 (a layer dropped, default exports torch-int8 and
-    ct2-int8, its fp32 self as teacher) and from Python on a Llama: every saved model, scored again
+    """`lmkd compress --task causal-lm` on a GPT-2 (a layer dropped, a short KD fine-tune from its fp32
+    self as teacher, default exports torch-int8 and ct2-int8) and from Python on a Llama: every saved
+    model, scored again
     by `lmkd evaluate` alone, has the report's perplexity and size; the CTranslate2 rows have
     perplexity but no fidelity ("–")."""
     from lmkd.compress import compress_model
 
     out = tmp_path / "gpt2"
     assert main(["compress", "--model", causal["gpt2"], "--teacher", causal["gpt2"], "--data", causal["test"],
-                 "--task", "causal-lm", "--output", str(out), "--layers", "0", "--speed-samples", "4",
-                 "--repeats", "1"] + EVAL) == 0
+                 "--task", "causal-lm", "--output", str(out), "--layers", "0", "--train", causal["train"],
+                 "--finetune-steps", "2", "--train-batch-size", "8", "--speed-samples", "4", "--repeats", "1"]
+                + EVAL) == 0
     assert "ct2-int8" in capsys.readouterr().out
     result = json.loads((out / "compress.json").read_text())
     models = result["models"]
-    assert list(models) == ["student", "pruned", "torch-int8", "ct2-int8", "teacher"]
+    assert list(models) == ["student", "pruned", "pruned-ft", "torch-int8", "ct2-int8", "teacher"]
     assert result["compress"]["pruning"]["layer_map"] == {"layers": [0]}
+    assert [(s["step"], s.get("from")) for s in result["compress"]["steps"]] == [
+        ("drop layers", None), ("fine-tune", None), ("export", "pruned-ft"), ("export", "pruned-ft")]
+    assert models["pruned-ft"]["quality"] != models["pruned"]["quality"]  # the fine-tune changed the weights
     assert models["student"]["fidelity"]["top1_agreement"] == 100.0
     assert "top1_agreement" in models["torch-int8"]["fidelity"]
     assert "top1_agreement" not in models["ct2-int8"]["fidelity"]  # log-probs of the tokens only: no fidelity
-    assert models["ct2-int8"]["fidelity"]["tokens"] == models["pruned"]["fidelity"]["tokens"]
-    assert models["ct2-int8"]["quality"]["perplexity"] == pytest.approx(models["pruned"]["quality"]["perplexity"],
-                                                                       rel=0.1)
+    assert models["ct2-int8"]["fidelity"]["tokens"] == models["pruned-ft"]["fidelity"]["tokens"]
+    assert models["ct2-int8"]["quality"]["perplexity"] == pytest.approx(
+        models["pruned-ft"]["quality"]["perplexity"], rel=0.1)
     assert models["ct2-int8"]["speed"]["latency_ms"] > 0
     md = (out / "compress.md").read_text()
     assert "| ct2-int8 | " in md and " – | – |" in md  # no top-1 agreement / KL for the engine's row
     vs = result["compress"]["vs_student"]["ct2-int8"]
     assert vs["perplexity_difference"] == (models["ct2-int8"]["quality"]["perplexity"]
                                            - models["student"]["quality"]["perplexity"])
-    for label in ("pruned", "torch-int8", "ct2-int8"):
+    for label in ("pruned", "pruned-ft", "torch-int8", "ct2-int8"):
         alone = _evaluate(models[label]["path"], causal["test"], "causal-lm", str(tmp_path / f"{label}.json"))
         assert alone["quality"] == models[label]["quality"], label
         assert alone["size"] == models[label]["size"], label
