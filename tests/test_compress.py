@@ -440,8 +440,14 @@ def test_ct2_float32_causal_lm_gives_pytorch_perplexity_and_greedy_tokens(causal
     mask = batch["attention_mask"].bool()
     got = served(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got[mask], logits[mask], rtol=1e-4, atol=1e-4)
-    # greedy continuations of left-padded prompts
+    assert torch.all(got[~mask] == 0)
     ids, att = _left_padded_prompts(tok, causal["texts"])
+    got = served(input_ids=ids, attention_mask=att).logits  # left padding: each row's logits where its tokens are
+    for i, real in enumerate(att.bool()):
+        with torch.no_grad():
+            torch.testing.assert_close(got[i, real], fp32(input_ids=ids[i, real][None]).logits[0], rtol=1e-4, atol=1e-4)
+        assert torch.all(got[i, ~real] == 0)
+    # greedy continuations of left-padded prompts
     with torch.no_grad():
         expected = fp32.generate(input_ids=ids, attention_mask=att, do_sample=False, num_beams=1, max_new_tokens=10)
     got = served.generate(ids, attention_mask=att, max_new_tokens=10)
