@@ -402,6 +402,7 @@ def test_ct2_float32_causal_lm_gives_pytorch_perplexity_and_greedy_tokens(causal
     first token not scored, nothing prepended) equals the PyTorch model's, position by position; its
     forward pass gives the same logits; greedy decoding gives HF's ids token for token, EOS and the
     padding after it included."""
+    import ctranslate2.converters
     import datasets
 
     from lmkd.data import DataArguments
@@ -414,9 +415,7 @@ def test_ct2_float32_causal_lm_gives_pytorch_perplexity_and_greedy_tokens(causal
     fp32, tok = load_model(causal[arch], kind="causal").eval(), load_tokenizer(causal[arch])
     served, _ = engines.load(out, "causal")
     assert isinstance(served, engines.CT2Causal) and not engines.is_torch(served)
-    import ctranslate2.converters  # and a Generator directory of CTranslate2's own converter, plus the tokenizer
-
-    plain = str(tmp_path / "plain")
+    plain = str(tmp_path / "plain")  # a Generator directory of CTranslate2's own converter, plus the tokenizer
     ctranslate2.converters.TransformersConverter(causal[arch]).convert(plain, quantization="float32")
     tok.save_pretrained(plain)
     result = evaluate_models({"fp32": causal[arch], "ct2": out, "plain": plain}, causal["test"], "causal-lm",
@@ -454,7 +453,7 @@ def test_ct2_float32_causal_lm_gives_pytorch_perplexity_and_greedy_tokens(causal
     assert len({tuple(r) for r in expected[:, ids.shape[1]:].tolist()}) >= 5  # different prompts, different outputs
     assert torch.equal(got, expected)
     assert (expected[:, ids.shape[1]:] == tok.eos_token_id).any(-1).sum() >= 2  # rows that stopped at EOS
-    # EOS held off until exactly 10 new tokens (the fixed-length speed runner's setting)
+    # EOS held off until exactly 10 new tokens (min_new_tokens)
     with torch.no_grad():
         expected = fp32.generate(input_ids=ids, attention_mask=att, do_sample=False, num_beams=1, max_new_tokens=10,
                                  min_new_tokens=10)
