@@ -9,7 +9,7 @@ The body of ``lmkd compress`` (and what ``lmkd study``'s compress stage calls). 
    the pruned model on ``train`` -- KD from ``teacher`` when given, else on the references --
    saved as ``DIR/pruned-ft``;
 3. **quantise / export** the last of those models (:mod:`lmkd.engines`): ``DIR/torch-int8``,
-   ``DIR/ct2-int8``, ``DIR/onnx-int8``, ...;
+   ``DIR/ct2-int8`` (seq2seq, causal LMs), ``DIR/onnx-int8`` (classifiers), ...;
 4. **measure** every model -- teacher, student, pruned, fine-tuned, each export -- with
    :func:`lmkd.evaluate.evaluate_models` in one run (one scoring code path, speed interleaved), and
    write ``DIR/compress.json`` and ``DIR/compress.md``.
@@ -24,7 +24,7 @@ import logging
 import os
 
 from . import engines, evaluate, pruning, report
-from .constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ, TASK_KIND
+from .constants import CAUSAL, CLASSIFICATION, COMPRESS_TASKS, DEFAULT_COLUMNS, SEQ2SEQ, TASK_KIND
 from .data import DataArguments, collator_for, read_split, tokenize
 from .errors import LmkdError
 from .io import atomic_dir, check_fresh_dir, check_output
@@ -33,7 +33,8 @@ from .modeling import check_model_path, count_parameters, load_config, load_mode
 logger = logging.getLogger(__name__)
 
 #: what compress exports when not told, per model kind
-DEFAULT_EXPORTS = {SEQ2SEQ: ("torch-int8", "ct2-int8"), CLASSIFICATION: ("torch-int8", "onnx-int8")}
+DEFAULT_EXPORTS = {SEQ2SEQ: ("torch-int8", "ct2-int8"), CLASSIFICATION: ("torch-int8", "onnx-int8"),
+                   CAUSAL: ("torch-int8", "ct2-int8")}
 #: the report's files inside the output directory
 REPORT_JSON, REPORT_MD = "compress.json", "compress.md"
 
@@ -78,8 +79,8 @@ def compress_model(
     the other keywords of :func:`~lmkd.evaluate.evaluate_models` (``num_beams``, ``max_new_tokens``,
     ``batch_size``, ``max_samples``, ``speed_samples``, ``repeats``, ``fixed_new_tokens``, ...).
     """
-    if task not in EVAL_TASKS:
-        raise LmkdError(f"compress scores translation, summarization or classification, not {task!r}")
+    if task not in COMPRESS_TASKS:
+        raise LmkdError(f"compress scores translation, summarization, classification or causal-lm, not {task!r}")
     kind = TASK_KIND[task]
     dev = resolve_device(device)
     check_model_path(model)

@@ -24,6 +24,8 @@ TASKS = tuple(TASK_KIND)
 EVAL_TASKS = ("translation", "summarization", "classification")
 #: the language-modelling tasks ``lmkd evaluate`` scores by perplexity and fidelity to a teacher
 LM_EVAL_TASKS = ("causal-lm", "mlm")
+#: the tasks ``lmkd compress`` scores: those with a quality metric, and causal-lm (perplexity)
+COMPRESS_TASKS = EVAL_TASKS + ("causal-lm",)
 
 #: (input column, label column) of each task's data files; every name is an option
 DEFAULT_COLUMNS = {

@@ -3,13 +3,17 @@
 Each export is a directory holding the engine's files, the tokenizer and ``lmkd_export.json``
 (engine, quantisation, the model it came from and its parameter count); the source model's HF config
 and generation config sit in ``hf/``.  :func:`load` reads any of them -- or a plain HF directory --
-into an object :mod:`lmkd.generation` runs like an HF model (``generate`` for seq2seq, a forward pass
-returning ``.logits`` for classifiers), so ``lmkd evaluate`` scores every format with the same code.
+into an object :mod:`lmkd.generation` runs like an HF model (``generate`` for seq2seq and causal LMs,
+a forward pass returning ``.logits`` for classifiers and causal LMs), so ``lmkd evaluate`` scores every
+format with the same code.
 
 * ``torch-int8``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (int8 weights,
-  activations quantised on the fly; CPU only), saved as its state dict;
+  activations quantised on the fly; CPU only; GPT-2's ``Conv1D`` layers are made ``nn.Linear`` first),
+  saved as its state dict;
 * ``ct2-int8`` / ``ct2-int8_float32`` / ``ct2-float16`` / ``ct2-float32``: CTranslate2's converter
-  (encoder-decoders: BART, mBART, Marian, T5, ...); decoding runs in CTranslate2's own C++ loop;
+  (encoder-decoders: BART, mBART, Marian, T5, ...; causal LMs: GPT-2, Llama); decoding runs in
+  CTranslate2's own C++ loop; a causal LM's perplexity comes from its ``score_batch``
+  (:meth:`CT2Causal.token_log_probs`);
 * ``onnx`` / ``onnx-int8``: ``torch.onnx.export`` of a sequence classifier, run by ONNX Runtime;
   ``onnx-int8`` is ORT's dynamic int8 quantisation of it.
 
@@ -25,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .constants import CLASSIFICATION, SEQ2SEQ
+from .constants import CAUSAL, CLASSIFICATION, SEQ2SEQ
 from .errors import LmkdError
 from .modeling import AUTO_CLASS, count_parameters, load_config, load_model, load_tokenizer
 from .modeling import weights_bytes as hf_weights_bytes
@@ -35,13 +39,17 @@ EXPORT_FILE = "lmkd_export.json"
 #: the source model's HF config (and generation config) inside an export
 HF_DIR = "hf"
 #: every format ``lmkd compress --export`` writes, and the model kinds it takes
-FORMATS = {"torch-int8": (SEQ2SEQ, CLASSIFICATION), "ct2-int8": (SEQ2SEQ,), "ct2-int8_float32": (SEQ2SEQ,),
-           "ct2-float16": (SEQ2SEQ,), "ct2-float32": (SEQ2SEQ,), "onnx": (CLASSIFICATION,),
-           "onnx-int8": (CLASSIFICATION,)}
+FORMATS = {"torch-int8": (SEQ2SEQ, CAUSAL, CLASSIFICATION), "ct2-int8": (SEQ2SEQ, CAUSAL),
+           "ct2-int8_float32": (SEQ2SEQ, CAUSAL), "ct2-float16": (SEQ2SEQ, CAUSAL), "ct2-float32": (SEQ2SEQ, CAUSAL),
+           "onnx": (CLASSIFICATION,), "onnx-int8": (CLASSIFICATION,)}
 #: the weights file of each engine (what "bytes on disk" counts)
 WEIGHTS = {"torch-int8": "model_int8.pt", "ctranslate2": "model.bin", "onnxruntime": "model.onnx"}
 #: model types CTranslate2's transformers converter takes as encoder-decoders
 CT2_SEQ2SEQ_TYPES = ("bart", "mbart", "marian", "t5", "mt5", "m2m_100", "nllb-moe", "pegasus", "whisper")
+#: causal LM types lmkd exports to CTranslate2 (a ``Generator``): those whose conversion lmkd tests
+#: token for token against PyTorch.  The converter registers more (OPT, GPT-J, GPT-NeoX, Bloom,
+#: Mistral, Qwen2/3, Gemma, Phi, Falcon, ...), untested here under transformers 5: not offered.
+CT2_CAUSAL_TYPES = ("gpt2", "llama")
 #: the packages each engine needs
 PACKAGES = {"ctranslate2": ("ctranslate2",), "onnxruntime": ("onnxruntime", "onnx")}
 
@@ -70,7 +78,15 @@ def check_exportable(fmt: str, config, kind: str) -> None:
         raise LmkdError(f"{fmt} exports {takes} models, not this {config.model_type} {kind} model; for it use "
                         f"{', '.join(alt)}")
     engine = engine_of(fmt)
-    if engine == "ctranslate2":
+    if engine == "ctranslate2" and kind == CAUSAL:
+        if config.model_type not in CT2_CAUSAL_TYPES:
+            raise LmkdError(f"CTranslate2 export of a {config.model_type!r} causal LM is not supported (lmkd exports "
+                            f"{', '.join(CT2_CAUSAL_TYPES)} causal LMs to CTranslate2); export with torch-int8 instead")
+        problem = _ct2_causal_problem(config)
+        if problem:
+            raise LmkdError(f"CTranslate2 cannot convert this {config.model_type} model exactly: {problem}; export "
+                            "with torch-int8 instead")
+    elif engine == "ctranslate2":
         if config.model_type not in CT2_SEQ2SEQ_TYPES:
             raise LmkdError(f"CTranslate2 cannot convert a {config.model_type!r} encoder-decoder (it converts "
                             f"{', '.join(CT2_SEQ2SEQ_TYPES)}); export with torch-int8 instead")
@@ -82,10 +98,35 @@ def check_exportable(fmt: str, config, kind: str) -> None:
     require(engine)
 
 
+def _ct2_causal_problem(config) -> str | None:
+    """What of a GPT-2 / Llama config CTranslate2's converter would drop or get wrong, or None."""
+    if config.model_type == "gpt2":
+        act = config.activation_function
+        if act not in ("gelu", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "quick_gelu", "relu",
+                       "silu", "swish"):
+            return f"its activation {act!r} has no CTranslate2 counterpart"
+        plain = getattr(config, "scale_attn_weights", True) and not getattr(config, "scale_attn_by_inverse_layer_idx",
+                                                                             False)
+        if not plain:  # the converter ignores both settings (seen: log-probs off by 0.4-1.7 nats)
+            return "its attention scores are scaled other than by 1/sqrt(head size), which the converter ignores"
+        if getattr(config, "add_cross_attention", False):
+            return "it has cross-attention"
+    if config.model_type == "llama":  # (biases, rope_theta and linear RoPE it converts exactly: checked by hand)
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
+            return (f"its head size {head_dim} is not hidden size / heads ({config.hidden_size} / "
+                    f"{config.num_attention_heads}), which the converter assumes")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "linear", "llama3"):
+            return f"its RoPE scaling {rope_type!r} is not one the converter implements for Llama"
+    return None
+
+
 # ---- writing -------------------------------------------------------------------------------------
 
 
-def _write_meta(out: str, fmt: str, source: str, model, tokenizer, **extra) -> None:
+def _write_meta(out: str, fmt: str, source: str, model, tokenizer, kind: str, **extra) -> None:
     from .io import atomic_write_json
 
     os.makedirs(os.path.join(out, HF_DIR), exist_ok=True)
@@ -96,7 +137,7 @@ def _write_meta(out: str, fmt: str, source: str, model, tokenizer, **extra) -> N
     engine = engine_of(fmt)
     atomic_write_json(os.path.join(out, EXPORT_FILE), {
         "format": fmt, "engine": engine, "weights": WEIGHTS[engine], "source": str(source),
-        "kind": "seq2seq" if model.config.is_encoder_decoder else CLASSIFICATION,
+        "kind": kind,
         "parameters": count_parameters(model), **extra}, indent=1)
 
 
@@ -110,22 +151,39 @@ def export(source: str, out: str, fmt: str, kind: str, sample_text: str = "a sam
     if engine == "torch-int8":
         q = quantize_int8(model)
         torch.save(q.state_dict(), os.path.join(out, WEIGHTS[engine]))
-        _write_meta(out, fmt, source, model, tokenizer, quantization="int8 dynamic (torch.ao, nn.Linear)")
+        _write_meta(out, fmt, source, model, tokenizer, kind, quantization="int8 dynamic (torch.ao, nn.Linear)")
     elif engine == "ctranslate2":
         quantization = fmt[len("ct2-"):]
         _convert_ct2(source, out, quantization)
-        _write_meta(out, fmt, source, model, tokenizer, quantization=quantization)
+        _write_meta(out, fmt, source, model, tokenizer, kind, quantization=quantization)
     else:
         _export_onnx(model, tokenizer, out, int8=fmt == "onnx-int8", sample_text=sample_text)
-        _write_meta(out, fmt, source, model, tokenizer,
+        _write_meta(out, fmt, source, model, tokenizer, kind,
                     quantization="int8 dynamic (onnxruntime)" if fmt == "onnx-int8" else "float32")
 
 
 def quantize_int8(model):
-    """``model`` with every ``nn.Linear`` replaced by its dynamically quantised int8 form (CPU)."""
-    from torch.ao.quantization import quantize_dynamic
+    """``model`` with every ``nn.Linear`` replaced by its dynamically quantised int8 form (CPU).
+    GPT-2's ``Conv1D`` layers (a linear layer with its weight stored transposed) become ``nn.Linear``
+    first, or only its LM head would be quantised; ``model`` itself is left as it was."""
+    import copy
 
-    return quantize_dynamic(model.to("cpu").eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    from torch.ao.quantization import quantize_dynamic
+    from transformers.pytorch_utils import Conv1D
+
+    model = model.to("cpu").eval()
+    if any(isinstance(m, Conv1D) for m in model.modules()):
+        model = copy.deepcopy(model)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    linear = torch.nn.Linear(child.nx, child.nf)
+                    with torch.no_grad():
+                        linear.weight.copy_(child.weight.t())
+                        linear.bias.copy_(child.bias)
+                    setattr(parent, name, linear)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _convert_ct2(source: str, out: str, quantization: str) -> None:
@@ -222,6 +280,11 @@ def export_info(path: str) -> dict | None:
                                                              "source_vocabulary.json", "source_vocabulary.txt")):
         return {"format": "ct2", "engine": "ctranslate2", "weights": "model.bin", "source": None, "kind": SEQ2SEQ,
                 "parameters": None}
+    if os.path.isfile(os.path.join(path, "model.bin")) and any(
+            os.path.isfile(os.path.join(path, n)) for n in ("vocabulary.json", "vocabulary.txt")):
+        # one vocabulary: a decoder-only model (a CTranslate2 Generator)
+        return {"format": "ct2", "engine": "ctranslate2", "weights": "model.bin", "source": None, "kind": CAUSAL,
+                "parameters": None}
     return None
 
 
@@ -248,6 +311,12 @@ def is_torch(model) -> bool:
     return not getattr(model, "lmkd_engine", None) or model.lmkd_engine == "torch-int8"
 
 
+def scores_tokens(model) -> bool:
+    """Whether ``model`` gives teacher-forced token scores: logits (:func:`is_torch`) or, a causal LM
+    run by CTranslate2, the log-probability of each token (perplexity, no fidelity)."""
+    return is_torch(model) or hasattr(model, "token_log_probs")
+
+
 def load(path: str, kind: str, dtype=None, device: torch.device | str = "cpu"):
     """(model, tokenizer) of ``path``: an lmkd export or a CTranslate2 directory (run by its engine
     on ``device`` where it can), else :func:`lmkd.modeling.load_model` moved to ``device``."""
@@ -269,7 +338,7 @@ def load(path: str, kind: str, dtype=None, device: torch.device | str = "cpu"):
             raise LmkdError(f"{path} is a PyTorch dynamic-int8 model, which runs on CPU only; use --device cpu")
         model = _load_torch_int8(path, kind)
     elif engine == "ctranslate2":
-        model = CT2Seq2Seq(path, tokenizer, device)
+        model = (CT2Causal if kind == CAUSAL else CT2Seq2Seq)(path, tokenizer, device)
     else:
         if device.type != "cpu":
             raise LmkdError(f"{path} is an ONNX Runtime export, run here on CPU only; use --device cpu")
@@ -304,10 +373,10 @@ class _Engine(torch.nn.Module):
     """What :mod:`lmkd.generation` and :mod:`lmkd.truncation` ask of a model: ``config``, a device
     (one empty tensor), ``eval()``.
 
-    The engine (a CTranslate2 translator, an ONNX Runtime session) is made on first use and can be
-    released with :meth:`close`: measured on this 2-core CPU, while a CTranslate2 translator that has
-    run exists, a PyTorch model in the same process decodes 1.4-2x slower per token (even on one
-    thread; deleting the translator restores it, unloading its weights does not), so
+    The engine (a CTranslate2 translator or generator, an ONNX Runtime session) is made on first use
+    and can be released with :meth:`close`: measured on this 2-core CPU, while a CTranslate2 translator
+    that has run exists, a PyTorch model in the same process decodes 1.4-2x slower per token (even on
+    one thread; deleting the translator restores it, unloading its weights does not), so
     :func:`lmkd.metrics.measure_speed` closes an engine after each of its turns."""
 
     def __init__(self, config, device: torch.device):
@@ -329,6 +398,29 @@ class _Engine(torch.nn.Module):
         """Release the engine (and its threads); the next call makes it again."""
         self._engine = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (``model(**batch.to(model.device))``, as for an HF model)."""
+        return self.anchor.device
+
+
+def _open_ct2(cls, path: str, device: torch.device):
+    """A CTranslate2 ``Translator`` / ``Generator`` of ``path`` on ``device``, with the threads PyTorch gets."""
+    threads = torch.get_num_threads()  # the same threads PyTorch gets: a fair comparison
+    try:
+        return cls(path, device=device.type if device.type == "cuda" else "cpu", device_index=device.index or 0,
+                   intra_threads=threads, inter_threads=1)
+    except (RuntimeError, ValueError) as e:
+        raise LmkdError(f"CTranslate2 cannot load {path}: {str(e).splitlines()[0]}") from e
+
+
+def _generation_config(path: str):
+    from transformers import GenerationConfig
+
+    hf = os.path.join(path, HF_DIR)
+    return (GenerationConfig.from_pretrained(hf) if os.path.isfile(os.path.join(hf, "generation_config.json"))
+            else GenerationConfig())
+
 
 class CT2Seq2Seq(_Engine):
     """A CTranslate2 ``Translator`` behind HF's ``generate(input_ids, attention_mask, ...)``: the
@@ -344,22 +436,12 @@ class CT2Seq2Seq(_Engine):
         self.tokenizer = tokenizer
         self.path, self.device_spec = str(path), device
         self._engine = self._open()  # a model that cannot be loaded says so now
-        from transformers import GenerationConfig
-
-        hf = os.path.join(path, HF_DIR)
-        self.generation_config = (GenerationConfig.from_pretrained(hf)
-                                  if os.path.isfile(os.path.join(hf, "generation_config.json")) else GenerationConfig())
+        self.generation_config = _generation_config(path)
 
     def _open(self):
         import ctranslate2
 
-        device = self.device_spec
-        threads = torch.get_num_threads()  # the same threads PyTorch gets: a fair comparison
-        try:
-            return ctranslate2.Translator(self.path, device=device.type if device.type == "cuda" else "cpu",
-                                          device_index=device.index or 0, intra_threads=threads, inter_threads=1)
-        except (RuntimeError, ValueError) as e:
-            raise LmkdError(f"CTranslate2 cannot load {self.path}: {str(e).splitlines()[0]}") from e
+        return _open_ct2(ctranslate2.Translator, self.path, self.device_spec)
 
     @property
     def translator(self):
@@ -391,6 +473,112 @@ class CT2Seq2Seq(_Engine):
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class CT2Causal(_Engine):
+    """A CTranslate2 ``Generator`` of a causal LM, called like the HF model:
+
+    * :meth:`token_log_probs` -- ``log p(token t | tokens < t)`` of every real token after the first
+      (``score_batch`` on exactly the given tokens: nothing prepended, the first token not scored, as
+      :mod:`lmkd.fidelity` scores a PyTorch causal LM), which ``lmkd evaluate`` turns into perplexity;
+    * ``forward(input_ids, attention_mask)`` -- ``.logits`` from ``forward_batch`` (what the speed
+      runner of ``--task causal-lm`` times, as it times a PyTorch model's forward pass);
+    * ``generate(input_ids, attention_mask, max_new_tokens, min_new_tokens, num_beams)`` -- the
+      input ids (as given, padding included) followed by the new ids, EOS kept and the rows padded
+      after it, as HF's ``generate`` returns them.
+
+    The model's own generation config (EOS ids, pad id, repetition penalty, no-repeat n-grams, length
+    penalty) applies, as it does in HF."""
+
+    def __init__(self, path: str, tokenizer, device: torch.device):
+        config = _hf_config(path)
+        if config is None:  # a CTranslate2 directory not written by lmkd
+            config = SimpleNamespace(is_encoder_decoder=False, model_type="ctranslate2",
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        super().__init__(config, torch.device("cpu") if device.type != "cuda" else device)
+        self.tokenizer = tokenizer
+        self.path, self.device_spec = str(path), device
+        self._engine = self._open()  # a model that cannot be loaded says so now
+        self.generation_config = _generation_config(path)
+
+    def _open(self):
+        import ctranslate2
+
+        return _open_ct2(ctranslate2.Generator, self.path, self.device_spec)
+
+    @property
+    def generator(self):
+        return self.engine
+
+    def _rows(self, input_ids, attention_mask) -> list[torch.Tensor]:
+        """Per row, the positions of its real tokens."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return [m.bool().nonzero().flatten() for m in attention_mask.cpu()]
+
+    def token_log_probs(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """``[batch, length - 1]``: at ``t - 1``, the log-probability of the token at ``t`` given the
+        real tokens before it (the causal alignment of :mod:`lmkd.positions`); 0 where ``t`` is padding
+        or a row's first real token."""
+        ids = input_ids.cpu()
+        rows = self._rows(ids, attention_mask)
+        out = torch.zeros(ids.shape[0], max(ids.shape[1] - 1, 0), dtype=torch.float32)
+        scored = [i for i, idx in enumerate(rows) if len(idx) >= 2]
+        if scored:
+            tokens = [self.tokenizer.convert_ids_to_tokens(ids[i, rows[i]].tolist()) for i in scored]
+            results = self.generator.score_batch(tokens, max_batch_size=0, max_input_length=0)
+            for i, r in zip(scored, results):
+                out[i, rows[i][1:] - 1] = torch.tensor(r.log_probs, dtype=torch.float32)
+        return out
+
+    def forward(self, input_ids, attention_mask=None, **_) -> SimpleNamespace:
+        """``.logits`` ``[batch, length, vocabulary]`` at the real tokens' positions (0 at padding)."""
+        import numpy as np
+
+        ids = input_ids.cpu()
+        rows = self._rows(ids, attention_mask)
+        view = self.generator.forward_batch([ids[i, idx].tolist() for i, idx in enumerate(rows)])
+        device = self.anchor.device
+        # CTranslate2's memory, shared (CPU: numpy's array interface; GPU: __cuda_array_interface__): copied
+        # once below, into a tensor of the input's layout -- the speed runner times this as a forward pass
+        logits = torch.as_tensor(view, device=device) if device.type == "cuda" else torch.from_numpy(np.asarray(view))
+        right_padded = all(len(idx) == 0 or int(idx[-1]) == len(idx) - 1 for idx in rows)
+        if right_padded and logits.shape[1] == ids.shape[1]:
+            out = logits.clone()
+            for i, idx in enumerate(rows):
+                out[i, len(idx):] = 0
+        else:
+            out = torch.zeros(*ids.shape, logits.shape[-1], dtype=logits.dtype, device=device)
+            for i, idx in enumerate(rows):
+                out[i, idx.to(device)] = logits[i, :len(idx)]
+        return SimpleNamespace(logits=out)
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = getattr(self.config, "eos_token_id", None)
+        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def generate(self, input_ids, attention_mask=None, num_beams: int = 1, max_new_tokens: int = 128,
+                 min_new_tokens: int = 0, do_sample: bool = False, **_) -> torch.Tensor:
+        if do_sample:
+            raise LmkdError("a CTranslate2 causal LM export decodes greedily or by beam search here, not by sampling")
+        ids = input_ids.cpu()
+        rows = self._rows(ids, attention_mask)
+        prompts = [self.tokenizer.convert_ids_to_tokens(ids[i, idx].tolist()) for i, idx in enumerate(rows)]
+        gc, eos = self.generation_config, self._eos_ids()
+        # the prompt is forwarded at once and not returned: max/min_length count the new tokens only
+        results = self.generator.generate_batch(
+            prompts, max_length=max_new_tokens, min_length=min_new_tokens, beam_size=num_beams,
+            include_prompt_in_result=False, end_token=eos or None, return_end_token=True,
+            length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
+            no_repeat_ngram_size=gc.no_repeat_ngram_size or 0, repetition_penalty=gc.repetition_penalty or 1.0,
+            max_batch_size=0)
+        new = [r.sequences_ids[0] for r in results]
+        pad = gc.pad_token_id if gc.pad_token_id is not None else eos[0] if eos else (self.tokenizer.pad_token_id or 0)
+        width = max(len(n) for n in new)
+        tail = torch.tensor([n + [pad] * (width - len(n)) for n in new], dtype=torch.long).reshape(len(new), width)
+        return torch.cat([ids, tail], dim=1)
 
 
 class OrtClassifier(_Engine):

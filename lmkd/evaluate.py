@@ -129,6 +129,8 @@ def evaluate_models(
     ``max_source_length``), speed one forward pass.  With a teacher every model also gets
     ``fidelity`` -- top-1 agreement with the teacher (%) and mean KL(teacher || model) per token --
     and so do seq2seq models, teacher-forced on the references (cut to ``max_target_length``).
+    Models run by an engine (:mod:`lmkd.engines`) give no logits, so no fidelity; a causal LM's
+    CTranslate2 export still gets perplexity, from the log-probabilities of the same tokens.
     """
     if task not in TASKS:
         raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(TASKS)}")
@@ -271,9 +273,11 @@ def token_scores(loaded: dict, ds, data_args: DataArguments, batch_size: int, te
     """:func:`lmkd.fidelity.score_tokens` of every loaded ``(model, tokenizer)`` on ``ds``: in one
     pass over the same batches with fidelity to ``teacher`` when all share its tokenizer, else each
     on its own tokenisation (perplexity only)."""
-    loaded = {k: v for k, v in loaded.items() if engines.is_torch(v[0])}  # engines give no logits
+    # PyTorch models give logits; a causal LM's engine the log-probs of the tokens (perplexity only);
+    # other engines nothing teacher-forced
+    loaded = {k: v for k, v in loaded.items() if engines.scores_tokens(v[0])}
     models = {k: m for k, (m, _) in loaded.items()}
-    if teacher is not None and teacher not in loaded:
+    if teacher is not None and (teacher not in loaded or not engines.is_torch(loaded[teacher][0])):
         teacher = None
     if teacher is not None:
         try:

@@ -11,6 +11,8 @@ What ``lmkd evaluate`` reports per token (:func:`score_tokens` over :func:`token
   reproduces its teacher's next-token distribution -- the figure distillation optimises.
 
 Every model reads the same padded batch (the masks come from :mod:`lmkd.positions`), in float32.
+A causal LM served by an engine (:class:`lmkd.engines.CT2Causal`) gives the log-probability of each
+next token (``token_log_probs``), not logits: it gets perplexity over the same positions, no fidelity.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterator, Mapping
 import datasets
 import torch
 
-from .constants import CLASSIFICATION, TASK_KIND
+from .constants import CAUSAL, CLASSIFICATION, TASK_KIND
 from .data import DataArguments, collator_for, tokenize
 from .errors import LmkdError
 from .positions import aligned, aligned_labels
@@ -60,6 +62,11 @@ def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
     kind = TASK_KIND[task]
     if teacher is not None and teacher not in models:
         raise LmkdError(f"teacher {teacher!r} is not one of the models scored")
+    engines = {k for k, m in models.items() if hasattr(m, "token_log_probs")}  # target log-probs, no logits
+    if engines and kind != CAUSAL:
+        raise LmkdError(f"{', '.join(sorted(engines))}: an engine's token log-probs score causal LMs only")
+    if teacher in engines:
+        raise LmkdError(f"the teacher {teacher!r} must give logits (a PyTorch model), not only token log-probs")
     sums = {k: {"ce": 0.0, "agree": 0, "kl": 0.0} for k in models}
     n = 0
     for batch in batches:
@@ -73,6 +80,10 @@ def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
         if teacher is not None:
             ref = _log_probs(models[teacher], batch, kind)[mask.to(models[teacher].device)].cpu()
         for label, model in models.items():
+            if label in engines:
+                lp = model.token_log_probs(batch["input_ids"], batch.get("attention_mask"))
+                sums[label]["ce"] -= float(lp[mask.cpu()].sum())
+                continue
             lp = ref if label == teacher else _log_probs(model, batch, kind)[mask.to(model.device)].cpu()
             if ref is not None and lp.shape[-1] != ref.shape[-1]:
                 raise LmkdError(f"{label} has {lp.shape[-1]} logits per token but the teacher {ref.shape[-1]}; "
@@ -89,6 +100,6 @@ def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
     for label, s in sums.items():
         ce = s["ce"] / n
         out[label] = {"tokens": n, "ce": ce, "perplexity": math.exp(ce)}
-        if teacher is not None:
+        if teacher is not None and label not in engines:
             out[label].update({"top1_agreement": 100.0 * s["agree"] / n, "kl_to_teacher": max(s["kl"] / n, 0.0)})
     return out

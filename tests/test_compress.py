@@ -344,3 +344,228 @@ def test_evaluate_scores_a_ctranslate2_directory_not_written_by_lmkd(trained, tm
     b = _evaluate(str(tmp_path / "ours"), trained["test"], "translation", str(tmp_path / "b.json"))
     assert a["quality"] == b["quality"] and a["size"]["bytes_on_disk"] == b["size"]["bytes_on_disk"]
     assert a["size"]["parameters"] is None  # not recorded by CTranslate2's converter
+
+
+# ---- causal LMs: CTranslate2 Generator and int8 exports of GPT-2 / Llama --------------------------
+
+CAUSAL_ARCHS = ("gpt2", "llama")
+
+
+def _train_causal(model, tokenizer, texts, steps: int = 150, lr: float = 3e-3):
+    """A few seconds of plain next-token training (batches of 16, 48 tokens): a model with real
+    preferences (perplexity far below the vocabulary's), different greedy outputs for different
+    prompts, some of them ending in EOS, and argmax margins int8 mostly keeps."""
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        chunk = texts[(step * 16) % len(texts):][:16]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=48)
+        model(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory, tokenizer, corpus):
+    """Saved tiny GPT-2 and Llama (d 32, 2 layers, trained 150 steps on the train rows) and a
+    causal-lm test file of other rows."""
+    from lmkd.scratch import build_model
+
+    root = tmp_path_factory.mktemp("causal")
+    out = {"root": str(root)}
+    for arch in CAUSAL_ARCHS:
+        model = build_model(arch, len(tokenizer), dropout=0.0, d_model=32, layers=2)
+        _train_causal(model, tokenizer, [r["source"] for r in corpus[64:]])
+        model.save_pretrained(root / arch)
+        tokenizer.save_pretrained(root / arch)
+        out[arch] = str(root / arch)
+    (root / "lm.jsonl").write_text("".join(json.dumps({"text": r["source"]}) + "\n" for r in corpus[:24]))
+    out["test"] = str(root / "lm.jsonl")
+    (root / "lm_train.jsonl").write_text("".join(json.dumps({"text": r["source"]}) + "\n" for r in corpus[64:96]))
+    out["train"] = str(root / "lm_train.jsonl")
+    out["texts"] = [r["source"] for r in corpus[:24]]
+    return out
+
+
+def _left_padded_prompts(tok, texts, lengths=(3, 7, 5, 9, 4, 6, 8, 2)):
+    """A batch of prompts of different lengths (each text's first tokens), padded on the left as lmkd
+    pads causal generation batches."""
+    rows = [tok(t)["input_ids"][:n] for t, n in zip(texts, lengths)]
+    return generation.pad_batch(rows, tok.pad_token_id, left=True, device="cpu")
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_ct2_float32_causal_lm_gives_pytorch_perplexity_and_greedy_tokens(causal, tmp_path, arch):
+    """A float32 CTranslate2 Generator of a GPT-2 / Llama: evaluate's perplexity (score_batch: the
+    first token not scored, nothing prepended) equals the PyTorch model's, position by position; its
+    forward pass gives the same logits; greedy decoding gives HF's ids token for token, EOS and the
+    padding after it included."""
+    import ctranslate2.converters
+    import datasets
+
+    from lmkd.data import DataArguments
+    from lmkd.evaluate import evaluate_models
+    from lmkd.fidelity import token_batches
+
+    out = str(tmp_path / "ct2")
+    engines.export(causal[arch], out, "ct2-float32", "causal")
+    assert json.loads(open(os.path.join(out, engines.EXPORT_FILE)).read())["kind"] == "causal"
+    fp32, tok = load_model(causal[arch], kind="causal").eval(), load_tokenizer(causal[arch])
+    served, _ = engines.load(out, "causal")
+    assert isinstance(served, engines.CT2Causal) and not engines.is_torch(served)
+    plain = str(tmp_path / "plain")  # a Generator directory of CTranslate2's own converter, plus the tokenizer
+    ctranslate2.converters.TransformersConverter(causal[arch]).convert(plain, quantization="float32")
+    tok.save_pretrained(plain)
+    result = evaluate_models({"fp32": causal[arch], "ct2": out, "plain": plain}, causal["test"], "causal-lm",
+                             batch_size=4, speed_samples=0, device="cpu", progress=False)
+    a, b = result["models"]["fp32"], result["models"]["ct2"]
+    assert a["fidelity"]["tokens"] == b["fidelity"]["tokens"] > 200
+    assert b["quality"]["perplexity"] == pytest.approx(a["quality"]["perplexity"], rel=1e-4)
+    assert result["models"]["plain"]["quality"] == b["quality"]
+    assert a["quality"]["perplexity"] < 150  # a model that has learnt something (uniform: 300)
+    assert b["size"]["parameters"] == count_parameters(fp32)
+    # position by position, on a right-padded batch, and the forward pass's logits
+    args = DataArguments(task="causal-lm", train_file=causal["test"], source_column="text", target_column=None)
+    batch = next(token_batches(datasets.Dataset.from_dict({"text": causal["texts"][:6]}), tok, args, 6))
+    with torch.no_grad():
+        logits = fp32(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    real = batch["attention_mask"][:, 1:].bool()
+    ours = served.token_log_probs(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-4, atol=1e-4)
+    assert torch.all(ours[~real] == 0)
+    mask = batch["attention_mask"].bool()
+    got = served(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got[mask], logits[mask], rtol=1e-4, atol=1e-4)
+    assert torch.all(got[~mask] == 0)
+    ids, att = _left_padded_prompts(tok, causal["texts"])
+    got = served(input_ids=ids, attention_mask=att).logits  # left padding: each row's logits where its tokens are
+    for i, real in enumerate(att.bool()):
+        with torch.no_grad():
+            torch.testing.assert_close(got[i, real], fp32(input_ids=ids[i, real][None]).logits[0], rtol=1e-4, atol=1e-4)
+        assert torch.all(got[i, ~real] == 0)
+    # greedy continuations of left-padded prompts
+    with torch.no_grad():
+        expected = fp32.generate(input_ids=ids, attention_mask=att, do_sample=False, num_beams=1, max_new_tokens=10)
+    got = served.generate(ids, attention_mask=att, max_new_tokens=10)
+    assert len({tuple(r) for r in expected[:, ids.shape[1]:].tolist()}) >= 5  # different prompts, different outputs
+    assert torch.equal(got, expected)
+    assert (expected[:, ids.shape[1]:] == tok.eos_token_id).any(-1).sum() >= 2  # rows that stopped at EOS
+    # EOS held off until exactly 10 new tokens (min_new_tokens)
+    with torch.no_grad():
+        expected = fp32.generate(input_ids=ids, attention_mask=att, do_sample=False, num_beams=1, max_new_tokens=10,
+                                 min_new_tokens=10)
+    assert torch.equal(served.generate(ids, attention_mask=att, max_new_tokens=10, min_new_tokens=10), expected)
+    assert expected.shape[1] == ids.shape[1] + 10
+
+
+@pytest.mark.parametrize("arch,fmt", [("gpt2", "ct2-int8"), ("llama", "ct2-int8"), ("gpt2", "torch-int8"),
+                                      ("llama", "torch-int8")])
+def test_int8_causal_lm_exports_stay_close_to_fp32(causal, tmp_path, arch, fmt):
+    """int8 exports: perplexity within 10% of the fp32 model's, the fp32 argmax at most positions,
+    and smaller files; GPT-2's Conv1D layers are quantised (made nn.Linear first), not only its head."""
+    out = str(tmp_path / fmt)
+    engines.export(causal[arch], out, fmt, "causal")
+    fp32, tok = load_model(causal[arch], kind="causal").eval(), load_tokenizer(causal[arch])
+    served, _ = engines.load(out, "causal")
+    enc = tok(causal["texts"][:12], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = fp32(**enc).logits
+        got = served(**enc).logits
+    mask = enc["attention_mask"].bool()
+    agree = (got.argmax(-1)[mask] == ref.argmax(-1)[mask]).float().mean().item()
+    assert agree >= {"ct2-int8": 0.8, "torch-int8": 0.9}[fmt], agree
+    from lmkd.evaluate import evaluate_models
+
+    result = evaluate_models({"fp32": causal[arch], "int8": out}, causal["test"], "causal-lm", batch_size=8,
+                             speed_samples=0, device="cpu", progress=False)
+    a, b = (result["models"][k]["quality"]["perplexity"] for k in ("fp32", "int8"))
+    assert b == pytest.approx(a, rel=0.1) and b != a
+    ratio = engines.weights_bytes(out) / engines.weights_bytes(causal[arch])
+    # CTranslate2 quantises the embeddings too; torch only the linear layers (this tiny model's 300 x 32
+    # embedding -- and GPT-2's 256 x 32 position table -- stay float32)
+    assert ratio < {"ct2-int8": 0.5, "torch-int8": 0.8}[fmt], ratio
+    if fmt == "torch-int8":  # every linear layer: GPT-2's 4 Conv1D per block, Llama's 7 projections, the head
+        from torch.ao.nn.quantized.dynamic import Linear as QuantisedLinear
+        from transformers.pytorch_utils import Conv1D
+
+        assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in served.modules())
+        assert sum(isinstance(m, QuantisedLinear) for m in served.modules()) == 2 * (4 if arch == "gpt2" else 7) + 1
+
+
+def test_compress_causal_lm_report_equals_evaluate_on_each_saved_model(causal, tmp_path, capsys):
+    """`lmkd compress --task causal-lm` on a GPT-2 (a layer dropped, a short KD fine-tune from its fp32
+    self as teacher, default exports torch-int8 and ct2-int8) and from Python on a Llama: every saved
+    model, scored again
+    by `lmkd evaluate` alone, has the report's perplexity and size; the CTranslate2 rows have
+    perplexity but no fidelity ("–")."""
+    from lmkd.compress import compress_model
+
+    out = tmp_path / "gpt2"
+    assert main(["compress", "--model", causal["gpt2"], "--teacher", causal["gpt2"], "--data", causal["test"],
+                 "--task", "causal-lm", "--output", str(out), "--layers", "0", "--train", causal["train"],
+                 "--finetune-steps", "2", "--train-batch-size", "8", "--speed-samples", "4", "--repeats", "1"]
+                + EVAL) == 0
+    assert "ct2-int8" in capsys.readouterr().out
+    result = json.loads((out / "compress.json").read_text())
+    models = result["models"]
+    assert list(models) == ["student", "pruned", "pruned-ft", "torch-int8", "ct2-int8", "teacher"]
+    assert result["compress"]["pruning"]["layer_map"] == {"layers": [0]}
+    assert [(s["step"], s.get("from")) for s in result["compress"]["steps"]] == [
+        ("drop layers", None), ("fine-tune", None), ("export", "pruned-ft"), ("export", "pruned-ft")]
+    assert models["pruned-ft"]["quality"] != models["pruned"]["quality"]  # the fine-tune changed the weights
+    assert models["student"]["fidelity"]["top1_agreement"] == 100.0
+    assert "top1_agreement" in models["torch-int8"]["fidelity"]
+    assert "top1_agreement" not in models["ct2-int8"]["fidelity"]  # log-probs of the tokens only: no fidelity
+    assert models["ct2-int8"]["fidelity"]["tokens"] == models["pruned-ft"]["fidelity"]["tokens"]
+    assert models["ct2-int8"]["quality"]["perplexity"] == pytest.approx(
+        models["pruned-ft"]["quality"]["perplexity"], rel=0.1)
+    assert models["ct2-int8"]["speed"]["latency_ms"] > 0
+    md = (out / "compress.md").read_text()
+    assert "| ct2-int8 | " in md and " – | – |" in md  # no top-1 agreement / KL for the engine's row
+    vs = result["compress"]["vs_student"]["ct2-int8"]
+    assert vs["perplexity_difference"] == (models["ct2-int8"]["quality"]["perplexity"]
+                                           - models["student"]["quality"]["perplexity"])
+    for label in ("pruned", "pruned-ft", "torch-int8", "ct2-int8"):
+        alone = _evaluate(models[label]["path"], causal["test"], "causal-lm", str(tmp_path / f"{label}.json"))
+        assert alone["quality"] == models[label]["quality"], label
+        assert alone["size"] == models[label]["size"], label
+    result = compress_model(causal["llama"], causal["test"], "causal-lm", str(tmp_path / "llama"), layers=[1],
+                            speed_samples=0, batch_size=8)
+    models = result["models"]
+    assert list(models) == ["student", "pruned", "torch-int8", "ct2-int8"]
+    for label in ("pruned", "ct2-int8"):
+        alone = _evaluate(models[label]["path"], causal["test"], "causal-lm", str(tmp_path / f"l-{label}.json"))
+        assert alone["quality"] == models[label]["quality"], label
+    assert models["ct2-int8"]["quality"]["perplexity"] == pytest.approx(models["pruned"]["quality"]["perplexity"],
+                                                                       rel=0.1)
+
+
+def test_causal_lm_ctranslate2_cannot_convert_is_one_line_exit_2(causal, tokenizer, tmp_path, capsys):
+    """A causal architecture lmkd does not export to CTranslate2, a Llama the converter would get wrong
+    (head size apart from hidden / heads) and head pruning of a GPT-2: one line each, exit 2, nothing
+    written."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, LlamaForCausalLM
+
+    from lmkd.scratch import model_config
+
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
+                                         attention_types=[[["global"], 2]], max_position_embeddings=64))
+    config = model_config("llama", len(tokenizer), d_model=32, layers=1)
+    config.head_dim = 16  # 4 heads of 16 in a hidden size of 32
+    wide = LlamaForCausalLM(config)
+    for name, model in (("neo", neo), ("wide", wide)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    cases = [(["--model", str(tmp_path / "neo")], "'gpt_neo' causal LM is not supported"),
+             (["--model", str(tmp_path / "wide"), "--export", "ct2-int8"], "head size 16 is not hidden size / heads"),
+             (["--model", causal["gpt2"], "--prune-heads", "1"], "cannot prune attention heads of a 'gpt2'")]
+    capsys.readouterr()  # (what saving the models printed)
+    for extra, message in cases:
+        assert main(["compress", "--data", causal["test"], "--task", "causal-lm", "--output",
+                     str(tmp_path / "out")] + extra) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+        assert not os.path.exists(tmp_path / "out")

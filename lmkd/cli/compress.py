@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..constants import EVAL_TASKS
+from ..constants import COMPRESS_TASKS
 from .dataset_flags import add_data_arguments, data_kwargs
 from .make_student import layer_list
 
@@ -22,10 +22,11 @@ def add_parser(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distil -> prune -> quantise -> deploy, in one report: optionally drop layers and/or remove "
                     "the least important attention heads (then a short KD fine-tune from --teacher), quantise to "
-                    "int8 in PyTorch and export to an inference engine (CTranslate2 for encoder-decoders, ONNX "
-                    "Runtime for classifiers), and score teacher, student and every stage with the code of "
-                    "`lmkd evaluate` in one run: parameters, bytes on disk, quality, latency, ms per token, "
-                    "quality retained. Writes the models under --output and compress.json / compress.md there.",
+                    "int8 in PyTorch and export to an inference engine (CTranslate2 for encoder-decoders and "
+                    "GPT-2 / Llama causal LMs, ONNX Runtime for classifiers), and score teacher, student and "
+                    "every stage with the code of `lmkd evaluate` in one run: parameters, bytes on disk, quality, "
+                    "latency, ms per token, quality retained. Writes the models under --output and compress.json / "
+                    "compress.md there.",
         epilog="examples:\n"
                "  lmkd compress --model runs/student --teacher runs/teacher --data lmkd/corpora/ddtp_en_fr.test.jsonl.gz \\\n"
                "      --task translation --output compressed/student\n"
@@ -36,13 +37,16 @@ def add_parser(sub):
                "      --prune-heads 2 --finetune-steps 200 --teacher t5-base --output compressed/t5\n"
                "  lmkd compress --model runs/distilbert-sst2 --data data/sst2/validation.jsonl --task classification \\\n"
                "      --source-column sentence --export torch-int8,onnx-int8 --output compressed/sst2\n"
-               f"Formats: {', '.join(FORMATS)} (ct2-*: encoder-decoders; onnx*: classifiers; default torch-int8 "
-               "plus ct2-int8 or onnx-int8). Head pruning: T5/mT5 (transformers 5 has no prune_heads; lmkd slices "
-               "the projections). Engines: pip install 'lmkd[deploy]'.")
+               "  lmkd compress --model runs/gpt2-kd --teacher gpt2 --data test.jsonl --task causal-lm \\\n"
+               "      --layers 0,2,4 --export torch-int8,ct2-int8 --output compressed/gpt2\n"
+               f"Formats: {', '.join(FORMATS)} (ct2-*: encoder-decoders and GPT-2 / Llama causal LMs; onnx*: "
+               "classifiers; default torch-int8 plus ct2-int8 or onnx-int8); causal-lm is scored by perplexity. "
+               "Head pruning: T5/mT5 (transformers 5 has no prune_heads; lmkd slices the projections). Engines: "
+               "pip install 'lmkd[deploy]'.")
     p.add_argument("--model", required=True, help="the student to compress (a saved model directory)")
     add_data_arguments(p, "test rows to score every model on (.jsonl[.gz], .csv, .json) or a save_to_disk dir",
                        "test")
-    p.add_argument("--task", required=True, choices=EVAL_TASKS)
+    p.add_argument("--task", required=True, choices=COMPRESS_TASKS)
     p.add_argument("--output", required=True, help="directory for the compressed models and compress.json/.md")
     p.add_argument("--teacher", help="teacher: scored beside the others (quality retained) and, with "
                                      "--finetune-steps, the KD teacher of the pruned model")
