@@ -294,7 +294,8 @@ class OtherLoad:
         if self._busy is None or busy is None or wall <= 0:
             self.fraction = None
         else:
-            self.fraction = max(0.0, (busy - self._busy - own) / (wall * (os.cpu_count() or 1)))
+            # (the counters tick in 10 ms jiffies: a short block can read a little past the bounds)
+            self.fraction = min(1.0, max(0.0, (busy - self._busy - own) / (wall * (os.cpu_count() or 1))))
         return False
 
 
