@@ -266,7 +266,7 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
 BUSY_MACHINE = 0.15
 
 
-def _busy_cpu_seconds() -> float | None:
+def busy_cpu_seconds() -> float | None:
     """CPU seconds all processes of this machine have spent busy since boot (Linux ``/proc/stat``), or None."""
     try:
         with open("/proc/stat") as f:
@@ -286,11 +286,11 @@ class OtherLoad:
     fraction: float | None = None
 
     def __enter__(self):
-        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), _busy_cpu_seconds()
+        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), busy_cpu_seconds()
         return self
 
     def __exit__(self, *exc):
-        wall, own, busy = time.perf_counter() - self._t, time.process_time() - self._own, _busy_cpu_seconds()
+        wall, own, busy = time.perf_counter() - self._t, time.process_time() - self._own, busy_cpu_seconds()
         if self._busy is None or busy is None or wall <= 0:
             self.fraction = None
         else:

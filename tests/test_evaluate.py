@@ -240,7 +240,7 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypat
     clock = {"wall": 100.0, "own": 5.0, "busy": 1000.0}
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock["wall"])
     monkeypatch.setattr(metrics.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(metrics, "_busy_cpu_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(metrics, "busy_cpu_seconds", lambda: clock["busy"])
     monkeypatch.setattr(metrics.os, "cpu_count", lambda: 4)
     with OtherLoad() as load:  # 2 s; this process used 1.5 CPU s, the machine 3.5 busy CPU s in all
         clock.update(wall=102.0, own=6.5, busy=1003.5)
@@ -248,12 +248,12 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypat
     with OtherLoad() as alone:  # only this process worked
         clock.update(wall=104.0, own=8.0, busy=1005.0)
     assert alone.fraction == 0.0
-    monkeypatch.setattr(metrics, "_busy_cpu_seconds", lambda: None)  # no /proc/stat: unknown, not 0
+    monkeypatch.setattr(metrics, "busy_cpu_seconds", lambda: None)  # no /proc/stat: unknown, not 0
     with OtherLoad() as unknown:
         clock.update(wall=106.0)
     assert unknown.fraction is None
     monkeypatch.undo()
-    assert metrics._busy_cpu_seconds() > 0  # this machine's counters are read
+    assert metrics.busy_cpu_seconds() > 0  # this machine's counters are read
     with OtherLoad() as real:
         time.sleep(0.2)
     assert 0.0 <= real.fraction <= 1.0
