@@ -422,26 +422,42 @@ def _generation_config(path: str):
             else GenerationConfig())
 
 
-class CT2Seq2Seq(_Engine):
-    """A CTranslate2 ``Translator`` behind HF's ``generate(input_ids, attention_mask, ...)``: the
-    same token ids in, the same ``[decoder start] + tokens`` out, so lmkd's generation loops, their
-    truncation rule and the fixed-length speed runner work unchanged.  The model's own generation
-    config (length penalty, no-repeat n-grams, repetition penalty) applies, as it does in HF."""
+class _CT2Engine(_Engine):
+    """What both CTranslate2 engines share: the HF config and generation config an lmkd export
+    carries (or a stand-in for a plain CTranslate2 directory), the tokenizer, and the CTranslate2
+    object (``CT2_CLASS``: ``Translator`` / ``Generator``) made on first use."""
+
+    CT2_CLASS = ""
 
     def __init__(self, path: str, tokenizer, device: torch.device):
         config = _hf_config(path)
         if config is None:  # a CTranslate2 directory not written by lmkd
-            config = SimpleNamespace(is_encoder_decoder=True, model_type="ctranslate2", decoder_start_token_id=None)
+            config = self._plain_config(tokenizer)
         super().__init__(config, torch.device("cpu") if device.type != "cuda" else device)
         self.tokenizer = tokenizer
         self.path, self.device_spec = str(path), device
         self._engine = self._open()  # a model that cannot be loaded says so now
         self.generation_config = _generation_config(path)
 
+    def _plain_config(self, tokenizer) -> SimpleNamespace:
+        raise NotImplementedError
+
     def _open(self):
         import ctranslate2
 
-        return _open_ct2(ctranslate2.Translator, self.path, self.device_spec)
+        return _open_ct2(getattr(ctranslate2, self.CT2_CLASS), self.path, self.device_spec)
+
+
+class CT2Seq2Seq(_CT2Engine):
+    """A CTranslate2 ``Translator`` behind HF's ``generate(input_ids, attention_mask, ...)``: the
+    same token ids in, the same ``[decoder start] + tokens`` out, so lmkd's generation loops, their
+    truncation rule and the fixed-length speed runner work unchanged.  The model's own generation
+    config (length penalty, no-repeat n-grams, repetition penalty) applies, as it does in HF."""
+
+    CT2_CLASS = "Translator"
+
+    def _plain_config(self, tokenizer) -> SimpleNamespace:
+        return SimpleNamespace(is_encoder_decoder=True, model_type="ctranslate2", decoder_start_token_id=None)
 
     @property
     def translator(self):
@@ -475,7 +491,7 @@ class CT2Seq2Seq(_Engine):
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-class CT2Causal(_Engine):
+class CT2Causal(_CT2Engine):
     """A CTranslate2 ``Generator`` of a causal LM, called like the HF model:
 
     * :meth:`token_log_probs` -- ``log p(token t | tokens < t)`` of every real token after the first
@@ -490,21 +506,11 @@ class CT2Causal(_Engine):
     The model's own generation config (EOS ids, pad id, repetition penalty, no-repeat n-grams, length
     penalty) applies, as it does in HF."""
 
-    def __init__(self, path: str, tokenizer, device: torch.device):
-        config = _hf_config(path)
-        if config is None:  # a CTranslate2 directory not written by lmkd
-            config = SimpleNamespace(is_encoder_decoder=False, model_type="ctranslate2",
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        super().__init__(config, torch.device("cpu") if device.type != "cuda" else device)
-        self.tokenizer = tokenizer
-        self.path, self.device_spec = str(path), device
-        self._engine = self._open()  # a model that cannot be loaded says so now
-        self.generation_config = _generation_config(path)
+    CT2_CLASS = "Generator"
 
-    def _open(self):
-        import ctranslate2
-
-        return _open_ct2(ctranslate2.Generator, self.path, self.device_spec)
+    def _plain_config(self, tokenizer) -> SimpleNamespace:
+        return SimpleNamespace(is_encoder_decoder=False, model_type="ctranslate2",
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
     @property
     def generator(self):
