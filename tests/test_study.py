@@ -18,9 +18,11 @@ from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
 BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows", "transfer",
                "s025-init"]
-TRANSLATION_STAGES = (BEFORE_STOP
-                      + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS] + ["serve"]
-                      + ["eval-teacher"] + [f"eval-s025-{v}" for v in SEQ2SEQ_VARIANTS] + ["eval-served"]
+#: the Word-KD variants' teacher caches, then one job graph (students and evaluations; in this order on one
+#: worker), then the served export of the best student and its evaluation
+TRANSLATION_STAGES = (BEFORE_STOP + ["kd-cache-validation", "kd-cache-target", "kd-cache-teacher"]
+                      + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
+                      + ["eval-teacher"] + [f"eval-s025-{v}" for v in SEQ2SEQ_VARIANTS] + ["serve", "eval-served"]
                       + ["speed", "report"])
 STUDENTS = [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
 
@@ -594,3 +596,60 @@ def test_classification_study_with_a_bare_encoder_teacher_skips_the_mlm_variants
     assert cfg["architectures"] == ["BertModel"] and cfg["lmkd_layer_map"] == {"layers": [0]}
     assert _stage_meta(out, "s05-task-kd")["options"]["kd_alpha"] == 0.5
     assert "kd_alpha" not in _stage_meta(out, "s05-no-kd")["options"]
+
+
+def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translation, tmp_path):
+    """The Word-KD variants train from the teacher's log-probs cached once per target column (the
+    cache's top-K equal the teacher's own log-softmax on the transfer rows, computed here directly);
+    the other variants never see them; --online-kd retrains only the Word-KD students (and what was
+    built from them), with the teacher loaded and no cache stage."""
+    import shutil
+
+    import yaml
+
+    from lmkd.logit_cache import LogitCache
+    from lmkd.modeling import load_model, load_tokenizer
+
+    out, _, _ = translation
+    stages = Path(out) / "stages"
+    caches = {"s025-word-kd": "kd-cache-target", "s025-seq-kd+word-kd": "kd-cache-teacher"}
+    for v in SEQ2SEQ_VARIANTS:
+        name = f"s025-{v}"
+        meta = _stage_meta(out, name)
+        config = yaml.safe_load((stages / name.replace("+", "_") / "lmkd_config.yaml").read_text())
+        if name in caches:
+            assert {caches[name], "kd-cache-validation"} <= set(meta["deps"])
+            assert config["teacher_cache"] == str(stages / caches[name] / "cache")
+            assert config["eval_teacher_cache"] == str(stages / "kd-cache-validation" / "cache")
+            assert "teacher_model_name_or_path" not in config and config.get("kd_alpha", 0.5) > 0
+        else:
+            assert not [d for d in meta["deps"] if d.startswith("kd-cache")] and "teacher_cache" not in config
+    # the cached top-K of a transfer row are the teacher's log-probs at its gold target positions
+    cache = LogitCache(str(stages / "kd-cache-target" / "cache"))
+    row = json.loads((stages / "transfer-rows" / "transfer.jsonl").read_text().splitlines()[0])
+    teacher_dir = str(stages / "teacher")
+    tok, teacher = load_tokenizer(teacher_dir), load_model(teacher_dir).eval()
+    enc = tok(row["source"], text_target=row["target"], return_tensors="pt")
+    with torch.no_grad():
+        logp = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                       labels=enc["labels"]).logits.float().log_softmax(-1)[0]
+    tokens, ids, logprobs, _ = cache.row(0)
+    assert tokens.tolist() == enc["labels"][0].tolist()
+    want = logp.topk(cache.top_k, dim=-1)
+    assert ids[:, 0].tolist() == want.indices[:, 0].tolist()
+    assert torch.tensor(logprobs.astype("float32")) == pytest.approx(want.values, abs=2e-3)  # stored as float16
+
+    online = str(tmp_path / "online")
+    shutil.copytree(out, online)
+    n = len(_log(online))
+    run_study(StudyOptions(task="translation", budget="tiny", teacher_check=False, output=online, online_kd=True))
+    redone = _log(online)[n:]
+    assert sorted(v for v in redone if v.startswith("s025-")) == sorted(caches)
+    assert not [v for v in redone if v.startswith("kd-cache")]
+    for name in caches:
+        config = yaml.safe_load((Path(online) / "stages" / name.replace("+", "_") / "lmkd_config.yaml").read_text())
+        assert config["teacher_model_name_or_path"] == teacher_dir.replace(out, online) and "teacher_cache" not in config
+    report = json.loads((Path(online) / "report.json").read_text())
+    assert report["plan"]["kd_cache"] is None
+    assert "Word-KD teacher" not in (Path(online) / "report.md").read_text()
+    assert "Word-KD teacher: the Word-KD variants read" in (Path(out) / "report.md").read_text()

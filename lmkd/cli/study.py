@@ -86,6 +86,10 @@ def add_parser(sub):
                         "served -- CTranslate2 int8 for seq2seq, ONNX Runtime int8 for classifiers, as lmkd compress "
                         "does -- and reports it as one more model (needs pip install 'lmkd[deploy]'; skipped with "
                         "a note when not installed)")
+    p.add_argument("--online-kd", action="store_true",
+                   help="seq2seq: run the teacher at every Word-KD step instead of caching its log-probs once "
+                        "(default: the top 32 per target token plus 32 sampled from the rest, lmkd cache-logits; "
+                        "about 2.3x faster Word-KD students on a CPU)")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     p.set_defaults(func=run)
 
@@ -140,5 +144,5 @@ def run(ns) -> None:
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
         seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
-        serve=not ns.no_serve)
+        serve=not ns.no_serve, online_kd=ns.online_kd)
     run_study(options)

@@ -38,19 +38,23 @@ def no_mlm_head_note(teacher: str) -> str:
 
 
 def classification_students(st: Stages, opts: StudyOptions, teachers: dict, data: dict,
-                            mlm_head: bool = True) -> dict[str, dict]:
-    """Every variant of every student size and seed; returns ``{stage name: {"dir", "stage",
-    "variant", "size", "seed", "train_log"}}``.  ``mlm_head``: whether ``teachers["teacher-mlm"]``
-    has MLM head weights (:func:`~lmkd.study.models.has_mlm_head`); without, only the variants that
-    need none run."""
+                            mlm_head: bool = True) -> tuple[dict[str, dict], list[Job]]:
+    """The init of every student size, then the jobs of every variant of every size and seed, for the
+    caller to run with its other jobs; returns the students as ``{stage name: {"dir", "stage",
+    "variant", "size", "seed", "train_log"}}`` and the jobs.  ``mlm_head``: whether
+    ``teachers["teacher-mlm"]`` has MLM head weights (:func:`~lmkd.study.models.has_mlm_head`);
+    without, only the variants that need none run."""
     students: dict[str, dict] = {}
+    jobs: list[Job] = []
     for fraction in opts.student_sizes:
-        students.update(_students_of_size(st, opts, teachers, data, fraction, mlm_head))
-    return students
+        size_students, size_jobs = _students_of_size(st, opts, teachers, data, fraction, mlm_head)
+        students.update(size_students)
+        jobs += size_jobs
+    return students, jobs
 
 
 def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict, fraction: float,
-                      mlm_head: bool) -> dict[str, dict]:
+                      mlm_head: bool) -> tuple[dict[str, dict], list[Job]]:
     """The variants of one student size (``fraction`` of the teacher's layers, evenly spaced), all
     from the same layer-copied init."""
     plan = opts.plan
@@ -109,12 +113,9 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
                                  teacher_dir=teacher_dir if task_kd else None,
                                  kd_alpha=plan["kd_alpha"] if task_kd else 0.0), what,
                             cost=2.0 if task_kd else 1.0))
-            out_models[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed}
-    dirs = st.run_jobs(jobs, plan.get("workers", 1))
-    for name, m in out_models.items():
-        m["dir"] = dirs[name]
-        m["train_log"] = os.path.join(dirs[name], TRAIN_LOG)
-    return out_models
+            out_models[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed,
+                                "dir": st.path(name), "train_log": os.path.join(st.path(name), TRAIN_LOG)}
+    return out_models, jobs
 
 
 def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_file: str, plan: dict, seed: int,

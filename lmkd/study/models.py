@@ -132,6 +132,41 @@ class PlateauStopping(TrainerCallback):
                 "patience": self.rule.patience, "min_delta": self.rule.min_delta}
 
 
+def study_data_args(task: str, train_file: str, validation_file: str | None, plan: dict,
+                    target_column: str | None = None):
+    """The :class:`lmkd.data.DataArguments` every study training reads its data with (and every teacher
+    cache is made with, so that the cached positions are the trained ones): the study's normalised
+    columns, both sides cut at the plan's ``max_length``."""
+    from ..data import DataArguments
+
+    data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
+    if data_task == "translation":
+        cols = dict(source_column="source", target_column=target_column or "target")
+    elif data_task == "classification":
+        cols = dict(source_column="text", target_column="label")
+    else:
+        cols = dict(source_column="text")
+    return DataArguments(task=data_task, train_file=train_file, validation_file=validation_file,
+                         max_source_length=plan["max_length"], max_target_length=plan["max_length"], **cols)
+
+
+#: the directory of a cache stage (:func:`cache_teacher_logits`) that holds the cache itself
+CACHE_DIR = "cache"
+
+
+def cache_teacher_logits(out: str, teacher_dir: str, data_file: str, target_column: str, plan: dict,
+                         seed: int) -> None:
+    """A teacher-cache stage: ``lmkd cache-logits`` of ``teacher_dir`` on ``data_file`` (its
+    ``target_column`` as the targets) with the plan's ``kd_cache`` settings (top-K and sampled-tail
+    draws, seeded by ``seed``), into ``out/cache``, read the way :func:`train_student` reads the data."""
+    from ..logit_cache import cache_logits
+
+    settings = plan["kd_cache"]
+    cache_logits(teacher_dir, study_data_args("translation", data_file, None, plan, target_column),
+                 os.path.join(out, CACHE_DIR), settings["top_k"], batch_size=64,
+                 tail_samples=settings["tail_samples"], seed=seed, progress=False)
+
+
 def train_student(out: str, init_dir: str, task: str, train_file: str, validation_file: str | None, plan: dict, *,
                   steps: int, lr: float, target_column: str | None = None, teacher_dir: str | None = None,
                   kd_alpha: float = 0.0, seed: int = 42, stopping: StoppingRule | dict | None = None,
@@ -152,22 +187,13 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
     Without it the training runs exactly ``steps`` steps with no evaluation on the way.
     """
     from ..config import DistillationConfig, ModelArguments
-    from ..data import DataArguments
     from ..distill import run_distill
 
     if isinstance(stopping, dict):  # a worker process's job (lmkd.study.stages.Job) carries it as JSON
         stopping = StoppingRule(**stopping)
     if stopping is not None and validation_file is None:
         raise LmkdError("early stopping needs a validation file")
-    data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
-    if data_task == "translation":
-        cols = dict(source_column="source", target_column=target_column or "target")
-    elif data_task == "classification":
-        cols = dict(source_column="text", target_column="label")
-    else:
-        cols = dict(source_column="text")
-    data_args = DataArguments(task=data_task, train_file=train_file, validation_file=validation_file,
-                              max_source_length=plan["max_length"], max_target_length=plan["max_length"], **cols)
+    data_args = study_data_args(task, train_file, validation_file, plan, target_column)
     args = DistillationConfig(
         output_dir=out, max_steps=steps, learning_rate=lr, warmup_steps=min(plan["warmup_steps"], steps // 3),
         # constant after warm-up: small from-scratch models learn the target-side language model first

@@ -452,6 +452,12 @@ def report_markdown(report: dict) -> str:
                      f"({served['validation_ce']:.3f}), exported to {FORMAT_NAMES.get(served['format'], served['format'])} "
                      "(lmkd compress's export, no pruning) -- the row `served`, scored and timed like every other "
                      "model and compared with the student it came from above.")
+    cache = plan.get("kd_cache")
+    if cache and any("word-kd" in r["variant"] for r in rows_in):
+        lines.append(f"Word-KD teacher: the Word-KD variants read the teacher's log-probs cached once per transfer "
+                     f"set (lmkd cache-logits: the top {cache['top_k']} per target token plus {cache['tail_samples']} "
+                     "drawn from the rest, which keeps the forward-KL gradient unbiased) instead of running the "
+                     "teacher at every step; --online-kd runs it at every step.")
     if plan.get("length_sizing"):
         lines.append(describe_lengths(plan["length_sizing"]))
     for note in plan.get("notes") or []:

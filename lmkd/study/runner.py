@@ -70,19 +70,27 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     models: dict[str, dict] = {"teacher": {"dir": teachers["teacher"], "stage": "teacher", "variant": "teacher",
                                            "size": None, "seed": None}}
     if opts.task == "classification":
-        models.update(classification_students(st, opts, teachers, data, mlm_head))
+        students, jobs = classification_students(st, opts, teachers, data, mlm_head)
     else:
-        models.update(seq2seq_students(st, opts, data, teachers["teacher"]))
-    # the best student by validation CE, exported as it would be served: one more model from here on
-    models.update(serve_stage(st, opts, models, read_train_log))
+        students, jobs = seq2seq_students(st, opts, data, teachers["teacher"])
+    models.update(students)
 
     eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], "evaluate": "evaluate_models",
                  **thread_options(plan)}
-    jobs = [Job(f"eval-{name}", eval_opts, [m["stage"], "data-test"], "models:evaluate_into",
-                dict(model_dir=m["dir"], task=opts.task, test_file=test_file, beams=plan["beams"],
-                     max_new_tokens=plan["max_new_tokens"]), f"evaluating {name} on the test set")
-            for name, m in models.items()]
-    dirs = st.run_jobs(jobs, plan.get("workers", 1))
+
+    def eval_jobs(names) -> list[Job]:
+        # cheapest: a worker takes one when no training is ready (the teacher's while the last students train)
+        return [Job(f"eval-{name}", eval_opts, [models[name]["stage"], "data-test"], "models:evaluate_into",
+                    dict(model_dir=models[name]["dir"], task=opts.task, test_file=test_file, beams=plan["beams"],
+                         max_new_tokens=plan["max_new_tokens"]), f"evaluating {name} on the test set", cost=0.5)
+                for name in names]
+
+    # one job graph: the students (and what they wait for) and every evaluation, each as soon as its model is
+    dirs = st.run_jobs(jobs + eval_jobs(list(models)), plan.get("workers", 1))
+    # the best student by validation CE, exported as it would be served: one more model from here on
+    served = serve_stage(st, opts, models, read_train_log)
+    models.update(served)
+    dirs.update(st.run_jobs(eval_jobs(list(served)), plan.get("workers", 1)))
     results = {name: _read_json(dirs[f"eval-{name}"], "quality.json") for name in models}
 
     # "fixed_new_tokens": the per-token speed (every model forced to decode that many tokens) is measured too
@@ -101,8 +109,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
     # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
     # v5: the from-scratch teacher's architecture, the workers; v6: the served model's row, bytes on disk; v7: its label
-    # v8: the students below the trivial floor
-    rd = st.run("report", {"v": 8}, [f"eval-{n}" for n in models] + ["speed"],
+    # v8: the students below the trivial floor; v9: the Word-KD teacher cache note
+    rd = st.run("report", {"v": 9}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))

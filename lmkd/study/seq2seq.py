@@ -12,7 +12,7 @@ import os
 import shutil
 
 from ..io import atomic_write_json, read_rows, write_jsonl
-from .models import TRAIN_LOG, StoppingRule, save_model, train_student
+from .models import CACHE_DIR, TRAIN_LOG, StoppingRule, save_model
 from .plan import SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds, thread_options
 from .splits import select_transfer_rows
 from .stages import Job, Stages
@@ -69,13 +69,14 @@ def _student_init(teacher_dir: str, fraction: float, seed: int, out: str) -> Non
                       {"init": "copied teacher layers" if copied else "fresh", "layers": copied}, indent=None)
 
 
-def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str) -> dict[str, dict]:
-    """The transfer-set stages, then every variant of every student size and seed; returns the
-    students as ``{stage name: {"dir", "stage", "variant", "size", "seed", "train_log"}}``
-    (``data["transfer_rows"]`` is set).  The teacher and the transfer set are shared by all seeds;
-    each seed has its own init (shared by that seed's variants) and data order.  Every student
-    stops on its validation plateau (:class:`~lmkd.study.models.StoppingRule`), ``student_steps``
-    being the cap."""
+def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str) -> tuple[dict[str, dict], list[Job]]:
+    """The transfer-set stages, then the jobs of every variant of every student size and seed (and of
+    the teacher caches the Word-KD variants read), for the caller to run with its other jobs; returns
+    the students as ``{stage name: {"dir", "stage", "variant", "size", "seed", "train_log"}}`` and the
+    jobs (``data["transfer_rows"]`` is set).  The teacher, its caches and the transfer set are shared
+    by all seeds; each seed has its own init (shared by that seed's variants) and data order.  Every
+    student stops on its validation plateau (:class:`~lmkd.study.models.StoppingRule`),
+    ``student_steps`` being the cap."""
     plan = opts.plan
     rows_dir = st.run("transfer-rows", {"rows": plan["transfer_rows"], "seed": opts.seed}, ["data-train"],
                       lambda out: select_transfer_rows(data["train"], plan["transfer_rows"], opts.seed, out),
@@ -89,11 +90,11 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
     transfer_dir = st.run("transfer", gen_opts, ["teacher", "transfer-rows"], transfer_fn,
                           f"teacher beam search (beam {plan['beams']}) on the transfer set")
     transfer_file = os.path.join(transfer_dir, "transfer.jsonl")
+    jobs, caches = _cache_jobs(st, opts, data, teacher_dir, rows_file, transfer_file)
 
     students: dict[str, dict] = {}
     stopping = StoppingRule.from_plan(plan)
-    kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
-    jobs: list[Job] = []
+    kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"], "kd_cache": plan["kd_cache"]}
     for fraction in opts.student_sizes:
         size = size_name(fraction)
         for seed in student_seeds(opts):
@@ -111,20 +112,50 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
                 data_file = rows_file if target == "target" else transfer_file
                 deps = [init, "data-validation"] + (["transfer"] if target != "target" else ["transfer-rows"]) + \
                     (["teacher"] if word else [])
+                teacher = {}
+                if word and caches:  # the teacher's cached log-probs of these targets, and of the validation rows
+                    deps += [caches[target], caches["validation"]]
+                    teacher = dict(teacher_cache=os.path.join(st.path(caches[target]), CACHE_DIR),
+                                   eval_teacher_cache=os.path.join(st.path(caches["validation"]), CACHE_DIR))
+                elif word:
+                    teacher = dict(teacher_dir=teacher_dir)
                 kwargs = dict(init_dir=init_dir, task=opts.task, train_file=data_file,
                               validation_file=data["validation"], plan=plan, steps=plan["student_steps"],
-                              lr=plan["student_lr"], target_column=target, teacher_dir=teacher_dir if word else None,
-                              kd_alpha=plan["kd_alpha"] if word else 0.0, seed=seed, stopping=stopping.options())
+                              lr=plan["student_lr"], target_column=target, kd_alpha=plan["kd_alpha"] if word else 0.0,
+                              seed=seed, stopping=stopping.options(), **teacher)
                 name = seeded(f"{size}-{variant}", opts, seed)
                 what = (f"training student {variant} (seed {seed}): targets = {target}"
-                        + (f", word-level KD alpha {plan['kd_alpha']}" if word else "")
+                        + (f", word-level KD alpha {plan['kd_alpha']}" + (" (cached teacher)" if caches else "")
+                           if word else "")
                         + f", until its validation CE stops improving (at most {plan['student_steps']} steps)")
-                # a Word-KD step also runs the teacher: about twice a plain one
+                # an online Word-KD step also runs the teacher: 2.5x a plain one; from the cache about 1.05x
+                cost = (1.2 if caches else 2.0) if word else 1.0
                 jobs.append(Job(name, {**student_opts, "target": target, **(kd if word else {})}, deps,
-                                "models:train_student", kwargs, what, cost=2.0 if word else 1.0))
-                students[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed}
-    dirs = st.run_jobs(jobs, plan.get("workers", 1))
-    for name, m in students.items():
-        m["dir"] = dirs[name]
-        m["train_log"] = os.path.join(dirs[name], TRAIN_LOG)
-    return students
+                                "models:train_student", kwargs, what, cost=cost))
+                students[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed,
+                                  "dir": st.path(name), "train_log": os.path.join(st.path(name), TRAIN_LOG)}
+    return students, jobs
+
+
+def _cache_jobs(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str, rows_file: str,
+                transfer_file: str) -> tuple[list[Job], dict[str, str]]:
+    """The jobs caching the teacher's log-probs (``plan["kd_cache"]``; none with --online-kd) on the
+    validation rows and on the transfer rows with each target column the Word-KD variants train on;
+    returns them and ``{target column or "validation": stage name}``."""
+    settings = opts.plan["kd_cache"]
+    if not settings:
+        return [], {}
+    options = {**settings, "max_length": opts.plan["max_length"], "seed": opts.seed}
+    what = f"caching the teacher's top-{settings['top_k']} log-probs (+{settings['tail_samples']} sampled) "
+    spec = {"validation": ("kd-cache-validation", data["validation"], "target", "data-validation", "on the validation rows"),
+            "target": ("kd-cache-target", rows_file, "target", "transfer-rows", "on the transfer rows' gold targets"),
+            "teacher": ("kd-cache-teacher", transfer_file, "teacher", "transfer", "on the teacher's own beam outputs")}
+    jobs, names = [], {}
+    for key, (name, data_file, column, dep, where) in spec.items():
+        if key != "validation" and not any(VARIANT_TARGET[v] == key and "word-kd" in v for v in SEQ2SEQ_VARIANTS):
+            continue
+        jobs.append(Job(name, {**options, "column": column}, ["teacher", dep], "models:cache_teacher_logits",
+                        dict(teacher_dir=teacher_dir, data_file=data_file, target_column=column, plan=opts.plan,
+                             seed=opts.seed), what + where, cost=4.0))  # the Word-KD students wait for them
+        names[key] = name
+    return jobs, names
