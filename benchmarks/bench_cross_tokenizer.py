@@ -137,7 +137,8 @@ STUDY_STUDENTS = {"gold": "s025-baseline", "fkl": "s025-word-kd"}
 
 def study_student(study: str, variant: str, plan: dict, seed: int) -> tuple[str, str] | None:
     """``(train dir, eval dir)`` of the study's own student that ``variant`` would retrain identically
-    (the study's baseline for ``gold``, its Word-KD for ``fkl``: same init, transfer rows, plan, seed),
+    (the study's baseline for ``gold``, its Word-KD for ``fkl`` when it ran with --online-kd: same init,
+    transfer rows, plan, seed),
     when its stages are there with those settings; None otherwise (the variant is trained here)."""
     name = STUDY_STUDENTS.get(variant)
     if name is None:
@@ -150,7 +151,9 @@ def study_student(study: str, variant: str, plan: dict, seed: int) -> tuple[str,
     same = (options.get("steps") == plan["student_steps"] and options.get("seed") == seed
             and options.get("lr") == plan["student_lr"] and options.get("batch") == plan["batch_size"]
             and options.get("target") == "target"
-            and (variant == "gold" or options.get("kd_alpha") == plan["kd_alpha"]))
+            and (variant == "gold" or (options.get("kd_alpha") == plan["kd_alpha"]
+                                       # this benchmark's fkl runs the teacher online, as --online-kd does
+                                       and not options.get("kd_cache"))))
     return (train, ev) if same and study_teacher_eval(ev, plan) else None
 
 

@@ -92,3 +92,10 @@ def test_the_studys_own_baseline_and_word_kd_are_read_only_when_their_settings_m
     assert bench.study_student(str(tmp_path), "fkl", {**plan, "kd_alpha": 0.9}, 42) is None
     assert bench.study_student(str(tmp_path), "gold", {**plan, "beams": 2}, 42) is None  # evaluated otherwise
     assert bench.study_student(str(tmp_path), "taid", plan, 42) is None  # not a study student
+    # a Word-KD student that read the study's teacher cache is not this benchmark's online forward KL
+    meta = tmp_path / "stages" / "s025-word-kd" / "stage.json"
+    options = json.loads(meta.read_text())["options"]
+    meta.write_text(json.dumps({"options": {**options, "kd_cache": {"top_k": 32, "tail_samples": 32}}}))
+    assert bench.study_student(str(tmp_path), "fkl", plan, 42) is None
+    meta.write_text(json.dumps({"options": {**options, "kd_cache": None}}))  # --online-kd
+    assert bench.study_student(str(tmp_path), "fkl", plan, 42)[0].endswith("s025-word-kd")

@@ -140,8 +140,9 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
 def _cache_jobs(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str, rows_file: str,
                 transfer_file: str) -> tuple[list[Job], dict[str, str]]:
     """The jobs caching the teacher's log-probs (``plan["kd_cache"]``; none with --online-kd) on the
-    validation rows and on the transfer rows with each target column the Word-KD variants train on;
-    returns them and ``{target column or "validation": stage name}``."""
+    validation rows and on the transfer rows with each target column a Word-KD variant trains on
+    (word-kd: the gold targets; seq-kd+word-kd: the teacher's); returns them and ``{target column or
+    "validation": stage name}``."""
     settings = opts.plan["kd_cache"]
     if not settings:
         return [], {}
@@ -152,8 +153,6 @@ def _cache_jobs(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str, ro
             "teacher": ("kd-cache-teacher", transfer_file, "teacher", "transfer", "on the teacher's own beam outputs")}
     jobs, names = [], {}
     for key, (name, data_file, column, dep, where) in spec.items():
-        if key != "validation" and not any(VARIANT_TARGET[v] == key and "word-kd" in v for v in SEQ2SEQ_VARIANTS):
-            continue
         jobs.append(Job(name, {**options, "column": column}, ["teacher", dep], "models:cache_teacher_logits",
                         dict(teacher_dir=teacher_dir, data_file=data_file, target_column=column, plan=opts.plan,
                              seed=opts.seed), what + where, cost=4.0))  # the Word-KD students wait for them
