@@ -651,5 +651,6 @@ def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translat
         assert config["teacher_model_name_or_path"] == teacher_dir.replace(out, online) and "teacher_cache" not in config
     report = json.loads((Path(online) / "report.json").read_text())
     assert report["plan"]["kd_cache"] is None
-    assert "Word-KD teacher" not in (Path(online) / "report.md").read_text()
+    assert "Word-KD teacher: online (--online-kd)" in (Path(online) / "report.md").read_text()
+    assert "kd_cache" not in _stage_meta(online, "s025-word-kd")["options"]  # as before the cache existed
     assert "Word-KD teacher: the Word-KD variants read" in (Path(out) / "report.md").read_text()

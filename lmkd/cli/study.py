@@ -89,7 +89,7 @@ def add_parser(sub):
     p.add_argument("--online-kd", action="store_true",
                    help="seq2seq: run the teacher at every Word-KD step instead of caching its log-probs once "
                         "(default: the top 32 per target token plus 32 sampled from the rest, lmkd cache-logits; "
-                        "about 2.3x faster Word-KD students on a CPU)")
+                        "about 2.2x faster Word-KD students on a CPU)")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     p.set_defaults(func=run)
 

@@ -4,8 +4,10 @@ Seq2seq (translation, summarization) -- Kim & Rush (2016)'s table:
 
     data -> tokenizer -> teacher -> transfer set (teacher beam outputs + n-best)
          -> student init (one per size and seed, saved once, copied by every variant)
+         -> the teacher's cached log-probs on the validation rows and the Word-KD targets (unless --online-kd)
          -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each, per seed)
-         -> eval of every model (greedy and beam) -> speed (all models, interleaved) -> report
+            and the eval of every model (greedy and beam), each as soon as its model is ready
+         -> the best student exported for serving, its eval -> speed (all models, interleaved) -> report
 
 Classification -- fine-tuning alone, task KD (the teacher's class logits), the DistilBERT path and
 MLM-distil + task KD:
@@ -13,7 +15,8 @@ MLM-distil + task KD:
     data -> tokenizer -> teacher-mlm -> teacher (classifier) -> student init (every other layer)
          -> fine-tuned (no-kd) | fine-tuned with task KD (task-kd)
          -> MLM-distilled from teacher-mlm -> fine-tuned (distilbert) | with task KD (distilbert+task-kd)
-         -> eval -> speed -> report
+            and the eval of every model, as soon as it is ready
+         -> the best student exported for serving, its eval -> speed -> report
 
 Every student trains until its validation CE stops improving (early stopping with patience,
 ``student_steps`` the cap; :class:`~lmkd.study.models.StoppingRule`) and keeps its best weights;

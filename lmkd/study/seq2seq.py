@@ -94,7 +94,9 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
 
     students: dict[str, dict] = {}
     stopping = StoppingRule.from_plan(plan)
-    kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"], "kd_cache": plan["kd_cache"]}
+    kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
+    if plan["kd_cache"]:  # (an online student's options are those of the studies made before the cache)
+        kd["kd_cache"] = plan["kd_cache"]
     for fraction in opts.student_sizes:
         size = size_name(fraction)
         for seed in student_seeds(opts):
@@ -146,7 +148,8 @@ def _cache_jobs(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str, ro
     settings = opts.plan["kd_cache"]
     if not settings:
         return [], {}
-    options = {**settings, "max_length": opts.plan["max_length"], "seed": opts.seed}
+    # the thread count, as for the students: the tail draws depend on the last digits of the teacher's probabilities
+    options = {**settings, "max_length": opts.plan["max_length"], "seed": opts.seed, **thread_options(opts.plan)}
     what = f"caching the teacher's top-{settings['top_k']} log-probs (+{settings['tail_samples']} sampled) "
     spec = {"validation": ("kd-cache-validation", data["validation"], "target", "data-validation", "on the validation rows"),
             "target": ("kd-cache-target", rows_file, "target", "transfer-rows", "on the transfer rows' gold targets"),
