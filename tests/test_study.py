@@ -348,8 +348,8 @@ def test_tiny_classification_study(tmp_path, one_thread):
                                     target_column="lang", **files))
     assert _log(out) == ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher-mlm", "teacher",
                          "s05-init", "s05-mlm-distil", "s05-no-kd", "s05-task-kd", "s05-distilbert",
-                         "s05-distilbert+task-kd", "serve", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd",
-                         "eval-s05-distilbert", "eval-s05-distilbert+task-kd", "eval-served", "speed", "report"]
+                         "s05-distilbert+task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd",
+                         "eval-s05-distilbert", "eval-s05-distilbert+task-kd", "serve", "eval-served", "speed", "report"]
     assert [r["model"] for r in report["rows"]] == ["teacher", "s05-no-kd", "s05-task-kd", "s05-distilbert",
                                                     "s05-distilbert+task-kd", "served"]
     served = json.loads((Path(out) / "stages" / "serve" / "lmkd_export.json").read_text())
@@ -585,7 +585,7 @@ def test_classification_study_with_a_bare_encoder_teacher_skips_the_mlm_variants
                                     target_column="lang", teacher=str(teacher), **files))
     log = _log(out)
     assert log == ["data-train", "data-validation", "data-test", "teacher-mlm", "lengths", "teacher", "s05-init", "s05-no-kd",
-                   "s05-task-kd", "serve", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd", "eval-served", "speed",
+                   "s05-task-kd", "eval-teacher", "eval-s05-no-kd", "eval-s05-task-kd", "serve", "eval-served", "speed",
                    "report"]
     assert f"[{len(log)}/{len(log)}] report" in capsys.readouterr().out  # count_stages knew
     assert [r["variant"] for r in report["rows"]] == ["teacher", "no-kd", "task-kd", "served"]
