@@ -447,6 +447,30 @@ class _CT2Engine(_Engine):
 
         return _open_ct2(getattr(ctranslate2, self.CT2_CLASS), self.path, self.device_spec)
 
+    @staticmethod
+    def _rows(input_ids, attention_mask) -> list[torch.Tensor]:
+        """Per row, the positions of its real tokens."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return [m.bool().nonzero().flatten() for m in attention_mask.cpu()]
+
+    def _tokens(self, ids: torch.Tensor, rows: list[torch.Tensor]) -> list[list[str]]:
+        """The token strings of each row's real tokens (what CTranslate2 takes)."""
+        return [self.tokenizer.convert_ids_to_tokens(ids[i, idx].tolist()) for i, idx in enumerate(rows)]
+
+    def _decoding_options(self) -> dict:
+        """The model's own generation config as CTranslate2's decoding options (as HF applies it)."""
+        gc = self.generation_config
+        return dict(length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
+                    no_repeat_ngram_size=gc.no_repeat_ngram_size or 0,
+                    repetition_penalty=gc.repetition_penalty or 1.0, max_batch_size=0)
+
+
+def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """``rows`` of token ids padded on the right with ``pad`` into one ``[len(rows), longest]`` tensor."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+
 
 class CT2Seq2Seq(_CT2Engine):
     """A CTranslate2 ``Translator`` behind HF's ``generate(input_ids, attention_mask, ...)``: the
@@ -465,10 +489,8 @@ class CT2Seq2Seq(_CT2Engine):
 
     def generate(self, input_ids, attention_mask=None, num_beams: int = 1, max_new_tokens: int = 128,
                  min_new_tokens: int = 0, do_sample: bool = False, **_) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        sources = [self.tokenizer.convert_ids_to_tokens(ids[m.bool()].tolist())
-                   for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        ids = input_ids.cpu()
+        sources = self._tokens(ids, self._rows(ids, attention_mask))
         gc = self.generation_config
         # HF's forced_eos_token_id makes the last of max_new_tokens an EOS: decode one fewer and add it
         # (not when the length is fixed -- min_new_tokens == max_new_tokens -- where HF decodes them all)
@@ -476,9 +498,7 @@ class CT2Seq2Seq(_CT2Engine):
         limit = max_new_tokens - 1 if forced_eos else max_new_tokens
         results = self.translator.translate_batch(
             sources, beam_size=num_beams, max_decoding_length=limit, min_decoding_length=min_new_tokens,
-            length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
-            no_repeat_ngram_size=gc.no_repeat_ngram_size or 0, repetition_penalty=gc.repetition_penalty or 1.0,
-            max_batch_size=0)
+            **self._decoding_options())
         start = getattr(self.config, "decoder_start_token_id", None)
         start = self.tokenizer.pad_token_id if start is None else start
         rows = [[start] + self.tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
@@ -486,9 +506,7 @@ class CT2Seq2Seq(_CT2Engine):
             eos = gc.forced_eos_token_id
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             rows = [r + [eos] if len(r) == limit + 1 else r for r in rows]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        return _padded(rows, self.tokenizer.pad_token_id or 0)
 
 
 class CT2Causal(_CT2Engine):
@@ -516,12 +534,6 @@ class CT2Causal(_CT2Engine):
     def generator(self):
         return self.engine
 
-    def _rows(self, input_ids, attention_mask) -> list[torch.Tensor]:
-        """Per row, the positions of its real tokens."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return [m.bool().nonzero().flatten() for m in attention_mask.cpu()]
-
     def token_log_probs(self, input_ids, attention_mask=None) -> torch.Tensor:
         """``[batch, length - 1]``: at ``t - 1``, the log-probability of the token at ``t`` given the
         real tokens before it (the causal alignment of :mod:`lmkd.positions`); 0 where ``t`` is padding
@@ -531,8 +543,8 @@ class CT2Causal(_CT2Engine):
         out = torch.zeros(ids.shape[0], max(ids.shape[1] - 1, 0), dtype=torch.float32)
         scored = [i for i, idx in enumerate(rows) if len(idx) >= 2]
         if scored:
-            tokens = [self.tokenizer.convert_ids_to_tokens(ids[i, rows[i]].tolist()) for i in scored]
-            results = self.generator.score_batch(tokens, max_batch_size=0, max_input_length=0)
+            tokens = self._tokens(ids, rows)
+            results = self.generator.score_batch([tokens[i] for i in scored], max_batch_size=0, max_input_length=0)
             for i, r in zip(scored, results):
                 out[i, rows[i][1:] - 1] = torch.tensor(r.log_probs, dtype=torch.float32)
         return out
@@ -544,7 +556,7 @@ class CT2Causal(_CT2Engine):
         ids = input_ids.cpu()
         rows = self._rows(ids, attention_mask)
         view = self.generator.forward_batch([ids[i, idx].tolist() for i, idx in enumerate(rows)])
-        device = self.anchor.device
+        device = self.device
         # CTranslate2's memory, shared (CPU: numpy's array interface; GPU: __cuda_array_interface__): copied
         # once below, into a tensor of the input's layout -- the speed runner times this as a forward pass
         logits = torch.as_tensor(view, device=device) if device.type == "cuda" else torch.from_numpy(np.asarray(view))
@@ -571,20 +583,14 @@ class CT2Causal(_CT2Engine):
             raise LmkdError("a CTranslate2 causal LM export decodes greedily or by beam search here, not by sampling")
         ids = input_ids.cpu()
         rows = self._rows(ids, attention_mask)
-        prompts = [self.tokenizer.convert_ids_to_tokens(ids[i, idx].tolist()) for i, idx in enumerate(rows)]
+        prompts = self._tokens(ids, rows)
         gc, eos = self.generation_config, self._eos_ids()
         # the prompt is forwarded at once and not returned: max/min_length count the new tokens only
         results = self.generator.generate_batch(
             prompts, max_length=max_new_tokens, min_length=min_new_tokens, beam_size=num_beams,
-            include_prompt_in_result=False, end_token=eos or None, return_end_token=True,
-            length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
-            no_repeat_ngram_size=gc.no_repeat_ngram_size or 0, repetition_penalty=gc.repetition_penalty or 1.0,
-            max_batch_size=0)
-        new = [r.sequences_ids[0] for r in results]
+            include_prompt_in_result=False, end_token=eos or None, return_end_token=True, **self._decoding_options())
         pad = gc.pad_token_id if gc.pad_token_id is not None else eos[0] if eos else (self.tokenizer.pad_token_id or 0)
-        width = max(len(n) for n in new)
-        tail = torch.tensor([n + [pad] * (width - len(n)) for n in new], dtype=torch.long).reshape(len(new), width)
-        return torch.cat([ids, tail], dim=1)
+        return torch.cat([ids, _padded([r.sequences_ids[0] for r in results], pad)], dim=1)
 
 
 class OrtClassifier(_Engine):
