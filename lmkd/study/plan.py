@@ -31,6 +31,9 @@ MLM_VARIANTS = ("distilbert", "distilbert+task-kd")
 #: than online ones (benchmarks/results/quality_cached_kd.txt: +0.2 BLEU over 3 seeds), and the study's
 #: own comparison of the two is in the README.
 KD_CACHE = {"top_k": 32, "tail_samples": 32}
+#: the stages caching it (lmkd.study.seq2seq): on the validation rows, and on the transfer rows with each
+#: target a Word-KD variant trains on -- the gold one (word-kd) and the teacher's (seq-kd+word-kd)
+KD_CACHE_STAGES = {"validation": "kd-cache-validation", "target": "kd-cache-target", "teacher": "kd-cache-teacher"}
 
 # What each budget trains and evaluates.  ``quick`` is aimed at `make demo` (<= 20 min on 2 CPU
 # cores); ``tiny`` for tests (seconds); ``full`` for a real study.  Row limits of None = all rows.
@@ -237,7 +240,7 @@ def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
         # data x3, tokenizer, lengths, teacher, teacher-check (a given teacher's; a trained one is checked
         # in its own stage), transfer-rows, transfer
         pre = 3 + (0 if given else 1) + 1 + 1 + (1 if given else 0) + 2
-        pre += 3 if opts.plan.get("kd_cache") else 0  # the teacher caches: validation, gold targets, teacher targets
+        pre += len(KD_CACHE_STAGES) if opts.plan.get("kd_cache") else 0
         variants = SEQ2SEQ_VARIANTS
         per_size = n_seeds * (1 + len(variants))  # per seed: the init and every variant
     models = 1 + len(variants) * n_sizes * n_seeds

@@ -453,14 +453,15 @@ def report_markdown(report: dict) -> str:
                      "(lmkd compress's export, no pruning) -- the row `served`, scored and timed like every other "
                      "model and compared with the student it came from above.")
     cache = plan.get("kd_cache")
-    if cache and any("word-kd" in r["variant"] for r in rows_in):
+    word_kd = any("word-kd" in r["variant"] for r in rows_in)
+    if cache and word_kd:
         unbiased = ("unbiased" if plan.get("kd_temperature") == 1.0
                     else f"consistent, slightly biased at temperature {plan.get('kd_temperature'):g}")
         lines.append(f"Word-KD teacher: the Word-KD variants read the teacher's log-probs cached once per transfer "
                      f"set (lmkd cache-logits: the top {cache['top_k']} per target token plus {cache['tail_samples']} "
                      f"drawn from the rest, which keeps the forward-KL gradient {unbiased}) instead of running the "
                      "teacher at every step; --online-kd runs it at every step.")
-    elif any("word-kd" in r["variant"] for r in rows_in):
+    elif word_kd:
         lines.append("Word-KD teacher: online (--online-kd): the Word-KD variants ran the teacher at every step.")
     if plan.get("length_sizing"):
         lines.append(describe_lengths(plan["length_sizing"]))

@@ -13,7 +13,7 @@ import shutil
 
 from ..io import atomic_write_json, read_rows, write_jsonl
 from .models import CACHE_DIR, TRAIN_LOG, StoppingRule, save_model
-from .plan import SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds, thread_options
+from .plan import KD_CACHE_STAGES, SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds, thread_options
 from .splits import select_transfer_rows
 from .stages import Job, Stages
 
@@ -143,21 +143,21 @@ def _cache_jobs(st: Stages, opts: StudyOptions, data: dict, teacher_dir: str, ro
                 transfer_file: str) -> tuple[list[Job], dict[str, str]]:
     """The jobs caching the teacher's log-probs (``plan["kd_cache"]``; none with --online-kd) on the
     validation rows and on the transfer rows with each target column a Word-KD variant trains on
-    (word-kd: the gold targets; seq-kd+word-kd: the teacher's); returns them and ``{target column or
-    "validation": stage name}``."""
+    (word-kd: the gold targets; seq-kd+word-kd: the teacher's); returns them and their names
+    (:data:`~lmkd.study.plan.KD_CACHE_STAGES`: ``{target column or "validation": stage name}``)."""
     settings = opts.plan["kd_cache"]
     if not settings:
         return [], {}
     # the thread count, as for the students: the tail draws depend on the last digits of the teacher's probabilities
     options = {**settings, "max_length": opts.plan["max_length"], "seed": opts.seed, **thread_options(opts.plan)}
     what = f"caching the teacher's top-{settings['top_k']} log-probs (+{settings['tail_samples']} sampled) "
-    spec = {"validation": ("kd-cache-validation", data["validation"], "target", "data-validation", "on the validation rows"),
-            "target": ("kd-cache-target", rows_file, "target", "transfer-rows", "on the transfer rows' gold targets"),
-            "teacher": ("kd-cache-teacher", transfer_file, "teacher", "transfer", "on the teacher's own beam outputs")}
-    jobs, names = [], {}
-    for key, (name, data_file, column, dep, where) in spec.items():
-        jobs.append(Job(name, {**options, "column": column}, ["teacher", dep], "models:cache_teacher_logits",
+    spec = {"validation": (data["validation"], "target", "data-validation", "on the validation rows"),
+            "target": (rows_file, "target", "transfer-rows", "on the transfer rows' gold targets"),
+            "teacher": (transfer_file, "teacher", "transfer", "on the teacher's own beam outputs")}
+    jobs = []
+    for key, (data_file, column, dep, where) in spec.items():
+        jobs.append(Job(KD_CACHE_STAGES[key], {**options, "column": column}, ["teacher", dep],
+                        "models:cache_teacher_logits",
                         dict(teacher_dir=teacher_dir, data_file=data_file, target_column=column, plan=opts.plan,
                              seed=opts.seed), what + where, cost=4.0))  # the Word-KD students wait for them
-        names[key] = name
-    return jobs, names
+    return jobs, KD_CACHE_STAGES
