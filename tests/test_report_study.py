@@ -293,3 +293,27 @@ def test_students_below_the_trivial_floor_open_the_verdicts(study):
     assert line.startswith("**Below the trivial floor**: the baseline (3.2), Seq-Inter (3.1) score below 9.8 "
                            "ROUGE-2, what copying the source scores on the test rows")
     assert below_floor(groups[:1] + groups[2:3], {"copying the source": 9.8}, "rouge2") is None
+
+
+def test_the_report_says_how_far_one_architecture_s_speed_spreads(study):
+    """Students of one parameter count are one network: the report states the spread of their
+    ms/token in this run (the served export and the teacher are not in it), so a user does not read
+    timing noise as a speed difference between variants."""
+    from lmkd.study.results import timing_noise
+
+    out, report = study
+    students = [r for r in report["rows"] if r["variant"] not in ("teacher", "served")]
+    values = [r["ms_per_token"] for r in students]
+    line = timing_noise(report["rows"], "ms_per_token")
+    assert line == (f"Timing noise: the {len(students)} students of {students[0]['parameters'] / 1e6:.2f}M parameters "
+                    f"are one architecture, and their ms/token spread {min(values):.2f}-{max(values):.2f} in this run "
+                    f"(±{(max(values) - min(values)) / 2 / (sum(values) / len(values)):.0%} around their mean): speed "
+                    "differences of that size between them are timing noise, not differences between the models.")
+    assert line in (out / "report.md").read_text()
+    rows = [{"variant": "teacher", "parameters": 9, "latency_ms": 10.0},
+            {"variant": "baseline", "parameters": 4, "latency_ms": 4.0},
+            {"variant": "word-kd", "parameters": 4, "latency_ms": 6.0},
+            {"variant": "baseline", "parameters": 2, "latency_ms": 1.0},
+            {"variant": "served", "parameters": 4, "latency_ms": 1.0}]
+    assert "latency (ms/example) spread 4.00-6.00 in this run (±20% around" in timing_noise(rows, "latency_ms")
+    assert timing_noise(rows[:2] + rows[3:], "latency_ms") is None  # no two students of one size

@@ -229,6 +229,28 @@ def below_floor(groups: list[dict], floors: dict[str, float], metric: str) -> st
             "held together, not what distillation adds to a student that learned.")
 
 
+def timing_noise(rows: list[dict], key: str) -> str | None:
+    """The note on how far apart the speed of one architecture lands in this run: the PyTorch students
+    (the served export runs another engine) that share the largest group of one parameter count are the
+    same network, so the spread of their ``key`` (``ms_per_token`` or ``latency_ms``) is timing noise --
+    a speed difference between them of that size is no difference between the models.  None with
+    fewer than two such students."""
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["variant"] not in ("teacher", "served") and r.get(key) is not None:
+            groups.setdefault(r["parameters"], []).append(r)
+    same = max(groups.values(), key=len, default=[])
+    if len(same) < 2:
+        return None
+    values = [r[key] for r in same]
+    lo, hi, mean = min(values), max(values), sum(values) / len(values)
+    what = "ms/token" if key == "ms_per_token" else "latency (ms/example)"
+    return (f"Timing noise: the {len(same)} students of {same[0]['parameters'] / 1e6:.2f}M parameters are one "
+            f"architecture, and their {what} spread {lo:.2f}-{hi:.2f} in this run (±{(hi - lo) / 2 / mean:.0%} "
+            "around their mean): speed differences of that size between them are timing noise, not differences "
+            "between the models.")
+
+
 def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, data: dict) -> dict:
     """The report: the plan, the data sizes, one row per model (quality, size, output length,
     speed, steps, and each against the teacher), the variants (mean ± std over seeds) and the
@@ -463,6 +485,9 @@ def report_markdown(report: dict) -> str:
                      "teacher at every step; --online-kd runs it at every step.")
     elif word_kd:
         lines.append("Word-KD teacher: online (--online-kd): the Word-KD variants ran the teacher at every step.")
+    noise = timing_noise(rows_in, "ms_per_token" if per_token else "latency_ms")
+    if noise:
+        lines.append(noise)
     if plan.get("length_sizing"):
         lines.append(describe_lengths(plan["length_sizing"]))
     for note in plan.get("notes") or []:

@@ -109,8 +109,8 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
     # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
     # v5: the from-scratch teacher's architecture, the workers; v6: the served model's row, bytes on disk; v7: its label
-    # v8: the students below the trivial floor; v9, v10: the Word-KD teacher note (cached or online)
-    rd = st.run("report", {"v": 10}, [f"eval-{n}" for n in models] + ["speed"],
+    # v8: the students below the trivial floor; v9, v10: the Word-KD teacher note (cached or online); v11: the timing-noise note
+    rd = st.run("report", {"v": 11}, [f"eval-{n}" for n in models] + ["speed"],
                 lambda out: write_study_report(report, out), "writing the report")
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
