@@ -7,7 +7,7 @@ Without --student / --teacher it first trains them from scratch on lmkd/corpora/
 with `lmkd distill`'s code (plain training, kd_alpha 0), the shapes and settings of `lmkd study --budget
 quick`: a BPE tokenizer of 4,000 tokens, a BART-style student (d_model 128, 2+2 layers, 4 heads, ffn 512:
 ~1.5M parameters) and teacher (d_model 256, 3+3 layers, ffn 1024), batch 32, lr 1e-3, no dropout.  They
-are kept in --workdir, so a second run only measures.  Then `lmkd compress` (lmkd.compress.compress_model)
+are kept in --workdir, so a second run only measures.  Then `lmkd compress` (lmkd.compress.run.compress_model)
 exports the student to int8 PyTorch, float32 and int8 CTranslate2 and scores all five models on the test
 rows with `lmkd evaluate`'s code (CTranslate2 float32 separates the engine's speed-up from int8's): BLEU
 with beam 4, ms per token when each decodes exactly 64 tokens (greedy, batch 1), all on the same thread
@@ -35,10 +35,10 @@ def rows(split):
 
 
 def train(out, tokenizer, sizes, steps, train_file, lr):
-    from lmkd.config import DistillationConfig, ModelArguments
-    from lmkd.data import DataArguments
-    from lmkd.distill import run_distill
-    from lmkd.scratch import build_model
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.data.dataset import DataArguments
+    from lmkd.train.run import run_distill
+    from lmkd.models.scratch import build_model
 
     init = out + "-init"
     model = build_model("bart", len(tokenizer), dropout=0.0, max_positions=256, **sizes)
@@ -69,9 +69,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
 
-    from lmkd.compress import compress_model
-    from lmkd.io import write_jsonl
-    from lmkd.scratch import train_tokenizer
+    from lmkd.compress.run import compress_model
+    from lmkd.core.io import write_jsonl
+    from lmkd.models.scratch import train_tokenizer
 
     os.makedirs(a.workdir, exist_ok=True)
     train_file = os.path.join(CORPUS, "ddtp_en_fr.train.jsonl.gz")

@@ -6,7 +6,7 @@ plan from ``report.json``) and trains, with the study's own rule (``lmkd.study.m
 the plan's lr, batch, warm-up and step cap, early stopping on the validation CE against the gold
 targets, the best evaluation's weights kept, the study's seed):
 
-  a student with its own, smaller tokenizer -- a BPE vocabulary (``lmkd.scratch.train_tokenizer``,
+  a student with its own, smaller tokenizer -- a BPE vocabulary (``lmkd.models.scratch.train_tokenizer``,
   the study's tokenizer function) of ``--vocab`` tokens (default: half the teacher's) trained on the
   transfer rows' sources and gold targets, and a fresh model of s025-init's shape with that vocabulary:
     xtok-gold     gold targets, no KD                                  (the reference of xtok-*)
@@ -23,7 +23,7 @@ targets, the best evaluation's weights kept, the study's seed):
 KD variants use the study's kd_alpha and kd_temperature.  Each student is scored on the test rows
 with ``lmkd.study.models.evaluate_quality`` (greedy and beam BLEU / chrF, the study's beam and
 max_new_tokens), the teacher too (or its scores are read from the study's eval-teacher stage), and
-each variant is compared with its reference by ``lmkd.significance.paired_bootstrap`` on beam BLEU
+each variant is compared with its reference by ``lmkd.scoring.significance.paired_bootstrap`` on beam BLEU
 (1,000 resamples, as the study's report).  The table goes to stdout, ``--results`` (default
 benchmarks/results/bench_cross_tokenizer.txt) and ``--output``/results.txt, the figures to the same
 names with .json.
@@ -173,7 +173,7 @@ def study_teacher_eval(eval_dir: str, plan: dict) -> bool:
 def write_data(out: str, transfer: str, validation: str, test: str, rows: int | None, test_rows: int | None) -> None:
     """train.jsonl (the transfer rows: source, target = gold, teacher = its best beam, inter),
     validation.jsonl and test.jsonl, the first ``rows`` / ``test_rows`` of each when given."""
-    from lmkd.io import read_rows, write_jsonl
+    from lmkd.core.io import read_rows, write_jsonl
 
     train = read_rows(transfer)
     missing = {"source", "target", "teacher"} - set(train[0])
@@ -188,8 +188,8 @@ def write_data(out: str, transfer: str, validation: str, test: str, rows: int | 
 def make_tokenizer(out: str, train_file: str, vocab: int) -> None:
     """The cross-tokenizer student's BPE tokenizer: the study's tokenizer function on the training
     rows' sources and gold targets."""
-    from lmkd.io import read_rows
-    from lmkd.scratch import train_tokenizer
+    from lmkd.core.io import read_rows
+    from lmkd.models.scratch import train_tokenizer
 
     rows = read_rows(train_file)
     train_tokenizer([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=vocab).save_pretrained(out)
@@ -201,7 +201,7 @@ def make_xtok_init(out: str, init_dir: str, teacher_dir: str, tok_dir: str, seed
     import torch
     from transformers import AutoConfig
 
-    from lmkd.modeling import AUTO_CLASS, kind_from_config, load_tokenizer
+    from lmkd.models.loading import AUTO_CLASS, kind_from_config, load_tokenizer
     from lmkd.study.models import save_model
 
     tok, old = load_tokenizer(tok_dir), load_tokenizer(teacher_dir)
@@ -222,8 +222,8 @@ def make_xtok_init(out: str, init_dir: str, teacher_dir: str, tok_dir: str, seed
 def length_rule(tok_dir: str, train_file: str, plan: dict) -> dict:
     """The study's length rule (lmkd.study.lengths.size_lengths) with the new tokenizer, capped by the
     study's cap and by the init's position table."""
-    from lmkd.io import read_rows
-    from lmkd.modeling import load_tokenizer
+    from lmkd.core.io import read_rows
+    from lmkd.models.loading import load_tokenizer
     from lmkd.study.lengths import size_lengths
 
     cap = plan.get("max_length_cap", plan["max_length"])
@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.jobs < 1:
         fail("--jobs must be >= 1")
 
-    from lmkd.io import file_digest
-    from lmkd.modeling import load_tokenizer
-    from lmkd.significance import paired_bootstrap
+    from lmkd.core.io import file_digest
+    from lmkd.models.loading import load_tokenizer
+    from lmkd.scoring.significance import paired_bootstrap
     from lmkd.study.models import TRAIN_LOG, StoppingRule
     from lmkd.study.plan import thread_options
     from lmkd.study.stages import Job, Stages, threads_per_worker
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         inits["xtok"] = st.run("xtok-init", {"seed": seed, "v": 1}, ["xtok-tokenizer", "in-init", "in-teacher"],
                                lambda out: make_xtok_init(out, inputs["init"], teacher_dir, tok_dir, seed),
                                "the cross-tokenizer student: s025-init's shape with the new vocabulary")
-        from lmkd.alignment import shared_vocabulary
+        from lmkd.teacher.cross_tokenizer import shared_vocabulary
 
         xtok_tok = load_tokenizer(tok_dir)
         xtok = {"vocab": len(xtok_tok), "shared_token_strings": int(len(shared_vocabulary(xtok_tok, teacher_tok)[0])),
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{train_dir}", flush=True)
 
     # ---- the figures ----
-    from lmkd.io import read_rows
+    from lmkd.core.io import read_rows
 
     refs = [str(r["target"]) for r in read_rows(test_file)]
     quality = {v: read_json(os.path.join(dirs[f"eval-{v}"], "quality.json")) for v in names}
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if xtok:
         sz = xtok["lengths"]
-        lines.append(f"# own-tokenizer students: BPE of {xtok['vocab']} tokens (lmkd.scratch.train_tokenizer) on the "
+        lines.append(f"# own-tokenizer students: BPE of {xtok['vocab']} tokens (lmkd.models.scratch.train_tokenizer) on the "
                      f"{n_train} transfer rows' sources and gold targets; {xtok['shared_token_strings']} token strings "
                      f"shared with the teacher's; s025-init's shape, fresh weights (seed {seed}); max length "
                      f"{sz['max_length']} by the study's rule ({sz['truncated_rows']} of {sz['rows']} rows truncated)")
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['beam']['chrf']:.2f} | {diff} | {fmt_s(r['train_s'])} | "
                      f"{f'{per_step:.3f}' if per_step else '—'} | {fmt_s(r['eval_s'])} |")
     lines.append("")
-    lines.append("Δ: paired bootstrap of beam BLEU (lmkd.significance.paired_bootstrap, 1,000 resamples, sacrebleu's "
+    lines.append("Δ: paired bootstrap of beam BLEU (lmkd.scoring.significance.paired_bootstrap, 1,000 resamples, sacrebleu's "
                  "method) against the reference: xtok-seqkd/uld/hybrid vs xtok-gold, skew-kl and taid vs fkl, fkl and "
                  "xtok-gold vs gold. Validation CE (the stopping metric) is per token of each student's own "
                  "tokenizer, so it is not compared across vocabularies (it is in the JSON). Train wall: the "

@@ -1,8 +1,8 @@
 """Speed figures of `lmkd evaluate`, measured side by side in one run.
 
 1. A student with fewer decoder layers against its teacher: latency (batch 1) and throughput
-   speed-ups as `lmkd evaluate` reports them (lmkd.evaluate.evaluate_models).
-2. Length-sorted batching in lmkd.generation.generate_texts against batching in file order: the
+   speed-ups as `lmkd evaluate` reports them (lmkd.evaluate.run.evaluate_models).
+2. Length-sorted batching in lmkd.models.generation.generate_texts against batching in file order: the
    throughput ratio (same model, same inputs, same outputs).
 
 Models are built from configs (no network): a Marian-style teacher (--layers encoder and decoder
@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from lmkd.evaluate import evaluate_models
-from lmkd.generation import generate_texts
-from lmkd.scratch import build_model, train_tokenizer
-from lmkd.student import make_student
+from lmkd.evaluate.run import evaluate_models
+from lmkd.models.generation import generate_texts
+from lmkd.models.scratch import build_model, train_tokenizer
+from lmkd.models.student import make_student
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "lmkd", "corpora", "ddtp_en_fr.test.jsonl.gz")
 

@@ -44,8 +44,8 @@ except ImportError:
     stub.Dataset = stub.IterableDataset = stub.DatasetDict = type("NoDataset", (), {})
     sys.modules["datasets"] = stub
 
-from lmkd import DistillationConfig, DistillationTrainer, make_student  # noqa: E402
-from lmkd.scratch import build_model  # noqa: E402
+from lmkd import DistillationConfig, DistillationTrainer, make_student
+from lmkd.models.scratch import build_model
 
 
 def batch_of(n, length, vocab, device, seed=0):

@@ -67,7 +67,7 @@ def child(variant: str, when: str, b: int, t: int, v: int) -> dict:
     hf_logging.set_verbosity_error()
     logging.disable(logging.WARNING)
     from lmkd import DistillationConfig, DistillationTrainer
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     teacher = build_model("gpt2", v, seed=1, d_model=256, layers=4, dropout=0.0)
     student = build_model("gpt2", v, seed=2, d_model=256, layers=2, dropout=0.0)

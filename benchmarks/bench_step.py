@@ -72,9 +72,9 @@ def main():
     torch.set_num_threads(1)
 
     from lmkd import DistillationConfig, DistillationTrainer
-    from lmkd.data import DataArguments, collator_for, load_data, tokenize
-    from lmkd.logit_cache import cache_logits
-    from lmkd.scratch import build_model, train_tokenizer
+    from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.models.scratch import build_model, train_tokenizer
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from _seqkd_helpers import build_teacher  # noqa: E402
 from conftest import corpus_rows  # noqa: E402
 
-from lmkd.scratch import build_model, train_tokenizer  # noqa: E402
-from lmkd.seqkd import generate_pseudo_targets, load_generated  # noqa: E402
+from lmkd.models.scratch import build_model, train_tokenizer
+from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
 
 
 def main() -> None:

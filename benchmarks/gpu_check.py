@@ -3,7 +3,7 @@
 1. KD loss fwd+bwd, N=4096 positions, V=32k/128k, bf16 logits: naive (lmkd.losses) vs chunked
    and fused-linear (lmkd.losses.chunked): peak CUDA memory and time.
 2. bf16 training step of a BART-size pair: online KD step vs (plain student step + teacher forward).
-3. Teacher generation: length-sorted vs file-order batches (lmkd.seqkd), examples/s.
+3. Teacher generation: length-sorted vs file-order batches (lmkd.teacher.pseudo_targets), examples/s.
 Usage: python benchmarks/gpu_check.py   (add --small for a CPU smoke run)
 """
 
@@ -74,8 +74,8 @@ for v in ((1000,) if SMALL else (32000, 128000)):
     del hidden, w, t_logits
 
 # ---- 2. bf16 training step ----
-from lmkd import DistillationConfig, DistillationTrainer, make_student  # noqa: E402
-from lmkd.scratch import build_model  # noqa: E402
+from lmkd import DistillationConfig, DistillationTrainer, make_student
+from lmkd.models.scratch import build_model
 
 V = 1000 if SMALL else 32000
 sizes = dict(d_model=64, layers=2, heads=4) if SMALL else dict(d_model=768, layers=6, heads=12)
@@ -116,8 +116,8 @@ print(f"bf16 step B={B} T={T} V={V}: plain student {plain:.1f} ms, teacher fwd {
 
 # ---- 3. generation ----
 import gzip, json  # noqa: E401,E402
-from lmkd.scratch import train_tokenizer  # noqa: E402
-from lmkd.seqkd import generate_pseudo_targets  # noqa: E402
+from lmkd.models.scratch import train_tokenizer
+from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
 rows = [json.loads(l) for l in gzip.open("lmkd/corpora/ddtp_en_fr.train.jsonl.gz", "rt")][: (64 if SMALL else 1024)]
 for i in range(0, len(rows), 20):  # a skewed mix: 5% long rows

@@ -41,8 +41,8 @@ def main() -> int:
     ap.add_argument("--test", help="test file (default: the shipped test split, 1,000 pairs)")
     ns = ap.parse_args()
 
-    from lmkd.data import DataArguments
-    from lmkd.logit_cache import cache_logits
+    from lmkd.data.dataset import DataArguments
+    from lmkd.teacher.logit_cache import cache_logits
     from lmkd.study import BUDGETS, evaluate_quality, shipped_corpus, train_student
 
     stages = os.path.join(ns.study, "stages")

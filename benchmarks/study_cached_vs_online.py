@@ -9,7 +9,7 @@ students are the same stages -- then::
 
 prints, for each Word-KD variant: the steps, the training time (each stage's own wall time, two
 jobs side by side in both runs) and the test BLEU of both, and the paired bootstrap of the cached
-student against the online one on the test rows (lmkd.significance, the study report's test).
+student against the online one on the test rows (lmkd.scoring.significance, the study report's test).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmkd.significance import paired_bootstrap
+from lmkd.scoring.significance import paired_bootstrap
 
 VARIANTS = ("s025-word-kd", "s025-seq-kd+word-kd")
 

@@ -7,7 +7,7 @@ segment per line -- for outputs that already exist (e.g. the predictions in `lmk
 import argparse
 import json
 
-from lmkd.metrics import bleu, chrf
+from lmkd.scoring.metrics import bleu, chrf
 
 
 def read_lines(path):

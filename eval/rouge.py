@@ -7,7 +7,7 @@ line (a summary spans several sentences; newlines inside it mark sentences for R
 import argparse
 import json
 
-from lmkd.metrics import rouge
+from lmkd.scoring.metrics import rouge
 
 
 def read_jsonl(path):

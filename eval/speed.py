@@ -7,10 +7,10 @@ on the same inputs -- no quality scoring.
 import argparse
 import json
 
-from lmkd.data import DEFAULT_COLUMNS, load_data
-from lmkd.evaluate import resolve_device, runner_for
-from lmkd.metrics import measure_speed
-from lmkd.modeling import load_model, load_tokenizer
+from lmkd.data.dataset import DEFAULT_COLUMNS, load_data
+from lmkd.evaluate.run import resolve_device, runner_for
+from lmkd.scoring.metrics import measure_speed
+from lmkd.models.loading import load_model, load_tokenizer
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,8 +13,8 @@ import json
 
 import torch
 
-from lmkd.modeling import AUTO_CLASS
-from lmkd.scratch import ARCH_KINDS, EOS, model_config
+from lmkd.models.loading import AUTO_CLASS
+from lmkd.models.scratch import ARCH_KINDS, EOS, model_config
 
 # (init scale, EOS boost) per architecture, chosen so greedy outputs are varied and mixed in length
 # (re-chosen for the BPE test tokenizer: Marian at scale 10 said the same 3 things to 20 inputs, and T5 at

@@ -53,7 +53,7 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def tokenizer(corpus):
-    from lmkd.scratch import train_tokenizer
+    from lmkd.models.scratch import train_tokenizer
 
     return train_tokenizer([r["source"] for r in corpus] + [r["target"] for r in corpus], vocab_size=300)
 
@@ -61,7 +61,7 @@ def tokenizer(corpus):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """Factory: path of a saved tiny model of ``arch`` (and ``kind``), built once per session."""
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     cache: dict = {}
 

@@ -12,7 +12,7 @@ from lmkd.cli import main
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir, corpus):
-    from lmkd.scratch import build_model, train_tokenizer
+    from lmkd.models.scratch import build_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("bad")
     teacher = tiny_model_dir("bart")
@@ -471,7 +471,7 @@ def test_output_where_nothing_may_be_written_is_one_line_before_any_work(world_a
     before the work: permission bits alone do not tell it (root may write anywhere they allow)."""
     import tempfile
 
-    import lmkd.io
+    import lmkd.core.io
 
     locked = os.path.join(world_a["root"], "locked")
     os.makedirs(locked, exist_ok=True)
@@ -482,7 +482,7 @@ def test_output_where_nothing_may_be_written_is_one_line_before_any_work(world_a
             raise PermissionError(13, "Permission denied")
         return real(*a, dir=dir, **k)
 
-    monkeypatch.setattr(lmkd.io.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(lmkd.core.io.tempfile, "TemporaryFile", refuse)
     w = world_a
     for argv in (["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation", "--output",
                   R + "/locked/eval.json"],

@@ -10,18 +10,11 @@ import pytest
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer, losses
-from lmkd.losses.chunked import (
-    Head,
-    TopK,
-    chunked_cross_entropy,
-    chunked_distill_loss,
-    chunked_kd_loss,
-    topk_kd_loss,
-)
+from lmkd.losses.chunked import Head, TopK, chunked_cross_entropy, chunked_distill_loss, chunked_kd_loss, topk_kd_loss
 from lmkd.losses.fused import fused_linear_distill_loss
-from lmkd.data import DataArguments, collator_for, tokenize
-from lmkd.objective import PROBE_POSITIONS
-from lmkd.scratch import build_model
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.train.objective import PROBE_POSITIONS
+from lmkd.models.scratch import build_model
 
 B, T, V, H = 3, 7, 13, 6  # N = 21 positions
 CHUNKS = [1, 4, 7, 21, 1000]  # 4 does not divide 21, 7 does; 1000 > N
@@ -267,7 +260,7 @@ def test_trainer_falls_back_when_logits_are_transformed(tokenizer, corpus, tmp_p
     plain = _trainer(student, teacher, tokenizer, tmp_path, kd_chunk_size=0)
     ref_loss, ref_grads = _loss_and_grads(plain, student, batch)
     lean = _trainer(student, teacher, tokenizer, tmp_path)
-    with caplog.at_level("INFO", logger="lmkd.objective"):
+    with caplog.at_level("INFO", logger="lmkd.train.objective"):
         for _ in range(2):
             loss, grads = _loss_and_grads(lean, student, batch)
             assert torch.allclose(loss, ref_loss, rtol=1e-5)
@@ -337,8 +330,8 @@ def test_teacher_forward_at_its_floor(tokenizer, corpus, tmp_path, hidden_weight
 
 def _topk_sampled(t, mask, k, m, seed=0):
     """The top-K of ``t`` plus ``m`` draws per position from its distribution outside the top-K,
-    drawn here with torch.multinomial exactly as lmkd.logit_cache does."""
-    from lmkd.logit_cache import teacher_topk
+    drawn here with torch.multinomial exactly as lmkd.teacher.logit_cache does."""
+    from lmkd.teacher.logit_cache import teacher_topk
 
     class _Teacher:  # what teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
         def __call__(self, **kw):

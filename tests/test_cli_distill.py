@@ -89,8 +89,8 @@ def test_unknown_override(recipe, capsys):
 def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
     """issue 16: after Ctrl-C, distill names the real resuming command (the same one is refused
     without --resume, and --overwrite would start again); commands that write nothing say so."""
-    import lmkd.distill
-    import lmkd.student
+    import lmkd.train.run
+    import lmkd.models.student
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -99,7 +99,7 @@ def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
         os.makedirs(os.path.join(args.output_dir, "checkpoint-2"), exist_ok=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lmkd.distill, "run_distill", interrupted_after_a_save)
+    monkeypatch.setattr(lmkd.train.run, "run_distill", interrupted_after_a_save)
     assert main(["distill", recipe, "--kd_alpha", "0.7"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"lmkd distill: interrupted; continue from the last saved checkpoint with: lmkd distill {recipe} " \
@@ -108,20 +108,20 @@ def test_ctrl_c_says_the_command_that_resumes(recipe, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().endswith(f"with: lmkd distill {recipe} --resume")
     # stopped before the first checkpoint: --resume would be refused, so the hint starts the run again
     shutil.rmtree(yaml.safe_load(open(recipe))["output_dir"])
-    monkeypatch.setattr(lmkd.distill, "run_distill", interrupted)
+    monkeypatch.setattr(lmkd.train.run, "run_distill", interrupted)
     assert main(["distill", recipe, "--kd_alpha", "0.7", "--resume"]) == 130
     out = yaml.safe_load(open(recipe))["output_dir"]
     assert capsys.readouterr().err.strip() == (f"lmkd distill: interrupted; no checkpoint was saved in {out} yet, so "
                                                f"there is nothing to resume; start again with: lmkd distill {recipe} "
                                                "--kd_alpha 0.7")
-    monkeypatch.setattr(lmkd.student, "make_student", interrupted)
+    monkeypatch.setattr(lmkd.models.student, "make_student", interrupted)
     assert main(["make-student", "--teacher", yaml.safe_load(open(recipe))["teacher_model_name_or_path"],
                  "--output", recipe + ".never"]) == 130
     assert "nothing was written" in capsys.readouterr().err
     # generate resumes when re-run -- but not with --overwrite, which discards its chunks: the hint drops it
-    import lmkd.seqkd
+    import lmkd.teacher.pseudo_targets
 
-    monkeypatch.setattr(lmkd.seqkd, "generate_pseudo_targets", interrupted)
+    monkeypatch.setattr(lmkd.teacher.pseudo_targets, "generate_pseudo_targets", interrupted)
     cfg = yaml.safe_load(open(recipe))
     assert main(["generate", "--teacher", cfg["teacher_model_name_or_path"], "--data", cfg["train_file"], "--output",
                  recipe + ".gen", "--overwrite"]) == 130
@@ -135,8 +135,8 @@ def test_help_keys_lists_every_key_without_a_traceback(capsys):
     argument groups: argparse formats each help text, so one with a bare '%' crashed it."""
     from dataclasses import fields
 
-    from lmkd.config import DistillationConfig, ModelArguments
-    from lmkd.data import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.data.dataset import DataArguments
 
     assert main(["distill", "--help-keys"]) in (0, None)
     out = capsys.readouterr().out

@@ -15,9 +15,9 @@ import tomllib
 import pytest
 import yaml
 
-from lmkd import logit_cache
+from lmkd.teacher import logit_cache
 from lmkd.cli import main
-from lmkd.data import DataArguments
+from lmkd.data.dataset import DataArguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DS_WARNING = "Setting accelerator to"

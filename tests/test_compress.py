@@ -11,9 +11,10 @@ import os
 import pytest
 import torch
 
-from lmkd import engines, generation, pruning
+from lmkd.models import engines, generation
+from lmkd.compress import pruning
 from lmkd.cli import main
-from lmkd.modeling import count_parameters, load_model, load_tokenizer
+from lmkd.models.loading import count_parameters, load_model, load_tokenizer
 
 ct2 = pytest.importorskip("ctranslate2")
 ort = pytest.importorskip("onnxruntime")
@@ -36,7 +37,7 @@ def _spread(model, std: float = 0.15, seed: int = 0):
 def trained(tmp_path_factory, tokenizer, corpus):
     """Saved tiny models: a BART student (d 32), a wider BART teacher, a T5 (head pruning) and a BERT
     classifier; test and train files (translation, classification)."""
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     root = tmp_path_factory.mktemp("compress")
     out = {"root": str(root)}
@@ -211,7 +212,7 @@ def test_a_closed_engine_opens_again_on_its_next_call(trained, corpus, tmp_path)
 def test_ctranslate2_converts_the_studys_pre_ln_mbart_exactly(tokenizer, corpus, tmp_path):
     """The study's from-scratch teacher and students are pre-LN mBART whose decoder starts at </s>:
     CTranslate2 float32 gives the PyTorch model's greedy and beam outputs on every row."""
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     model = _spread(build_model("mbart", len(tokenizer), dropout=0.0, d_model=32, layers=2))
     model.save_pretrained(tmp_path / "mbart")
@@ -303,7 +304,7 @@ def test_compress_classifier_exports_to_onnx_runtime(trained, tmp_path):
 
 def test_compress_model_is_callable_from_python_and_prunes_t5_heads(trained, tmp_path):
     """What the study's compress stage calls: the rows come back, with head pruning of a T5."""
-    from lmkd.compress import compress_model
+    from lmkd.compress.run import compress_model
 
     result = compress_model(trained["t5"], trained["test"], "translation", str(tmp_path / "t5"),
                             train=trained["train"], prune_heads=3, importance_rows=16, exports=["ct2-float32"],
@@ -371,7 +372,7 @@ def _train_causal(model, tokenizer, texts, steps: int = 150, lr: float = 3e-3):
 def causal(tmp_path_factory, tokenizer, corpus):
     """Saved tiny GPT-2 and Llama (d 32, 2 layers, trained 150 steps on the train rows) and a
     causal-lm test file of other rows."""
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     root = tmp_path_factory.mktemp("causal")
     out = {"root": str(root)}
@@ -405,9 +406,9 @@ def test_ct2_float32_causal_lm_gives_pytorch_perplexity_and_greedy_tokens(causal
     import ctranslate2.converters
     import datasets
 
-    from lmkd.data import DataArguments
-    from lmkd.evaluate import evaluate_models
-    from lmkd.fidelity import token_batches
+    from lmkd.data.dataset import DataArguments
+    from lmkd.evaluate.run import evaluate_models
+    from lmkd.evaluate.fidelity import token_batches
 
     out = str(tmp_path / "ct2")
     engines.export(causal[arch], out, "ct2-float32", "causal")
@@ -477,7 +478,7 @@ def test_int8_causal_lm_exports_stay_close_to_fp32(causal, tmp_path, arch, fmt):
     mask = enc["attention_mask"].bool()
     agree = (got.argmax(-1)[mask] == ref.argmax(-1)[mask]).float().mean().item()
     assert agree >= {"ct2-int8": 0.8, "torch-int8": 0.9}[fmt], agree
-    from lmkd.evaluate import evaluate_models
+    from lmkd.evaluate.run import evaluate_models
 
     result = evaluate_models({"fp32": causal[arch], "int8": out}, causal["test"], "causal-lm", batch_size=8,
                              speed_samples=0, device="cpu", progress=False)
@@ -501,7 +502,7 @@ def test_compress_causal_lm_report_equals_evaluate_on_each_saved_model(causal, t
     model, scored again
     by `lmkd evaluate` alone, has the report's perplexity and size; the CTranslate2 rows have
     perplexity but no fidelity ("–")."""
-    from lmkd.compress import compress_model
+    from lmkd.compress.run import compress_model
 
     out = tmp_path / "gpt2"
     assert main(["compress", "--model", causal["gpt2"], "--teacher", causal["gpt2"], "--data", causal["test"],
@@ -549,7 +550,7 @@ def test_causal_lm_ctranslate2_cannot_convert_is_one_line_exit_2(causal, tokeniz
     written."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM, LlamaForCausalLM
 
-    from lmkd.scratch import model_config
+    from lmkd.models.scratch import model_config
 
     neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4,
                                          attention_types=[[["global"], 2]], max_position_embeddings=64))

@@ -9,10 +9,10 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lmkd import metrics
+from lmkd.scoring import metrics
 from lmkd.cli import main
-from lmkd.errors import LmkdError
-from lmkd.evaluate import evaluate_models
+from lmkd.core.errors import LmkdError
+from lmkd.evaluate.run import evaluate_models
 
 
 
@@ -199,7 +199,7 @@ def test_eval_scripts(tmp_path, monkeypatch, capsys, translation_case):
 def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(tmp_path, tiny_model_dir, corpus):
     import shutil
 
-    from lmkd.modeling import weights_bytes
+    from lmkd.models.loading import weights_bytes
 
     model_dir = tmp_path / "run"
     shutil.copytree(tiny_model_dir("marian", seed=1), model_dir)
@@ -234,8 +234,8 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypat
     real measurement depends on what else runs), then once for real: a fraction of the cores."""
     import time
 
-    from lmkd import metrics
-    from lmkd.metrics import OtherLoad, busy_warning
+    from lmkd.scoring import metrics
+    from lmkd.scoring.metrics import OtherLoad, busy_warning
 
     clock = {"wall": 100.0, "own": 5.0, "busy": 1000.0}
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock["wall"])
@@ -263,12 +263,12 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypat
 
 
 def test_measure_speed_closes_an_engine_after_each_of_its_turns_and_reopens_it_untimed():
-    """A live CTranslate2 translator slows the PyTorch models timed beside it (lmkd.engines._Engine),
+    """A live CTranslate2 translator slows the PyTorch models timed beside it (lmkd.models.engines._Engine),
     so measure_speed releases an engine after its warm-up and after every timed turn; the call that
     opens it again is not timed (here: the slow first call after a close would show in the latency)."""
     import time
 
-    from lmkd.metrics import measure_speed
+    from lmkd.scoring.metrics import measure_speed
 
     events = []
     state = {"open": False}

@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses, make_student
-from lmkd.config import parse_layer_map
-from lmkd.data import collator_for
-from lmkd.modeling import load_model
-from lmkd.scratch import build_model
-from lmkd.features import PROJECTIONS_NAME
+from lmkd.train.config import parse_layer_map
+from lmkd.data.dataset import collator_for
+from lmkd.models.loading import load_model
+from lmkd.models.scratch import build_model
+from lmkd.train.features import PROJECTIONS_NAME
 from test_trainer import config as trainer_config
 from test_trainer import make_dataset, state
 
@@ -350,7 +350,7 @@ def test_two_processes_equal_one_with_hint_projections(tiny_model_dir, tokenizer
 
 
 def test_teacher_ensemble_is_refused_for_feature_losses(tokenizer, tmp_path):
-    from lmkd.teachers import EnsembleTeacher
+    from lmkd.teacher.frozen import EnsembleTeacher
 
     teachers = [build_model("bert", len(tokenizer), seed=s, layers=1) for s in (1, 2)]
     with pytest.raises(LmkdError, match="one Hugging Face teacher model"):

@@ -9,18 +9,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lmkd import DistillationConfig, DistillationTrainer, objective
-from lmkd.data import DataArguments, collator_for, tokenize
-from lmkd.losses.chunked import (
-    ACCELERATOR_CHUNK_RANGE,
-    ACCELERATOR_CHUNK_SHARE,
-    CHUNK_TEMPORARIES,
-    Head,
-    auto_chunk_size,
-)
-from lmkd.errors import LmkdError
-from lmkd.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
-from lmkd.scratch import build_model
+from lmkd import DistillationConfig, DistillationTrainer
+from lmkd.train import objective
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.losses.chunked import ACCELERATOR_CHUNK_RANGE, ACCELERATOR_CHUNK_SHARE, CHUNK_TEMPORARIES, Head, auto_chunk_size
+from lmkd.core.errors import LmkdError
+from lmkd.train.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
+from lmkd.models.scratch import build_model
 
 CHUNK = 8
 
@@ -119,7 +114,7 @@ def test_auto_choice_is_made_once_and_gives_the_same_loss(tokenizer, corpus, tmp
     monkeypatch.setattr(objective, "choose_kd_path", on_gpu)
     auto = _trainer(student, teacher, tokenizer, tmp_path)
     assert auto.args.kd_chunk_size == "auto"  # the default
-    with caplog.at_level("INFO", logger="lmkd.objective"):
+    with caplog.at_level("INFO", logger="lmkd.train.objective"):
         for _ in range(2):
             loss, grads = _step(auto, student, batch)
             assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)

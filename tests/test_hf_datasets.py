@@ -11,8 +11,8 @@ import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lmkd.cli import main
-from lmkd.data import DataArguments, read_split, tokenize
-from lmkd.errors import LmkdError
+from lmkd.data.dataset import DataArguments, read_split, tokenize
+from lmkd.core.errors import LmkdError
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ import torch
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError
 from lmkd.cli import main
-from lmkd.modeling import load_model, load_tokenizer
-from lmkd.scratch import build_model
+from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.models.scratch import build_model
 
 
 def config(tmp_path, **kw):
@@ -80,7 +80,7 @@ def test_teacher_dir_without_tokenizer_files_is_judged_by_its_config(tmp_path, t
     with pytest.raises(LmkdError, match="no tokenizer found"):
         load_tokenizer(str(tdir))
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": r["source"]} for r in corpus[:8]])
-    with caplog.at_level(logging.INFO, logger="lmkd.modeling"):
+    with caplog.at_level(logging.INFO, logger="lmkd.models.loading"):
         assert distill_cli(tmp_path, student_model_name_or_path=str(sdir), teacher_model_name_or_path=str(tdir),
                            task="causal-lm", train_file=train, max_steps=1) == 0
     assert "the teacher's tokenizer is unknown; decided from the configs" in caplog.text
@@ -115,7 +115,7 @@ def test_same_size_but_other_special_tokens_without_tokenizer_is_refused(tmp_pat
 
 def test_teacher_loaded_from_a_dir_brings_its_tokenizer(tmp_path, tokenizer, corpus):
     """A teacher object loaded with from_pretrained: its saved tokenizer is the evidence."""
-    from lmkd.scratch import train_tokenizer
+    from lmkd.models.scratch import train_tokenizer
 
     other = train_tokenizer([r["target"] for r in corpus], vocab_size=len(tokenizer))
     tdir = tmp_path / "teacher"
@@ -132,7 +132,7 @@ def test_teacher_loaded_from_a_dir_brings_its_tokenizer(tmp_path, tokenizer, cor
 
 
 def test_cohort_of_dropout_free_copies_is_refused(tmp_path, tokenizer):
-    from lmkd.regimes import CoDistillationTrainer, CohortModel
+    from lmkd.train.regimes import CoDistillationTrainer, CohortModel
 
     student = build_model("llama", len(tokenizer), seed=1, layers=1)  # Llama: no dropout at all
     with pytest.raises(LmkdError, match="2 members start from identical weights and have no dropout"):
@@ -168,8 +168,8 @@ def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, to
         assert all(a[k].shape == b[k].shape for k in a)
     # a cohort of 3 from 2 checkpoints is refused
     with pytest.raises(LmkdError, match="names 2 students: that is a co-distillation cohort, set cohort_size 2"):
-        from lmkd.config import ModelArguments
-        from lmkd.distill import cohort_paths
+        from lmkd.train.config import ModelArguments
+        from lmkd.train.run import cohort_paths
 
         cohort_paths(ModelArguments(student_model_name_or_path=",".join(paths)), config(tmp_path, cohort_size=3))
 
@@ -177,7 +177,7 @@ def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, to
 def test_one_checkpoint_cohort_gets_distinct_seeds_for_weights_it_lacks(tmp_path, tokenizer):
     """A masked-LM checkpoint loaded as K classifiers: each member's new head is initialised under
     its own seed, so a dropout-free cohort of them can differ."""
-    from lmkd.distill import load_cohort
+    from lmkd.train.run import load_cohort
 
     d = tmp_path / "mlm"
     build_model("bert", len(tokenizer), seed=1, layers=1, dropout=0.0).save_pretrained(d)
@@ -194,8 +194,8 @@ def test_one_checkpoint_cohort_gets_distinct_seeds_for_weights_it_lacks(tmp_path
 def _on_policy_run(tmp_path, tokenizer, corpus, out, max_steps=6, callbacks=(), resume=None, record=None):
     import datasets
 
-    from lmkd.data import DataArguments, collator_for, tokenize
-    from lmkd.regimes import OnPolicyDistillationTrainer
+    from lmkd.data.dataset import DataArguments, collator_for, tokenize
+    from lmkd.train.regimes import OnPolicyDistillationTrainer
 
     class Recording(OnPolicyDistillationTrainer):
         def on_policy_batch(self, model, batch):
@@ -240,8 +240,8 @@ def test_on_policy_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpu
 def test_on_policy_causal_prompts_are_per_row(tmp_path, tokenizer, corpus):
     import datasets
 
-    from lmkd.data import PROMPT_LENGTH, DataArguments, collator_for, tokenize
-    from lmkd.regimes import OnPolicyDistillationTrainer, wrap_collator
+    from lmkd.data.dataset import PROMPT_LENGTH, DataArguments, collator_for, tokenize
+    from lmkd.train.regimes import OnPolicyDistillationTrainer, wrap_collator
 
     rows = [{"text": r["source"], "prompt": " ".join(r["source"].split()[: 1 + i % 3])} for i, r in
             enumerate(corpus[:4])]
@@ -279,8 +279,8 @@ def test_on_policy_causal_prompts_are_per_row(tmp_path, tokenizer, corpus):
 
 
 def test_eval_loss_is_the_same_mix_online_and_from_a_cache(tmp_path, tiny_model_dir, tokenizer, corpus):
-    from lmkd import logit_cache
-    from lmkd.data import DataArguments, collator_for, load_data, tokenize
+    from lmkd.teacher import logit_cache
+    from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
 
     teacher_dir = tiny_model_dir("marian", layers=1)
     train = write_jsonl(tmp_path / "train.jsonl", corpus[:12])

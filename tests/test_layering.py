@@ -16,16 +16,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
 
-#: bottom to top; a module (or package: every module under it) belongs to the first layer naming it
+#: bottom to top: the packages of lmkd/ (ARCHITECTURE.md draws them); a module belongs to the layer
+#: of its package, and the facade ``lmkd/__init__.py`` and ``__main__`` stand apart
 LAYERS = [
-    ["errors", "constants", "io"],                                               # L0: names and files
-    ["losses", "metrics", "significance"],                                       # L1: pure functions
-    ["modeling", "truncation", "positions", "alignment", "data", "student", "scratch", "generation", "fidelity",
-     "engines", "pruning"],  # L2: models, data
-    ["teachers", "seqkd", "logit_cache"],                                        # L3: teacher signals
-    ["config", "card", "objective", "features", "trainer", "regimes"],           # L4: training
-    ["distill", "evaluate", "report", "study", "compress"],                       # L5: commands' bodies
-    ["cli", "__main__"],                                                         # L6: the lmkd command
+    ["core"],                  # L0: errors, constants, io
+    ["losses", "scoring"],     # L1: pure functions on tensors; metrics and significance
+    ["models"],                # L2: loading, students, from-scratch models, generation, engines
+    ["data"],                  # L3: reading rows, tokenising, collators, loss positions
+    ["teacher"],               # L4: the teacher signal (frozen, cache, pseudo-targets, cross-tokenizer)
+    ["train"],                 # L5: config, trainer, objective, features, regimes, run_distill
+    ["evaluate"],              # L6: evaluate_models, fidelity, the report writer
+    ["compress"],              # L7: pruning, export, the body of lmkd compress
+    ["study"],                 # L8: the study runner
+    ["cli", "__main__"],       # L9: the lmkd command
 ]
 
 
@@ -77,7 +80,7 @@ def _dotted(node: ast.AST) -> str | None:
 def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[str, list[str], int]]:
     """(imported lmkd module, names taken from it, line) for every import in the file; a private
     attribute read off an imported lmkd module (``regimes._helper(...)``, or
-    ``lmkd.regimes._helper`` after ``import lmkd.regimes``) counts as taking it."""
+    ``lmkd.train.regimes._helper`` after ``import lmkd.train.regimes``) counts as taking it."""
     out = []
     tree = ast.parse(path.read_text(), filename=str(path))
     aliases: dict[str, str] = {}  # local name -> lmkd module it is bound to
@@ -227,12 +230,12 @@ def test_cycle_finder_finds_cycles(case, expected):
 
 def test_upward_import_is_caught(tmp_path):
     """The checker itself: an upward and a private import written into a scratch module are seen."""
-    src = "from .cli import main\nfrom .trainer import _helper\n\ndef f():\n    from . import study\n"
-    path = tmp_path / "losses_probe.py"
+    src = "from ..cli import main\nfrom ..train.trainer import _helper\n\ndef f():\n    from .. import study\n"
+    path = tmp_path / "probe.py"
     path.write_text(src)
-    found = imports_of("losses", path, {"cli", "trainer", "study"})
+    found = imports_of("losses.probe", path, {"cli", "train.trainer", "study"})
     assert ("cli", [], 1) not in found and ("cli", ["main"], 1) in found
-    assert ("trainer", ["_helper"], 2) in found and ("study", [], 5) in found
+    assert ("train.trainer", ["_helper"], 2) in found and ("study", [], 5) in found
     assert layer_of("cli") > layer_of("losses.chunked") == 1
 
 
@@ -240,19 +243,24 @@ def test_the_checks_fail_on_a_tree_that_breaks_the_rules(tmp_path):
     """The three whole-tree checks run on a scratch copy of the layout whose modules break each rule
     with imports inside functions (upward, a cycle, private names taken both ways); a clean tree passes."""
     pkg = tmp_path / "lmkd"
-    (pkg / "losses").mkdir(parents=True)
-    for name in ("__init__.py", "losses/__init__.py"):
+    for sub in ("losses", "train"):
+        (pkg / sub).mkdir(parents=True)
+    for name in ("__init__.py", "losses/__init__.py", "train/__init__.py"):
         (pkg / name).write_text("")
     (pkg / "losses" / "token.py").write_text("def f():\n    return 1\n")
-    (pkg / "trainer.py").write_text("from .losses.token import f\n")
+    (pkg / "train" / "trainer.py").write_text("from ..losses.token import f\n")
     assert upward_imports(pkg) == [] and private_imports(pkg) == [] and import_cycle(pkg) is None
-    (pkg / "losses" / "token.py").write_text("def f():\n    from ..trainer import DistillationTrainer\n")
-    (pkg / "objective.py").write_text("import lmkd.trainer\n\n\ndef g():\n    return lmkd.trainer._x\n")
-    (pkg / "trainer.py").write_text("from .losses.token import f\n\n\ndef h():\n    from .objective import _y\n")
-    assert upward_imports(pkg) == ["lmkd/losses/token.py:2 (L1) imports lmkd.trainer (L4)"]
-    assert sorted(private_imports(pkg)) == ["lmkd/objective.py:5 takes _x from lmkd.trainer",
-                                            "lmkd/trainer.py:5 takes _y from lmkd.objective"]
-    assert import_cycle(pkg) == ["losses.token", "trainer", "losses.token"]
+    (pkg / "losses" / "token.py").write_text("def f():\n    from lmkd.train.trainer import DistillationTrainer\n")
+    (pkg / "train" / "objective.py").write_text("import lmkd.train.trainer\n\n\ndef g():\n    return lmkd.train.trainer._x\n")
+    (pkg / "train" / "trainer.py").write_text("from ..losses.token import f\n\n\ndef h():\n    from .objective import _y\n")
+    assert upward_imports(pkg) == ["lmkd/losses/token.py:2 (L1) imports lmkd.train.trainer (L5)"]
+    assert sorted(private_imports(pkg)) == ["lmkd/train/objective.py:5 takes _x from lmkd.train.trainer",
+                                            "lmkd/train/trainer.py:5 takes _y from lmkd.train.objective"]
+    assert import_cycle(pkg) == ["losses.token", "train.trainer", "losses.token"]
+    # a module outside every package of LAYERS is refused by name
+    (pkg / "stray.py").write_text("")
+    with pytest.raises(AssertionError, match="lmkd.stray is in no layer"):
+        upward_imports(pkg)
 
 
 if __name__ == "__main__":  # python tests/test_layering.py: print every violation

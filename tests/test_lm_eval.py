@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lmkd.cli import main
-from lmkd.data import collator_for
-from lmkd.evaluate import evaluate_models
+from lmkd.data.dataset import collator_for
+from lmkd.evaluate.run import evaluate_models
 
 
 def write_jsonl(path, rows):

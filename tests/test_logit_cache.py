@@ -1,4 +1,4 @@
-"""lmkd.logit_cache and `lmkd cache-logits`: what is stored (the teacher's top-K, the tail, compact
+"""lmkd.teacher.logit_cache and `lmkd cache-logits`: what is stored (the teacher's top-K, the tail, compact
 dtypes), resuming after a kill gives identical shards, training from a full-vocabulary cache equals
 online KD, and a small-K cache trains with no teacher at all."""
 
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from lmkd import DistillationConfig, DistillationTrainer, LmkdError, logit_cache
+from lmkd import DistillationConfig, DistillationTrainer, LmkdError
+from lmkd.teacher import logit_cache
 from lmkd.cli import ModelArguments, main
-from lmkd.data import DataArguments, collator_for, load_data, tokenize
-from lmkd.distill import run_distill
-from lmkd.modeling import load_model, load_tokenizer
-from lmkd.scratch import build_model
+from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.train.run import run_distill
+from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.models.scratch import build_model
 
 
 @pytest.fixture(scope="module")

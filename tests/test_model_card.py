@@ -9,10 +9,10 @@ import yaml
 from transformers import AutoModelForSeq2SeqLM
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.card import is_lmkd_card, model_card, run_settings
+from lmkd.train.card import is_lmkd_card, model_card, run_settings
 from lmkd.cli import main
-from lmkd.config import ModelArguments
-from lmkd.data import DataArguments
+from lmkd.train.config import ModelArguments
+from lmkd.data.dataset import DataArguments
 
 
 def front_matter(path) -> tuple[dict, str]:

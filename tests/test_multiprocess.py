@@ -9,7 +9,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from _mp_helpers import assert_same_student, run_script
 from lmkd import make_student
-from lmkd.modeling import load_model
+from lmkd.models.loading import load_model
 
 
 @pytest.fixture()

@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from lmkd.cli import build_parser, main, parse_distill_args
-from lmkd.constants import TASK_KIND
-from lmkd.modeling import AUTO_CLASS
-from lmkd.student import make_student
+from lmkd.core.constants import TASK_KIND
+from lmkd.models.loading import AUTO_CLASS
+from lmkd.models.student import make_student
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DISTILL_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.relative_to(RECIPES).parts)
@@ -27,7 +27,7 @@ IDS = [str(p.relative_to(RECIPES)) for p in DISTILL_RECIPES]
 # recipes ask for bf16 (GPU); transformers refuses bf16 on a machine without a bf16 GPU unless use_cpu
 CPU = ["--use_cpu", "true"]
 
-# model name -> tiny architecture of lmkd.scratch (first match wins: distilbart is bart, not bert)
+# model name -> tiny architecture of lmkd.models.scratch (first match wins: distilbart is bart, not bert)
 ARCH_BY_NAME = [("opus-mt", "marian"), ("marian", "marian"), ("t5", "t5"), ("gpt2", "gpt2"), ("bart", "bart"),
                 ("bert", "bert"), ("llama", "llama")]
 
@@ -74,7 +74,7 @@ def test_recipe_parses_and_starts_with_its_command(path):
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory, tokenizer):
     """(arch, kind) -> (teacher dir, student dir): a 4-layer teacher and a make_student copy of it."""
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     cache = {}
 

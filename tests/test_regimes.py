@@ -1,4 +1,4 @@
-"""lmkd.regimes: unlabelled transfer sets, teacher ensembles, born-again rounds, co-distillation
+"""lmkd.train.regimes: unlabelled transfer sets, teacher ensembles, born-again rounds, co-distillation
 and on-policy KD -- each checked against a hand computation or an independent run."""
 
 import copy
@@ -12,19 +12,11 @@ import yaml
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses
 from lmkd.cli import main
-from lmkd.data import DataArguments, collator_for, tokenize
-from lmkd.distill import add_transfer_set
-from lmkd.regimes import (
-    LABELLED,
-    ON_POLICY,
-    CoDistillationTrainer,
-    CohortModel,
-    OnPolicyDistillationTrainer,
-    RegimeTrainer,
-    TransferCollator,
-)
-from lmkd.teachers import EnsembleTeacher
-from lmkd.scratch import build_model
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.train.run import add_transfer_set
+from lmkd.train.regimes import LABELLED, ON_POLICY, CoDistillationTrainer, CohortModel, OnPolicyDistillationTrainer, RegimeTrainer, TransferCollator
+from lmkd.teacher.frozen import EnsembleTeacher
+from lmkd.models.scratch import build_model
 
 
 def config(tmp_path, **kw):
@@ -128,7 +120,7 @@ def test_kd_only_on_data_without_a_label_column(tmp_path, tokenizer, corpus, cap
 
 def mixed_data(tokenizer, corpus, task):
     """3 labelled + 3 unlabelled rows (tagged by add_transfer_set), and the wrapped collator."""
-    from lmkd.constants import TASK_KIND
+    from lmkd.core.constants import TASK_KIND
 
     args = DataArguments(task=task, train_file="-")
     if task == "classification":
@@ -257,7 +249,7 @@ def test_ensemble_targets_the_weighted_average_distribution(tmp_path, tokenizer,
 
 
 def test_ensemble_through_cli_and_vocab_guard_per_teacher(tmp_path, tokenizer, corpus):
-    from lmkd.scratch import train_tokenizer
+    from lmkd.models.scratch import train_tokenizer
 
     t1 = save(build_model("gpt2", len(tokenizer), seed=1, layers=2), tokenizer, tmp_path / "t1")
     t2 = save(build_model("gpt2", len(tokenizer), seed=3, layers=2), tokenizer, tmp_path / "t2")

@@ -1,4 +1,4 @@
-"""The study report (lmkd.study.results, lmkd.report): its significance numbers equal sacrebleu's
+"""The study report (lmkd.study.results, lmkd.evaluate.report): its significance numbers equal sacrebleu's
 PairedTest run directly on the saved outputs, its verdict lines say what the tests say, its speed
 is per token at a fixed output length beside per example, several seeds give mean ± std per
 variant, train_log.json gives the steps and the curves, and the plot's axes show the real spread."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmkd.report import padded_range
+from lmkd.evaluate.report import padded_range
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, run_study
 from lmkd.study.results import build_report, read_train_log, report_markdown, verdict_line, write_study_report
 
@@ -113,8 +113,8 @@ def test_verdict_lines_say_what_the_test_says():
 
 
 def test_speed_is_per_token_at_a_fixed_length_beside_per_example(study):
-    from lmkd.generation import output_lengths
-    from lmkd.modeling import load_tokenizer
+    from lmkd.models.generation import output_lengths
+    from lmkd.models.loading import load_tokenizer
 
     out, report = study
     plan = report["plan"]
@@ -136,8 +136,8 @@ def test_speed_is_per_token_at_a_fixed_length_beside_per_example(study):
 
 
 def test_fixed_length_decoding_generates_exactly_that_many_tokens(tiny_model_dir):
-    from lmkd.generation import generate_fixed_length
-    from lmkd.modeling import load_model, load_tokenizer
+    from lmkd.models.generation import generate_fixed_length
+    from lmkd.models.loading import load_model, load_tokenizer
 
     path = tiny_model_dir("marian", seed=1)
     model, tok = load_model(path).eval(), load_tokenizer(path)
@@ -219,9 +219,9 @@ def test_train_log_is_read_defensively(tmp_path):
 
 
 def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):
-    from lmkd.evaluate import evaluate_models, markdown_table
-    from lmkd.generation import output_lengths
-    from lmkd.modeling import load_tokenizer
+    from lmkd.evaluate.run import evaluate_models, markdown_table
+    from lmkd.models.generation import output_lengths
+    from lmkd.models.loading import load_tokenizer
 
     path = tiny_model_dir("marian", seed=1)
     data = tmp_path / "t.jsonl"

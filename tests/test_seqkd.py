@@ -1,4 +1,4 @@
-"""Sequence-level KD generation (lmkd.seqkd): batching invariance, sampling, resuming, Seq-Inter, filters."""
+"""Sequence-level KD generation (lmkd.teacher.pseudo_targets): batching invariance, sampling, resuming, Seq-Inter, filters."""
 
 from __future__ import annotations
 
@@ -10,18 +10,9 @@ import torch
 from _seqkd_helpers import save_teacher
 from sacrebleu import sentence_bleu, sentence_chrf
 
-from lmkd.errors import LmkdError
-from lmkd.modeling import load_model, load_tokenizer
-from lmkd.seqkd import (
-    CHUNK_DIR,
-    SETTINGS_FILE,
-    filter_below,
-    generate_pseudo_targets,
-    load_generated,
-    select_and_filter,
-    sentence_scores,
-    seq_inter_select,
-)
+from lmkd.core.errors import LmkdError
+from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.teacher.pseudo_targets import CHUNK_DIR, SETTINGS_FILE, filter_below, generate_pseudo_targets, load_generated, select_and_filter, sentence_scores, seq_inter_select
 
 
 

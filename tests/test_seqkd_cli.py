@@ -14,11 +14,11 @@ import torch
 from _seqkd_helpers import save_teacher, write_jsonl
 
 from lmkd.cli import main, parse_distill_args
-from lmkd.data import DataArguments, mix_gold_targets
-from lmkd.errors import LmkdError
-from lmkd.modeling import load_model
-from lmkd.seqkd import load_generated
-from lmkd.trainer import DistillationTrainer
+from lmkd.data.dataset import DataArguments, mix_gold_targets
+from lmkd.core.errors import LmkdError
+from lmkd.models.loading import load_model
+from lmkd.teacher.pseudo_targets import load_generated
+from lmkd.train.trainer import DistillationTrainer
 
 
 
@@ -169,7 +169,7 @@ def test_seqkd_recipes_parse():
 
 def test_generate_do_sample_without_num_beams_samples_from_one_beam(teacher, data_file, tmp_path, capsys):
     """issue 16: the default of 5 beams gives way to sampling; only an explicit --num-beams > 1 is refused."""
-    from lmkd.seqkd import SETTINGS_FILE
+    from lmkd.teacher.pseudo_targets import SETTINGS_FILE
 
     out = tmp_path / "sampled"
     assert main(["generate", "--teacher", teacher, "--data", data_file, "--output", str(out), "--do-sample",

@@ -1,5 +1,5 @@
-"""lmkd.significance: BLEU/chrF equal sacrebleu's own paired bootstrap (PairedTest) on the same outputs;
-ROUGE, accuracy and macro-F1 equal a reference that rescoring every resample with lmkd.metrics gives."""
+"""lmkd.scoring.significance: BLEU/chrF equal sacrebleu's own paired bootstrap (PairedTest) on the same outputs;
+ROUGE, accuracy and macro-F1 equal a reference that rescoring every resample with lmkd.scoring.metrics gives."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import corpus_rows
-from lmkd import metrics
-from lmkd.errors import LmkdError
-from lmkd.significance import paired_bootstrap, resample_indices
+from lmkd.scoring import metrics
+from lmkd.core.errors import LmkdError
+from lmkd.scoring.significance import paired_bootstrap, resample_indices
 
 
 def _noisy(texts: list[str], drop: float, seed: int) -> list[str]:
@@ -59,7 +59,7 @@ def test_equals_sacrebleu_paired_test(outputs, monkeypatch, name):
 
 
 def _reference(metric_fn, good, bad, refs, n, seed):
-    """p-value and CI by rescoring every resample with ``metric_fn`` (lmkd.metrics) on the drawn rows."""
+    """p-value and CI by rescoring every resample with ``metric_fn`` (lmkd.scoring.metrics) on the drawn rows."""
     idx = resample_indices(len(refs), n, seed)
     a = np.array([metric_fn([good[i] for i in row], [refs[i] for i in row]) for row in idx])
     b = np.array([metric_fn([bad[i] for i in row], [refs[i] for i in row]) for row in idx])

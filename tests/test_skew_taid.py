@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses
-from lmkd.data import DataArguments, collator_for, tokenize
-from lmkd.modeling import load_model
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.models.loading import load_model
 
 TAU = 2.0
 

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from lmkd import LmkdError, make_student
-from lmkd.modeling import kind_from_config, load_model
-from lmkd.modeling import count_parameters
-from lmkd.student import LAYER_STACKS
+from lmkd.models.loading import kind_from_config, load_model
+from lmkd.models.loading import count_parameters
+from lmkd.models.student import LAYER_STACKS
 
 
 def _layer_params(model, path, i):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import corpus_rows
-from lmkd.errors import LmkdError
+from lmkd.core.errors import LmkdError
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
 BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows", "transfer",
@@ -75,7 +75,7 @@ def test_interrupted_study_resumes_at_the_first_unfinished_stage(translation):
 
 def test_report_numbers_equal_evaluate_on_the_saved_models(translation):
     from lmkd.cli import main
-    from lmkd.evaluate import evaluate_models
+    from lmkd.evaluate.run import evaluate_models
 
     out, _, _ = translation
     report = json.loads((Path(out) / "report.json").read_text())
@@ -340,7 +340,7 @@ def test_tiny_classification_study(tmp_path, one_thread):
     """Language identification (en/fr) from the shipped corpus with string labels: fine-tuning
     alone, task KD, the DistilBERT path and MLM-distil + task KD, reported with the accuracy
     `evaluate_models` gives."""
-    from lmkd.evaluate import evaluate_models
+    from lmkd.evaluate.run import evaluate_models
 
     files = _language_id_files(tmp_path)
     out = str(tmp_path / "cls")
@@ -380,7 +380,7 @@ def test_tiny_classification_study(tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_tiny_summarization_study_with_named_columns(tmp_path, one_thread):
-    from lmkd.evaluate import evaluate_models
+    from lmkd.evaluate.run import evaluate_models
 
     files = {split: _write(tmp_path / f"{split}.jsonl",
                            [{"document": r["source"], "summary": r["target"]} for r in corpus_rows(split, 200)])
@@ -408,10 +408,10 @@ def test_cli_help_has_examples(capsys):
 
 
 def test_student_init_copies_teacher_layers_when_they_fit_else_builds_a_narrower_model():
-    from lmkd.scratch import build_model
-    from lmkd.modeling import count_parameters
-    from lmkd.student import copied_layers_within, scaled_student_config
-    from lmkd.student import spread_layers as _spread
+    from lmkd.models.scratch import build_model
+    from lmkd.models.loading import count_parameters
+    from lmkd.models.student import copied_layers_within, scaled_student_config
+    from lmkd.models.student import spread_layers as _spread
 
     assert _spread(12, 3) == [0, 6, 11] and _spread(3, 1) == [0] and _spread(6, 2) == [0, 5]
     teacher = build_model("bart", 4000, d_model=256, layers=3, ffn=1024)  # the quick budget's teacher
@@ -556,7 +556,7 @@ def _language_id_files(tmp_path, sizes=(("train", 150), ("validation", 20), ("te
 def test_has_mlm_head_tells_a_masked_lm_from_a_bare_encoder(tmp_path, tiny_model_dir, tokenizer):
     from transformers import BertModel
 
-    from lmkd.scratch import model_config
+    from lmkd.models.scratch import model_config
     from lmkd.study.models import has_mlm_head
 
     assert has_mlm_head(tiny_model_dir("bert", "mlm", d_model=32, layers=2, heads=2, ffn=64))
@@ -573,7 +573,7 @@ def test_classification_study_with_a_bare_encoder_teacher_skips_the_mlm_variants
     stage and no MLM-distil variant, and the report data says why."""
     from transformers import BertModel
 
-    from lmkd.scratch import model_config
+    from lmkd.models.scratch import model_config
 
     teacher = tmp_path / "encoder"
     torch.manual_seed(0)
@@ -607,8 +607,8 @@ def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translat
 
     import yaml
 
-    from lmkd.logit_cache import LogitCache
-    from lmkd.modeling import load_model, load_tokenizer
+    from lmkd.teacher.logit_cache import LogitCache
+    from lmkd.models.loading import load_model, load_tokenizer
 
     out, _, _ = translation
     stages = Path(out) / "stages"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lmkd.errors import LmkdError
+from lmkd.core.errors import LmkdError
 from lmkd.study import StudyOptions, run_study
 from lmkd.study.stages import Job, Stages, threads_per_worker
 from test_study_trust import _flat, _without_timings

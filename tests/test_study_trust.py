@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import corpus_rows
-from lmkd import metrics
+from lmkd.scoring import metrics
 from lmkd.study import StudyOptions, run_study
 from lmkd.study.checks import QUALITY_MARGIN, check_teacher, target_cross_entropy
 
@@ -22,7 +22,7 @@ from lmkd.study.checks import QUALITY_MARGIN, check_teacher, target_cross_entrop
 @pytest.fixture()
 def untrained_teacher(tmp_path, tokenizer):
     """A BART that was never trained, saved with its tokenizer: what a broken teacher looks like."""
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     path = tmp_path / "untrained"
     build_model("bart", len(tokenizer), d_model=32, layers=1, heads=2, ffn=64, seed=0).save_pretrained(path)
@@ -57,7 +57,7 @@ def test_check_figures_are_computed_as_they_say(untrained_teacher):
 
 def test_target_cross_entropy_equals_the_models_own_loss(untrained_teacher):
     """The source-use figure is the mean token CE: the same as HF's loss computed row by row."""
-    from lmkd.modeling import load_model, load_tokenizer
+    from lmkd.models.loading import load_model, load_tokenizer
 
     model, tok = load_model(untrained_teacher), load_tokenizer(untrained_teacher)
     rows = corpus_rows("validation", 6)

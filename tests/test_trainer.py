@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses, make_student
-from lmkd.data import DataArguments, collator_for, tokenize
-from lmkd.modeling import load_model
-from lmkd.scratch import build_model
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.models.loading import load_model
+from lmkd.models.scratch import build_model
 
 # (architecture, model kind for build_model, data task)
 KINDS = [
@@ -48,7 +48,7 @@ def state(model):
 
 @pytest.mark.parametrize("arch,kind,task", KINDS, ids=[f"{a}-{t}" for a, _, t in KINDS])
 def test_trainer_learns_and_keeps_teacher_frozen(tiny_model_dir, tokenizer, corpus, tmp_path, arch, kind, task):
-    from lmkd.constants import TASK_KIND
+    from lmkd.core.constants import TASK_KIND
 
     teacher = load_model(tiny_model_dir(arch, kind), kind=TASK_KIND[task])
     student = make_student(teacher)
@@ -171,7 +171,7 @@ def test_vocab_padding_rows_are_sliced(tokenizer, corpus, tmp_path):
 
 
 def test_different_vocabularies_fail_before_training(tokenizer, corpus, tmp_path):
-    from lmkd.scratch import train_tokenizer
+    from lmkd.models.scratch import train_tokenizer
 
     other = train_tokenizer([r["target"] for r in corpus], vocab_size=200)
     teacher = build_model("gpt2", len(other), seed=1, layers=2)

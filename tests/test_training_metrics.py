@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lmkd.cli import main
-from lmkd.evaluate import evaluate_models
+from lmkd.evaluate.run import evaluate_models
 
 
 def write_yaml(path, **keys):

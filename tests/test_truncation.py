@@ -1,4 +1,4 @@
-"""Issue 20: one truncation rule for every command (lmkd.truncation.fit_length and friends).
+"""Issue 20: one truncation rule for every command (lmkd.models.truncation.fit_length and friends).
 
 Models whose position tables hold 32 positions get documents of 100+ tokens through every path that
 tokenises text -- evaluate, generate, cache-logits, distill (live teacher and cached), on-policy
@@ -14,8 +14,8 @@ import json
 import pytest
 import torch
 
-from lmkd.constants import CLASSIFICATION
-from lmkd.scratch import build_model
+from lmkd.core.constants import CLASSIFICATION
+from lmkd.models.scratch import build_model
 
 TABLE = 32  # positions of every model here
 
@@ -89,7 +89,7 @@ def _model(arch, **kw):
 def test_fit_length_is_what_the_model_takes_and_one_more_crashes(arch, kw):
     """The rule read from the config agrees with the model itself: an input of fit_length tokens
     runs, one token more overruns the table."""
-    from lmkd.truncation import fit_length, input_limit
+    from lmkd.models.truncation import fit_length, input_limit
 
     model = _model(arch, **kw).eval()
     length = fit_length(512, model)
@@ -111,7 +111,7 @@ def test_fit_length_is_what_the_model_takes_and_one_more_crashes(arch, kw):
 def test_tables_of_relative_and_rotary_models_and_real_tokenizer_limits(tokenizer):
     from transformers import DebertaV2Config, LlamaConfig, T5Config
 
-    from lmkd.truncation import fit_length, generation_lengths, input_limit, position_table, target_limit
+    from lmkd.models.truncation import fit_length, generation_lengths, input_limit, position_table, target_limit
 
     assert position_table(T5Config()) is None and fit_length(777, T5Config()) == 777  # relative: no table
     assert fit_length(None, T5Config()) is None
@@ -136,7 +136,7 @@ def test_tables_of_relative_and_rotary_models_and_real_tokenizer_limits(tokenize
 
 
 def test_encode_fitted_counts_the_rows_it_cuts_and_keeps_eos(tokenizer, documents, cut_counts):
-    from lmkd.truncation import describe_truncation, encode_fitted, truncation_note
+    from lmkd.models.truncation import describe_truncation, encode_fitted, truncation_note
 
     texts = [r["document"] for r in documents]
     enc, cut = encode_fitted(tokenizer, texts, TABLE)
@@ -154,7 +154,7 @@ def test_encode_fitted_counts_the_rows_it_cuts_and_keeps_eos(tokenizer, document
 
 
 def test_evaluate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
-    from lmkd.evaluate import evaluate_models, markdown_table
+    from lmkd.evaluate.run import evaluate_models, markdown_table
 
     teacher, student = bart32
     data = write_jsonl(tmp_path / "test.jsonl", documents)
@@ -171,7 +171,7 @@ def test_evaluate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
 
 
 def test_generate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
-    from lmkd.seqkd import generate_pseudo_targets, load_generated
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
 
     teacher, _ = bart32
     report = generate_pseudo_targets(teacher, data=documents, output_dir=str(tmp_path / "gen"),
@@ -184,10 +184,10 @@ def test_generate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
 
 
 def test_cache_logits_and_distill_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts, tokenizer):
-    from lmkd.config import DistillationConfig, ModelArguments
-    from lmkd.data import DataArguments
-    from lmkd.distill import run_distill
-    from lmkd.logit_cache import cache_logits
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.data.dataset import DataArguments
+    from lmkd.train.run import run_distill
+    from lmkd.teacher.logit_cache import cache_logits
 
     teacher, student = bart32
     data = write_jsonl(tmp_path / "train.jsonl", documents)
@@ -220,10 +220,10 @@ def test_cache_logits_and_distill_seq2seq_32_positions(tmp_path, bart32, documen
 
 
 def test_evaluate_and_distill_bert_classifier_32_positions(tmp_path, bert32, documents, cut_counts):
-    from lmkd.config import DistillationConfig, ModelArguments
-    from lmkd.data import DataArguments
-    from lmkd.distill import run_distill
-    from lmkd.evaluate import evaluate_models
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.data.dataset import DataArguments
+    from lmkd.train.run import run_distill
+    from lmkd.evaluate.run import evaluate_models
 
     teacher, student = bert32
     data = write_jsonl(tmp_path / "cls.jsonl", documents)
@@ -247,7 +247,7 @@ def test_evaluate_and_distill_bert_classifier_32_positions(tmp_path, bert32, doc
 
 
 def test_generate_causal_32_positions_prompt_and_new_tokens_fit(tmp_path, tiny_model_dir, documents, tokenizer):
-    from lmkd.seqkd import generate_pseudo_targets, load_generated
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
 
     teacher = tiny_model_dir("gpt2", seed=1, layers=1, max_positions=TABLE)
     new = 8
@@ -263,9 +263,9 @@ def test_generate_causal_32_positions_prompt_and_new_tokens_fit(tmp_path, tiny_m
 def test_on_policy_new_tokens_fit_a_32_position_table(tmp_path, tokenizer, documents):
     import datasets
 
-    from lmkd.config import DistillationConfig
-    from lmkd.data import DataArguments, collator_for, tokenize
-    from lmkd.regimes import OnPolicyDistillationTrainer
+    from lmkd.train.config import DistillationConfig
+    from lmkd.data.dataset import DataArguments, collator_for, tokenize
+    from lmkd.train.regimes import OnPolicyDistillationTrainer
 
     teacher = build_model("gpt2", len(tokenizer), seed=1, layers=1, max_positions=TABLE)
     student = build_model("gpt2", len(tokenizer), seed=2, layers=1, max_positions=TABLE)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmkd.alignment import CrossTokenizerCollator, align_offsets, align_texts, shared_vocabulary
+from lmkd.teacher.cross_tokenizer import CrossTokenizerCollator, align_offsets, align_texts, shared_vocabulary
 from lmkd.losses import forward_kl, sorted_l1, uld_hybrid_loss, uld_loss
 
 
@@ -82,7 +82,7 @@ TEXTS = ["the café serves crème brûlée 😀 daily", "unbelievable things hap
 
 @pytest.fixture(scope="module")
 def two_tokenizers():
-    from lmkd.scratch import train_tokenizer
+    from lmkd.models.scratch import train_tokenizer
 
     return byte_bpe(TEXTS, 270), train_tokenizer(TEXTS, vocab_size=300)
 
@@ -220,7 +220,7 @@ def test_hybrid_matches_a_plain_python_reference():
 @pytest.mark.parametrize("loss", ["uld", "uld_hybrid"])
 def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus, loss):
     from lmkd.cli import main
-    from lmkd.scratch import build_model
+    from lmkd.models.scratch import build_model
 
     texts = [r["source"] for r in corpus[:200]]
     tokenizers = {"student": byte_bpe(texts, 320), "teacher": byte_bpe(texts, 700)}
@@ -255,8 +255,8 @@ def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus, loss):
 
 
 def test_cross_tokenizer_settings_are_checked():
-    from lmkd.config import DistillationConfig
-    from lmkd.errors import LmkdError
+    from lmkd.train.config import DistillationConfig
+    from lmkd.core.errors import LmkdError
 
     with pytest.raises(LmkdError, match="set teacher_tokenizer"):
         DistillationConfig(output_dir="x", kd_loss="uld")

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from lmkd.alignment import Seq2SeqCrossTokenizerCollator, align_offsets, decoder_positions, encode_with_offsets
-from lmkd.data import collator_for
-from lmkd.scratch import build_model, train_tokenizer
+from lmkd.teacher.cross_tokenizer import Seq2SeqCrossTokenizerCollator, align_offsets, decoder_positions, encode_with_offsets
+from lmkd.data.dataset import collator_for
+from lmkd.models.scratch import build_model, train_tokenizer
 
 
 def spans(text, pieces):
@@ -147,7 +147,7 @@ def distill(tmp_path, paths, corpus, loss, steps, name, teacher_tokenizer=True):
 
 
 def state(path, kind="seq2seq"):
-    from lmkd.modeling import AUTO_CLASS
+    from lmkd.models.loading import AUTO_CLASS
 
     return {k: v.clone() for k, v in AUTO_CLASS[kind].from_pretrained(path).state_dict().items()}
 
@@ -181,8 +181,8 @@ def test_same_tokenizer_hybrid_is_the_forward_kl_through_the_cli(tmp_path, corpu
 
 @pytest.mark.parametrize("kind", ["mlm", "classification"])
 def test_kinds_without_generated_text_are_refused_in_one_line(kind):
-    from lmkd.errors import LmkdError
-    from lmkd.teachers import check_cross_tokenizer_kind
+    from lmkd.core.errors import LmkdError
+    from lmkd.teacher.frozen import check_cross_tokenizer_kind
 
     check_cross_tokenizer_kind("seq2seq"), check_cross_tokenizer_kind("causal")  # accepted
     with pytest.raises(LmkdError, match=f"works with causal LMs and seq2seq models, not {kind} models") as e:

@@ -1,6 +1,6 @@
 """The ``lmkd`` command.  Thin: parses arguments and calls the modules that do the work.
 
-Every user mistake (an :class:`~lmkd.errors.LmkdError`) is printed as one line on stderr with
+Every user mistake (an :class:`~lmkd.core.errors.LmkdError`) is printed as one line on stderr with
 exit status 2; ``--debug`` shows the traceback instead.
 
 One module per subcommand (``make_student``, ``distill``, ``evaluate``, ``generate``, ``study``,
@@ -17,10 +17,10 @@ import os
 import shlex
 import sys
 
-from ..config import ModelArguments  # noqa: F401  (re-exported: the distill argument groups' first)
-from ..errors import LmkdError
-from . import cache_logits, compress, distill, evaluate, generate, make_student, study
-from .settings import parse_distill_args, yaml_to_argv  # noqa: F401  (re-exported)
+from lmkd.train.config import ModelArguments
+from lmkd.core.errors import LmkdError
+from lmkd.cli import cache_logits, compress, distill, evaluate, generate, make_student, study
+from lmkd.cli.settings import parse_distill_args, yaml_to_argv
 
 
 #: the subcommands, in the order ``lmkd --help`` lists them; each module adds its parser and runs it
@@ -115,8 +115,8 @@ def interrupted_hint(command: str, argv: list[str], output_dir: str | None = Non
     drop ``--overwrite``), or -- a distill run that saved no checkpoint in ``output_dir`` yet,
     where ``--resume`` would be refused -- the command that starts it again."""
     if command == "distill":
-        from ..distill import resumable
-        from .distill import held_run
+        from lmkd.train.run import resumable
+        from lmkd.cli.distill import held_run
 
         if output_dir is not None and not resumable(output_dir):
             again = [a for a in argv if a != "--resume"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..constants import AUTO_DTYPE_NAMES, DTYPE_NAMES
-from .dataset_flags import add_data_arguments, dashed, data_kwargs
+from lmkd.core.constants import AUTO_DTYPE_NAMES, DTYPE_NAMES
+from lmkd.cli.dataset_flags import add_data_arguments, dashed, data_kwargs
 
 
 def add_parser(sub):
@@ -62,8 +62,8 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
-    from ..data import DataArguments
-    from ..logit_cache import cache_logits
+    from lmkd.data.dataset import DataArguments
+    from lmkd.teacher.logit_cache import cache_logits
 
     data_args = dashed(DataArguments(task=ns.task, **data_kwargs(ns), source_column=ns.source_column,
                                      target_column=ns.target_column, source_prefix=ns.source_prefix,

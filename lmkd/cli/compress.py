@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..constants import COMPRESS_TASKS
-from .dataset_flags import add_data_arguments, data_kwargs
-from .make_student import layer_list
+from lmkd.core.constants import COMPRESS_TASKS
+from lmkd.cli.dataset_flags import add_data_arguments, data_kwargs
+from lmkd.cli.make_student import layer_list
 
 
 def _formats(text: str) -> list[str]:
@@ -15,7 +15,7 @@ def _formats(text: str) -> list[str]:
 
 
 def add_parser(sub):
-    from ..engines import FORMATS
+    from lmkd.models.engines import FORMATS
 
     p = sub.add_parser(
         "compress", help="prune, quantise (int8) and export a student (CTranslate2 / ONNX Runtime), all measured",
@@ -81,7 +81,7 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
-    from ..compress import REPORT_JSON, REPORT_MD, compress_model
+    from lmkd.compress.run import REPORT_JSON, REPORT_MD, compress_model
 
     result = compress_model(
         ns.model, ns.data, ns.task, ns.output, teacher=ns.teacher, train=ns.train, prune_heads=ns.prune_heads,

@@ -4,7 +4,7 @@ the translation layout's languages."""
 
 from __future__ import annotations
 
-from ..errors import LmkdError
+from lmkd.core.errors import LmkdError
 
 
 def add_data_arguments(p, data_help: str, split: str) -> None:
@@ -34,7 +34,7 @@ def data_kwargs(ns) -> dict:
 
 
 def dashed(data_args, split_advice: str | None = None):
-    """``data_args`` (a :class:`lmkd.data.DataArguments`) with its errors naming these dashed flags
+    """``data_args`` (a :class:`lmkd.data.dataset.DataArguments`) with its errors naming these dashed flags
     (``--split``, ``--source-lang``, ...) instead of distill's keys; ``split_advice``: what to do
     about a split the dataset lacks, for a command without ``--split``."""
     data_args.dashed_flags = True

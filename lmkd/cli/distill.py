@@ -8,8 +8,8 @@ import os
 import shlex
 import sys
 
-from ..errors import LmkdError
-from .settings import distill_parser, parse_distill_args
+from lmkd.core.errors import LmkdError
+from lmkd.cli.settings import distill_parser, parse_distill_args
 
 EPILOG = """examples:
   lmkd distill recipes/translation/marian_word_kd.yaml
@@ -95,7 +95,7 @@ def run(ns) -> None:
         return
     if not ns.config and not ns.overrides:
         raise LmkdError("distill needs a recipe YAML (or --key value arguments); see `lmkd distill --help`")
-    from ..distill import run_distill
+    from lmkd.train.run import run_distill
 
     model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
     ns.output_dir = training_args.output_dir  # (what Ctrl-C's hint looks in for a checkpoint)

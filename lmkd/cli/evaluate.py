@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..constants import AUTO_DTYPE_NAMES, EVAL_TASKS, LM_EVAL_TASKS
-from ..errors import LmkdError
-from .dataset_flags import add_data_arguments, data_kwargs
+from lmkd.core.constants import AUTO_DTYPE_NAMES, EVAL_TASKS, LM_EVAL_TASKS
+from lmkd.core.errors import LmkdError
+from lmkd.cli.dataset_flags import add_data_arguments, data_kwargs
 
 
 def add_parser(sub):
@@ -65,8 +65,8 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
-    from ..evaluate import evaluate_models, write_report
-    from ..io import check_output
+    from lmkd.evaluate.run import evaluate_models, write_report
+    from lmkd.core.io import check_output
 
     if ns.plot and ns.speed_samples == 0:
         raise LmkdError("--plot draws quality against latency; it needs speed, so drop --speed-samples 0")

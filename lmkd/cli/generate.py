@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..constants import AUTO_DTYPE_NAMES
-from .dataset_flags import add_data_arguments, dashed, data_kwargs
+from lmkd.core.constants import AUTO_DTYPE_NAMES
+from lmkd.cli.dataset_flags import add_data_arguments, dashed, data_kwargs
 
 
 def add_parser(sub):
@@ -77,7 +77,7 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
-    from ..seqkd import generate_pseudo_targets
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
     report = generate_pseudo_targets(
         ns.teacher, data=_named_rows(ns) if ns.dataset_name or ns.source_lang or ns.target_lang else ns.data,
@@ -101,7 +101,7 @@ def _named_rows(ns):
     """The rows of ``--dataset-name`` (its ``--split``) or -- with ``--source-lang`` -- of ``--data``,
     the translation layout flattened into ``--source-column`` and ``target`` (which
     ``--reference-column target`` can then name)."""
-    from ..data import DataArguments, read_split
+    from lmkd.data.dataset import DataArguments, read_split
 
     args = dashed(DataArguments(task="translation", source_column=ns.source_column, target_column="target",
                                 **data_kwargs(ns)))

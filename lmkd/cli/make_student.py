@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..io import atomic_dir, check_fresh_dir, check_output
+from lmkd.core.io import atomic_dir, check_fresh_dir, check_output
 
 
 def layer_list(text: str) -> list[int]:
@@ -42,9 +42,9 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
-    from ..modeling import kind_from_config, load_model, load_tokenizer
-    from ..modeling import count_parameters
-    from ..student import make_student
+    from lmkd.models.loading import kind_from_config, load_model, load_tokenizer
+    from lmkd.models.loading import count_parameters
+    from lmkd.models.student import make_student
 
     check_output(ns.output, "--output", directory=True)  # before the teacher loads, not when saving
     check_fresh_dir(ns.output, ns.overwrite)

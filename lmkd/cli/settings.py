@@ -9,22 +9,22 @@ import json
 import os
 from dataclasses import fields
 
-from ..errors import LmkdError
+from lmkd.core.errors import LmkdError
 
 
 def distill_parser():
     """The HfArgumentParser of the three distill argument groups."""
     from transformers import HfArgumentParser
 
-    from ..config import DistillationConfig, ModelArguments
-    from ..data import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.data.dataset import DataArguments
 
     return HfArgumentParser((ModelArguments, DataArguments, DistillationConfig))
 
 
 def _known_keys() -> dict[str, str]:
-    from ..config import DistillationConfig, ModelArguments
-    from ..data import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.data.dataset import DataArguments
 
     return {f.name: cls.__name__ for cls in (ModelArguments, DataArguments, DistillationConfig) for f in fields(cls)}
 

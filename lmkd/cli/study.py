@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..constants import EVAL_TASKS
-from ..study import BUDGETS
+from lmkd.core.constants import EVAL_TASKS
+from lmkd.study import BUDGETS
 
 
 def _fractions(text: str) -> list[float]:
@@ -99,11 +99,11 @@ def named_splits(ns) -> tuple[str, str, str]:
     (the translation layout flattened into the task's columns), for the study's file-based stages."""
     import os
 
-    from ..constants import DEFAULT_COLUMNS
-    from ..data import DataArguments, read_split
-    from ..errors import LmkdError
-    from ..io import write_jsonl
-    from .dataset_flags import dashed
+    from lmkd.core.constants import DEFAULT_COLUMNS
+    from lmkd.data.dataset import DataArguments, read_split
+    from lmkd.core.errors import LmkdError
+    from lmkd.core.io import write_jsonl
+    from lmkd.cli.dataset_flags import dashed
 
     if ns.train or ns.validation or ns.test:
         raise LmkdError("give either --dataset-name or --train/--validation/--test, not both")
@@ -132,8 +132,8 @@ def named_splits(ns) -> tuple[str, str, str]:
 
 
 def run(ns) -> None:
-    from ..io import check_output
-    from ..study import StudyOptions, run_study
+    from lmkd.core.io import check_output
+    from lmkd.study import StudyOptions, run_study
 
     check_output(ns.output, "--output", directory=True)  # its stages write there, the first after a training
     if ns.dataset_name:

@@ -18,7 +18,7 @@ logits exist whole.
 Every divergence of :data:`lmkd.losses.KD_LOSSES` is supported against full teacher logits, plus
 hard-label cross-entropy in the same pass (the trainer's objective is
 ``w_ce * CE_sum + w_kd * KD_sum``); ``forward_kl``/``reverse_kl``/``jsd`` are also supported
-against a top-K teacher (``lmkd.logit_cache``): the KL is then taken between the two
+against a top-K teacher (``lmkd.teacher.logit_cache``): the KL is then taken between the two
 distributions over ``K + 1`` buckets -- the K cached token ids, and one tail bucket holding all
 other tokens (see :mod:`lmkd.losses.topk`).  The gradients are closed forms checked against the
 plain autograd path in ``tests/test_chunked.py`` -- a fast path never changes the objective.
@@ -42,11 +42,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..constants import IGNORE_INDEX
-from .compiling import Compiled
-from .token import KD_LOSSES
-from .topk import TopK, bucket_divergence, topk_kd_chunk
-from .topk import TOPK_KD_LOSSES, topk_kd_loss  # noqa: F401  (also read as chunked.*: trainer, tests)
+from lmkd.core.constants import IGNORE_INDEX
+from lmkd.losses.compiling import Compiled
+from lmkd.losses.token import KD_LOSSES
+from lmkd.losses.topk import TopK, bucket_divergence, topk_kd_chunk
+from lmkd.losses.topk import TOPK_KD_LOSSES, topk_kd_loss
 
 #: default chunk: about this many logits (positions x vocabulary) per chunk.  On CPU 1M fp32
 #: (4 MB per temporary: measured fastest -- larger chunks pay page faults on fresh allocations,

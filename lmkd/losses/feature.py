@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .token import at_least_float32
+from lmkd.losses.token import at_least_float32
 
 #: names accepted by :func:`hidden_loss` / ``DistillationConfig.hidden_loss``
 HIDDEN_LOSSES = ("mse", "cosine")

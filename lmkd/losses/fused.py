@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chunked import ChunkSpec, Head, auto_chunk_size, chunk_loss_and_grad, chunk_slices, prepare
-from .topk import TopK
+from lmkd.losses.chunked import ChunkSpec, Head, auto_chunk_size, chunk_loss_and_grad, chunk_slices, prepare
+from lmkd.losses.topk import TopK
 
 #: the fused-linear loss uses at least this many positions per chunk (see fused_linear_distill_loss)
 FUSED_MIN_CHUNK = 128

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..constants import IGNORE_INDEX
+from lmkd.core.constants import IGNORE_INDEX
 
 #: names every KD path accepts (plain, chunked/fused; ``TOPK_KD_LOSSES`` of them with a top-K cache)
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")

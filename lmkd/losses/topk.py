@@ -1,6 +1,6 @@
 """Top-K teachers: the divergence between a cached top-K teacher and the student, over K + 1 buckets.
 
-A cached teacher (``lmkd.logit_cache``) keeps, per position, its K most likely token ids, their
+A cached teacher (``lmkd.teacher.logit_cache``) keeps, per position, its K most likely token ids, their
 log-probabilities and the log of the remaining mass (:class:`TopK`), optionally with M tokens
 drawn from the mass outside the top-K.  The KL is then taken between the two distributions over
 K + 1 buckets -- the K cached ids, and one tail bucket holding all other tokens -- or, for the
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .token import KD_LOSSES
+from lmkd.losses.token import KD_LOSSES
 
 #: the divergences a top-K teacher supports (the others need the teacher's full logits)
 TOPK_KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")

@@ -6,7 +6,7 @@
   shorter zero-padded to the larger vocabulary -- the closed form of the Wasserstein-1 distance
   between the two distributions under a cost that is 1 between any two distinct tokens, once the
   token identities are dropped.  It needs no shared vocabulary, only aligned positions
-  (:mod:`lmkd.alignment`).
+  (:mod:`lmkd.teacher.cross_tokenizer`).
 * :func:`uld_hybrid_loss` -- where the vocabularies share token strings, the exact forward KL
   terms ``p_t(k) log(p_t(k) / p_s(k))`` over the shared tokens (probabilities of the full softmaxes,
   not renormalised), plus ULD between the probabilities of the remaining tokens of each side (as
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .token import masked_rows
+from lmkd.losses.token import masked_rows
 
 #: the kd_loss names that take a teacher with another tokenizer (``teacher_tokenizer``)
 CROSS_KD_LOSSES = ("uld", "uld_hybrid")
@@ -63,7 +63,7 @@ def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     temperature: float = 1.0) -> torch.Tensor:
     """``tau^2 * sum_{k shared} p_t(k) log(p_t(k) / p_s(k))`` + ULD of the unshared probabilities,
     summed over the masked positions.  ``student_shared[i]`` and ``teacher_shared[i]`` are the ids of
-    the same token string in each vocabulary (:func:`lmkd.alignment.shared_vocabulary`)."""
+    the same token string in each vocabulary (:func:`lmkd.teacher.cross_tokenizer.shared_vocabulary`)."""
     if student_shared.shape != teacher_shared.shape:
         raise ValueError("student_shared and teacher_shared must pair ids one to one")
     log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
@@ -86,6 +86,6 @@ def cross_kd_loss(student_logits, teacher_logits, mask=None, *, loss: str = "uld
         return uld_loss(student_logits, teacher_logits, mask, temperature)
     if loss == "uld_hybrid":
         if shared is None:
-            raise ValueError("uld_hybrid needs the shared token ids (lmkd.alignment.shared_vocabulary)")
+            raise ValueError("uld_hybrid needs the shared token ids (lmkd.teacher.cross_tokenizer.shared_vocabulary)")
         return uld_hybrid_loss(student_logits, teacher_logits, shared[0], shared[1], mask, temperature)
     raise ValueError(f"unknown cross-tokenizer KD loss {loss!r}; choose one of {', '.join(CROSS_KD_LOSSES)}")

@@ -40,11 +40,11 @@ pipelines), :mod:`.models` (train, save, score, time), :mod:`.results` (the repo
 :mod:`.runner` (:func:`run_study`).
 """
 
-from .models import evaluate_quality, measure_models_speed, train_student
-from .plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, StudyOptions, shipped_corpus
-from .runner import run_study
-from .seq2seq import make_transfer_set
-from .stages import Stages, StudyStopped
+from lmkd.study.models import evaluate_quality, measure_models_speed, train_student
+from lmkd.study.plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, StudyOptions, shipped_corpus
+from lmkd.study.run import run_study
+from lmkd.study.seq2seq import make_transfer_set
+from lmkd.study.stages import Stages, StudyStopped
 
 __all__ = ["BUDGETS", "CLS_VARIANTS", "SEQ2SEQ_VARIANTS", "Stages", "StudyOptions", "StudyStopped",
            "evaluate_quality", "make_transfer_set", "measure_models_speed", "run_study", "shipped_corpus",

@@ -21,13 +21,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from ..errors import LmkdError
+from lmkd.core.errors import LmkdError
 
 #: how far (in metric points, 0-100) the teacher must be above the trivial floor
 QUALITY_MARGIN = 1.0
 #: how much (nats per target token) shuffling the sources must raise the teacher's cross-entropy
 SOURCE_USE_MARGIN = 0.25
-#: the metric each task's check scores, by name in lmkd.metrics
+#: the metric each task's check scores, by name in lmkd.scoring.metrics
 CHECK_METRIC = {"translation": "bleu", "summarization": "rouge2", "classification": "accuracy"}
 _LABEL = {"bleu": "BLEU", "rouge2": "ROUGE-2", "accuracy": "accuracy"}
 
@@ -37,7 +37,7 @@ class TeacherDidNotLearn(LmkdError):
 
 
 def _score(task: str, hypotheses: list, references: list) -> float:
-    from .. import metrics
+    from lmkd.scoring import metrics
 
     if task == "translation":
         return metrics.bleu(hypotheses, references)[0]
@@ -75,8 +75,8 @@ def target_cross_entropy(model, tokenizer, sources: list[str], targets: list[str
     """Mean cross-entropy (nats per target token) of a seq2seq ``model`` on ``targets`` given ``sources``."""
     import torch
 
-    from ..constants import IGNORE_INDEX
-    from ..losses import cross_entropy
+    from lmkd.core.constants import IGNORE_INDEX
+    from lmkd.losses import cross_entropy
 
     model.eval()
     total, count = 0.0, 0
@@ -98,8 +98,8 @@ def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_
                   max_new_tokens: int, max_source_length: int, max_target_length: int, seed: int) -> dict:
     """The teacher's check figures on (up to ``rows``) validation rows of the study's normalised
     splits (``source``/``target`` or ``text``/``label``) and the verdict ``passed`` with its reasons."""
-    from ..generation import classify, generate_texts
-    from ..modeling import load_model, load_tokenizer
+    from lmkd.models.generation import classify, generate_texts
+    from lmkd.models.loading import load_model, load_tokenizer
 
     val = validation_rows[:rows]
     model, tok = load_model(model_dir), load_tokenizer(model_dir)

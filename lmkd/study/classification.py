@@ -17,17 +17,9 @@ from __future__ import annotations
 import os
 import shutil
 
-from .models import TRAIN_LOG, StoppingRule, classifier_from, save_model, train_student
-from .plan import (
-    MLM_VARIANTS,
-    StudyOptions,
-    classification_variants,
-    seeded,
-    size_name,
-    student_seeds,
-    thread_options,
-)
-from .stages import Job, Stages
+from lmkd.study.models import TRAIN_LOG, StoppingRule, classifier_from, save_model, train_student
+from lmkd.study.plan import MLM_VARIANTS, StudyOptions, classification_variants, seeded, size_name, student_seeds, thread_options
+from lmkd.study.stages import Job, Stages
 
 
 def no_mlm_head_note(teacher: str) -> str:
@@ -64,8 +56,8 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
     stopping = StoppingRule.from_plan(plan)
 
     def init_fn(out):
-        from ..modeling import load_model, load_tokenizer
-        from ..student import every_other, make_student, spread_layers
+        from lmkd.models.loading import load_model, load_tokenizer
+        from lmkd.models.student import every_other, make_student, spread_layers
 
         if mlm_head:
             teacher = load_model(mlm_dir, kind="mlm")

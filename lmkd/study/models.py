@@ -1,6 +1,6 @@
 """What the study does to a model: train it (:func:`train_student`, the one DistillationConfig the
 study builds, stopped on its validation plateau by :class:`PlateauStopping`), save it, turn an
-encoder into a classifier, score it and time it (through :func:`lmkd.evaluate.evaluate_models`)."""
+encoder into a classifier, score it and time it (through :func:`lmkd.evaluate.run.evaluate_models`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 from transformers import TrainerCallback
 
-from ..errors import LmkdError
-from ..io import atomic_write_json
+from lmkd.core.errors import LmkdError
+from lmkd.core.io import atomic_write_json
 
 #: the validation metric every student is stopped on: the CE against the gold labels that
 #: DistillationTrainer logs in evaluation -- comparable across variants, whatever their KD term
@@ -134,10 +134,10 @@ class PlateauStopping(TrainerCallback):
 
 def study_data_args(task: str, train_file: str, validation_file: str | None, plan: dict,
                     target_column: str | None = None):
-    """The :class:`lmkd.data.DataArguments` every study training reads its data with (and every teacher
+    """The :class:`lmkd.data.dataset.DataArguments` every study training reads its data with (and every teacher
     cache is made with, so that the cached positions are the trained ones): the study's normalised
     columns, both sides cut at the plan's ``max_length``."""
-    from ..data import DataArguments
+    from lmkd.data.dataset import DataArguments
 
     data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
     if data_task == "translation":
@@ -159,7 +159,7 @@ def cache_teacher_logits(out: str, teacher_dir: str, data_file: str, target_colu
     """A teacher-cache stage: ``lmkd cache-logits`` of ``teacher_dir`` on ``data_file`` (its
     ``target_column`` as the targets) with the plan's ``kd_cache`` settings (top-K and sampled-tail
     draws, seeded by ``seed``), into ``out/cache``, read the way :func:`train_student` reads the data."""
-    from ..logit_cache import cache_logits
+    from lmkd.teacher.logit_cache import cache_logits
 
     settings = plan["kd_cache"]
     cache_logits(teacher_dir, study_data_args("translation", data_file, None, plan, target_column),
@@ -171,7 +171,7 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
                   steps: int, lr: float, target_column: str | None = None, teacher_dir: str | None = None,
                   kd_alpha: float = 0.0, seed: int = 42, stopping: StoppingRule | dict | None = None,
                   **config) -> dict:
-    """Every training of the study: one :func:`lmkd.distill.run_distill` (DistillationTrainer) run from
+    """Every training of the study: one :func:`lmkd.train.run.run_distill` (DistillationTrainer) run from
     the saved model ``init_dir`` into ``out``; returns its metrics.
 
     ``task``: translation / summarization (columns ``source`` and ``target_column``, default
@@ -186,8 +186,8 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
     ``out/train_log.json`` records the steps and the validation curve (:meth:`PlateauStopping.log`).
     Without it the training runs exactly ``steps`` steps with no evaluation on the way.
     """
-    from ..config import DistillationConfig, ModelArguments
-    from ..distill import run_distill
+    from lmkd.train.config import DistillationConfig, ModelArguments
+    from lmkd.train.run import run_distill
 
     if isinstance(stopping, dict):  # a worker process's job (lmkd.study.stages.Job) carries it as JSON
         stopping = StoppingRule(**stopping)
@@ -230,7 +230,7 @@ def classifier_from(encoder_dir: str, data_dir: str, out: str, seed: int = 42) -
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ..modeling import load_tokenizer
+    from lmkd.models.loading import load_tokenizer
 
     with open(os.path.join(data_dir, "info.json")) as f:
         labels = json.load(f)["labels"]
@@ -250,7 +250,7 @@ def has_mlm_head(encoder_dir: str) -> bool:
     from transformers import AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
-    from ..modeling import check_model_path
+    from lmkd.models.loading import check_model_path
 
     check_model_path(encoder_dir)
     level = hf_logging.get_verbosity()
@@ -265,10 +265,10 @@ def has_mlm_head(encoder_dir: str) -> bool:
 
 
 def evaluate_quality(model_dir: str, task: str, test_file: str, beams: int, max_new_tokens: int) -> dict:
-    """Quality of one saved model on the study's test file through :func:`lmkd.evaluate.evaluate_models`:
+    """Quality of one saved model on the study's test file through :func:`lmkd.evaluate.run.evaluate_models`:
     greedy and beam search for seq2seq (``{"greedy": {...}, "beam": {...}}``), the scores for
     classification, plus the parameter count.  The same call on the saved model gives the same numbers."""
-    from ..evaluate import evaluate_models
+    from lmkd.evaluate.run import evaluate_models
 
     cols = ("text", "label") if task == "classification" else ("source", "target")
     modes = [("scores", 1)] if task == "classification" else [("greedy", 1), ("beam", beams)]
@@ -299,8 +299,8 @@ def evaluate_into(out: str, model_dir: str, task: str, test_file: str, beams: in
 def measure_models_speed(model_dirs: dict[str, str], task: str, test_file: str, beams: int, max_new_tokens: int,
                          examples: int, repeats: int) -> dict:
     """Latency (batch 1) and throughput of every model, measured side by side in one
-    :func:`lmkd.evaluate.evaluate_models` run (beam search for seq2seq)."""
-    from ..evaluate import evaluate_models
+    :func:`lmkd.evaluate.run.evaluate_models` run (beam search for seq2seq)."""
+    from lmkd.evaluate.run import evaluate_models
 
     cols = ("text", "label") if task == "classification" else ("source", "target")
     res = evaluate_models(dict(model_dirs), test_file, task, num_beams=beams, max_new_tokens=max_new_tokens,

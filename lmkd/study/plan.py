@@ -7,10 +7,10 @@ import copy
 import os
 from dataclasses import dataclass, field
 
-from ..constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ, TASK_KIND
-from ..errors import LmkdError
+from lmkd.core.constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ, TASK_KIND
+from lmkd.core.errors import LmkdError
 
-#: the architecture of a seq2seq teacher trained from scratch (lmkd.scratch.model_config): BART with pre-LN
+#: the architecture of a seq2seq teacher trained from scratch (lmkd.models.scratch.model_config): BART with pre-LN
 #: layers.  Post-LN BART at lr 1e-3 collapsed (its encoder output one constant vector) on the 5k-row
 #: subset of the shipped pairs and on the French descriptions, and was weak on the reversed (fr->en)
 #: direction; a LayerNorm before each sub-layer is the standard cure for unstable from-scratch training.
@@ -25,7 +25,7 @@ MLM_VARIANTS = ("distilbert", "distilbert+task-kd")
 
 #: how the seq2seq Word-KD variants get the teacher's distribution (unless --online-kd): cached once per
 #: transfer set by ``lmkd cache-logits`` -- the top 32 log-probs of every target position plus 32 tokens
-#: drawn from the rest, which keeps the forward-KL gradient unbiased (lmkd.logit_cache) -- instead of a
+#: drawn from the rest, which keeps the forward-KL gradient unbiased (lmkd.teacher.logit_cache) -- instead of a
 #: teacher forward at every step.  A quick-budget Word-KD step cost 2.5x a plain one online (0.26 s vs
 #: 0.11 s on one core) and 1.05x from the cache; on the shipped pairs the cached students were no worse
 #: than online ones (benchmarks/results/quality_cached_kd.txt: +0.2 BLEU over 3 seeds), and the study's
@@ -129,7 +129,7 @@ class StudyOptions:
     plan: dict = field(default_factory=dict)
 
     def resolve(self) -> StudyOptions:
-        """Check the options (one-line :class:`~lmkd.errors.LmkdError` for each mistake) and fill in
+        """Check the options (one-line :class:`~lmkd.core.errors.LmkdError` for each mistake) and fill in
         the defaults and :attr:`plan`; returns ``self``."""
         if self.task not in EVAL_TASKS:
             raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(EVAL_TASKS)}")
@@ -160,7 +160,7 @@ class StudyOptions:
             if not os.path.exists(path):
                 raise LmkdError(f"--{name} file {path} does not exist; check the path")
         if self.teacher is not None:
-            from ..modeling import check_model_path
+            from lmkd.models.loading import check_model_path
 
             check_model_path(self.teacher)
         if self.student_sizes is None:
@@ -179,7 +179,7 @@ class StudyOptions:
             raise LmkdError(f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
                             "at a time")
         plan["workers"] = self.jobs or max(1, min(plan.get("workers", 1), os.cpu_count() or 1))
-        from .stages import threads_per_worker
+        from lmkd.study.stages import threads_per_worker
 
         plan["threads_per_worker"] = threads_per_worker(plan["workers"])
         plan["kd_alpha"] = self.kd_alpha
@@ -220,7 +220,7 @@ def engine_installed(task: str) -> bool:
     """Whether the engine that serves ``task``'s models is importable (else the serving stage is skipped)."""
     import importlib.util
 
-    from .. import engines
+    from lmkd.models import engines
 
     packages = engines.PACKAGES.get(engines.engine_of(serve_format(task)), ())
     return all(importlib.util.find_spec(p) is not None for p in packages)

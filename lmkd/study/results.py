@@ -1,7 +1,7 @@
 """The study's report: verdict lines first (paired bootstrap of every student variant against the
 baseline, the teacher and the best student), one row per model with its quality, size, output
 length and speed against the teacher's, and per variant the mean ± std over seeds; written as
-report.json / report.md / report.png by the shared writer :mod:`lmkd.report`.
+report.json / report.md / report.png by the shared writer :mod:`lmkd.evaluate.report`.
 
 What it reads, and from whom:
 
@@ -22,17 +22,17 @@ import json
 import os
 import statistics
 
-from ..generation import output_lengths
-from ..io import read_rows
-from ..metrics import busy_warning
-from ..modeling import load_tokenizer
-from ..report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
-from ..significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
-from .checks import summary as check_summary
-from .checks import trivial_floors
-from .teachers import scratch_teacher
-from .lengths import describe as describe_lengths
-from .plan import FORMAT_NAMES, StudyOptions
+from lmkd.models.generation import output_lengths
+from lmkd.core.io import read_rows
+from lmkd.scoring.metrics import busy_warning
+from lmkd.models.loading import load_tokenizer
+from lmkd.evaluate.report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
+from lmkd.scoring.significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
+from lmkd.study.checks import summary as check_summary
+from lmkd.study.checks import trivial_floors
+from lmkd.study.teachers import scratch_teacher
+from lmkd.study.lengths import describe as describe_lengths
+from lmkd.study.plan import FORMAT_NAMES, StudyOptions
 
 #: a comparison with p below this is reported as a difference; otherwise it is inconclusive
 ALPHA = 0.05

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..io import atomic_write_json, read_rows, write_jsonl
-from .models import CACHE_DIR, TRAIN_LOG, StoppingRule, save_model
-from .plan import KD_CACHE_STAGES, SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds, thread_options
-from .splits import select_transfer_rows
-from .stages import Job, Stages
+from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
+from lmkd.study.models import CACHE_DIR, TRAIN_LOG, StoppingRule, save_model
+from lmkd.study.plan import KD_CACHE_STAGES, SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name, student_seeds, thread_options
+from lmkd.study.splits import select_transfer_rows
+from lmkd.study.stages import Job, Stages
 
 #: the column each variant trains on: the gold target, the teacher's best beam, or Seq-Inter's pick
 VARIANT_TARGET = {"baseline": "target", "word-kd": "target", "seq-kd": "teacher", "seq-kd+word-kd": "teacher",
@@ -24,10 +24,10 @@ VARIANT_TARGET = {"baseline": "target", "word-kd": "target", "seq-kd": "teacher"
 
 def make_transfer_set(teacher_dir: str, data_file: str, out: str, beams: int, max_new_tokens: int,
                       max_length: int) -> str:
-    """The teacher's beam-search n-best on ``data_file`` (:func:`lmkd.seqkd.generate_pseudo_targets`)
-    plus the Seq-Inter choice (:func:`lmkd.seqkd.seq_inter_select`); returns the JSONL path with
+    """The teacher's beam-search n-best on ``data_file`` (:func:`lmkd.teacher.pseudo_targets.generate_pseudo_targets`)
+    plus the Seq-Inter choice (:func:`lmkd.teacher.pseudo_targets.seq_inter_select`); returns the JSONL path with
     columns source, target (gold), teacher (best beam), inter (closest to the gold of the n-best)."""
-    from ..seqkd import JSONL_FILE, generate_pseudo_targets, seq_inter_select
+    from lmkd.teacher.pseudo_targets import JSONL_FILE, generate_pseudo_targets, seq_inter_select
 
     gen_dir = os.path.join(out, "generate")
     report = generate_pseudo_targets(teacher_dir, data=data_file, output_dir=gen_dir, source_column="source",
@@ -54,8 +54,8 @@ def _student_init(teacher_dir: str, fraction: float, seed: int, out: str) -> Non
     when they fit (shrink-and-fine-tune), else a fresh, narrower model of the teacher's shape."""
     import torch
 
-    from ..modeling import AUTO_CLASS, load_model, load_tokenizer, model_kind
-    from ..student import copied_layers_within, make_student, scaled_student_config
+    from lmkd.models.loading import AUTO_CLASS, load_model, load_tokenizer, model_kind
+    from lmkd.models.student import copied_layers_within, make_student, scaled_student_config
 
     teacher = load_model(teacher_dir)
     copied = copied_layers_within(teacher, fraction)

@@ -2,9 +2,9 @@
 
 A user's real question is the size, speed and quality of what they will *serve*.  After the students
 are trained, the one with the lowest validation CE (what every student's early stopping measured --
-never the test rows) is exported with :func:`lmkd.engines.export`, the export ``lmkd compress``
+never the test rows) is exported with :func:`lmkd.models.engines.export`, the export ``lmkd compress``
 writes: CTranslate2 int8 for an encoder-decoder, ONNX Runtime int8 for a classifier.  The export is
-then one more model of the study: its own eval stage (the same :func:`lmkd.evaluate.evaluate_models`
+then one more model of the study: its own eval stage (the same :func:`lmkd.evaluate.run.evaluate_models`
 scoring), timed in the speed stage side by side with the teacher and the students, a row in the
 report and a point on its plot, and a paired bootstrap against the student it came from.
 
@@ -14,12 +14,12 @@ the stage is skipped and the report says why in a note.
 
 from __future__ import annotations
 
-from .. import engines
-from ..constants import TASK_KIND
-from ..errors import LmkdError
-from ..modeling import load_config
-from .plan import FORMAT_NAMES, StudyOptions, serve_format
-from .stages import Stages
+from lmkd.models import engines
+from lmkd.core.constants import TASK_KIND
+from lmkd.core.errors import LmkdError
+from lmkd.models.loading import load_config
+from lmkd.study.plan import FORMAT_NAMES, StudyOptions, serve_format
+from lmkd.study.stages import Stages
 
 #: the variant name of the served model's row
 SERVED = "served"

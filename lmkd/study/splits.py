@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import random
 
-from ..errors import LmkdError
-from ..io import atomic_write_json, read_rows, write_jsonl
-from .plan import StudyOptions
+from lmkd.core.errors import LmkdError
+from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
+from lmkd.study.plan import StudyOptions
 
 
 def label_order(values) -> list[str]:

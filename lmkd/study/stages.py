@@ -1,7 +1,7 @@
 """The study's stage cache: every stage lives in ``ROOT/stages/NAME``, keyed by a hash of its inputs.
 
 A stage is written to a temporary directory and moved into place when it finishes, with a
-``stage.json`` holding :func:`lmkd.io.stable_hash` of its options and of the keys of the stages it
+``stage.json`` holding :func:`lmkd.core.io.stable_hash` of its options and of the keys of the stages it
 reads.  A stage whose key matches is skipped, so an interrupted study resumes at its first
 unfinished stage and a changed option recomputes only what depends on it.  ``ROOT/study.log``
 (JSON lines) records every stage that ran, with its timing.
@@ -20,8 +20,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LmkdError
-from ..io import atomic_dir, atomic_write_json, stable_hash
+from lmkd.core.errors import LmkdError
+from lmkd.core.io import atomic_dir, atomic_write_json, stable_hash
 
 
 class StudyStopped(Exception):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..io import atomic_write_json, file_digest, read_rows
-from .checks import TeacherDidNotLearn, check_teacher, ignores_source, summary
-from .lengths import describe, size_lengths
-from .models import classifier_from, save_model, train_student
-from .plan import SEQ2SEQ_TEACHER_ARCH, StudyOptions
-from .stages import Stages
+from lmkd.core.io import atomic_write_json, file_digest, read_rows
+from lmkd.study.checks import TeacherDidNotLearn, check_teacher, ignores_source, summary
+from lmkd.study.lengths import describe, size_lengths
+from lmkd.study.models import classifier_from, save_model, train_student
+from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, StudyOptions
+from lmkd.study.stages import Stages
 
 
 def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]:
@@ -22,7 +22,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
     plan = opts.plan
     cls = opts.task == "classification"
     if opts.teacher is not None:
-        from ..modeling import load_tokenizer
+        from lmkd.models.loading import load_tokenizer
 
         load_tokenizer(opts.teacher)  # a teacher without a tokenizer is a user mistake: say so now
         given = {"path": os.path.abspath(opts.teacher), "digest": file_digest(opts.teacher)}
@@ -35,7 +35,7 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         _length_stage(st, opts, data, opts.teacher, "teacher-mlm")
         mlm_dir = opts.teacher
     else:
-        from ..scratch import train_tokenizer
+        from lmkd.models.scratch import train_tokenizer
 
         def tokenizer_fn(out):
             rows = read_rows(data["train"])
@@ -53,8 +53,8 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
                         "dropout": plan["dropout"]}
 
         def teacher_fn(out, kind=None):
-            from ..modeling import load_tokenizer
-            from ..scratch import build_model
+            from lmkd.models.loading import load_tokenizer
+            from lmkd.models.scratch import build_model
 
             tok = load_tokenizer(tok_dir)
             init = os.path.join(out, "init")
@@ -187,9 +187,9 @@ def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str
     cls = opts.task == "classification"
 
     def fn(out):
-        from ..modeling import load_tokenizer
+        from lmkd.models.loading import load_tokenizer
 
-        from ..truncation import input_limit
+        from lmkd.models.truncation import input_limit
 
         # a given teacher: what its position table takes is a hard limit (the one truncation rule)
         limit = input_limit(tokenizer_dir) if dep != "tokenizer" else None

@@ -14,8 +14,8 @@ def main(argv: list[str]) -> int:
         spec = json.load(f)
     import torch
 
-    from ..errors import LmkdError
-    from .stages import call_job
+    from lmkd.core.errors import LmkdError
+    from lmkd.study.stages import call_job
 
     torch.set_num_threads(int(spec["threads"]))
     try:

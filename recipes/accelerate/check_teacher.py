@@ -19,9 +19,9 @@ import hashlib
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data import DataArguments, collator_for, load_data, tokenize
-from lmkd.constants import TASK_KIND
-from lmkd.modeling import load_model, load_tokenizer, unwrap
+from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.core.constants import TASK_KIND
+from lmkd.models.loading import load_model, load_tokenizer, unwrap
 
 
 def checksum(model) -> str:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from accelerate.state import DistributedType, PartialState
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data import DataArguments, collator_for, load_data, tokenize
-from lmkd.modeling import load_model, load_tokenizer
+from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.models.loading import load_model, load_tokenizer
 
 _prepare_backend = PartialState._prepare_backend
 

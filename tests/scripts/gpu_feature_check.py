@@ -28,8 +28,8 @@ except ImportError:
 
 from transformers import AutoModelForMaskedLM  # noqa: E402
 
-from lmkd import DistillationConfig, DistillationTrainer  # noqa: E402
-from lmkd.scratch import build_model  # noqa: E402
+from lmkd import DistillationConfig, DistillationTrainer
+from lmkd.models.scratch import build_model
 
 assert torch.cuda.is_available(), "needs a GPU"
 vocab = 2000

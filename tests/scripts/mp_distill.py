@@ -7,8 +7,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data import DataArguments, collator_for, load_data, tokenize
-from lmkd.modeling import load_model, load_tokenizer
+from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.models.loading import load_model, load_tokenizer
 
 teacher_dir, student_dir, data, out, bs = sys.argv[1:6]
 fsdp = sys.argv[6:7] == ["fsdp"]  # FSDP asked for: on CPU accelerate trains DDP instead

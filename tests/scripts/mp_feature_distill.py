@@ -8,8 +8,8 @@ import sys
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data import DataArguments, collator_for, load_data, tokenize
-from lmkd.modeling import load_model, load_tokenizer
+from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.models.loading import load_model, load_tokenizer
 
 teacher_dir, student_dir, data, out, bs = sys.argv[1:6]
 tok = load_tokenizer(student_dir)

@@ -1,0 +1,1 @@
+"""lmkd.core: names, files and the one user error."""

@@ -1,0 +1,1 @@
+"""lmkd.data.dataset: reading rows, tokenising per task, collators, loss positions."""

@@ -1,0 +1,1 @@
+"""lmkd.evaluate.run: evaluate_models, fidelity and the one report writer."""

@@ -1,0 +1,1 @@
+"""lmkd.models: loading models, students, from-scratch models, generation, serving engines."""

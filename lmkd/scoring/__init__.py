@@ -1,0 +1,1 @@
+"""lmkd.scoring: metrics and significance, via the real libraries."""

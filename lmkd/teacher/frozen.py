@@ -1,0 +1,331 @@
+"""The teacher side of a run: loading, placing and freezing a teacher, DeepSpeed ZeRO-3's teacher
+engine, teacher ensembles, and wiring a cached teacher (``lmkd cache-logits``) into a trainer.
+
+Layer 3: takes plain values and a training-arguments object (read, never imported), so that the
+trainer (layer 4) calls it and not the other way round.
+
+* :func:`load_frozen_teacher` -- a model or path -> the frozen teacher on the student's device in
+  ``teacher_dtype``, with the vocabulary guard (:func:`lmkd.models.loading.shared_vocab_size`);
+* :func:`zero3_enabled` / :func:`deepspeed_teacher` -- under ZeRO-3 the teacher runs in a
+  DeepSpeed inference engine of its own;
+* :class:`EnsembleTeacher` / :func:`load_teacher` -- several teachers acting as one;
+* :func:`attach_teacher_cache` / :func:`attach_teacher_caches` -- the training (and validation)
+  data and collators of a run trained from a cache;
+* :func:`attach_teacher_tokenizer` -- the collator of a teacher with another tokenizer
+  (cross-tokenizer KD, :mod:`lmkd.teacher.cross_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from lmkd.teacher import cross_tokenizer, logit_cache
+from lmkd.core.constants import CAUSAL, SEQ2SEQ
+from lmkd.core.errors import LmkdError
+from lmkd.losses import at_least_float32
+from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, shared_vocab_size, unwrap, vocab_size_of
+from lmkd.models.truncation import input_limit, target_limit
+
+logger = logging.getLogger(__name__)
+
+#: config flags that make a forward return more than the logits; a teacher runs with them off
+_EXTRA_OUTPUT_FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
+#: why a run trained from a teacher cache with validation data needs a cache of those too
+EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a teacher cache as with an online teacher, so the "
+                     "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
+                     "VALIDATION_FILE --output DIR, same settings) and set eval_teacher_cache DIR, or drop the "
+                     "validation data")
+
+
+def forward_at_floor(model) -> None:
+    """Turn off the KV cache and the hidden-state/attention outputs in ``model.config``: a
+    teacher returns them only when a loss asks for them as a forward keyword."""
+    for flag in _EXTRA_OUTPUT_FLAGS:
+        if getattr(model.config, flag, None):
+            setattr(model.config, flag, False)
+
+
+def check_teacher_kind(teacher, kind: str, path: str) -> None:
+    """Refuse a teacher checkpoint (a model or its config) saved as another kind of model than the
+    student (loaded with the student's auto class it may load all the same, e.g. BART as
+    BartForCausalLM, and fail later)."""
+    saved = saved_kind(teacher)
+    if saved is not None and saved != kind:
+        arch = getattr(teacher, "config", teacher).architectures[0]
+        raise LmkdError(f"teacher {path} is a {saved} model ({arch}) but the student a {kind} model; distil "
+                        "between models of the same kind")
+
+
+def shares_decoder_inputs(teacher, student) -> bool:
+    """Whether a seq2seq ``teacher`` reads the student's decoder inputs as its own: the same model class
+    (the same label shift -- mBART's wraps the last token, BART's prepends a start token) and the same
+    ``decoder_start_token_id``.  When not (a Marian teacher, start ``<pad>``, for a BART student, start
+    ``</s>``), the teacher's decoder inputs are built from the labels by the teacher itself."""
+    t, s = unwrap(teacher), unwrap(student)
+    if hasattr(t, "teachers"):  # an ensemble: every member must
+        return all(shares_decoder_inputs(m, student) for m in t.teachers)
+    return type(t) is type(s) and getattr(t.config, "decoder_start_token_id", None) == getattr(
+        s.config, "decoder_start_token_id", None)
+
+
+def teacher_paths(args) -> list[str]:
+    """The teachers named by ``args.teacher_model_name_or_path`` (a comma-separated list for an ensemble)."""
+    return [p.strip() for p in (args.teacher_model_name_or_path or "").split(",") if p.strip()]
+
+
+# ---- one teacher ---------------------------------------------------------------------------------
+
+
+def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teacher_tokenizer=None, device=None,
+                        dtype: str = "auto", deepspeed_config: dict | None = None,
+                        cross_tokenizer: bool = False):
+    """(teacher, shared vocabulary size or None) for ``source`` (a model, or a path to load as a
+    ``kind`` model): in ``eval()`` with gradients off and its extra outputs off, on ``device`` in
+    ``dtype`` (``auto``: the student's), or -- with a ZeRO-3 ``deepspeed_config`` -- in a DeepSpeed
+    engine of its own.  The vocabulary size is what both logits are sliced to when the two output
+    layers differ only by padding rows (see :func:`lmkd.models.loading.shared_vocab_size`)."""
+    if source is None:
+        raise LmkdError("kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "
+                        "teacher_model_name_or_path (or pass teacher_model=...), or set kd_alpha 0 for "
+                        "plain fine-tuning")
+    teacher = source
+    if isinstance(source, str):
+        if teacher_tokenizer is None:
+            teacher_tokenizer = load_tokenizer(source, required=False)
+        teacher = load_model(source, kind=kind)
+        check_teacher_kind(teacher, kind, source)
+    if model_kind(teacher) != kind:
+        raise LmkdError(f"teacher is a {model_kind(teacher)} model but the student a {kind} model; "
+                        "distil between models of the same kind")
+    zero3 = zero3_enabled(deepspeed_config)
+    if not zero3:
+        torch_dtype = next(unwrap(student).parameters()).dtype if dtype == "auto" else getattr(torch, dtype)
+        teacher = teacher.to(device=device, dtype=torch_dtype)
+    elif dtype != "auto":
+        raise LmkdError(f"teacher_dtype {dtype} is not supported under DeepSpeed ZeRO-3: the teacher takes the "
+                        "precision of the DeepSpeed config (bf16/fp16); set teacher_dtype auto")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    forward_at_floor(teacher)
+    # (logs what it decided from); a cross-tokenizer teacher (teacher_tokenizer) has its own vocabulary
+    vocab = None if cross_tokenizer else shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
+    return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
+
+
+def zero3_enabled(deepspeed_config: dict | None) -> bool:
+    """Whether a DeepSpeed config (None: no DeepSpeed) partitions parameters (ZeRO stage 3)."""
+    if deepspeed_config is None:
+        return False
+    return int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def deepspeed_teacher(teacher, deepspeed_config: dict):
+    """Under ZeRO-3, ``from_pretrained`` builds every model partitioned (``zero.Init``), the
+    teacher included, so a plain forward would see empty weights.  Wrap the teacher in a
+    DeepSpeed engine of its own -- ZeRO-3, no optimizer -- whose forward gathers each layer's
+    parameters just in time and frees them after, as DeepSpeed inference and TRL's
+    ``prepare_deepspeed`` do.  The engine is never the Trainer's model: not in the optimizer,
+    not saved.  (Under ZeRO-1/2 the teacher is an ordinary full replica and stays unwrapped.)"""
+    import deepspeed
+
+    config = copy.deepcopy(deepspeed_config)
+    for key in ("optimizer", "scheduler"):  # training-only; an engine without them optimises nothing
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
+        zero.pop(key, None)
+    cfg = unwrap(teacher).config
+    hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "hidden_size", None)
+    if isinstance(hidden, int):  # the values the Trainer derives for the student, from the teacher's width
+        zero.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                    stage3_param_persistence_threshold=10 * hidden)
+
+    def settle(node):  # "auto" values left are the Trainer's to fill for the student: DeepSpeed defaults here
+        for k in [k for k, v in node.items() if v == "auto"]:
+            del node[k]
+        for v in node.values():
+            if isinstance(v, dict):
+                settle(v)
+
+    settle(config)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    engine.requires_grad_(False)
+    logger.info("DeepSpeed ZeRO-3: the teacher runs in its own inference engine (parameters partitioned, "
+                "gathered layer by layer for its forward)")
+    return engine
+
+
+# ---- teacher ensembles ---------------------------------------------------------------------------
+
+
+@dataclass
+class EnsembleOutput(ModelOutput):
+    """What :class:`EnsembleTeacher` returns: the logits of the mixed distribution."""
+
+    logits: torch.Tensor | None = None
+
+
+class EnsembleTeacher(nn.Module):
+    """Several frozen teachers acting as one: ``forward`` returns the logits
+
+        tau * log( sum_i w_i * softmax(z_i / tau) )
+
+    so a temperature-``tau`` KD loss (forward/reverse KL, JSD) sees exactly the weighted average of
+    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  ``temperature``
+    must be the trainer's ``kd_temperature``.  Logit matching (``kd_loss: mse``) is refused: the
+    average of distributions is not an average of logits.  All teachers must be of one model kind
+    with one output size; each is checked against the student's vocabulary by :func:`load_teacher`.
+    """
+
+    def __init__(self, teachers, weights=None, *, temperature: float):
+        super().__init__()
+        teachers = list(teachers)
+        if len(teachers) < 2:
+            raise LmkdError("a teacher ensemble needs at least two teachers")
+        weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(teachers) or any(not w > 0 for w in weights):
+            raise LmkdError(f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})")
+        if not temperature > 0:
+            raise LmkdError(f"temperature must be > 0, got {temperature}")
+        kinds = {model_kind(t) for t in teachers}
+        if len(kinds) > 1:
+            raise LmkdError(f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind")
+        sizes = [vocab_size_of(t) for t in teachers]
+        if len(set(sizes)) > 1:
+            raise LmkdError(f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
+                            "vocabulary (or label set) of one size")
+        self.teachers = nn.ModuleList(teachers)
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.temperature = float(temperature)
+        self.lmkd_kind = kinds.pop()  # lmkd.models.loading.model_kind reads this
+        for t in teachers:
+            forward_at_floor(t)
+
+    @property
+    def config(self):
+        return self.teachers[0].config
+
+    def get_output_embeddings(self):
+        return self.teachers[0].get_output_embeddings()
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        return self.teachers[0].prepare_decoder_input_ids_from_labels(labels=labels)
+
+    def forward(self, **inputs) -> EnsembleOutput:
+        tau, mix = self.temperature, None
+        for w, teacher in zip(self.weights, self.teachers):
+            z = teacher(**inputs).logits
+            z = at_least_float32(z)
+            lp = torch.log_softmax(z / tau, dim=-1) + math.log(w)
+            mix = lp if mix is None else torch.logaddexp(mix, lp)
+        return EnsembleOutput(logits=tau * mix)
+
+
+def load_teacher(args, student, tokenizer):
+    """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
+    checked against the student's vocabulary), else None (DistillationTrainer loads the one).
+    ``args`` is the run's :class:`lmkd.DistillationConfig`, which has refused the settings an
+    ensemble cannot serve (feature losses, a teacher cache, logit matching)."""
+    paths = teacher_paths(args)
+    if len(paths) < 2 or not (args.kd_alpha > 0 or args.uses_features):
+        return None
+    kind = model_kind(student)
+    teachers = []
+    for path in paths:
+        teacher = load_model(path, kind=kind)
+        check_teacher_kind(teacher, kind, path)
+        if model_kind(teacher) != kind:
+            raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
+        shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch
+        teachers.append(teacher)
+    weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
+    logger.info("teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal")
+    return EnsembleTeacher(teachers, weights, temperature=args.kd_temperature)
+
+
+# ---- the cached teacher (lmkd.teacher.logit_cache) -------------------------------------------------------
+
+
+def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right",
+                         what: str = "training"):
+    """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
+    training row tagged with its cache row, the cached top-K collated with each batch.  Checks
+    that the cache's token ids fit the student's outputs."""
+    cache = logit_cache.LogitCache(path)
+    if train_dataset is not None:
+        if not hasattr(train_dataset, "column_names"):
+            raise LmkdError(f"a teacher cache needs the {what} data as a datasets.Dataset (tokenised, with "
+                            "the rows the cache was made from)")
+        train_dataset = logit_cache.attach_cache(train_dataset, cache, kind, what)
+    top = max((int(s["ids"].max()) for s in cache.shards if len(s["ids"])), default=0)
+    if top >= vocab_size_of(student):
+        raise LmkdError(f"the logit cache {cache.path} holds token id {top} but the student has only "
+                        f"{vocab_size_of(student)} outputs; cache with the student's teacher and tokenizer")
+    return cache, train_dataset, logit_cache.CachedLogitsCollator(collator, cache, padding_side)
+
+
+def attach_teacher_caches(args, *, kind: str, student, train_dataset, eval_dataset, collator,
+                          padding_side: str = "right"):
+    """(training data, collator, validation data, validation collator or None) of a run trained from
+    ``args.teacher_cache`` (:func:`attach_teacher_cache`).  With a KD term, validation data need
+    ``args.eval_teacher_cache`` too: eval_loss is the training loss's CE + KD mix with an online
+    teacher, and without the teacher's logits on the validation data it would silently be CE alone."""
+    _, train_dataset, train_collator = attach_teacher_cache(
+        args.teacher_cache, kind=kind, student=student, train_dataset=train_dataset, collator=collator,
+        padding_side=padding_side)
+    eval_collator = None
+    if args.kd_alpha > 0 and eval_dataset is not None:
+        if not args.eval_teacher_cache:
+            raise LmkdError(EVAL_CACHE_NEEDED)
+        if isinstance(eval_dataset, dict):
+            raise LmkdError("eval_teacher_cache covers one validation set; pass one eval_dataset, not a dict")
+        _, eval_dataset, eval_collator = attach_teacher_cache(
+            args.eval_teacher_cache, kind=kind, student=student, train_dataset=eval_dataset, collator=collator,
+            padding_side=padding_side, what="validation")
+    return train_dataset, train_collator, eval_dataset, eval_collator
+
+
+# ---- a teacher of another tokenizer (lmkd.teacher.cross_tokenizer) ---------------------------------------------
+
+
+def check_cross_tokenizer_kind(kind: str) -> None:
+    """Cross-tokenizer KD (``teacher_tokenizer``) aligns the positions of generated text (a causal LM's
+    tokens, a seq2seq decoder's targets); refuse the kinds that generate none."""
+    if kind not in (CAUSAL, SEQ2SEQ):
+        raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs and seq2seq models, not "
+                        f"{kind} models: their outputs are per input token or per example, which another "
+                        "tokenizer does not share; distil from a teacher with the student's tokenizer")
+
+
+def attach_teacher_tokenizer(collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer,
+                             kd_loss: str):
+    """(collator, shared token ids or None) of cross-tokenizer KD with ``teacher_tokenizer`` (a
+    tokenizer, or the path to load it from): the collator re-tokenises each batch for the teacher and
+    aligns the positions (:class:`lmkd.teacher.cross_tokenizer.CrossTokenizerCollator`); ``kd_loss`` uld_hybrid
+    also gets the (student ids, teacher ids) of the token strings both vocabularies hold."""
+    check_cross_tokenizer_kind(kind)
+    t_tok = load_tokenizer(teacher_tokenizer) if isinstance(teacher_tokenizer, str) else teacher_tokenizer
+    if not getattr(t_tok, "is_fast", False) or not getattr(student_tokenizer, "is_fast", False):
+        raise LmkdError("cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
+                        "give: use the tokenizer.json (fast) versions of both tokenizers")
+    if kind == SEQ2SEQ:  # the source for the teacher's encoder, the target for its decoder
+        collator = cross_tokenizer.Seq2SeqCrossTokenizerCollator(
+            collator, student_tokenizer, t_tok, teacher_max_length=input_limit(unwrap(teacher), t_tok),
+            teacher_target_length=target_limit(unwrap(teacher)))
+    else:
+        collator = cross_tokenizer.CrossTokenizerCollator(collator, student_tokenizer, t_tok,
+                                                    teacher_max_length=input_limit(unwrap(teacher), t_tok))
+    shared = None
+    if kd_loss == "uld_hybrid":
+        shared = cross_tokenizer.shared_vocabulary(student_tokenizer, t_tok)
+        logger.info("uld_hybrid: %d token strings shared by the two vocabularies", len(shared[0]))
+    return collator, shared

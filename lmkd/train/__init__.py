@@ -1,0 +1,1 @@
+"""lmkd.train: DistillationConfig, DistillationTrainer, the objective, regimes, run_distill."""

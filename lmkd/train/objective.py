@@ -1,0 +1,391 @@
+"""The CE + KD objective of one micro-batch, over whichever teacher signal the run has.
+
+:class:`DistillationObjective` is what :meth:`lmkd.DistillationTrainer.compute_loss` calls.  Read
+:meth:`DistillationObjective.__call__` top to bottom: the student's forward, its positions, then
+one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_kd``:
+
+* **plain** (``kd_chunk_size: 0``, online teacher): full logits, :func:`lmkd.losses.cross_entropy`
+  and :func:`lmkd.losses.token_kd_loss`;  ``kd_chunk_size: auto`` (the default) picks plain or
+  chunked once, on the first batch (:func:`choose_kd_path`) -- always plain for the losses of
+  :data:`lmkd.losses.PLAIN_KD_LOSSES` (skew KL, TAID; the config refuses them any other path).
+  TAID's ``t`` comes from :class:`lmkd.losses.TaidSchedule` at the trainer's ``state.global_step``
+  of ``state.max_steps``;
+* **chunked / fused** (:mod:`lmkd.losses.chunked`, :mod:`lmkd.losses.fused`): CE and KD in one pass
+  over chunks of positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked
+  once per model, before the first training forward, against the real logits of a no-grad forward
+  of a slice of the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor
+  exists even at step 1), the student's head is skipped in the forward and run per chunk inside
+  the loss (no (N, V) student logits), and so is the teacher's;
+* **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
+
+The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
+sharding flags and the declared hooks ``forward_inputs``, ``position_masks`` and ``aligned`` -- and
+never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from lmkd.teacher import cross_tokenizer, logit_cache
+from lmkd import losses
+from lmkd.core.constants import CAUSAL, SEQ2SEQ
+from lmkd.core.errors import LmkdError
+from lmkd.losses import chunked, fused
+from lmkd.models.loading import unwrap
+from lmkd.data.positions import aligned_labels
+
+logger = logging.getLogger(__name__)
+
+#: the plain path's peak extra memory in (N, V) float32 tensors: both models' logits, their softmaxes
+#: and the gradient (benchmarks/bench_memory.py measured ~11 at N = 1024, V = 64k)
+PLAIN_PEAK_LOGITS = 12
+#: ``kd_chunk_size: auto`` takes the plain path when that peak is at most this share of free memory
+FIT_SHARE = 0.5
+
+
+def choose_kd_path(positions: int, vocab: int, device, free_bytes: int | None = None) -> tuple[int, str]:
+    """(kd_chunk_size, the line to log) for ``kd_chunk_size: auto``: 0 (the plain loss, fastest on
+    GPUs) when its full logits fit comfortably in ``free_bytes`` (default: the device's free memory),
+    else -1 (chunked/fused, automatic chunk size).  On CPU always -1: there the chunked/fused loss is
+    measured faster than the plain one as well as leaner (benchmarks/results/bench_cpu.txt)."""
+    need = PLAIN_PEAK_LOGITS * positions * vocab * 4
+
+    def gb(x):
+        return f"{x / 2**30:.1f} GB"
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return -1, f"kd path: chunked (on CPU it is faster than the plain loss; full logits would take {gb(need)})"
+    if free_bytes is None and dev.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(dev)[0]
+    if free_bytes is None:
+        return -1, f"kd path: chunked (free memory of a {dev.type} device unknown; full logits {gb(need)})"
+    if need <= FIT_SHARE * free_bytes:
+        return 0, f"kd path: plain (full logits {gb(need)} of {gb(free_bytes)} free)"
+    return -1, f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)"
+
+
+#: positions of the one-row slice of the first batch on which a model's fused LM head is checked
+PROBE_POSITIONS = 32
+
+
+def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS) -> dict:
+    """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
+    of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
+    tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
+    seq_key = "decoder_input_ids" if kind == SEQ2SEQ else "input_ids"
+    ref = fwd.get(seq_key)
+    if ref is None:
+        ref = fwd.get("decoder_inputs_embeds" if kind == SEQ2SEQ else "inputs_embeds")
+    b, t = ref.shape[:2]
+    row = int(attention_mask.sum(-1).argmax()) if attention_mask is not None and kind != SEQ2SEQ else 0
+    # right padding (or none): the first positions are real tokens; left padding: the last ones
+    left = kind != SEQ2SEQ and attention_mask is not None and not bool(attention_mask[row, 0])
+    cut = slice(max(0, t - positions), t) if left else slice(0, min(t, positions))
+    out = {}
+    for k, v in fwd.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
+            v = v[row:row + 1]
+            if v.dim() >= 2 and v.shape[1] == t and (kind != SEQ2SEQ or k.startswith("decoder_")):
+                v = v[:, cut]
+        out[k] = v
+    return out
+
+
+class DistillationObjective:
+    """CE + KD of a micro-batch for ``trainer`` (a :class:`lmkd.DistillationTrainer`).
+
+    :attr:`fused_head` / :attr:`teacher_head`: None until the first training batch checks the
+    student's / teacher's LM head, then the :class:`lmkd.losses.chunked.Head` that reproduces it,
+    or False when the head cannot be run inside the loss (the chunked loss then takes the real
+    logits)."""
+
+    def __init__(self, trainer, vocab: int | None = None):
+        self.trainer = trainer
+        self.vocab = vocab  # the vocabulary teacher and student share, when their output layers differ
+        self.fused_head = None
+        self.teacher_head = None
+        self.auto_chunk = None  # what kd_chunk_size: auto chose (0 or -1), once, on the first batch
+        args = trainer.args
+        self.taid = (losses.TaidSchedule(args.taid_t_start, args.taid_t_end, args.taid_schedule == "adaptive",
+                                         args.taid_alpha, args.taid_beta) if args.kd_loss == "taid" else None)
+
+    @property
+    def chunk(self) -> int:
+        """The kd_chunk_size in force: the configured one, or what ``auto`` chose (see :meth:`decide_path`)."""
+        cs = self.trainer.args.kd_chunk_size
+        if getattr(self.trainer.args, "teacher_tokenizer", None):
+            return 0  # cross-tokenizer KD: the plain path (the teacher's positions are gathered from its logits)
+        return self.auto_chunk if cs == "auto" else cs
+
+    def decide_path(self, inputs: dict) -> None:
+        """``kd_chunk_size: auto``: choose plain or chunked once, from the first batch's size, and log it."""
+        tr = self.trainer
+        if tr.args.kd_chunk_size != "auto" or self.auto_chunk is not None:
+            return
+        if tr.args.kd_loss in losses.PLAIN_KD_LOSSES:
+            self.auto_chunk = 0
+            logger.info("kd path: plain (kd_loss %s is computed on full logits only)", tr.args.kd_loss)
+            return
+        m = unwrap(tr.model)
+        out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+        vocab = self.vocab or getattr(out, "out_features", None) or getattr(m.config, "num_labels", 2)
+        positions = (inputs.get("labels") if inputs.get("labels") is not None else inputs["input_ids"]).numel()
+        self.auto_chunk, line = choose_kd_path(positions, vocab, tr.args.device)
+        logger.info(line)
+
+    def __call__(self, model, inputs: dict, stats: dict, counts: tuple[int, int] | None = None,
+                 return_outputs: bool = False):
+        """(weighted loss, student outputs, teacher outputs or None).  ``counts`` (n_ce, n_kd) are the
+        positions of the whole accumulated batch (this micro-batch's own when None); ``stats``
+        receives the running sums the trainer logs."""
+        tr, args = self.trainer, self.trainer.args
+        self.decide_path(inputs)
+        with self.lean_head(model, inputs, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
+            outputs = model(**tr.forward_inputs(model, inputs))
+        s_logits = tr.aligned(outputs.logits)
+        ce_mask, kd_mask = tr.position_masks(inputs)
+        n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
+                                                         int(kd_mask.sum()))
+        cached = logit_cache.MASK in inputs
+        if args.teacher_cache and args.kd_alpha > 0 and tr.teacher is None and not cached:
+            raise LmkdError("a batch without cached teacher logits in a run trained from teacher_cache: its KD "
+                            "term cannot be computed (evaluate on the data of eval_teacher_cache, or a cached "
+                            "dataset)")
+        alpha = args.kd_alpha if (tr.teacher is not None or cached) else 0.0
+        use_ce, use_kd = ce_mask is not None and alpha < 1, alpha > 0
+        labels = aligned_labels(tr.kind, inputs["labels"]) if use_ce else None
+
+        if self.chunk == 0 and not cached:
+            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd,
+                                                               use_ce, use_kd, model.training, stats)
+        else:
+            w_ce = (1 - alpha) / max(n_ce, 1) if use_ce else 0.0
+            w_kd = alpha / max(n_kd, 1) if use_kd else 0.0
+            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(inputs, outputs, s_logits, lean_head, labels, kd_mask,
+                                                              w_ce, w_kd)
+        if use_ce:
+            stats["ce_sum"] += ce_sum.item()
+            stats["ce_n"] += int(ce_mask.sum())
+        if use_kd:
+            stats["kd_sum"] += kd_sum.item()
+            stats["kd_n"] += int(kd_mask.sum())
+        return loss, outputs, t_outputs
+
+    # ---- the three paths --------------------------------------------------------------------------
+
+    def taid_t(self, training: bool) -> float:
+        """TAID's t for this batch: the schedule at the trainer's step (training), its current value (eval)."""
+        state = self.trainer.state
+        return self.taid.at(state.global_step, state.max_steps) if training else self.taid.t
+
+    def plain_ce_kd(self, inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd, use_ce, use_kd, training=True,
+                    stats=None):
+        """Full logits, autograd: (loss, CE sum, KD sum, teacher outputs)."""
+        tr, args = self.trainer, self.trainer.args
+        loss = s_logits.new_zeros((), dtype=torch.float32)
+        ce_sum = kd_sum = t_outputs = None
+        if use_ce:
+            ce_sum = losses.cross_entropy(s_logits, labels)
+            loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
+        if use_kd:
+            if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD (teacher_tokenizer)
+                t_outputs, kd_sum = self.cross_tokenizer_kd(inputs, s_logits, kd_mask)
+                return loss + alpha * kd_sum / max(n_kd, 1), ce_sum, kd_sum, t_outputs
+            with torch.no_grad():
+                t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
+                t_logits = tr.aligned(t_outputs.logits)
+            s_kd, t_kd = self._shared(s_logits), self._shared(t_logits)
+            taid_t = self.taid_t(training) if self.taid is not None else 1.0
+            kd_sum = losses.token_kd_loss(s_kd, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
+                                          beta=args.jsd_beta, skew_alpha=args.skew_alpha, taid_t=taid_t)
+            if self.taid is not None:
+                if training:
+                    self.taid.observe(kd_sum.item() / max(int(kd_mask.sum()), 1))
+                if stats is not None:
+                    stats["taid_t_sum"] += taid_t
+                    stats["taid_t_n"] += 1
+            loss = loss + alpha * kd_sum / max(n_kd, 1)
+        return loss, ce_sum, kd_sum, t_outputs
+
+    def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
+        """(teacher outputs, KD sum) with a teacher of another tokenizer: its forward on its own tokens of
+        the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
+        each student position's teacher position (lmkd.teacher.cross_tokenizer), ULD."""
+        tr, args = self.trainer, self.trainer.args
+        fwd = dict(input_ids=inputs[cross_tokenizer.TEACHER_INPUT_IDS],
+                   attention_mask=inputs[cross_tokenizer.TEACHER_ATTENTION_MASK])
+        if cross_tokenizer.TEACHER_LABELS in inputs:
+            fwd["decoder_input_ids"] = unwrap(tr.teacher).prepare_decoder_input_ids_from_labels(
+                labels=inputs[cross_tokenizer.TEACHER_LABELS])
+        with torch.no_grad():
+            t_outputs = tr.teacher(**fwd)
+        t_logits = t_outputs.logits
+        where = tr.aligned(inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
+        t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
+        kd_sum = losses.cross_kd_loss(s_logits, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
+                                      shared=tr.cross_shared)
+        return t_outputs, kd_sum
+
+    def lean_ce_kd(self, inputs, outputs, s_logits, lean_head, labels, kd_mask, w_ce, w_kd):
+        """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher:
+        (loss, CE sum, KD sum, teacher outputs or None)."""
+        tr, args = self.trainer, self.trainer.args
+        teacher, t_outputs = None, None
+        if w_kd:
+            if logit_cache.MASK in inputs:
+                teacher = logit_cache.batch_topk(inputs, kd_mask)
+            else:
+                t_outputs, teacher = self.teacher_for_loss(inputs)
+        kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, ce_weight=w_ce,
+                  kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=self.chunk)
+        if lean_head is not None:
+            hidden = tr.aligned(lean_head["hidden"][0])
+            total, ce_sum, kd_sum = fused.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
+                                                                    kd_mask, **kw)
+        elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
+            zero = s_logits.new_zeros((), dtype=torch.float32)
+            ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero
+            kd_sum = (chunked.topk_kd_loss(self._shared(s_logits), teacher, kd_mask, loss=args.kd_loss,
+                                           temperature=args.kd_temperature, beta=args.jsd_beta) if w_kd else zero)
+            total = w_ce * ce_sum + w_kd * kd_sum
+        else:
+            total, ce_sum, kd_sum = chunked.chunked_distill_loss(s_logits, teacher, labels, kd_mask, **kw)
+        zero = s_logits.new_zeros((), dtype=torch.float32)
+        return zero + total, ce_sum, kd_sum, t_outputs
+
+    def _shared(self, logits):
+        """``logits`` cut to the vocabulary teacher and student share (see lmkd.models.loading.shared_vocab_size)."""
+        return logits[..., : self.vocab] if self.vocab is not None else logits
+
+    # ---- the LM head run inside the loss --------------------------------------------------------------
+
+    def teacher_for_loss(self, inputs):
+        """(teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the teacher's
+        final hidden states when its head is checked (no (N, V) teacher tensor), else its logits."""
+        tr = self.trainer
+        use = self.chunk != 0 and self.teacher_head is not False and tr.kind in (CAUSAL, SEQ2SEQ)
+        if use and self.teacher_head is None:
+            self.teacher_head = self.probe_head(tr.teacher, inputs, "teacher")
+            use = self.teacher_head is not False
+        ctx = self.head_skipped(tr.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
+        with ctx as box, torch.no_grad():
+            t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
+        if box is not None:
+            hidden = tr.aligned(box["hidden"][0])
+            return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
+        return t_outputs, tr.aligned(t_outputs.logits)
+
+    def lean_head(self, model, inputs: dict, return_outputs: bool = False):
+        """The student's forward context: head skipped when the fused loss is on (training only, and
+        never when the caller wants the outputs: their logits would be placeholders).  The first time,
+        the head is checked on a slice of ``inputs`` first (:meth:`probe_head`)."""
+        tr = self.trainer
+        use = (model.training and not return_outputs and self.chunk != 0
+               and self.fused_head is not False and tr.kind in (CAUSAL, SEQ2SEQ))
+        if use and self.fused_head is None:
+            self.fused_head = self.probe_head(model, inputs, "student")
+            use = self.fused_head is not False
+        return self.head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
+
+    def probe_head(self, model, inputs: dict, who: str):
+        """Check ``model``'s LM head once, on a no-grad forward of one row and PROBE_POSITIONS positions
+        of the batch (:func:`probe_inputs`): the Head, or False (see :meth:`check_head`)."""
+        head, why = self.head_for_fused_loss(model)
+        if head is None:
+            return self.check_head(model, None, None, who, (None, why))
+        tr = self.trainer
+        small = probe_inputs(tr.kind, tr.forward_inputs(model, inputs), inputs.get("attention_mask"))
+        # the RNG is left as it was (dropout in the probe would shift every later draw)
+        device = getattr(unwrap(model), "device", torch.device("cpu"))
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.head_skipped(model, None) as box, torch.no_grad():
+            outputs = model(**small)
+        return self.check_head(model, box, outputs, who, (head, why))
+
+    def head_for_fused_loss(self, model):
+        """The LM head of ``model`` as lmkd.losses.chunked.Head, or (None, why not)."""
+        tr, m = self.trainer, unwrap(model)
+        if tr.kind not in (CAUSAL, SEQ2SEQ):
+            return None, f"{tr.kind} models are not supported"
+        if tr.is_fsdp_enabled or tr.is_deepspeed_enabled:
+            return None, "the head is sharded (FSDP/DeepSpeed)"
+        if m is unwrap(tr.model) and tr.args.world_size > 1:
+            # the fused loss differentiates the head outside DDP's forward, so DDP's gradient hooks
+            # would fire twice for the (tied) head weight
+            return None, "the student is wrapped for data parallelism (DDP)"
+        head = m.get_output_embeddings()
+        if type(head) is not nn.Linear:
+            return None, f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
+        cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
+        scale = getattr(cfg, "logit_scale", None)
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        extra = getattr(m, "final_logits_bias", None)
+        return chunked.Head(head.weight, head.bias, extra if isinstance(extra, torch.Tensor) else None,
+                            float(scale) if isinstance(scale, (int, float)) else 1.0,
+                            float(softcap) if softcap else None), ""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def head_skipped(model, decided):
+        """Around a forward of ``model``: with ``decided`` a Head, the LM head only records its input
+        and returns zeros of width 1 (Marian/BART's final_logits_bias is swapped for a (1, 1) zero
+        meanwhile, so no (B, T, V) tensor is made); with ``decided`` None a hook records the head's
+        input so the caller can check the fused head against the model's real logits."""
+        module = unwrap(model).get_output_embeddings()
+        box = {"hidden": [], "probe": decided is None}
+        if box["probe"]:
+            handle = module.register_forward_hook(lambda m, args, out: box["hidden"].append(args[0]))
+            try:
+                yield box
+            finally:
+                handle.remove()
+            return
+        inner = unwrap(model)
+        swap = "final_logits_bias" in inner._buffers
+        width = 1 if (not swap or inner is model) else module.out_features  # never swap under a wrapper
+        swap = swap and width == 1
+
+        def skip(hidden, *a, **k):
+            box["hidden"].append(hidden)
+            return hidden.new_zeros(()).expand(*hidden.shape[:-1], width)
+
+        bias = inner._buffers.get("final_logits_bias")
+        module.forward = skip
+        if swap:
+            inner._buffers["final_logits_bias"] = bias.new_zeros(1, 1)
+        try:
+            yield box
+        finally:
+            del module.forward
+            if swap:
+                inner._buffers["final_logits_bias"] = bias
+
+    def check_head(self, model, box, outputs, who: str, found=None):
+        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits (``outputs`` of a
+        forward whose head inputs ``box`` recorded)?  The Head, or False.  ``found``: what
+        :meth:`head_for_fused_loss` returned, when already asked."""
+        head, why = found if found is not None else self.head_for_fused_loss(model)
+        if head is not None and len(box["hidden"]) != 1:
+            head, why = None, "the LM head is called more than once per forward"
+        if head is not None:
+            with torch.no_grad():
+                real = outputs.logits.float()
+                mine = head.logits(box["hidden"][0]).float()
+                tol = 1e-4 if real.dtype == torch.float32 and head.weight.dtype == torch.float32 else 1e-2
+                ok = mine.shape == real.shape and bool(
+                    (mine - real).abs().max() <= tol * real.abs().max().clamp(min=1.0))
+            if not ok:
+                head, why = None, "the model transforms its logits in a way lmkd cannot reproduce"
+        if head is None:
+            if who == "student":
+                logger.info("fused linear KD loss off (%s); using the chunked loss on the full logits -- the "
+                            "same objective", why)
+            else:
+                logger.info("teacher logits computed whole, not per chunk (%s)", why)
+        return head if head is not None else False

@@ -1,0 +1,298 @@
+"""DistillationTrainer: an HF Seq2SeqTrainer with a frozen teacher and a distillation loss.
+
+The trainer wires the parts and keeps the counts: the teacher (and a teacher cache, or a teacher of
+another tokenizer) comes from :mod:`lmkd.teacher.frozen`, the positions from :mod:`lmkd.data.positions`, the
+CE + KD loss from :mod:`lmkd.train.objective`, the feature terms and their hint projections from
+:mod:`lmkd.train.features`.  What stays here: the token counts of the accumulated batch, logging, the
+declared hooks, and the Trainer overrides that call those modules.  (The Trainer's
+``compute_metrics`` of a task is :func:`lmkd.scoring.metrics.compute_metrics_for`.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lmkd.teacher import cross_tokenizer, logit_cache, frozen
+from lmkd.train import card
+from lmkd.data import positions
+from lmkd.train.config import DistillationConfig
+from lmkd.core.constants import SEQ2SEQ
+from lmkd.core.errors import LmkdError
+from lmkd.train.features import FEATURE_TERMS, FeatureDistiller, average_projection_grads, load_projections, projection_param_groups, save_projections
+from lmkd.core.io import nothing_left_on_error
+from lmkd.models.loading import model_kind, unwrap
+from lmkd.train.objective import DistillationObjective
+
+logger = logging.getLogger(__name__)
+
+class DistillationTrainer(Seq2SeqTrainer):
+    """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
+
+    The teacher (a model, or a path in ``args.teacher_model_name_or_path``) is moved to the
+    student's device in ``args.teacher_dtype``, put in ``eval()`` with gradients off, and kept out
+    of the Trainer's model: it is never wrapped by DDP/FSDP, never in the optimizer and never in
+    a checkpoint (under DeepSpeed ZeRO-3, where loading partitions it, it runs in a DeepSpeed
+    inference engine of its own).  With ``kd_alpha == 0`` no teacher is loaded or run.
+
+    ``compute_loss`` sums the hard-label CE and the KD divergence over their positions and divides
+    each by its count in the whole accumulated (and, across processes, gathered) batch, so gradient
+    accumulation and data parallelism give the gradient of one large batch.
+
+    Its parts: :attr:`loss_objective` (:class:`lmkd.train.objective.DistillationObjective`, CE + KD),
+    :attr:`features` (:class:`lmkd.train.features.FeatureDistiller` when a feature weight is > 0, else
+    None) and :attr:`projections` (the hint projections; empty without them).
+
+    Hooks for subclasses (lmkd.train.regimes overrides these and nothing private):
+
+    * :meth:`position_masks` ``(inputs) -> (CE mask, KD mask)``: which positions each term covers;
+      the token counts are taken from it too;
+    * :meth:`forward_inputs` ``(model, inputs) -> dict``: the keywords of a model's forward;
+    * :meth:`aligned` ``(logits) -> logits``: the logits at the masks' positions;
+    * :attr:`uses_teacher`: whether a teacher is loaded at all;
+    * :meth:`loss_counts` ``(num_items_in_batch)``: the accumulated batch's counts for a
+      ``compute_loss`` of one's own;
+    * :attr:`loss_stats`: per mode (``train``/``eval``), the running sums logged as ``loss_ce``,
+      ``loss_kd`` and ``loss_<feature term>`` (``<name>_sum`` / ``<name>_n``).
+    """
+
+    # compute_loss normalises by the token count of the whole accumulated batch itself
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args: DistillationConfig | None = None, teacher_model=None,
+                 teacher_tokenizer=None, **kwargs):
+        if args is None:
+            args = DistillationConfig(output_dir="lmkd_output")
+        if not isinstance(args, DistillationConfig):
+            raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
+        with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
+            super().__init__(model=model, args=args, **kwargs)
+            self._setup(teacher_model, teacher_tokenizer)
+
+    def _setup(self, teacher_model, teacher_tokenizer) -> None:
+        args = self.args
+        # Make the Trainer count label tokens over the accumulated batch (see _get_num_items_in_batch).
+        self.model_accepts_loss_kwargs = True
+        self.kind = model_kind(self.model)
+        self.teacher = None
+        self._vocab = None  # the vocabulary teacher and student share, when their output layers differ
+        self.loss_stats = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
+        if self.uses_teacher:
+            self._setup_teacher(teacher_model, teacher_tokenizer)
+            if args.teacher_tokenizer:  # the collator re-tokenises each batch for the teacher, aligns positions
+                self.data_collator, self.cross_shared = frozen.attach_teacher_tokenizer(
+                    self.data_collator, kind=self.kind, student_tokenizer=self.processing_class, teacher=self.teacher,
+                    teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else args.teacher_tokenizer,
+                    kd_loss=args.kd_loss)
+        self.features = None  # lmkd.train.features.FeatureDistiller when a feature weight is > 0
+        self._feature_totals = None
+        if args.uses_features:
+            self.features = FeatureDistiller(args, self.kind, self.model, self.teacher, device=args.device,
+                                             deepspeed=self.is_deepspeed_enabled)
+        # learned student->teacher projections of the hint loss, one per layer stack
+        self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
+        self.loss_objective = DistillationObjective(self, self._vocab)
+        self._eval_collator = None  # the collator of the validation data's own cache (eval_teacher_cache)
+        if args.teacher_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
+            wired = frozen.attach_teacher_caches(
+                args, kind=self.kind, student=self.model, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
+                collator=self.data_collator, padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
+            self.train_dataset, self.data_collator, self.eval_dataset, self._eval_collator = wired
+        if args.fsdp and not self.is_fsdp_enabled:
+            # accelerate switches to FSDP only for accelerator processes (GPU/NPU/XPU...); with CPU
+            # processes the Trainer quietly wraps the student in DDP instead
+            logger.warning("fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
+                           "this run is plain data parallel (DDP), every process holding the whole student")
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's, collating with the validation data's own logit cache (``eval_teacher_cache``)."""
+        if self._eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self._eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    # ---- teacher ------------------------------------------------------------------------------
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any loss term needs the teacher's outputs."""
+        return (self.args.kd_alpha > 0 and not self.args.teacher_cache) or self.args.uses_features
+
+    def _deepspeed_config(self) -> dict | None:
+        return self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+
+    @property
+    def zero3(self) -> bool:
+        """Whether this run uses DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
+        return frozen.zero3_enabled(self._deepspeed_config())
+
+    def _setup_teacher(self, teacher, teacher_tokenizer) -> None:
+        ds_config = self._deepspeed_config()
+        self.teacher, self._vocab = frozen.load_frozen_teacher(
+            teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
+            student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,
+            device=self.args.device, dtype=self.args.teacher_dtype, deepspeed_config=ds_config,
+            cross_tokenizer=bool(self.args.teacher_tokenizer))
+
+    # ---- hooks: positions and forward keywords ------------------------------------------------------
+
+    def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(CE mask, KD mask) over the aligned positions of a batch (:func:`lmkd.data.positions.position_masks`)."""
+        ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
+        if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD: only the positions with a teacher position
+            kd = kd & positions.aligned(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
+        return ce, kd
+
+    def forward_inputs(self, model, inputs: dict) -> dict:
+        """The keywords of ``model``'s forward for a batch: no labels or cached-teacher keys, the
+        decoder inputs of a seq2seq model, and the outputs the feature losses need."""
+        fwd = {k: v for k, v in inputs.items()
+               if k != "labels" and k not in logit_cache.BATCH_KEYS and k not in cross_tokenizer.BATCH_KEYS}
+        if self.kind == SEQ2SEQ and ("decoder_input_ids" not in fwd or (
+                model is self.teacher and not frozen.shares_decoder_inputs(model, self.model))):
+            fwd["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        if self.features is not None:
+            fwd.update(self.features.output_flags())
+        return fwd
+
+    def aligned(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.aligned`)."""
+        return positions.aligned(self.kind, logits)
+
+    # ---- counts and loss ------------------------------------------------------------------------
+
+    def _gathers_counts(self) -> bool:
+        return self.args.average_tokens_across_devices and self.args.world_size > 1
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Counts of CE and KD positions in the whole accumulated batch, summed over processes."""
+        counts = torch.zeros(2, dtype=torch.long)
+        for batch in batch_samples:
+            ce, kd = self.position_masks(batch)
+            counts[0] += int(ce.sum()) if ce is not None else 0
+            counts[1] += int(kd.sum())
+        counts = counts.to(device)
+        if self._gathers_counts():
+            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
+        if self.features is not None:
+            gather = (lambda c: self.accelerator.gather(c.to(device).unsqueeze(0)).sum(0).cpu()) \
+                if self._gathers_counts() else None
+            self._feature_totals = self.features.count_items(batch_samples, gather)
+        return counts
+
+    def loss_counts(self, num_items_in_batch) -> tuple[tuple[int, int] | None, int]:
+        """((n_ce, n_kd) of the accumulated batch or None, the factor undoing the Trainer's mean over
+        processes) from what ``_get_num_items_in_batch`` returned."""
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2:
+            n_ce, n_kd = num_items_in_batch.tolist()
+            return (n_ce, n_kd), (self.accelerator.num_processes if self._gathers_counts() else 1)
+        return None, 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        stats = self.loss_stats["train" if model.training else "eval"]
+        counts, scale = self.loss_counts(num_items_in_batch)
+        loss, outputs, t_outputs = self.loss_objective(model, inputs, stats, counts, return_outputs)
+        if self.features is not None:
+            if t_outputs is None:
+                with torch.no_grad():
+                    t_outputs = self.teacher(**self.forward_inputs(self.teacher, inputs))
+            totals = self._feature_totals if num_items_in_batch is not None else None
+            loss = loss + self.features.loss(outputs, t_outputs, inputs, stats, totals)
+        if not torch.isfinite(loss):
+            raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the "
+                            "learning rate, use bf16 instead of fp16, or check the data for empty targets")
+        loss = loss * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """With ``predict_with_generate``: the loss is still :meth:`compute_loss`'s CE + KD mix (the
+        Seq2SeqTrainer's would be the model's own CE) and the generated ids go to ``compute_metrics``
+        with the batch's labels."""
+        if not self.args.predict_with_generate or prediction_loss_only or self.kind != SEQ2SEQ:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
+        gen_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+        _, tokens, _ = super().prediction_step(model, gen_inputs, False, ignore_keys=ignore_keys, **gen_kwargs)
+        return loss, tokens, inputs.get("labels")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.teacher_cache and logit_cache.CACHE_ROW not in self._signature_columns:
+            # keep the cache row number through remove_unused_columns
+            self._signature_columns = [*self._signature_columns, logit_cache.CACHE_ROW]
+
+    # ---- optimisation and checkpoints of the hint projections -----------------------------------
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, plus the hint projections (when there are any) as extra groups."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if len(self.projections):
+            if fresh:
+                for group in projection_param_groups(self.projections, self.args.weight_decay):
+                    optimizer.add_param_group(group)
+            else:
+                logger.warning("a ready-made optimizer was given: add trainer.projections.parameters() to it, or "
+                               "the hint projections stay at their random initialisation")
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The projections live outside the DDP-wrapped model: average their gradients by hand.
+        if (len(self.projections) and self.args.world_size > 1 and self.accelerator.sync_gradients
+                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            average_projection_grads(self.projections, self.args.world_size)
+        return loss
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        if len(self.projections):  # clipped on their own, so the model's reported norm is unchanged
+            torch.nn.utils.clip_grad_norm_(self.projections.parameters(), self.args.max_grad_norm)
+        return norm
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if len(self.projections) and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_projections(self.projections, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if len(self.projections):
+            load_projections(self.projections, resume_from_checkpoint, self.args.device)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """The Trainer's draft card (``push_to_hub`` writes one before uploading), unless
+        ``output_dir`` already holds lmkd's card (:func:`lmkd.train.card.write_card`), which says more
+        (teacher, KD settings, command) and is kept."""
+        if self.is_world_process_zero() and card.is_lmkd_card(self.args.output_dir):
+            return
+        super().create_model_card(*args, **kwargs)
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stats = self.loss_stats[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        if stats.get("ce_n"):
+            logs[f"{prefix}loss_ce"] = round(stats["ce_sum"] / stats["ce_n"], 6)
+        if stats.get("kd_n"):
+            logs[f"{prefix}loss_kd"] = round(stats["kd_sum"] / stats["kd_n"], 6)
+        if stats.get("taid_t_n"):  # kd_loss taid: the mean interpolation t of the logged steps
+            logs[f"{prefix}taid_t"] = round(stats["taid_t_sum"] / stats["taid_t_n"], 6)
+        for name in FEATURE_TERMS:
+            if stats.get(f"{name}_n"):
+                logs[f"{prefix}loss_{name}"] = round(stats[f"{name}_sum"] / stats[f"{name}_n"], 6)
+        stats.clear()
+        super().log(logs, start_time)
