@@ -1,7 +1,7 @@
 """The house rules of lmkd/, checked on the source with ``ast`` (function-local imports included):
 
 * imports run one way: a module imports only from its own layer or the layers below it
-  (ARCHITECTURE.md draws them); ``lmkd/__init__.py`` is the public facade and may import any
+  (docs/architecture.md draws them); ``lmkd/__init__.py`` is the public facade and may import any
   layer but the CLI;
 * no import cycle between modules, not even through imports inside functions;
 * no ``from lmkd.x import _private`` across modules.
@@ -16,7 +16,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
 
-#: bottom to top: the packages of lmkd/ (ARCHITECTURE.md draws them); a module belongs to the layer
+#: bottom to top: the packages of lmkd/ (docs/architecture.md draws them); a module belongs to the layer
 #: of its package, and the facade ``lmkd/__init__.py`` and ``__main__`` stand apart
 LAYERS = [
     ["core"],                  # L0: errors, constants, io
@@ -51,7 +51,7 @@ def layer_of(module: str) -> int | None:
             if module == name or module.startswith(name + "."):
                 return i
     raise AssertionError(f"lmkd.{module} is in no layer of tests/test_layering.py: add it to LAYERS "
-                         "(and to ARCHITECTURE.md)")
+                         "(and to docs/architecture.md)")
 
 
 def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom) -> str | None:
