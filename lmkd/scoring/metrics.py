@@ -200,7 +200,7 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     independent of how long the model's own outputs are -- and ``fixed_new_tokens``.
 
     ``closers`` (optional, per name) release a runner's engine after each of its turns, warm-up
-    included (:meth:`lmkd.models.engines._Engine.close`: a live CTranslate2 translator slows the PyTorch
+    included (:meth:`lmkd.models.engines.base.Engine.close`: a live CTranslate2 translator slows the PyTorch
     models timed beside it); its next turn opens it again with one untimed call.
     """
     if repeats < 1 or not inputs:
