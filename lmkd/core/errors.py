@@ -7,4 +7,8 @@ unless ``--debug``).  It subclasses ``ValueError`` so Python callers can catch e
 
 class LmkdError(ValueError):
     """A user mistake: bad input, a mismatched model, a missing column.  The message says what
-    is wrong and how to fix it, in one line."""
+    is wrong and how to fix it, in one line.
+
+    Args:
+        *args: the message (one line), as for ``ValueError``.
+    """

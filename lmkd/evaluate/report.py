@@ -16,20 +16,46 @@ from lmkd.core.io import atomic_write_json, atomic_write_text
 
 
 def format_cell(value: float | None, spec: str = ".2f") -> str:
-    """A number formatted for a table cell; ``None`` (not measured) is a dash."""
+    """A number formatted for a table cell.
+
+    Args:
+        value: the number, or None (not measured).
+        spec: the format spec (``format(value, spec)``).
+
+    Returns:
+        The formatted number; a dash for None.
+    """
     return "–" if value is None else format(value, spec)
 
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table: the header, its rule and one line per row (no trailing newline)."""
+    """A markdown table: the header, its rule and one line per row (no trailing newline).
+
+    Args:
+        head: the column names.
+        rows: the cells of each row, already formatted.
+
+    Returns:
+        The table's text.
+    """
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def write_report(result: dict, markdown: str, json_path: str, markdown_path: str) -> None:
-    """``result`` as JSON into ``json_path`` and ``markdown`` into ``markdown_path``, each written
-    atomically (the parent directories are made)."""
+    """Write ``result`` as JSON into ``json_path`` and ``markdown`` into ``markdown_path``, each written
+    atomically (the parent directories are made).
+
+    Args:
+        result: the JSON-serialisable result (written with ``ensure_ascii=False``).
+        markdown: the markdown report's text.
+        json_path: where the JSON goes.
+        markdown_path: where the markdown goes.
+
+    Returns:
+        None.
+    """
     for path in (json_path, markdown_path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_json(json_path, result, ensure_ascii=False)
@@ -38,8 +64,16 @@ def write_report(result: dict, markdown: str, json_path: str, markdown_path: str
 
 @dataclass
 class PlotPoint:
-    """One model on the quality/speed plot: ``speed`` on x (ms per token, or per example), ``score``
-    on y; ``score_err`` / ``speed_err`` are (below, above) lengths of its error bars, or None."""
+    """One model on the quality/speed plot.
+
+    Args:
+        label: the model's name in the legend and on the score panel.
+        speed: x: ms per token, or per example.
+        score: y: the quality score.
+        teacher: drawn as a black star.
+        score_err: (below, above) lengths of its score error bar, or None.
+        speed_err: (below, above) lengths of its speed error bar, or None.
+    """
 
     label: str
     speed: float
@@ -51,7 +85,13 @@ class PlotPoint:
 
 @dataclass
 class Curve:
-    """One line on the validation-curve panel: ``values`` at training ``steps``."""
+    """One line on the validation-curve panel: ``values`` at training ``steps``.
+
+    Args:
+        label: the line's name in the legend.
+        steps: the training steps.
+        values: the validation value at each step.
+    """
 
     label: str
     steps: Sequence[int]
@@ -60,7 +100,18 @@ class Curve:
 
 def padded_range(lo: float, hi: float, min_span: float, floor: float | None = None) -> tuple[float, float]:
     """An axis range holding ``lo``..``hi`` with 10% margins, at least ``min_span`` wide (centred on
-    the data), starting at ``floor`` (less a 3% sliver) when it would go below: a plot of scores 0.004 apart does not fill the axis with noise."""
+    the data), starting at ``floor`` (less a 3% sliver) when it would go below: a plot of scores
+    0.004 apart does not fill the axis with noise.
+
+    Args:
+        lo: the lowest value to show.
+        hi: the highest value to show.
+        min_span: the narrowest the range may be.
+        floor: the lowest the range may start (a sliver below it, so markers on it show), or None.
+
+    Returns:
+        ``(start, end)`` of the axis.
+    """
     span = max(hi - lo, 0.0)
     width = max(span * 1.2, min_span)
     mid = (lo + hi) / 2
@@ -76,12 +127,29 @@ _MARKERS = "osD^vP<>Xh"
 def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, ylabel: str, title: str,
                        min_score_span: float = 5.0, curves: Sequence[Curve] = (), curve_ylabel: str = "",
                        curve_title: str = "students' validation curves", note: str = "") -> None:
-    """A PNG of up to three panels: each model's score with its error bars, one row per model
-    (students of one size share an architecture, so on a speed axis they sit on top of each other);
-    score against speed, one marker per model in a legend (no labels on the points, so none overlap;
-    the teacher is a black star); and with ``curves`` the validation curves.  Score axes span at
-    least ``min_score_span`` points, the speed axis at least 30% of the slowest model.  ``note`` is
-    printed under the plot (what the error bars are)."""
+    """A PNG of up to three panels.
+
+    The panels: each model's score with its error bars, one row per model (students of one size
+    share an architecture, so on a speed axis they sit on top of each other); score against speed,
+    one marker per model in a legend (no labels on the points, so none overlap; the teacher is a
+    black star); and with ``curves`` the validation curves.  Score axes span at least
+    ``min_score_span`` points, the speed axis at least 30% of the slowest model.
+
+    Args:
+        points: the models, in the order of the score panel's rows (top to bottom).
+        path: the PNG to write (its directory is made).
+        xlabel: the speed axis's label.
+        ylabel: the score axis's label.
+        title: the score panel's title.
+        min_score_span: the narrowest score axis, in score points.
+        curves: the validation curves (a third panel when any).
+        curve_ylabel: the curve panel's y label.
+        curve_title: the curve panel's title.
+        note: printed under the plot (what the error bars are).
+
+    Returns:
+        None.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

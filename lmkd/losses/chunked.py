@@ -62,9 +62,19 @@ ACCELERATOR_CHUNK_RANGE = (1 << 23, 1 << 27)
 
 def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.device | str = "cpu",
                     free_bytes: int | None = None) -> int:
-    """Positions per chunk: ``chunk_size`` when given and > 0; else ~1M logits per chunk on CPU; on a
-    CUDA GPU as many as fit in ACCELERATOR_CHUNK_SHARE of ``free_bytes`` (default: its free memory),
-    8M to 128M logits; 8M on other accelerators."""
+    """Positions per chunk.
+
+    Args:
+        vocab: the logits' columns.
+        chunk_size: the positions per chunk when given and > 0.
+        device: where the logits are.
+        free_bytes: the free memory to plan for (default, on a CUDA GPU: its free memory).
+
+    Returns:
+        ``chunk_size`` when given and > 0; else ~1M logits per chunk on CPU; on a CUDA GPU (or with
+        ``free_bytes``) as many as fit in ACCELERATOR_CHUNK_SHARE of ``free_bytes``, 8M to 128M logits;
+        8M on other accelerators -- divided by ``vocab``, at least 1.
+    """
     if chunk_size and chunk_size > 0:
         return int(chunk_size)
     dev = torch.device(device)
@@ -80,7 +90,13 @@ def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.dev
 @dataclass
 class LazyLogits:
     """Teacher logits computed per chunk from its final hidden states ``(N, H)`` and head, so the
-    teacher's ``(N, V)`` logits never exist whole either (no gradient flows to the teacher)."""
+    teacher's ``(N, V)`` logits never exist whole either (no gradient flows to the teacher).
+    Indexing (``lazy[rows]``) gives those rows' logits.
+
+    Args:
+        hidden: the teacher's final hidden states ``(N, H)``.
+        head: the teacher's output layer.
+    """
 
     hidden: torch.Tensor
     head: Head
@@ -138,8 +154,17 @@ _ce_fast = Compiled(_ce)
 
 @dataclass
 class ChunkSpec:
-    """What every chunk of one pass computes: the KD divergence and its settings, the CE and KD
-    weights, the KD vocabulary (None: all columns) and the positions per chunk."""
+    """What every chunk of one pass computes.
+
+    Args:
+        loss: the KD divergence (one of :data:`KD_LOSSES`).
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+        w_ce: the CE weight.
+        w_kd: the KD weight.
+        kd_vocab: the KD vocabulary (None: all columns).
+        chunk_size: the positions per chunk.
+    """
 
     loss: str
     temperature: float
@@ -151,7 +176,19 @@ class ChunkSpec:
 
 
 def chunk_loss_and_grad(s: torch.Tensor, labels, kd_on, teacher, spec: ChunkSpec):
-    """Weighted loss, CE sum, KD sum and d(weighted loss)/ds for one chunk of float32 logits."""
+    """The loss and its gradient for one chunk of float32 logits.
+
+    Args:
+        s: the chunk's float32 student logits ``(n, V)``.
+        labels: its labels ``(n,)`` (``-100`` ignored), or None (no CE).
+        kd_on: boolean ``(n,)`` of its KD rows, or None: every row is a KD row (decided once per batch,
+            so no host sync per chunk).
+        teacher: its teacher rows: logits ``(n, V_t)``, a :class:`TopK`, or None (no KD).
+        spec: the pass's settings.
+
+    Returns:
+        ``(weighted loss, CE sum, KD sum, d(weighted loss)/ds)``.
+    """
     grad = None
     ce_sum = s.new_zeros(())
     kd_sum = s.new_zeros(())
@@ -206,9 +243,21 @@ def _gather_teacher(teacher, index):
 
 
 def chunk_slices(n: int, labels, kd_mask, teacher, chunk_size: int, device):
-    """The chunks of one pass over ``n`` flattened positions, skipping those no term uses: per chunk
-    (its row indices, where it sits in the flat tensors -- a slice when every position is used, else
-    those indices --, its labels, its KD rows (None: all of them), its teacher rows)."""
+    """The chunks of one pass over ``n`` flattened positions, skipping those no term uses.
+
+    Args:
+        n: the flattened positions.
+        labels: ``(n,)`` labels (``-100`` ignored), or None.
+        kd_mask: boolean ``(n,)`` of the KD positions, or None (all).
+        teacher: the teacher over all ``n`` positions (logits, :class:`LazyLogits`, :class:`TopK`), or None.
+        chunk_size: the positions per chunk.
+        device: where the row indices go.
+
+    Returns:
+        A generator of, per chunk: its row indices, where it sits in the flat tensors (a slice when
+        every position is used, else those indices), its labels, its KD rows (None: all of them), its
+        teacher rows.
+    """
     rows = _rows(n, labels, kd_mask, teacher is not None, device)
     dense = rows.numel() == n  # every position is used: slices (views) instead of gathers
     all_kd = _all_kd(kd_mask, rows, dense)
@@ -250,8 +299,26 @@ class _ChunkedDistillLoss(torch.autograd.Function):
 
 
 def prepare(student_shape, labels, mask, teacher, loss, temperature, beta):
-    """Check the settings and flatten the inputs of a pass over logits of ``student_shape``:
-    (labels, KD mask, teacher logits or None, top-K teacher over all positions or None)."""
+    """Check the settings and flatten the inputs of a pass over logits of ``student_shape``.
+
+    Args:
+        student_shape: the student logits' shape ``(..., V)``.
+        labels: ``(...)`` labels, or None.
+        mask: boolean ``(...)`` KD mask, or None.
+        teacher: the teacher's logits ``(..., V_t)``, a :class:`LazyLogits`, a :class:`TopK` over the
+            KD positions, or None.
+        loss: the KD divergence.
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+
+    Returns:
+        ``(labels, KD mask, teacher logits or None, top-K teacher over all positions or None)``, flattened.
+
+    Raises:
+        ValueError: a temperature <= 0, a ``beta`` outside [0, 1], a loss not in :data:`KD_LOSSES`, a mask
+            whose shape is not the logits' leading shape, or a top-K teacher whose rows are not the
+            masked positions.
+    """
     lead = student_shape[:-1]
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -291,12 +358,28 @@ def chunked_distill_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ce_weight * CE_sum + kd_weight * KD_sum`` over chunks of positions, with its exact gradient.
 
-    ``student_logits`` ``(..., V)``; ``teacher`` is the teacher's logits ``(..., V_t)``, a
-    :class:`TopK` over the KD positions (in their flattened order), or None (CE only);
-    ``labels`` ``(...)`` with ``-100`` for ignored positions or None (KD only); ``kd_mask``
-    selects the KD positions (None = all).  ``kd_vocab`` restricts KD to the first columns (teacher
-    and student vocabularies differing by padding rows).  Returns ``(loss, ce_sum, kd_sum)``; only
-    ``loss`` carries a gradient.
+    Args:
+        student_logits: ``(..., V)``.
+        teacher: the teacher's logits ``(..., V_t)``, a :class:`TopK` over the KD positions (in their
+            flattened order), or None (CE only).
+        labels: ``(...)`` with ``-100`` for ignored positions, or None (KD only).
+        kd_mask: selects the KD positions (None = all).
+        loss: the KD divergence (one of :data:`KD_LOSSES`).
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+        ce_weight: the CE weight.
+        kd_weight: the KD weight.
+        kd_vocab: restricts KD to the first columns (teacher and student vocabularies differing by
+            padding rows).
+        chunk_size: positions per chunk (:func:`auto_chunk_size` when None).
+
+    Returns:
+        ``(loss, ce_sum, kd_sum)``; only ``loss`` carries a gradient.
+
+    Raises:
+        ValueError: a temperature <= 0, a ``beta`` outside [0, 1], a loss not in :data:`KD_LOSSES`, a mask
+            whose shape is not the logits' leading shape, or a top-K teacher whose rows are not the
+            masked positions.
     """
     v = student_logits.shape[-1]
     labels, kd_mask, t_logits, topk = prepare(student_logits.shape, labels, kd_mask, teacher, loss, temperature, beta)
@@ -323,13 +406,41 @@ def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
 
 def chunked_kd_loss(student_logits, teacher, mask=None, *, loss="forward_kl", temperature=1.0, beta=0.5,
                     chunk_size=None) -> torch.Tensor:
-    """Drop-in for :func:`lmkd.losses.token_kd_loss` (same value and gradient), chunked."""
+    """Drop-in for :func:`lmkd.losses.token_kd_loss` (same value and gradient), chunked.
+
+    Args:
+        student_logits: ``(..., V)``.
+        teacher: the teacher's logits ``(..., V)`` or a :class:`TopK` over the masked positions.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        loss: the KD divergence (one of :data:`KD_LOSSES`).
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+        chunk_size: positions per chunk (:func:`auto_chunk_size` when None).
+
+    Returns:
+        The 0-dim KD sum.
+
+    Raises:
+        ValueError: a temperature <= 0, a ``beta`` outside [0, 1], a loss not in :data:`KD_LOSSES`, a mask
+            whose shape is not the logits' leading shape, or a top-K teacher whose rows are not the
+            masked positions.
+    """
     return chunked_distill_loss(student_logits, teacher, None, mask, loss=loss, temperature=temperature,
                                 beta=beta, ce_weight=0.0, chunk_size=chunk_size)[0]
 
 
 def chunked_cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, chunk_size=None) -> torch.Tensor:
-    """Drop-in for :func:`lmkd.losses.cross_entropy` (summed), chunked."""
+    """Drop-in for :func:`lmkd.losses.cross_entropy` (summed), chunked.
+
+    Args:
+        logits: ``(..., V)``.
+        labels: ``(...)`` label ids.
+        ignore_index: the label of positions that count in no loss.
+        chunk_size: positions per chunk (:func:`auto_chunk_size` when None).
+
+    Returns:
+        The 0-dim CE sum.
+    """
     if ignore_index != IGNORE_INDEX:
         labels = torch.where(labels.eq(ignore_index), torch.full_like(labels, IGNORE_INDEX), labels)
     return chunked_distill_loss(logits, None, labels, None, kd_weight=0.0, chunk_size=chunk_size)[0]
@@ -343,7 +454,15 @@ class Head:
     """The student's output layer as the plain model applies it:
     ``z = (hidden @ weight.T + bias + extra_bias) * scale``, then ``cap * tanh(z / cap)`` when
     ``softcap`` is set (Gemma's final soft-capping; Cohere's ``logit_scale``; Marian's
-    ``final_logits_bias`` as ``extra_bias``)."""
+    ``final_logits_bias`` as ``extra_bias``).
+
+    Args:
+        weight: ``(V, H)``.
+        bias: ``(V,)``, or None.
+        extra_bias: added after the bias (Marian's ``final_logits_bias``), or None.
+        scale: the logit scale.
+        softcap: the soft-cap ``cap``, or None.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
@@ -352,7 +471,14 @@ class Head:
     softcap: float | None = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The full logits (the plain path, for reference and for checks)."""
+        """The full logits (the plain path, for reference and for checks).
+
+        Args:
+            hidden: ``(..., H)`` final hidden states.
+
+        Returns:
+            ``(..., V)`` logits.
+        """
         z = F.linear(hidden, self.weight, self.bias)
         if self.extra_bias is not None:
             z = z + self.extra_bias

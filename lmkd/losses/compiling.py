@@ -16,7 +16,14 @@ logger = logging.getLogger(__name__)
 
 
 def compilable(device: torch.device) -> bool:
-    """Whether torch.compile (Inductor/Triton) can run the per-chunk functions on ``device``."""
+    """Whether torch.compile (Inductor/Triton) can run the per-chunk functions on ``device``.
+
+    Args:
+        device: where the chunk's tensors are.
+
+    Returns:
+        True on a CUDA GPU of compute capability 7.0 or above with Triton installed.
+    """
     if device.type != "cuda" or not hasattr(torch, "compile") or importlib.util.find_spec("triton") is None:
         return False
     return torch.cuda.get_device_capability(device) >= (7, 0)
@@ -24,7 +31,12 @@ def compilable(device: torch.device) -> bool:
 
 class Compiled:
     """``fn`` compiled on first use on a capable CUDA GPU, eager everywhere else; a compile that
-    fails is logged once and ``fn`` runs eagerly from then on (its inputs are never modified in place)."""
+    fails is logged once and ``fn`` runs eagerly from then on (its inputs are never modified in place).
+    Called as ``fn(s, *args)``; ``s``'s device decides (:func:`compilable`).
+
+    Args:
+        fn: the per-chunk function.
+    """
 
     def __init__(self, fn):
         self.fn, self.compiled, self.broken = fn, None, False

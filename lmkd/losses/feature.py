@@ -76,7 +76,18 @@ def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 
 def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, T, D) -> (B, D)``: the mean over each sequence's selected tokens (0 for an empty one)."""
+    """``(B, T, D) -> (B, D)``: the mean over each sequence's selected tokens (0 for an empty one).
+
+    Args:
+        hidden: ``(B, T, D)`` hidden states.
+        mask: ``(B, T)`` of the selected tokens (all when None).
+
+    Returns:
+        ``(B, D)``, in ``hidden``'s dtype.
+
+    Raises:
+        ValueError: the mask's shape is not ``(B, T)``.
+    """
     hidden = at_least_float32(hidden)
     if mask is None:
         return hidden.mean(1)
@@ -87,7 +98,20 @@ def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_d (h_s - h_t)^2`` per token, summed over the selected tokens (Shleifer & Rush 2020).
-    Both hidden sizes must be equal (see :func:`hint_loss` otherwise)."""
+    Both hidden sizes must be equal (see :func:`hint_loss` otherwise).
+
+    Args:
+        student: ``(..., D)`` student hidden states.
+        teacher: ``(..., D)`` teacher hidden states, the same positions.
+        mask: ``(...)`` of the selected tokens (all when None).
+
+    Returns:
+        The 0-dim sum over the selected tokens, in at least float32.
+
+    Raises:
+        ValueError: the two sides' positions differ, or the mask's shape is not theirs; the hidden sizes
+            differ.
+    """
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(f"hidden sizes differ ({student.shape[-1]} vs {teacher.shape[-1]}); project the "
                          "student first (hint_loss)")
@@ -98,7 +122,21 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
                   eps: float = 1e-8) -> torch.Tensor:
     """DistilBERT's ``alpha_cos`` term: ``1 - cos(h_s, h_t)`` per token, summed over the selected
-    tokens.  Unchanged when either side is scaled by a positive factor."""
+    tokens.  Unchanged when either side is scaled by a positive factor.
+
+    Args:
+        student: ``(..., D)`` student hidden states.
+        teacher: ``(..., D)`` teacher hidden states, the same positions.
+        mask: ``(...)`` of the selected tokens (all when None).
+        eps: the smallest norm in the cosine's denominator.
+
+    Returns:
+        The 0-dim sum over the selected tokens, in at least float32.
+
+    Raises:
+        ValueError: the two sides' positions differ, or the mask's shape is not theirs; the hidden sizes
+            differ.
+    """
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(f"hidden sizes differ ({student.shape[-1]} vs {teacher.shape[-1]}); project the "
                          "student first (hint_loss)")
@@ -108,7 +146,21 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
                 *, loss: str = "mse") -> torch.Tensor:
-    """One of :data:`HIDDEN_LOSSES` by name, summed over the selected tokens."""
+    """One of :data:`HIDDEN_LOSSES` by name, summed over the selected tokens.
+
+    Args:
+        student: ``(..., D)`` student hidden states.
+        teacher: ``(..., D)`` teacher hidden states, the same positions.
+        mask: ``(...)`` of the selected tokens (all when None).
+        loss: ``mse`` (:func:`hidden_mse`) or ``cosine`` (:func:`hidden_cosine`).
+
+    Returns:
+        The 0-dim sum over the selected tokens, in at least float32.
+
+    Raises:
+        ValueError: the two sides' positions differ, or the mask's shape is not theirs; the hidden sizes
+            differ; an unknown loss.
+    """
     if loss == "mse":
         return hidden_mse(student, teacher, mask)
     if loss == "cosine":
@@ -119,9 +171,23 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
 def hint_loss(student: torch.Tensor, teacher: torch.Tensor, projection: torch.nn.Module | None,
               mask: torch.Tensor | None = None, *, loss: str = "mse") -> torch.Tensor:
     """FitNets' hint loss: the student's hidden states mapped to the teacher's size by a learned
-    ``projection`` (the regressor, e.g. ``nn.Linear(d_s, d_t)``) and compared with
-    :func:`hidden_loss`.  ``projection=None`` compares them directly (equal sizes).  Only the
-    selected tokens go through the projection, cast to its dtype."""
+    ``projection`` and compared with :func:`hidden_loss`.  Only the selected tokens go through the
+    projection, cast to its dtype.
+
+    Args:
+        student: ``(..., D_s)`` student hidden states.
+        teacher: ``(..., D_t)`` teacher hidden states.
+        projection: the regressor, e.g. ``nn.Linear(d_s, d_t)``; None compares them directly (equal sizes).
+        mask: ``(...)`` of the selected tokens (all when None).
+        loss: one of :data:`HIDDEN_LOSSES`.
+
+    Returns:
+        The 0-dim sum over the selected tokens, in at least float32.
+
+    Raises:
+        ValueError: the two sides' positions differ, or the mask's shape is not theirs; the sizes differ after
+            the projection; an unknown loss.
+    """
     student, teacher = _token_rows(student, teacher, mask)
     if projection is not None:
         weight = next(projection.parameters(), None)
@@ -150,6 +216,20 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
     are therefore left out and both rows renormalised over the remaining keys: the loss compares
     the two distributions restricted to the keys the student kept (without dropout this is the
     plain loss, since softmax weights are positive).
+
+    Args:
+        student: ``(B, H_s, T, T)`` student attention weights.
+        teacher: ``(B, H_t, T, T)`` teacher attention weights.
+        mask: ``(B, T)`` of the selected positions (all when None).
+        loss: one of :data:`ATTENTION_LOSSES`.
+        eps: the floor of the probabilities inside the logarithms.
+
+    Returns:
+        The 0-dim sum over the selected query positions, in at least float32.
+
+    Raises:
+        ValueError: maps not 4-dimensional, or that do not align; an unknown loss; a mask for maps whose
+            queries are not their keys.
     """
     if student.dim() != 4 or teacher.dim() != 4:
         raise ValueError("attention maps must have shape (batch, heads, queries, keys)")
@@ -196,8 +276,15 @@ def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD-D (Park et al. 2019, eq. 4): distances ``||x_i - x_j||`` of each side divided by their
     mean over the pairs ``i != j``, compared with the Huber loss (smooth L1, delta 1); the mean over
-    the ``N (N - 1)`` ordered pairs ``i != j``.  ``student`` ``(N, D_s)``, ``teacher``
-    ``(N, D_t)``; 0 for ``N < 2``."""
+    the ``N (N - 1)`` ordered pairs ``i != j``.
+
+    Args:
+        student: ``(N, D_s)`` student vectors.
+        teacher: ``(N, D_t)`` teacher vectors, the same ``N``.
+
+    Returns:
+        The 0-dim loss; 0 for ``N < 2``.
+    """
     s, t = at_least_float32(student), at_least_float32(teacher)
     n = s.shape[0]
     if n < 2:
@@ -212,8 +299,16 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD-A (Park et al. 2019, eq. 5): for each triple the cosine of the angle at vertex ``j``,
     ``<e(x_i - x_j), e(x_k - x_j)>`` with ``e`` the unit vector, compared with the Huber loss;
-    the mean over the ``N (N - 1)^2`` triples with ``i != j`` and ``k != j``.  0 for ``N < 2``.
-    Memory grows as ``N^2 D`` (and ``N^3`` for the cosines)."""
+    the mean over the ``N (N - 1)^2`` triples with ``i != j`` and ``k != j``.  Memory grows as
+    ``N^2 D`` (and ``N^3`` for the cosines).
+
+    Args:
+        student: ``(N, D_s)`` student vectors.
+        teacher: ``(N, D_t)`` teacher vectors, the same ``N``.
+
+    Returns:
+        The 0-dim loss; 0 for ``N < 2``.
+    """
     s, t = at_least_float32(student), at_least_float32(teacher)
     n = s.shape[0]
     if n < 2:
@@ -231,7 +326,17 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: f
              angle_weight: float = 2.0) -> torch.Tensor:
     """Relational KD: ``distance_weight * RKD-D + angle_weight * RKD-A``; the default 1:2 ratio is
     Park et al.'s (their RKD-DA).  Invariant to rotations, translations and scaling of either
-    side and to its feature dimension."""
+    side and to its feature dimension.
+
+    Args:
+        student: ``(N, D_s)`` student vectors.
+        teacher: ``(N, D_t)`` teacher vectors, the same ``N``.
+        distance_weight: the weight of :func:`rkd_distance_loss`.
+        angle_weight: the weight of :func:`rkd_angle_loss`.
+
+    Returns:
+        The 0-dim loss.
+    """
     loss = student.new_zeros((), dtype=torch.float32)
     if distance_weight:
         loss = loss + distance_weight * rkd_distance_loss(student, teacher)
@@ -243,7 +348,15 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: f
 def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Similarity-Preserving KD (Tung & Mori 2019, eq. 3-4): Gram matrices ``G = X X^T``
     ``(N, N)`` of each side, each row L2-normalised, and ``||G_s - G_t||_F^2 / N^2``.  Invariant
-    to rotations and scaling of either side and to its feature dimension."""
+    to rotations and scaling of either side and to its feature dimension.
+
+    Args:
+        student: ``(N, D_s)`` student vectors.
+        teacher: ``(N, D_t)`` teacher vectors, the same ``N``.
+
+    Returns:
+        The 0-dim loss.
+    """
     s, t = at_least_float32(student), at_least_float32(teacher)
     n = s.shape[0]
     if n == 0:
@@ -269,14 +382,26 @@ def _sp_per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.T
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
                   *, loss: str = "rkd", pooling: str = "mean") -> torch.Tensor:
-    """Relational loss (``"rkd"`` or ``"sp"``) between hidden states ``(B, T, D_s)`` and
-    ``(B, T, D_t)``, **summed over examples**.
+    """Relational loss (``"rkd"`` or ``"sp"``) between hidden states, **summed over examples**.
 
     ``pooling="mean"``: each sequence is the masked mean of its tokens, the relations are among
     the ``B`` pooled vectors, and the returned value is that batch loss times ``B``.
     ``pooling="token"``: the relations are among the selected tokens of each sequence (so the
     loss is defined for a batch of one) and the returned value is the sum over sequences.
     Dividing by the number of examples gives a mean per example in both cases.
+
+    Args:
+        student: ``(B, T, D_s)`` student hidden states.
+        teacher: ``(B, T, D_t)`` teacher hidden states.
+        mask: ``(B, T)`` of the selected tokens (all when None).
+        loss: one of :data:`RELATION_LOSSES`.
+        pooling: one of :data:`RELATION_POOLINGS`.
+
+    Returns:
+        The 0-dim sum over examples.
+
+    Raises:
+        ValueError: an unknown loss or pooling; the two sides' positions differ.
     """
     if loss not in RELATION_LOSSES:
         raise ValueError(f"unknown relation loss {loss!r}; choose one of {', '.join(RELATION_LOSSES)}")

@@ -95,9 +95,27 @@ def fused_linear_distill_loss(
     """:func:`lmkd.losses.chunked.chunked_distill_loss` of ``head.logits(hidden)`` without materialising
     those logits.
 
-    ``hidden`` ``(..., H)`` are the student's final hidden states (what its head receives);
-    gradients flow to ``hidden``, ``head.weight`` and ``head.bias``.  Returns
-    ``(loss, ce_sum, kd_sum)``.
+    Args:
+        hidden: ``(..., H)``: the student's final hidden states (what its head receives).
+        head: the student's output layer.
+        teacher: the teacher's logits ``(..., V_t)``, a :class:`lmkd.losses.chunked.LazyLogits`, a
+            :class:`~lmkd.losses.topk.TopK` over the KD positions, or None (CE only).
+        labels: ``(...)`` with ``-100`` for ignored positions, or None (KD only).
+        kd_mask: selects the KD positions (None = all).
+        loss: the KD divergence (one of :data:`lmkd.losses.token.KD_LOSSES`).
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+        ce_weight: the CE weight.
+        kd_weight: the KD weight.
+        kd_vocab: restricts KD to the first columns (vocabularies differing by padding rows).
+        chunk_size: positions per chunk (:func:`lmkd.losses.chunked.auto_chunk_size` when None).
+
+    Returns:
+        ``(loss, ce_sum, kd_sum)``; gradients flow from ``loss`` to ``hidden``, ``head.weight`` and
+        ``head.bias``.
+
+    Raises:
+        ValueError: the settings :func:`lmkd.losses.chunked.prepare` refuses.
     """
     h = hidden.shape[-1]
     v = head.weight.shape[0]

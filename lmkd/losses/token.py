@@ -38,19 +38,45 @@ __all__ = ["IGNORE_INDEX", "KD_LOSSES", "PLAIN_KD_LOSSES", "mask_from_labels", "
 
 
 def mask_from_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Boolean mask of the positions whose label is not ``ignore_index``."""
+    """Boolean mask of the positions whose label is not ``ignore_index``.
+
+    Args:
+        labels: the label ids.
+        ignore_index: the label of positions that count in no loss.
+
+    Returns:
+        A bool tensor of ``labels``' shape.
+    """
     return labels.ne(ignore_index)
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` up-cast to float32 when it is half precision (bf16/fp16); float32 and float64 stay as
-    they are.  Every loss of :mod:`lmkd.losses` computes in this dtype."""
+    they are.  Every loss of :mod:`lmkd.losses` computes in this dtype.
+
+    Args:
+        x: a tensor.
+
+    Returns:
+        ``x`` in float32, or as it was when already float32/float64.
+    """
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def masked_rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Flatten to ``(N, V)`` keeping only the masked positions, in at least float32 (every token-level
-    loss here and in :mod:`lmkd.losses.uld` reads its logits through this)."""
+    loss here and in :mod:`lmkd.losses.uld` reads its logits through this).
+
+    Args:
+        logits: ``(..., V)`` logits.
+        mask: boolean ``(...)`` of the positions to keep (all when None).
+
+    Returns:
+        ``(N, V)``: the kept positions' rows.
+
+    Raises:
+        ValueError: the mask's shape is not the logits' leading shape.
+    """
     v = logits.shape[-1]
     if mask is not None:
         if mask.shape != logits.shape[:-1]:
@@ -76,6 +102,18 @@ def forward_kl(
 
     The ``tau^2`` factor keeps the gradient magnitude independent of the temperature
     (Hinton et al., 2015, section 2).
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
     """
     s = masked_rows(student_logits, mask) / temperature
     t = masked_rows(teacher_logits, mask) / temperature
@@ -89,7 +127,20 @@ def reverse_kl(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Mode-seeking ``tau^2 * KL(p_s^tau || p_t^tau)``, summed over positions (MiniLLM, GKD)."""
+    """Mode-seeking ``tau^2 * KL(p_s^tau || p_t^tau)``, summed over positions (MiniLLM, GKD).
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+    """
     s = masked_rows(student_logits, mask) / temperature
     t = masked_rows(teacher_logits, mask) / temperature
     kl = _kl_from_log_probs(F.log_softmax(s, -1), F.log_softmax(t, -1))
@@ -111,6 +162,20 @@ def generalized_jsd(
 
     ``beta = 0`` is defined as the forward KL ``KL(p_t || p_s)`` and ``beta = 1`` as the reverse KL
     ``KL(p_s || p_t)`` (the interpolation itself vanishes at both ends).  Scaled by ``tau^2``.
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        beta: the teacher's weight in the mixture, in [0, 1].
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+        ValueError: ``beta`` outside [0, 1].
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -159,6 +224,20 @@ def skew_kl(
     ``skewed_forward_kl`` returns the cross-entropy ``-sum p log(mixture)``, this KL plus the teacher's
     entropy: the same gradient, a different value (tests/test_skew_taid.py); lmkd keeps the KL, which
     is 0 when the two agree.
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        alpha: the teacher's weight in the mixture, in [0, 1].
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+        ValueError: ``alpha`` outside [0, 1].
     """
     log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
     log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
@@ -172,10 +251,26 @@ def skew_reverse_kl(
     alpha: float = 0.1,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Skew reverse KL of DistiLLM (Ko et al., 2024, eq. 3): ``KL(q || (1 - alpha) p + alpha q)``,
+    """Skew reverse KL of DistiLLM (Ko et al., 2024, eq. 3): ``KL(q || (1 - alpha) p + alpha q)``.
+
     ``p`` the teacher, ``q`` the student (temperature ``tau``, gradient through both places ``q``
     appears).  ``alpha = 0`` is the reverse KL ``KL(q || p)``; ``alpha = 1`` is identically 0.
-    Scaled by ``tau^2``, summed over positions."""
+    Scaled by ``tau^2``, summed over positions.
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        alpha: the student's weight in the mixture, in [0, 1].
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+        ValueError: ``alpha`` outside [0, 1].
+    """
     log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
     log_t = F.log_softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     return _skew(log_s, log_t, alpha).sum() * temperature**2
@@ -194,6 +289,20 @@ def taid_kl(
 
     ``t = 1`` is the forward KL ``KL(p || q)``; ``t = 0`` is 0 (the student is its own target).  The
     schedule of ``t`` over training is :class:`TaidSchedule`.  Scaled by ``tau^2``, summed over positions.
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        t: the interpolation parameter, in [0, 1].
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+        ValueError: ``t`` outside [0, 1].
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"TAID t must be in [0, 1], got {t}")
@@ -219,6 +328,16 @@ class TaidSchedule:
     :meth:`at` gives ``t`` for a batch of optimizer step ``step``; :meth:`observe` records that batch's
     mean loss (the adaptive update of a step happens when the next step's first batch asks).  The
     momentum lives in memory: a resumed run restarts it at 0 (``t`` restarts on the linear schedule).
+
+    Args:
+        t_start: ``t`` at step 0.
+        t_end: ``t`` at the last step (and the most the adaptive schedule reaches).
+        adaptive: use the adaptive schedule.
+        alpha: the adaptive step size.
+        beta: the momentum of the adaptive update.
+
+    Raises:
+        ValueError: not ``0 <= t_start <= t_end <= 1``.
     """
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, adaptive: bool = False, alpha: float = 5e-4,
@@ -233,12 +352,29 @@ class TaidSchedule:
         self._sum, self._n = 0.0, 0
 
     def linear(self, step: int, max_steps: int) -> float:
-        """The linear schedule at ``step`` of ``max_steps`` (``t_start`` when ``max_steps`` is unknown, <= 0)."""
+        """The linear schedule at ``step`` of ``max_steps``.
+
+        Args:
+            step: the optimizer steps taken.
+            max_steps: the run's optimizer steps (unknown when <= 0).
+
+        Returns:
+            ``t`` on the linear schedule (``t_start`` when ``max_steps`` is unknown).
+        """
         progress = min(1.0, step / max_steps) if max_steps > 0 else 0.0
         return self.t_start + (self.t_end - self.t_start) * progress
 
     def at(self, step: int, max_steps: int) -> float:
-        """``t`` for the batches of optimizer step ``step`` (0-based: the number of steps already taken)."""
+        """``t`` for the batches of optimizer step ``step``.
+
+        Args:
+            step: 0-based: the number of optimizer steps already taken.
+            max_steps: the run's optimizer steps (unknown when <= 0).
+
+        Returns:
+            ``t``; with the adaptive schedule, the first batch of a new step applies the update of the
+            steps before it.
+        """
         if not self.adaptive:
             self.t = self.linear(step, max_steps)
             return self.t
@@ -249,7 +385,14 @@ class TaidSchedule:
         return self.t
 
     def observe(self, loss: float) -> None:
-        """Record the mean TAID loss of one batch of the current step (adaptive schedule only)."""
+        """Record the mean TAID loss of one batch of the current step (adaptive schedule only).
+
+        Args:
+            loss: the batch's mean TAID loss (a non-finite one is ignored).
+
+        Returns:
+            None.
+        """
         if self.adaptive and math.isfinite(loss):
             self._sum += loss
             self._n += 1
@@ -272,7 +415,19 @@ def logit_mse(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logit matching (Bucila et al., 2006; Ba & Caruana, 2014): ``mean_v (z_s - z_t)^2``,
-    summed over positions.  No temperature: it is the ``tau -> inf`` limit of the KD loss."""
+    summed over positions.  No temperature: it is the ``tau -> inf`` limit of the KD loss.
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+    """
     s = masked_rows(student_logits, mask)
     t = masked_rows(teacher_logits, mask)
     return (s - t).pow(2).mean(-1).sum()
@@ -281,7 +436,16 @@ def logit_mse(
 def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """Hard-label cross-entropy summed over the positions whose label is not ``ignore_index``."""
+    """Hard-label cross-entropy summed over the positions whose label is not ``ignore_index``.
+
+    Args:
+        logits: ``(..., V)`` logits.
+        labels: ``(...)`` label ids.
+        ignore_index: the label of positions that count in no loss.
+
+    Returns:
+        The 0-dim sum, in at least float32.
+    """
     return F.cross_entropy(
         at_least_float32(logits.reshape(-1, logits.shape[-1])),
         labels.reshape(-1),
@@ -301,8 +465,25 @@ def token_kd_loss(
     skew_alpha: float = 0.1,
     taid_t: float = 1.0,
 ) -> torch.Tensor:
-    """One of :data:`KD_LOSSES` or :data:`PLAIN_KD_LOSSES` by name, summed over the masked positions
-    (``beta`` for jsd, ``skew_alpha`` for skew_kl / skew_reverse_kl, ``taid_t`` for taid)."""
+    """One of :data:`KD_LOSSES` or :data:`PLAIN_KD_LOSSES` by name, summed over the masked positions.
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        loss: the loss's name.
+        beta: for ``jsd``.
+        skew_alpha: for ``skew_kl`` / ``skew_reverse_kl``.
+        taid_t: for ``taid``.
+        temperature: the softmax temperature ``tau`` (> 0).
+
+    Returns:
+        The 0-dim float32 (or float64) sum over the masked positions.
+
+    Raises:
+        ValueError: a mask whose shape is not the logits' leading shape.
+        ValueError: an unknown loss name, or a parameter out of its range.
+    """
     if loss == "skew_kl":
         return skew_kl(student_logits, teacher_logits, mask, skew_alpha, temperature)
     if loss == "skew_reverse_kl":
@@ -331,7 +512,19 @@ def hinton_loss(
 ) -> torch.Tensor:
     """The combined objective ``(1 - alpha) * CE(y, p_s^1) + alpha * tau^2 KL(p_t^tau || p_s^tau)``,
     each term averaged over the labelled positions (a convenience for single-batch use; the trainer
-    normalises the two sums itself)."""
+    normalises the two sums itself).
+
+    Args:
+        student_logits: ``(..., V)`` student logits.
+        teacher_logits: ``(..., V)`` teacher logits, the same shape.
+        labels: ``(...)`` label ids; positions labelled ``ignore_index`` count in neither term.
+        alpha: the weight of the KD term.
+        temperature: the KD term's temperature ``tau``.
+        ignore_index: the label of positions that count in no loss.
+
+    Returns:
+        The 0-dim combined loss.
+    """
     mask = mask_from_labels(labels, ignore_index)
     n = mask.sum().clamp(min=1)
     ce = cross_entropy(student_logits, labels, ignore_index)

@@ -30,10 +30,16 @@ TOPK_KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
 @dataclass
 class TopK:
-    """A top-K teacher for a set of positions: token ids ``(N, K)``, their log-probabilities
-    ``(N, K)`` and the log of the remaining mass ``(N,)`` (``-inf`` when the top-K holds it all);
-    optionally ``M`` token ids per position drawn (with replacement) from the teacher's distribution
-    outside the top-K, ``sample_ids`` ``(N, M)``, with their log-probabilities ``sample_logprobs``."""
+    """A top-K teacher for a set of positions.
+
+    Args:
+        ids: token ids ``(N, K)``.
+        logprobs: their log-probabilities ``(N, K)``.
+        tail: the log of the remaining mass ``(N,)`` (``-inf`` when the top-K holds it all).
+        sample_ids: optionally ``M`` token ids per position drawn (with replacement) from the
+            teacher's distribution outside the top-K, ``(N, M)``.
+        sample_logprobs: their log-probabilities ``(N, M)``.
+    """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -42,22 +48,50 @@ class TopK:
     sample_logprobs: torch.Tensor | None = None
 
     def map(self, fn) -> TopK:
-        """A TopK of ``fn(t)`` for each of its tensors (absent samples stay None)."""
+        """A TopK of ``fn(t)`` for each of its tensors (absent samples stay None).
+
+        Args:
+            fn: a function of a tensor.
+
+        Returns:
+            The new :class:`TopK`.
+        """
         return TopK(*(None if t is None else fn(t) for t in
                       (self.ids, self.logprobs, self.tail, self.sample_ids, self.sample_logprobs)))
 
     def rows(self, index: torch.Tensor) -> TopK:
+        """The teacher at some positions.
+
+        Args:
+            index: the rows to take (an index tensor, a boolean mask or a slice).
+
+        Returns:
+            A :class:`TopK` of those rows.
+        """
         return self.map(lambda t: t[index])
 
     @property
     def sampled(self) -> bool:
+        """Whether the cache holds sampled tail tokens (at least one per position)."""
         return self.sample_ids is not None and self.sample_ids.shape[-1] > 0
 
 
 def bucket_divergence(lt: torch.Tensor, ls: torch.Tensor, loss: str, beta: float):
-    """Per-row divergence between teacher log-probs ``lt`` and student log-probs ``ls`` over the
-    same buckets ``(n, B)``, and ``h = P_s * dL/dP_s`` (the gradient w.r.t. the student's
-    probabilities times those probabilities: finite wherever the loss is)."""
+    """Per-row divergence between teacher and student log-probs over the same buckets.
+
+    Args:
+        lt: the teacher's log-probs ``(n, B)``.
+        ls: the student's log-probs ``(n, B)``.
+        loss: the divergence (one of :data:`lmkd.losses.token.KD_LOSSES` but ``mse``).
+        beta: the ``jsd`` mixture weight.
+
+    Returns:
+        ``(rows, h)``: the divergence per row ``(n,)``, and ``h = P_s * dL/dP_s`` (the gradient w.r.t.
+        the student's probabilities times those probabilities: finite wherever the loss is).
+
+    Raises:
+        ValueError: an unknown loss.
+    """
     zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
     if loss == "jsd" and beta == 0.0:
         loss = "forward_kl"
@@ -143,9 +177,22 @@ def _kd_sampled(s: torch.Tensor, teacher: TopK, temperature: float):
 
 
 def topk_kd_chunk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float, beta: float):
-    """(sum of the divergence, gradient w.r.t. ``s``) for float32 student logits ``s`` ``(n, V)``
-    against a top-K teacher with one tail bucket (or, for the forward KL, with the teacher's
-    sampled tail when the cache holds one): the closed form the chunked losses use."""
+    """The closed form the chunked losses use against a top-K teacher with one tail bucket (or, for the
+    forward KL, with the teacher's sampled tail when the cache holds one).
+
+    Args:
+        s: float32 student logits ``(n, V)``.
+        teacher: the top-K teacher of those rows.
+        loss: the divergence (one of :data:`TOPK_KD_LOSSES`).
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+
+    Returns:
+        ``(sum of the divergence, gradient w.r.t. s)``.
+
+    Raises:
+        ValueError: a loss a top-K cache does not support (not in :data:`TOPK_KD_LOSSES`).
+    """
     if loss not in TOPK_KD_LOSSES:
         raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
                          f"{', '.join(TOPK_KD_LOSSES)}")
@@ -191,7 +238,21 @@ def topk_kd_loss(student_logits, teacher: TopK, mask=None, *, loss="forward_kl",
     teacher's bucket distribution is its K log-probs plus its log tail mass, renormalised (fp16
     rounding) and tempered as K + 1 logits; the student's is its tempered softmax summed into the
     same buckets.  With K = V the tail is empty and this is exactly :func:`lmkd.losses.token_kd_loss`.
-    ``teacher`` holds one row per selected position (in flattened order).  Plain autograd.
+    Plain autograd.
+
+    Args:
+        student_logits: ``(..., V)``.
+        teacher: one row per selected position (in flattened order).
+        mask: boolean ``(...)`` of the selected positions (all when None).
+        loss: the divergence (one of :data:`TOPK_KD_LOSSES`).
+        temperature: its temperature.
+        beta: the ``jsd`` mixture weight.
+
+    Returns:
+        The 0-dim sum, scaled by ``tau^2``.
+
+    Raises:
+        ValueError: a loss a top-K cache does not support (not in :data:`TOPK_KD_LOSSES`).
     """
     if loss not in TOPK_KD_LOSSES:
         raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "

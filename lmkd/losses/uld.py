@@ -43,7 +43,15 @@ __all__ = ["CROSS_KD_LOSSES", "sorted_l1", "uld_loss", "uld_hybrid_loss", "cross
 
 
 def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``sum_i |sort(p)_i - sort(q)_i|`` (both sorted decreasing, the shorter zero-padded)."""
+    """Row-wise ``sum_i |sort(p)_i - sort(q)_i|`` (both sorted decreasing, the shorter zero-padded).
+
+    Args:
+        p: ``(n, V_p)`` probabilities.
+        q: ``(n, V_q)`` probabilities.
+
+    Returns:
+        ``(n,)`` distances.
+    """
     v = max(p.shape[-1], q.shape[-1])
     p = F.pad(p.sort(-1, descending=True).values, (0, v - p.shape[-1]))
     q = F.pad(q.sort(-1, descending=True).values, (0, v - q.shape[-1]))
@@ -52,7 +60,17 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
              temperature: float = 1.0) -> torch.Tensor:
-    """ULD: the sorted-probability L1 distance per position, summed over the masked positions."""
+    """ULD: the sorted-probability L1 distance per position, summed over the masked positions.
+
+    Args:
+        student_logits: ``(..., V_s)`` student logits (its own vocabulary).
+        teacher_logits: ``(..., V_t)`` teacher logits, the same positions (the teacher's vocabulary).
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        temperature: the softmax temperature.
+
+    Returns:
+        The 0-dim sum.
+    """
     s = F.softmax(masked_rows(student_logits, mask) / temperature, -1)
     t = F.softmax(masked_rows(teacher_logits, mask) / temperature, -1)
     return sorted_l1(s, t).sum()
@@ -62,8 +80,24 @@ def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     teacher_shared: torch.Tensor, mask: torch.Tensor | None = None,
                     temperature: float = 1.0) -> torch.Tensor:
     """``tau^2 * sum_{k shared} p_t(k) log(p_t(k) / p_s(k))`` + ULD of the unshared probabilities,
-    summed over the masked positions.  ``student_shared[i]`` and ``teacher_shared[i]`` are the ids of
-    the same token string in each vocabulary (:func:`lmkd.teacher.cross_tokenizer.shared_vocabulary`)."""
+    summed over the masked positions.
+
+    Args:
+        student_logits: ``(..., V_s)`` student logits (its own vocabulary).
+        teacher_logits: ``(..., V_t)`` teacher logits, the same positions (the teacher's vocabulary).
+        student_shared: ids in the student's vocabulary; ``student_shared[i]`` and
+            ``teacher_shared[i]`` are the ids of the same token string in each vocabulary
+            (:func:`lmkd.teacher.cross_tokenizer.shared_vocabulary`).
+        teacher_shared: the same tokens' ids in the teacher's vocabulary.
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        temperature: the softmax temperature ``tau``.
+
+    Returns:
+        The 0-dim sum.
+
+    Raises:
+        ValueError: the two id lists do not pair one to one (different shapes).
+    """
     if student_shared.shape != teacher_shared.shape:
         raise ValueError("student_shared and teacher_shared must pair ids one to one")
     log_s = F.log_softmax(masked_rows(student_logits, mask) / temperature, -1)
@@ -81,7 +115,22 @@ def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def cross_kd_loss(student_logits, teacher_logits, mask=None, *, loss: str = "uld", temperature: float = 1.0,
                   shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One of :data:`CROSS_KD_LOSSES` by name (``shared``: the id pairs uld_hybrid needs)."""
+    """One of :data:`CROSS_KD_LOSSES` by name.
+
+    Args:
+        student_logits: ``(..., V_s)`` student logits (its own vocabulary).
+        teacher_logits: ``(..., V_t)`` teacher logits, the same positions (the teacher's vocabulary).
+        mask: boolean ``(...)`` of the positions that count (all when None).
+        loss: ``uld`` or ``uld_hybrid``.
+        temperature: the softmax temperature.
+        shared: the ``(student ids, teacher ids)`` pairs ``uld_hybrid`` needs.
+
+    Returns:
+        The 0-dim sum.
+
+    Raises:
+        ValueError: an unknown loss, or ``uld_hybrid`` without ``shared``.
+    """
     if loss == "uld":
         return uld_loss(student_logits, teacher_logits, mask, temperature)
     if loss == "uld_hybrid":

@@ -41,14 +41,32 @@ def _eos_setting(model) -> int | list[int] | None:
 
 
 def eos_token_ids(model) -> set[int]:
-    """The model's end-of-sequence ids: its generation config's, else its config's (one or a list)."""
+    """The model's end-of-sequence ids: its generation config's, else its config's (one or a list).
+
+    Args:
+        model: the model.
+
+    Returns:
+        The ids (empty when it has none).
+    """
     eos = _eos_setting(model)
     return set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
 
 
 def pad_token_id(model, tokenizer=None) -> int:
-    """The id to pad with: the tokenizer's pad (else EOS) id when ``tokenizer`` is given (inputs it
-    tokenised), else the model's pad id (generation config, then config), its lowest EOS id, or 0."""
+    """The id to pad with.
+
+    Args:
+        model: the model.
+        tokenizer: the tokenizer of the inputs, if any.
+
+    Returns:
+        The tokenizer's pad (else EOS) id when ``tokenizer`` is given (inputs it tokenised), else the
+        model's pad id (generation config, then config), its lowest EOS id, or 0.
+
+    Raises:
+        LmkdError: the tokenizer has neither a pad nor an EOS token.
+    """
     if tokenizer is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
@@ -65,7 +83,16 @@ def pad_token_id(model, tokenizer=None) -> int:
 
 
 def trim_at_eos(tokens: list[int], eos: set[int], pad_id: int) -> list[int]:
-    """Generated tokens up to and including the first EOS (without one: trailing padding removed)."""
+    """Generated tokens up to and including the first EOS (without one: trailing padding removed).
+
+    Args:
+        tokens: the generated ids of one row.
+        eos: the EOS ids.
+        pad_id: the padding id.
+
+    Returns:
+        The trimmed ids.
+    """
     for i, t in enumerate(tokens):
         if t in eos:
             return tokens[: i + 1]
@@ -75,8 +102,15 @@ def trim_at_eos(tokens: list[int], eos: set[int], pad_id: int) -> list[int]:
 
 
 def eos_mask(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
-    """True at the generated tokens ``new`` ``(B, T)`` that count: up to and including each row's
-    first EOS (the tensor form of :func:`trim_at_eos`)."""
+    """The tensor form of :func:`trim_at_eos`.
+
+    Args:
+        new: the generated tokens ``(B, T)``.
+        eos: the EOS ids.
+
+    Returns:
+        Boolean ``(B, T)``: True at the tokens that count, up to and including each row's first EOS.
+    """
     is_eos = torch.zeros_like(new, dtype=torch.bool)
     for e in eos:
         is_eos |= new.eq(e)
@@ -85,14 +119,31 @@ def eos_mask(new: torch.Tensor, eos: set[int]) -> torch.Tensor:
 
 
 def longest_first(lengths: Sequence[int]) -> list[int]:
-    """Indices of the inputs, longest first (ties in input order)."""
+    """Indices of the inputs, longest first (ties in input order).
+
+    Args:
+        lengths: the inputs' lengths.
+
+    Returns:
+        The indices.
+    """
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
 def length_batches(order: list[int], lengths: Sequence[int], batch_size: int | None = None,
                    max_tokens: int | None = None) -> Iterator[list[int]]:
     """Consecutive slices of ``order``: ``batch_size`` rows, or as many as fit ``max_tokens`` padded
-    input tokens (and at most ``batch_size`` rows when both are given)."""
+    input tokens (and at most ``batch_size`` rows when both are given).
+
+    Args:
+        order: the input indices, in the order to batch them.
+        lengths: the length of each input (by index).
+        batch_size: the most rows per batch.
+        max_tokens: the most padded input tokens per batch.
+
+    Returns:
+        An iterator of lists of indices.
+    """
     i = 0
     while i < len(order):
         if max_tokens is None:
@@ -109,7 +160,17 @@ def length_batches(order: list[int], lengths: Sequence[int], batch_size: int | N
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as ``(input_ids, attention_mask)`` padded with ``pad_id`` on the left or right."""
+    """Token lists as ``(input_ids, attention_mask)`` padded with ``pad_id`` on the left or right.
+
+    Args:
+        seqs: the token lists.
+        pad_id: the padding id.
+        left: pad on the left (causal LMs) instead of the right.
+        device: where the tensors go.
+
+    Returns:
+        ``(input_ids, attention_mask)``, both ``(len(seqs), longest)``.
+    """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -161,9 +222,27 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
     Inputs are truncated by :func:`lmkd.models.truncation.generation_lengths` (the smaller of
     ``max_source_length`` and the encoder's table; ``max_new_tokens`` lowered to what the
     decoder's table holds), batched by token length (longest first) and the outputs put back in
-    order; a tqdm bar counts examples.  ``stats``, when given, receives the truncation notes
-    (``inputs``, ``new tokens``: :func:`lmkd.models.truncation.truncation_note`).  The model's own
-    generation config applies apart from ``num_beams`` and ``max_new_tokens``.
+    order; a tqdm bar counts examples.  The model's own generation config applies apart from
+    ``num_beams`` and ``max_new_tokens``.
+
+    Args:
+        model: a seq2seq model (or an engine that generates like one).
+        tokenizer: its tokenizer.
+        sources: the input texts.
+        num_beams: the beam size.
+        max_new_tokens: the most new tokens per output.
+        batch_size: inputs per batch.
+        max_source_length: the user's maximum input length (None: the model's).
+        progress: show the tqdm bar.
+        desc: the bar's label.
+        stats: when given, receives the truncation notes (``inputs``, ``new tokens``:
+            :func:`lmkd.models.truncation.truncation_note`).
+
+    Returns:
+        The output texts, stripped.
+
+    Raises:
+        LmkdError: not a sequence-to-sequence model, or no new token fits its position table.
     """
     from tqdm.auto import tqdm
 
@@ -187,13 +266,27 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
 
 
 def generate_fixed_length(model, tokenizer, source: str, new_tokens: int, max_source_length: int | None = 512) -> int:
-    """Greedy decoding of exactly ``new_tokens`` tokens (fewer when the decoder's position table
-    holds fewer: :func:`lmkd.models.truncation.generation_lengths`) for one source at batch 1 (EOS is held
-    off until then: ``min_new_tokens == max_new_tokens``); returns the number of tokens generated.
+    """Greedy decoding of exactly ``new_tokens`` tokens for one source at batch 1 (EOS is held off
+    until then: ``min_new_tokens == max_new_tokens``); fewer when the decoder's position table holds
+    fewer (:func:`lmkd.models.truncation.generation_lengths`).
 
-    What :func:`lmkd.scoring.metrics.measure_speed` times for the per-token speed of an architecture: every
-    model decodes the same number of tokens, whatever it would have said, so a model that writes
-    longer outputs is not counted as slower per token."""
+    What :func:`lmkd.scoring.metrics.measure_speed` times for the per-token speed of an architecture:
+    every model decodes the same number of tokens, whatever it would have said, so a model that
+    writes longer outputs is not counted as slower per token.
+
+    Args:
+        model: a seq2seq model (or an engine that generates like one).
+        tokenizer: its tokenizer.
+        source: the input text.
+        new_tokens: the tokens to decode.
+        max_source_length: the user's maximum input length (None: the model's).
+
+    Returns:
+        The number of tokens generated.
+
+    Raises:
+        LmkdError: not a sequence-to-sequence model, or ``new_tokens`` below 1.
+    """
     if not getattr(model.config, "is_encoder_decoder", False):
         raise LmkdError(f"{type(model).__name__} is not a sequence-to-sequence model; fixed-length decoding "
                         "needs one")
@@ -209,7 +302,15 @@ def generate_fixed_length(model, tokenizer, source: str, new_tokens: int, max_so
 
 def output_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
     """Tokens of each output text under ``tokenizer`` (no special tokens): how long a model's
-    outputs are, in the unit its decoder pays for."""
+    outputs are, in the unit its decoder pays for.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        texts: the output texts.
+
+    Returns:
+        One count per text.
+    """
     if not texts:
         return []
     return [len(ids) for ids in tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]]
@@ -217,8 +318,22 @@ def output_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
 
 def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
              progress: bool = True, desc: str = "classifying", stats: dict | None = None) -> list[int]:
-    """Predicted class ids (argmax of the logits) of a sequence classifier, in input order; inputs
-    truncated to :func:`lmkd.models.truncation.fit_length` (``stats``: as in :func:`generate_texts`)."""
+    """Predicted class ids (argmax of the logits) of a sequence classifier, in input order.
+
+    Args:
+        model: the classifier (or an engine called like one).
+        tokenizer: its tokenizer.
+        texts: the input texts.
+        batch_size: inputs per batch.
+        max_source_length: the user's maximum input length; inputs are truncated to
+            :func:`lmkd.models.truncation.fit_length`.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+        stats: as in :func:`generate_texts`.
+
+    Returns:
+        One class id per text.
+    """
     from tqdm.auto import tqdm
 
     texts = [str(t) for t in texts]
@@ -242,7 +357,16 @@ def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_s
 @torch.no_grad()
 def generate_seeded(model, seed: int, **generate_kwargs) -> torch.Tensor:
     """``model.generate(**generate_kwargs)`` in eval mode with the RNG seeded by ``seed``; the global
-    RNG state and the model's train/eval mode are restored afterwards."""
+    RNG state and the model's train/eval mode are restored afterwards.
+
+    Args:
+        model: the model.
+        seed: the seed.
+        **generate_kwargs: passed to ``generate``.
+
+    Returns:
+        What ``generate`` returns.
+    """
     model = unwrap(model)
     device = _device_of(model)
     was_training = model.training
@@ -260,7 +384,22 @@ def generate_seeded(model, seed: int, **generate_kwargs) -> torch.Tensor:
 
 
 class DecodingSettings(Protocol):
-    """The decoding fields :func:`generate_batch` reads (``lmkd.teacher.pseudo_targets.GenerationSettings`` has them)."""
+    """The decoding fields :func:`generate_batch` reads (``lmkd.teacher.pseudo_targets.GenerationSettings``
+    has them).
+
+    Attributes:
+        num_beams: the beam size.
+        num_return_sequences: hypotheses per input (K).
+        max_new_tokens: the most new tokens.
+        do_sample: sample (:class:`PerExampleSampler`) instead of searching.
+        temperature: the sampling temperature.
+        top_k: keep the k most likely tokens when sampling (None: all).
+        top_p: nucleus sampling's mass (None: all).
+        seed: the sampler's seed.
+        length_penalty: the beam search's length penalty.
+        no_repeat_ngram_size: n-grams that may not repeat (0: any may).
+        repetition_penalty: the repetition penalty.
+    """
 
     num_beams: int
     num_return_sequences: int
@@ -284,7 +423,15 @@ class PerExampleSampler:
     """A logits processor that turns greedy search into sampling (Gumbel-max): to the warped
     log-probabilities it adds Gumbel noise drawn from a generator seeded by (seed, example index,
     sample number, step).  The draw of an example therefore does not depend on which other
-    examples share its batch, on the batch size, on the process, or on a resumed run."""
+    examples share its batch, on the batch size, on the process, or on a resumed run.
+
+    Args:
+        seed: the seed.
+        keys: per row of the batch, ``(example index, sample number)``.
+        temperature: the sampling temperature.
+        top_k: keep the k most likely tokens (None: all).
+        top_p: nucleus sampling's mass (None: all).
+    """
 
     def __init__(self, seed: int, keys: list[tuple[int, int]], temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None):
@@ -309,7 +456,16 @@ class PerExampleSampler:
 
 def generation_config(model, s: DecodingSettings, pad_id: int):
     """The ``GenerationConfig`` of ``s`` for ``model``: its own special ids (EOS by
-    :func:`eos_token_ids`) and early stopping; sampling is done by :class:`PerExampleSampler`."""
+    :func:`eos_token_ids`) and early stopping; sampling is done by :class:`PerExampleSampler`.
+
+    Args:
+        model: the model.
+        s: the decoding settings.
+        pad_id: the padding id.
+
+    Returns:
+        The ``GenerationConfig``.
+    """
     from transformers import GenerationConfig
 
     model = unwrap(model)
@@ -330,7 +486,20 @@ def generation_config(model, s: DecodingSettings, pad_id: int):
 def sequence_scores(model, kind: str, prompts: list[list[int]], hyps: list[list[int]], pad_id: int,
                     start_id: int | None, max_elements: int = 2 ** 25) -> list[float]:
     """Mean log-probability per token of each hypothesis given its prompt (teacher forcing), in
-    sub-batches whose logits stay under ``max_elements``."""
+    sub-batches whose logits stay under ``max_elements``.
+
+    Args:
+        model: the model.
+        kind: its kind (``seq2seq`` or ``causal``).
+        prompts: the prompt ids, one per hypothesis.
+        hyps: the hypothesis ids.
+        pad_id: the padding id.
+        start_id: the decoder start id (seq2seq).
+        max_elements: the most logits per sub-batch.
+
+    Returns:
+        One score per hypothesis.
+    """
     device = _device_of(model)
     vocab = unwrap(model).config.get_text_config().vocab_size
     out: list[float] = []
@@ -369,9 +538,20 @@ def sequence_scores(model, kind: str, prompts: list[list[int]], hyps: list[list[
 @torch.no_grad()
 def generate_batch(model, tokenizer, inputs: list[list[int]], indices: list[int], s: DecodingSettings,
                    kind: str | None = None) -> list[dict]:
-    """Generate for one batch of tokenised inputs (``indices``: their row numbers, which seed the
-    sampler); returns per input ``{"teacher_nbest": [...], "teacher_nbest_scores": [...]}`` (K
-    hypotheses, best first for beam search, and their :func:`sequence_scores`)."""
+    """Generate for one batch of tokenised inputs.
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        inputs: the input ids.
+        indices: their row numbers, which seed the sampler.
+        s: the decoding settings.
+        kind: the model's kind (:func:`lmkd.models.loading.model_kind` when None).
+
+    Returns:
+        Per input ``{"teacher_nbest": [...], "teacher_nbest_scores": [...]}``: K hypotheses (best first
+        for beam search) and their :func:`sequence_scores`.
+    """
     kind = kind or model_kind(model)
     device = _device_of(model)
     pad_id = pad_token_id(model, tokenizer)

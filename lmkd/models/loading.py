@@ -36,19 +36,29 @@ logger = logging.getLogger(__name__)
 
 def import_deepspeed_only_when_used() -> None:
     """Keep DeepSpeed unimported (and its "Setting accelerator to CPU" warning unprinted) in runs
-    that do not use it.  accelerate's ``extract_model_from_parallel`` (behind every
-    ``unwrap_model`` and ``save_pretrained``) imports deepspeed whenever it is installed,
-    only to test ``isinstance(model, DeepSpeedEngine)``; a model can be an engine only once
-    deepspeed is imported (a DeepSpeed run imports it before building one), so that check asks
-    whether it is imported instead.  The other availability checks (transformers' and
-    accelerate's own) only look for the package and stay as they are."""
+    that do not use it.
+
+    accelerate's ``extract_model_from_parallel`` (behind every ``unwrap_model`` and
+    ``save_pretrained``) imports deepspeed whenever it is installed, only to test
+    ``isinstance(model, DeepSpeedEngine)``; a model can be an engine only once deepspeed is imported
+    (a DeepSpeed run imports it before building one), so that check asks whether it is imported
+    instead.  The other availability checks (transformers' and accelerate's own) only look for the
+    package and stay as they are.
+
+    Returns:
+        None.
+    """
     import accelerate.utils.other as other
 
     other.is_deepspeed_available = deepspeed_imported
 
 
 def deepspeed_imported() -> bool:
-    """Whether the deepspeed package has been imported in this process."""
+    """Whether the deepspeed package has been imported in this process.
+
+    Returns:
+        True once ``deepspeed`` is in ``sys.modules``.
+    """
     return "deepspeed" in sys.modules
 
 
@@ -79,7 +89,14 @@ _KIND_CLASSES = [
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP/FSDP/compile wrappers."""
+    """The model inside DDP/FSDP/compile wrappers.
+
+    Args:
+        model: a model, wrapped or not.
+
+    Returns:
+        The innermost model (``.module`` / ``._orig_mod`` followed to the end).
+    """
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None or inner is model:
@@ -88,7 +105,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_kind(model: torch.nn.Module) -> str:
-    """``seq2seq``, ``causal``, ``mlm`` or ``classification`` for an HF model (or wrapper)."""
+    """The kind of an HF model (or wrapper).
+
+    Args:
+        model: the model; lmkd's own wrappers say what they hold (``lmkd_kind``).
+
+    Returns:
+        ``seq2seq``, ``causal``, ``mlm`` or ``classification``.
+
+    Raises:
+        LmkdError: a model of none of these kinds.
+    """
     model = unwrap(model)
     if getattr(model, "lmkd_kind", None):  # lmkd's own wrappers (lmkd.train.regimes) say what they hold
         return model.lmkd_kind
@@ -108,9 +135,17 @@ def model_kind(model: torch.nn.Module) -> str:
 
 
 def saved_kind(model) -> str | None:
-    """The kind of model a checkpoint was saved as (``config.architectures``), or None when unknown.
+    """The kind of model a checkpoint was saved as (``config.architectures``).
+
     ``from_pretrained`` with another auto class may load it anyway (a BART checkpoint loads as a
-    ``BartForCausalLM``), so this is what tells a teacher of the wrong kind."""
+    ``BartForCausalLM``), so this is what tells a teacher of the wrong kind.
+
+    Args:
+        model: a model or its config.
+
+    Returns:
+        The kind of its first architecture, or None when unknown.
+    """
     config = getattr(unwrap(model), "config", model)  # a model or its config
     archs = getattr(config, "architectures", None) or []
     for name in archs[:1]:
@@ -121,15 +156,29 @@ def saved_kind(model) -> str | None:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Distinct parameters (tied weights counted once): the size metric of evaluate and study."""
+    """Distinct parameters (tied weights counted once): the size metric of evaluate and study.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The number of parameters.
+    """
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def weights_bytes(path: str) -> int | None:
-    """Bytes of the weights ``from_pretrained`` loads from a saved model directory: the top-level
-    ``model.safetensors`` (else ``pytorch_model.bin``), or the shards its index file lists.  Other
-    files (tokenizer, checkpoints, ``round-*``/``member-*`` runs in subfolders) are not counted.
-    None for a hub id or a directory without weights."""
+    """Bytes of the weights ``from_pretrained`` loads from a saved model directory.
+
+    Other files (tokenizer, checkpoints, ``round-*``/``member-*`` runs in subfolders) are not counted.
+
+    Args:
+        path: a saved model directory, or a hub id.
+
+    Returns:
+        The size of the top-level ``model.safetensors`` (else ``pytorch_model.bin``), or of the shards
+        its index file lists; None for a hub id or a directory without weights.
+    """
     import json
 
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
@@ -149,8 +198,19 @@ def weights_bytes(path: str) -> int | None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None: cuda when available, else cpu; otherwise the named device, checked to exist
-    here (a one-line error instead of torch's traceback at the first ``.to(device)``)."""
+    """The device to run on, checked to exist here (a one-line error instead of torch's traceback at
+    the first ``.to(device)``).
+
+    Args:
+        device: ``auto``/None, or a device name or object.
+
+    Returns:
+        For ``auto``/None: cuda when available, else cpu; otherwise the named device.
+
+    Raises:
+        LmkdError: not a torch device, or one this machine does not have (no CUDA GPU, too few of
+            them, no MPS, ...).
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -175,7 +235,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def check_model_path(path: str) -> None:
-    """One-line error for a local model path that does not exist or holds no model."""
+    """One-line error for a local model path that does not exist or holds no model.
+
+    Args:
+        path: a model directory, or a hub id.
+
+    Returns:
+        None.
+
+    Raises:
+        LmkdError: a directory without ``config.json``, a file, or a path that does not exist (and does
+            not look like a hub id).
+    """
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise LmkdError(f"{path} is not a model directory (no config.json); pass a dir written by "
@@ -187,7 +258,17 @@ def check_model_path(path: str) -> None:
 
 
 def load_config(path: str):
-    """``AutoConfig.from_pretrained`` with a one-line error: what a model is, without loading it."""
+    """``AutoConfig.from_pretrained`` with a one-line error: what a model is, without loading it.
+
+    Args:
+        path: a model directory or hub id.
+
+    Returns:
+        The model's HF config.
+
+    Raises:
+        LmkdError: the config cannot be read (the path checked by :func:`check_model_path` first).
+    """
     check_model_path(str(path))
     try:
         return AutoConfig.from_pretrained(path)
@@ -196,7 +277,21 @@ def load_config(path: str):
 
 
 def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
-    """``from_pretrained`` with the auto class of ``kind`` (inferred from the config if None)."""
+    """``from_pretrained`` with the auto class of ``kind``.
+
+    Args:
+        path: a model directory or hub id (a model already loaded is returned as it is).
+        kind: the model kind (inferred from the config if None; else checked by :func:`check_loads_as`).
+        dtype: a torch dtype, a name of :data:`lmkd.core.constants.DTYPE_NAMES`, or ``auto``/None
+            (the checkpoint's).
+
+    Returns:
+        The model.
+
+    Raises:
+        LmkdError: the path holds no model, a checkpoint of another kind, or one ``from_pretrained``
+            cannot load.
+    """
     if isinstance(path, PreTrainedModel):
         return path
     check_model_path(str(path))
@@ -215,11 +310,25 @@ def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | No
 
 def check_loads_as(config, kind: str, path: str) -> None:
     """Refuse to load a checkpoint saved as one kind of language model (``config.architectures``) as
-    another: ``from_pretrained`` would do it, leaving out what the other kind has and starting what
-    it lacks untrained (a BART checkpoint loads as a decoder-only ``BartForCausalLM`` without its
-    encoder, a causal LM as a masked LM with a new head), and its scores, logits or cache would be
-    wrong without a word.  Loading any checkpoint as a classifier is fine-tuning's usual start (a
-    new head) and is allowed."""
+    another.
+
+    ``from_pretrained`` would do it, leaving out what the other kind has and starting what it lacks
+    untrained (a BART checkpoint loads as a decoder-only ``BartForCausalLM`` without its encoder, a
+    causal LM as a masked LM with a new head), and its scores, logits or cache would be wrong without
+    a word.  Loading any checkpoint as a classifier is fine-tuning's usual start (a new head) and is
+    allowed.
+
+    Args:
+        config: the checkpoint's config.
+        kind: the kind it is to be loaded as.
+        path: the checkpoint (for the message).
+
+    Returns:
+        None.
+
+    Raises:
+        LmkdError: it was saved as another kind of language model.
+    """
     archs = getattr(config, "architectures", None) or []
     saved = saved_kind(config)
     if kind == CLASSIFICATION or saved is None or saved == kind:
@@ -231,7 +340,18 @@ def check_loads_as(config, kind: str, path: str) -> None:
 
 
 def kind_from_config(path: str) -> str:
-    """Model kind from a checkpoint's config (its ``architectures`` entry, else encoder-decoder-ness)."""
+    """Model kind from a checkpoint's config.
+
+    Args:
+        path: a model directory or hub id.
+
+    Returns:
+        The kind of its ``architectures`` entry, else ``seq2seq`` for an encoder-decoder and ``causal``
+        otherwise.
+
+    Raises:
+        LmkdError: the config cannot be read.
+    """
     check_model_path(str(path))
     try:
         config = AutoConfig.from_pretrained(path)
@@ -251,17 +371,35 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
 
 
 def has_tokenizer_files(path: str) -> bool:
-    """Whether ``path`` (a local directory) holds the files of a saved tokenizer.  Hub ids: True."""
+    """Whether ``path`` (a local directory) holds the files of a saved tokenizer.
+
+    Args:
+        path: a local directory or a hub id.
+
+    Returns:
+        Whether one of the tokenizer files is there; True for a hub id (``from_pretrained`` decides).
+    """
     if not os.path.isdir(str(path)):
         return True  # a hub id: from_pretrained decides
     return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str, required: bool = True):
-    """``AutoTokenizer.from_pretrained`` with a one-line error (or None when not ``required``).
+    """``AutoTokenizer.from_pretrained`` with a one-line error.
 
     A model directory without tokenizer files has no tokenizer -- transformers 5 would build a
-    near-empty one from the model config instead of failing -- so that is "not found" too."""
+    near-empty one from the model config instead of failing -- so that is "not found" too.
+
+    Args:
+        path: a model or tokenizer directory, or a hub id.
+        required: raise when there is none; else return None.
+
+    Returns:
+        The tokenizer, or None when there is none and it is not ``required``.
+
+    Raises:
+        LmkdError: no tokenizer found and ``required``.
+    """
     try:
         if not has_tokenizer_files(path):
             raise OSError(f"{path} holds no tokenizer files")
@@ -274,7 +412,15 @@ def load_tokenizer(path: str, required: bool = True):
 
 
 def vocab_size_of(model: PreTrainedModel) -> int:
-    """Rows of the output layer (the logits' last dimension)."""
+    """Rows of the output layer (the logits' last dimension).
+
+    Args:
+        model: the model (or a wrapper).
+
+    Returns:
+        The output layer's rows; ``num_labels`` for a classifier, ``config.vocab_size`` without an
+        output layer.
+    """
     model = unwrap(model)
     if model_kind(model) == CLASSIFICATION:
         return model.config.num_labels
@@ -286,7 +432,18 @@ def vocab_size_of(model: PreTrainedModel) -> int:
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
-    """Raise when both tokenizers are known and their vocabularies differ."""
+    """Raise when both tokenizers are known and their vocabularies differ.
+
+    Args:
+        student_tokenizer: the student's tokenizer, or None (unknown).
+        teacher_tokenizer: the teacher's tokenizer, or None (unknown).
+
+    Returns:
+        None.
+
+    Raises:
+        LmkdError: both known, with different vocabularies.
+    """
     if student_tokenizer is not None and teacher_tokenizer is not None:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise LmkdError("teacher and student tokenizers differ (different vocabularies); token-level KD "
@@ -310,8 +467,14 @@ def _special_ids(model) -> dict:
 
 
 def tokenizer_of(model):
-    """The tokenizer saved next to a model loaded from a local directory (``config.name_or_path``),
-    or None (a model built in Python, or a directory without tokenizer files)."""
+    """The tokenizer saved next to a model loaded from a local directory (``config.name_or_path``).
+
+    Args:
+        model: the model (or a wrapper).
+
+    Returns:
+        The tokenizer, or None (a model built in Python, or a directory without tokenizer files).
+    """
     path = getattr(getattr(unwrap(model), "config", None), "name_or_path", "") or ""
     if path and os.path.isdir(path):
         return load_tokenizer(path, required=False)
@@ -328,9 +491,20 @@ def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenize
       different, larger vocabulary, which only the teacher's tokenizer can tell) and the
       special-token ids in the two configs must agree.
 
-    Returns None when the output layers have the same size, else the size to slice both logits to;
-    raises :class:`LmkdError` (saying which evidence it used) when the vocabularies differ or
-    cannot be shown to be the same.  Logs which evidence it used.
+    Logs which evidence it used.
+
+    Args:
+        student: the student model.
+        teacher: the teacher model.
+        student_tokenizer: the student's tokenizer (else the one saved next to it, if any).
+        teacher_tokenizer: the teacher's tokenizer (else the one saved next to it, if any).
+
+    Returns:
+        None when the output layers have the same size, else the size to slice both logits to.
+
+    Raises:
+        LmkdError: the vocabularies differ or cannot be shown to be the same (saying which evidence it
+            used).
     """
     vs, vt = vocab_size_of(student), vocab_size_of(teacher)
     teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else tokenizer_of(teacher)

@@ -35,7 +35,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedT
     BPE because it is deterministic: measured with tokenizers 0.23 on the shipped corpus (vocab 4000,
     three trainings each, in one process and in separate ones, with and without RAYON_NUM_THREADS=1),
     the BPE trainer gave the same vocabulary every time while the unigram and WordPiece trainers gave
-    different ones -- so a study re-run trains the same teacher."""
+    different ones -- so a study re-run trains the same teacher.
+
+    Args:
+        texts: the training texts.
+        vocab_size: the vocabulary size.
+
+    Returns:
+        The tokenizer.
+    """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -56,7 +64,26 @@ def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2,
     ``mbart`` is BART with pre-LN layers (a LayerNorm before each sub-layer, and one after each stack):
     the study's from-scratch seq2seq teacher, because post-LN BART trained from scratch at a high
     learning rate collapsed on some corpora (README, "What makes the study's verdict worth reading").
-    Its decoder starts from ``</s>`` (mBART's label shift wraps the last non-pad label token, EOS)."""
+    Its decoder starts from ``</s>`` (mBART's label shift wraps the last non-pad label token, EOS).
+
+    Args:
+        arch: the architecture.
+        vocab_size: the vocabulary size.
+        d_model: the hidden size.
+        layers: the layers (of the encoder, for an encoder-decoder).
+        decoder_layers: the decoder's layers (default: ``layers``).
+        heads: the attention heads.
+        ffn: the feed-forward size (default: 4 x ``d_model``).
+        max_positions: the position table's size.
+        num_labels: the classes of a classifier.
+        dropout: the dropout rate.
+
+    Returns:
+        The HF config.
+
+    Raises:
+        ValueError: an unknown architecture.
+    """
     ffn = ffn or 4 * d_model
     dec = layers if decoder_layers is None else decoder_layers
     ids = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
@@ -102,8 +129,19 @@ ARCH_KINDS = {"bart": SEQ2SEQ, "mbart": SEQ2SEQ, "marian": SEQ2SEQ, "t5": SEQ2SE
 
 
 def build_model(arch: str, vocab_size: int, kind: str | None = None, seed: int = 0, **sizes):
-    """A freshly initialised model of ``arch`` (``kind`` defaults to the architecture's LM head;
-    ``classification`` gives a sequence classifier)."""
+    """A freshly initialised model of ``arch``.
+
+    Args:
+        arch: the architecture (see :func:`model_config`).
+        vocab_size: the vocabulary size.
+        kind: the model kind; defaults to the architecture's LM head, ``classification`` gives a
+            sequence classifier.
+        seed: the initialisation seed.
+        **sizes: :func:`model_config`'s size arguments.
+
+    Returns:
+        The model.
+    """
     import torch
 
     torch.manual_seed(seed)

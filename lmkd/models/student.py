@@ -42,6 +42,17 @@ _PER_LAYER_FIELDS = ("layer_types",)
 
 
 def stacks_of(model_or_config) -> dict[str, tuple[str, str]]:
+    """Where the layer stacks of a model are (:data:`LAYER_STACKS` of its model type).
+
+    Args:
+        model_or_config: a model or its config.
+
+    Returns:
+        Per stack name (``layers``, or ``encoder`` and ``decoder``), the entry of :data:`LAYER_STACKS`.
+
+    Raises:
+        LmkdError: a model type whose layers make_student does not know.
+    """
     config = getattr(model_or_config, "config", model_or_config)
     stacks = LAYER_STACKS.get(config.model_type)
     if stacks is None:
@@ -51,7 +62,14 @@ def stacks_of(model_or_config) -> dict[str, tuple[str, str]]:
 
 
 def every_other(n: int) -> list[int]:
-    """DistilBERT's choice: layers 0, 2, 4, ... (12 -> 6 layers, 3 -> 2, 1 -> 1)."""
+    """DistilBERT's choice: layers 0, 2, 4, ... (12 -> 6 layers, 3 -> 2, 1 -> 1).
+
+    Args:
+        n: the teacher's layers.
+
+    Returns:
+        The indices to keep.
+    """
     return list(range(0, n, 2))
 
 
@@ -83,11 +101,24 @@ def make_student(
 ) -> PreTrainedModel:
     """A copy of ``teacher`` keeping only the chosen layers of each stack.
 
-    ``layers`` applies to single-stack models (BERT, GPT-2, Llama); ``encoder_layers`` and
-    ``decoder_layers`` to encoder-decoders.  A stack left unspecified keeps every other layer.
-    Embeddings, final norms and heads are copied as they are.  Student layer ``i`` of a stack is
-    teacher layer ``chosen[i]`` bit for bit.  The chosen indices are recorded in the student's
-    config as ``lmkd_layer_map`` (used by the feature losses) and the result is a plain HF model.
+    A stack left unspecified keeps every other layer.  Embeddings, final norms and heads are copied
+    as they are.  Student layer ``i`` of a stack is teacher layer ``chosen[i]`` bit for bit.  The
+    chosen indices are recorded in the student's config as ``lmkd_layer_map`` (used by the feature
+    losses) and the result is a plain HF model.
+
+    Args:
+        teacher: the teacher model.
+        layers: the layers to keep of a single-stack model (BERT, GPT-2, Llama).
+        encoder_layers: the encoder layers to keep of an encoder-decoder.
+        decoder_layers: the decoder layers to keep of an encoder-decoder.
+
+    Returns:
+        The student.
+
+    Raises:
+        LmkdError: a model type it does not know; an option that does not apply to the model's
+            stacks; an empty, out-of-range, repeated or unordered layer list; a student that would not
+            be smaller than the teacher; a weight that cannot be copied.
     """
     teacher = unwrap(teacher)
     stacks = stacks_of(teacher)
@@ -167,7 +198,18 @@ def _count_on_meta(config, kind: str) -> int:
 def scaled_student_config(teacher, fraction: float):
     """The config of a fresh student with at most ``fraction`` of the teacher's parameters: the
     teacher's config with width (d_model / 2^k, heads and feed-forward scaled alike) and depth
-    chosen to give the most parameters within the limit."""
+    chosen to give the most parameters within the limit.
+
+    Args:
+        teacher: the teacher model.
+        fraction: the largest share of its parameters.
+
+    Returns:
+        The student's config.
+
+    Raises:
+        LmkdError: a teacher type the study cannot scale down, or no student of its shape that fits.
+    """
     config = teacher.config
     family = _FAMILY.get(config.model_type)
     if family is None:
@@ -210,14 +252,30 @@ def scaled_student_config(teacher, fraction: float):
 
 def spread_layers(n: int, k: int) -> list[int]:
     """``k`` of ``n`` layer indices spread from the first to the last (k=1: the first), as Shleifer &
-    Rush's shrink-and-fine-tune tables (12 -> 3: 0, 6, 11)."""
+    Rush's shrink-and-fine-tune tables (12 -> 3: 0, 6, 11).
+
+    Args:
+        n: the teacher's layers.
+        k: the layers to keep.
+
+    Returns:
+        The indices, increasing.
+    """
     return [0] if k == 1 else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 def copied_layers_within(teacher, fraction: float) -> dict[str, list[int]] | None:
     """The encoder/decoder layers to copy from a seq2seq teacher (make_student) for the largest
-    student within ``fraction`` of its parameters, or None when even one layer each is too big
-    (then the study builds a fresh, narrower student)."""
+    student within ``fraction`` of its parameters.
+
+    Args:
+        teacher: the seq2seq teacher.
+        fraction: the largest share of its parameters.
+
+    Returns:
+        ``{"encoder": [...], "decoder": [...]}`` (layer indices, :func:`spread_layers`), or None when
+        even one layer each is too big (then the study builds a fresh, narrower student).
+    """
     stacks = stacks_of(teacher)
     if set(stacks) != {"encoder", "decoder"}:
         return None

@@ -54,8 +54,16 @@ def _configs(model_or_config) -> list:
 
 
 def position_table(config, decoder: bool = False) -> int | None:
-    """Positions the model's position table holds (the decoder's with ``decoder=True``), None
-    when it has none (relative positions: T5, DeBERTa without absolute positions)."""
+    """Positions the model's position table holds.
+
+    Args:
+        config: the model's config.
+        decoder: the decoder's table (of a seq2seq model).
+
+    Returns:
+        The positions, or None when it has none (relative positions: T5, DeBERTa without absolute
+        positions).
+    """
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=decoder) or config
     if getattr(config, "position_biased_input", True) is False:  # DeBERTa-v2 with relative positions only
@@ -71,7 +79,14 @@ def position_table(config, decoder: bool = False) -> int | None:
 
 
 def tokenizer_limit(tokenizer) -> int | None:
-    """The tokenizer's ``model_max_length`` when it is a real limit (not the 'unset' placeholder)."""
+    """The tokenizer's ``model_max_length`` when it is a real limit (not the 'unset' placeholder).
+
+    Args:
+        tokenizer: a tokenizer, or None.
+
+    Returns:
+        The limit, or None.
+    """
     n = getattr(tokenizer, "model_max_length", None)
     return n if isinstance(n, int) and 0 < n < _NO_TOKENIZER_LIMIT else None
 
@@ -82,24 +97,56 @@ def _smallest(values) -> int | None:
 
 
 def input_limit(model_or_config, tokenizer=None) -> int | None:
-    """Tokens one input may hold, special tokens included, for every model given (a model, a
-    wrapper, a config, a path or a list of them): the encoder's table for a seq2seq model, the
-    table for an encoder or causal model, and the tokenizer's real ``model_max_length``; None when
-    nothing limits it."""
+    """Tokens one input may hold, special tokens included, for every model given: the encoder's table
+    for a seq2seq model, the table for an encoder or causal model, and the tokenizer's real
+    ``model_max_length``.
+
+    Args:
+        model_or_config: a model, a wrapper, a config, a path or a list of them (every one counts).
+        tokenizer: its tokenizer, or None.
+
+    Returns:
+        The smallest of those limits, or None when nothing limits it.
+
+    Raises:
+        LmkdError: a path whose config cannot be read.
+    """
     return _smallest([position_table(c) for c in _configs(model_or_config)] + [tokenizer_limit(tokenizer)])
 
 
 def target_limit(model_or_config) -> int | None:
-    """Tokens one seq2seq label sequence may hold (the decoder's table: the decoder reads the
-    start token and all labels but the last); for a causal model the same as :func:`input_limit`."""
+    """Tokens one seq2seq label sequence may hold (the decoder's table: the decoder reads the start
+    token and all labels but the last); for a causal model the same as :func:`input_limit`.
+
+    Args:
+        model_or_config: a model, a wrapper, a config, a path or a list of them (every one counts).
+
+    Returns:
+        The limit, or None when nothing limits it.
+
+    Raises:
+        LmkdError: a path whose config cannot be read.
+    """
     return _smallest([position_table(c, decoder=getattr(c, "is_encoder_decoder", False))
                       for c in _configs(model_or_config)])
 
 
 def fit_length(requested: int | None, model_or_config, tokenizer=None, what: str = "inputs") -> int | None:
-    """The length to truncate to: the smaller of ``requested`` (the user's maximum; None: none)
-    and what the model(s) take -- :func:`input_limit` for ``what="inputs"``, :func:`target_limit`
-    for ``"targets"``.  None when neither limits it."""
+    """The length to truncate to: the smaller of ``requested`` and what the model(s) take.
+
+    Args:
+        requested: the user's maximum (None: none).
+        model_or_config: a model, a wrapper, a config, a path or a list of them (every one counts).
+        tokenizer: its tokenizer, or None.
+        what: ``"inputs"`` (:func:`input_limit`) or ``"targets"`` (:func:`target_limit`).
+
+    Returns:
+        The length, or None when neither limits it.
+
+    Raises:
+        LmkdError: a path whose config cannot be read.
+        ValueError: ``what`` is neither ``"inputs"`` nor ``"targets"``.
+    """
     if what not in ("inputs", "targets"):
         raise ValueError(f"what must be 'inputs' or 'targets', not {what!r}")
     limit = input_limit(model_or_config, tokenizer) if what == "inputs" else target_limit(model_or_config)
@@ -108,10 +155,23 @@ def fit_length(requested: int | None, model_or_config, tokenizer=None, what: str
 
 def generation_lengths(model_or_config, tokenizer=None, max_source_length: int | None = None,
                        max_new_tokens: int = 128) -> tuple[int | None, int]:
-    """(input length, new tokens) for generating with the model(s): the whole generated sequence
+    """The input length and new tokens for generating with the model(s): the whole generated sequence
     must fit the table -- for a seq2seq model the start token and the new tokens fit the decoder's
     table (inputs fit the encoder's); for a causal model the prompt and the new tokens fit the one
-    table (new tokens first, leaving at least one prompt token).  Raises when not one new token fits."""
+    table (new tokens first, leaving at least one prompt token).
+
+    Args:
+        model_or_config: a model, a wrapper, a config, a path or a list of them (every one counts).
+        tokenizer: its tokenizer, or None.
+        max_source_length: the user's maximum input length (None: none).
+        max_new_tokens: the new tokens asked for.
+
+    Returns:
+        ``(input length or None, new tokens)``.
+
+    Raises:
+        LmkdError: not one new token fits, or a path whose config cannot be read.
+    """
     configs = _configs(model_or_config)
     seq2seq = any(getattr(c, "is_encoder_decoder", False) for c in configs)
     if seq2seq:
@@ -130,16 +190,33 @@ def generation_lengths(model_or_config, tokenizer=None, max_source_length: int |
 
 def truncation_note(what: str, rows: int, truncated: int, length: int | None, requested: int | None,
                     positions: int | None) -> dict:
-    """The record of one truncation: ``what`` (inputs / targets / new tokens), ``rows`` seen,
-    ``truncated`` of them cut to ``length`` tokens; ``requested`` (the user's maximum) and
-    ``positions`` (what the model takes; None: no limit).  :func:`describe_truncation` words it."""
+    """The record of one truncation (:func:`describe_truncation` words it).
+
+    Args:
+        what: ``inputs`` / ``targets`` / ``new tokens``.
+        rows: the rows seen.
+        truncated: how many of them were cut.
+        length: the tokens they were cut to.
+        requested: the user's maximum (None: none).
+        positions: what the model takes (None: no limit).
+
+    Returns:
+        The record, a dict of those fields.
+    """
     return {"what": what, "rows": rows, "truncated": truncated, "length": length, "requested": requested,
             "model_positions": positions}
 
 
 def describe_truncation(note: dict) -> str:
     """One line: 'N of M inputs truncated to L tokens (the model takes L positions)' -- or
-    '(the maximum asked for)' when the user's maximum was the smaller."""
+    '(the maximum asked for)' when the user's maximum was the smaller.
+
+    Args:
+        note: a :func:`truncation_note` record.
+
+    Returns:
+        The line.
+    """
     if note["what"] == "new tokens":
         if note["length"] == note["requested"]:
             return f"up to {note['length']} new tokens"
@@ -154,8 +231,17 @@ def describe_truncation(note: dict) -> str:
 
 
 def encode_fitted(tokenizer, texts: list[str], length: int | None, target: bool = False) -> tuple[dict, list[int]]:
-    """``tokenizer(texts)`` (as ``text_target`` when ``target``) truncated to ``length`` tokens
-    (None: not truncated), as a dict of lists, and the indices of the texts that were cut."""
+    """``tokenizer(texts)`` truncated to ``length`` tokens.
+
+    Args:
+        tokenizer: the tokenizer.
+        texts: the texts.
+        length: the tokens to truncate to (None: not truncated).
+        target: encode as ``text_target``.
+
+    Returns:
+        ``(encoding, cut)``: the encoding as a dict of lists, and the indices of the texts that were cut.
+    """
     texts = [str(t) for t in texts]
     call = (lambda xs, **kw: tokenizer(text_target=xs, **kw)) if target else (lambda xs, **kw: tokenizer(xs, **kw))
     full = dict(call(texts, verbose=False))

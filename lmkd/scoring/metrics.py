@@ -37,7 +37,18 @@ from lmkd.core.errors import LmkdError
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exp smoothing) and its signature."""
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exp smoothing) and its signature.
+
+    Args:
+        hypotheses: the outputs, one per row.
+        references: one reference per row.
+
+    Returns:
+        ``(score, signature)``: BLEU on a 0-100 scale and sacrebleu's signature string.
+
+    Raises:
+        LmkdError: the two lists differ in length, or are empty.
+    """
     from sacrebleu.metrics import BLEU
 
     _check_pairs(hypotheses, references)
@@ -47,7 +58,18 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, s
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
-    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2) and its signature."""
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2) and its signature.
+
+    Args:
+        hypotheses: the outputs, one per row.
+        references: one reference per row.
+
+    Returns:
+        ``(score, signature)``: chrF on a 0-100 scale and sacrebleu's signature string.
+
+    Raises:
+        LmkdError: the two lists differ in length, or are empty.
+    """
     from sacrebleu.metrics import CHRF
 
     _check_pairs(hypotheses, references)
@@ -61,8 +83,15 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def split_sentences(text: str) -> str:
-    """``text`` with one sentence per line, as ROUGE-Lsum expects.  Text that already has
-    newlines is kept as it is; otherwise lines are broken after ``.``, ``!`` or ``?``."""
+    """``text`` with one sentence per line, as ROUGE-Lsum expects.
+
+    Args:
+        text: a text; one that already has newlines is kept as it is (stripped); otherwise lines are
+            broken after ``.``, ``!`` or ``?``.
+
+    Returns:
+        The text, one sentence per line.
+    """
     text = text.strip()
     if "\n" in text:
         return text
@@ -70,7 +99,18 @@ def split_sentences(text: str) -> str:
 
 
 def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F-measure x 100 (rouge-score, ``use_stemmer=True``)."""
+    """Mean ROUGE-1/2/L/Lsum F-measure x 100 (rouge-score, ``use_stemmer=True``).
+
+    Args:
+        hypotheses: the outputs, one per row (sentences split by :func:`split_sentences` for Lsum).
+        references: one reference per row.
+
+    Returns:
+        ``{rouge type: mean F-measure x 100}`` for each of :data:`ROUGE_TYPES`.
+
+    Raises:
+        LmkdError: the two lists differ in length, or are empty.
+    """
     from rouge_score import rouge_scorer
 
     _check_pairs(hypotheses, references)
@@ -90,7 +130,19 @@ SENTENCE_METRICS = ("bleu", "chrf", "rouge2")
 
 def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
     """Sentence-level ``bleu`` / ``chrf`` (sacrebleu) or ``rouge2`` F1 (rouge-score) of each
-    hypothesis against its reference, all on a 0-100 scale."""
+    hypothesis against its reference, all on a 0-100 scale.
+
+    Args:
+        hypotheses: the outputs, one per row.
+        references: one reference per row.
+        metric: one of :data:`SENTENCE_METRICS`.
+
+    Returns:
+        One score per row.
+
+    Raises:
+        LmkdError: the lists differ in length, or an unknown ``metric``.
+    """
     if len(hypotheses) != len(references):
         raise LmkdError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one reference per row")
     if metric == "bleu":
@@ -110,14 +162,36 @@ def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric
 
 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
-    """Share of predictions equal to their label, in %."""
+    """Share of predictions equal to their label, in %.
+
+    Args:
+        predictions: the predicted labels.
+        labels: the true labels, one per prediction.
+
+    Returns:
+        The accuracy, 0-100.
+
+    Raises:
+        LmkdError: the two lists differ in length, or are empty.
+    """
     _check_pairs(predictions, labels)
     return 100.0 * sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
 
 def macro_f1(predictions: Sequence, labels: Sequence) -> float:
     """Unweighted mean over classes (those in labels or predictions) of per-class F1, in %; a class
-    never predicted correctly scores 0 (sklearn's ``f1_score(average='macro', zero_division=0)``)."""
+    never predicted correctly scores 0 (sklearn's ``f1_score(average='macro', zero_division=0)``).
+
+    Args:
+        predictions: the predicted labels.
+        labels: the true labels, one per prediction.
+
+    Returns:
+        The macro-F1, 0-100.
+
+    Raises:
+        LmkdError: the two lists differ in length, or are empty.
+    """
     _check_pairs(predictions, labels)
     classes = sorted(set(labels) | set(predictions), key=str)
     f1s = []
@@ -130,9 +204,23 @@ def macro_f1(predictions: Sequence, labels: Sequence) -> float:
 
 
 def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
-    """(scores, sacrebleu signatures) of ``predictions`` for ``task``: BLEU and chrF (translation),
-    ROUGE (summarization), accuracy and macro-F1 (classification) -- what ``lmkd evaluate`` reports
-    and what training reports with ``predict_with_generate`` (:func:`compute_metrics_for`)."""
+    """The scores of ``predictions`` for ``task``: BLEU and chrF (translation), ROUGE (summarization),
+    accuracy and macro-F1 (classification) -- what ``lmkd evaluate`` reports and what training reports
+    with ``predict_with_generate`` (:func:`compute_metrics_for`).
+
+    Args:
+        task: ``translation``, ``summarization`` or ``classification``.
+        predictions: the outputs (texts, or class ids), one per row.
+        references: the references (texts, or label ids), one per row.
+
+    Returns:
+        ``(scores, signatures)``: the scores by metric name, and the sacrebleu signatures (BLEU,
+        chrF) or a description of the ROUGE settings (none for classification).
+
+    Raises:
+        LmkdError: a task without a prediction metric, or predictions and references that differ in
+            length or are empty.
+    """
     if task == "translation":
         b, b_sig = bleu(predictions, references)
         c, c_sig = chrf(predictions, references)
@@ -146,12 +234,24 @@ def quality(task: str, predictions: list, references: list) -> tuple[dict[str, f
 
 
 def compute_metrics_for(task: str, tokenizer, references: list | None = None):
-    """The Trainer's ``compute_metrics`` for ``task``, scored by :func:`quality` -- the code
-    of ``lmkd evaluate``: translation/summarization decode the generated ids (``predict_with_generate``)
-    as :func:`lmkd.models.generation.generate_texts` does and score them against ``references`` (the
-    validation rows' target texts, in order); classification scores the argmax of the logits
-    against the label ids.  The keys (``bleu``, ``chrf``, ``rouge2``, ``accuracy``, ``macro_f1``, ...)
-    are logged with the ``eval_`` prefix and can be ``metric_for_best_model`` (e.g. ``eval_bleu``)."""
+    """The Trainer's ``compute_metrics`` for ``task``, scored by :func:`quality` -- the code of
+    ``lmkd evaluate``.
+
+    Translation/summarization decode the generated ids (``predict_with_generate``) as
+    :func:`lmkd.models.generation.generate_texts` does and score them against ``references``;
+    classification scores the argmax of the logits against the label ids.  The keys (``bleu``,
+    ``chrf``, ``rouge2``, ``accuracy``, ``macro_f1``, ...) are logged with the ``eval_`` prefix and can
+    be ``metric_for_best_model`` (e.g. ``eval_bleu``).
+
+    Args:
+        task: ``translation``, ``summarization`` or ``classification``.
+        tokenizer: decodes the generated ids (negative ids are read as its pad id).
+        references: the validation rows' target texts, in order (generation tasks).
+
+    Returns:
+        A function of the Trainer's ``EvalPrediction`` giving ``{metric: score}``; it raises
+        :class:`LmkdError` when the number of generated outputs is not the number of ``references``.
+    """
     import numpy as np  # (the Trainer's predictions are numpy arrays)
 
     def compute(pred) -> dict[str, float]:
@@ -189,19 +289,34 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
                   ) -> dict[str, dict[str, float]]:
     """Latency per example at batch 1 and throughput at ``batch_size`` for each runner.
 
-    ``runners`` maps a name to a function that processes a list of inputs (generates, classifies).
     Every runner gets the same inputs: the first ``latency_examples`` one at a time (latency), and
     all of ``inputs`` in batches of ``batch_size`` (throughput).  One warm-up pass per runner,
     then ``repeats`` rounds in which the runners take turns; the median round is reported.
 
-    ``token_runners`` (optional, per name) decode one input to a fixed number of new tokens and
-    return that number (:func:`lmkd.models.generation.generate_fixed_length`): timed in the same rounds on
-    the latency inputs, they give ``ms_per_token`` -- the decoding speed of the architecture,
-    independent of how long the model's own outputs are -- and ``fixed_new_tokens``.
+    Args:
+        runners: a name to a function that processes a list of inputs (generates, classifies).
+        inputs: the input texts.
+        batch_size: the batch size of the throughput runs.
+        latency_examples: how many of the inputs are timed one at a time.
+        repeats: the timed rounds.
+        devices: per name, the device to synchronise before reading the clock (CPU when absent).
+        token_runners: optional, per name: decode one input to a fixed number of new tokens and return
+            that number (:func:`lmkd.models.generation.generate_fixed_length`); timed in the same rounds
+            on the latency inputs, they give ``ms_per_token`` -- the decoding speed of the
+            architecture, independent of how long the model's own outputs are -- and
+            ``fixed_new_tokens``.
+        closers: optional, per name: release a runner's engine after each of its turns, warm-up
+            included (:meth:`lmkd.models.engines.base.Engine.close`: a live CTranslate2 translator
+            slows the PyTorch models timed beside it); its next turn opens it again with one untimed
+            call.
 
-    ``closers`` (optional, per name) release a runner's engine after each of its turns, warm-up
-    included (:meth:`lmkd.models.engines._Engine.close`: a live CTranslate2 translator slows the PyTorch
-    models timed beside it); its next turn opens it again with one untimed call.
+    Returns:
+        Per name: ``latency_ms``, ``throughput_per_s``, the batch sizes and example counts, ``repeats``,
+        ``other_cpu_load`` (:class:`OtherLoad` over the whole measurement), ``cpus``, and with a token
+        runner ``ms_per_token`` and ``fixed_new_tokens``.
+
+    Raises:
+        LmkdError: ``repeats`` below 1, or no inputs.
     """
     if repeats < 1 or not inputs:
         raise LmkdError("speed needs at least one repeat and one input example")
@@ -267,7 +382,11 @@ BUSY_MACHINE = 0.15
 
 
 def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes of this machine have spent busy since boot (Linux ``/proc/stat``), or None."""
+    """CPU seconds all processes of this machine have spent busy since boot (Linux ``/proc/stat``).
+
+    Returns:
+        The seconds, or None where the counters cannot be read.
+    """
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
@@ -278,10 +397,16 @@ def busy_cpu_seconds() -> float | None:
 
 
 class OtherLoad:
-    """Context manager: how much CPU *other* processes used while the block ran, as a fraction of all the
-    machine's cores (``fraction``: 0 = nothing else ran, 1 = every core busy elsewhere; None where the
-    machine's counters cannot be read).  A timing taken while other work ran is not the model's speed:
-    :func:`measure_speed` records it, and the reports flag figures above :data:`BUSY_MACHINE`."""
+    """Context manager: how much CPU *other* processes used while the block ran.
+
+    A timing taken while other work ran is not the model's speed: :func:`measure_speed` records it,
+    and the reports flag figures above :data:`BUSY_MACHINE`.
+
+    Attributes:
+        fraction: after the block, the share of all the machine's cores other processes used (0 =
+            nothing else ran, 1 = every core busy elsewhere); None where the machine's counters cannot
+            be read.
+    """
 
     fraction: float | None = None
 
@@ -300,8 +425,15 @@ class OtherLoad:
 
 
 def busy_warning(speed: dict) -> str | None:
-    """The line a report prints when ``speed`` (one model's :func:`measure_speed` figures) was timed
-    while other processes used more than :data:`BUSY_MACHINE` of the cores; None otherwise."""
+    """The line a report prints when a model was timed on a busy machine.
+
+    Args:
+        speed: one model's :func:`measure_speed` figures.
+
+    Returns:
+        The warning when other processes used more than :data:`BUSY_MACHINE` of the cores while it
+        was timed; None otherwise.
+    """
     load = speed.get("other_cpu_load")
     if load is None or load <= BUSY_MACHINE:
         return None

@@ -48,7 +48,25 @@ SACREBLEU_METRICS = ("bleu", "chrf")
 
 @dataclass(frozen=True)
 class Comparison:
-    """Model A against model B on one metric (0-100 scale, like :mod:`lmkd.scoring.metrics`)."""
+    """Model A against model B on one metric (0-100 scale, like :mod:`lmkd.scoring.metrics`).
+
+    Args:
+        metric: the metric (one of :data:`METRICS`).
+        score_a: A's score on the real test set.
+        score_b: B's score on the real test set.
+        difference: ``score_a - score_b``.
+        ci_low: the low end of the 95% CI of the difference.
+        ci_high: its high end.
+        p_value: the two-sided p-value (see the module docstring).
+        mean_a: A's bootstrap mean (sacrebleu's ``Result.mean``).
+        ci_a: the half-width of A's 95% interval (sacrebleu's ``Result.ci``).
+        mean_b: B's bootstrap mean.
+        ci_b: the half-width of B's 95% interval.
+        n_samples: the resamples drawn.
+        seed: the seed of the draw.
+        rows: the test rows.
+        method: what was resampled, in words (with the sacrebleu signature for BLEU/chrF).
+    """
 
     metric: str
     score_a: float
@@ -67,6 +85,11 @@ class Comparison:
     method: str  # what was resampled, in words (with the sacrebleu signature for BLEU/chrF)
 
     def as_dict(self) -> dict:
+        """The comparison as a plain dict (for JSON).
+
+        Returns:
+            The fields by name.
+        """
         return asdict(self)
 
 
@@ -137,7 +160,16 @@ def _method(metric: str, n_samples: int, seed: int, score_of) -> str:
 
 
 def resample_indices(n: int, n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """The ``(n_samples, n)`` row indices every comparison draws (sacrebleu's draw for that seed)."""
+    """The row indices every comparison draws (sacrebleu's draw for that seed).
+
+    Args:
+        n: the test rows.
+        n_samples: the resamples.
+        seed: the seed of ``numpy.random.default_rng``.
+
+    Returns:
+        ``(n_samples, n)`` row indices, drawn with replacement.
+    """
     return np.random.default_rng(seed).choice(n, size=(n_samples, n), replace=True)
 
 
@@ -150,8 +182,23 @@ def _ci(scores: np.ndarray) -> tuple[float, float]:
 
 def paired_bootstrap(metric: str, hyps_a: Sequence, hyps_b: Sequence, references: Sequence, *,
                      n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED) -> Comparison:
-    """Model A (``hyps_a``) against model B (``hyps_b``) on ``metric`` over the same ``references``
-    (texts, or class ids for accuracy/macro-F1): see the module docstring."""
+    """Model A (``hyps_a``) against model B (``hyps_b``) on ``metric`` over the same ``references``:
+    see the module docstring.
+
+    Args:
+        metric: one of :data:`METRICS`.
+        hyps_a: A's outputs (texts, or class ids for accuracy/macro-F1), one per row.
+        hyps_b: B's outputs on the same rows.
+        references: the references of those rows (texts, or class ids).
+        n_samples: the resamples.
+        seed: the seed of the draw (:func:`resample_indices`).
+
+    Returns:
+        The :class:`Comparison`.
+
+    Raises:
+        LmkdError: no rows; outputs not one per reference; ``n_samples`` below 1; an unknown metric.
+    """
     if not len(references):
         raise LmkdError("nothing to compare: no test rows")
     if len(hyps_a) != len(references) or len(hyps_b) != len(references):
