@@ -16,10 +16,10 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
   of a slice of the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor
   exists even at step 1), the student's head is skipped in the forward and run per chunk inside
   the loss (no (N, V) student logits), and so is the teacher's;
-* **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
+* **cached** (``logit_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
 
 The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
-sharding flags and the declared hooks ``forward_inputs``, ``position_masks`` and ``aligned`` -- and
+sharding flags and the declared hooks ``forward_inputs``, ``position_masks`` and ``shifted`` -- and
 never imports it.
 """
 
@@ -37,7 +37,7 @@ from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.losses import chunked, fused
 from lmkd.models.loading import unwrap
-from lmkd.data.positions import aligned_labels
+from lmkd.data.positions import shifted_labels
 
 logger = logging.getLogger(__name__)
 
@@ -148,18 +148,18 @@ class DistillationObjective:
         self.decide_path(inputs)
         with self.lean_head(model, inputs, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
             outputs = model(**tr.forward_inputs(model, inputs))
-        s_logits = tr.aligned(outputs.logits)
+        s_logits = tr.shifted(outputs.logits)
         ce_mask, kd_mask = tr.position_masks(inputs)
         n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
                                                          int(kd_mask.sum()))
         cached = logit_cache.MASK in inputs
-        if args.teacher_cache and args.kd_alpha > 0 and tr.teacher is None and not cached:
-            raise LmkdError("a batch without cached teacher logits in a run trained from teacher_cache: its KD "
-                            "term cannot be computed (evaluate on the data of eval_teacher_cache, or a cached "
+        if args.logit_cache and args.kd_alpha > 0 and tr.teacher is None and not cached:
+            raise LmkdError("a batch without cached teacher logits in a run trained from logit_cache: its KD "
+                            "term cannot be computed (evaluate on the data of eval_logit_cache, or a cached "
                             "dataset)")
         alpha = args.kd_alpha if (tr.teacher is not None or cached) else 0.0
         use_ce, use_kd = ce_mask is not None and alpha < 1, alpha > 0
-        labels = aligned_labels(tr.kind, inputs["labels"]) if use_ce else None
+        labels = shifted_labels(tr.kind, inputs["labels"]) if use_ce else None
 
         if self.chunk == 0 and not cached:
             loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd,
@@ -199,7 +199,7 @@ class DistillationObjective:
                 return loss + alpha * kd_sum / max(n_kd, 1), ce_sum, kd_sum, t_outputs
             with torch.no_grad():
                 t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
-                t_logits = tr.aligned(t_outputs.logits)
+                t_logits = tr.shifted(t_outputs.logits)
             s_kd, t_kd = self._shared(s_logits), self._shared(t_logits)
             taid_t = self.taid_t(training) if self.taid is not None else 1.0
             kd_sum = losses.token_kd_loss(s_kd, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
@@ -226,7 +226,7 @@ class DistillationObjective:
         with torch.no_grad():
             t_outputs = tr.teacher(**fwd)
         t_logits = t_outputs.logits
-        where = tr.aligned(inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
+        where = tr.shifted(inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
         t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
         kd_sum = losses.cross_kd_loss(s_logits, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
                                       shared=tr.cross_shared)
@@ -245,7 +245,7 @@ class DistillationObjective:
         kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, ce_weight=w_ce,
                   kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=self.chunk)
         if lean_head is not None:
-            hidden = tr.aligned(lean_head["hidden"][0])
+            hidden = tr.shifted(lean_head["hidden"][0])
             total, ce_sum, kd_sum = fused.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
                                                                     kd_mask, **kw)
         elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
@@ -277,9 +277,9 @@ class DistillationObjective:
         with ctx as box, torch.no_grad():
             t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
         if box is not None:
-            hidden = tr.aligned(box["hidden"][0])
+            hidden = tr.shifted(box["hidden"][0])
             return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
-        return t_outputs, tr.aligned(t_outputs.logits)
+        return t_outputs, tr.shifted(t_outputs.logits)
 
     def lean_head(self, model, inputs: dict, return_outputs: bool = False):
         """The student's forward context: head skipped when the fused loss is on (training only, and

@@ -39,7 +39,7 @@ from lmkd.core.errors import LmkdError
 from lmkd.models.generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
 from lmkd.models.loading import model_kind, unwrap, vocab_size_of
 from lmkd.models.truncation import describe_truncation, generation_lengths, target_limit, truncation_note
-from lmkd.data.positions import aligned_labels, token_mask
+from lmkd.data.positions import shifted_labels, token_mask
 from lmkd.teacher.frozen import EnsembleTeacher
 from lmkd.train.trainer import DistillationTrainer
 
@@ -158,7 +158,7 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
                             "model; set on_policy_fraction 0")
         if self.teacher is None:
             raise LmkdError("on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
-                            "teacher_model_name_or_path (a teacher_cache only covers the fixed data)")
+                            "teacher_model_name_or_path (a logit_cache only covers the fixed data)")
         self.max_new_tokens = self.fitted_new_tokens()
         self.on_policy_batches = 0
         self.last_generation_seed: int | None = None
@@ -376,7 +376,7 @@ class CoDistillationTrainer(RegimeTrainer):
         args = self.args
         members = unwrap(model).members
         outputs = model(**self.forward_inputs(members[0], inputs))
-        logits = [self.aligned(o.logits) for o in outputs]
+        logits = [self.shifted(o.logits) for o in outputs]
         ce_mask, kd_mask = self.position_masks(inputs)
         counts, scale = self.loss_counts(num_items_in_batch)
         n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
@@ -386,7 +386,7 @@ class CoDistillationTrainer(RegimeTrainer):
         stats = self.loss_stats["train" if model.training else "eval"]
         loss = logits[0].new_zeros((), dtype=torch.float32)
         labels = inputs.get("labels")
-        labels = aligned_labels(self.kind, labels) if labels is not None else None
+        labels = shifted_labels(self.kind, labels) if labels is not None else None
         for z, target in zip(logits, targets):
             if ce_mask is not None and alpha < 1:
                 ce_sum = losses.cross_entropy(z, labels)

@@ -90,7 +90,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     scored = evaluation is not None and _labelled(eval_data_args) and (kind == CLASSIFICATION or (
         kind == SEQ2SEQ and args.predict_with_generate))
     references = list(evaluation[eval_data_args.target_column]) if scored and kind == SEQ2SEQ else None
-    if args.teacher_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_teacher_cache:
+    if args.logit_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_logit_cache:
         raise LmkdError(frozen.EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
         for path in frozen.teacher_paths(args):
@@ -101,7 +101,7 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     tokenizer = load_tokenizer(model_args.tokenizer_name or student_paths[0])
     for path in student_paths[1:]:  # a cohort of checkpoints: one vocabulary
         check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
-    if teacher_model is None and not args.teacher_cache and (args.kd_alpha > 0 or args.uses_features):
+    if teacher_model is None and not args.logit_cache and (args.kd_alpha > 0 or args.uses_features):
         student_config = load_config(student_paths[0])
         if args.teacher_tokenizer:
             frozen.check_cross_tokenizer_kind(kind)
@@ -185,8 +185,8 @@ def data_readers(args, student, teacher_model=None) -> list:
     readers = [student]
     if teacher_model is not None:
         readers.append(teacher_model)
-    elif args.teacher_cache:
-        made_with = logit_cache.cache_teacher(args.teacher_cache)
+    elif args.logit_cache:
+        made_with = logit_cache.cache_teacher(args.logit_cache)
         readers += [made_with] if made_with else []
     elif args.teacher_model_name_or_path and (args.kd_alpha > 0 or args.uses_features):
         readers += frozen.teacher_paths(args)
@@ -245,8 +245,8 @@ def run_born_again(model_args, data_args, args, resume: bool = False, teacher_mo
         a = copy.copy(args)
         a.output_dir, a.rounds = out, 1
         if r > 1:
-            a.teacher_model_name_or_path, a.teacher_weights, a.teacher_cache = previous, None, None
-        elif teacher_model is None and not args.teacher_model_name_or_path and not args.teacher_cache:
+            a.teacher_model_name_or_path, a.teacher_weights, a.logit_cache = previous, None, None
+        elif teacher_model is None and not args.teacher_model_name_or_path and not args.logit_cache:
             logger.info("born-again round 1 has no teacher: it trains on the labels alone (kd_alpha 0)")
             a.kd_alpha, a.hidden_weight, a.attention_weight, a.relation_weight = 0.0, 0.0, 0.0, 0.0
         done = os.path.join(out, RESULTS_NAME)

@@ -1,6 +1,6 @@
 """DistillationTrainer: an HF Seq2SeqTrainer with a frozen teacher and a distillation loss.
 
-The trainer wires the parts and keeps the counts: the teacher (and a teacher cache, or a teacher of
+The trainer wires the parts and keeps the counts: the teacher (and a logit cache, or a teacher of
 another tokenizer) comes from :mod:`lmkd.teacher.frozen`, the positions from :mod:`lmkd.data.positions`, the
 CE + KD loss from :mod:`lmkd.train.objective`, the feature terms and their hint projections from
 :mod:`lmkd.train.features`.  What stays here: the token counts of the accumulated batch, logging, the
@@ -54,7 +54,7 @@ class DistillationTrainer(Seq2SeqTrainer):
     * :meth:`position_masks` ``(inputs) -> (CE mask, KD mask)``: which positions each term covers;
       the token counts are taken from it too;
     * :meth:`forward_inputs` ``(model, inputs) -> dict``: the keywords of a model's forward;
-    * :meth:`aligned` ``(logits) -> logits``: the logits at the masks' positions;
+    * :meth:`shifted` ``(logits) -> logits``: the logits at the masks' positions (the causal shift);
     * :attr:`uses_teacher`: whether a teacher is loaded at all;
     * :meth:`loss_counts` ``(num_items_in_batch)``: the accumulated batch's counts for a
       ``compute_loss`` of one's own;
@@ -99,9 +99,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         # learned student->teacher projections of the hint loss, one per layer stack
         self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
         self.loss_objective = DistillationObjective(self, self._vocab)
-        self._eval_collator = None  # the collator of the validation data's own cache (eval_teacher_cache)
-        if args.teacher_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
-            wired = frozen.attach_teacher_caches(
+        self._eval_collator = None  # the collator of the validation data's own cache (eval_logit_cache)
+        if args.logit_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
+            wired = frozen.attach_logit_caches(
                 args, kind=self.kind, student=self.model, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
                 collator=self.data_collator, padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
             self.train_dataset, self.data_collator, self.eval_dataset, self._eval_collator = wired
@@ -112,7 +112,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                            "this run is plain data parallel (DDP), every process holding the whole student")
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """The Trainer's, collating with the validation data's own logit cache (``eval_teacher_cache``)."""
+        """The Trainer's, collating with the validation data's own logit cache (``eval_logit_cache``)."""
         if self._eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
         train_collator, self.data_collator = self.data_collator, self._eval_collator
@@ -126,7 +126,7 @@ class DistillationTrainer(Seq2SeqTrainer):
     @property
     def uses_teacher(self) -> bool:
         """Whether any loss term needs the teacher's outputs."""
-        return (self.args.kd_alpha > 0 and not self.args.teacher_cache) or self.args.uses_features
+        return (self.args.kd_alpha > 0 and not self.args.logit_cache) or self.args.uses_features
 
     def _deepspeed_config(self) -> dict | None:
         return self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
@@ -147,10 +147,10 @@ class DistillationTrainer(Seq2SeqTrainer):
     # ---- hooks: positions and forward keywords ------------------------------------------------------
 
     def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(CE mask, KD mask) over the aligned positions of a batch (:func:`lmkd.data.positions.position_masks`)."""
+        """(CE mask, KD mask) over the shifted positions of a batch (:func:`lmkd.data.positions.position_masks`)."""
         ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
         if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD: only the positions with a teacher position
-            kd = kd & positions.aligned(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
+            kd = kd & positions.shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
         return ce, kd
 
     def forward_inputs(self, model, inputs: dict) -> dict:
@@ -165,9 +165,9 @@ class DistillationTrainer(Seq2SeqTrainer):
             fwd.update(self.features.output_flags())
         return fwd
 
-    def aligned(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.aligned`)."""
-        return positions.aligned(self.kind, logits)
+    def shifted(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.shifted`)."""
+        return positions.shifted(self.kind, logits)
 
     # ---- counts and loss ------------------------------------------------------------------------
 
@@ -227,7 +227,7 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.args.teacher_cache and logit_cache.CACHE_ROW not in self._signature_columns:
+        if self.args.logit_cache and logit_cache.CACHE_ROW not in self._signature_columns:
             # keep the cache row number through remove_unused_columns
             self._signature_columns = [*self._signature_columns, logit_cache.CACHE_ROW]
 
