@@ -169,7 +169,7 @@ def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, to
     # a cohort of 3 from 2 checkpoints is refused
     with pytest.raises(LmkdError, match="names 2 students: that is a co-distillation cohort, set cohort_size 2"):
         from lmkd.train.config import ModelArguments
-        from lmkd.train.run import cohort_paths
+        from lmkd.train.regimes import cohort_paths
 
         cohort_paths(ModelArguments(student_model_name_or_path=",".join(paths)), config(tmp_path, cohort_size=3))
 
@@ -177,7 +177,7 @@ def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, to
 def test_one_checkpoint_cohort_gets_distinct_seeds_for_weights_it_lacks(tmp_path, tokenizer):
     """A masked-LM checkpoint loaded as K classifiers: each member's new head is initialised under
     its own seed, so a dropout-free cohort of them can differ."""
-    from lmkd.train.run import load_cohort
+    from lmkd.train.regimes import load_cohort
 
     d = tmp_path / "mlm"
     build_model("bert", len(tokenizer), seed=1, layers=1, dropout=0.0).save_pretrained(d)

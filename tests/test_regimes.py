@@ -13,7 +13,7 @@ import yaml
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses
 from lmkd.cli import main
 from lmkd.data.dataset import DataArguments, collator_for, tokenize
-from lmkd.train.run import add_transfer_set
+from lmkd.train.regimes import add_transfer_set
 from lmkd.train.regimes import LABELLED, ON_POLICY, CoDistillationTrainer, CohortModel, OnPolicyDistillationTrainer, RegimeTrainer, TransferCollator
 from lmkd.teacher.frozen import EnsembleTeacher
 from lmkd.models.scratch import build_model

@@ -28,6 +28,8 @@ TAGS = ("distillation", "lmkd")
 PIPELINE_TAG = {"translation": "translation", "summarization": "summarization", "classification":
                 "text-classification", "causal-lm": "text-generation", "mlm": "fill-mask"}
 #: settings never written down: secrets (the card and its YAML go to the hub with push_to_hub)
+#: what each run writes next to the student: its training (and evaluation) metrics
+RESULTS_NAME = "distill_results.json"
 SECRET_KEYS = ("hub_token", "push_to_hub_token")
 
 
