@@ -32,6 +32,31 @@ from lmkd.train.objective import DistillationObjective
 
 logger = logging.getLogger(__name__)
 
+#: the regime keys of DistillationConfig a trainer class must run or refuse:
+#: key -> (whether the config turns the regime on, who runs it)
+REGIME_RUNNERS = {
+    "on_policy_fraction": (lambda a: a.on_policy_fraction > 0, "OnPolicyDistillationTrainer (lmkd.train.regimes)"),
+    "cohort_size": (lambda a: a.cohort_size > 1, "CoDistillationTrainer (lmkd.train.regimes)"),
+    "rounds": (lambda a: a.rounds > 1, "a loop of whole runs: lmkd.train.run.run_distill (or `lmkd distill`), "
+                                       "which runs lmkd.train.regimes.run_born_again"),
+}
+
+
+def check_regimes_run(trainer_class: type, args: DistillationConfig) -> None:
+    """Refuse, in one line, a regime ``args`` turns on that ``trainer_class`` would silently ignore.
+
+    Args:
+        trainer_class: the trainer class being built; its ``regimes_run`` names the keys it runs.
+        args: the run's config.
+
+    Raises:
+        LmkdError: naming the key, its value and the class or function that runs it.
+    """
+    for key, (on, runner) in REGIME_RUNNERS.items():
+        if on(args) and key not in trainer_class.regimes_run:
+            raise LmkdError(f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does not run "
+                            f"that regime (it would train without it)")
+
 class DistillationTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
 
@@ -64,6 +89,9 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     # compute_loss normalises by the token count of the whole accumulated batch itself
     loss_is_scaled_for_ga = True
+    #: the regime keys of :data:`REGIME_RUNNERS` this class runs (a subclass that runs one names it);
+    #: any other one the config turns on is refused by :func:`check_regimes_run`
+    regimes_run: tuple[str, ...] = ()
 
     def __init__(self, model=None, args: DistillationConfig | None = None, teacher_model=None,
                  teacher_tokenizer=None, **kwargs):
@@ -71,6 +99,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
             raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
+        check_regimes_run(type(self), args)
         with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
             super().__init__(model=model, args=args, **kwargs)
             self._setup(teacher_model, teacher_tokenizer)
@@ -138,6 +167,15 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _setup_teacher(self, teacher, teacher_tokenizer) -> None:
         ds_config = self._deepspeed_config()
+        if teacher is None and len(frozen.teacher_paths(self.args)) > 1:  # teacher_model_name_or_path: a,b
+            teacher = frozen.load_teacher(self.args, self.model, self.processing_class)  # (+ teacher_weights)
+        if isinstance(teacher, frozen.EnsembleTeacher):
+            if teacher.temperature != self.args.kd_temperature:
+                raise LmkdError(f"EnsembleTeacher(temperature={teacher.temperature}) must use the trainer's "
+                                f"kd_temperature {self.args.kd_temperature}")
+            if self.args.kd_loss == "mse":
+                raise LmkdError("a teacher ensemble averages distributions, not logits: use kd_loss forward_kl, "
+                                "reverse_kl or jsd")
         self.teacher, self._vocab = frozen.load_frozen_teacher(
             teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
             student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,

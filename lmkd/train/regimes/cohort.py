@@ -104,6 +104,8 @@ class CoDistillationTrainer(RegimeTrainer):
     gradient comes from its own terms only).  ``save_model`` writes every member to
     ``member-k`` (each a plain HF model) and member 0 also to the directory itself."""
 
+    regimes_run = ("cohort_size",)
+
     def __init__(self, model=None, args=None, **kwargs):
         if args is not None and not isinstance(model, CohortModel):
             if args.cohort_size < 2:

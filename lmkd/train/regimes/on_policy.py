@@ -54,6 +54,8 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
     KD).  The replacement happens before the token counts of the accumulated batch are taken, so
     gradient accumulation stays exact."""
 
+    regimes_run = ("on_policy_fraction",)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.kind not in (CAUSAL, SEQ2SEQ):
