@@ -31,9 +31,9 @@ from lmkd.train.regimes.transfer import LABELLED, TransferCollator, add_transfer
 from lmkd.train.trainer import DistillationTrainer
 
 __all__ = ["LABELLED", "ON_POLICY", "REGIME_KEYS", "CoDistillationTrainer", "CohortModel",
-           "OnPolicyDistillationTrainer", "PromptLengthCollator", "RegimeTrainer", "TransferCollator", "add_transfer_set", "check_cohort_can_differ",
-           "cohort_paths", "load_cohort", "read_transfer_set", "run_born_again", "trainer_class",
-           "unlabelled_data_args", "wrap_collator"]
+           "OnPolicyDistillationTrainer", "PromptLengthCollator", "RegimeTrainer", "TransferCollator",
+           "add_transfer_set", "check_cohort_can_differ", "cohort_paths", "load_cohort", "read_transfer_set",
+           "run_born_again", "trainer_class", "unlabelled_data_args", "wrap_collator"]
 
 
 def trainer_class(args, data_args=None):
