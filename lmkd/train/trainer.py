@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 
 import torch
 from torch import nn
@@ -25,9 +24,10 @@ from lmkd.data import positions
 from lmkd.train.config import DistillationConfig
 from lmkd.core.constants import SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.train.features import FEATURE_TERMS, FeatureDistiller, average_projection_grads, load_projections, projection_param_groups, save_projections
+from lmkd.train.features import FeatureDistiller, average_projection_grads, load_projections, projection_param_groups, save_projections
 from lmkd.core.io import nothing_left_on_error
 from lmkd.models.loading import model_kind, unwrap
+from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,16 @@ class DistillationTrainer(Seq2SeqTrainer):
     * :meth:`forward_inputs` ``(model, inputs) -> dict``: the keywords of a model's forward;
     * :meth:`shifted` ``(logits) -> logits``: the logits at the masks' positions (the causal shift);
     * :attr:`uses_teacher`: whether a teacher is loaded at all;
-    * :meth:`loss_counts` ``(num_items_in_batch)``: the accumulated batch's counts for a
-      ``compute_loss`` of one's own;
-    * :attr:`loss_stats`: per mode (``train``/``eval``), the running sums logged as ``loss_ce``,
-      ``loss_kd`` and ``loss_<feature term>`` (``<name>_sum`` / ``<name>_n``).
+    * :meth:`loss_counts` ``(num_items_in_batch)``: the accumulated batch's
+      :class:`lmkd.train.loss_stats.LossCounts` for a ``compute_loss`` of one's own;
+    * :attr:`loss_stats`: per mode (``train``/``eval``), a :class:`lmkd.train.loss_stats.LossStats`
+      of the terms logged as ``loss_ce``, ``loss_kd``, ``taid_t`` and ``loss_<feature term>``.
+
+    The seam to the objective is narrow: :meth:`compute_loss` hands it an
+    :class:`lmkd.train.loss_stats.ObjectiveInputs` (forward keywords, masks, step) and the counts,
+    and adds the :class:`lmkd.train.loss_stats.LossStats` it returns to :attr:`loss_stats`.  The
+    HF Trainer's ``num_items_in_batch`` is a ``LossCounts(ce, kd, features)`` here
+    (:meth:`_get_num_items_in_batch`), not one count.
     """
 
     # compute_loss normalises by the token count of the whole accumulated batch itself
@@ -111,7 +117,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.kind = model_kind(self.model)
         self.teacher = None
         self._vocab = None  # the vocabulary teacher and student share, when their output layers differ
-        self.loss_stats = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.loss_stats = {"train": LossStats(), "eval": LossStats()}
         self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
         if self.uses_teacher:
             self._setup_teacher(teacher_model, teacher_tokenizer)
@@ -121,13 +127,14 @@ class DistillationTrainer(Seq2SeqTrainer):
                     teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else args.teacher_tokenizer,
                     kd_loss=args.kd_loss)
         self.features = None  # lmkd.train.features.FeatureDistiller when a feature weight is > 0
-        self._feature_totals = None
         if args.uses_features:
             self.features = FeatureDistiller(args, self.kind, self.model, self.teacher, device=args.device,
                                              deepspeed=self.is_deepspeed_enabled)
         # learned student->teacher projections of the hint loss, one per layer stack
         self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
-        self.loss_objective = DistillationObjective(self, self._vocab)
+        self.loss_objective = DistillationObjective(
+            args, self.kind, teacher=self.teacher, vocab=self._vocab, cross_shared=self.cross_shared,
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled, data_parallel=args.world_size > 1)
         self._eval_collator = None  # the collator of the validation data's own cache (eval_logit_cache)
         if args.logit_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
             wired = frozen.attach_logit_caches(
@@ -212,8 +219,20 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _gathers_counts(self) -> bool:
         return self.args.average_tokens_across_devices and self.args.world_size > 1
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """Counts of CE and KD positions in the whole accumulated batch, summed over processes."""
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> LossCounts:
+        """The normalising counts of the whole accumulated batch, summed over processes.
+
+        The HF Trainer passes what this returns to ``compute_loss`` as ``num_items_in_batch``
+        (from :meth:`get_batch_samples`, and from ``prediction_step`` for one evaluation batch);
+        lmkd's value is a :class:`lmkd.train.loss_stats.LossCounts`, not the Trainer's one count.
+
+        Args:
+            batch_samples: the micro-batches of one optimizer step.
+            device: where the counts are gathered across processes.
+
+        Returns:
+            LossCounts(CE positions, KD positions, feature counts or None).
+        """
         counts = torch.zeros(2, dtype=torch.long)
         for batch in batch_samples:
             ce, kd = self.position_masks(batch)
@@ -222,30 +241,75 @@ class DistillationTrainer(Seq2SeqTrainer):
         counts = counts.to(device)
         if self._gathers_counts():
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
+        features = None
         if self.features is not None:
             gather = (lambda c: self.accelerator.gather(c.to(device).unsqueeze(0)).sum(0).cpu()) \
                 if self._gathers_counts() else None
-            self._feature_totals = self.features.count_items(batch_samples, gather)
-        return counts
+            features = self.features.count_items(batch_samples, gather)
+        n_ce, n_kd = counts.tolist()
+        return LossCounts(n_ce, n_kd, features)
 
-    def loss_counts(self, num_items_in_batch) -> tuple[tuple[int, int] | None, int]:
-        """((n_ce, n_kd) of the accumulated batch or None, the factor undoing the Trainer's mean over
-        processes) from what ``_get_num_items_in_batch`` returned."""
-        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2:
-            n_ce, n_kd = num_items_in_batch.tolist()
-            return (n_ce, n_kd), (self.accelerator.num_processes if self._gathers_counts() else 1)
+    def loss_counts(self, num_items_in_batch) -> tuple[LossCounts | None, int]:
+        """What a ``compute_loss`` normalises by.
+
+        Args:
+            num_items_in_batch: what the Trainer passed to ``compute_loss`` (a LossCounts from
+                :meth:`_get_num_items_in_batch`, or None when called without one).
+
+        Returns:
+            (the accumulated batch's LossCounts or None, the factor undoing the Trainer's mean over
+            processes).
+        """
+        if isinstance(num_items_in_batch, LossCounts):
+            return num_items_in_batch, (self.accelerator.num_processes if self._gathers_counts() else 1)
         return None, 1
 
+    def objective_inputs(self, model, inputs: dict) -> ObjectiveInputs:
+        """One micro-batch as the objective reads it: the forward keywords of the student and the live
+        teacher (:meth:`forward_inputs`), the masks (:meth:`position_masks`) and the step.
+
+        Args:
+            model: the student (as the Trainer wrapped it).
+            inputs: the collated batch.
+
+        Returns:
+            The :class:`lmkd.train.loss_stats.ObjectiveInputs` of the batch.
+        """
+        ce_mask, kd_mask = self.position_masks(inputs)
+        teacher_forward = None
+        if self.teacher is not None and cross_tokenizer.TEACHER_POSITION not in inputs:
+            teacher_forward = self.forward_inputs(self.teacher, inputs)
+        return ObjectiveInputs(batch=inputs, student_forward=self.forward_inputs(model, inputs),
+                               teacher_forward=teacher_forward, ce_mask=ce_mask, kd_mask=kd_mask,
+                               step=(self.state.global_step, self.state.max_steps))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = self.loss_stats["train" if model.training else "eval"]
+        """The CE + KD (+ feature terms) loss of a micro-batch, normalised by the accumulated batch.
+
+        Args:
+            model: the student (as the Trainer wrapped it).
+            inputs: the collated batch.
+            return_outputs: also return the student's outputs.
+            num_items_in_batch: the :class:`lmkd.train.loss_stats.LossCounts` of the accumulated batch
+                (the HF Trainer's name for it; None: this micro-batch's own counts).
+
+        Returns:
+            The loss, or (loss, student outputs).
+        """
+        x = self.objective_inputs(model, inputs)
         counts, scale = self.loss_counts(num_items_in_batch)
-        loss, outputs, t_outputs = self.loss_objective(model, inputs, stats, counts, return_outputs)
+        result = self.loss_objective(model, x, counts, return_outputs)
+        loss, outputs, t_outputs = result.loss, result.outputs, result.teacher_outputs
+        stats = self.loss_stats["train" if model.training else "eval"]
+        stats.add(result.stats)
         if self.features is not None:
             if t_outputs is None:
                 with torch.no_grad():
-                    t_outputs = self.teacher(**self.forward_inputs(self.teacher, inputs))
-            totals = self._feature_totals if num_items_in_batch is not None else None
-            loss = loss + self.features.loss(outputs, t_outputs, inputs, stats, totals)
+                    t_outputs = self.teacher(**x.teacher_forward)
+            totals = counts.features if counts is not None else None
+            feature_loss, feature_stats = self.features.loss(outputs, t_outputs, inputs, totals)
+            loss = loss + feature_loss
+            stats.add(feature_stats)
         if not torch.isfinite(loss):
             raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the "
                             "learning rate, use bf16 instead of fp16, or check the data for empty targets")
@@ -320,17 +384,14 @@ class DistillationTrainer(Seq2SeqTrainer):
     # ---- logging ------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, plus the mean loss terms since the last log (:class:`LossStats`).
+
+        Args:
+            logs: what the Trainer logs (``eval_*`` keys: an evaluation's).
+            start_time: as the Trainer's.
+        """
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         stats = self.loss_stats[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        if stats.get("ce_n"):
-            logs[f"{prefix}loss_ce"] = round(stats["ce_sum"] / stats["ce_n"], 6)
-        if stats.get("kd_n"):
-            logs[f"{prefix}loss_kd"] = round(stats["kd_sum"] / stats["kd_n"], 6)
-        if stats.get("taid_t_n"):  # kd_loss taid: the mean interpolation t of the logged steps
-            logs[f"{prefix}taid_t"] = round(stats["taid_t_sum"] / stats["taid_t_n"], 6)
-        for name in FEATURE_TERMS:
-            if stats.get(f"{name}_n"):
-                logs[f"{prefix}loss_{name}"] = round(stats[f"{name}_sum"] / stats[f"{name}_n"], 6)
-        stats.clear()
+        logs.update(stats.logs("eval_" if mode == "eval" else ""))
+        stats.reset()
         super().log(logs, start_time)

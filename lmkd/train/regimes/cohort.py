@@ -141,14 +141,26 @@ class CoDistillationTrainer(RegimeTrainer):
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The members' summed CE + KD losses (each member's KD towards the others' detached average).
+
+        Args:
+            model: the :class:`CohortModel` (as the Trainer wrapped it).
+            inputs: the collated batch.
+            return_outputs: also return member 0's outputs.
+            num_items_in_batch: the accumulated batch's :class:`lmkd.train.loss_stats.LossCounts`
+                (None: this micro-batch's own).
+
+        Returns:
+            The loss, or (loss, member 0's outputs).
+        """
         args = self.args
         members = unwrap(model).members
         outputs = model(**self.forward_inputs(members[0], inputs))
         logits = [self.shifted(o.logits) for o in outputs]
         ce_mask, kd_mask = self.position_masks(inputs)
         counts, scale = self.loss_counts(num_items_in_batch)
-        n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
-                                                         int(kd_mask.sum()))
+        n_ce, n_kd = counts[:2] if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
+                                                             int(kd_mask.sum()))
         alpha, k = args.kd_alpha, len(logits)
         targets = self.member_targets(logits) if alpha > 0 else [None] * k
         stats = self.loss_stats["train" if model.training else "eval"]
@@ -159,14 +171,12 @@ class CoDistillationTrainer(RegimeTrainer):
             if ce_mask is not None and alpha < 1:
                 ce_sum = losses.cross_entropy(z, labels)
                 loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
-                stats["ce_sum"] += ce_sum.item() / k
-                stats["ce_n"] += int(ce_mask.sum()) / k
+                stats.ce.add(ce_sum.item() / k, int(ce_mask.sum()) / k)
             if alpha > 0:
                 kd_sum = losses.token_kd_loss(z, target, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
                                               beta=args.jsd_beta)
                 loss = loss + alpha * kd_sum / max(n_kd, 1)
-                stats["kd_sum"] += kd_sum.item() / k
-                stats["kd_n"] += int(kd_mask.sum()) / k
+                stats.kd.add(kd_sum.item() / k, int(kd_mask.sum()) / k)
         if not torch.isfinite(loss):
             raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the learning "
                             "rate or check the data for empty targets")
