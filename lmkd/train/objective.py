@@ -15,7 +15,7 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
   once per model, before the first training forward, against the real logits of a no-grad forward
   of a slice of the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor
   exists even at step 1), the student's head is skipped in the forward and run per chunk inside
-  the loss (no (N, V) student logits), and so is the teacher's;
+  the loss (no (N, V) student logits), and so is the teacher's (:mod:`lmkd.train.lm_head`);
 * **cached** (``logit_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
 
 The objective never sees the trainer: it is built from the run's config, the model kind, the live
@@ -32,7 +32,6 @@ import logging
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from lmkd.teacher import cross_tokenizer, logit_cache
 from lmkd import losses
@@ -41,6 +40,8 @@ from lmkd.core.errors import LmkdError
 from lmkd.losses import chunked, fused
 from lmkd.models.loading import unwrap
 from lmkd.data.positions import shifted, shifted_labels
+from lmkd.train.lm_head import PROBE_POSITIONS  # noqa: F401 (imported from here by tests and benchmarks)
+from lmkd.train.lm_head import check_head, head_for_fused_loss, head_skipped, probe_inputs
 from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 
 logger = logging.getLogger(__name__)
@@ -72,33 +73,6 @@ def choose_kd_path(positions: int, vocab: int, device, free_bytes: int | None = 
     if need <= FIT_SHARE * free_bytes:
         return 0, f"kd path: plain (full logits {gb(need)} of {gb(free_bytes)} free)"
     return -1, f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)"
-
-
-#: positions of the one-row slice of the first batch on which a model's fused LM head is checked
-PROBE_POSITIONS = 32
-
-
-def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS) -> dict:
-    """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
-    of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
-    tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
-    seq_key = "decoder_input_ids" if kind == SEQ2SEQ else "input_ids"
-    ref = fwd.get(seq_key)
-    if ref is None:
-        ref = fwd.get("decoder_inputs_embeds" if kind == SEQ2SEQ else "inputs_embeds")
-    b, t = ref.shape[:2]
-    row = int(attention_mask.sum(-1).argmax()) if attention_mask is not None and kind != SEQ2SEQ else 0
-    # right padding (or none): the first positions are real tokens; left padding: the last ones
-    left = kind != SEQ2SEQ and attention_mask is not None and not bool(attention_mask[row, 0])
-    cut = slice(max(0, t - positions), t) if left else slice(0, min(t, positions))
-    out = {}
-    for k, v in fwd.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
-            v = v[row:row + 1]
-            if v.dim() >= 2 and v.shape[1] == t and (kind != SEQ2SEQ or k.startswith("decoder_")):
-                v = v[:, cut]
-        out[k] = v
-    return out
 
 
 class ObjectiveResult(NamedTuple):
@@ -352,7 +326,7 @@ class DistillationObjective:
         if use and self.teacher_head is None:
             self.teacher_head = self.probe_head(self.teacher, x, "teacher")
             use = self.teacher_head is not False
-        ctx = self.head_skipped(self.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
+        ctx = head_skipped(self.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
         with ctx as box, torch.no_grad():
             t_outputs = self.teacher(**x.teacher_forward)
         if box is not None:
@@ -369,7 +343,7 @@ class DistillationObjective:
             return_outputs: whether the caller wants the outputs (their logits would be placeholders).
 
         Returns:
-            :meth:`head_skipped`'s context (training only, never with ``return_outputs``), else a
+            :func:`lmkd.train.lm_head.head_skipped`'s context (training only, never with ``return_outputs``), else a
             null context.
         """
         use = (model.training and not return_outputs and self.chunk != 0
@@ -377,7 +351,7 @@ class DistillationObjective:
         if use and self.fused_head is None:
             self.fused_head = self.probe_head(model, x, "student")
             use = self.fused_head is not False
-        return self.head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
+        return head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
 
     def probe_head(self, model, x: ObjectiveInputs, who: str):
         """Check ``model``'s LM head once, on a no-grad forward of one row and PROBE_POSITIONS positions
@@ -389,106 +363,16 @@ class DistillationObjective:
             who: ``"student"`` or ``"teacher"``.
 
         Returns:
-            The Head, or False (see :meth:`check_head`).
+            The Head, or False (see :func:`lmkd.train.lm_head.check_head`).
         """
-        head, why = self.head_for_fused_loss(model, who)
+        head, why = head_for_fused_loss(model, self.kind, self.sharded, who == "student" and self.data_parallel)
         if head is None:
-            return self.check_head(model, None, None, who, (None, why))
+            return check_head(None, None, who, (None, why))
         fwd = x.student_forward if who == "student" else x.teacher_forward
         small = probe_inputs(self.kind, fwd, x.batch.get("attention_mask"))
         # the RNG is left as it was (dropout in the probe would shift every later draw)
         device = getattr(unwrap(model), "device", torch.device("cpu"))
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.head_skipped(model, None) as box, torch.no_grad():
+        with torch.random.fork_rng(devices=devices), head_skipped(model, None) as box, torch.no_grad():
             outputs = model(**small)
-        return self.check_head(model, box, outputs, who, (head, why))
-
-    def head_for_fused_loss(self, model, who: str = "student"):
-        """The LM head of ``model`` as lmkd.losses.chunked.Head, or (None, why not).
-
-        Args:
-            model: the student or the teacher.
-            who: ``"student"`` or ``"teacher"`` (only the student is wrapped for data parallelism).
-
-        Returns:
-            (Head, "") or (None, the reason the head cannot run inside the loss).
-        """
-        m = unwrap(model)
-        if self.kind not in (CAUSAL, SEQ2SEQ):
-            return None, f"{self.kind} models are not supported"
-        if self.sharded:
-            return None, "the head is sharded (FSDP/DeepSpeed)"
-        if who == "student" and self.data_parallel:
-            # the fused loss differentiates the head outside DDP's forward, so DDP's gradient hooks
-            # would fire twice for the (tied) head weight
-            return None, "the student is wrapped for data parallelism (DDP)"
-        head = m.get_output_embeddings()
-        if type(head) is not nn.Linear:
-            return None, f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
-        cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
-        scale = getattr(cfg, "logit_scale", None)
-        softcap = getattr(cfg, "final_logit_softcapping", None)
-        extra = getattr(m, "final_logits_bias", None)
-        return chunked.Head(head.weight, head.bias, extra if isinstance(extra, torch.Tensor) else None,
-                            float(scale) if isinstance(scale, (int, float)) else 1.0,
-                            float(softcap) if softcap else None), ""
-
-    @staticmethod
-    @contextlib.contextmanager
-    def head_skipped(model, decided):
-        """Around a forward of ``model``: with ``decided`` a Head, the LM head only records its input
-        and returns zeros of width 1 (Marian/BART's final_logits_bias is swapped for a (1, 1) zero
-        meanwhile, so no (B, T, V) tensor is made); with ``decided`` None a hook records the head's
-        input so the caller can check the fused head against the model's real logits."""
-        module = unwrap(model).get_output_embeddings()
-        box = {"hidden": [], "probe": decided is None}
-        if box["probe"]:
-            handle = module.register_forward_hook(lambda m, args, out: box["hidden"].append(args[0]))
-            try:
-                yield box
-            finally:
-                handle.remove()
-            return
-        inner = unwrap(model)
-        swap = "final_logits_bias" in inner._buffers
-        width = 1 if (not swap or inner is model) else module.out_features  # never swap under a wrapper
-        swap = swap and width == 1
-
-        def skip(hidden, *a, **k):
-            box["hidden"].append(hidden)
-            return hidden.new_zeros(()).expand(*hidden.shape[:-1], width)
-
-        bias = inner._buffers.get("final_logits_bias")
-        module.forward = skip
-        if swap:
-            inner._buffers["final_logits_bias"] = bias.new_zeros(1, 1)
-        try:
-            yield box
-        finally:
-            del module.forward
-            if swap:
-                inner._buffers["final_logits_bias"] = bias
-
-    def check_head(self, model, box, outputs, who: str, found=None):
-        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits (``outputs`` of a
-        forward whose head inputs ``box`` recorded)?  The Head, or False.  ``found``: what
-        :meth:`head_for_fused_loss` returned, when already asked."""
-        head, why = found if found is not None else self.head_for_fused_loss(model, who)
-        if head is not None and len(box["hidden"]) != 1:
-            head, why = None, "the LM head is called more than once per forward"
-        if head is not None:
-            with torch.no_grad():
-                real = outputs.logits.float()
-                mine = head.logits(box["hidden"][0]).float()
-                tol = 1e-4 if real.dtype == torch.float32 and head.weight.dtype == torch.float32 else 1e-2
-                ok = mine.shape == real.shape and bool(
-                    (mine - real).abs().max() <= tol * real.abs().max().clamp(min=1.0))
-            if not ok:
-                head, why = None, "the model transforms its logits in a way lmkd cannot reproduce"
-        if head is None:
-            if who == "student":
-                logger.info("fused linear KD loss off (%s); using the chunked loss on the full logits -- the "
-                            "same objective", why)
-            else:
-                logger.info("teacher logits computed whole, not per chunk (%s)", why)
-        return head if head is not None else False
+        return check_head(box, outputs, who, (head, why))
