@@ -208,7 +208,15 @@ class CoDistillationTrainer(RegimeTrainer):
 
 def cohort_paths(model_args, args) -> list[str]:
     """The student checkpoints of a run: one, or -- co-distillation -- one per cohort member
-    (``student_model_name_or_path: a,b,c`` with ``cohort_size: 3``) or one for all of them."""
+    (``student_model_name_or_path: a,b,c`` with ``cohort_size: 3``) or one for all of them.
+
+    Args:
+        model_args: the run's ModelArguments.
+        args: the run's DistillationConfig.
+
+    Returns:
+        The checkpoint paths.
+    """
     paths = [p.strip() for p in str(model_args.student_model_name_or_path).split(",") if p.strip()]
     if not paths:
         raise LmkdError("student_model_name_or_path is empty; name the student checkpoint")
@@ -222,7 +230,16 @@ def load_cohort(paths: list[str], kind: str, args) -> CohortModel:
     """The members of a co-distillation cohort: each from its own checkpoint, or -- one path for
     all -- K loads of it, member k under seed ``seed + k`` so that weights the checkpoint lacks
     (a new classification head) start differently.  A cohort that cannot differ is refused
-    (:func:`check_cohort_can_differ`)."""
+    (:func:`check_cohort_can_differ`).
+
+    Args:
+        paths: the members' checkpoints (one per member, or one for all).
+        kind: the model kind.
+        args: the run's DistillationConfig (``cohort_size``, ``seed``).
+
+    Returns:
+        The :class:`CohortModel`.
+    """
     members = []
     for k in range(args.cohort_size):
         torch.manual_seed(args.seed + k)

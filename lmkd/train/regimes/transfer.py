@@ -48,7 +48,16 @@ def unlabelled_data_args(data_args, args, evaluation: bool = False):
     a seq2seq run with ``on_policy_fraction: 1`` trains only on the student's own outputs (its
     training data are inputs alone; the validation data keep their targets, ``evaluation=True``).
     Other runs are returned as they are: causal-lm and mlm read no label column anyway, and a
-    seq2seq student trained off-policy needs target tokens (``lmkd generate`` makes them)."""
+    seq2seq student trained off-policy needs target tokens (``lmkd generate`` makes them).
+
+    Args:
+        data_args: the run's DataArguments.
+        args: the run's DistillationConfig.
+        evaluation: whether these are the validation data's arguments.
+
+    Returns:
+        ``data_args``, or a copy without ``target_column``.
+    """
     kind = TASK_KIND[data_args.task]
     drop = (kind == CLASSIFICATION and args.kd_alpha == 1) or (
         kind == SEQ2SEQ and args.on_policy_fraction == 1 and not evaluation)
@@ -59,7 +68,17 @@ def unlabelled_data_args(data_args, args, evaluation: bool = False):
 
 
 def read_transfer_set(data_args) -> datasets.Dataset | None:
-    """The source column (and nothing else) of ``data_args.transfer_file``, or None without one."""
+    """The source column (and nothing else) of ``data_args.transfer_file``.
+
+    Args:
+        data_args: the run's DataArguments.
+
+    Returns:
+        The transfer set's rows, or None without a ``transfer_file``.
+
+    Raises:
+        LmkdError: for a seq2seq task (its student needs target tokens).
+    """
     if not data_args.transfer_file:
         return None
     if TASK_KIND[data_args.task] == SEQ2SEQ:
@@ -73,7 +92,19 @@ def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, 
                      notes: list | None = None) -> datasets.Dataset:
     """``train`` (tokenised) plus the tokenised rows of ``raw`` (:func:`read_transfer_set`), each
     tagged with :data:`LABELLED` (1 for ``train``, 0 for the transfer set).  The
-    Trainer's shuffling sampler interleaves the two."""
+    Trainer's shuffling sampler interleaves the two.
+
+    Args:
+        train: the tokenised training data.
+        raw: the transfer set's rows.
+        data_args: the run's DataArguments.
+        tokenizer: the student's tokenizer.
+        model: the models whose position tables limit the length (:func:`lmkd.data.dataset.tokenize`).
+        notes: receives the truncation notes of the transfer rows.
+
+    Returns:
+        The two sets concatenated.
+    """
     kind = TASK_KIND[data_args.task]
     plain = copy.copy(data_args)
     plain.prompt_column = None  # a transfer set has no prompt column: its rows use on_policy_prompt_tokens
