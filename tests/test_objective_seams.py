@@ -43,14 +43,17 @@ def test_objective_runs_without_a_trainer_and_equals_the_formula(chunk, tmp_path
     objective = DistillationObjective(args, "causal", teacher=teacher)
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     ce_mask, kd_mask = position_masks("causal", batch)
-    x = ObjectiveInputs(batch=batch, student_forward=fwd, teacher_forward=fwd, ce_mask=ce_mask, kd_mask=kd_mask)
+    x = ObjectiveInputs(batch=batch, student_forward=fwd, teacher_forward=fwd, ce_mask=ce_mask,
+                        kd_mask=kd_mask)
     counts = LossCounts(ce=int(ce_mask.sum()) * 3, kd=int(kd_mask.sum()) * 2)  # as if more micro-batches
     with torch.no_grad():
         result = objective(student, x, counts)
-        s, t = shifted("causal", student(**fwd).logits)[kd_mask], shifted("causal", teacher(**fwd).logits)[kd_mask]
+        s = shifted("causal", student(**fwd).logits)[kd_mask]
+        t = shifted("causal", teacher(**fwd).logits)[kd_mask]
     labels = shifted_labels("causal", batch["labels"])[ce_mask]
     ce_sum = F.cross_entropy(s, labels, reduction="sum")
-    kd_sum = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="sum", log_target=True) * 4
+    kd_sum = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="sum",
+                      log_target=True) * 4
     want = 0.6 * ce_sum / counts.ce + 0.4 * kd_sum / counts.kd
     assert torch.allclose(result.loss, want, rtol=1e-5)
     n = int(kd_mask.sum())
@@ -73,7 +76,8 @@ def test_num_items_in_batch_is_loss_counts_of_the_accumulated_batch(tmp_path, to
     # compute_loss reads the two counts by name: twice the counts halve the loss
     with torch.no_grad():
         one = trainer.compute_loss(student.eval(), batches[0], num_items_in_batch=counts)
-        two = trainer.compute_loss(student, batches[0], num_items_in_batch=LossCounts(2 * counts.ce, 2 * counts.kd))
+        doubled = LossCounts(2 * counts.ce, 2 * counts.kd)
+        two = trainer.compute_loss(student, batches[0], num_items_in_batch=doubled)
     assert torch.allclose(one, 2 * two, rtol=1e-6)
 
 

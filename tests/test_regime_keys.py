@@ -18,8 +18,8 @@ from lmkd.train.regimes import CoDistillationTrainer, OnPolicyDistillationTraine
 
 
 def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, report_to="none",
-                save_strategy="no", use_cpu=True, kd_alpha=0.5, seed=0, disable_tqdm=True, kd_chunk_size=0)
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
+                report_to="none", save_strategy="no", use_cpu=True, kd_alpha=0.5, seed=0, disable_tqdm=True, kd_chunk_size=0)
     base.update(kw)
     return DistillationConfig(**base)
 
@@ -51,8 +51,8 @@ def test_regime_key_refused_by_a_trainer_that_does_not_run_it(key, plain, tmp_pa
     args = config(tmp_path, **keys)
     teacher_model = None if key == "cohort_size" else teacher
     with pytest.raises(LmkdError) as err:
-        plain(model=student, args=args, teacher_model=teacher_model, train_dataset=ds, processing_class=tokenizer,
-              data_collator=collator)
+        plain(model=student, args=args, teacher_model=teacher_model, train_dataset=ds,
+              processing_class=tokenizer, data_collator=collator)
     message = str(err.value)
     assert words in message and "\n" not in message
     assert not (tmp_path / "out").exists()  # refused before anything was written
@@ -75,8 +75,8 @@ def test_regime_key_accepted_and_run_by_its_class(key, tmp_path, tokenizer, caus
 def test_rounds_refused_by_a_trainer_naming_the_function_that_runs_them(tmp_path, tokenizer, causal):
     teacher, student, ds, collator = causal
     with pytest.raises(LmkdError) as err:
-        DistillationTrainer(model=student, args=config(tmp_path, rounds=3), teacher_model=teacher, train_dataset=ds,
-                            processing_class=tokenizer, data_collator=collator)
+        DistillationTrainer(model=student, args=config(tmp_path, rounds=3), teacher_model=teacher,
+                            train_dataset=ds, processing_class=tokenizer, data_collator=collator)
     message = str(err.value)
     assert "rounds 3" in message and "lmkd.train.run.run_distill" in message and "\n" not in message
 

@@ -185,7 +185,8 @@ class FeatureDistiller:
             self._pairs[key] = resolve_layer_pairs(self.args, self.layer_spec, self.student.config, stack, n_s, n_t)
         return self._pairs[key]
 
-    def loss(self, outputs, t_outputs, inputs: dict, totals: dict | None = None) -> tuple[torch.Tensor, LossStats]:
+    def loss(self, outputs, t_outputs, inputs: dict,
+             totals: dict | None = None) -> tuple[torch.Tensor, LossStats]:
         """``hidden_weight * hidden + attention_weight * attention + relation_weight * relation``.
 
         Each term is the mean over all mapped (stack, layer) pairs of a per-token (hidden,

@@ -166,7 +166,8 @@ class DistillationObjective:
         """
         args, inputs = self.args, x.batch
         self.decide_path(model, inputs)
-        with self.lean_head(model, x, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
+        # fused CE+KD: the LM head runs in the loss
+        with self.lean_head(model, x, return_outputs) as lean_head:
             outputs = model(**x.student_forward)
         s_logits = shifted(self.kind, outputs.logits)
         counts = counts if counts is not None else x.local_counts()
@@ -181,12 +182,13 @@ class DistillationObjective:
 
         stats = LossStats()
         if self.chunk == 0 and not cached:
-            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(x, s_logits, labels, alpha, counts, model.training,
-                                                               stats)
+            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(x, s_logits, labels, alpha, counts,
+                                                               model.training, stats)
         else:
             w_ce = (1 - alpha) / max(counts.ce, 1) if use_ce else 0.0
             w_kd = alpha / max(counts.kd, 1) if use_kd else 0.0
-            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(x, outputs, s_logits, lean_head, labels, w_ce, w_kd)
+            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(x, outputs, s_logits, lean_head, labels,
+                                                              w_ce, w_kd)
         if use_ce:
             stats.ce.add(ce_sum.item(), int(x.ce_mask.sum()))
         if use_kd:
@@ -343,8 +345,8 @@ class DistillationObjective:
             return_outputs: whether the caller wants the outputs (their logits would be placeholders).
 
         Returns:
-            :func:`lmkd.train.lm_head.head_skipped`'s context (training only, never with ``return_outputs``), else a
-            null context.
+            :func:`lmkd.train.lm_head.head_skipped`'s context (training only, never with
+            ``return_outputs``), else a null context.
         """
         use = (model.training and not return_outputs and self.chunk != 0
                and self.fused_head is not False and self.kind in (CAUSAL, SEQ2SEQ))
@@ -365,7 +367,8 @@ class DistillationObjective:
         Returns:
             The Head, or False (see :func:`lmkd.train.lm_head.check_head`).
         """
-        head, why = head_for_fused_loss(model, self.kind, self.sharded, who == "student" and self.data_parallel)
+        ddp = who == "student" and self.data_parallel
+        head, why = head_for_fused_loss(model, self.kind, self.sharded, ddp)
         if head is None:
             return check_head(None, None, who, (None, why))
         fwd = x.student_forward if who == "student" else x.teacher_forward

@@ -24,7 +24,8 @@ from lmkd.data import positions
 from lmkd.train.config import DistillationConfig
 from lmkd.core.constants import SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.train.features import FeatureDistiller, average_projection_grads, load_projections, projection_param_groups, save_projections
+from lmkd.train.features import FeatureDistiller, average_projection_grads, load_projections, \
+    projection_param_groups, save_projections
 from lmkd.core.io import nothing_left_on_error
 from lmkd.models.loading import model_kind, unwrap
 from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
@@ -35,10 +36,11 @@ logger = logging.getLogger(__name__)
 #: the regime keys of DistillationConfig a trainer class must run or refuse:
 #: key -> (whether the config turns the regime on, who runs it)
 REGIME_RUNNERS = {
-    "on_policy_fraction": (lambda a: a.on_policy_fraction > 0, "OnPolicyDistillationTrainer (lmkd.train.regimes)"),
+    "on_policy_fraction": (lambda a: a.on_policy_fraction > 0,
+                           "OnPolicyDistillationTrainer (lmkd.train.regimes)"),
     "cohort_size": (lambda a: a.cohort_size > 1, "CoDistillationTrainer (lmkd.train.regimes)"),
     "rounds": (lambda a: a.rounds > 1, "a loop of whole runs: lmkd.train.run.run_distill (or `lmkd distill`), "
-                                       "which runs lmkd.train.regimes.run_born_again"),
+               "which runs lmkd.train.regimes.run_born_again"),
 }
 
 
@@ -54,8 +56,8 @@ def check_regimes_run(trainer_class: type, args: DistillationConfig) -> None:
     """
     for key, (on, runner) in REGIME_RUNNERS.items():
         if on(args) and key not in trainer_class.regimes_run:
-            raise LmkdError(f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does not run "
-                            f"that regime (it would train without it)")
+            raise LmkdError(f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does "
+                            "not run that regime (it would train without it)")
 
 class DistillationTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
@@ -181,8 +183,8 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise LmkdError(f"EnsembleTeacher(temperature={teacher.temperature}) must use the trainer's "
                                 f"kd_temperature {self.args.kd_temperature}")
             if self.args.kd_loss == "mse":
-                raise LmkdError("a teacher ensemble averages distributions, not logits: use kd_loss forward_kl, "
-                                "reverse_kl or jsd")
+                raise LmkdError("a teacher ensemble averages distributions, not logits: use kd_loss "
+                                "forward_kl, reverse_kl or jsd")
         self.teacher, self._vocab = frozen.load_frozen_teacher(
             teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
             student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,
@@ -192,7 +194,8 @@ class DistillationTrainer(Seq2SeqTrainer):
     # ---- hooks: positions and forward keywords ------------------------------------------------------
 
     def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(CE mask, KD mask) over the shifted positions of a batch (:func:`lmkd.data.positions.position_masks`)."""
+        """(CE mask, KD mask) over the shifted positions of a batch
+        (:func:`lmkd.data.positions.position_masks`)."""
         ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
         if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD: only the positions with a teacher position
             kd = kd & positions.shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
