@@ -110,9 +110,9 @@ def main():
     online = DistillationTrainer(model=models["online"], args=cfg(), teacher_model=teacher, processing_class=tok)
     online_plain = DistillationTrainer(model=models["online_plain"], args=cfg(kd_chunk_size=0),
                                        teacher_model=teacher, processing_class=tok)
-    cached = DistillationTrainer(model=models["cached"], args=cfg(teacher_cache=str(tmp / "cache")),
+    cached = DistillationTrainer(model=models["cached"], args=cfg(logit_cache=str(tmp / "cache")),
                                  train_dataset=ds, data_collator=base_collator, processing_class=tok)
-    cached_s = DistillationTrainer(model=models["cached_s"], args=cfg(teacher_cache=str(tmp / "cache_s")),
+    cached_s = DistillationTrainer(model=models["cached_s"], args=cfg(logit_cache=str(tmp / "cache_s")),
                                    train_dataset=ds, data_collator=base_collator, processing_class=tok)
     assert cached.teacher is None and cached_s.teacher is None
     idx = list(range(ns.batch))

@@ -67,7 +67,7 @@ def main() -> int:
         print(f"cache {name}: {summary['bytes_per_position']:.1f} bytes per token, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
 
-    variants = {"online": {}} | {name: {"teacher_cache": path} for name, (path, _) in caches.items()}
+    variants = {"online": {}} | {name: {"logit_cache": path} for name, (path, _) in caches.items()}
     bleu: dict[str, dict[int, float]] = {v: {} for v in variants}
     for seed in ns.seeds:
         for name, extra in variants.items():

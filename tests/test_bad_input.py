@@ -278,11 +278,11 @@ CASES_A = {
         lambda w: distill(w, prompt_column="source"), "prompt_column names the prompt a causal LM student continues",
         R + "/run"),
     "teacher cache and validation data without a cache of those": (
-        lambda w: distill(w, teacher_model_name_or_path=None, teacher_cache=R + "/cache", validation_file=w["data"]),
-        "set eval_teacher_cache DIR", R + "/run"),
-    "eval_teacher_cache without teacher_cache": (
-        lambda w: distill(w, eval_teacher_cache=R + "/cache", validation_file=w["data"]),
-        "eval_teacher_cache goes with teacher_cache", R + "/run"),
+        lambda w: distill(w, teacher_model_name_or_path=None, logit_cache=R + "/cache", validation_file=w["data"]),
+        "set eval_logit_cache DIR", R + "/run"),
+    "eval_logit_cache without logit_cache": (
+        lambda w: distill(w, eval_logit_cache=R + "/cache", validation_file=w["data"]),
+        "eval_logit_cache goes with logit_cache", R + "/run"),
     "save_steps 0": (lambda w: distill(w, save_strategy="steps", save_steps=0), "save_steps must be > 0",
                      R + "/run"),
 }

@@ -1,5 +1,5 @@
 """Issue 16, the training side: results that were wrong without a warning (co-distillation
-cohorts, the vocabulary guard, eval_loss with a teacher cache, on-policy resume and prompts)."""
+cohorts, the vocabulary guard, eval_loss with a logit cache, on-policy resume and prompts)."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, to
     # a cohort of 3 from 2 checkpoints is refused
     with pytest.raises(LmkdError, match="names 2 students: that is a co-distillation cohort, set cohort_size 2"):
         from lmkd.train.config import ModelArguments
-        from lmkd.train.run import cohort_paths
+        from lmkd.train.regimes import cohort_paths
 
         cohort_paths(ModelArguments(student_model_name_or_path=",".join(paths)), config(tmp_path, cohort_size=3))
 
@@ -177,7 +177,7 @@ def test_cohort_from_distinct_checkpoints_trains_and_members_differ(tmp_path, to
 def test_one_checkpoint_cohort_gets_distinct_seeds_for_weights_it_lacks(tmp_path, tokenizer):
     """A masked-LM checkpoint loaded as K classifiers: each member's new head is initialised under
     its own seed, so a dropout-free cohort of them can differ."""
-    from lmkd.train.run import load_cohort
+    from lmkd.train.regimes import load_cohort
 
     d = tmp_path / "mlm"
     build_model("bert", len(tokenizer), seed=1, layers=1, dropout=0.0).save_pretrained(d)
@@ -275,7 +275,7 @@ def test_on_policy_causal_prompts_are_per_row(tmp_path, tokenizer, corpus):
     assert got["input_ids"][1, :1].tolist() == [5] and (got["labels"][1, 1] != -100)
 
 
-# ---- eval_loss: one quantity with an online teacher and with a teacher cache ----------------------
+# ---- eval_loss: one quantity with an online teacher and with a logit cache ----------------------
 
 
 def test_eval_loss_is_the_same_mix_online_and_from_a_cache(tmp_path, tiny_model_dir, tokenizer, corpus):
@@ -296,7 +296,7 @@ def test_eval_loss_is_the_same_mix_online_and_from_a_cache(tmp_path, tiny_model_
           (("train", train), ("valid", valid))}
     student = build_model("marian", len(tokenizer), seed=2, layers=1, dropout=0.0)
     results = []
-    for extra in ({}, {"teacher_cache": caches["train"], "eval_teacher_cache": caches["valid"]}):
+    for extra in ({}, {"logit_cache": caches["train"], "eval_logit_cache": caches["valid"]}):
         kw = {} if extra else {"teacher_model": load_model(teacher_dir, kind="seq2seq")}
         trainer = DistillationTrainer(model=copy.deepcopy(student), processing_class=tokenizer,
                                       args=config(tmp_path, kd_alpha=0.6, per_device_eval_batch_size=4, **extra),
@@ -310,9 +310,9 @@ def test_eval_loss_is_the_same_mix_online_and_from_a_cache(tmp_path, tiny_model_
     # the documented mix (the mean over eval batches of each batch's (1 - alpha) CE + alpha KD)
     assert online["eval_loss"] == pytest.approx(0.4 * online["eval_loss_ce"] + 0.6 * online["eval_loss_kd"], rel=0.05)
     # without a cache of the validation data a cached run is refused instead of reporting CE alone
-    with pytest.raises(LmkdError, match="set eval_teacher_cache DIR"):
+    with pytest.raises(LmkdError, match="set eval_logit_cache DIR"):
         DistillationTrainer(model=copy.deepcopy(student), processing_class=tokenizer,
-                            args=config(tmp_path, kd_alpha=0.6, teacher_cache=caches["train"],
+                            args=config(tmp_path, kd_alpha=0.6, logit_cache=caches["train"],
                                         output_dir=str(tmp_path / "refused")),
                             train_dataset=ds["train"], eval_dataset=ds["valid"],
                             data_collator=collator_for("translation", tokenizer, student))

@@ -141,7 +141,7 @@ def test_full_vocab_cache_equals_online_kd(full_vocab_cache, tmp_path, kd_loss, 
                                                                              kd_loss=kd_loss),
                                  teacher_model=load_model(teacher_dir, kind="seq2seq"), processing_class=tok)
     cached = DistillationTrainer(model=student, args=_config(tmp_path, kd_chunk_size=chunk, kd_loss=kd_loss,
-                                                             teacher_cache=out),
+                                                             logit_cache=out),
                                  train_dataset=ds, data_collator=base, processing_class=tok)
     assert cached.teacher is None
     rows = [9, 2, 7, 0, 11]
@@ -183,7 +183,7 @@ def test_cli_cache_then_distill_without_teacher(teacher_dir, translation_file, t
     build_model("marian", len(tok), seed=3, layers=1, dropout=0.0).save_pretrained(student_dir)
     tok.save_pretrained(student_dir)
     model_args = ModelArguments(student_model_name_or_path=str(student_dir))
-    args = _config(tmp_path, teacher_cache=out, max_steps=2, learning_rate=3e-3)
+    args = _config(tmp_path, logit_cache=out, max_steps=2, learning_rate=3e-3)
     before = load_model(str(student_dir), kind="seq2seq").state_dict()
     metrics = run_distill(model_args, _data_args(translation_file, max_train_samples=16), args)
     assert np.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
@@ -237,7 +237,7 @@ def test_training_from_a_sampled_tail_cache_uses_the_samples(teacher_dir, transl
     ds = tokenize(load_data(translation_file, ["source", "target"]).select(range(16)), tok,
                   _data_args(translation_file))
     student = build_model("marian", len(tok), seed=2, layers=1, dropout=0.0)
-    trainer = DistillationTrainer(model=student, args=_config(tmp_path, teacher_cache=out, kd_alpha=1.0,
+    trainer = DistillationTrainer(model=student, args=_config(tmp_path, logit_cache=out, kd_alpha=1.0,
                                                               kd_temperature=1.0),
                                   train_dataset=ds, data_collator=collator_for("translation", tok, student),
                                   processing_class=tok)
@@ -265,7 +265,7 @@ def test_small_k_training_logs_kd_and_keeps_cache_columns(teacher_dir, translati
     ds = tokenize(load_data(translation_file, ["source", "target"]).select(range(16)), tok,
                   _data_args(translation_file))
     student = build_model("marian", len(tok), seed=2, layers=1, dropout=0.0)
-    trainer = DistillationTrainer(model=student, args=_config(tmp_path, teacher_cache=out, max_steps=4,
+    trainer = DistillationTrainer(model=student, args=_config(tmp_path, logit_cache=out, max_steps=4,
                                                               logging_steps=1, learning_rate=3e-3),
                                   train_dataset=ds, data_collator=collator_for("translation", tok, student),
                                   processing_class=tok)
@@ -285,17 +285,17 @@ def test_mismatched_data_is_refused(teacher_dir, translation_file, tmp_path):
                     (tokenize(raw.select(range(8)), tok, DataArguments(task="translation", train_file="-",
                                                                       max_target_length=5)), "tokenised differently")):
         with pytest.raises(LmkdError, match=msg):
-            DistillationTrainer(model=student, args=_config(tmp_path, teacher_cache=out), train_dataset=ds,
+            DistillationTrainer(model=student, args=_config(tmp_path, logit_cache=out), train_dataset=ds,
                                 processing_class=tok)
     with pytest.raises(LmkdError, match="mse"):
-        _config(tmp_path, teacher_cache=out, kd_loss="mse")
+        _config(tmp_path, logit_cache=out, kd_loss="mse")
     with pytest.raises(LmkdError, match="not a logit cache"):
-        DistillationTrainer(model=student, args=_config(tmp_path, teacher_cache=str(tmp_path)),
+        DistillationTrainer(model=student, args=_config(tmp_path, logit_cache=str(tmp_path)),
                             train_dataset=datasets.Dataset.from_list([{"input_ids": [1]}]), processing_class=tok)
 
 
 def test_causal_lm_full_vocab_cache_equals_online_kd(tokenizer, corpus, tmp_path):
-    """The causal shift: cached position j predicts token j + 1, as the trainer's aligned logits."""
+    """The causal shift: cached position j predicts token j + 1, as the trainer's shifted logits."""
     teacher_dir = tmp_path / "gpt2-teacher"
     build_model("gpt2", len(tokenizer), seed=1, layers=2, dropout=0.0).save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
@@ -314,7 +314,7 @@ def test_causal_lm_full_vocab_cache_equals_online_kd(tokenizer, corpus, tmp_path
     base = collator_for("causal-lm", tok, student)
     online = DistillationTrainer(model=copy.deepcopy(student), args=_config(tmp_path),
                                  teacher_model=load_model(str(teacher_dir), kind="causal"), processing_class=tok)
-    cached = DistillationTrainer(model=student, args=_config(tmp_path, teacher_cache=out), train_dataset=ds,
+    cached = DistillationTrainer(model=student, args=_config(tmp_path, logit_cache=out), train_dataset=ds,
                                  data_collator=base, processing_class=tok)
     rows = [3, 0, 8, 5]
     b_online = base([ds[i] for i in rows])

@@ -13,7 +13,7 @@ import yaml
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses
 from lmkd.cli import main
 from lmkd.data.dataset import DataArguments, collator_for, tokenize
-from lmkd.train.run import add_transfer_set
+from lmkd.train.regimes import add_transfer_set
 from lmkd.train.regimes import LABELLED, ON_POLICY, CoDistillationTrainer, CohortModel, OnPolicyDistillationTrainer, RegimeTrainer, TransferCollator
 from lmkd.teacher.frozen import EnsembleTeacher
 from lmkd.models.scratch import build_model
@@ -463,7 +463,7 @@ def test_on_policy_targets_are_the_students_samples(tmp_path, tokenizer, corpus,
     with torch.no_grad():
         loss = trainer.compute_loss(init, got)
         fwd = trainer.forward_inputs(init, got)
-        s, t = trainer.aligned(init(**fwd).logits), trainer.aligned(teacher(**fwd).logits)
+        s, t = trainer.shifted(init(**fwd).logits), trainer.shifted(teacher(**fwd).logits)
     lab = got["labels"][:, 1:] if task == "causal-lm" else got["labels"]
     mask = lab != -100
     ref_loss = 0.4 * losses.generalized_jsd(s, t, mask, beta=0.5, temperature=2.0) / mask.sum()

@@ -162,7 +162,7 @@ def test_taid_adaptive_schedule_follows_the_recurrence():
     (dict(taid_beta=1.0), "taid_beta in [0, 1)"),
     (dict(kd_loss="taid", kd_chunk_size=-1), "kd_chunk_size: 0"),
     (dict(kd_loss="skew_kl", kd_chunk_size=256), "kd_chunk_size: 0"),
-    (dict(kd_loss="skew_reverse_kl", teacher_cache="/nonexistent"), "teacher_cache"),
+    (dict(kd_loss="skew_reverse_kl", logit_cache="/nonexistent"), "logit_cache"),
     (dict(kd_loss="skew", ), "choose one of forward_kl, reverse_kl, jsd, mse, skew_kl, skew_reverse_kl, taid"),
 ])
 def test_config_refuses(tmp_path, kw, message):

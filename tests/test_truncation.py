@@ -208,7 +208,7 @@ def test_cache_logits_and_distill_seq2seq_32_positions(tmp_path, bart32, documen
 
     for metrics in (distill("live", teacher_model_name_or_path=teacher),
                     # validation = training file here, so its cache is the validation data's cache too
-                    distill("cached", teacher_cache=str(tmp_path / "cache"), eval_teacher_cache=str(tmp_path / "cache"))):
+                    distill("cached", logit_cache=str(tmp_path / "cache"), eval_logit_cache=str(tmp_path / "cache"))):
         assert metrics["eval_loss"] == metrics["eval_loss"]  # a number, not NaN
         for split in ("train", "validation"):
             assert metrics[f"{split}_inputs_truncated"] == cut_counts[0]

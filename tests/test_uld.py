@@ -262,8 +262,8 @@ def test_cross_tokenizer_settings_are_checked():
         DistillationConfig(output_dir="x", kd_loss="uld")
     with pytest.raises(LmkdError, match="use kd_loss uld or uld_hybrid"):
         DistillationConfig(output_dir="x", teacher_tokenizer="t")
-    with pytest.raises(LmkdError, match="does not combine with teacher_cache"):
-        DistillationConfig(output_dir="x", teacher_tokenizer="t", kd_loss="uld", teacher_cache="c")
+    with pytest.raises(LmkdError, match="does not combine with logit_cache"):
+        DistillationConfig(output_dir="x", teacher_tokenizer="t", kd_loss="uld", logit_cache="c")
 
 
 # ---- against the references' own code ----------------------------------------------------------------

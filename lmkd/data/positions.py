@@ -1,4 +1,5 @@
-"""Which positions of a batch each loss term covers: the CE and KD masks, and the causal shift.
+"""Which positions of a batch each loss term covers: the CE and KD masks, and the causal shift
+(:func:`shifted`, :func:`shifted_labels`).
 
 Pure functions of (model kind, batch, ``mlm_kd_positions``); the trainer, the regimes and the
 feature losses all take their positions from here, so the token counts that normalise the loss
@@ -13,14 +14,33 @@ from lmkd.core.constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM
 from lmkd.core.errors import LmkdError
 
 
-def aligned(kind: str, logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` (or hidden states) at the positions the masks cover: a causal LM's last
-    position predicts nothing, so it is dropped; other kinds are returned as they are."""
+def shifted(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (or hidden states) at the positions the masks cover, after the causal shift by one.
+
+    A causal LM's last position predicts nothing, so it is dropped; other kinds are returned as
+    they are.  (Not to be confused with :mod:`lmkd.teacher.cross_tokenizer`'s alignment of two
+    tokenizers' positions.)
+
+    Args:
+        kind: the model kind (:data:`lmkd.core.constants.CAUSAL`, ...).
+        logits: ``(B, T, ...)`` logits, hidden states or per-position values.
+
+    Returns:
+        ``logits[:, :-1]`` for a causal LM, else ``logits``.
+    """
     return logits[:, :-1] if kind == CAUSAL else logits
 
 
-def aligned_labels(kind: str, labels: torch.Tensor) -> torch.Tensor:
-    """The labels at the aligned positions (a causal LM's position t predicts token t + 1)."""
+def shifted_labels(kind: str, labels: torch.Tensor) -> torch.Tensor:
+    """The labels at the shifted positions (a causal LM's position t predicts token t + 1).
+
+    Args:
+        kind: the model kind.
+        labels: ``(B, T)`` label ids.
+
+    Returns:
+        ``labels[:, 1:]`` for a causal LM, else ``labels``.
+    """
     return labels[:, 1:] if kind == CAUSAL else labels
 
 
@@ -33,7 +53,7 @@ def token_mask(inputs: dict, shift: bool = False) -> torch.Tensor:
 
 
 def position_masks(kind: str, inputs: dict, mlm_kd_positions: str = "all") -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(CE mask, KD mask) over the aligned positions of a batch -- the logits' leading shape
+    """(CE mask, KD mask) over the shifted positions of a batch -- the logits' leading shape
     after the causal shift.  The CE mask is None when the batch has no labels.
 
     classification: one position per example; causal: the labelled next tokens (all real

@@ -27,7 +27,7 @@ import torch
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, TASK_KIND
 from lmkd.data.dataset import DataArguments, collator_for, tokenize
 from lmkd.core.errors import LmkdError
-from lmkd.data.positions import aligned, aligned_labels
+from lmkd.data.positions import shifted, shifted_labels
 
 
 def token_batches(ds: datasets.Dataset, tokenizer, data_args: DataArguments, batch_size: int, model=None,
@@ -49,7 +49,7 @@ def _log_probs(model, batch: dict, kind: str) -> torch.Tensor:
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items()}
     logits = model(**inputs).logits
-    return torch.log_softmax(aligned(kind, logits).float(), dim=-1)
+    return torch.log_softmax(shifted(kind, logits).float(), dim=-1)
 
 
 @torch.inference_mode()
@@ -70,7 +70,7 @@ def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
     sums = {k: {"ce": 0.0, "agree": 0, "kl": 0.0} for k in models}
     n = 0
     for batch in batches:
-        labels = aligned_labels(kind, batch["labels"])
+        labels = shifted_labels(kind, batch["labels"])
         mask = labels.ne(-100)
         if not mask.any():
             continue

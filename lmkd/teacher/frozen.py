@@ -9,7 +9,7 @@ trainer (layer 4) calls it and not the other way round.
 * :func:`zero3_enabled` / :func:`deepspeed_teacher` -- under ZeRO-3 the teacher runs in a
   DeepSpeed inference engine of its own;
 * :class:`EnsembleTeacher` / :func:`load_teacher` -- several teachers acting as one;
-* :func:`attach_teacher_cache` / :func:`attach_teacher_caches` -- the training (and validation)
+* :func:`attach_logit_cache` / :func:`attach_logit_caches` -- the training (and validation)
   data and collators of a run trained from a cache;
 * :func:`attach_teacher_tokenizer` -- the collator of a teacher with another tokenizer
   (cross-tokenizer KD, :mod:`lmkd.teacher.cross_tokenizer`).
@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: config flags that make a forward return more than the logits; a teacher runs with them off
 _EXTRA_OUTPUT_FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
-#: why a run trained from a teacher cache with validation data needs a cache of those too
-EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a teacher cache as with an online teacher, so the "
+#: why a run trained from a logit cache with validation data needs a cache of those too
+EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a logit cache as with an online teacher, so the "
                      "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
-                     "VALIDATION_FILE --output DIR, same settings) and set eval_teacher_cache DIR, or drop the "
+                     "VALIDATION_FILE --output DIR, same settings) and set eval_logit_cache DIR, or drop the "
                      "validation data")
 
 
@@ -234,7 +234,7 @@ def load_teacher(args, student, tokenizer):
     """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
     checked against the student's vocabulary), else None (DistillationTrainer loads the one).
     ``args`` is the run's :class:`lmkd.DistillationConfig`, which has refused the settings an
-    ensemble cannot serve (feature losses, a teacher cache, logit matching)."""
+    ensemble cannot serve (feature losses, a logit cache, logit matching)."""
     paths = teacher_paths(args)
     if len(paths) < 2 or not (args.kd_alpha > 0 or args.uses_features):
         return None
@@ -255,7 +255,7 @@ def load_teacher(args, student, tokenizer):
 # ---- the cached teacher (lmkd.teacher.logit_cache) -------------------------------------------------------
 
 
-def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right",
+def attach_logit_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right",
                          what: str = "training"):
     """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
     training row tagged with its cache row, the cached top-K collated with each batch.  Checks
@@ -263,7 +263,7 @@ def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collat
     cache = logit_cache.LogitCache(path)
     if train_dataset is not None:
         if not hasattr(train_dataset, "column_names"):
-            raise LmkdError(f"a teacher cache needs the {what} data as a datasets.Dataset (tokenised, with "
+            raise LmkdError(f"a logit cache needs the {what} data as a datasets.Dataset (tokenised, with "
                             "the rows the cache was made from)")
         train_dataset = logit_cache.attach_cache(train_dataset, cache, kind, what)
     top = max((int(s["ids"].max()) for s in cache.shards if len(s["ids"])), default=0)
@@ -273,23 +273,23 @@ def attach_teacher_cache(path: str, *, kind: str, student, train_dataset, collat
     return cache, train_dataset, logit_cache.CachedLogitsCollator(collator, cache, padding_side)
 
 
-def attach_teacher_caches(args, *, kind: str, student, train_dataset, eval_dataset, collator,
+def attach_logit_caches(args, *, kind: str, student, train_dataset, eval_dataset, collator,
                           padding_side: str = "right"):
     """(training data, collator, validation data, validation collator or None) of a run trained from
-    ``args.teacher_cache`` (:func:`attach_teacher_cache`).  With a KD term, validation data need
-    ``args.eval_teacher_cache`` too: eval_loss is the training loss's CE + KD mix with an online
+    ``args.logit_cache`` (:func:`attach_logit_cache`).  With a KD term, validation data need
+    ``args.eval_logit_cache`` too: eval_loss is the training loss's CE + KD mix with an online
     teacher, and without the teacher's logits on the validation data it would silently be CE alone."""
-    _, train_dataset, train_collator = attach_teacher_cache(
-        args.teacher_cache, kind=kind, student=student, train_dataset=train_dataset, collator=collator,
+    _, train_dataset, train_collator = attach_logit_cache(
+        args.logit_cache, kind=kind, student=student, train_dataset=train_dataset, collator=collator,
         padding_side=padding_side)
     eval_collator = None
     if args.kd_alpha > 0 and eval_dataset is not None:
-        if not args.eval_teacher_cache:
+        if not args.eval_logit_cache:
             raise LmkdError(EVAL_CACHE_NEEDED)
         if isinstance(eval_dataset, dict):
-            raise LmkdError("eval_teacher_cache covers one validation set; pass one eval_dataset, not a dict")
-        _, eval_dataset, eval_collator = attach_teacher_cache(
-            args.eval_teacher_cache, kind=kind, student=student, train_dataset=eval_dataset, collator=collator,
+            raise LmkdError("eval_logit_cache covers one validation set; pass one eval_dataset, not a dict")
+        _, eval_dataset, eval_collator = attach_logit_cache(
+            args.eval_logit_cache, kind=kind, student=student, train_dataset=eval_dataset, collator=collator,
             padding_side=padding_side, what="validation")
     return train_dataset, train_collator, eval_dataset, eval_collator
 

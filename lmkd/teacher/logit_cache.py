@@ -3,7 +3,7 @@
 ``lmkd cache-logits`` runs the teacher once over the training data and stores, for every position
 the KD loss uses (every target token of a seq2seq example; every next-token position of a causal
 LM example), the teacher's K most probable token ids and their log-probabilities.  Training with
-``DistillationConfig.teacher_cache`` then needs no teacher in memory and no teacher forward.
+``DistillationConfig.logit_cache`` then needs no teacher in memory and no teacher forward.
 
 **The mass outside the top-K: one tail bucket.**  For each position the cache also stores
 ``tail = log(1 - sum_k p_k)``, computed in float32 by the teacher as the log-sum-exp of all the
@@ -73,7 +73,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 #: the dataset column carrying each example's row number in the cache
-CACHE_ROW = "teacher_cache_row"
+CACHE_ROW = "logit_cache_row"
 #: batch keys added by :class:`CachedLogitsCollator` (the model never sees them)
 IDS, LOGPROBS, TAIL, MASK = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail", "teacher_topk_mask"
 SAMPLE_IDS, SAMPLE_LOGPROBS = "teacher_sample_ids", "teacher_sample_logprobs"
@@ -96,7 +96,7 @@ def _targets(row: dict, kind: str) -> list[int]:
     if kind == CAUSAL:
         return [int(t) for t in row["input_ids"][1:]]
     raise LmkdError(f"cached teacher logits support seq2seq and causal LMs, not {kind} models; "
-                    "use the online teacher (no teacher_cache)")
+                    "use the online teacher (no logit_cache)")
 
 
 def _lp_to_numpy(lp: torch.Tensor, dtype: str) -> np.ndarray:

@@ -28,6 +28,8 @@ TAGS = ("distillation", "lmkd")
 PIPELINE_TAG = {"translation": "translation", "summarization": "summarization", "classification":
                 "text-classification", "causal-lm": "text-generation", "mlm": "fill-mask"}
 #: settings never written down: secrets (the card and its YAML go to the hub with push_to_hub)
+#: what each run writes next to the student: its training (and evaluation) metrics
+RESULTS_NAME = "distill_results.json"
 SECRET_KEYS = ("hub_token", "push_to_hub_token")
 
 
@@ -86,7 +88,7 @@ def _is_hub_id(name: str | None) -> bool:
 def _method(args: DistillationConfig, teacher: str | None) -> list[str]:
     """Lines saying how the student learnt: the objective, its KD settings, the regime."""
     lines = []
-    if args.kd_alpha > 0 and (teacher or args.teacher_cache):
+    if args.kd_alpha > 0 and (teacher or args.logit_cache):
         loss = f"{args.kd_loss}" + (f" (beta {args.jsd_beta})" if args.kd_loss == "jsd" else "")
         lines.append(f"word-level KD: loss = {1 - args.kd_alpha:g} x CE + {args.kd_alpha:g} x {loss}, "
                      f"temperature {args.kd_temperature:g}")
@@ -97,8 +99,8 @@ def _method(args: DistillationConfig, teacher: str | None) -> list[str]:
         if weight > 0:
             lines.append(f"{name} loss {getattr(args, f'{name}_loss')} x {weight:g}"
                          + (f", layer map {args.layer_map}" if args.layer_map else ""))
-    if args.teacher_cache:
-        lines.append(f"teacher logits read from the cache {args.teacher_cache}")
+    if args.logit_cache:
+        lines.append(f"teacher logits read from the cache {args.logit_cache}")
     if args.teacher_weights:
         lines.append(f"teacher ensemble, weights {args.teacher_weights}")
     if args.cohort_size > 1:

@@ -90,7 +90,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     with ``n_ce``/``n_kd`` the number of positions each term is taken over in the whole
     (accumulated, all-process) batch.  ``eval_loss`` (what ``metric_for_best_model`` reads) is this
     same quantity on the validation data, the KD term from the online teacher or, with
-    ``teacher_cache``, from ``eval_teacher_cache``; its parts are logged as ``eval_loss_ce`` and
+    ``logit_cache``, from ``eval_logit_cache``; its parts are logged as ``eval_loss_ce`` and
     ``eval_loss_kd``.  Feature and relation terms are added on top, each with its
     own weight (0 = off): ``hidden_weight * hidden + attention_weight * attention +
     relation_weight * relation``, each averaged over the mapped layer pairs (see ``layer_map``)
@@ -180,15 +180,15 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                           "loss and gradients; on causal and seq2seq LMs with a plain linear head the chunked loss "
                           "never materialises the student's logits. Example: --kd_chunk_size 0"},
     )
-    teacher_cache: str | None = field(
+    logit_cache: str | None = field(
         default=None,
         metadata={"help": "Directory written by `lmkd cache-logits`: train from the teacher's cached top-K "
                           "log-probs with no teacher loaded and no teacher forward (kd_loss forward_kl, "
                           "reverse_kl or jsd). The training data must be the file the cache was made from."},
     )
-    eval_teacher_cache: str | None = field(
+    eval_logit_cache: str | None = field(
         default=None,
-        metadata={"help": "With teacher_cache and validation data: `lmkd cache-logits` of the validation file (same "
+        metadata={"help": "With logit_cache and validation data: `lmkd cache-logits` of the validation file (same "
                           "settings), so that eval_loss is the same CE+KD mix as with an online teacher."},
     )
     hidden_weight: float = field(
@@ -291,12 +291,12 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError(f"unknown mlm_kd_positions {self.mlm_kd_positions!r}; choose all or masked")
         self.kd_chunk_size = _chunk_size(self.kd_chunk_size)
         self._check_plain_losses()
-        if self.teacher_cache is not None and self.kd_loss == "mse":
-            raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K teacher_cache does not "
-                            "hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
-        if self.eval_teacher_cache and not self.teacher_cache:
-            raise LmkdError("eval_teacher_cache goes with teacher_cache (an online teacher scores the validation "
-                            "data itself); drop it or set teacher_cache")
+        if self.logit_cache is not None and self.kd_loss == "mse":
+            raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K logit_cache does not "
+                            "hold; use forward_kl, reverse_kl or jsd, or drop logit_cache")
+        if self.eval_logit_cache and not self.logit_cache:
+            raise LmkdError("eval_logit_cache goes with logit_cache (an online teacher scores the validation "
+                            "data itself); drop it or set logit_cache")
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if not getattr(self, name) >= 0:
                 raise LmkdError(f"{name} must be >= 0, got {getattr(self, name)}; 0 turns that loss off")
@@ -324,7 +324,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError(f"teacher_tokenizer is set, so teacher and student vocabularies differ: kd_loss "
                             f"{self.kd_loss} needs one vocabulary; use kd_loss uld or uld_hybrid")
         if self.teacher_tokenizer:
-            other = [name for name, on in (("teacher_cache", self.teacher_cache), ("on_policy_fraction",
+            other = [name for name, on in (("logit_cache", self.logit_cache), ("on_policy_fraction",
                      self.on_policy_fraction > 0), ("cohort_size", self.cohort_size > 1), ("teacher_weights",
                      self.teacher_weights), ("hidden/attention/relation weights", self.hidden_weight > 0
                      or self.attention_weight > 0 or self.relation_weight > 0)) if on]
@@ -349,9 +349,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if self.kd_chunk_size not in ("auto", 0):
             raise LmkdError(f"kd_loss {self.kd_loss} is computed on the plain loss only: set kd_chunk_size: 0 "
                             f"(or auto), not {self.kd_chunk_size}")
-        if self.teacher_cache:
-            raise LmkdError(f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K teacher_cache "
-                            "does not hold; use forward_kl, reverse_kl or jsd, or drop teacher_cache")
+        if self.logit_cache:
+            raise LmkdError(f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K logit_cache "
+                            "does not hold; use forward_kl, reverse_kl or jsd, or drop logit_cache")
 
     def _check_sizes(self) -> None:
         """Batch sizes and step counts the Trainer would only trip over later (a ZeroDivisionError or
@@ -414,8 +414,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if len(teachers) > 1 and self.uses_features:
             raise LmkdError("hidden/attention/relation losses compare with one teacher's layers, not an ensemble; "
                             "set their weights 0 or name one teacher")
-        if len(teachers) > 1 and self.teacher_cache and self.kd_alpha > 0:
-            raise LmkdError("teacher_cache holds one teacher's logits; drop it to distil from an ensemble")
+        if len(teachers) > 1 and self.logit_cache and self.kd_alpha > 0:
+            raise LmkdError("logit_cache holds one teacher's logits; drop it to distil from an ensemble")
 
     @property
     def uses_features(self) -> bool:
@@ -429,9 +429,9 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if self.kd_loss == "mse" or self.kd_loss in PLAIN_KD_LOSSES:
             raise LmkdError("co-distillation averages the members' distributions: use kd_loss forward_kl, "
                             f"reverse_kl or jsd, not {self.kd_loss}")
-        if self.uses_features or self.teacher_cache:
+        if self.uses_features or self.logit_cache:
             raise LmkdError("co-distillation uses the members' output distributions only: set hidden/attention/"
-                            "relation weights 0 and drop teacher_cache")
+                            "relation weights 0 and drop logit_cache")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from lmkd import losses
 from lmkd.train.config import parse_layer_map
+from lmkd.train.loss_stats import LossStats
 from lmkd.core.constants import IGNORE_INDEX, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.models.loading import unwrap
@@ -184,14 +185,25 @@ class FeatureDistiller:
             self._pairs[key] = resolve_layer_pairs(self.args, self.layer_spec, self.student.config, stack, n_s, n_t)
         return self._pairs[key]
 
-    def loss(self, outputs, t_outputs, inputs: dict, stats: dict, totals: dict | None = None) -> torch.Tensor:
+    def loss(self, outputs, t_outputs, inputs: dict,
+             totals: dict | None = None) -> tuple[torch.Tensor, LossStats]:
         """``hidden_weight * hidden + attention_weight * attention + relation_weight * relation``.
 
         Each term is the mean over all mapped (stack, layer) pairs of a per-token (hidden,
-        attention) or per-example (relation) loss, normalised by ``totals`` (the tokens/examples of
-        the whole accumulated batch, :meth:`count_items`; this micro-batch's own without) like the
-        KD term.  The logged ``loss_<term>`` is the mean over micro-batches of the micro-batch's own
-        average.  Afterwards the hidden states and attention maps are dropped from ``outputs``."""
+        attention) or per-example (relation) loss, normalised by ``totals`` like the KD term.  The
+        logged ``loss_<term>`` is the mean over micro-batches of the micro-batch's own average.
+        Afterwards the hidden states and attention maps are dropped from ``outputs``.
+
+        Args:
+            outputs: the student's outputs (with hidden states / attention maps).
+            t_outputs: the teacher's outputs.
+            inputs: the collated batch.
+            totals: the tokens/examples of the whole accumulated batch (:meth:`count_items`;
+                ``LossCounts.features``), None: this micro-batch's own.
+
+        Returns:
+            (the weighted feature loss, this micro-batch's logged terms).
+        """
         args = self.args
         masks = self.stack_masks(inputs)
         local = {stack: int(m.sum()) for stack, m in masks.items()}
@@ -210,6 +222,7 @@ class FeatureDistiller:
             pairs[stack] = self.layer_pairs(stack, len(s_out) - shift, len(t_out) - shift)
         n_pairs = sum(len(p) for p in pairs.values())
 
+        stats = LossStats()
         total = torch.zeros((), dtype=torch.float32, device=inputs["input_ids"].device)
         for name, weight in (("hidden", args.hidden_weight), ("attention", args.attention_weight),
                              ("relation", args.relation_weight)):
@@ -234,15 +247,14 @@ class FeatureDistiller:
                 value = value + raw / max(totals[count], 1)
                 logged += float(raw.detach()) / max(local[count], 1)
             total = total + weight * value / n_pairs
-            stats[f"{name}_sum"] += logged / n_pairs
-            stats[f"{name}_n"] += 1
+            getattr(stats, name).add(logged / n_pairs)
         # Keep hidden states/attention maps out of what prediction_step gathers as predictions.
         for keys in STACK_OUTPUTS.values():
             for k in keys:
                 if k in outputs:
                     OrderedDict.__delitem__(outputs, k)  # ModelOutput forbids del
                     object.__setattr__(outputs, k, None)
-        return total
+        return total, stats
 
 
 # ---- the hint projections in training: optimizer groups, gradients, checkpoints ---------------------

@@ -15,21 +15,23 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
   once per model, before the first training forward, against the real logits of a no-grad forward
   of a slice of the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor
   exists even at step 1), the student's head is skipped in the forward and run per chunk inside
-  the loss (no (N, V) student logits), and so is the teacher's;
-* **cached** (``teacher_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
+  the loss (no (N, V) student logits), and so is the teacher's (:mod:`lmkd.train.lm_head`);
+* **cached** (``logit_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
 
-The objective reads the trainer it serves -- its ``args``, ``kind``, ``teacher``, ``model``,
-sharding flags and the declared hooks ``forward_inputs``, ``position_masks`` and ``aligned`` -- and
-never imports it.
+The objective never sees the trainer: it is built from the run's config, the model kind, the live
+teacher and a few flags of how the student is wrapped, and each call is given the micro-batch as an
+:class:`lmkd.train.loss_stats.ObjectiveInputs` (forward keywords, CE/KD masks, step) and the
+accumulated batch's :class:`lmkd.train.loss_stats.LossCounts`; it returns an :class:`ObjectiveResult`
+whose :class:`lmkd.train.loss_stats.LossStats` the trainer adds to what it logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from lmkd.teacher import cross_tokenizer, logit_cache
 from lmkd import losses
@@ -37,7 +39,10 @@ from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.losses import chunked, fused
 from lmkd.models.loading import unwrap
-from lmkd.data.positions import aligned_labels
+from lmkd.data.positions import shifted, shifted_labels
+from lmkd.train.lm_head import PROBE_POSITIONS  # noqa: F401 (imported from here by tests and benchmarks)
+from lmkd.train.lm_head import check_head, head_for_fused_loss, head_skipped, probe_inputs
+from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 
 logger = logging.getLogger(__name__)
 
@@ -70,182 +75,225 @@ def choose_kd_path(positions: int, vocab: int, device, free_bytes: int | None = 
     return -1, f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)"
 
 
-#: positions of the one-row slice of the first batch on which a model's fused LM head is checked
-PROBE_POSITIONS = 32
+class ObjectiveResult(NamedTuple):
+    """What :class:`DistillationObjective` returns for a micro-batch.
 
+    Attributes:
+        loss: the weighted CE + KD, normalised by the accumulated batch's counts.
+        outputs: the student's outputs.
+        teacher_outputs: the live teacher's outputs (None when it did not run).
+        stats: this micro-batch's logged terms (CE, KD, TAID's t).
+    """
 
-def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS) -> dict:
-    """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
-    of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
-    tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
-    seq_key = "decoder_input_ids" if kind == SEQ2SEQ else "input_ids"
-    ref = fwd.get(seq_key)
-    if ref is None:
-        ref = fwd.get("decoder_inputs_embeds" if kind == SEQ2SEQ else "inputs_embeds")
-    b, t = ref.shape[:2]
-    row = int(attention_mask.sum(-1).argmax()) if attention_mask is not None and kind != SEQ2SEQ else 0
-    # right padding (or none): the first positions are real tokens; left padding: the last ones
-    left = kind != SEQ2SEQ and attention_mask is not None and not bool(attention_mask[row, 0])
-    cut = slice(max(0, t - positions), t) if left else slice(0, min(t, positions))
-    out = {}
-    for k, v in fwd.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
-            v = v[row:row + 1]
-            if v.dim() >= 2 and v.shape[1] == t and (kind != SEQ2SEQ or k.startswith("decoder_")):
-                v = v[:, cut]
-        out[k] = v
-    return out
+    loss: torch.Tensor
+    outputs: object
+    teacher_outputs: object | None
+    stats: LossStats
 
 
 class DistillationObjective:
-    """CE + KD of a micro-batch for ``trainer`` (a :class:`lmkd.DistillationTrainer`).
+    """CE + KD of a micro-batch: ``(1 - alpha) * CE / n_ce + alpha * KD / n_kd``.
 
     :attr:`fused_head` / :attr:`teacher_head`: None until the first training batch checks the
     student's / teacher's LM head, then the :class:`lmkd.losses.chunked.Head` that reproduces it,
     or False when the head cannot be run inside the loss (the chunked loss then takes the real
-    logits)."""
+    logits).
 
-    def __init__(self, trainer, vocab: int | None = None):
-        self.trainer = trainer
-        self.vocab = vocab  # the vocabulary teacher and student share, when their output layers differ
+    Args:
+        args: the run's :class:`lmkd.DistillationConfig`.
+        kind: the model kind (causal, seq2seq, mlm, classification).
+        teacher: the live teacher (None: a logit cache, or no KD).
+        vocab: the vocabulary teacher and student share, when their output layers differ.
+        cross_shared: ``kd_loss: uld_hybrid``: the (student ids, teacher ids) both vocabularies hold.
+        sharded: whether the student is sharded (FSDP / DeepSpeed): its head then never runs in the loss.
+        data_parallel: whether the student is wrapped for data parallelism (DDP).
+    """
+
+    def __init__(self, args, kind: str, teacher=None, vocab: int | None = None, cross_shared=None,
+                 sharded: bool = False, data_parallel: bool = False):
+        self.args, self.kind, self.teacher = args, kind, teacher
+        self.vocab = vocab
+        self.cross_shared = cross_shared
+        self.sharded, self.data_parallel = sharded, data_parallel
         self.fused_head = None
         self.teacher_head = None
         self.auto_chunk = None  # what kd_chunk_size: auto chose (0 or -1), once, on the first batch
-        args = trainer.args
         self.taid = (losses.TaidSchedule(args.taid_t_start, args.taid_t_end, args.taid_schedule == "adaptive",
                                          args.taid_alpha, args.taid_beta) if args.kd_loss == "taid" else None)
 
     @property
     def chunk(self) -> int:
         """The kd_chunk_size in force: the configured one, or what ``auto`` chose (see :meth:`decide_path`)."""
-        cs = self.trainer.args.kd_chunk_size
-        if getattr(self.trainer.args, "teacher_tokenizer", None):
+        cs = self.args.kd_chunk_size
+        if getattr(self.args, "teacher_tokenizer", None):
             return 0  # cross-tokenizer KD: the plain path (the teacher's positions are gathered from its logits)
         return self.auto_chunk if cs == "auto" else cs
 
-    def decide_path(self, inputs: dict) -> None:
-        """``kd_chunk_size: auto``: choose plain or chunked once, from the first batch's size, and log it."""
-        tr = self.trainer
-        if tr.args.kd_chunk_size != "auto" or self.auto_chunk is not None:
+    def decide_path(self, model, inputs: dict) -> None:
+        """``kd_chunk_size: auto``: choose plain or chunked once, from the first batch's size, and log it.
+
+        Args:
+            model: the student (possibly wrapped).
+            inputs: the first batch.
+        """
+        args = self.args
+        if args.kd_chunk_size != "auto" or self.auto_chunk is not None:
             return
-        if tr.args.kd_loss in losses.PLAIN_KD_LOSSES:
+        if args.kd_loss in losses.PLAIN_KD_LOSSES:
             self.auto_chunk = 0
-            logger.info("kd path: plain (kd_loss %s is computed on full logits only)", tr.args.kd_loss)
+            logger.info("kd path: plain (kd_loss %s is computed on full logits only)", args.kd_loss)
             return
-        m = unwrap(tr.model)
+        m = unwrap(model)
         out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
         vocab = self.vocab or getattr(out, "out_features", None) or getattr(m.config, "num_labels", 2)
         positions = (inputs.get("labels") if inputs.get("labels") is not None else inputs["input_ids"]).numel()
-        self.auto_chunk, line = choose_kd_path(positions, vocab, tr.args.device)
+        self.auto_chunk, line = choose_kd_path(positions, vocab, args.device)
         logger.info(line)
 
-    def __call__(self, model, inputs: dict, stats: dict, counts: tuple[int, int] | None = None,
-                 return_outputs: bool = False):
-        """(weighted loss, student outputs, teacher outputs or None).  ``counts`` (n_ce, n_kd) are the
-        positions of the whole accumulated batch (this micro-batch's own when None); ``stats``
-        receives the running sums the trainer logs."""
-        tr, args = self.trainer, self.trainer.args
-        self.decide_path(inputs)
-        with self.lean_head(model, inputs, return_outputs) as lean_head:  # fused CE+KD: the LM head runs in the loss
-            outputs = model(**tr.forward_inputs(model, inputs))
-        s_logits = tr.aligned(outputs.logits)
-        ce_mask, kd_mask = tr.position_masks(inputs)
-        n_ce, n_kd = counts if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
-                                                         int(kd_mask.sum()))
-        cached = logit_cache.MASK in inputs
-        if args.teacher_cache and args.kd_alpha > 0 and tr.teacher is None and not cached:
-            raise LmkdError("a batch without cached teacher logits in a run trained from teacher_cache: its KD "
-                            "term cannot be computed (evaluate on the data of eval_teacher_cache, or a cached "
-                            "dataset)")
-        alpha = args.kd_alpha if (tr.teacher is not None or cached) else 0.0
-        use_ce, use_kd = ce_mask is not None and alpha < 1, alpha > 0
-        labels = aligned_labels(tr.kind, inputs["labels"]) if use_ce else None
+    def __call__(self, model, x: ObjectiveInputs, counts: LossCounts | None = None,
+                 return_outputs: bool = False) -> ObjectiveResult:
+        """The loss of one micro-batch.
 
+        Args:
+            model: the student (possibly wrapped); its forward runs here.
+            x: the micro-batch: forward keywords, CE/KD masks, step.
+            counts: the accumulated batch's counts (this micro-batch's own when None).
+            return_outputs: whether the caller wants the student's outputs (their logits are then
+                real: the fused path, which skips the student's LM head, is not taken).
+
+        Returns:
+            The loss, the student's and teacher's outputs and this micro-batch's logged terms.
+        """
+        args, inputs = self.args, x.batch
+        self.decide_path(model, inputs)
+        # fused CE+KD: the LM head runs in the loss
+        with self.lean_head(model, x, return_outputs) as lean_head:
+            outputs = model(**x.student_forward)
+        s_logits = shifted(self.kind, outputs.logits)
+        counts = counts if counts is not None else x.local_counts()
+        cached = logit_cache.MASK in inputs
+        if args.logit_cache and args.kd_alpha > 0 and self.teacher is None and not cached:
+            raise LmkdError("a batch without cached teacher logits in a run trained from logit_cache: its KD "
+                            "term cannot be computed (evaluate on the data of eval_logit_cache, or a cached "
+                            "dataset)")
+        alpha = args.kd_alpha if (self.teacher is not None or cached) else 0.0
+        use_ce, use_kd = x.ce_mask is not None and alpha < 1, alpha > 0
+        labels = shifted_labels(self.kind, inputs["labels"]) if use_ce else None
+
+        stats = LossStats()
         if self.chunk == 0 and not cached:
-            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd,
-                                                               use_ce, use_kd, model.training, stats)
+            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(x, s_logits, labels, alpha, counts,
+                                                               model.training, stats)
         else:
-            w_ce = (1 - alpha) / max(n_ce, 1) if use_ce else 0.0
-            w_kd = alpha / max(n_kd, 1) if use_kd else 0.0
-            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(inputs, outputs, s_logits, lean_head, labels, kd_mask,
+            w_ce = (1 - alpha) / max(counts.ce, 1) if use_ce else 0.0
+            w_kd = alpha / max(counts.kd, 1) if use_kd else 0.0
+            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(x, outputs, s_logits, lean_head, labels,
                                                               w_ce, w_kd)
         if use_ce:
-            stats["ce_sum"] += ce_sum.item()
-            stats["ce_n"] += int(ce_mask.sum())
+            stats.ce.add(ce_sum.item(), int(x.ce_mask.sum()))
         if use_kd:
-            stats["kd_sum"] += kd_sum.item()
-            stats["kd_n"] += int(kd_mask.sum())
-        return loss, outputs, t_outputs
+            stats.kd.add(kd_sum.item(), int(x.kd_mask.sum()))
+        return ObjectiveResult(loss, outputs, t_outputs, stats)
 
     # ---- the three paths --------------------------------------------------------------------------
 
-    def taid_t(self, training: bool) -> float:
-        """TAID's t for this batch: the schedule at the trainer's step (training), its current value (eval)."""
-        state = self.trainer.state
-        return self.taid.at(state.global_step, state.max_steps) if training else self.taid.t
+    def taid_t(self, training: bool, step: tuple[int, int]) -> float:
+        """TAID's t for this batch.
 
-    def plain_ce_kd(self, inputs, s_logits, labels, kd_mask, alpha, n_ce, n_kd, use_ce, use_kd, training=True,
-                    stats=None):
-        """Full logits, autograd: (loss, CE sum, KD sum, teacher outputs)."""
-        tr, args = self.trainer, self.trainer.args
+        Args:
+            training: whether the student trains (else: evaluation).
+            step: (optimizer step, max_steps) of the run.
+
+        Returns:
+            The schedule at ``step`` (training), its current value (evaluation).
+        """
+        return self.taid.at(*step) if training else self.taid.t
+
+    def plain_ce_kd(self, x: ObjectiveInputs, s_logits, labels, alpha: float, counts: LossCounts,
+                    training: bool, stats: LossStats):
+        """Full logits, autograd: (loss, CE sum, KD sum, teacher outputs).
+
+        Args:
+            x: the micro-batch.
+            s_logits: the student's logits after the causal shift.
+            labels: the labels after the causal shift (None: no CE term).
+            alpha: the KD weight in force.
+            counts: what the CE and KD sums are divided by.
+            training: whether the student trains (TAID's schedule advances only then).
+            stats: this micro-batch's logged terms; TAID's t is added to it.
+
+        Returns:
+            (loss, CE sum or None, KD sum or None, teacher outputs or None).
+        """
+        args, inputs, kd_mask = self.args, x.batch, x.kd_mask
         loss = s_logits.new_zeros((), dtype=torch.float32)
         ce_sum = kd_sum = t_outputs = None
-        if use_ce:
+        if labels is not None:
             ce_sum = losses.cross_entropy(s_logits, labels)
-            loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
-        if use_kd:
+            loss = loss + (1 - alpha) * ce_sum / max(counts.ce, 1)
+        if alpha > 0:
             if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD (teacher_tokenizer)
                 t_outputs, kd_sum = self.cross_tokenizer_kd(inputs, s_logits, kd_mask)
-                return loss + alpha * kd_sum / max(n_kd, 1), ce_sum, kd_sum, t_outputs
+                return loss + alpha * kd_sum / max(counts.kd, 1), ce_sum, kd_sum, t_outputs
             with torch.no_grad():
-                t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
-                t_logits = tr.aligned(t_outputs.logits)
+                t_outputs = self.teacher(**x.teacher_forward)
+                t_logits = shifted(self.kind, t_outputs.logits)
             s_kd, t_kd = self._shared(s_logits), self._shared(t_logits)
-            taid_t = self.taid_t(training) if self.taid is not None else 1.0
+            taid_t = self.taid_t(training, x.step) if self.taid is not None else 1.0
             kd_sum = losses.token_kd_loss(s_kd, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
                                           beta=args.jsd_beta, skew_alpha=args.skew_alpha, taid_t=taid_t)
             if self.taid is not None:
                 if training:
                     self.taid.observe(kd_sum.item() / max(int(kd_mask.sum()), 1))
-                if stats is not None:
-                    stats["taid_t_sum"] += taid_t
-                    stats["taid_t_n"] += 1
-            loss = loss + alpha * kd_sum / max(n_kd, 1)
+                stats.taid_t.add(taid_t)
+            loss = loss + alpha * kd_sum / max(counts.kd, 1)
         return loss, ce_sum, kd_sum, t_outputs
 
     def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
         """(teacher outputs, KD sum) with a teacher of another tokenizer: its forward on its own tokens of
         the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
         each student position's teacher position (lmkd.teacher.cross_tokenizer), ULD."""
-        tr, args = self.trainer, self.trainer.args
+        args = self.args
         fwd = dict(input_ids=inputs[cross_tokenizer.TEACHER_INPUT_IDS],
                    attention_mask=inputs[cross_tokenizer.TEACHER_ATTENTION_MASK])
         if cross_tokenizer.TEACHER_LABELS in inputs:
-            fwd["decoder_input_ids"] = unwrap(tr.teacher).prepare_decoder_input_ids_from_labels(
+            fwd["decoder_input_ids"] = unwrap(self.teacher).prepare_decoder_input_ids_from_labels(
                 labels=inputs[cross_tokenizer.TEACHER_LABELS])
         with torch.no_grad():
-            t_outputs = tr.teacher(**fwd)
+            t_outputs = self.teacher(**fwd)
         t_logits = t_outputs.logits
-        where = tr.aligned(inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
+        where = shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
         t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
         kd_sum = losses.cross_kd_loss(s_logits, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
-                                      shared=tr.cross_shared)
+                                      shared=self.cross_shared)
         return t_outputs, kd_sum
 
-    def lean_ce_kd(self, inputs, outputs, s_logits, lean_head, labels, kd_mask, w_ce, w_kd):
-        """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher:
-        (loss, CE sum, KD sum, teacher outputs or None)."""
-        tr, args = self.trainer, self.trainer.args
+    def lean_ce_kd(self, x: ObjectiveInputs, outputs, s_logits, lean_head, labels, w_ce: float, w_kd: float):
+        """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher.
+
+        Args:
+            x: the micro-batch.
+            outputs: the student's outputs.
+            s_logits: the student's logits after the causal shift (placeholders when ``lean_head``).
+            lean_head: the recorded inputs of the skipped student head (:meth:`lean_head`), or None.
+            labels: the labels after the causal shift (None: no CE term).
+            w_ce: the CE weight per position (0: no CE term).
+            w_kd: the KD weight per position (0: no KD term).
+
+        Returns:
+            (loss, CE sum, KD sum, teacher outputs or None).
+        """
+        args, inputs, kd_mask = self.args, x.batch, x.kd_mask
         teacher, t_outputs = None, None
         if w_kd:
             if logit_cache.MASK in inputs:
                 teacher = logit_cache.batch_topk(inputs, kd_mask)
             else:
-                t_outputs, teacher = self.teacher_for_loss(inputs)
+                t_outputs, teacher = self.teacher_for_loss(x)
         kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, ce_weight=w_ce,
                   kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=self.chunk)
         if lean_head is not None:
-            hidden = tr.aligned(lean_head["hidden"][0])
+            hidden = shifted(self.kind, lean_head["hidden"][0])
             total, ce_sum, kd_sum = fused.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
                                                                     kd_mask, **kw)
         elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
@@ -265,127 +313,69 @@ class DistillationObjective:
 
     # ---- the LM head run inside the loss --------------------------------------------------------------
 
-    def teacher_for_loss(self, inputs):
-        """(teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the teacher's
-        final hidden states when its head is checked (no (N, V) teacher tensor), else its logits."""
-        tr = self.trainer
-        use = self.chunk != 0 and self.teacher_head is not False and tr.kind in (CAUSAL, SEQ2SEQ)
+    def teacher_for_loss(self, x: ObjectiveInputs):
+        """The teacher's forward for the chunked loss.
+
+        Args:
+            x: the micro-batch.
+
+        Returns:
+            (teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the
+            teacher's final hidden states when its head is checked (no (N, V) teacher tensor), else
+            its logits.
+        """
+        use = self.chunk != 0 and self.teacher_head is not False and self.kind in (CAUSAL, SEQ2SEQ)
         if use and self.teacher_head is None:
-            self.teacher_head = self.probe_head(tr.teacher, inputs, "teacher")
+            self.teacher_head = self.probe_head(self.teacher, x, "teacher")
             use = self.teacher_head is not False
-        ctx = self.head_skipped(tr.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
+        ctx = head_skipped(self.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
         with ctx as box, torch.no_grad():
-            t_outputs = tr.teacher(**tr.forward_inputs(tr.teacher, inputs))
+            t_outputs = self.teacher(**x.teacher_forward)
         if box is not None:
-            hidden = tr.aligned(box["hidden"][0])
+            hidden = shifted(self.kind, box["hidden"][0])
             return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
-        return t_outputs, tr.aligned(t_outputs.logits)
+        return t_outputs, shifted(self.kind, t_outputs.logits)
 
-    def lean_head(self, model, inputs: dict, return_outputs: bool = False):
-        """The student's forward context: head skipped when the fused loss is on (training only, and
-        never when the caller wants the outputs: their logits would be placeholders).  The first time,
-        the head is checked on a slice of ``inputs`` first (:meth:`probe_head`)."""
-        tr = self.trainer
+    def lean_head(self, model, x: ObjectiveInputs, return_outputs: bool = False):
+        """The student's forward context: head skipped when the fused loss is on.
+
+        Args:
+            model: the student.
+            x: the micro-batch; the first time, the head is checked on a slice of it (:meth:`probe_head`).
+            return_outputs: whether the caller wants the outputs (their logits would be placeholders).
+
+        Returns:
+            :func:`lmkd.train.lm_head.head_skipped`'s context (training only, never with
+            ``return_outputs``), else a null context.
+        """
         use = (model.training and not return_outputs and self.chunk != 0
-               and self.fused_head is not False and tr.kind in (CAUSAL, SEQ2SEQ))
+               and self.fused_head is not False and self.kind in (CAUSAL, SEQ2SEQ))
         if use and self.fused_head is None:
-            self.fused_head = self.probe_head(model, inputs, "student")
+            self.fused_head = self.probe_head(model, x, "student")
             use = self.fused_head is not False
-        return self.head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
+        return head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
 
-    def probe_head(self, model, inputs: dict, who: str):
+    def probe_head(self, model, x: ObjectiveInputs, who: str):
         """Check ``model``'s LM head once, on a no-grad forward of one row and PROBE_POSITIONS positions
-        of the batch (:func:`probe_inputs`): the Head, or False (see :meth:`check_head`)."""
-        head, why = self.head_for_fused_loss(model)
+        of the batch (:func:`probe_inputs`).
+
+        Args:
+            model: the student or the teacher.
+            x: the micro-batch (its forward keywords for ``who``).
+            who: ``"student"`` or ``"teacher"``.
+
+        Returns:
+            The Head, or False (see :func:`lmkd.train.lm_head.check_head`).
+        """
+        ddp = who == "student" and self.data_parallel
+        head, why = head_for_fused_loss(model, self.kind, self.sharded, ddp)
         if head is None:
-            return self.check_head(model, None, None, who, (None, why))
-        tr = self.trainer
-        small = probe_inputs(tr.kind, tr.forward_inputs(model, inputs), inputs.get("attention_mask"))
+            return check_head(None, None, who, (None, why))
+        fwd = x.student_forward if who == "student" else x.teacher_forward
+        small = probe_inputs(self.kind, fwd, x.batch.get("attention_mask"))
         # the RNG is left as it was (dropout in the probe would shift every later draw)
         device = getattr(unwrap(model), "device", torch.device("cpu"))
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.head_skipped(model, None) as box, torch.no_grad():
+        with torch.random.fork_rng(devices=devices), head_skipped(model, None) as box, torch.no_grad():
             outputs = model(**small)
-        return self.check_head(model, box, outputs, who, (head, why))
-
-    def head_for_fused_loss(self, model):
-        """The LM head of ``model`` as lmkd.losses.chunked.Head, or (None, why not)."""
-        tr, m = self.trainer, unwrap(model)
-        if tr.kind not in (CAUSAL, SEQ2SEQ):
-            return None, f"{tr.kind} models are not supported"
-        if tr.is_fsdp_enabled or tr.is_deepspeed_enabled:
-            return None, "the head is sharded (FSDP/DeepSpeed)"
-        if m is unwrap(tr.model) and tr.args.world_size > 1:
-            # the fused loss differentiates the head outside DDP's forward, so DDP's gradient hooks
-            # would fire twice for the (tied) head weight
-            return None, "the student is wrapped for data parallelism (DDP)"
-        head = m.get_output_embeddings()
-        if type(head) is not nn.Linear:
-            return None, f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
-        cfg = m.config.get_text_config() if hasattr(m.config, "get_text_config") else m.config
-        scale = getattr(cfg, "logit_scale", None)
-        softcap = getattr(cfg, "final_logit_softcapping", None)
-        extra = getattr(m, "final_logits_bias", None)
-        return chunked.Head(head.weight, head.bias, extra if isinstance(extra, torch.Tensor) else None,
-                            float(scale) if isinstance(scale, (int, float)) else 1.0,
-                            float(softcap) if softcap else None), ""
-
-    @staticmethod
-    @contextlib.contextmanager
-    def head_skipped(model, decided):
-        """Around a forward of ``model``: with ``decided`` a Head, the LM head only records its input
-        and returns zeros of width 1 (Marian/BART's final_logits_bias is swapped for a (1, 1) zero
-        meanwhile, so no (B, T, V) tensor is made); with ``decided`` None a hook records the head's
-        input so the caller can check the fused head against the model's real logits."""
-        module = unwrap(model).get_output_embeddings()
-        box = {"hidden": [], "probe": decided is None}
-        if box["probe"]:
-            handle = module.register_forward_hook(lambda m, args, out: box["hidden"].append(args[0]))
-            try:
-                yield box
-            finally:
-                handle.remove()
-            return
-        inner = unwrap(model)
-        swap = "final_logits_bias" in inner._buffers
-        width = 1 if (not swap or inner is model) else module.out_features  # never swap under a wrapper
-        swap = swap and width == 1
-
-        def skip(hidden, *a, **k):
-            box["hidden"].append(hidden)
-            return hidden.new_zeros(()).expand(*hidden.shape[:-1], width)
-
-        bias = inner._buffers.get("final_logits_bias")
-        module.forward = skip
-        if swap:
-            inner._buffers["final_logits_bias"] = bias.new_zeros(1, 1)
-        try:
-            yield box
-        finally:
-            del module.forward
-            if swap:
-                inner._buffers["final_logits_bias"] = bias
-
-    def check_head(self, model, box, outputs, who: str, found=None):
-        """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits (``outputs`` of a
-        forward whose head inputs ``box`` recorded)?  The Head, or False.  ``found``: what
-        :meth:`head_for_fused_loss` returned, when already asked."""
-        head, why = found if found is not None else self.head_for_fused_loss(model)
-        if head is not None and len(box["hidden"]) != 1:
-            head, why = None, "the LM head is called more than once per forward"
-        if head is not None:
-            with torch.no_grad():
-                real = outputs.logits.float()
-                mine = head.logits(box["hidden"][0]).float()
-                tol = 1e-4 if real.dtype == torch.float32 and head.weight.dtype == torch.float32 else 1e-2
-                ok = mine.shape == real.shape and bool(
-                    (mine - real).abs().max() <= tol * real.abs().max().clamp(min=1.0))
-            if not ok:
-                head, why = None, "the model transforms its logits in a way lmkd cannot reproduce"
-        if head is None:
-            if who == "student":
-                logger.info("fused linear KD loss off (%s); using the chunked loss on the full logits -- the "
-                            "same objective", why)
-            else:
-                logger.info("teacher logits computed whole, not per chunk (%s)", why)
-        return head if head is not None else False
+        return check_head(box, outputs, who, (head, why))

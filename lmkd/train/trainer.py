@@ -1,6 +1,6 @@
 """DistillationTrainer: an HF Seq2SeqTrainer with a frozen teacher and a distillation loss.
 
-The trainer wires the parts and keeps the counts: the teacher (and a teacher cache, or a teacher of
+The trainer wires the parts and keeps the counts: the teacher (and a logit cache, or a teacher of
 another tokenizer) comes from :mod:`lmkd.teacher.frozen`, the positions from :mod:`lmkd.data.positions`, the
 CE + KD loss from :mod:`lmkd.train.objective`, the feature terms and their hint projections from
 :mod:`lmkd.train.features`.  What stays here: the token counts of the accumulated batch, logging, the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 
 import torch
 from torch import nn
@@ -25,12 +24,40 @@ from lmkd.data import positions
 from lmkd.train.config import DistillationConfig
 from lmkd.core.constants import SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.train.features import FEATURE_TERMS, FeatureDistiller, average_projection_grads, load_projections, projection_param_groups, save_projections
+from lmkd.train.features import FeatureDistiller, average_projection_grads, load_projections, \
+    projection_param_groups, save_projections
 from lmkd.core.io import nothing_left_on_error
 from lmkd.models.loading import model_kind, unwrap
+from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective
 
 logger = logging.getLogger(__name__)
+
+#: the regime keys of DistillationConfig a trainer class must run or refuse:
+#: key -> (whether the config turns the regime on, who runs it)
+REGIME_RUNNERS = {
+    "on_policy_fraction": (lambda a: a.on_policy_fraction > 0,
+                           "OnPolicyDistillationTrainer (lmkd.train.regimes)"),
+    "cohort_size": (lambda a: a.cohort_size > 1, "CoDistillationTrainer (lmkd.train.regimes)"),
+    "rounds": (lambda a: a.rounds > 1, "a loop of whole runs: lmkd.train.run.run_distill (or `lmkd distill`), "
+               "which runs lmkd.train.regimes.run_born_again"),
+}
+
+
+def check_regimes_run(trainer_class: type, args: DistillationConfig) -> None:
+    """Refuse, in one line, a regime ``args`` turns on that ``trainer_class`` would silently ignore.
+
+    Args:
+        trainer_class: the trainer class being built; its ``regimes_run`` names the keys it runs.
+        args: the run's config.
+
+    Raises:
+        LmkdError: naming the key, its value and the class or function that runs it.
+    """
+    for key, (on, runner) in REGIME_RUNNERS.items():
+        if on(args) and key not in trainer_class.regimes_run:
+            raise LmkdError(f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does "
+                            "not run that regime (it would train without it)")
 
 class DistillationTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
@@ -54,16 +81,25 @@ class DistillationTrainer(Seq2SeqTrainer):
     * :meth:`position_masks` ``(inputs) -> (CE mask, KD mask)``: which positions each term covers;
       the token counts are taken from it too;
     * :meth:`forward_inputs` ``(model, inputs) -> dict``: the keywords of a model's forward;
-    * :meth:`aligned` ``(logits) -> logits``: the logits at the masks' positions;
+    * :meth:`shifted` ``(logits) -> logits``: the logits at the masks' positions (the causal shift);
     * :attr:`uses_teacher`: whether a teacher is loaded at all;
-    * :meth:`loss_counts` ``(num_items_in_batch)``: the accumulated batch's counts for a
-      ``compute_loss`` of one's own;
-    * :attr:`loss_stats`: per mode (``train``/``eval``), the running sums logged as ``loss_ce``,
-      ``loss_kd`` and ``loss_<feature term>`` (``<name>_sum`` / ``<name>_n``).
+    * :meth:`loss_counts` ``(num_items_in_batch)``: the accumulated batch's
+      :class:`lmkd.train.loss_stats.LossCounts` for a ``compute_loss`` of one's own;
+    * :attr:`loss_stats`: per mode (``train``/``eval``), a :class:`lmkd.train.loss_stats.LossStats`
+      of the terms logged as ``loss_ce``, ``loss_kd``, ``taid_t`` and ``loss_<feature term>``.
+
+    The seam to the objective is narrow: :meth:`compute_loss` hands it an
+    :class:`lmkd.train.loss_stats.ObjectiveInputs` (forward keywords, masks, step) and the counts,
+    and adds the :class:`lmkd.train.loss_stats.LossStats` it returns to :attr:`loss_stats`.  The
+    HF Trainer's ``num_items_in_batch`` is a ``LossCounts(ce, kd, features)`` here
+    (:meth:`_get_num_items_in_batch`), not one count.
     """
 
     # compute_loss normalises by the token count of the whole accumulated batch itself
     loss_is_scaled_for_ga = True
+    #: the regime keys of :data:`REGIME_RUNNERS` this class runs (a subclass that runs one names it);
+    #: any other one the config turns on is refused by :func:`check_regimes_run`
+    regimes_run: tuple[str, ...] = ()
 
     def __init__(self, model=None, args: DistillationConfig | None = None, teacher_model=None,
                  teacher_tokenizer=None, **kwargs):
@@ -71,6 +107,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
             raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
+        check_regimes_run(type(self), args)
         with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
             super().__init__(model=model, args=args, **kwargs)
             self._setup(teacher_model, teacher_tokenizer)
@@ -82,7 +119,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.kind = model_kind(self.model)
         self.teacher = None
         self._vocab = None  # the vocabulary teacher and student share, when their output layers differ
-        self.loss_stats = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.loss_stats = {"train": LossStats(), "eval": LossStats()}
         self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
         if self.uses_teacher:
             self._setup_teacher(teacher_model, teacher_tokenizer)
@@ -92,16 +129,17 @@ class DistillationTrainer(Seq2SeqTrainer):
                     teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else args.teacher_tokenizer,
                     kd_loss=args.kd_loss)
         self.features = None  # lmkd.train.features.FeatureDistiller when a feature weight is > 0
-        self._feature_totals = None
         if args.uses_features:
             self.features = FeatureDistiller(args, self.kind, self.model, self.teacher, device=args.device,
                                              deepspeed=self.is_deepspeed_enabled)
         # learned student->teacher projections of the hint loss, one per layer stack
         self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
-        self.loss_objective = DistillationObjective(self, self._vocab)
-        self._eval_collator = None  # the collator of the validation data's own cache (eval_teacher_cache)
-        if args.teacher_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
-            wired = frozen.attach_teacher_caches(
+        self.loss_objective = DistillationObjective(
+            args, self.kind, teacher=self.teacher, vocab=self._vocab, cross_shared=self.cross_shared,
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled, data_parallel=args.world_size > 1)
+        self._eval_collator = None  # the collator of the validation data's own cache (eval_logit_cache)
+        if args.logit_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
+            wired = frozen.attach_logit_caches(
                 args, kind=self.kind, student=self.model, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
                 collator=self.data_collator, padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
             self.train_dataset, self.data_collator, self.eval_dataset, self._eval_collator = wired
@@ -112,7 +150,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                            "this run is plain data parallel (DDP), every process holding the whole student")
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """The Trainer's, collating with the validation data's own logit cache (``eval_teacher_cache``)."""
+        """The Trainer's, collating with the validation data's own logit cache (``eval_logit_cache``)."""
         if self._eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
         train_collator, self.data_collator = self.data_collator, self._eval_collator
@@ -126,7 +164,7 @@ class DistillationTrainer(Seq2SeqTrainer):
     @property
     def uses_teacher(self) -> bool:
         """Whether any loss term needs the teacher's outputs."""
-        return (self.args.kd_alpha > 0 and not self.args.teacher_cache) or self.args.uses_features
+        return (self.args.kd_alpha > 0 and not self.args.logit_cache) or self.args.uses_features
 
     def _deepspeed_config(self) -> dict | None:
         return self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
@@ -138,6 +176,15 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _setup_teacher(self, teacher, teacher_tokenizer) -> None:
         ds_config = self._deepspeed_config()
+        if teacher is None and len(frozen.teacher_paths(self.args)) > 1:  # teacher_model_name_or_path: a,b
+            teacher = frozen.load_teacher(self.args, self.model, self.processing_class)  # (+ teacher_weights)
+        if isinstance(teacher, frozen.EnsembleTeacher):
+            if teacher.temperature != self.args.kd_temperature:
+                raise LmkdError(f"EnsembleTeacher(temperature={teacher.temperature}) must use the trainer's "
+                                f"kd_temperature {self.args.kd_temperature}")
+            if self.args.kd_loss == "mse":
+                raise LmkdError("a teacher ensemble averages distributions, not logits: use kd_loss "
+                                "forward_kl, reverse_kl or jsd")
         self.teacher, self._vocab = frozen.load_frozen_teacher(
             teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
             student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,
@@ -147,10 +194,11 @@ class DistillationTrainer(Seq2SeqTrainer):
     # ---- hooks: positions and forward keywords ------------------------------------------------------
 
     def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(CE mask, KD mask) over the aligned positions of a batch (:func:`lmkd.data.positions.position_masks`)."""
+        """(CE mask, KD mask) over the shifted positions of a batch
+        (:func:`lmkd.data.positions.position_masks`)."""
         ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
         if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD: only the positions with a teacher position
-            kd = kd & positions.aligned(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
+            kd = kd & positions.shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
         return ce, kd
 
     def forward_inputs(self, model, inputs: dict) -> dict:
@@ -165,17 +213,29 @@ class DistillationTrainer(Seq2SeqTrainer):
             fwd.update(self.features.output_flags())
         return fwd
 
-    def aligned(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.aligned`)."""
-        return positions.aligned(self.kind, logits)
+    def shifted(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.shifted`)."""
+        return positions.shifted(self.kind, logits)
 
     # ---- counts and loss ------------------------------------------------------------------------
 
     def _gathers_counts(self) -> bool:
         return self.args.average_tokens_across_devices and self.args.world_size > 1
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """Counts of CE and KD positions in the whole accumulated batch, summed over processes."""
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> LossCounts:
+        """The normalising counts of the whole accumulated batch, summed over processes.
+
+        The HF Trainer passes what this returns to ``compute_loss`` as ``num_items_in_batch``
+        (from :meth:`get_batch_samples`, and from ``prediction_step`` for one evaluation batch);
+        lmkd's value is a :class:`lmkd.train.loss_stats.LossCounts`, not the Trainer's one count.
+
+        Args:
+            batch_samples: the micro-batches of one optimizer step.
+            device: where the counts are gathered across processes.
+
+        Returns:
+            LossCounts(CE positions, KD positions, feature counts or None).
+        """
         counts = torch.zeros(2, dtype=torch.long)
         for batch in batch_samples:
             ce, kd = self.position_masks(batch)
@@ -184,30 +244,75 @@ class DistillationTrainer(Seq2SeqTrainer):
         counts = counts.to(device)
         if self._gathers_counts():
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
+        features = None
         if self.features is not None:
             gather = (lambda c: self.accelerator.gather(c.to(device).unsqueeze(0)).sum(0).cpu()) \
                 if self._gathers_counts() else None
-            self._feature_totals = self.features.count_items(batch_samples, gather)
-        return counts
+            features = self.features.count_items(batch_samples, gather)
+        n_ce, n_kd = counts.tolist()
+        return LossCounts(n_ce, n_kd, features)
 
-    def loss_counts(self, num_items_in_batch) -> tuple[tuple[int, int] | None, int]:
-        """((n_ce, n_kd) of the accumulated batch or None, the factor undoing the Trainer's mean over
-        processes) from what ``_get_num_items_in_batch`` returned."""
-        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2:
-            n_ce, n_kd = num_items_in_batch.tolist()
-            return (n_ce, n_kd), (self.accelerator.num_processes if self._gathers_counts() else 1)
+    def loss_counts(self, num_items_in_batch) -> tuple[LossCounts | None, int]:
+        """What a ``compute_loss`` normalises by.
+
+        Args:
+            num_items_in_batch: what the Trainer passed to ``compute_loss`` (a LossCounts from
+                :meth:`_get_num_items_in_batch`, or None when called without one).
+
+        Returns:
+            (the accumulated batch's LossCounts or None, the factor undoing the Trainer's mean over
+            processes).
+        """
+        if isinstance(num_items_in_batch, LossCounts):
+            return num_items_in_batch, (self.accelerator.num_processes if self._gathers_counts() else 1)
         return None, 1
 
+    def objective_inputs(self, model, inputs: dict) -> ObjectiveInputs:
+        """One micro-batch as the objective reads it: the forward keywords of the student and the live
+        teacher (:meth:`forward_inputs`), the masks (:meth:`position_masks`) and the step.
+
+        Args:
+            model: the student (as the Trainer wrapped it).
+            inputs: the collated batch.
+
+        Returns:
+            The :class:`lmkd.train.loss_stats.ObjectiveInputs` of the batch.
+        """
+        ce_mask, kd_mask = self.position_masks(inputs)
+        teacher_forward = None
+        if self.teacher is not None and cross_tokenizer.TEACHER_POSITION not in inputs:
+            teacher_forward = self.forward_inputs(self.teacher, inputs)
+        return ObjectiveInputs(batch=inputs, student_forward=self.forward_inputs(model, inputs),
+                               teacher_forward=teacher_forward, ce_mask=ce_mask, kd_mask=kd_mask,
+                               step=(self.state.global_step, self.state.max_steps))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = self.loss_stats["train" if model.training else "eval"]
+        """The CE + KD (+ feature terms) loss of a micro-batch, normalised by the accumulated batch.
+
+        Args:
+            model: the student (as the Trainer wrapped it).
+            inputs: the collated batch.
+            return_outputs: also return the student's outputs.
+            num_items_in_batch: the :class:`lmkd.train.loss_stats.LossCounts` of the accumulated batch
+                (the HF Trainer's name for it; None: this micro-batch's own counts).
+
+        Returns:
+            The loss, or (loss, student outputs).
+        """
+        x = self.objective_inputs(model, inputs)
         counts, scale = self.loss_counts(num_items_in_batch)
-        loss, outputs, t_outputs = self.loss_objective(model, inputs, stats, counts, return_outputs)
+        result = self.loss_objective(model, x, counts, return_outputs)
+        loss, outputs, t_outputs = result.loss, result.outputs, result.teacher_outputs
+        stats = self.loss_stats["train" if model.training else "eval"]
+        stats.add(result.stats)
         if self.features is not None:
             if t_outputs is None:
                 with torch.no_grad():
-                    t_outputs = self.teacher(**self.forward_inputs(self.teacher, inputs))
-            totals = self._feature_totals if num_items_in_batch is not None else None
-            loss = loss + self.features.loss(outputs, t_outputs, inputs, stats, totals)
+                    t_outputs = self.teacher(**x.teacher_forward)
+            totals = counts.features if counts is not None else None
+            feature_loss, feature_stats = self.features.loss(outputs, t_outputs, inputs, totals)
+            loss = loss + feature_loss
+            stats.add(feature_stats)
         if not torch.isfinite(loss):
             raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the "
                             "learning rate, use bf16 instead of fp16, or check the data for empty targets")
@@ -227,7 +332,7 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.args.teacher_cache and logit_cache.CACHE_ROW not in self._signature_columns:
+        if self.args.logit_cache and logit_cache.CACHE_ROW not in self._signature_columns:
             # keep the cache row number through remove_unused_columns
             self._signature_columns = [*self._signature_columns, logit_cache.CACHE_ROW]
 
@@ -282,17 +387,14 @@ class DistillationTrainer(Seq2SeqTrainer):
     # ---- logging ------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, plus the mean loss terms since the last log (:class:`LossStats`).
+
+        Args:
+            logs: what the Trainer logs (``eval_*`` keys: an evaluation's).
+            start_time: as the Trainer's.
+        """
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         stats = self.loss_stats[mode]
-        prefix = "eval_" if mode == "eval" else ""
-        if stats.get("ce_n"):
-            logs[f"{prefix}loss_ce"] = round(stats["ce_sum"] / stats["ce_n"], 6)
-        if stats.get("kd_n"):
-            logs[f"{prefix}loss_kd"] = round(stats["kd_sum"] / stats["kd_n"], 6)
-        if stats.get("taid_t_n"):  # kd_loss taid: the mean interpolation t of the logged steps
-            logs[f"{prefix}taid_t"] = round(stats["taid_t_sum"] / stats["taid_t_n"], 6)
-        for name in FEATURE_TERMS:
-            if stats.get(f"{name}_n"):
-                logs[f"{prefix}loss_{name}"] = round(stats[f"{name}_sum"] / stats[f"{name}_n"], 6)
-        stats.clear()
+        logs.update(stats.logs("eval_" if mode == "eval" else ""))
+        stats.reset()
         super().log(logs, start_time)
