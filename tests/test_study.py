@@ -177,12 +177,12 @@ def test_serve_stage_skips_with_a_note_when_the_engine_cannot_export(monkeypatch
     models = {"teacher": {"variant": "teacher"}, "a": {"variant": "baseline", "dir": "x", "stage": "a", "size": 0.25}}
     curve = {"curve": [{"step": 4, "metric": 2.0}]}
     assert serving.serve_stage(NoStages(), opts, models, lambda m: curve) == {}
-    assert opts.plan["notes"] == ["No served model (CTranslate2 int8): ctranslate2 needs the ctranslate2 package(s): "
-                                  "pip install 'lmkd[deploy]'"]
-    assert "served" not in opts.plan
+    assert opts.plan.notes == ["No served model (CTranslate2 int8): ctranslate2 needs the ctranslate2 "
+                               "package(s): pip install 'lmkd[deploy]'"]
+    assert opts.plan.served is None and "served" not in opts.plan.to_dict()
     opts = StudyOptions(task="translation", budget="tiny", output="unused", serve=False).resolve()
     assert serving.serve_stage(NoStages(), opts, models, lambda m: curve) == {}
-    assert opts.plan["notes"] == []
+    assert opts.plan.notes == []
 
 
 def test_best_student_is_the_lowest_validation_ce_first_on_ties():
@@ -504,13 +504,13 @@ def test_tiny_real_students_flat_is_stopped_early_improving_is_not(tmp_path, tin
     """Real DistillationTrainer runs: a student that cannot learn (learning rate 0: its validation
     CE is flat) stops after `patience` evaluations; one that learns trains to the cap."""
     from lmkd.study.models import StoppingRule, train_student
-    from lmkd.study.plan import BUDGETS
+    from lmkd.study.plan import BUDGETS, Plan
 
     rows = corpus_rows("train", 96)
     train = _write(tmp_path / "train.jsonl", rows[:64])
     val = _write(tmp_path / "val.jsonl", rows[64:])
     init = tiny_model_dir("bart", d_model=32, layers=1, heads=2, ffn=64)
-    plan = {**BUDGETS["tiny"], "kd_temperature": 1.0}
+    plan = Plan(**BUDGETS["tiny"], kd_temperature=1.0)
     rule = StoppingRule(eval_every=3, patience=2, min_delta=0.0)
     logs = {}
     for name, lr, cap in (("flat", 0.0, 30), ("learns", 3e-3, 9)):
@@ -534,6 +534,7 @@ def test_train_student_stopping_needs_a_validation_file(tmp_path):
     from lmkd.study.models import StoppingRule, train_student
     from lmkd.study.plan import BUDGETS
 
+    # (the plan a budget table's dict, as the benchmarks give it)
     with pytest.raises(LmkdError, match="validation"):
         train_student(str(tmp_path / "o"), str(tmp_path), "translation", str(tmp_path / "t.jsonl"), None,
                       BUDGETS["tiny"], steps=3, lr=1e-3, stopping=StoppingRule(1, 1, 0.0))
