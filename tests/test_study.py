@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import corpus_rows
+
 from lmkd.core.errors import LmkdError
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
@@ -244,7 +244,7 @@ def test_a_stage_run_again_redoes_what_was_built_from_it(translation):
 def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(translation, capsys):
     from safetensors.torch import load_file
 
-    from lmkd.study.plan import count_stages
+    from lmkd.study.options import count_stages
 
     out, _, _ = translation
     n = len(_log(out))
@@ -408,8 +408,8 @@ def test_cli_help_has_examples(capsys):
 
 
 def test_student_init_copies_teacher_layers_when_they_fit_else_builds_a_narrower_model():
-    from lmkd.models.scratch import build_model
     from lmkd.models.loading import count_parameters
+    from lmkd.models.scratch import build_model
     from lmkd.models.student import copied_layers_within, scaled_student_config
     from lmkd.models.student import spread_layers as _spread
 
@@ -446,7 +446,7 @@ def test_given_teacher_is_used_with_its_tokenizer(translation, tmp_path):
 
 
 def test_plateau_rule_stops_a_flat_metric_and_not_an_improving_one():
-    from lmkd.study.models import Plateau, plateau_stop
+    from lmkd.study.stopping import Plateau, plateau_stop
 
     assert plateau_stop([2.0] * 10, patience=3, min_delta=0.0) == 3  # the first value, then 3 without gain
     assert plateau_stop([5.0, 4.0, 3.0, 2.5, 2.25, 2.2], patience=2, min_delta=0.0) is None
@@ -467,7 +467,7 @@ def test_plateau_rule_stops_a_flat_metric_and_not_an_improving_one():
 def test_plateau_callback_stops_training_and_puts_the_best_weights_back():
     from transformers import TrainerControl, TrainerState
 
-    from lmkd.study.models import PlateauStopping, StoppingRule
+    from lmkd.study.stopping import PlateauStopping, StoppingRule
 
     def run(values, cap=100):
         model = torch.nn.Linear(2, 1, bias=False)
@@ -608,8 +608,8 @@ def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translat
 
     import yaml
 
-    from lmkd.teacher.logit_cache import LogitCache
     from lmkd.models.loading import load_model, load_tokenizer
+    from lmkd.teacher.logit_cache import LogitCache
 
     out, _, _ = translation
     stages = Path(out) / "stages"

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from test_study_trust import _flat, _without_timings
 
 from lmkd.core.errors import LmkdError
 from lmkd.study import StudyOptions, run_study
 from lmkd.study.models import evaluate_into
 from lmkd.study.stages import Job, Stages, threads_per_worker
-from test_study_trust import _flat, _without_timings
 
 
 def test_a_failing_worker_is_one_line_and_its_dependents_never_start(tmp_path):
@@ -71,7 +71,7 @@ def test_a_job_names_its_function_by_module_and_qualname_and_refuses_one_a_worke
     when the job is made: a function defined inside another one, or a name that no longer resolves
     (a renamed function), is refused then -- not in a worker process halfway through a study."""
     from lmkd.study.classification import train_classifier
-    from lmkd.study.stages import call_job, job_ref, resolve_job
+    from lmkd.study.stages import job_ref, resolve_job
 
     job = Job("eval", {}, [], evaluate_into, {})
     assert job.call == "lmkd.study.models:evaluate_into" == job_ref(evaluate_into)

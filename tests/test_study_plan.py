@@ -9,7 +9,15 @@ import json
 import pytest
 
 from lmkd.core.errors import LmkdError
-from lmkd.study.plan import BUDGETS, LOGIT_CACHE, Plan, ServedModel, StudyOptions, plan_view, thread_options
+from lmkd.study.options import StudyOptions
+from lmkd.study.plan import (
+    BUDGETS,
+    LOGIT_CACHE,
+    Plan,
+    ServedModel,
+    plan_view,
+    thread_options,
+)
 
 
 def _resolved(**kw) -> Plan:
@@ -40,7 +48,8 @@ def test_report_json_prints_the_plan_in_one_form_that_reads_back():
     # the keys of report.json: the budget's in its order, the cache under its old key, nothing set later
     assert list(form)[:len(BUDGETS["tiny"])] == list(BUDGETS["tiny"])
     assert form["kd_cache"] == LOGIT_CACHE and "logit_cache" not in form
-    assert not {"batch_tokens", "max_length_cap", "positions", "length_sizing", "batch_size_cap", "served"} & set(form)
+    later = {"batch_tokens", "max_length_cap", "positions", "length_sizing", "batch_size_cap", "served"}
+    assert not later & set(form)
     assert form["teacher_check"] is None  # (printed once the study has a teacher: always)
     plan.length_cap()
     plan.apply_lengths({"max_length": 40, "positions": 48, "cap": 64})
@@ -71,7 +80,7 @@ def test_the_batch_fits_the_token_budget_once_and_from_the_budget_s_batch(max_le
     plan = Plan(**{**BUDGETS["quick"], "batch_size": 16, "batch_tokens": 1024, "max_length": max_length})
     plan.fit_batch()
     assert plan.batch_size == batch and plan.batch_size_cap == 16
-    assert plan.notes == ([f"Batch {batch} rather than 16: inputs of up to {max_length} tokens, and the budget's "
-                           "1024 input tokens per step."] if noted else [])
+    assert plan.notes == ([f"Batch {batch} rather than 16: inputs of up to {max_length} tokens, and the "
+                           "budget's 1024 input tokens per step."] if noted else [])
     plan.fit_batch()  # again: from the budget's batch, not the fitted one
     assert plan.batch_size == batch

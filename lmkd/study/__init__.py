@@ -19,7 +19,7 @@ MLM-distil + task KD:
          -> the best student exported for serving, its eval -> speed -> report
 
 Every student trains until its validation CE stops improving (early stopping with patience,
-``student_steps`` the cap; :class:`~lmkd.study.models.StoppingRule`) and keeps its best weights;
+``student_steps`` the cap; :class:`~lmkd.study.stopping.StoppingRule`) and keeps its best weights;
 its stage holds ``train_log.json`` (steps, stopped early or not, the validation curve).
 ``--seeds N`` trains every student variant with N seeds.
 
@@ -44,7 +44,8 @@ resolve into, the stage count), :mod:`.stages` (the cache and the job graph; job
 """
 
 from lmkd.study.models import evaluate_quality, measure_models_speed, train_student
-from lmkd.study.plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, Plan, StudyOptions, shipped_corpus
+from lmkd.study.options import StudyOptions, shipped_corpus
+from lmkd.study.plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, Plan
 from lmkd.study.run import run_study
 from lmkd.study.seq2seq import make_transfer_set
 from lmkd.study.stages import Stages, StudyStopped

@@ -6,7 +6,7 @@ from __future__ import annotations
 # What each budget trains and evaluates.  ``quick`` is aimed at `make demo` (<= 20 min on 2 CPU
 # cores); ``tiny`` for tests (seconds); ``full`` for a real study.  Row limits of None = all rows.
 # ``max_length`` caps the length the study sizes from the data (lmkd.study.lengths).
-# Students (every variant the same rule, lmkd.study.models.StoppingRule): ``student_steps`` is a cap;
+# Students (every variant the same rule, lmkd.study.stopping.StoppingRule): ``student_steps`` is a cap;
 # the validation CE against the gold labels is measured every ``eval_every`` steps and a student stops
 # after ``patience`` evaluations without an improvement of at least ``min_delta`` (nats), keeping its
 # best evaluation's weights.

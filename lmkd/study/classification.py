@@ -9,7 +9,7 @@
 A teacher without masked-LM head weights (e.g. a ``BertModel`` / sentence-transformers encoder) has
 no MLM to distil from: the MLM-distil variants are skipped and a note says so (``plan.notes``).
 Every fine-tuning and every MLM distillation stops on its validation plateau
-(:class:`~lmkd.study.models.StoppingRule`), ``student_steps`` being the cap.
+(:class:`~lmkd.study.stopping.StoppingRule`), ``student_steps`` being the cap.
 """
 
 from __future__ import annotations
@@ -19,10 +19,18 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from lmkd.study.models import TRAIN_LOG, StoppingRule, classifier_from, save_model, train_student
-from lmkd.study.plan import (MLM_VARIANTS, Plan, StudyOptions, classification_variants, plan_view, seeded,
-                             size_name, student_seeds, thread_options)
+from lmkd.study.models import classifier_from, save_model, train_student
+from lmkd.study.options import StudyOptions, seeded, student_seeds
+from lmkd.study.plan import (
+    MLM_VARIANTS,
+    Plan,
+    classification_variants,
+    plan_view,
+    size_name,
+    thread_options,
+)
 from lmkd.study.stages import Job, Stages
+from lmkd.study.stopping import TRAIN_LOG, StoppingRule
 
 
 def no_mlm_head_note(teacher: str) -> str:
@@ -148,7 +156,7 @@ def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_f
         val_file: the validation rows.
         plan: the study's plan (or a mapping of its keys, :func:`~lmkd.study.plan.plan_view`).
         seed: the seed of the head and of the training.
-        stopping: the :meth:`~lmkd.study.models.StoppingRule.options` it stops by.
+        stopping: the :meth:`~lmkd.study.stopping.StoppingRule.options` it stops by.
         teacher_dir: the teacher classifier of task KD.
         kd_alpha: the weight of task KD (0: the labels alone).
     """

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import os
 
-from lmkd.evaluate.report import Curve, PlotPoint, markdown_table, plot_quality_speed, write_report
+from lmkd.evaluate.report import (
+    Curve,
+    PlotPoint,
+    markdown_table,
+    plot_quality_speed,
+    write_report,
+)
 from lmkd.scoring.metrics import busy_warning
 from lmkd.study.checks import summary as check_summary
 from lmkd.study.lengths import describe as describe_lengths
 from lmkd.study.plan import FORMAT_NAMES
 from lmkd.study.results import CURVE_METRICS, value_at
 from lmkd.study.verdicts import METRIC_LABELS, signed, timing_noise
+
 
 def _main_label(report: dict) -> str:
     return report["columns"][report["column_keys"].index(report["rows"][0]["main_metric"])]

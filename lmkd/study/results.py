@@ -26,7 +26,8 @@ from lmkd.core.io import read_rows
 from lmkd.models.generation import output_lengths
 from lmkd.models.loading import load_tokenizer
 from lmkd.study.checks import trivial_floors
-from lmkd.study.plan import FORMAT_NAMES, StudyOptions
+from lmkd.study.options import StudyOptions
+from lmkd.study.plan import FORMAT_NAMES
 from lmkd.study.teachers import scratch_teacher
 from lmkd.study.verdicts import below_floor, served_sources, significance
 

@@ -14,7 +14,8 @@ from lmkd.core.io import atomic_write_json, file_digest
 from lmkd.scoring.metrics import busy_warning
 from lmkd.study.classification import classification_students, no_mlm_head_note
 from lmkd.study.models import evaluate_into, has_mlm_head, measure_models_speed
-from lmkd.study.plan import StudyOptions, count_stages, thread_options
+from lmkd.study.options import StudyOptions, count_stages
+from lmkd.study.plan import thread_options
 from lmkd.study.report_writer import write_study_report
 from lmkd.study.results import build_report, read_train_log
 from lmkd.study.seq2seq import seq2seq_students

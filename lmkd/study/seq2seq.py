@@ -12,12 +12,22 @@ import os
 import shutil
 
 from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
-from lmkd.study.models import (LOGIT_CACHE_DIR, TRAIN_LOG, StoppingRule, cache_teacher_logits, save_model,
-                               train_student)
-from lmkd.study.plan import (LOGIT_CACHE_STAGES, SEQ2SEQ_VARIANTS, StudyOptions, seeded, size_name,
-                             student_seeds, thread_options)
+from lmkd.study.models import (
+    LOGIT_CACHE_DIR,
+    cache_teacher_logits,
+    save_model,
+    train_student,
+)
+from lmkd.study.options import StudyOptions, seeded, student_seeds
+from lmkd.study.plan import (
+    LOGIT_CACHE_STAGES,
+    SEQ2SEQ_VARIANTS,
+    size_name,
+    thread_options,
+)
 from lmkd.study.splits import select_transfer_rows
 from lmkd.study.stages import Job, Stages
+from lmkd.study.stopping import TRAIN_LOG, StoppingRule
 
 #: the column each variant trains on: the gold target, the teacher's best beam, or Seq-Inter's pick
 VARIANT_TARGET = {"baseline": "target", "word-kd": "target", "seq-kd": "teacher", "seq-kd+word-kd": "teacher",
@@ -41,7 +51,11 @@ def make_transfer_set(teacher_dir: str, data_file: str, out: str, beams: int, ma
     Returns:
         The path of ``transfer.jsonl``.
     """
-    from lmkd.teacher.pseudo_targets import JSONL_FILE, generate_pseudo_targets, seq_inter_select
+    from lmkd.teacher.pseudo_targets import (
+        JSONL_FILE,
+        generate_pseudo_targets,
+        seq_inter_select,
+    )
 
     gen_dir = os.path.join(out, "generate")
     report = generate_pseudo_targets(teacher_dir, data=data_file, output_dir=gen_dir, source_column="source",
@@ -69,7 +83,11 @@ def _student_init(teacher_dir: str, fraction: float, seed: int, out: str) -> Non
     import torch
 
     from lmkd.models.loading import AUTO_CLASS, load_model, load_tokenizer, model_kind
-    from lmkd.models.student import copied_layers_within, make_student, scaled_student_config
+    from lmkd.models.student import (
+        copied_layers_within,
+        make_student,
+        scaled_student_config,
+    )
 
     teacher = load_model(teacher_dir)
     copied = copied_layers_within(teacher, fraction)
@@ -89,7 +107,7 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
     the students as ``{stage name: {"dir", "stage", "variant", "size", "seed", "train_log"}}`` and the
     jobs (``data["transfer_rows"]`` is set).  The teacher, its caches and the transfer set are shared
     by all seeds; each seed has its own init (shared by that seed's variants) and data order.  Every
-    student stops on its validation plateau (:class:`~lmkd.study.models.StoppingRule`),
+    student stops on its validation plateau (:class:`~lmkd.study.stopping.StoppingRule`),
     ``student_steps`` being the cap.
 
     Args:

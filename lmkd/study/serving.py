@@ -14,11 +14,12 @@ the stage is skipped and the report says why in a note.
 
 from __future__ import annotations
 
-from lmkd.models import engines
 from lmkd.core.constants import TASK_KIND
 from lmkd.core.errors import LmkdError
+from lmkd.models import engines
 from lmkd.models.loading import load_config
-from lmkd.study.plan import FORMAT_NAMES, ServedModel, StudyOptions, serve_format
+from lmkd.study.options import StudyOptions
+from lmkd.study.plan import FORMAT_NAMES, ServedModel, serve_format
 from lmkd.study.stages import Stages
 
 #: the variant name of the served model's row

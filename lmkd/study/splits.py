@@ -8,7 +8,7 @@ import random
 
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
-from lmkd.study.plan import StudyOptions
+from lmkd.study.options import StudyOptions
 
 
 def label_order(values) -> list[str]:

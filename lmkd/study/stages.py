@@ -56,7 +56,7 @@ def job_ref(fn: Callable[..., object]) -> str:
 
 def resolve_job(call: str) -> Callable[..., object]:
     """The function a job's ``call`` names: ``module:qualname`` (:func:`job_ref`); a module without a dot
-    is one of ``lmkd.study`` (``"models:train_student"``, the short form of older callers).
+    that is one of ``lmkd.study`` may be named alone (``"models:train_student"``, as older callers do).
 
     Args:
         call: the reference.
@@ -69,11 +69,12 @@ def resolve_job(call: str) -> Callable[..., object]:
         TypeError: it names one that is not callable.
     """
     import importlib
+    import importlib.util
 
     module, _, qualname = call.partition(":")
     if not module or not qualname or "<locals>" in qualname:
         raise ValueError(f"a study job names an importable function as 'module:qualname', got {call!r}")
-    if "." not in module:
+    if "." not in module and importlib.util.find_spec(f"lmkd.study.{module}") is not None:
         module = f"lmkd.study.{module}"
     try:
         obj: object = importlib.import_module(module)

@@ -13,7 +13,8 @@ from lmkd.core.io import atomic_write_json, file_digest, read_rows
 from lmkd.study.checks import TeacherDidNotLearn, check_teacher, ignores_source, summary
 from lmkd.study.lengths import describe, size_lengths
 from lmkd.study.models import classifier_from, save_model, train_student
-from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, Plan, StudyOptions
+from lmkd.study.options import StudyOptions
+from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, Plan
 from lmkd.study.stages import Stages
 
 
@@ -222,7 +223,6 @@ def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str
 
     def fn(out):
         from lmkd.models.loading import load_tokenizer
-
         from lmkd.models.truncation import input_limit
 
         # a given teacher: what its position table takes is a hard limit (the one truncation rule)
