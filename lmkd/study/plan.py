@@ -130,7 +130,8 @@ class Plan:
     @classmethod
     def for_study(cls, budget: str, task: str, *, teacher_steps: int | None = None,
                   student_steps: int | None = None, beams: int | None = None, jobs: int | None = None,
-                  kd_alpha: float = 0.5, kd_temperature: float | None = None, online_kd: bool = False) -> Plan:
+                  kd_alpha: float = 0.5, kd_temperature: float | None = None,
+                  online_kd: bool = False) -> Plan:
         """The plan of checked options (:meth:`lmkd.study.options.StudyOptions.resolve`): the budget's table,
         the overrides, the workers and the KD settings.
 
@@ -151,7 +152,8 @@ class Plan:
         from lmkd.study.stages import threads_per_worker
 
         table = copy.deepcopy(BUDGETS[budget])
-        for key, value in (("teacher_steps", teacher_steps), ("student_steps", student_steps), ("beams", beams)):
+        overrides = {"teacher_steps": teacher_steps, "student_steps": student_steps, "beams": beams}
+        for key, value in overrides.items():
             if value is not None:
                 table[key] = value
         table["workers"] = jobs or max(1, min(table.get("workers", 1), os.cpu_count() or 1))
