@@ -13,7 +13,9 @@ import pytest
 
 from lmkd.evaluate.report import padded_range
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, run_study
-from lmkd.study.results import build_report, read_train_log, report_markdown, verdict_line, write_study_report
+from lmkd.study.report_writer import report_markdown, write_study_report
+from lmkd.study.results import build_report, read_train_log
+from lmkd.study.verdicts import verdict_line
 
 
 def _tiny(out) -> StudyOptions:
@@ -245,7 +247,7 @@ def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model
 def test_a_baseline_that_beats_the_teacher_opens_the_verdicts_with_a_weak_teacher_warning():
     """The fr->en study's case: the teacher passed its check, but the baseline (gold data, no teacher)
     beats it -- the verdicts then open with a warning; when the teacher is the better one, none."""
-    from lmkd.study.results import significance
+    from lmkd.study.verdicts import significance
 
     refs = [f"the package number {i} provides a small tool for files" for i in range(40)]
     good, bad = list(refs), [f"package {i} tool" for i in range(40)]
@@ -274,7 +276,7 @@ def test_students_below_the_trivial_floor_open_the_verdicts(study):
     teacher check computes them on validation."""
     import sacrebleu
 
-    from lmkd.study.results import below_floor
+    from lmkd.study.verdicts import below_floor
 
     out, report = study
     test = [json.loads(line) for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()]
@@ -299,7 +301,7 @@ def test_the_report_says_how_far_one_architecture_s_speed_spreads(study):
     """Students of one parameter count are one network: the report states the spread of their
     ms/token in this run (the served export and the teacher are not in it), so a user does not read
     timing noise as a speed difference between variants."""
-    from lmkd.study.results import timing_noise
+    from lmkd.study.verdicts import timing_noise
 
     out, report = study
     students = [r for r in report["rows"] if r["variant"] not in ("teacher", "served")]

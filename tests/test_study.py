@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import corpus_rows
+
 from lmkd.core.errors import LmkdError
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
@@ -177,12 +177,12 @@ def test_serve_stage_skips_with_a_note_when_the_engine_cannot_export(monkeypatch
     models = {"teacher": {"variant": "teacher"}, "a": {"variant": "baseline", "dir": "x", "stage": "a", "size": 0.25}}
     curve = {"curve": [{"step": 4, "metric": 2.0}]}
     assert serving.serve_stage(NoStages(), opts, models, lambda m: curve) == {}
-    assert opts.plan["notes"] == ["No served model (CTranslate2 int8): ctranslate2 needs the ctranslate2 package(s): "
-                                  "pip install 'lmkd[deploy]'"]
-    assert "served" not in opts.plan
+    assert opts.plan.notes == ["No served model (CTranslate2 int8): ctranslate2 needs the ctranslate2 "
+                               "package(s): pip install 'lmkd[deploy]'"]
+    assert opts.plan.served is None and "served" not in opts.plan.to_dict()
     opts = StudyOptions(task="translation", budget="tiny", output="unused", serve=False).resolve()
     assert serving.serve_stage(NoStages(), opts, models, lambda m: curve) == {}
-    assert opts.plan["notes"] == []
+    assert opts.plan.notes == []
 
 
 def test_best_student_is_the_lowest_validation_ce_first_on_ties():
@@ -244,7 +244,7 @@ def test_a_stage_run_again_redoes_what_was_built_from_it(translation):
 def test_seeds_train_every_variant_again_and_share_the_teacher_and_transfer_set(translation, capsys):
     from safetensors.torch import load_file
 
-    from lmkd.study.plan import count_stages
+    from lmkd.study.options import count_stages
 
     out, _, _ = translation
     n = len(_log(out))
@@ -408,8 +408,8 @@ def test_cli_help_has_examples(capsys):
 
 
 def test_student_init_copies_teacher_layers_when_they_fit_else_builds_a_narrower_model():
-    from lmkd.models.scratch import build_model
     from lmkd.models.loading import count_parameters
+    from lmkd.models.scratch import build_model
     from lmkd.models.student import copied_layers_within, scaled_student_config
     from lmkd.models.student import spread_layers as _spread
 
@@ -446,7 +446,7 @@ def test_given_teacher_is_used_with_its_tokenizer(translation, tmp_path):
 
 
 def test_plateau_rule_stops_a_flat_metric_and_not_an_improving_one():
-    from lmkd.study.models import Plateau, plateau_stop
+    from lmkd.study.stopping import Plateau, plateau_stop
 
     assert plateau_stop([2.0] * 10, patience=3, min_delta=0.0) == 3  # the first value, then 3 without gain
     assert plateau_stop([5.0, 4.0, 3.0, 2.5, 2.25, 2.2], patience=2, min_delta=0.0) is None
@@ -467,7 +467,7 @@ def test_plateau_rule_stops_a_flat_metric_and_not_an_improving_one():
 def test_plateau_callback_stops_training_and_puts_the_best_weights_back():
     from transformers import TrainerControl, TrainerState
 
-    from lmkd.study.models import PlateauStopping, StoppingRule
+    from lmkd.study.stopping import PlateauStopping, StoppingRule
 
     def run(values, cap=100):
         model = torch.nn.Linear(2, 1, bias=False)
@@ -504,13 +504,13 @@ def test_tiny_real_students_flat_is_stopped_early_improving_is_not(tmp_path, tin
     """Real DistillationTrainer runs: a student that cannot learn (learning rate 0: its validation
     CE is flat) stops after `patience` evaluations; one that learns trains to the cap."""
     from lmkd.study.models import StoppingRule, train_student
-    from lmkd.study.plan import BUDGETS
+    from lmkd.study.plan import BUDGETS, Plan
 
     rows = corpus_rows("train", 96)
     train = _write(tmp_path / "train.jsonl", rows[:64])
     val = _write(tmp_path / "val.jsonl", rows[64:])
     init = tiny_model_dir("bart", d_model=32, layers=1, heads=2, ffn=64)
-    plan = {**BUDGETS["tiny"], "kd_temperature": 1.0}
+    plan = Plan(**BUDGETS["tiny"], kd_temperature=1.0)
     rule = StoppingRule(eval_every=3, patience=2, min_delta=0.0)
     logs = {}
     for name, lr, cap in (("flat", 0.0, 30), ("learns", 3e-3, 9)):
@@ -534,6 +534,7 @@ def test_train_student_stopping_needs_a_validation_file(tmp_path):
     from lmkd.study.models import StoppingRule, train_student
     from lmkd.study.plan import BUDGETS
 
+    # (the plan a budget table's dict, as the benchmarks give it)
     with pytest.raises(LmkdError, match="validation"):
         train_student(str(tmp_path / "o"), str(tmp_path), "translation", str(tmp_path / "t.jsonl"), None,
                       BUDGETS["tiny"], steps=3, lr=1e-3, stopping=StoppingRule(1, 1, 0.0))
@@ -607,8 +608,8 @@ def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translat
 
     import yaml
 
-    from lmkd.teacher.logit_cache import LogitCache
     from lmkd.models.loading import load_model, load_tokenizer
+    from lmkd.teacher.logit_cache import LogitCache
 
     out, _, _ = translation
     stages = Path(out) / "stages"

@@ -7,19 +7,20 @@ import json
 
 import pytest
 import torch
+from test_study_trust import _flat, _without_timings
 
 from lmkd.core.errors import LmkdError
 from lmkd.study import StudyOptions, run_study
+from lmkd.study.models import evaluate_into
 from lmkd.study.stages import Job, Stages, threads_per_worker
-from test_study_trust import _flat, _without_timings
 
 
 def test_a_failing_worker_is_one_line_and_its_dependents_never_start(tmp_path):
     st = Stages(str(tmp_path / "study"), total=2)
     missing = str(tmp_path / "no-such-model")
-    bad = Job("bad", {}, [], "models:evaluate_into",
+    bad = Job("bad", {}, [], evaluate_into,
               dict(model_dir=missing, task="translation", test_file=missing, beams=1, max_new_tokens=4))
-    after = Job("after", {}, ["bad"], "models:evaluate_into", dict(bad.kwargs))
+    after = Job("after", {}, ["bad"], evaluate_into, dict(bad.kwargs))
     with pytest.raises(LmkdError) as e:
         st.run_jobs([bad, after], workers=2)
     assert "no-such-model" in str(e.value) and "\n" not in str(e.value)
@@ -59,3 +60,44 @@ def test_two_workers_give_the_report_of_one(tmp_path, task):
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert len(two["rows"]) == (6 if task == "classification" else 7)  # teacher + every variant + served
     assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir())  # each worker's log kept
+
+
+def _nested_job_function(out, **kwargs):
+    """A module-level function of this test module (not of lmkd.study)."""
+
+
+def test_a_job_names_its_function_by_module_and_qualname_and_refuses_one_a_worker_cannot_find():
+    """A job made from a function keeps the function's ``module:qualname`` (what a worker imports), checked
+    when the job is made: a function defined inside another one, or a name that no longer resolves
+    (a renamed function), is refused then -- not in a worker process halfway through a study."""
+    from lmkd.study.classification import train_classifier
+    from lmkd.study.stages import job_ref, resolve_job
+
+    job = Job("eval", {}, [], evaluate_into, {})
+    assert job.call == "lmkd.study.models:evaluate_into" == job_ref(evaluate_into)
+    assert resolve_job(job.call) is evaluate_into
+    assert Job("c", {}, [], train_classifier, {}).call == "lmkd.study.classification:train_classifier"
+    assert Job("s", {}, [], Stages.run, {}).call == "lmkd.study.stages:Stages.run"  # a method: its qualname
+    assert resolve_job("models:evaluate_into") is evaluate_into  # the short form older callers write
+
+    def local(out):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="<locals>"):
+        Job("local", {}, [], local, {})
+    with pytest.raises(ValueError, match="no_such_function"):
+        Job("renamed", {}, [], "models:no_such_function", {})
+    with pytest.raises(ValueError, match="no_such_module"):
+        Job("moved", {}, [], "lmkd.study.no_such_module:evaluate_into", {})
+    with pytest.raises(TypeError, match="not a function"):
+        Job("constant", {}, [], "lmkd.study.models:TRAIN_LOG", {})
+    import test_study_jobs
+
+    original = _nested_job_function
+    test_study_jobs._nested_job_function = lambda out, **kw: None
+    try:  # the name now holds another object than the function the job is made from
+        with pytest.raises(ValueError, match="another object"):
+            Job("swapped", {}, [], original, {})
+    finally:
+        test_study_jobs._nested_job_function = original
+    assert Job("kept", {}, [], original, {}).call == "test_study_jobs:_nested_job_function"

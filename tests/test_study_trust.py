@@ -129,8 +129,8 @@ def test_a_failed_teacher_retries_by_how_it_failed(tmp_path, monkeypatch, first,
     monkeypatch.setattr(teachers, "check_teacher", lambda *a, **k: checks[len(calls) - 1])
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"source": "a", "target": "b"}) + "\n")
-    opts = types.SimpleNamespace(plan={"check_rows": 4, "max_new_tokens": 8, "max_length": 16}, task="translation",
-                                 teacher_check=True, seed=0)
+    plan = types.SimpleNamespace(check_rows=4, max_new_tokens=8, max_length=16)
+    opts = types.SimpleNamespace(plan=plan, task="translation", teacher_check=True, seed=0)
     out, init = tmp_path / "out", str(tmp_path / "init")
     out.mkdir()
     teachers.train_checked(str(out), init, opts, {"train": str(rows), "validation": str(rows)}, steps=10, lr=1e-3)

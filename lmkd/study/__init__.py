@@ -4,7 +4,7 @@ Seq2seq (translation, summarization) -- Kim & Rush (2016)'s table:
 
     data -> tokenizer -> teacher -> transfer set (teacher beam outputs + n-best)
          -> student init (one per size and seed, saved once, copied by every variant)
-         -> the teacher's cached log-probs on the validation rows and the Word-KD targets (unless --online-kd)
+         -> the logit caches (teacher log-probs) of the validation rows and Word-KD targets (unless --online-kd)
          -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each, per seed)
             and the eval of every model (greedy and beam), each as soon as its model is ready
          -> the best student exported for serving, its eval -> speed (all models, interleaved) -> report
@@ -19,7 +19,7 @@ MLM-distil + task KD:
          -> the best student exported for serving, its eval -> speed -> report
 
 Every student trains until its validation CE stops improving (early stopping with patience,
-``student_steps`` the cap; :class:`~lmkd.study.models.StoppingRule`) and keeps its best weights;
+``student_steps`` the cap; :class:`~lmkd.study.stopping.StoppingRule`) and keeps its best weights;
 its stage holds ``train_log.json`` (steps, stopped early or not, the validation curve).
 ``--seeds N`` trains every student variant with N seeds.
 
@@ -34,18 +34,22 @@ One trainer does every training: :class:`lmkd.DistillationTrainer` through ``run
 (:func:`train_student`) with ``kd_alpha 0`` for plain training (teacher, baseline, seq-KD) and
 ``kd_alpha > 0`` for word-level KD.
 
-The package: :mod:`.plan` (budgets, options, stage count), :mod:`.stages` (the cache),
-:mod:`.splits` (data stages), :mod:`.teachers`, :mod:`.seq2seq` and :mod:`.classification` (the
-pipelines), :mod:`.models` (train, save, score, time), :mod:`.results` (the report) and
-:mod:`.runner` (:func:`run_study`).
+The package: :mod:`.budgets` (what each budget runs), :mod:`.plan` (the options, the :class:`Plan` they
+resolve into, the stage count), :mod:`.stages` (the cache and the job graph; jobs name their functions,
+:class:`Job`), :mod:`.worker` (a job in a process of its own), :mod:`.splits` (data stages),
+:mod:`.teachers` and :mod:`.checks` (the teacher and its check), :mod:`.seq2seq` and
+:mod:`.classification` (the pipelines), :mod:`.models` (train, save, score, time), :mod:`.serving`,
+:mod:`.results` (the report's figures), :mod:`.verdicts` (significance and the warnings),
+:mod:`.report_writer` (report.md and report.png) and :mod:`.run` (:func:`run_study`).
 """
 
 from lmkd.study.models import evaluate_quality, measure_models_speed, train_student
-from lmkd.study.plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, StudyOptions, shipped_corpus
+from lmkd.study.options import StudyOptions, shipped_corpus
+from lmkd.study.plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, Plan
 from lmkd.study.run import run_study
 from lmkd.study.seq2seq import make_transfer_set
 from lmkd.study.stages import Stages, StudyStopped
 
-__all__ = ["BUDGETS", "CLS_VARIANTS", "SEQ2SEQ_VARIANTS", "Stages", "StudyOptions", "StudyStopped",
+__all__ = ["BUDGETS", "CLS_VARIANTS", "SEQ2SEQ_VARIANTS", "Plan", "Stages", "StudyOptions", "StudyStopped",
            "evaluate_quality", "make_transfer_set", "measure_models_speed", "run_study", "shipped_corpus",
            "train_student"]

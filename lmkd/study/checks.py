@@ -49,7 +49,16 @@ def _score(task: str, hypotheses: list, references: list) -> float:
 def trivial_floors(task: str, train_rows: list[dict], rows: list[dict]) -> dict[str, float]:
     """The scores of the input-free or copying answers on ``rows`` (the study's normalised columns):
     ``{"copying the source": ..., "the most frequent target": ...}`` for seq2seq, ``{"most frequent
-    label": ...}`` for classification -- the floor a model that learned the task must clear."""
+    label": ...}`` for classification -- the floor a model that learned the task must clear.
+
+    Args:
+        task: the study task.
+        train_rows: the training rows (the most frequent target or label comes from them).
+        rows: the rows scored.
+
+    Returns:
+        ``{answer: score}`` on the task's check metric.
+    """
     if task == "classification":
         labels = [int(r["label"]) for r in rows]
         majority = Counter(int(r["label"]) for r in train_rows).most_common(1)[0][0]
@@ -72,7 +81,20 @@ def _derangement(n: int, seed: int) -> list[int]:
 
 def target_cross_entropy(model, tokenizer, sources: list[str], targets: list[str], *, max_source_length: int,
                          max_target_length: int, batch_size: int = 32) -> float:
-    """Mean cross-entropy (nats per target token) of a seq2seq ``model`` on ``targets`` given ``sources``."""
+    """Mean cross-entropy (nats per target token) of a seq2seq ``model`` on ``targets`` given ``sources``.
+
+    Args:
+        model: the seq2seq model.
+        tokenizer: its tokenizer.
+        sources: the inputs.
+        targets: the targets, one per input.
+        max_source_length: inputs are cut at this many tokens.
+        max_target_length: targets are cut at this many tokens.
+        batch_size: rows per forward pass.
+
+    Returns:
+        Nats per target token.
+    """
     import torch
 
     from lmkd.core.constants import IGNORE_INDEX
@@ -97,7 +119,22 @@ def target_cross_entropy(model, tokenizer, sources: list[str], targets: list[str
 def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_rows: list[dict], *, rows: int,
                   max_new_tokens: int, max_source_length: int, max_target_length: int, seed: int) -> dict:
     """The teacher's check figures on (up to ``rows``) validation rows of the study's normalised
-    splits (``source``/``target`` or ``text``/``label``) and the verdict ``passed`` with its reasons."""
+    splits (``source``/``target`` or ``text``/``label``) and the verdict ``passed`` with its reasons.
+
+    Args:
+        model_dir: the teacher.
+        task: the study task.
+        train_rows: the training rows (for the trivial floors).
+        validation_rows: the validation rows (the first ``rows`` are scored).
+        rows: how many validation rows to score.
+        max_new_tokens: the longest generation.
+        max_source_length: inputs are cut at this many tokens.
+        max_target_length: targets are cut at this many tokens.
+        seed: the seed of the shuffled sources.
+
+    Returns:
+        The figures (``score``, ``floors``, ``floor``, cross-entropies, ...), ``passed`` and ``reasons``.
+    """
     from lmkd.models.generation import classify, generate_texts
     from lmkd.models.loading import load_model, load_tokenizer
 
@@ -137,13 +174,27 @@ def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_
 
 def ignores_source(check: dict) -> bool:
     """Whether a seq2seq check's cross-entropy barely rises (less than its ``source_use_margin``) when
-    the sources are shuffled among the rows: the model does not use them.  False without those figures."""
+    the sources are shuffled among the rows: the model does not use them.  False without those figures.
+
+    Args:
+        check: a check's figures (:func:`check_teacher`).
+
+    Returns:
+        Whether the model ignores its source.
+    """
     return "ce_real_sources" in check and \
         check["ce_shuffled_sources"] - check["ce_real_sources"] < check.get("source_use_margin", SOURCE_USE_MARGIN)
 
 
 def summary(check: dict) -> str:
-    """One sentence for the report: the figures and the verdict."""
+    """One sentence for the report: the figures and the verdict.
+
+    Args:
+        check: a check's figures (:func:`check_teacher`).
+
+    Returns:
+        The sentence.
+    """
     text = (f"{_LABEL[check['metric']]} {check['score']:.1f} on {check['rows']} validation rows vs {check['floor']:.1f} for "
             f"{check['floor_name']}")
     if "ce_real_sources" in check:

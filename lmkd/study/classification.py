@@ -7,23 +7,41 @@
     -> MLM-distilled from the teacher MLM -> fine-tuned with task KD              (distilbert+task-kd)
 
 A teacher without masked-LM head weights (e.g. a ``BertModel`` / sentence-transformers encoder) has
-no MLM to distil from: the MLM-distil variants are skipped and a note says so (``plan["notes"]``).
+no MLM to distil from: the MLM-distil variants are skipped and a note says so (``plan.notes``).
 Every fine-tuning and every MLM distillation stops on its validation plateau
-(:class:`~lmkd.study.models.StoppingRule`), ``student_steps`` being the cap.
+(:class:`~lmkd.study.stopping.StoppingRule`), ``student_steps`` being the cap.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
+from typing import Any
 
-from lmkd.study.models import TRAIN_LOG, StoppingRule, classifier_from, save_model, train_student
-from lmkd.study.plan import MLM_VARIANTS, StudyOptions, classification_variants, seeded, size_name, student_seeds, thread_options
+from lmkd.study.models import classifier_from, save_model, train_student
+from lmkd.study.options import StudyOptions, seeded, student_seeds
+from lmkd.study.plan import (
+    MLM_VARIANTS,
+    Plan,
+    classification_variants,
+    plan_view,
+    size_name,
+    thread_options,
+)
 from lmkd.study.stages import Job, Stages
+from lmkd.study.stopping import TRAIN_LOG, StoppingRule
 
 
 def no_mlm_head_note(teacher: str) -> str:
-    """The report note of a teacher without MLM head weights."""
+    """The report note of a teacher without MLM head weights.
+
+    Args:
+        teacher: the given teacher's path.
+
+    Returns:
+        The note.
+    """
     return (f"The teacher {teacher} has no masked-LM head weights (an encoder without an MLM head): it was "
             f"fine-tuned as the teacher classifier, and the MLM-distil variants ({', '.join(MLM_VARIANTS)}) were "
             "skipped -- distilling through a randomly initialised MLM head would teach the student nothing.")
@@ -35,7 +53,18 @@ def classification_students(st: Stages, opts: StudyOptions, teachers: dict, data
     caller to run with its other jobs; returns the students as ``{stage name: {"dir", "stage",
     "variant", "size", "seed", "train_log"}}`` and the jobs.  ``mlm_head``: whether
     ``teachers["teacher-mlm"]`` has MLM head weights (:func:`~lmkd.study.models.has_mlm_head`);
-    without, only the variants that need none run."""
+    without, only the variants that need none run.
+
+    Args:
+        st: the study's stages.
+        opts: the resolved options.
+        teachers: ``{"teacher": dir, "teacher-mlm": dir}`` (:func:`~lmkd.study.teachers.teacher_stages`).
+        data: the data stages' paths.
+        mlm_head: whether the MLM teacher has MLM head weights.
+
+    Returns:
+        ``(students, jobs)``.
+    """
     students: dict[str, dict] = {}
     jobs: list[Job] = []
     for fraction in opts.student_sizes:
@@ -73,22 +102,24 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
     init_opts = {"fraction": fraction} if mlm_head else {"fraction": fraction, "encoder": "no MLM head"}
     init_dir = st.run(f"{size}-init", init_opts, ["teacher-mlm"], init_fn,
                       f"a student of {fraction:g} of the teacher's layers (copied, DistilBERT-style)")
-    kd = {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"]}
+    kd = {"kd_alpha": plan.kd_alpha, "kd_temperature": plan.kd_temperature}
     out_models: dict[str, dict] = {}
     jobs: list[Job] = []
     for seed in student_seeds(opts):
-        common = {"lr": plan["finetune_lr"], "mlm_lr": plan["student_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
-                  "max_length": plan["max_length"], "seed": seed, "steps": plan["student_steps"],
+        common = {"lr": plan.finetune_lr, "mlm_lr": plan.student_lr, "batch": plan.batch_size,
+                  "warmup": plan.warmup_steps, "max_length": plan.max_length, "seed": seed,
+                  "steps": plan.student_steps,
                   "stopping": stopping.options(), **thread_options(plan)}
         starts = {"init": (init_dir, f"{size}-init")}
         if mlm_head:
             distil = seeded(f"{size}-mlm-distil", opts, seed)
             jobs.append(Job(distil, {**common, **kd}, [f"{size}-init", "teacher-mlm", "data-train", "data-validation"],
-                            "models:train_student",
+                            train_student,
                             dict(init_dir=init_dir, task="mlm", train_file=train_file, validation_file=val_file,
-                                 plan=plan, steps=plan["student_steps"], lr=plan["student_lr"], teacher_dir=mlm_dir,
-                                 kd_alpha=plan["kd_alpha"], seed=seed, stopping=stopping.options()),
-                            f"MLM-distilling the student from the teacher (alpha {plan['kd_alpha']}, seed {seed})",
+                                 plan=plan, steps=plan.student_steps, lr=plan.student_lr, teacher_dir=mlm_dir,
+                                 kd_alpha=plan.kd_alpha, seed=seed, stopping=stopping.options()),
+                            f"MLM-distilling the student from the teacher (alpha {plan.kd_alpha}, "
+                            f"seed {seed})",
                             cost=3.0))  # the variants that start from it wait for it: first
             starts["mlm-distil"] = (st.path(distil), distil)
         for variant in classification_variants(mlm_head):
@@ -97,26 +128,42 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
             name = seeded(f"{size}-{variant}", opts, seed)
             deps = [dep, "data-train", "data-validation"] + (["teacher"] if task_kd else [])
             what = (f"fine-tuning the {variant} student on the labels (seed {seed})"
-                    + (f" with KD from the teacher's class logits (alpha {plan['kd_alpha']}, "
-                       f"temperature {plan['kd_temperature']})" if task_kd else ""))
-            jobs.append(Job(name, {**common, **(kd if task_kd else {})}, deps, "classification:train_classifier",
+                    + (f" with KD from the teacher's class logits (alpha {plan.kd_alpha}, "
+                       f"temperature {plan.kd_temperature})" if task_kd else ""))
+            jobs.append(Job(name, {**common, **(kd if task_kd else {})}, deps, train_classifier,
                             dict(start=start, data_dir=data["train_dir"], train_file=train_file, val_file=val_file,
                                  plan=plan, seed=seed, stopping=stopping.options(),
                                  teacher_dir=teacher_dir if task_kd else None,
-                                 kd_alpha=plan["kd_alpha"] if task_kd else 0.0), what,
+                                 kd_alpha=plan.kd_alpha if task_kd else 0.0), what,
                             cost=2.0 if task_kd else 1.0))
             out_models[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed,
                                 "dir": st.path(name), "train_log": os.path.join(st.path(name), TRAIN_LOG)}
     return out_models, jobs
 
 
-def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_file: str, plan: dict, seed: int,
-                     stopping: dict, teacher_dir: str | None = None, kd_alpha: float = 0.0) -> None:
+def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_file: str,
+                     plan: Plan | Mapping[str, Any], seed: int, stopping: dict,
+                     teacher_dir: str | None = None, kd_alpha: float = 0.0) -> None:
     """A classification student stage: the encoder ``start`` with a fresh classifier head (seeded),
     fine-tuned on the labels -- with task KD from ``teacher_dir``'s class logits when ``kd_alpha`` > 0 --
-    until its validation plateau; the model is saved into ``out``."""
+    until its validation plateau; the model is saved into ``out``.
+
+    Args:
+        out: the stage's directory.
+        start: the encoder it starts from (the init, or the MLM-distilled student).
+        data_dir: the training split's stage (its ``info.json`` names the labels).
+        train_file: the training rows.
+        val_file: the validation rows.
+        plan: the study's plan (or a mapping of its keys, :func:`~lmkd.study.plan.plan_view`).
+        seed: the seed of the head and of the training.
+        stopping: the :meth:`~lmkd.study.stopping.StoppingRule.options` it stops by.
+        teacher_dir: the teacher classifier of task KD.
+        kd_alpha: the weight of task KD (0: the labels alone).
+    """
+    view = plan_view(plan)
     init = os.path.join(out, "init")
     classifier_from(start, data_dir, init, seed=seed)
-    train_student(out, init, "classification", train_file, val_file, plan, steps=plan["student_steps"],
-                  lr=plan["finetune_lr"], seed=seed, stopping=stopping, teacher_dir=teacher_dir, kd_alpha=kd_alpha)
+    train_student(out, init, "classification", train_file, val_file, plan, steps=view.student_steps,
+                  lr=view.finetune_lr, seed=seed, stopping=stopping, teacher_dir=teacher_dir,
+                  kd_alpha=kd_alpha)
     shutil.rmtree(init)

@@ -25,7 +25,19 @@ def _percentile(values: list[int], q: float) -> int:
 def size_lengths(tokenizer, rows: list[dict], columns: tuple[str, str | None], cap: int, max_new_tokens: int,
                  limit: int | None = None) -> dict:
     """``{"max_length", "positions", "source_p99", "target_p99", "truncated_rows", "rows"}`` for the
-    study's ``rows`` (normalised columns: ``source``/``target`` or ``text``/label)."""
+    study's ``rows`` (normalised columns: ``source``/``target`` or ``text``/label).
+
+    Args:
+        tokenizer: the study's tokenizer.
+        rows: the training rows.
+        columns: the input column and the target column (None: no target, classification).
+        cap: the budget's maximum length.
+        max_new_tokens: the longest generation.
+        limit: what a given teacher's position table holds, or None.
+
+    Returns:
+        The sizing record.
+    """
     src, tgt = columns
     src_len = [len(ids) for ids in tokenizer([str(r[src]) for r in rows])["input_ids"]]
     lengths = {"source_p99": _percentile(src_len, PERCENTILE)}
@@ -43,7 +55,14 @@ def size_lengths(tokenizer, rows: list[dict], columns: tuple[str, str | None], c
 
 
 def describe(sizing: dict) -> str:
-    """One sentence for the report."""
+    """One sentence for the report.
+
+    Args:
+        sizing: a :func:`size_lengths` record.
+
+    Returns:
+        The sentence.
+    """
     text = (f"Inputs and targets up to {sizing['max_length']} tokens (the {sizing['percentile']}th percentile of the "
             f"training rows' lengths: inputs {sizing['source_p99']}")
     if "target_p99" in sizing:

@@ -1,143 +1,39 @@
 """What the study does to a model: train it (:func:`train_student`, the one DistillationConfig the
-study builds, stopped on its validation plateau by :class:`PlateauStopping`), save it, turn an
-encoder into a classifier, score it and time it (through :func:`lmkd.evaluate.run.evaluate_models`)."""
+study builds, stopped on its validation plateau by :class:`~lmkd.study.stopping.PlateauStopping`), save
+it, turn an encoder into a classifier, score it and time it (:func:`lmkd.evaluate.run.evaluate_models`)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass
-
-from transformers import TrainerCallback
+from collections.abc import Mapping
+from typing import Any
 
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json
-
-#: the validation metric every student is stopped on: the CE against the gold labels that
-#: DistillationTrainer logs in evaluation -- comparable across variants, whatever their KD term
-STOP_METRIC = "eval_loss_ce"
-#: the file each early-stopped training writes into its output dir (see :meth:`PlateauStopping.log`)
-TRAIN_LOG = "train_log.json"
+from lmkd.study.plan import Plan, plan_view
+from lmkd.study.stopping import TRAIN_LOG, PlateauStopping, StoppingRule
 
 
-@dataclass(frozen=True)
-class StoppingRule:
-    """Early stopping, the same for every student: evaluate ``metric`` (lower is better) on the
-    validation split every ``eval_every`` steps and stop after ``patience`` evaluations in a row
-    without an improvement of at least ``min_delta`` on the best so far; the step cap is the
-    training's ``max_steps``."""
-
-    eval_every: int
-    patience: int
-    min_delta: float
-    metric: str = STOP_METRIC
-
-    @classmethod
-    def from_plan(cls, plan: dict) -> StoppingRule:
-        return cls(eval_every=plan["eval_every"], patience=plan["patience"], min_delta=plan["min_delta"])
-
-    def options(self) -> dict:
-        """What a stage's hash must include (a changed rule retrains)."""
-        return asdict(self)
-
-
-class Plateau:
-    """The stopping rule on a stream of validation values: :meth:`update` each value, in order;
-    it returns True once ``patience`` values in a row failed to improve on the best by
-    ``min_delta`` (a NaN never improves).  :attr:`best_index` is the value that last improved."""
-
-    def __init__(self, patience: int, min_delta: float):
-        if patience < 1 or min_delta < 0:
-            raise LmkdError(f"early stopping needs patience >= 1 and min_delta >= 0, got {patience}, {min_delta}")
-        self.patience, self.min_delta = patience, min_delta
-        self.best: float | None = None
-        self.best_index: int | None = None
-        self.bad = 0
-        self.count = 0
-
-    def update(self, value: float) -> bool:
-        """Record ``value``; whether it improved is :attr:`improved`; returns whether to stop."""
-        self.improved = not math.isnan(value) and (self.best is None or value < self.best - self.min_delta)
-        if self.improved:
-            self.best, self.best_index, self.bad = value, self.count, 0
-        else:
-            self.bad += 1
-        self.count += 1
-        return self.bad >= self.patience
-
-
-def plateau_stop(values, patience: int, min_delta: float) -> int | None:
-    """The index of the evaluation after which :class:`Plateau` stops ``values``, or None when it
-    never does (every value seen)."""
-    p = Plateau(patience, min_delta)
-    for i, v in enumerate(values):
-        if p.update(v):
-            return i
-    return None
-
-
-class PlateauStopping(TrainerCallback):
-    """A transformers callback applying a :class:`StoppingRule` during ``Trainer.train``: records
-    every validation evaluation, stops the training on the plateau, keeps a copy of the weights of
-    the best evaluation and puts them back into the model at the end of training -- so the saved
-    student is the one with the best validation metric, whichever step the rule stopped at (the
-    last weights are ``patience`` evaluations past the best, i.e. no better by the rule's own
-    measure).  Evaluations after training (``run_distill``'s final ``evaluate``) are not recorded."""
-
-    def __init__(self, rule: StoppingRule):
-        self.rule = rule
-        self.plateau = Plateau(rule.patience, rule.min_delta)
-        self.curve: list[dict] = []
-        self.best_state: dict | None = None
-        self.best_step: int | None = None
-        self.steps = 0
-        self.max_steps = 0
-        self.stopped_early = False
-        self.training = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.training = True
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        if not self.training:
-            return
-        if not metrics or self.rule.metric not in metrics:
-            raise LmkdError(f"early stopping: the evaluation logged no {self.rule.metric} (it logged "
-                            f"{', '.join(sorted(metrics or {})) or 'nothing'}); does the validation data have labels?")
-        value = float(metrics[self.rule.metric])
-        self.curve.append({"step": int(state.global_step), "metric": value})
-        stop = self.plateau.update(value)
-        if self.plateau.improved and model is not None:
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best_step = int(state.global_step)
-        if stop and state.global_step < state.max_steps:
-            control.should_training_stop = True
-            self.stopped_early = True
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.training = False
-        self.steps, self.max_steps = int(state.global_step), int(state.max_steps)
-        if self.best_state is not None and model is not None and self.best_step != self.steps:
-            model.load_state_dict(self.best_state)
-        self.best_state = None  # free the copy
-
-    def log(self) -> dict:
-        """``train_log.json``: ``steps`` trained, ``stopped_early``, the validation ``curve``
-        (``[{"step", "metric"}]``) of ``metric``, and the rule, the cap and the kept (best) step."""
-        best = self.plateau.best
-        return {"steps": self.steps, "stopped_early": self.stopped_early, "curve": self.curve,
-                "metric": self.rule.metric, "kept": "best", "best_step": self.best_step,
-                "best_metric": best, "max_steps": self.max_steps, "eval_every": self.rule.eval_every,
-                "patience": self.rule.patience, "min_delta": self.rule.min_delta}
-
-
-def study_data_args(task: str, train_file: str, validation_file: str | None, plan: dict,
+def study_data_args(task: str, train_file: str, validation_file: str | None, plan: Plan | Mapping[str, Any],
                     target_column: str | None = None):
-    """The :class:`lmkd.data.dataset.DataArguments` every study training reads its data with (and every teacher
+    """The :class:`lmkd.data.dataset.DataArguments` every study training reads its data with (and every logit
     cache is made with, so that the cached positions are the trained ones): the study's normalised
-    columns, both sides cut at the plan's ``max_length``."""
+    columns, both sides cut at the plan's ``max_length``.
+
+    Args:
+        task: translation / summarization, classification or mlm.
+        train_file: the training rows.
+        validation_file: the validation rows, or None.
+        plan: the study's plan (or a mapping of its keys, :func:`~lmkd.study.plan.plan_view`).
+        target_column: the seq2seq target column (default ``target``).
+
+    Returns:
+        The data arguments.
+    """
     from lmkd.data.dataset import DataArguments
+
+    max_length = plan_view(plan).max_length
 
     data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
     if data_task == "translation":
@@ -147,44 +43,67 @@ def study_data_args(task: str, train_file: str, validation_file: str | None, pla
     else:
         cols = dict(source_column="text")
     return DataArguments(task=data_task, train_file=train_file, validation_file=validation_file,
-                         max_source_length=plan["max_length"], max_target_length=plan["max_length"], **cols)
+                         max_source_length=max_length, max_target_length=max_length, **cols)
 
 
-#: the directory of a cache stage (:func:`cache_teacher_logits`) that holds the cache itself
-CACHE_DIR = "cache"
+#: the directory of a logit-cache stage (:func:`cache_teacher_logits`) that holds the cache itself
+LOGIT_CACHE_DIR = "cache"
 
 
-def cache_teacher_logits(out: str, teacher_dir: str, data_file: str, target_column: str, plan: dict,
-                         seed: int) -> None:
-    """A teacher-cache stage: ``lmkd cache-logits`` of ``teacher_dir`` on ``data_file`` (its
-    ``target_column`` as the targets) with the plan's ``kd_cache`` settings (top-K and sampled-tail
-    draws, seeded by ``seed``), into ``out/cache``, read the way :func:`train_student` reads the data."""
+def cache_teacher_logits(out: str, teacher_dir: str, data_file: str, target_column: str,
+                         plan: Plan | Mapping[str, Any], seed: int) -> None:
+    """A logit-cache stage: ``lmkd cache-logits`` of ``teacher_dir`` on ``data_file`` (its
+    ``target_column`` as the targets) with the plan's logit-cache settings (top-K and sampled-tail
+    draws, seeded by ``seed``), into ``out/cache``, read the way :func:`train_student` reads the data.
+
+    Args:
+        out: the stage's directory.
+        teacher_dir: the teacher.
+        data_file: the rows whose targets are cached.
+        target_column: their target column.
+        plan: the study's plan (or a mapping of its keys, :func:`~lmkd.study.plan.plan_view`).
+        seed: the seed of the tail draws.
+    """
     from lmkd.teacher.logit_cache import cache_logits
 
-    settings = plan["kd_cache"]
+    settings = plan_view(plan).logit_cache
     cache_logits(teacher_dir, study_data_args("translation", data_file, None, plan, target_column),
-                 os.path.join(out, CACHE_DIR), settings["top_k"], batch_size=64,
+                 os.path.join(out, LOGIT_CACHE_DIR), settings["top_k"], batch_size=64,
                  tail_samples=settings["tail_samples"], seed=seed, progress=False)
 
 
-def train_student(out: str, init_dir: str, task: str, train_file: str, validation_file: str | None, plan: dict, *,
+def train_student(out: str, init_dir: str, task: str, train_file: str, validation_file: str | None,
+                  plan: Plan | Mapping[str, Any], *,
                   steps: int, lr: float, target_column: str | None = None, teacher_dir: str | None = None,
                   kd_alpha: float = 0.0, seed: int = 42, stopping: StoppingRule | dict | None = None,
                   **config) -> dict:
     """Every training of the study: one :func:`lmkd.train.run.run_distill` (DistillationTrainer) run from
-    the saved model ``init_dir`` into ``out``; returns its metrics.
+    the saved model ``init_dir`` into ``out``.  The optimiser settings are the study's (constant rate
+    after warm-up, no gradient clipping, weight decay 0.01).
 
-    ``task``: translation / summarization (columns ``source`` and ``target_column``, default
-    ``target``), classification (``text``/``label``) or mlm (``text``).  ``kd_alpha`` 0 is plain
-    training; > 0 word-level KD from ``teacher_dir`` at ``plan["kd_temperature"]``.  ``plan`` (a
-    :data:`lmkd.study.BUDGETS` entry, resolved) gives the batch size, warm-up and max length; the optimiser
-    settings are the study's (constant rate after warm-up, no gradient clipping, weight decay 0.01).
-    ``config`` adds or overrides DistillationConfig fields (e.g. ``teacher_cache``).
+    Args:
+        out: the output directory.
+        init_dir: the saved model it starts from.
+        task: translation / summarization (columns ``source`` and ``target_column``), classification
+            (``text``/``label``) or mlm (``text``).
+        train_file: the training rows.
+        validation_file: the validation rows (needed with ``stopping``), or None.
+        plan: the study's plan (or a mapping of its keys, :func:`~lmkd.study.plan.plan_view`): the batch
+            size, warm-up, max length and KD temperature.
+        steps: the training steps (a cap with ``stopping``).
+        lr: the learning rate.
+        target_column: the seq2seq target column (default ``target``).
+        teacher_dir: the teacher of word-level KD.
+        kd_alpha: 0 is plain training; > 0 word-level KD from ``teacher_dir`` (or ``config``'s cache).
+        seed: the seed of the initialisation and data order.
+        stopping: a :class:`StoppingRule` or its :meth:`~StoppingRule.options`: the training stops on
+            its validation plateau, the best evaluation's weights are saved, and ``out/train_log.json``
+            records the steps and the validation curve (:meth:`PlateauStopping.log`).  None: exactly
+            ``steps`` steps, no evaluation on the way.
+        **config: DistillationConfig fields to add or override (e.g. ``teacher_cache``).
 
-    ``stopping`` (a :class:`StoppingRule` or its :meth:`~StoppingRule.options`; needs ``validation_file``): ``steps`` becomes a cap; the
-    training stops on its validation plateau, the best evaluation's weights are saved, and
-    ``out/train_log.json`` records the steps and the validation curve (:meth:`PlateauStopping.log`).
-    Without it the training runs exactly ``steps`` steps with no evaluation on the way.
+    Returns:
+        The training's metrics.
     """
     from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.train.run import run_distill
@@ -194,11 +113,13 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
     if stopping is not None and validation_file is None:
         raise LmkdError("early stopping needs a validation file")
     data_args = study_data_args(task, train_file, validation_file, plan, target_column)
+    view = plan_view(plan)
     args = DistillationConfig(
-        output_dir=out, max_steps=steps, learning_rate=lr, warmup_steps=min(plan["warmup_steps"], steps // 3),
+        output_dir=out, max_steps=steps, learning_rate=lr, warmup_steps=min(view.warmup_steps, steps // 3),
         # constant after warm-up: small from-scratch models learn the target-side language model first
         # and only later use the source; a decaying rate slows them down before that
-        lr_scheduler_type="constant_with_warmup", weight_decay=0.01, per_device_train_batch_size=plan["batch_size"],
+        lr_scheduler_type="constant_with_warmup", weight_decay=0.01,
+        per_device_train_batch_size=view.batch_size,
         per_device_eval_batch_size=64, save_strategy="no", report_to="none",
         eval_strategy="steps" if stopping is not None else "no",
         eval_steps=stopping.eval_every if stopping is not None else None,
@@ -206,7 +127,7 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
         # measured on the quick teacher: with length-grouped batches and gradient clipping at 1.0 it still
         # ignored the source after 2000 steps, while random batches without clipping used it after 400
         max_grad_norm=0.0,
-        dataloader_pin_memory=False, kd_alpha=kd_alpha, kd_temperature=plan["kd_temperature"],
+        dataloader_pin_memory=False, kd_alpha=kd_alpha, kd_temperature=view.kd_temperature,
         teacher_model_name_or_path=teacher_dir if kd_alpha > 0 else None, disable_tqdm=False,
         **config,
     )
@@ -219,14 +140,27 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
 
 
 def save_model(model, tokenizer, out: str) -> None:
-    """``model`` and its tokenizer saved into ``out`` (what every model stage holds)."""
+    """``model`` and its tokenizer saved into ``out`` (what every model stage holds).
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        out: the directory.
+    """
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
 def classifier_from(encoder_dir: str, data_dir: str, out: str, seed: int = 42) -> None:
     """Save ``encoder_dir`` as a sequence classifier with the study's label set (a fresh head,
-    initialised from ``seed``: the same call gives the same classifier)."""
+    initialised from ``seed``: the same call gives the same classifier).
+
+    Args:
+        encoder_dir: the encoder.
+        data_dir: the training split's stage (its ``info.json`` names the labels).
+        out: the directory of the classifier.
+        seed: the seed of the fresh head.
+    """
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -244,7 +178,14 @@ def classifier_from(encoder_dir: str, data_dir: str, out: str, seed: int = 42) -
 def has_mlm_head(encoder_dir: str) -> bool:
     """Whether the checkpoint in ``encoder_dir`` holds masked-LM head weights: loaded as a masked
     LM, none of its weights is freshly initialised (a ``BertModel`` directory, e.g. a
-    sentence-transformers encoder, has none: as an MLM its head would be random)."""
+    sentence-transformers encoder, has none: as an MLM its head would be random).
+
+    Args:
+        encoder_dir: the checkpoint.
+
+    Returns:
+        Whether it has MLM head weights.
+    """
     import logging
 
     from transformers import AutoModelForMaskedLM
@@ -267,7 +208,19 @@ def has_mlm_head(encoder_dir: str) -> bool:
 def evaluate_quality(model_dir: str, task: str, test_file: str, beams: int, max_new_tokens: int) -> dict:
     """Quality of one saved model on the study's test file through :func:`lmkd.evaluate.run.evaluate_models`:
     greedy and beam search for seq2seq (``{"greedy": {...}, "beam": {...}}``), the scores for
-    classification, plus the parameter count.  The same call on the saved model gives the same numbers."""
+    classification, plus the parameter count.  The same call on the saved model gives the same numbers.
+
+    Args:
+        model_dir: the model.
+        task: the study task.
+        test_file: the test rows.
+        beams: the beam size of the beam evaluation (seq2seq).
+        max_new_tokens: the longest generation.
+
+    Returns:
+        ``parameters``, ``bytes_on_disk``, ``examples``, the scores (per decoding mode for seq2seq) and
+        the ``predictions``.
+    """
     from lmkd.evaluate.run import evaluate_models
 
     cols = ("text", "label") if task == "classification" else ("source", "target")
@@ -291,7 +244,16 @@ def evaluate_quality(model_dir: str, task: str, test_file: str, beams: int, max_
 
 
 def evaluate_into(out: str, model_dir: str, task: str, test_file: str, beams: int, max_new_tokens: int) -> None:
-    """An evaluation stage: :func:`evaluate_quality` of ``model_dir`` written to ``out/quality.json``."""
+    """An evaluation stage: :func:`evaluate_quality` of ``model_dir`` written to ``out/quality.json``.
+
+    Args:
+        out: the stage's directory.
+        model_dir: the model.
+        task: the study task.
+        test_file: the test rows.
+        beams: the beam size of the beam evaluation.
+        max_new_tokens: the longest generation.
+    """
     atomic_write_json(os.path.join(out, "quality.json"),
                       evaluate_quality(model_dir, task, test_file, beams, max_new_tokens))
 
@@ -299,7 +261,20 @@ def evaluate_into(out: str, model_dir: str, task: str, test_file: str, beams: in
 def measure_models_speed(model_dirs: dict[str, str], task: str, test_file: str, beams: int, max_new_tokens: int,
                          examples: int, repeats: int) -> dict:
     """Latency (batch 1) and throughput of every model, measured side by side in one
-    :func:`lmkd.evaluate.run.evaluate_models` run (beam search for seq2seq)."""
+    :func:`lmkd.evaluate.run.evaluate_models` run (beam search for seq2seq).
+
+    Args:
+        model_dirs: ``{name: model dir}``.
+        task: the study task.
+        test_file: the test rows (the timed inputs).
+        beams: the beam size.
+        max_new_tokens: the longest generation (and the forced length of the per-token speed).
+        examples: inputs timed per model and round.
+        repeats: rounds (the median is reported).
+
+    Returns:
+        ``{name: speed figures}``.
+    """
     from lmkd.evaluate.run import evaluate_models
 
     cols = ("text", "label") if task == "classification" else ("source", "target")

@@ -1,14 +1,18 @@
-"""What a study runs: the budgets, the options (the CLI flags, checked and resolved into a plan),
-the shipped corpus, the variants and the number of stages."""
+"""What a study runs: the plan its options resolve into (:class:`Plan`: the budget's table of
+:mod:`lmkd.study.budgets` with the overrides of :class:`lmkd.study.options.StudyOptions`, and what the
+study learns on the way), the variants, the logit cache, the serving formats and the number of stages."""
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from types import SimpleNamespace
+from typing import Any, cast
 
-from lmkd.core.constants import CLASSIFICATION, DEFAULT_COLUMNS, EVAL_TASKS, SEQ2SEQ, TASK_KIND
-from lmkd.core.errors import LmkdError
+from lmkd.core.constants import CLASSIFICATION, SEQ2SEQ, TASK_KIND
+from lmkd.study.budgets import BUDGETS
 
 #: the architecture of a seq2seq teacher trained from scratch (lmkd.models.scratch.model_config): BART with pre-LN
 #: layers.  Post-LN BART at lr 1e-3 collapsed (its encoder output one constant vector) on the 5k-row
@@ -23,187 +27,234 @@ CLS_VARIANTS = ("no-kd", "task-kd", "distilbert", "distilbert+task-kd")
 #: the classification variants that start from an MLM-distilled student (they need a teacher MLM head)
 MLM_VARIANTS = ("distilbert", "distilbert+task-kd")
 
-#: how the seq2seq Word-KD variants get the teacher's distribution (unless --online-kd): cached once per
-#: transfer set by ``lmkd cache-logits`` -- the top 32 log-probs of every target position plus 32 tokens
-#: drawn from the rest, which keeps the forward-KL gradient unbiased (lmkd.teacher.logit_cache) -- instead of a
-#: teacher forward at every step.  A quick-budget Word-KD step cost 2.5x a plain one online (0.26 s vs
-#: 0.11 s on one core) and 1.05x from the cache; on the shipped pairs the cached students were no worse
-#: than online ones (benchmarks/results/quality_cached_kd.txt: +0.2 BLEU over 3 seeds), and the study's
+#: how the seq2seq Word-KD variants get the teacher's distribution (unless --online-kd): a logit cache made
+#: once per transfer set by ``lmkd cache-logits`` -- the top 32 log-probs of every target position plus 32
+#: tokens drawn from the rest, which keeps the forward-KL gradient unbiased (lmkd.teacher.logit_cache) --
+#: instead of a teacher forward at every step.  A quick-budget Word-KD step cost 2.5x a plain one online
+#: (0.26 s vs 0.11 s on one core) and 1.05x from the cache; on the shipped pairs the cached students were no
+#: worse than online ones (benchmarks/results/quality_cached_kd.txt: +0.2 BLEU over 3 seeds), and the study's
 #: own comparison of the two is in the README.
-KD_CACHE = {"top_k": 32, "tail_samples": 32}
-#: the stages caching it (lmkd.study.seq2seq): on the validation rows, and on the transfer rows with each
-#: target a Word-KD variant trains on -- the gold one (word-kd) and the teacher's (seq-kd+word-kd)
-KD_CACHE_STAGES = {"validation": "kd-cache-validation", "target": "kd-cache-target", "teacher": "kd-cache-teacher"}
+LOGIT_CACHE = {"top_k": 32, "tail_samples": 32}
+#: the stages making the logit caches (lmkd.study.seq2seq): on the validation rows, and on the transfer rows
+#: with each target a Word-KD variant trains on -- the gold one (word-kd) and the teacher's (seq-kd+word-kd).
+#: (The stage names keep their old "kd-cache" spelling: a stage's name is part of the hashes built on it.)
+LOGIT_CACHE_STAGES = {"validation": "kd-cache-validation", "target": "kd-cache-target",
+                      "teacher": "kd-cache-teacher"}
 
-# What each budget trains and evaluates.  ``quick`` is aimed at `make demo` (<= 20 min on 2 CPU
-# cores); ``tiny`` for tests (seconds); ``full`` for a real study.  Row limits of None = all rows.
-# ``max_length`` caps the length the study sizes from the data (lmkd.study.lengths).
-# Students (every variant the same rule, lmkd.study.models.StoppingRule): ``student_steps`` is a cap;
-# the validation CE against the gold labels is measured every ``eval_every`` steps and a student stops
-# after ``patience`` evaluations without an improvement of at least ``min_delta`` (nats), keeping its
-# best evaluation's weights.
-BUDGETS: dict[str, dict] = {
-    "tiny": dict(
-        train_rows=160, transfer_rows=64, validation_rows=32, test_rows=24, vocab_size=200,
-        teacher=dict(d_model=32, layers=2, heads=2, ffn=64), teacher_steps=40, teacher_mlm_steps=30,
-        student_steps=12, eval_every=4, patience=2, min_delta=0.0,
-        batch_size=16, teacher_lr=3e-3, student_lr=3e-3, finetune_lr=3e-3, warmup_steps=4,
-        beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1, dropout=0.0, workers=1,
-    ),
-    "quick": dict(
-        train_rows=None, transfer_rows=4000, validation_rows=200, test_rows=300, vocab_size=4000,
-        teacher=dict(d_model=256, layers=3, heads=4, ffn=1024), teacher_steps=1500, teacher_mlm_steps=1000,
-        # The students' cap.  600 fixed steps stopped them on the steep part of their curve (README); at
-        # 2,000 they reach the teacher.  What fits `make demo` (<= 20 min): the 600-step demo took
-        # 13m23s, ~3.5 min of it the five students (a step ~0.05 s; measured here: a Word-KD step,
-        # which also runs the teacher, costs 2.0x a plain one), so ~10 min are left for them and
-        # their validation passes: 3 x 0.05 + 2 x 0.10 = 0.35 s per step of all five -> 1,500 steps
-        # (~9 min) if none stopped early, plus ~15 validation passes each.  (Since then the Word-KD
-        # variants read a teacher cache, KD_CACHE: 1.05x a plain step.)
-        student_steps=1500, eval_every=100, patience=3, min_delta=0.01,
-        # finetune_lr: training a classifier (the teacher's fine-tuning and every classification student);
-        # measured on the shipped section corpus: fine-tuned at 1e-3 the teacher collapsed (accuracy 11.0,
-        # below the most frequent label's 13.5), at 3e-4 it reached 58.0.
-        batch_size=32, teacher_lr=1e-3, student_lr=1e-3, finetune_lr=3e-4, warmup_steps=300,
-        # Long inputs (documents) cost per step in proportion to batch x length: the quick budget caps
-        # them at 64 tokens (the first sentences of a description, which name what a package is) and
-        # fits the batch to ``batch_tokens`` input tokens (32 x 32 = the batch the short translation rows
-        # get), so a document step costs about what a sentence step does.  Measured on the shipped
-        # French descriptions, one core: batch 32 at 256 tokens ~17 s a teacher step (7 hours for
-        # 1,500 steps); batch 16 at 64 tokens ~0.45 s.
-        beams=4, max_new_tokens=64, max_length=64, batch_tokens=1024,
-        # speed: 8 test inputs per model and round (each also decoded to 64 forced tokens: 512 decoding steps
-        # for ms/token), 3 rounds, the median reported; 16 inputs took 2m40s of a 24.6-minute demo
-        speed_examples=8, speed_repeats=3,
-        # No dropout for the short from-scratch runs: measured on a d_model-128 BART after 1,500 steps
-        # on this corpus, dropout 0.1 left it ignoring the source (val loss 3.79 with the right
-        # sources vs 3.82 with shuffled ones) while dropout 0 used it (2.77 vs 5.58).
-        dropout=0.0,
-        # Students and evaluations run two at a time, each in its own process on one thread: these small
-        # models barely use a second thread (lmkd.study.stages.Stages.run_jobs).  --jobs overrides it.
-        workers=2,
-    ),
-    "full": dict(
-        train_rows=None, transfer_rows=None, validation_rows=1000, test_rows=None, vocab_size=8000,
-        teacher=dict(d_model=512, layers=6, heads=8, ffn=2048), teacher_steps=20000, teacher_mlm_steps=20000,
-        student_steps=10000, eval_every=500, patience=4, min_delta=0.005, batch_size=64, teacher_lr=5e-4, student_lr=1e-3, finetune_lr=1e-4,
-        warmup_steps=1000,
-        beams=5, max_new_tokens=128, max_length=512, batch_tokens=8192, speed_examples=32, speed_repeats=5,
-        dropout=0.1, workers=2,
-    ),
-}
+#: the smallest batch the token budget may leave (:meth:`Plan.fit_batch`)
+MIN_BATCH = 4
+
+
+#: the metadata of a field a budget table may lack or the study sets on the way: None until then, and
+#: absent from :meth:`Plan.to_dict` until set (report.json prints only what was set)
+_LATER = {"omit_none": True}
 
 
 @dataclass
-class StudyOptions:
-    """Everything ``lmkd study`` takes (the CLI flags, one to one)."""
+class ServedModel:
+    """The student exported for serving (:mod:`lmkd.study.serving`), as the report names it.
 
-    task: str
-    output: str
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
-    source_column: str | None = None
-    target_column: str | None = None
-    teacher: str | None = None
-    student_sizes: list[float] | None = None
-    budget: str = "quick"
-    teacher_steps: int | None = None
-    student_steps: int | None = None
-    kd_alpha: float = 0.5
-    kd_temperature: float | None = None
-    beams: int | None = None
-    seed: int = 42
-    #: check that the teacher has learned before any student is compared with it (lmkd.study.checks)
-    teacher_check: bool = True
-    #: every student variant is trained with seeds seed, seed+1, ..., seed+seeds-1
-    seeds: int = 1
-    #: export the best student for serving and report it as one more model (lmkd.study.serving)
-    serve: bool = True
-    #: the Word-KD variants run the teacher at every step instead of reading its cached log-probs (KD_CACHE)
-    online_kd: bool = False
-    #: students and evaluations run this many at a time, each in a process of its own (None: the budget's
-    #: ``workers``, at most the number of cores)
-    jobs: int | None = None
-    # filled in by resolve(): the budget's table with the overrides applied
-    plan: dict = field(default_factory=dict)
+    Args:
+        student: the stage name of the student exported.
+        validation_ce: its best validation CE.
+        format: the export format.
+    """
 
-    def resolve(self) -> StudyOptions:
-        """Check the options (one-line :class:`~lmkd.core.errors.LmkdError` for each mistake) and fill in
-        the defaults and :attr:`plan`; returns ``self``."""
-        if self.task not in EVAL_TASKS:
-            raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(EVAL_TASKS)}")
-        if self.budget not in BUDGETS:
-            raise LmkdError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
-        if not 0 < self.kd_alpha <= 1:
-            raise LmkdError(f"--kd-alpha must be in (0, 1], got {self.kd_alpha}; it weights word-level KD "
-                            "against the gold labels in the Word-KD variants")
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise LmkdError(f"--seeds must be a whole number >= 1, got {self.seeds!r}; each student variant "
-                            "is trained with that many seeds")
-        if self.kd_temperature is not None and not self.kd_temperature > 0:
-            raise LmkdError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
-        default_cols = DEFAULT_COLUMNS[self.task]
-        self.source_column = self.source_column or default_cols[0]
-        self.target_column = self.target_column or default_cols[1]
-        if self.train is None and self.validation is None and self.test is None:
-            if (self.source_column, self.target_column) != default_cols:
-                raise LmkdError(f"--train, --validation and --test are needed (the shipped {self.task} corpus has "
-                                f"the columns {default_cols[0]}/{default_cols[1]})")
-            self.train, self.validation, self.test = (shipped_corpus(s, self.task) for s in ("train", "validation", "test"))
-        missing = [n for n in ("train", "validation", "test") if getattr(self, n) is None]
-        if missing:
-            raise LmkdError(f"--{missing[0]} is missing; give all of --train, --validation and --test "
-                            f"(or none of them for the shipped {self.task} corpus)")
-        for name in ("train", "validation", "test"):  # fail before the output dir is made
-            path = getattr(self, name)
-            if not os.path.exists(path):
-                raise LmkdError(f"--{name} file {path} does not exist; check the path")
-        if self.teacher is not None:
-            from lmkd.models.loading import check_model_path
+    student: str  # the stage name of the student exported
+    validation_ce: float  # its best validation CE, what it was chosen by
+    format: str  # the export: a key of FORMAT_NAMES
 
-            check_model_path(self.teacher)
-        if self.student_sizes is None:
-            self.student_sizes = [0.5] if self.task == "classification" else [0.25]
-        for s in self.student_sizes:
-            if not 0 < s < 1:
-                raise LmkdError(f"--student-sizes takes fractions of the teacher in (0, 1), got {s}")
-        plan = copy.deepcopy(BUDGETS[self.budget])
-        for key in ("teacher_steps", "student_steps", "beams"):
-            value = getattr(self, key)
-            if value is not None:
-                if value < 1:
-                    raise LmkdError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-                plan[key] = value
-        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
-            raise LmkdError(f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
-                            "at a time")
-        plan["workers"] = self.jobs or max(1, min(plan.get("workers", 1), os.cpu_count() or 1))
+
+@dataclass(kw_only=True)
+class Plan:
+    """What a study runs: a budget's table (:data:`BUDGETS`) with the command's overrides, and what the
+    study learns on the way (the lengths, the teacher's check, the served model).  Built in one place,
+    :meth:`for_study` (from :meth:`StudyOptions.resolve`), and read by attribute; :meth:`to_dict` is the
+    form report.json prints and a worker process receives (the field order is its key order).
+
+    Args (keyword only): one per field below; the budget's fields are required, the others have defaults.
+    """
+
+    # ---- the budget's table, with --teacher-steps / --student-steps / --beams applied
+    train_rows: int | None  # rows of the training split used (None: all)
+    transfer_rows: int | None  # seq2seq: training rows in the students' transfer set (None: all)
+    validation_rows: int | None  # rows of the validation split used (None: all)
+    test_rows: int | None  # rows of the test split the report is measured on (None: all)
+    vocab_size: int  # the vocabulary of a tokenizer trained from scratch
+    teacher: dict[str, int]  # the from-scratch teacher's shape: d_model, layers, heads, ffn
+    teacher_steps: int  # steps of the seq2seq teacher's training, or of the classifier teacher's fine-tuning
+    teacher_mlm_steps: int  # classification: steps of the teacher's masked-LM pre-training
+    student_steps: int  # every student's step cap (it stops earlier on its validation plateau)
+    eval_every: int  # steps between two validation evaluations of a student
+    patience: int  # evaluations in a row without improvement before a student stops
+    min_delta: float  # the validation-CE gain (nats) that counts as an improvement
+    batch_size: int  # the training batch (fitted to batch_tokens once max_length is known)
+    teacher_lr: float  # the learning rate of a teacher trained from scratch
+    student_lr: float  # the learning rate of the seq2seq students and of MLM distillation
+    finetune_lr: float  # the learning rate of every classifier (the teacher's fine-tuning, the students)
+    warmup_steps: int  # warm-up steps of every training (at most a third of its steps)
+    beams: int  # beam size of the transfer set and of the beam evaluation
+    max_new_tokens: int  # the longest generation
+    max_length: int  # the longest input and target in tokens: the budget's cap, then sized from the data
+    # input tokens per step the batch is fitted to (None: not fitted)
+    batch_tokens: int | None = field(default=None, metadata=_LATER)
+    speed_examples: int  # test inputs per model and round of the speed stage
+    speed_repeats: int  # rounds of the speed stage (the median is reported)
+    dropout: float  # dropout of a teacher trained from scratch
+    workers: int  # students and evaluations run this many at a time (--jobs; capped by the cores)
+    # ---- resolved from the options
+    threads_per_worker: int = 1  # torch threads of each worker process (when workers > 1)
+    kd_alpha: float = 0.5  # the weight of the KD term in the KD variants (--kd-alpha)
+    kd_temperature: float = 1.0  # the KD softmax temperature (--kd-temperature; task default)
+    # the Word-KD variants' logit cache (LOGIT_CACHE); None: online (--online-kd, classification)
+    logit_cache: dict[str, int] | None = field(default=None, metadata={"key": "kd_cache"})
+    check_rows: int | None = None  # validation rows the teacher check scores (None: all of them up to 200)
+    notes: list[str] = field(default_factory=list)  # sentences the report prints on what the study did, why
+    # ---- set while the study runs
+    # the budget's max_length: the cap of the length sized from the data
+    max_length_cap: int | None = field(default=None, metadata=_LATER)
+    # the position tables of the models built (lmkd.study.lengths)
+    positions: int | None = field(default=None, metadata=_LATER)
+    # the record of the length sizing (lmkd.study.lengths.size_lengths)
+    length_sizing: dict | None = field(default=None, metadata=_LATER)
+    # the budget's batch, before it was fitted to batch_tokens
+    batch_size_cap: int | None = field(default=None, metadata=_LATER)
+    teacher_check: dict | None = None  # the teacher's check (teacher_check.json), once the teacher is ready
+    # the student exported for serving, once exported
+    served: ServedModel | None = field(default=None, metadata=_LATER)
+
+    def __post_init__(self) -> None:
+        if self.check_rows is None:
+            self.check_rows = min(200, self.validation_rows or 200)
+
+    @classmethod
+    def for_study(cls, budget: str, task: str, *, teacher_steps: int | None = None,
+                  student_steps: int | None = None, beams: int | None = None, jobs: int | None = None,
+                  kd_alpha: float = 0.5, kd_temperature: float | None = None,
+                  online_kd: bool = False) -> Plan:
+        """The plan of checked options (:meth:`lmkd.study.options.StudyOptions.resolve`): the budget's table,
+        the overrides, the workers and the KD settings.
+
+        Args:
+            budget: a key of :data:`BUDGETS`.
+            task: the study task.
+            teacher_steps: overrides the budget's (None: the budget's).
+            student_steps: overrides the budget's student step cap.
+            beams: overrides the budget's beam size.
+            jobs: students and evaluations at a time (None: the budget's ``workers``, at most the cores).
+            kd_alpha: the KD weight.
+            kd_temperature: the KD temperature (None: 2 for classification, else 1).
+            online_kd: the Word-KD variants run the teacher instead of reading a logit cache.
+
+        Returns:
+            The plan, with no notes yet.
+        """
         from lmkd.study.stages import threads_per_worker
 
-        plan["threads_per_worker"] = threads_per_worker(plan["workers"])
-        plan["kd_alpha"] = self.kd_alpha
-        plan["kd_temperature"] = self.kd_temperature or (2.0 if self.task == "classification" else 1.0)
-        # classification's task KD reads class logits, which lmkd cache-logits does not store: always online
-        plan["kd_cache"] = None if self.online_kd or self.task == "classification" else dict(KD_CACHE)
-        # the teacher check scores this many validation rows (all of them up to 200)
-        plan.setdefault("check_rows", min(200, plan["validation_rows"] or 200))
-        # sentences the report prints about what this study did differently and why (e.g. skipped variants)
-        plan["notes"] = []
-        self.plan = plan
-        return self
+        table = copy.deepcopy(BUDGETS[budget])
+        overrides = {"teacher_steps": teacher_steps, "student_steps": student_steps, "beams": beams}
+        for key, value in overrides.items():
+            if value is not None:
+                table[key] = value
+        table["workers"] = jobs or max(1, min(table.get("workers", 1), os.cpu_count() or 1))
+        cls_task = task == "classification"
+        return cls(**table, threads_per_worker=threads_per_worker(table["workers"]), kd_alpha=kd_alpha,
+                   kd_temperature=kd_temperature or (2.0 if cls_task else 1.0),
+                   # classification's task KD reads class logits, which lmkd cache-logits does not store
+                   logit_cache=None if online_kd or cls_task else dict(LOGIT_CACHE))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Plan:
+        """A plan from its :meth:`to_dict` form (report.json's ``plan``).
+
+        Args:
+            values: every budget field and any of the others, under their report.json keys.
+
+        Returns:
+            A new plan holding copies of the values.
+        """
+        attr = {f.metadata.get("key", f.name): f.name for f in fields(cls)}
+        kwargs = {attr.get(k, k): copy.deepcopy(v) for k, v in values.items()}
+        if isinstance(kwargs.get("served"), Mapping):
+            kwargs["served"] = ServedModel(**kwargs["served"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as report.json prints it, each field under its key, in field order; a field set on
+        the way (:data:`_LATER`) only once it is set.
+
+        Returns:
+            A JSON-able dict (copies of the values).
+        """
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue
+            value = asdict(value) if is_dataclass(value) else copy.deepcopy(value)
+            out[f.metadata.get("key", f.name)] = value
+        return out
+
+    def note(self, text: str) -> None:
+        """Add a sentence the report prints among its notes.
+
+        Args:
+            text: the sentence.
+        """
+        self.notes.append(text)
+
+    def length_cap(self) -> int:
+        """The cap of the length sized from the data: the budget's ``max_length`` (kept in
+        :attr:`max_length_cap`, so that it survives :meth:`apply_lengths`).
+
+        Returns:
+            The cap in tokens.
+        """
+        if self.max_length_cap is None:
+            self.max_length_cap = self.max_length
+        return self.max_length_cap
+
+    def apply_lengths(self, sizing: dict) -> None:
+        """Take the lengths sized from the data (:func:`lmkd.study.lengths.size_lengths`) and fit the batch.
+
+        Args:
+            sizing: the sizing record, with ``max_length`` and ``positions``.
+        """
+        self.max_length, self.positions = sizing["max_length"], sizing["positions"]
+        self.length_sizing = sizing
+        self.fit_batch()
+
+    def fit_batch(self) -> None:
+        """Fit :attr:`batch_size` to the :attr:`batch_tokens` budget of input tokens per step, now that
+        :attr:`max_length` is known: ``min(batch_size, batch_tokens // max_length)``, at least
+        :data:`MIN_BATCH` (the budget's batch is the base every time).  Short rows keep the budget's
+        batch; long documents get a smaller one, and a note says so."""
+        if not self.batch_tokens:
+            return
+        if self.batch_size_cap is None:
+            self.batch_size_cap = self.batch_size
+        base = self.batch_size_cap
+        self.batch_size = max(MIN_BATCH, min(base, self.batch_tokens // self.max_length))
+        if self.batch_size < base:
+            self.note(f"Batch {self.batch_size} rather than {base}: inputs of up to {self.max_length} "
+                      f"tokens, and the budget's {self.batch_tokens} input tokens per step.")
 
 
-#: the shipped DDTP corpus of each study task (lmkd/corpora; README "Data"): English->French package
-#: synopses; French long descriptions -> their synopsis; French descriptions -> archive section
-SHIPPED_CORPORA = {"translation": "ddtp_en_fr", "summarization": "ddtp_fr_summ", "classification": "ddtp_fr_section"}
+def plan_view(plan: Plan | Mapping[str, Any]) -> Plan:
+    """``plan`` to be read by attribute, whichever form it comes in: a :class:`Plan` as it is; a mapping
+    (a worker's JSON, report.json's ``plan``, or a budget table with a few settings as the benchmarks
+    build it) as a namespace of its keys, report.json's keys read as the fields they are.
 
+    Args:
+        plan: a plan, or a mapping of (some of) its report.json keys.
 
-def shipped_corpus(split: str, task: str = "translation") -> str:
-    """Path of the shipped DDTP corpus file of ``split`` for ``task`` (default: the en->fr pairs)."""
-    from importlib.resources import files
-
-    return str(files("lmkd") / "corpora" / f"{SHIPPED_CORPORA[task]}.{split}.jsonl.gz")
+    Returns:
+        ``plan`` itself, or a read-only view of the mapping's values.
+    """
+    if isinstance(plan, Plan):
+        return plan
+    attr = {f.metadata.get("key", f.name): f.name for f in fields(Plan)}
+    return cast(Plan, SimpleNamespace(**{attr.get(k, k): v for k, v in plan.items()}))
 
 
 #: the export the best student is served as, per model kind (lmkd.study.serving; ``lmkd compress``'s formats)
@@ -213,11 +264,26 @@ FORMAT_NAMES = {"ct2-int8": "CTranslate2 int8", "onnx-int8": "ONNX Runtime int8"
 
 
 def serve_format(task: str) -> str:
+    """The export a study of ``task`` serves its best student as.
+
+    Args:
+        task: the study task.
+
+    Returns:
+        The export format of ``task``'s best student (:data:`SERVE_FORMATS`).
+    """
     return SERVE_FORMATS[TASK_KIND[task]]
 
 
 def engine_installed(task: str) -> bool:
-    """Whether the engine that serves ``task``'s models is importable (else the serving stage is skipped)."""
+    """Whether the engine that serves ``task``'s models is importable (else the serving stage is skipped).
+
+    Args:
+        task: the study task.
+
+    Returns:
+        Whether its serving engine's packages are installed.
+    """
     import importlib.util
 
     from lmkd.models import engines
@@ -226,52 +292,41 @@ def engine_installed(task: str) -> bool:
     return all(importlib.util.find_spec(p) is not None for p in packages)
 
 
-def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
-    """How many stages the study of (resolved) ``opts`` runs, for its ``[i/N]`` progress lines;
-    ``mlm_head``: whether the classification teacher has one (else the MLM-distil variants are skipped)."""
-    n_sizes, n_seeds = len(opts.student_sizes), opts.seeds
-    given = opts.teacher is not None
-    if opts.task == "classification":
-        pre = 3 + (0 if given else 1) + 1 + 2  # data x3, tokenizer, lengths, teacher-mlm, teacher
-        variants = classification_variants(mlm_head)
-        # per size: one init; per seed: an MLM-distil stage (when there is a head) and every variant
-        per_size = 1 + n_seeds * ((1 if mlm_head else 0) + len(variants))
-    else:
-        # data x3, tokenizer, lengths, teacher, teacher-check (a given teacher's; a trained one is checked
-        # in its own stage), transfer-rows, transfer
-        pre = 3 + (0 if given else 1) + 1 + 1 + (1 if given else 0) + 2
-        pre += len(KD_CACHE_STAGES) if opts.plan.get("kd_cache") else 0
-        variants = SEQ2SEQ_VARIANTS
-        per_size = n_seeds * (1 + len(variants))  # per seed: the init and every variant
-    models = 1 + len(variants) * n_sizes * n_seeds
-    served = 2 if opts.serve and engine_installed(opts.task) else 0  # the export of the best student and its eval
-    return pre + per_size * n_sizes + models + served + 2  # evals, speed, report
-
-
 def classification_variants(mlm_head: bool = True) -> tuple[str, ...]:
     """The classification variants a teacher allows: all of :data:`CLS_VARIANTS` with an MLM head,
-    else those that need none."""
+    else those that need none.
+
+    Args:
+        mlm_head: whether the teacher has MLM head weights.
+
+    Returns:
+        The variant names.
+    """
     return CLS_VARIANTS if mlm_head else tuple(v for v in CLS_VARIANTS if v not in MLM_VARIANTS)
 
 
-def thread_options(plan: dict) -> dict:
+def thread_options(plan: Plan | Mapping[str, Any]) -> dict:
     """What a student or evaluation stage's hash records of how it ran: the threads of each worker
     process when stages run side by side (a different thread count may change the last digits of
-    a training), nothing when they run one at a time in the study's own process."""
-    return {"threads": plan["threads_per_worker"]} if plan.get("workers", 1) > 1 else {}
+    a training), nothing when they run one at a time in the study's own process.
 
+    Args:
+        plan: the study's plan (or a mapping of its keys: :func:`plan_view`; no ``workers``: one).
 
-def student_seeds(opts: StudyOptions) -> list[int]:
-    """The seeds every student variant is trained with: ``seed, seed+1, ..., seed+seeds-1``."""
-    return [opts.seed + k for k in range(opts.seeds)]
-
-
-def seeded(name: str, opts: StudyOptions, seed: int) -> str:
-    """The stage name of ``name`` trained with ``seed``: ``name`` for the first seed (the stage
-    names of a one-seed study), ``name-seed{seed}`` for the others."""
-    return name if seed == opts.seed else f"{name}-seed{seed}"
+    Returns:
+        ``{"threads": n}`` or ``{}``.
+    """
+    view = plan_view(plan)
+    return {"threads": view.threads_per_worker} if getattr(view, "workers", 1) > 1 else {}
 
 
 def size_name(fraction: float) -> str:
-    """The stage-name prefix of a student size: 0.25 -> ``s025``."""
+    """The stage-name prefix of a student size: 0.25 -> ``s025``.
+
+    Args:
+        fraction: the student's size, a fraction of the teacher.
+
+    Returns:
+        The prefix.
+    """
     return f"s{fraction:g}".replace(".", "")

@@ -14,11 +14,12 @@ the stage is skipped and the report says why in a note.
 
 from __future__ import annotations
 
-from lmkd.models import engines
 from lmkd.core.constants import TASK_KIND
 from lmkd.core.errors import LmkdError
+from lmkd.models import engines
 from lmkd.models.loading import load_config
-from lmkd.study.plan import FORMAT_NAMES, StudyOptions, serve_format
+from lmkd.study.options import StudyOptions
+from lmkd.study.plan import FORMAT_NAMES, ServedModel, serve_format
 from lmkd.study.stages import Stages
 
 #: the variant name of the served model's row
@@ -28,7 +29,15 @@ SERVED = "served"
 def best_student(models: dict[str, dict], read_log) -> tuple[str, float] | None:
     """``(name, validation CE)`` of the student whose best validation CE is lowest (ties: the first in
     model order), from each student's train log (``read_log(model) -> {"curve": [...]} | None``);
-    None when no student has a validation curve."""
+    None when no student has a validation curve.
+
+    Args:
+        models: ``{name: model entry}``.
+        read_log: reads a model's train log.
+
+    Returns:
+        ``(name, validation CE)`` or None.
+    """
     best: tuple[str, float] | None = None
     for name, m in models.items():
         if m["variant"] in ("teacher", SERVED):
@@ -43,25 +52,35 @@ def best_student(models: dict[str, dict], read_log) -> tuple[str, float] | None:
 def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_log) -> dict[str, dict]:
     """Export the best student (see the module docstring); returns ``{"served": model}`` (a model entry
     like the students', with ``source`` and ``format``), or ``{}`` with a note in the plan when there is
-    nothing to export or the engine cannot do it."""
+    nothing to export or the engine cannot do it.
+
+    Args:
+        st: the study's stages.
+        opts: the resolved options (the plan gets a note or :attr:`~lmkd.study.plan.Plan.served`).
+        models: ``{name: model entry}``.
+        read_log: reads a model's train log.
+
+    Returns:
+        ``{"served": model entry}`` or ``{}``.
+    """
     if not opts.serve:
         return {}
     fmt = serve_format(opts.task)
     kind = TASK_KIND[opts.task]
     best = best_student(models, read_log)
     if best is None:
-        opts.plan["notes"].append("No served model: no student recorded a validation curve to pick the best by.")
+        opts.plan.note("No served model: no student recorded a validation curve to pick the best by.")
         return {}
     name, ce = best
     src = models[name]
     try:
         engines.check_exportable(fmt, load_config(src["dir"]), kind)
     except LmkdError as e:
-        opts.plan["notes"].append(f"No served model ({FORMAT_NAMES[fmt]}): {e}")
+        opts.plan.note(f"No served model ({FORMAT_NAMES[fmt]}): {e}")
         return {}
     d = st.run("serve", {"format": fmt, "student": name}, [src["stage"]],
                lambda out: engines.export(src["dir"], out, fmt, kind),
                f"exporting the best student by validation CE ({name}, {ce:.3f}) to {FORMAT_NAMES[fmt]} for serving")
-    opts.plan["served"] = {"student": name, "validation_ce": ce, "format": fmt}
+    opts.plan.served = ServedModel(student=name, validation_ce=ce, format=fmt)
     return {SERVED: {"dir": d, "stage": "serve", "variant": SERVED, "size": src["size"], "seed": src.get("seed"),
                      "source": name, "format": fmt}}

@@ -8,11 +8,18 @@ import random
 
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
-from lmkd.study.plan import StudyOptions
+from lmkd.study.options import StudyOptions
 
 
 def label_order(values) -> list[str]:
-    """Label names in a stable order: integers numerically first, then the rest alphabetically."""
+    """Label names in a stable order: integers numerically first, then the rest alphabetically.
+
+    Args:
+        values: the label names.
+
+    Returns:
+        The distinct names, in order.
+    """
     def key(v):
         digit = v.strip().lstrip("-").isdigit()
         return (not digit, int(v) if digit else 0, v)
@@ -22,7 +29,14 @@ def label_order(values) -> list[str]:
 
 def prepare_split(opts: StudyOptions, split: str, out: str, labels: list[str] | None = None) -> None:
     """A normalised copy of one split: columns source/target (seq2seq) or text/label with label
-    ids (classification; ``labels`` from the training split), row limit of the budget applied."""
+    ids (classification; ``labels`` from the training split), row limit of the budget applied.
+
+    Args:
+        opts: the resolved options.
+        split: train, validation or test.
+        out: the stage's directory.
+        labels: the training split's label names (classification).
+    """
     src, tgt = opts.source_column, opts.target_column
     path = getattr(opts, split)
     rows = read_rows(path)
@@ -34,7 +48,7 @@ def prepare_split(opts: StudyOptions, split: str, out: str, labels: list[str] | 
     rows = [r for r in rows if str(r[src]).strip() and str(r[tgt]).strip()]
     if not rows:
         raise LmkdError(f"{path} has no row with both {src!r} and {tgt!r} filled in")
-    limit = opts.plan[f"{split}_rows"]
+    limit = getattr(opts.plan, f"{split}_rows")
     rows = rows[:limit] if limit is not None else rows
     info: dict = {"rows": len(rows)}
     if opts.task == "classification":
@@ -61,7 +75,14 @@ def prepare_split(opts: StudyOptions, split: str, out: str, labels: list[str] | 
 
 def select_transfer_rows(train_file: str, n: int | None, seed: int, out: str) -> None:
     """The transfer set: the training rows (a seeded random sample of ``n``) every student learns
-    from -- with the gold targets (baseline, Word-KD) or the teacher's outputs (Seq-KD)."""
+    from -- with the gold targets (baseline, Word-KD) or the teacher's outputs (Seq-KD).
+
+    Args:
+        train_file: the training rows.
+        n: how many (None: all).
+        seed: the sample's seed.
+        out: the stage's directory.
+    """
     rows = read_rows(train_file)
     if n is not None and len(rows) > n:
         rows = random.Random(seed).sample(rows, n)

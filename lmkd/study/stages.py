@@ -30,37 +30,113 @@ class StudyStopped(Exception):
 
 
 def format_duration(seconds: float) -> str:
-    """``12.3s`` under a minute, else ``4m05s``."""
+    """``12.3s`` under a minute, else ``4m05s``.
+
+    Args:
+        seconds: the duration.
+
+    Returns:
+        The text.
+    """
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+def job_ref(fn: Callable[..., object]) -> str:
+    """How a job names its function for a worker process: ``module:qualname``, derived from the function.
+
+    Args:
+        fn: a function a worker process can import (module level, or a class's method).
+
+    Returns:
+        ``"lmkd.study.models:train_student"``, say.
+    """
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def resolve_job(call: str) -> Callable[..., object]:
+    """The function a job's ``call`` names: ``module:qualname`` (:func:`job_ref`); a module without a dot
+    that is one of ``lmkd.study`` may be named alone (``"models:train_student"``, as older callers do).
+
+    Args:
+        call: the reference.
+
+    Returns:
+        The function.
+
+    Raises:
+        ValueError: ``call`` does not name an object that can be imported.
+        TypeError: it names one that is not callable.
+    """
+    import importlib
+    import importlib.util
+
+    module, _, qualname = call.partition(":")
+    if not module or not qualname or "<locals>" in qualname:
+        raise ValueError(f"a study job names an importable function as 'module:qualname', got {call!r}")
+    if "." not in module and importlib.util.find_spec(f"lmkd.study.{module}") is not None:
+        module = f"lmkd.study.{module}"
+    try:
+        obj: object = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"the study job function {call!r} cannot be imported: {e}") from e
+    if not callable(obj):
+        raise TypeError(f"the study job function {call!r} is not a function")
+    return obj
+
+
 @dataclass
 class Job:
-    """A stage that may run in a worker process of its own (:meth:`Stages.run_jobs`): ``call`` names a
-    function of ``lmkd.study`` as ``"module:function"`` (``"models:train_student"``) and ``kwargs`` are
-    its JSON-able keyword arguments; it is called as ``function(out, **kwargs)`` with the stage's
-    temporary directory, in this process or in ``python -m lmkd.study.worker``."""
+    """A stage that may run in a worker process of its own (:meth:`Stages.run_jobs`).
+
+    Args:
+        name: the stage name.
+        options: the stage's own options (hashed, with the keys of ``deps``).
+        deps: the stages it reads (other jobs of the same batch wait for them).
+        call: the function doing the work, called as ``call(out, **kwargs)`` with the stage's temporary
+            directory, in this process or in ``python -m lmkd.study.worker``; given as the function
+            (or as its ``module:qualname``), kept as its :func:`job_ref`, checked here to resolve back to
+            it -- a renamed or nested function fails when the job is made, not in a worker.
+        kwargs: its JSON-able keyword arguments (a :class:`~lmkd.study.plan.Plan` goes as its ``to_dict()``).
+        what: what the progress line says it does.
+        cost: the scheduler starts the costliest ready jobs first (e.g. 2 for a student that also runs
+            its teacher).
+    """
 
     name: str
     options: dict
     deps: list[str]
-    call: str
+    call: Callable[..., object] | str
     kwargs: dict
     what: str = ""
-    #: the scheduler starts the costliest ready jobs first (e.g. 2 for a student that also runs its teacher)
     cost: float = 1.0
     dir: str | None = field(default=None, init=False)
 
+    def __post_init__(self) -> None:
+        ref = self.call if isinstance(self.call, str) else job_ref(self.call)
+        fn = resolve_job(ref)
+        if not isinstance(self.call, str) and fn is not self.call:
+            raise ValueError(f"the study job {self.name}'s function {ref} resolves to another object")
+        self.call = ref
+
 
 def call_job(call: str, kwargs: dict, out: str) -> None:
-    """Run a :class:`Job`'s function: ``lmkd.study.<module>.<function>(out, **kwargs)``."""
-    import importlib
+    """Run a :class:`Job`'s function: ``function(out, **kwargs)``.
 
-    module, _, name = call.partition(":")
-    if not module or not name or "." in module:
-        raise ValueError(f"a study job names a function of lmkd.study as 'module:function', got {call!r}")
-    getattr(importlib.import_module(f"lmkd.study.{module}"), name)(out, **kwargs)
+    Args:
+        call: the function's reference (:func:`job_ref`).
+        kwargs: its keyword arguments.
+        out: the stage's (temporary) directory.
+    """
+    resolve_job(call)(out, **kwargs)
+
+
+def _jsonable(obj: object) -> object:
+    """JSON for what a job's kwargs hold besides JSON types: a dataclass (the plan) as its dict."""
+    to_dict = getattr(obj, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(obj)
 
 
 class Stages:
@@ -69,6 +145,11 @@ class Stages:
     ``after_stage(name)``, when given, is called after each stage that ran (not one found cached)
     once its directory and log line are on disk; raising :class:`StudyStopped` (or anything) from it
     stops the study there, resumable.
+
+    Args:
+        root: the study's output directory (stages in ``root/stages``, the log in ``root/study.log``).
+        total: the number of stages, for the ``[i/N]`` progress lines.
+        after_stage: called with each stage's name after it ran.
     """
 
     def __init__(self, root: str, total: int, after_stage: Callable[[str], None] | None = None):
@@ -84,10 +165,29 @@ class Stages:
         self.after_stage = after_stage
 
     def path(self, name: str) -> str:
+        """The directory of stage ``name``.
+
+        Args:
+            name: the stage name.
+
+        Returns:
+            Its directory (``+`` spelled ``_``).
+        """
         return str(self.dir / name.replace("+", "_"))
 
     def run(self, name: str, options: dict, deps: list[str], fn: Callable[[str], object], what: str = "") -> str:
-        """Run ``fn(tmpdir)`` unless ``stage.json`` in the stage dir holds the same key; return the dir."""
+        """Run ``fn(tmpdir)`` unless ``stage.json`` in the stage dir holds the same key; return the dir.
+
+        Args:
+            name: the stage name.
+            options: its own options (hashed).
+            deps: the stages it reads (their keys are hashed).
+            fn: writes the stage into the directory it is given.
+            what: what the progress line says it does.
+
+        Returns:
+            The stage's directory.
+        """
         self.count += 1
         key = stable_hash({"options": options, "deps": {d: self.keys[d] for d in deps}})
         final = Path(self.path(name))
@@ -133,7 +233,15 @@ class Stages:
         (the small study models barely use a second thread, so two one-thread trainings on two cores
         take about the time of one), its output in ``ROOT/logs/NAME.log``.  A job starts once the jobs
         it depends on (``deps`` naming another job of the list) are done, costliest first.  A failed job
-        lets the running ones finish (their stages are kept), starts no other, and is raised."""
+        lets the running ones finish (their stages are kept), starts no other, and is raised.
+
+        Args:
+            jobs: the jobs.
+            workers: how many run at a time.
+
+        Returns:
+            ``{name: stage dir}``.
+        """
         names = {j.name for j in jobs}
         if workers <= 1:
             for j in jobs:
@@ -169,7 +277,14 @@ class Stages:
 
 
 def threads_per_worker(workers: int) -> int:
-    """Torch threads of each of ``workers`` worker processes: the cores shared out, at least one."""
+    """Torch threads of each of ``workers`` worker processes: the cores shared out, at least one.
+
+    Args:
+        workers: the worker processes.
+
+    Returns:
+        The threads of each.
+    """
     return max(1, (os.cpu_count() or 1) // workers)
 
 
@@ -178,7 +293,7 @@ def _run_worker(job: Job, out: str, threads: int, log: Path) -> None:
     ``log``.  A worker's one-line user error (exit 2) is raised as that line; any other failure names
     the log."""
     spec = os.path.join(out, ".job.json")
-    atomic_write_json(spec, {"call": job.call, "kwargs": job.kwargs, "threads": threads}, default=str)
+    atomic_write_json(spec, {"call": job.call, "kwargs": job.kwargs, "threads": threads}, default=_jsonable)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.run([sys.executable, "-m", "lmkd.study.worker", spec, out], stdout=f,

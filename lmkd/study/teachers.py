@@ -13,12 +13,22 @@ from lmkd.core.io import atomic_write_json, file_digest, read_rows
 from lmkd.study.checks import TeacherDidNotLearn, check_teacher, ignores_source, summary
 from lmkd.study.lengths import describe, size_lengths
 from lmkd.study.models import classifier_from, save_model, train_student
-from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, StudyOptions
+from lmkd.study.options import StudyOptions
+from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, Plan
 from lmkd.study.stages import Stages
 
 
 def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]:
-    """Stages that produce the teacher; returns {"teacher": dir, "teacher-mlm": dir (classification)}."""
+    """Stages that produce the teacher; returns {"teacher": dir, "teacher-mlm": dir (classification)}.
+
+    Args:
+        st: the study's stages.
+        opts: the resolved options (the length stage sets the plan's lengths).
+        data: the data stages' paths.
+
+    Returns:
+        ``{"teacher": dir}``, and ``"teacher-mlm"`` for classification.
+    """
     plan = opts.plan
     cls = opts.task == "classification"
     if opts.teacher is not None:
@@ -40,17 +50,18 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         def tokenizer_fn(out):
             rows = read_rows(data["train"])
             texts = [r["text"] for r in rows] if cls else [r["source"] for r in rows] + [r["target"] for r in rows]
-            train_tokenizer(texts, vocab_size=plan["vocab_size"]).save_pretrained(out)
+            train_tokenizer(texts, vocab_size=plan.vocab_size).save_pretrained(out)
 
-        tok_dir = st.run("tokenizer", {"vocab_size": plan["vocab_size"]}, ["data-train"], tokenizer_fn,
-                         f"training a {plan['vocab_size']}-token BPE tokenizer")
+        tok_dir = st.run("tokenizer", {"vocab_size": plan.vocab_size}, ["data-train"], tokenizer_fn,
+                         f"training a {plan.vocab_size}-token BPE tokenizer")
         _length_stage(st, opts, data, tok_dir, "tokenizer")
         arch = "bert" if cls else SEQ2SEQ_TEACHER_ARCH
-        shape = plan["teacher"]
-        teacher_opts = {"arch": arch, "shape": shape, "steps": plan["teacher_mlm_steps" if cls else "teacher_steps"],
-                        "lr": plan["teacher_lr"], "batch": plan["batch_size"], "warmup": plan["warmup_steps"],
-                        "max_length": plan["max_length"], "positions": plan["positions"], "seed": opts.seed,
-                        "dropout": plan["dropout"]}
+        shape = plan.teacher
+        steps = plan.teacher_mlm_steps if cls else plan.teacher_steps
+        teacher_opts = {"arch": arch, "shape": shape, "steps": steps,
+                        "lr": plan.teacher_lr, "batch": plan.batch_size, "warmup": plan.warmup_steps,
+                        "max_length": plan.max_length, "positions": plan.positions, "seed": opts.seed,
+                        "dropout": plan.dropout}
 
         def teacher_fn(out, kind=None):
             from lmkd.models.loading import load_tokenizer
@@ -58,14 +69,14 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
             tok = load_tokenizer(tok_dir)
             init = os.path.join(out, "init")
-            model = build_model(arch, len(tok), seed=opts.seed, max_positions=plan["positions"],
-                                dropout=plan["dropout"], **shape)
+            model = build_model(arch, len(tok), seed=opts.seed, max_positions=plan.positions,
+                                dropout=plan.dropout, **shape)
             save_model(model, tok, init)
             if cls:  # the masked LM is checked as the classifier it becomes (teacher_cls_fn)
                 train_student(out, init, "mlm", data["train"], data["validation"], plan, steps=teacher_opts["steps"],
-                              lr=plan["teacher_lr"], seed=opts.seed)
+                              lr=plan.teacher_lr, seed=opts.seed)
             else:
-                train_checked(out, init, opts, data, teacher_opts["steps"], plan["teacher_lr"])
+                train_checked(out, init, opts, data, teacher_opts["steps"], plan.teacher_lr)
             shutil.rmtree(init)
 
         name = "teacher-mlm" if cls else "teacher"
@@ -81,14 +92,14 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
     def teacher_cls_fn(out):
         init = os.path.join(out, "init")
         classifier_from(mlm_dir, data["train_dir"], init, seed=opts.seed)
-        train_checked(out, init, opts, data, plan["teacher_steps"], plan["finetune_lr"])
+        train_checked(out, init, opts, data, plan.teacher_steps, plan.finetune_lr)
         shutil.rmtree(init)
 
-    cls_opts = {"steps": plan["teacher_steps"], "lr": plan["finetune_lr"], "batch": plan["batch_size"],
-                "warmup": plan["warmup_steps"], "max_length": plan["max_length"], "seed": opts.seed,
+    cls_opts = {"steps": plan.teacher_steps, "lr": plan.finetune_lr, "batch": plan.batch_size,
+                "warmup": plan.warmup_steps, "max_length": plan.max_length, "seed": opts.seed,
                 "check": _check_options(opts)}
     teacher_dir = st.run("teacher", cls_opts, ["teacher-mlm", "data-train", "data-validation"], teacher_cls_fn,
-                         f"fine-tuning the teacher classifier for {plan['teacher_steps']} steps")
+                         f"fine-tuning the teacher classifier for {plan.teacher_steps} steps")
     return {"teacher": teacher_dir, "teacher-mlm": mlm_dir}
 
 
@@ -96,14 +107,14 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
 
 def _check_options(opts: StudyOptions) -> dict:
-    return {"on": opts.teacher_check, "rows": opts.plan["check_rows"], "v": 1}
+    return {"on": opts.teacher_check, "rows": opts.plan.check_rows, "v": 1}
 
 
 def _run_check(opts: StudyOptions, data: dict, model_dir: str, task: str) -> dict:
     plan = opts.plan
     return check_teacher(model_dir, task, read_rows(data["train"]), read_rows(data["validation"]),
-                         rows=plan["check_rows"], max_new_tokens=plan["max_new_tokens"],
-                         max_source_length=plan["max_length"], max_target_length=plan["max_length"], seed=opts.seed)
+                         rows=plan.check_rows, max_new_tokens=plan.max_new_tokens,
+                         max_source_length=plan.max_length, max_target_length=plan.max_length, seed=opts.seed)
 
 
 def _refuse(check: dict, given: bool) -> None:
@@ -120,7 +131,16 @@ def train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: in
     from where it stopped at half the learning rate; one that collapsed (:func:`collapsed`: it ignores
     the source, or does no better than the trivial answer) starts again from ``init`` at a third of it --
     more steps do not revive a collapsed model.  Writes ``teacher_check.json`` (every round's figures)
-    into ``out``; raises :class:`TeacherDidNotLearn`."""
+    into ``out``; raises :class:`TeacherDidNotLearn`.
+
+    Args:
+        out: the stage's directory.
+        init: the saved, untrained teacher.
+        opts: the resolved options.
+        data: the data stages' paths.
+        steps: the steps of each round.
+        lr: the first round's learning rate.
+    """
     plan, task = opts.plan, opts.task
     rounds: list[dict] = []
     start = init
@@ -149,7 +169,14 @@ def collapsed(check: dict) -> bool:
     """Whether a failed teacher check shows a collapsed model rather than an under-trained one: it
     ignores the source (seq2seq), or scores no better than the best trivial answer.  Measured on
     the shipped French descriptions: a from-scratch BART's encoder output had become one constant
-    vector (std 0.0005 across inputs) -- cross-entropy 4.15 with the real sources and with shuffled ones."""
+    vector (std 0.0005 across inputs) -- cross-entropy 4.15 with the real sources and with shuffled ones.
+
+    Args:
+        check: a failed check's figures.
+
+    Returns:
+        Whether the model collapsed.
+    """
     return ignores_source(check) or check["score"] <= check["floor"]
 
 
@@ -166,7 +193,15 @@ def _check_stage(st: Stages, opts: StudyOptions, data: dict, model_dir: str, tas
 
 
 def teacher_check_of(teacher_dir: str, stage_dir: str | None = None) -> dict | None:
-    """The saved check of a study's teacher (``teacher_check.json`` in its stage dir), or None."""
+    """The saved check of a study's teacher (``teacher_check.json`` in its stage dir), or None.
+
+    Args:
+        teacher_dir: the teacher's stage dir.
+        stage_dir: the teacher-check stage's dir (a given teacher's).
+
+    Returns:
+        The check, or None.
+    """
     import json
 
     for d in (teacher_dir, stage_dir):
@@ -183,50 +218,68 @@ def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str
     import json
 
     plan = opts.plan
-    cap = plan.setdefault("max_length_cap", plan["max_length"])
+    cap = plan.length_cap()
     cls = opts.task == "classification"
 
     def fn(out):
         from lmkd.models.loading import load_tokenizer
-
         from lmkd.models.truncation import input_limit
 
         # a given teacher: what its position table takes is a hard limit (the one truncation rule)
         limit = input_limit(tokenizer_dir) if dep != "tokenizer" else None
         sizing = size_lengths(load_tokenizer(tokenizer_dir), read_rows(data["train"]),
-                              ("text", None) if cls else ("source", "target"), cap, plan["max_new_tokens"], limit)
+                              ("text", None) if cls else ("source", "target"), cap, plan.max_new_tokens,
+                              limit)
         atomic_write_json(os.path.join(out, "lengths.json"), sizing)
 
-    d = st.run("lengths", {"cap": cap, "max_new_tokens": plan["max_new_tokens"], "v": 1}, [dep, "data-train"], fn,
+    d = st.run("lengths", {"cap": cap, "max_new_tokens": plan.max_new_tokens, "v": 1}, [dep, "data-train"],
+               fn,
                "sizing the maximum length and position tables from the training data")
     with open(os.path.join(d, "lengths.json")) as f:
         sizing = json.load(f)
-    plan.update(max_length=sizing["max_length"], positions=sizing["positions"], length_sizing=sizing)
     print(f"  {describe(sizing)}", flush=True)
-    fit_batch(plan)
+    plan.apply_lengths(sizing)
 
 
-#: the smallest batch the token budget may leave
-MIN_BATCH = 4
+def fit_batch(plan: Plan | dict) -> None:
+    """Fit a plan's batch size to its ``batch_tokens`` budget (:meth:`~lmkd.study.plan.Plan.fit_batch`),
+    also for a plan held as a dict of its keys (a benchmark's, report.json's), which is updated in place.
 
-
-def fit_batch(plan: dict) -> None:
-    """Fit the plan's batch size to its ``batch_tokens`` budget of input tokens per step, now that
-    ``max_length`` is known: ``min(batch_size, batch_tokens // max_length)``, at least :data:`MIN_BATCH`.
-    Short rows keep the budget's batch; long documents get a smaller one (the report says so)."""
-    budget = plan.get("batch_tokens")
-    if not budget:
+    Args:
+        plan: the plan; a dict needs ``batch_size``, ``max_length`` and ``notes``.
+    """
+    if isinstance(plan, Plan):
+        plan.fit_batch()
         return
-    base = plan.setdefault("batch_size_cap", plan["batch_size"])
-    plan["batch_size"] = max(MIN_BATCH, min(base, budget // plan["max_length"]))
-    if plan["batch_size"] < base:
-        plan["notes"].append(f"Batch {plan['batch_size']} rather than {base}: inputs of up to {plan['max_length']} "
-                             f"tokens, and the budget's {budget} input tokens per step.")
+    Plan.fit_batch(_BatchView(plan))  # type: ignore[arg-type]  # the one rule, on the dict's values
+
+
+class _BatchView:
+    """The fields :meth:`Plan.fit_batch` reads and sets, kept in a dict (:func:`fit_batch`)."""
+
+    def __init__(self, plan: dict):
+        self.__dict__["_plan"] = plan
+
+    def __getattr__(self, name: str):
+        return self._plan.get(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self._plan[name] = value
+
+    def note(self, text: str) -> None:
+        self._plan["notes"].append(text)
 
 
 def scratch_teacher(opts) -> str:
-    """How the report names a teacher the study trained from scratch: its architecture and shape."""
-    shape = opts.plan["teacher"]
+    """How the report names a teacher the study trained from scratch: its architecture and shape.
+
+    Args:
+        opts: the resolved options.
+
+    Returns:
+        The description.
+    """
+    shape = opts.plan.teacher
     if opts.task == "classification":
         return (f"trained from scratch (BERT, {shape['d_model']}-wide, {shape['layers']} layers: masked-LM "
                 "pre-training, then fine-tuned on the labels)")

@@ -1,5 +1,6 @@
 """``python -m lmkd.study.worker SPEC OUT``: one study stage in a process of its own (see
-:meth:`lmkd.study.stages.Stages.run_jobs`).  SPEC is a JSON file ``{"call", "kwargs", "threads"}``;
+:meth:`lmkd.study.stages.Stages.run_jobs`).  SPEC is a JSON file ``{"call", "kwargs", "threads"}`` (``call``:
+the function's ``module:qualname``, :func:`lmkd.study.stages.job_ref`);
 the stage writes into OUT.  A user mistake exits 2 with ``lmkd: error: ...`` as its last line."""
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    """Run the stage a job spec describes (the module docstring).
+
+    Args:
+        argv: ``[SPEC, OUT]``.
+
+    Returns:
+        The exit status: 0, or 2 after a user mistake.
+    """
     spec_path, out = argv
     with open(spec_path) as f:
         spec = json.load(f)
