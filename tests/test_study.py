@@ -620,11 +620,11 @@ def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translat
         config = yaml.safe_load((stages / name.replace("+", "_") / "lmkd_config.yaml").read_text())
         if name in caches:
             assert {caches[name], "kd-cache-validation"} <= set(meta["deps"])
-            assert config["teacher_cache"] == str(stages / caches[name] / "cache")
-            assert config["eval_teacher_cache"] == str(stages / "kd-cache-validation" / "cache")
+            assert config["logit_cache"] == str(stages / caches[name] / "cache")
+            assert config["eval_logit_cache"] == str(stages / "kd-cache-validation" / "cache")
             assert "teacher_model_name_or_path" not in config and config.get("kd_alpha", 0.5) > 0
         else:
-            assert not [d for d in meta["deps"] if d.startswith("kd-cache")] and "teacher_cache" not in config
+            assert not [d for d in meta["deps"] if d.startswith("kd-cache")] and "logit_cache" not in config
     # the cached top-K of a transfer row are the teacher's log-probs at its gold target positions
     cache = LogitCache(str(stages / "kd-cache-target" / "cache"))
     row = json.loads((stages / "transfer-rows" / "transfer.jsonl").read_text().splitlines()[0])
@@ -649,7 +649,7 @@ def test_word_kd_students_read_the_cached_teacher_and_online_kd_runs_it(translat
     assert not [v for v in redone if v.startswith("kd-cache")]
     for name in caches:
         config = yaml.safe_load((Path(online) / "stages" / name.replace("+", "_") / "lmkd_config.yaml").read_text())
-        assert config["teacher_model_name_or_path"] == teacher_dir.replace(out, online) and "teacher_cache" not in config
+        assert config["teacher_model_name_or_path"] == teacher_dir.replace(out, online) and "logit_cache" not in config
     report = json.loads((Path(online) / "report.json").read_text())
     assert report["plan"]["kd_cache"] is None
     assert "Word-KD teacher: online (--online-kd)" in (Path(online) / "report.md").read_text()

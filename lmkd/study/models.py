@@ -100,7 +100,7 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
             its validation plateau, the best evaluation's weights are saved, and ``out/train_log.json``
             records the steps and the validation curve (:meth:`PlateauStopping.log`).  None: exactly
             ``steps`` steps, no evaluation on the way.
-        **config: DistillationConfig fields to add or override (e.g. ``teacher_cache``).
+        **config: DistillationConfig fields to add or override (e.g. ``logit_cache``).
 
     Returns:
         The training's metrics.

@@ -160,8 +160,8 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
                 if word and caches:  # the teacher's cached log-probs of these targets, and of the validation rows
                     deps += [caches[target], caches["validation"]]
                     teacher = dict(
-                        teacher_cache=os.path.join(st.path(caches[target]), LOGIT_CACHE_DIR),
-                        eval_teacher_cache=os.path.join(st.path(caches["validation"]), LOGIT_CACHE_DIR))
+                        logit_cache=os.path.join(st.path(caches[target]), LOGIT_CACHE_DIR),
+                        eval_logit_cache=os.path.join(st.path(caches["validation"]), LOGIT_CACHE_DIR))
                 elif word:
                     teacher = dict(teacher_dir=teacher_dir)
                 kwargs = dict(init_dir=init_dir, task=opts.task, train_file=data_file,
