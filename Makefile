@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast test-slow test-all demo bench clean
+.PHONY: setup lint test test-fast test-slow test-all demo bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,13 @@ $(STAMP): pyproject.toml
 # The test suite (`make test`): everything but the `slow` tests, under 10 minutes on 2 cores.
 # `make test-slow`: multi-process runs (torchrun DDP, DeepSpeed ZeRO-2/3 on 2 CPU processes) and
 # whole tiny studies, a few minutes more; CI runs both (.ci/run), `make test-all` too.
-test: setup
+# `make lint`: ruff's format check and linter (pyproject.toml [tool.ruff]); `make test` runs it first.
+LINTED := lmkd tests benchmarks recipes eval
+lint: setup
+	$(VENV)/bin/ruff format --check --quiet $(LINTED)
+	$(VENV)/bin/ruff check --quiet $(LINTED)
+
+test: setup lint
 	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
 
 test-fast: test
