@@ -75,9 +75,10 @@ def add_parser(sub):
                    help="compare the students with a teacher that has not passed the check (its validation quality "
                         "above copying the source / the most frequent target, and its use of the source); the "
                         "report then says the teacher is unchecked")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=int, default=None,
                    help="train every student variant with this many seeds (seed, seed+1, ...) and report "
-                        "mean +- std; the teacher and the transfer set are shared (default 1)")
+                        "mean +- std; a verdict must then also survive the seeds' spread; the teacher and the "
+                        "transfer set are shared (default: the budget's -- tiny 1, quick 2, full 3)")
     p.add_argument("--jobs", type=int,
                    help="train (and evaluate) this many students at a time, each in a process of its own on an "
                         "equal share of the cores (default: the budget's, 2 for quick and full, at most the cores)")

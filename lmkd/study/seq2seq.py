@@ -77,6 +77,21 @@ def make_transfer_set(teacher_dir: str, data_file: str, out: str, beams: int, ma
     return path
 
 
+def transfer_stage(out: str, teacher_dir: str, data_file: str, beams: int, max_new_tokens: int,
+                   max_length: int) -> None:
+    """The transfer stage as a study job: :func:`make_transfer_set` into ``out``.
+
+    Args:
+        out: the stage's directory.
+        teacher_dir: the teacher.
+        data_file: the transfer rows.
+        beams: the beam size (and the n-best size).
+        max_new_tokens: the longest generation.
+        max_length: inputs are cut at this many tokens.
+    """
+    make_transfer_set(teacher_dir, data_file, out, beams, max_new_tokens, max_length)
+
+
 def _student_init(teacher_dir: str, fraction: float, seed: int, out: str) -> None:
     """The largest student within ``fraction`` of the teacher's parameters: copied teacher layers
     when they fit (shrink-and-fine-tune), else a fresh, narrower model of the teacher's shape."""
@@ -125,17 +140,18 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
                       "choosing the transfer set (the rows every student learns from)")
     rows_file = data["transfer_rows"] = os.path.join(rows_dir, "transfer.jsonl")
     gen_opts = {"beams": plan.beams, "max_new_tokens": plan.max_new_tokens}
-
-    def transfer_fn(out):
-        make_transfer_set(teacher_dir, rows_file, out, plan.beams, plan.max_new_tokens, plan.max_length)
-
-    transfer_dir = st.run("transfer", gen_opts, ["teacher", "transfer-rows"], transfer_fn,
-                          f"teacher beam search (beam {plan.beams}) on the transfer set")
-    transfer_file = os.path.join(transfer_dir, "transfer.jsonl")
+    # a job of the graph: the students that read only the gold targets (baseline, Word-KD and its logit
+    # cache) train while the teacher decodes every training row; costliest, so it starts first
+    transfer = Job("transfer", gen_opts, ["teacher", "transfer-rows"], transfer_stage,
+                   dict(teacher_dir=teacher_dir, data_file=rows_file, beams=plan.beams,
+                        max_new_tokens=plan.max_new_tokens, max_length=plan.max_length),
+                   f"teacher beam search (beam {plan.beams}) on the transfer set", cost=10.0)
+    transfer_file = os.path.join(st.path("transfer"), "transfer.jsonl")
     jobs, caches = _logit_cache_jobs(st, opts, data, teacher_dir, rows_file, transfer_file)
+    jobs.insert(0, transfer)
 
     students: dict[str, dict] = {}
-    stopping = StoppingRule.from_plan(plan)
+    stopping = StoppingRule.from_plan(plan, opts.task)
     kd = {"kd_alpha": plan.kd_alpha, "kd_temperature": plan.kd_temperature}
     if plan.logit_cache:  # (an online student's options are those of the studies made before the cache)
         kd["kd_cache"] = plan.logit_cache  # (a hashed key keeps its name: a resumed study keeps its students)
