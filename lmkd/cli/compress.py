@@ -6,6 +6,7 @@ import argparse
 import os
 
 from lmkd.core.constants import COMPRESS_TASKS
+from lmkd.cli.flags import count, fraction, positive
 from lmkd.cli.dataset_flags import add_data_arguments, data_kwargs
 from lmkd.cli.make_student import layer_list
 
@@ -52,30 +53,30 @@ def add_parser(sub):
                                      "--finetune-steps, the KD teacher of the pruned model")
     p.add_argument("--train", help="training rows: scores head importance and is the fine-tuning data")
     g = p.add_argument_group("pruning")
-    g.add_argument("--prune-heads", type=int, default=0,
+    g.add_argument("--prune-heads", type=count(0), default=0,
                    help="remove this many of the least important heads from every attention layer (T5/mT5)")
     g.add_argument("--layers", type=layer_list, help="layers to keep, single-stack models (e.g. BERT: 0,2,4)")
     g.add_argument("--encoder-layers", type=layer_list, help="encoder layers to keep (e.g. 0-5)")
     g.add_argument("--decoder-layers", type=layer_list, help="decoder layers to keep (e.g. 0,5)")
-    g.add_argument("--importance-rows", type=int, default=256, help="--train rows that score heads (default 256)")
-    g.add_argument("--finetune-steps", type=int, default=0,
+    g.add_argument("--importance-rows", type=count(1), default=256, help="--train rows that score heads (default 256)")
+    g.add_argument("--finetune-steps", type=count(0), default=0,
                    help="after pruning, fine-tune this many steps on --train (KD from --teacher when given)")
-    g.add_argument("--learning-rate", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
-    g.add_argument("--kd-alpha", type=float, default=0.5, help="fine-tuning KD weight (default 0.5)")
-    g.add_argument("--train-batch-size", type=int, default=16, help="fine-tuning batch size (default 16)")
+    g.add_argument("--learning-rate", type=positive, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    g.add_argument("--kd-alpha", type=fraction, default=0.5, help="fine-tuning KD weight (default 0.5)")
+    g.add_argument("--train-batch-size", type=count(1), default=16, help="fine-tuning batch size (default 16)")
     p.add_argument("--export", type=_formats, help=f"formats, comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     e = p.add_argument_group("evaluation (as in lmkd evaluate)")
-    e.add_argument("--num-beams", type=int, default=4, help="beam size (default 4)")
-    e.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
-    e.add_argument("--batch-size", type=int, default=16, help="prediction / throughput batch size (default 16)")
+    e.add_argument("--num-beams", type=count(1), default=4, help="beam size (default 4)")
+    e.add_argument("--max-new-tokens", type=count(1), default=128, help="generation length limit (default 128)")
+    e.add_argument("--batch-size", type=count(1), default=16, help="prediction / throughput batch size (default 16)")
     e.add_argument("--source-column", help="input column (default: source / document / text by task)")
     e.add_argument("--target-column", help="reference column (default: target / summary / label by task)")
     e.add_argument("--source-prefix", default="", help="text put before every input (T5)")
-    e.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
-    e.add_argument("--max-samples", type=int, help="score only the first N rows")
-    e.add_argument("--speed-samples", type=int, default=32, help="inputs timed for throughput; 0 skips speed")
-    e.add_argument("--repeats", type=int, default=3, help="timed repeats per model; the median is reported")
+    e.add_argument("--max-source-length", type=count(1), default=512, help="inputs are truncated to this many tokens")
+    e.add_argument("--max-samples", type=count(1), help="score only the first N rows")
+    e.add_argument("--speed-samples", type=count(0), default=32, help="inputs timed for throughput; 0 skips speed")
+    e.add_argument("--repeats", type=count(1), default=3, help="timed repeats per model; the median is reported")
     e.add_argument("--device", default="cpu", help="cpu (default: int8 PyTorch and ONNX Runtime run on CPU), cuda")
     p.set_defaults(func=run)
 

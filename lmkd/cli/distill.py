@@ -13,16 +13,16 @@ from lmkd.cli.settings import distill_parser, parse_distill_args
 
 EPILOG = """examples:
   lmkd distill recipes/translation/marian_word_kd.yaml
-  lmkd distill config.yaml --kd_alpha 0.9 --kd_temperature 2 --output_dir runs/student
+  lmkd distill config.yaml --kd-alpha 0.9 --kd-temperature 2 --output-dir runs/student
   accelerate launch -m lmkd distill recipes/distilbert/mlm_distil.yaml
 
 regimes beyond one fixed teacher (recipes/regimes/):
-  lmkd distill config.yaml --kd_alpha 1                            # KD only: data needs no label column
-  lmkd distill config.yaml --transfer_file unlabelled.jsonl        # + unlabelled rows (KD only, no CE)
-  lmkd distill config.yaml --teacher_model_name_or_path t1,t2 --teacher_weights 0.7,0.3   # ensemble
+  lmkd distill config.yaml --kd-alpha 1                            # KD only: data needs no label column
+  lmkd distill config.yaml --transfer-file unlabelled.jsonl        # + unlabelled rows (KD only, no CE)
+  lmkd distill config.yaml --teacher-model-name-or-path t1,t2 --teacher-weights 0.7,0.3   # ensemble
   lmkd distill config.yaml --rounds 3                              # born-again: round r teaches r+1
-  lmkd distill config.yaml --cohort_size 2                         # co-distillation, no teacher
-  lmkd distill config.yaml --kd_loss jsd --on_policy_fraction 0.5  # on-policy KD (GKD)
+  lmkd distill config.yaml --cohort-size 2                         # co-distillation, no teacher
+  lmkd distill config.yaml --kd-loss jsd --on-policy-fraction 0.5  # on-policy KD (GKD)
 
 The YAML holds keys of the three argument groups below (model, data, DistillationConfig -- which
 includes every Seq2SeqTrainingArguments field); --key value pairs after it override the YAML.
@@ -45,7 +45,7 @@ def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
     held = held_run(output_dir)
     if held:
         raise LmkdError(f"output_dir {output_dir} already holds a run ({sorted(held)[0]}); pass --resume to continue "
-                        "it, --overwrite to replace it, or choose another --output_dir")
+                        "it, --overwrite to replace it, or choose another --output-dir")
 
 
 #: report_to integration -> (modules it imports, any one will do; the package to pip install), as
@@ -74,7 +74,7 @@ def check_report_to(report_to) -> None:
         modules, package = REPORT_PACKAGES.get(name, ((name,), name))
         if not any(find_spec(m) is not None for m in modules):
             raise LmkdError(f"report_to {name} needs the {package} package, which is not installed: "
-                            f"`pip install {package}`, or pass --report_to none")
+                            f"`pip install {package}`, or pass --report-to none")
 
 
 def add_parser(sub):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmkd.core.constants import EVAL_TASKS
+from lmkd.cli.flags import count, fraction, hidden_alias, positive
 from lmkd.study import BUDGETS
 
 
@@ -61,24 +62,25 @@ def add_parser(sub):
                         "of its layers for classification (default 0.5 = every other layer)")
     p.add_argument("--budget", default="quick", choices=list(BUDGETS),
                    help="how much to train and evaluate (default quick)")
-    p.add_argument("--teacher-steps", type=int, help="override the budget's teacher training steps")
-    p.add_argument("--student-steps", type=int,
+    p.add_argument("--teacher-steps", type=count(1), help="override the budget's teacher training steps")
+    p.add_argument("--student-steps", type=count(1),
                    help="override the budget's cap of steps per student (each student stops earlier when its "
                         "validation loss stops improving)")
-    p.add_argument("--kd-alpha", type=float, default=0.5,
+    p.add_argument("--kd-alpha", type=fraction, default=0.5,
                    help="weight of word-level KD against the gold labels in the KD variants (default 0.5)")
-    p.add_argument("--kd-temperature", type=float,
+    p.add_argument("--kd-temperature", type=positive,
                    help="KD softmax temperature (default 1 for seq2seq as Kim & Rush, 2 for MLM as DistilBERT)")
-    p.add_argument("--beams", type=int, help="beam size for the teacher's pseudo-targets and beam evaluation")
+    p.add_argument("--num-beams", type=count(1),
+                   help="beam size for the teacher's pseudo-targets and beam evaluation (default: the budget's)")
     p.add_argument("--seed", type=int, default=42, help="seed of every initialisation and data order")
     p.add_argument("--skip-teacher-check", action="store_true",
                    help="compare the students with a teacher that has not passed the check (its validation quality "
                         "above copying the source / the most frequent target, and its use of the source); the "
                         "report then says the teacher is unchecked")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=count(1), default=1,
                    help="train every student variant with this many seeds (seed, seed+1, ...) and report "
                         "mean +- std; the teacher and the transfer set are shared (default 1)")
-    p.add_argument("--jobs", type=int,
+    p.add_argument("--jobs", type=count(1),
                    help="train (and evaluate) this many students at a time, each in a process of its own on an "
                         "equal share of the cores (default: the budget's, 2 for quick and full, at most the cores)")
     p.add_argument("--no-serve", action="store_true",
@@ -91,6 +93,7 @@ def add_parser(sub):
                         "(default: the top 32 per target token plus 32 sampled from the rest, lmkd cache-logits; "
                         "about 2.2x faster Word-KD students on a CPU)")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
+    hidden_alias(p, "--num-beams", "--beams")  # its old name; every other command says --num-beams
     p.set_defaults(func=run)
 
 
@@ -142,7 +145,7 @@ def run(ns) -> None:
         task=ns.task, output=ns.output, train=ns.train, validation=ns.validation, test=ns.test,
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
-        student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
+        student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.num_beams,
         seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
         serve=not ns.no_serve, online_kd=ns.online_kd)
     run_study(options)
