@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from lmkd.core.constants import EVAL_TASKS
 from lmkd.cli.flags import count, fraction, hidden_alias, positive
@@ -135,10 +136,26 @@ def named_splits(ns) -> tuple[str, str, str]:
 
 
 def run(ns) -> None:
-    from lmkd.core.io import check_output
-    from lmkd.study import StudyOptions, run_study
+    """Run (or resume) the study of ``ns``; a refused one leaves no directory it made behind.
+
+    Args:
+        ns: the parsed ``lmkd study`` arguments.
+
+    Returns:
+        None.
+    """
+    from lmkd.core.io import check_output, nothing_left_on_error
 
     check_output(ns.output, "--output", directory=True)  # its stages write there, the first after a training
+    # a study refused (bad data, a teacher that fails to load) leaves no empty --output or stages/ behind
+    with nothing_left_on_error(os.path.join(ns.output, "dataset")), \
+            nothing_left_on_error(os.path.join(ns.output, "stages")):
+        _run(ns)
+
+
+def _run(ns) -> None:
+    from lmkd.study import StudyOptions, run_study
+
     if ns.dataset_name:
         ns.train, ns.validation, ns.test = named_splits(ns)
     options = StudyOptions(

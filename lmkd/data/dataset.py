@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForSeq2Seq,
@@ -26,7 +28,7 @@ from transformers import (
 
 from lmkd.core.constants import CLASSIFICATION, DEFAULT_COLUMNS, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND, TASKS
 from lmkd.core.errors import LmkdError
-from lmkd.core.io import read_rows
+from lmkd.core.io import read_rows, unreadable
 from lmkd.models.truncation import describe_truncation, encode_fitted, fit_length, input_limit, target_limit, truncation_note
 
 logger = logging.getLogger(__name__)
@@ -190,9 +192,17 @@ def _load_named(args: DataArguments, split: str, required: bool) -> datasets.Dat
         return datasets.load_dataset(name, config, split=split)
     except LmkdError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, EOFError, zlib.error) as e:
+        broken = unreadable(name, e)  # a truncated or corrupt data file
+        if broken:
+            raise LmkdError(f"{key_name(args, 'dataset_name')}: {broken}") from e
         raise LmkdError(f"cannot read {key_name(args, 'dataset_name')} {name!r}" + (f" ({config})" if config else "")
                         + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except DatasetGenerationError as e:  # the builder's wrapper around what went wrong in the file
+        cause = e.__cause__ or e.__context__
+        detail = unreadable(name, cause) if cause is not None else None
+        raise LmkdError(f"{key_name(args, 'dataset_name')}: " + (detail or f"cannot read {name!r}: "
+                        f"{str(cause or e).splitlines()[0] if str(cause or e) else type(cause or e).__name__}")) from e
 
 
 def read_split(args: DataArguments, split: str = "train", columns: list[str] | tuple[str, ...] = (),
