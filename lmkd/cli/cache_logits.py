@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, DTYPE_NAMES, SEQ2SEQ, TASK_KIND
 from lmkd.cli.flags import count, hidden_alias
+from lmkd.cli.output import print_json, work_on_stderr
 from lmkd.cli.dataset_flags import add_data_arguments, dashed, data_kwargs
 
 #: the tasks a cache is made for: those with target tokens (seq2seq) or next tokens (causal LMs)
@@ -74,7 +74,10 @@ def run(ns) -> None:
                                      target_column=ns.target_column, source_prefix=ns.source_prefix,
                                      max_source_length=ns.max_source_length, max_target_length=ns.max_target_length,
                                      max_train_samples=ns.max_samples))
-    summary = cache_logits(ns.teacher, data_args, ns.output, ns.top_k, batch_size=ns.batch_size,
-                           shard_rows=ns.shard_rows, logprob_dtype=ns.cache_dtype, teacher_dtype=ns.teacher_dtype,
-                           device=ns.device, overwrite=ns.overwrite, tail_samples=ns.tail_samples, seed=ns.seed)
-    print(json.dumps(summary, indent=1, sort_keys=True))
+    with work_on_stderr():  # stdout carries the summary's JSON alone
+        summary = cache_logits(ns.teacher, data_args, ns.output, ns.top_k, batch_size=ns.batch_size,
+                               shard_rows=ns.shard_rows, logprob_dtype=ns.cache_dtype,
+                               teacher_dtype=ns.teacher_dtype,
+                               device=ns.device, overwrite=ns.overwrite, tail_samples=ns.tail_samples,
+                               seed=ns.seed)
+    print_json(summary)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmkd.core.constants import COMPRESS_TASKS
+from lmkd.core.constants import CAUSAL, CLASSIFICATION, COMPRESS_TASKS, MLM, SEQ2SEQ, TASK_KIND
+from lmkd.core.errors import LmkdError
 from lmkd.cli.flags import count, fraction, positive
 from lmkd.cli.dataset_flags import add_data_arguments, data_kwargs
 from lmkd.cli.make_student import layer_list
@@ -81,8 +82,54 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+#: each model kind in words, and the --task values that fit it
+KIND_WORDS = {SEQ2SEQ: ("an encoder-decoder (seq2seq) model", "translation or summarization"),
+              CAUSAL: ("a causal (decoder-only) LM", "causal-lm"),
+              CLASSIFICATION: ("a sequence classifier", "classification"),
+              MLM: ("a masked LM", None)}
+
+
+def check_task_fits(model: str, task: str) -> None:
+    """Refuse, in one line naming the model's real kind and the task that fits it, a ``--task`` its
+    architecture does not do (e.g. a GPT-2 with ``--task translation``), before any export check
+    speaks of it as the kind of the task.
+
+    Args:
+        model: the ``--model`` checkpoint.
+        task: the ``--task``.
+
+    Returns:
+        None.
+    """
+    from lmkd.models.loading import check_loads_as, check_model_path, load_config, saved_kind
+
+    check_model_path(model)
+    config = load_config(model)
+    wanted = TASK_KIND[task]
+    try:
+        check_loads_as(config, wanted, model)  # (what a model of this task may be loaded from)
+        return
+    except LmkdError:
+        kind = saved_kind(config)
+    what, fits = KIND_WORDS.get(kind, (f"a {kind} model", None))
+    arch = (config.architectures or [config.model_type])[0]
+    raise LmkdError(f"--model {model} is {what} ({arch}), not {KIND_WORDS[wanted][0]} as --task {task} needs; "
+                    + (f"use --task {fits}" if fits else "compress takes translation, summarization, "
+                       "classification or causal-lm models") + " or a model of that task")
+
+
 def run(ns) -> None:
+    """Compress ``ns.model`` and print the report.
+
+    Args:
+        ns: the parsed ``lmkd compress`` arguments.
+
+    Returns:
+        None.
+    """
     from lmkd.compress.run import REPORT_JSON, REPORT_MD, compress_model
+
+    check_task_fits(ns.model, ns.task)
 
     result = compress_model(
         ns.model, ns.data, ns.task, ns.output, teacher=ns.teacher, train=ns.train, prune_heads=ns.prune_heads,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
 from lmkd.core.errors import LmkdError
+from lmkd.cli.output import print_json, work_on_stderr
 from lmkd.cli.settings import distill_parser, parse_distill_args
 
 EPILOG = """examples:
@@ -102,7 +102,8 @@ def run(ns) -> None:
     check_report_to(training_args.report_to)
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
     command = "lmkd " + shlex.join(ns.argv)
-    metrics = run_distill(model_args, data_args, training_args, resume=ns.resume, command=command)
+    with work_on_stderr():  # the Trainer's log dicts: stdout carries the metrics' JSON alone
+        metrics = run_distill(model_args, data_args, training_args, resume=ns.resume, command=command)
     if training_args.process_index == 0:
-        print(json.dumps(metrics, indent=1, sort_keys=True))
+        print_json(metrics)
         print(f"student saved to {training_args.output_dir}", file=sys.stderr)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES
 from lmkd.cli.flags import count, open_fraction, positive, score
+from lmkd.cli.output import print_json, work_on_stderr
 from lmkd.cli.dataset_flags import add_data_arguments, dashed, data_kwargs
 
 
@@ -78,9 +78,26 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
+    """Generate the teacher's pseudo-targets of ``ns`` and print the report as JSON on stdout.
+
+    Args:
+        ns: the parsed ``lmkd generate`` arguments.
+
+    Returns:
+        None.
+    """
+    with work_on_stderr():  # stdout carries the report's JSON alone
+        report = _generate(ns)
+    from accelerate import PartialState  # already set up by generate_pseudo_targets
+
+    if PartialState().is_main_process:
+        print_json(report)
+
+
+def _generate(ns) -> dict:
     from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
-    report = generate_pseudo_targets(
+    return generate_pseudo_targets(
         ns.teacher, data=_named_rows(ns) if ns.dataset_name or ns.source_lang or ns.target_lang else ns.data,
         output_dir=ns.output, source_column=ns.source_column,
         source_prefix=ns.source_prefix, max_source_length=ns.max_source_length, num_beams=ns.num_beams,
@@ -92,10 +109,6 @@ def run(ns) -> None:
         chunk_size=ns.chunk_size, output_format=ns.format, select=ns.select,
         reference_column=ns.reference_column, filter_metric=ns.filter_metric, filter_min=ns.filter_min,
         dtype=ns.dtype, overwrite=ns.overwrite, progress=not ns.no_progress)
-    from accelerate import PartialState  # already set up by generate_pseudo_targets
-
-    if PartialState().is_main_process:
-        print(json.dumps(report, indent=1, sort_keys=True))
 
 
 def _named_rows(ns):

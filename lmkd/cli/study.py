@@ -40,7 +40,9 @@ def add_parser(sub):
                "--output runs/mysum\n"
                "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
                "--source-column sentence --output runs/cls\n"
-               "Budgets: tiny (seconds, for tests), quick (the demo: aimed at 20 min, about 30-40 min measured on 2 CPU cores for translation), full (hours).")
+               "Budgets (measured on 2 CPU cores; the time depends on the corpus and the teacher): tiny (for "
+               "tests: seconds with a tiny test model, about 7 min with a real teacher, ~4 of them timing speed), "
+               "quick (the demo, `make demo`: 18-20 min on the shipped en->fr corpus), full (hours).")
     p.add_argument("--task", required=True, choices=EVAL_TASKS)
     p.add_argument("--train", help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
                                    "synopses; French descriptions -> synopsis; -> archive section)")
@@ -62,7 +64,7 @@ def add_parser(sub):
                    help="student sizes as fractions of the teacher: of its parameters for seq2seq (default 0.25), "
                         "of its layers for classification (default 0.5 = every other layer)")
     p.add_argument("--budget", default="quick", choices=list(BUDGETS),
-                   help="how much to train and evaluate (default quick)")
+                   help="how much to train and evaluate (default quick; times: see below)")
     p.add_argument("--teacher-steps", type=count(1), help="override the budget's teacher training steps")
     p.add_argument("--student-steps", type=count(1),
                    help="override the budget's cap of steps per student (each student stops earlier when its "

@@ -98,6 +98,12 @@ class DataArguments:
         if bool(self.source_lang) != bool(self.target_lang):
             raise LmkdError("source_lang and target_lang go together: the keys of the 'translation' column's "
                             "languages, e.g. source_lang en, target_lang fr")
+        for name in ("max_source_length", "max_target_length", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:  # 0 rows or tokens: nothing to train on, or all truncated
+                raise LmkdError(f"{key_name(self, name)} must be >= 1, got {value}")
+        if not 0.0 < self.mlm_probability <= 1.0:
+            raise LmkdError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
         src, tgt = DEFAULT_COLUMNS[self.task]
         self.source_column = self.source_column or src
         self.target_column = self.target_column or tgt
