@@ -27,9 +27,9 @@ def _value(action) -> list[str]:
     if action.choices:
         return [str(next((c for c in action.choices if c != action.default), action.default))]
     name = getattr(action.type, "__name__", "")
-    if name in ("fraction", "open_fraction"):
-        return ["0.25"]
-    if action.type in (int, float) or name in ("count", "positive", "score"):
+    if hasattr(action.type, "example"):  # lmkd.cli.flags' checked numbers
+        return [action.type.example]
+    if action.type in (int, float):
         return ["7"]
     if name == "layer_list":
         return ["0"]

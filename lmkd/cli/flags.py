@@ -171,7 +171,20 @@ def unknown_message(extras: list[str], options: list[str]) -> str:
     return message + (f"; did you mean {meant}?" if meant else "")
 
 
-class Parser(argparse.ArgumentParser):
+class OneActionPerAbbreviation:
+    """A parser mixin: an abbreviation that several spellings of one flag match (``--tail`` of
+    ``--tail-samples`` and ``--tail_samples``) is that flag, not an ambiguity."""
+
+    def _get_option_tuples(self, option_string):
+        seen, out = set(), []
+        for tup in super()._get_option_tuples(option_string):
+            if id(tup[0]) not in seen:
+                seen.add(id(tup[0]))
+                out.append(tup)
+        return out
+
+
+class Parser(OneActionPerAbbreviation, argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (exit 2), like every other lmkd error,
     and an abbreviation that both spellings of one flag match is that flag, not an ambiguity."""
 
@@ -186,20 +199,9 @@ class Parser(argparse.ArgumentParser):
         """
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
-    def _get_option_tuples(self, option_string):
-        seen, out = set(), []
-        for tup in super()._get_option_tuples(option_string):
-            if id(tup[0]) not in seen:
-                seen.add(id(tup[0]))
-                out.append(tup)
-        return out
-
 
 def _number(kind, text: str, low, high, low_open: bool, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    value = kind(text)  # not a number: argparse's own "invalid int value: 'abc'" (these types are named so)
     if value != value or (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and value > high):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
@@ -218,7 +220,7 @@ def count(low: int = 1):
     def parse(text: str) -> int:
         return _number(int, text, low, None, False, f"an integer >= {low}")
 
-    parse.__name__ = "count"
+    parse.__name__, parse.example = "int", str(max(low, 7))
     return parse
 
 
@@ -234,6 +236,9 @@ def positive(text: str) -> float:
     return _number(float, text, 0.0, None, True, "a number > 0")
 
 
+positive.__name__, positive.example = "float", "7"
+
+
 def fraction(text: str) -> float:
     """An argparse ``type``: a probability or weight in [0, 1].
 
@@ -244,6 +249,9 @@ def fraction(text: str) -> float:
         It as a float.
     """
     return _number(float, text, 0.0, 1.0, False, "a number in [0, 1]")
+
+
+fraction.__name__, fraction.example = "float", "0.25"
 
 
 def open_fraction(text: str) -> float:
@@ -258,6 +266,9 @@ def open_fraction(text: str) -> float:
     return _number(float, text, 0.0, 1.0, True, "a number in (0, 1]")
 
 
+open_fraction.__name__, open_fraction.example = "float", "0.25"
+
+
 def score(text: str) -> float:
     """An argparse ``type``: a score on the 0-100 scale of BLEU / chrF / ROUGE.
 
@@ -268,3 +279,6 @@ def score(text: str) -> float:
         It as a float.
     """
     return _number(float, text, 0.0, 100.0, False, "a number in [0, 100]")
+
+
+score.__name__, score.example = "float", "7"

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import fields
 
-from lmkd.cli.flags import Parser, did_you_mean, one_spelling, shown_options
+from lmkd.cli.flags import OneActionPerAbbreviation, did_you_mean, one_spelling, shown_options
 from lmkd.core.errors import LmkdError
 
 
@@ -25,8 +25,8 @@ def distill_parser():
     from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.data.dataset import DataArguments
 
-    class DistillParser(HfArgumentParser):
-        _get_option_tuples = Parser._get_option_tuples  # one flag's two spellings are not an ambiguity
+    class DistillParser(OneActionPerAbbreviation, HfArgumentParser):
+        """HfArgumentParser; one flag's two spellings are not an ambiguity."""
 
     return one_spelling(DistillParser((ModelArguments, DataArguments, DistillationConfig), prog="lmkd distill"))
 

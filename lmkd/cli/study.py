@@ -12,9 +12,13 @@ from lmkd.study import BUDGETS
 
 def _fractions(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.replace(",", " ").split()]
+        sizes = [float(x) for x in text.replace(",", " ").split()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"student sizes are fractions like '0.25,0.5', got {text!r}") from e
+    if not sizes or any(not 0 < s <= 1 for s in sizes):  # (0 parameters, or a student larger than its teacher)
+        raise argparse.ArgumentTypeError(f"student sizes are fractions of the teacher in (0, 1] like '0.25,0.5', "
+                                         f"got {text!r}")
+    return sizes
 
 
 def add_parser(sub):
