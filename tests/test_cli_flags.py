@@ -217,3 +217,29 @@ def test_compress_names_the_models_real_kind(tiny_model_dir, tmp_path, capsys):
     assert "is a causal (decoder-only) LM" in err and "--task causal-lm" in err, err
     assert "encoder-decoder" not in err.split("not ")[0], err
     assert not (tmp_path / "c").exists()
+
+
+def _bad_values(action) -> list[str]:
+    """Values every checked number flag refuses: a negative count or weight, a probability above 1."""
+    return ["-1"] + (["1.5"] if action.type.example == "0.25" else [])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_count_or_probability_flag_takes_a_value_out_of_range(command, capsys):
+    """A negative or zero count, a probability outside [0, 1]: refused in one line by every command's
+    parser (`generate --batch-size 0` used 32 without a word)."""
+    parser = _optional(subcommand_parser(build_parser(), command))
+    checked = 0
+    for action in parser._actions:
+        if not hasattr(action.type, "example"):
+            continue
+        for bad in _bad_values(action):
+            with pytest.raises(SystemExit) as e:
+                parser.parse_args([action.option_strings[0], bad])
+            assert e.value.code == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"argument {action.option_strings[0]}: must be" in err, err
+            checked += 1
+    assert checked >= (0 if command in ("make-student", "distill") else 3)
+    int_flags = [a for a in parser._actions if a.type is int and a.dest != "seed"]
+    assert int_flags == [], [a.dest for a in int_flags]  # every integer flag says its range
