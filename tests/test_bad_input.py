@@ -543,7 +543,7 @@ CASES_COLD = {
         CUT, R + "/notamodel/stages"),
     # a value the run would go wrong with, refused before any directory is made
     "distill: a negative learning rate": (lambda w: distill(w) + ["--learning_rate", "-1"],
-                                          "learning_rate must be > 0, got -1.0", R + "/run"),
+                                          "learning_rate must be >= 0, got -1.0", R + "/run"),
     "distill: training that would run no step": (
         lambda w: distill(w) + ["--num_train_epochs", "-2", "--max_steps", "-1"],
         "training would run no step: max_steps is -1", R + "/run"),

@@ -375,8 +375,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         """Optimiser settings and a training length the Trainer would take without a word: a negative
         learning rate (torch's ValueError traceback after output_dir is made), or no step to run (an
         untrained student saved as if trained)."""
-        if not self.learning_rate > 0:
-            raise LmkdError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.learning_rate >= 0:  # (0 holds the weights still: a flat baseline)
+            raise LmkdError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not self.max_steps > 0 and not self.num_train_epochs > 0:
             raise LmkdError(f"training would run no step: max_steps is {self.max_steps} (<= 0: unset) and "
                             f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or num_train_epochs > 0")
