@@ -95,7 +95,8 @@ CASES = {
     # cache-logits
     "cache-logits: negative tail samples": (lambda w: ["cache-logits", "--teacher", w["teacher"], "--data",
                                                        w["data"], "--top-k", "4", "--tail-samples", "-1",
-                                                       "--output", R + "/c1"], "--tail-samples: must be an integer >= 0",
+                                                       "--output", R + "/c1"],
+                                            "--tail-samples: must be an integer >= 0",
                                             R + "/c1"),
     # study
     "study: train file missing": (lambda w: ["study", "--task", "translation", "--train", R + "/nope.jsonl",
@@ -447,7 +448,8 @@ CASES_AUDIT = {
         R + "/e12.json"),
     "evaluate: --speed-samples -1": (
         lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
-                   "--speed-samples", "-1", "--output", R + "/e13.json"], "--speed-samples: must be an integer >= 0",
+                   "--speed-samples", "-1", "--output", R + "/e13.json"],
+        "--speed-samples: must be an integer >= 0",
         R + "/e13.json"),
     "compress: --output under a file": (lambda w: compress(w, output=R + "/train.jsonl/k"),
                                         "train.jsonl is a file, not a directory", None),
@@ -505,11 +507,12 @@ def broken(world):
     """``world`` plus a .jsonl.gz cut short (a download stopped halfway) and one that is not gzip."""
     import gzip
 
-    whole = gzip.compress(open(world["data"], "rb").read())
-    with open(os.path.join(world["root"], "cut.jsonl.gz"), "wb") as f:
-        f.write(whole[: len(whole) // 2])
-    with open(os.path.join(world["root"], "plain.jsonl.gz"), "wb") as f:
-        f.write(open(world["data"], "rb").read())
+    from pathlib import Path
+
+    rows = Path(world["data"]).read_bytes()
+    whole = gzip.compress(rows)
+    Path(world["root"], "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    Path(world["root"], "plain.jsonl.gz").write_bytes(rows)
     return world
 
 
@@ -517,16 +520,18 @@ CUT = "data file {root}/cut.jsonl.gz is truncated"
 PLAIN = "data file {root}/plain.jsonl.gz is not gzip data"
 CASES_COLD = {
     "evaluate: a truncated .jsonl.gz": (
-        lambda w: ["evaluate", "--model", w["student"], "--data", R + "/cut.jsonl.gz", "--task", "translation",
-                   "--output", R + "/x1.json"], CUT, R + "/x1.json"),
+        lambda w: ["evaluate", "--model", w["student"], "--data", R + "/cut.jsonl.gz",
+                   "--task", "translation", "--output", R + "/x1.json"], CUT, R + "/x1.json"),
     "evaluate: a .jsonl.gz that is not gzip": (
-        lambda w: ["evaluate", "--model", w["student"], "--data", R + "/plain.jsonl.gz", "--task", "translation",
-                   "--output", R + "/x2.json"], PLAIN, R + "/x2.json"),
+        lambda w: ["evaluate", "--model", w["student"], "--data", R + "/plain.jsonl.gz",
+                   "--task", "translation", "--output", R + "/x2.json"], PLAIN, R + "/x2.json"),
     "evaluate: a truncated .jsonl.gz as --dataset-name": (
-        lambda w: ["evaluate", "--model", w["student"], "--dataset-name", R + "/cut.jsonl.gz", "--split", "train",
-                   "--task", "translation", "--output", R + "/x3.json"], "--dataset-name: " + CUT, R + "/x3.json"),
+        lambda w: ["evaluate", "--model", w["student"], "--dataset-name", R + "/cut.jsonl.gz",
+                   "--split", "train", "--task", "translation", "--output", R + "/x3.json"],
+        "--dataset-name: " + CUT, R + "/x3.json"),
     "generate: a truncated .jsonl.gz": (
-        lambda w: ["generate", "--teacher", w["teacher"], "--data", R + "/cut.jsonl.gz", "--output", R + "/x4"],
+        lambda w: ["generate", "--teacher", w["teacher"], "--data", R + "/cut.jsonl.gz",
+                   "--output", R + "/x4"],
         CUT, R + "/x4"),
     "cache-logits: a truncated .jsonl.gz": (
         lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", R + "/cut.jsonl.gz", "--top-k", "4",

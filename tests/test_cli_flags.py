@@ -145,12 +145,14 @@ def UNKNOWN(tmp):  # one misspelt flag per command (not a prefix of the real one
         "make-student": (["--teacher", d, "--output", o, "--encodr-layers", "0"], "--encoder-layers"),
         "distill": (["--kd-alpah", "0.5"], "--kd-alpha"),
         "evaluate": (["--model", d, "--data", d, "--task", "translation", "--num-beems", "2"], "--num-beams"),
-        "generate": (["--teacher", d, "--data", d, "--output", o, "--max-new-tokes", "2"], "--max-new-tokens"),
+        "generate": (["--teacher", d, "--data", d, "--output", o, "--max-new-tokes", "2"],
+                     "--max-new-tokens"),
         "study": (["--task", "translation", "--train", d, "--output", o, "--student-stepz", "2"],
                   "--student-steps"),
         "cache-logits": (["--teacher", d, "--data", d, "--top-k", "4", "--output", o, "--tail-sampels", "2"],
                          "--tail-samples"),
-        "compress": (["--model", d, "--data", d, "--task", "translation", "--output", o, "--prune-hedas", "2"],
+        "compress": (["--model", d, "--data", d, "--task", "translation", "--output", o,
+                      "--prune-hedas", "2"],
                      "--prune-heads"),
     }
 
@@ -166,8 +168,9 @@ def test_unknown_flag_is_one_line_with_a_did_you_mean(command, capsys, tmp_path)
 
 
 def test_evaluate_takes_source_column_with_underscores():
-    ns, rest = build_parser().parse_known_args(["evaluate", "--model", "m", "--data", "d", "--task", "translation",
-                                                "--source_column", "sentence", "--max_samples", "3"])
+    ns, rest = build_parser().parse_known_args(["evaluate", "--model", "m", "--data", "d", "--task",
+                                                "translation", "--source_column", "sentence",
+                                                "--max_samples", "3"])
     assert (rest, ns.source_column, ns.max_samples) == ([], "sentence", 3)
 
 

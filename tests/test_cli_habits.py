@@ -107,7 +107,8 @@ def test_json_commands_print_one_json_document_on_stdout(tiny_model_dir, transla
     import lmkd.teacher.pseudo_targets
 
     teacher = tiny_model_dir("bart")
-    for module, name in ((logit_cache, "cache_logits"), (lmkd.teacher.pseudo_targets, "generate_pseudo_targets")):
+    for module, name in ((logit_cache, "cache_logits"),
+                         (lmkd.teacher.pseudo_targets, "generate_pseudo_targets")):
         real = getattr(module, name)
 
         def chatty(*a, _real=real, **k):  # the work, printing a log dict on stdout as transformers' logs do

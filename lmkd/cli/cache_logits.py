@@ -14,6 +14,14 @@ CACHE_TASKS = tuple(task for task, kind in TASK_KIND.items() if kind in (SEQ2SEQ
 
 
 def add_parser(sub):
+    """Add the ``cache-logits`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser(
         "cache-logits", help="store the teacher's top-K log-probs per target token, for teacher-free KD",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -36,9 +44,11 @@ def add_parser(sub):
                "tail samples ~260 bytes, with --tail-samples 0 (tail bucket only) ~132 bytes. The sampled "
                "tail makes the forward-KL gradient unbiased and measured ~0.9 BLEU better than the bucket "
                "(benchmarks/results/quality_cached_kd.txt); reverse KL and JSD use the bucket either way.")
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (hub id or local dir with its tokenizer)")
+    p.add_argument("--teacher", required=True,
+                   help="teacher checkpoint (hub id or local dir with its tokenizer)")
     add_data_arguments(p, "training data (.jsonl[.gz]/.json/.csv or a save_to_disk dir)", "train")
-    p.add_argument("--top-k", type=count(1), required=True, help="token ids kept per position (e.g. 32 or 64)")
+    p.add_argument("--top-k", type=count(1), required=True,
+                   help="token ids kept per position (e.g. 32 or 64)")
     p.add_argument("--tail-samples", type=count(0), default=32,
                    help="also store M token ids per position drawn from the teacher's mass outside the top-K: "
                         "the forward-KL gradient is then unbiased (default 32, ~4*M more bytes per token; "
@@ -52,10 +62,12 @@ def add_parser(sub):
     p.add_argument("--source-prefix", default="", help="text put before every input, as for distill")
     p.add_argument("--max-source-length", type=count(1), default=128, help="as for distill (default 128)")
     p.add_argument("--max-target-length", type=count(1), default=128, help="as for distill (default 128)")
-    p.add_argument("--max-samples", type=count(1), help="cache only the first N rows (use max_train_samples N "
+    p.add_argument("--max-samples", type=count(1),
+                   help="cache only the first N rows (use max_train_samples N "
                                                    "for distill)")
     p.add_argument("--batch-size", type=count(1), default=16, help="teacher batch size (default 16)")
-    p.add_argument("--shard-rows", type=count(1), default=1024, help="data rows per shard file (default 1024)")
+    p.add_argument("--shard-rows", type=count(1), default=1024,
+                   help="data rows per shard file (default 1024)")
     p.add_argument("--cache-dtype", default="float16", choices=DTYPE_NAMES,
                    help="dtype of the stored log-probs (default float16)")
     p.add_argument("--teacher-dtype", default="auto", choices=AUTO_DTYPE_NAMES,
@@ -67,6 +79,14 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
+    """Run ``lmkd cache-logits``.
+
+    Args:
+        ns: its parsed arguments.
+
+    Returns:
+        None.
+    """
     from lmkd.data.dataset import DataArguments
     from lmkd.teacher.logit_cache import cache_logits
 

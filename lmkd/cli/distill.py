@@ -78,11 +78,20 @@ def check_report_to(report_to) -> None:
 
 
 def add_parser(sub):
+    """Add the ``distill`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser("distill", help="train a student with a frozen teacher (YAML + overrides)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Distil a teacher into a student with DistillationTrainer.",
                        epilog=EPILOG)
-    p.add_argument("config", nargs="?", help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)")
+    p.add_argument("config", nargs="?",
+                   help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)")
     p.add_argument("--help-keys", action="store_true", help="list every accepted key and exit")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="train even if output_dir holds another run")
@@ -90,6 +99,14 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
+    """Run ``lmkd distill``.
+
+    Args:
+        ns: its parsed arguments.
+
+    Returns:
+        None.
+    """
     if ns.help_keys:
         distill_parser().print_help()
         return

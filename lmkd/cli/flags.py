@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 
 #: what users type for a flag, from the other commands' habits -> the dashed flag each command calls it
 #: (a command that has the value of the dict as a flag suggests it for the key)
@@ -202,7 +203,7 @@ class Parser(OneActionPerAbbreviation, argparse.ArgumentParser):
 
 def _number(kind, text: str, low, high, low_open: bool, what: str):
     value = kind(text)  # not a number: argparse's own "invalid int value: 'abc'" (these types are named so)
-    if value != value or (low is not None and (value <= low if low_open else value < low)) or \
+    if math.isnan(value) or (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and value > high):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value

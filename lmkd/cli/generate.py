@@ -11,6 +11,14 @@ from lmkd.cli.dataset_flags import add_data_arguments, dashed, data_kwargs
 
 
 def add_parser(sub):
+    """Add the ``generate`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser(
         "generate", help="teacher pseudo-targets for sequence-level KD (batched, sharded, resumable)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -33,21 +41,27 @@ def add_parser(sub):
                "--source-lang en --target-lang ro --output data/seqkd-ro\n"
                "Then train on it: `lmkd distill recipe.yaml --train-file data/seqkd-fr --target-column "
                "teacher_target` (recipes/translation/seqkd_*.yaml).")
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (seq2seq or causal LM; dir or hub id)")
+    p.add_argument("--teacher", required=True,
+                   help="teacher checkpoint (seq2seq or causal LM; dir or hub id)")
     add_data_arguments(p, "input data (.jsonl[.gz], .json, .csv, or a save_to_disk dir)", "train")
-    p.add_argument("--output", required=True, help="output directory (a save_to_disk dataset, or generated.jsonl)")
+    p.add_argument("--output", required=True,
+                   help="output directory (a save_to_disk dataset, or generated.jsonl)")
     p.add_argument("--source-column", default="source", help="input column (default: source)")
     p.add_argument("--source-prefix", default="", help="text put before every input, e.g. 'translate English "
                                                        "to French: ' for T5")
-    p.add_argument("--max-source-length", type=count(1), default=512, help="inputs are truncated to this many tokens")
-    p.add_argument("--num-beams", type=count(1), help="beam size (default 5, as Kim & Rush; 1 with --do-sample); "
+    p.add_argument("--max-source-length", type=count(1), default=512,
+                   help="inputs are truncated to this many tokens")
+    p.add_argument("--num-beams", type=count(1),
+                   help="beam size (default 5, as Kim & Rush; 1 with --do-sample); "
                                                  "1 = greedy")
     p.add_argument("--num-return-sequences", type=count(1), default=1,
                    help="K hypotheses kept per input (the n-best, default 1); K > 1 adds teacher_nbest")
-    p.add_argument("--max-new-tokens", type=count(1), default=128, help="generation length limit (default 128)")
+    p.add_argument("--max-new-tokens", type=count(1), default=128,
+                   help="generation length limit (default 128)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=count(1), help="inputs per batch (default 32)")
-    size.add_argument("--max-tokens", type=count(1), help="instead of --batch-size: padded input tokens per batch")
+    size.add_argument("--max-tokens", type=count(1),
+                      help="instead of --batch-size: padded input tokens per batch")
     p.add_argument("--chunk-size", type=count(1), default=1024,
                    help="examples per saved chunk: at most this much work is redone after a crash (default 1024)")
     p.add_argument("--do-sample", action="store_true",
@@ -105,7 +119,8 @@ def _generate(ns) -> dict:
         do_sample=ns.do_sample, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
         length_penalty=ns.length_penalty, no_repeat_ngram_size=ns.no_repeat_ngram_size,
         repetition_penalty=ns.repetition_penalty,
-        batch_size=ns.batch_size if ns.batch_size is not None or ns.max_tokens else 32, max_tokens=ns.max_tokens,
+        batch_size=ns.batch_size if ns.batch_size is not None or ns.max_tokens else 32,
+        max_tokens=ns.max_tokens,
         chunk_size=ns.chunk_size, output_format=ns.format, select=ns.select,
         reference_column=ns.reference_column, filter_metric=ns.filter_metric, filter_min=ns.filter_min,
         dtype=ns.dtype, overwrite=ns.overwrite, progress=not ns.no_progress)

@@ -9,7 +9,12 @@ import json
 import os
 from dataclasses import fields
 
-from lmkd.cli.flags import OneActionPerAbbreviation, did_you_mean, one_spelling, shown_options
+from lmkd.cli.flags import (
+    OneActionPerAbbreviation,
+    did_you_mean,
+    one_spelling,
+    shown_options,
+)
 from lmkd.core.errors import LmkdError
 
 
@@ -22,13 +27,14 @@ def distill_parser():
     """
     from transformers import HfArgumentParser
 
-    from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.data.dataset import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
 
     class DistillParser(OneActionPerAbbreviation, HfArgumentParser):
         """HfArgumentParser; one flag's two spellings are not an ambiguity."""
 
-    return one_spelling(DistillParser((ModelArguments, DataArguments, DistillationConfig), prog="lmkd distill"))
+    parser = DistillParser((ModelArguments, DataArguments, DistillationConfig), prog="lmkd distill")
+    return one_spelling(parser)
 
 
 #: the flags of `lmkd distill` itself (beside the keys), which may sit among the overrides
@@ -36,8 +42,8 @@ DISTILL_OWN_FLAGS = ("--help-keys", "--resume", "--overwrite")
 
 
 def _known_keys() -> dict[str, str]:
-    from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.data.dataset import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
 
     return {f.name: cls.__name__ for cls in (ModelArguments, DataArguments, DistillationConfig) for f in fields(cls)}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmkd.core.constants import EVAL_TASKS
 from lmkd.cli.flags import count, fraction, hidden_alias, positive
+from lmkd.core.constants import EVAL_TASKS
 from lmkd.study import BUDGETS
 
 
@@ -15,13 +15,21 @@ def _fractions(text: str) -> list[float]:
         sizes = [float(x) for x in text.replace(",", " ").split()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"student sizes are fractions like '0.25,0.5', got {text!r}") from e
-    if not sizes or any(not 0 < s <= 1 for s in sizes):  # (0 parameters, or a student larger than its teacher)
-        raise argparse.ArgumentTypeError(f"student sizes are fractions of the teacher in (0, 1] like '0.25,0.5', "
-                                         f"got {text!r}")
+    if not sizes or any(not 0 < s <= 1 for s in sizes):  # (no parameters, or a student above its teacher)
+        raise argparse.ArgumentTypeError("student sizes are fractions of the teacher in (0, 1] like "
+                                         f"'0.25,0.5', got {text!r}")
     return sizes
 
 
 def add_parser(sub):
+    """Add the ``study`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser(
         "study", help="run a whole distillation study (teacher, students, KD variants) and report it",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,11 +52,13 @@ def add_parser(sub):
                "--output runs/mysum\n"
                "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
                "--source-column sentence --output runs/cls\n"
-               "Budgets (measured on 2 CPU cores; the time depends on the corpus and the teacher): tiny (for "
-               "tests: seconds with a tiny test model, about 7 min with a real teacher, ~4 of them timing speed), "
-               "quick (the demo, `make demo`: 18-20 min on the shipped en->fr corpus), full (hours).")
+               "Budgets (measured on 2 CPU cores; the time depends on the corpus and the teacher): "
+               "tiny (for tests: seconds with a tiny test model, about 7 min with a real teacher, ~4 of "
+               "them timing speed), quick (the demo, `make demo`: 18-20 min on the shipped en->fr corpus), "
+               "full (hours).")
     p.add_argument("--task", required=True, choices=EVAL_TASKS)
-    p.add_argument("--train", help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
+    p.add_argument("--train",
+                   help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
                                    "synopses; French descriptions -> synopsis; -> archive section)")
     p.add_argument("--validation", help="validation data, same format")
     p.add_argument("--test", help="test data the report is measured on, same format")
@@ -61,7 +71,8 @@ def add_parser(sub):
     p.add_argument("--target-lang", help="the translation layout's target language (with --source-lang)")
     p.add_argument("--source-column", help="input column (default: source / document / text by task)")
     p.add_argument("--target-column", help="target column (default: target / summary / label by task)")
-    p.add_argument("--teacher", help="teacher checkpoint with its tokenizer (default: train one from scratch); "
+    p.add_argument("--teacher",
+                   help="teacher checkpoint with its tokenizer (default: train one from scratch); "
                                      "for classification a pretrained encoder (with a masked-LM head for the "
                                      "MLM-distil variants; without one they are skipped)")
     p.add_argument("--student-sizes", type=_fractions,
@@ -78,7 +89,8 @@ def add_parser(sub):
     p.add_argument("--kd-temperature", type=positive,
                    help="KD softmax temperature (default 1 for seq2seq as Kim & Rush, 2 for MLM as DistilBERT)")
     p.add_argument("--num-beams", type=count(1),
-                   help="beam size for the teacher's pseudo-targets and beam evaluation (default: the budget's)")
+                   help="beam size for the teacher's pseudo-targets and beam evaluation "
+                        "(default: the budget's)")
     p.add_argument("--seed", type=int, default=42, help="seed of every initialisation and data order")
     p.add_argument("--skip-teacher-check", action="store_true",
                    help="compare the students with a teacher that has not passed the check (its validation quality "
@@ -109,11 +121,11 @@ def named_splits(ns) -> tuple[str, str, str]:
     (the translation layout flattened into the task's columns), for the study's file-based stages."""
     import os
 
+    from lmkd.cli.dataset_flags import dashed
     from lmkd.core.constants import DEFAULT_COLUMNS
-    from lmkd.data.dataset import DataArguments, read_split
     from lmkd.core.errors import LmkdError
     from lmkd.core.io import write_jsonl
-    from lmkd.cli.dataset_flags import dashed
+    from lmkd.data.dataset import DataArguments, read_split
 
     if ns.train or ns.validation or ns.test:
         raise LmkdError("give either --dataset-name or --train/--validation/--test, not both")
@@ -168,7 +180,8 @@ def _run(ns) -> None:
         task=ns.task, output=ns.output, train=ns.train, validation=ns.validation, test=ns.test,
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
-        student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.num_beams,
+        student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature,
+        beams=ns.num_beams,
         seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
         serve=not ns.no_serve, online_kd=ns.online_kd)
     run_study(options)

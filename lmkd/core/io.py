@@ -51,12 +51,15 @@ def unreadable(path: str, error: BaseException) -> str | None:
         return (f"data file {path} is truncated: its gzip stream ends before its end marker (a download or "
                 "copy cut short?); write or fetch it again")
     if isinstance(error, gzip.BadGzipFile):
-        return f"data file {path} is not gzip data although its name ends in .gz ({error}); rename or recompress it"
+        return (f"data file {path} is not gzip data although its name ends in .gz ({error}); rename or "
+                "recompress it")
     if isinstance(error, zlib.error):
-        return f"data file {path} is corrupt: its gzip data cannot be decompressed ({error}); write or fetch it again"
+        return (f"data file {path} is corrupt: its gzip data cannot be decompressed ({error}); write or "
+                "fetch it again")
     if isinstance(error, UnicodeDecodeError):
-        return (f"data file {path} is not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} at offset "
-                f"{error.start} of a block); save it as UTF-8")
+        byte = error.object[error.start:error.start + 1]
+        return (f"data file {path} is not UTF-8 text (byte {byte!r} at offset {error.start} of a block); "
+                "save it as UTF-8")
     return None
 
 

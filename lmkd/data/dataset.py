@@ -100,7 +100,7 @@ class DataArguments:
                             "languages, e.g. source_lang en, target_lang fr")
         for name in ("max_source_length", "max_target_length", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
-            if value is not None and not value >= 1:  # 0 rows or tokens: nothing to train on, or all truncated
+            if value is not None and not value >= 1:  # 0 rows or tokens: nothing to train on or all cut
                 raise LmkdError(f"{key_name(self, name)} must be >= 1, got {value}")
         if not 0.0 < self.mlm_probability <= 1.0:
             raise LmkdError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
@@ -205,10 +205,10 @@ def _load_named(args: DataArguments, split: str, required: bool) -> datasets.Dat
         raise LmkdError(f"cannot read {key_name(args, 'dataset_name')} {name!r}" + (f" ({config})" if config else "")
                         + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     except DatasetGenerationError as e:  # the builder's wrapper around what went wrong in the file
-        cause = e.__cause__ or e.__context__
-        detail = unreadable(name, cause) if cause is not None else None
-        raise LmkdError(f"{key_name(args, 'dataset_name')}: " + (detail or f"cannot read {name!r}: "
-                        f"{str(cause or e).splitlines()[0] if str(cause or e) else type(cause or e).__name__}")) from e
+        cause = e.__cause__ or e.__context__ or e
+        said = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        detail = unreadable(name, cause) or f"cannot read {name!r}: {said}"
+        raise LmkdError(f"{key_name(args, 'dataset_name')}: {detail}") from e
 
 
 def read_split(args: DataArguments, split: str = "train", columns: list[str] | tuple[str, ...] = (),

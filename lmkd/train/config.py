@@ -379,13 +379,14 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise LmkdError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not self.max_steps > 0 and not self.num_train_epochs > 0:
             raise LmkdError(f"training would run no step: max_steps is {self.max_steps} (<= 0: unset) and "
-                            f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or num_train_epochs > 0")
-        for name, low, high in (("weight_decay", 0.0, None), ("adam_epsilon", 0.0, None), ("max_grad_norm", 0.0, None),
-                                ("warmup_steps", 0.0, None), ("adam_beta1", 0.0, 1.0), ("adam_beta2", 0.0, 1.0),
-                                ("label_smoothing_factor", 0.0, 1.0)):
+                            f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or "
+                            "num_train_epochs > 0")
+        for name, high in (("weight_decay", None), ("adam_epsilon", None), ("max_grad_norm", None),
+                           ("warmup_steps", None), ("adam_beta1", 1.0), ("adam_beta2", 1.0),
+                           ("label_smoothing_factor", 1.0)):
             value = getattr(self, name, None)
-            if value is not None and not (value >= low and (high is None or value < high)):
-                raise LmkdError(f"{name} must be >= {low:g}" + (f" and < {high:g}" if high is not None else "")
+            if value is not None and not (value >= 0 and (high is None or value < high)):
+                raise LmkdError(f"{name} must be >= 0" + (f" and < {high:g}" if high is not None else "")
                                 + f", got {value}")
         for name in ("generation_num_beams", "generation_max_length"):
             value = getattr(self, name, None)
