@@ -246,3 +246,14 @@ def test_no_count_or_probability_flag_takes_a_value_out_of_range(command, capsys
     assert checked >= (0 if command in ("make-student", "distill") else 3)
     int_flags = [a for a in parser._actions if a.type is int and a.dest != "seed"]
     assert int_flags == [], [a.dest for a in int_flags]  # every integer flag says its range
+
+
+def test_study_help_says_the_measured_budget_times(capsys):
+    """The quick budget took 18-20 min (`make demo`, shipped en->fr corpus, 2 cores), tiny 7 min with a
+    real teacher: --help says so, and that the time depends on the corpus and the teacher."""
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "18-20 min" in out and "about 7 min with a real teacher" in out, out
+    assert "depends on the corpus and the teacher" in out
+    assert "30-40" not in out and "tiny (seconds" not in out
