@@ -313,6 +313,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                             "per_device_train_batch_size >= 2; raise it or use relation_pooling token")
         self._check_regimes()
         self._check_sizes()
+        self._check_optimisation()
         self._check_precision()
         super().__post_init__()
 
@@ -369,6 +370,28 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             if value is not None and not value > 0:
                 raise LmkdError(f"{name} must be > 0 (an integer, or a fraction < 1 of the training steps), "
                                 f"got {value}")
+
+    def _check_optimisation(self) -> None:
+        """Optimiser settings and a training length the Trainer would take without a word: a negative
+        learning rate (torch's ValueError traceback after output_dir is made), or no step to run (an
+        untrained student saved as if trained)."""
+        if not self.learning_rate >= 0:  # (0 holds the weights still: a flat baseline)
+            raise LmkdError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if not self.max_steps > 0 and not self.num_train_epochs > 0:
+            raise LmkdError(f"training would run no step: max_steps is {self.max_steps} (<= 0: unset) and "
+                            f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or "
+                            "num_train_epochs > 0")
+        for name, high in (("weight_decay", None), ("adam_epsilon", None), ("max_grad_norm", None),
+                           ("warmup_steps", None), ("adam_beta1", 1.0), ("adam_beta2", 1.0),
+                           ("label_smoothing_factor", 1.0)):
+            value = getattr(self, name, None)
+            if value is not None and not (value >= 0 and (high is None or value < high)):
+                raise LmkdError(f"{name} must be >= 0" + (f" and < {high:g}" if high is not None else "")
+                                + f", got {value}")
+        for name in ("generation_num_beams", "generation_max_length"):
+            value = getattr(self, name, None)
+            if value is not None and not value >= 1:
+                raise LmkdError(f"{name} must be >= 1 (or unset), got {value}")
 
     def _check_precision(self) -> None:
         """bf16 without a device that runs it: transformers refuses with a ValueError (and a hint about
