@@ -27,7 +27,7 @@ def add_parser(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the teacher once over the training data and store, for every target position, its "
                     "top-K token ids and log-probs, the log of the remaining mass and (by default) 32 token ids "
-                    "drawn from that remaining mass, in shards under --output. `lmkd distill ... --teacher-cache DIR` then trains with no teacher "
+                    "drawn from that remaining mass, in shards under --output. `lmkd distill ... --logit-cache DIR` then trains with no teacher "
                     "in memory and no teacher forward. Interrupted runs resume: rerun the same command.",
         epilog="examples:\n"
                "  lmkd cache-logits --teacher runs/teacher --data train.jsonl --top-k 32 --output runs/cache\n"
@@ -37,7 +37,7 @@ def add_parser(sub):
                "--batch-size 32 --output runs/cache\n"
                "  lmkd cache-logits --teacher runs/teacher --dataset-name wmt16 --dataset-config-name ro-en "
                "--source-lang en --target-lang ro --top-k 32 --output runs/cache\n"
-               "  lmkd distill config.yaml --teacher-cache runs/cache --kd-alpha 0.5\n"
+               "  lmkd distill config.yaml --logit-cache runs/cache --kd-alpha 0.5\n"
                "Use the same --task, columns, max lengths and prefix for distill as here; the data must be the "
                "same file (the cache checks the tokens row by row). On disk: about 4*(K+M)+4 bytes per target "
                "token (ids uint16 when the vocabulary fits, log-probs float16): K=32 with the default 32 "

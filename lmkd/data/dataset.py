@@ -117,7 +117,7 @@ class DataArguments:
 
 
 #: the distill keys that name the columns load_data is asked for, in order (source, target, gold)
-DISTILL_COLUMN_FLAGS = ("--source_column", "--target_column", "--gold_column")
+DISTILL_COLUMN_FLAGS = ("--source-column", "--target-column", "--gold-column")
 
 #: how the commands with dashed flags (DataArguments.dashed_flags) name the fields their errors mention
 DASHED_FLAGS = {"dataset_name": "--dataset-name", "source_lang": "--source-lang", "target_lang": "--target-lang",
