@@ -134,8 +134,8 @@ CASES_16 = {
         lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", w["data"], "--top-k", "4",
                    "--target-column", "french", "--output", R + "/c2"],
         "name the right one with --target-column", R + "/c2"),
-    "distill: missing column names --target_column": (
-        lambda w: distill(w, target_column="french"), "name the right one with --target_column", R + "/run"),
+    "distill: missing column names --target-column": (
+        lambda w: distill(w, target_column="french"), "name the right one with --target-column", R + "/run"),
     # a device this machine does not have (cuda:99 is missing with or without a GPU)
     "evaluate: --device without that device": (
         lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
@@ -373,11 +373,11 @@ def test_bf16_without_a_bf16_device_is_one_line(world_a, capsys):
 
 CASES_AUDIT = {
     # wrong advice: a missing prompt column was blamed on --target_column (columns and keys out of step)
-    "distill: missing prompt column names --prompt_column": (
+    "distill: missing prompt column names --prompt-column": (
         lambda w: distill(w, student_model_name_or_path=w["gpt2"], teacher_model_name_or_path=w["gpt2"],
                           task="causal-lm", source_column="source", kd_loss="jsd", on_policy_fraction=0.5,
                           prompt_column="prompt"),
-        "has no column 'prompt' (it has: source, target); name the right one with --prompt_column", R + "/run"),
+        "has no column 'prompt' (it has: source, target); name the right one with --prompt-column", R + "/run"),
     # wrong advice: --resume where nothing was saved (what Ctrl-C's hint said) was the Trainer's traceback
     "distill: --resume without a checkpoint": (
         lambda w: distill(w, output_dir=R + "/notamodel") + ["--resume"],

@@ -53,7 +53,7 @@ def test_parquet_file_and_saved_directory_through_dataset_name(tmp_path, rows):
     assert plain(read_split(args, "train")) == rows[16:]
     with pytest.raises(LmkdError, match="has no split 'test' \\(it has: train, validation\\)"):
         read_split(args, "validation")
-    with pytest.raises(LmkdError, match="has no column 'tgt' .*name the right one with --target_column"):
+    with pytest.raises(LmkdError, match="has no column 'tgt' .*name the right one with --target-column"):
         read_split(DataArguments(task="translation", dataset_name=saved, target_column="tgt"), "train",
                    ["source", "tgt"])
 

@@ -207,7 +207,7 @@ def test_bf16_recipe_on_a_machine_without_bf16_gpu_is_one_line(capsys):
         pytest.skip("this machine has a GPU: bf16 may be supported")
     assert main(["distill", str(RECIPES / "causal" / "gpt2_distil.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "bf16" in err and "--bf16 false --use_cpu true" in err
+    assert err.count("\n") == 0 and "bf16" in err and "--bf16 false --use-cpu true" in err
 
 
 def test_commented_keys_are_real_keys_and_none_waits_to_land():

@@ -34,10 +34,10 @@ def _labelled(data_args) -> bool:
 def _raw(split, data_args, limit, mix_seed=None):
     mix = _labelled(data_args) and mix_seed is not None and data_args.mix_gold_fraction > 0
     # each column with the key that names it, so a missing one's error says which key to fix
-    named = [(data_args.source_column, "--source_column")]
-    named += [(data_args.target_column, "--target_column")] if _labelled(data_args) else []
-    named += [(data_args.prompt_column, "--prompt_column")] if data_args.prompt_column else []
-    named += [(data_args.gold_column, "--gold_column")] if mix else []
+    named = [(data_args.source_column, "--source-column")]
+    named += [(data_args.target_column, "--target-column")] if _labelled(data_args) else []
+    named += [(data_args.prompt_column, "--prompt-column")] if data_args.prompt_column else []
+    named += [(data_args.gold_column, "--gold-column")] if mix else []
     ds = read_split(data_args, split, [c for c, _ in named], [f for _, f in named])
     if ds is None:
         return None
