@@ -65,11 +65,11 @@ def test_memorisation_figures_equal_a_direct_computation_on_the_saved_transfer_s
     # the teacher learned its own rows and not the held-out ones: the figures tell the two apart
     assert want["teacher_rows"]["score"] > 20 > want["held_out_rows"]["score"] + 10
     report = json.loads((Path(out) / "report.json").read_text())
-    assert list(report).index("transfer_set") < list(report).index("verdicts")
+    assert list(report).index("transfer_set") < list(report).index("rows")
     ts = report["transfer_set"]
     assert {k: ts[k] for k in saved} == saved and ts["teacher_split"] == 0.5
     md = (Path(out) / "report.md").read_text()
-    assert md.index("## Transfer set") < md.index("## Verdicts")
+    assert md.index("## Verdicts") < md.index("## Transfer set") < md.index("| model |")
     assert f"the teacher trained on {want['teacher_rows']['rows']} of these rows ({saved['teacher_rows']['score']:.1f}" \
            in md
     assert f"not on the other {want['held_out_rows']['rows']} ({saved['held_out_rows']['score']:.1f} BLEU" in md
@@ -203,7 +203,9 @@ def test_all_zero_students_give_one_no_verdict_line(split_study):
     report = json.loads((Path(out) / "report.json").read_text())
     students = [g for g in report["variants"] if g["variant"] != "teacher"]
     assert students and all(g["score_mean"] == 0 for g in students)  # 12 steps: nothing learned
-    assert len(report["verdicts"]) == 1 and report["verdicts"][0].startswith("**No verdict is possible**")
+    # the warnings stay first (below the trivial floor here); one line instead of one per comparison
+    assert report["verdicts"] == [report["below_floor"], report["significance"]["no_verdict"]]
+    assert report["verdicts"][1].startswith("**No verdict is possible**")
     md = (Path(out) / "report.md").read_text()
     assert "p = 1.000)" not in md and "No comparisons listed" in md
     assert report["significance"]["comparisons"]  # still in report.json, for whoever wants them

@@ -86,10 +86,10 @@ def report_markdown(report: dict) -> str:
     sp = report["speed_setup"]
     metric = METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0])
     lines = [f"# lmkd study: {report['task']} ({report['budget']} budget)", ""]
-    lines += transfer_set_lines(report)
     lines += ["## Verdicts", ""] + [f"- {v}" for v in report["verdicts"]] + [""]
+    lines += transfer_set_lines(report)
     nothing = sig.get("no_verdict")
-    lines += [] if nothing else [f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
+    lines += [f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
               f"BLEU/chrF exactly sacrebleu's paired bootstrap test) on {metric}"
               + (f", {sig['mode']} search" if sig["mode"] else "")
               + f": a difference is reported when p < {sig['alpha']}, otherwise the comparison is inconclusive; "

@@ -297,11 +297,15 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     if below:
         sig["verdicts"].insert(1 if sig["weak_teacher"] else 0, below)
     nothing = no_verdict(groups, METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0]), t_score)
-    if nothing:
-        sig["verdicts"], sig["no_verdict"] = [nothing], nothing
+    if nothing:  # the warnings stay; the line replaces one line per comparison
+        warnings = sig["verdicts"][:len(sig["verdicts"]) - len(sig["comparisons"])]
+        sig["verdicts"], sig["no_verdict"] = warnings + [nothing], nothing
     extra = {}
-    if "memorisation" in data:
-        extra["transfer_set"] = transfer_set_report(data["memorisation"], plan.teacher_check, opts.teacher_split)
+    if "transfer_dir" in data:
+        from lmkd.study.seq2seq import read_memorisation
+
+        extra["transfer_set"] = transfer_set_report(read_memorisation(data["transfer_dir"], opts.task),
+                                                    plan.teacher_check, opts.teacher_split)
     if data.get("inits"):
         extra["student_inits"] = student_inits(data["inits"], rows)
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")

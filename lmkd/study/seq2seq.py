@@ -273,7 +273,7 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
     transfer_dir = st.run("transfer", gen_opts, transfer_deps, transfer_fn,
                           f"teacher beam search (beam {plan.beams}) on the transfer set")
     transfer_file = os.path.join(transfer_dir, "transfer.jsonl")
-    data["memorisation"] = read_memorisation(transfer_dir, opts.task)
+    data["transfer_dir"] = transfer_dir  # (the report reads its memorisation figures: read_memorisation)
     # each variant's training file and the stage it comes from: the baseline keeps the gold rows only; with
     # --unlabelled Word-KD also reads the transfer set (its unlabelled rows' target: the teacher's best beam)
     train_files = {v: (rows_file, "transfer-rows") if v == "baseline" or (
