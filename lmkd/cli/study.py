@@ -91,9 +91,10 @@ def add_parser(sub):
                         "(default: the top 32 per target token plus 32 sampled from the rest, lmkd cache-logits; "
                         "about 2.2x faster Word-KD students on a CPU)")
     p.add_argument("--teacher-split", type=float, metavar="F",
-                   help="seq2seq, with a teacher trained here: train it on a seeded fraction F (0 < F < 1) of the "
-                        "training rows only; the students learn from all of them, so on the rest the teacher's "
-                        "outputs are its predictions, not the memorised gold targets (the report gives both)")
+                   help="seq2seq, with a teacher trained here: train it on a seeded fraction F (0 < F < 1) "
+                        "of the training rows only; the students learn from all of them, so on the rest the "
+                        "teacher's outputs are its predictions, not the memorised gold targets (the report "
+                        "gives both)")
     p.add_argument("--unlabelled", metavar="FILE",
                    help="seq2seq: source-only rows (a 'source' column, or --source-column) added to every KD "
                         "variant's transfer set with the teacher's best beam as their target; the baseline "
@@ -152,5 +153,6 @@ def run(ns) -> None:
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
         seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
-        serve=not ns.no_serve, online_kd=ns.online_kd, teacher_split=ns.teacher_split, unlabelled=ns.unlabelled)
+        serve=not ns.no_serve, online_kd=ns.online_kd, teacher_split=ns.teacher_split,
+        unlabelled=ns.unlabelled)
     run_study(options)

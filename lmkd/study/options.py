@@ -130,8 +130,9 @@ class StudyOptions:
             if self.task == "classification":
                 raise LmkdError("--teacher-split is for the seq2seq tasks (translation, summarization)")
             if self.teacher is not None:
-                raise LmkdError("--teacher-split trains the teacher on part of the training rows; with --teacher "
-                                "the study does not know which rows the given teacher trained on -- drop one")
+                raise LmkdError("--teacher-split trains the teacher on part of the training rows; with "
+                                "--teacher the study does not know which rows the given teacher trained on "
+                                "-- drop one")
             if isinstance(self.teacher_split, bool) or not 0 < self.teacher_split < 1:
                 raise LmkdError(f"--teacher-split takes the teacher's share of the training rows in (0, 1), "
                                 f"got {self.teacher_split}")

@@ -235,23 +235,25 @@ def transfer_set_lines(report: dict) -> list[str]:
         lines.append(f"- The teacher's beam outputs on the {whole['rows']} labelled transfer rows: "
                      f"{_figures(whole, label)}; {beside}.")
         if "teacher_rows" in ts:
-            lines.append(f"- --teacher-split {ts['teacher_split']:g}: the teacher trained on "
-                         f"{ts['teacher_rows']['rows']} of these rows ({_figures(ts['teacher_rows'], label)}) and "
-                         f"not on the other {ts['held_out_rows']['rows']} ({_figures(ts['held_out_rows'], label)}),"
-                         " where its outputs are its predictions; every student learns from all of them.")
+            mine, rest = ts["teacher_rows"], ts["held_out_rows"]
+            lines.append(f"- --teacher-split {ts['teacher_split']:g}: the teacher trained on {mine['rows']} "
+                         f"of these rows ({_figures(mine, label)}) and not on the other {rest['rows']} "
+                         f"({_figures(rest, label)}), where its outputs are its predictions; every student "
+                         "learns from all of them.")
         if ts.get("unlabelled_rows"):
-            lines.append(f"- --unlabelled: {ts['unlabelled_rows']} source-only rows in every KD variant's transfer "
-                         "set, their target the teacher's best beam (Word-KD: that target with the KD term, as "
-                         "lmkd distill's transfer-set regime trains a seq2seq student on unlabelled rows; Seq-Inter:"
-                         " the best beam, there being no gold to pick by); the baseline learns from the gold rows "
-                         "only.")
+            lines.append(f"- --unlabelled: {ts['unlabelled_rows']} source-only rows in every KD variant's "
+                         "transfer set, their target the teacher's best beam (Word-KD: that target with "
+                         "the KD term, as lmkd distill's transfer-set regime trains a seq2seq student on "
+                         "unlabelled rows; Seq-Inter: the best beam, there being no gold to pick by); the "
+                         "baseline learns from the gold rows only.")
         if ts.get("warning"):
             lines.append(f"- {ts['warning']}")
     for size in dict.fromkeys(i["size"] for i in inits or []):
         first = next(i for i in inits if i["size"] == size)
         share = first["parameters_vs_teacher"]
         shape = first["shape"] or {}
-        dims = f"{shape.get('d_model')}-wide, {shape.get('encoder_layers')}+{shape.get('decoder_layers')} layers"
+        dims = (f"{shape.get('d_model')}-wide, {shape.get('encoder_layers')}+{shape.get('decoder_layers')} "
+                "layers")
         if first["init"] == "fresh":
             how = f"fresh (random init, a narrower model of the teacher's kind), {dims}"
         else:

@@ -135,8 +135,9 @@ def transfer_set_report(memo: dict, teacher_check: dict | None, teacher_split: f
     warning = None
     if why:
         warning = ("**Seq-KD learns mostly the gold targets**: " + " and ".join(why) + " -- the teacher "
-                   + ("trained on part of" if teacher_split else "trained on") + " the rows the students learn "
-                   "from, so its outputs there are largely the gold targets again, not its predictions "
+                   + ("trained on part of" if teacher_split else "trained on")
+                   + " the rows the students learn from, so its outputs there are largely the gold targets "
+                   "again, not its predictions "
                    "(--teacher-split F trains it on a share of them only).")
     return {**memo, "validation": {"metric": whole["metric"], "score": validation, "rows": check.get("rows")},
             "ratio": ratio, "teacher_split": teacher_split, "warning": warning}

@@ -50,8 +50,9 @@ def _generate(teacher_dir: str, data_file: str, gen_dir: str, beams: int, max_ne
     from lmkd.teacher.pseudo_targets import JSONL_FILE, generate_pseudo_targets
 
     report = generate_pseudo_targets(teacher_dir, data=data_file, output_dir=gen_dir, source_column="source",
-                                     num_beams=beams, num_return_sequences=beams, max_new_tokens=max_new_tokens,
-                                     max_source_length=max_length, batch_size=64, output_format="jsonl")
+                                     num_beams=beams, num_return_sequences=beams,
+                                     max_new_tokens=max_new_tokens, max_source_length=max_length, batch_size=64,
+                                     output_format="jsonl")
     rows = read_rows(os.path.join(gen_dir, JSONL_FILE))
     shutil.rmtree(gen_dir)
     return rows, report
@@ -59,9 +60,10 @@ def _generate(teacher_dir: str, data_file: str, gen_dir: str, beams: int, max_ne
 
 def make_transfer_set(teacher_dir: str, data_file: str, out: str, beams: int, max_new_tokens: int,
                       max_length: int, task: str = "translation", unlabelled_file: str | None = None) -> str:
-    """The teacher's beam-search n-best on ``data_file`` (:func:`lmkd.teacher.pseudo_targets.generate_pseudo_targets`)
-    plus the Seq-Inter choice (:func:`lmkd.teacher.pseudo_targets.seq_inter_select`); returns the JSONL path with
-    columns source, target (gold), teacher (best beam), inter (closest to the gold of the n-best), and the
+    """The teacher's beam-search n-best on ``data_file``
+    (:func:`lmkd.teacher.pseudo_targets.generate_pseudo_targets`) plus the Seq-Inter choice
+    (:func:`lmkd.teacher.pseudo_targets.seq_inter_select`); returns the JSONL path with columns source,
+    target (gold), teacher (best beam), inter (closest to the gold of the n-best), and the
     columns of ``data_file`` past those (``teacher_row`` with --teacher-split).  With ``unlabelled_file``
     (``--unlabelled``) its rows follow, ``labelled`` false, their target, teacher and inter all the teacher's
     best beam (no gold to pick by); the labelled rows then say ``labelled`` true.  Also writes
@@ -90,7 +92,8 @@ def make_transfer_set(teacher_dir: str, data_file: str, out: str, beams: int, ma
         chosen, changed = [0] * len(rows), 0
     extra = [k for k in read_rows(data_file)[0] if k not in ("source", "target")]
     out_rows = [{"source": r["source"], "target": r["target"], "teacher": r["teacher_target"],
-                 "inter": r["teacher_nbest"][c] if beams > 1 else r["teacher_target"], **{k: r[k] for k in extra}}
+                 "inter": r["teacher_nbest"][c] if beams > 1 else r["teacher_target"],
+                 **{k: r[k] for k in extra}}
                 for r, c in zip(rows, chosen)]
     if unlabelled_file is not None:
         plain, _ = _generate(teacher_dir, unlabelled_file, os.path.join(out, "generate-unlabelled"), *gen)
@@ -106,12 +109,13 @@ def make_transfer_set(teacher_dir: str, data_file: str, out: str, beams: int, ma
 
 
 def _agreement(rows: list[dict], task: str) -> dict:
-    """The teacher's best beam against the gold target on ``rows``: the check metric and the identical share."""
+    """The teacher's best beam against the gold target on ``rows``: the check metric, the identical share."""
     from lmkd.study.checks import CHECK_METRIC, task_score
 
     same = sum(str(r["teacher"]).strip() == str(r["target"]).strip() for r in rows)
     return {"rows": len(rows), "metric": CHECK_METRIC[task],
-            "score": task_score(task, [r["teacher"] for r in rows], [r["target"] for r in rows]) if rows else None,
+            "score": (task_score(task, [r["teacher"] for r in rows], [r["target"] for r in rows])
+                      if rows else None),
             "identical": same / len(rows) if rows else None}
 
 
@@ -166,7 +170,8 @@ def _fewest_copied_layers(teacher) -> dict[str, list[int]] | None:
     if set(stacks) != {"encoder", "decoder"}:
         return None
     config = teacher.config
-    return {name: spread_layers(getattr(config, f) or config.num_layers, 1) for name, (_, f) in stacks.items()}
+    return {name: spread_layers(getattr(config, f) or config.num_layers, 1)
+            for name, (_, f) in stacks.items()}
 
 
 def _student_init(teacher_dir: str, fraction: float, seed: int, out: str, copy_fewest: bool = False) -> None:
@@ -185,7 +190,13 @@ def _student_init(teacher_dir: str, fraction: float, seed: int, out: str, copy_f
     """
     import torch
 
-    from lmkd.models.loading import AUTO_CLASS, count_parameters, load_model, load_tokenizer, model_kind
+    from lmkd.models.loading import (
+        AUTO_CLASS,
+        count_parameters,
+        load_model,
+        load_tokenizer,
+        model_kind,
+    )
     from lmkd.models.student import (
         copied_layers_within,
         make_student,
@@ -259,8 +270,9 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
     if opts.unlabelled is not None:
         from lmkd.core.io import file_digest
 
-        u_dir = st.run("data-unlabelled", {"file": file_digest(opts.unlabelled), "column": opts.source_column},
-                       [], lambda out: prepare_unlabelled(opts.unlabelled, opts.source_column, out),
+        u_opts = {"file": file_digest(opts.unlabelled), "column": opts.source_column}
+        u_dir = st.run("data-unlabelled", u_opts, [],
+                       lambda out: prepare_unlabelled(opts.unlabelled, opts.source_column, out),
                        "reading the source-only rows (--unlabelled)")
         unlabelled_file = os.path.join(u_dir, "unlabelled.jsonl")
         gen_opts["unlabelled"] = True

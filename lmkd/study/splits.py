@@ -108,7 +108,8 @@ def split_teacher_rows(train_file: str, fraction: float, seed: int, out: str) ->
     rows = read_rows(train_file)
     keys = list(dict.fromkeys(row_key(r) for r in rows))
     if len(keys) < 2:
-        raise LmkdError(f"--teacher-split needs two or more distinct training rows, {train_file} has {len(keys)}")
+        raise LmkdError(f"--teacher-split needs two or more distinct training rows, {train_file} has "
+                        f"{len(keys)}")
     k = min(len(keys) - 1, max(1, round(fraction * len(keys))))
     chosen = set(random.Random(seed).sample(keys, k))
     mine = [r for r in rows if row_key(r) in chosen]

@@ -110,8 +110,9 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
 
 def _teacher_rows_stage(st: Stages, opts: StudyOptions, data: dict) -> str:
-    """``--teacher-split``: the stage choosing the teacher's rows (:func:`~lmkd.study.splits.split_teacher_rows`);
-    sets ``data["teacher_train"]`` (the rows the teacher trains on) and ``data["teacher_rows_dir"]``; returns
+    """``--teacher-split``: the stage choosing the teacher's rows
+    (:func:`~lmkd.study.splits.split_teacher_rows`); sets ``data["teacher_train"]`` (the rows the teacher
+    trains on) and ``data["teacher_rows_dir"]``; returns
     the stage's name."""
     from lmkd.study.splits import TEACHER_ROWS, split_teacher_rows
 
