@@ -95,7 +95,8 @@ CASES = {
     # cache-logits
     "cache-logits: negative tail samples": (lambda w: ["cache-logits", "--teacher", w["teacher"], "--data",
                                                        w["data"], "--top-k", "4", "--tail-samples", "-1",
-                                                       "--output", R + "/c1"], "--tail-samples must be >= 0",
+                                                       "--output", R + "/c1"],
+                                            "--tail-samples: must be an integer >= 0",
                                             R + "/c1"),
     # study
     "study: train file missing": (lambda w: ["study", "--task", "translation", "--train", R + "/nope.jsonl",
@@ -225,7 +226,7 @@ def test_report_to_without_its_package_is_one_line(world, capsys, monkeypatch, i
                         else real(name, *a, **k))
     line = _one_line_exit_2(world, capsys, distill(world, report_to=integration),
                             f"report_to {integration} needs the {package} package", world["root"] + "/run")
-    assert f"pip install {package}" in line and "--report_to none" in line
+    assert f"pip install {package}" in line and "--report-to none" in line
 
 
 def test_device_cuda_on_a_machine_without_cuda_is_one_line(world, capsys, monkeypatch):
@@ -443,11 +444,12 @@ CASES_AUDIT = {
     # a bad speed setting was found only after all the scoring (the issue's unwritable --output, again)
     "evaluate: --repeats 0": (
         lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation", "--repeats", "0",
-                   "--output", R + "/e12.json"], "with speed --repeats >= 1; got --speed-samples 32, --repeats 0",
+                   "--output", R + "/e12.json"], "argument --repeats: must be an integer >= 1, got 0",
         R + "/e12.json"),
     "evaluate: --speed-samples -1": (
         lambda w: ["evaluate", "--model", w["student"], "--data", w["data"], "--task", "translation",
-                   "--speed-samples", "-1", "--output", R + "/e13.json"], "--speed-samples must be >= 0",
+                   "--speed-samples", "-1", "--output", R + "/e13.json"],
+        "--speed-samples: must be an integer >= 0",
         R + "/e13.json"),
     "compress: --output under a file": (lambda w: compress(w, output=R + "/train.jsonl/k"),
                                         "train.jsonl is a file, not a directory", None),
@@ -495,3 +497,77 @@ def test_output_where_nothing_may_be_written_is_one_line_before_any_work(world_a
                                                  "(Permission denied)", None)
         assert line.startswith(f"lmkd {argv[0]}: error:")
         assert os.listdir(locked) == []
+
+
+# ---- a cold trial: broken data files, values that would be replaced or train nothing -----------------------
+
+
+@pytest.fixture(scope="module")
+def broken(world):
+    """``world`` plus a .jsonl.gz cut short (a download stopped halfway) and one that is not gzip."""
+    import gzip
+
+    from pathlib import Path
+
+    rows = Path(world["data"]).read_bytes()
+    whole = gzip.compress(rows)
+    Path(world["root"], "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    Path(world["root"], "plain.jsonl.gz").write_bytes(rows)
+    return world
+
+
+CUT = "data file {root}/cut.jsonl.gz is truncated"
+PLAIN = "data file {root}/plain.jsonl.gz is not gzip data"
+CASES_COLD = {
+    "evaluate: a truncated .jsonl.gz": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", R + "/cut.jsonl.gz",
+                   "--task", "translation", "--output", R + "/x1.json"], CUT, R + "/x1.json"),
+    "evaluate: a .jsonl.gz that is not gzip": (
+        lambda w: ["evaluate", "--model", w["student"], "--data", R + "/plain.jsonl.gz",
+                   "--task", "translation", "--output", R + "/x2.json"], PLAIN, R + "/x2.json"),
+    "evaluate: a truncated .jsonl.gz as --dataset-name": (
+        lambda w: ["evaluate", "--model", w["student"], "--dataset-name", R + "/cut.jsonl.gz",
+                   "--split", "train", "--task", "translation", "--output", R + "/x3.json"],
+        "--dataset-name: " + CUT, R + "/x3.json"),
+    "generate: a truncated .jsonl.gz": (
+        lambda w: ["generate", "--teacher", w["teacher"], "--data", R + "/cut.jsonl.gz",
+                   "--output", R + "/x4"],
+        CUT, R + "/x4"),
+    "cache-logits: a truncated .jsonl.gz": (
+        lambda w: ["cache-logits", "--teacher", w["teacher"], "--data", R + "/cut.jsonl.gz", "--top-k", "4",
+                   "--output", R + "/x5"], CUT, R + "/x5"),
+    "distill: a truncated .jsonl.gz": (lambda w: distill(w, train_file=R + "/cut.jsonl.gz"), CUT, R + "/run"),
+    "distill: a validation .jsonl.gz that is not gzip": (
+        lambda w: distill(w, validation_file=R + "/plain.jsonl.gz"), PLAIN, R + "/run"),
+    "study: a truncated .jsonl.gz (no stages/ left)": (
+        lambda w: ["study", "--task", "translation", "--budget", "tiny", "--train", R + "/cut.jsonl.gz",
+                   "--validation", w["data"], "--test", w["data"], "--output", R + "/x6"], CUT, R + "/x6"),
+    "study: a truncated .jsonl.gz into an existing --output": (
+        lambda w: ["study", "--task", "translation", "--budget", "tiny", "--train", R + "/cut.jsonl.gz",
+                   "--validation", w["data"], "--test", w["data"], "--output", R + "/notamodel"],
+        CUT, R + "/notamodel/stages"),
+    # a value the run would go wrong with, refused before any directory is made
+    "distill: a negative learning rate": (lambda w: distill(w) + ["--learning_rate", "-1"],
+                                          "learning_rate must be >= 0, got -1.0", R + "/run"),
+    "distill: training that would run no step": (
+        lambda w: distill(w) + ["--num_train_epochs", "-2", "--max_steps", "-1"],
+        "training would run no step: max_steps is -1", R + "/run"),
+    "distill: max_source_length 0": (lambda w: distill(w) + ["--max-source-length", "0"],
+                                     "max_source_length must be >= 1, got 0", R + "/run"),
+    "generate: --batch-size 0 (was silently 32)": (
+        lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"], "--output", R + "/x7",
+                   "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0", R + "/x7"),
+    "generate: --top-p above 1": (
+        lambda w: ["generate", "--teacher", w["teacher"], "--data", w["data"], "--output", R + "/x8",
+                   "--do-sample", "--top-p", "1.5"], "argument --top-p: must be a number in (0, 1], got 1.5",
+        R + "/x8"),
+    "study: --student-sizes 0": (
+        lambda w: ["study", "--task", "translation", "--student-sizes", "0,0.5", "--output", R + "/x9"],
+        "student sizes are fractions of the teacher in (0, 1]", R + "/x9"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES_COLD))
+def test_cold_trial_bad_input_is_one_line_exit_2_nothing_left(broken, capsys, case):
+    make_argv, message, output = CASES_COLD[case]
+    _one_line_exit_2(broken, capsys, make_argv(broken), message.replace(R, broken["root"]), output)

@@ -97,3 +97,30 @@ def test_cache_logits_shows_a_progress_bar(tiny_model_dir, translation_file, tmp
         logit_cache.cache_logits(tiny_model_dir("bart"), data, str(tmp_path / "c"), 4, batch_size=16,
                                  shard_rows=32, progress=progress)
         assert _bar_finished(capsys.readouterr().err) == progress
+
+
+
+def test_json_commands_print_one_json_document_on_stdout(tiny_model_dir, translation_file, tmp_path, capsys,
+                                                         monkeypatch):
+    """`lmkd cache-logits ... | jq` and `lmkd generate ... | jq`: stdout is the one JSON document even
+    when the work prints to stdout (as the Trainer's log dicts did under distill): that goes to stderr."""
+    import lmkd.teacher.pseudo_targets
+
+    teacher = tiny_model_dir("bart")
+    for module, name in ((logit_cache, "cache_logits"),
+                         (lmkd.teacher.pseudo_targets, "generate_pseudo_targets")):
+        real = getattr(module, name)
+
+        def chatty(*a, _real=real, **k):  # the work, printing a log dict on stdout as transformers' logs do
+            print({"loss": 1.0})
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, name, chatty)
+    for argv in (["cache-logits", "--teacher", teacher, "--data", translation_file, "--top-k", "4",
+                  "--max-samples", "8", "--output", str(tmp_path / "c")],
+                 ["generate", "--teacher", teacher, "--data", translation_file, "--max-new-tokens", "4",
+                  "--num-beams", "1", "--output", str(tmp_path / "g"), "--no-progress", "--format", "jsonl"]):
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert isinstance(json.loads(captured.out), dict), captured.out
+        assert "{'loss': 1.0}" in captured.err

@@ -98,7 +98,7 @@ def test_kd_only_on_unlabelled_data_moves_student_to_teacher(tmp_path, tokenizer
     trained = type(student).from_pretrained(out)
     after = kl_to_teacher(trained, teacher, batch)
     assert after < 0.7 * before, (before, after)
-    logs = capsys.readouterr().out
+    logs = capsys.readouterr().err  # (the per-step logs: stderr, stdout is the JSON)
     assert "'loss_kd'" in logs and "'loss_ce'" not in logs
 
 
@@ -111,7 +111,7 @@ def test_kd_only_on_data_without_a_label_column(tmp_path, tokenizer, corpus, cap
     assert distill(tmp_path, "kd", kd_alpha=1.0, **keys) == 0
     trained = type(student).from_pretrained(tmp_path / "out")
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in student.state_dict().items())
-    logs = capsys.readouterr().out
+    logs = capsys.readouterr().err
     assert "'loss_kd'" in logs and "'loss_ce'" not in logs
     # with CE in the loss the label column is needed, and its absence is a one-line error
     assert distill(tmp_path, "ce", kd_alpha=0.5, **dict(keys, output_dir=str(tmp_path / "out-ce"))) == 2

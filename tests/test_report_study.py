@@ -219,7 +219,8 @@ def test_train_log_is_read_defensively(tmp_path):
     (tmp_path / "train_log.json").write_text(json.dumps(
         {"steps": 30, "curve": [{"step": 10, "metric": 2.5}, {"bad": 1}], "metric": "eval_loss_ce"}))
     assert read_train_log({"dir": str(tmp_path)}) == {"steps": 30, "stopped_early": False, "metric": "eval_loss_ce",
-                                                      "curve": [{"step": 10, "metric": 2.5}]}
+                                                      "curve": [{"step": 10, "metric": 2.5}],
+                                                      "greater_is_better": False}
 
 
 def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):
@@ -321,3 +322,33 @@ def test_the_report_says_how_far_one_architecture_s_speed_spreads(study):
             {"variant": "served", "parameters": 4, "latency_ms": 1.0}]
     assert "latency (ms/example) spread 4.00-6.00 in this run (±20% around" in timing_noise(rows, "latency_ms")
     assert timing_noise(rows[:2] + rows[3:], "latency_ms") is None  # no two students of one size
+
+
+def test_a_verdict_within_the_seeds_spread_is_inconclusive_however_small_its_p_value():
+    """Two variants whose first seeds differ a lot on the test rows (p < 0.001) but whose seeds
+    disagree -- one seed better, one worse, or a mean difference inside the spread -- get no verdict;
+    the same test-row difference with seeds that agree and differ by more than their spread does."""
+    from lmkd.study.verdicts import compare, seed_check, verdict_line
+
+    refs = [f"the package provides tool number {i} for the system" for i in range(60)]
+    preds = {"a": {"greedy": list(refs)}, "b": {"greedy": [f"a {i}" for i in range(60)]}}
+
+    def group(name, scores):
+        return {"first": name, "label": f"variant {name}", "variant": name, "scores": scores}
+
+    noisy = compare("vs-baseline", group("a", [30.0, 10.0]), group("b", [20.0, 21.0]), preds, refs, ("bleu",),
+                     "greedy")
+    t = noisy["tests"]["bleu"]
+    assert t["p_value"] < 0.01 and t["difference"] > 50  # the test rows alone would call it a difference
+    assert t["verdict"] == "inconclusive" and t["within_seed_spread"]
+    assert t["seeds"]["differences"] == [10.0, -11.0] and t["seeds"]["spread"] == 20.0
+    assert "beyond the randomness of training" in verdict_line(noisy, "bleu")
+    inside = seed_check(group("a", [30.0, 26.0]), group("b", [25.0, 24.0]))  # same sign, mean 3.5 < spread 4
+    assert inside["differences"] == [5.0, 2.0] and inside["spread"] == 4.0 and not inside["survives"]
+    steady = compare("vs-baseline", group("a", [30.0, 31.0]), group("b", [20.0, 21.0]), preds, refs,
+                      ("bleu",), "greedy")
+    assert steady["tests"]["bleu"]["verdict"] == "better" and steady["tests"]["bleu"]["seeds"]["survives"]
+    assert "over 2 seeds +10.0" in verdict_line(steady, "bleu")
+    # the teacher (one model) against a variant of two seeds: its score paired with each seed
+    assert seed_check(group("a", [30.0, 31.0]), group("t", [40.0]))["differences"] == [-10.0, -9.0]
+    assert seed_check(group("a", [30.0]), group("b", [20.0])) is None  # one seed: not measured

@@ -5,6 +5,7 @@ recomputes only the stages that depend on it."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import random
 from pathlib import Path
@@ -16,11 +17,12 @@ from conftest import corpus_rows
 from lmkd.core.errors import LmkdError
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, StudyStopped, run_study
 
-BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows", "transfer",
+BEFORE_STOP = ["data-train", "data-validation", "data-test", "tokenizer", "lengths", "teacher", "transfer-rows",
                "s025-init"]
-#: the Word-KD variants' teacher caches, then one job graph (students and evaluations; in this order on one
-#: worker), then the served export of the best student and its evaluation
-TRANSLATION_STAGES = (BEFORE_STOP + ["kd-cache-validation", "kd-cache-target", "kd-cache-teacher"]
+#: one job graph (the transfer set -- the teacher's outputs on every training row -- the Word-KD variants'
+#: logit caches, students and evaluations; in this order on one worker), then the served export of the best
+#: student and its evaluation
+TRANSLATION_STAGES = (BEFORE_STOP + ["transfer", "kd-cache-validation", "kd-cache-target", "kd-cache-teacher"]
                       + [f"s025-{v}" for v in SEQ2SEQ_VARIANTS]
                       + ["eval-teacher"] + [f"eval-s025-{v}" for v in SEQ2SEQ_VARIANTS] + ["serve", "eval-served"]
                       + ["speed", "report"])
@@ -123,29 +125,42 @@ def test_students_are_at_most_a_quarter_of_the_teacher_and_share_one_init(transl
         assert any(not torch.equal(trained[k], init[k]) for k in init)
     transfer = [json.loads(line) for line in
                 (Path(out) / "stages" / "transfer" / "transfer.jsonl").read_text().splitlines()]
-    assert len(transfer) == report["data"]["transfer_rows"] == report["plan"]["transfer_rows"]
-    gold = {r["source"]: r["target"] for r in
-            map(json.loads, (Path(out) / "stages" / "data-train" / "train.jsonl").read_text().splitlines())}
-    assert all(gold[r["source"]] == r["target"] for r in transfer)
-    assert {"source", "target", "teacher", "inter"} <= set(transfer[0])
+    train_rows = [json.loads(line) for line in
+                  (Path(out) / "stages" / "data-train" / "train.jsonl").read_text().splitlines()]
+    # every student learns from the whole training set: the transfer set is every training row
+    assert report["plan"]["transfer_rows"] is None
+    assert len(transfer) == report["data"]["transfer_rows"] == len(train_rows) == 160
+    assert [(r["source"], r["target"]) for r in transfer] == [(r["source"], r["target"]) for r in train_rows]
+    # the Seq-KD variants' targets exist for every one of them
+    assert all(isinstance(r["teacher"], str) and isinstance(r["inter"], str) for r in transfer)
+    for v in SEQ2SEQ_VARIANTS:  # each student's training file is that set: every training row, counted
+        meta = _stage_meta(out, f"s025-{v}")
+        assert meta["options"]["target"] in ("target", "teacher", "inter")
+    for v in SEQ2SEQ_VARIANTS:  # the model card says what each student read: the file and its rows
+        card = (Path(out) / "stages" / f"s025-{v}".replace("+", "_") / "README.md").read_text()
+        read = re.search(r"- training data: `([^`]+)`, (\d+) rows", card)
+        assert read and int(read.group(2)) == 160, (v, read)
+        assert read.group(1).endswith("transfer.jsonl")
 
 
-def test_the_best_student_by_validation_ce_is_served_and_scored_like_the_others(translation):
-    """The serve stage: the student with the lowest validation CE (from the train logs, not the test
-    rows) exported to CTranslate2 int8 -- smaller on disk, the same parameters; its row is scored by the
+def test_the_best_student_by_validation_metric_is_served_and_scored_like_the_others(translation):
+    """The serve stage: the student with the best validation BLEU (its stopping rule's metric, from the
+    train logs, not the test rows) exported to CTranslate2 int8 -- smaller on disk, the same parameters; its row is scored by the
     same evaluation (test_report_numbers_equal_evaluate_on_the_saved_models covers every row) and is
     compared with the student it came from by the same paired bootstrap."""
     out, _, _ = translation
     report = json.loads((Path(out) / "report.json").read_text())
     rows = {r["model"]: r for r in report["rows"]}
-    best_ce = {}
+    best = {}
     for name in STUDENTS:
         log = json.loads((Path(out) / "stages" / name.replace("+", "_") / "train_log.json").read_text())
-        best_ce[name] = min(p["metric"] for p in log["curve"])
-    source = min(STUDENTS, key=lambda n: (best_ce[n], STUDENTS.index(n)))
+        assert log["metric"] == "eval_bleu" and log["greater_is_better"] is True
+        best[name] = max(p["metric"] for p in log["curve"])
+    source = min(STUDENTS, key=lambda n: (-best[n], STUDENTS.index(n)))
     served = rows["served"]
     assert served["source"] == source == report["plan"]["served"]["student"]
-    assert report["plan"]["served"]["validation_ce"] == pytest.approx(best_ce[source])
+    assert report["plan"]["served"]["validation_metric"] == pytest.approx(best[source])
+    assert report["plan"]["served"]["metric"] == "eval_bleu"
     meta = json.loads((Path(out) / "stages" / "serve" / "lmkd_export.json").read_text())
     assert meta["format"] == "ct2-int8" and meta["engine"] == "ctranslate2"
     assert served["parameters"] == rows[source]["parameters"]
@@ -161,7 +176,7 @@ def test_the_best_student_by_validation_ce_is_served_and_scored_like_the_others(
     comps = [c for c in report["significance"]["comparisons"] if c["a"] == "served"]
     assert [(c["kind"], c["b"]) for c in comps] == [("served-vs-student", source), ("vs-teacher", "teacher")]
     md = (Path(out) / "report.md").read_text()
-    assert f"Served: {source}, the student with the lowest validation CE" in md
+    assert f"Served: {source}, the student with the best validation BLEU (greedy)" in md
     assert "| MB on disk |" in md
 
 
@@ -189,14 +204,18 @@ def test_serve_stage_skips_with_a_note_when_the_engine_cannot_export(monkeypatch
     assert opts.plan.notes == []
 
 
-def test_best_student_is_the_lowest_validation_ce_first_on_ties():
+def test_best_student_is_the_best_by_its_rules_direction_first_on_ties():
     from lmkd.study.serving import best_student
 
     logs = {"a": [3.0, 2.5], "b": [2.9, 2.4, 2.6], "c": [2.4], "d": []}
     models = {"teacher": {"variant": "teacher"}, **{n: {"variant": "baseline", "name": n} for n in logs}}
-    read = lambda m: {"curve": [{"step": i, "metric": v} for i, v in enumerate(logs[m["name"]])]}  # noqa: E731
-    assert best_student(models, read) == ("b", 2.4)
-    assert best_student({"teacher": {"variant": "teacher"}}, read) is None
+    for greater, expected in ((False, ("b", 2.4, "eval_loss_ce")), (True, ("a", 3.0, "eval_bleu"))):
+        metric = "eval_bleu" if greater else "eval_loss_ce"
+        read = lambda m, g=greater, k=metric: {  # noqa: E731
+            "curve": [{"step": i, "metric": v} for i, v in enumerate(logs[m["name"]])],
+            "metric": k, "greater_is_better": g}
+        assert best_student(models, read) == expected
+        assert best_student({"teacher": {"variant": "teacher"}}, read) is None
 
 
 def test_same_command_again_recomputes_nothing(translation):
@@ -208,26 +227,28 @@ def test_same_command_again_recomputes_nothing(translation):
 
 
 def test_students_stop_on_their_plateau_and_keep_their_best_weights(translation):
-    """Every student's train_log.json: the validation CE every eval_every steps, within the cap;
-    stopped early exactly when it trained fewer steps than the cap, and the saved student is the
-    best evaluation's (min_delta 0 on the tiny budget: the minimum of the curve)."""
+    """Every student's train_log.json: the validation BLEU of its greedy outputs every eval_every steps
+    (the same rule for every variant, Seq-KD included), within the cap; stopped early exactly when it
+    trained fewer steps than the cap, and the saved student is the best evaluation's (min_delta 0 on
+    the tiny budget: the maximum of the curve, the first of ties)."""
     out, _, _ = translation
     report = json.loads((Path(out) / "report.json").read_text())
     plan = report["plan"]
     for row in report["rows"][1:-1]:  # the students (the last row is the served export)
         stage = Path(out) / "stages" / row["model"].replace("+", "_")
         log = json.loads((stage / "train_log.json").read_text())
-        assert log["metric"] == "eval_loss_ce" and log["kept"] == "best"
+        assert log["metric"] == "eval_bleu" and log["greater_is_better"] and log["kept"] == "best"
         assert 0 < log["steps"] <= plan["student_steps"]
         assert log["stopped_early"] == (log["steps"] < plan["student_steps"])
         steps = [p["step"] for p in log["curve"]]
         assert steps == list(range(plan["eval_every"], log["steps"] + 1, plan["eval_every"])) + \
             ([log["steps"]] if log["steps"] % plan["eval_every"] else [])
         values = [p["metric"] for p in log["curve"]]
-        assert log["best_metric"] == min(values) and log["best_step"] == steps[values.index(min(values))]
+        assert log["best_metric"] == max(values) and log["best_step"] == steps[values.index(max(values))]
+        assert all("loss_ce" in p for p in log["curve"])  # the gold CE is recorded beside it
         # run_distill evaluates the saved (restored) student once more after training
-        final = json.loads((stage / "distill_results.json").read_text())["eval_loss_ce"]
-        assert final == pytest.approx(min(values), abs=2e-6)
+        final = json.loads((stage / "distill_results.json").read_text())["eval_bleu"]
+        assert final == pytest.approx(max(values), abs=1e-6)
 
 
 def test_a_stage_run_again_redoes_what_was_built_from_it(translation):
@@ -378,8 +399,9 @@ def test_tiny_classification_study(tmp_path, one_thread):
         assert meta["options"].get("kd_alpha") == (0.5 if kd else None)
         train_log = json.loads((Path(out) / "stages" / f"s05-{variant}".replace("+", "_")
                                 / "train_log.json").read_text())
-        assert train_log["metric"] == "eval_loss_ce" and 0 < train_log["steps"] <= report["plan"]["student_steps"]
-    assert json.loads((Path(out) / "stages" / "s05-mlm-distil" / "train_log.json").read_text())["steps"] > 0
+        assert train_log["metric"] == "eval_accuracy" and 0 < train_log["steps"] <= report["plan"]["student_steps"]
+    mlm_log = json.loads((Path(out) / "stages" / "s05-mlm-distil" / "train_log.json").read_text())
+    assert mlm_log["steps"] > 0 and mlm_log["metric"] == "eval_loss_ce"  # MLM distillation: no task metric
 
 
 @pytest.mark.slow
@@ -468,6 +490,26 @@ def test_plateau_rule_stops_a_flat_metric_and_not_an_improving_one():
         Plateau(patience=0, min_delta=0.0)
 
 
+def test_plateau_rule_on_a_task_metric_stops_flat_and_not_improving():
+    """A larger value is a gain on BLEU / ROUGE / accuracy: the same rule, the other direction."""
+    from lmkd.study.stopping import Plateau, StoppingRule, plateau_stop
+
+    assert plateau_stop([10.0] * 6, patience=3, min_delta=0.0, greater_is_better=True) == 3
+    assert plateau_stop([1.0, 2.0, 3.0, 4.0, 4.5, 5.0], patience=2, min_delta=0.1, greater_is_better=True) is None
+    assert plateau_stop([1.0, 2.0, 2.05, 2.08], patience=2, min_delta=0.1, greater_is_better=True) == 3
+    p = Plateau(patience=2, min_delta=0.0, greater_is_better=True)
+    for v in (3.0, 5.0, 4.0):
+        p.update(v)
+    assert (p.best, p.best_index, p.bad) == (5.0, 1, 1)
+    plan = StudyOptions(task="translation", budget="quick", output="unused").resolve().plan
+    rules = {task: StoppingRule.from_plan(plan, task) for task in ("translation", "summarization",
+                                                                   "classification", "mlm")}
+    assert [(r.metric, r.greater_is_better, r.min_delta) for r in rules.values()] == [
+        ("eval_bleu", True, plan.metric_min_delta), ("eval_rougeL", True, plan.metric_min_delta),
+        ("eval_accuracy", True, plan.metric_min_delta), ("eval_loss_ce", False, plan.min_delta)]
+    assert rules["translation"].generates and not rules["classification"].generates
+
+
 def test_plateau_callback_stops_training_and_puts_the_best_weights_back():
     from transformers import TrainerControl, TrainerState
 
@@ -532,6 +574,38 @@ def test_tiny_real_students_flat_is_stopped_early_improving_is_not(tmp_path, tin
     values = [p["metric"] for p in learns["curve"]]
     assert [p["step"] for p in learns["curve"]] == [3, 6, 9] and values == sorted(values, reverse=True)
     assert values[-1] < values[0] and learns["best_step"] == 9
+
+
+def test_study_rule_stops_a_flat_bleu_for_a_seq_kd_student_as_for_a_baseline(tmp_path, tiny_model_dir):
+    """The study's rule on translation (validation BLEU of greedy outputs, higher is better), real
+    DistillationTrainer runs: a baseline (gold targets) and a Seq-KD student (the teacher's outputs as
+    targets; validated against the gold, as the study's validation split does) that cannot learn (lr
+    0: the same outputs at every evaluation) both stop after `patience` evaluations; a student that
+    learns its rows (the validation rows are its training rows) improves its BLEU and is not stopped."""
+    from lmkd.study.models import StoppingRule, train_student
+    from lmkd.study.plan import BUDGETS, Plan
+
+    rows = corpus_rows("train", 12)
+    seqkd_rows = [{**r, "teacher": r["target"].split(" ")[0] + " " + r["target"]} for r in rows]
+    train = _write(tmp_path / "train.jsonl", seqkd_rows)
+    val = _write(tmp_path / "val.jsonl", [{**r, "teacher": r["target"]} for r in rows])
+    init = tiny_model_dir("bart", d_model=32, layers=1, heads=2, ffn=64)
+    plan = Plan(**BUDGETS["tiny"], kd_temperature=1.0)
+    rule = StoppingRule.from_plan(plan, "translation")
+    assert (rule.metric, rule.greater_is_better) == ("eval_bleu", True)
+    for column in ("target", "teacher"):
+        out = str(tmp_path / f"flat-{column}")
+        train_student(out, init, "translation", train, val, plan, steps=30, lr=0.0, seed=0,
+                      target_column=column, stopping=StoppingRule(3, 2, 0.0, rule.metric, True))
+        log = json.loads((Path(out) / "train_log.json").read_text())
+        assert log["metric"] == "eval_bleu" and log["stopped_early"] and log["steps"] == 9
+        assert len({p["metric"] for p in log["curve"]}) == 1
+    out = str(tmp_path / "learns")
+    train_student(out, init, "translation", train, val, plan, steps=60, lr=1e-2, seed=0,
+                  stopping=StoppingRule(20, 2, 0.0, rule.metric, True))
+    log = json.loads((Path(out) / "train_log.json").read_text())
+    values = [p["metric"] for p in log["curve"]]
+    assert not log["stopped_early"] and log["steps"] == 60 and values[-1] > values[0]
 
 
 def test_train_student_stopping_needs_a_validation_file(tmp_path):

@@ -53,10 +53,11 @@ def test_report_json_prints_the_plan_in_one_form_that_reads_back():
     assert form["teacher_check"] is None  # (printed once the study has a teacher: always)
     plan.length_cap()
     plan.apply_lengths({"max_length": 40, "positions": 48, "cap": 64})
-    plan.served = ServedModel(student="s025-word-kd", validation_ce=2.5, format="ct2-int8")
+    plan.served = ServedModel(student="s025-word-kd", metric="eval_bleu", validation_metric=2.5, format="ct2-int8")
     form = plan.to_dict()
     assert (form["max_length"], form["max_length_cap"], form["positions"]) == (40, 64, 48)
-    assert form["served"] == {"student": "s025-word-kd", "validation_ce": 2.5, "format": "ct2-int8"}
+    assert form["served"] == {"student": "s025-word-kd", "metric": "eval_bleu", "validation_metric": 2.5,
+                              "format": "ct2-int8"}
     back = Plan.from_dict(json.loads(json.dumps(form)))
     assert back == plan and back.served == plan.served
     form["teacher"]["layers"] = 99  # a copy: the plan is not changed through its printed form

@@ -1,7 +1,9 @@
 """What the study's stage cache hashes must not change with a refactoring: a resumed study would
 retrain what it already has.  The options and dependencies of every stage (and job) of a few tiny
-studies, and the plan the report prints, are pinned against what the code produced before the plan
-became a dataclass (tests/data/study_stage_inputs.json, recorded then).
+studies, and the plan the report prints, are pinned (tests/data/study_stage_inputs.json): recorded before
+the plan became a dataclass, and recorded again when the protocol changed on purpose (students on the whole
+training set, stopped on the validation task metric, two seeds in the quick budget, the transfer set a job
+of the graph) -- a change of these inputs must be deliberate, and re-recorded with it.
 
 The study runs for real up to its plan (data, tokenizer, lengths, transfer rows); the costly stages
 (teacher, transfer set, students, evaluations) are only recorded, and the study stops at its speed stage."""

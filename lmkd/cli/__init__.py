@@ -20,6 +20,7 @@ import sys
 from lmkd.train.config import ModelArguments
 from lmkd.core.errors import LmkdError
 from lmkd.cli import cache_logits, compress, distill, evaluate, generate, make_student, study
+from lmkd.cli.flags import Parser, one_spelling, shown_options, unknown_message
 from lmkd.cli.settings import parse_distill_args, yaml_to_argv
 
 
@@ -27,15 +28,13 @@ from lmkd.cli.settings import parse_distill_args, yaml_to_argv
 COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits, compress]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit 2), like every other lmkd error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    """The ``lmkd`` parser with every subcommand's; each long flag answers to ``--a-b`` and ``--a_b``.
+
+    Returns:
+        The parser (:func:`lmkd.cli.flags.one_spelling` applied to the whole tree).
+    """
+    parser = Parser(
         prog="lmkd", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="lmkd: knowledge distillation for Hugging Face language models.",
         epilog="examples:\n  lmkd make-student --teacher my-teacher --output my-student\n"
@@ -47,7 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
-    return parser
+    return one_spelling(parser)
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` of :func:`build_parser`'s ``parser``.
+
+    Args:
+        parser: the ``lmkd`` parser.
+        name: a subcommand, e.g. ``evaluate``.
+
+    Returns:
+        Its parser.
+    """
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
 
 
 def version() -> str:
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if rest and not getattr(ns, "takes_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        command = subcommand_parser(parser, ns.command)
+        command.error(unknown_message(rest, shown_options(command)))
     ns.overrides = rest
     ns.argv = argv  # the command line as given (the model card of `lmkd distill` records it)
     # transformers' per-tensor "Loading weights" bars are noise around lmkd's own progress and errors

@@ -12,7 +12,8 @@ def add_data_arguments(p, data_help: str, split: str) -> None:
     ``split``), ``--source-lang`` / ``--target-lang``."""
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", help=data_help)
-    g.add_argument("--dataset-name", help="instead of --data: a dataset read with datasets.load_dataset -- a hub "
+    g.add_argument("--dataset-name",
+                   help="instead of --data: a dataset read with datasets.load_dataset -- a hub "
                                           "id (e.g. wmt16), a directory of data files, a .parquet/.json/.jsonl/.csv "
                                           "file or a save_to_disk dir, e.g. --dataset-name wmt16 "
                                           f"--dataset-config-name ro-en --split {split}")

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 
 from lmkd.core.errors import LmkdError
+from lmkd.cli.output import print_json, work_on_stderr
 from lmkd.cli.settings import distill_parser, parse_distill_args
 
 EPILOG = """examples:
   lmkd distill recipes/translation/marian_word_kd.yaml
-  lmkd distill config.yaml --kd_alpha 0.9 --kd_temperature 2 --output_dir runs/student
+  lmkd distill config.yaml --kd-alpha 0.9 --kd-temperature 2 --output-dir runs/student
   accelerate launch -m lmkd distill recipes/distilbert/mlm_distil.yaml
 
 regimes beyond one fixed teacher (recipes/regimes/):
-  lmkd distill config.yaml --kd_alpha 1                            # KD only: data needs no label column
-  lmkd distill config.yaml --transfer_file unlabelled.jsonl        # + unlabelled rows (KD only, no CE)
-  lmkd distill config.yaml --teacher_model_name_or_path t1,t2 --teacher_weights 0.7,0.3   # ensemble
+  lmkd distill config.yaml --kd-alpha 1                            # KD only: data needs no label column
+  lmkd distill config.yaml --transfer-file unlabelled.jsonl        # + unlabelled rows (KD only, no CE)
+  lmkd distill config.yaml --teacher-model-name-or-path t1,t2 --teacher-weights 0.7,0.3   # ensemble
   lmkd distill config.yaml --rounds 3                              # born-again: round r teaches r+1
-  lmkd distill config.yaml --cohort_size 2                         # co-distillation, no teacher
-  lmkd distill config.yaml --kd_loss jsd --on_policy_fraction 0.5  # on-policy KD (GKD)
+  lmkd distill config.yaml --cohort-size 2                         # co-distillation, no teacher
+  lmkd distill config.yaml --kd-loss jsd --on-policy-fraction 0.5  # on-policy KD (GKD)
 
 The YAML holds keys of the three argument groups below (model, data, DistillationConfig -- which
 includes every Seq2SeqTrainingArguments field); --key value pairs after it override the YAML.
@@ -45,7 +45,7 @@ def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
     held = held_run(output_dir)
     if held:
         raise LmkdError(f"output_dir {output_dir} already holds a run ({sorted(held)[0]}); pass --resume to continue "
-                        "it, --overwrite to replace it, or choose another --output_dir")
+                        "it, --overwrite to replace it, or choose another --output-dir")
 
 
 #: report_to integration -> (modules it imports, any one will do; the package to pip install), as
@@ -74,15 +74,24 @@ def check_report_to(report_to) -> None:
         modules, package = REPORT_PACKAGES.get(name, ((name,), name))
         if not any(find_spec(m) is not None for m in modules):
             raise LmkdError(f"report_to {name} needs the {package} package, which is not installed: "
-                            f"`pip install {package}`, or pass --report_to none")
+                            f"`pip install {package}`, or pass --report-to none")
 
 
 def add_parser(sub):
+    """Add the ``distill`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser("distill", help="train a student with a frozen teacher (YAML + overrides)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Distil a teacher into a student with DistillationTrainer.",
                        epilog=EPILOG)
-    p.add_argument("config", nargs="?", help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)")
+    p.add_argument("config", nargs="?",
+                   help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)")
     p.add_argument("--help-keys", action="store_true", help="list every accepted key and exit")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="train even if output_dir holds another run")
@@ -90,6 +99,14 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
+    """Run ``lmkd distill``.
+
+    Args:
+        ns: its parsed arguments.
+
+    Returns:
+        None.
+    """
     if ns.help_keys:
         distill_parser().print_help()
         return
@@ -102,7 +119,8 @@ def run(ns) -> None:
     check_report_to(training_args.report_to)
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
     command = "lmkd " + shlex.join(ns.argv)
-    metrics = run_distill(model_args, data_args, training_args, resume=ns.resume, command=command)
+    with work_on_stderr():  # the Trainer's log dicts: stdout carries the metrics' JSON alone
+        metrics = run_distill(model_args, data_args, training_args, resume=ns.resume, command=command)
     if training_args.process_index == 0:
-        print(json.dumps(metrics, indent=1, sort_keys=True))
+        print_json(metrics)
         print(f"student saved to {training_args.output_dir}", file=sys.stderr)

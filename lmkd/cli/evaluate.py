@@ -7,10 +7,19 @@ import os
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES, EVAL_TASKS, LM_EVAL_TASKS
 from lmkd.core.errors import LmkdError
+from lmkd.cli.flags import count, open_fraction
 from lmkd.cli.dataset_flags import add_data_arguments, data_kwargs
 
 
 def add_parser(sub):
+    """Add the ``evaluate`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser(
         "evaluate", help="BLEU/chrF/ROUGE/accuracy/perplexity, size and speed of a student (against its teacher)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,24 +47,28 @@ def add_parser(sub):
     add_data_arguments(p, "data file (.jsonl[.gz], .csv, .json) or a save_to_disk dir", "test")
     p.add_argument("--task", required=True, choices=EVAL_TASKS + LM_EVAL_TASKS)
     p.add_argument("--teacher", help="teacher checkpoint, scored and timed the same way for comparison")
-    p.add_argument("--num-beams", type=int, default=4, help="beam size for generation (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length limit (default 128)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--num-beams", type=count(1), default=4, help="beam size for generation (default 4)")
+    p.add_argument("--max-new-tokens", type=count(1), default=128,
+                   help="generation length limit (default 128)")
+    p.add_argument("--batch-size", type=count(1), default=16,
                    help="batch size for predictions and for the throughput measurement (default 16)")
     p.add_argument("--source-column", help="input column (default: source / document / text by task)")
     p.add_argument("--target-column", help="reference column (default: target / summary / label by task)")
     p.add_argument("--source-prefix", default="", help="text put before every input, e.g. 'translate English "
                                                        "to French: ' for T5")
-    p.add_argument("--max-source-length", type=int, default=512, help="inputs are truncated to this many tokens")
-    p.add_argument("--max-target-length", type=int, default=512,
+    p.add_argument("--max-source-length", type=count(1), default=512,
+                   help="inputs are truncated to this many tokens")
+    p.add_argument("--max-target-length", type=count(1), default=512,
                    help="seq2seq fidelity: references are truncated to this many tokens (default 512)")
-    p.add_argument("--mlm-probability", type=float, default=0.15,
+    p.add_argument("--mlm-probability", type=open_fraction, default=0.15,
                    help="mlm: share of tokens masked and scored, as in training (default 0.15)")
-    p.add_argument("--seed", type=int, default=0, help="mlm: seed of the masks, the same for every model (default 0)")
-    p.add_argument("--max-samples", type=int, help="score only the first N rows")
-    p.add_argument("--speed-samples", type=int, default=32,
+    p.add_argument("--seed", type=int, default=0,
+                   help="mlm: seed of the masks, the same for every model (default 0)")
+    p.add_argument("--max-samples", type=count(1), help="score only the first N rows")
+    p.add_argument("--speed-samples", type=count(0), default=32,
                    help="inputs timed for throughput (the first 8 of them one by one for latency); 0 skips speed")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per model; the median is reported")
+    p.add_argument("--repeats", type=count(1), default=3,
+                   help="timed repeats per model; the median is reported")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=AUTO_DTYPE_NAMES, default="auto",
                    help="dtype the models run in (default: as saved)")
@@ -65,6 +78,14 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
+    """Run ``lmkd evaluate``.
+
+    Args:
+        ns: its parsed arguments.
+
+    Returns:
+        None.
+    """
     from lmkd.evaluate.run import evaluate_models, write_report
     from lmkd.core.io import check_output
 

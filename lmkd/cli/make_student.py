@@ -24,6 +24,14 @@ def layer_list(text: str) -> list[int]:
 
 
 def add_parser(sub):
+    """Add the ``make-student`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser(
         "make-student", help="build a smaller student by copying teacher layers",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,7 +42,8 @@ def add_parser(sub):
                "Unspecified stacks keep every other layer (0,2,4,...).")
     p.add_argument("--teacher", required=True, help="teacher checkpoint (hub id or local dir)")
     p.add_argument("--output", required=True, help="directory to write the student (and tokenizer) to")
-    p.add_argument("--layers", type=layer_list, help="teacher layers to keep, single-stack models (BERT, GPT-2)")
+    p.add_argument("--layers", type=layer_list,
+                   help="teacher layers to keep, single-stack models (BERT, GPT-2)")
     p.add_argument("--encoder-layers", type=layer_list, help="encoder layers to keep (T5, BART, Marian)")
     p.add_argument("--decoder-layers", type=layer_list, help="decoder layers to keep (T5, BART, Marian)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -42,6 +51,14 @@ def add_parser(sub):
 
 
 def run(ns) -> None:
+    """Run ``lmkd make-student``.
+
+    Args:
+        ns: its parsed arguments.
+
+    Returns:
+        None.
+    """
     from lmkd.models.loading import kind_from_config, load_model, load_tokenizer
     from lmkd.models.loading import count_parameters
     from lmkd.models.student import make_student

@@ -9,22 +9,41 @@ import json
 import os
 from dataclasses import fields
 
+from lmkd.cli.flags import (
+    OneActionPerAbbreviation,
+    did_you_mean,
+    one_spelling,
+    shown_options,
+)
 from lmkd.core.errors import LmkdError
 
 
 def distill_parser():
-    """The HfArgumentParser of the three distill argument groups."""
+    """The HfArgumentParser of the three distill argument groups, each key answering to ``--kd-alpha``
+    and ``--kd_alpha`` and shown dashed (:func:`lmkd.cli.flags.one_spelling`).
+
+    Returns:
+        The parser.
+    """
     from transformers import HfArgumentParser
 
-    from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.data.dataset import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
 
-    return HfArgumentParser((ModelArguments, DataArguments, DistillationConfig))
+    class DistillParser(OneActionPerAbbreviation, HfArgumentParser):
+        """HfArgumentParser; one flag's two spellings are not an ambiguity."""
+
+    parser = DistillParser((ModelArguments, DataArguments, DistillationConfig), prog="lmkd distill")
+    return one_spelling(parser)
+
+
+#: the flags of `lmkd distill` itself (beside the keys), which may sit among the overrides
+DISTILL_OWN_FLAGS = ("--help-keys", "--resume", "--overwrite")
 
 
 def _known_keys() -> dict[str, str]:
-    from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.data.dataset import DataArguments
+    from lmkd.train.config import DistillationConfig, ModelArguments
 
     return {f.name: cls.__name__ for cls in (ModelArguments, DataArguments, DistillationConfig) for f in fields(cls)}
 
@@ -66,15 +85,23 @@ def yaml_to_argv(path: str) -> list[str]:
 
 
 def parse_distill_args(config: str | None, overrides: list[str]):
-    """(model_args, data_args, training_args) from a YAML file plus ``--key value`` overrides."""
-    argv = yaml_to_argv(config) if config else []
-    known = _known_keys()
-    for tok in overrides:
-        if tok.startswith("--") and tok[2:].split("=")[0] not in known:
-            key = tok[2:].split("=")[0]
-            close = difflib.get_close_matches(key, known, n=1)
-            raise LmkdError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
+    """(model_args, data_args, training_args) from a YAML file plus ``--key value`` overrides.
+
+    Args:
+        config: the recipe YAML (None: the overrides alone).
+        overrides: ``--key value`` arguments, each key as ``--kd-alpha`` or ``--kd_alpha``.
+
+    Returns:
+        ``(ModelArguments, DataArguments, DistillationConfig)``.
+    """
     parser = distill_parser()
+    for tok in overrides:
+        flag = tok.split("=")[0]
+        if tok.startswith("--") and flag not in parser._option_string_actions:
+            meant = did_you_mean(flag, shown_options(parser) + list(DISTILL_OWN_FLAGS))
+            raise LmkdError(f"unknown option {flag}" + (f"; did you mean {meant}?" if meant else "")
+                            + " (`lmkd distill --help-keys` lists them)")
+    argv = yaml_to_argv(config) if config else []
 
     def one_line(message):  # argparse would print the whole usage (every key) before its message
         raise LmkdError(f"{message} (see `lmkd distill --help-keys`)")
@@ -88,4 +115,4 @@ def parse_distill_args(config: str | None, overrides: list[str]):
         raise
     except ValueError as e:  # TrainingArguments' own checks, e.g. bf16 on a machine without a bf16 GPU
         raise LmkdError(f"invalid distill arguments: {str(e).splitlines()[0]} (override the recipe's key on "
-                        "the command line, e.g. --bf16 false --use_cpu true on a CPU)") from e
+                        "the command line, e.g. --bf16 false --use-cpu true on a CPU)") from e

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from lmkd.cli.flags import count, fraction, hidden_alias, positive
 from lmkd.core.constants import EVAL_TASKS
 from lmkd.study import BUDGETS
 
 
 def _fractions(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.replace(",", " ").split()]
+        sizes = [float(x) for x in text.replace(",", " ").split()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"student sizes are fractions like '0.25,0.5', got {text!r}") from e
+    if not sizes or any(not 0 < s <= 1 for s in sizes):  # (no parameters, or a student above its teacher)
+        raise argparse.ArgumentTypeError("student sizes are fractions of the teacher in (0, 1] like "
+                                         f"'0.25,0.5', got {text!r}")
+    return sizes
 
 
 def add_parser(sub):
+    """Add the ``study`` subcommand's parser.
+
+    Args:
+        sub: the ``lmkd`` parser's subparsers.
+
+    Returns:
+        None.
+    """
     p = sub.add_parser(
         "study", help="run a whole distillation study (teacher, students, KD variants) and report it",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,9 +52,13 @@ def add_parser(sub):
                "--output runs/mysum\n"
                "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
                "--source-column sentence --output runs/cls\n"
-               "Budgets: tiny (seconds, for tests), quick (the demo: aimed at 20 min, about 30-40 min measured on 2 CPU cores for translation), full (hours).")
+               "Budgets (measured on 2 CPU cores; the time depends on the corpus and the teacher): "
+               "tiny (for tests: seconds with a tiny test model, about 7 min with a real teacher, ~4 of "
+               "them timing speed), quick (the demo, `make demo`: 18-20 min on the shipped en->fr corpus), "
+               "full (hours).")
     p.add_argument("--task", required=True, choices=EVAL_TASKS)
-    p.add_argument("--train", help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
+    p.add_argument("--train",
+                   help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
                                    "synopses; French descriptions -> synopsis; -> archive section)")
     p.add_argument("--validation", help="validation data, same format")
     p.add_argument("--test", help="test data the report is measured on, same format")
@@ -53,32 +71,36 @@ def add_parser(sub):
     p.add_argument("--target-lang", help="the translation layout's target language (with --source-lang)")
     p.add_argument("--source-column", help="input column (default: source / document / text by task)")
     p.add_argument("--target-column", help="target column (default: target / summary / label by task)")
-    p.add_argument("--teacher", help="teacher checkpoint with its tokenizer (default: train one from scratch); "
+    p.add_argument("--teacher",
+                   help="teacher checkpoint with its tokenizer (default: train one from scratch); "
                                      "for classification a pretrained encoder (with a masked-LM head for the "
                                      "MLM-distil variants; without one they are skipped)")
     p.add_argument("--student-sizes", type=_fractions,
                    help="student sizes as fractions of the teacher: of its parameters for seq2seq (default 0.25), "
                         "of its layers for classification (default 0.5 = every other layer)")
     p.add_argument("--budget", default="quick", choices=list(BUDGETS),
-                   help="how much to train and evaluate (default quick)")
-    p.add_argument("--teacher-steps", type=int, help="override the budget's teacher training steps")
-    p.add_argument("--student-steps", type=int,
+                   help="how much to train and evaluate (default quick; times: see below)")
+    p.add_argument("--teacher-steps", type=count(1), help="override the budget's teacher training steps")
+    p.add_argument("--student-steps", type=count(1),
                    help="override the budget's cap of steps per student (each student stops earlier when its "
                         "validation loss stops improving)")
-    p.add_argument("--kd-alpha", type=float, default=0.5,
+    p.add_argument("--kd-alpha", type=fraction, default=0.5,
                    help="weight of word-level KD against the gold labels in the KD variants (default 0.5)")
-    p.add_argument("--kd-temperature", type=float,
+    p.add_argument("--kd-temperature", type=positive,
                    help="KD softmax temperature (default 1 for seq2seq as Kim & Rush, 2 for MLM as DistilBERT)")
-    p.add_argument("--beams", type=int, help="beam size for the teacher's pseudo-targets and beam evaluation")
+    p.add_argument("--num-beams", type=count(1),
+                   help="beam size for the teacher's pseudo-targets and beam evaluation "
+                        "(default: the budget's)")
     p.add_argument("--seed", type=int, default=42, help="seed of every initialisation and data order")
     p.add_argument("--skip-teacher-check", action="store_true",
                    help="compare the students with a teacher that has not passed the check (its validation quality "
                         "above copying the source / the most frequent target, and its use of the source); the "
                         "report then says the teacher is unchecked")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=count(1), default=None,
                    help="train every student variant with this many seeds (seed, seed+1, ...) and report "
-                        "mean +- std; the teacher and the transfer set are shared (default 1)")
-    p.add_argument("--jobs", type=int,
+                        "mean +- std; a verdict must then also survive the seeds' spread; the teacher and the "
+                        "transfer set are shared (default: the budget's -- tiny 1, quick 2, full 3)")
+    p.add_argument("--jobs", type=count(1),
                    help="train (and evaluate) this many students at a time, each in a process of its own on an "
                         "equal share of the cores (default: the budget's, 2 for quick and full, at most the cores)")
     p.add_argument("--no-serve", action="store_true",
@@ -100,6 +122,7 @@ def add_parser(sub):
                         "variant's transfer set with the teacher's best beam as their target; the baseline "
                         "keeps the gold rows only")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
+    hidden_alias(p, "--num-beams", "--beams")  # its old name; every other command says --num-beams
     p.set_defaults(func=run)
 
 
@@ -108,11 +131,11 @@ def named_splits(ns) -> tuple[str, str, str]:
     (the translation layout flattened into the task's columns), for the study's file-based stages."""
     import os
 
+    from lmkd.cli.dataset_flags import dashed
     from lmkd.core.constants import DEFAULT_COLUMNS
-    from lmkd.data.dataset import DataArguments, read_split
     from lmkd.core.errors import LmkdError
     from lmkd.core.io import write_jsonl
-    from lmkd.cli.dataset_flags import dashed
+    from lmkd.data.dataset import DataArguments, read_split
 
     if ns.train or ns.validation or ns.test:
         raise LmkdError("give either --dataset-name or --train/--validation/--test, not both")
@@ -141,17 +164,34 @@ def named_splits(ns) -> tuple[str, str, str]:
 
 
 def run(ns) -> None:
-    from lmkd.core.io import check_output
-    from lmkd.study import StudyOptions, run_study
+    """Run (or resume) the study of ``ns``; a refused one leaves no directory it made behind.
+
+    Args:
+        ns: the parsed ``lmkd study`` arguments.
+
+    Returns:
+        None.
+    """
+    from lmkd.core.io import check_output, nothing_left_on_error
 
     check_output(ns.output, "--output", directory=True)  # its stages write there, the first after a training
+    # a study refused (bad data, a teacher that fails to load) leaves no empty --output or stages/ behind
+    with nothing_left_on_error(os.path.join(ns.output, "dataset")), \
+            nothing_left_on_error(os.path.join(ns.output, "stages")):
+        _run(ns)
+
+
+def _run(ns) -> None:
+    from lmkd.study import StudyOptions, run_study
+
     if ns.dataset_name:
         ns.train, ns.validation, ns.test = named_splits(ns)
     options = StudyOptions(
         task=ns.task, output=ns.output, train=ns.train, validation=ns.validation, test=ns.test,
         source_column=ns.source_column, target_column=ns.target_column, teacher=ns.teacher,
         student_sizes=ns.student_sizes, budget=ns.budget, teacher_steps=ns.teacher_steps,
-        student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature, beams=ns.beams,
+        student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature,
+        beams=ns.num_beams,
         seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
         serve=not ns.no_serve, online_kd=ns.online_kd, teacher_split=ns.teacher_split,
         unlabelled=ns.unlabelled)

@@ -3,7 +3,8 @@
 The bottom layer (with :mod:`lmkd.core.errors` and :mod:`lmkd.core.constants`).  Every module that reads
 JSON lines or writes a result uses these instead of its own copy:
 
-* :func:`read_rows` -- ``.jsonl`` / ``.json`` / ``.csv`` (optionally ``.gz``) with one-line errors;
+* :func:`read_rows` -- ``.jsonl`` / ``.json`` / ``.csv`` (optionally ``.gz``) with one-line errors
+  (:func:`unreadable`: a truncated or corrupt file, in words);
 * :func:`atomic_write_text` / :func:`atomic_write_json` / :func:`write_jsonl` -- write a temporary
   file beside the target, fsync, then ``os.replace`` (atomic on POSIX);
 * :func:`atomic_dir` -- a temporary directory renamed to the target on success, removed on failure;
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable
 
 from lmkd.core.errors import LmkdError
@@ -34,10 +36,57 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
+def unreadable(path: str, error: BaseException) -> str | None:
+    """What is wrong with a data file whose reading raised ``error``, in words, or None when the error
+    is not about the file's bytes (a truncated or corrupt gzip stream, text that is not UTF-8).
+
+    Args:
+        path: the file read.
+        error: what reading it raised (gzip / zlib / codec errors).
+
+    Returns:
+        A one-line message naming ``path``, or None.
+    """
+    if isinstance(error, EOFError):
+        return (f"data file {path} is truncated: its gzip stream ends before its end marker (a download or "
+                "copy cut short?); write or fetch it again")
+    if isinstance(error, gzip.BadGzipFile):
+        return (f"data file {path} is not gzip data although its name ends in .gz ({error}); rename or "
+                "recompress it")
+    if isinstance(error, zlib.error):
+        return (f"data file {path} is corrupt: its gzip data cannot be decompressed ({error}); write or "
+                "fetch it again")
+    if isinstance(error, UnicodeDecodeError):
+        byte = error.object[error.start:error.start + 1]
+        return (f"data file {path} is not UTF-8 text (byte {byte!r} at offset {error.start} of a block); "
+                "save it as UTF-8")
+    return None
+
+
 def read_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl/.json/.csv file (optionally gzipped), with one-line errors."""
+    """Rows of a .jsonl/.json/.csv file (optionally gzipped), with one-line errors: a missing, empty,
+    truncated or corrupt file, or a line that is not a JSON object, is an :class:`LmkdError` naming it.
+
+    Args:
+        path: the data file.
+
+    Returns:
+        Its rows, each a dict.
+    """
     if not os.path.exists(path):
         raise LmkdError(f"data file {path} does not exist; check the path")
+    try:
+        return _read_rows(path)
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+        message = unreadable(path, e)
+        if message is None:
+            if not isinstance(e, OSError):
+                raise
+            message = f"data file {path} cannot be read: {e.strerror or e}"
+        raise LmkdError(message) from e
+
+
+def _read_rows(path: str) -> list[dict]:
     name = path[:-3] if path.endswith(".gz") else path
     rows: list[dict] = []
     with _open_text(path) as f:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForSeq2Seq,
@@ -26,7 +28,7 @@ from transformers import (
 
 from lmkd.core.constants import CLASSIFICATION, DEFAULT_COLUMNS, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND, TASKS
 from lmkd.core.errors import LmkdError
-from lmkd.core.io import read_rows
+from lmkd.core.io import read_rows, unreadable
 from lmkd.models.truncation import describe_truncation, encode_fitted, fit_length, input_limit, target_limit, truncation_note
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,12 @@ class DataArguments:
         if bool(self.source_lang) != bool(self.target_lang):
             raise LmkdError("source_lang and target_lang go together: the keys of the 'translation' column's "
                             "languages, e.g. source_lang en, target_lang fr")
+        for name in ("max_source_length", "max_target_length", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:  # 0 rows or tokens: nothing to train on or all cut
+                raise LmkdError(f"{key_name(self, name)} must be >= 1, got {value}")
+        if not 0.0 < self.mlm_probability <= 1.0:
+            raise LmkdError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
         src, tgt = DEFAULT_COLUMNS[self.task]
         self.source_column = self.source_column or src
         self.target_column = self.target_column or tgt
@@ -109,7 +117,7 @@ class DataArguments:
 
 
 #: the distill keys that name the columns load_data is asked for, in order (source, target, gold)
-DISTILL_COLUMN_FLAGS = ("--source_column", "--target_column", "--gold_column")
+DISTILL_COLUMN_FLAGS = ("--source-column", "--target-column", "--gold-column")
 
 #: how the commands with dashed flags (DataArguments.dashed_flags) name the fields their errors mention
 DASHED_FLAGS = {"dataset_name": "--dataset-name", "source_lang": "--source-lang", "target_lang": "--target-lang",
@@ -190,9 +198,17 @@ def _load_named(args: DataArguments, split: str, required: bool) -> datasets.Dat
         return datasets.load_dataset(name, config, split=split)
     except LmkdError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, EOFError, zlib.error) as e:
+        broken = unreadable(name, e)  # a truncated or corrupt data file
+        if broken:
+            raise LmkdError(f"{key_name(args, 'dataset_name')}: {broken}") from e
         raise LmkdError(f"cannot read {key_name(args, 'dataset_name')} {name!r}" + (f" ({config})" if config else "")
                         + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    except DatasetGenerationError as e:  # the builder's wrapper around what went wrong in the file
+        cause = e.__cause__ or e.__context__ or e
+        said = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        detail = unreadable(name, cause) or f"cannot read {name!r}: {said}"
+        raise LmkdError(f"{key_name(args, 'dataset_name')}: {detail}") from e
 
 
 def read_split(args: DataArguments, split: str = "train", columns: list[str] | tuple[str, ...] = (),

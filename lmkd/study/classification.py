@@ -82,7 +82,8 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
     size = size_name(fraction)
     mlm_dir, teacher_dir = teachers["teacher-mlm"], teachers["teacher"]
     train_file, val_file = data["train"], data["validation"]
-    stopping = StoppingRule.from_plan(plan)
+    stopping = StoppingRule.from_plan(plan, "classification")
+    mlm_stopping = StoppingRule.from_plan(plan, "mlm")  # MLM distillation has no task metric: the gold CE
 
     def init_fn(out):
         from lmkd.models.loading import load_model, load_tokenizer
@@ -113,11 +114,11 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
         starts = {"init": (init_dir, f"{size}-init")}
         if mlm_head:
             distil = seeded(f"{size}-mlm-distil", opts, seed)
-            jobs.append(Job(distil, {**common, **kd}, [f"{size}-init", "teacher-mlm", "data-train", "data-validation"],
+            jobs.append(Job(distil, {**common, **kd, "stopping": mlm_stopping.options()}, [f"{size}-init", "teacher-mlm", "data-train", "data-validation"],
                             train_student,
                             dict(init_dir=init_dir, task="mlm", train_file=train_file, validation_file=val_file,
                                  plan=plan, steps=plan.student_steps, lr=plan.student_lr, teacher_dir=mlm_dir,
-                                 kd_alpha=plan.kd_alpha, seed=seed, stopping=stopping.options()),
+                                 kd_alpha=plan.kd_alpha, seed=seed, stopping=mlm_stopping.options()),
                             f"MLM-distilling the student from the teacher (alpha {plan.kd_alpha}, "
                             f"seed {seed})",
                             cost=3.0))  # the variants that start from it wait for it: first

@@ -35,8 +35,10 @@ def study_data_args(task: str, train_file: str, validation_file: str | None, pla
 
     max_length = plan_view(plan).max_length
 
-    data_task = {"classification": "classification", "mlm": "mlm"}.get(task, "translation")
-    if data_task == "translation":
+    # (summarization tokenises as translation does; its own name makes the validation metrics ROUGE)
+    data_task = {"classification": "classification", "mlm": "mlm", "summarization": "summarization"}.get(
+        task, "translation")
+    if data_task in ("translation", "summarization"):
         cols = dict(source_column="source", target_column=target_column or "target")
     elif data_task == "classification":
         cols = dict(source_column="text", target_column="label")
@@ -129,6 +131,9 @@ def train_student(out: str, init_dir: str, task: str, train_file: str, validatio
         max_grad_norm=0.0,
         dataloader_pin_memory=False, kd_alpha=kd_alpha, kd_temperature=view.kd_temperature,
         teacher_model_name_or_path=teacher_dir if kd_alpha > 0 else None, disable_tqdm=False,
+        # a rule on BLEU / ROUGE: each evaluation decodes the validation rows greedily
+        **(dict(predict_with_generate=True, generation_num_beams=1, generation_max_length=view.max_new_tokens)
+           if stopping is not None and stopping.generates else {}),
         **config,
     )
     callback = PlateauStopping(stopping) if stopping is not None else None

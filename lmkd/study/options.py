@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from lmkd.core.constants import DEFAULT_COLUMNS, EVAL_TASKS
 from lmkd.core.errors import LmkdError
-from lmkd.study.budgets import BUDGETS
+from lmkd.study.budgets import BUDGETS, DEFAULT_SEEDS
 from lmkd.study.plan import (
     LOGIT_CACHE_STAGES,
     SEQ2SEQ_VARIANTS,
@@ -48,8 +48,9 @@ class StudyOptions:
     seed: int = 42
     #: check that the teacher has learned before any student is compared with it (lmkd.study.checks)
     teacher_check: bool = True
-    #: every student variant is trained with seeds seed, seed+1, ..., seed+seeds-1
-    seeds: int = 1
+    #: every student variant is trained with seeds seed, seed+1, ..., seed+seeds-1 (None: the budget's,
+    #: lmkd.study.budgets.DEFAULT_SEEDS)
+    seeds: int | None = None
     #: export the best student for serving and report it as one more model (lmkd.study.serving)
     serve: bool = True
     #: the Word-KD variants run the teacher at every step instead of reading its logit cache (LOGIT_CACHE)
@@ -79,6 +80,8 @@ class StudyOptions:
         if not 0 < self.kd_alpha <= 1:
             raise LmkdError(f"--kd-alpha must be in (0, 1], got {self.kd_alpha}; it weights word-level KD "
                             "against the gold labels in the Word-KD variants")
+        if self.seeds is None:
+            self.seeds = DEFAULT_SEEDS[self.budget]
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise LmkdError(f"--seeds must be a whole number >= 1, got {self.seeds!r}; each student variant "
                             "is trained with that many seeds")

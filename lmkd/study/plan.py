@@ -56,12 +56,14 @@ class ServedModel:
 
     Args:
         student: the stage name of the student exported.
-        validation_ce: its best validation CE.
+        metric: the validation metric it was chosen by (its stopping rule's).
+        validation_metric: its best value of that metric.
         format: the export format.
     """
 
     student: str  # the stage name of the student exported
-    validation_ce: float  # its best validation CE, what it was chosen by
+    metric: str  # the validation metric it was chosen by (the students' stopping rule's)
+    validation_metric: float  # its best value of that metric
     format: str  # the export: a key of FORMAT_NAMES
 
 
@@ -87,7 +89,9 @@ class Plan:
     student_steps: int  # every student's step cap (it stops earlier on its validation plateau)
     eval_every: int  # steps between two validation evaluations of a student
     patience: int  # evaluations in a row without improvement before a student stops
-    min_delta: float  # the validation-CE gain (nats) that counts as an improvement
+    min_delta: float  # the validation-CE gain (nats) that counts as an improvement (MLM distillation)
+    # the validation task-metric gain (BLEU / ROUGE-L / accuracy points) that counts as an improvement
+    metric_min_delta: float
     batch_size: int  # the training batch (fitted to batch_tokens once max_length is known)
     teacher_lr: float  # the learning rate of a teacher trained from scratch
     student_lr: float  # the learning rate of the seq2seq students and of MLM distillation

@@ -95,7 +95,12 @@ def report_markdown(report: dict) -> str:
               + f": a difference is reported when p < {sig['alpha']}, otherwise the comparison is inconclusive; "
               "each p-value is for one comparison (no correction for the number of comparisons)."
               + (" With several seeds per variant the tests compare each variant's first seed; the table "
-                 "below gives mean ± std over the seeds." if sig["first_seed_only"] else ""), ""]
+                 "below gives mean ± std over the seeds, and a difference is reported only when it also "
+                 "survives the randomness of training: the same sign for every seed and a mean difference "
+                 "larger than the seeds' spread (each variant's max − min over its seeds)."
+                 if sig["first_seed_only"] else
+                 " One seed per variant: the randomness of training (seed, data order) is not measured, "
+                 "so a verdict can rest on one lucky or unlucky training (run with --seeds 2 or more)."), ""]
     variants = report["variants"]
     if any(len(g["models"]) > 1 for g in variants):
         vhead = ["variant", "seeds"] + (["steps (mean)"] if has_steps else []) + report["columns"]
@@ -177,8 +182,9 @@ def report_markdown(report: dict) -> str:
                      + " -- a student below the best of them did not learn to use its inputs.")
     served = plan.get("served")
     if served and any(r["variant"] == "served" for r in rows_in):
-        lines.append(f"Served: {served['student']}, the student with the lowest validation CE "
-                     f"({served['validation_ce']:.3f}), exported to {FORMAT_NAMES.get(served['format'], served['format'])} "
+        lines.append(f"Served: {served['student']}, the student with the best "
+                     f"{CURVE_METRICS.get(served['metric'], served['metric'])} "
+                     f"({served['validation_metric']:.3f}), exported to {FORMAT_NAMES.get(served['format'], served['format'])} "
                      "(lmkd compress's export, no pruning) -- the row `served`, scored and timed like every other "
                      "model and compared with the student it came from above.")
     cache = plan.get("kd_cache")

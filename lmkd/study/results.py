@@ -38,7 +38,9 @@ VARIANT_NAMES = {"baseline": "the baseline", "word-kd": "Word-KD", "seq-kd": "Se
 
 TRAIN_LOG = "train_log.json"
 #: how the validation metric of train_log.json is named in the notes and on the curve panel
-CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)"}
+CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)",
+                 "eval_bleu": "validation BLEU (greedy)", "eval_rougeL": "validation ROUGE-L (greedy)",
+                 "eval_accuracy": "validation accuracy"}
 
 def _main_metric(task: str) -> tuple[str, list[tuple[str, str]]]:
     """(headline metric key, [(column label, key path)])."""
@@ -98,7 +100,8 @@ def read_train_log(model: dict) -> dict | None:
         return None
     curve = [c for c in log.get("curve") or [] if isinstance(c, dict) and "step" in c and "metric" in c]
     return {"steps": log["steps"], "stopped_early": bool(log.get("stopped_early", False)), "curve": curve,
-            "metric": str(log.get("metric", "validation metric"))}
+            "metric": str(log.get("metric", "validation metric")),
+            "greater_is_better": bool(log.get("greater_is_better", False))}
 
 #: the memorisation warning's rule (:func:`transfer_set_report`): Seq-KD's targets are mostly the gold targets
 #: again when more than this share of the teacher's outputs on its transfer rows equal the gold target ...
@@ -212,6 +215,7 @@ def _groups(rows: list[dict], keys: list[str]) -> list[dict]:
         scores = [r["score"] for r in rs]
         g = {"size": size, "variant": variant, "label": rs[0]["label"],
              "models": [r["model"] for r in rs], "seeds": [r["seed"] for r in rs], "first": rs[0]["model"],
+             "scores": scores,
              "score_mean": statistics.fmean(scores), "score_std": _std(scores),
              "columns": {k: {"mean": statistics.fmean(value_at(r["quality"], k) for r in rs),
                              "std": _std([value_at(r["quality"], k) for r in rs])} for k in keys}}

@@ -161,6 +161,23 @@ def read_memorisation(transfer_dir: str, task: str) -> dict:
     return memorisation(read_rows(os.path.join(transfer_dir, "transfer.jsonl")), task)
 
 
+def transfer_stage(out: str, teacher_dir: str, data_file: str, beams: int, max_new_tokens: int,
+                   max_length: int, task: str = "translation", unlabelled_file: str | None = None) -> None:
+    """The transfer stage as a study job: :func:`make_transfer_set` into ``out``.
+
+    Args:
+        out: the stage's directory.
+        teacher_dir: the teacher.
+        data_file: the transfer rows.
+        beams: the beam size (and the n-best size).
+        max_new_tokens: the longest generation.
+        max_length: inputs are cut at this many tokens.
+        task: the study task (the memorisation figures' metric).
+        unlabelled_file: source-only rows added to the KD variants' transfer set (--unlabelled), or None.
+    """
+    make_transfer_set(teacher_dir, data_file, out, beams, max_new_tokens, max_length, task, unlabelled_file)
+
+
 def _fewest_copied_layers(teacher) -> dict[str, list[int]] | None:
     """The smallest student made of copied teacher layers: one encoder and one decoder layer (the
     first, :func:`~lmkd.models.student.spread_layers`); None for a model without both stacks."""
@@ -278,12 +295,14 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
         gen_opts["unlabelled"] = True
         transfer_deps.append("data-unlabelled")
 
-    def transfer_fn(out):
-        make_transfer_set(teacher_dir, rows_file, out, plan.beams, plan.max_new_tokens, plan.max_length,
-                          opts.task, unlabelled_file)
-
-    transfer_dir = st.run("transfer", gen_opts, transfer_deps, transfer_fn,
-                          f"teacher beam search (beam {plan.beams}) on the transfer set")
+    # a job of the graph: the students that read only the gold targets (baseline, Word-KD and its logit
+    # cache) train while the teacher decodes every training row; costliest, so it starts first
+    transfer = Job("transfer", gen_opts, transfer_deps, transfer_stage,
+                   dict(teacher_dir=teacher_dir, data_file=rows_file, beams=plan.beams,
+                        max_new_tokens=plan.max_new_tokens, max_length=plan.max_length, task=opts.task,
+                        unlabelled_file=unlabelled_file),
+                   f"teacher beam search (beam {plan.beams}) on the transfer set", cost=10.0)
+    transfer_dir = st.path("transfer")
     transfer_file = os.path.join(transfer_dir, "transfer.jsonl")
     data["transfer_dir"] = transfer_dir  # (the report reads its memorisation figures: read_memorisation)
     # each variant's training file and the stage it comes from: the baseline keeps the gold rows only; with
@@ -292,10 +311,11 @@ def seq2seq_students(st: Stages, opts: StudyOptions, data: dict, teacher_dir: st
         VARIANT_TARGET[v] == "target" and unlabelled_file is None) else (transfer_file, "transfer")
         for v in SEQ2SEQ_VARIANTS}
     jobs, caches = _logit_cache_jobs(st, opts, data, teacher_dir, train_files["word-kd"], transfer_file)
+    jobs.insert(0, transfer)
     init_rule = "copy-if-fits" if opts.teacher is None else "copy-if-fits-else-fewest"
 
     students: dict[str, dict] = {}
-    stopping = StoppingRule.from_plan(plan)
+    stopping = StoppingRule.from_plan(plan, opts.task)
     kd = {"kd_alpha": plan.kd_alpha, "kd_temperature": plan.kd_temperature}
     if plan.logit_cache:  # (an online student's options are those of the studies made before the cache)
         kd["kd_cache"] = plan.logit_cache  # (a hashed key keeps its name: a resumed study keeps its students)

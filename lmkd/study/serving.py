@@ -1,7 +1,7 @@
 """The study's serving stage: the best student exported for serving, measured like every other model.
 
 A user's real question is the size, speed and quality of what they will *serve*.  After the students
-are trained, the one with the lowest validation CE (what every student's early stopping measured --
+are trained, the one with the best validation metric (what every student's early stopping measured --
 never the test rows) is exported with :func:`lmkd.models.engines.export`, the export ``lmkd compress``
 writes: CTranslate2 int8 for an encoder-decoder, ONNX Runtime int8 for a classifier.  The export is
 then one more model of the study: its own eval stage (the same :func:`lmkd.evaluate.run.evaluate_models`
@@ -26,26 +26,32 @@ from lmkd.study.stages import Stages
 SERVED = "served"
 
 
-def best_student(models: dict[str, dict], read_log) -> tuple[str, float] | None:
-    """``(name, validation CE)`` of the student whose best validation CE is lowest (ties: the first in
-    model order), from each student's train log (``read_log(model) -> {"curve": [...]} | None``);
-    None when no student has a validation curve.
+def best_student(models: dict[str, dict], read_log) -> tuple[str, float, str] | None:
+    """``(name, best value, metric)`` of the student with the best validation metric (its stopping
+    rule's, in the rule's direction; ties: the first in model order), from each student's train log
+    (``read_log(model) -> {"curve": [...], "metric", "greater_is_better"} | None``); None when no
+    student has a validation curve.
 
     Args:
         models: ``{name: model entry}``.
         read_log: reads a model's train log.
 
     Returns:
-        ``(name, validation CE)`` or None.
+        ``(name, value, metric)`` or None.
     """
-    best: tuple[str, float] | None = None
+    best: tuple[str, float, str] | None = None
+    sign = 1.0
     for name, m in models.items():
         if m["variant"] in ("teacher", SERVED):
             continue
-        log = read_log(m)
-        values = [c["metric"] for c in (log or {}).get("curve") or [] if c.get("metric") is not None]
-        if values and (best is None or min(values) < best[1]):
-            best = (name, float(min(values)))
+        log = read_log(m) or {}
+        values = [c["metric"] for c in log.get("curve") or [] if c.get("metric") is not None]
+        if not values:
+            continue
+        sign = -1.0 if log.get("greater_is_better") else 1.0  # one rule for every student of a study
+        value = min(values, key=lambda v: sign * v)
+        if best is None or sign * value < sign * best[1]:
+            best = (name, float(value), str(log.get("metric", "validation metric")))
     return best
 
 
@@ -71,7 +77,7 @@ def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_lo
     if best is None:
         opts.plan.note("No served model: no student recorded a validation curve to pick the best by.")
         return {}
-    name, ce = best
+    name, value, metric = best
     src = models[name]
     try:
         engines.check_exportable(fmt, load_config(src["dir"]), kind)
@@ -80,7 +86,7 @@ def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_lo
         return {}
     d = st.run("serve", {"format": fmt, "student": name}, [src["stage"]],
                lambda out: engines.export(src["dir"], out, fmt, kind),
-               f"exporting the best student by validation CE ({name}, {ce:.3f}) to {FORMAT_NAMES[fmt]} for serving")
-    opts.plan.served = ServedModel(student=name, validation_ce=ce, format=fmt)
+               f"exporting the best student by {metric} ({name}, {value:.3f}) to {FORMAT_NAMES[fmt]} for serving")
+    opts.plan.served = ServedModel(student=name, metric=metric, validation_metric=value, format=fmt)
     return {SERVED: {"dir": d, "stage": "serve", "variant": SERVED, "size": src["size"], "seed": src.get("seed"),
                      "source": name, "format": fmt}}

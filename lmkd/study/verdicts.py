@@ -19,15 +19,66 @@ METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": 
 SIGNIFICANCE_METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge2", "rouge1", "rougeL"),
                         "classification": ("accuracy", "macro_f1")}
 
-def _compare(kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tuple[str, ...],
+def seed_check(a: dict, b: dict) -> dict | None:
+    """Whether the difference between two variants survives the randomness of training: with several
+    seeds per variant (seed k of one paired with seed k of the other; a one-model group -- the teacher
+    -- paired with every seed), the per-seed differences of the headline score must all have one sign
+    and their mean must exceed the seeds' spread -- the larger of the two variants' ranges (max − min
+    over their seeds).  None when neither variant has two seeds: training variance is not measured.
+
+    Args:
+        a: a group (``scores``: the headline score of each seed's model).
+        b: the group it is compared with.
+
+    Returns:
+        ``{"seeds", "differences", "mean", "spread", "survives"}`` or None.
+    """
+    sa, sb = list(a.get("scores") or []), list(b.get("scores") or [])
+    if max(len(sa), len(sb)) < 2 or not sa or not sb:
+        return None
+    if len(sa) == 1:
+        sa = sa * len(sb)
+    if len(sb) == 1:
+        sb = sb * len(sa)
+    diffs = [x - y for x, y in zip(sa, sb)]
+    spread = max(max(s) - min(s) for s in (sa, sb))
+    mean = sum(diffs) / len(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return {"seeds": len(diffs), "differences": diffs, "mean": mean, "spread": spread,
+            "survives": same_sign and abs(mean) > spread}
+
+
+def compare(kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tuple[str, ...],
              mode: str | None) -> dict:
-    """Paired bootstrap of group ``a``'s first model against group ``b``'s on every metric."""
+    """Paired bootstrap of group ``a``'s first model against group ``b``'s on every metric; on the
+    headline metric (the first), a difference the test rows call significant is still inconclusive
+    when it does not survive the seeds (:func:`seed_check`).
+
+    Args:
+        kind: the comparison's kind (vs-baseline, best-vs-other, served-vs-student, vs-teacher).
+        a: the group compared (``first``, ``label``, ``variant``, ``scores``).
+        b: the group it is compared with.
+        preds: ``{model: predictions}`` (per decoding mode for seq2seq).
+        refs: the test references.
+        metrics: the metrics tested, the headline first.
+        mode: the decoding mode compared (seq2seq), or None.
+
+    Returns:
+        The comparison: the two models and labels, and ``tests`` per metric (the bootstrap's figures,
+        ``verdict``, and on the headline metric ``seeds`` / ``within_seed_spread`` when measured).
+    """
     pa, pb = preds[a["first"]], preds[b["first"]]
     if mode is not None:
         pa, pb = pa[mode], pb[mode]
     tests = {m: paired_bootstrap(m, pa, pb, refs).as_dict() for m in metrics}
     for t in tests.values():
         t["verdict"] = ("inconclusive" if t["p_value"] >= ALPHA else "better" if t["difference"] > 0 else "worse")
+    seeds = seed_check(a, b)
+    head = tests[metrics[0]]
+    if seeds is not None:
+        head["seeds"] = seeds
+        if head["verdict"] != "inconclusive" and not seeds["survives"]:
+            head["verdict"], head["within_seed_spread"] = "inconclusive", True
     return {"kind": kind, "a": a["first"], "b": b["first"], "a_label": a["label"], "b_label": b["label"],
             "a_variant": a["variant"],
             "tests": tests}
@@ -59,15 +110,23 @@ def verdict_line(c: dict, metric: str) -> str:
     a, b = c["a_label"], c["b_label"]
     a = a[0].upper() + a[1:]
     ci = f"95% CI {signed(t['ci_low'])}…{signed(t['ci_high'])}, p = {t['p_value']:.3f}"
+    seeds = t.get("seeds")
+    over = (f"; over {seeds['seeds']} seeds {signed(seeds['mean'])}, seeds' spread {seeds['spread']:.1f}"
+            if seeds else "")
     if t["verdict"] == "better":
-        return f"{a} beats {b} by {signed(t['difference'])} {label} ({ci})."
+        return f"{a} beats {b} by {signed(t['difference'])} {label} ({ci}{over})."
     if t["verdict"] == "worse":
-        return f"{a} is behind {b} by {abs(t['difference']):.1f} {label} ({ci})."
-    return (f"{a} does not differ significantly from {b}: {signed(t['difference'])} {label} ({ci}) -- "
+        return f"{a} is behind {b} by {abs(t['difference']):.1f} {label} ({ci}{over})."
+    if t.get("within_seed_spread"):
+        return (f"{a} does not differ from {b} beyond the randomness of training: {signed(t['difference'])} "
+                f"{label} on the test rows ({ci}), but over {seeds['seeds']} seeds the differences "
+                f"({', '.join(signed(d) for d in seeds['differences'])}) stay within the seeds' spread "
+                f"({seeds['spread']:.1f}) -- inconclusive.")
+    return (f"{a} does not differ significantly from {b}: {signed(t['difference'])} {label} ({ci}{over}) -- "
             "inconclusive on this test set.")
 
 def served_sources(rows: list[dict]) -> dict[str, dict]:
-    """``{served model: the student it was exported from}`` as one-model groups for :func:`_compare`.
+    """``{served model: the student it was exported from}`` as one-model groups for :func:`compare`.
 
     Args:
         rows: the report's rows.
@@ -107,19 +166,21 @@ def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs
         base = next((g for v in BASELINE_VARIANTS for g in same if g["variant"] == v), None)
         others = [g for g in same if g is not base]
         if base is not None:
-            comparisons += [_compare("vs-baseline", g, base, preds, refs, metrics, mode) for g in others]
+            comparisons += [compare("vs-baseline", g, base, preds, refs, metrics, mode) for g in others]
         ranked = sorted(others, key=lambda g: -g["score_mean"])
         if len(ranked) > 1:
-            comparisons += [_compare("best-vs-other", ranked[0], g, preds, refs, metrics, mode) for g in ranked[1:]]
-        comparisons += [_compare("vs-teacher", g, teacher, preds, refs, metrics, mode) for g in same]
+            comparisons += [compare("best-vs-other", ranked[0], g, preds, refs, metrics, mode) for g in ranked[1:]]
+        comparisons += [compare("vs-teacher", g, teacher, preds, refs, metrics, mode) for g in same]
     for g in exports:
-        comparisons += [_compare("served-vs-student", g, (served or {})[g["first"]], preds, refs, metrics, mode),
-                        _compare("vs-teacher", g, teacher, preds, refs, metrics, mode)]
+        comparisons += [compare("served-vs-student", g, (served or {})[g["first"]], preds, refs, metrics, mode),
+                        compare("vs-teacher", g, teacher, preds, refs, metrics, mode)]
     order = {"vs-baseline": 0, "best-vs-other": 1, "served-vs-student": 2, "vs-teacher": 3}
     comparisons.sort(key=lambda c: order[c["kind"]])
     weak = weak_teacher(comparisons, metrics[0])
     return {"metrics": list(metrics), "mode": mode, "alpha": ALPHA, "n_samples": DEFAULT_SAMPLES, "seed": DEFAULT_SEED,
             "first_seed_only": any(len(g["models"]) > 1 for g in groups), "comparisons": comparisons,
+            # training variance: measured (seeds > 1, verdicts must survive it) or not (one seed)
+            "seeds": max((len(g["models"]) for g in groups), default=1),
             "weak_teacher": weak,
             "verdicts": ([weak] if weak else []) + [verdict_line(c, metrics[0]) for c in comparisons]}
 

@@ -112,8 +112,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Token-level divergence: forward_kl (Hinton), reverse_kl, jsd (generalized JSD, "
                           "see jsd_beta), mse (logit matching), skew_kl / skew_reverse_kl (DistiLLM, see "
                           "skew_alpha) or taid (TAID's interpolated target, see taid_t_start). The last three run "
-                          "on the plain loss only (kd_chunk_size auto or 0); with teacher_tokenizer uld or uld_hybrid. Example: --kd_loss skew_kl "
-                          "--skew_alpha 0.1"},
+                          "on the plain loss only (kd_chunk_size auto or 0); with teacher_tokenizer uld or uld_hybrid. Example: --kd-loss skew_kl "
+                          "--skew-alpha 0.1"},
     )
     teacher_tokenizer: str | None = field(
         default=None,
@@ -122,7 +122,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                           "re-tokenised for the teacher, positions are aligned by character offsets (lmkd.teacher.cross_tokenizer) "
                           "and the KD term is kd_loss uld (sorted-probability L1, Boizard et al. 2024) or uld_hybrid "
                           "(exact KL over shared token strings + ULD over the rest). "
-                          "Example: --teacher_tokenizer teachers/llama --kd_loss uld"},
+                          "Example: --teacher-tokenizer teachers/llama --kd-loss uld"},
     )
     kd_alpha: float = field(
         default=0.5,
@@ -142,29 +142,29 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         default=0.1,
         metadata={"help": "kd_loss skew_kl / skew_reverse_kl: the mixing weight alpha in [0, 1) of DistiLLM: "
                           "KL(p || a p + (1-a) q), KL(q || (1-a) p + a q) (p teacher, q student); 0 = the plain "
-                          "forward / reverse KL. DistiLLM used 0.1. Example: --skew_alpha 0.1"},
+                          "forward / reverse KL. DistiLLM used 0.1. Example: --skew-alpha 0.1"},
     )
     taid_t_start: float = field(
         default=0.4,
         metadata={"help": "kd_loss taid: the interpolation t at step 0 of the target softmax((1-t) sg(z_s) + t z_t); "
-                          "it moves to taid_t_end over max_steps (TAID used 0.4 -> 1). Example: --taid_t_start 0.4"},
+                          "it moves to taid_t_end over max_steps (TAID used 0.4 -> 1). Example: --taid-t-start 0.4"},
     )
     taid_t_end: float = field(
         default=1.0, metadata={"help": "kd_loss taid: t at the last step (1 = the forward KL to the teacher). "
-                                   "Example: --taid_t_end 1.0"})
+                                   "Example: --taid-t-end 1.0"})
     taid_schedule: str = field(
         default="adaptive",
         metadata={"help": "kd_loss taid: linear (t from taid_t_start to taid_t_end in proportion to the step) or "
                           "adaptive (TAID's: never behind linear, faster while the loss falls; see taid_alpha, "
-                          "taid_beta). Example: --taid_schedule linear"},
+                          "taid_beta). Example: --taid-schedule linear"},
     )
     taid_alpha: float = field(
         default=5e-4, metadata={"help": "kd_loss taid, adaptive schedule: step size of t's growth (TAID: 5e-4). "
-                                      "Example: --taid_alpha 5e-4"})
+                                      "Example: --taid-alpha 5e-4"})
     taid_beta: float = field(
         default=0.99,
         metadata={"help": "kd_loss taid, adaptive schedule: momentum of the loss's relative change (TAID: 0.99). "
-                          "Example: --taid_beta 0.99"})
+                          "Example: --taid-beta 0.99"})
     mlm_kd_positions: str = field(
         default="all",
         metadata={"help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "
@@ -178,7 +178,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                           "batch and logged once; -1 = the chunked loss with an automatic chunk size (~1M logits "
                           "per chunk on CPU, 8M on GPU); N > 0 = chunks of N positions; 0 = the plain loss. Same "
                           "loss and gradients; on causal and seq2seq LMs with a plain linear head the chunked loss "
-                          "never materialises the student's logits. Example: --kd_chunk_size 0"},
+                          "never materialises the student's logits. Example: --kd-chunk-size 0"},
     )
     logit_cache: str | None = field(
         default=None,
@@ -234,7 +234,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                           "per student layer), '0:1,2:5' (student:teacher pairs), '-1:-1' (last to last), "
                           "'encoder=0,2;decoder=-1:-1' per stack. Default: the layers make-student copied "
                           "(lmkd_layer_map in the student's config), else evenly spaced ending at the last. On the command "
-                          "line write --layer_map=-1:-1 (with '=') when the value starts with '-'."},
+                          "line write --layer-map=-1:-1 (with '=') when the value starts with '-'."},
     )
     # ---- regimes beyond one fixed teacher (lmkd.train.regimes) ----
     teacher_weights: str | None = field(
@@ -313,6 +313,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                             "per_device_train_batch_size >= 2; raise it or use relation_pooling token")
         self._check_regimes()
         self._check_sizes()
+        self._check_optimisation()
         self._check_precision()
         super().__post_init__()
 
@@ -370,6 +371,28 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                 raise LmkdError(f"{name} must be > 0 (an integer, or a fraction < 1 of the training steps), "
                                 f"got {value}")
 
+    def _check_optimisation(self) -> None:
+        """Optimiser settings and a training length the Trainer would take without a word: a negative
+        learning rate (torch's ValueError traceback after output_dir is made), or no step to run (an
+        untrained student saved as if trained)."""
+        if not self.learning_rate >= 0:  # (0 holds the weights still: a flat baseline)
+            raise LmkdError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if not self.max_steps > 0 and not self.num_train_epochs > 0:
+            raise LmkdError(f"training would run no step: max_steps is {self.max_steps} (<= 0: unset) and "
+                            f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or "
+                            "num_train_epochs > 0")
+        for name, high in (("weight_decay", None), ("adam_epsilon", None), ("max_grad_norm", None),
+                           ("warmup_steps", None), ("adam_beta1", 1.0), ("adam_beta2", 1.0),
+                           ("label_smoothing_factor", 1.0)):
+            value = getattr(self, name, None)
+            if value is not None and not (value >= 0 and (high is None or value < high)):
+                raise LmkdError(f"{name} must be >= 0" + (f" and < {high:g}" if high is not None else "")
+                                + f", got {value}")
+        for name in ("generation_num_beams", "generation_max_length"):
+            value = getattr(self, name, None)
+            if value is not None and not value >= 1:
+                raise LmkdError(f"{name} must be >= 1 (or unset), got {value}")
+
     def _check_precision(self) -> None:
         """bf16 without a device that runs it: transformers refuses with a ValueError (and a hint about
         use_cpu); say it in one line with the device-independent fix."""
@@ -380,7 +403,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
             raise LmkdError("bf16 needs a GPU with bfloat16 support and none was found; choose by device "
                             "(bf16=torch.cuda.is_available() from Python; on the command line override the "
-                            "recipe's key, e.g. --bf16 false --use_cpu true on a CPU)")
+                            "recipe's key, e.g. --bf16 false --use-cpu true on a CPU)")
 
     def _check_regimes(self) -> None:
         for name in ("rounds", "cohort_size", "on_policy_max_new_tokens", "on_policy_prompt_tokens"):
