@@ -112,6 +112,15 @@ def add_parser(sub):
                    help="seq2seq: run the teacher at every Word-KD step instead of caching its log-probs once "
                         "(default: the top 32 per target token plus 32 sampled from the rest, lmkd cache-logits; "
                         "about 2.2x faster Word-KD students on a CPU)")
+    p.add_argument("--teacher-split", type=float, metavar="F",
+                   help="seq2seq, with a teacher trained here: train it on a seeded fraction F (0 < F < 1) "
+                        "of the training rows only; the students learn from all of them, so on the rest the "
+                        "teacher's outputs are its predictions, not the memorised gold targets (the report "
+                        "gives both)")
+    p.add_argument("--unlabelled", metavar="FILE",
+                   help="seq2seq: source-only rows (a 'source' column, or --source-column) added to every KD "
+                        "variant's transfer set with the teacher's best beam as their target; the baseline "
+                        "keeps the gold rows only")
     p.add_argument("--output", required=True, help="study directory (stages, report.md/json/png)")
     hidden_alias(p, "--num-beams", "--beams")  # its old name; every other command says --num-beams
     p.set_defaults(func=run)
@@ -184,5 +193,6 @@ def _run(ns) -> None:
         student_steps=ns.student_steps, kd_alpha=ns.kd_alpha, kd_temperature=ns.kd_temperature,
         beams=ns.num_beams,
         seed=ns.seed, seeds=ns.seeds, jobs=ns.jobs, teacher_check=not ns.skip_teacher_check,
-        serve=not ns.no_serve, online_kd=ns.online_kd)
+        serve=not ns.no_serve, online_kd=ns.online_kd, teacher_split=ns.teacher_split,
+        unlabelled=ns.unlabelled)
     run_study(options)

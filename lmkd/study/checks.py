@@ -36,6 +36,20 @@ class TeacherDidNotLearn(LmkdError):
     """The teacher failed the check: the study stops before any student is compared with it."""
 
 
+def task_score(task: str, hypotheses: list, references: list) -> float:
+    """The check metric of ``task`` (:data:`CHECK_METRIC`: BLEU, ROUGE-2, accuracy) of ``hypotheses``.
+
+    Args:
+        task: the study task.
+        hypotheses: the outputs (texts, or class ids).
+        references: the gold targets, one per output.
+
+    Returns:
+        The score, 0-100.
+    """
+    return _score(task, hypotheses, references)
+
+
 def _score(task: str, hypotheses: list, references: list) -> float:
     from lmkd.scoring import metrics
 

@@ -58,6 +58,11 @@ class StudyOptions:
     #: students and evaluations run this many at a time, each in a process of its own (None: the budget's
     #: ``workers``, at most the number of cores)
     jobs: int | None = None
+    #: seq2seq: the teacher (trained from scratch) trains on this seeded fraction of the training rows only;
+    #: the students learn from all of them, so on the rest the teacher's outputs are real predictions
+    teacher_split: float | None = None
+    #: seq2seq: source-only rows added to every KD variant's transfer set (lmkd.study.seq2seq)
+    unlabelled: str | None = None
     #: filled in by resolve(): the study's plan (the budget's table with the overrides applied)
     plan: Plan | None = None
 
@@ -111,6 +116,7 @@ class StudyOptions:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise LmkdError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        self._check_transfer_options()
         if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
             raise LmkdError(f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
                             "at a time")
@@ -119,6 +125,25 @@ class StudyOptions:
                                    kd_alpha=self.kd_alpha, kd_temperature=self.kd_temperature,
                                    online_kd=self.online_kd)
         return self
+
+    def _check_transfer_options(self) -> None:
+        """One-line errors for ``--teacher-split`` and ``--unlabelled`` (seq2seq only; the split needs a
+        teacher trained here, whose training rows the study chooses)."""
+        if self.teacher_split is not None:
+            if self.task == "classification":
+                raise LmkdError("--teacher-split is for the seq2seq tasks (translation, summarization)")
+            if self.teacher is not None:
+                raise LmkdError("--teacher-split trains the teacher on part of the training rows; with "
+                                "--teacher the study does not know which rows the given teacher trained on "
+                                "-- drop one")
+            if isinstance(self.teacher_split, bool) or not 0 < self.teacher_split < 1:
+                raise LmkdError(f"--teacher-split takes the teacher's share of the training rows in (0, 1), "
+                                f"got {self.teacher_split}")
+        if self.unlabelled is not None:
+            if self.task == "classification":
+                raise LmkdError("--unlabelled is for the seq2seq tasks (translation, summarization)")
+            if not os.path.exists(self.unlabelled):
+                raise LmkdError(f"--unlabelled file {self.unlabelled} does not exist; check the path")
 
 
 #: the shipped DDTP corpus of each study task (lmkd/corpora; README "Data"): English->French package
@@ -163,6 +188,8 @@ def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
         # data x3, tokenizer, lengths, teacher, teacher-check (a given teacher's; a trained one is checked
         # in its own stage), transfer-rows, transfer
         pre = 3 + (0 if given else 1) + 1 + 1 + (1 if given else 0) + 2
+        # teacher-rows (--teacher-split), data-unlabelled (--unlabelled)
+        pre += (opts.teacher_split is not None) + (opts.unlabelled is not None)
         pre += len(LOGIT_CACHE_STAGES) if opts.plan.logit_cache else 0
         variants = SEQ2SEQ_VARIANTS
         per_size = n_seeds * (1 + len(variants))  # per seed: the init and every variant

@@ -87,6 +87,8 @@ def report_markdown(report: dict) -> str:
     metric = METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0])
     lines = [f"# lmkd study: {report['task']} ({report['budget']} budget)", ""]
     lines += ["## Verdicts", ""] + [f"- {v}" for v in report["verdicts"]] + [""]
+    lines += transfer_set_lines(report)
+    nothing = sig.get("no_verdict")
     lines += [f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
               f"BLEU/chrF exactly sacrebleu's paired bootstrap test) on {metric}"
               + (f", {sig['mode']} search" if sig["mode"] else "")
@@ -121,7 +123,8 @@ def report_markdown(report: dict) -> str:
             cells.append(f"{signed(t['difference'], '.2f')} ({signed(t['ci_low'], '.2f')}…"
                          f"{signed(t['ci_high'], '.2f')}), p = {t['p_value']:.3f}")
         crows.append(cells)
-    lines += [markdown_table(chead, crows), ""]
+    lines += ["No comparisons listed: every student scored 0 (see the verdicts).", ""] if nothing else \
+        [markdown_table(chead, crows), ""]
     if has_steps and "eval_every" in plan:
         metric_name = next((r["curve_metric"] for r in rows_in if r.get("curve_metric")), "metric")
         steps_note = (f"Students: each trained until its {CURVE_METRICS.get(metric_name, 'validation ' + metric_name)} "
@@ -203,6 +206,72 @@ def report_markdown(report: dict) -> str:
     for note in plan.get("notes") or []:
         lines.append(str(note))
     return "\n".join(lines) + "\n"
+
+
+def _figures(f: dict, label: str) -> str:
+    """``12.3 BLEU, 4% identical to the gold`` (``–`` for no rows)."""
+    if not f.get("rows"):
+        return "no rows"
+    return f"{f['score']:.1f} {label}, {f['identical']:.0%} identical to the gold target"
+
+
+def transfer_set_lines(report: dict) -> list[str]:
+    """The report's "Transfer set" section (seq2seq): how far the teacher's outputs on the rows the students
+    learn from are the gold targets again (beside its validation metric), the memorisation warning, the
+    teacher split and the unlabelled rows, and how each student size was initialised; nothing for a
+    report without them.
+
+    Args:
+        report: the report (``transfer_set``, ``student_inits``).
+
+    Returns:
+        The markdown lines.
+    """
+    ts, inits = report.get("transfer_set"), report.get("student_inits")
+    if not ts and not inits:
+        return []
+    lines = ["## Transfer set and student inits", ""]
+    if ts:
+        whole = ts["all"]
+        label = METRIC_LABELS.get(whole["metric"], whole["metric"])
+        val = ts["validation"]
+        beside = (f"its validation {label} {val['score']:.1f} (greedy, {val['rows']} rows, the teacher check)"
+                  + (f"; {ts['ratio']:.2f}x" if ts.get("ratio") is not None else "")
+                  if val.get("score") is not None else "no validation figure (the teacher check was skipped)")
+        lines.append(f"- The teacher's beam outputs on the {whole['rows']} labelled transfer rows: "
+                     f"{_figures(whole, label)}; {beside}.")
+        if "teacher_rows" in ts:
+            mine, rest = ts["teacher_rows"], ts["held_out_rows"]
+            lines.append(f"- --teacher-split {ts['teacher_split']:g}: the teacher trained on {mine['rows']} "
+                         f"of these rows ({_figures(mine, label)}) and not on the other {rest['rows']} "
+                         f"({_figures(rest, label)}), where its outputs are its predictions; every student "
+                         "learns from all of them.")
+        if ts.get("unlabelled_rows"):
+            lines.append(f"- --unlabelled: {ts['unlabelled_rows']} source-only rows in every KD variant's "
+                         "transfer set, their target the teacher's best beam (Word-KD: that target with "
+                         "the KD term, as lmkd distill's transfer-set regime trains a seq2seq student on "
+                         "unlabelled rows; Seq-Inter: the best beam, there being no gold to pick by); the "
+                         "baseline learns from the gold rows only.")
+        if ts.get("warning"):
+            lines.append(f"- {ts['warning']}")
+    for size in dict.fromkeys(i["size"] for i in inits or []):
+        first = next(i for i in inits if i["size"] == size)
+        share = first["parameters_vs_teacher"]
+        shape = first["shape"] or {}
+        dims = (f"{shape.get('d_model')}-wide, {shape.get('encoder_layers')}+{shape.get('decoder_layers')} "
+                "layers")
+        if first["init"] == "fresh":
+            how = f"fresh (random init, a narrower model of the teacher's kind), {dims}"
+        else:
+            lay = first["layers"]
+            how = (f"copied encoder layer(s) {', '.join(map(str, lay['encoder']))} and decoder layer(s) "
+                   f"{', '.join(map(str, lay['decoder']))} of the teacher ({dims})")
+        extra = (f" -- larger than the asked {size:.0%}: the fewest layers that can be copied"
+                 if first["larger_than_asked"] else "")
+        lines.append(f"- Students at {size:.0%} of the teacher: {how}; "
+                     + (f"{share:.0%} of its parameters" if share is not None else "")
+                     + extra + ".")
+    return lines + [""]
 
 
 def _short(label: str) -> str:

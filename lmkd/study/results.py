@@ -29,7 +29,7 @@ from lmkd.study.checks import trivial_floors
 from lmkd.study.options import StudyOptions
 from lmkd.study.plan import FORMAT_NAMES
 from lmkd.study.teachers import scratch_teacher
-from lmkd.study.verdicts import below_floor, served_sources, significance
+from lmkd.study.verdicts import METRIC_LABELS, below_floor, served_sources, significance
 
 VARIANT_NAMES = {"baseline": "the baseline", "word-kd": "Word-KD", "seq-kd": "Seq-KD",
                  "seq-kd+word-kd": "Seq-KD + Word-KD", "seq-inter": "Seq-Inter", "no-kd": "fine-tuning alone",
@@ -102,6 +102,100 @@ def read_train_log(model: dict) -> dict | None:
     return {"steps": log["steps"], "stopped_early": bool(log.get("stopped_early", False)), "curve": curve,
             "metric": str(log.get("metric", "validation metric")),
             "greater_is_better": bool(log.get("greater_is_better", False))}
+
+#: the memorisation warning's rule (:func:`transfer_set_report`): Seq-KD's targets are mostly the gold targets
+#: again when more than this share of the teacher's outputs on its transfer rows equal the gold target ...
+MEMORISED_SHARE = 0.5
+#: ... or when its metric on them is more than this many times its validation metric
+MEMORISED_RATIO = 1.5
+
+
+def transfer_set_report(memo: dict, teacher_check: dict | None, teacher_split: float | None) -> dict:
+    """The report's ``transfer_set``: the teacher's metric on its transfer rows (the transfer stage's
+    beam outputs against the gold, :func:`lmkd.study.seq2seq.memorisation`) beside its validation metric
+    (the teacher check's greedy score; None when the check was skipped), the share identical to the gold,
+    and the one-line warning when Seq-KD's targets are mostly the gold targets (:data:`MEMORISED_SHARE`,
+    :data:`MEMORISED_RATIO`).
+
+    Args:
+        memo: the memorisation figures.
+        teacher_check: the teacher's check (the plan's ``teacher_check``), or None.
+        teacher_split: ``--teacher-split``'s fraction, or None.
+
+    Returns:
+        ``memo`` with ``validation``, ``ratio``, ``teacher_split`` and ``warning`` (None or the line).
+    """
+    whole = memo["all"]
+    check = teacher_check or {}
+    validation = None if check.get("skipped") else check.get("score")
+    ratio = whole["score"] / validation if validation and whole["score"] is not None else None
+    label = METRIC_LABELS.get(whole["metric"], whole["metric"])
+    why = []
+    if whole["identical"] is not None and whole["identical"] > MEMORISED_SHARE:
+        why.append(f"{whole['identical']:.0%} of its outputs on them are the gold target")
+    if ratio is not None and ratio > MEMORISED_RATIO:
+        why.append(f"its {label} on them is {ratio:.1f}x its validation {label}")
+    warning = None
+    if why:
+        warning = ("**Seq-KD learns mostly the gold targets**: " + " and ".join(why) + " -- the teacher "
+                   + ("trained on part of" if teacher_split else "trained on")
+                   + " the rows the students learn from, so its outputs there are largely the gold targets "
+                   "again, not its predictions "
+                   "(--teacher-split F trains it on a share of them only).")
+    return {**memo, "validation": {"metric": whole["metric"], "score": validation, "rows": check.get("rows")},
+            "ratio": ratio, "teacher_split": teacher_split, "warning": warning}
+
+
+def student_inits(inits: list[dict], rows: list[dict]) -> list[dict]:
+    """How each student init was made (its stage's ``init.json`` and ``config.json``): copied teacher layers
+    or fresh, the layers, the shape, the share of the teacher's parameters (from the report's rows for an
+    init.json that predates it) and whether it is larger than asked.
+
+    Args:
+        inits: ``[{"size", "seed", "dir"}]``, one per init stage.
+        rows: the report's rows (their parameter shares).
+
+    Returns:
+        One dict per init.
+    """
+    from lmkd.study.seq2seq import init_shape
+
+    out = []
+    for i in inits:
+        with open(os.path.join(i["dir"], "init.json")) as f:
+            info = json.load(f)
+        with open(os.path.join(i["dir"], "config.json")) as f:
+            config = json.load(f)
+        share = info.get("parameters_vs_teacher")
+        if share is None:
+            share = next((r["parameters_vs_teacher"] for r in rows
+                          if r["size"] == i["size"] and r["seed"] == i["seed"]), None)
+        out.append({"size": i["size"], "seed": i["seed"], "init": info["init"], "layers": info.get("layers"),
+                    "shape": info.get("shape") or init_shape(config), "parameters_vs_teacher": share,
+                    "larger_than_asked": bool(info.get("larger_than_asked"))})
+    return out
+
+
+def no_verdict(groups: list[dict], metric: str, teacher_score: float) -> str | None:
+    """The one line that replaces the verdicts when every student (every seed) scored 0 on the headline
+    metric: their comparisons are all +0.0 with p = 1 and say nothing.  None otherwise.
+
+    Args:
+        groups: the variants.
+        metric: the headline metric's label.
+        teacher_score: the teacher's score.
+
+    Returns:
+        The line, or None.
+    """
+    students = [g for g in groups if g["variant"] != "teacher"]
+    if not students or any(g["score_mean"] != 0 for g in students):
+        return None
+    return (f"**No verdict is possible**: every student scored 0.0 {metric} on the test rows (the teacher "
+            f"{teacher_score:.1f}), so every comparison between them is +0.0 with p = 1.000 and says nothing "
+            "about distillation -- the students did not learn under this budget (more --student-steps, or a "
+            "larger budget).")
+
 
 def _references(task: str, test_file: str) -> list:
     rows = read_rows(test_file)
@@ -207,10 +301,22 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     below = below_floor(groups, floors, sig["metrics"][0])
     if below:
         sig["verdicts"].insert(1 if sig["weak_teacher"] else 0, below)
+    nothing = no_verdict(groups, METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0]), t_score)
+    if nothing:  # the warnings stay; the line replaces one line per comparison
+        warnings = sig["verdicts"][:len(sig["verdicts"]) - len(sig["comparisons"])]
+        sig["verdicts"], sig["no_verdict"] = warnings + [nothing], nothing
+    extra = {}
+    if "transfer_dir" in data:
+        from lmkd.study.seq2seq import read_memorisation
+
+        extra["transfer_set"] = transfer_set_report(read_memorisation(data["transfer_dir"], opts.task),
+                                                    plan.teacher_check, opts.teacher_split)
+    if data.get("inits"):
+        extra["student_inits"] = student_inits(data["inits"], rows)
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
     return {"task": opts.task, "budget": opts.budget, "plan": plan.to_dict(),
             "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
-            "teacher": opts.teacher or scratch_teacher(opts), "columns": [c for c, _ in cols],
+            "teacher": opts.teacher or scratch_teacher(opts), **extra, "columns": [c for c, _ in cols],
             "column_keys": keys, "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
             "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows,
             "floors": floors, "below_floor": below}

@@ -80,12 +80,18 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
             shutil.rmtree(init)
 
         name = "teacher-mlm" if cls else "teacher"
+        deps = ["tokenizer", "data-train", "data-validation"]
+        if opts.teacher_split is not None:  # the teacher's rows only; the students learn from all of them
+            teacher_opts["split"] = opts.teacher_split
+            deps.append(_teacher_rows_stage(st, opts, data))
         n = f"{shape['d_model']}-wide, {shape['layers']}{'' if cls else '+' + str(shape['layers'])} layers"
         what = (f"pre-training a BERT-style masked-LM teacher ({n}) for {teacher_opts['steps']} steps" if cls else
                 f"training a pre-LN BART-style (mBART) teacher ({n}) for {teacher_opts['steps']} steps")
         if not cls:
             teacher_opts["check"] = _check_options(opts)
-        mlm_dir = st.run(name, teacher_opts, ["tokenizer", "data-train", "data-validation"], teacher_fn, what)
+        if opts.teacher_split is not None:
+            what += f" on {opts.teacher_split:g} of the training rows (--teacher-split)"
+        mlm_dir = st.run(name, teacher_opts, deps, teacher_fn, what)
         if not cls:
             return {"teacher": mlm_dir}
 
@@ -101,6 +107,20 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
     teacher_dir = st.run("teacher", cls_opts, ["teacher-mlm", "data-train", "data-validation"], teacher_cls_fn,
                          f"fine-tuning the teacher classifier for {plan.teacher_steps} steps")
     return {"teacher": teacher_dir, "teacher-mlm": mlm_dir}
+
+
+def _teacher_rows_stage(st: Stages, opts: StudyOptions, data: dict) -> str:
+    """``--teacher-split``: the stage choosing the teacher's rows
+    (:func:`~lmkd.study.splits.split_teacher_rows`); sets ``data["teacher_train"]`` (the rows the teacher
+    trains on) and ``data["teacher_rows_dir"]``; returns
+    the stage's name."""
+    from lmkd.study.splits import TEACHER_ROWS, split_teacher_rows
+
+    d = st.run("teacher-rows", {"fraction": opts.teacher_split, "seed": opts.seed}, ["data-train"],
+               lambda out: split_teacher_rows(data["train"], opts.teacher_split, opts.seed, out),
+               f"choosing the teacher's {opts.teacher_split:g} of the training rows (--teacher-split)")
+    data["teacher_train"], data["teacher_rows_dir"] = os.path.join(d, TEACHER_ROWS), d
+    return "teacher-rows"
 
 
 # ---- the teacher check ----------------------------------------------------------------------------
@@ -146,7 +166,9 @@ def train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: in
     start = init
     for r in (1, 2):
         dest = os.path.join(out, f"round-{r}")
-        train_student(dest, start, task, data["train"], data["validation"], plan, steps=steps, lr=lr, seed=opts.seed)
+        # (--teacher-split: the teacher's share of the training rows, teacher_rows_stage)
+        train_student(dest, start, task, data.get("teacher_train", data["train"]), data["validation"], plan,
+                      steps=steps, lr=lr, seed=opts.seed)
         check = _run_check(opts, data, dest, task) if opts.teacher_check else {"passed": True, "skipped": True}
         rounds.append({"round": r, "steps": steps, "lr": lr, "from": "init" if start == init else f"round {r - 1}",
                        **check})
