@@ -63,16 +63,33 @@ VARIANTS: dict[str, dict] = {
     "xtok-uld": {"student": "xtok", "target": "target", "kd": {"kd_loss": "uld"}},
     "xtok-hybrid": {"student": "xtok", "target": "target", "kd": {"kd_loss": "uld_hybrid"}},
     "fkl": {"student": "same", "target": "target", "kd": {}},
-    "skew-kl": {"student": "same", "target": "target", "kd": {"kd_loss": "skew_kl", "skew_alpha": 0.1}},
+    "skew-kl": {
+        "student": "same",
+        "target": "target",
+        "kd": {"kd_loss": "skew_kl", "skew_alpha": 0.1},
+    },
     "taid": {"student": "same", "target": "target", "kd": {"kd_loss": "taid"}},
 }
 #: what each variant is compared with (paired bootstrap on beam BLEU)
-REFERENCE = {"xtok-seqkd": "xtok-gold", "xtok-uld": "xtok-gold", "xtok-hybrid": "xtok-gold",
-             "skew-kl": "fkl", "taid": "fkl", "fkl": "gold", "xtok-gold": "gold"}
-DESCRIPTION = {"xtok-gold": "own tokenizer, gold targets", "xtok-seqkd": "own tokenizer, teacher beam targets",
-               "xtok-uld": "own tokenizer, gold + ULD", "xtok-hybrid": "own tokenizer, gold + ULD/KL hybrid",
-               "gold": "teacher's tokenizer, gold targets", "fkl": "teacher's tokenizer, gold + forward KL",
-               "skew-kl": "teacher's tokenizer, gold + skew KL 0.1", "taid": "teacher's tokenizer, gold + TAID"}
+REFERENCE = {
+    "xtok-seqkd": "xtok-gold",
+    "xtok-uld": "xtok-gold",
+    "xtok-hybrid": "xtok-gold",
+    "skew-kl": "fkl",
+    "taid": "fkl",
+    "fkl": "gold",
+    "xtok-gold": "gold",
+}
+DESCRIPTION = {
+    "xtok-gold": "own tokenizer, gold targets",
+    "xtok-seqkd": "own tokenizer, teacher beam targets",
+    "xtok-uld": "own tokenizer, gold + ULD",
+    "xtok-hybrid": "own tokenizer, gold + ULD/KL hybrid",
+    "gold": "teacher's tokenizer, gold targets",
+    "fkl": "teacher's tokenizer, gold + forward KL",
+    "skew-kl": "teacher's tokenizer, gold + skew KL 0.1",
+    "taid": "teacher's tokenizer, gold + TAID",
+}
 
 
 def fail(msg: str) -> None:
@@ -90,14 +107,19 @@ def read_json(path: str) -> dict:
 
 def study_inputs(study: str) -> dict:
     stages = os.path.join(study, "stages")
-    paths = {"teacher": os.path.join(stages, "teacher"), "init": os.path.join(stages, "s025-init"),
-             "transfer": os.path.join(stages, "transfer", "transfer.jsonl"),
-             "validation": os.path.join(stages, "data-validation", "validation.jsonl"),
-             "test": os.path.join(stages, "data-test", "test.jsonl")}
-    for name, path in paths.items():
+    paths = {
+        "teacher": os.path.join(stages, "teacher"),
+        "init": os.path.join(stages, "s025-init"),
+        "transfer": os.path.join(stages, "transfer", "transfer.jsonl"),
+        "validation": os.path.join(stages, "data-validation", "validation.jsonl"),
+        "test": os.path.join(stages, "data-test", "test.jsonl"),
+    }
+    for path in paths.values():
         if not os.path.exists(path):
-            fail(f"{path} does not exist: --study takes the output dir of a finished `lmkd study --task "
-                 "translation` (e.g. `make demo`'s runs/demo)")
+            fail(
+                f"{path} does not exist: --study takes the output dir of a finished `lmkd study --task "
+                "translation` (e.g. `make demo`'s runs/demo)"
+            )
     return paths
 
 
@@ -109,18 +131,29 @@ def study_plan(study: str, budget: str | None) -> tuple[dict, dict, str]:
     if os.path.isfile(report_path):
         report = read_json(report_path)
         if report.get("task") != "translation":
-            fail(f"{report_path} is a {report.get('task')} study; this benchmark takes a translation study")
+            fail(
+                f"{report_path} is a {report.get('task')} study; this benchmark takes a translation study"
+            )
         return copy.deepcopy(report["plan"]), report, "report.json"
     if budget is None:
-        fail(f"{report_path} does not exist (is the study finished?); pass --budget BUDGET to rebuild the plan "
-             "from the budget's table, if the study ran with no --student-steps/--kd-alpha/--beams overrides")
+        fail(
+            f"{report_path} does not exist (is the study finished?); pass --budget BUDGET to rebuild the plan "
+            "from the budget's table, if the study ran with no --student-steps/--kd-alpha/--beams overrides"
+        )
     from lmkd.study import BUDGETS
     from lmkd.study.teachers import fit_batch
 
     plan = copy.deepcopy(BUDGETS[budget])
     sizing = read_json(os.path.join(study, "stages", "lengths", "lengths.json"))
-    plan.update(max_length_cap=plan["max_length"], max_length=sizing["max_length"], positions=sizing["positions"],
-                length_sizing=sizing, kd_alpha=0.5, kd_temperature=1.0, notes=[])
+    plan.update(
+        max_length_cap=plan["max_length"],
+        max_length=sizing["max_length"],
+        positions=sizing["positions"],
+        length_sizing=sizing,
+        kd_alpha=0.5,
+        kd_temperature=1.0,
+        notes=[],
+    )
     fit_batch(plan)
     return plan, {}, f"the {budget} budget's table (no report.json)"
 
@@ -144,16 +177,31 @@ def study_student(study: str, variant: str, plan: dict, seed: int) -> tuple[str,
     if name is None:
         return None
     train, ev = os.path.join(study, "stages", name), os.path.join(study, "stages", f"eval-{name}")
-    if not all(os.path.isfile(os.path.join(d, f)) for d, f in ((train, "stage.json"), (train, "train_log.json"),
-                                                                 (train, "distill_results.json"))):
+    if not all(
+        os.path.isfile(os.path.join(d, f))
+        for d, f in (
+            (train, "stage.json"),
+            (train, "train_log.json"),
+            (train, "distill_results.json"),
+        )
+    ):
         return None
     options = read_json(os.path.join(train, "stage.json")).get("options", {})
-    same = (options.get("steps") == plan["student_steps"] and options.get("seed") == seed
-            and options.get("lr") == plan["student_lr"] and options.get("batch") == plan["batch_size"]
-            and options.get("target") == "target"
-            and (variant == "gold" or (options.get("kd_alpha") == plan["kd_alpha"]
-                                       # this benchmark's fkl runs the teacher online, as --online-kd does
-                                       and not options.get("kd_cache"))))
+    same = (
+        options.get("steps") == plan["student_steps"]
+        and options.get("seed") == seed
+        and options.get("lr") == plan["student_lr"]
+        and options.get("batch") == plan["batch_size"]
+        and options.get("target") == "target"
+        and (
+            variant == "gold"
+            or (
+                options.get("kd_alpha") == plan["kd_alpha"]
+                # this benchmark's fkl runs the teacher online, as --online-kd does
+                and not options.get("kd_cache")
+            )
+        )
+    )
     return (train, ev) if same and study_teacher_eval(ev, plan) else None
 
 
@@ -170,7 +218,9 @@ def study_teacher_eval(eval_dir: str, plan: dict) -> bool:
 # ---- the stages this benchmark runs ----------------------------------------------------------------
 
 
-def write_data(out: str, transfer: str, validation: str, test: str, rows: int | None, test_rows: int | None) -> None:
+def write_data(
+    out: str, transfer: str, validation: str, test: str, rows: int | None, test_rows: int | None
+) -> None:
     """train.jsonl (the transfer rows: source, target = gold, teacher = its best beam, inter),
     validation.jsonl and test.jsonl, the first ``rows`` / ``test_rows`` of each when given."""
     from lmkd.core.io import read_rows, write_jsonl
@@ -192,7 +242,9 @@ def make_tokenizer(out: str, train_file: str, vocab: int) -> None:
     from lmkd.models.scratch import train_tokenizer
 
     rows = read_rows(train_file)
-    train_tokenizer([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=vocab).save_pretrained(out)
+    train_tokenizer(
+        [r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=vocab
+    ).save_pretrained(out)
 
 
 def make_xtok_init(out: str, init_dir: str, teacher_dir: str, tok_dir: str, seed: int) -> None:
@@ -207,7 +259,13 @@ def make_xtok_init(out: str, init_dir: str, teacher_dir: str, tok_dir: str, seed
     tok, old = load_tokenizer(tok_dir), load_tokenizer(teacher_dir)
     config = AutoConfig.from_pretrained(init_dir)
     config.vocab_size = len(tok)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+    for key in (
+        "pad_token_id",
+        "eos_token_id",
+        "bos_token_id",
+        "decoder_start_token_id",
+        "forced_eos_token_id",
+    ):
         old_id = getattr(config, key, None)
         if old_id is not None:  # the same special token, by its string, in the new vocabulary
             new_id = tok.convert_tokens_to_ids(old.convert_ids_to_tokens(old_id))
@@ -227,8 +285,14 @@ def length_rule(tok_dir: str, train_file: str, plan: dict) -> dict:
     from lmkd.study.lengths import size_lengths
 
     cap = plan.get("max_length_cap", plan["max_length"])
-    return size_lengths(load_tokenizer(tok_dir), read_rows(train_file), ("source", "target"), cap,
-                        plan["max_new_tokens"], limit=plan.get("positions"))
+    return size_lengths(
+        load_tokenizer(tok_dir),
+        read_rows(train_file),
+        ("source", "target"),
+        cap,
+        plan["max_new_tokens"],
+        limit=plan.get("positions"),
+    )
 
 
 # ---- checks and figures of a trained student -------------------------------------------------------
@@ -267,28 +331,62 @@ def signed(x: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", required=True, help="output dir of a finished `lmkd study --task translation`")
-    ap.add_argument("--output", required=True, help="where the students, stages and logs go (resumable)")
-    ap.add_argument("--variants", default="all", help=f"comma list of {', '.join(VARIANTS)} (default: all)")
-    ap.add_argument("--jobs", type=int, default=2, help="trainings/evaluations at a time, each in its own process "
-                    "on cores/jobs threads (default 2); 1 runs them one after the other in this process")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--study", required=True, help="output dir of a finished `lmkd study --task translation`"
+    )
+    ap.add_argument(
+        "--output", required=True, help="where the students, stages and logs go (resumable)"
+    )
+    ap.add_argument(
+        "--variants", default="all", help=f"comma list of {', '.join(VARIANTS)} (default: all)"
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="trainings/evaluations at a time, each in its own process "
+        "on cores/jobs threads (default 2); 1 runs them one after the other in this process",
+    )
     ap.add_argument("--steps", type=int, help="override the plan's student step cap (smoke runs)")
-    ap.add_argument("--eval-every", type=int, help="override the plan's validation interval (smoke runs)")
+    ap.add_argument(
+        "--eval-every", type=int, help="override the plan's validation interval (smoke runs)"
+    )
     ap.add_argument("--rows", type=int, help="train on the first N transfer rows only (smoke runs)")
-    ap.add_argument("--test-rows", type=int, help="score on the first N test rows only (smoke runs)")
-    ap.add_argument("--vocab", type=int, help="the cross-tokenizer student's vocabulary (default: half the teacher's)")
-    ap.add_argument("--seed", type=int, help="training and init seed (default: the study's, from s025-init)")
-    ap.add_argument("--budget", help="only for a study with no report.json: rebuild its plan from this budget")
-    ap.add_argument("--results", default=DEFAULT_RESULTS,
-                    help="the table (and .json beside it); default benchmarks/results/bench_cross_tokenizer.txt")
+    ap.add_argument(
+        "--test-rows", type=int, help="score on the first N test rows only (smoke runs)"
+    )
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        help="the cross-tokenizer student's vocabulary (default: half the teacher's)",
+    )
+    ap.add_argument(
+        "--seed", type=int, help="training and init seed (default: the study's, from s025-init)"
+    )
+    ap.add_argument(
+        "--budget", help="only for a study with no report.json: rebuild its plan from this budget"
+    )
+    ap.add_argument(
+        "--results",
+        default=DEFAULT_RESULTS,
+        help="the table (and .json beside it); default benchmarks/results/bench_cross_tokenizer.txt",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = ap.parse_args(argv)
 
-    names = list(VARIANTS) if ns.variants == "all" else [v.strip() for v in ns.variants.split(",") if v.strip()]
+    names = (
+        list(VARIANTS)
+        if ns.variants == "all"
+        else [v.strip() for v in ns.variants.split(",") if v.strip()]
+    )
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
-        fail(f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}")
+        fail(
+            f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
+        )
     if ns.jobs < 1:
         fail("--jobs must be >= 1")
 
@@ -315,49 +413,98 @@ def main(argv: list[str] | None = None) -> int:
     test_limited = bool(ns.test_rows)
     eval_teacher_dir = os.path.join(ns.study, "stages", "eval-teacher")
     teacher_reused = not test_limited and study_teacher_eval(eval_teacher_dir, plan)
-    total = 3 + (2 if xtok_used else 0) + 2 * len(names) + (0 if teacher_reused else 1)  # (less what is reused)
+    total = (
+        3 + (2 if xtok_used else 0) + 2 * len(names) + (0 if teacher_reused else 1)
+    )  # (less what is reused)
     os.makedirs(ns.output, exist_ok=True)
     st = Stages(ns.output, total)
-    print(f"bench_cross_tokenizer: study {ns.study} (plan from {plan_from}), variants {', '.join(names)}, "
-          f"{ns.jobs} at a time, output {ns.output}", flush=True)
+    print(
+        f"bench_cross_tokenizer: study {ns.study} (plan from {plan_from}), variants {', '.join(names)}, "
+        f"{ns.jobs} at a time, output {ns.output}",
+        flush=True,
+    )
     t_start = time.time()
 
     teacher_dir = inputs["teacher"]
-    st.run("in-teacher", {"path": os.path.abspath(teacher_dir), "digest": file_digest(teacher_dir)}, [],
-           lambda out: None, "the study's teacher")
-    st.run("in-init", {"path": os.path.abspath(inputs["init"]), "digest": file_digest(inputs["init"])}, [],
-           lambda out: None, "the study's student init (s025-init)")
-    data_dir = st.run("data", {"digests": {k: file_digest(inputs[k]) for k in ("transfer", "validation", "test")},
-                               "rows": ns.rows, "test_rows": ns.test_rows}, [],
-                      lambda out: write_data(out, inputs["transfer"], inputs["validation"], inputs["test"], ns.rows,
-                                             ns.test_rows),
-                      "the transfer, validation and test rows")
-    train_file, validation_file, test_file = (os.path.join(data_dir, f"{s}.jsonl")
-                                              for s in ("train", "validation", "test"))
+    st.run(
+        "in-teacher",
+        {"path": os.path.abspath(teacher_dir), "digest": file_digest(teacher_dir)},
+        [],
+        lambda out: None,
+        "the study's teacher",
+    )
+    st.run(
+        "in-init",
+        {"path": os.path.abspath(inputs["init"]), "digest": file_digest(inputs["init"])},
+        [],
+        lambda out: None,
+        "the study's student init (s025-init)",
+    )
+    data_dir = st.run(
+        "data",
+        {
+            "digests": {k: file_digest(inputs[k]) for k in ("transfer", "validation", "test")},
+            "rows": ns.rows,
+            "test_rows": ns.test_rows,
+        },
+        [],
+        lambda out: write_data(
+            out, inputs["transfer"], inputs["validation"], inputs["test"], ns.rows, ns.test_rows
+        ),
+        "the transfer, validation and test rows",
+    )
+    train_file, validation_file, test_file = (
+        os.path.join(data_dir, f"{s}.jsonl") for s in ("train", "validation", "test")
+    )
 
     inits = {"same": inputs["init"]}
     xtok: dict = {}
     if xtok_used:
-        tok_dir = st.run("xtok-tokenizer", {"vocab": vocab}, ["data"],
-                         lambda out: make_tokenizer(out, train_file, vocab),
-                         f"training the student's own {vocab}-token BPE tokenizer on the transfer rows")
-        inits["xtok"] = st.run("xtok-init", {"seed": seed, "v": 1}, ["xtok-tokenizer", "in-init", "in-teacher"],
-                               lambda out: make_xtok_init(out, inputs["init"], teacher_dir, tok_dir, seed),
-                               "the cross-tokenizer student: s025-init's shape with the new vocabulary")
+        tok_dir = st.run(
+            "xtok-tokenizer",
+            {"vocab": vocab},
+            ["data"],
+            lambda out: make_tokenizer(out, train_file, vocab),
+            f"training the student's own {vocab}-token BPE tokenizer on the transfer rows",
+        )
+        inits["xtok"] = st.run(
+            "xtok-init",
+            {"seed": seed, "v": 1},
+            ["xtok-tokenizer", "in-init", "in-teacher"],
+            lambda out: make_xtok_init(out, inputs["init"], teacher_dir, tok_dir, seed),
+            "the cross-tokenizer student: s025-init's shape with the new vocabulary",
+        )
         from lmkd.teacher.cross_tokenizer import shared_vocabulary
 
         xtok_tok = load_tokenizer(tok_dir)
-        xtok = {"vocab": len(xtok_tok), "shared_token_strings": int(len(shared_vocabulary(xtok_tok, teacher_tok)[0])),
-                "lengths": length_rule(tok_dir, train_file, plan)}
+        xtok = {
+            "vocab": len(xtok_tok),
+            "shared_token_strings": int(len(shared_vocabulary(xtok_tok, teacher_tok)[0])),
+            "lengths": length_rule(tok_dir, train_file, plan),
+        }
 
-    base_opts = {"steps": plan["student_steps"], "lr": plan["student_lr"], "batch": plan["batch_size"],
-                 "warmup": plan["warmup_steps"], "seed": seed, "stopping": stopping.options(), **thread_options(plan)}
-    eval_opts = {"beams": plan["beams"], "max_new_tokens": plan["max_new_tokens"], **thread_options(plan)}
+    base_opts = {
+        "steps": plan["student_steps"],
+        "lr": plan["student_lr"],
+        "batch": plan["batch_size"],
+        "warmup": plan["warmup_steps"],
+        "seed": seed,
+        "stopping": stopping.options(),
+        **thread_options(plan),
+    }
+    eval_opts = {
+        "beams": plan["beams"],
+        "max_new_tokens": plan["max_new_tokens"],
+        **thread_options(plan),
+    }
     jobs: list[Job] = []
     # gold and fkl are the study's baseline and Word-KD students, trained by the same rule on the same rows
     # from the same init with the same seed: read from the study (unless a smoke setting changes them)
-    reused = {} if (ns.rows or ns.test_rows) else {
-        v: d for v in names if (d := study_student(ns.study, v, plan, seed)) is not None}
+    reused = (
+        {}
+        if (ns.rows or ns.test_rows)
+        else {v: d for v in names if (d := study_student(ns.study, v, plan, seed)) is not None}
+    )
     for v in names:
         spec = VARIANTS[v]
         if v in reused:
@@ -370,19 +517,47 @@ def main(argv: list[str] | None = None) -> int:
         if kd is not None and spec["student"] == "xtok":
             extra["teacher_tokenizer"] = teacher_dir
         init_stage = "in-init" if spec["student"] == "same" else "xtok-init"
-        kwargs = dict(init_dir=inits[spec["student"]], task="translation", train_file=train_file,
-                      validation_file=validation_file, plan=vplan, steps=plan["student_steps"], lr=plan["student_lr"],
-                      target_column=spec["target"], teacher_dir=teacher_dir if kd is not None else None,
-                      kd_alpha=plan["kd_alpha"] if kd is not None else 0.0, seed=seed, stopping=stopping.options(),
-                      **extra)
-        opts = {**base_opts, "max_length": vplan["max_length"], "target": spec["target"],
-                **({"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"], **extra} if kd is not None
-                   else {})}
+        kwargs = dict(
+            init_dir=inits[spec["student"]],
+            task="translation",
+            train_file=train_file,
+            validation_file=validation_file,
+            plan=vplan,
+            steps=plan["student_steps"],
+            lr=plan["student_lr"],
+            target_column=spec["target"],
+            teacher_dir=teacher_dir if kd is not None else None,
+            kd_alpha=plan["kd_alpha"] if kd is not None else 0.0,
+            seed=seed,
+            stopping=stopping.options(),
+            **extra,
+        )
+        opts = {
+            **base_opts,
+            "max_length": vplan["max_length"],
+            "target": spec["target"],
+            **(
+                {"kd_alpha": plan["kd_alpha"], "kd_temperature": plan["kd_temperature"], **extra}
+                if kd is not None
+                else {}
+            ),
+        }
         deps = [init_stage, "data"] + (["in-teacher"] if kd is not None else [])
-        what = (f"training {v} ({DESCRIPTION[v]}) until its validation CE stops improving "
-                f"(at most {plan['student_steps']} steps)")
-        jobs.append(Job(f"train-{v}", opts, deps, "models:train_student", kwargs, what,
-                        cost=2.0 if kd is not None else 1.0))
+        what = (
+            f"training {v} ({DESCRIPTION[v]}) until its validation CE stops improving "
+            f"(at most {plan['student_steps']} steps)"
+        )
+        jobs.append(
+            Job(
+                f"train-{v}",
+                opts,
+                deps,
+                "models:train_student",
+                kwargs,
+                what,
+                cost=2.0 if kd is not None else 1.0,
+            )
+        )
     models = {v: os.path.join(st.dir, f"train-{v}") for v in names}
     eval_targets = dict(models)
     if not teacher_reused:
@@ -390,23 +565,40 @@ def main(argv: list[str] | None = None) -> int:
     for name, model_dir in eval_targets.items():
         if name in reused:
             continue
-        jobs.append(Job(f"eval-{name}", eval_opts, ["in-teacher" if name == "teacher" else f"train-{name}", "data"],
-                        "models:evaluate_into",
-                        dict(model_dir=model_dir, task="translation", test_file=test_file, beams=plan["beams"],
-                             max_new_tokens=plan["max_new_tokens"]), f"evaluating {name} on the test rows",
-                        cost=0.5))
+        jobs.append(
+            Job(
+                f"eval-{name}",
+                eval_opts,
+                ["in-teacher" if name == "teacher" else f"train-{name}", "data"],
+                "models:evaluate_into",
+                dict(
+                    model_dir=model_dir,
+                    task="translation",
+                    test_file=test_file,
+                    beams=plan["beams"],
+                    max_new_tokens=plan["max_new_tokens"],
+                ),
+                f"evaluating {name} on the test rows",
+                cost=0.5,
+            )
+        )
     dirs = st.run_jobs(jobs, ns.jobs)
     for v, (train_dir, eval_dir) in reused.items():
         dirs[f"train-{v}"], dirs[f"eval-{v}"] = train_dir, eval_dir
-        print(f"bench_cross_tokenizer: {v} is the study's {STUDY_STUDENTS[v]} (same settings): read from "
-              f"{train_dir}", flush=True)
+        print(
+            f"bench_cross_tokenizer: {v} is the study's {STUDY_STUDENTS[v]} (same settings): read from "
+            f"{train_dir}",
+            flush=True,
+        )
 
     # ---- the figures ----
     from lmkd.core.io import read_rows
 
     refs = [str(r["target"]) for r in read_rows(test_file)]
     quality = {v: read_json(os.path.join(dirs[f"eval-{v}"], "quality.json")) for v in names}
-    teacher_q = read_json(os.path.join(eval_teacher_dir if teacher_reused else dirs["eval-teacher"], "quality.json"))
+    teacher_q = read_json(
+        os.path.join(eval_teacher_dir if teacher_reused else dirs["eval-teacher"], "quality.json")
+    )
     results: dict = {}
     for v in names:
         d = dirs[f"train-{v}"]
@@ -416,12 +608,23 @@ def main(argv: list[str] | None = None) -> int:
         q = quality[v]
         kd_eval = metrics.get("eval_loss_kd")
         results[v] = {
-            "description": DESCRIPTION[v], "student": spec["student"], "target": spec["target"], "kd": spec["kd"],
-            "vocab": len(load_tokenizer(d)), "parameters": q["parameters"], "steps": log["steps"],
-            "stopped_early": log["stopped_early"], "best_step": log["best_step"], "max_steps": log["max_steps"],
-            "best_val_ce": log["best_metric"], "eval_loss_kd": kd_eval, "max_weight_change":
-                weight_change(d, inits[spec["student"]]),
-            "greedy": q["greedy"], "beam": q["beam"], "train_s": elapsed(d), "eval_s": elapsed(dirs[f"eval-{v}"]),
+            "description": DESCRIPTION[v],
+            "student": spec["student"],
+            "target": spec["target"],
+            "kd": spec["kd"],
+            "vocab": len(load_tokenizer(d)),
+            "parameters": q["parameters"],
+            "steps": log["steps"],
+            "stopped_early": log["stopped_early"],
+            "best_step": log["best_step"],
+            "max_steps": log["max_steps"],
+            "best_val_ce": log["best_metric"],
+            "eval_loss_kd": kd_eval,
+            "max_weight_change": weight_change(d, inits[spec["student"]]),
+            "greedy": q["greedy"],
+            "beam": q["beam"],
+            "train_s": elapsed(d),
+            "eval_s": elapsed(dirs[f"eval-{v}"]),
             "train_runtime_s": metrics.get("train_runtime"),
             "truncated": {k: val for k, val in metrics.items() if "truncated" in k},
         }
@@ -434,13 +637,18 @@ def main(argv: list[str] | None = None) -> int:
     for v in names:
         ref = REFERENCE.get(v)
         if ref in quality:
-            c = paired_bootstrap("bleu", quality[v]["predictions"]["beam"], quality[ref]["predictions"]["beam"], refs)
+            c = paired_bootstrap(
+                "bleu", quality[v]["predictions"]["beam"], quality[ref]["predictions"]["beam"], refs
+            )
             results[v]["vs_reference"] = {"reference": ref, **c.as_dict()}
 
     # ---- the table ----
     data_info = report.get("data", {})
-    corpus = (f"{os.path.basename(data_info['train'])} (test: {os.path.basename(data_info['test'])})"
-              if data_info.get("train") else "the study's corpus")
+    corpus = (
+        f"{os.path.basename(data_info['train'])} (test: {os.path.basename(data_info['test'])})"
+        if data_info.get("train")
+        else "the study's corpus"
+    )
     n_train = len(read_rows(train_file))
     lines = [
         f"# benchmarks/bench_cross_tokenizer.py {' '.join(argv)}   ({time.strftime('%Y-%m-%d')}, "
@@ -460,61 +668,105 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if xtok:
         sz = xtok["lengths"]
-        lines.append(f"# own-tokenizer students: BPE of {xtok['vocab']} tokens (lmkd.models.scratch.train_tokenizer) on the "
-                     f"{n_train} transfer rows' sources and gold targets; {xtok['shared_token_strings']} token strings "
-                     f"shared with the teacher's; s025-init's shape, fresh weights (seed {seed}); max length "
-                     f"{sz['max_length']} by the study's rule ({sz['truncated_rows']} of {sz['rows']} rows truncated)")
+        lines.append(
+            f"# own-tokenizer students: BPE of {xtok['vocab']} tokens (lmkd.models.scratch.train_tokenizer) on the "
+            f"{n_train} transfer rows' sources and gold targets; {xtok['shared_token_strings']} token strings "
+            f"shared with the teacher's; s025-init's shape, fresh weights (seed {seed}); max length "
+            f"{sz['max_length']} by the study's rule ({sz['truncated_rows']} of {sz['rows']} rows truncated)"
+        )
     if reused:
-        lines.append("# read from the study, not retrained (its own students, by the same rule): "
-                     + ", ".join(f"{v} = {STUDY_STUDENTS[v]}" for v in reused))
-    lines.append(f"# {ns.jobs} job(s) at a time, {plan['threads_per_worker'] if ns.jobs > 1 else 'torch default'} "
-                 "thread(s) each; wall times are per stage (training includes its validation passes)")
-    lines += ["", "| variant | what | vocab | params | steps | BLEU greedy | BLEU beam | chrF beam | "
-              "Δ BLEU beam vs reference (95% CI, p) | train wall | s/step¹ | eval wall |",
-              "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|"]
-    lines.append(f"| teacher | the study's teacher | {len(teacher_tok)} | {fmt_params(teacher_q['parameters'])} | — | "
-                 f"{teacher_q['greedy']['bleu']:.2f} | {teacher_q['beam']['bleu']:.2f} | "
-                 f"{teacher_q['beam']['chrf']:.2f} | — | — | — | — |")
+        lines.append(
+            "# read from the study, not retrained (its own students, by the same rule): "
+            + ", ".join(f"{v} = {STUDY_STUDENTS[v]}" for v in reused)
+        )
+    lines.append(
+        f"# {ns.jobs} job(s) at a time, {plan['threads_per_worker'] if ns.jobs > 1 else 'torch default'} "
+        "thread(s) each; wall times are per stage (training includes its validation passes)"
+    )
+    lines += [
+        "",
+        "| variant | what | vocab | params | steps | BLEU greedy | BLEU beam | chrF beam | "
+        "Δ BLEU beam vs reference (95% CI, p) | train wall | s/step¹ | eval wall |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    lines.append(
+        f"| teacher | the study's teacher | {len(teacher_tok)} | {fmt_params(teacher_q['parameters'])} | — | "
+        f"{teacher_q['greedy']['bleu']:.2f} | {teacher_q['beam']['bleu']:.2f} | "
+        f"{teacher_q['beam']['chrf']:.2f} | — | — | — | — |"
+    )
     for v in names:
         r = results[v]
         vs = r.get("vs_reference")
-        diff = (f"{signed(vs['difference'])} vs {vs['reference']} ({signed(vs['ci_low'])}…{signed(vs['ci_high'])}, "
-                f"p = {vs['p_value']:.3f})" if vs else "—")
-        steps = f"{r['steps']}" + (" (stopped)" if r["stopped_early"] else " (cap)") + \
-            (f", best {r['best_step']}" if r["best_step"] is not None else "")
-        per_step = r["train_runtime_s"] / r["steps"] if r["train_runtime_s"] and r["steps"] else None
-        lines.append(f"| {v}{' ⚠' if r['problems'] else ''} | {r['description']} | {r['vocab']} | "
-                     f"{fmt_params(r['parameters'])} | {steps} | {r['greedy']['bleu']:.2f} | {r['beam']['bleu']:.2f} | "
-                     f"{r['beam']['chrf']:.2f} | {diff} | {fmt_s(r['train_s'])} | "
-                     f"{f'{per_step:.3f}' if per_step else '—'} | {fmt_s(r['eval_s'])} |")
+        diff = (
+            f"{signed(vs['difference'])} vs {vs['reference']} ({signed(vs['ci_low'])}…{signed(vs['ci_high'])}, "
+            f"p = {vs['p_value']:.3f})"
+            if vs
+            else "—"
+        )
+        steps = (
+            f"{r['steps']}"
+            + (" (stopped)" if r["stopped_early"] else " (cap)")
+            + (f", best {r['best_step']}" if r["best_step"] is not None else "")
+        )
+        per_step = (
+            r["train_runtime_s"] / r["steps"] if r["train_runtime_s"] and r["steps"] else None
+        )
+        lines.append(
+            f"| {v}{' ⚠' if r['problems'] else ''} | {r['description']} | {r['vocab']} | "
+            f"{fmt_params(r['parameters'])} | {steps} | {r['greedy']['bleu']:.2f} | {r['beam']['bleu']:.2f} | "
+            f"{r['beam']['chrf']:.2f} | {diff} | {fmt_s(r['train_s'])} | "
+            f"{f'{per_step:.3f}' if per_step else '—'} | {fmt_s(r['eval_s'])} |"
+        )
     lines.append("")
-    lines.append("Δ: paired bootstrap of beam BLEU (lmkd.scoring.significance.paired_bootstrap, 1,000 resamples, sacrebleu's "
-                 "method) against the reference: xtok-seqkd/uld/hybrid vs xtok-gold, skew-kl and taid vs fkl, fkl and "
-                 "xtok-gold vs gold. Validation CE (the stopping metric) is per token of each student's own "
-                 "tokenizer, so it is not compared across vocabularies (it is in the JSON). Train wall: the "
-                 "training stage (process start, model and data loading included); ¹ the Trainer's train_runtime / "
-                 "steps (its validation passes included).")
+    lines.append(
+        "Δ: paired bootstrap of beam BLEU (lmkd.scoring.significance.paired_bootstrap, 1,000 resamples, sacrebleu's "
+        "method) against the reference: xtok-seqkd/uld/hybrid vs xtok-gold, skew-kl and taid vs fkl, fkl and "
+        "xtok-gold vs gold. Validation CE (the stopping metric) is per token of each student's own "
+        "tokenizer, so it is not compared across vocabularies (it is in the JSON). Train wall: the "
+        "training stage (process start, model and data loading included); ¹ the Trainer's train_runtime / "
+        "steps (its validation passes included)."
+    )
     for v in names:
         if results[v]["problems"]:
             lines.append(f"⚠ {v}: {'; '.join(results[v]['problems'])}")
-    lines.append(f"Total wall time of this run: {fmt_s(time.time() - t_start)} (cached stages count their own time "
-                 "above, not here).")
+    lines.append(
+        f"Total wall time of this run: {fmt_s(time.time() - t_start)} (cached stages count their own time "
+        "above, not here)."
+    )
     table = "\n".join(lines) + "\n"
     print("\n" + table, flush=True)
 
-    out_json = {"study": os.path.abspath(ns.study), "plan_from": plan_from, "plan": plan, "seed": seed,
-                "jobs": ns.jobs, "rows": n_train, "test_rows": len(refs), "xtok": xtok,
-                "teacher": {"parameters": teacher_q["parameters"], "vocab": len(teacher_tok),
-                            "greedy": teacher_q["greedy"], "beam": teacher_q["beam"], "reused": teacher_reused},
-                "variants": results}
-    for path in {os.path.abspath(ns.results), os.path.abspath(os.path.join(ns.output, "results.txt"))}:
+    out_json = {
+        "study": os.path.abspath(ns.study),
+        "plan_from": plan_from,
+        "plan": plan,
+        "seed": seed,
+        "jobs": ns.jobs,
+        "rows": n_train,
+        "test_rows": len(refs),
+        "xtok": xtok,
+        "teacher": {
+            "parameters": teacher_q["parameters"],
+            "vocab": len(teacher_tok),
+            "greedy": teacher_q["greedy"],
+            "beam": teacher_q["beam"],
+            "reused": teacher_reused,
+        },
+        "variants": results,
+    }
+    for path in {
+        os.path.abspath(ns.results),
+        os.path.abspath(os.path.join(ns.output, "results.txt")),
+    }:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(table)
         with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
             json.dump(out_json, f, indent=1, default=str)
-    print(f"bench_cross_tokenizer: table in {ns.results}, figures in {os.path.splitext(ns.results)[0]}.json",
-          flush=True)
+    print(
+        f"bench_cross_tokenizer: table in {ns.results}, figures in {os.path.splitext(ns.results)[0]}.json",
+        flush=True,
+    )
     return 1 if any(results[v]["problems"] for v in names) else 0
 
 

@@ -28,11 +28,15 @@ from lmkd.models.generation import generate_texts
 from lmkd.models.scratch import build_model, train_tokenizer
 from lmkd.models.student import make_student
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "lmkd", "corpora", "ddtp_en_fr.test.jsonl.gz")
+CORPUS = os.path.join(
+    os.path.dirname(__file__), "..", "lmkd", "corpora", "ddtp_en_fr.test.jsonl.gz"
+)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=6)
@@ -47,11 +51,22 @@ def main():
 
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    tok = train_tokenizer([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=2000)
+    tok = train_tokenizer(
+        [r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=2000
+    )
     work = tempfile.mkdtemp(prefix="bench_evaluate-")
-    teacher = build_model("marian", len(tok), d_model=a.d_model, layers=a.layers, heads=max(4, a.d_model // 64),
-                          max_positions=512)
-    keep = [round(i * (a.layers - 1) / max(1, a.student_decoder_layers - 1)) for i in range(a.student_decoder_layers)]
+    teacher = build_model(
+        "marian",
+        len(tok),
+        d_model=a.d_model,
+        layers=a.layers,
+        heads=max(4, a.d_model // 64),
+        max_positions=512,
+    )
+    keep = [
+        round(i * (a.layers - 1) / max(1, a.student_decoder_layers - 1))
+        for i in range(a.student_decoder_layers)
+    ]
     student = make_student(teacher, encoder_layers=list(range(a.layers)), decoder_layers=keep)
     for name, model in (("teacher", teacher), ("student", student)):
         model.generation_config.forced_eos_token_id = None
@@ -63,16 +78,30 @@ def main():
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
     # 1. student against teacher, as lmkd evaluate measures it
-    result = evaluate_models(os.path.join(work, "student"), data, "translation", teacher=os.path.join(work, "teacher"),
-                             num_beams=a.num_beams, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                             speed_samples=a.samples, repeats=a.repeats, device=a.device, progress=False)
+    result = evaluate_models(
+        os.path.join(work, "student"),
+        data,
+        "translation",
+        teacher=os.path.join(work, "teacher"),
+        num_beams=a.num_beams,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size,
+        speed_samples=a.samples,
+        repeats=a.repeats,
+        device=a.device,
+        progress=False,
+    )
     s, t = result["models"]["student"], result["models"]["teacher"]
     figures = {
-        "device": a.device, "teacher_parameters": t["size"]["parameters"], "student_parameters": s["size"]["parameters"],
+        "device": a.device,
+        "teacher_parameters": t["size"]["parameters"],
+        "student_parameters": s["size"]["parameters"],
         "decoder_layers": f"{a.layers} -> {a.student_decoder_layers}",
-        "teacher_latency_ms": t["speed"]["latency_ms"], "student_latency_ms": s["speed"]["latency_ms"],
+        "teacher_latency_ms": t["speed"]["latency_ms"],
+        "student_latency_ms": s["speed"]["latency_ms"],
         "speedup_latency": s["vs_teacher"]["speedup_latency"],
-        "teacher_throughput": t["speed"]["throughput_per_s"], "student_throughput": s["speed"]["throughput_per_s"],
+        "teacher_throughput": t["speed"]["throughput_per_s"],
+        "student_throughput": s["speed"]["throughput_per_s"],
         "speedup_throughput": s["vs_teacher"]["speedup_throughput"],
     }
 
@@ -86,15 +115,29 @@ def main():
         out = []
         with torch.inference_mode():
             for i in range(0, len(sources), a.batch_size):
-                enc = tok(sources[i:i + a.batch_size], return_tensors="pt", padding=True, truncation=True,
-                          max_length=512).to(a.device)
-                ids = model.generate(**enc, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens, do_sample=False)
+                enc = tok(
+                    sources[i : i + a.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=512,
+                ).to(a.device)
+                ids = model.generate(
+                    **enc, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens, do_sample=False
+                )
                 out += [x.strip() for x in tok.batch_decode(ids, skip_special_tokens=True)]
         return out
 
     def sorted_batches():
-        return generate_texts(model, tok, sources, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens,
-                              batch_size=a.batch_size, progress=False)
+        return generate_texts(
+            model,
+            tok,
+            sources,
+            num_beams=a.num_beams,
+            max_new_tokens=a.max_new_tokens,
+            batch_size=a.batch_size,
+            progress=False,
+        )
 
     def timed(fn):
         if a.device.startswith("cuda"):

@@ -54,17 +54,21 @@ def batch_of(n, length, vocab, device, seed=0):
     att = torch.ones(n, length, dtype=torch.long)
     for i in range(n):  # a quarter of the rows padded to 3/4 length
         if i % 4 == 3:
-            att[i, length * 3 // 4:] = 0
-            ids[i, length * 3 // 4:] = 0
+            att[i, length * 3 // 4 :] = 0
+            ids[i, length * 3 // 4 :] = 0
     labels = ids.clone()
     masked = (torch.rand(n, length, generator=g) < 0.15) & att.bool()
     labels[~masked] = -100
     ids[masked] = 4  # <mask>
-    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=att, labels=labels).items()}
+    return {
+        k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=att, labels=labels).items()
+    }
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--large", action="store_true", help="BERT-base sizes (for a GPU)")
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args()
@@ -74,19 +78,34 @@ def main():
         vocab, d, layers, heads, bs, length = 30522, 768, 12, 12, 32, 128
     else:
         vocab, d, layers, heads, bs, length = 1000, 128, 4, 4, 8, 64
-    teacher = build_model("bert", vocab, seed=1, d_model=d, layers=layers, heads=heads, max_positions=512)
+    teacher = build_model(
+        "bert", vocab, seed=1, d_model=d, layers=layers, heads=heads, max_positions=512
+    )
     student = make_student(teacher)
-    narrow = build_model("bert", vocab, seed=2, d_model=d // 2, layers=layers // 2, heads=heads // 2,
-                         max_positions=512)
+    narrow = build_model(
+        "bert",
+        vocab,
+        seed=2,
+        d_model=d // 2,
+        layers=layers // 2,
+        heads=heads // 2,
+        max_positions=512,
+    )
     batch = batch_of(bs, length, vocab, device)
 
     variants = {
         "kd": (student, {}),
-        "kd+hidden_cos_last": (student, dict(hidden_weight=0.143, hidden_loss="cosine", layer_map="-1:-1")),
+        "kd+hidden_cos_last": (
+            student,
+            dict(hidden_weight=0.143, hidden_loss="cosine", layer_map="-1:-1"),
+        ),
         "kd+hidden_mse_all": (student, dict(hidden_weight=1.0)),
         "kd+relation_rkd": (student, dict(relation_weight=1.0)),
         "kd+relation_sp": (student, dict(relation_weight=1.0, relation_loss="sp")),
-        "kd+relation_sp_token": (student, dict(relation_weight=1.0, relation_loss="sp", relation_pooling="token")),
+        "kd+relation_sp_token": (
+            student,
+            dict(relation_weight=1.0, relation_loss="sp", relation_pooling="token"),
+        ),
         "kd+attention_kl": (student, dict(attention_weight=1.0)),
         "narrow:kd": (narrow, {}),
         "narrow:kd+hint_mse": (narrow, dict(hidden_weight=1.0)),
@@ -94,8 +113,14 @@ def main():
     runs = {}
     for name, (init, kw) in variants.items():
         s, t = copy.deepcopy(init).to(device), copy.deepcopy(teacher)
-        args = DistillationConfig(output_dir="/tmp/bench_feature", kd_alpha=0.5, kd_temperature=2.0,
-                                  report_to="none", use_cpu=not cuda, **kw)
+        args = DistillationConfig(
+            output_dir="/tmp/bench_feature",
+            kd_alpha=0.5,
+            kd_temperature=2.0,
+            report_to="none",
+            use_cpu=not cuda,
+            **kw,
+        )
         tr = DistillationTrainer(model=s, args=args, teacher_model=t)
         params = list(s.parameters()) + list(tr.projections.parameters())
         runs[name] = (tr, s, torch.optim.AdamW(params, lr=1e-4))
@@ -127,17 +152,30 @@ def main():
             if rnd >= 3:
                 times[name].append(dt)
                 if cuda:  # memory the step itself needs above what is allocated before it
-                    peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() - base_mem)
+                    peak[name] = max(
+                        peak.get(name, 0), torch.cuda.max_memory_allocated() - base_mem
+                    )
     med = {n: statistics.median(v) for n, v in times.items()}
-    print(f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), teacher d={d} x {layers} layers, "
-          f"student {layers // 2} layers, batch {bs}x{length}, vocab {vocab}, {a.steps} timed rounds")
-    goals = {"kd+hidden_cos_last": 1.05, "kd+hidden_mse_all": 1.15, "kd+relation_rkd": 1.15, "kd+relation_sp": 1.15,
-             "narrow:kd+hint_mse": 1.20}
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), teacher d={d} x {layers} layers, "
+        f"student {layers // 2} layers, batch {bs}x{length}, vocab {vocab}, {a.steps} timed rounds"
+    )
+    goals = {
+        "kd+hidden_cos_last": 1.05,
+        "kd+hidden_mse_all": 1.15,
+        "kd+relation_rkd": 1.15,
+        "kd+relation_sp": 1.15,
+        "narrow:kd+hint_mse": 1.20,
+    }
     for name in variants:
         base = "narrow:kd" if name.startswith("narrow") else "kd"
         ratio = med[name] / med[base]
         goal = goals.get(name)
-        verdict = "" if goal is None else (f"  goal <= {goal:.2f}: " + ("met" if ratio <= goal else "MISSED"))
+        verdict = (
+            ""
+            if goal is None
+            else (f"  goal <= {goal:.2f}: " + ("met" if ratio <= goal else "MISSED"))
+        )
         mem = f"  step peak {peak[name] / 2**30:.2f} GiB" if cuda else ""
         print(f"  {name:24s} {med[name] * 1e3:8.1f} ms/step  x{ratio:5.2f} of {base}{mem}{verdict}")
 

@@ -73,8 +73,14 @@ def child(variant: str, when: str, b: int, t: int, v: int) -> dict:
     student = build_model("gpt2", v, seed=2, d_model=256, layers=2, dropout=0.0)
     student.train()
     with tempfile.TemporaryDirectory() as out:
-        args = DistillationConfig(output_dir=out, report_to="none", use_cpu=True, kd_alpha=0.5, save_strategy="no",
-                                  kd_chunk_size=0 if variant == "naive" else -1)
+        args = DistillationConfig(
+            output_dir=out,
+            report_to="none",
+            use_cpu=True,
+            kd_alpha=0.5,
+            save_strategy="no",
+            kd_chunk_size=0 if variant == "naive" else -1,
+        )
         trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher)
 
     def batch(rows, cols, seed):
@@ -91,7 +97,9 @@ def child(variant: str, when: str, b: int, t: int, v: int) -> dict:
     if when == "steady":
         step(batch(1, 16, 1))
     inputs = batch(b, t, 0)
-    for p in student.parameters():  # the gradients' memory is the same for both: count it before the step
+    for p in (
+        student.parameters()
+    ):  # the gradients' memory is the same for both: count it before the step
         p.grad = torch.zeros_like(p)
     exact = _reset_peak()
     base = _rss_mb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -99,14 +107,24 @@ def child(variant: str, when: str, b: int, t: int, v: int) -> dict:
     loss = step(inputs)
     seconds = time.process_time() - start
     peak = _rss_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "when": when, "peak_mb": peak - base, "seconds": seconds, "loss": loss,
-            "exact_peak": exact}
+    return {
+        "variant": variant,
+        "when": when,
+        "peak_mb": peak - base,
+        "seconds": seconds,
+        "loss": loss,
+        "exact_peak": exact,
+    }
 
 
 def measure(variant: str, when: str, b: int, t: int, v: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, __file__, CHILD, variant, when, str(b), str(t), str(v)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, CHILD, variant, when, str(b), str(t), str(v)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if out.returncode != 0:
         raise SystemExit(f"child {variant}/{when} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -114,10 +132,15 @@ def measure(variant: str, when: str, b: int, t: int, v: int) -> dict:
 
 def run(b: int, t: int, v: int) -> dict:
     """{when: {variant: result}} for when in first, steady."""
-    res = {when: {var: measure(var, when, b, t, v) for var in ("naive", "lmkd")} for when in ("first", "steady")}
+    res = {
+        when: {var: measure(var, when, b, t, v) for var in ("naive", "lmkd")}
+        for when in ("first", "steady")
+    }
     for when, r in res.items():
         if abs(r["naive"]["loss"] - r["lmkd"]["loss"]) > 1e-4 * max(1.0, abs(r["naive"]["loss"])):
-            raise SystemExit(f"{when}: the losses differ: naive {r['naive']['loss']}, lmkd {r['lmkd']['loss']}")
+            raise SystemExit(
+                f"{when}: the losses differ: naive {r['naive']['loss']}, lmkd {r['lmkd']['loss']}"
+            )
     return res
 
 
@@ -126,19 +149,31 @@ def main() -> None:
         _, _, variant, when, b, t, v = sys.argv
         print(json.dumps(child(variant, when, int(b), int(t), int(v))))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="B*T = 2048, V = 128k (the issue's size; ~7 GB for naive)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="B*T = 2048, V = 128k (the issue's size; ~7 GB for naive)",
+    )
     ap.add_argument("--json", help="also write the figures here")
     ns = ap.parse_args()
     b, t, v = (8, 256, 128_000) if ns.full else (4, 256, 64_000)
     res = run(b, t, v)
-    print(f"training step (compute_loss + backward), GPT-2-style 4-layer teacher -> 2-layer student, d 256, "
-          f"B*T = {b * t}, V = {v}, fp32, CPU, one thread; fresh process per variant")
-    print(f"{'step':8} {'naive MB':>10} {'lmkd MB':>10} {'mem ratio':>10} {'naive s':>9} {'lmkd s':>9} {'time ratio':>11}")
+    print(
+        f"training step (compute_loss + backward), GPT-2-style 4-layer teacher -> 2-layer student, d 256, "
+        f"B*T = {b * t}, V = {v}, fp32, CPU, one thread; fresh process per variant"
+    )
+    print(
+        f"{'step':8} {'naive MB':>10} {'lmkd MB':>10} {'mem ratio':>10} {'naive s':>9} {'lmkd s':>9} {'time ratio':>11}"
+    )
     for when, r in res.items():
         n, m = r["naive"], r["lmkd"]
-        print(f"{when:8} {n['peak_mb']:10.0f} {m['peak_mb']:10.0f} {m['peak_mb'] / n['peak_mb']:10.3f} "
-              f"{n['seconds']:9.2f} {m['seconds']:9.2f} {m['seconds'] / n['seconds']:10.2f}x")
+        print(
+            f"{when:8} {n['peak_mb']:10.0f} {m['peak_mb']:10.0f} {m['peak_mb'] / n['peak_mb']:10.3f} "
+            f"{n['seconds']:9.2f} {m['seconds']:9.2f} {m['seconds'] / n['seconds']:10.2f}x"
+        )
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump({"b": b, "t": t, "v": v, **res}, f, indent=1)

@@ -46,7 +46,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def corpus(n):
     rows = []
-    with gzip.open(ROOT / "lmkd" / "corpora" / "ddtp_en_fr.train.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(
+        ROOT / "lmkd" / "corpora" / "ddtp_en_fr.train.jsonl.gz", "rt", encoding="utf-8"
+    ) as f:
         for line in f:
             rows.append(json.loads(line))
             if len(rows) >= n:
@@ -55,13 +57,19 @@ def corpus(n):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--json", help="also write the medians and ratios here (benchmarks/bench.py reads them)")
+    ap.add_argument(
+        "--json", help="also write the medians and ratios here (benchmarks/bench.py reads them)"
+    )
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--tail-samples", type=int, default=32, help="M of the sampled-tail cache variant")
+    ap.add_argument(
+        "--tail-samples", type=int, default=32, help="M of the sampled-tail cache variant"
+    )
     ns = ap.parse_args()
 
     import datasets
@@ -73,47 +81,86 @@ def main():
 
     from lmkd import DistillationConfig, DistillationTrainer
     from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
-    from lmkd.teacher.logit_cache import cache_logits
     from lmkd.models.scratch import build_model, train_tokenizer
+    from lmkd.teacher.logit_cache import cache_logits
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     rows = corpus(3000)
-    tok = train_tokenizer([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=ns.vocab)
+    tok = train_tokenizer(
+        [r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=ns.vocab
+    )
     v = len(tok)
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
     data = tmp / "train.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for r in rows[:ns.batch * 4]:
+        for r in rows[: ns.batch * 4]:
             f.write(json.dumps(r) + "\n")
     teacher = build_model("marian", v, seed=1, layers=4, d_model=256, heads=4, dropout=0.0)
     teacher.save_pretrained(tmp / "teacher")
     tok.save_pretrained(tmp / "teacher")
     student = build_model("marian", v, seed=2, layers=2, d_model=256, heads=4, dropout=0.0)
-    data_args = DataArguments(task="translation", train_file=str(data), max_source_length=64, max_target_length=64)
+    data_args = DataArguments(
+        task="translation", train_file=str(data), max_source_length=64, max_target_length=64
+    )
 
     t0 = time.perf_counter()
     summary = cache_logits(str(tmp / "teacher"), data_args, str(tmp / "cache"), ns.k, batch_size=16)
     cache_s = time.perf_counter() - t0
-    summary_s = cache_logits(str(tmp / "teacher"), data_args, str(tmp / "cache_s"), ns.k, batch_size=16,
-                             tail_samples=ns.tail_samples)
+    summary_s = cache_logits(
+        str(tmp / "teacher"),
+        data_args,
+        str(tmp / "cache_s"),
+        ns.k,
+        batch_size=16,
+        tail_samples=ns.tail_samples,
+    )
     ds = tokenize(load_data(str(data), ["source", "target"]), tok, data_args)
     base_collator = collator_for("translation", tok, student)
 
     def cfg(**kw):
-        return DistillationConfig(**{"output_dir": str(tmp / "out"), "report_to": "none", "use_cpu": True,
-                                     "kd_alpha": 0.5, "kd_temperature": 2.0, "save_strategy": "no", **kw})
+        return DistillationConfig(
+            **{
+                "output_dir": str(tmp / "out"),
+                "report_to": "none",
+                "use_cpu": True,
+                "kd_alpha": 0.5,
+                "kd_temperature": 2.0,
+                "save_strategy": "no",
+                **kw,
+            }
+        )
 
-    models = {name: copy.deepcopy(student)
-              for name in ("plain", "fused_ce", "online", "online_plain", "cached", "cached_s")}
-    fused_ce = DistillationTrainer(model=models["fused_ce"], args=cfg(kd_alpha=0.0), processing_class=tok)
-    online = DistillationTrainer(model=models["online"], args=cfg(), teacher_model=teacher, processing_class=tok)
-    online_plain = DistillationTrainer(model=models["online_plain"], args=cfg(kd_chunk_size=0),
-                                       teacher_model=teacher, processing_class=tok)
-    cached = DistillationTrainer(model=models["cached"], args=cfg(logit_cache=str(tmp / "cache")),
-                                 train_dataset=ds, data_collator=base_collator, processing_class=tok)
-    cached_s = DistillationTrainer(model=models["cached_s"], args=cfg(logit_cache=str(tmp / "cache_s")),
-                                   train_dataset=ds, data_collator=base_collator, processing_class=tok)
+    models = {
+        name: copy.deepcopy(student)
+        for name in ("plain", "fused_ce", "online", "online_plain", "cached", "cached_s")
+    }
+    fused_ce = DistillationTrainer(
+        model=models["fused_ce"], args=cfg(kd_alpha=0.0), processing_class=tok
+    )
+    online = DistillationTrainer(
+        model=models["online"], args=cfg(), teacher_model=teacher, processing_class=tok
+    )
+    online_plain = DistillationTrainer(
+        model=models["online_plain"],
+        args=cfg(kd_chunk_size=0),
+        teacher_model=teacher,
+        processing_class=tok,
+    )
+    cached = DistillationTrainer(
+        model=models["cached"],
+        args=cfg(logit_cache=str(tmp / "cache")),
+        train_dataset=ds,
+        data_collator=base_collator,
+        processing_class=tok,
+    )
+    cached_s = DistillationTrainer(
+        model=models["cached_s"],
+        args=cfg(logit_cache=str(tmp / "cache_s")),
+        train_dataset=ds,
+        data_collator=base_collator,
+        processing_class=tok,
+    )
     assert cached.teacher is None and cached_s.teacher is None
     idx = list(range(ns.batch))
     batch = base_collator([ds[i] for i in idx])
@@ -160,8 +207,10 @@ def main():
     med = {n: statistics.median(ts) for n, ts in times.items()}
     med_wall = {n: statistics.median(ts) for n, ts in walls.items()}
     n_tok = int(batch["labels"].ne(-100).sum())
-    print(f"batch: {ns.batch} pairs, {n_tok} target tokens, V={v}, student/teacher d=256 2+2/4+4 layers, "
-          f"1 thread, median of {ns.steps} rounds")
+    print(
+        f"batch: {ns.batch} pairs, {n_tok} target tokens, V={v}, student/teacher d=256 2+2/4+4 layers, "
+        f"1 thread, median of {ns.steps} rounds"
+    )
     print(f"  {'variant':<16} {'CPU ms':>8} {'wall ms':>8}")
     for n in names:
         print(f"  {n:<16} {med[n] * 1000:8.1f} {med_wall[n] * 1000:8.1f}")
@@ -171,25 +220,46 @@ def main():
     bpt = summary["bytes_per_position"]
     wall_online = med_wall["online"] / (med_wall["plain"] + med_wall["teacher_forward"])
     wall_cached = med_wall["cached"] / med_wall["plain"]
-    print("ratios of CPU time (wall-clock ratios, noisier on shared cores: "
-          f"online {wall_online:.3f}, cached {wall_cached:.3f})")
-    print(f"online KD step / (plain step + teacher forward) = {ratio_online:.3f}   (goal <= 1.10; plain-loss "
-          f"path: {ratio_online_plain:.3f})")
+    print(
+        "ratios of CPU time (wall-clock ratios, noisier on shared cores: "
+        f"online {wall_online:.3f}, cached {wall_cached:.3f})"
+    )
+    print(
+        f"online KD step / (plain step + teacher forward) = {ratio_online:.3f}   (goal <= 1.10; plain-loss "
+        f"path: {ratio_online_plain:.3f})"
+    )
     print(f"cached top-{ns.k} KD step / plain CE step       = {ratio_cached:.3f}   (goal <= 1.05)")
-    print(f"bytes per cached token = {bpt:.1f} (goal <= 6K+8 = {6 * ns.k + 8}); {summary['positions']} positions, "
-          f"ids {json.load(open(tmp / 'cache' / 'meta.json'))['id_dtype']}, log-probs float16; "
-          f"cache-logits took {cache_s:.1f} s")
+    print(
+        f"bytes per cached token = {bpt:.1f} (goal <= 6K+8 = {6 * ns.k + 8}); {summary['positions']} positions, "
+        f"ids {json.load(open(tmp / 'cache' / 'meta.json'))['id_dtype']}, log-probs float16; "
+        f"cache-logits took {cache_s:.1f} s"
+    )
     k_s = ns.k + ns.tail_samples
-    print(f"cached top-{ns.k} + {ns.tail_samples} tail samples: step / plain CE step = "
-          f"{med['cached_s'] / med['plain']:.3f}   (goal <= 1.05); bytes per cached token = "
-          f"{summary_s['bytes_per_position']:.1f} (goal <= 6(K+M)+8 = {6 * k_s + 8})")
-    print(f"cached top-{ns.k} KD step / fused CE step = {med['cached'] / med['fused_ce']:.3f}; with "
-          f"{ns.tail_samples} tail samples {med['cached_s'] / med['fused_ce']:.3f}")
+    print(
+        f"cached top-{ns.k} + {ns.tail_samples} tail samples: step / plain CE step = "
+        f"{med['cached_s'] / med['plain']:.3f}   (goal <= 1.05); bytes per cached token = "
+        f"{summary_s['bytes_per_position']:.1f} (goal <= 6(K+M)+8 = {6 * k_s + 8})"
+    )
+    print(
+        f"cached top-{ns.k} KD step / fused CE step = {med['cached'] / med['fused_ce']:.3f}; with "
+        f"{ns.tail_samples} tail samples {med['cached_s'] / med['fused_ce']:.3f}"
+    )
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump({"cpu_s": med, "wall_s": med_wall, "k": ns.k, "tail_samples": ns.tail_samples, "vocab": v,
-                       "tokens": n_tok, "bytes_per_token": bpt, "bytes_per_token_samples":
-                       summary_s["bytes_per_position"]}, f, indent=1)
+            json.dump(
+                {
+                    "cpu_s": med,
+                    "wall_s": med_wall,
+                    "k": ns.k,
+                    "tail_samples": ns.tail_samples,
+                    "vocab": v,
+                    "tokens": n_tok,
+                    "bytes_per_token": bpt,
+                    "bytes_per_token_samples": summary_s["bytes_per_position"],
+                },
+                f,
+                indent=1,
+            )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

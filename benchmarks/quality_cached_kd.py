@@ -31,9 +31,15 @@ import time
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", default="runs/demo", help="output dir of `lmkd study --task translation`")
-    ap.add_argument("--output", default="runs/quality-cached-kd", help="where students and caches go")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--study", default="runs/demo", help="output dir of `lmkd study --task translation`"
+    )
+    ap.add_argument(
+        "--output", default="runs/quality-cached-kd", help="where students and caches go"
+    )
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--k", type=int, default=32)
@@ -42,30 +48,42 @@ def main() -> int:
     ns = ap.parse_args()
 
     from lmkd.data.dataset import DataArguments
-    from lmkd.teacher.logit_cache import cache_logits
     from lmkd.study import BUDGETS, evaluate_quality, shipped_corpus, train_student
+    from lmkd.teacher.logit_cache import cache_logits
 
     stages = os.path.join(ns.study, "stages")
     teacher, init = os.path.join(stages, "teacher"), os.path.join(stages, "s025-init")
     transfer = os.path.join(stages, "transfer-rows", "transfer.jsonl")
     for path in (teacher, init, transfer):
         if not os.path.exists(path):
-            print(f"{path} does not exist: run `make demo` (or `lmkd study --task translation --output "
-                  f"{ns.study}`) first", file=sys.stderr)
+            print(
+                f"{path} does not exist: run `make demo` (or `lmkd study --task translation --output "
+                f"{ns.study}`) first",
+                file=sys.stderr,
+            )
             return 2
     test = ns.test or shipped_corpus("test")
     plan = dict(BUDGETS["quick"], kd_temperature=1.0)
     os.makedirs(ns.output, exist_ok=True)
-    data_args = DataArguments(task="translation", train_file=transfer, max_source_length=plan["max_length"],
-                              max_target_length=plan["max_length"])
+    data_args = DataArguments(
+        task="translation",
+        train_file=transfer,
+        max_source_length=plan["max_length"],
+        max_target_length=plan["max_length"],
+    )
     k, m = ns.k, ns.tail_samples
-    caches = {f"top{k}": (os.path.join(ns.output, f"cache-top{k}"), 0),
-              f"top{k}+{m}": (os.path.join(ns.output, f"cache-top{k}-tail{m}"), m)}
+    caches = {
+        f"top{k}": (os.path.join(ns.output, f"cache-top{k}"), 0),
+        f"top{k}+{m}": (os.path.join(ns.output, f"cache-top{k}-tail{m}"), m),
+    }
     for name, (path, samples) in caches.items():
         t0 = time.perf_counter()
         summary = cache_logits(teacher, data_args, path, k, batch_size=64, tail_samples=samples)
-        print(f"cache {name}: {summary['bytes_per_position']:.1f} bytes per token, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"cache {name}: {summary['bytes_per_position']:.1f} bytes per token, "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
     variants = {"online": {}} | {name: {"logit_cache": path} for name, (path, _) in caches.items()}
     bleu: dict[str, dict[int, float]] = {v: {} for v in variants}
@@ -74,19 +92,39 @@ def main() -> int:
             out = os.path.join(ns.output, f"{name.replace('+', '-tail')}-s{seed}-{ns.steps}")
             if not os.path.isfile(os.path.join(out, "model.safetensors")):
                 t0 = time.perf_counter()
-                train_student(out, init, "translation", transfer, None, plan, steps=ns.steps, lr=plan["student_lr"],
-                              teacher_dir=teacher if name == "online" else None, kd_alpha=0.5, seed=seed, **extra)
+                train_student(
+                    out,
+                    init,
+                    "translation",
+                    transfer,
+                    None,
+                    plan,
+                    steps=ns.steps,
+                    lr=plan["student_lr"],
+                    teacher_dir=teacher if name == "online" else None,
+                    kd_alpha=0.5,
+                    seed=seed,
+                    **extra,
+                )
                 print(f"trained {name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-            bleu[name][seed] = evaluate_quality(out, "translation", test, 1, plan["max_new_tokens"])["greedy"]["bleu"]
+            bleu[name][seed] = evaluate_quality(
+                out, "translation", test, 1, plan["max_new_tokens"]
+            )["greedy"]["bleu"]
             print(f"  {name:<10} seed {seed}: BLEU {bleu[name][seed]:.2f}", flush=True)
 
-    print(f"\nBLEU (greedy) on {test}, {ns.steps} steps; difference to the online student of the same seed")
-    print(f"{'variant':<10} " + " ".join(f"{'s' + str(s):>14}" for s in ns.seeds) + f" {'mean':>14}")
+    print(
+        f"\nBLEU (greedy) on {test}, {ns.steps} steps; difference to the online student of the same seed"
+    )
+    print(
+        f"{'variant':<10} " + " ".join(f"{'s' + str(s):>14}" for s in ns.seeds) + f" {'mean':>14}"
+    )
     for name in variants:
         cells = []
         for s in ns.seeds:
             d = bleu[name][s] - bleu["online"][s]
-            cells.append(f"{bleu[name][s]:6.2f}" + (f" ({d:+.2f})" if name != "online" else " " * 8))
+            cells.append(
+                f"{bleu[name][s]:6.2f}" + (f" ({d:+.2f})" if name != "online" else " " * 8)
+            )
         mean = statistics.mean(bleu[name].values())
         dm = mean - statistics.mean(bleu["online"].values())
         cells.append(f"{mean:6.2f}" + (f" ({dm:+.2f})" if name != "online" else " " * 8))

@@ -32,21 +32,37 @@ def _read(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("cached", help="study directory trained with the teacher cache (the default)")
-    p.add_argument("online", help="the same study run again with --online-kd (a copy of the first's directory)")
-    p.add_argument("--mode", default="beam", choices=("beam", "greedy"), help="which decoding to compare (default beam)")
+    p.add_argument(
+        "online", help="the same study run again with --online-kd (a copy of the first's directory)"
+    )
+    p.add_argument(
+        "--mode",
+        default="beam",
+        choices=("beam", "greedy"),
+        help="which decoding to compare (default beam)",
+    )
     ns = p.parse_args(argv)
     cached, online = Path(ns.cached), Path(ns.online)
     plans = [_read(d / "report.json")["plan"] for d in (cached, online)]
     if not plans[0].get("kd_cache") or plans[1].get("kd_cache"):
         raise SystemExit("the first study must use the teacher cache and the second --online-kd")
-    refs = [json.loads(line)["target"] for line in
-            (_stage(cached, "data-test") / "test.jsonl").read_text().splitlines() if line.strip()]
-    print(f"# {cached} (cached: top-{plans[0]['kd_cache']['top_k']} + {plans[0]['kd_cache']['tail_samples']} "
-          f"sampled) vs {online} (--online-kd); BLEU {ns.mode} on {len(refs)} test rows")
-    print("| variant | steps cached | steps online | train s cached | train s online | BLEU cached | BLEU online "
-          "| cached - online (95% CI) | p |")
+    refs = [
+        json.loads(line)["target"]
+        for line in (_stage(cached, "data-test") / "test.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    print(
+        f"# {cached} (cached: top-{plans[0]['kd_cache']['top_k']} + {plans[0]['kd_cache']['tail_samples']} "
+        f"sampled) vs {online} (--online-kd); BLEU {ns.mode} on {len(refs)} test rows"
+    )
+    print(
+        "| variant | steps cached | steps online | train s cached | train s online | BLEU cached | BLEU online "
+        "| cached - online (95% CI) | p |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in VARIANTS:
         row = []
@@ -59,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
             quality.append(q["predictions"][ns.mode])
         c = paired_bootstrap("bleu", quality[0], quality[1], refs)
         (sc, tc, bc), (so, to, bo) = row
-        print(f"| {name} | {sc} | {so} | {tc:.0f} | {to:.0f} | {bc:.2f} | {bo:.2f} | {c.difference:+.2f} "
-              f"({c.ci_low:+.2f}…{c.ci_high:+.2f}) | {c.p_value:.3f} |")
+        print(
+            f"| {name} | {sc} | {so} | {tc:.0f} | {to:.0f} | {bc:.2f} | {bo:.2f} | {c.difference:+.2f} "
+            f"({c.ci_low:+.2f}…{c.ci_high:+.2f}) | {c.p_value:.3f} |"
+        )
 
 
 if __name__ == "__main__":

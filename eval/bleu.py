@@ -16,10 +16,16 @@ def read_lines(path):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("hypotheses")
     p.add_argument("references")
     a = p.parse_args()
     hyps, refs = read_lines(a.hypotheses), read_lines(a.references)
     (b, b_sig), (c, c_sig) = bleu(hyps, refs), chrf(hyps, refs)
-    print(json.dumps({"bleu": b, "chrf": c, "bleu_signature": b_sig, "chrf_signature": c_sig}, indent=1))
+    print(
+        json.dumps(
+            {"bleu": b, "chrf": c, "bleu_signature": b_sig, "chrf_signature": c_sig}, indent=1
+        )
+    )

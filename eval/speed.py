@@ -9,15 +9,19 @@ import json
 
 from lmkd.data.dataset import DEFAULT_COLUMNS, load_data
 from lmkd.evaluate.run import resolve_device, runner_for
-from lmkd.scoring.metrics import measure_speed
 from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.scoring.metrics import measure_speed
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--teacher")
     p.add_argument("--data", required=True)
-    p.add_argument("--task", required=True, choices=["translation", "summarization", "classification"])
+    p.add_argument(
+        "--task", required=True, choices=["translation", "summarization", "classification"]
+    )
     p.add_argument("--source-column")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
@@ -34,9 +38,15 @@ if __name__ == "__main__":
     for name, path in (("student", a.model), ("teacher", a.teacher)):
         if path:
             model, tok = load_model(path, kind=kind).to(device).eval(), load_tokenizer(path)
-            runners[name] = runner_for(a.task, model, tok, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens)
-    speed = measure_speed(runners, inputs, a.batch_size, repeats=a.repeats, devices={k: device for k in runners})
+            runners[name] = runner_for(
+                a.task, model, tok, num_beams=a.num_beams, max_new_tokens=a.max_new_tokens
+            )
+    speed = measure_speed(
+        runners, inputs, a.batch_size, repeats=a.repeats, devices={k: device for k in runners}
+    )
     if "teacher" in speed:
         speed["speedup_latency"] = speed["teacher"]["latency_ms"] / speed["student"]["latency_ms"]
-        speed["speedup_throughput"] = speed["student"]["throughput_per_s"] / speed["teacher"]["throughput_per_s"]
+        speed["speedup_throughput"] = (
+            speed["student"]["throughput_per_s"] / speed["teacher"]["throughput_per_s"]
+        )
     print(json.dumps(speed, indent=1))

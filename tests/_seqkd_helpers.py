@@ -19,7 +19,12 @@ from lmkd.models.scratch import ARCH_KINDS, EOS, model_config
 # (init scale, EOS boost) per architecture, chosen so greedy outputs are varied and mixed in length
 # (re-chosen for the BPE test tokenizer: Marian at scale 10 said the same 3 things to 20 inputs, and T5 at
 # 10 saturated -- top hypotheses at log-prob 0, the third beam decided by float noise of the padding)
-TEACHER_SETTINGS = {"t5": (5.0, 2.0), "bart": (10.0, 3.0), "marian": (20.0, 3.0), "gpt2": (10.0, 2.0)}
+TEACHER_SETTINGS = {
+    "t5": (5.0, 2.0),
+    "bart": (10.0, 3.0),
+    "marian": (20.0, 3.0),
+    "gpt2": (10.0, 2.0),
+}
 
 
 def build_teacher(arch: str, tokenizer, seed: int = 0):

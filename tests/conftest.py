@@ -22,6 +22,7 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("lmkd", derandomize=True, database=None)
 _hypothesis_settings.load_profile("lmkd")
 
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny models run faster on one thread than split across cores (and CI has two)."""
@@ -55,7 +56,9 @@ def corpus():
 def tokenizer(corpus):
     from lmkd.models.scratch import train_tokenizer
 
-    return train_tokenizer([r["source"] for r in corpus] + [r["target"] for r in corpus], vocab_size=300)
+    return train_tokenizer(
+        [r["source"] for r in corpus] + [r["target"] for r in corpus], vocab_size=300
+    )
 
 
 @pytest.fixture(scope="session")

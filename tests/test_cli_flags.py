@@ -54,7 +54,9 @@ def _both_spellings_parse(parser, prefix=()):
     value no command line can give, checked only to be one flag in both spellings)."""
     checked, untyped = 0, 0
     for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+        if isinstance(
+            action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+        ):
             continue
         for option in action.option_strings:
             if not option.startswith("--"):
@@ -66,7 +68,9 @@ def _both_spellings_parse(parser, prefix=()):
             try:
                 parser.parse_known_args([*prefix, option, *value])
             except SystemExit:  # a type no command line can give (HF's dict and config fields):
-                assert {id(parser._option_string_actions[s]) for s in both} == {id(action)}  # one flag
+                assert {id(parser._option_string_actions[s]) for s in both} == {
+                    id(action)
+                }  # one flag
                 checked, untyped = checked + 1, untyped + 1
                 continue
             for spelling in both:
@@ -74,8 +78,9 @@ def _both_spellings_parse(parser, prefix=()):
                 assert rest == [], (spelling, rest)
                 parsed[spelling] = getattr(ns, action.dest)
             values = list(parsed.values())
-            assert values == values[:1] * len(values) and values[0] != parser.get_default(action.dest), \
-                (option, parsed)
+            assert values == values[:1] * len(values) and values[0] != parser.get_default(
+                action.dest
+            ), (option, parsed)
             checked += 1
     return checked, untyped
 
@@ -114,8 +119,18 @@ def test_help_shows_only_the_dashed_spelling(command, capsys):
 
 
 def test_distill_overrides_take_both_spellings(tmp_path):
-    argv = ["--student_model_name_or_path", "s", "--task", "translation", "--train-file", "t.jsonl",
-            "--output-dir", str(tmp_path / "o"), "--use-cpu", "true"]
+    argv = [
+        "--student_model_name_or_path",
+        "s",
+        "--task",
+        "translation",
+        "--train-file",
+        "t.jsonl",
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--use-cpu",
+        "true",
+    ]
     _, data, train = parse_distill_args(None, argv + ["--kd-alpha", "0.9", "--kd_temperature", "3"])
     assert (train.kd_alpha, train.kd_temperature, data.train_file) == (0.9, 3.0, "t.jsonl")
 
@@ -136,24 +151,55 @@ def test_distill_teacher_suggests_the_teacher_model_flag(capsys):
     assert main(["distill", "--teacher", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert "did you mean --teacher-model-name-or-path?" in err, err
-    assert len(err.splitlines()) == 1 and "--teacher_dtype" not in err and "--teacher-dtype" not in err
+    assert (
+        len(err.splitlines()) == 1 and "--teacher_dtype" not in err and "--teacher-dtype" not in err
+    )
 
 
-def UNKNOWN(tmp):  # one misspelt flag per command (not a prefix of the real one, which argparse would take)
-    o, d = str(tmp / "o"), str(tmp / "missing.jsonl")  # (were one taken, a missing file stops the command)
+def UNKNOWN(
+    tmp,
+):  # one misspelt flag per command (not a prefix of the real one, which argparse would take)
+    o, d = (
+        str(tmp / "o"),
+        str(tmp / "missing.jsonl"),
+    )  # (were one taken, a missing file stops the command)
     return {
-        "make-student": (["--teacher", d, "--output", o, "--encodr-layers", "0"], "--encoder-layers"),
+        "make-student": (
+            ["--teacher", d, "--output", o, "--encodr-layers", "0"],
+            "--encoder-layers",
+        ),
         "distill": (["--kd-alpah", "0.5"], "--kd-alpha"),
-        "evaluate": (["--model", d, "--data", d, "--task", "translation", "--num-beems", "2"], "--num-beams"),
-        "generate": (["--teacher", d, "--data", d, "--output", o, "--max-new-tokes", "2"],
-                     "--max-new-tokens"),
-        "study": (["--task", "translation", "--train", d, "--output", o, "--student-stepz", "2"],
-                  "--student-steps"),
-        "cache-logits": (["--teacher", d, "--data", d, "--top-k", "4", "--output", o, "--tail-sampels", "2"],
-                         "--tail-samples"),
-        "compress": (["--model", d, "--data", d, "--task", "translation", "--output", o,
-                      "--prune-hedas", "2"],
-                     "--prune-heads"),
+        "evaluate": (
+            ["--model", d, "--data", d, "--task", "translation", "--num-beems", "2"],
+            "--num-beams",
+        ),
+        "generate": (
+            ["--teacher", d, "--data", d, "--output", o, "--max-new-tokes", "2"],
+            "--max-new-tokens",
+        ),
+        "study": (
+            ["--task", "translation", "--train", d, "--output", o, "--student-stepz", "2"],
+            "--student-steps",
+        ),
+        "cache-logits": (
+            ["--teacher", d, "--data", d, "--top-k", "4", "--output", o, "--tail-sampels", "2"],
+            "--tail-samples",
+        ),
+        "compress": (
+            [
+                "--model",
+                d,
+                "--data",
+                d,
+                "--task",
+                "translation",
+                "--output",
+                o,
+                "--prune-hedas",
+                "2",
+            ],
+            "--prune-heads",
+        ),
     }
 
 
@@ -168,9 +214,21 @@ def test_unknown_flag_is_one_line_with_a_did_you_mean(command, capsys, tmp_path)
 
 
 def test_evaluate_takes_source_column_with_underscores():
-    ns, rest = build_parser().parse_known_args(["evaluate", "--model", "m", "--data", "d", "--task",
-                                                "translation", "--source_column", "sentence",
-                                                "--max_samples", "3"])
+    ns, rest = build_parser().parse_known_args(
+        [
+            "evaluate",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--task",
+            "translation",
+            "--source_column",
+            "sentence",
+            "--max_samples",
+            "3",
+        ]
+    )
     assert (rest, ns.source_column, ns.max_samples) == ([], "sentence", 3)
 
 
@@ -199,22 +257,53 @@ def test_cache_logits_cache_dtype_and_its_hidden_old_name(capsys):
 
 def test_cache_logits_task_lists_only_what_it_caches(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["cache-logits", "--teacher", "t", "--data", "d", "--top-k", "4", "--output", "o",
-              "--task", "classification"])
+        main(
+            [
+                "cache-logits",
+                "--teacher",
+                "t",
+                "--data",
+                "d",
+                "--top-k",
+                "4",
+                "--output",
+                "o",
+                "--task",
+                "classification",
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'classification'" in err
-    choices = err[err.index("choose from"):]
-    assert "causal-lm" in choices and "translation" in choices and "mlm" not in choices \
+    choices = err[err.index("choose from") :]
+    assert (
+        "causal-lm" in choices
+        and "translation" in choices
+        and "mlm" not in choices
         and "classification" not in choices
+    )
 
 
 def test_compress_names_the_models_real_kind(tiny_model_dir, tmp_path, capsys):
     gpt2 = tiny_model_dir("gpt2")
     data = tmp_path / "d.jsonl"
     data.write_text('{"source": "a", "target": "b"}\n')
-    assert main(["compress", "--model", gpt2, "--data", str(data), "--task", "translation",
-                 "--output", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                gpt2,
+                "--data",
+                str(data),
+                "--task",
+                "translation",
+                "--output",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "is a causal (decoder-only) LM" in err and "--task causal-lm" in err, err
@@ -241,7 +330,10 @@ def test_no_count_or_probability_flag_takes_a_value_out_of_range(command, capsys
                 parser.parse_args([action.option_strings[0], bad])
             assert e.value.code == 2
             err = capsys.readouterr().err.strip()
-            assert len(err.splitlines()) == 1 and f"argument {action.option_strings[0]}: must be" in err, err
+            assert (
+                len(err.splitlines()) == 1
+                and f"argument {action.option_strings[0]}: must be" in err
+            ), err
             checked += 1
     assert checked >= (0 if command in ("make-student", "distill") else 3)
     int_flags = [a for a in parser._actions if a.type is int and a.dest != "seed"]

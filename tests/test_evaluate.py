@@ -9,12 +9,10 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lmkd.scoring import metrics
 from lmkd.cli import main
 from lmkd.core.errors import LmkdError
 from lmkd.evaluate.run import evaluate_models
-
-
+from lmkd.scoring import metrics
 
 
 def plain_generate(path, sources, num_beams, max_new_tokens):
@@ -24,14 +22,20 @@ def plain_generate(path, sources, num_beams, max_new_tokens):
     out = []
     with torch.no_grad():
         for s in sources:
-            ids = model.generate(**tok([s], return_tensors="pt"), num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                 do_sample=False)
+            ids = model.generate(
+                **tok([s], return_tensors="pt"),
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
             out.append(tok.decode(ids[0], skip_special_tokens=True).strip())
     return out
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return str(path)
 
 
@@ -43,17 +47,50 @@ def translation_case(tmp_path, tiny_model_dir, corpus):
     rows = corpus[:10]
     outputs = plain_generate(path, [r["source"] for r in rows], num_beams=2, max_new_tokens=12)
     refs = [o if i % 2 == 0 else r["target"] for i, (o, r) in enumerate(zip(outputs, rows))]
-    data = write_jsonl(tmp_path / "test.jsonl", [{"source": r["source"], "target": t} for r, t in zip(rows, refs)])
+    data = write_jsonl(
+        tmp_path / "test.jsonl", [{"source": r["source"], "target": t} for r, t in zip(rows, refs)]
+    )
     return path, data, outputs, refs
 
 
-def test_translation_scores_equal_sacrebleu_and_self_is_100_percent(tmp_path, translation_case, capsys):
+def test_translation_scores_equal_sacrebleu_and_self_is_100_percent(
+    tmp_path, translation_case, capsys
+):
     path, data, outputs, refs = translation_case
     out = tmp_path / "report" / "eval.json"
     plot = tmp_path / "report" / "eval.png"
-    assert main(["evaluate", "--model", path, "--teacher", path, "--data", data, "--task", "translation",
-                 "--num-beams", "2", "--max-new-tokens", "12", "--batch-size", "4", "--speed-samples", "8",
-                 "--repeats", "5", "--device", "cpu", "--output", str(out), "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                path,
+                "--teacher",
+                path,
+                "--data",
+                data,
+                "--task",
+                "translation",
+                "--num-beams",
+                "2",
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                "4",
+                "--speed-samples",
+                "8",
+                "--repeats",
+                "5",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     # predictions: length-sorted batches put back in order == plain one-by-one generation
     assert result["predictions"]["student"] == outputs == result["predictions"]["teacher"]
@@ -62,16 +99,24 @@ def test_translation_scores_equal_sacrebleu_and_self_is_100_percent(tmp_path, tr
     assert 0 < direct_bleu.score < 100
     q = result["models"]["student"]["quality"]
     assert q["bleu"] == direct_bleu.score and q["chrf"] == direct_chrf.score
-    assert result["signatures"]["bleu"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
-    assert result["signatures"]["chrf"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+    assert result["signatures"]["bleu"].startswith(
+        "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:"
+    )
+    assert result["signatures"]["chrf"].startswith(
+        "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:"
+    )
     # against itself: all quality retained, speed-up near 1 (loose: a shared machine is noisy)
     vs = result["models"]["student"]["vs_teacher"]
     assert vs["retained_%"] == {"bleu": 100.0, "chrf": 100.0} and vs["parameters_ratio"] == 1.0
     assert 0.5 < vs["speedup_latency"] < 2 and 0.5 < vs["speedup_throughput"] < 2
     size = result["models"]["student"]["size"]
     model = AutoModelForSeq2SeqLM.from_pretrained(path)
-    assert size["parameters"] == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    assert size["bytes_on_disk"] > 4 * size["parameters"] * 0.9  # float32 weights are most of the files
+    assert size["parameters"] == sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values()
+    )
+    assert (
+        size["bytes_on_disk"] > 4 * size["parameters"] * 0.9
+    )  # float32 weights are most of the files
     speed = result["models"]["teacher"]["speed"]
     assert speed["latency_ms"] > 0 and speed["throughput_per_s"] > 0 and speed["repeats"] == 5
     # markdown next to the JSON, printed too; the plot is a real PNG
@@ -89,10 +134,22 @@ def test_translation_scores_equal_sacrebleu_and_self_is_100_percent(tmp_path, tr
 
 def test_summarization_scores_equal_rouge_score(tmp_path, tiny_model_dir, corpus):
     path = tiny_model_dir("bart", seed=2)
-    rows = [{"document": r["source"] + ". " + r["source"], "summary": r["source"]} for r in corpus[20:28]]
+    rows = [
+        {"document": r["source"] + ". " + r["source"], "summary": r["source"]}
+        for r in corpus[20:28]
+    ]
     data = write_jsonl(tmp_path / "sum.jsonl", rows)
-    result = evaluate_models(path, data, "summarization", num_beams=2, max_new_tokens=10, batch_size=3,
-                             speed_samples=0, device="cpu", progress=False)
+    result = evaluate_models(
+        path,
+        data,
+        "summarization",
+        num_beams=2,
+        max_new_tokens=10,
+        batch_size=3,
+        speed_samples=0,
+        device="cpu",
+        progress=False,
+    )
     preds = result["predictions"]["student"]
     assert preds == plain_generate(path, [r["document"] for r in rows], 2, 10)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -107,7 +164,10 @@ def test_rouge_lsum_reads_sentences_on_lines():
     hyp = "The cats sat on the mat. Dogs were running!"
     ref = "Dogs were running. The cat sat on the mat?"
     scorer = rouge_scorer.RougeScorer(["rougeLsum", "rouge1"], use_stemmer=True)
-    direct = scorer.score("Dogs were running.\nThe cat sat on the mat?", "The cats sat on the mat.\nDogs were running!")
+    direct = scorer.score(
+        "Dogs were running.\nThe cat sat on the mat?",
+        "The cats sat on the mat.\nDogs were running!",
+    )
     ours = metrics.rouge([hyp], [ref])
     assert ours["rougeLsum"] == pytest.approx(100 * direct["rougeLsum"].fmeasure)
     assert ours["rouge1"] == pytest.approx(100 * direct["rouge1"].fmeasure)  # stemming: cats == cat
@@ -135,13 +195,29 @@ def test_classification(tmp_path, tiny_model_dir, corpus):
     with torch.no_grad():
         direct = [int(model(**tok([t], return_tensors="pt")).logits.argmax(-1)) for t in texts]
     labels = [p if i % 3 else 1 - p for i, p in enumerate(direct)]  # 8 of 12 right
-    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels)])
-    result = evaluate_models(path, data, "classification", teacher=path, batch_size=5, speed_samples=6, repeats=2,
-                             device="cpu", progress=False)
+    data = write_jsonl(
+        tmp_path / "cls.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels)]
+    )
+    result = evaluate_models(
+        path,
+        data,
+        "classification",
+        teacher=path,
+        batch_size=5,
+        speed_samples=6,
+        repeats=2,
+        device="cpu",
+        progress=False,
+    )
     assert result["predictions"]["student"] == direct
     q = result["models"]["student"]["quality"]
-    assert q["accuracy"] == pytest.approx(100 * 8 / 12) and q["macro_f1"] == metrics.macro_f1(direct, labels)
-    assert result["models"]["student"]["vs_teacher"]["retained_%"] == {"accuracy": 100.0, "macro_f1": 100.0}
+    assert q["accuracy"] == pytest.approx(100 * 8 / 12) and q["macro_f1"] == metrics.macro_f1(
+        direct, labels
+    )
+    assert result["models"]["student"]["vs_teacher"]["retained_%"] == {
+        "accuracy": 100.0,
+        "macro_f1": 100.0,
+    }
 
 
 def test_user_mistakes_are_one_line(tmp_path, tiny_model_dir, corpus, capsys):
@@ -150,11 +226,47 @@ def test_user_mistakes_are_one_line(tmp_path, tiny_model_dir, corpus, capsys):
     assert main(["evaluate", "--model", path, "--data", data, "--task", "translation"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no column 'source'" in err
-    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", data, "--task", "translation",
-                 "--source-column", "en", "--target-column", "fr"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "nope"),
+                "--data",
+                data,
+                "--task",
+                "translation",
+                "--source-column",
+                "en",
+                "--target-column",
+                "fr",
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["evaluate", "--model", path, "--data", data, "--task", "translation", "--source-column", "en",
-                 "--target-column", "fr", "--speed-samples", "0", "--plot", str(tmp_path / "p.png")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                path,
+                "--data",
+                data,
+                "--task",
+                "translation",
+                "--source-column",
+                "en",
+                "--target-column",
+                "fr",
+                "--speed-samples",
+                "0",
+                "--plot",
+                str(tmp_path / "p.png"),
+            ]
+        )
+        == 2
+    )
     assert "--plot draws quality against latency" in capsys.readouterr().err
 
 
@@ -177,18 +289,50 @@ def test_eval_scripts(tmp_path, monkeypatch, capsys, translation_case):
     refs = ["the cat sat on a mat", "a dog runs in the park"]
     (tmp_path / "h.txt").write_text("\n".join(hyps) + "\n")
     (tmp_path / "r.txt").write_text("\n".join(refs) + "\n")
-    out = run_script("bleu.py", [str(tmp_path / "h.txt"), str(tmp_path / "r.txt")], monkeypatch, capsys)
+    out = run_script(
+        "bleu.py", [str(tmp_path / "h.txt"), str(tmp_path / "r.txt")], monkeypatch, capsys
+    )
     assert out["bleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
-    assert out["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score and out["bleu_signature"].startswith("nrefs:1")
+    assert out["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score and out[
+        "bleu_signature"
+    ].startswith("nrefs:1")
     write_jsonl(tmp_path / "h.jsonl", hyps)
     write_jsonl(tmp_path / "r.jsonl", refs)
-    out = run_script("rouge.py", [str(tmp_path / "h.jsonl"), str(tmp_path / "r.jsonl")], monkeypatch, capsys)
+    out = run_script(
+        "rouge.py", [str(tmp_path / "h.jsonl"), str(tmp_path / "r.jsonl")], monkeypatch, capsys
+    )
     scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
-    assert out["rouge2"] == pytest.approx(50 * sum(scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hyps, refs)))
+    assert out["rouge2"] == pytest.approx(
+        50 * sum(scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hyps, refs))
+    )
     path, data, _, _ = translation_case
-    out = run_script("speed.py", ["--model", path, "--teacher", path, "--data", data, "--task", "translation",
-                                  "--samples", "4", "--batch-size", "2", "--num-beams", "1", "--max-new-tokens", "4",
-                                  "--repeats", "1", "--device", "cpu"], monkeypatch, capsys)
+    out = run_script(
+        "speed.py",
+        [
+            "--model",
+            path,
+            "--teacher",
+            path,
+            "--data",
+            data,
+            "--task",
+            "translation",
+            "--samples",
+            "4",
+            "--batch-size",
+            "2",
+            "--num-beams",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert out["student"]["latency_ms"] > 0 and out["teacher"]["throughput_per_s"] > 0
     assert out["student"]["throughput_examples"] == 4 and out["speedup_latency"] > 0
 
@@ -196,7 +340,9 @@ def test_eval_scripts(tmp_path, monkeypatch, capsys, translation_case):
 # ---- issue 16: "MB on disk" is the weights from_pretrained loads, not every file under the folder ----
 
 
-def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(tmp_path, tiny_model_dir, corpus):
+def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(
+    tmp_path, tiny_model_dir, corpus
+):
     import shutil
 
     from lmkd.models.loading import weights_bytes
@@ -210,12 +356,22 @@ def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(tmp_path, t
     (model_dir / "distill_results.json").write_text("{}")
     assert weights_bytes(str(model_dir)) == weights
     data = write_jsonl(tmp_path / "test.jsonl", corpus[:2])
-    result = evaluate_models(str(model_dir), data, "translation", num_beams=1, max_new_tokens=2,
-                             speed_samples=0, device="cpu", progress=False)
+    result = evaluate_models(
+        str(model_dir),
+        data,
+        "translation",
+        num_beams=1,
+        max_new_tokens=2,
+        speed_samples=0,
+        device="cpu",
+        progress=False,
+    )
     assert result["models"]["student"]["size"]["bytes_on_disk"] == weights
     # sharded weights: the shards the index lists (the index itself and stray files are not counted)
     sharded = tmp_path / "sharded"
-    AutoModelForSeq2SeqLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="100KB")
+    AutoModelForSeq2SeqLM.from_pretrained(model_dir).save_pretrained(
+        sharded, max_shard_size="100KB"
+    )
     shards = sorted(sharded.glob("model-*.safetensors"))
     assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
     (sharded / "model-99999-of-99999.safetensors").write_bytes(b"x" * 1000)  # not in the index
@@ -225,7 +381,10 @@ def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(tmp_path, t
     legacy.mkdir()
     (legacy / "pytorch_model.bin").write_bytes(b"y" * 123)
     assert weights_bytes(str(legacy)) == 123
-    assert weights_bytes("Helsinki-NLP/opus-mt-en-de") is None and weights_bytes(str(tmp_path / "sharded" / "x")) is None
+    assert (
+        weights_bytes("Helsinki-NLP/opus-mt-en-de") is None
+        and weights_bytes(str(tmp_path / "sharded" / "x")) is None
+    )
 
 
 def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypatch):
@@ -258,7 +417,9 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypat
         time.sleep(0.2)
     assert 0.0 <= real.fraction <= 1.0
     warning = busy_warning({"other_cpu_load": 0.5, "cpus": 2})
-    assert warning.startswith("**Speed measured on a busy machine**: other processes used 50% of the 2 cores")
+    assert warning.startswith(
+        "**Speed measured on a busy machine**: other processes used 50% of the 2 cores"
+    )
     assert busy_warning({"other_cpu_load": 0.05, "cpus": 2}) is None and busy_warning({}) is None
 
 
@@ -284,8 +445,14 @@ def test_measure_speed_closes_an_engine_after_each_of_its_turns_and_reopens_it_u
         events.append("close")
         state["open"] = False
 
-    out = measure_speed({"torch": lambda xs: None, "engine": engine}, ["a", "b", "c"], batch_size=3,
-                        latency_examples=2, repeats=2, closers={"engine": close})
+    out = measure_speed(
+        {"torch": lambda xs: None, "engine": engine},
+        ["a", "b", "c"],
+        batch_size=3,
+        latency_examples=2,
+        repeats=2,
+        closers={"engine": close},
+    )
     assert events.count("close") == 1 + 2  # after the warm-up and after each of the two rounds
     assert events.count("open") == 3
     assert out["engine"]["latency_ms"] < 25  # 2 examples per turn, none paying the 50 ms opening

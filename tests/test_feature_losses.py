@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from lmkd.losses import feature as FL
 from lmkd import losses
+from lmkd.losses import feature as FL
 
 DT = torch.float64
 
@@ -55,19 +55,26 @@ def test_hidden_mse_and_cosine_match_loops():
             u, v = s[b, i].tolist(), t[b, i].tolist()
             mse_ref += sum((a - c) ** 2 for a, c in zip(u, v)) / 4
             dot = sum(a * c for a, c in zip(u, v))
-            cos_ref += 1 - dot / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(c * c for c in v)))
+            cos_ref += 1 - dot / (
+                math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(c * c for c in v))
+            )
     assert FL.hidden_mse(s, t, mask).item() == pytest.approx(mse_ref, rel=1e-12)
     assert FL.hidden_cosine(s, t, mask).item() == pytest.approx(cos_ref, rel=1e-12)
     assert FL.hidden_loss(s, t, mask, loss="cosine").item() == pytest.approx(cos_ref, rel=1e-12)
     # no mask = every position
-    assert FL.hidden_mse(s, t).item() == pytest.approx(((s - t) ** 2).mean(-1).sum().item(), rel=1e-12)
+    assert FL.hidden_mse(s, t).item() == pytest.approx(
+        ((s - t) ** 2).mean(-1).sum().item(), rel=1e-12
+    )
 
 
 def test_hidden_losses_ignore_padding_and_cosine_ignores_scale():
     s, t, mask = rand(3, 5, 4, seed=1), rand(3, 5, 4, seed=2), pad_mask()
     for fn in (FL.hidden_mse, FL.hidden_cosine):
         ref = fn(s, t, mask)
-        assert fn(scramble_padding(s, mask), scramble_padding(t, mask, seed=3), mask).item() == ref.item()
+        assert (
+            fn(scramble_padding(s, mask), scramble_padding(t, mask, seed=3), mask).item()
+            == ref.item()
+        )
     ref = FL.hidden_cosine(s, t, mask).item()
     assert FL.hidden_cosine(3.7 * s, 0.25 * t, mask).item() == pytest.approx(ref, rel=1e-12)
     assert FL.hidden_cosine(s, 5 * s, mask).item() == pytest.approx(0.0, abs=1e-12)
@@ -80,8 +87,12 @@ def test_hint_loss_is_hidden_loss_of_projected_student():
     s, t, mask = rand(3, 5, 3, seed=1), rand(3, 5, 4, seed=2), pad_mask()
     for kind in ("mse", "cosine"):
         with torch.no_grad():
-            projected = torch.stack([torch.stack([proj.weight @ s[b, i] + proj.bias for i in range(5)])
-                                     for b in range(3)])
+            projected = torch.stack(
+                [
+                    torch.stack([proj.weight @ s[b, i] + proj.bias for i in range(5)])
+                    for b in range(3)
+                ]
+            )
         ref = FL.hidden_loss(projected, t, mask, loss=kind)
         got = FL.hint_loss(s, t, proj, mask, loss=kind)
         assert got.item() == pytest.approx(ref.item(), rel=1e-12)
@@ -171,7 +182,9 @@ def test_attention_loss_ignores_padded_rows_and_keys():
     junk = torch.rand(s.shape, generator=gen(5), dtype=DT)  # padded rows/columns: any values
     for kind in ("kl", "mse"):
         ref = FL.attention_loss(s, t, mask, loss=kind)
-        got = FL.attention_loss(torch.where(keep, s, junk), torch.where(keep, t, junk.flip(0)), mask, loss=kind)
+        got = FL.attention_loss(
+            torch.where(keep, s, junk), torch.where(keep, t, junk.flip(0)), mask, loss=kind
+        )
         assert got.item() == pytest.approx(ref.item(), rel=1e-12)
         assert FL.attention_loss(s, s, mask, loss=kind).item() == pytest.approx(0.0, abs=1e-12)
 
@@ -224,10 +237,14 @@ def rkd_reference(s, t):
     def cos_at(x, i, j, k):  # angle at vertex j
         u = [a - b for a, b in zip(x[i].tolist(), x[j].tolist())]
         v = [a - b for a, b in zip(x[k].tolist(), x[j].tolist())]
-        return sum(a * b for a, b in zip(u, v)) / (math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v)))
+        return sum(a * b for a, b in zip(u, v)) / (
+            math.sqrt(sum(a * a for a in u)) * math.sqrt(sum(b * b for b in v))
+        )
 
     triples = [(i, j, k) for i in range(n) for j in range(n) for k in range(n) if i != j and k != j]
-    a_loss = sum(huber(cos_at(s, i, j, k) - cos_at(t, i, j, k)) for i, j, k in triples) / len(triples)
+    a_loss = sum(huber(cos_at(s, i, j, k) - cos_at(t, i, j, k)) for i, j, k in triples) / len(
+        triples
+    )
     return d_loss, a_loss
 
 
@@ -235,7 +252,10 @@ def sp_reference(s, t):
     n = s.shape[0]
 
     def gram_rows(x):
-        g = [[sum(a * b for a, b in zip(x[i].tolist(), x[j].tolist())) for j in range(n)] for i in range(n)]
+        g = [
+            [sum(a * b for a, b in zip(x[i].tolist(), x[j].tolist())) for j in range(n)]
+            for i in range(n)
+        ]
         return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in g]
 
     gs, gt = gram_rows(s), gram_rows(t)
@@ -248,7 +268,9 @@ def test_rkd_and_sp_match_loops():
     assert FL.rkd_distance_loss(s, t).item() == pytest.approx(d_ref, rel=1e-10)
     assert FL.rkd_angle_loss(s, t).item() == pytest.approx(a_ref, rel=1e-10)
     assert FL.rkd_loss(s, t).item() == pytest.approx(d_ref + 2 * a_ref, rel=1e-10)
-    assert FL.rkd_loss(s, t, distance_weight=3, angle_weight=0).item() == pytest.approx(3 * d_ref, rel=1e-10)
+    assert FL.rkd_loss(s, t, distance_weight=3, angle_weight=0).item() == pytest.approx(
+        3 * d_ref, rel=1e-10
+    )
     assert FL.sp_loss(s, t).item() == pytest.approx(sp_reference(s, t), rel=1e-10)
     # the Huber loss's linear branch is exercised too (distances far apart)
     far = s.clone()
@@ -273,7 +295,9 @@ def test_relation_losses_are_invariant_to_feature_size_rotation_and_scale(kind, 
         got = FL.relation_loss(variant, t, mask, loss=kind, pooling=pooling).item()
         assert got == pytest.approx(ref, rel=1e-9, abs=1e-12)
     # and identical relations give 0 whatever the feature sizes
-    assert FL.relation_loss(s, bigger, mask, loss=kind, pooling=pooling).item() == pytest.approx(0, abs=1e-10)
+    assert FL.relation_loss(s, bigger, mask, loss=kind, pooling=pooling).item() == pytest.approx(
+        0, abs=1e-10
+    )
 
 
 @pytest.mark.parametrize("kind", ["rkd", "sp"])
@@ -288,11 +312,18 @@ def test_relation_loss_reductions_and_padding(kind):
     assert got == pytest.approx(3 * fn(pooled_s, pooled_t).item(), rel=1e-12)
     # token: the sum over sequences of the loss among each sequence's real tokens
     ref = sum(fn(s[b][mask[b]], t[b][mask[b]]).item() for b in range(3))
-    assert FL.relation_loss(s, t, mask, loss=kind, pooling="token").item() == pytest.approx(ref, rel=1e-12)
+    assert FL.relation_loss(s, t, mask, loss=kind, pooling="token").item() == pytest.approx(
+        ref, rel=1e-12
+    )
     for pooling in ("mean", "token"):
         clean = FL.relation_loss(s, t, mask, loss=kind, pooling=pooling).item()
-        noisy = FL.relation_loss(scramble_padding(s, mask), scramble_padding(t, mask, seed=4), mask, loss=kind,
-                                 pooling=pooling).item()
+        noisy = FL.relation_loss(
+            scramble_padding(s, mask),
+            scramble_padding(t, mask, seed=4),
+            mask,
+            loss=kind,
+            pooling=pooling,
+        ).item()
         assert noisy == pytest.approx(clean, rel=1e-12)
 
 

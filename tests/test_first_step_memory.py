@@ -10,12 +10,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.train import objective
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
-from lmkd.losses.chunked import ACCELERATOR_CHUNK_RANGE, ACCELERATOR_CHUNK_SHARE, CHUNK_TEMPORARIES, Head, auto_chunk_size
 from lmkd.core.errors import LmkdError
-from lmkd.train.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.losses.chunked import (
+    ACCELERATOR_CHUNK_RANGE,
+    ACCELERATOR_CHUNK_SHARE,
+    CHUNK_TEMPORARIES,
+    Head,
+    auto_chunk_size,
+)
 from lmkd.models.scratch import build_model
+from lmkd.train import objective
+from lmkd.train.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
 
 CHUNK = 8
 
@@ -36,16 +42,26 @@ class WidestVocabTensor(TorchFunctionMode):
 
 
 def _trainer(student, teacher, tokenizer, tmp_path, **kw):
-    args = DistillationConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, kd_alpha=0.5,
-                              save_strategy="no", **kw)
-    return DistillationTrainer(model=student, args=args, teacher_model=teacher, processing_class=tokenizer)
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        kd_alpha=0.5,
+        save_strategy="no",
+        **kw,
+    )
+    return DistillationTrainer(
+        model=student, args=args, teacher_model=teacher, processing_class=tokenizer
+    )
 
 
 def _step(trainer, model, batch):
     model.zero_grad()
     loss = trainer.compute_loss(model, batch)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("arch,task", [("gpt2", "causal-lm"), ("marian", "translation")])
@@ -53,24 +69,36 @@ def test_first_step_never_makes_full_logits(tokenizer, corpus, tmp_path, arch, t
     teacher = build_model(arch, len(tokenizer), seed=1, layers=1, dropout=0.0)
     student = build_model(arch, len(tokenizer), seed=2, layers=1, dropout=0.0)
     student.train()
-    rows = sorted(corpus, key=lambda r: -len(r["source"]))[:8]  # the longest rows: N >> PROBE_POSITIONS
-    raw = [{"source": r["source"], "target": r["source"]} if task == "translation" else {"text": r["source"]}
-           for r in rows]
-    ds = tokenize(datasets.Dataset.from_list(raw), tokenizer, DataArguments(task=task, train_file="-"))
+    rows = sorted(corpus, key=lambda r: -len(r["source"]))[
+        :8
+    ]  # the longest rows: N >> PROBE_POSITIONS
+    raw = [
+        {"source": r["source"], "target": r["source"]}
+        if task == "translation"
+        else {"text": r["source"]}
+        for r in rows
+    ]
+    ds = tokenize(
+        datasets.Dataset.from_list(raw), tokenizer, DataArguments(task=task, train_file="-")
+    )
     batch = collator_for(task, tokenizer, student)([ds[i] for i in range(len(ds))])
     n_positions = batch["labels"].numel()
     assert n_positions > 4 * PROBE_POSITIONS  # a full (N, V) tensor would stand out
 
     plain = _trainer(copy.deepcopy(student), teacher, tokenizer, tmp_path, kd_chunk_size=0)
     ref_loss, ref_grads = _step(plain, plain.model, batch)
-    with WidestVocabTensor(len(tokenizer)) as seen:  # the plain path does make them: the probe sees them
+    with WidestVocabTensor(
+        len(tokenizer)
+    ) as seen:  # the plain path does make them: the probe sees them
         _step(plain, plain.model, batch)
     assert seen.rows >= n_positions - len(ds)
 
     lean = _trainer(student, teacher, tokenizer, tmp_path, kd_chunk_size=CHUNK)
     with WidestVocabTensor(len(tokenizer)) as seen:
         loss, grads = _step(lean, student, batch)  # the first step: both heads are checked here
-    assert isinstance(lean.loss_objective.fused_head, Head) and isinstance(lean.loss_objective.teacher_head, Head)
+    assert isinstance(lean.loss_objective.fused_head, Head) and isinstance(
+        lean.loss_objective.teacher_head, Head
+    )
     assert 0 < seen.rows <= max(PROBE_POSITIONS, CHUNK), (seen.rows, n_positions)
     assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss, ref_loss)
     for n in ref_grads:
@@ -93,13 +121,17 @@ def test_auto_path_plain_only_when_the_full_logits_fit_comfortably():
 
 
 @pytest.mark.parametrize("free_gb,expected", [(1000.0, 0), (0.001, -1)])
-def test_auto_choice_is_made_once_and_gives_the_same_loss(tokenizer, corpus, tmp_path, monkeypatch, caplog,
-                                                          free_gb, expected):
+def test_auto_choice_is_made_once_and_gives_the_same_loss(
+    tokenizer, corpus, tmp_path, monkeypatch, caplog, free_gb, expected
+):
     teacher = build_model("gpt2", len(tokenizer), seed=1, layers=1, dropout=0.0)
     student = build_model("gpt2", len(tokenizer), seed=2, layers=1, dropout=0.0)
     student.train()
-    ds = tokenize(datasets.Dataset.from_list([{"text": r["source"]} for r in corpus[:6]]), tokenizer,
-                  DataArguments(task="causal-lm", train_file="-"))
+    ds = tokenize(
+        datasets.Dataset.from_list([{"text": r["source"]} for r in corpus[:6]]),
+        tokenizer,
+        DataArguments(task="causal-lm", train_file="-"),
+    )
     batch = collator_for("causal-lm", tokenizer, student)([ds[i] for i in range(6)])
     plain = _trainer(copy.deepcopy(student), teacher, tokenizer, tmp_path, kd_chunk_size=0)
     ref_loss, ref_grads = _step(plain, plain.model, batch)
@@ -127,7 +159,9 @@ def test_auto_choice_is_made_once_and_gives_the_same_loss(tokenizer, corpus, tmp
     assert (auto.loss_objective.fused_head is None) == (expected == 0)
 
 
-@pytest.mark.parametrize("given,kept", [("auto", "auto"), ("AUTO", "auto"), ("-1", -1), (0, 0), ("64", 64)])
+@pytest.mark.parametrize(
+    "given,kept", [("auto", "auto"), ("AUTO", "auto"), ("-1", -1), (0, 0), ("64", 64)]
+)
 def test_kd_chunk_size_values(tmp_path, given, kept):
     assert DistillationConfig(output_dir=str(tmp_path), kd_chunk_size=given).kd_chunk_size == kept
 
@@ -141,10 +175,16 @@ def test_kd_chunk_size_bad_values(tmp_path, bad):
 def test_accelerator_chunks_are_sized_to_free_memory():
     v = 128_000
     free = 120 * 2**30  # an H200's free memory, injected (no GPU needed)
-    per_chunk = int(free * ACCELERATOR_CHUNK_SHARE) // (4 * CHUNK_TEMPORARIES)  # logits per chunk, ~107M
-    assert auto_chunk_size(v, None, "cuda", free_bytes=free) == per_chunk // v == 838  # 5 chunks at N = 4096
+    per_chunk = int(free * ACCELERATOR_CHUNK_SHARE) // (
+        4 * CHUNK_TEMPORARIES
+    )  # logits per chunk, ~107M
+    assert (
+        auto_chunk_size(v, None, "cuda", free_bytes=free) == per_chunk // v == 838
+    )  # 5 chunks at N = 4096
     lo, hi = ACCELERATOR_CHUNK_RANGE
     assert auto_chunk_size(v, None, "cuda", free_bytes=10**15) == hi // v
     assert auto_chunk_size(v, None, "cuda", free_bytes=1) == lo // v
     assert auto_chunk_size(v, 100, "cuda", free_bytes=free) == 100  # a given size wins
-    assert auto_chunk_size(v, None, "cpu") == (1 << 20) // v  # CPU: unchanged (measured fastest there)
+    assert (
+        auto_chunk_size(v, None, "cpu") == (1 << 20) // v
+    )  # CPU: unchanged (measured fastest there)

@@ -19,16 +19,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "lmkd"
 #: bottom to top: the packages of lmkd/ (docs/architecture.md draws them); a module belongs to the layer
 #: of its package, and the facade ``lmkd/__init__.py`` and ``__main__`` stand apart
 LAYERS = [
-    ["core"],                  # L0: errors, constants, io
-    ["losses", "scoring"],     # L1: pure functions on tensors; metrics and significance
-    ["models"],                # L2: loading, students, from-scratch models, generation, engines
-    ["data"],                  # L3: reading rows, tokenising, collators, loss positions
-    ["teacher"],               # L4: the teacher signal (frozen, cache, pseudo-targets, cross-tokenizer)
-    ["train"],                 # L5: config, trainer, objective, features, regimes, run_distill
-    ["evaluate"],              # L6: evaluate_models, fidelity, the report writer
-    ["compress"],              # L7: pruning, export, the body of lmkd compress
-    ["study"],                 # L8: the study runner
-    ["cli", "__main__"],       # L9: the lmkd command
+    ["core"],  # L0: errors, constants, io
+    ["losses", "scoring"],  # L1: pure functions on tensors; metrics and significance
+    ["models"],  # L2: loading, students, from-scratch models, generation, engines
+    ["data"],  # L3: reading rows, tokenising, collators, loss positions
+    ["teacher"],  # L4: the teacher signal (frozen, cache, pseudo-targets, cross-tokenizer)
+    ["train"],  # L5: config, trainer, objective, features, regimes, run_distill
+    ["evaluate"],  # L6: evaluate_models, fidelity, the report writer
+    ["compress"],  # L7: pruning, export, the body of lmkd compress
+    ["study"],  # L8: the study runner
+    ["cli", "__main__"],  # L9: the lmkd command
 ]
 
 
@@ -50,8 +50,10 @@ def layer_of(module: str) -> int | None:
         for name in names:
             if module == name or module.startswith(name + "."):
                 return i
-    raise AssertionError(f"lmkd.{module} is in no layer of tests/test_layering.py: add it to LAYERS "
-                         "(and to docs/architecture.md)")
+    raise AssertionError(
+        f"lmkd.{module} is in no layer of tests/test_layering.py: add it to LAYERS "
+        "(and to docs/architecture.md)"
+    )
 
 
 def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom) -> str | None:
@@ -64,7 +66,7 @@ def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom) -> str | Non
         target = ".".join([*base, *(node.module.split(".") if node.module else [])])
         return target
     if node.module == "lmkd" or (node.module or "").startswith("lmkd."):
-        return node.module[len("lmkd."):] if node.module != "lmkd" else ""
+        return node.module[len("lmkd.") :] if node.module != "lmkd" else ""
     return None
 
 
@@ -77,7 +79,9 @@ def _dotted(node: ast.AST) -> str | None:
     return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
 
 
-def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[str, list[str], int]]:
+def imports_of(
+    module: str, path: pathlib.Path, known: set[str]
+) -> list[tuple[str, list[str], int]]:
     """(imported lmkd module, names taken from it, line) for every import in the file; a private
     attribute read off an imported lmkd module (``regimes._helper(...)``, or
     ``lmkd.train.regimes._helper`` after ``import lmkd.train.regimes``) counts as taking it."""
@@ -88,7 +92,7 @@ def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[s
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "lmkd" or alias.name.startswith("lmkd."):
-                    target = alias.name[len("lmkd."):] if alias.name != "lmkd" else ""
+                    target = alias.name[len("lmkd.") :] if alias.name != "lmkd" else ""
                     out.append((target, [], node.lineno))
                     if alias.asname:
                         aliases[alias.asname] = target
@@ -109,12 +113,22 @@ def imports_of(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[s
             if names:
                 out.append((target, names, node.lineno))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             out.append((aliases[node.value.id], [node.attr], node.lineno))
-        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-              and (_dotted(node.value) or "").startswith("lmkd.") and _dotted(node.value)[len("lmkd."):] in known):
-            out.append((_dotted(node.value)[len("lmkd."):], [node.attr], node.lineno))
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and (_dotted(node.value) or "").startswith("lmkd.")
+            and _dotted(node.value)[len("lmkd.") :] in known
+        ):
+            out.append((_dotted(node.value)[len("lmkd.") :], [node.attr], node.lineno))
     return out
 
 
@@ -133,14 +147,18 @@ def upward_imports(root: pathlib.Path = ROOT) -> list[str]:
         for target, _, line in imports:
             if target == module or (module and target == ""):
                 if module and target == "":
-                    bad.append(f"lmkd/{mods[module].relative_to(root)}:{line} imports the lmkd facade")
+                    bad.append(
+                        f"lmkd/{mods[module].relative_to(root)}:{line} imports the lmkd facade"
+                    )
                 continue
             theirs = layer_of(target)
             if mine is None:
                 if theirs == len(LAYERS) - 1:
                     bad.append(f"lmkd/__init__.py:{line} imports the CLI lmkd.{target}")
             elif theirs is not None and theirs > mine:
-                bad.append(f"lmkd/{mods[module].relative_to(root)}:{line} (L{mine}) imports lmkd.{target} (L{theirs})")
+                bad.append(
+                    f"lmkd/{mods[module].relative_to(root)}:{line} (L{mine}) imports lmkd.{target} (L{theirs})"
+                )
     return bad
 
 
@@ -148,17 +166,24 @@ def private_imports(root: pathlib.Path = ROOT) -> list[str]:
     """Every private name one lmkd module takes from another, and every private lmkd name the
     tests, benchmarks, eval and recipe scripts beside ``root`` take."""
     mods, graph = _graph(root)
-    bad = [f"lmkd/{mods[m].relative_to(root)}:{line} takes {n} from lmkd.{t}"
-           for m, imports in graph.items() for t, names, line in imports
-           for n in names if n.startswith("_") and not n.startswith("__") and t != m]
+    bad = [
+        f"lmkd/{mods[m].relative_to(root)}:{line} takes {n} from lmkd.{t}"
+        for m, imports in graph.items()
+        for t, names, line in imports
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and t != m
+    ]
     known = set(mods)
     for folder in ("tests", "benchmarks", "eval", "recipes"):
         for path in sorted((root.parent / folder).rglob("*.py")):
             if path.resolve() == pathlib.Path(__file__).resolve():
                 continue
             for t, names, line in imports_of("__outside__", path, known):
-                bad += [f"{path.relative_to(root.parent)}:{line} takes {n} from lmkd.{t}"
-                        for n in names if n.startswith("_") and not n.startswith("__")]
+                bad += [
+                    f"{path.relative_to(root.parent)}:{line} takes {n} from lmkd.{t}"
+                    for n in names
+                    if n.startswith("_") and not n.startswith("__")
+                ]
     return bad
 
 
@@ -198,7 +223,7 @@ def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(edges.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state:
                 found = visit(m)
                 if found:
@@ -220,10 +245,13 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(f"lmkd.{c}" for c in cycle)
 
 
-@pytest.mark.parametrize("case,expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
-    ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+        ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
+    ],
+)
 def test_cycle_finder_finds_cycles(case, expected):
     assert _find_cycle(case) == expected
 
@@ -250,12 +278,20 @@ def test_the_checks_fail_on_a_tree_that_breaks_the_rules(tmp_path):
     (pkg / "losses" / "token.py").write_text("def f():\n    return 1\n")
     (pkg / "train" / "trainer.py").write_text("from ..losses.token import f\n")
     assert upward_imports(pkg) == [] and private_imports(pkg) == [] and import_cycle(pkg) is None
-    (pkg / "losses" / "token.py").write_text("def f():\n    from lmkd.train.trainer import DistillationTrainer\n")
-    (pkg / "train" / "objective.py").write_text("import lmkd.train.trainer\n\n\ndef g():\n    return lmkd.train.trainer._x\n")
-    (pkg / "train" / "trainer.py").write_text("from ..losses.token import f\n\n\ndef h():\n    from .objective import _y\n")
+    (pkg / "losses" / "token.py").write_text(
+        "def f():\n    from lmkd.train.trainer import DistillationTrainer\n"
+    )
+    (pkg / "train" / "objective.py").write_text(
+        "import lmkd.train.trainer\n\n\ndef g():\n    return lmkd.train.trainer._x\n"
+    )
+    (pkg / "train" / "trainer.py").write_text(
+        "from ..losses.token import f\n\n\ndef h():\n    from .objective import _y\n"
+    )
     assert upward_imports(pkg) == ["lmkd/losses/token.py:2 (L1) imports lmkd.train.trainer (L5)"]
-    assert sorted(private_imports(pkg)) == ["lmkd/train/objective.py:5 takes _x from lmkd.train.trainer",
-                                            "lmkd/train/trainer.py:5 takes _y from lmkd.train.objective"]
+    assert sorted(private_imports(pkg)) == [
+        "lmkd/train/objective.py:5 takes _x from lmkd.train.trainer",
+        "lmkd/train/trainer.py:5 takes _y from lmkd.train.objective",
+    ]
     assert import_cycle(pkg) == ["losses.token", "train.trainer", "losses.token"]
     # a module outside every package of LAYERS is refused by name
     (pkg / "stray.py").write_text("")
@@ -264,7 +300,11 @@ def test_the_checks_fail_on_a_tree_that_breaks_the_rules(tmp_path):
 
 
 if __name__ == "__main__":  # python tests/test_layering.py: print every violation
-    for fn in (test_imports_run_downhill, test_no_private_names_across_modules, test_no_import_cycles):
+    for fn in (
+        test_imports_run_downhill,
+        test_no_private_names_across_modules,
+        test_no_import_cycles,
+    ):
         try:
             fn()
         except AssertionError as e:

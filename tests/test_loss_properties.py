@@ -56,4 +56,6 @@ def test_chunked_equals_plain(case):
     fast.backward()
     tol = 1e-4 * max(1.0, plain.abs().item())
     assert abs(plain.item() - fast.item()) <= tol
-    assert torch.allclose(a.grad, b.grad, atol=1e-5 * max(1.0, a.grad.abs().max().item()), rtol=1e-4)
+    assert torch.allclose(
+        a.grad, b.grad, atol=1e-5 * max(1.0, a.grad.abs().max().item()), rtol=1e-4
+    )

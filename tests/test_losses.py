@@ -18,7 +18,12 @@ def rand_logits(*shape, scale=3.0, dtype=torch.float32):
 def test_forward_kl_matches_torch_kl_div():
     s, t = rand_logits(2, 5, 11), rand_logits(2, 5, 11)
     tau = 2.0
-    ref = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), reduction="sum", log_target=True) * tau**2
+    ref = (
+        F.kl_div(
+            F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), reduction="sum", log_target=True
+        )
+        * tau**2
+    )
     assert torch.allclose(losses.forward_kl(s, t, temperature=tau), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -32,8 +37,15 @@ def test_masking_selects_positions_and_sums():
     s, t = rand_logits(2, 6, 9), rand_logits(2, 6, 9)
     labels = torch.tensor([[1, 2, -100, 3, -100, -100], [4, -100, 5, 6, 7, -100]])
     mask = losses.mask_from_labels(labels)
-    per_pos = [losses.forward_kl(s[b, i], t[b, i], temperature=1.5) for b in range(2) for i in range(6) if mask[b, i]]
-    assert torch.allclose(losses.forward_kl(s, t, mask, temperature=1.5), torch.stack(per_pos).sum(), rtol=1e-5)
+    per_pos = [
+        losses.forward_kl(s[b, i], t[b, i], temperature=1.5)
+        for b in range(2)
+        for i in range(6)
+        if mask[b, i]
+    ]
+    assert torch.allclose(
+        losses.forward_kl(s, t, mask, temperature=1.5), torch.stack(per_pos).sum(), rtol=1e-5
+    )
 
 
 def test_jsd_explicit_formula_and_limits():
@@ -41,7 +53,7 @@ def test_jsd_explicit_formula_and_limits():
     ps, pt = F.softmax(s, -1), F.softmax(t, -1)
     beta = 0.3
     m = beta * pt + (1 - beta) * ps
-    ref = (beta * (pt * (pt / m).log()).sum() + (1 - beta) * (ps * (ps / m).log()).sum())
+    ref = beta * (pt * (pt / m).log()).sum() + (1 - beta) * (ps * (ps / m).log()).sum()
     assert torch.allclose(losses.generalized_jsd(s, t, beta=beta), ref, rtol=1e-5)
     assert torch.equal(losses.generalized_jsd(s, t, beta=0.0), losses.forward_kl(s, t))
     assert torch.equal(losses.generalized_jsd(s, t, beta=1.0), losses.reverse_kl(s, t))
@@ -59,7 +71,12 @@ def test_logit_mse_formula():
 def test_cross_entropy_sum_ignores_minus_100():
     logits = rand_logits(2, 5, 7)
     labels = torch.tensor([[1, 2, -100, 3, 0], [-100, -100, 6, 5, 4]])
-    ref = F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=-100, reduction="mean") * 7
+    ref = (
+        F.cross_entropy(
+            logits.reshape(-1, 7), labels.reshape(-1), ignore_index=-100, reduction="mean"
+        )
+        * 7
+    )
     assert torch.allclose(losses.cross_entropy(logits, labels), ref, rtol=1e-5)
 
 
@@ -77,8 +94,16 @@ def test_hinton_mix_of_ce_and_kd():
     n = 5
     ce = F.cross_entropy(s.reshape(-1, 9), labels.reshape(-1), ignore_index=-100)
     mask = labels != -100
-    kd = F.kl_div(F.log_softmax(s[mask] / 2, -1), F.log_softmax(t[mask] / 2, -1), reduction="sum",
-                  log_target=True) * 4 / n
+    kd = (
+        F.kl_div(
+            F.log_softmax(s[mask] / 2, -1),
+            F.log_softmax(t[mask] / 2, -1),
+            reduction="sum",
+            log_target=True,
+        )
+        * 4
+        / n
+    )
     got = losses.hinton_loss(s, t, labels, alpha=0.7, temperature=2.0)
     assert torch.allclose(got, 0.3 * ce + 0.7 * kd, rtol=1e-5)
 
@@ -88,8 +113,11 @@ def test_high_temperature_approaches_centered_logit_matching():
     k = 20
     s, t = rand_logits(k, scale=1.0), rand_logits(k, scale=1.0)
     target = ((s - s.mean()) - (t - t.mean())).pow(2).sum() / (2 * k)
-    errs = [abs(losses.forward_kl(s.double(), t.double(), temperature=tau).item() - target.item()) / target.item()
-            for tau in (5.0, 50.0, 500.0)]
+    errs = [
+        abs(losses.forward_kl(s.double(), t.double(), temperature=tau).item() - target.item())
+        / target.item()
+        for tau in (5.0, 50.0, 500.0)
+    ]
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 1e-2
 
@@ -130,7 +158,12 @@ def test_finite_on_half_precision_and_huge_logits(name, dtype):
 
 def test_huge_logits_match_float64_reference():
     s, t = rand_logits(4, 30, scale=1e4), rand_logits(4, 30, scale=1e4)
-    ref = F.kl_div(F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1), reduction="sum", log_target=True)
+    ref = F.kl_div(
+        F.log_softmax(s.double(), -1),
+        F.log_softmax(t.double(), -1),
+        reduction="sum",
+        log_target=True,
+    )
     assert torch.allclose(losses.forward_kl(s, t).double(), ref, rtol=1e-4)
 
 

@@ -5,9 +5,9 @@ lmkd says so); the teacher is never wrapped for training nor updated (checked in
 import json
 
 import pytest
+from _mp_helpers import assert_same_student, run_script
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from _mp_helpers import assert_same_student, run_script
 from lmkd import make_student
 from lmkd.models.loading import load_model
 
@@ -28,7 +28,9 @@ def pair(tiny_model_dir, tmp_path, corpus):
 def test_two_processes_equal_one(pair, tmp_path):
     teacher_dir, student_dir, data, start = pair
     run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
-    out = run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4"], processes=2)
+    out = run_script(
+        "mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4"], processes=2
+    )
     assert "world_size=2 ok" in out
     assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)
 
@@ -39,8 +41,12 @@ def test_fsdp_on_cpu_trains_ddp_and_says_so(pair, tmp_path):
     DDP (asserted in the script) -- the same student as one process -- and lmkd warns about it."""
     teacher_dir, student_dir, data, start = pair
     run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
-    out = run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4", "fsdp"],
-                     processes=2, port=29540)
+    out = run_script(
+        "mp_distill.py",
+        [teacher_dir, student_dir, data, str(tmp_path / "two"), "4", "fsdp"],
+        processes=2,
+        port=29540,
+    )
     assert "world_size=2 ok" in out
     assert out.count("fsdp is set but accelerate did not enable FSDP") == 2  # once per process
     assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)
@@ -54,7 +60,11 @@ def test_deepspeed_two_processes_equal_one(pair, tmp_path, stage):
     accelerator over gloo stands in for GPUs."""
     teacher_dir, student_dir, data, start = pair
     run_script("mp_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "one"), "8"])
-    out = run_script("ds_distill.py", [teacher_dir, student_dir, data, str(tmp_path / "two"), "4", str(stage)],
-                     processes=2, port=29534 + stage)
+    out = run_script(
+        "ds_distill.py",
+        [teacher_dir, student_dir, data, str(tmp_path / "two"), "4", str(stage)],
+        processes=2,
+        port=29534 + stage,
+    )
     assert out.count(f"world_size=2 zero{stage} teacher ok") == 2
     assert_same_student(AutoModelForSeq2SeqLM, tmp_path / "one", tmp_path / "two", start)

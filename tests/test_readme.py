@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import corpus_rows
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -39,8 +38,10 @@ def readme_block(heading: str, language: str) -> str:
     assert title, f"README has no heading {heading!r}"
     block = re.compile(rf"^```{language}\n(.*?)^```", re.S | re.M).search(text, title.end())
     assert block, f"README has no {language} block after {heading!r}"
-    between = text[title.end():block.start()]
-    assert not re.search(r"^#+ ", between, re.M), f"the {language} block is not in the {heading!r} section"
+    between = text[title.end() : block.start()]
+    assert not re.search(r"^#+ ", between, re.M), (
+        f"the {language} block is not in the {heading!r} section"
+    )
     return block.group(1)
 
 
@@ -55,7 +56,9 @@ def substituted(block: str, replacements: dict[str, str]) -> str:
         The rewritten block.
     """
     for old, new in replacements.items():
-        assert old in block, f"the README block no longer contains {old!r}: update tests/test_readme.py"
+        assert old in block, (
+            f"the README block no longer contains {old!r}: update tests/test_readme.py"
+        )
         block = block.replace(old, new)
     return block
 
@@ -85,8 +88,10 @@ def test_python_quickstart_trains_a_smaller_student(workdir):
     from lmkd.models.loading import count_parameters
 
     root, teacher_dir = workdir
-    code = substituted(readme_block("Python quickstart", "python"),
-                       {HUB_ID: teacher_dir, "num_train_epochs=3": "max_steps=2"})
+    code = substituted(
+        readme_block("Python quickstart", "python"),
+        {HUB_ID: teacher_dir, "num_train_epochs=3": "max_steps=2"},
+    )
     namespace: dict = {}
     exec(compile(code, "README.md:Python quickstart", "exec"), namespace)
 
@@ -113,14 +118,17 @@ def test_cli_quickstart_runs_as_written(workdir):
     from lmkd.models.loading import count_parameters
 
     root, teacher_dir = workdir
-    script = substituted(readme_block("CLI quickstart", "bash"), {
-        HUB_ID: teacher_dir,
-        "num_train_epochs: 3": "max_steps: 2",
-        "per_device_train_batch_size: 32": "per_device_train_batch_size: 8",
-        # a short evaluation: few rows, greedy, short outputs, one timed repeat
-        "--task translation --output": "--task translation --max-samples 4 --num-beams 1 --max-new-tokens 8 "
-                                       "--speed-samples 2 --repeats 1 --output",
-    })
+    script = substituted(
+        readme_block("CLI quickstart", "bash"),
+        {
+            HUB_ID: teacher_dir,
+            "num_train_epochs: 3": "max_steps: 2",
+            "per_device_train_batch_size: 32": "per_device_train_batch_size: 8",
+            # a short evaluation: few rows, greedy, short outputs, one timed repeat
+            "--task translation --output": "--task translation --max-samples 4 --num-beams 1 --max-new-tokens 8 "
+            "--speed-samples 2 --repeats 1 --output",
+        },
+    )
     shell = f'lmkd() {{ "{sys.executable}" -m lmkd "$@"; }}\nset -euo pipefail\n' + script
     env = dict(os.environ, PYTHONPATH=str(README.parent), LMKD_QUIET="1", OMP_NUM_THREADS="1")
     run = subprocess.run(["bash", "-c", shell], cwd=root, env=env, capture_output=True, text=True)
@@ -134,12 +142,14 @@ def test_cli_quickstart_runs_as_written(workdir):
     # distill printed its metrics as one JSON object on stdout (after make-student's line, before
     # evaluate's table)
     start = run.stdout.index("\n{\n") + 1
-    metrics = json.loads(run.stdout[start:run.stdout.index("\n}\n", start) + 2])
+    metrics = json.loads(run.stdout[start : run.stdout.index("\n}\n", start) + 2])
     assert metrics["train_loss"] > 0
     saved = (out / "lmkd_config.yaml").read_text(encoding="utf-8")
     assert "kd_alpha: 0.7" in saved  # the command-line override won over the YAML's 0.5
     student = AutoModelForSeq2SeqLM.from_pretrained(out)
-    assert count_parameters(student) < count_parameters(AutoModelForSeq2SeqLM.from_pretrained(teacher_dir))
+    assert count_parameters(student) < count_parameters(
+        AutoModelForSeq2SeqLM.from_pretrained(teacher_dir)
+    )
     before, after = init.state_dict(), student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

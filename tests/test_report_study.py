@@ -21,7 +21,9 @@ from lmkd.study.verdicts import verdict_line
 def _tiny(out) -> StudyOptions:
     """The tiny translation study; its 40-step teacher is not meant to pass the teacher check (where
     the study has one): these tests are about the report, not the teacher."""
-    unchecked = {"teacher_check": False} if "teacher_check" in StudyOptions.__dataclass_fields__ else {}
+    unchecked = (
+        {"teacher_check": False} if "teacher_check" in StudyOptions.__dataclass_fields__ else {}
+    )
     return StudyOptions(task="translation", budget="tiny", output=str(out), **unchecked)
 
 
@@ -40,14 +42,31 @@ def _stage(out: Path, name: str) -> Path:
 def _inputs(out: Path, names: list[str]):
     """(opts, models, results, speed, data) of build_report, read back from the study's stage dirs."""
     opts = _tiny(out).resolve()
-    models = {"teacher": {"dir": str(_stage(out, "teacher")), "stage": "teacher", "variant": "teacher",
-                          "size": None}}
+    models = {
+        "teacher": {
+            "dir": str(_stage(out, "teacher")),
+            "stage": "teacher",
+            "variant": "teacher",
+            "size": None,
+        }
+    }
     for n in names:
-        models[n] = {"dir": str(_stage(out, n)), "stage": n, "variant": n.split("-", 1)[1], "size": 0.25}
-    results = {n: json.loads((_stage(out, f"eval-{n}") / "quality.json").read_text()) for n in models}
+        models[n] = {
+            "dir": str(_stage(out, n)),
+            "stage": n,
+            "variant": n.split("-", 1)[1],
+            "size": 0.25,
+        }
+    results = {
+        n: json.loads((_stage(out, f"eval-{n}") / "quality.json").read_text()) for n in models
+    }
     speed = json.loads((_stage(out, "speed") / "speed.json").read_text())
-    data = {s: str(_stage(out, f"data-{s}") / f"{s}.jsonl") for s in ("train", "validation", "test")}
-    data.update({f"{s}_dir": str(_stage(out, f"data-{s}")) for s in ("train", "validation", "test")})
+    data = {
+        s: str(_stage(out, f"data-{s}") / f"{s}.jsonl") for s in ("train", "validation", "test")
+    }
+    data.update(
+        {f"{s}_dir": str(_stage(out, f"data-{s}")) for s in ("train", "validation", "test")}
+    )
     data["transfer_rows"] = str(_stage(out, "transfer-rows") / "transfer.jsonl")
     return opts, models, results, speed, data
 
@@ -57,21 +76,37 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
     from sacrebleu.significance import PairedTest
 
     out, report = study
-    refs = [json.loads(line)["target"] for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()]
-    preds = {r["model"]: json.loads((_stage(out, f"eval-{r['model']}") / "quality.json").read_text())["predictions"]
-             for r in report["rows"]}
+    refs = [
+        json.loads(line)["target"]
+        for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()
+    ]
+    preds = {
+        r["model"]: json.loads((_stage(out, f"eval-{r['model']}") / "quality.json").read_text())[
+            "predictions"
+        ]
+        for r in report["rows"]
+    }
     sig = report["significance"]
     assert sig["mode"] == "beam" and sig["metrics"] == ["bleu", "chrf"] and sig["n_samples"] == 1000
     kinds = [c["kind"] for c in sig["comparisons"]]
     n = len(SEQ2SEQ_VARIANTS)
-    assert kinds == (["vs-baseline"] * (n - 1) + ["best-vs-other"] * (n - 2) + ["served-vs-student"]
-                     + ["vs-teacher"] * (n + 1))
-    assert {c["a"] for c in sig["comparisons"] if c["kind"] == "vs-baseline"} == \
-        {f"s025-{v}" for v in SEQ2SEQ_VARIANTS[1:]}
+    assert kinds == (
+        ["vs-baseline"] * (n - 1)
+        + ["best-vs-other"] * (n - 2)
+        + ["served-vs-student"]
+        + ["vs-teacher"] * (n + 1)
+    )
+    assert {c["a"] for c in sig["comparisons"] if c["kind"] == "vs-baseline"} == {
+        f"s025-{v}" for v in SEQ2SEQ_VARIANTS[1:]
+    }
     for c in sig["comparisons"]:
-        _, scores = PairedTest([("b", preds[c["b"]]["beam"]), ("a", preds[c["a"]]["beam"])],
-                               {"bleu": BLEU(), "chrf": CHRF()}, references=[refs], test_type="bs",
-                               n_samples=1000)()
+        _, scores = PairedTest(
+            [("b", preds[c["b"]]["beam"]), ("a", preds[c["a"]]["beam"])],
+            {"bleu": BLEU(), "chrf": CHRF()},
+            references=[refs],
+            test_type="bs",
+            n_samples=1000,
+        )()
         for metric, key in (("bleu", "BLEU"), ("chrf", "chrF2")):
             base, sys = scores[key]
             t = c["tests"][metric]
@@ -83,8 +118,13 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
             alike = t["difference"] == t["ci_low"] == t["ci_high"] == 0.0
             assert t["p_value"] == (1.0 if alike else sys.p_value)
             assert not alike or sys.p_value == 1 / 1001
-            assert t["verdict"] == ("inconclusive" if t["p_value"] >= 0.05 else
-                                    "better" if t["difference"] > 0 else "worse")
+            assert t["verdict"] == (
+                "inconclusive"
+                if t["p_value"] >= 0.05
+                else "better"
+                if t["difference"] > 0
+                else "worse"
+            )
     # the report opens with one verdict line per comparison, in words
     md = (out / "report.md").read_text()
     assert md.splitlines()[2] == "## Verdicts"
@@ -92,10 +132,10 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
     assert body.startswith("\n".join(f"- {v}" for v in report["verdicts"]))
     # the warnings first (a weak teacher, students below the trivial floor), then one line per comparison
     warnings = [w for w in (sig["weak_teacher"], report["below_floor"]) if w]
-    assert report["verdicts"][:len(warnings)] == warnings
+    assert report["verdicts"][: len(warnings)] == warnings
     # every tiny student scored 0: one "no verdict" line instead of one line per comparison
     assert all(g["score_mean"] == 0 for g in report["variants"] if g["variant"] != "teacher")
-    assert report["verdicts"][len(warnings):] == [sig["no_verdict"]]
+    assert report["verdicts"][len(warnings) :] == [sig["no_verdict"]]
     first = verdict_line(sig["comparisons"][0], "bleu")
     assert first.startswith("Word-KD ") and "the baseline" in first
 
@@ -103,17 +143,36 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
 def test_verdict_lines_say_what_the_test_says():
     def comp(diff, lo, hi, p, a="Word-KD", b="the baseline"):
         verdict = "inconclusive" if p >= 0.05 else "better" if diff > 0 else "worse"
-        return {"a_label": a, "b_label": b, "tests": {"bleu": {"difference": diff, "ci_low": lo, "ci_high": hi,
-                                                             "p_value": p, "verdict": verdict}}}
+        return {
+            "a_label": a,
+            "b_label": b,
+            "tests": {
+                "bleu": {
+                    "difference": diff,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "p_value": p,
+                    "verdict": verdict,
+                }
+            },
+        }
 
-    assert verdict_line(comp(3.14, 2.2, 4.0, 0.000999), "bleu") == \
-        "Word-KD beats the baseline by +3.1 BLEU (95% CI +2.2…+4.0, p = 0.001)."
-    assert verdict_line(comp(-1.26, -2.0, -0.5, 0.012, "Seq-KD", "the teacher"), "bleu") == \
-        "Seq-KD is behind the teacher by 1.3 BLEU (95% CI −2.0…−0.5, p = 0.012)."
+    assert (
+        verdict_line(comp(3.14, 2.2, 4.0, 0.000999), "bleu")
+        == "Word-KD beats the baseline by +3.1 BLEU (95% CI +2.2…+4.0, p = 0.001)."
+    )
+    assert (
+        verdict_line(comp(-1.26, -2.0, -0.5, 0.012, "Seq-KD", "the teacher"), "bleu")
+        == "Seq-KD is behind the teacher by 1.3 BLEU (95% CI −2.0…−0.5, p = 0.012)."
+    )
     line = verdict_line(comp(0.4, -0.9, 1.8, 0.41, "Seq-KD", "Word-KD"), "bleu")
-    assert line == ("Seq-KD does not differ significantly from Word-KD: +0.4 BLEU (95% CI −0.9…+1.8, p = 0.410) "
-                    "-- inconclusive on this test set.")
-    assert verdict_line(comp(1.0, 0.1, 2.0, 0.2, "the baseline", "the teacher"), "bleu").startswith("The baseline")
+    assert line == (
+        "Seq-KD does not differ significantly from Word-KD: +0.4 BLEU (95% CI −0.9…+1.8, p = 0.410) "
+        "-- inconclusive on this test set."
+    )
+    assert verdict_line(comp(1.0, 0.1, 2.0, 0.2, "the baseline", "the teacher"), "bleu").startswith(
+        "The baseline"
+    )
 
 
 def test_speed_is_per_token_at_a_fixed_length_beside_per_example(study):
@@ -128,7 +187,9 @@ def test_speed_is_per_token_at_a_fixed_length_beside_per_example(study):
         assert r["ms_per_token"] > 0 and r["latency_ms"] > 0
         assert r["speedup_per_token"] == teacher["ms_per_token"] / r["ms_per_token"]
         assert r["speedup"] == teacher["latency_ms"] / r["latency_ms"]
-        beam = json.loads((_stage(out, f"eval-{r['model']}") / "quality.json").read_text())["predictions"]["beam"]
+        beam = json.loads((_stage(out, f"eval-{r['model']}") / "quality.json").read_text())[
+            "predictions"
+        ]["beam"]
         lengths = output_lengths(load_tokenizer(r["path"]), beam)
         assert r["output_tokens_mean"] == sum(lengths) / len(lengths)
         assert r["output_tokens_mean"] <= plan["max_new_tokens"]
@@ -161,38 +222,55 @@ def test_seeds_give_mean_and_std_per_variant_and_train_logs_give_steps_and_curve
     speed["s025-word-kd-seed43"] = speed["s025-seq-kd"]
     logs = {}
     for i, n in enumerate(names):  # train_log.json as the students' stages write it
-        log = {"steps": 100 + 10 * i, "stopped_early": i % 2 == 0, "metric": "eval_loss_ce",
-               "curve": [{"step": s, "metric": 5.0 - 0.01 * s - 0.1 * i} for s in (20, 40, 60)]}
+        log = {
+            "steps": 100 + 10 * i,
+            "stopped_early": i % 2 == 0,
+            "metric": "eval_loss_ce",
+            "curve": [{"step": s, "metric": 5.0 - 0.01 * s - 0.1 * i} for s in (20, 40, 60)],
+        }
         path = tmp_path / f"{n}.json"
         path.write_text(json.dumps(log))
         models[n]["train_log"] = logs[n] = str(path)
     (tmp_path / "broken.json").write_text("{not json")
-    models["s025-word-kd-seed43"]["train_log"] = str(tmp_path / "broken.json")  # read defensively: omitted
+    models["s025-word-kd-seed43"]["train_log"] = str(
+        tmp_path / "broken.json"
+    )  # read defensively: omitted
     report = build_report(opts, models, results, speed, data)
     rows = {r["model"]: r for r in report["rows"]}
     assert rows["s025-baseline"]["steps"] == 100 and rows["s025-baseline"]["stopped_early"] is True
-    assert rows["s025-word-kd"]["curve"] == json.loads(Path(logs["s025-word-kd"]).read_text())["curve"]
+    assert (
+        rows["s025-word-kd"]["curve"] == json.loads(Path(logs["s025-word-kd"]).read_text())["curve"]
+    )
     assert "steps" not in rows["s025-word-kd-seed43"] and "steps" not in rows["teacher"]
     word = next(g for g in report["variants"] if g["variant"] == "word-kd")
     assert word["models"] == ["s025-word-kd", "s025-word-kd-seed43"] and word["seeds"] == [42, 43]
     chrf = [results["s025-word-kd"]["beam"]["chrf"], results["s025-seq-kd"]["beam"]["chrf"]]
-    assert word["columns"]["beam.chrf"] == {"mean": statistics.fmean(chrf), "std": statistics.stdev(chrf)}
+    assert word["columns"]["beam.chrf"] == {
+        "mean": statistics.fmean(chrf),
+        "std": statistics.stdev(chrf),
+    }
     assert word["first"] == "s025-word-kd"
     assert all(g["score_std"] is None for g in report["variants"] if g["variant"] != "word-kd")
     sig = report["significance"]
     assert sig["first_seed_only"] is True
-    assert "s025-word-kd-seed43" not in {c["a"] for c in sig["comparisons"]} | {c["b"] for c in sig["comparisons"]}
+    assert "s025-word-kd-seed43" not in {c["a"] for c in sig["comparisons"]} | {
+        c["b"] for c in sig["comparisons"]
+    }
     md = report_markdown(report)
     assert "## Variants: mean ± std over seeds" in md and "compare each variant's first seed" in md
     # steps: a mean only when every seed has a log (here one does not); quality: mean ± std over the seeds
     g = word["columns"]
-    assert (f"| Word-KD | 2 | – | {g['greedy.bleu']['mean']:.1f} ± {g['greedy.bleu']['std']:.1f} | "
-            f"{g['greedy.chrf']['mean']:.1f} ± {g['greedy.chrf']['std']:.1f} |") in md
+    assert (
+        f"| Word-KD | 2 | – | {g['greedy.bleu']['mean']:.1f} ± {g['greedy.bleu']['std']:.1f} | "
+        f"{g['greedy.chrf']['mean']:.1f} ± {g['greedy.chrf']['std']:.1f} |"
+    ) in md
     assert "| the baseline | 1 | 100 | " in md
     for name, steps in (("s025-baseline", "100 (stopped)"), ("s025-word-kd", "110")):
         r = rows[name]
-        assert (f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['parameters_vs_teacher']:.0%} | "
-                f"{r['bytes_on_disk'] / 1e6:.1f} | {steps} | ") in md
+        assert (
+            f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['parameters_vs_teacher']:.0%} | "
+            f"{r['bytes_on_disk'] / 1e6:.1f} | {steps} | "
+        ) in md
     # the plot: two panels (quality against speed, the first seeds' validation curves)
     write_study_report(report, str(tmp_path / "r"))
     import matplotlib.image
@@ -216,11 +294,22 @@ def test_train_log_is_read_defensively(tmp_path):
     assert read_train_log({"dir": str(tmp_path)}) is None  # absent
     (tmp_path / "train_log.json").write_text(json.dumps({"steps": "many"}))
     assert read_train_log({"dir": str(tmp_path)}) is None  # not the documented shape
-    (tmp_path / "train_log.json").write_text(json.dumps(
-        {"steps": 30, "curve": [{"step": 10, "metric": 2.5}, {"bad": 1}], "metric": "eval_loss_ce"}))
-    assert read_train_log({"dir": str(tmp_path)}) == {"steps": 30, "stopped_early": False, "metric": "eval_loss_ce",
-                                                      "curve": [{"step": 10, "metric": 2.5}],
-                                                      "greater_is_better": False}
+    (tmp_path / "train_log.json").write_text(
+        json.dumps(
+            {
+                "steps": 30,
+                "curve": [{"step": 10, "metric": 2.5}, {"bad": 1}],
+                "metric": "eval_loss_ce",
+            }
+        )
+    )
+    assert read_train_log({"dir": str(tmp_path)}) == {
+        "steps": 30,
+        "stopped_early": False,
+        "metric": "eval_loss_ce",
+        "curve": [{"step": 10, "metric": 2.5}],
+        "greater_is_better": False,
+    }
 
 
 def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):
@@ -231,20 +320,49 @@ def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model
     path = tiny_model_dir("marian", seed=1)
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in corpus[:6]))
-    res = evaluate_models(path, str(data), "translation", teacher=path, num_beams=2, max_new_tokens=9, batch_size=3,
-                          speed_samples=4, latency_samples=2, repeats=1, device="cpu", progress=False)
+    res = evaluate_models(
+        path,
+        str(data),
+        "translation",
+        teacher=path,
+        num_beams=2,
+        max_new_tokens=9,
+        batch_size=3,
+        speed_samples=4,
+        latency_samples=2,
+        repeats=1,
+        device="cpu",
+        progress=False,
+    )
     assert res["settings"]["fixed_new_tokens"] == 9
     s, t = res["models"]["student"], res["models"]["teacher"]
     assert s["speed"]["fixed_new_tokens"] == 9 and s["speed"]["ms_per_token"] > 0
-    assert s["vs_teacher"]["speedup_per_token"] == t["speed"]["ms_per_token"] / s["speed"]["ms_per_token"]
+    assert (
+        s["vs_teacher"]["speedup_per_token"]
+        == t["speed"]["ms_per_token"] / s["speed"]["ms_per_token"]
+    )
     lengths = output_lengths(load_tokenizer(path), res["predictions"]["student"])
     assert s["output_tokens"] == {"mean": sum(lengths) / len(lengths), "max": max(lengths)}
     table = markdown_table(res)
     assert "ms/token (9 tokens, batch 1)" in table and "speed-up per token" in table
     assert f"| {s['speed']['ms_per_token']:.2f} |" in table
-    off = evaluate_models(path, str(data), "translation", num_beams=1, max_new_tokens=9, speed_samples=2,
-                          latency_samples=1, repeats=1, fixed_new_tokens=0, device="cpu", progress=False)
-    assert off["settings"]["fixed_new_tokens"] is None and "ms_per_token" not in off["models"]["student"]["speed"]
+    off = evaluate_models(
+        path,
+        str(data),
+        "translation",
+        num_beams=1,
+        max_new_tokens=9,
+        speed_samples=2,
+        latency_samples=1,
+        repeats=1,
+        fixed_new_tokens=0,
+        device="cpu",
+        progress=False,
+    )
+    assert (
+        off["settings"]["fixed_new_tokens"] is None
+        and "ms_per_token" not in off["models"]["student"]["speed"]
+    )
 
 
 def test_a_baseline_that_beats_the_teacher_opens_the_verdicts_with_a_weak_teacher_warning():
@@ -256,18 +374,33 @@ def test_a_baseline_that_beats_the_teacher_opens_the_verdicts_with_a_weak_teache
     good, bad = list(refs), [f"package {i} tool" for i in range(40)]
 
     def groups(teacher_out, baseline_out):
-        g = lambda name, variant, label, score: {"first": name, "variant": variant, "size": 0.25 if variant != "teacher" else None,
-                                                  "label": label, "score_mean": score, "models": [name]}
-        preds = {"teacher": {"beam": teacher_out}, "s025-baseline": {"beam": baseline_out},
-                 "s025-word-kd": {"beam": baseline_out}}
-        gs = [g("teacher", "teacher", "the teacher", 0), g("s025-baseline", "baseline", "the baseline", 0),
-              g("s025-word-kd", "word-kd", "Word-KD", 0)]
+        g = lambda name, variant, label, score: {
+            "first": name,
+            "variant": variant,
+            "size": 0.25 if variant != "teacher" else None,
+            "label": label,
+            "score_mean": score,
+            "models": [name],
+        }
+        preds = {
+            "teacher": {"beam": teacher_out},
+            "s025-baseline": {"beam": baseline_out},
+            "s025-word-kd": {"beam": baseline_out},
+        }
+        gs = [
+            g("teacher", "teacher", "the teacher", 0),
+            g("s025-baseline", "baseline", "the baseline", 0),
+            g("s025-word-kd", "word-kd", "Word-KD", 0),
+        ]
         return gs, preds
 
     gs, preds = groups(bad, good)
     sig = significance("translation", gs, gs[0], preds, refs, "beam")
     assert sig["weak_teacher"] and sig["verdicts"][0] == sig["weak_teacher"]
-    assert sig["verdicts"][0].startswith("**Weak teacher**: the baseline") and "beats the teacher by +" in sig["verdicts"][0]
+    assert (
+        sig["verdicts"][0].startswith("**Weak teacher**: the baseline")
+        and "beats the teacher by +" in sig["verdicts"][0]
+    )
     gs, preds = groups(good, bad)
     sig = significance("translation", gs, gs[0], preds, refs, "beam")
     assert sig["weak_teacher"] is None and not any("Weak teacher" in v for v in sig["verdicts"])
@@ -282,21 +415,37 @@ def test_students_below_the_trivial_floor_open_the_verdicts(study):
     from lmkd.study.verdicts import below_floor
 
     out, report = study
-    test = [json.loads(line) for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()]
+    test = [
+        json.loads(line)
+        for line in (_stage(out, "data-test") / "test.jsonl").read_text().splitlines()
+    ]
     copy = sacrebleu.corpus_bleu([r["source"] for r in test], [[r["target"] for r in test]]).score
     assert report["floors"]["copying the source"] == pytest.approx(copy)
     floor = max(report["floors"].values())
-    low = [g["label"] for g in report["variants"] if g["variant"] != "teacher" and g["score_mean"] < floor]
+    low = [
+        g["label"]
+        for g in report["variants"]
+        if g["variant"] != "teacher" and g["score_mean"] < floor
+    ]
     assert (report["below_floor"] is not None) == bool(low)
     if low:
-        assert report["verdicts"][0 if not report["significance"]["weak_teacher"] else 1] == report["below_floor"]
-    groups = [{"variant": "teacher", "label": "the teacher", "score_mean": 30.0},
-              {"variant": "baseline", "label": "the baseline", "score_mean": 3.2},
-              {"variant": "word-kd", "label": "Word-KD", "score_mean": 14.5},
-              {"variant": "seq-inter", "label": "Seq-Inter", "score_mean": 3.1}]
-    line = below_floor(groups, {"copying the source": 9.8, "the most frequent target": 0.4}, "rouge2")
-    assert line.startswith("**Below the trivial floor**: the baseline (3.2), Seq-Inter (3.1) score below 9.8 "
-                           "ROUGE-2, what copying the source scores on the test rows")
+        assert (
+            report["verdicts"][0 if not report["significance"]["weak_teacher"] else 1]
+            == report["below_floor"]
+        )
+    groups = [
+        {"variant": "teacher", "label": "the teacher", "score_mean": 30.0},
+        {"variant": "baseline", "label": "the baseline", "score_mean": 3.2},
+        {"variant": "word-kd", "label": "Word-KD", "score_mean": 14.5},
+        {"variant": "seq-inter", "label": "Seq-Inter", "score_mean": 3.1},
+    ]
+    line = below_floor(
+        groups, {"copying the source": 9.8, "the most frequent target": 0.4}, "rouge2"
+    )
+    assert line.startswith(
+        "**Below the trivial floor**: the baseline (3.2), Seq-Inter (3.1) score below 9.8 "
+        "ROUGE-2, what copying the source scores on the test rows"
+    )
     assert below_floor(groups[:1] + groups[2:3], {"copying the source": 9.8}, "rouge2") is None
 
 
@@ -310,17 +459,23 @@ def test_the_report_says_how_far_one_architecture_s_speed_spreads(study):
     students = [r for r in report["rows"] if r["variant"] not in ("teacher", "served")]
     values = [r["ms_per_token"] for r in students]
     line = timing_noise(report["rows"], "ms_per_token")
-    assert line == (f"Timing noise: the {len(students)} students of {students[0]['parameters'] / 1e6:.2f}M parameters "
-                    f"are one architecture, and their ms/token spread {min(values):.2f}-{max(values):.2f} in this run "
-                    f"(±{(max(values) - min(values)) / 2 / (sum(values) / len(values)):.0%} around their mean): speed "
-                    "differences of that size between them are timing noise, not differences between the models.")
+    assert line == (
+        f"Timing noise: the {len(students)} students of {students[0]['parameters'] / 1e6:.2f}M parameters "
+        f"are one architecture, and their ms/token spread {min(values):.2f}-{max(values):.2f} in this run "
+        f"(±{(max(values) - min(values)) / 2 / (sum(values) / len(values)):.0%} around their mean): speed "
+        "differences of that size between them are timing noise, not differences between the models."
+    )
     assert line in (out / "report.md").read_text()
-    rows = [{"variant": "teacher", "parameters": 9, "latency_ms": 10.0},
-            {"variant": "baseline", "parameters": 4, "latency_ms": 4.0},
-            {"variant": "word-kd", "parameters": 4, "latency_ms": 6.0},
-            {"variant": "baseline", "parameters": 2, "latency_ms": 1.0},
-            {"variant": "served", "parameters": 4, "latency_ms": 1.0}]
-    assert "latency (ms/example) spread 4.00-6.00 in this run (±20% around" in timing_noise(rows, "latency_ms")
+    rows = [
+        {"variant": "teacher", "parameters": 9, "latency_ms": 10.0},
+        {"variant": "baseline", "parameters": 4, "latency_ms": 4.0},
+        {"variant": "word-kd", "parameters": 4, "latency_ms": 6.0},
+        {"variant": "baseline", "parameters": 2, "latency_ms": 1.0},
+        {"variant": "served", "parameters": 4, "latency_ms": 1.0},
+    ]
+    assert "latency (ms/example) spread 4.00-6.00 in this run (±20% around" in timing_noise(
+        rows, "latency_ms"
+    )
     assert timing_noise(rows[:2] + rows[3:], "latency_ms") is None  # no two students of one size
 
 
@@ -336,18 +491,41 @@ def test_a_verdict_within_the_seeds_spread_is_inconclusive_however_small_its_p_v
     def group(name, scores):
         return {"first": name, "label": f"variant {name}", "variant": name, "scores": scores}
 
-    noisy = compare("vs-baseline", group("a", [30.0, 10.0]), group("b", [20.0, 21.0]), preds, refs, ("bleu",),
-                     "greedy")
+    noisy = compare(
+        "vs-baseline",
+        group("a", [30.0, 10.0]),
+        group("b", [20.0, 21.0]),
+        preds,
+        refs,
+        ("bleu",),
+        "greedy",
+    )
     t = noisy["tests"]["bleu"]
-    assert t["p_value"] < 0.01 and t["difference"] > 50  # the test rows alone would call it a difference
+    assert (
+        t["p_value"] < 0.01 and t["difference"] > 50
+    )  # the test rows alone would call it a difference
     assert t["verdict"] == "inconclusive" and t["within_seed_spread"]
     assert t["seeds"]["differences"] == [10.0, -11.0] and t["seeds"]["spread"] == 20.0
     assert "beyond the randomness of training" in verdict_line(noisy, "bleu")
-    inside = seed_check(group("a", [30.0, 26.0]), group("b", [25.0, 24.0]))  # same sign, mean 3.5 < spread 4
-    assert inside["differences"] == [5.0, 2.0] and inside["spread"] == 4.0 and not inside["survives"]
-    steady = compare("vs-baseline", group("a", [30.0, 31.0]), group("b", [20.0, 21.0]), preds, refs,
-                      ("bleu",), "greedy")
-    assert steady["tests"]["bleu"]["verdict"] == "better" and steady["tests"]["bleu"]["seeds"]["survives"]
+    inside = seed_check(
+        group("a", [30.0, 26.0]), group("b", [25.0, 24.0])
+    )  # same sign, mean 3.5 < spread 4
+    assert (
+        inside["differences"] == [5.0, 2.0] and inside["spread"] == 4.0 and not inside["survives"]
+    )
+    steady = compare(
+        "vs-baseline",
+        group("a", [30.0, 31.0]),
+        group("b", [20.0, 21.0]),
+        preds,
+        refs,
+        ("bleu",),
+        "greedy",
+    )
+    assert (
+        steady["tests"]["bleu"]["verdict"] == "better"
+        and steady["tests"]["bleu"]["seeds"]["survives"]
+    )
     assert "over 2 seeds +10.0" in verdict_line(steady, "bleu")
     # the teacher (one model) against a variant of two seeds: its score paired with each seed
     assert seed_check(group("a", [30.0, 31.0]), group("t", [40.0]))["differences"] == [-10.0, -9.0]

@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import make_dataset
 from transformers import TrainerCallback
 
 from lmkd import DistillationConfig, DistillationTrainer, make_student
 from lmkd.data.dataset import collator_for
 from lmkd.models.loading import load_model
-from test_trainer import make_dataset
 
 
 class Crash(TrainerCallback):
@@ -28,12 +28,28 @@ def run(tmp, teacher_dir, tokenizer, corpus, out, callbacks=(), resume=None):
     torch.manual_seed(123)
     student = make_student(teacher)
     ds = make_dataset("translation", corpus[:40], tokenizer)
-    args = DistillationConfig(output_dir=str(tmp / out), per_device_train_batch_size=8, max_steps=5,
-                              learning_rate=2e-3, save_steps=2, save_strategy="steps", report_to="none",
-                              use_cpu=True, seed=7, disable_tqdm=True, kd_alpha=0.5)
-    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=ds,
-                                  processing_class=tokenizer, callbacks=list(callbacks),
-                                  data_collator=collator_for("translation", tokenizer, student))
+    args = DistillationConfig(
+        output_dir=str(tmp / out),
+        per_device_train_batch_size=8,
+        max_steps=5,
+        learning_rate=2e-3,
+        save_steps=2,
+        save_strategy="steps",
+        report_to="none",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+        kd_alpha=0.5,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        teacher_model=teacher,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        data_collator=collator_for("translation", tokenizer, student),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -74,14 +90,30 @@ def test_mlm_resume_after_kill_gives_same_student(tiny_model_dir, tokenizer, cor
         teacher = load_model(tiny_model_dir("bert"), kind="mlm")
         torch.manual_seed(123)
         student = make_student(teacher)
-        args = DistillationConfig(output_dir=str(tmp_path / out), per_device_train_batch_size=8, max_steps=5,
-                                  learning_rate=2e-3, save_steps=2, save_strategy="steps", report_to="none",
-                                  use_cpu=True, seed=7, disable_tqdm=True, kd_alpha=0.5)
+        args = DistillationConfig(
+            output_dir=str(tmp_path / out),
+            per_device_train_batch_size=8,
+            max_steps=5,
+            learning_rate=2e-3,
+            save_steps=2,
+            save_strategy="steps",
+            report_to="none",
+            use_cpu=True,
+            seed=7,
+            disable_tqdm=True,
+            kd_alpha=0.5,
+        )
         collator = collator_for("mlm", tokenizer, student, seed=args.seed)
         assert isinstance(collator, KeyedMasking)
-        trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, processing_class=tokenizer,
-                                      train_dataset=make_dataset("mlm", corpus[:40], tokenizer),
-                                      callbacks=list(callbacks), data_collator=collator)
+        trainer = DistillationTrainer(
+            model=student,
+            args=args,
+            teacher_model=teacher,
+            processing_class=tokenizer,
+            train_dataset=make_dataset("mlm", corpus[:40], tokenizer),
+            callbacks=list(callbacks),
+            data_collator=collator,
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -99,6 +131,7 @@ def test_mlm_resume_after_kill_gives_same_student(tiny_model_dir, tokenizer, cor
     first, second = [ds[i] for i in range(8)], [ds[i] for i in range(8, 16)]
     x = collator(first)["labels"]
     collator(second)
-    assert torch.equal(collator(first)["labels"], x) and not torch.equal(collator_for("mlm", tokenizer, seed=8)(
-        first)["labels"], x)
+    assert torch.equal(collator(first)["labels"], x) and not torch.equal(
+        collator_for("mlm", tokenizer, seed=8)(first)["labels"], x
+    )
     assert (x != -100).any()

@@ -7,10 +7,10 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import corpus_rows
-from lmkd.scoring import metrics
+
 from lmkd.core.errors import LmkdError
+from lmkd.scoring import metrics
 from lmkd.scoring.significance import paired_bootstrap, resample_indices
 
 
@@ -34,8 +34,13 @@ def test_equals_sacrebleu_paired_test(outputs, monkeypatch, name):
     refs, good, bad = outputs
     monkeypatch.setenv("SACREBLEU_SEED", "777")
     metric = {"bleu": BLEU, "chrf": CHRF}[name]()
-    _, scores = PairedTest([("base", bad), ("sys", good)], {name: metric}, references=[refs], test_type="bs",
-                           n_samples=200)()
+    _, scores = PairedTest(
+        [("base", bad), ("sys", good)],
+        {name: metric},
+        references=[refs],
+        test_type="bs",
+        n_samples=200,
+    )()
     (key,) = [k for k in scores if k != "System"]
     base, sys = scores[key]
     c = paired_bootstrap(name, good, bad, refs, n_samples=200, seed=777)
@@ -47,15 +52,26 @@ def test_equals_sacrebleu_paired_test(outputs, monkeypatch, name):
     # the CI of the difference: the 2.5th / 97.5th percentile (sacrebleu's index rule) of the paired
     # resampled differences, recomputed here from sacrebleu's corpus_score on every resample (up to the
     # float32 of the statistics sacrebleu's resampling sums)
-    if name == "chrf":  # the slow rescoring once is enough (BLEU); chrF's p, means and CIs are checked above
+    if (
+        name == "chrf"
+    ):  # the slow rescoring once is enough (BLEU); chrF's p, means and CIs are checked above
         return
     idx = resample_indices(len(refs), 200, 777)
-    diffs = sorted(metric.corpus_score([good[i] for i in row], [[refs[i] for i in row]]).score
-                   - metric.corpus_score([bad[i] for i in row], [[refs[i] for i in row]]).score for row in idx)
+    diffs = sorted(
+        metric.corpus_score([good[i] for i in row], [[refs[i] for i in row]]).score
+        - metric.corpus_score([bad[i] for i in row], [[refs[i] for i in row]]).score
+        for row in idx
+    )
     assert c.ci_low == pytest.approx(diffs[200 // 40], abs=1e-5)
     assert c.ci_high == pytest.approx(diffs[200 - 200 // 40 - 1], abs=1e-5)
-    assert c.ci_low < c.difference < c.ci_high and c.p_value < 0.05  # 25% vs 35% of the words dropped
-    assert c.method.startswith("sacrebleu paired bootstrap") and "seed:777" in c.method and "bs:200" in c.method
+    assert (
+        c.ci_low < c.difference < c.ci_high and c.p_value < 0.05
+    )  # 25% vs 35% of the words dropped
+    assert (
+        c.method.startswith("sacrebleu paired bootstrap")
+        and "seed:777" in c.method
+        and "bs:200" in c.method
+    )
 
 
 def _reference(metric_fn, good, bad, refs, n, seed):
@@ -83,8 +99,11 @@ def test_rouge_equals_rescoring_every_resample(outputs):
     res_a = [metrics.rouge([good[i] for i in row], [refs[i] for i in row]) for row in idx]
     res_b = [metrics.rouge([bad[i] for i in row], [refs[i] for i in row]) for row in idx]
     for name in ("rouge1", "rouge2", "rougeL"):
-        real, p, lo, hi = _reference_from(full_a[name] - full_b[name], np.array([r[name] for r in res_a]),
-                                          np.array([r[name] for r in res_b]))
+        real, p, lo, hi = _reference_from(
+            full_a[name] - full_b[name],
+            np.array([r[name] for r in res_a]),
+            np.array([r[name] for r in res_b]),
+        )
         c = paired_bootstrap(name, good, bad, refs, n_samples=n, seed=5)
         assert c.difference == pytest.approx(real, abs=1e-9)
         assert c.p_value == pytest.approx(p, abs=1e-12)

@@ -57,15 +57,18 @@ def test_skew_losses_match_numpy(name, alpha):
     # positions outside the mask do not count, whatever their logits
     s2 = s.clone()
     s2[~mask] = 1e4
-    assert losses.token_kd_loss(s2, t, mask, loss=name, temperature=TAU, skew_alpha=alpha).item() == \
-        pytest.approx(got.item(), rel=1e-12)
+    assert losses.token_kd_loss(
+        s2, t, mask, loss=name, temperature=TAU, skew_alpha=alpha
+    ).item() == pytest.approx(got.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("taid_t", [0.2, 0.4, 0.75])
 def test_taid_matches_numpy(taid_t):
     s, t, mask = _inputs(1)
     got = losses.token_kd_loss(s, t, mask, loss="taid", temperature=TAU, taid_t=taid_t)
-    assert got.item() == pytest.approx(_reference("taid", s, t, mask, TAU, taid_t=taid_t), rel=1e-10)
+    assert got.item() == pytest.approx(
+        _reference("taid", s, t, mask, TAU, taid_t=taid_t), rel=1e-10
+    )
 
 
 def test_limits():
@@ -73,10 +76,14 @@ def test_limits():
     fwd, rev = losses.forward_kl(s, t, mask, TAU), losses.reverse_kl(s, t, mask, TAU)
     # skew 0 is the plain KL: forward for skew_kl, reverse for skew_reverse_kl
     assert losses.skew_kl(s, t, mask, 0.0, TAU).item() == pytest.approx(fwd.item(), rel=1e-12)
-    assert losses.skew_reverse_kl(s, t, mask, 0.0, TAU).item() == pytest.approx(rev.item(), rel=1e-12)
+    assert losses.skew_reverse_kl(s, t, mask, 0.0, TAU).item() == pytest.approx(
+        rev.item(), rel=1e-12
+    )
     # ... and continuous there (no special case hides a jump)
     assert losses.skew_kl(s, t, mask, 1e-7, TAU).item() == pytest.approx(fwd.item(), rel=1e-5)
-    assert losses.skew_reverse_kl(s, t, mask, 1e-7, TAU).item() == pytest.approx(rev.item(), rel=1e-5)
+    assert losses.skew_reverse_kl(s, t, mask, 1e-7, TAU).item() == pytest.approx(
+        rev.item(), rel=1e-5
+    )
     # skew 1: KL of a distribution with itself
     assert losses.skew_kl(s, t, mask, 1.0, TAU).item() == 0.0
     assert losses.skew_kl(s, t, mask, 1 - 1e-9, TAU).item() == pytest.approx(0.0, abs=1e-6)
@@ -86,7 +93,9 @@ def test_limits():
     a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
     taid1, f = losses.taid_kl(a, t, mask, 1.0, TAU), losses.forward_kl(b, t, mask, TAU)
     taid1.backward(), f.backward()
-    assert taid1.item() == pytest.approx(f.item(), rel=1e-12) and torch.allclose(a.grad, b.grad, atol=1e-12)
+    assert taid1.item() == pytest.approx(f.item(), rel=1e-12) and torch.allclose(
+        a.grad, b.grad, atol=1e-12
+    )
     c = s.clone().requires_grad_()
     zero = losses.taid_kl(c, t, mask, 0.0, TAU)
     zero.backward()
@@ -97,14 +106,18 @@ def test_limits():
 def test_skew_gradcheck(name):
     s, t, mask = _inputs(3, shape=(2, 3, 5))
     fn = getattr(losses, name)
-    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, mask, 0.3, TAU), (s.requires_grad_(), t.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: fn(a, b, mask, 0.3, TAU), (s.requires_grad_(), t.requires_grad_())
+    )
 
 
 def test_taid_gradients():
     s, t, mask = _inputs(4, shape=(2, 3, 5))
     # the teacher side is differentiable as written (gradcheck); the student's side of the target is
     # detached, so d loss / d z_s = tau * (q - p_t) per masked row (the CE gradient towards a fixed target)
-    assert torch.autograd.gradcheck(lambda b: losses.taid_kl(s, b, mask, 0.6, TAU), (t.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda b: losses.taid_kl(s, b, mask, 0.6, TAU), (t.clone().requires_grad_(),)
+    )
     z = s.clone().requires_grad_()
     losses.taid_kl(z, t, mask, 0.6, TAU).backward()
     q = torch.softmax(s / TAU, -1)
@@ -116,10 +129,14 @@ def test_taid_gradients():
 def test_half_precision_and_all_masked():
     s, t, mask = _inputs(5)
     for name in losses.PLAIN_KD_LOSSES:
-        half = losses.token_kd_loss(s.bfloat16(), t.bfloat16(), mask, loss=name, temperature=TAU, taid_t=0.5)
+        half = losses.token_kd_loss(
+            s.bfloat16(), t.bfloat16(), mask, loss=name, temperature=TAU, taid_t=0.5
+        )
         assert half.dtype == torch.float32 and torch.isfinite(half)
         z = s.clone().requires_grad_()
-        none = losses.token_kd_loss(z, t, torch.zeros_like(mask), loss=name, temperature=TAU, taid_t=0.5)
+        none = losses.token_kd_loss(
+            z, t, torch.zeros_like(mask), loss=name, temperature=TAU, taid_t=0.5
+        )
         none.backward()
         assert none.item() == 0.0 and z.grad.abs().max() == 0
 
@@ -138,7 +155,10 @@ def test_taid_adaptive_schedule_follows_the_recurrence():
     got = []
     for k, loss in enumerate(step_losses):
         got.append(sched.at(k, n))
-        sched.observe(loss + 0.5), sched.observe(loss - 0.5)  # two micro-batches per step: their mean counts
+        (
+            sched.observe(loss + 0.5),
+            sched.observe(loss - 0.5),
+        )  # two micro-batches per step: their mean counts
     t, m, prev, want = 0.1, 0.0, None, [0.1]
     for k in range(1, n):
         loss = step_losses[k - 1]
@@ -151,20 +171,30 @@ def test_taid_adaptive_schedule_follows_the_recurrence():
         want.append(t)
     assert got == pytest.approx(want, rel=1e-12)
     assert all(g >= 0.1 + 0.8 * k / n - 1e-12 for k, g in enumerate(got))  # never behind linear
-    assert any(g > 0.1 + 0.8 * k / n + 1e-6 for k, g in enumerate(got[2:], 2))  # and ahead of it here
+    assert any(
+        g > 0.1 + 0.8 * k / n + 1e-6 for k, g in enumerate(got[2:], 2)
+    )  # and ahead of it here
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(skew_alpha=1.0), "skew_alpha must be in [0, 1)"),
-    (dict(skew_alpha=-0.1), "skew_alpha must be in [0, 1)"),
-    (dict(taid_t_start=0.8, taid_t_end=0.5), "taid_t_start <= taid_t_end"),
-    (dict(taid_schedule="cosine"), "unknown taid_schedule"),
-    (dict(taid_beta=1.0), "taid_beta in [0, 1)"),
-    (dict(kd_loss="taid", kd_chunk_size=-1), "kd_chunk_size: 0"),
-    (dict(kd_loss="skew_kl", kd_chunk_size=256), "kd_chunk_size: 0"),
-    (dict(kd_loss="skew_reverse_kl", logit_cache="/nonexistent"), "logit_cache"),
-    (dict(kd_loss="skew", ), "choose one of forward_kl, reverse_kl, jsd, mse, skew_kl, skew_reverse_kl, taid"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(skew_alpha=1.0), "skew_alpha must be in [0, 1)"),
+        (dict(skew_alpha=-0.1), "skew_alpha must be in [0, 1)"),
+        (dict(taid_t_start=0.8, taid_t_end=0.5), "taid_t_start <= taid_t_end"),
+        (dict(taid_schedule="cosine"), "unknown taid_schedule"),
+        (dict(taid_beta=1.0), "taid_beta in [0, 1)"),
+        (dict(kd_loss="taid", kd_chunk_size=-1), "kd_chunk_size: 0"),
+        (dict(kd_loss="skew_kl", kd_chunk_size=256), "kd_chunk_size: 0"),
+        (dict(kd_loss="skew_reverse_kl", logit_cache="/nonexistent"), "logit_cache"),
+        (
+            dict(
+                kd_loss="skew",
+            ),
+            "choose one of forward_kl, reverse_kl, jsd, mse, skew_kl, skew_reverse_kl, taid",
+        ),
+    ],
+)
 def test_config_refuses(tmp_path, kw, message):
     with pytest.raises(LmkdError) as e:
         DistillationConfig(output_dir=str(tmp_path), use_cpu=True, **kw)
@@ -177,20 +207,38 @@ def state(model):
 
 def make_dataset(rows, tokenizer):
     raw = [{"source": r["source"], "target": r["target"]} for r in rows]
-    return tokenize(datasets.Dataset.from_list(raw), tokenizer, DataArguments(task="translation", train_file="-"))
+    return tokenize(
+        datasets.Dataset.from_list(raw),
+        tokenizer,
+        DataArguments(task="translation", train_file="-"),
+    )
 
 
 def _config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=3e-3, max_steps=3,
-                report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, kd_alpha=0.5,
-                kd_temperature=2.0, seed=0, disable_tqdm=True, warmup_steps=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        max_steps=3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        kd_alpha=0.5,
+        kd_temperature=2.0,
+        seed=0,
+        disable_tqdm=True,
+        warmup_steps=0,
+    )
     base.update(kw)
     return DistillationConfig(**base)
 
 
-@pytest.mark.parametrize("name,extra", [("skew_kl", {}), ("skew_reverse_kl", {}),
-                                        ("taid", {"taid_schedule": "linear"}), ("taid", {})],
-                         ids=["skew_kl", "skew_reverse_kl", "taid-linear", "taid-adaptive"])
+@pytest.mark.parametrize(
+    "name,extra",
+    [("skew_kl", {}), ("skew_reverse_kl", {}), ("taid", {"taid_schedule": "linear"}), ("taid", {})],
+    ids=["skew_kl", "skew_reverse_kl", "taid-linear", "taid-adaptive"],
+)
 def test_trainer_three_steps(tiny_model_dir, tokenizer, corpus, tmp_path, name, extra):
     teacher = load_model(tiny_model_dir("marian"), kind="seq2seq")
     # a student of other weights (a make_student copy starts with KD terms of ~1e-6, float32 noise)
@@ -198,28 +246,47 @@ def test_trainer_three_steps(tiny_model_dir, tokenizer, corpus, tmp_path, name, 
     ds = make_dataset(corpus[:12], tokenizer)
     collator = collator_for("translation", tokenizer, student, seed=0)
     args = _config(tmp_path, kd_loss=name, skew_alpha=0.2, taid_t_start=0.3, **extra)
-    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=ds,
-                                  processing_class=tokenizer, data_collator=collator)
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        teacher_model=teacher,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        data_collator=collator,
+    )
 
     # the KD term the trainer computes is the loss of lmkd.losses on the two models' logits, taken apart
     batch = collator([ds[i] for i in range(4)])
     teacher.eval(), student.eval()
     with torch.no_grad():
-        got = DistillationTrainer(model=student, args=_config(tmp_path, kd_loss=name, skew_alpha=0.2, kd_alpha=1.0,
-                                                              taid_t_start=0.3, **extra),
-                                  teacher_model=teacher, processing_class=tokenizer).compute_loss(student, batch)
+        got = DistillationTrainer(
+            model=student,
+            args=_config(
+                tmp_path, kd_loss=name, skew_alpha=0.2, kd_alpha=1.0, taid_t_start=0.3, **extra
+            ),
+            teacher_model=teacher,
+            processing_class=tokenizer,
+        ).compute_loss(student, batch)
         s, t = student(**batch).logits.double(), teacher(**batch).logits.double()
     mask = batch["labels"] != -100
-    want = _reference(name, s, t, mask, 2.0, alpha=0.2, taid_t=0.3) / int(mask.sum())  # eval: t = t_start
+    want = _reference(name, s, t, mask, 2.0, alpha=0.2, taid_t=0.3) / int(
+        mask.sum()
+    )  # eval: t = t_start
     assert got.item() == pytest.approx(want, rel=1e-4)
 
     s0, t0 = state(student), state(teacher)
     trainer.train()
-    assert trainer.loss_objective.chunk == 0  # kd_chunk_size auto took the plain path (CPU would be chunked)
-    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items()), "student did not change"
+    assert (
+        trainer.loss_objective.chunk == 0
+    )  # kd_chunk_size auto took the plain path (CPU would be chunked)
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items()), (
+        "student did not change"
+    )
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items()), "teacher changed"
     logged = [h for h in trainer.state.log_history if "loss_kd" in h]
-    assert len(logged) == 3 and all(math.isfinite(h["loss_kd"]) and h["loss_kd"] > 0 for h in logged)
+    assert len(logged) == 3 and all(
+        math.isfinite(h["loss_kd"]) and h["loss_kd"] > 0 for h in logged
+    )
     if name == "taid":
         ts = [h["taid_t"] for h in logged]
         linear = [0.3 + 0.7 * k / 3 for k in range(3)]

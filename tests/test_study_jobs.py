@@ -18,8 +18,13 @@ from lmkd.study.stages import Job, Stages, threads_per_worker
 def test_a_failing_worker_is_one_line_and_its_dependents_never_start(tmp_path):
     st = Stages(str(tmp_path / "study"), total=2)
     missing = str(tmp_path / "no-such-model")
-    bad = Job("bad", {}, [], evaluate_into,
-              dict(model_dir=missing, task="translation", test_file=missing, beams=1, max_new_tokens=4))
+    bad = Job(
+        "bad",
+        {},
+        [],
+        evaluate_into,
+        dict(model_dir=missing, task="translation", test_file=missing, beams=1, max_new_tokens=4),
+    )
     after = Job("after", {}, ["bad"], evaluate_into, dict(bad.kwargs))
     with pytest.raises(LmkdError) as e:
         st.run_jobs([bad, after], workers=2)
@@ -36,7 +41,7 @@ def test_threads_share_the_cores():
 
     assert threads_per_worker(1) == (os.cpu_count() or 1)
     assert threads_per_worker(2) == max(1, (os.cpu_count() or 1) // 2)
-    assert threads_per_worker(10 ** 6) == 1
+    assert threads_per_worker(10**6) == 1
 
 
 @pytest.mark.slow
@@ -48,17 +53,27 @@ def test_two_workers_give_the_report_of_one(tmp_path, task):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_study(StudyOptions(task=task, budget="tiny", teacher_check=False, jobs=1, output=str(tmp_path / "one")))
+        run_study(
+            StudyOptions(
+                task=task, budget="tiny", teacher_check=False, jobs=1, output=str(tmp_path / "one")
+            )
+        )
     finally:
         torch.set_num_threads(threads)
-    run_study(StudyOptions(task=task, budget="tiny", teacher_check=False, jobs=2, output=str(tmp_path / "two")))
+    run_study(
+        StudyOptions(
+            task=task, budget="tiny", teacher_check=False, jobs=2, output=str(tmp_path / "two")
+        )
+    )
     one, two = (json.loads((tmp_path / r / "report.json").read_text()) for r in ("one", "two"))
     assert one["plan"]["workers"] == 1 and two["plan"]["workers"] == 2
     for r in (one, two):
         r["plan"].pop("workers"), r["plan"].pop("threads_per_worker")
     a, b = _flat(_without_timings(one)), _flat(_without_timings(two))
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
-    assert len(two["rows"]) == (6 if task == "classification" else 7)  # teacher + every variant + served
+    assert len(two["rows"]) == (
+        6 if task == "classification" else 7
+    )  # teacher + every variant + served
     assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir())  # each worker's log kept
 
 
@@ -76,9 +91,15 @@ def test_a_job_names_its_function_by_module_and_qualname_and_refuses_one_a_worke
     job = Job("eval", {}, [], evaluate_into, {})
     assert job.call == "lmkd.study.models:evaluate_into" == job_ref(evaluate_into)
     assert resolve_job(job.call) is evaluate_into
-    assert Job("c", {}, [], train_classifier, {}).call == "lmkd.study.classification:train_classifier"
-    assert Job("s", {}, [], Stages.run, {}).call == "lmkd.study.stages:Stages.run"  # a method: its qualname
-    assert resolve_job("models:evaluate_into") is evaluate_into  # the short form older callers write
+    assert (
+        Job("c", {}, [], train_classifier, {}).call == "lmkd.study.classification:train_classifier"
+    )
+    assert (
+        Job("s", {}, [], Stages.run, {}).call == "lmkd.study.stages:Stages.run"
+    )  # a method: its qualname
+    assert (
+        resolve_job("models:evaluate_into") is evaluate_into
+    )  # the short form older callers write
 
     def local(out):
         raise AssertionError("never called")

@@ -21,7 +21,11 @@ from lmkd.study.plan import (
 
 
 def _resolved(**kw) -> Plan:
-    return StudyOptions(**{"task": "translation", "budget": "tiny", "output": "unused", **kw}).resolve().plan
+    return (
+        StudyOptions(**{"task": "translation", "budget": "tiny", "output": "unused", **kw})
+        .resolve()
+        .plan
+    )
 
 
 def test_the_plan_is_the_budget_with_the_overrides_and_the_kd_settings(monkeypatch):
@@ -31,12 +35,19 @@ def test_the_plan_is_the_budget_with_the_overrides_and_the_kd_settings(monkeypat
     plan = _resolved(student_steps=7, beams=3, kd_alpha=0.9, jobs=2)
     tiny = BUDGETS["tiny"]
     assert (plan.student_steps, plan.beams, plan.teacher_steps) == (7, 3, tiny["teacher_steps"])
-    assert (plan.kd_alpha, plan.kd_temperature, plan.workers, plan.threads_per_worker) == (0.9, 1.0, 2, 2)
+    assert (plan.kd_alpha, plan.kd_temperature, plan.workers, plan.threads_per_worker) == (
+        0.9,
+        1.0,
+        2,
+        2,
+    )
     assert plan.logit_cache == LOGIT_CACHE and plan.logit_cache is not LOGIT_CACHE  # a copy
     assert plan.check_rows == min(200, tiny["validation_rows"]) and plan.notes == []
     assert thread_options(plan) == {"threads": 2} and thread_options(_resolved(jobs=1)) == {}
     cls = _resolved(task="classification")
-    assert cls.logit_cache is None and cls.kd_temperature == 2.0  # task KD reads class logits: online
+    assert (
+        cls.logit_cache is None and cls.kd_temperature == 2.0
+    )  # task KD reads class logits: online
     assert _resolved(online_kd=True).logit_cache is None
     with pytest.raises(LmkdError, match="--student-steps must be >= 1"):
         _resolved(student_steps=0)
@@ -46,18 +57,31 @@ def test_report_json_prints_the_plan_in_one_form_that_reads_back():
     plan = _resolved()
     form = plan.to_dict()
     # the keys of report.json: the budget's in its order, the cache under its old key, nothing set later
-    assert list(form)[:len(BUDGETS["tiny"])] == list(BUDGETS["tiny"])
+    assert list(form)[: len(BUDGETS["tiny"])] == list(BUDGETS["tiny"])
     assert form["kd_cache"] == LOGIT_CACHE and "logit_cache" not in form
-    later = {"batch_tokens", "max_length_cap", "positions", "length_sizing", "batch_size_cap", "served"}
+    later = {
+        "batch_tokens",
+        "max_length_cap",
+        "positions",
+        "length_sizing",
+        "batch_size_cap",
+        "served",
+    }
     assert not later & set(form)
     assert form["teacher_check"] is None  # (printed once the study has a teacher: always)
     plan.length_cap()
     plan.apply_lengths({"max_length": 40, "positions": 48, "cap": 64})
-    plan.served = ServedModel(student="s025-word-kd", metric="eval_bleu", validation_metric=2.5, format="ct2-int8")
+    plan.served = ServedModel(
+        student="s025-word-kd", metric="eval_bleu", validation_metric=2.5, format="ct2-int8"
+    )
     form = plan.to_dict()
     assert (form["max_length"], form["max_length_cap"], form["positions"]) == (40, 64, 48)
-    assert form["served"] == {"student": "s025-word-kd", "metric": "eval_bleu", "validation_metric": 2.5,
-                              "format": "ct2-int8"}
+    assert form["served"] == {
+        "student": "s025-word-kd",
+        "metric": "eval_bleu",
+        "validation_metric": 2.5,
+        "format": "ct2-int8",
+    }
     back = Plan.from_dict(json.loads(json.dumps(form)))
     assert back == plan and back.served == plan.served
     form["teacher"]["layers"] = 99  # a copy: the plan is not changed through its printed form
@@ -76,12 +100,22 @@ def test_a_plan_given_as_a_mapping_reads_like_the_plan():
     assert thread_options({"workers": 2, "threads_per_worker": 3}) == {"threads": 3}
 
 
-@pytest.mark.parametrize("max_length, batch, noted", [(32, 16, False), (128, 8, True), (4096, 4, True)])
+@pytest.mark.parametrize(
+    "max_length, batch, noted", [(32, 16, False), (128, 8, True), (4096, 4, True)]
+)
 def test_the_batch_fits_the_token_budget_once_and_from_the_budget_s_batch(max_length, batch, noted):
-    plan = Plan(**{**BUDGETS["quick"], "batch_size": 16, "batch_tokens": 1024, "max_length": max_length})
+    plan = Plan(
+        **{**BUDGETS["quick"], "batch_size": 16, "batch_tokens": 1024, "max_length": max_length}
+    )
     plan.fit_batch()
     assert plan.batch_size == batch and plan.batch_size_cap == 16
-    assert plan.notes == ([f"Batch {batch} rather than 16: inputs of up to {max_length} tokens, and the "
-                           "budget's 1024 input tokens per step."] if noted else [])
+    assert plan.notes == (
+        [
+            f"Batch {batch} rather than 16: inputs of up to {max_length} tokens, and the "
+            "budget's 1024 input tokens per step."
+        ]
+        if noted
+        else []
+    )
     plan.fit_batch()  # again: from the budget's batch, not the fitted one
     assert plan.batch_size == batch

@@ -21,12 +21,29 @@ from lmkd.study.stages import Stages, StudyStopped
 
 PINS = Path(__file__).resolve().parent / "data" / "study_stage_inputs.json"
 #: the stages whose outputs the study reads while it plans (cheap): run for real
-RUN_FOR_REAL = ("data-train", "data-validation", "data-test", "tokenizer", "lengths", "transfer-rows")
+RUN_FOR_REAL = (
+    "data-train",
+    "data-validation",
+    "data-test",
+    "tokenizer",
+    "lengths",
+    "transfer-rows",
+)
 #: the recorded studies: tiny budget, every path through the plan that changes a hashed option
 CASES = {
-    "translation-2-seeds-2-sizes-2-jobs": dict(task="translation", seeds=2, student_sizes=[0.25, 0.5], jobs=2),
-    "translation-online-overrides": dict(task="translation", online_kd=True, kd_alpha=0.9, kd_temperature=2.0,
-                                         teacher_check=False, student_steps=7, beams=3, teacher_steps=9),
+    "translation-2-seeds-2-sizes-2-jobs": dict(
+        task="translation", seeds=2, student_sizes=[0.25, 0.5], jobs=2
+    ),
+    "translation-online-overrides": dict(
+        task="translation",
+        online_kd=True,
+        kd_alpha=0.9,
+        kd_temperature=2.0,
+        teacher_check=False,
+        student_steps=7,
+        beams=3,
+        teacher_steps=9,
+    ),
     "summarization": dict(task="summarization"),
     "classification-2-seeds-2-jobs": dict(task="classification", seeds=2, jobs=2),
     # a budget with a token budget per batch: the long documents get a fitted batch (batch_size_cap, a note)
@@ -53,7 +70,9 @@ def record_study(root: Path, monkeypatch, **options) -> dict:
     """Run the tiny study of ``options`` up to its speed stage, recording every stage's and job's name,
     options and deps (the hash inputs), each job's function and kwargs (paths relative to ``root``),
     and the plan."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # the worker threads are hashed: same on any machine
+    monkeypatch.setattr(
+        os, "cpu_count", lambda: 4
+    )  # the worker threads are hashed: same on any machine
     record: list[dict] = []
     real_run = Stages.run
     where = str(root)
@@ -74,9 +93,18 @@ def record_study(root: Path, monkeypatch, **options) -> dict:
     def fake_run_jobs(self, jobs, workers=1):
         for j in jobs:
             kwargs = {k: v for k, v in j.kwargs.items() if k != "plan"}
-            record.append({"job": j.name, "options": _jsonable(j.options), "deps": list(j.deps),
-                           "call": _call_name(j.call), "kwargs": rel(kwargs), "plan_kwarg": "plan" in j.kwargs,
-                           "cost": j.cost, "workers": workers})
+            record.append(
+                {
+                    "job": j.name,
+                    "options": _jsonable(j.options),
+                    "deps": list(j.deps),
+                    "call": _call_name(j.call),
+                    "kwargs": rel(kwargs),
+                    "plan_kwarg": "plan" in j.kwargs,
+                    "cost": j.cost,
+                    "workers": workers,
+                }
+            )
             os.makedirs(self.path(j.name), exist_ok=True)
             if j.name.startswith("eval-"):
                 Path(self.path(j.name), "quality.json").write_text("{}")
@@ -96,8 +124,9 @@ def test_stage_hash_inputs_are_what_they_were(tmp_path, monkeypatch, case):
     prints it) equal the recording made before the plan became a dataclass."""
     expected = json.loads(PINS.read_text())[case]
     got = record_study(tmp_path, monkeypatch, **CASES[case])
-    assert [s.get("stage") or s["job"] for s in got["stages"]] == \
-        [s.get("stage") or s["job"] for s in expected["stages"]]
+    assert [s.get("stage") or s["job"] for s in got["stages"]] == [
+        s.get("stage") or s["job"] for s in expected["stages"]
+    ]
     for g, e in zip(got["stages"], expected["stages"]):
         assert g == e, (g.get("stage") or g["job"], g, e)
     assert got["plan"] == expected["plan"]

@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from lmkd.teacher.cross_tokenizer import CrossTokenizerCollator, align_offsets, align_texts, shared_vocabulary
 from lmkd.losses import forward_kl, sorted_l1, uld_hybrid_loss, uld_loss
+from lmkd.teacher.cross_tokenizer import (
+    CrossTokenizerCollator,
+    align_offsets,
+    align_texts,
+    shared_vocabulary,
+)
 
 
 def spans(text, pieces):
@@ -70,14 +75,28 @@ def byte_bpe(texts, vocab_size):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
-TEXTS = ["the café serves crème brûlée 😀 daily", "unbelievable things happen in the café",
-         "leading spaces  and   gaps", "a cat sat on the mat"] * 20
+TEXTS = [
+    "the café serves crème brûlée 😀 daily",
+    "unbelievable things happen in the café",
+    "leading spaces  and   gaps",
+    "a cat sat on the mat",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +138,8 @@ def test_collator_adds_teacher_tokens_and_positions(two_tokenizers):
         ids = torch.full((len(features), width), small.pad_token_id)
         att = torch.zeros_like(ids)
         for b, f in enumerate(features):
-            ids[b, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
-            att[b, :len(f["input_ids"])] = 1
+            ids[b, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            att[b, : len(f["input_ids"])] = 1
         return {"input_ids": ids, "attention_mask": att}
 
     coll = CrossTokenizerCollator(base, small, large)
@@ -130,7 +149,7 @@ def test_collator_adds_teacher_tokens_and_positions(two_tokenizers):
         n = len(s_ids)
         assert batch["teacher_position"][b, :n].tolist() == align
         assert (batch["teacher_position"][b, n:] == -1).all()
-        assert batch["teacher_input_ids"][b, :len(t_ids)].tolist() == t_ids
+        assert batch["teacher_input_ids"][b, : len(t_ids)].tolist() == t_ids
         assert batch["teacher_attention_mask"][b].sum() == len(t_ids)
 
 
@@ -178,7 +197,9 @@ def test_uld_limits():
     assert uld_loss(z, z[:, [2, 0, 3, 1]]).item() == pytest.approx(0.0, abs=1e-7)
     # zero padding: a one-hot against a longer one-hot is 0; against uniform over V it is 2 (1 - 1/V)
     one = torch.tensor([[50.0, -50.0]])
-    assert uld_loss(one, torch.tensor([[-50.0, 50.0, -50.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    assert uld_loss(one, torch.tensor([[-50.0, 50.0, -50.0]])).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert uld_loss(one, torch.zeros(1, 4)).item() == pytest.approx(2 * (1 - 0.25), rel=1e-5)
     assert sorted_l1(torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0]])).item() == pytest.approx(1.0)
     # an all-masked batch: exactly 0 with a 0 gradient
@@ -195,23 +216,31 @@ def test_hybrid_with_one_tokenizer_is_the_forward_kl(tau):
     mask = torch.rand(2, 4, generator=g) > 0.3
     ids = torch.arange(9)
     assert uld_hybrid_loss(s, t, ids, ids, mask, tau).item() == pytest.approx(
-        forward_kl(s, t, mask, tau).item(), rel=1e-5)
+        forward_kl(s, t, mask, tau).item(), rel=1e-5
+    )
 
 
 def test_hybrid_matches_a_plain_python_reference():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(3, 6, generator=g) * 2, torch.randn(3, 8, generator=g) * 2
-    s_shared, t_shared = torch.tensor([0, 2, 5]), torch.tensor([7, 1, 3])  # three strings both vocabularies hold
+    s_shared, t_shared = (
+        torch.tensor([0, 2, 5]),
+        torch.tensor([7, 1, 3]),
+    )  # three strings both vocabularies hold
     tau = 1.5
     want = 0.0
     for zs, zt in zip(s.tolist(), t.tolist()):
         p, q = softmax_list(zs, tau), softmax_list(zt, tau)
-        want += tau**2 * sum(q[j] * math.log(q[j] / p[i]) for i, j in zip(s_shared.tolist(), t_shared.tolist()))
+        want += tau**2 * sum(
+            q[j] * math.log(q[j] / p[i]) for i, j in zip(s_shared.tolist(), t_shared.tolist())
+        )
         rest_p = sorted((p[i] for i in range(6) if i not in s_shared.tolist()), reverse=True)
         rest_q = sorted((q[j] for j in range(8) if j not in t_shared.tolist()), reverse=True)
         rest_p += [0.0] * (len(rest_q) - len(rest_p))
         want += sum(abs(a - b) for a, b in zip(rest_p, rest_q))
-    assert uld_hybrid_loss(s, t, s_shared, t_shared, temperature=tau).item() == pytest.approx(want, rel=1e-5)
+    assert uld_hybrid_loss(s, t, s_shared, t_shared, temperature=tau).item() == pytest.approx(
+        want, rel=1e-5
+    )
 
 
 # ---- a cross-tokenizer run through the CLI ------------------------------------------------------
@@ -227,7 +256,9 @@ def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus, loss):
     assert tokenizers["student"].get_vocab() != tokenizers["teacher"].get_vocab()
     for name, tok in tokenizers.items():
         model = build_model("gpt2", len(tok), seed=1 if name == "teacher" else 0)
-        if name == "teacher":  # a peaked teacher (sharper final norm), so there is something to learn
+        if (
+            name == "teacher"
+        ):  # a peaked teacher (sharper final norm), so there is something to learn
             with torch.no_grad():
                 model.transformer.ln_f.weight.mul_(20)
         model.save_pretrained(tmp_path / name)
@@ -235,28 +266,74 @@ def test_cross_tokenizer_distill_through_the_cli(tmp_path, corpus, loss):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:32]))
     out = tmp_path / "out"
-    flags = ["--student_model_name_or_path", str(tmp_path / "student"),
-            "--teacher_model_name_or_path", str(tmp_path / "teacher"), "--teacher_tokenizer", str(tmp_path / "teacher"),
-            "--task", "causal-lm", "--train_file", str(data), "--source_column", "text", "--max_source_length", "48",
-            "--kd_loss", loss, "--kd_alpha", "1.0", "--kd_temperature", "1.0", "--learning_rate", "1e-2",
-            "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-            "--max_steps", "10", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--use_cpu", "true",
-            "--report_to", "none", "--save_strategy", "steps", "--save_steps", "10", "--output_dir", str(out),
-            "--dataloader_num_workers", "0", "--seed", "0"]
+    flags = [
+        "--student_model_name_or_path",
+        str(tmp_path / "student"),
+        "--teacher_model_name_or_path",
+        str(tmp_path / "teacher"),
+        "--teacher_tokenizer",
+        str(tmp_path / "teacher"),
+        "--task",
+        "causal-lm",
+        "--train_file",
+        str(data),
+        "--source_column",
+        "text",
+        "--max_source_length",
+        "48",
+        "--kd_loss",
+        loss,
+        "--kd_alpha",
+        "1.0",
+        "--kd_temperature",
+        "1.0",
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        "10",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "10",
+        "--output_dir",
+        str(out),
+        "--dataloader_num_workers",
+        "0",
+        "--seed",
+        "0",
+    ]
     recipe = tmp_path / "cross.yaml"
-    recipe.write_text("".join(f"{k[2:]}: {json.dumps(v)}\n" for k, v in zip(flags[::2], flags[1::2])))
+    recipe.write_text(
+        "".join(f"{k[2:]}: {json.dumps(v)}\n" for k, v in zip(flags[::2], flags[1::2]))
+    )
     assert main(["distill", str(recipe)]) == 0
     history = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
     kd = [h["loss_kd"] for h in history if "loss_kd" in h]
     print("loss_kd per step:", kd)
     assert len(kd) == 10 and all(math.isfinite(x) and x > 0 for x in kd)
-    assert loss == "uld_hybrid" or max(kd) <= 2  # ULD alone is an L1 distance of probability vectors
-    assert sum(kd[-3:]) / 3 < 0.9 * sum(kd[:3]) / 3 and kd[-1] < kd[0], kd  # seeded: the same on every run
+    assert (
+        loss == "uld_hybrid" or max(kd) <= 2
+    )  # ULD alone is an L1 distance of probability vectors
+    assert sum(kd[-3:]) / 3 < 0.9 * sum(kd[:3]) / 3 and kd[-1] < kd[0], (
+        kd
+    )  # seeded: the same on every run
 
 
 def test_cross_tokenizer_settings_are_checked():
-    from lmkd.train.config import DistillationConfig
     from lmkd.core.errors import LmkdError
+    from lmkd.train.config import DistillationConfig
 
     with pytest.raises(LmkdError, match="set teacher_tokenizer"):
         DistillationConfig(output_dir="x", kd_loss="uld")
@@ -275,11 +352,12 @@ def _llm_recipes_uld(student_logits, teacher_logits, student_labels, teacher_lab
     answer span starts at the position before the first label that is not -100; softmax over it, sort
     each probability vector decreasing, zero-pad the smaller vocabulary, L1 over the vocabulary, mean
     over the first min(answer sizes) positions; then the mean over rows."""
+
     def answer(logits, labels):
         first = int((labels != -100).nonzero()[0])
         size = int((labels != -100).sum())
         start = max(first - 1, 0)
-        return torch.softmax(logits[start:start + size], -1)
+        return torch.softmax(logits[start : start + size], -1)
 
     rows = []
     for zs, zt, ls, lt in zip(student_logits, teacher_logits, student_labels, teacher_labels):
@@ -315,18 +393,26 @@ def _gold_hybrid(student_probs, teacher_probs, s_ids, t_ids, beta=0.0, weights=(
     matched = |matched| / teacher vocabulary size, unmatched = 1 - matched."""
     F = torch.nn.functional
     n = student_probs.shape[0]
-    ls, lt = torch.log(student_probs[:, s_ids].clamp_min(1e-8)), torch.log(teacher_probs[:, t_ids].clamp_min(1e-8))
+    ls, lt = (
+        torch.log(student_probs[:, s_ids].clamp_min(1e-8)),
+        torch.log(teacher_probs[:, t_ids].clamp_min(1e-8)),
+    )
     if beta == 0:
         matched = F.kl_div(ls, lt, reduction="none", log_target=True).sum() / n
     else:
         mix = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
-        matched = (beta * F.kl_div(mix, lt, reduction="none", log_target=True)
-                   + (1 - beta) * F.kl_div(mix, ls, reduction="none", log_target=True)).sum() / n
+        matched = (
+            beta * F.kl_div(mix, lt, reduction="none", log_target=True)
+            + (1 - beta) * F.kl_div(mix, ls, reduction="none", log_target=True)
+        ).sum() / n
     keep_s = torch.ones(student_probs.shape[-1], dtype=torch.bool)
     keep_t = torch.ones(teacher_probs.shape[-1], dtype=torch.bool)
     keep_s[s_ids], keep_t[t_ids] = False, False
-    unmatched = sorted_l1(student_probs[:, keep_s], teacher_probs[:, keep_t]).sum() / n if keep_s.any() and \
-        keep_t.any() else torch.tensor(0.0)
+    unmatched = (
+        sorted_l1(student_probs[:, keep_s], teacher_probs[:, keep_t]).sum() / n
+        if keep_s.any() and keep_t.any()
+        else torch.tensor(0.0)
+    )
     if weights is None:
         w = len(t_ids) / teacher_probs.shape[-1]
         weights = (w, 1 - w)
@@ -345,9 +431,13 @@ def test_hybrid_against_trl_gold():
     ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
     ours = uld_hybrid_loss(s, t, s_ids, t_ids) / 6
     assert ours.item() == pytest.approx(_gold_hybrid(ps, pt, s_ids, t_ids).item(), rel=1e-5)
-    assert ours.item() != pytest.approx(_gold_hybrid(ps, pt, s_ids, t_ids, beta=0.5, weights=None).item(), rel=1e-2)
+    assert ours.item() != pytest.approx(
+        _gold_hybrid(ps, pt, s_ids, t_ids, beta=0.5, weights=None).item(), rel=1e-2
+    )
     ids = torch.arange(10)
     t_same = torch.randn(6, 10, generator=g)
     gold_same = _gold_hybrid(ps, torch.softmax(t_same, -1), ids, ids, weights=None)
     assert gold_same.item() == pytest.approx((forward_kl(s, t_same) / 6).item(), rel=1e-5)
-    assert (uld_hybrid_loss(s, t_same, ids, ids) / 6).item() == pytest.approx(gold_same.item(), rel=1e-5)
+    assert (uld_hybrid_loss(s, t_same, ids, ids) / 6).item() == pytest.approx(
+        gold_same.item(), rel=1e-5
+    )

@@ -17,12 +17,11 @@ import os
 import shlex
 import sys
 
-from lmkd.train.config import ModelArguments
-from lmkd.core.errors import LmkdError
 from lmkd.cli import cache_logits, compress, distill, evaluate, generate, make_student, study
 from lmkd.cli.flags import Parser, one_spelling, shown_options, unknown_message
 from lmkd.cli.settings import parse_distill_args, yaml_to_argv
-
+from lmkd.core.errors import LmkdError
+from lmkd.train.config import ModelArguments
 
 #: the subcommands, in the order ``lmkd --help`` lists them; each module adds its parser and runs it
 COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits, compress]
@@ -35,14 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
         The parser (:func:`lmkd.cli.flags.one_spelling` applied to the whole tree).
     """
     parser = Parser(
-        prog="lmkd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="lmkd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="lmkd: knowledge distillation for Hugging Face language models.",
         epilog="examples:\n  lmkd make-student --teacher my-teacher --output my-student\n"
-               "  lmkd distill recipes/translation/marian_word_kd.yaml\n"
-               "Each command has its own --help with examples.")
+        "  lmkd distill recipes/translation/marian_word_kd.yaml\n"
+        "Each command has its own --help with examples.",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("--version", action="version", version=f"lmkd {version()}",
-                        help="print lmkd's version and exit (e.g. `lmkd --version`)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"lmkd {version()}",
+        help="print lmkd's version and exit (e.g. `lmkd --version`)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
@@ -94,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO if not os.environ.get("LMKD_QUIET") else logging.WARNING,
-                        format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if not os.environ.get("LMKD_QUIET") else logging.WARNING,
+        format="%(message)s",
+    )
     try:
         ns.func(ns)
         end_distributed()
@@ -105,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmkd {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lmkd {ns.command}: interrupted; {interrupted_hint(ns.command, argv, getattr(ns, 'output_dir', None))}",
-              file=sys.stderr)
+        print(
+            f"lmkd {ns.command}: interrupted; {interrupted_hint(ns.command, argv, getattr(ns, 'output_dir', None))}",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
@@ -129,15 +138,19 @@ def interrupted_hint(command: str, argv: list[str], output_dir: str | None = Non
     drop ``--overwrite``), or -- a distill run that saved no checkpoint in ``output_dir`` yet,
     where ``--resume`` would be refused -- the command that starts it again."""
     if command == "distill":
-        from lmkd.train.run import resumable
         from lmkd.cli.distill import held_run
+        from lmkd.train.run import resumable
 
         if output_dir is not None and not resumable(output_dir):
             again = [a for a in argv if a != "--resume"]
-            if held_run(output_dir) and "--overwrite" not in again:  # a half-saved student would refuse it
+            if (
+                held_run(output_dir) and "--overwrite" not in again
+            ):  # a half-saved student would refuse it
                 again.append("--overwrite")
-            return (f"no checkpoint was saved in {output_dir} yet, so there is nothing to resume; start again "
-                    f"with: lmkd {shlex.join(again)}")
+            return (
+                f"no checkpoint was saved in {output_dir} yet, so there is nothing to resume; start again "
+                f"with: lmkd {shlex.join(again)}"
+            )
         again = [a for a in argv if a != "--overwrite"]
         if "--resume" not in again:
             again.append("--resume")
@@ -148,4 +161,3 @@ def interrupted_hint(command: str, argv: list[str], output_dir: str | None = Non
             return f"resume with the same command without --overwrite: lmkd {shlex.join(again)}"
         return "re-run the same command to resume"
     return "nothing was written; re-run the same command to start again"
-

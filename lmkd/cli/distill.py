@@ -7,9 +7,9 @@ import os
 import shlex
 import sys
 
-from lmkd.core.errors import LmkdError
 from lmkd.cli.output import print_json, work_on_stderr
 from lmkd.cli.settings import distill_parser, parse_distill_args
+from lmkd.core.errors import LmkdError
 
 EPILOG = """examples:
   lmkd distill recipes/translation/marian_word_kd.yaml
@@ -33,8 +33,12 @@ def held_run(output_dir: str) -> list[str]:
     """The files and checkpoints of a run that ``output_dir`` holds (none: a fresh or empty directory)."""
     if not os.path.isdir(output_dir):
         return []
-    return [n for n in os.listdir(output_dir)
-            if n.startswith("checkpoint-") or n in ("distill_results.json", "config.json", "model.safetensors")]
+    return [
+        n
+        for n in os.listdir(output_dir)
+        if n.startswith("checkpoint-")
+        or n in ("distill_results.json", "config.json", "model.safetensors")
+    ]
 
 
 def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
@@ -44,8 +48,10 @@ def _check_fresh_output(output_dir: str, resume: bool, overwrite: bool) -> None:
         return
     held = held_run(output_dir)
     if held:
-        raise LmkdError(f"output_dir {output_dir} already holds a run ({sorted(held)[0]}); pass --resume to continue "
-                        "it, --overwrite to replace it, or choose another --output-dir")
+        raise LmkdError(
+            f"output_dir {output_dir} already holds a run ({sorted(held)[0]}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another --output-dir"
+        )
 
 
 #: report_to integration -> (modules it imports, any one will do; the package to pip install), as
@@ -69,12 +75,16 @@ def check_report_to(report_to) -> None:
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
-            raise LmkdError(f"report_to {name!r} is not a logging integration; use none, all or one of "
-                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+            raise LmkdError(
+                f"report_to {name!r} is not a logging integration; use none, all or one of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            )
         modules, package = REPORT_PACKAGES.get(name, ((name,), name))
         if not any(find_spec(m) is not None for m in modules):
-            raise LmkdError(f"report_to {name} needs the {package} package, which is not installed: "
-                            f"`pip install {package}`, or pass --report-to none")
+            raise LmkdError(
+                f"report_to {name} needs the {package} package, which is not installed: "
+                f"`pip install {package}`, or pass --report-to none"
+            )
 
 
 def add_parser(sub):
@@ -86,15 +96,25 @@ def add_parser(sub):
     Returns:
         None.
     """
-    p = sub.add_parser("distill", help="train a student with a frozen teacher (YAML + overrides)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Distil a teacher into a student with DistillationTrainer.",
-                       epilog=EPILOG)
-    p.add_argument("config", nargs="?",
-                   help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)")
+    p = sub.add_parser(
+        "distill",
+        help="train a student with a frozen teacher (YAML + overrides)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil a teacher into a student with DistillationTrainer.",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="recipe YAML (keys of ModelArguments, DataArguments, DistillationConfig)",
+    )
     p.add_argument("--help-keys", action="store_true", help="list every accepted key and exit")
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="train even if output_dir holds another run")
+    p.add_argument(
+        "--resume", action="store_true", help="resume from the last checkpoint in output_dir"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="train even if output_dir holds another run"
+    )
     p.set_defaults(func=run, takes_overrides=True)
 
 
@@ -111,7 +131,9 @@ def run(ns) -> None:
         distill_parser().print_help()
         return
     if not ns.config and not ns.overrides:
-        raise LmkdError("distill needs a recipe YAML (or --key value arguments); see `lmkd distill --help`")
+        raise LmkdError(
+            "distill needs a recipe YAML (or --key value arguments); see `lmkd distill --help`"
+        )
     from lmkd.train.run import run_distill
 
     model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
@@ -120,7 +142,9 @@ def run(ns) -> None:
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
     command = "lmkd " + shlex.join(ns.argv)
     with work_on_stderr():  # the Trainer's log dicts: stdout carries the metrics' JSON alone
-        metrics = run_distill(model_args, data_args, training_args, resume=ns.resume, command=command)
+        metrics = run_distill(
+            model_args, data_args, training_args, resume=ns.resume, command=command
+        )
     if training_args.process_index == 0:
         print_json(metrics)
         print(f"student saved to {training_args.output_dir}", file=sys.stderr)

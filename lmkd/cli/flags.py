@@ -89,7 +89,9 @@ def one_spelling(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             longs = [o for o in action.option_strings if o.startswith("--")]
             if not longs:
                 continue
-            shown = list(dict.fromkeys(dashed(o) if o.startswith("--") else o for o in action.option_strings))
+            shown = list(
+                dict.fromkeys(dashed(o) if o.startswith("--") else o for o in action.option_strings)
+            )
             for option in longs:
                 for spelling in spellings(option):
                     p._option_string_actions.setdefault(spelling, action)
@@ -123,8 +125,12 @@ def shown_options(parser: argparse.ArgumentParser) -> list[str]:
     Returns:
         Its actions' long option strings, in order.
     """
-    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")
-            and a.help is not argparse.SUPPRESS]
+    return [
+        o
+        for a in parser._actions
+        for o in a.option_strings
+        if o.startswith("--") and a.help is not argparse.SUPPRESS
+    ]
 
 
 def did_you_mean(given: str, options: list[str]) -> str | None:
@@ -202,9 +208,14 @@ class Parser(OneActionPerAbbreviation, argparse.ArgumentParser):
 
 
 def _number(kind, text: str, low, high, low_open: bool, what: str):
-    value = kind(text)  # not a number: argparse's own "invalid int value: 'abc'" (these types are named so)
-    if math.isnan(value) or (low is not None and (value <= low if low_open else value < low)) or \
-            (high is not None and value > high):
+    value = kind(
+        text
+    )  # not a number: argparse's own "invalid int value: 'abc'" (these types are named so)
+    if (
+        math.isnan(value)
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and value > high)
+    ):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
@@ -218,6 +229,7 @@ def count(low: int = 1):
     Returns:
         A function from the flag's text to its int, raising ``ArgumentTypeError`` for a smaller one.
     """
+
     def parse(text: str) -> int:
         return _number(int, text, low, None, False, f"an integer >= {low}")
 

@@ -45,7 +45,11 @@ def _known_keys() -> dict[str, str]:
     from lmkd.data.dataset import DataArguments
     from lmkd.train.config import DistillationConfig, ModelArguments
 
-    return {f.name: cls.__name__ for cls in (ModelArguments, DataArguments, DistillationConfig) for f in fields(cls)}
+    return {
+        f.name: cls.__name__
+        for cls in (ModelArguments, DataArguments, DistillationConfig)
+        for f in fields(cls)
+    }
 
 
 def yaml_to_argv(path: str) -> list[str]:
@@ -53,7 +57,9 @@ def yaml_to_argv(path: str) -> list[str]:
     import yaml
 
     if not os.path.isfile(path):
-        raise LmkdError(f"config file {path} does not exist; pass a YAML file such as recipes/…/*.yaml")
+        raise LmkdError(
+            f"config file {path} does not exist; pass a YAML file such as recipes/…/*.yaml"
+        )
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -66,7 +72,11 @@ def yaml_to_argv(path: str) -> list[str]:
     for key, value in data.items():
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "; `lmkd distill --help-keys` lists them"
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else "; `lmkd distill --help-keys` lists them"
+            )
             raise LmkdError(f"{path}: unknown key {key!r}{hint}")
         argv.append(f"--{key}")
         if isinstance(value, bool):
@@ -77,7 +87,9 @@ def yaml_to_argv(path: str) -> list[str]:
             argv.append(json.dumps(value))
         elif value is None:
             argv.pop()
-        elif str(value).startswith("-"):  # e.g. layer_map "-1:-1": argparse would take it for an option
+        elif str(value).startswith(
+            "-"
+        ):  # e.g. layer_map "-1:-1": argparse would take it for an option
             argv[-1] += f"={value}"
         else:
             argv.append(str(value))
@@ -99,8 +111,11 @@ def parse_distill_args(config: str | None, overrides: list[str]):
         flag = tok.split("=")[0]
         if tok.startswith("--") and flag not in parser._option_string_actions:
             meant = did_you_mean(flag, shown_options(parser) + list(DISTILL_OWN_FLAGS))
-            raise LmkdError(f"unknown option {flag}" + (f"; did you mean {meant}?" if meant else "")
-                            + " (`lmkd distill --help-keys` lists them)")
+            raise LmkdError(
+                f"unknown option {flag}"
+                + (f"; did you mean {meant}?" if meant else "")
+                + " (`lmkd distill --help-keys` lists them)"
+            )
     argv = yaml_to_argv(config) if config else []
 
     def one_line(message):  # argparse would print the whole usage (every key) before its message
@@ -113,6 +128,10 @@ def parse_distill_args(config: str | None, overrides: list[str]):
         raise LmkdError("invalid distill arguments (see the message above)") from e
     except LmkdError:
         raise
-    except ValueError as e:  # TrainingArguments' own checks, e.g. bf16 on a machine without a bf16 GPU
-        raise LmkdError(f"invalid distill arguments: {str(e).splitlines()[0]} (override the recipe's key on "
-                        "the command line, e.g. --bf16 false --use-cpu true on a CPU)") from e
+    except (
+        ValueError
+    ) as e:  # TrainingArguments' own checks, e.g. bf16 on a machine without a bf16 GPU
+        raise LmkdError(
+            f"invalid distill arguments: {str(e).splitlines()[0]} (override the recipe's key on "
+            "the command line, e.g. --bf16 false --use-cpu true on a CPU)"
+        ) from e

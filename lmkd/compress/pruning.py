@@ -40,14 +40,18 @@ def check_head_pruning(config, remove: int) -> None:
     if remove == 0:
         return
     if config.model_type not in HEAD_PRUNABLE:
-        raise LmkdError(f"cannot prune attention heads of a {config.model_type!r} model: transformers 5 has no "
-                        "prune_heads, and its config ties the head size to hidden size / heads, so a model with "
-                        f"fewer heads would not load again (lmkd prunes heads of {', '.join(HEAD_PRUNABLE)}); "
-                        "drop layers instead (--encoder-layers / --decoder-layers / --layers)")
+        raise LmkdError(
+            f"cannot prune attention heads of a {config.model_type!r} model: transformers 5 has no "
+            "prune_heads, and its config ties the head size to hidden size / heads, so a model with "
+            f"fewer heads would not load again (lmkd prunes heads of {', '.join(HEAD_PRUNABLE)}); "
+            "drop layers instead (--encoder-layers / --decoder-layers / --layers)"
+        )
     heads = config.num_heads
     if remove >= heads:
-        raise LmkdError(f"--prune-heads {remove} would remove every head: each attention layer has {heads}; "
-                        f"remove at most {heads - 1}")
+        raise LmkdError(
+            f"--prune-heads {remove} would remove every head: each attention layer has {heads}; "
+            f"remove at most {heads - 1}"
+        )
 
 
 def attention_groups(model) -> dict[str, list[tuple[str, torch.nn.Module]]]:
@@ -57,7 +61,9 @@ def attention_groups(model) -> dict[str, list[tuple[str, torch.nn.Module]]]:
     groups: dict[str, list[tuple[str, torch.nn.Module]]] = {}
     for name, module in model.named_modules():
         if type(module).__name__.endswith("Attention") and hasattr(module, "key_value_proj_dim"):
-            stack = "decoder" if ".decoder." in f".{name}" or name.startswith("decoder") else "encoder"
+            stack = (
+                "decoder" if ".decoder." in f".{name}" or name.startswith("decoder") else "encoder"
+            )
             group = f"{stack}.self" if name.endswith("SelfAttention") else name
             groups.setdefault(group, []).append((name, module))
     if not groups:
@@ -81,7 +87,9 @@ def head_importance(model, batches) -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 for n, m in modules.items():
                     w, g = m.o.weight, m.o.weight.grad
-                    per_head = (w * g).reshape(w.shape[0], m.n_heads, m.key_value_proj_dim).sum(dim=(0, 2))
+                    per_head = (
+                        (w * g).reshape(w.shape[0], m.n_heads, m.key_value_proj_dim).sum(dim=(0, 2))
+                    )
                     scores[n] += per_head.abs().double().cpu()
     finally:
         model.zero_grad(set_to_none=True)

@@ -23,20 +23,38 @@ from __future__ import annotations
 import logging
 import os
 
-from lmkd.models import engines
-from lmkd.evaluate import run as evaluate_run, report
 from lmkd.compress import pruning
-from lmkd.core.constants import CAUSAL, CLASSIFICATION, COMPRESS_TASKS, DEFAULT_COLUMNS, SEQ2SEQ, TASK_KIND
-from lmkd.data.dataset import DataArguments, collator_for, read_split, tokenize
+from lmkd.core.constants import (
+    CAUSAL,
+    CLASSIFICATION,
+    COMPRESS_TASKS,
+    DEFAULT_COLUMNS,
+    SEQ2SEQ,
+    TASK_KIND,
+)
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_dir, check_fresh_dir, check_output
-from lmkd.models.loading import check_model_path, count_parameters, load_config, load_model, load_tokenizer, resolve_device
+from lmkd.data.dataset import DataArguments, collator_for, read_split, tokenize
+from lmkd.evaluate import report
+from lmkd.evaluate import run as evaluate_run
+from lmkd.models import engines
+from lmkd.models.loading import (
+    check_model_path,
+    count_parameters,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
 #: what compress exports when not told, per model kind
-DEFAULT_EXPORTS = {SEQ2SEQ: ("torch-int8", "ct2-int8"), CLASSIFICATION: ("torch-int8", "onnx-int8"),
-                   CAUSAL: ("torch-int8", "ct2-int8")}
+DEFAULT_EXPORTS = {
+    SEQ2SEQ: ("torch-int8", "ct2-int8"),
+    CLASSIFICATION: ("torch-int8", "onnx-int8"),
+    CAUSAL: ("torch-int8", "ct2-int8"),
+}
 #: the report's files inside the output directory
 REPORT_JSON, REPORT_MD = "compress.json", "compress.md"
 
@@ -82,7 +100,9 @@ def compress_model(
     ``batch_size``, ``max_samples``, ``speed_samples``, ``repeats``, ``fixed_new_tokens``, ...).
     """
     if task not in COMPRESS_TASKS:
-        raise LmkdError(f"compress scores translation, summarization, classification or causal-lm, not {task!r}")
+        raise LmkdError(
+            f"compress scores translation, summarization, classification or causal-lm, not {task!r}"
+        )
     kind = TASK_KIND[task]
     dev = resolve_device(device)
     check_model_path(model)
@@ -95,34 +115,59 @@ def compress_model(
     for fmt in exports:
         engines.check_exportable(fmt, config, kind)
         if dev.type != "cpu" and fmt in ("torch-int8", "onnx", "onnx-int8"):
-            raise LmkdError(f"{fmt} runs on CPU only; use --device cpu (or export only ct2-* formats on {dev})")
+            raise LmkdError(
+                f"{fmt} runs on CPU only; use --device cpu (or export only ct2-* formats on {dev})"
+            )
     pruning.check_head_pruning(config, prune_heads)
     drops = any(x is not None for x in (layers, encoder_layers, decoder_layers))
     pruned = drops or prune_heads > 0
     if finetune_steps < 0:
         raise LmkdError(f"--finetune-steps must be >= 0, got {finetune_steps}")
     if finetune_steps and not pruned:
-        raise LmkdError("--finetune-steps fine-tunes the pruned model; ask for pruning (--prune-heads or "
-                        "--encoder-layers/--decoder-layers/--layers), or distil the student with lmkd distill")
+        raise LmkdError(
+            "--finetune-steps fine-tunes the pruned model; ask for pruning (--prune-heads or "
+            "--encoder-layers/--decoder-layers/--layers), or distil the student with lmkd distill"
+        )
     if (prune_heads or finetune_steps) and train is None:
-        raise LmkdError("--prune-heads and --finetune-steps need --train FILE: rows to score heads on and to "
-                        "fine-tune on (not the test rows)")
+        raise LmkdError(
+            "--prune-heads and --finetune-steps need --train FILE: rows to score heads on and to "
+            "fine-tune on (not the test rows)"
+        )
     if importance_rows < 1:
         raise LmkdError(f"--importance-rows must be at least 1, got {importance_rows}")
     src = source_column or DEFAULT_COLUMNS[task][0]
     tgt = target_column or DEFAULT_COLUMNS[task][1]
-    eval_args = DataArguments(task=task, train_file=data, source_column=src, target_column=tgt,
-                              source_prefix=source_prefix, max_source_length=max_source_length,
-                              max_target_length=max_target_length, **(dataset or {}))
-    eval_args.dashed_flags = True  # its errors name compress's flags (--split, --source-lang), not distill's keys
-    read_split(eval_args, "train", [src, tgt], flags=("--source-column", "--target-column"))  # one line now
+    eval_args = DataArguments(
+        task=task,
+        train_file=data,
+        source_column=src,
+        target_column=tgt,
+        source_prefix=source_prefix,
+        max_source_length=max_source_length,
+        max_target_length=max_target_length,
+        **(dataset or {}),
+    )
+    eval_args.dashed_flags = (
+        True  # its errors name compress's flags (--split, --source-lang), not distill's keys
+    )
+    read_split(
+        eval_args, "train", [src, tgt], flags=("--source-column", "--target-column")
+    )  # one line now
     train_args = None
     if train is not None:
-        train_args = DataArguments(task=task, train_file=train, source_column=src, target_column=tgt,
-                                   source_prefix=source_prefix, max_source_length=max_source_length,
-                                   max_target_length=max_target_length)
+        train_args = DataArguments(
+            task=task,
+            train_file=train,
+            source_column=src,
+            target_column=tgt,
+            source_prefix=source_prefix,
+            max_source_length=max_source_length,
+            max_target_length=max_target_length,
+        )
         read_split(train_args, "train", [src, tgt], flags=("--source-column", "--target-column"))
-    check_output(output, "--output", directory=True)  # (written at the end, after pruning and fine-tuning)
+    check_output(
+        output, "--output", directory=True
+    )  # (written at the end, after pruning and fine-tuning)
     check_fresh_dir(output, overwrite)
     tokenizer = load_tokenizer(model)
     student = load_model(model, kind=kind).eval()
@@ -135,10 +180,16 @@ def compress_model(
         # students built from a teacher)
         given = {"layers": layers, "encoder": encoder_layers, "decoder": decoder_layers}
         for name, (_, field) in stacks_of(config).items():
-            n = getattr(config, field, None) or config.num_layers  # T5 may leave num_decoder_layers unset
+            n = (
+                getattr(config, field, None) or config.num_layers
+            )  # T5 may leave num_decoder_layers unset
             given[name] = list(range(n)) if given[name] is None else given[name]
-        student = make_student(student, layers=given["layers"], encoder_layers=given["encoder"],
-                               decoder_layers=given["decoder"]).eval()
+        student = make_student(
+            student,
+            layers=given["layers"],
+            encoder_layers=given["encoder"],
+            decoder_layers=given["decoder"],
+        ).eval()
         prune_info["layer_map"] = student.config.lmkd_layer_map
         steps.append({"step": "drop layers", "kept": student.config.lmkd_layer_map})
 
@@ -147,38 +198,88 @@ def compress_model(
         last = model
         if pruned:
             if prune_heads:
-                importance = pruning.head_importance(student, _importance_batches(
-                    student, tokenizer, train_args, importance_rows, train_batch_size))
+                importance = pruning.head_importance(
+                    student,
+                    _importance_batches(
+                        student, tokenizer, train_args, importance_rows, train_batch_size
+                    ),
+                )
                 kept = pruning.prune_heads(student, prune_heads, importance)
                 scores = {k: [round(float(x), 6) for x in v] for k, v in importance.items()}
-                prune_info["heads"] = {"removed_per_layer": prune_heads, "kept": kept, "importance": scores}
-                steps.append({"step": "prune heads", "removed_per_layer": prune_heads,
-                              "importance_rows": importance_rows})
+                prune_info["heads"] = {
+                    "removed_per_layer": prune_heads,
+                    "kept": kept,
+                    "importance": scores,
+                }
+                steps.append(
+                    {
+                        "step": "prune heads",
+                        "removed_per_layer": prune_heads,
+                        "importance_rows": importance_rows,
+                    }
+                )
             prune_info["parameters"] = count_parameters(student)
             last = paths["pruned"] = os.path.join(tmp, "pruned")
             student.save_pretrained(last)
             tokenizer.save_pretrained(last)
             if finetune_steps:
                 last = paths["pruned-ft"] = os.path.join(tmp, "pruned-ft")
-                _finetune(paths["pruned"], last, teacher, train_args, finetune_steps, learning_rate, kd_alpha,
-                          kd_temperature, train_batch_size, seed, dev)
-                steps.append({"step": "fine-tune", "steps": finetune_steps, "teacher": teacher,
-                              "kd_alpha": kd_alpha if teacher else 0.0, "learning_rate": learning_rate})
+                _finetune(
+                    paths["pruned"],
+                    last,
+                    teacher,
+                    train_args,
+                    finetune_steps,
+                    learning_rate,
+                    kd_alpha,
+                    kd_temperature,
+                    train_batch_size,
+                    seed,
+                    dev,
+                )
+                steps.append(
+                    {
+                        "step": "fine-tune",
+                        "steps": finetune_steps,
+                        "teacher": teacher,
+                        "kd_alpha": kd_alpha if teacher else 0.0,
+                        "learning_rate": learning_rate,
+                    }
+                )
         del student
         for fmt in exports:
             paths[fmt] = os.path.join(tmp, fmt)
             engines.export(last, paths[fmt], fmt, kind)
-            steps.append({"step": "export", "format": fmt, "from": os.path.basename(last) if last != model else
-                          "student"})
+            steps.append(
+                {
+                    "step": "export",
+                    "format": fmt,
+                    "from": os.path.basename(last) if last != model else "student",
+                }
+            )
         result = evaluate_run.evaluate_models(
-            paths, data, task, teacher=teacher, dataset=dataset, source_column=source_column,
-            target_column=target_column, source_prefix=source_prefix, max_source_length=max_source_length,
-            max_target_length=max_target_length, device=str(dev), **evaluation)
+            paths,
+            data,
+            task,
+            teacher=teacher,
+            dataset=dataset,
+            source_column=source_column,
+            target_column=target_column,
+            source_prefix=source_prefix,
+            max_source_length=max_source_length,
+            max_target_length=max_target_length,
+            device=str(dev),
+            **evaluation,
+        )
         for label, m in result["models"].items():  # the paths the files will have
             if label in paths and label != "student":
                 m["path"] = os.path.join(output, os.path.relpath(paths[label], tmp))
-        result["compress"] = {"steps": steps, "pruning": prune_info, "exports": exports,
-                              "vs_student": vs_student(result)}
+        result["compress"] = {
+            "steps": steps,
+            "pruning": prune_info,
+            "exports": exports,
+            "vs_student": vs_student(result),
+        }
         write_report(result, os.path.join(tmp, REPORT_JSON))
     return result
 
@@ -195,17 +296,40 @@ def _importance_batches(model, tokenizer, train_args: DataArguments, rows: int, 
         yield {k: v.to(device) for k, v in batch.items() if hasattr(v, "to")}
 
 
-def _finetune(init: str, out: str, teacher: str | None, train_args: DataArguments, steps: int, lr: float,
-              kd_alpha: float, kd_temperature: float, batch_size: int, seed: int, dev) -> None:
+def _finetune(
+    init: str,
+    out: str,
+    teacher: str | None,
+    train_args: DataArguments,
+    steps: int,
+    lr: float,
+    kd_alpha: float,
+    kd_temperature: float,
+    batch_size: int,
+    seed: int,
+    dev,
+) -> None:
     from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.train.run import run_distill
 
     args = DistillationConfig(
-        output_dir=out, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
-        save_strategy="no", report_to="none", logging_steps=max(1, steps // 5), seed=seed, data_seed=seed,
-        dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=dev.type == "cpu",
-        kd_alpha=kd_alpha if teacher else 0.0, kd_temperature=kd_temperature,
-        teacher_model_name_or_path=teacher if teacher and kd_alpha > 0 else None, disable_tqdm=True)
+        output_dir=out,
+        max_steps=steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, steps // 5),
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=dev.type == "cpu",
+        kd_alpha=kd_alpha if teacher else 0.0,
+        kd_temperature=kd_temperature,
+        teacher_model_name_or_path=teacher if teacher and kd_alpha > 0 else None,
+        disable_tqdm=True,
+    )
     run_distill(ModelArguments(student_model_name_or_path=init), train_args, args)
 
 
@@ -238,21 +362,40 @@ def markdown(result: dict) -> str:
     vs = result["compress"]["vs_student"]
     per_token = any("speedup_per_token" in r for r in vs.values())
     head = ["model", f"{name} - student's", "bytes vs student", "parameters vs student"]
-    head += (["speed-up per token vs student"] if per_token else []) + ["speed-up (batch 1) vs student"]
+    head += (["speed-up per token vs student"] if per_token else []) + [
+        "speed-up (batch 1) vs student"
+    ]
     rows = []
     for label, r in vs.items():
-        row = [label, format(r[f"{primary}_difference"], "+.2f"), _ratio(r["bytes_ratio"]),
-               _ratio(r["parameters_ratio"])]
-        row += ([_times(r.get("speedup_per_token"))] if per_token else []) + [_times(r.get("speedup_latency"))]
+        row = [
+            label,
+            format(r[f"{primary}_difference"], "+.2f"),
+            _ratio(r["bytes_ratio"]),
+            _ratio(r["parameters_ratio"]),
+        ]
+        row += ([_times(r.get("speedup_per_token"))] if per_token else []) + [
+            _times(r.get("speedup_latency"))
+        ]
         rows.append(row)
-    lines = ["# lmkd compress", "", evaluate_run.markdown_table(result), "## Against the fp32 student", "",
-             report.markdown_table(head, rows), "", "## Steps", ""]
+    lines = [
+        "# lmkd compress",
+        "",
+        evaluate_run.markdown_table(result),
+        "## Against the fp32 student",
+        "",
+        report.markdown_table(head, rows),
+        "",
+        "## Steps",
+        "",
+    ]
     for step in result["compress"]["steps"]:
         lines.append("- " + ", ".join(f"{k}: {v}" for k, v in step.items()))
     heads = result["compress"]["pruning"].get("heads")
     if heads:
-        lines.append(f"- heads kept per attention module (of {heads['removed_per_layer']} removed): "
-                     + "; ".join(f"{k} {v}" for k, v in heads["kept"].items()))
+        lines.append(
+            f"- heads kept per attention module (of {heads['removed_per_layer']} removed): "
+            + "; ".join(f"{k} {v}" for k, v in heads["kept"].items())
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -267,5 +410,7 @@ def _times(x):
 def write_report(result: dict, json_path: str) -> str:
     """``compress.json`` at ``json_path`` and ``compress.md`` beside it; returns the markdown."""
     text = markdown(result)
-    report.write_report(result, text, json_path, os.path.join(os.path.dirname(json_path), REPORT_MD))
+    report.write_report(
+        result, text, json_path, os.path.join(os.path.dirname(json_path), REPORT_MD)
+    )
     return text

@@ -48,18 +48,26 @@ def unreadable(path: str, error: BaseException) -> str | None:
         A one-line message naming ``path``, or None.
     """
     if isinstance(error, EOFError):
-        return (f"data file {path} is truncated: its gzip stream ends before its end marker (a download or "
-                "copy cut short?); write or fetch it again")
+        return (
+            f"data file {path} is truncated: its gzip stream ends before its end marker (a download or "
+            "copy cut short?); write or fetch it again"
+        )
     if isinstance(error, gzip.BadGzipFile):
-        return (f"data file {path} is not gzip data although its name ends in .gz ({error}); rename or "
-                "recompress it")
+        return (
+            f"data file {path} is not gzip data although its name ends in .gz ({error}); rename or "
+            "recompress it"
+        )
     if isinstance(error, zlib.error):
-        return (f"data file {path} is corrupt: its gzip data cannot be decompressed ({error}); write or "
-                "fetch it again")
+        return (
+            f"data file {path} is corrupt: its gzip data cannot be decompressed ({error}); write or "
+            "fetch it again"
+        )
     if isinstance(error, UnicodeDecodeError):
-        byte = error.object[error.start:error.start + 1]
-        return (f"data file {path} is not UTF-8 text (byte {byte!r} at offset {error.start} of a block); "
-                "save it as UTF-8")
+        byte = error.object[error.start : error.start + 1]
+        return (
+            f"data file {path} is not UTF-8 text (byte {byte!r} at offset {error.start} of a block); "
+            "save it as UTF-8"
+        )
     return None
 
 
@@ -96,8 +104,10 @@ def _read_rows(path: str) -> list[dict]:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
-                raise LmkdError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                                "use a JSON list of objects or JSON lines") from e
+                raise LmkdError(
+                    f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                    "use a JSON list of objects or JSON lines"
+                ) from e
         else:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -105,10 +115,14 @@ def _read_rows(path: str) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise LmkdError(f"{path} line {lineno} is not JSON ({e.msg}); each line must be one JSON "
-                                    "object like {\"source\": ..., \"target\": ...}") from e
+                    raise LmkdError(
+                        f"{path} line {lineno} is not JSON ({e.msg}); each line must be one JSON "
+                        'object like {"source": ..., "target": ...}'
+                    ) from e
                 if not isinstance(row, dict):
-                    raise LmkdError(f"{path} line {lineno} is not a JSON object; each line must be one object")
+                    raise LmkdError(
+                        f"{path} line {lineno} is not a JSON object; each line must be one object"
+                    )
                 rows.append(row)
     if not rows:
         raise LmkdError(f"data file {path} is empty; it needs at least one row")
@@ -152,8 +166,10 @@ def check_fresh_dir(final: str, overwrite: bool = False) -> None:
     """Refuse a non-empty directory ``final`` unless ``overwrite`` (what :func:`atomic_dir` would
     replace), so a command can say so before its work instead of after it."""
     if os.path.isdir(final) and os.listdir(final) and not overwrite:
-        raise LmkdError(f"output directory {final} already exists and is not empty; choose another "
-                        "--output or pass --overwrite")
+        raise LmkdError(
+            f"output directory {final} already exists and is not empty; choose another "
+            "--output or pass --overwrite"
+        )
 
 
 @contextlib.contextmanager
@@ -181,9 +197,13 @@ def check_output(path: str, flag: str, directory: bool = False) -> None:
     tell a read-only mount, or what root may write."""
     path = os.path.abspath(path)
     if directory and os.path.exists(path) and not os.path.isdir(path):
-        raise LmkdError(f"{flag} {path} is a file, not a directory; choose a directory (it is made if missing)")
+        raise LmkdError(
+            f"{flag} {path} is a file, not a directory; choose a directory (it is made if missing)"
+        )
     if not directory and os.path.isdir(path):
-        raise LmkdError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+        raise LmkdError(
+            f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'eval.json')}"
+        )
     parent = path if directory and os.path.isdir(path) else os.path.dirname(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -193,8 +213,10 @@ def check_output(path: str, flag: str, directory: bool = False) -> None:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise LmkdError(f"{flag} {path} cannot be written: {parent} does not let files be made in it "
-                        f"({e.strerror or e}); choose another place") from e
+        raise LmkdError(
+            f"{flag} {path} cannot be written: {parent} does not let files be made in it "
+            f"({e.strerror or e}); choose another place"
+        ) from e
 
 
 @contextlib.contextmanager
@@ -224,8 +246,11 @@ def stable_hash(obj) -> str:
 def file_digest(path: str) -> str:
     """Content hash of a data file (or of every file under a directory, names included)."""
     h = hashlib.sha256()
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    paths = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    )
     for p in paths:
         h.update(os.path.relpath(p, path).encode())
         with open(p, "rb") as f:

@@ -52,7 +52,9 @@ def token_mask(inputs: dict, shift: bool = False) -> torch.Tensor:
     return mask[:, 1:] if shift else mask
 
 
-def position_masks(kind: str, inputs: dict, mlm_kd_positions: str = "all") -> tuple[torch.Tensor | None, torch.Tensor]:
+def position_masks(
+    kind: str, inputs: dict, mlm_kd_positions: str = "all"
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(CE mask, KD mask) over the shifted positions of a batch -- the logits' leading shape
     after the causal shift.  The CE mask is None when the batch has no labels.
 

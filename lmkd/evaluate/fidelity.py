@@ -25,22 +25,34 @@ import datasets
 import torch
 
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, TASK_KIND
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
 from lmkd.core.errors import LmkdError
+from lmkd.data.dataset import DataArguments, collator_for, tokenize
 from lmkd.data.positions import shifted, shifted_labels
 
 
-def token_batches(ds: datasets.Dataset, tokenizer, data_args: DataArguments, batch_size: int, model=None,
-                  seed: int = 0) -> Iterator[dict]:
+def token_batches(
+    ds: datasets.Dataset,
+    tokenizer,
+    data_args: DataArguments,
+    batch_size: int,
+    model=None,
+    seed: int = 0,
+) -> Iterator[dict]:
     """Collated batches of ``ds`` in order, tokenised for ``data_args.task`` by :func:`lmkd.data.dataset.tokenize`
     (the one truncation rule, fitted to ``model``: every model that will read them) and padded on
     the right; mlm batches are masked by the task's collator seeded with ``seed``."""
     if TASK_KIND[data_args.task] == CLASSIFICATION:
-        raise LmkdError("token-level scores are for causal-lm, mlm and seq2seq tasks, not classification")
+        raise LmkdError(
+            "token-level scores are for causal-lm, mlm and seq2seq tasks, not classification"
+        )
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.padding_side = "right"  # a causal LM without position ids reads left padding as a shift
+    tokenizer.padding_side = (
+        "right"  # a causal LM without position ids reads left padding as a shift
+    )
     rows = tokenize(ds, tokenizer, data_args, labelled=True, model=model)
-    collator = collator_for(data_args.task, tokenizer, mlm_probability=data_args.mlm_probability, seed=seed)
+    collator = collator_for(
+        data_args.task, tokenizer, mlm_probability=data_args.mlm_probability, seed=seed
+    )
     for i in range(0, len(rows), batch_size):
         yield collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
 
@@ -53,8 +65,9 @@ def _log_probs(model, batch: dict, kind: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
-                 teacher: str | None = None) -> dict[str, dict[str, float]]:
+def score_tokens(
+    models: Mapping[str, torch.nn.Module], batches, task: str, teacher: str | None = None
+) -> dict[str, dict[str, float]]:
     """Per label of ``models``: ``tokens`` scored, ``ce`` (mean token cross-entropy, nats) and
     ``perplexity``; with ``teacher`` (one of the labels) also ``top1_agreement`` (%) and
     ``kl_to_teacher`` (mean KL(teacher || model) per token, nats).  The models must share one
@@ -62,11 +75,17 @@ def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
     kind = TASK_KIND[task]
     if teacher is not None and teacher not in models:
         raise LmkdError(f"teacher {teacher!r} is not one of the models scored")
-    engines = {k for k, m in models.items() if hasattr(m, "token_log_probs")}  # target log-probs, no logits
+    engines = {
+        k for k, m in models.items() if hasattr(m, "token_log_probs")
+    }  # target log-probs, no logits
     if engines and kind != CAUSAL:
-        raise LmkdError(f"{', '.join(sorted(engines))}: an engine's token log-probs score causal LMs only")
+        raise LmkdError(
+            f"{', '.join(sorted(engines))}: an engine's token log-probs score causal LMs only"
+        )
     if teacher in engines:
-        raise LmkdError(f"the teacher {teacher!r} must give logits (a PyTorch model), not only token log-probs")
+        raise LmkdError(
+            f"the teacher {teacher!r} must give logits (a PyTorch model), not only token log-probs"
+        )
     sums = {k: {"ce": 0.0, "agree": 0, "kl": 0.0} for k in models}
     n = 0
     for batch in batches:
@@ -84,22 +103,35 @@ def score_tokens(models: Mapping[str, torch.nn.Module], batches, task: str,
                 lp = model.token_log_probs(batch["input_ids"], batch.get("attention_mask"))
                 sums[label]["ce"] -= float(lp[mask.cpu()].sum())
                 continue
-            lp = ref if label == teacher else _log_probs(model, batch, kind)[mask.to(model.device)].cpu()
+            lp = (
+                ref
+                if label == teacher
+                else _log_probs(model, batch, kind)[mask.to(model.device)].cpu()
+            )
             if ref is not None and lp.shape[-1] != ref.shape[-1]:
-                raise LmkdError(f"{label} has {lp.shape[-1]} logits per token but the teacher {ref.shape[-1]}; "
-                                "fidelity needs one vocabulary")
+                raise LmkdError(
+                    f"{label} has {lp.shape[-1]} logits per token but the teacher {ref.shape[-1]}; "
+                    "fidelity needs one vocabulary"
+                )
             sums[label]["ce"] -= float(lp.gather(-1, target[:, None]).sum())
             if ref is not None:
                 sums[label]["agree"] += int(lp.argmax(-1).eq(ref.argmax(-1)).sum())
                 sums[label]["kl"] += float((ref.exp() * (ref - lp)).sum())
     if n == 0:
-        raise LmkdError("no token to score: every row is empty after tokenising"
-                        + (" (mlm: no token was masked; more rows or a larger mlm_probability)" if task == "mlm"
-                           else ""))
+        raise LmkdError(
+            "no token to score: every row is empty after tokenising"
+            + (
+                " (mlm: no token was masked; more rows or a larger mlm_probability)"
+                if task == "mlm"
+                else ""
+            )
+        )
     out = {}
     for label, s in sums.items():
         ce = s["ce"] / n
         out[label] = {"tokens": n, "ce": ce, "perplexity": math.exp(ce)}
         if teacher is not None and label not in engines:
-            out[label].update({"top1_agreement": 100.0 * s["agree"] / n, "kl_to_teacher": max(s["kl"] / n, 0.0)})
+            out[label].update(
+                {"top1_agreement": 100.0 * s["agree"] / n, "kl_to_teacher": max(s["kl"] / n, 0.0)}
+            )
     return out

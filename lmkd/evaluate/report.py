@@ -98,7 +98,9 @@ class Curve:
     values: Sequence[float]
 
 
-def padded_range(lo: float, hi: float, min_span: float, floor: float | None = None) -> tuple[float, float]:
+def padded_range(
+    lo: float, hi: float, min_span: float, floor: float | None = None
+) -> tuple[float, float]:
     """An axis range holding ``lo``..``hi`` with 10% margins, at least ``min_span`` wide (centred on
     the data), starting at ``floor`` (less a 3% sliver) when it would go below: a plot of scores
     0.004 apart does not fill the axis with noise.
@@ -116,7 +118,9 @@ def padded_range(lo: float, hi: float, min_span: float, floor: float | None = No
     width = max(span * 1.2, min_span)
     mid = (lo + hi) / 2
     a, b = mid - width / 2, mid + width / 2
-    if floor is not None and a < floor:  # start at the floor, with a sliver below it so markers on it show
+    if (
+        floor is not None and a < floor
+    ):  # start at the floor, with a sliver below it so markers on it show
         a, b = floor - 0.03 * width, floor + 0.97 * width
     return a, b
 
@@ -124,9 +128,19 @@ def padded_range(lo: float, hi: float, min_span: float, floor: float | None = No
 _MARKERS = "osD^vP<>Xh"
 
 
-def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, ylabel: str, title: str,
-                       min_score_span: float = 5.0, curves: Sequence[Curve] = (), curve_ylabel: str = "",
-                       curve_title: str = "students' validation curves", note: str = "") -> None:
+def plot_quality_speed(
+    points: Sequence[PlotPoint],
+    path: str,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    min_score_span: float = 5.0,
+    curves: Sequence[Curve] = (),
+    curve_ylabel: str = "",
+    curve_title: str = "students' validation curves",
+    note: str = "",
+) -> None:
     """A PNG of up to three panels.
 
     The panels: each model's score with its error bars, one row per model (students of one size
@@ -165,7 +179,13 @@ def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, y
         if p.teacher:
             styles.append(dict(marker="*", color="black", markersize=14))
         else:
-            styles.append(dict(marker=_MARKERS[student % len(_MARKERS)], color=colours(student % 10), markersize=8))
+            styles.append(
+                dict(
+                    marker=_MARKERS[student % len(_MARKERS)],
+                    color=colours(student % 10),
+                    markersize=8,
+                )
+            )
             student += 1
     lows = [p.score - (p.score_err[0] if p.score_err else 0) for p in points]
     highs = [p.score + (p.score_err[1] if p.score_err else 0) for p in points]
@@ -185,7 +205,16 @@ def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, y
     for p, style in zip(points, styles):
         yerr = None if p.score_err is None else [[p.score_err[0]], [p.score_err[1]]]
         xerr = None if p.speed_err is None else [[p.speed_err[0]], [p.speed_err[1]]]
-        ax.errorbar([p.speed], [p.score], yerr=yerr, xerr=xerr, linestyle="none", capsize=3, label=p.label, **style)
+        ax.errorbar(
+            [p.speed],
+            [p.score],
+            yerr=yerr,
+            xerr=xerr,
+            linestyle="none",
+            capsize=3,
+            label=p.label,
+            **style,
+        )
     if points:
         ax.set_ylim(*score_range)
         xs_lo = [p.speed - (p.speed_err[0] if p.speed_err else 0) for p in points]
@@ -204,7 +233,9 @@ def plot_quality_speed(points: Sequence[PlotPoint], path: str, *, xlabel: str, y
         cx.set_ylabel(curve_ylabel)
         cx.set_title(curve_title, fontsize=10)
         cx.grid(alpha=0.3)
-        cx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        cx.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False
+        )
     if note:
         fig.text(0.01, 0.005, note, fontsize=7, ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))

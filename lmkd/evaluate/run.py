@@ -14,23 +14,37 @@ from collections.abc import Mapping
 
 import torch
 
-from lmkd.models import engines, generation
-from lmkd.evaluate import fidelity, report
-from lmkd.scoring import metrics
 from lmkd.core.constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
-from lmkd.data.dataset import DataArguments, read_split
 from lmkd.core.errors import LmkdError
+from lmkd.data.dataset import DataArguments, read_split
+from lmkd.evaluate import fidelity, report
+from lmkd.evaluate.report import format_cell
+from lmkd.models import engines, generation
 from lmkd.models.loading import check_same_tokenizer, resolve_device
 from lmkd.models.truncation import describe_truncation, fit_length
-from lmkd.evaluate.report import format_cell
+from lmkd.scoring import metrics
 
 logger = logging.getLogger(__name__)
 
 #: the score quality is retained against and plotted, per task
-PRIMARY_METRIC = {"translation": "bleu", "summarization": "rouge2", "classification": "accuracy",
-                  "causal-lm": "perplexity", "mlm": "perplexity"}
-METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
-                "rougeLsum": "ROUGE-Lsum", "accuracy": "accuracy", "macro_f1": "macro-F1", "perplexity": "perplexity"}
+PRIMARY_METRIC = {
+    "translation": "bleu",
+    "summarization": "rouge2",
+    "classification": "accuracy",
+    "causal-lm": "perplexity",
+    "mlm": "perplexity",
+}
+METRIC_NAMES = {
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "rougeLsum": "ROUGE-Lsum",
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "perplexity": "perplexity",
+}
 #: scores where lower is better: quality retained is teacher / student (100% when equal)
 LOWER_IS_BETTER = ("perplexity",)
 #: every task ``lmkd evaluate`` scores
@@ -43,7 +57,9 @@ def _labels(values, model) -> list[int]:
     out = []
     for v in values:
         if isinstance(v, bool) or v is None:
-            raise LmkdError(f"label {v!r} is not a class id; labels must be integers or the model's label names")
+            raise LmkdError(
+                f"label {v!r} is not a class id; labels must be integers or the model's label names"
+            )
         if isinstance(v, int):
             out.append(v)
         elif str(v).strip().lstrip("-").isdigit():
@@ -51,35 +67,67 @@ def _labels(values, model) -> list[int]:
         elif str(v) in label2id:
             out.append(label2id[str(v)])
         else:
-            raise LmkdError(f"label {v!r} is neither an integer nor one of the model's labels "
-                            f"({', '.join(label2id) or 'none'}); use class ids 0..N-1")
+            raise LmkdError(
+                f"label {v!r} is neither an integer nor one of the model's labels "
+                f"({', '.join(label2id) or 'none'}); use class ids 0..N-1"
+            )
     return out
 
 
-quality = metrics.quality  # (scores, signatures) of a task's predictions: also what training reports
+quality = (
+    metrics.quality
+)  # (scores, signatures) of a task's predictions: also what training reports
 
 
-def runner_for(task: str, model, tokenizer, *, num_beams: int = 4, max_new_tokens: int = 128,
-               max_source_length: int = 512):
+def runner_for(
+    task: str,
+    model,
+    tokenizer,
+    *,
+    num_beams: int = 4,
+    max_new_tokens: int = 128,
+    max_source_length: int = 512,
+):
     """A function from a list of inputs to predictions, in one batch, no progress bar: what
     :func:`lmkd.scoring.metrics.measure_speed` times."""
     if task in LM_EVAL_TASKS:
         length = fit_length(max_source_length, model, tokenizer, "inputs")
-        return lambda xs: model(**tokenizer(xs, padding=True, truncation=length is not None, max_length=length,
-                                            return_tensors="pt").to(model.device))
+        return lambda xs: model(
+            **tokenizer(
+                xs,
+                padding=True,
+                truncation=length is not None,
+                max_length=length,
+                return_tensors="pt",
+            ).to(model.device)
+        )
     if task == "classification":
-        return lambda xs: generation.classify(model, tokenizer, xs, batch_size=max(len(xs), 1),
-                                              max_source_length=max_source_length, progress=False)
-    return lambda xs: generation.generate_texts(model, tokenizer, xs, num_beams=num_beams,
-                                                max_new_tokens=max_new_tokens, batch_size=max(len(xs), 1),
-                                                max_source_length=max_source_length, progress=False)
+        return lambda xs: generation.classify(
+            model,
+            tokenizer,
+            xs,
+            batch_size=max(len(xs), 1),
+            max_source_length=max_source_length,
+            progress=False,
+        )
+    return lambda xs: generation.generate_texts(
+        model,
+        tokenizer,
+        xs,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        batch_size=max(len(xs), 1),
+        max_source_length=max_source_length,
+        progress=False,
+    )
 
 
 def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: int = 512):
     """A function from one input to the number of tokens decoded when exactly ``new_tokens`` are
     forced (greedy, batch 1): what :func:`lmkd.scoring.metrics.measure_speed` times per token."""
-    return lambda x: generation.generate_fixed_length(model, tokenizer, x, new_tokens,
-                                                      max_source_length=max_source_length)
+    return lambda x: generation.generate_fixed_length(
+        model, tokenizer, x, new_tokens, max_source_length=max_source_length
+    )
 
 
 def evaluate_models(
@@ -140,10 +188,14 @@ def evaluate_models(
         raise LmkdError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
     if speed_samples < 0 or (speed_samples > 0 and repeats < 1):
         # (speed is measured after all the scoring: find out now)
-        raise LmkdError(f"--speed-samples must be >= 0 (0: no speed), and with speed --repeats >= 1; got "
-                        f"--speed-samples {speed_samples}, --repeats {repeats}")
+        raise LmkdError(
+            f"--speed-samples must be >= 0 (0: no speed), and with speed --repeats >= 1; got "
+            f"--speed-samples {speed_samples}, --repeats {repeats}"
+        )
     if fixed_new_tokens is not None and fixed_new_tokens < 0:
-        raise LmkdError(f"fixed_new_tokens must be >= 0 (0: no per-token speed), got {fixed_new_tokens}")
+        raise LmkdError(
+            f"fixed_new_tokens must be >= 0 (0: no per-token speed), got {fixed_new_tokens}"
+        )
     if isinstance(models, str):
         models = {"student": models}
     models = dict(models)
@@ -153,20 +205,34 @@ def evaluate_models(
         if "teacher" in models:
             raise LmkdError("'teacher' is reserved for the teacher; give the students other labels")
         models["teacher"] = teacher
-    dev = resolve_device(device)  # before any data or model loads: `--device cuda` on a CPU machine is one line
+    dev = resolve_device(
+        device
+    )  # before any data or model loads: `--device cuda` on a CPU machine is one line
     src, tgt = source_column or DEFAULT_COLUMNS[task][0], target_column or DEFAULT_COLUMNS[task][1]
     lm = task in LM_EVAL_TASKS
     if lm and not 0.0 < mlm_probability < 1.0:
         raise LmkdError(f"--mlm-probability must be in (0, 1), got {mlm_probability}")
-    data_args = DataArguments(task=task, train_file=data, source_column=src, target_column=tgt,
-                              source_prefix=source_prefix, max_source_length=max_source_length,
-                              max_target_length=max_target_length, mlm_probability=mlm_probability,
-                              **(dataset or {}))
-    data_args.dashed_flags = True  # its errors name evaluate's flags (--split, --source-lang), not distill's keys
+    data_args = DataArguments(
+        task=task,
+        train_file=data,
+        source_column=src,
+        target_column=tgt,
+        source_prefix=source_prefix,
+        max_source_length=max_source_length,
+        max_target_length=max_target_length,
+        mlm_probability=mlm_probability,
+        **(dataset or {}),
+    )
+    data_args.dashed_flags = (
+        True  # its errors name evaluate's flags (--split, --source-lang), not distill's keys
+    )
     ds = read_split(data_args, "train", [src, tgt], flags=("--source-column", "--target-column"))
     if data is None:
-        data = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
-                                              else "") + f" [{data_args.train_split}]"
+        data = (
+            f"{data_args.dataset_name}"
+            + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+            + f" [{data_args.train_split}]"
+        )
     if max_samples is not None:
         if max_samples < 1:
             raise LmkdError("--max-samples must be at least 1")
@@ -176,74 +242,151 @@ def evaluate_models(
     kind = TASK_KIND[task]
 
     loaded = {}
-    for label, path in models.items():  # an HF model, or an export run by its engine (lmkd.models.engines)
+    for (
+        label,
+        path,
+    ) in models.items():  # an HF model, or an export run by its engine (lmkd.models.engines)
         model, tokenizer = engines.load(path, kind, dtype=dtype, device=dev)
-        if lm and tokenizer.pad_token is None:  # GPT-2: batches pad with EOS (masked out of every score)
+        if (
+            lm and tokenizer.pad_token is None
+        ):  # GPT-2: batches pad with EOS (masked out of every score)
             tokenizer.pad_token = tokenizer.eos_token
         loaded[label] = (model, tokenizer)
 
     result: dict = {
-        "task": task, "data": data, "n_examples": len(sources), "primary_metric": PRIMARY_METRIC[task],
+        "task": task,
+        "data": data,
+        "n_examples": len(sources),
+        "primary_metric": PRIMARY_METRIC[task],
         "teacher": "teacher" if teacher is not None else None,
-        "settings": {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "source_column": src, "target_column": tgt, "source_prefix": source_prefix,
-                     "max_source_length": max_source_length, "device": str(dev), "dtype": dtype or "auto",
-                     **({"mlm_probability": mlm_probability, "seed": seed} if task == "mlm" else {}),
-                     **({"max_target_length": max_target_length} if kind == SEQ2SEQ and teacher else {}),
-                     "fixed_new_tokens": (None if task == "classification" or lm
-                                          else max_new_tokens if fixed_new_tokens is None else fixed_new_tokens or None),
-                     "torch": torch.__version__},
-        "signatures": {}, "models": {}, "predictions": {},
+        "settings": {
+            "num_beams": num_beams,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "source_column": src,
+            "target_column": tgt,
+            "source_prefix": source_prefix,
+            "max_source_length": max_source_length,
+            "device": str(dev),
+            "dtype": dtype or "auto",
+            **({"mlm_probability": mlm_probability, "seed": seed} if task == "mlm" else {}),
+            **({"max_target_length": max_target_length} if kind == SEQ2SEQ and teacher else {}),
+            "fixed_new_tokens": (
+                None
+                if task == "classification" or lm
+                else max_new_tokens
+                if fixed_new_tokens is None
+                else fixed_new_tokens or None
+            ),
+            "torch": torch.__version__,
+        },
+        "signatures": {},
+        "models": {},
+        "predictions": {},
     }
 
-    tokens = (token_scores(loaded, ds, data_args, batch_size, "teacher" if teacher else None, seed)
-              if lm or (kind == SEQ2SEQ and teacher is not None) else {})
+    tokens = (
+        token_scores(loaded, ds, data_args, batch_size, "teacher" if teacher else None, seed)
+        if lm or (kind == SEQ2SEQ and teacher is not None)
+        else {}
+    )
     for label, (model, tokenizer) in loaded.items():
         truncation: dict = {}  # what lmkd.models.truncation's rule cut for this model: reported once, here
         if lm:
             preds, refs = None, None
         elif task == "classification":
             refs = _labels(references, model)
-            preds = generation.classify(model, tokenizer, sources, batch_size=batch_size,
-                                        max_source_length=max_source_length, progress=progress, desc=label,
-                                        stats=truncation)
+            preds = generation.classify(
+                model,
+                tokenizer,
+                sources,
+                batch_size=batch_size,
+                max_source_length=max_source_length,
+                progress=progress,
+                desc=label,
+                stats=truncation,
+            )
         else:
             refs = [str(r) for r in references]
-            preds = generation.generate_texts(model, tokenizer, sources, num_beams=num_beams,
-                                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                              max_source_length=max_source_length, progress=progress, desc=label,
-                                              stats=truncation)
+            preds = generation.generate_texts(
+                model,
+                tokenizer,
+                sources,
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                max_source_length=max_source_length,
+                progress=progress,
+                desc=label,
+                stats=truncation,
+            )
         for note in truncation.values():
-            (logger.warning if note["truncated"] else logger.info)("%s: %s", label, describe_truncation(note))
-        scores, signatures = ({"perplexity": tokens[label]["perplexity"]}, {}) if lm else quality(task, preds, refs)
+            (logger.warning if note["truncated"] else logger.info)(
+                "%s: %s", label, describe_truncation(note)
+            )
+        scores, signatures = (
+            ({"perplexity": tokens[label]["perplexity"]}, {}) if lm else quality(task, preds, refs)
+        )
         result["signatures"].update(signatures)
         if not lm:
             result["predictions"][label] = preds
         result["models"][label] = {
-            "path": str(models[label]), "role": "teacher" if label == result["teacher"] else "student",
-            "quality": scores, "truncation": truncation,
-            "size": {"parameters": engines.parameters(model),
-                     "bytes_on_disk": engines.weights_bytes(str(models[label]))},
+            "path": str(models[label]),
+            "role": "teacher" if label == result["teacher"] else "student",
+            "quality": scores,
+            "truncation": truncation,
+            "size": {
+                "parameters": engines.parameters(model),
+                "bytes_on_disk": engines.weights_bytes(str(models[label])),
+            },
         }
         if label in tokens:
             result["models"][label]["fidelity"] = tokens[label]
         if kind == SEQ2SEQ:
             lengths = generation.output_lengths(tokenizer, preds)
-            result["models"][label]["output_tokens"] = {"mean": sum(lengths) / len(lengths), "max": max(lengths)}
+            result["models"][label]["output_tokens"] = {
+                "mean": sum(lengths) / len(lengths),
+                "max": max(lengths),
+            }
 
     if speed_samples > 0:
         speed_inputs = sources[:speed_samples]
-        logger.info("measuring speed of %s on %d examples (%d repeats)", ", ".join(loaded), len(speed_inputs),
-                    repeats)
-        runners = {k: runner_for(task, m, t, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                 max_source_length=max_source_length) for k, (m, t) in loaded.items()}
+        logger.info(
+            "measuring speed of %s on %d examples (%d repeats)",
+            ", ".join(loaded),
+            len(speed_inputs),
+            repeats,
+        )
+        runners = {
+            k: runner_for(
+                task,
+                m,
+                t,
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                max_source_length=max_source_length,
+            )
+            for k, (m, t) in loaded.items()
+        }
         fixed = result["settings"]["fixed_new_tokens"]
-        token_runners = ({k: fixed_length_runner(m, t, fixed, max_source_length=max_source_length)
-                          for k, (m, t) in loaded.items()} if fixed else None)
-        speed = metrics.measure_speed(runners, speed_inputs,
-                                      batch_size=batch_size, latency_examples=latency_samples, repeats=repeats,
-                                      devices={k: dev for k in loaded}, token_runners=token_runners,
-                                      closers={k: m.close for k, (m, _) in loaded.items() if hasattr(m, "close")})
+        token_runners = (
+            {
+                k: fixed_length_runner(m, t, fixed, max_source_length=max_source_length)
+                for k, (m, t) in loaded.items()
+            }
+            if fixed
+            else None
+        )
+        speed = metrics.measure_speed(
+            runners,
+            speed_inputs,
+            batch_size=batch_size,
+            latency_examples=latency_samples,
+            repeats=repeats,
+            devices={k: dev for k in loaded},
+            token_runners=token_runners,
+            closers={k: m.close for k, (m, _) in loaded.items() if hasattr(m, "close")},
+        )
         for label in loaded:
             result["models"][label]["speed"] = speed[label]
 
@@ -252,14 +395,23 @@ def evaluate_models(
         for label, m in result["models"].items():
             if label == "teacher":
                 continue
-            vs: dict = {"retained_%": {k: retained(k, v, t["quality"][k]) for k, v in m["quality"].items()},
-                        "parameters_ratio": (m["size"]["parameters"] / t["size"]["parameters"]
-                                     if m["size"]["parameters"] and t["size"]["parameters"] else None)}
+            vs: dict = {
+                "retained_%": {k: retained(k, v, t["quality"][k]) for k, v in m["quality"].items()},
+                "parameters_ratio": (
+                    m["size"]["parameters"] / t["size"]["parameters"]
+                    if m["size"]["parameters"] and t["size"]["parameters"]
+                    else None
+                ),
+            }
             if "speed" in m:
                 vs["speedup_latency"] = t["speed"]["latency_ms"] / m["speed"]["latency_ms"]
-                vs["speedup_throughput"] = m["speed"]["throughput_per_s"] / t["speed"]["throughput_per_s"]
+                vs["speedup_throughput"] = (
+                    m["speed"]["throughput_per_s"] / t["speed"]["throughput_per_s"]
+                )
                 if "ms_per_token" in m["speed"]:
-                    vs["speedup_per_token"] = t["speed"]["ms_per_token"] / m["speed"]["ms_per_token"]
+                    vs["speedup_per_token"] = (
+                        t["speed"]["ms_per_token"] / m["speed"]["ms_per_token"]
+                    )
             m["vs_teacher"] = vs
     return result
 
@@ -270,8 +422,9 @@ def retained(metric: str, student: float, teacher: float) -> float | None:
     return 100.0 * num / den if den else None
 
 
-def token_scores(loaded: dict, ds, data_args: DataArguments, batch_size: int, teacher: str | None,
-                 seed: int) -> dict[str, dict]:
+def token_scores(
+    loaded: dict, ds, data_args: DataArguments, batch_size: int, teacher: str | None, seed: int
+) -> dict[str, dict]:
     """:func:`lmkd.evaluate.fidelity.score_tokens` of every loaded ``(model, tokenizer)`` on ``ds``: in one
     pass over the same batches with fidelity to ``teacher`` when all share its tokenizer, else each
     on its own tokenisation (perplexity only)."""
@@ -283,14 +436,15 @@ def token_scores(loaded: dict, ds, data_args: DataArguments, batch_size: int, te
         teacher = None
     if teacher is not None:
         try:
-            for label, (_, tok) in loaded.items():
+            for _, tok in loaded.values():
                 check_same_tokenizer(tok, loaded[teacher][1])
         except LmkdError as e:
             logger.warning("no fidelity figures: %s", e)
             teacher = None
     if teacher is not None:
-        batches = fidelity.token_batches(ds, loaded[teacher][1], data_args, batch_size, model=list(models.values()),
-                                          seed=seed)
+        batches = fidelity.token_batches(
+            ds, loaded[teacher][1], data_args, batch_size, model=list(models.values()), seed=seed
+        )
         return fidelity.score_tokens(models, batches, data_args.task, teacher=teacher)
     if TASK_KIND[data_args.task] == SEQ2SEQ:
         return {}
@@ -313,13 +467,18 @@ def markdown_table(result: dict) -> str:
     has_len = all("output_tokens" in m for m in result["models"].values())
     has_teacher = result["teacher"] is not None
     # models run by an inference engine have no logits for teacher-forced scores: a dash in their row
-    has_fidelity = has_teacher and any("top1_agreement" in m.get("fidelity", {}) for m in result["models"].values())
+    has_fidelity = has_teacher and any(
+        "top1_agreement" in m.get("fidelity", {}) for m in result["models"].values()
+    )
     seq2seq = result["task"] not in LM_EVAL_TASKS + ("classification",)
     bs = result["settings"]["batch_size"]
     fixed = result["settings"].get("fixed_new_tokens")
     head = ["model"] + [METRIC_NAMES[n] for n in names]
     if has_fidelity:
-        head += (["perplexity (teacher-forced)"] if seq2seq else []) + ["top-1 agreement %", "KL to teacher"]
+        head += (["perplexity (teacher-forced)"] if seq2seq else []) + [
+            "top-1 agreement %",
+            "KL to teacher",
+        ]
     head += ["parameters", "MB on disk"]
     if has_len:
         head += ["output tokens (mean)"]
@@ -340,50 +499,82 @@ def markdown_table(result: dict) -> str:
         if has_fidelity:
             f = m.get("fidelity", {})
             row += ([format_cell(f.get("perplexity"))] if seq2seq else []) + [
-                format_cell(f.get("top1_agreement")), format_cell(f.get("kl_to_teacher"), ".4f")]
-        row += [format_cell(size["parameters"], ","),
-                format_cell(size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f")]
+                format_cell(f.get("top1_agreement")),
+                format_cell(f.get("kl_to_teacher"), ".4f"),
+            ]
+        row += [
+            format_cell(size["parameters"], ","),
+            format_cell(
+                size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f"
+            ),
+        ]
         if has_len:
             row += [format_cell(m["output_tokens"]["mean"], ".1f")]
         if per_token:
             row += [format_cell(m["speed"]["ms_per_token"], ".2f")]
         if has_speed:
-            row += [format_cell(m["speed"]["latency_ms"], ".1f"), format_cell(m["speed"]["throughput_per_s"], ".1f")]
+            row += [
+                format_cell(m["speed"]["latency_ms"], ".1f"),
+                format_cell(m["speed"]["throughput_per_s"], ".1f"),
+            ]
         if has_teacher:
             vs = m.get("vs_teacher")
             row += [format_cell(vs["retained_%"][primary], ".1f") if vs else "100 (teacher)"]
             if per_token:
                 row += [f"{vs['speedup_per_token']:.2f}x" if vs else "1x"]
             if has_speed:
-                row += [f"{vs['speedup_latency']:.2f}x" if vs else "1x",
-                        f"{vs['speedup_throughput']:.2f}x" if vs else "1x"]
+                row += [
+                    f"{vs['speedup_latency']:.2f}x" if vs else "1x",
+                    f"{vs['speedup_throughput']:.2f}x" if vs else "1x",
+                ]
         rows.append(row)
     s = result["settings"]
-    notes = [f"{result['task']} on {result['data']} ({result['n_examples']} examples)"
-             + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if seq2seq else "")
-             + (f", {s['mlm_probability']:g} of the tokens masked (seed {s['seed']})" if result["task"] == "mlm"
-                else "") + f", {s['device']}."]
+    notes = [
+        f"{result['task']} on {result['data']} ({result['n_examples']} examples)"
+        + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if seq2seq else "")
+        + (
+            f", {s['mlm_probability']:g} of the tokens masked (seed {s['seed']})"
+            if result["task"] == "mlm"
+            else ""
+        )
+        + f", {s['device']}."
+    ]
     if has_fidelity:
-        n = next(m["fidelity"]["tokens"] for m in result["models"].values() if "top1_agreement" in m.get("fidelity", {}))
-        notes.append(f"Fidelity over {n} scored tokens" + (" (teacher-forced on the references)" if seq2seq else "")
-                     + ": top-1 agreement = % of positions where the model's argmax is the teacher's; "
-                     "KL to teacher = mean KL(teacher || model) per token, nats.")
+        n = next(
+            m["fidelity"]["tokens"]
+            for m in result["models"].values()
+            if "top1_agreement" in m.get("fidelity", {})
+        )
+        notes.append(
+            f"Fidelity over {n} scored tokens"
+            + (" (teacher-forced on the references)" if seq2seq else "")
+            + ": top-1 agreement = % of positions where the model's argmax is the teacher's; "
+            "KL to teacher = mean KL(teacher || model) per token, nats."
+        )
     for k, sig in result["signatures"].items():
         notes.append(f"{k} signature: {sig}")
     for label, m in result["models"].items():  # only what the one truncation rule actually cut
-        notes += [f"{label}: {describe_truncation(n)}." for n in m.get("truncation", {}).values() if n["truncated"]]
+        notes += [
+            f"{label}: {describe_truncation(n)}."
+            for n in m.get("truncation", {}).values()
+            if n["truncated"]
+        ]
     if has_speed:
         sp = next(iter(result["models"].values()))["speed"]
-        notes.append(f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
-                     f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}.")
+        notes.append(
+            f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
+            f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}."
+        )
         busy = metrics.busy_warning(sp)
         if busy:
             notes.append(busy)
         if per_token:
-            notes.append(f"ms/token: greedy decoding of exactly {fixed} new tokens per example (EOS held off), batch 1, "
-                         "the same latency examples -- the architecture's speed, whatever the length of a model's "
-                         "own outputs; latency per example also counts how long those outputs are "
-                         "(output tokens: mean over the scored rows).")
+            notes.append(
+                f"ms/token: greedy decoding of exactly {fixed} new tokens per example (EOS held off), batch 1, "
+                "the same latency examples -- the architecture's speed, whatever the length of a model's "
+                "own outputs; latency per example also counts how long those outputs are "
+                "(output tokens: mean over the scored rows)."
+            )
     return report.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -395,12 +586,22 @@ def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> 
         raise LmkdError("--plot needs speed measurements; do not pass --speed-samples 0")
     per_token = all("ms_per_token" in m["speed"] for m in result["models"].values())
     key = "ms_per_token" if per_token else "latency_ms"
-    points = [report.PlotPoint(label, m["speed"][key], m["quality"][metric], m["role"] == "teacher")
-              for label, m in result["models"].items()]
-    xlabel = (f"ms per token, {result['settings']['fixed_new_tokens']} tokens forced, batch 1" if per_token
-              else "latency per example, batch 1 (ms)")
-    report.plot_quality_speed(points, path, xlabel=xlabel, ylabel=METRIC_NAMES.get(metric, metric),
-                              title=f"{result['task']}: quality against speed")
+    points = [
+        report.PlotPoint(label, m["speed"][key], m["quality"][metric], m["role"] == "teacher")
+        for label, m in result["models"].items()
+    ]
+    xlabel = (
+        f"ms per token, {result['settings']['fixed_new_tokens']} tokens forced, batch 1"
+        if per_token
+        else "latency per example, batch 1 (ms)"
+    )
+    report.plot_quality_speed(
+        points,
+        path,
+        xlabel=xlabel,
+        ylabel=METRIC_NAMES.get(metric, metric),
+        title=f"{result['task']}: quality against speed",
+    )
 
 
 def write_report(result: dict, output: str | None = None, plot: str | None = None) -> str:

@@ -15,10 +15,23 @@ Every public name of the six is importable from ``lmkd.losses``; the conventions
 positions, float32 softmaxes, tau^2 scaling) are written in :mod:`lmkd.losses.token`.
 """
 
-from lmkd.losses.chunked import Head, LazyLogits, auto_chunk_size, chunked_cross_entropy, chunked_distill_loss, chunked_kd_loss
-from lmkd.losses.fused import fused_linear_distill_loss
+from lmkd.losses.chunked import (
+    Head,
+    LazyLogits,
+    auto_chunk_size,
+    chunked_cross_entropy,
+    chunked_distill_loss,
+    chunked_kd_loss,
+)
 from lmkd.losses.feature import *
+from lmkd.losses.fused import fused_linear_distill_loss
 from lmkd.losses.token import *
-from lmkd.losses.token import IGNORE_INDEX, KD_LOSSES, PLAIN_KD_LOSSES, TaidSchedule, at_least_float32
-from lmkd.losses.uld import CROSS_KD_LOSSES, cross_kd_loss, sorted_l1, uld_hybrid_loss, uld_loss
+from lmkd.losses.token import (
+    IGNORE_INDEX,
+    KD_LOSSES,
+    PLAIN_KD_LOSSES,
+    TaidSchedule,
+    at_least_float32,
+)
 from lmkd.losses.topk import TOPK_KD_LOSSES, TopK, topk_kd_loss
+from lmkd.losses.uld import CROSS_KD_LOSSES, cross_kd_loss, sorted_l1, uld_hybrid_loss, uld_loss

@@ -46,7 +46,6 @@ from lmkd.core.constants import IGNORE_INDEX
 from lmkd.losses.compiling import Compiled
 from lmkd.losses.token import KD_LOSSES
 from lmkd.losses.topk import TopK, bucket_divergence, topk_kd_chunk
-from lmkd.losses.topk import TOPK_KD_LOSSES, topk_kd_loss
 
 #: default chunk: about this many logits (positions x vocabulary) per chunk.  On CPU 1M fp32
 #: (4 MB per temporary: measured fastest -- larger chunks pay page faults on fresh allocations,
@@ -60,8 +59,13 @@ ACCELERATOR_CHUNK_SHARE = 0.02
 CHUNK_TEMPORARIES = 6
 ACCELERATOR_CHUNK_RANGE = (1 << 23, 1 << 27)
 
-def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.device | str = "cpu",
-                    free_bytes: int | None = None) -> int:
+
+def auto_chunk_size(
+    vocab: int,
+    chunk_size: int | None = None,
+    device: torch.device | str = "cpu",
+    free_bytes: int | None = None,
+) -> int:
     """Positions per chunk.
 
     Args:
@@ -83,7 +87,9 @@ def auto_chunk_size(vocab: int, chunk_size: int | None = None, device: torch.dev
         if free_bytes is None:
             free_bytes = torch.cuda.mem_get_info(dev)[0]
         lo, hi = ACCELERATOR_CHUNK_RANGE
-        elements = min(hi, max(lo, int(free_bytes * ACCELERATOR_CHUNK_SHARE) // (4 * CHUNK_TEMPORARIES)))
+        elements = min(
+            hi, max(lo, int(free_bytes * ACCELERATOR_CHUNK_SHARE) // (4 * CHUNK_TEMPORARIES))
+        )
     return max(1, elements // max(1, vocab))
 
 
@@ -121,7 +127,9 @@ def _kd_full(s: torch.Tensor, t: torch.Tensor, loss: str, temperature: float, be
     lt = F.log_softmax(t, -1)
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
         pt = lt.exp()
-        if s.device.type != "cpu":  # no host sync (and one graph for torch.compile): 0 * log 0 counts as 0
+        if (
+            s.device.type != "cpu"
+        ):  # no host sync (and one graph for torch.compile): 0 * log 0 counts as 0
             total = torch.where(pt > 0, pt * (lt - ls), 0.0).sum()
         else:
             total = F.kl_div(ls, lt, reduction="sum", log_target=True)  # one fused pass
@@ -143,7 +151,9 @@ def _ce(s: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
     total = -(ls.gather(1, safe).squeeze(-1) * valid).sum()
     grad = ls.exp_()
     grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-    if s.device.type != "cpu" or not bool(valid.all()):  # off CPU: no host sync, the product is cheap
+    if s.device.type != "cpu" or not bool(
+        valid.all()
+    ):  # off CPU: no host sync, the product is cheap
         grad.mul_(valid.unsqueeze(-1))
     return total, grad
 
@@ -262,10 +272,15 @@ def chunk_slices(n: int, labels, kd_mask, teacher, chunk_size: int, device):
     dense = rows.numel() == n  # every position is used: slices (views) instead of gathers
     all_kd = _all_kd(kd_mask, rows, dense)
     for start in range(0, rows.numel(), chunk_size):
-        idx = rows[start:start + chunk_size]
+        idx = rows[start : start + chunk_size]
         sl = slice(start, start + idx.numel()) if dense else idx
-        yield (idx, sl, labels[sl] if labels is not None else None, None if all_kd else kd_mask[sl],
-               _gather_teacher(teacher, sl))
+        yield (
+            idx,
+            sl,
+            labels[sl] if labels is not None else None,
+            None if all_kd else kd_mask[sl],
+            _gather_teacher(teacher, sl),
+        )
 
 
 class _ChunkedDistillLoss(torch.autograd.Function):
@@ -276,9 +291,11 @@ class _ChunkedDistillLoss(torch.autograd.Function):
         grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         ce_total, kd_total = loss.clone(), loss.clone()
-        for idx, sl, lab, kd_on, t in chunk_slices(n, labels, kd_mask, teacher, spec.chunk_size, logits.device):
-            l, ce, kd, g = chunk_loss_and_grad(logits[sl].float(), lab, kd_on, t, spec)
-            loss += l
+        for idx, sl, lab, kd_on, t in chunk_slices(
+            n, labels, kd_mask, teacher, spec.chunk_size, logits.device
+        ):
+            part, ce, kd, g = chunk_loss_and_grad(logits[sl].float(), lab, kd_on, t, spec)
+            loss += part
             ce_total += ce
             kd_total += kd
             if grad is not None:
@@ -382,10 +399,21 @@ def chunked_distill_loss(
             masked positions.
     """
     v = student_logits.shape[-1]
-    labels, kd_mask, t_logits, topk = prepare(student_logits.shape, labels, kd_mask, teacher, loss, temperature, beta)
-    spec = ChunkSpec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab,
-                 auto_chunk_size(v, chunk_size, student_logits.device))
-    return _ChunkedDistillLoss.apply(student_logits.reshape(-1, v), labels, kd_mask, t_logits, topk, spec)
+    labels, kd_mask, t_logits, topk = prepare(
+        student_logits.shape, labels, kd_mask, teacher, loss, temperature, beta
+    )
+    spec = ChunkSpec(
+        loss,
+        float(temperature),
+        float(beta),
+        float(ce_weight),
+        float(kd_weight),
+        kd_vocab,
+        auto_chunk_size(v, chunk_size, student_logits.device),
+    )
+    return _ChunkedDistillLoss.apply(
+        student_logits.reshape(-1, v), labels, kd_mask, t_logits, topk, spec
+    )
 
 
 def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
@@ -394,7 +422,9 @@ def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
         return topk
     idx = kd_mask.nonzero().squeeze(-1)
     if idx.numel() != topk.ids.shape[0]:
-        raise ValueError(f"the top-K teacher has {topk.ids.shape[0]} positions but the mask selects {idx.numel()}")
+        raise ValueError(
+            f"the top-K teacher has {topk.ids.shape[0]} positions but the mask selects {idx.numel()}"
+        )
 
     def scatter(t):
         out = t.new_zeros((n, *t.shape[1:]))
@@ -404,8 +434,16 @@ def _expand_topk(topk: TopK, kd_mask, n: int) -> TopK:
     return topk.map(scatter)
 
 
-def chunked_kd_loss(student_logits, teacher, mask=None, *, loss="forward_kl", temperature=1.0, beta=0.5,
-                    chunk_size=None) -> torch.Tensor:
+def chunked_kd_loss(
+    student_logits,
+    teacher,
+    mask=None,
+    *,
+    loss="forward_kl",
+    temperature=1.0,
+    beta=0.5,
+    chunk_size=None,
+) -> torch.Tensor:
     """Drop-in for :func:`lmkd.losses.token_kd_loss` (same value and gradient), chunked.
 
     Args:
@@ -425,11 +463,22 @@ def chunked_kd_loss(student_logits, teacher, mask=None, *, loss="forward_kl", te
             whose shape is not the logits' leading shape, or a top-K teacher whose rows are not the
             masked positions.
     """
-    return chunked_distill_loss(student_logits, teacher, None, mask, loss=loss, temperature=temperature,
-                                beta=beta, ce_weight=0.0, chunk_size=chunk_size)[0]
+    return chunked_distill_loss(
+        student_logits,
+        teacher,
+        None,
+        mask,
+        loss=loss,
+        temperature=temperature,
+        beta=beta,
+        ce_weight=0.0,
+        chunk_size=chunk_size,
+    )[0]
 
 
-def chunked_cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, chunk_size=None) -> torch.Tensor:
+def chunked_cross_entropy(
+    logits, labels, ignore_index: int = IGNORE_INDEX, chunk_size=None
+) -> torch.Tensor:
     """Drop-in for :func:`lmkd.losses.cross_entropy` (summed), chunked.
 
     Args:

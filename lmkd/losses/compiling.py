@@ -24,7 +24,11 @@ def compilable(device: torch.device) -> bool:
     Returns:
         True on a CUDA GPU of compute capability 7.0 or above with Triton installed.
     """
-    if device.type != "cuda" or not hasattr(torch, "compile") or importlib.util.find_spec("triton") is None:
+    if (
+        device.type != "cuda"
+        or not hasattr(torch, "compile")
+        or importlib.util.find_spec("triton") is None
+    ):
         return False
     return torch.cuda.get_device_capability(device) >= (7, 0)
 
@@ -50,7 +54,9 @@ class Compiled:
             return self.compiled(s, *args)
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager function is exact
             self.broken = True
-            logger.warning("torch.compile of the chunked KD loss failed (%s: %s); running it eagerly",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.warning(
+                "torch.compile of the chunked KD loss failed (%s: %s); running it eagerly",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             return self.fn(s, *args)
-

@@ -42,9 +42,21 @@ RELATION_LOSSES = ("rkd", "sp")
 RELATION_POOLINGS = ("mean", "token")
 
 __all__ = [
-    "HIDDEN_LOSSES", "ATTENTION_LOSSES", "RELATION_LOSSES", "RELATION_POOLINGS",
-    "masked_mean_pool", "hidden_mse", "hidden_cosine", "hidden_loss", "hint_loss", "attention_loss",
-    "rkd_distance_loss", "rkd_angle_loss", "rkd_loss", "sp_loss", "relation_loss",
+    "HIDDEN_LOSSES",
+    "ATTENTION_LOSSES",
+    "RELATION_LOSSES",
+    "RELATION_POOLINGS",
+    "masked_mean_pool",
+    "hidden_mse",
+    "hidden_cosine",
+    "hidden_loss",
+    "hint_loss",
+    "attention_loss",
+    "rkd_distance_loss",
+    "rkd_angle_loss",
+    "rkd_loss",
+    "sp_loss",
+    "relation_loss",
 ]
 
 
@@ -56,8 +68,10 @@ def _check_mask(mask: torch.Tensor | None, shape: torch.Size, what: str) -> None
 def _token_rows(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
     """The selected positions of both (shapes checked), in their own dtypes."""
     if student.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(f"student positions {tuple(student.shape[:-1])} and teacher positions "
-                         f"{tuple(teacher.shape[:-1])} differ")
+        raise ValueError(
+            f"student positions {tuple(student.shape[:-1])} and teacher positions "
+            f"{tuple(teacher.shape[:-1])} differ"
+        )
     _check_mask(mask, student.shape[:-1], "hidden states")
     if mask is not None:
         m = mask.to(torch.bool)
@@ -68,8 +82,10 @@ def _token_rows(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
 def _token_select(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
     """``(N, D_s)``, ``(N, D_t)`` rows of the selected positions, in float32."""
     student, teacher = _token_rows(student, teacher, mask)
-    return (at_least_float32(student.reshape(-1, student.shape[-1])),
-            at_least_float32(teacher.reshape(-1, teacher.shape[-1])))
+    return (
+        at_least_float32(student.reshape(-1, student.shape[-1])),
+        at_least_float32(teacher.reshape(-1, teacher.shape[-1])),
+    )
 
 
 # ---- hidden states ----------------------------------------------------------------------------
@@ -96,7 +112,9 @@ def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_mse(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``mean_d (h_s - h_t)^2`` per token, summed over the selected tokens (Shleifer & Rush 2020).
     Both hidden sizes must be equal (see :func:`hint_loss` otherwise).
 
@@ -113,14 +131,20 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor 
             differ.
     """
     if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"hidden sizes differ ({student.shape[-1]} vs {teacher.shape[-1]}); project the "
-                         "student first (hint_loss)")
+        raise ValueError(
+            f"hidden sizes differ ({student.shape[-1]} vs {teacher.shape[-1]}); project the "
+            "student first (hint_loss)"
+        )
     s, t = _token_select(student, teacher, mask)
     return (s - t).pow(2).mean(-1).sum()
 
 
-def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
-                  eps: float = 1e-8) -> torch.Tensor:
+def hidden_cosine(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """DistilBERT's ``alpha_cos`` term: ``1 - cos(h_s, h_t)`` per token, summed over the selected
     tokens.  Unchanged when either side is scaled by a positive factor.
 
@@ -138,14 +162,21 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
             differ.
     """
     if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(f"hidden sizes differ ({student.shape[-1]} vs {teacher.shape[-1]}); project the "
-                         "student first (hint_loss)")
+        raise ValueError(
+            f"hidden sizes differ ({student.shape[-1]} vs {teacher.shape[-1]}); project the "
+            "student first (hint_loss)"
+        )
     s, t = _token_select(student, teacher, mask)
     return (1 - F.cosine_similarity(s, t, dim=-1, eps=eps)).sum()
 
 
-def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
-                *, loss: str = "mse") -> torch.Tensor:
+def hidden_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "mse",
+) -> torch.Tensor:
     """One of :data:`HIDDEN_LOSSES` by name, summed over the selected tokens.
 
     Args:
@@ -168,8 +199,14 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
     raise ValueError(f"unknown hidden loss {loss!r}; choose one of {', '.join(HIDDEN_LOSSES)}")
 
 
-def hint_loss(student: torch.Tensor, teacher: torch.Tensor, projection: torch.nn.Module | None,
-              mask: torch.Tensor | None = None, *, loss: str = "mse") -> torch.Tensor:
+def hint_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    projection: torch.nn.Module | None,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "mse",
+) -> torch.Tensor:
     """FitNets' hint loss: the student's hidden states mapped to the teacher's size by a learned
     ``projection`` and compared with :func:`hidden_loss`.  Only the selected tokens go through the
     projection, cast to its dtype.
@@ -200,8 +237,14 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor, projection: torch.nn
 # ---- attention maps ---------------------------------------------------------------------------
 
 
-def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
-                   *, loss: str = "kl", eps: float = 1e-12) -> torch.Tensor:
+def attention_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "kl",
+    eps: float = 1e-12,
+) -> torch.Tensor:
     """Distance between self-attention distributions ``(B, H, T, T)`` (rows: queries, columns:
     keys; each row sums to 1), summed over the selected query positions.
 
@@ -234,9 +277,13 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
     if student.dim() != 4 or teacher.dim() != 4:
         raise ValueError("attention maps must have shape (batch, heads, queries, keys)")
     if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
-        raise ValueError(f"attention maps {tuple(student.shape)} and {tuple(teacher.shape)} do not align")
+        raise ValueError(
+            f"attention maps {tuple(student.shape)} and {tuple(teacher.shape)} do not align"
+        )
     if loss not in ATTENTION_LOSSES:
-        raise ValueError(f"unknown attention loss {loss!r}; choose one of {', '.join(ATTENTION_LOSSES)}")
+        raise ValueError(
+            f"unknown attention loss {loss!r}; choose one of {', '.join(ATTENTION_LOSSES)}"
+        )
     s, t = at_least_float32(student), at_least_float32(teacher)
     if s.shape[1] != t.shape[1]:
         s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
@@ -253,7 +300,9 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
     t = t / t.sum(-1, keepdim=True).clamp(min=eps)
     if loss == "kl":
         # clamp before the log: log(0) would give a NaN gradient even where torch.where drops it
-        per = torch.where(t > 0, t * (torch.log(t.clamp(min=eps)) - torch.log(s.clamp(min=eps))), zero)
+        per = torch.where(
+            t > 0, t * (torch.log(t.clamp(min=eps)) - torch.log(s.clamp(min=eps))), zero
+        )
     else:
         per = torch.where(kept, (s - t).pow(2), zero)
     per_query = per.sum(-1).mean(1)  # (B, T): summed over keys, averaged over heads
@@ -322,8 +371,13 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return F.smooth_l1_loss(cosines(s), cosines(t), reduction="sum", beta=1.0) / (n * (n - 1) ** 2)
 
 
-def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: float = 1.0,
-             angle_weight: float = 2.0) -> torch.Tensor:
+def rkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    distance_weight: float = 1.0,
+    angle_weight: float = 2.0,
+) -> torch.Tensor:
     """Relational KD: ``distance_weight * RKD-D + angle_weight * RKD-A``; the default 1:2 ratio is
     Park et al.'s (their RKD-DA).  Invariant to rotations, translations and scaling of either
     side and to its feature dimension.
@@ -366,7 +420,9 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (gs - gt).pow(2).sum() / (n * n)
 
 
-def _sp_per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _sp_per_sequence(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """:func:`sp_loss` among the selected tokens of each sequence, for all sequences at once
     ``(B,)``: padded tokens give zero rows and columns of the Gram matrices, which add nothing."""
     s, t = at_least_float32(student), at_least_float32(teacher)
@@ -380,8 +436,14 @@ def _sp_per_sequence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.T
     return (gs - gt).pow(2).sum((1, 2)) / (n * n).clamp(min=1)
 
 
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
-                  *, loss: str = "rkd", pooling: str = "mean") -> torch.Tensor:
+def relation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "rkd",
+    pooling: str = "mean",
+) -> torch.Tensor:
     """Relational loss (``"rkd"`` or ``"sp"``) between hidden states, **summed over examples**.
 
     ``pooling="mean"``: each sequence is the masked mean of its tokens, the relations are among
@@ -404,13 +466,19 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
         ValueError: an unknown loss or pooling; the two sides' positions differ.
     """
     if loss not in RELATION_LOSSES:
-        raise ValueError(f"unknown relation loss {loss!r}; choose one of {', '.join(RELATION_LOSSES)}")
+        raise ValueError(
+            f"unknown relation loss {loss!r}; choose one of {', '.join(RELATION_LOSSES)}"
+        )
     if student.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(f"student positions {tuple(student.shape[:-1])} and teacher positions "
-                         f"{tuple(teacher.shape[:-1])} differ")
+        raise ValueError(
+            f"student positions {tuple(student.shape[:-1])} and teacher positions "
+            f"{tuple(teacher.shape[:-1])} differ"
+        )
     fn = rkd_loss if loss == "rkd" else sp_loss
     if pooling == "mean":
-        return fn(masked_mean_pool(student, mask), masked_mean_pool(teacher, mask)) * student.shape[0]
+        return (
+            fn(masked_mean_pool(student, mask), masked_mean_pool(teacher, mask)) * student.shape[0]
+        )
     if pooling == "token":
         _check_mask(mask, student.shape[:-1], "hidden states")
         if loss == "sp":
@@ -423,4 +491,6 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
                 s, t = s[m], t[m]
             total = total + fn(s, t)
         return total
-    raise ValueError(f"unknown relation pooling {pooling!r}; choose one of {', '.join(RELATION_POOLINGS)}")
+    raise ValueError(
+        f"unknown relation pooling {pooling!r}; choose one of {', '.join(RELATION_POOLINGS)}"
+    )

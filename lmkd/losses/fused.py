@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmkd.losses.chunked import ChunkSpec, Head, auto_chunk_size, chunk_loss_and_grad, chunk_slices, prepare
+from lmkd.losses.chunked import (
+    ChunkSpec,
+    Head,
+    auto_chunk_size,
+    chunk_loss_and_grad,
+    chunk_slices,
+    prepare,
+)
 from lmkd.losses.topk import TopK
 
 #: the fused-linear loss uses at least this many positions per chunk (see fused_linear_distill_loss)
@@ -31,11 +38,17 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
         teacher = topk if topk is not None else teacher_logits
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        )
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_total, kd_total = loss.clone(), loss.clone()
-        for idx, sl, lab, kd_on, t in chunk_slices(n, labels, kd_mask, teacher, spec.chunk_size, hidden.device):
+        for idx, sl, lab, kd_on, t in chunk_slices(
+            n, labels, kd_mask, teacher, spec.chunk_size, hidden.device
+        ):
             h = hidden[sl]
             z = F.linear(h, weight, bias)
             if head.extra_bias is not None:
@@ -46,8 +59,8 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
             if head.softcap:
                 th = torch.tanh(z / head.softcap)
                 z = th * head.softcap
-            l, ce, kd, g = chunk_loss_and_grad(z, lab, kd_on, t, spec)
-            loss += l
+            part, ce, kd, g = chunk_loss_and_grad(z, lab, kd_on, t, spec)
+            loss += part
             ce_total += ce
             kd_total += kd
             if head.softcap:
@@ -64,8 +77,11 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h.float())
             if grad_b is not None:
                 grad_b.add_(g.sum(0))
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                              grad_b.to(bias.dtype) if grad_b is not None else None)
+        ctx.save_for_backward(
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+        )
         ctx.mark_non_differentiable(ce_total, kd_total)
         return loss, ce_total, kd_total
 
@@ -120,12 +136,17 @@ def fused_linear_distill_loss(
     h = hidden.shape[-1]
     v = head.weight.shape[0]
     shape = (*hidden.shape[:-1], v)
-    labels, kd_mask, t_logits, topk = prepare(shape, labels, kd_mask, teacher, loss, temperature, beta)
+    labels, kd_mask, t_logits, topk = prepare(
+        shape, labels, kd_mask, teacher, loss, temperature, beta
+    )
     # Each chunk also adds its (V, H) share to the head's gradient: at least FUSED_MIN_CHUNK rows per
     # chunk keep that accumulation small next to the chunk's matmuls (8 rows at V=128k ran 2.3x slower).
     rows = auto_chunk_size(v, chunk_size, hidden.device)
     if not (chunk_size and chunk_size > 0):
         rows = max(rows, FUSED_MIN_CHUNK)
-    spec = ChunkSpec(loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab, rows)
-    return _FusedLinearDistillLoss.apply(hidden.reshape(-1, h), head.weight, head.bias, labels, kd_mask,
-                                         t_logits, topk, head, spec)
+    spec = ChunkSpec(
+        loss, float(temperature), float(beta), float(ce_weight), float(kd_weight), kd_vocab, rows
+    )
+    return _FusedLinearDistillLoss.apply(
+        hidden.reshape(-1, h), head.weight, head.bias, labels, kd_mask, t_logits, topk, head, spec
+    )

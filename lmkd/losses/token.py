@@ -32,9 +32,24 @@ KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
 #: and TAID's interpolated target
 PLAIN_KD_LOSSES = ("skew_kl", "skew_reverse_kl", "taid")
 
-__all__ = ["IGNORE_INDEX", "KD_LOSSES", "PLAIN_KD_LOSSES", "mask_from_labels", "forward_kl", "reverse_kl",
-           "generalized_jsd", "skew_kl", "skew_reverse_kl", "taid_kl", "TaidSchedule", "logit_mse",
-           "cross_entropy", "token_kd_loss", "hinton_loss", "at_least_float32"]
+__all__ = [
+    "IGNORE_INDEX",
+    "KD_LOSSES",
+    "PLAIN_KD_LOSSES",
+    "mask_from_labels",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "taid_kl",
+    "TaidSchedule",
+    "logit_mse",
+    "cross_entropy",
+    "token_kd_loss",
+    "hinton_loss",
+    "at_least_float32",
+]
 
 
 def mask_from_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -80,7 +95,9 @@ def masked_rows(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     v = logits.shape[-1]
     if mask is not None:
         if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}")
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}"
+            )
         logits = logits[mask.to(torch.bool)]
     return at_least_float32(logits.reshape(-1, v))
 
@@ -340,11 +357,23 @@ class TaidSchedule:
         ValueError: not ``0 <= t_start <= t_end <= 1``.
     """
 
-    def __init__(self, t_start: float = 0.4, t_end: float = 1.0, adaptive: bool = False, alpha: float = 5e-4,
-                 beta: float = 0.99):
+    def __init__(
+        self,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        adaptive: bool = False,
+        alpha: float = 5e-4,
+        beta: float = 0.99,
+    ):
         if not 0.0 <= t_start <= t_end <= 1.0:
             raise ValueError(f"TAID needs 0 <= t_start <= t_end <= 1, got {t_start}, {t_end}")
-        self.t_start, self.t_end, self.adaptive, self.alpha, self.beta = t_start, t_end, adaptive, alpha, beta
+        self.t_start, self.t_end, self.adaptive, self.alpha, self.beta = (
+            t_start,
+            t_end,
+            adaptive,
+            alpha,
+            beta,
+        )
         self.t = t_start
         self.momentum = 0.0
         self.prev_loss: float | None = None
@@ -398,7 +427,9 @@ class TaidSchedule:
             self._n += 1
 
     def _update(self, loss: float, step: int, max_steps: int) -> None:
-        if self.prev_loss is None:  # no change to measure yet: t only keeps up with the linear schedule
+        if (
+            self.prev_loss is None
+        ):  # no change to measure yet: t only keeps up with the linear schedule
             self.prev_loss = loss
             self.t = min(self.t_end, max(self.linear(step, max_steps), self.t))
             return
@@ -498,7 +529,9 @@ def token_kd_loss(
         return generalized_jsd(student_logits, teacher_logits, mask, beta, temperature)
     if loss == "mse":
         return logit_mse(student_logits, teacher_logits, mask)
-    raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(KD_LOSSES + PLAIN_KD_LOSSES)}")
+    raise ValueError(
+        f"unknown KD loss {loss!r}; choose one of {', '.join(KD_LOSSES + PLAIN_KD_LOSSES)}"
+    )
 
 
 def hinton_loss(

@@ -56,8 +56,12 @@ class TopK:
         Returns:
             The new :class:`TopK`.
         """
-        return TopK(*(None if t is None else fn(t) for t in
-                      (self.ids, self.logprobs, self.tail, self.sample_ids, self.sample_logprobs)))
+        return TopK(
+            *(
+                None if t is None else fn(t)
+                for t in (self.ids, self.logprobs, self.tail, self.sample_ids, self.sample_logprobs)
+            )
+        )
 
     def rows(self, index: torch.Tensor) -> TopK:
         """The teacher at some positions.
@@ -109,7 +113,9 @@ def bucket_divergence(lt: torch.Tensor, ls: torch.Tensor, loss: str, beta: float
         pt = lt.exp()
         lm = torch.logaddexp(lt + math.log(beta), ls + math.log(1 - beta))
         ds = torch.where(ps > 0, ls - lm, zero)
-        rows = beta * torch.where(pt > 0, pt * (lt - lm), zero).sum(-1) + (1 - beta) * (ps * ds).sum(-1)
+        rows = beta * torch.where(pt > 0, pt * (lt - lm), zero).sum(-1) + (1 - beta) * (
+            ps * ds
+        ).sum(-1)
         return rows, (1 - beta) * ps * ds
     raise ValueError(f"unknown KD loss {loss!r}; choose one of {', '.join(KD_LOSSES)}")
 
@@ -194,8 +200,10 @@ def topk_kd_chunk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float,
         ValueError: a loss a top-K cache does not support (not in :data:`TOPK_KD_LOSSES`).
     """
     if loss not in TOPK_KD_LOSSES:
-        raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
-                         f"{', '.join(TOPK_KD_LOSSES)}")
+        raise ValueError(
+            f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
+            f"{', '.join(TOPK_KD_LOSSES)}"
+        )
     if _uses_samples(teacher, loss, beta):
         return _kd_sampled(s, teacher, temperature)
     ls = F.log_softmax(s / temperature if temperature != 1.0 else s, -1)
@@ -219,10 +227,14 @@ def topk_kd_chunk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float,
     # p_j * (h_tail / P_tail - sum(h)) -- one per-row factor.
     hs = h.sum(-1)
     h_tail = h[:, -1]
-    ratio = torch.where(tiny, torch.zeros_like(h_tail), h_tail / torch.where(tiny, torch.ones_like(p_tail), p_tail))
+    ratio = torch.where(
+        tiny, torch.zeros_like(h_tail), h_tail / torch.where(tiny, torch.ones_like(p_tail), p_tail)
+    )
     grad = p.mul_(((ratio - hs) * temperature).unsqueeze(-1))
     if any_tiny:  # exact shares exp(ls_j - log P_tail) for those rows
-        grad[tiny] += (ls[tiny] - s_tail[tiny].unsqueeze(-1)).exp() * (h_tail[tiny] * temperature).unsqueeze(-1)
+        grad[tiny] += (ls[tiny] - s_tail[tiny].unsqueeze(-1)).exp() * (
+            h_tail[tiny] * temperature
+        ).unsqueeze(-1)
     grad.scatter_(1, ids, (h[:, :-1] - p_top * hs.unsqueeze(-1)) * temperature)
     return rows.sum() * temperature**2, grad
 
@@ -230,8 +242,9 @@ def topk_kd_chunk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float,
 # ---- plain (autograd) top-K loss: the reference of the cached path ----------------------------
 
 
-def topk_kd_loss(student_logits, teacher: TopK, mask=None, *, loss="forward_kl", temperature=1.0,
-                 beta=0.5) -> torch.Tensor:
+def topk_kd_loss(
+    student_logits, teacher: TopK, mask=None, *, loss="forward_kl", temperature=1.0, beta=0.5
+) -> torch.Tensor:
     """Divergence between a top-K teacher and the student over K + 1 buckets, summed over positions.
 
     The buckets are the K cached token ids and one **tail bucket** with all other tokens.  The
@@ -255,8 +268,10 @@ def topk_kd_loss(student_logits, teacher: TopK, mask=None, *, loss="forward_kl",
         ValueError: a loss a top-K cache does not support (not in :data:`TOPK_KD_LOSSES`).
     """
     if loss not in TOPK_KD_LOSSES:
-        raise ValueError(f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
-                         f"{', '.join(TOPK_KD_LOSSES)}")
+        raise ValueError(
+            f"KD loss {loss!r} needs the teacher's full logits; a top-K cache supports "
+            f"{', '.join(TOPK_KD_LOSSES)}"
+        )
     v = student_logits.shape[-1]
     s = student_logits
     if mask is not None:

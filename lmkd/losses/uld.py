@@ -58,8 +58,12 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p - q).abs().sum(-1)
 
 
-def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
-             temperature: float = 1.0) -> torch.Tensor:
+def uld_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """ULD: the sorted-probability L1 distance per position, summed over the masked positions.
 
     Args:
@@ -76,9 +80,14 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: t
     return sorted_l1(s, t).sum()
 
 
-def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_shared: torch.Tensor,
-                    teacher_shared: torch.Tensor, mask: torch.Tensor | None = None,
-                    temperature: float = 1.0) -> torch.Tensor:
+def uld_hybrid_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_shared: torch.Tensor,
+    teacher_shared: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """``tau^2 * sum_{k shared} p_t(k) log(p_t(k) / p_s(k))`` + ULD of the unshared probabilities,
     summed over the masked positions.
 
@@ -113,8 +122,15 @@ def uld_hybrid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl.sum() * temperature**2 + rest.sum()
 
 
-def cross_kd_loss(student_logits, teacher_logits, mask=None, *, loss: str = "uld", temperature: float = 1.0,
-                  shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def cross_kd_loss(
+    student_logits,
+    teacher_logits,
+    mask=None,
+    *,
+    loss: str = "uld",
+    temperature: float = 1.0,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One of :data:`CROSS_KD_LOSSES` by name.
 
     Args:
@@ -135,6 +151,12 @@ def cross_kd_loss(student_logits, teacher_logits, mask=None, *, loss: str = "uld
         return uld_loss(student_logits, teacher_logits, mask, temperature)
     if loss == "uld_hybrid":
         if shared is None:
-            raise ValueError("uld_hybrid needs the shared token ids (lmkd.teacher.cross_tokenizer.shared_vocabulary)")
-        return uld_hybrid_loss(student_logits, teacher_logits, shared[0], shared[1], mask, temperature)
-    raise ValueError(f"unknown cross-tokenizer KD loss {loss!r}; choose one of {', '.join(CROSS_KD_LOSSES)}")
+            raise ValueError(
+                "uld_hybrid needs the shared token ids (lmkd.teacher.cross_tokenizer.shared_vocabulary)"
+            )
+        return uld_hybrid_loss(
+            student_logits, teacher_logits, shared[0], shared[1], mask, temperature
+        )
+    raise ValueError(
+        f"unknown cross-tokenizer KD loss {loss!r}; choose one of {', '.join(CROSS_KD_LOSSES)}"
+    )

@@ -29,7 +29,14 @@ import torch
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.models.loading import model_kind, unwrap
-from lmkd.models.truncation import encode_fitted, fit_length, generation_lengths, input_limit, target_limit, truncation_note
+from lmkd.models.truncation import (
+    encode_fitted,
+    fit_length,
+    generation_lengths,
+    input_limit,
+    target_limit,
+    truncation_note,
+)
 
 # ---- the shared rules: EOS, padding, batching --------------------------------------------------
 
@@ -68,9 +75,13 @@ def pad_token_id(model, tokenizer=None) -> int:
         LmkdError: the tokenizer has neither a pad nor an EOS token.
     """
     if tokenizer is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         if pad is None:
-            raise LmkdError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+            raise LmkdError(
+                "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
+            )
         return pad
     model = unwrap(model)
     pad = model.generation_config.pad_token_id
@@ -130,8 +141,12 @@ def longest_first(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
-def length_batches(order: list[int], lengths: Sequence[int], batch_size: int | None = None,
-                   max_tokens: int | None = None) -> Iterator[list[int]]:
+def length_batches(
+    order: list[int],
+    lengths: Sequence[int],
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+) -> Iterator[list[int]]:
     """Consecutive slices of ``order``: ``batch_size`` rows, or as many as fit ``max_tokens`` padded
     input tokens (and at most ``batch_size`` rows when both are given).
 
@@ -159,7 +174,9 @@ def length_batches(order: list[int], lengths: Sequence[int], batch_size: int | N
         i = j
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: list[list[int]], pad_id: int, left: bool, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists as ``(input_ids, attention_mask)`` padded with ``pad_id`` on the left or right.
 
     Args:
@@ -176,8 +193,8 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[t
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if left:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
         else:
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
@@ -191,8 +208,14 @@ def _device_of(model) -> torch.device:
 # ---- lmkd evaluate: texts and class ids in input order -------------------------------------------
 
 
-def _encode_inputs(model, tokenizer, texts: list[str], max_source_length: int | None, stats: dict | None,
-                   max_new_tokens: int | None = None):
+def _encode_inputs(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_source_length: int | None,
+    stats: dict | None,
+    max_new_tokens: int | None = None,
+):
     """Token lists of ``texts`` fitted to ``model`` by :mod:`lmkd.models.truncation`'s rule, and the number
     of new tokens that fit; records the truncation notes in ``stats`` (``inputs``, ``new tokens``)."""
     if max_new_tokens is None:
@@ -201,12 +224,14 @@ def _encode_inputs(model, tokenizer, texts: list[str], max_source_length: int | 
         length, new = generation_lengths(model, tokenizer, max_source_length, max_new_tokens)
     enc, cut = encode_fitted(tokenizer, texts, length)
     if stats is not None:
-        stats["inputs"] = truncation_note("inputs", len(texts), len(cut), length, max_source_length,
-                                          input_limit(model, tokenizer))
+        stats["inputs"] = truncation_note(
+            "inputs", len(texts), len(cut), length, max_source_length, input_limit(model, tokenizer)
+        )
         if new is not None:
             lowered = len(texts) if new < max_new_tokens else 0
-            stats["new tokens"] = truncation_note("new tokens", len(texts), lowered, new, max_new_tokens,
-                                                  target_limit(model))
+            stats["new tokens"] = truncation_note(
+                "new tokens", len(texts), lowered, new, max_new_tokens, target_limit(model)
+            )
     return enc, new
 
 
@@ -214,9 +239,18 @@ def _padded(tokenizer, enc: dict, idx: list[int], device):
     return tokenizer.pad([{k: enc[k][i] for k in enc} for i in idx], return_tensors="pt").to(device)
 
 
-def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4, max_new_tokens: int = 128,
-                   batch_size: int = 16, max_source_length: int | None = 512, progress: bool = True,
-                   desc: str = "generating", stats: dict | None = None) -> list[str]:
+def generate_texts(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    num_beams: int = 4,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_source_length: int | None = 512,
+    progress: bool = True,
+    desc: str = "generating",
+    stats: dict | None = None,
+) -> list[str]:
     """Beam-search outputs of a seq2seq ``model`` for ``sources``, in the order of ``sources``.
 
     Inputs are truncated by :func:`lmkd.models.truncation.generation_lengths` (the smaller of
@@ -247,25 +281,36 @@ def generate_texts(model, tokenizer, sources: Sequence[str], num_beams: int = 4,
     from tqdm.auto import tqdm
 
     if not getattr(model.config, "is_encoder_decoder", False):
-        raise LmkdError(f"{type(model).__name__} is not a sequence-to-sequence model; translation and "
-                        "summarization evaluation need one (T5, BART, Marian, ...)")
+        raise LmkdError(
+            f"{type(model).__name__} is not a sequence-to-sequence model; translation and "
+            "summarization evaluation need one (T5, BART, Marian, ...)"
+        )
     sources = [str(s) for s in sources]
     outputs: list[str | None] = [None] * len(sources)
     device = _device_of(model)
     model.eval()
     enc, new = _encode_inputs(model, tokenizer, sources, max_source_length, stats, max_new_tokens)
     lengths = [len(ids) for ids in enc["input_ids"]]
-    with tqdm(total=len(sources), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
+    with (
+        tqdm(total=len(sources), desc=desc, unit="ex", disable=not progress) as bar,
+        torch.inference_mode(),
+    ):
         for idx in length_batches(longest_first(lengths), lengths, batch_size):
-            out = model.generate(**_padded(tokenizer, enc, idx, device), num_beams=num_beams, max_new_tokens=new,
-                                 do_sample=False)
+            out = model.generate(
+                **_padded(tokenizer, enc, idx, device),
+                num_beams=num_beams,
+                max_new_tokens=new,
+                do_sample=False,
+            )
             for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
                 outputs[i] = text.strip()
             bar.update(len(idx))
     return outputs  # type: ignore[return-value]
 
 
-def generate_fixed_length(model, tokenizer, source: str, new_tokens: int, max_source_length: int | None = 512) -> int:
+def generate_fixed_length(
+    model, tokenizer, source: str, new_tokens: int, max_source_length: int | None = 512
+) -> int:
     """Greedy decoding of exactly ``new_tokens`` tokens for one source at batch 1 (EOS is held off
     until then: ``min_new_tokens == max_new_tokens``); fewer when the decoder's position table holds
     fewer (:func:`lmkd.models.truncation.generation_lengths`).
@@ -288,15 +333,22 @@ def generate_fixed_length(model, tokenizer, source: str, new_tokens: int, max_so
         LmkdError: not a sequence-to-sequence model, or ``new_tokens`` below 1.
     """
     if not getattr(model.config, "is_encoder_decoder", False):
-        raise LmkdError(f"{type(model).__name__} is not a sequence-to-sequence model; fixed-length decoding "
-                        "needs one")
+        raise LmkdError(
+            f"{type(model).__name__} is not a sequence-to-sequence model; fixed-length decoding "
+            "needs one"
+        )
     if new_tokens < 1:
         raise LmkdError(f"fixed-length decoding needs at least 1 new token, got {new_tokens}")
     # the one truncation rule: the source fitted to the encoder's table, the length to the decoder's
     enc, new = _encode_inputs(model, tokenizer, [str(source)], max_source_length, None, new_tokens)
     with torch.inference_mode():
-        out = model.generate(**_padded(tokenizer, enc, [0], _device_of(model)), num_beams=1, do_sample=False,
-                             min_new_tokens=new, max_new_tokens=new)
+        out = model.generate(
+            **_padded(tokenizer, enc, [0], _device_of(model)),
+            num_beams=1,
+            do_sample=False,
+            min_new_tokens=new,
+            max_new_tokens=new,
+        )
     return int(out.shape[1]) - 1  # the decoder start token is not generated
 
 
@@ -313,11 +365,22 @@ def output_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
     """
     if not texts:
         return []
-    return [len(ids) for ids in tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]]
+    return [
+        len(ids)
+        for ids in tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
+    ]
 
 
-def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_source_length: int | None = 512,
-             progress: bool = True, desc: str = "classifying", stats: dict | None = None) -> list[int]:
+def classify(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    max_source_length: int | None = 512,
+    progress: bool = True,
+    desc: str = "classifying",
+    stats: dict | None = None,
+) -> list[int]:
     """Predicted class ids (argmax of the logits) of a sequence classifier, in input order.
 
     Args:
@@ -342,7 +405,10 @@ def classify(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_s
     model.eval()
     enc, _ = _encode_inputs(model, tokenizer, texts, max_source_length, stats)
     lengths = [len(ids) for ids in enc["input_ids"]]
-    with tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress) as bar, torch.inference_mode():
+    with (
+        tqdm(total=len(texts), desc=desc, unit="ex", disable=not progress) as bar,
+        torch.inference_mode(),
+    ):
         for idx in length_batches(longest_first(lengths), lengths, batch_size):
             logits = model(**_padded(tokenizer, enc, idx, device)).logits
             for i, p in zip(idx, logits.argmax(-1).tolist()):
@@ -433,12 +499,20 @@ class PerExampleSampler:
         top_p: nucleus sampling's mass (None: all).
     """
 
-    def __init__(self, seed: int, keys: list[tuple[int, int]], temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None):
+    def __init__(
+        self,
+        seed: int,
+        keys: list[tuple[int, int]],
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ):
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
         self.seed, self.keys, self.temperature = seed, keys, temperature
-        self.warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p else [])
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + (
+            [TopPLogitsWarper(top_p)] if top_p else []
+        )
         self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -448,7 +522,9 @@ class PerExampleSampler:
         noise = torch.empty_like(scores, device="cpu")
         for row, (index, sample) in enumerate(self.keys):
             g = torch.Generator().manual_seed(_row_seed(self.seed, index, sample, self.step))
-            u = torch.rand(scores.shape[-1], generator=g, dtype=torch.float64).clamp_(1e-20, 1 - 1e-16)
+            u = torch.rand(scores.shape[-1], generator=g, dtype=torch.float64).clamp_(
+                1e-20, 1 - 1e-16
+            )
             noise[row] = (-torch.log(-torch.log(u))).float()
         self.step += 1
         return scores + noise.to(scores.device)
@@ -470,21 +546,40 @@ def generation_config(model, s: DecodingSettings, pad_id: int):
 
     model = unwrap(model)
     own = model.generation_config
-    kwargs = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=False,
-                  num_return_sequences=1 if s.do_sample else s.num_return_sequences,
-                  length_penalty=s.length_penalty, no_repeat_ngram_size=s.no_repeat_ngram_size,
-                  repetition_penalty=s.repetition_penalty, pad_token_id=pad_id, eos_token_id=_eos_setting(model),
-                  bos_token_id=own.bos_token_id, decoder_start_token_id=own.decoder_start_token_id,
-                  forced_bos_token_id=own.forced_bos_token_id, forced_eos_token_id=own.forced_eos_token_id,
-                  early_stopping=own.early_stopping if s.num_beams > 1 else False)
-    if getattr(model.config, "is_encoder_decoder", False) and kwargs["decoder_start_token_id"] is None:
+    kwargs = dict(
+        max_new_tokens=s.max_new_tokens,
+        num_beams=s.num_beams,
+        do_sample=False,
+        num_return_sequences=1 if s.do_sample else s.num_return_sequences,
+        length_penalty=s.length_penalty,
+        no_repeat_ngram_size=s.no_repeat_ngram_size,
+        repetition_penalty=s.repetition_penalty,
+        pad_token_id=pad_id,
+        eos_token_id=_eos_setting(model),
+        bos_token_id=own.bos_token_id,
+        decoder_start_token_id=own.decoder_start_token_id,
+        forced_bos_token_id=own.forced_bos_token_id,
+        forced_eos_token_id=own.forced_eos_token_id,
+        early_stopping=own.early_stopping if s.num_beams > 1 else False,
+    )
+    if (
+        getattr(model.config, "is_encoder_decoder", False)
+        and kwargs["decoder_start_token_id"] is None
+    ):
         kwargs["decoder_start_token_id"] = model.config.decoder_start_token_id
     return GenerationConfig(**kwargs)
 
 
 @torch.no_grad()
-def sequence_scores(model, kind: str, prompts: list[list[int]], hyps: list[list[int]], pad_id: int,
-                    start_id: int | None, max_elements: int = 2 ** 25) -> list[float]:
+def sequence_scores(
+    model,
+    kind: str,
+    prompts: list[list[int]],
+    hyps: list[list[int]],
+    pad_id: int,
+    start_id: int | None,
+    max_elements: int = 2**25,
+) -> list[float]:
     """Mean log-probability per token of each hypothesis given its prompt (teacher forcing), in
     sub-batches whose logits stay under ``max_elements``.
 
@@ -526,7 +621,7 @@ def sequence_scores(model, kind: str, prompts: list[list[int]], hyps: list[list[
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
             hl = max(len(h) for h in H)
-            logits = logits[:, -hl - 1:-1]
+            logits = logits[:, -hl - 1 : -1]
             target, tmask = pad_batch(H, pad_id, True, device)
         lp = torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         sums = (lp * tmask).sum(-1)
@@ -536,8 +631,14 @@ def sequence_scores(model, kind: str, prompts: list[list[int]], hyps: list[list[
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, inputs: list[list[int]], indices: list[int], s: DecodingSettings,
-                   kind: str | None = None) -> list[dict]:
+def generate_batch(
+    model,
+    tokenizer,
+    inputs: list[list[int]],
+    indices: list[int],
+    s: DecodingSettings,
+    kind: str | None = None,
+) -> list[dict]:
     """Generate for one batch of tokenised inputs.
 
     Args:
@@ -564,14 +665,23 @@ def generate_batch(model, tokenizer, inputs: list[list[int]], indices: list[int]
 
         rows = [x for x in inputs for _ in range(k)]
         keys = [(idx, j) for idx in indices for j in range(k)]
-        processors = LogitsProcessorList([PerExampleSampler(s.seed, keys, s.temperature, s.top_k, s.top_p)])
+        processors = LogitsProcessorList(
+            [PerExampleSampler(s.seed, keys, s.temperature, s.top_k, s.top_p)]
+        )
     ids, mask = pad_batch(rows, pad_id, left=(kind == CAUSAL), device=device)
-    seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, logits_processor=processors)
-    new = seq[:, ids.shape[1]:] if kind == CAUSAL else seq[:, 1:]
+    seq = model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=gc, logits_processor=processors
+    )
+    new = seq[:, ids.shape[1] :] if kind == CAUSAL else seq[:, 1:]
     eos = eos_token_ids(model)
     hyps = [trim_at_eos(t, eos, pad_id) for t in new.tolist()]
     prompts = [x for x in inputs for _ in range(k)]
     scores = sequence_scores(model, kind, prompts, hyps, pad_id, gc.decoder_start_token_id)
     texts = tokenizer.batch_decode(hyps, skip_special_tokens=True)
-    return [{"teacher_nbest": [t.strip() for t in texts[i * k:(i + 1) * k]],
-             "teacher_nbest_scores": scores[i * k:(i + 1) * k]} for i in range(len(inputs))]
+    return [
+        {
+            "teacher_nbest": [t.strip() for t in texts[i * k : (i + 1) * k]],
+            "teacher_nbest_scores": scores[i * k : (i + 1) * k],
+        }
+        for i in range(len(inputs))
+    ]

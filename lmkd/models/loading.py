@@ -117,7 +117,9 @@ def model_kind(model: torch.nn.Module) -> str:
         LmkdError: a model of none of these kinds.
     """
     model = unwrap(model)
-    if getattr(model, "lmkd_kind", None):  # lmkd's own wrappers (lmkd.train.regimes) say what they hold
+    if getattr(
+        model, "lmkd_kind", None
+    ):  # lmkd's own wrappers (lmkd.train.regimes) say what they hold
         return model.lmkd_kind
     name = type(model).__name__
     for kind, names in _KIND_CLASSES:
@@ -126,12 +128,18 @@ def model_kind(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return SEQ2SEQ
-    for suffix, kind in (("ForSequenceClassification", CLASSIFICATION), ("ForMaskedLM", MLM),
-                         ("ForCausalLM", CAUSAL), ("LMHeadModel", CAUSAL)):
+    for suffix, kind in (
+        ("ForSequenceClassification", CLASSIFICATION),
+        ("ForMaskedLM", MLM),
+        ("ForCausalLM", CAUSAL),
+        ("LMHeadModel", CAUSAL),
+    ):
         if name.endswith(suffix):
             return kind
-    raise LmkdError(f"lmkd cannot tell what kind of model {name} is; use a seq2seq LM, causal LM, "
-                    "masked LM or sequence-classification model")
+    raise LmkdError(
+        f"lmkd cannot tell what kind of model {name} is; use a seq2seq LM, causal LM, "
+        "masked LM or sequence-classification model"
+    )
 
 
 def saved_kind(model) -> str | None:
@@ -181,19 +189,30 @@ def weights_bytes(path: str) -> int | None:
     """
     import json
 
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+    )
 
     if not os.path.isdir(path):
         return None
-    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+    for single, index in (
+        (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME),
+        (WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+    ):
         if os.path.isfile(os.path.join(path, single)):
             return os.path.getsize(os.path.join(path, single))
         index_path = os.path.join(path, index)
         if os.path.isfile(index_path):
             with open(index_path, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-            return sum(os.path.getsize(os.path.join(path, s)) for s in shards
-                       if os.path.isfile(os.path.join(path, s)))
+            return sum(
+                os.path.getsize(os.path.join(path, s))
+                for s in shards
+                if os.path.isfile(os.path.join(path, s))
+            )
     return None
 
 
@@ -216,21 +235,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise LmkdError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, ... or auto") from e
+        raise LmkdError(
+            f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, ... or auto"
+        ) from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise LmkdError(f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
-                            "use --device cpu")
+            raise LmkdError(
+                f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                "use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LmkdError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise LmkdError(
+                f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise LmkdError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+            raise LmkdError(
+                f"--device {device}: MPS is not available on this machine; use --device cpu"
+            )
     elif dev.type != "cpu":
         backend = getattr(torch, dev.type, None)
         if backend is None or not getattr(backend, "is_available", lambda: False)():
-            raise LmkdError(f"--device {device}: no {dev.type} device is available here; use --device cpu")
+            raise LmkdError(
+                f"--device {device}: no {dev.type} device is available here; use --device cpu"
+            )
     return dev
 
 
@@ -249,10 +278,14 @@ def check_model_path(path: str) -> None:
     """
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise LmkdError(f"{path} is not a model directory (no config.json); pass a dir written by "
-                            "save_pretrained or a hub id")
+            raise LmkdError(
+                f"{path} is not a model directory (no config.json); pass a dir written by "
+                "save_pretrained or a hub id"
+            )
     elif os.path.exists(path):
-        raise LmkdError(f"{path} is a file, not a model directory; pass the directory save_pretrained wrote")
+        raise LmkdError(
+            f"{path} is a file, not a model directory; pass the directory save_pretrained wrote"
+        )
     elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise LmkdError(f"model path {path} does not exist; check the path (or give a hub id)")
 
@@ -276,7 +309,9 @@ def load_config(path: str):
         raise LmkdError(f"cannot read the model config of {path}: {str(e).splitlines()[0]}") from e
 
 
-def load_model(path: str, kind: str | None = None, dtype: str | torch.dtype | None = None) -> PreTrainedModel:
+def load_model(
+    path: str, kind: str | None = None, dtype: str | torch.dtype | None = None
+) -> PreTrainedModel:
     """``from_pretrained`` with the auto class of ``kind``.
 
     Args:
@@ -335,8 +370,10 @@ def check_loads_as(config, kind: str, path: str) -> None:
         return
     if any(archs[0] in names for k, names in _KIND_CLASSES if k == kind):  # a class of both kinds
         return
-    raise LmkdError(f"{path} is a {saved} model ({archs[0]}), not a {kind} model: loaded as one it would be "
-                    f"partly untrained; use a {kind} checkpoint, or the task of a {saved} model")
+    raise LmkdError(
+        f"{path} is a {saved} model ({archs[0]}), not a {kind} model: loaded as one it would be "
+        f"partly untrained; use a {kind} checkpoint, or the task of a {saved} model"
+    )
 
 
 def kind_from_config(path: str) -> str:
@@ -365,9 +402,19 @@ def kind_from_config(path: str) -> str:
 
 
 #: files a saved tokenizer consists of (any one of them); a directory with none holds no tokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "spiece.model", "sentencepiece.bpe.model", "source.spm", "target.spm", "tokenizer.model",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "source.spm",
+    "target.spm",
+    "tokenizer.model",
+    "special_tokens_map.json",
+)
 
 
 def has_tokenizer_files(path: str) -> bool:
@@ -407,8 +454,10 @@ def load_tokenizer(path: str, required: bool = True):
     except (OSError, ValueError, TypeError) as e:
         if not required:
             return None
-        raise LmkdError(f"no tokenizer found in {path}: save one next to the model "
-                        "(tokenizer.save_pretrained) or pass --tokenizer") from e
+        raise LmkdError(
+            f"no tokenizer found in {path}: save one next to the model "
+            "(tokenizer.save_pretrained) or pass --tokenizer"
+        ) from e
 
 
 def vocab_size_of(model: PreTrainedModel) -> int:
@@ -446,9 +495,11 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
     """
     if student_tokenizer is not None and teacher_tokenizer is not None:
         if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise LmkdError("teacher and student tokenizers differ (different vocabularies); token-level KD "
-                            "needs one tokenizer -- build the student from the teacher (lmkd make-student) "
-                            "or use sequence-level KD (lmkd generate)")
+            raise LmkdError(
+                "teacher and student tokenizers differ (different vocabularies); token-level KD "
+                "needs one tokenizer -- build the student from the teacher (lmkd make-student) "
+                "or use sequence-level KD (lmkd generate)"
+            )
 
 
 #: config fields naming special tokens; teacher and student of one vocabulary agree on them
@@ -462,7 +513,9 @@ def _special_ids(model) -> dict:
     for name in SPECIAL_TOKEN_FIELDS:
         value = getattr(cfg, name, None)
         if value is not None:
-            out[name] = sorted(int(v) for v in value) if isinstance(value, (list, tuple)) else [int(value)]
+            out[name] = (
+                sorted(int(v) for v in value) if isinstance(value, (list, tuple)) else [int(value)]
+            )
     return out
 
 
@@ -481,7 +534,9 @@ def tokenizer_of(model):
     return None
 
 
-def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> int | None:
+def shared_vocab_size(
+    student, teacher, student_tokenizer=None, teacher_tokenizer=None
+) -> int | None:
     """Check that teacher and student speak the same vocabulary, deciding from what is known.
 
     * both tokenizers known (given, or saved next to a model loaded from a directory): their
@@ -507,8 +562,12 @@ def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenize
             used).
     """
     vs, vt = vocab_size_of(student), vocab_size_of(teacher)
-    teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else tokenizer_of(teacher)
-    student_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer_of(student)
+    teacher_tokenizer = (
+        teacher_tokenizer if teacher_tokenizer is not None else tokenizer_of(teacher)
+    )
+    student_tokenizer = (
+        student_tokenizer if student_tokenizer is not None else tokenizer_of(student)
+    )
     if model_kind(student) == CLASSIFICATION and vs != vt:
         raise LmkdError(f"teacher has {vt} labels but student {vs}; give both the same label set")
     if student_tokenizer is not None and teacher_tokenizer is not None:
@@ -517,27 +576,45 @@ def shared_vocab_size(student, teacher, student_tokenizer=None, teacher_tokenize
             logger.info("vocabulary check: the teacher's and the student's tokenizers are the same")
             return None
         if len(student_tokenizer) <= min(vs, vt):
-            logger.info("vocabulary check: the tokenizers are the same and the output layers (teacher %d, student "
-                        "%d) differ only by padding rows; KD uses the first %d", vt, vs, len(student_tokenizer))
+            logger.info(
+                "vocabulary check: the tokenizers are the same and the output layers (teacher %d, student "
+                "%d) differ only by padding rows; KD uses the first %d",
+                vt,
+                vs,
+                len(student_tokenizer),
+            )
             return len(student_tokenizer)
-        raise LmkdError(f"teacher vocabulary ({vt}) and student vocabulary ({vs}) are smaller than their one "
-                        f"tokenizer ({len(student_tokenizer)} tokens); resize the embeddings to the tokenizer")
+        raise LmkdError(
+            f"teacher vocabulary ({vt}) and student vocabulary ({vs}) are smaller than their one "
+            f"tokenizer ({len(student_tokenizer)} tokens); resize the embeddings to the tokenizer"
+        )
     missing = "the teacher's" if teacher_tokenizer is None else "the student's"
     if student_tokenizer is None and teacher_tokenizer is None:
         missing = "both models'"
     if vs != vt:
-        raise LmkdError(f"teacher vocabulary ({vt}) and student vocabulary ({vs}) differ and {missing} tokenizer "
-                        "is unknown, so nothing shows the difference is only padding rows; pass the teacher's "
-                        "tokenizer (DistillationTrainer(..., teacher_tokenizer=TOKENIZER), or save it next to the "
-                        "teacher) or use one vocabulary")
+        raise LmkdError(
+            f"teacher vocabulary ({vt}) and student vocabulary ({vs}) differ and {missing} tokenizer "
+            "is unknown, so nothing shows the difference is only padding rows; pass the teacher's "
+            "tokenizer (DistillationTrainer(..., teacher_tokenizer=TOKENIZER), or save it next to the "
+            "teacher) or use one vocabulary"
+        )
     ids_s, ids_t = _special_ids(student), _special_ids(teacher)
-    differ = [f"{k} {ids_t[k]} vs {ids_s[k]}" for k in SPECIAL_TOKEN_FIELDS
-              if k in ids_s and k in ids_t and ids_s[k] != ids_t[k]]
+    differ = [
+        f"{k} {ids_t[k]} vs {ids_s[k]}"
+        for k in SPECIAL_TOKEN_FIELDS
+        if k in ids_s and k in ids_t and ids_s[k] != ids_t[k]
+    ]
     if differ:
-        raise LmkdError(f"{missing} tokenizer is unknown and the configs name different special tokens (teacher "
-                        f"vs student: {', '.join(differ)}), so the vocabularies differ; token-level KD needs one "
-                        "tokenizer -- pass the teacher's tokenizer or use sequence-level KD (lmkd generate)")
-    logger.info("vocabulary check: %s tokenizer is unknown; decided from the configs -- the same output size "
-                "(%d) and the same special-token ids (%s)", missing, vs,
-                ", ".join(f"{k}={v}" for k, v in ids_s.items() if k in ids_t) or "none set")
+        raise LmkdError(
+            f"{missing} tokenizer is unknown and the configs name different special tokens (teacher "
+            f"vs student: {', '.join(differ)}), so the vocabularies differ; token-level KD needs one "
+            "tokenizer -- pass the teacher's tokenizer or use sequence-level KD (lmkd generate)"
+        )
+    logger.info(
+        "vocabulary check: %s tokenizer is unknown; decided from the configs -- the same output size "
+        "(%d) and the same special-token ids (%s)",
+        missing,
+        vs,
+        ", ".join(f"{k}={v}" for k, v in ids_s.items() if k in ids_t) or "none set",
+    )
     return None

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import (
     BartConfig,
     BertConfig,
     GPT2Config,
-    MBartConfig,
     LlamaConfig,
     MarianConfig,
+    MBartConfig,
     PreTrainedTokenizerFast,
     T5Config,
 )
@@ -48,17 +56,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrainedT
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                                   unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", EOS)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        cls_token="<s>",
+        sep_token="</s>",
+    )
 
 
-def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2, decoder_layers: int | None = None,
-                 heads: int = 4, ffn: int | None = None, max_positions: int = 256, num_labels: int = 2,
-                 dropout: float = 0.1):
+def model_config(
+    arch: str,
+    vocab_size: int,
+    d_model: int = 32,
+    layers: int = 2,
+    decoder_layers: int | None = None,
+    heads: int = 4,
+    ffn: int | None = None,
+    max_positions: int = 256,
+    num_labels: int = 2,
+    dropout: float = 0.1,
+):
     """A config for ``arch`` in bart, mbart, marian, t5, bert, gpt2, llama with the special ids above.
 
     ``mbart`` is BART with pre-LN layers (a LayerNorm before each sub-layer, and one after each stack):
@@ -88,44 +116,117 @@ def model_config(arch: str, vocab_size: int, d_model: int = 32, layers: int = 2,
     dec = layers if decoder_layers is None else decoder_layers
     ids = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
     if arch == "bart":
-        return BartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
-                          encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
-                          decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=BOS,
-                          forced_eos_token_id=EOS, dropout=dropout, **ids)
+        return BartConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            encoder_layers=layers,
+            decoder_layers=dec,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            max_position_embeddings=max_positions,
+            decoder_start_token_id=BOS,
+            forced_eos_token_id=EOS,
+            dropout=dropout,
+            **ids,
+        )
     if arch == "mbart":
-        return MBartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
-                           encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
-                           decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=EOS,
-                           forced_eos_token_id=EOS, dropout=dropout, **ids)
+        return MBartConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            encoder_layers=layers,
+            decoder_layers=dec,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            max_position_embeddings=max_positions,
+            decoder_start_token_id=EOS,
+            forced_eos_token_id=EOS,
+            dropout=dropout,
+            **ids,
+        )
     if arch == "marian":
-        return MarianConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=dec,
-                            encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
-                            decoder_ffn_dim=ffn, max_position_embeddings=max_positions, decoder_start_token_id=PAD,
-                            decoder_vocab_size=vocab_size, share_encoder_decoder_embeddings=True, dropout=dropout,
-                            **ids)
+        return MarianConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            encoder_layers=layers,
+            decoder_layers=dec,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            max_position_embeddings=max_positions,
+            decoder_start_token_id=PAD,
+            decoder_vocab_size=vocab_size,
+            share_encoder_decoder_embeddings=True,
+            dropout=dropout,
+            **ids,
+        )
     if arch == "t5":
-        return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=ffn, num_layers=layers,
-                        num_decoder_layers=dec, num_heads=heads, decoder_start_token_id=PAD, dropout_rate=dropout,
-                        **ids)
+        return T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=d_model // heads,
+            d_ff=ffn,
+            num_layers=layers,
+            num_decoder_layers=dec,
+            num_heads=heads,
+            decoder_start_token_id=PAD,
+            dropout_rate=dropout,
+            **ids,
+        )
     if arch == "bert":
-        return BertConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=layers,
-                          num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
-                          num_labels=num_labels, hidden_dropout_prob=dropout,
-                          attention_probs_dropout_prob=dropout, **ids)
+        return BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=max_positions,
+            num_labels=num_labels,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            **ids,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=layers, n_head=heads, n_inner=ffn,
-                          n_positions=max_positions, resid_pdrop=dropout, embd_pdrop=dropout,
-                          attn_pdrop=dropout, **ids)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=d_model,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=ffn,
+            n_positions=max_positions,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            **ids,
+        )
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=ffn, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                           max_position_embeddings=max_positions, **ids)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions,
+            **ids,
+        )
     raise ValueError(f"unknown architecture {arch!r}")
 
 
 #: the model kind of each architecture's LM head (build a model of it with lmkd.models.loading.AUTO_CLASS[kind])
-ARCH_KINDS = {"bart": SEQ2SEQ, "mbart": SEQ2SEQ, "marian": SEQ2SEQ, "t5": SEQ2SEQ, "bert": MLM, "gpt2": CAUSAL,
-              "llama": CAUSAL}
+ARCH_KINDS = {
+    "bart": SEQ2SEQ,
+    "mbart": SEQ2SEQ,
+    "marian": SEQ2SEQ,
+    "t5": SEQ2SEQ,
+    "bert": MLM,
+    "gpt2": CAUSAL,
+    "llama": CAUSAL,
+}
 
 
 def build_model(arch: str, vocab_size: int, kind: str | None = None, seed: int = 0, **sizes):

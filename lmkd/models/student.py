@@ -23,18 +23,57 @@ from lmkd.models.loading import AUTO_CLASS, count_parameters, model_kind, unwrap
 
 #: model_type -> {stack name: (module path of the layer list inside the state dict, config field)}
 LAYER_STACKS: dict[str, dict[str, tuple[str, str]]] = {
-    **{t: {"layers": ("encoder.layer", "num_hidden_layers")}
-       for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2")},
+    **{
+        t: {"layers": ("encoder.layer", "num_hidden_layers")}
+        for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2")
+    },
     "distilbert": {"layers": ("transformer.layer", "n_layers")},
-    **{t: {"encoder": ("encoder.block", "num_layers"), "decoder": ("decoder.block", "num_decoder_layers")}
-       for t in ("t5", "mt5", "umt5")},
-    **{t: {"encoder": ("encoder.layers", "encoder_layers"), "decoder": ("decoder.layers", "decoder_layers")}
-       for t in ("bart", "mbart", "marian", "pegasus", "blenderbot", "m2m_100", "nllb-moe", "plbart")},
+    **{
+        t: {
+            "encoder": ("encoder.block", "num_layers"),
+            "decoder": ("decoder.block", "num_decoder_layers"),
+        }
+        for t in ("t5", "mt5", "umt5")
+    },
+    **{
+        t: {
+            "encoder": ("encoder.layers", "encoder_layers"),
+            "decoder": ("decoder.layers", "decoder_layers"),
+        }
+        for t in (
+            "bart",
+            "mbart",
+            "marian",
+            "pegasus",
+            "blenderbot",
+            "m2m_100",
+            "nllb-moe",
+            "plbart",
+        )
+    },
     "gpt2": {"layers": ("h", "n_layer")},
     "gpt_neo": {"layers": ("h", "num_layers")},
-    **{t: {"layers": ("layers", "num_hidden_layers")}
-       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
-                 "gpt_neox", "olmo", "olmo2", "cohere", "starcoder2", "smollm3", "granite")},
+    **{
+        t: {"layers": ("layers", "num_hidden_layers")}
+        for t in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi",
+            "phi3",
+            "gpt_neox",
+            "olmo",
+            "olmo2",
+            "cohere",
+            "starcoder2",
+            "smollm3",
+            "granite",
+        )
+    },
 }
 
 # Per-layer config lists that must shrink with the stack (e.g. sliding/full attention patterns).
@@ -56,8 +95,10 @@ def stacks_of(model_or_config) -> dict[str, tuple[str, str]]:
     config = getattr(model_or_config, "config", model_or_config)
     stacks = LAYER_STACKS.get(config.model_type)
     if stacks is None:
-        raise LmkdError(f"make_student does not know where the layers of a {config.model_type!r} model are; "
-                        f"supported: {', '.join(sorted(LAYER_STACKS))}")
+        raise LmkdError(
+            f"make_student does not know where the layers of a {config.model_type!r} model are; "
+            f"supported: {', '.join(sorted(LAYER_STACKS))}"
+        )
     return stacks
 
 
@@ -83,14 +124,20 @@ def _check_chosen(stack: str, chosen: list[int], n: int) -> None:
         raise LmkdError(f"the student needs at least one {what}; {flag} is empty")
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
-        raise LmkdError(f"{what} index {bad[0]} is out of range: the teacher has {n} {what}s (0..{n - 1})")
+        raise LmkdError(
+            f"{what} index {bad[0]} is out of range: the teacher has {n} {what}s (0..{n - 1})"
+        )
     repeated = sorted({i for i in chosen if chosen.count(i) > 1})
     if repeated:
-        raise LmkdError(f"{flag} {listed} names {what} {repeated[0]} more than once; list each teacher {what} "
-                        "once")
+        raise LmkdError(
+            f"{flag} {listed} names {what} {repeated[0]} more than once; list each teacher {what} "
+            "once"
+        )
     if chosen != sorted(chosen):
-        raise LmkdError(f"{flag} {listed} is not in increasing order; list the teacher {what}s in the order they "
-                        f"run, e.g. {','.join(str(i) for i in sorted(chosen))}")
+        raise LmkdError(
+            f"{flag} {listed} is not in increasing order; list the teacher {what}s in the order they "
+            f"run, e.g. {','.join(str(i) for i in sorted(chosen))}"
+        )
 
 
 def make_student(
@@ -128,13 +175,17 @@ def make_student(
             flag = "--layers" if name == "layers" else f"--{name}-layers"
             has = "one stack of layers" if "layers" in stacks else "an encoder and a decoder"
             use = " / ".join("--layers" if s == "layers" else f"--{s}-layers" for s in stacks)
-            raise LmkdError(f"a {teacher.config.model_type} model has {has}, so {flag} does not apply; use {use}")
+            raise LmkdError(
+                f"a {teacher.config.model_type} model has {has}, so {flag} does not apply; use {use}"
+            )
 
     config = copy.deepcopy(teacher.config)
     layer_map: dict[str, list[int]] = {}
     for name, (_, field) in stacks.items():
         n = getattr(config, field)
-        if n is None and field == "num_decoder_layers":  # T5 configs may leave it unset (= num_layers)
+        if (
+            n is None and field == "num_decoder_layers"
+        ):  # T5 configs may leave it unset (= num_layers)
             n = config.num_layers
         chosen = list(requested[name]) if requested[name] is not None else every_other(n)
         _check_chosen(name, chosen, n)
@@ -144,14 +195,20 @@ def make_student(
             values = getattr(config, per_layer, None)
             if isinstance(values, list) and len(values) == n and len(stacks) == 1:
                 setattr(config, per_layer, [values[i] for i in chosen])
-    if all(len(layer_map[s]) >= getattr(teacher.config, f) for s, (_, f) in stacks.items()
-           if getattr(teacher.config, f) is not None):
+    if all(
+        len(layer_map[s]) >= getattr(teacher.config, f)
+        for s, (_, f) in stacks.items()
+        if getattr(teacher.config, f) is not None
+    ):
         raise LmkdError("the student would not be smaller than the teacher: choose fewer layers")
     config.lmkd_layer_map = layer_map
 
     student = type(teacher)(config).to(dtype=next(teacher.parameters()).dtype)
     t_state = teacher.state_dict()
-    patterns = {name: re.compile(r"(^|\.)" + re.escape(path) + r"\.(\d+)\.") for name, (path, _) in stacks.items()}
+    patterns = {
+        name: re.compile(r"(^|\.)" + re.escape(path) + r"\.(\d+)\.")
+        for name, (path, _) in stacks.items()
+    }
     new_state = {}
     for key, value in student.state_dict().items():
         src = key
@@ -159,9 +216,9 @@ def make_student(
             m = pat.search(key)
             if m:
                 i = int(m.group(2))
-                src = key[: m.start(2)] + str(layer_map[name][i]) + key[m.end(2):]
+                src = key[: m.start(2)] + str(layer_map[name][i]) + key[m.end(2) :]
                 if src not in t_state:  # e.g. T5's relative attention bias lives in block 0 only
-                    src = key[: m.start(2)] + "0" + key[m.end(2):]
+                    src = key[: m.start(2)] + "0" + key[m.end(2) :]
                 break
         if src not in t_state or t_state[src].shape != value.shape:
             raise LmkdError(f"cannot copy {key} from the teacher (no matching weight {src})")
@@ -176,17 +233,33 @@ def make_student(
 
 # Width/depth fields per config family, for students scaled down from the teacher's config.
 _SHAPE_FIELDS = {
-    "bart": dict(d="d_model", ffn=("encoder_ffn_dim", "decoder_ffn_dim"),
-                 heads=("encoder_attention_heads", "decoder_attention_heads"),
-                 layers=("encoder_layers", "decoder_layers")),
-    "t5": dict(d="d_model", ffn=("d_ff",), heads=("num_heads",), layers=("num_layers", "num_decoder_layers"),
-               kv="d_kv"),
-    "bert": dict(d="hidden_size", ffn=("intermediate_size",), heads=("num_attention_heads",),
-                 layers=("num_hidden_layers",)),
+    "bart": dict(
+        d="d_model",
+        ffn=("encoder_ffn_dim", "decoder_ffn_dim"),
+        heads=("encoder_attention_heads", "decoder_attention_heads"),
+        layers=("encoder_layers", "decoder_layers"),
+    ),
+    "t5": dict(
+        d="d_model",
+        ffn=("d_ff",),
+        heads=("num_heads",),
+        layers=("num_layers", "num_decoder_layers"),
+        kv="d_kv",
+    ),
+    "bert": dict(
+        d="hidden_size",
+        ffn=("intermediate_size",),
+        heads=("num_attention_heads",),
+        layers=("num_hidden_layers",),
+    ),
 }
-_FAMILY = {**{t: "bart" for t in ("bart", "mbart", "marian", "pegasus", "m2m_100", "plbart", "blenderbot")},
-           **{t: "t5" for t in ("t5", "mt5", "umt5")},
-           **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")}}
+_FAMILY = {
+    **{
+        t: "bart" for t in ("bart", "mbart", "marian", "pegasus", "m2m_100", "plbart", "blenderbot")
+    },
+    **{t: "t5" for t in ("t5", "mt5", "umt5")},
+    **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+}
 
 
 def _count_on_meta(config, kind: str) -> int:
@@ -213,8 +286,10 @@ def scaled_student_config(teacher, fraction: float):
     config = teacher.config
     family = _FAMILY.get(config.model_type)
     if family is None:
-        raise LmkdError(f"lmkd study cannot scale down a {config.model_type!r} teacher; supported: "
-                        f"{', '.join(sorted(_FAMILY))} (or build a student with lmkd make-student and distil it)")
+        raise LmkdError(
+            f"lmkd study cannot scale down a {config.model_type!r} teacher; supported: "
+            f"{', '.join(sorted(_FAMILY))} (or build a student with lmkd make-student and distil it)"
+        )
     f = _SHAPE_FIELDS[family]
     kind = model_kind(teacher)
     limit = fraction * count_parameters(teacher)
@@ -224,17 +299,17 @@ def scaled_student_config(teacher, fraction: float):
     layers0 = max(getattr(config, n) or getattr(config, f["layers"][0]) for n in f["layers"])
     best = None
     for k in range(0, 4):
-        d = d0 // (2 ** k)
-        if d < 8 or d0 % (2 ** k):
+        d = d0 // (2**k)
+        if d < 8 or d0 % (2**k):
             break
-        heads = max(1, heads0 // (2 ** k)) if d % max(1, heads0 // (2 ** k)) == 0 else 1
+        heads = max(1, heads0 // (2**k)) if d % max(1, heads0 // (2**k)) == 0 else 1
         for layers in range(1, layers0 + 1):
             cfg = copy.deepcopy(config)
             setattr(cfg, f["d"], d)
             for n in f["heads"]:
                 setattr(cfg, n, heads)
             for n in f["ffn"]:
-                setattr(cfg, n, max(1, ffn0 // (2 ** k)))
+                setattr(cfg, n, max(1, ffn0 // (2**k)))
             for n in f["layers"]:
                 setattr(cfg, n, layers)
             if "kv" in f:
@@ -245,8 +320,10 @@ def scaled_student_config(teacher, fraction: float):
             if n_params <= limit and (best is None or n_params > best[0]):
                 best = (n_params, cfg)
     if best is None:
-        raise LmkdError(f"no student of this teacher's shape fits in {fraction:g} of its parameters (the "
-                        "embeddings alone are larger); pass a larger --student-sizes value")
+        raise LmkdError(
+            f"no student of this teacher's shape fits in {fraction:g} of its parameters (the "
+            "embeddings alone are larger); pass a larger --student-sizes value"
+        )
     return best[1]
 
 
@@ -292,6 +369,11 @@ def copied_layers_within(teacher, fraction: float) -> dict[str, list[int]] | Non
             setattr(cfg, stacks["decoder"][1], kd)
             n = _count_on_meta(cfg, model_kind(teacher))
             if n <= limit and (best is None or n > best[0]):
-                best = (n, {"encoder": spread_layers(counts["encoder"], ke),
-                            "decoder": spread_layers(counts["decoder"], kd)})
+                best = (
+                    n,
+                    {
+                        "encoder": spread_layers(counts["encoder"], ke),
+                        "decoder": spread_layers(counts["decoder"], kd),
+                    },
+                )
     return best[1] if best else None

@@ -19,15 +19,30 @@ from transformers import AutoConfig
 from lmkd.core.errors import LmkdError
 from lmkd.models.loading import check_model_path, unwrap
 
-
 #: model types whose absolute positions start at ``padding_idx + 1`` (RoBERTa's
 #: ``create_position_ids_from_input_ids``): their table holds ``max_position_embeddings - padding_idx - 1``
-PADDING_OFFSET_TYPES = frozenset({
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "ibert",
-    "longformer", "xmod", "mpnet", "esm", "luke", "lilt", "markuplm", "layoutlmv3"})
+PADDING_OFFSET_TYPES = frozenset(
+    {
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "roberta-prelayernorm",
+        "data2vec-text",
+        "ibert",
+        "longformer",
+        "xmod",
+        "mpnet",
+        "esm",
+        "luke",
+        "lilt",
+        "markuplm",
+        "layoutlmv3",
+    }
+)
 
 #: a tokenizer's ``model_max_length`` at or above this is transformers' "no limit" placeholder
-_NO_TOKENIZER_LIMIT = 10 ** 9
+_NO_TOKENIZER_LIMIT = 10**9
 
 
 def _configs(model_or_config) -> list:
@@ -42,10 +57,15 @@ def _configs(model_or_config) -> list:
         try:
             return [AutoConfig.from_pretrained(path)]
         except (OSError, ValueError) as e:
-            raise LmkdError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}") from e
+            raise LmkdError(
+                f"cannot read a model config from {path}: {str(e).splitlines()[0]}"
+            ) from e
     if isinstance(model_or_config, torch.nn.Module):
         model = unwrap(model_or_config)
-        for name in ("teachers", "members"):  # lmkd's EnsembleTeacher / CohortModel: every one must fit
+        for name in (
+            "teachers",
+            "members",
+        ):  # lmkd's EnsembleTeacher / CohortModel: every one must fit
             inner = getattr(model, name, None)
             if isinstance(inner, torch.nn.ModuleList):
                 return [c for m in inner for c in _configs(m)]
@@ -66,7 +86,9 @@ def position_table(config, decoder: bool = False) -> int | None:
     """
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=decoder) or config
-    if getattr(config, "position_biased_input", True) is False:  # DeBERTa-v2 with relative positions only
+    if (
+        getattr(config, "position_biased_input", True) is False
+    ):  # DeBERTa-v2 with relative positions only
         return None
     n = getattr(config, "max_target_positions" if decoder else "max_source_positions", None)
     if n is None:
@@ -111,7 +133,9 @@ def input_limit(model_or_config, tokenizer=None) -> int | None:
     Raises:
         LmkdError: a path whose config cannot be read.
     """
-    return _smallest([position_table(c) for c in _configs(model_or_config)] + [tokenizer_limit(tokenizer)])
+    return _smallest(
+        [position_table(c) for c in _configs(model_or_config)] + [tokenizer_limit(tokenizer)]
+    )
 
 
 def target_limit(model_or_config) -> int | None:
@@ -127,11 +151,17 @@ def target_limit(model_or_config) -> int | None:
     Raises:
         LmkdError: a path whose config cannot be read.
     """
-    return _smallest([position_table(c, decoder=getattr(c, "is_encoder_decoder", False))
-                      for c in _configs(model_or_config)])
+    return _smallest(
+        [
+            position_table(c, decoder=getattr(c, "is_encoder_decoder", False))
+            for c in _configs(model_or_config)
+        ]
+    )
 
 
-def fit_length(requested: int | None, model_or_config, tokenizer=None, what: str = "inputs") -> int | None:
+def fit_length(
+    requested: int | None, model_or_config, tokenizer=None, what: str = "inputs"
+) -> int | None:
     """The length to truncate to: the smaller of ``requested`` and what the model(s) take.
 
     Args:
@@ -149,12 +179,17 @@ def fit_length(requested: int | None, model_or_config, tokenizer=None, what: str
     """
     if what not in ("inputs", "targets"):
         raise ValueError(f"what must be 'inputs' or 'targets', not {what!r}")
-    limit = input_limit(model_or_config, tokenizer) if what == "inputs" else target_limit(model_or_config)
+    limit = (
+        input_limit(model_or_config, tokenizer)
+        if what == "inputs"
+        else target_limit(model_or_config)
+    )
     return _smallest([requested, limit])
 
 
-def generation_lengths(model_or_config, tokenizer=None, max_source_length: int | None = None,
-                       max_new_tokens: int = 128) -> tuple[int | None, int]:
+def generation_lengths(
+    model_or_config, tokenizer=None, max_source_length: int | None = None, max_new_tokens: int = 128
+) -> tuple[int | None, int]:
     """The input length and new tokens for generating with the model(s): the whole generated sequence
     must fit the table -- for a seq2seq model the start token and the new tokens fit the decoder's
     table (inputs fit the encoder's); for a causal model the prompt and the new tokens fit the one
@@ -183,13 +218,21 @@ def generation_lengths(model_or_config, tokenizer=None, max_source_length: int |
         new = max_new_tokens if limit is None else min(max_new_tokens, limit - 1)
         src = _smallest([max_source_length, None if limit is None else limit - new])
     if new < 1:
-        raise LmkdError(f"the model's position table ({dec if seq2seq else limit} positions) leaves no room to "
-                        "generate a token")
+        raise LmkdError(
+            f"the model's position table ({dec if seq2seq else limit} positions) leaves no room to "
+            "generate a token"
+        )
     return src, new
 
 
-def truncation_note(what: str, rows: int, truncated: int, length: int | None, requested: int | None,
-                    positions: int | None) -> dict:
+def truncation_note(
+    what: str,
+    rows: int,
+    truncated: int,
+    length: int | None,
+    requested: int | None,
+    positions: int | None,
+) -> dict:
     """The record of one truncation (:func:`describe_truncation` words it).
 
     Args:
@@ -203,8 +246,14 @@ def truncation_note(what: str, rows: int, truncated: int, length: int | None, re
     Returns:
         The record, a dict of those fields.
     """
-    return {"what": what, "rows": rows, "truncated": truncated, "length": length, "requested": requested,
-            "model_positions": positions}
+    return {
+        "what": what,
+        "rows": rows,
+        "truncated": truncated,
+        "length": length,
+        "requested": requested,
+        "model_positions": positions,
+    }
 
 
 def describe_truncation(note: dict) -> str:
@@ -220,17 +269,26 @@ def describe_truncation(note: dict) -> str:
     if note["what"] == "new tokens":
         if note["length"] == note["requested"]:
             return f"up to {note['length']} new tokens"
-        return (f"max_new_tokens {note['requested']} lowered to {note['length']} (the model takes "
-                f"{note['model_positions']} positions, the start token or prompt included)")
+        return (
+            f"max_new_tokens {note['requested']} lowered to {note['length']} (the model takes "
+            f"{note['model_positions']} positions, the start token or prompt included)"
+        )
     if note["length"] is None:
         return f"{note['rows']} {note['what']}, none truncated (no maximum and no position table)"
-    by_model = note["model_positions"] is not None and (note["requested"] is None
-                                                        or note["length"] < note["requested"])
-    why = f"the model takes {note['model_positions']} positions" if by_model else "the maximum asked for"
+    by_model = note["model_positions"] is not None and (
+        note["requested"] is None or note["length"] < note["requested"]
+    )
+    why = (
+        f"the model takes {note['model_positions']} positions"
+        if by_model
+        else "the maximum asked for"
+    )
     return f"{note['truncated']} of {note['rows']} {note['what']} truncated to {note['length']} tokens ({why})"
 
 
-def encode_fitted(tokenizer, texts: list[str], length: int | None, target: bool = False) -> tuple[dict, list[int]]:
+def encode_fitted(
+    tokenizer, texts: list[str], length: int | None, target: bool = False
+) -> tuple[dict, list[int]]:
     """``tokenizer(texts)`` truncated to ``length`` tokens.
 
     Args:
@@ -243,7 +301,11 @@ def encode_fitted(tokenizer, texts: list[str], length: int | None, target: bool 
         ``(encoding, cut)``: the encoding as a dict of lists, and the indices of the texts that were cut.
     """
     texts = [str(t) for t in texts]
-    call = (lambda xs, **kw: tokenizer(text_target=xs, **kw)) if target else (lambda xs, **kw: tokenizer(xs, **kw))
+    call = (
+        (lambda xs, **kw: tokenizer(text_target=xs, **kw))
+        if target
+        else (lambda xs, **kw: tokenizer(xs, **kw))
+    )
     full = dict(call(texts, verbose=False))
     if length is None:
         return full, []

@@ -128,7 +128,9 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 SENTENCE_METRICS = ("bleu", "chrf", "rouge2")
 
 
-def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu") -> list[float]:
+def sentence_scores(
+    hypotheses: Sequence[str], references: Sequence[str], metric: str = "bleu"
+) -> list[float]:
     """Sentence-level ``bleu`` / ``chrf`` (sacrebleu) or ``rouge2`` F1 (rouge-score) of each
     hypothesis against its reference, all on a 0-100 scale.
 
@@ -144,7 +146,9 @@ def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric
         LmkdError: the lists differ in length, or an unknown ``metric``.
     """
     if len(hypotheses) != len(references):
-        raise LmkdError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one reference per row")
+        raise LmkdError(
+            f"{len(hypotheses)} hypotheses but {len(references)} references; give one reference per row"
+        )
     if metric == "bleu":
         from sacrebleu import sentence_bleu
 
@@ -157,8 +161,12 @@ def sentence_scores(hypotheses: Sequence[str], references: Sequence[str], metric
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=False)
-        return [100.0 * scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hypotheses, references)]
-    raise LmkdError(f"unknown filter metric {metric!r}; choose one of {', '.join(SENTENCE_METRICS)}")
+        return [
+            100.0 * scorer.score(r, h)["rouge2"].fmeasure for h, r in zip(hypotheses, references)
+        ]
+    raise LmkdError(
+        f"unknown filter metric {metric!r}; choose one of {', '.join(SENTENCE_METRICS)}"
+    )
 
 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
@@ -203,7 +211,9 @@ def macro_f1(predictions: Sequence, labels: Sequence) -> float:
     return 100.0 * sum(f1s) / len(f1s)
 
 
-def quality(task: str, predictions: list, references: list) -> tuple[dict[str, float], dict[str, str]]:
+def quality(
+    task: str, predictions: list, references: list
+) -> tuple[dict[str, float], dict[str, str]]:
     """The scores of ``predictions`` for ``task``: BLEU and chrF (translation), ROUGE (summarization),
     accuracy and macro-F1 (classification) -- what ``lmkd evaluate`` reports and what training reports
     with ``predict_with_generate`` (:func:`compute_metrics_for`).
@@ -226,10 +236,14 @@ def quality(task: str, predictions: list, references: list) -> tuple[dict[str, f
         c, c_sig = chrf(predictions, references)
         return {"bleu": b, "chrf": c}, {"bleu": b_sig, "chrf": c_sig}
     if task == "summarization":
-        return rouge(predictions, references), {"rouge": "rouge-score, use_stemmer=True, mean F1, "
-                                                         "Lsum on newline-split sentences"}
+        return rouge(predictions, references), {
+            "rouge": "rouge-score, use_stemmer=True, mean F1, Lsum on newline-split sentences"
+        }
     if task == "classification":
-        return {"accuracy": accuracy(predictions, references), "macro_f1": macro_f1(predictions, references)}, {}
+        return {
+            "accuracy": accuracy(predictions, references),
+            "macro_f1": macro_f1(predictions, references),
+        }, {}
     raise LmkdError(f"no prediction metric for task {task!r}")
 
 
@@ -257,11 +271,15 @@ def compute_metrics_for(task: str, tokenizer, references: list | None = None):
     def compute(pred) -> dict[str, float]:
         out = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         if task == "classification":
-            return quality(task, np.asarray(out).argmax(-1).tolist(), np.asarray(pred.label_ids).tolist())[0]
+            return quality(
+                task, np.asarray(out).argmax(-1).tolist(), np.asarray(pred.label_ids).tolist()
+            )[0]
         ids = np.where(np.asarray(out) < 0, tokenizer.pad_token_id, out)
         texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         if references is None or len(references) != len(texts):
-            raise LmkdError(f"{len(texts)} generated outputs for {len(references or [])} validation references")
+            raise LmkdError(
+                f"{len(texts)} generated outputs for {len(references or [])} validation references"
+            )
         return quality(task, texts, [str(r) for r in references])[0]
 
     return compute
@@ -269,7 +287,9 @@ def compute_metrics_for(task: str, tokenizer, references: list | None = None):
 
 def _check_pairs(hypotheses, references) -> None:
     if len(hypotheses) != len(references):
-        raise LmkdError(f"{len(hypotheses)} predictions but {len(references)} references; score the same rows")
+        raise LmkdError(
+            f"{len(hypotheses)} predictions but {len(references)} references; score the same rows"
+        )
     if not len(references):
         raise LmkdError("nothing to score: no examples")
 
@@ -282,11 +302,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Sequence[str], batch_size: int,
-                  latency_examples: int = 16, repeats: int = 3, devices: dict[str, torch.device] | None = None,
-                  token_runners: dict[str, Callable[[str], int]] | None = None,
-                  closers: dict[str, Callable[[], None]] | None = None,
-                  ) -> dict[str, dict[str, float]]:
+def measure_speed(
+    runners: dict[str, Callable[[list[str]], object]],
+    inputs: Sequence[str],
+    batch_size: int,
+    latency_examples: int = 16,
+    repeats: int = 3,
+    devices: dict[str, torch.device] | None = None,
+    token_runners: dict[str, Callable[[str], int]] | None = None,
+    closers: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, dict[str, float]]:
     """Latency per example at batch 1 and throughput at ``batch_size`` for each runner.
 
     Every runner gets the same inputs: the first ``latency_examples`` one at a time (latency), and
@@ -321,8 +346,8 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
     if repeats < 1 or not inputs:
         raise LmkdError("speed needs at least one repeat and one input example")
     inputs = [str(x) for x in inputs]
-    single = inputs[:max(1, latency_examples)]
-    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
+    single = inputs[: max(1, latency_examples)]
+    batches = [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
     devices = devices or {}
     token_runners = token_runners or {}
     closers = closers or {}
@@ -366,11 +391,17 @@ def measure_speed(runners: dict[str, Callable[[list[str]], object]], inputs: Seq
                     closers[name]()
     out: dict[str, dict[str, float]] = {}
     for name in runners:
-        out[name] = {"latency_ms": 1000.0 * statistics.median(lat[name]),
-                     "throughput_per_s": statistics.median(thr[name]),
-                     "latency_batch_size": 1, "throughput_batch_size": batch_size,
-                     "latency_examples": len(single), "throughput_examples": len(inputs), "repeats": repeats,
-                     "other_cpu_load": busy.fraction, "cpus": os.cpu_count()}
+        out[name] = {
+            "latency_ms": 1000.0 * statistics.median(lat[name]),
+            "throughput_per_s": statistics.median(thr[name]),
+            "latency_batch_size": 1,
+            "throughput_batch_size": batch_size,
+            "latency_examples": len(single),
+            "throughput_examples": len(inputs),
+            "repeats": repeats,
+            "other_cpu_load": busy.fraction,
+            "cpus": os.cpu_count(),
+        }
         if name in token_runners:
             out[name]["ms_per_token"] = 1000.0 * statistics.median(per_tok[name])
             out[name]["fixed_new_tokens"] = fixed[name]
@@ -411,16 +442,26 @@ class OtherLoad:
     fraction: float | None = None
 
     def __enter__(self):
-        self._t, self._own, self._busy = time.perf_counter(), time.process_time(), busy_cpu_seconds()
+        self._t, self._own, self._busy = (
+            time.perf_counter(),
+            time.process_time(),
+            busy_cpu_seconds(),
+        )
         return self
 
     def __exit__(self, *exc):
-        wall, own, busy = time.perf_counter() - self._t, time.process_time() - self._own, busy_cpu_seconds()
+        wall, own, busy = (
+            time.perf_counter() - self._t,
+            time.process_time() - self._own,
+            busy_cpu_seconds(),
+        )
         if self._busy is None or busy is None or wall <= 0:
             self.fraction = None
         else:
             # (the counters tick in 10 ms jiffies: a short block can read a little past the bounds)
-            self.fraction = min(1.0, max(0.0, (busy - self._busy - own) / (wall * (os.cpu_count() or 1))))
+            self.fraction = min(
+                1.0, max(0.0, (busy - self._busy - own) / (wall * (os.cpu_count() or 1)))
+            )
         return False
 
 
@@ -437,6 +478,8 @@ def busy_warning(speed: dict) -> str | None:
     load = speed.get("other_cpu_load")
     if load is None or load <= BUSY_MACHINE:
         return None
-    return (f"**Speed measured on a busy machine**: other processes used {load:.0%} of the {speed.get('cpus')} "
-            "cores while the models were timed, so the speed columns are not reliable; time them again on an "
-            "idle machine.")
+    return (
+        f"**Speed measured on a busy machine**: other processes used {load:.0%} of the {speed.get('cpus')} "
+        "cores while the models were timed, so the speed columns are not reliable; time them again on an "
+        "idle machine."
+    )

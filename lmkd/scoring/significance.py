@@ -99,7 +99,9 @@ def _sacrebleu_metric(name: str):
     return BLEU() if name == "bleu" else CHRF()
 
 
-def _row_stats(metric: str, hyps: Sequence, refs: Sequence) -> tuple[np.ndarray, Callable[[np.ndarray], float]]:
+def _row_stats(
+    metric: str, hyps: Sequence, refs: Sequence
+) -> tuple[np.ndarray, Callable[[np.ndarray], float]]:
     """(per-row statistics ``(n, k)``, score of a vector of summed statistics) for ``metric``."""
     n = len(refs)
     if metric in SACREBLEU_METRICS:
@@ -120,12 +122,16 @@ def _row_stats(metric: str, hyps: Sequence, refs: Sequence) -> tuple[np.ndarray,
         from rouge_score import rouge_scorer
 
         scorer = rouge_scorer.RougeScorer([metric], use_stemmer=True)
-        f = [scorer.score(split_sentences(str(r)), split_sentences(str(h)))[metric].fmeasure
-             for h, r in zip(hyps, refs)]
+        f = [
+            scorer.score(split_sentences(str(r)), split_sentences(str(h)))[metric].fmeasure
+            for h, r in zip(hyps, refs)
+        ]
         return np.array(f, dtype="float64")[:, None], lambda s: 100.0 * float(s[0]) / n
     if metric == "accuracy":
-        return (np.array([[float(h == r)] for h, r in zip(hyps, refs)], dtype="float64"),
-                lambda s: 100.0 * float(s[0]) / n)
+        return (
+            np.array([[float(h == r)] for h, r in zip(hyps, refs)], dtype="float64"),
+            lambda s: 100.0 * float(s[0]) / n,
+        )
     if metric == "macro_f1":
         classes = sorted(set(refs) | set(hyps), key=str)
         c = len(classes)
@@ -139,27 +145,34 @@ def _row_stats(metric: str, hyps: Sequence, refs: Sequence) -> tuple[np.ndarray,
                 stats[i, 2 * c + pos[r]] = 1
 
         def macro(s: np.ndarray) -> float:
-            tp, fp, fn = s[:c], s[c:2 * c], s[2 * c:]
+            tp, fp, fn = s[:c], s[c : 2 * c], s[2 * c :]
             present = (tp + fp + fn) > 0  # the classes in this sample's labels or predictions
             f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
             return 100.0 * float(f1[present].sum()) / int(present.sum())
 
         return stats, macro
-    raise LmkdError(f"no paired bootstrap for metric {metric!r}; choose one of {', '.join(METRICS)}")
+    raise LmkdError(
+        f"no paired bootstrap for metric {metric!r}; choose one of {', '.join(METRICS)}"
+    )
 
 
 def _method(metric: str, n_samples: int, seed: int, score_of) -> str:
     if metric in SACREBLEU_METRICS:
-        sig = score_of.metric.get_signature()  # the metric that scored (it knows the number of references)
+        sig = (
+            score_of.metric.get_signature()
+        )  # the metric that scored (it knows the number of references)
         sig.update("seed", str(seed))
         sig.update("bs", n_samples)
         return f"sacrebleu paired bootstrap ({sig})"
     per_row = {"accuracy": "correct-or-not per row", "macro_f1": "per-class TP/FP/FN per row"}.get(
-        metric, f"{metric} F-measure per row (rouge-score, stemmed)")
+        metric, f"{metric} F-measure per row (rouge-score, stemmed)"
+    )
     return f"paired bootstrap over test rows, {n_samples} resamples, seed {seed}: {per_row}, re-aggregated per sample"
 
 
-def resample_indices(n: int, n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED) -> np.ndarray:
+def resample_indices(
+    n: int, n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED
+) -> np.ndarray:
     """The row indices every comparison draws (sacrebleu's draw for that seed).
 
     Args:
@@ -180,8 +193,15 @@ def _ci(scores: np.ndarray) -> tuple[float, float]:
     return float(s.mean()), float(0.5 * (s[len(s) - lo - 1] - s[lo]))
 
 
-def paired_bootstrap(metric: str, hyps_a: Sequence, hyps_b: Sequence, references: Sequence, *,
-                     n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED) -> Comparison:
+def paired_bootstrap(
+    metric: str,
+    hyps_a: Sequence,
+    hyps_b: Sequence,
+    references: Sequence,
+    *,
+    n_samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Comparison:
     """Model A (``hyps_a``) against model B (``hyps_b``) on ``metric`` over the same ``references``:
     see the module docstring.
 
@@ -202,8 +222,10 @@ def paired_bootstrap(metric: str, hyps_a: Sequence, hyps_b: Sequence, references
     if not len(references):
         raise LmkdError("nothing to compare: no test rows")
     if len(hyps_a) != len(references) or len(hyps_b) != len(references):
-        raise LmkdError(f"paired bootstrap needs outputs for the same rows: {len(hyps_a)} and {len(hyps_b)} "
-                        f"outputs for {len(references)} references")
+        raise LmkdError(
+            f"paired bootstrap needs outputs for the same rows: {len(hyps_a)} and {len(hyps_b)} "
+            f"outputs for {len(references)} references"
+        )
     if n_samples < 1:
         raise LmkdError("paired bootstrap needs at least one resample")
     # each model's own statistics and scorer (macro-F1: over the classes of its predictions and the labels)
@@ -227,8 +249,20 @@ def paired_bootstrap(metric: str, hyps_a: Sequence, hyps_b: Sequence, references
     lo = n_samples // 40
     mean_a, ci_a = _ci(sa)
     mean_b, ci_b = _ci(sb)
-    return Comparison(metric=metric, score_a=score_a, score_b=score_b, difference=score_a - score_b,
-                      ci_low=float(d[lo]), ci_high=float(d[n_samples - lo - 1]), p_value=float(p),
-                      mean_a=mean_a, ci_a=ci_a, mean_b=mean_b, ci_b=ci_b, n_samples=n_samples, seed=seed,
-                      rows=len(references), method=_method(metric, n_samples, seed, score_of))
-
+    return Comparison(
+        metric=metric,
+        score_a=score_a,
+        score_b=score_b,
+        difference=score_a - score_b,
+        ci_low=float(d[lo]),
+        ci_high=float(d[n_samples - lo - 1]),
+        p_value=float(p),
+        mean_a=mean_a,
+        ci_a=ci_a,
+        mean_b=mean_b,
+        ci_b=ci_b,
+        n_samples=n_samples,
+        seed=seed,
+        rows=len(references),
+        method=_method(metric, n_samples, seed, score_of),
+    )

@@ -50,6 +50,18 @@ from lmkd.study.run import run_study
 from lmkd.study.seq2seq import make_transfer_set
 from lmkd.study.stages import Stages, StudyStopped
 
-__all__ = ["BUDGETS", "CLS_VARIANTS", "SEQ2SEQ_VARIANTS", "Plan", "Stages", "StudyOptions", "StudyStopped",
-           "evaluate_quality", "make_transfer_set", "measure_models_speed", "run_study", "shipped_corpus",
-           "train_student"]
+__all__ = [
+    "BUDGETS",
+    "CLS_VARIANTS",
+    "SEQ2SEQ_VARIANTS",
+    "Plan",
+    "Stages",
+    "StudyOptions",
+    "StudyStopped",
+    "evaluate_quality",
+    "make_transfer_set",
+    "measure_models_speed",
+    "run_study",
+    "shipped_corpus",
+    "train_student",
+]

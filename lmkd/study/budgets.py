@@ -15,15 +15,41 @@ from __future__ import annotations
 # the gold targets (baseline, Word-KD) or the teacher's outputs on every training row (Seq-KD).
 BUDGETS: dict[str, dict] = {
     "tiny": dict(
-        train_rows=160, transfer_rows=None, validation_rows=32, test_rows=24, vocab_size=200,
-        teacher=dict(d_model=32, layers=2, heads=2, ffn=64), teacher_steps=40, teacher_mlm_steps=30,
-        student_steps=12, eval_every=4, patience=2, min_delta=0.0, metric_min_delta=0.0,
-        batch_size=16, teacher_lr=3e-3, student_lr=3e-3, finetune_lr=3e-3, warmup_steps=4,
-        beams=2, max_new_tokens=24, max_length=64, speed_examples=4, speed_repeats=1, dropout=0.0, workers=1,
+        train_rows=160,
+        transfer_rows=None,
+        validation_rows=32,
+        test_rows=24,
+        vocab_size=200,
+        teacher=dict(d_model=32, layers=2, heads=2, ffn=64),
+        teacher_steps=40,
+        teacher_mlm_steps=30,
+        student_steps=12,
+        eval_every=4,
+        patience=2,
+        min_delta=0.0,
+        metric_min_delta=0.0,
+        batch_size=16,
+        teacher_lr=3e-3,
+        student_lr=3e-3,
+        finetune_lr=3e-3,
+        warmup_steps=4,
+        beams=2,
+        max_new_tokens=24,
+        max_length=64,
+        speed_examples=4,
+        speed_repeats=1,
+        dropout=0.0,
+        workers=1,
     ),
     "quick": dict(
-        train_rows=None, transfer_rows=None, validation_rows=200, test_rows=300, vocab_size=4000,
-        teacher=dict(d_model=256, layers=3, heads=4, ffn=1024), teacher_steps=1500, teacher_mlm_steps=1000,
+        train_rows=None,
+        transfer_rows=None,
+        validation_rows=200,
+        test_rows=300,
+        vocab_size=4000,
+        teacher=dict(d_model=256, layers=3, heads=4, ffn=1024),
+        teacher_steps=1500,
+        teacher_mlm_steps=1000,
         # The students' cap.  600 fixed steps stopped them on the steep part of their curve (README); at
         # 2,000 they reach the teacher.  What fits `make demo` (<= 20 min): the 600-step demo took
         # 13m23s, ~3.5 min of it the five students (a step ~0.05 s; measured here: a Word-KD step,
@@ -31,21 +57,33 @@ BUDGETS: dict[str, dict] = {
         # their validation passes: 3 x 0.05 + 2 x 0.10 = 0.35 s per step of all five -> 1,500 steps
         # (~9 min) if none stopped early, plus ~15 validation passes each.  (Since then the Word-KD
         # variants read a logit cache, lmkd.study.plan.LOGIT_CACHE: 1.05x a plain step.)
-        student_steps=1500, eval_every=100, patience=3, min_delta=0.01, metric_min_delta=0.1,
+        student_steps=1500,
+        eval_every=100,
+        patience=3,
+        min_delta=0.01,
+        metric_min_delta=0.1,
         # finetune_lr: training a classifier (the teacher's fine-tuning and every classification student);
         # measured on the shipped section corpus: fine-tuned at 1e-3 the teacher collapsed (accuracy 11.0,
         # below the most frequent label's 13.5), at 3e-4 it reached 58.0.
-        batch_size=32, teacher_lr=1e-3, student_lr=1e-3, finetune_lr=3e-4, warmup_steps=300,
+        batch_size=32,
+        teacher_lr=1e-3,
+        student_lr=1e-3,
+        finetune_lr=3e-4,
+        warmup_steps=300,
         # Long inputs (documents) cost per step in proportion to batch x length: the quick budget caps
         # them at 64 tokens (the first sentences of a description, which name what a package is) and
         # fits the batch to ``batch_tokens`` input tokens (32 x 32 = the batch the short translation rows
         # get), so a document step costs about what a sentence step does.  Measured on the shipped
         # French descriptions, one core: batch 32 at 256 tokens ~17 s a teacher step (7 hours for
         # 1,500 steps); batch 16 at 64 tokens ~0.45 s.
-        beams=4, max_new_tokens=64, max_length=64, batch_tokens=1024,
+        beams=4,
+        max_new_tokens=64,
+        max_length=64,
+        batch_tokens=1024,
         # speed: 8 test inputs per model and round (each also decoded to 64 forced tokens: 512 decoding steps
         # for ms/token), 3 rounds, the median reported; 16 inputs took 2m40s of a 24.6-minute demo
-        speed_examples=8, speed_repeats=3,
+        speed_examples=8,
+        speed_repeats=3,
         # No dropout for the short from-scratch runs: measured on a d_model-128 BART after 1,500 steps
         # on this corpus, dropout 0.1 left it ignoring the source (val loss 3.79 with the right
         # sources vs 3.82 with shuffled ones) while dropout 0 used it (2.77 vs 5.58).
@@ -55,12 +93,32 @@ BUDGETS: dict[str, dict] = {
         workers=2,
     ),
     "full": dict(
-        train_rows=None, transfer_rows=None, validation_rows=1000, test_rows=None, vocab_size=8000,
-        teacher=dict(d_model=512, layers=6, heads=8, ffn=2048), teacher_steps=20000, teacher_mlm_steps=20000,
-        student_steps=10000, eval_every=500, patience=4, min_delta=0.005, metric_min_delta=0.1, batch_size=64, teacher_lr=5e-4, student_lr=1e-3, finetune_lr=1e-4,
+        train_rows=None,
+        transfer_rows=None,
+        validation_rows=1000,
+        test_rows=None,
+        vocab_size=8000,
+        teacher=dict(d_model=512, layers=6, heads=8, ffn=2048),
+        teacher_steps=20000,
+        teacher_mlm_steps=20000,
+        student_steps=10000,
+        eval_every=500,
+        patience=4,
+        min_delta=0.005,
+        metric_min_delta=0.1,
+        batch_size=64,
+        teacher_lr=5e-4,
+        student_lr=1e-3,
+        finetune_lr=1e-4,
         warmup_steps=1000,
-        beams=5, max_new_tokens=128, max_length=512, batch_tokens=8192, speed_examples=32, speed_repeats=5,
-        dropout=0.1, workers=2,
+        beams=5,
+        max_new_tokens=128,
+        max_length=512,
+        batch_tokens=8192,
+        speed_examples=32,
+        speed_repeats=5,
+        dropout=0.1,
+        workers=2,
     ),
 }
 
@@ -69,4 +127,3 @@ BUDGETS: dict[str, dict] = {
 #: two machines of the same kind moved Seq-Inter from "behind the baseline by 2.5 BLEU (p = 0.011)" to
 #: "no different (p = 0.126)".  ``tiny`` (tests) trains one.
 DEFAULT_SEEDS = {"tiny": 1, "quick": 2, "full": 3}
-

@@ -79,8 +79,10 @@ def trivial_floors(task: str, train_rows: list[dict], rows: list[dict]) -> dict[
         return {"most frequent label": _score(task, [majority] * len(rows), labels)}
     sources, targets = [r["source"] for r in rows], [r["target"] for r in rows]
     frequent = Counter(r["target"] for r in train_rows).most_common(1)[0][0]
-    return {"copying the source": _score(task, sources, targets),
-            "the most frequent target": _score(task, [frequent] * len(rows), targets)}
+    return {
+        "copying the source": _score(task, sources, targets),
+        "the most frequent target": _score(task, [frequent] * len(rows), targets),
+    }
 
 
 def _derangement(n: int, seed: int) -> list[int]:
@@ -93,8 +95,16 @@ def _derangement(n: int, seed: int) -> list[int]:
             return order
 
 
-def target_cross_entropy(model, tokenizer, sources: list[str], targets: list[str], *, max_source_length: int,
-                         max_target_length: int, batch_size: int = 32) -> float:
+def target_cross_entropy(
+    model,
+    tokenizer,
+    sources: list[str],
+    targets: list[str],
+    *,
+    max_source_length: int,
+    max_target_length: int,
+    batch_size: int = 32,
+) -> float:
     """Mean cross-entropy (nats per target token) of a seq2seq ``model`` on ``targets`` given ``sources``.
 
     Args:
@@ -119,10 +129,20 @@ def target_cross_entropy(model, tokenizer, sources: list[str], targets: list[str
     device = next(model.parameters()).device
     with torch.inference_mode():
         for i in range(0, len(sources), batch_size):
-            enc = tokenizer(sources[i:i + batch_size], max_length=max_source_length, truncation=True,
-                            padding=True, return_tensors="pt").to(device)
-            labels = tokenizer(text_target=targets[i:i + batch_size], max_length=max_target_length,
-                               truncation=True, padding=True, return_tensors="pt")["input_ids"].to(device)
+            enc = tokenizer(
+                sources[i : i + batch_size],
+                max_length=max_source_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            labels = tokenizer(
+                text_target=targets[i : i + batch_size],
+                max_length=max_target_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+            )["input_ids"].to(device)
             labels = labels.masked_fill(labels.eq(tokenizer.pad_token_id), IGNORE_INDEX)
             logits = model(**enc, labels=labels).logits
             total += float(cross_entropy(logits, labels))
@@ -130,8 +150,18 @@ def target_cross_entropy(model, tokenizer, sources: list[str], targets: list[str
     return total / max(count, 1)
 
 
-def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_rows: list[dict], *, rows: int,
-                  max_new_tokens: int, max_source_length: int, max_target_length: int, seed: int) -> dict:
+def check_teacher(
+    model_dir: str,
+    task: str,
+    train_rows: list[dict],
+    validation_rows: list[dict],
+    *,
+    rows: int,
+    max_new_tokens: int,
+    max_source_length: int,
+    max_target_length: int,
+    seed: int,
+) -> dict:
     """The teacher's check figures on (up to ``rows``) validation rows of the study's normalised
     splits (``source``/``target`` or ``text``/``label``) and the verdict ``passed`` with its reasons.
 
@@ -158,12 +188,22 @@ def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_
     out: dict = {"metric": metric, "rows": len(val), "quality_margin": QUALITY_MARGIN}
     if task == "classification":
         texts, labels = [r["text"] for r in val], [int(r["label"]) for r in val]
-        out["score"] = _score(task, classify(model, tok, texts, max_source_length=max_source_length,
-                                             progress=False), labels)
+        out["score"] = _score(
+            task,
+            classify(model, tok, texts, max_source_length=max_source_length, progress=False),
+            labels,
+        )
     else:
         sources, targets = [r["source"] for r in val], [r["target"] for r in val]
-        hyps = generate_texts(model, tok, sources, num_beams=1, max_new_tokens=max_new_tokens,
-                              max_source_length=max_source_length, progress=False)
+        hyps = generate_texts(
+            model,
+            tok,
+            sources,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            max_source_length=max_source_length,
+            progress=False,
+        )
         out["score"] = _score(task, hyps, targets)
         out["distinct_outputs"] = len(set(hyps)) / max(len(hyps), 1)
     out["floors"] = trivial_floors(task, train_rows, val)
@@ -177,11 +217,15 @@ def check_teacher(model_dir: str, task: str, train_rows: list[dict], validation_
     out["floor"], out["floor_name"] = floor, floor_name
     reasons = []
     if out["score"] < floor + QUALITY_MARGIN:
-        reasons.append(f"{_LABEL[metric]} {out['score']:.1f} on validation is not {QUALITY_MARGIN:g} above "
-                       f"{floor:.1f} for {floor_name}")
+        reasons.append(
+            f"{_LABEL[metric]} {out['score']:.1f} on validation is not {QUALITY_MARGIN:g} above "
+            f"{floor:.1f} for {floor_name}"
+        )
     if ignores_source(out):
-        reasons.append(f"it ignores the source (cross-entropy {out['ce_real_sources']:.2f} with the real sources "
-                       f"vs {out['ce_shuffled_sources']:.2f} with shuffled ones)")
+        reasons.append(
+            f"it ignores the source (cross-entropy {out['ce_real_sources']:.2f} with the real sources "
+            f"vs {out['ce_shuffled_sources']:.2f} with shuffled ones)"
+        )
     out["passed"], out["reasons"] = not reasons, reasons
     return out
 
@@ -196,8 +240,9 @@ def ignores_source(check: dict) -> bool:
     Returns:
         Whether the model ignores its source.
     """
-    return "ce_real_sources" in check and \
-        check["ce_shuffled_sources"] - check["ce_real_sources"] < check.get("source_use_margin", SOURCE_USE_MARGIN)
+    return "ce_real_sources" in check and check["ce_shuffled_sources"] - check[
+        "ce_real_sources"
+    ] < check.get("source_use_margin", SOURCE_USE_MARGIN)
 
 
 def summary(check: dict) -> str:
@@ -209,9 +254,16 @@ def summary(check: dict) -> str:
     Returns:
         The sentence.
     """
-    text = (f"{_LABEL[check['metric']]} {check['score']:.1f} on {check['rows']} validation rows vs {check['floor']:.1f} for "
-            f"{check['floor_name']}")
+    text = (
+        f"{_LABEL[check['metric']]} {check['score']:.1f} on {check['rows']} validation rows "
+        f"vs {check['floor']:.1f} for "
+        f"{check['floor_name']}"
+    )
     if "ce_real_sources" in check:
-        text += (f"; cross-entropy {check['ce_real_sources']:.2f} with the real sources vs "
-                 f"{check['ce_shuffled_sources']:.2f} shuffled")
-    return text + (": passed" if check["passed"] else ": FAILED (" + "; ".join(check["reasons"]) + ")")
+        text += (
+            f"; cross-entropy {check['ce_real_sources']:.2f} with the real sources vs "
+            f"{check['ce_shuffled_sources']:.2f} shuffled"
+        )
+    return text + (
+        ": passed" if check["passed"] else ": FAILED (" + "; ".join(check["reasons"]) + ")"
+    )

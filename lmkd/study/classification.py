@@ -42,13 +42,16 @@ def no_mlm_head_note(teacher: str) -> str:
     Returns:
         The note.
     """
-    return (f"The teacher {teacher} has no masked-LM head weights (an encoder without an MLM head): it was "
-            f"fine-tuned as the teacher classifier, and the MLM-distil variants ({', '.join(MLM_VARIANTS)}) were "
-            "skipped -- distilling through a randomly initialised MLM head would teach the student nothing.")
+    return (
+        f"The teacher {teacher} has no masked-LM head weights (an encoder without an MLM head): it was "
+        f"fine-tuned as the teacher classifier, and the MLM-distil variants ({', '.join(MLM_VARIANTS)}) were "
+        "skipped -- distilling through a randomly initialised MLM head would teach the student nothing."
+    )
 
 
-def classification_students(st: Stages, opts: StudyOptions, teachers: dict, data: dict,
-                            mlm_head: bool = True) -> tuple[dict[str, dict], list[Job]]:
+def classification_students(
+    st: Stages, opts: StudyOptions, teachers: dict, data: dict, mlm_head: bool = True
+) -> tuple[dict[str, dict], list[Job]]:
     """The init of every student size, then the jobs of every variant of every size and seed, for the
     caller to run with its other jobs; returns the students as ``{stage name: {"dir", "stage",
     "variant", "size", "seed", "train_log"}}`` and the jobs.  ``mlm_head``: whether
@@ -74,8 +77,9 @@ def classification_students(st: Stages, opts: StudyOptions, teachers: dict, data
     return students, jobs
 
 
-def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict, fraction: float,
-                      mlm_head: bool) -> tuple[dict[str, dict], list[Job]]:
+def _students_of_size(
+    st: Stages, opts: StudyOptions, teachers: dict, data: dict, fraction: float, mlm_head: bool
+) -> tuple[dict[str, dict], list[Job]]:
     """The variants of one student size (``fraction`` of the teacher's layers, evenly spaced), all
     from the same layer-copied init."""
     plan = opts.plan
@@ -83,7 +87,9 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
     mlm_dir, teacher_dir = teachers["teacher-mlm"], teachers["teacher"]
     train_file, val_file = data["train"], data["validation"]
     stopping = StoppingRule.from_plan(plan, "classification")
-    mlm_stopping = StoppingRule.from_plan(plan, "mlm")  # MLM distillation has no task metric: the gold CE
+    mlm_stopping = StoppingRule.from_plan(
+        plan, "mlm"
+    )  # MLM distillation has no task metric: the gold CE
 
     def init_fn(out):
         from lmkd.models.loading import load_model, load_tokenizer
@@ -100,51 +106,114 @@ def _students_of_size(st: Stages, opts: StudyOptions, teachers: dict, data: dict
         layers = every_other(n) if keep == len(every_other(n)) else spread_layers(n, keep)
         save_model(make_student(teacher, layers=layers), load_tokenizer(mlm_dir), out)
 
-    init_opts = {"fraction": fraction} if mlm_head else {"fraction": fraction, "encoder": "no MLM head"}
-    init_dir = st.run(f"{size}-init", init_opts, ["teacher-mlm"], init_fn,
-                      f"a student of {fraction:g} of the teacher's layers (copied, DistilBERT-style)")
+    init_opts = (
+        {"fraction": fraction} if mlm_head else {"fraction": fraction, "encoder": "no MLM head"}
+    )
+    init_dir = st.run(
+        f"{size}-init",
+        init_opts,
+        ["teacher-mlm"],
+        init_fn,
+        f"a student of {fraction:g} of the teacher's layers (copied, DistilBERT-style)",
+    )
     kd = {"kd_alpha": plan.kd_alpha, "kd_temperature": plan.kd_temperature}
     out_models: dict[str, dict] = {}
     jobs: list[Job] = []
     for seed in student_seeds(opts):
-        common = {"lr": plan.finetune_lr, "mlm_lr": plan.student_lr, "batch": plan.batch_size,
-                  "warmup": plan.warmup_steps, "max_length": plan.max_length, "seed": seed,
-                  "steps": plan.student_steps,
-                  "stopping": stopping.options(), **thread_options(plan)}
+        common = {
+            "lr": plan.finetune_lr,
+            "mlm_lr": plan.student_lr,
+            "batch": plan.batch_size,
+            "warmup": plan.warmup_steps,
+            "max_length": plan.max_length,
+            "seed": seed,
+            "steps": plan.student_steps,
+            "stopping": stopping.options(),
+            **thread_options(plan),
+        }
         starts = {"init": (init_dir, f"{size}-init")}
         if mlm_head:
             distil = seeded(f"{size}-mlm-distil", opts, seed)
-            jobs.append(Job(distil, {**common, **kd, "stopping": mlm_stopping.options()}, [f"{size}-init", "teacher-mlm", "data-train", "data-validation"],
-                            train_student,
-                            dict(init_dir=init_dir, task="mlm", train_file=train_file, validation_file=val_file,
-                                 plan=plan, steps=plan.student_steps, lr=plan.student_lr, teacher_dir=mlm_dir,
-                                 kd_alpha=plan.kd_alpha, seed=seed, stopping=mlm_stopping.options()),
-                            f"MLM-distilling the student from the teacher (alpha {plan.kd_alpha}, "
-                            f"seed {seed})",
-                            cost=3.0))  # the variants that start from it wait for it: first
+            jobs.append(
+                Job(
+                    distil,
+                    {**common, **kd, "stopping": mlm_stopping.options()},
+                    [f"{size}-init", "teacher-mlm", "data-train", "data-validation"],
+                    train_student,
+                    dict(
+                        init_dir=init_dir,
+                        task="mlm",
+                        train_file=train_file,
+                        validation_file=val_file,
+                        plan=plan,
+                        steps=plan.student_steps,
+                        lr=plan.student_lr,
+                        teacher_dir=mlm_dir,
+                        kd_alpha=plan.kd_alpha,
+                        seed=seed,
+                        stopping=mlm_stopping.options(),
+                    ),
+                    f"MLM-distilling the student from the teacher (alpha {plan.kd_alpha}, "
+                    f"seed {seed})",
+                    cost=3.0,
+                )
+            )  # the variants that start from it wait for it: first
             starts["mlm-distil"] = (st.path(distil), distil)
         for variant in classification_variants(mlm_head):
             start, dep = starts["mlm-distil" if variant in MLM_VARIANTS else "init"]
             task_kd = variant.endswith("task-kd")
             name = seeded(f"{size}-{variant}", opts, seed)
             deps = [dep, "data-train", "data-validation"] + (["teacher"] if task_kd else [])
-            what = (f"fine-tuning the {variant} student on the labels (seed {seed})"
-                    + (f" with KD from the teacher's class logits (alpha {plan.kd_alpha}, "
-                       f"temperature {plan.kd_temperature})" if task_kd else ""))
-            jobs.append(Job(name, {**common, **(kd if task_kd else {})}, deps, train_classifier,
-                            dict(start=start, data_dir=data["train_dir"], train_file=train_file, val_file=val_file,
-                                 plan=plan, seed=seed, stopping=stopping.options(),
-                                 teacher_dir=teacher_dir if task_kd else None,
-                                 kd_alpha=plan.kd_alpha if task_kd else 0.0), what,
-                            cost=2.0 if task_kd else 1.0))
-            out_models[name] = {"stage": name, "variant": variant, "size": fraction, "seed": seed,
-                                "dir": st.path(name), "train_log": os.path.join(st.path(name), TRAIN_LOG)}
+            what = f"fine-tuning the {variant} student on the labels (seed {seed})" + (
+                f" with KD from the teacher's class logits (alpha {plan.kd_alpha}, "
+                f"temperature {plan.kd_temperature})"
+                if task_kd
+                else ""
+            )
+            jobs.append(
+                Job(
+                    name,
+                    {**common, **(kd if task_kd else {})},
+                    deps,
+                    train_classifier,
+                    dict(
+                        start=start,
+                        data_dir=data["train_dir"],
+                        train_file=train_file,
+                        val_file=val_file,
+                        plan=plan,
+                        seed=seed,
+                        stopping=stopping.options(),
+                        teacher_dir=teacher_dir if task_kd else None,
+                        kd_alpha=plan.kd_alpha if task_kd else 0.0,
+                    ),
+                    what,
+                    cost=2.0 if task_kd else 1.0,
+                )
+            )
+            out_models[name] = {
+                "stage": name,
+                "variant": variant,
+                "size": fraction,
+                "seed": seed,
+                "dir": st.path(name),
+                "train_log": os.path.join(st.path(name), TRAIN_LOG),
+            }
     return out_models, jobs
 
 
-def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_file: str,
-                     plan: Plan | Mapping[str, Any], seed: int, stopping: dict,
-                     teacher_dir: str | None = None, kd_alpha: float = 0.0) -> None:
+def train_classifier(
+    out: str,
+    start: str,
+    data_dir: str,
+    train_file: str,
+    val_file: str,
+    plan: Plan | Mapping[str, Any],
+    seed: int,
+    stopping: dict,
+    teacher_dir: str | None = None,
+    kd_alpha: float = 0.0,
+) -> None:
     """A classification student stage: the encoder ``start`` with a fresh classifier head (seeded),
     fine-tuned on the labels -- with task KD from ``teacher_dir``'s class logits when ``kd_alpha`` > 0 --
     until its validation plateau; the model is saved into ``out``.
@@ -164,7 +233,18 @@ def train_classifier(out: str, start: str, data_dir: str, train_file: str, val_f
     view = plan_view(plan)
     init = os.path.join(out, "init")
     classifier_from(start, data_dir, init, seed=seed)
-    train_student(out, init, "classification", train_file, val_file, plan, steps=view.student_steps,
-                  lr=view.finetune_lr, seed=seed, stopping=stopping, teacher_dir=teacher_dir,
-                  kd_alpha=kd_alpha)
+    train_student(
+        out,
+        init,
+        "classification",
+        train_file,
+        val_file,
+        plan,
+        steps=view.student_steps,
+        lr=view.finetune_lr,
+        seed=seed,
+        stopping=stopping,
+        teacher_dir=teacher_dir,
+        kd_alpha=kd_alpha,
+    )
     shutil.rmtree(init)

@@ -22,8 +22,14 @@ def _percentile(values: list[int], q: float) -> int:
     return ordered[k]
 
 
-def size_lengths(tokenizer, rows: list[dict], columns: tuple[str, str | None], cap: int, max_new_tokens: int,
-                 limit: int | None = None) -> dict:
+def size_lengths(
+    tokenizer,
+    rows: list[dict],
+    columns: tuple[str, str | None],
+    cap: int,
+    max_new_tokens: int,
+    limit: int | None = None,
+) -> dict:
     """``{"max_length", "positions", "source_p99", "target_p99", "truncated_rows", "rows"}`` for the
     study's ``rows`` (normalised columns: ``source``/``target`` or ``text``/label).
 
@@ -43,15 +49,23 @@ def size_lengths(tokenizer, rows: list[dict], columns: tuple[str, str | None], c
     lengths = {"source_p99": _percentile(src_len, PERCENTILE)}
     longest = list(src_len)
     if tgt is not None:
-        tgt_len = [len(ids) for ids in tokenizer(text_target=[str(r[tgt]) for r in rows])["input_ids"]]
+        tgt_len = [
+            len(ids) for ids in tokenizer(text_target=[str(r[tgt]) for r in rows])["input_ids"]
+        ]
         lengths["target_p99"] = _percentile(tgt_len, PERCENTILE)
         longest = [max(a, b) for a, b in zip(src_len, tgt_len)]
     want = max(lengths.values())
     max_length = min(cap, 8 * math.ceil(want / 8), limit or cap)
     positions = max(max_length, max_new_tokens + 2) if tgt is not None else max_length
-    return {**lengths, "max_length": max_length, "positions": positions if limit is None else min(positions, limit),
-            "cap": cap, "percentile": PERCENTILE, "rows": len(rows),
-            "truncated_rows": sum(n > max_length for n in longest)}
+    return {
+        **lengths,
+        "max_length": max_length,
+        "positions": positions if limit is None else min(positions, limit),
+        "cap": cap,
+        "percentile": PERCENTILE,
+        "rows": len(rows),
+        "truncated_rows": sum(n > max_length for n in longest),
+    }
 
 
 def describe(sizing: dict) -> str:
@@ -63,8 +77,10 @@ def describe(sizing: dict) -> str:
     Returns:
         The sentence.
     """
-    text = (f"Inputs and targets up to {sizing['max_length']} tokens (the {sizing['percentile']}th percentile of the "
-            f"training rows' lengths: inputs {sizing['source_p99']}")
+    text = (
+        f"Inputs and targets up to {sizing['max_length']} tokens (the {sizing['percentile']}th percentile of the "
+        f"training rows' lengths: inputs {sizing['source_p99']}"
+    )
     if "target_p99" in sizing:
         text += f", targets {sizing['target_p99']}"
     text += f"; capped at {sizing['cap']}); {sizing['truncated_rows']} of {sizing['rows']} training rows truncated"

@@ -78,13 +78,17 @@ class StudyOptions:
         if self.budget not in BUDGETS:
             raise LmkdError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         if not 0 < self.kd_alpha <= 1:
-            raise LmkdError(f"--kd-alpha must be in (0, 1], got {self.kd_alpha}; it weights word-level KD "
-                            "against the gold labels in the Word-KD variants")
+            raise LmkdError(
+                f"--kd-alpha must be in (0, 1], got {self.kd_alpha}; it weights word-level KD "
+                "against the gold labels in the Word-KD variants"
+            )
         if self.seeds is None:
             self.seeds = DEFAULT_SEEDS[self.budget]
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
-            raise LmkdError(f"--seeds must be a whole number >= 1, got {self.seeds!r}; each student variant "
-                            "is trained with that many seeds")
+            raise LmkdError(
+                f"--seeds must be a whole number >= 1, got {self.seeds!r}; each student variant "
+                "is trained with that many seeds"
+            )
         if self.kd_temperature is not None and not self.kd_temperature > 0:
             raise LmkdError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         default_cols = DEFAULT_COLUMNS[self.task]
@@ -92,13 +96,19 @@ class StudyOptions:
         self.target_column = self.target_column or default_cols[1]
         if self.train is None and self.validation is None and self.test is None:
             if (self.source_column, self.target_column) != default_cols:
-                raise LmkdError(f"--train, --validation and --test are needed (the shipped {self.task} corpus has "
-                                f"the columns {default_cols[0]}/{default_cols[1]})")
-            self.train, self.validation, self.test = (shipped_corpus(s, self.task) for s in ("train", "validation", "test"))
+                raise LmkdError(
+                    f"--train, --validation and --test are needed (the shipped {self.task} corpus has "
+                    f"the columns {default_cols[0]}/{default_cols[1]})"
+                )
+            self.train, self.validation, self.test = (
+                shipped_corpus(s, self.task) for s in ("train", "validation", "test")
+            )
         missing = [n for n in ("train", "validation", "test") if getattr(self, n) is None]
         if missing:
-            raise LmkdError(f"--{missing[0]} is missing; give all of --train, --validation and --test "
-                            f"(or none of them for the shipped {self.task} corpus)")
+            raise LmkdError(
+                f"--{missing[0]} is missing; give all of --train, --validation and --test "
+                f"(or none of them for the shipped {self.task} corpus)"
+            )
         for name in ("train", "validation", "test"):  # fail before the output dir is made
             path = getattr(self, name)
             if not os.path.exists(path):
@@ -111,19 +121,32 @@ class StudyOptions:
             self.student_sizes = [0.5] if self.task == "classification" else [0.25]
         for s in self.student_sizes:
             if not 0 < s < 1:
-                raise LmkdError(f"--student-sizes takes fractions of the teacher in (0, 1), got {s}")
+                raise LmkdError(
+                    f"--student-sizes takes fractions of the teacher in (0, 1), got {s}"
+                )
         for key in ("teacher_steps", "student_steps", "beams"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise LmkdError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
         self._check_transfer_options()
-        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
-            raise LmkdError(f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
-                            "at a time")
-        self.plan = Plan.for_study(self.budget, self.task, teacher_steps=self.teacher_steps,
-                                   student_steps=self.student_steps, beams=self.beams, jobs=self.jobs,
-                                   kd_alpha=self.kd_alpha, kd_temperature=self.kd_temperature,
-                                   online_kd=self.online_kd)
+        if self.jobs is not None and (
+            isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
+        ):
+            raise LmkdError(
+                f"--jobs must be a whole number >= 1, got {self.jobs!r}; it is how many students train "
+                "at a time"
+            )
+        self.plan = Plan.for_study(
+            self.budget,
+            self.task,
+            teacher_steps=self.teacher_steps,
+            student_steps=self.student_steps,
+            beams=self.beams,
+            jobs=self.jobs,
+            kd_alpha=self.kd_alpha,
+            kd_temperature=self.kd_temperature,
+            online_kd=self.online_kd,
+        )
         return self
 
     def _check_transfer_options(self) -> None:
@@ -131,24 +154,38 @@ class StudyOptions:
         teacher trained here, whose training rows the study chooses)."""
         if self.teacher_split is not None:
             if self.task == "classification":
-                raise LmkdError("--teacher-split is for the seq2seq tasks (translation, summarization)")
+                raise LmkdError(
+                    "--teacher-split is for the seq2seq tasks (translation, summarization)"
+                )
             if self.teacher is not None:
-                raise LmkdError("--teacher-split trains the teacher on part of the training rows; with "
-                                "--teacher the study does not know which rows the given teacher trained on "
-                                "-- drop one")
+                raise LmkdError(
+                    "--teacher-split trains the teacher on part of the training rows; with "
+                    "--teacher the study does not know which rows the given teacher trained on "
+                    "-- drop one"
+                )
             if isinstance(self.teacher_split, bool) or not 0 < self.teacher_split < 1:
-                raise LmkdError(f"--teacher-split takes the teacher's share of the training rows in (0, 1), "
-                                f"got {self.teacher_split}")
+                raise LmkdError(
+                    f"--teacher-split takes the teacher's share of the training rows in (0, 1), "
+                    f"got {self.teacher_split}"
+                )
         if self.unlabelled is not None:
             if self.task == "classification":
-                raise LmkdError("--unlabelled is for the seq2seq tasks (translation, summarization)")
+                raise LmkdError(
+                    "--unlabelled is for the seq2seq tasks (translation, summarization)"
+                )
             if not os.path.exists(self.unlabelled):
-                raise LmkdError(f"--unlabelled file {self.unlabelled} does not exist; check the path")
+                raise LmkdError(
+                    f"--unlabelled file {self.unlabelled} does not exist; check the path"
+                )
 
 
 #: the shipped DDTP corpus of each study task (lmkd/corpora; README "Data"): English->French package
 #: synopses; French long descriptions -> their synopsis; French descriptions -> archive section
-SHIPPED_CORPORA = {"translation": "ddtp_en_fr", "summarization": "ddtp_fr_summ", "classification": "ddtp_fr_section"}
+SHIPPED_CORPORA = {
+    "translation": "ddtp_en_fr",
+    "summarization": "ddtp_fr_summ",
+    "classification": "ddtp_fr_section",
+}
 
 
 def shipped_corpus(split: str, task: str = "translation") -> str:
@@ -194,7 +231,9 @@ def count_stages(opts: StudyOptions, mlm_head: bool = True) -> int:
         variants = SEQ2SEQ_VARIANTS
         per_size = n_seeds * (1 + len(variants))  # per seed: the init and every variant
     models = 1 + len(variants) * n_sizes * n_seeds
-    served = 2 if opts.serve and engine_installed(opts.task) else 0  # the export of the best student and its eval
+    served = (
+        2 if opts.serve and engine_installed(opts.task) else 0
+    )  # the export of the best student and its eval
     return pre + per_size * n_sizes + models + served + 2  # evals, speed, report
 
 

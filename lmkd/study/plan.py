@@ -38,8 +38,11 @@ LOGIT_CACHE = {"top_k": 32, "tail_samples": 32}
 #: the stages making the logit caches (lmkd.study.seq2seq): on the validation rows, and on the transfer rows
 #: with each target a Word-KD variant trains on -- the gold one (word-kd) and the teacher's (seq-kd+word-kd).
 #: (The stage names keep their old "kd-cache" spelling: a stage's name is part of the hashes built on it.)
-LOGIT_CACHE_STAGES = {"validation": "kd-cache-validation", "target": "kd-cache-target",
-                      "teacher": "kd-cache-teacher"}
+LOGIT_CACHE_STAGES = {
+    "validation": "kd-cache-validation",
+    "target": "kd-cache-target",
+    "teacher": "kd-cache-teacher",
+}
 
 #: the smallest batch the token budget may leave (:meth:`Plan.fit_batch`)
 MIN_BATCH = 4
@@ -84,22 +87,30 @@ class Plan:
     test_rows: int | None  # rows of the test split the report is measured on (None: all)
     vocab_size: int  # the vocabulary of a tokenizer trained from scratch
     teacher: dict[str, int]  # the from-scratch teacher's shape: d_model, layers, heads, ffn
-    teacher_steps: int  # steps of the seq2seq teacher's training, or of the classifier teacher's fine-tuning
+    teacher_steps: (
+        int  # steps of the seq2seq teacher's training, or of the classifier teacher's fine-tuning
+    )
     teacher_mlm_steps: int  # classification: steps of the teacher's masked-LM pre-training
     student_steps: int  # every student's step cap (it stops earlier on its validation plateau)
     eval_every: int  # steps between two validation evaluations of a student
     patience: int  # evaluations in a row without improvement before a student stops
-    min_delta: float  # the validation-CE gain (nats) that counts as an improvement (MLM distillation)
+    min_delta: (
+        float  # the validation-CE gain (nats) that counts as an improvement (MLM distillation)
+    )
     # the validation task-metric gain (BLEU / ROUGE-L / accuracy points) that counts as an improvement
     metric_min_delta: float
     batch_size: int  # the training batch (fitted to batch_tokens once max_length is known)
     teacher_lr: float  # the learning rate of a teacher trained from scratch
     student_lr: float  # the learning rate of the seq2seq students and of MLM distillation
-    finetune_lr: float  # the learning rate of every classifier (the teacher's fine-tuning, the students)
+    finetune_lr: (
+        float  # the learning rate of every classifier (the teacher's fine-tuning, the students)
+    )
     warmup_steps: int  # warm-up steps of every training (at most a third of its steps)
     beams: int  # beam size of the transfer set and of the beam evaluation
     max_new_tokens: int  # the longest generation
-    max_length: int  # the longest input and target in tokens: the budget's cap, then sized from the data
+    max_length: (
+        int  # the longest input and target in tokens: the budget's cap, then sized from the data
+    )
     # input tokens per step the batch is fitted to (None: not fitted)
     batch_tokens: int | None = field(default=None, metadata=_LATER)
     speed_examples: int  # test inputs per model and round of the speed stage
@@ -112,8 +123,12 @@ class Plan:
     kd_temperature: float = 1.0  # the KD softmax temperature (--kd-temperature; task default)
     # the Word-KD variants' logit cache (LOGIT_CACHE); None: online (--online-kd, classification)
     logit_cache: dict[str, int] | None = field(default=None, metadata={"key": "kd_cache"})
-    check_rows: int | None = None  # validation rows the teacher check scores (None: all of them up to 200)
-    notes: list[str] = field(default_factory=list)  # sentences the report prints on what the study did, why
+    check_rows: int | None = (
+        None  # validation rows the teacher check scores (None: all of them up to 200)
+    )
+    notes: list[str] = field(
+        default_factory=list
+    )  # sentences the report prints on what the study did, why
     # ---- set while the study runs
     # the budget's max_length: the cap of the length sized from the data
     max_length_cap: int | None = field(default=None, metadata=_LATER)
@@ -123,7 +138,9 @@ class Plan:
     length_sizing: dict | None = field(default=None, metadata=_LATER)
     # the budget's batch, before it was fitted to batch_tokens
     batch_size_cap: int | None = field(default=None, metadata=_LATER)
-    teacher_check: dict | None = None  # the teacher's check (teacher_check.json), once the teacher is ready
+    teacher_check: dict | None = (
+        None  # the teacher's check (teacher_check.json), once the teacher is ready
+    )
     # the student exported for serving, once exported
     served: ServedModel | None = field(default=None, metadata=_LATER)
 
@@ -132,10 +149,19 @@ class Plan:
             self.check_rows = min(200, self.validation_rows or 200)
 
     @classmethod
-    def for_study(cls, budget: str, task: str, *, teacher_steps: int | None = None,
-                  student_steps: int | None = None, beams: int | None = None, jobs: int | None = None,
-                  kd_alpha: float = 0.5, kd_temperature: float | None = None,
-                  online_kd: bool = False) -> Plan:
+    def for_study(
+        cls,
+        budget: str,
+        task: str,
+        *,
+        teacher_steps: int | None = None,
+        student_steps: int | None = None,
+        beams: int | None = None,
+        jobs: int | None = None,
+        kd_alpha: float = 0.5,
+        kd_temperature: float | None = None,
+        online_kd: bool = False,
+    ) -> Plan:
         """The plan of checked options (:meth:`lmkd.study.options.StudyOptions.resolve`): the budget's table,
         the overrides, the workers and the KD settings.
 
@@ -162,10 +188,14 @@ class Plan:
                 table[key] = value
         table["workers"] = jobs or max(1, min(table.get("workers", 1), os.cpu_count() or 1))
         cls_task = task == "classification"
-        return cls(**table, threads_per_worker=threads_per_worker(table["workers"]), kd_alpha=kd_alpha,
-                   kd_temperature=kd_temperature or (2.0 if cls_task else 1.0),
-                   # classification's task KD reads class logits, which lmkd cache-logits does not store
-                   logit_cache=None if online_kd or cls_task else dict(LOGIT_CACHE))
+        return cls(
+            **table,
+            threads_per_worker=threads_per_worker(table["workers"]),
+            kd_alpha=kd_alpha,
+            kd_temperature=kd_temperature or (2.0 if cls_task else 1.0),
+            # classification's task KD reads class logits, which lmkd cache-logits does not store
+            logit_cache=None if online_kd or cls_task else dict(LOGIT_CACHE),
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Plan:
@@ -240,8 +270,10 @@ class Plan:
         base = self.batch_size_cap
         self.batch_size = max(MIN_BATCH, min(base, self.batch_tokens // self.max_length))
         if self.batch_size < base:
-            self.note(f"Batch {self.batch_size} rather than {base}: inputs of up to {self.max_length} "
-                      f"tokens, and the budget's {self.batch_tokens} input tokens per step.")
+            self.note(
+                f"Batch {self.batch_size} rather than {base}: inputs of up to {self.max_length} "
+                f"tokens, and the budget's {self.batch_tokens} input tokens per step."
+            )
 
 
 def plan_view(plan: Plan | Mapping[str, Any]) -> Plan:

@@ -57,7 +57,11 @@ def report_markdown(report: dict) -> str:
     has_steps = any(r.get("steps") is not None for r in rows_in)
     fixed = report["speed_setup"].get("fixed_new_tokens")
     has_bytes = all(r.get("bytes_on_disk") for r in rows_in)
-    head = ["model", "params", "size"] + (["MB on disk"] if has_bytes else []) + (["steps"] if has_steps else [])
+    head = (
+        ["model", "params", "size"]
+        + (["MB on disk"] if has_bytes else [])
+        + (["steps"] if has_steps else [])
+    )
     head += report["columns"]
     if seq2seq:
         head += ["output tokens"]
@@ -89,18 +93,23 @@ def report_markdown(report: dict) -> str:
     lines += ["## Verdicts", ""] + [f"- {v}" for v in report["verdicts"]] + [""]
     lines += transfer_set_lines(report)
     nothing = sig.get("no_verdict")
-    lines += [f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
-              f"BLEU/chrF exactly sacrebleu's paired bootstrap test) on {metric}"
-              + (f", {sig['mode']} search" if sig["mode"] else "")
-              + f": a difference is reported when p < {sig['alpha']}, otherwise the comparison is inconclusive; "
-              "each p-value is for one comparison (no correction for the number of comparisons)."
-              + (" With several seeds per variant the tests compare each variant's first seed; the table "
-                 "below gives mean ± std over the seeds, and a difference is reported only when it also "
-                 "survives the randomness of training: the same sign for every seed and a mean difference "
-                 "larger than the seeds' spread (each variant's max − min over its seeds)."
-                 if sig["first_seed_only"] else
-                 " One seed per variant: the randomness of training (seed, data order) is not measured, "
-                 "so a verdict can rest on one lucky or unlucky training (run with --seeds 2 or more)."), ""]
+    lines += [
+        f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
+        f"BLEU/chrF exactly sacrebleu's paired bootstrap test) on {metric}"
+        + (f", {sig['mode']} search" if sig["mode"] else "")
+        + f": a difference is reported when p < {sig['alpha']}, otherwise the comparison is inconclusive; "
+        "each p-value is for one comparison (no correction for the number of comparisons)."
+        + (
+            " With several seeds per variant the tests compare each variant's first seed; the table "
+            "below gives mean ± std over the seeds, and a difference is reported only when it also "
+            "survives the randomness of training: the same sign for every seed and a mean difference "
+            "larger than the seeds' spread (each variant's max − min over its seeds)."
+            if sig["first_seed_only"]
+            else " One seed per variant: the randomness of training (seed, data order) is not measured, "
+            "so a verdict can rest on one lucky or unlucky training (run with --seeds 2 or more)."
+        ),
+        "",
+    ]
     variants = report["variants"]
     if any(len(g["models"]) > 1 for g in variants):
         vhead = ["variant", "seeds"] + (["steps (mean)"] if has_steps else []) + report["columns"]
@@ -110,8 +119,14 @@ def report_markdown(report: dict) -> str:
             v += [_opt(g["steps_mean"], ".0f")] if has_steps else []
             v += [_pm(g["columns"][k]["mean"], g["columns"][k]["std"]) for k in keys]
             vrows.append(v)
-        lines += ["## Variants: mean ± std over seeds", "", markdown_table(vhead, vrows), "",
-                  "## Every model", ""]
+        lines += [
+            "## Variants: mean ± std over seeds",
+            "",
+            markdown_table(vhead, vrows),
+            "",
+            "## Every model",
+            "",
+        ]
     lines += [markdown_table(head, table), ""]
     lines += ["## Comparisons", ""]
     chead = ["A", "B"] + [f"{METRIC_LABELS.get(m, m)} A − B (95% CI), p" for m in sig["metrics"]]
@@ -120,84 +135,128 @@ def report_markdown(report: dict) -> str:
         cells = [c["a"], c["b"]]
         for m in sig["metrics"]:
             t = c["tests"][m]
-            cells.append(f"{signed(t['difference'], '.2f')} ({signed(t['ci_low'], '.2f')}…"
-                         f"{signed(t['ci_high'], '.2f')}), p = {t['p_value']:.3f}")
+            cells.append(
+                f"{signed(t['difference'], '.2f')} ({signed(t['ci_low'], '.2f')}…"
+                f"{signed(t['ci_high'], '.2f')}), p = {t['p_value']:.3f}"
+            )
         crows.append(cells)
-    lines += ["No comparisons listed: every student scored 0 (see the verdicts).", ""] if nothing else \
-        [markdown_table(chead, crows), ""]
+    lines += (
+        ["No comparisons listed: every student scored 0 (see the verdicts).", ""]
+        if nothing
+        else [markdown_table(chead, crows), ""]
+    )
     if has_steps and "eval_every" in plan:
         metric_name = next((r["curve_metric"] for r in rows_in if r.get("curve_metric")), "metric")
-        steps_note = (f"Students: each trained until its {CURVE_METRICS.get(metric_name, 'validation ' + metric_name)} "
-                      f"stopped improving (measured every {plan['eval_every']} steps, patience "
-                      f"{plan.get('patience')}), at most {plan['student_steps']} steps; the steps column says where "
-                      "each one stopped (\"stopped\": before the cap).")
+        steps_note = (
+            f"Students: each trained until its {CURVE_METRICS.get(metric_name, 'validation ' + metric_name)} "
+            f"stopped improving (measured every {plan['eval_every']} steps, patience "
+            f"{plan.get('patience')}), at most {plan['student_steps']} steps; the steps column says where "
+            'each one stopped ("stopped": before the cap).'
+        )
     else:
         steps_note = f"Students: {plan['student_steps']} steps each."
     lines += [
         f"Teacher: {report['teacher']}. Data: {d.get('train_rows')} training rows"
-        + (f" ({d['transfer_rows']} in the transfer set every student learns from)" if "transfer_rows" in d else "")
+        + (
+            f" ({d['transfer_rows']} in the transfer set every student learns from)"
+            if "transfer_rows" in d
+            else ""
+        )
         + f", {d.get('validation_rows')} validation, {d.get('test_rows')} test rows.",
         steps_note,
-        (f"Training: batch {plan['batch_size']}, lr {plan['student_lr']}; "
-         f"word-level KD alpha {plan['kd_alpha']}, temperature {plan['kd_temperature']}. Beam size {plan['beams']}."
-         if report["task"] != "classification" else
-         f"Training: batch {plan['batch_size']}; classifiers (the teacher's fine-tuning, every student) at lr "
-         f"{plan.get('finetune_lr', plan['student_lr'])}, MLM-distillation at lr {plan['student_lr']}; KD alpha "
-         f"{plan['kd_alpha']}, temperature {plan['kd_temperature']}.")
-        + (f" Students and evaluations ran {plan['workers']} at a time, each in its own process on "
-           f"{plan.get('threads_per_worker', 1)} thread(s)." if plan.get("workers", 1) > 1 else ""),
+        (
+            f"Training: batch {plan['batch_size']}, lr {plan['student_lr']}; "
+            f"word-level KD alpha {plan['kd_alpha']}, temperature {plan['kd_temperature']}. Beam size {plan['beams']}."
+            if report["task"] != "classification"
+            else f"Training: batch {plan['batch_size']}; classifiers (the teacher's fine-tuning, every student) at lr "
+            f"{plan.get('finetune_lr', plan['student_lr'])}, MLM-distillation at lr {plan['student_lr']}; KD alpha "
+            f"{plan['kd_alpha']}, temperature {plan['kd_temperature']}."
+        )
+        + (
+            f" Students and evaluations ran {plan['workers']} at a time, each in its own process on "
+            f"{plan.get('threads_per_worker', 1)} thread(s)."
+            if plan.get("workers", 1) > 1
+            else ""
+        ),
     ]
     if seq2seq:
-        lines.append(f"Output tokens: mean length of each model's {sig['mode'] or ''} outputs on the test rows, "
-                     "in its tokenizer's tokens.")
+        lines.append(
+            f"Output tokens: mean length of each model's {sig['mode'] or ''} outputs on the test rows, "
+            "in its tokenizer's tokens."
+        )
     if per_token:
-        lines.append(f"Speed per token: greedy decoding forced to exactly {fixed} new tokens per example "
-                     "(EOS held off), batch 1 -- the architecture's speed, whatever the length of a model's own "
-                     "outputs; speed-up per token = teacher ms/token / model ms/token (the headline figure).")
+        lines.append(
+            f"Speed per token: greedy decoding forced to exactly {fixed} new tokens per example "
+            "(EOS held off), batch 1 -- the architecture's speed, whatever the length of a model's own "
+            "outputs; speed-up per token = teacher ms/token / model ms/token (the headline figure)."
+        )
     lines.append(
         f"Latency: ms per example at batch size 1 ({'beam search' if seq2seq else 'forward'}), "
         f"median of {sp.get('repeats')} rounds over {sp.get('latency_examples')} examples, models interleaved; "
         "speed-up per example = teacher latency / model latency"
-        + (" -- it also counts how long each model's outputs are." if seq2seq else "."))
+        + (" -- it also counts how long each model's outputs are." if seq2seq else ".")
+    )
     busy = busy_warning(sp)
     if busy:
-        lines.append(busy + " To time them alone: delete `stages/speed` in the study's output directory and run the "
-                     "same command again (only the speed and the report are redone).")
+        lines.append(
+            busy
+            + " To time them alone: delete `stages/speed` in the study's output directory and run the "
+            "same command again (only the speed and the report are redone)."
+        )
     check = plan.get("teacher_check")
     if check and not check.get("skipped"):
         rounds = check.get("rounds", [])
         text = f"Teacher check ({check['rows']} validation rows): {check_summary(check)}"
         if len(rounds) > 1:
             first, last = rounds[0], rounds[-1]
-            how = ("restarted from the init" if last.get("from") == "init" else "continued from round 1")
-            text += (f" -- after {len(rounds)} training rounds: round 1 (lr {first['lr']:g}) failed "
-                     f"({check_summary(first)}); round 2 {how} at lr {last['lr']:g}")
+            how = (
+                "restarted from the init"
+                if last.get("from") == "init"
+                else "continued from round 1"
+            )
+            text += (
+                f" -- after {len(rounds)} training rounds: round 1 (lr {first['lr']:g}) failed "
+                f"({check_summary(first)}); round 2 {how} at lr {last['lr']:g}"
+            )
         lines.append(text + ".")
     else:
-        lines.append("**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
-                     "comparisons with it may mean nothing.")
+        lines.append(
+            "**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
+            "comparisons with it may mean nothing."
+        )
     if report.get("floors"):
-        lines.append(f"Trivial floors on the test rows ({metric}): "
-                     + "; ".join(f"{name} {v:.1f}" for name, v in report["floors"].items())
-                     + " -- a student below the best of them did not learn to use its inputs.")
+        lines.append(
+            f"Trivial floors on the test rows ({metric}): "
+            + "; ".join(f"{name} {v:.1f}" for name, v in report["floors"].items())
+            + " -- a student below the best of them did not learn to use its inputs."
+        )
     served = plan.get("served")
     if served and any(r["variant"] == "served" for r in rows_in):
-        lines.append(f"Served: {served['student']}, the student with the best "
-                     f"{CURVE_METRICS.get(served['metric'], served['metric'])} "
-                     f"({served['validation_metric']:.3f}), exported to {FORMAT_NAMES.get(served['format'], served['format'])} "
-                     "(lmkd compress's export, no pruning) -- the row `served`, scored and timed like every other "
-                     "model and compared with the student it came from above.")
+        lines.append(
+            f"Served: {served['student']}, the student with the best "
+            f"{CURVE_METRICS.get(served['metric'], served['metric'])} "
+            f"({served['validation_metric']:.3f}), exported to {FORMAT_NAMES.get(served['format'], served['format'])} "
+            "(lmkd compress's export, no pruning) -- the row `served`, scored and timed like every other "
+            "model and compared with the student it came from above."
+        )
     cache = plan.get("kd_cache")
     word_kd = any("word-kd" in r["variant"] for r in rows_in)
     if cache and word_kd:
-        unbiased = ("unbiased" if plan.get("kd_temperature") == 1.0
-                    else f"consistent, slightly biased at temperature {plan.get('kd_temperature'):g}")
-        lines.append(f"Word-KD teacher: the Word-KD variants read the teacher's log-probs cached once per transfer "
-                     f"set (lmkd cache-logits: the top {cache['top_k']} per target token plus {cache['tail_samples']} "
-                     f"drawn from the rest, which keeps the forward-KL gradient {unbiased}) instead of running the "
-                     "teacher at every step; --online-kd runs it at every step.")
+        unbiased = (
+            "unbiased"
+            if plan.get("kd_temperature") == 1.0
+            else f"consistent, slightly biased at temperature {plan.get('kd_temperature'):g}"
+        )
+        lines.append(
+            f"Word-KD teacher: the Word-KD variants read the teacher's log-probs cached once per transfer "
+            f"set (lmkd cache-logits: the top {cache['top_k']} per target token plus {cache['tail_samples']} "
+            f"drawn from the rest, which keeps the forward-KL gradient {unbiased}) instead of running the "
+            "teacher at every step; --online-kd runs it at every step."
+        )
     elif word_kd:
-        lines.append("Word-KD teacher: online (--online-kd): the Word-KD variants ran the teacher at every step.")
+        lines.append(
+            "Word-KD teacher: online (--online-kd): the Word-KD variants ran the teacher at every step."
+        )
     noise = timing_noise(rows_in, "ms_per_token" if per_token else "latency_ms")
     if noise:
         lines.append(noise)
@@ -235,42 +294,61 @@ def transfer_set_lines(report: dict) -> list[str]:
         whole = ts["all"]
         label = METRIC_LABELS.get(whole["metric"], whole["metric"])
         val = ts["validation"]
-        beside = (f"its validation {label} {val['score']:.1f} (greedy, {val['rows']} rows, the teacher check)"
-                  + (f"; {ts['ratio']:.2f}x" if ts.get("ratio") is not None else "")
-                  if val.get("score") is not None else "no validation figure (the teacher check was skipped)")
-        lines.append(f"- The teacher's beam outputs on the {whole['rows']} labelled transfer rows: "
-                     f"{_figures(whole, label)}; {beside}.")
+        beside = (
+            f"its validation {label} {val['score']:.1f} (greedy, {val['rows']} rows, the teacher check)"
+            + (f"; {ts['ratio']:.2f}x" if ts.get("ratio") is not None else "")
+            if val.get("score") is not None
+            else "no validation figure (the teacher check was skipped)"
+        )
+        lines.append(
+            f"- The teacher's beam outputs on the {whole['rows']} labelled transfer rows: "
+            f"{_figures(whole, label)}; {beside}."
+        )
         if "teacher_rows" in ts:
             mine, rest = ts["teacher_rows"], ts["held_out_rows"]
-            lines.append(f"- --teacher-split {ts['teacher_split']:g}: the teacher trained on {mine['rows']} "
-                         f"of these rows ({_figures(mine, label)}) and not on the other {rest['rows']} "
-                         f"({_figures(rest, label)}), where its outputs are its predictions; every student "
-                         "learns from all of them.")
+            lines.append(
+                f"- --teacher-split {ts['teacher_split']:g}: the teacher trained on {mine['rows']} "
+                f"of these rows ({_figures(mine, label)}) and not on the other {rest['rows']} "
+                f"({_figures(rest, label)}), where its outputs are its predictions; every student "
+                "learns from all of them."
+            )
         if ts.get("unlabelled_rows"):
-            lines.append(f"- --unlabelled: {ts['unlabelled_rows']} source-only rows in every KD variant's "
-                         "transfer set, their target the teacher's best beam (Word-KD: that target with "
-                         "the KD term, as lmkd distill's transfer-set regime trains a seq2seq student on "
-                         "unlabelled rows; Seq-Inter: the best beam, there being no gold to pick by); the "
-                         "baseline learns from the gold rows only.")
+            lines.append(
+                f"- --unlabelled: {ts['unlabelled_rows']} source-only rows in every KD variant's "
+                "transfer set, their target the teacher's best beam (Word-KD: that target with "
+                "the KD term, as lmkd distill's transfer-set regime trains a seq2seq student on "
+                "unlabelled rows; Seq-Inter: the best beam, there being no gold to pick by); the "
+                "baseline learns from the gold rows only."
+            )
         if ts.get("warning"):
             lines.append(f"- {ts['warning']}")
     for size in dict.fromkeys(i["size"] for i in inits or []):
         first = next(i for i in inits if i["size"] == size)
         share = first["parameters_vs_teacher"]
         shape = first["shape"] or {}
-        dims = (f"{shape.get('d_model')}-wide, {shape.get('encoder_layers')}+{shape.get('decoder_layers')} "
-                "layers")
+        dims = (
+            f"{shape.get('d_model')}-wide, {shape.get('encoder_layers')}+{shape.get('decoder_layers')} "
+            "layers"
+        )
         if first["init"] == "fresh":
             how = f"fresh (random init, a narrower model of the teacher's kind), {dims}"
         else:
             lay = first["layers"]
-            how = (f"copied encoder layer(s) {', '.join(map(str, lay['encoder']))} and decoder layer(s) "
-                   f"{', '.join(map(str, lay['decoder']))} of the teacher ({dims})")
-        extra = (f" -- larger than the asked {size:.0%}: the fewest layers that can be copied"
-                 if first["larger_than_asked"] else "")
-        lines.append(f"- Students at {size:.0%} of the teacher: {how}; "
-                     + (f"{share:.0%} of its parameters" if share is not None else "")
-                     + extra + ".")
+            how = (
+                f"copied encoder layer(s) {', '.join(map(str, lay['encoder']))} and decoder layer(s) "
+                f"{', '.join(map(str, lay['decoder']))} of the teacher ({dims})"
+            )
+        extra = (
+            f" -- larger than the asked {size:.0%}: the fewest layers that can be copied"
+            if first["larger_than_asked"]
+            else ""
+        )
+        lines.append(
+            f"- Students at {size:.0%} of the teacher: {how}; "
+            + (f"{share:.0%} of its parameters" if share is not None else "")
+            + extra
+            + "."
+        )
     return lines + [""]
 
 
@@ -290,7 +368,9 @@ def _plot_points(report: dict) -> tuple[list[PlotPoint], str]:
         t = c["tests"][report["significance"]["metrics"][0]]
         ci.setdefault(c["a"], t["ci_a"])
         ci.setdefault(c["b"], t["ci_b"])
-    main_is_sig = report["rows"][0]["main_metric"].split(".")[-1] == report["significance"]["metrics"][0]
+    main_is_sig = (
+        report["rows"][0]["main_metric"].split(".")[-1] == report["significance"]["metrics"][0]
+    )
     points = []
     for g in report["variants"]:
         if seeds:
@@ -298,10 +378,21 @@ def _plot_points(report: dict) -> tuple[list[PlotPoint], str]:
         else:
             half = ci.get(g["first"]) if main_is_sig else None
             err = (half, half) if half is not None else None
-        points.append(PlotPoint(_short(g["label"]), g[key], g["score_mean"], g["variant"] == "teacher", score_err=err))
-    note = ("error bars: ±1 std over the seeds of each variant" if seeds
-            else f"error bars: bootstrap 95% CI of each model's score ({report['significance']['n_samples']} "
-                 "resamples of the test rows)")
+        points.append(
+            PlotPoint(
+                _short(g["label"]),
+                g[key],
+                g["score_mean"],
+                g["variant"] == "teacher",
+                score_err=err,
+            )
+        )
+    note = (
+        "error bars: ±1 std over the seeds of each variant"
+        if seeds
+        else f"error bars: bootstrap 95% CI of each model's score ({report['significance']['n_samples']} "
+        "resamples of the test rows)"
+    )
     return points, note
 
 
@@ -313,18 +404,42 @@ def write_study_report(report: dict, out: str) -> None:
         report: the report.
         out: the directory.
     """
-    write_report(report, report_markdown(report), os.path.join(out, "report.json"), os.path.join(out, "report.md"))
+    write_report(
+        report,
+        report_markdown(report),
+        os.path.join(out, "report.json"),
+        os.path.join(out, "report.md"),
+    )
     points, note = _plot_points(report)
     per_token = all(r.get("ms_per_token") is not None for r in report["rows"])
     fixed = report["speed_setup"].get("fixed_new_tokens")
-    xlabel = (f"ms per token ({fixed} tokens forced, greedy, batch 1)" if per_token
-              else "latency per example, batch 1 (ms)")
+    xlabel = (
+        f"ms per token ({fixed} tokens forced, greedy, batch 1)"
+        if per_token
+        else "latency per example, batch 1 (ms)"
+    )
     first = {g["first"] for g in report["variants"]}
-    curves = [Curve(_short(r["label"]), [c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]])
-              for r in report["rows"] if r["model"] in first and r.get("curve")]
+    curves = [
+        Curve(
+            _short(r["label"]), [c["step"] for c in r["curve"]], [c["metric"] for c in r["curve"]]
+        )
+        for r in report["rows"]
+        if r["model"] in first and r.get("curve")
+    ]
     curve_metric = next((r["curve_metric"] for r in report["rows"] if r.get("curve")), "")
-    plot_quality_speed(points, os.path.join(out, "report.png"), xlabel=xlabel, ylabel=_main_label(report),
-                       title=f"lmkd study: {report['task']} ({report['budget']} budget)", curves=curves,
-                       curve_ylabel=CURVE_METRICS.get(curve_metric, f"validation {curve_metric}".strip()), note=note,
-                       curve_title="students' validation curves" + (" (first seed)" if len(first) < sum(
-                           len(g["models"]) for g in report["variants"]) else ""))
+    plot_quality_speed(
+        points,
+        os.path.join(out, "report.png"),
+        xlabel=xlabel,
+        ylabel=_main_label(report),
+        title=f"lmkd study: {report['task']} ({report['budget']} budget)",
+        curves=curves,
+        curve_ylabel=CURVE_METRICS.get(curve_metric, f"validation {curve_metric}".strip()),
+        note=note,
+        curve_title="students' validation curves"
+        + (
+            " (first seed)"
+            if len(first) < sum(len(g["models"]) for g in report["variants"])
+            else ""
+        ),
+    )

@@ -31,26 +31,47 @@ from lmkd.study.plan import FORMAT_NAMES
 from lmkd.study.teachers import scratch_teacher
 from lmkd.study.verdicts import METRIC_LABELS, below_floor, served_sources, significance
 
-VARIANT_NAMES = {"baseline": "the baseline", "word-kd": "Word-KD", "seq-kd": "Seq-KD",
-                 "seq-kd+word-kd": "Seq-KD + Word-KD", "seq-inter": "Seq-Inter", "no-kd": "fine-tuning alone",
-                 "task-kd": "task KD", "distilbert": "MLM-distil + fine-tune",
-                 "distilbert+task-kd": "MLM-distil + task KD", "teacher": "the teacher"}
+VARIANT_NAMES = {
+    "baseline": "the baseline",
+    "word-kd": "Word-KD",
+    "seq-kd": "Seq-KD",
+    "seq-kd+word-kd": "Seq-KD + Word-KD",
+    "seq-inter": "Seq-Inter",
+    "no-kd": "fine-tuning alone",
+    "task-kd": "task KD",
+    "distilbert": "MLM-distil + fine-tune",
+    "distilbert+task-kd": "MLM-distil + task KD",
+    "teacher": "the teacher",
+}
 
 TRAIN_LOG = "train_log.json"
 #: how the validation metric of train_log.json is named in the notes and on the curve panel
-CURVE_METRICS = {"eval_loss_ce": "validation CE on the gold targets (nats)",
-                 "eval_bleu": "validation BLEU (greedy)", "eval_rougeL": "validation ROUGE-L (greedy)",
-                 "eval_accuracy": "validation accuracy"}
+CURVE_METRICS = {
+    "eval_loss_ce": "validation CE on the gold targets (nats)",
+    "eval_bleu": "validation BLEU (greedy)",
+    "eval_rougeL": "validation ROUGE-L (greedy)",
+    "eval_accuracy": "validation accuracy",
+}
+
 
 def _main_metric(task: str) -> tuple[str, list[tuple[str, str]]]:
     """(headline metric key, [(column label, key path)])."""
     if task == "classification":
         return "accuracy", [("accuracy", "accuracy"), ("macro-F1", "macro_f1")]
     if task == "summarization":
-        return "beam.rouge2", [("ROUGE-2 greedy", "greedy.rouge2"), ("ROUGE-L greedy", "greedy.rougeL"),
-                               ("ROUGE-2 beam", "beam.rouge2"), ("ROUGE-L beam", "beam.rougeL")]
-    return "beam.bleu", [("BLEU greedy", "greedy.bleu"), ("chrF greedy", "greedy.chrf"),
-                         ("BLEU beam", "beam.bleu"), ("chrF beam", "beam.chrf")]
+        return "beam.rouge2", [
+            ("ROUGE-2 greedy", "greedy.rouge2"),
+            ("ROUGE-L greedy", "greedy.rougeL"),
+            ("ROUGE-2 beam", "beam.rouge2"),
+            ("ROUGE-L beam", "beam.rougeL"),
+        ]
+    return "beam.bleu", [
+        ("BLEU greedy", "greedy.bleu"),
+        ("chrF greedy", "greedy.chrf"),
+        ("BLEU beam", "beam.bleu"),
+        ("chrF beam", "beam.chrf"),
+    ]
+
 
 def value_at(d: dict, path: str):
     """The value at ``path`` in nested dicts.
@@ -66,6 +87,7 @@ def value_at(d: dict, path: str):
         d = d[k]
     return d
 
+
 def variant_label(variant: str, size: float | None, sizes: int) -> str:
     """``Word-KD`` (one student size) or ``Word-KD (25%)``; the teacher is ``the teacher``.
 
@@ -79,6 +101,7 @@ def variant_label(variant: str, size: float | None, sizes: int) -> str:
     """
     name = VARIANT_NAMES.get(variant, variant)
     return name if size is None or sizes <= 1 else f"{name} ({size:.0%})"
+
 
 def read_train_log(model: dict) -> dict | None:
     """A student's ``train_log.json`` (its ``train_log`` path, else the file in its stage dir), or
@@ -98,10 +121,17 @@ def read_train_log(model: dict) -> dict | None:
         return None
     if not isinstance(log, dict) or not isinstance(log.get("steps"), int):
         return None
-    curve = [c for c in log.get("curve") or [] if isinstance(c, dict) and "step" in c and "metric" in c]
-    return {"steps": log["steps"], "stopped_early": bool(log.get("stopped_early", False)), "curve": curve,
-            "metric": str(log.get("metric", "validation metric")),
-            "greater_is_better": bool(log.get("greater_is_better", False))}
+    curve = [
+        c for c in log.get("curve") or [] if isinstance(c, dict) and "step" in c and "metric" in c
+    ]
+    return {
+        "steps": log["steps"],
+        "stopped_early": bool(log.get("stopped_early", False)),
+        "curve": curve,
+        "metric": str(log.get("metric", "validation metric")),
+        "greater_is_better": bool(log.get("greater_is_better", False)),
+    }
+
 
 #: the memorisation warning's rule (:func:`transfer_set_report`): Seq-KD's targets are mostly the gold targets
 #: again when more than this share of the teacher's outputs on its transfer rows equal the gold target ...
@@ -110,7 +140,9 @@ MEMORISED_SHARE = 0.5
 MEMORISED_RATIO = 1.5
 
 
-def transfer_set_report(memo: dict, teacher_check: dict | None, teacher_split: float | None) -> dict:
+def transfer_set_report(
+    memo: dict, teacher_check: dict | None, teacher_split: float | None
+) -> dict:
     """The report's ``transfer_set``: the teacher's metric on its transfer rows (the transfer stage's
     beam outputs against the gold, :func:`lmkd.study.seq2seq.memorisation`) beside its validation metric
     (the teacher check's greedy score; None when the check was skipped), the share identical to the gold,
@@ -137,13 +169,22 @@ def transfer_set_report(memo: dict, teacher_check: dict | None, teacher_split: f
         why.append(f"its {label} on them is {ratio:.1f}x its validation {label}")
     warning = None
     if why:
-        warning = ("**Seq-KD learns mostly the gold targets**: " + " and ".join(why) + " -- the teacher "
-                   + ("trained on part of" if teacher_split else "trained on")
-                   + " the rows the students learn from, so its outputs there are largely the gold targets "
-                   "again, not its predictions "
-                   "(--teacher-split F trains it on a share of them only).")
-    return {**memo, "validation": {"metric": whole["metric"], "score": validation, "rows": check.get("rows")},
-            "ratio": ratio, "teacher_split": teacher_split, "warning": warning}
+        warning = (
+            "**Seq-KD learns mostly the gold targets**: "
+            + " and ".join(why)
+            + " -- the teacher "
+            + ("trained on part of" if teacher_split else "trained on")
+            + " the rows the students learn from, so its outputs there are largely the gold targets "
+            "again, not its predictions "
+            "(--teacher-split F trains it on a share of them only)."
+        )
+    return {
+        **memo,
+        "validation": {"metric": whole["metric"], "score": validation, "rows": check.get("rows")},
+        "ratio": ratio,
+        "teacher_split": teacher_split,
+        "warning": warning,
+    }
 
 
 def student_inits(inits: list[dict], rows: list[dict]) -> list[dict]:
@@ -168,11 +209,25 @@ def student_inits(inits: list[dict], rows: list[dict]) -> list[dict]:
             config = json.load(f)
         share = info.get("parameters_vs_teacher")
         if share is None:
-            share = next((r["parameters_vs_teacher"] for r in rows
-                          if r["size"] == i["size"] and r["seed"] == i["seed"]), None)
-        out.append({"size": i["size"], "seed": i["seed"], "init": info["init"], "layers": info.get("layers"),
-                    "shape": info.get("shape") or init_shape(config), "parameters_vs_teacher": share,
-                    "larger_than_asked": bool(info.get("larger_than_asked"))})
+            share = next(
+                (
+                    r["parameters_vs_teacher"]
+                    for r in rows
+                    if r["size"] == i["size"] and r["seed"] == i["seed"]
+                ),
+                None,
+            )
+        out.append(
+            {
+                "size": i["size"],
+                "seed": i["seed"],
+                "init": info["init"],
+                "layers": info.get("layers"),
+                "shape": info.get("shape") or init_shape(config),
+                "parameters_vs_teacher": share,
+                "larger_than_asked": bool(info.get("larger_than_asked")),
+            }
+        )
     return out
 
 
@@ -191,18 +246,24 @@ def no_verdict(groups: list[dict], metric: str, teacher_score: float) -> str | N
     students = [g for g in groups if g["variant"] != "teacher"]
     if not students or any(g["score_mean"] != 0 for g in students):
         return None
-    return (f"**No verdict is possible**: every student scored 0.0 {metric} on the test rows (the teacher "
-            f"{teacher_score:.1f}), so every comparison between them is +0.0 with p = 1.000 and says nothing "
-            "about distillation -- the students did not learn under this budget (more --student-steps, or a "
-            "larger budget).")
+    return (
+        f"**No verdict is possible**: every student scored 0.0 {metric} on the test rows (the teacher "
+        f"{teacher_score:.1f}), so every comparison between them is +0.0 with p = 1.000 and says nothing "
+        "about distillation -- the students did not learn under this budget (more --student-steps, or a "
+        "larger budget)."
+    )
 
 
 def _references(task: str, test_file: str) -> list:
     rows = read_rows(test_file)
-    return [r["label"] for r in rows] if task == "classification" else [str(r["target"]) for r in rows]
+    return (
+        [r["label"] for r in rows] if task == "classification" else [str(r["target"]) for r in rows]
+    )
+
 
 def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
+
 
 def _groups(rows: list[dict], keys: list[str]) -> list[dict]:
     """Rows grouped by (size, variant) in model order: the seeds, mean ± std of every column and of
@@ -213,17 +274,30 @@ def _groups(rows: list[dict], keys: list[str]) -> list[dict]:
     out = []
     for (size, variant), rs in by_key.items():
         scores = [r["score"] for r in rs]
-        g = {"size": size, "variant": variant, "label": rs[0]["label"],
-             "models": [r["model"] for r in rs], "seeds": [r["seed"] for r in rs], "first": rs[0]["model"],
-             "scores": scores,
-             "score_mean": statistics.fmean(scores), "score_std": _std(scores),
-             "columns": {k: {"mean": statistics.fmean(value_at(r["quality"], k) for r in rs),
-                             "std": _std([value_at(r["quality"], k) for r in rs])} for k in keys}}
+        g = {
+            "size": size,
+            "variant": variant,
+            "label": rs[0]["label"],
+            "models": [r["model"] for r in rs],
+            "seeds": [r["seed"] for r in rs],
+            "first": rs[0]["model"],
+            "scores": scores,
+            "score_mean": statistics.fmean(scores),
+            "score_std": _std(scores),
+            "columns": {
+                k: {
+                    "mean": statistics.fmean(value_at(r["quality"], k) for r in rs),
+                    "std": _std([value_at(r["quality"], k) for r in rs]),
+                }
+                for k in keys
+            },
+        }
         for key in ("ms_per_token", "latency_ms", "steps"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             g[f"{key}_mean"] = statistics.fmean(vals) if len(vals) == len(rs) else None
         out.append(g)
     return out
+
 
 def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, data: dict) -> dict:
     """The report: the plan, the data sizes, one row per model (quality, size, output length,
@@ -264,22 +338,35 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         label = variant_label(m["variant"], m["size"], sizes)
         if m["variant"] == "served":  # "Word-KD, served (CTranslate2 int8)"
             src = models[m["source"]]
-            label = (f"{variant_label(src['variant'], src['size'], sizes)}, served "
-                     f"({FORMAT_NAMES.get(m['format'], m['format'])})")
+            label = (
+                f"{variant_label(src['variant'], src['size'], sizes)}, served "
+                f"({FORMAT_NAMES.get(m['format'], m['format'])})"
+            )
         row = {
-            "model": name, "variant": m["variant"], "size": m["size"], "seed": m.get("seed"),
-            "label": label, "path": os.path.abspath(m["dir"]), "bytes_on_disk": r.get("bytes_on_disk"),
-            "parameters": r["parameters"], "parameters_vs_teacher": r["parameters"] / t_params,
+            "model": name,
+            "variant": m["variant"],
+            "size": m["size"],
+            "seed": m.get("seed"),
+            "label": label,
+            "path": os.path.abspath(m["dir"]),
+            "bytes_on_disk": r.get("bytes_on_disk"),
+            "parameters": r["parameters"],
+            "parameters_vs_teacher": r["parameters"] / t_params,
             "quality": {k: v for k, v in r.items() if k not in ("parameters", "predictions")},
-            "main_metric": main, "score": value_at(r, main),
+            "main_metric": main,
+            "score": value_at(r, main),
             "score_vs_teacher": (value_at(r, main) / t_score) if t_score else None,
-            "latency_ms": sp["latency_ms"], "throughput_per_s": sp["throughput_per_s"],
+            "latency_ms": sp["latency_ms"],
+            "throughput_per_s": sp["throughput_per_s"],
             # per example (batch 1, the study's beam search): counts how long each model's outputs are
             "speedup": t_sp["latency_ms"] / sp["latency_ms"] if sp["latency_ms"] else None,
             "ms_per_token": sp.get("ms_per_token"),
             # per token at a fixed output length: the architecture's speed, the headline speed-up
-            "speedup_per_token": (t_sp["ms_per_token"] / sp["ms_per_token"]
-                                  if sp.get("ms_per_token") and t_sp.get("ms_per_token") else None),
+            "speedup_per_token": (
+                t_sp["ms_per_token"] / sp["ms_per_token"]
+                if sp.get("ms_per_token") and t_sp.get("ms_per_token")
+                else None
+            ),
         }
         if mode is not None:
             lengths = output_lengths(load_tokenizer(m["dir"]), r["predictions"][mode])
@@ -288,14 +375,25 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         if m["variant"] == "served":
             row.update(source=m["source"], format=m["format"])
         if log is not None:
-            row.update(steps=log["steps"], stopped_early=log["stopped_early"], curve=log["curve"],
-                       curve_metric=log["metric"])
+            row.update(
+                steps=log["steps"],
+                stopped_early=log["stopped_early"],
+                curve=log["curve"],
+                curve_metric=log["metric"],
+            )
         rows.append(row)
     keys = [k for _, k in cols]
     groups = _groups(rows, keys)
     teacher = next(g for g in groups if g["variant"] == "teacher")
-    sig = significance(opts.task, groups, teacher, {n: results[n]["predictions"] for n in models},
-                       _references(opts.task, data["test"]), mode, served_sources(rows))
+    sig = significance(
+        opts.task,
+        groups,
+        teacher,
+        {n: results[n]["predictions"] for n in models},
+        _references(opts.task, data["test"]),
+        mode,
+        served_sources(rows),
+    )
     # the trivial answers' scores on the test rows, on the headline metric (the teacher check's floors)
     floors = trivial_floors(opts.task, read_rows(data["train"]), read_rows(data["test"]))
     below = below_floor(groups, floors, sig["metrics"][0])
@@ -303,20 +401,34 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         sig["verdicts"].insert(1 if sig["weak_teacher"] else 0, below)
     nothing = no_verdict(groups, METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0]), t_score)
     if nothing:  # the warnings stay; the line replaces one line per comparison
-        warnings = sig["verdicts"][:len(sig["verdicts"]) - len(sig["comparisons"])]
+        warnings = sig["verdicts"][: len(sig["verdicts"]) - len(sig["comparisons"])]
         sig["verdicts"], sig["no_verdict"] = warnings + [nothing], nothing
     extra = {}
     if "transfer_dir" in data:
         from lmkd.study.seq2seq import read_memorisation
 
-        extra["transfer_set"] = transfer_set_report(read_memorisation(data["transfer_dir"], opts.task),
-                                                    plan.teacher_check, opts.teacher_split)
+        extra["transfer_set"] = transfer_set_report(
+            read_memorisation(data["transfer_dir"], opts.task),
+            plan.teacher_check,
+            opts.teacher_split,
+        )
     if data.get("inits"):
         extra["student_inits"] = student_inits(data["inits"], rows)
     per_model = ("latency_ms", "throughput_per_s", "ms_per_token")
-    return {"task": opts.task, "budget": opts.budget, "plan": plan.to_dict(),
-            "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
-            "teacher": opts.teacher or scratch_teacher(opts), **extra, "columns": [c for c, _ in cols],
-            "column_keys": keys, "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
-            "verdicts": sig["verdicts"], "significance": sig, "variants": groups, "rows": rows,
-            "floors": floors, "below_floor": below}
+    return {
+        "task": opts.task,
+        "budget": opts.budget,
+        "plan": plan.to_dict(),
+        "data": {"train": opts.train, "validation": opts.validation, "test": opts.test, **info},
+        "teacher": opts.teacher or scratch_teacher(opts),
+        **extra,
+        "columns": [c for c, _ in cols],
+        "column_keys": keys,
+        "speed_setup": {k: v for k, v in t_sp.items() if k not in per_model},
+        "verdicts": sig["verdicts"],
+        "significance": sig,
+        "variants": groups,
+        "rows": rows,
+        "floors": floors,
+        "below_floor": below,
+    }

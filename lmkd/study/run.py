@@ -30,10 +30,19 @@ def _data_stages(st: Stages, opts: StudyOptions) -> dict[str, str]:
     data: dict[str, str] = {}
     labels = None
     for split in ("train", "validation", "test"):
-        split_opts = {"task": opts.task, "columns": [opts.source_column, opts.target_column],
-                      "file": file_digest(getattr(opts, split)), "rows": getattr(opts.plan, f"{split}_rows")}
-        d = st.run(f"data-{split}", split_opts, [] if split == "train" else ["data-train"],
-                   lambda out, split=split: prepare_split(opts, split, out, labels), f"reading the {split} data")
+        split_opts = {
+            "task": opts.task,
+            "columns": [opts.source_column, opts.target_column],
+            "file": file_digest(getattr(opts, split)),
+            "rows": getattr(opts.plan, f"{split}_rows"),
+        }
+        d = st.run(
+            f"data-{split}",
+            split_opts,
+            [] if split == "train" else ["data-train"],
+            lambda out, split=split, labels=labels: prepare_split(opts, split, out, labels),
+            f"reading the {split} data",
+        )
         data[split], data[f"{split}_dir"] = os.path.join(d, f"{split}.jsonl"), d
         if split == "train" and opts.task == "classification":
             with open(os.path.join(d, "info.json")) as f:
@@ -76,23 +85,48 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     teachers = teacher_stages(st, opts, data)
     # what the report says of the teacher: its check (stage dir of a trained one, or the check stage)
     plan.teacher_check = teacher_check_of(teachers["teacher"], st.path("teacher-check"))
-    models: dict[str, dict] = {"teacher": {"dir": teachers["teacher"], "stage": "teacher", "variant": "teacher",
-                                           "size": None, "seed": None}}
+    models: dict[str, dict] = {
+        "teacher": {
+            "dir": teachers["teacher"],
+            "stage": "teacher",
+            "variant": "teacher",
+            "size": None,
+            "seed": None,
+        }
+    }
     if opts.task == "classification":
         students, jobs = classification_students(st, opts, teachers, data, mlm_head)
     else:
         students, jobs = seq2seq_students(st, opts, data, teachers["teacher"])
     models.update(students)
 
-    eval_opts = {"beams": plan.beams, "max_new_tokens": plan.max_new_tokens, "evaluate": "evaluate_models",
-                 **thread_options(plan)}
+    eval_opts = {
+        "beams": plan.beams,
+        "max_new_tokens": plan.max_new_tokens,
+        "evaluate": "evaluate_models",
+        **thread_options(plan),
+    }
 
     def eval_jobs(names) -> list[Job]:
         # cheapest: a worker takes one when no training is ready (the teacher's while the last students train)
-        return [Job(f"eval-{name}", eval_opts, [models[name]["stage"], "data-test"], evaluate_into,
-                    dict(model_dir=models[name]["dir"], task=opts.task, test_file=test_file, beams=plan.beams,
-                         max_new_tokens=plan.max_new_tokens), f"evaluating {name} on the test set", cost=0.5)
-                for name in names]
+        return [
+            Job(
+                f"eval-{name}",
+                eval_opts,
+                [models[name]["stage"], "data-test"],
+                evaluate_into,
+                dict(
+                    model_dir=models[name]["dir"],
+                    task=opts.task,
+                    test_file=test_file,
+                    beams=plan.beams,
+                    max_new_tokens=plan.max_new_tokens,
+                ),
+                f"evaluating {name} on the test set",
+                cost=0.5,
+            )
+            for name in names
+        ]
 
     # one job graph: the students (and what they wait for) and every evaluation, each as soon as its model is
     dirs = st.run_jobs(jobs + eval_jobs(list(models)), plan.workers)
@@ -103,35 +137,69 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     results = {name: _read_json(dirs[f"eval-{name}"], "quality.json") for name in models}
 
     # "fixed_new_tokens": the per-token speed (every model forced to decode that many tokens) is measured too
-    speed_opts = {"beams": plan.beams, "max_new_tokens": plan.max_new_tokens,
-                  "examples": plan.speed_examples, "repeats": plan.speed_repeats,
-                  "fixed_new_tokens": plan.max_new_tokens}
+    speed_opts = {
+        "beams": plan.beams,
+        "max_new_tokens": plan.max_new_tokens,
+        "examples": plan.speed_examples,
+        "repeats": plan.speed_repeats,
+        "fixed_new_tokens": plan.max_new_tokens,
+    }
 
     def speed_fn(out):
-        atomic_write_json(os.path.join(out, "speed.json"), measure_models_speed(
-            {n: m["dir"] for n, m in models.items()}, opts.task, test_file, plan.beams, plan.max_new_tokens,
-            plan.speed_examples, plan.speed_repeats))
+        atomic_write_json(
+            os.path.join(out, "speed.json"),
+            measure_models_speed(
+                {n: m["dir"] for n, m in models.items()},
+                opts.task,
+                test_file,
+                plan.beams,
+                plan.max_new_tokens,
+                plan.speed_examples,
+                plan.speed_repeats,
+            ),
+        )
 
     # alone: nothing else may run while the models are timed
-    sd = st.run("speed", speed_opts, [m["stage"] for m in models.values()] + ["data-test"], speed_fn,
-                f"measuring the speed of {len(models)} models side by side")
+    sd = st.run(
+        "speed",
+        speed_opts,
+        [m["stage"] for m in models.values()] + ["data-test"],
+        speed_fn,
+        f"measuring the speed of {len(models)} models side by side",
+    )
     report = build_report(opts, models, results, _read_json(sd, "speed.json"), data)
-    # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older reports are rewritten)
-    # v5: the from-scratch teacher's architecture, the workers; v6: the served model's row, bytes on disk; v7: its label
-    # v8: the students below the trivial floor; v9, v10: the Word-KD teacher note (cached or online); v11: the timing-noise note
-    rd = st.run("report", {"v": 11}, [f"eval-{n}" for n in models] + ["speed"],
-                lambda out: write_study_report(report, out), "writing the report")
+    # v2: verdict lines, significance, per-token speed, seeds; v4: the weak-teacher warning (older
+    # reports are rewritten); v5: the from-scratch teacher's architecture, the workers; v6: the served
+    # model's row, bytes on disk; v7: its label; v8: the students below the trivial floor; v9, v10: the
+    # Word-KD teacher note (cached or online); v11: the timing-noise note; v12: verdicts that must survive
+    # the seeds' spread, the memorisation figures and inits, the served model by its validation metric
+    rd = st.run(
+        "report",
+        {"v": 12},
+        [f"eval-{n}" for n in models] + ["speed"],
+        lambda out: write_study_report(report, out),
+        "writing the report",
+    )
     for fname in ("report.md", "report.json", "report.png"):
         shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
     with open(os.path.join(opts.output, "report.md")) as f:
         print("\n" + f.read(), flush=True)
-    print(f"lmkd study: finished in {format_duration(time.time() - st.start)}; report in {opts.output}/report.md",
-          flush=True)
+    print(
+        f"lmkd study: finished in {format_duration(time.time() - st.start)}; report in {opts.output}/report.md",
+        flush=True,
+    )
     if busy_warning(report["speed_setup"]):
-        print(f"lmkd study: warning: other processes used {report['speed_setup']['other_cpu_load']:.0%} of the cores "
-              "while the models were timed: the speed columns are not reliable (see the report's notes)",
-              file=sys.stderr, flush=True)
+        print(
+            f"lmkd study: warning: other processes used {report['speed_setup']['other_cpu_load']:.0%} of the cores "
+            "while the models were timed: the speed columns are not reliable (see the report's notes)",
+            file=sys.stderr,
+            flush=True,
+        )
     if report["significance"].get("weak_teacher"):
-        print("lmkd study: warning: a student trained without the teacher beats it -- a weak teacher (see the "
-              "report's first verdict)", file=sys.stderr, flush=True)
+        print(
+            "lmkd study: warning: a student trained without the teacher beats it -- a weak teacher (see the "
+            "report's first verdict)",
+            file=sys.stderr,
+            flush=True,
+        )
     return report

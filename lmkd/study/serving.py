@@ -48,14 +48,18 @@ def best_student(models: dict[str, dict], read_log) -> tuple[str, float, str] | 
         values = [c["metric"] for c in log.get("curve") or [] if c.get("metric") is not None]
         if not values:
             continue
-        sign = -1.0 if log.get("greater_is_better") else 1.0  # one rule for every student of a study
+        sign = (
+            -1.0 if log.get("greater_is_better") else 1.0
+        )  # one rule for every student of a study
         value = min(values, key=lambda v: sign * v)
         if best is None or sign * value < sign * best[1]:
             best = (name, float(value), str(log.get("metric", "validation metric")))
     return best
 
 
-def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_log) -> dict[str, dict]:
+def serve_stage(
+    st: Stages, opts: StudyOptions, models: dict[str, dict], read_log
+) -> dict[str, dict]:
     """Export the best student (see the module docstring); returns ``{"served": model}`` (a model entry
     like the students', with ``source`` and ``format``), or ``{}`` with a note in the plan when there is
     nothing to export or the engine cannot do it.
@@ -75,7 +79,9 @@ def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_lo
     kind = TASK_KIND[opts.task]
     best = best_student(models, read_log)
     if best is None:
-        opts.plan.note("No served model: no student recorded a validation curve to pick the best by.")
+        opts.plan.note(
+            "No served model: no student recorded a validation curve to pick the best by."
+        )
         return {}
     name, value, metric = best
     src = models[name]
@@ -84,9 +90,22 @@ def serve_stage(st: Stages, opts: StudyOptions, models: dict[str, dict], read_lo
     except LmkdError as e:
         opts.plan.note(f"No served model ({FORMAT_NAMES[fmt]}): {e}")
         return {}
-    d = st.run("serve", {"format": fmt, "student": name}, [src["stage"]],
-               lambda out: engines.export(src["dir"], out, fmt, kind),
-               f"exporting the best student by {metric} ({name}, {value:.3f}) to {FORMAT_NAMES[fmt]} for serving")
+    d = st.run(
+        "serve",
+        {"format": fmt, "student": name},
+        [src["stage"]],
+        lambda out: engines.export(src["dir"], out, fmt, kind),
+        f"exporting the best student by {metric} ({name}, {value:.3f}) to {FORMAT_NAMES[fmt]} for serving",
+    )
     opts.plan.served = ServedModel(student=name, metric=metric, validation_metric=value, format=fmt)
-    return {SERVED: {"dir": d, "stage": "serve", "variant": SERVED, "size": src["size"], "seed": src.get("seed"),
-                     "source": name, "format": fmt}}
+    return {
+        SERVED: {
+            "dir": d,
+            "stage": "serve",
+            "variant": SERVED,
+            "size": src["size"],
+            "seed": src.get("seed"),
+            "source": name,
+            "format": fmt,
+        }
+    }

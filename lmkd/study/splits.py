@@ -21,6 +21,7 @@ def label_order(values) -> list[str]:
     Returns:
         The distinct names, in order.
     """
+
     def key(v):
         digit = v.strip().lstrip("-").isdigit()
         return (not digit, int(v) if digit else 0, v)
@@ -28,7 +29,9 @@ def label_order(values) -> list[str]:
     return sorted(set(values), key=key)
 
 
-def prepare_split(opts: StudyOptions, split: str, out: str, labels: list[str] | None = None) -> None:
+def prepare_split(
+    opts: StudyOptions, split: str, out: str, labels: list[str] | None = None
+) -> None:
     """A normalised copy of one split: columns source/target (seq2seq) or text/label with label
     ids (classification; ``labels`` from the training split), row limit of the budget applied.
 
@@ -44,8 +47,10 @@ def prepare_split(opts: StudyOptions, split: str, out: str, labels: list[str] | 
     for col in (src, tgt):
         if col not in rows[0]:
             flag = "--source-column" if col == src else "--target-column"
-            raise LmkdError(f"{path} has no column {col!r} (it has: {', '.join(rows[0])}); name the right "
-                            f"one with {flag}")
+            raise LmkdError(
+                f"{path} has no column {col!r} (it has: {', '.join(rows[0])}); name the right "
+                f"one with {flag}"
+            )
     rows = [r for r in rows if str(r[src]).strip() and str(r[tgt]).strip()]
     if not rows:
         raise LmkdError(f"{path} has no row with both {src!r} and {tgt!r} filled in")
@@ -56,13 +61,17 @@ def prepare_split(opts: StudyOptions, split: str, out: str, labels: list[str] | 
         if labels is None:
             labels = label_order(str(r[tgt]) for r in rows)
             if len(labels) < 2:
-                raise LmkdError(f"{path} has only one label ({labels[0]!r}); classification needs two or more")
+                raise LmkdError(
+                    f"{path} has only one label ({labels[0]!r}); classification needs two or more"
+                )
             info["labels"] = labels
         ids = {v: i for i, v in enumerate(labels)}
         unknown = sorted({str(r[tgt]) for r in rows} - set(ids))
         if unknown:
-            raise LmkdError(f"{path} has label {unknown[0]!r} that the training data never has; every label "
-                            "needs training examples")
+            raise LmkdError(
+                f"{path} has label {unknown[0]!r} that the training data never has; every label "
+                "needs training examples"
+            )
         rows = [{"text": str(r[src]), "label": ids[str(r[tgt])]} for r in rows]
     else:
         rows = [{"source": str(r[src]), "target": str(r[tgt])} for r in rows]
@@ -108,16 +117,20 @@ def split_teacher_rows(train_file: str, fraction: float, seed: int, out: str) ->
     rows = read_rows(train_file)
     keys = list(dict.fromkeys(row_key(r) for r in rows))
     if len(keys) < 2:
-        raise LmkdError(f"--teacher-split needs two or more distinct training rows, {train_file} has "
-                        f"{len(keys)}")
+        raise LmkdError(
+            f"--teacher-split needs two or more distinct training rows, {train_file} has "
+            f"{len(keys)}"
+        )
     k = min(len(keys) - 1, max(1, round(fraction * len(keys))))
     chosen = set(random.Random(seed).sample(keys, k))
     mine = [r for r in rows if row_key(r) in chosen]
     rest = [r for r in rows if row_key(r) not in chosen]
     write_jsonl(os.path.join(out, TEACHER_ROWS), mine)
     write_jsonl(os.path.join(out, HELD_OUT_ROWS), rest)
-    atomic_write_json(os.path.join(out, "info.json"), {"fraction": fraction, "teacher_rows": len(mine),
-                                                       "held_out_rows": len(rest)})
+    atomic_write_json(
+        os.path.join(out, "info.json"),
+        {"fraction": fraction, "teacher_rows": len(mine), "held_out_rows": len(rest)},
+    )
 
 
 def prepare_unlabelled(path: str, source_column: str, out: str) -> None:
@@ -134,8 +147,10 @@ def prepare_unlabelled(path: str, source_column: str, out: str) -> None:
         raise LmkdError(f"--unlabelled file {path} has no rows")
     col = "source" if "source" in rows[0] else source_column
     if col not in rows[0]:
-        raise LmkdError(f"--unlabelled file {path} has no column 'source' or {source_column!r} (it has: "
-                        f"{', '.join(rows[0])}); give it the source texts in one of them")
+        raise LmkdError(
+            f"--unlabelled file {path} has no column 'source' or {source_column!r} (it has: "
+            f"{', '.join(rows[0])}); give it the source texts in one of them"
+        )
     rows = [{"source": str(r[col])} for r in rows if str(r.get(col) or "").strip()]
     if not rows:
         raise LmkdError(f"--unlabelled file {path} has no row with a {col!r} filled in")
@@ -143,8 +158,9 @@ def prepare_unlabelled(path: str, source_column: str, out: str) -> None:
     atomic_write_json(os.path.join(out, "info.json"), {"rows": len(rows), "column": col})
 
 
-def select_transfer_rows(train_file: str, n: int | None, seed: int, out: str,
-                         teacher_rows: str | None = None) -> None:
+def select_transfer_rows(
+    train_file: str, n: int | None, seed: int, out: str, teacher_rows: str | None = None
+) -> None:
     """The transfer set: the training rows (a seeded random sample of ``n``) every student learns
     from -- with the gold targets (baseline, Word-KD) or the teacher's outputs (Seq-KD).  With
     ``teacher_rows`` (``--teacher-split``) each row says whether the teacher trained on it

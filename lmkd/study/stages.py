@@ -73,7 +73,9 @@ def resolve_job(call: str) -> Callable[..., object]:
 
     module, _, qualname = call.partition(":")
     if not module or not qualname or "<locals>" in qualname:
-        raise ValueError(f"a study job names an importable function as 'module:qualname', got {call!r}")
+        raise ValueError(
+            f"a study job names an importable function as 'module:qualname', got {call!r}"
+        )
     if "." not in module and importlib.util.find_spec(f"lmkd.study.{module}") is not None:
         module = f"lmkd.study.{module}"
     try:
@@ -118,7 +120,9 @@ class Job:
         ref = self.call if isinstance(self.call, str) else job_ref(self.call)
         fn = resolve_job(ref)
         if not isinstance(self.call, str) and fn is not self.call:
-            raise ValueError(f"the study job {self.name}'s function {ref} resolves to another object")
+            raise ValueError(
+                f"the study job {self.name}'s function {ref} resolves to another object"
+            )
         self.call = ref
 
 
@@ -175,7 +179,9 @@ class Stages:
         """
         return str(self.dir / name.replace("+", "_"))
 
-    def run(self, name: str, options: dict, deps: list[str], fn: Callable[[str], object], what: str = "") -> str:
+    def run(
+        self, name: str, options: dict, deps: list[str], fn: Callable[[str], object], what: str = ""
+    ) -> str:
         """Run ``fn(tmpdir)`` unless ``stage.json`` in the stage dir holds the same key; return the dir.
 
         Args:
@@ -198,29 +204,54 @@ class Stages:
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == key:
                 self.keys[name] = meta.get("instance", key)
-                print(f"{label}: cached ({format_duration(meta.get('elapsed_s', 0))} when it ran)", flush=True)
+                print(
+                    f"{label}: cached ({format_duration(meta.get('elapsed_s', 0))} when it ran)",
+                    flush=True,
+                )
                 return str(final)
-            changed = sorted(k for k in set(options) | set(meta.get("options", {}))
-                             if options.get(k) != meta.get("options", {}).get(k))
+            changed = sorted(
+                k
+                for k in set(options) | set(meta.get("options", {}))
+                if options.get(k) != meta.get("options", {}).get(k)
+            )
             changed += sorted(d for d in deps if meta.get("deps", {}).get(d) != self.keys[d])
             why = f" (recomputing: {', '.join(changed) or 'changed'} changed)"
         print(f"{label}: {what or 'running'}{why} ...", flush=True)
         t0 = time.time()
-        with atomic_dir(str(final), overwrite=True) as tmp:  # a killed stage leaves only a .tmp-* dir
+        with atomic_dir(
+            str(final), overwrite=True
+        ) as tmp:  # a killed stage leaves only a .tmp-* dir
             fn(tmp)
             elapsed = time.time() - t0
-            meta = {"stage": name, "key": key, "options": options, "deps": {d: self.keys[d] for d in deps},
-                    "elapsed_s": round(elapsed, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            meta = {
+                "stage": name,
+                "key": key,
+                "options": options,
+                "deps": {d: self.keys[d] for d in deps},
+                "elapsed_s": round(elapsed, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
             # what the stages that read this one depend on: this run of it, so that a stage run again (its
             # directory deleted to re-time the speed, say) recomputes what was built from it
             meta["instance"] = stable_hash({"key": key, "run": time.time_ns()})
             atomic_write_json(os.path.join(tmp, "stage.json"), meta, default=str)
         self.keys[name] = meta["instance"]
         with open(self.root / "study.log", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"stage": name, "key": key, "elapsed_s": round(elapsed, 2),
-                                "finished": meta["finished"]}) + "\n")
-        print(f"{label}: done in {format_duration(elapsed)} (study at {format_duration(time.time() - self.start)})",
-              flush=True)
+            f.write(
+                json.dumps(
+                    {
+                        "stage": name,
+                        "key": key,
+                        "elapsed_s": round(elapsed, 2),
+                        "finished": meta["finished"],
+                    }
+                )
+                + "\n"
+            )
+        print(
+            f"{label}: done in {format_duration(elapsed)} (study at {format_duration(time.time() - self.start)})",
+            flush=True,
+        )
         if self.after_stage is not None:
             self.after_stage(name)
         return str(final)
@@ -245,8 +276,13 @@ class Stages:
         names = {j.name for j in jobs}
         if workers <= 1:
             for j in jobs:
-                j.dir = self.run(j.name, j.options, j.deps,
-                                 lambda out, j=j: call_job(j.call, j.kwargs, out), j.what)
+                j.dir = self.run(
+                    j.name,
+                    j.options,
+                    j.deps,
+                    lambda out, j=j: call_job(j.call, j.kwargs, out),
+                    j.what,
+                )
             return {j.name: j.dir for j in jobs}
         threads = threads_per_worker(workers)
         logs = self.root / "logs"
@@ -259,7 +295,9 @@ class Stages:
                 if failure is None:
                     for j in sorted(ready, key=lambda j: -j.cost)[: workers - len(running)]:
                         pending.remove(j)
-                        fn = lambda out, j=j: _run_worker(j, out, threads, logs / f"{j.name.replace('+', '_')}.log")
+                        fn = lambda out, j=j: _run_worker(
+                            j, out, threads, logs / f"{j.name.replace('+', '_')}.log"
+                        )
                         running[pool.submit(self.run, j.name, j.options, j.deps, fn, j.what)] = j
                 if not running:
                     break
@@ -293,15 +331,27 @@ def _run_worker(job: Job, out: str, threads: int, log: Path) -> None:
     ``log``.  A worker's one-line user error (exit 2) is raised as that line; any other failure names
     the log."""
     spec = os.path.join(out, ".job.json")
-    atomic_write_json(spec, {"call": job.call, "kwargs": job.kwargs, "threads": threads}, default=_jsonable)
+    atomic_write_json(
+        spec, {"call": job.call, "kwargs": job.kwargs, "threads": threads}, default=_jsonable
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run([sys.executable, "-m", "lmkd.study.worker", spec, out], stdout=f,
-                              stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmkd.study.worker", spec, out],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     os.remove(spec)
     if proc.returncode != 0:
-        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        lines = [
+            ln
+            for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()
+            if ln.strip()
+        ]
         last = lines[-1] if lines else "(no output)"
         if proc.returncode == 2 and last.startswith("lmkd: error: "):
-            raise LmkdError(last[len("lmkd: error: "):])
-        raise RuntimeError(f"study stage {job.name} failed (exit {proc.returncode}): {last} -- whole log: {log}")
+            raise LmkdError(last[len("lmkd: error: ") :])
+        raise RuntimeError(
+            f"study stage {job.name} failed (exit {proc.returncode}): {last} -- whole log: {log}"
+        )

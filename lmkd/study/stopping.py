@@ -23,8 +23,12 @@ STOP_METRIC = "eval_loss_ce"
 #: distance from the baseline's objective: a Seq-KD student learns the teacher's mode, so its gold CE
 #: flattens while its outputs still improve (measured on a held-out en->de corpus: Seq-KD stopped by the
 #: gold CE at 1,100 steps scored 12.8 BLEU, 17.0 without early stopping).
-STOP_METRICS = {"translation": ("eval_bleu", True), "summarization": ("eval_rougeL", True),
-                "classification": ("eval_accuracy", True), "mlm": (STOP_METRIC, False)}
+STOP_METRICS = {
+    "translation": ("eval_bleu", True),
+    "summarization": ("eval_rougeL", True),
+    "classification": ("eval_accuracy", True),
+    "mlm": (STOP_METRIC, False),
+}
 #: the file each early-stopped training writes into its output dir (see :meth:`PlateauStopping.log`)
 TRAIN_LOG = "train_log.json"
 
@@ -65,8 +69,13 @@ class StoppingRule:
         view = plan_view(plan)
         metric, greater = STOP_METRICS[task]
         delta = view.metric_min_delta if greater else view.min_delta
-        return cls(eval_every=view.eval_every, patience=view.patience, min_delta=delta, metric=metric,
-                   greater_is_better=greater)
+        return cls(
+            eval_every=view.eval_every,
+            patience=view.patience,
+            min_delta=delta,
+            metric=metric,
+            greater_is_better=greater,
+        )
 
     @property
     def generates(self) -> bool:
@@ -75,7 +84,13 @@ class StoppingRule:
         Returns:
             True for BLEU / ROUGE.
         """
-        return self.metric in ("eval_bleu", "eval_chrf", "eval_rouge1", "eval_rouge2", "eval_rougeL")
+        return self.metric in (
+            "eval_bleu",
+            "eval_chrf",
+            "eval_rouge1",
+            "eval_rouge2",
+            "eval_rougeL",
+        )
 
     def better(self, a: float, b: float) -> bool:
         """Whether the value ``a`` is better than ``b`` by this rule's direction (no ``min_delta``).
@@ -111,8 +126,14 @@ class Plateau:
 
     def __init__(self, patience: int, min_delta: float, greater_is_better: bool = False):
         if patience < 1 or min_delta < 0:
-            raise LmkdError(f"early stopping needs patience >= 1 and min_delta >= 0, got {patience}, {min_delta}")
-        self.patience, self.min_delta, self.greater_is_better = patience, min_delta, greater_is_better
+            raise LmkdError(
+                f"early stopping needs patience >= 1 and min_delta >= 0, got {patience}, {min_delta}"
+            )
+        self.patience, self.min_delta, self.greater_is_better = (
+            patience,
+            min_delta,
+            greater_is_better,
+        )
         self.best: float | None = None
         self.best_index: int | None = None
         self.bad = 0
@@ -127,8 +148,11 @@ class Plateau:
         Returns:
             Whether to stop.
         """
-        better = (self.best is None or (value > self.best + self.min_delta if self.greater_is_better
-                                         else value < self.best - self.min_delta))
+        better = self.best is None or (
+            value > self.best + self.min_delta
+            if self.greater_is_better
+            else value < self.best - self.min_delta
+        )
         self.improved = not math.isnan(value) and better
         if self.improved:
             self.best, self.best_index, self.bad = value, self.count, 0
@@ -138,7 +162,9 @@ class Plateau:
         return self.bad >= self.patience
 
 
-def plateau_stop(values, patience: int, min_delta: float, greater_is_better: bool = False) -> int | None:
+def plateau_stop(
+    values, patience: int, min_delta: float, greater_is_better: bool = False
+) -> int | None:
     """The index of the evaluation after which :class:`Plateau` stops ``values``, or None when it
     never does (every value seen).
 
@@ -206,16 +232,22 @@ class PlateauStopping(TrainerCallback):
         if not self.training:
             return
         if not metrics or self.rule.metric not in metrics:
-            raise LmkdError(f"early stopping: the evaluation logged no {self.rule.metric} (it logged "
-                            f"{', '.join(sorted(metrics or {})) or 'nothing'}); does the validation data have labels?")
+            raise LmkdError(
+                f"early stopping: the evaluation logged no {self.rule.metric} (it logged "
+                f"{', '.join(sorted(metrics or {})) or 'nothing'}); does the validation data have labels?"
+            )
         value = float(metrics[self.rule.metric])
         point = {"step": int(state.global_step), "metric": value}
-        if self.rule.metric != STOP_METRIC and STOP_METRIC in metrics:  # the gold CE too, for the report's curves
+        if (
+            self.rule.metric != STOP_METRIC and STOP_METRIC in metrics
+        ):  # the gold CE too, for the report's curves
             point["loss_ce"] = float(metrics[STOP_METRIC])
         self.curve.append(point)
         stop = self.plateau.update(value)
         if self.plateau.improved and model is not None:
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+            }
             self.best_step = int(state.global_step)
         if stop and state.global_step < state.max_steps:
             control.should_training_stop = True
@@ -245,8 +277,17 @@ class PlateauStopping(TrainerCallback):
             The log.
         """
         best = self.plateau.best
-        return {"steps": self.steps, "stopped_early": self.stopped_early, "curve": self.curve,
-                "metric": self.rule.metric, "kept": "best", "best_step": self.best_step,
-                "best_metric": best, "max_steps": self.max_steps, "eval_every": self.rule.eval_every,
-                "patience": self.rule.patience, "min_delta": self.rule.min_delta,
-                "greater_is_better": self.rule.greater_is_better}
+        return {
+            "steps": self.steps,
+            "stopped_early": self.stopped_early,
+            "curve": self.curve,
+            "metric": self.rule.metric,
+            "kept": "best",
+            "best_step": self.best_step,
+            "best_metric": best,
+            "max_steps": self.max_steps,
+            "eval_every": self.rule.eval_every,
+            "patience": self.rule.patience,
+            "min_delta": self.rule.min_delta,
+            "greater_is_better": self.rule.greater_is_better,
+        }

@@ -41,7 +41,9 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
             _length_stage(st, opts, data, opts.teacher, "teacher")
             _check_stage(st, opts, data, opts.teacher, opts.task, ["teacher"])
             return {"teacher": opts.teacher}
-        st.run("teacher-mlm", given, [], lambda out: None, "using the given teacher as the MLM encoder")
+        st.run(
+            "teacher-mlm", given, [], lambda out: None, "using the given teacher as the MLM encoder"
+        )
         _length_stage(st, opts, data, opts.teacher, "teacher-mlm")
         mlm_dir = opts.teacher
     else:
@@ -49,19 +51,36 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
         def tokenizer_fn(out):
             rows = read_rows(data["train"])
-            texts = [r["text"] for r in rows] if cls else [r["source"] for r in rows] + [r["target"] for r in rows]
+            texts = (
+                [r["text"] for r in rows]
+                if cls
+                else [r["source"] for r in rows] + [r["target"] for r in rows]
+            )
             train_tokenizer(texts, vocab_size=plan.vocab_size).save_pretrained(out)
 
-        tok_dir = st.run("tokenizer", {"vocab_size": plan.vocab_size}, ["data-train"], tokenizer_fn,
-                         f"training a {plan.vocab_size}-token BPE tokenizer")
+        tok_dir = st.run(
+            "tokenizer",
+            {"vocab_size": plan.vocab_size},
+            ["data-train"],
+            tokenizer_fn,
+            f"training a {plan.vocab_size}-token BPE tokenizer",
+        )
         _length_stage(st, opts, data, tok_dir, "tokenizer")
         arch = "bert" if cls else SEQ2SEQ_TEACHER_ARCH
         shape = plan.teacher
         steps = plan.teacher_mlm_steps if cls else plan.teacher_steps
-        teacher_opts = {"arch": arch, "shape": shape, "steps": steps,
-                        "lr": plan.teacher_lr, "batch": plan.batch_size, "warmup": plan.warmup_steps,
-                        "max_length": plan.max_length, "positions": plan.positions, "seed": opts.seed,
-                        "dropout": plan.dropout}
+        teacher_opts = {
+            "arch": arch,
+            "shape": shape,
+            "steps": steps,
+            "lr": plan.teacher_lr,
+            "batch": plan.batch_size,
+            "warmup": plan.warmup_steps,
+            "max_length": plan.max_length,
+            "positions": plan.positions,
+            "seed": opts.seed,
+            "dropout": plan.dropout,
+        }
 
         def teacher_fn(out, kind=None):
             from lmkd.models.loading import load_tokenizer
@@ -69,24 +88,44 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
 
             tok = load_tokenizer(tok_dir)
             init = os.path.join(out, "init")
-            model = build_model(arch, len(tok), seed=opts.seed, max_positions=plan.positions,
-                                dropout=plan.dropout, **shape)
+            model = build_model(
+                arch,
+                len(tok),
+                seed=opts.seed,
+                max_positions=plan.positions,
+                dropout=plan.dropout,
+                **shape,
+            )
             save_model(model, tok, init)
             if cls:  # the masked LM is checked as the classifier it becomes (teacher_cls_fn)
-                train_student(out, init, "mlm", data["train"], data["validation"], plan, steps=teacher_opts["steps"],
-                              lr=plan.teacher_lr, seed=opts.seed)
+                train_student(
+                    out,
+                    init,
+                    "mlm",
+                    data["train"],
+                    data["validation"],
+                    plan,
+                    steps=teacher_opts["steps"],
+                    lr=plan.teacher_lr,
+                    seed=opts.seed,
+                )
             else:
                 train_checked(out, init, opts, data, teacher_opts["steps"], plan.teacher_lr)
             shutil.rmtree(init)
 
         name = "teacher-mlm" if cls else "teacher"
         deps = ["tokenizer", "data-train", "data-validation"]
-        if opts.teacher_split is not None:  # the teacher's rows only; the students learn from all of them
+        if (
+            opts.teacher_split is not None
+        ):  # the teacher's rows only; the students learn from all of them
             teacher_opts["split"] = opts.teacher_split
             deps.append(_teacher_rows_stage(st, opts, data))
         n = f"{shape['d_model']}-wide, {shape['layers']}{'' if cls else '+' + str(shape['layers'])} layers"
-        what = (f"pre-training a BERT-style masked-LM teacher ({n}) for {teacher_opts['steps']} steps" if cls else
-                f"training a pre-LN BART-style (mBART) teacher ({n}) for {teacher_opts['steps']} steps")
+        what = (
+            f"pre-training a BERT-style masked-LM teacher ({n}) for {teacher_opts['steps']} steps"
+            if cls
+            else f"training a pre-LN BART-style (mBART) teacher ({n}) for {teacher_opts['steps']} steps"
+        )
         if not cls:
             teacher_opts["check"] = _check_options(opts)
         if opts.teacher_split is not None:
@@ -101,11 +140,22 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         train_checked(out, init, opts, data, plan.teacher_steps, plan.finetune_lr)
         shutil.rmtree(init)
 
-    cls_opts = {"steps": plan.teacher_steps, "lr": plan.finetune_lr, "batch": plan.batch_size,
-                "warmup": plan.warmup_steps, "max_length": plan.max_length, "seed": opts.seed,
-                "check": _check_options(opts)}
-    teacher_dir = st.run("teacher", cls_opts, ["teacher-mlm", "data-train", "data-validation"], teacher_cls_fn,
-                         f"fine-tuning the teacher classifier for {plan.teacher_steps} steps")
+    cls_opts = {
+        "steps": plan.teacher_steps,
+        "lr": plan.finetune_lr,
+        "batch": plan.batch_size,
+        "warmup": plan.warmup_steps,
+        "max_length": plan.max_length,
+        "seed": opts.seed,
+        "check": _check_options(opts),
+    }
+    teacher_dir = st.run(
+        "teacher",
+        cls_opts,
+        ["teacher-mlm", "data-train", "data-validation"],
+        teacher_cls_fn,
+        f"fine-tuning the teacher classifier for {plan.teacher_steps} steps",
+    )
     return {"teacher": teacher_dir, "teacher-mlm": mlm_dir}
 
 
@@ -116,9 +166,13 @@ def _teacher_rows_stage(st: Stages, opts: StudyOptions, data: dict) -> str:
     the stage's name."""
     from lmkd.study.splits import TEACHER_ROWS, split_teacher_rows
 
-    d = st.run("teacher-rows", {"fraction": opts.teacher_split, "seed": opts.seed}, ["data-train"],
-               lambda out: split_teacher_rows(data["train"], opts.teacher_split, opts.seed, out),
-               f"choosing the teacher's {opts.teacher_split:g} of the training rows (--teacher-split)")
+    d = st.run(
+        "teacher-rows",
+        {"fraction": opts.teacher_split, "seed": opts.seed},
+        ["data-train"],
+        lambda out: split_teacher_rows(data["train"], opts.teacher_split, opts.seed, out),
+        f"choosing the teacher's {opts.teacher_split:g} of the training rows (--teacher-split)",
+    )
     data["teacher_train"], data["teacher_rows_dir"] = os.path.join(d, TEACHER_ROWS), d
     return "teacher-rows"
 
@@ -132,20 +186,35 @@ def _check_options(opts: StudyOptions) -> dict:
 
 def _run_check(opts: StudyOptions, data: dict, model_dir: str, task: str) -> dict:
     plan = opts.plan
-    return check_teacher(model_dir, task, read_rows(data["train"]), read_rows(data["validation"]),
-                         rows=plan.check_rows, max_new_tokens=plan.max_new_tokens,
-                         max_source_length=plan.max_length, max_target_length=plan.max_length, seed=opts.seed)
+    return check_teacher(
+        model_dir,
+        task,
+        read_rows(data["train"]),
+        read_rows(data["validation"]),
+        rows=plan.check_rows,
+        max_new_tokens=plan.max_new_tokens,
+        max_source_length=plan.max_length,
+        max_target_length=plan.max_length,
+        seed=opts.seed,
+    )
 
 
 def _refuse(check: dict, given: bool) -> None:
-    advice = ("give a teacher that has learned this task" if given else
-              "train it longer (--teacher-steps), on more rows, or give a trained --teacher")
-    raise TeacherDidNotLearn(f"the teacher did not learn: {'; '.join(check['reasons'])}; no student is compared "
-                             f"with it and no report is written -- {advice} (or pass --skip-teacher-check to "
-                             "study an unchecked teacher)")
+    advice = (
+        "give a teacher that has learned this task"
+        if given
+        else "train it longer (--teacher-steps), on more rows, or give a trained --teacher"
+    )
+    raise TeacherDidNotLearn(
+        f"the teacher did not learn: {'; '.join(check['reasons'])}; no student is compared "
+        f"with it and no report is written -- {advice} (or pass --skip-teacher-check to "
+        "study an unchecked teacher)"
+    )
 
 
-def train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: int, lr: float) -> None:
+def train_checked(
+    out: str, init: str, opts: StudyOptions, data: dict, steps: int, lr: float
+) -> None:
     """Train the from-scratch teacher ``init`` into ``out`` at ``lr`` and check it; when it fails, one more
     round of ``steps``, then check again: a teacher that learned something but too little continues
     from where it stopped at half the learning rate; one that collapsed (:func:`collapsed`: it ignores
@@ -167,13 +236,36 @@ def train_checked(out: str, init: str, opts: StudyOptions, data: dict, steps: in
     for r in (1, 2):
         dest = os.path.join(out, f"round-{r}")
         # (--teacher-split: the teacher's share of the training rows, teacher_rows_stage)
-        train_student(dest, start, task, data.get("teacher_train", data["train"]), data["validation"], plan,
-                      steps=steps, lr=lr, seed=opts.seed)
-        check = _run_check(opts, data, dest, task) if opts.teacher_check else {"passed": True, "skipped": True}
-        rounds.append({"round": r, "steps": steps, "lr": lr, "from": "init" if start == init else f"round {r - 1}",
-                       **check})
-        print(f"  teacher check, round {r}: " + ("skipped (--skip-teacher-check)" if check.get("skipped")
-                                                   else summary(check)), flush=True)
+        train_student(
+            dest,
+            start,
+            task,
+            data.get("teacher_train", data["train"]),
+            data["validation"],
+            plan,
+            steps=steps,
+            lr=lr,
+            seed=opts.seed,
+        )
+        check = (
+            _run_check(opts, data, dest, task)
+            if opts.teacher_check
+            else {"passed": True, "skipped": True}
+        )
+        rounds.append(
+            {
+                "round": r,
+                "steps": steps,
+                "lr": lr,
+                "from": "init" if start == init else f"round {r - 1}",
+                **check,
+            }
+        )
+        print(
+            f"  teacher check, round {r}: "
+            + ("skipped (--skip-teacher-check)" if check.get("skipped") else summary(check)),
+            flush=True,
+        )
         if check["passed"] or r == 2:
             break
         start, lr = (init, lr / 3) if collapsed(check) else (dest, lr / 2)
@@ -202,16 +294,28 @@ def collapsed(check: dict) -> bool:
     return ignores_source(check) or check["score"] <= check["floor"]
 
 
-def _check_stage(st: Stages, opts: StudyOptions, data: dict, model_dir: str, task: str, deps: list[str]) -> None:
+def _check_stage(
+    st: Stages, opts: StudyOptions, data: dict, model_dir: str, task: str, deps: list[str]
+) -> None:
     """The check of a given (not trained here) teacher as a stage of its own; raises when it fails."""
+
     def fn(out):
-        check = _run_check(opts, data, model_dir, task) if opts.teacher_check else {"passed": True, "skipped": True}
+        check = (
+            _run_check(opts, data, model_dir, task)
+            if opts.teacher_check
+            else {"passed": True, "skipped": True}
+        )
         if not check["passed"]:
             _refuse(check, given=True)
         atomic_write_json(os.path.join(out, "teacher_check.json"), {"rounds": [], **check})
 
-    st.run("teacher-check", _check_options(opts), deps + ["data-train", "data-validation"], fn,
-           "checking that the given teacher has learned the task")
+    st.run(
+        "teacher-check",
+        _check_options(opts),
+        deps + ["data-train", "data-validation"],
+        fn,
+        "checking that the given teacher has learned the task",
+    )
 
 
 def teacher_check_of(teacher_dir: str, stage_dir: str | None = None) -> dict | None:
@@ -249,14 +353,23 @@ def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str
 
         # a given teacher: what its position table takes is a hard limit (the one truncation rule)
         limit = input_limit(tokenizer_dir) if dep != "tokenizer" else None
-        sizing = size_lengths(load_tokenizer(tokenizer_dir), read_rows(data["train"]),
-                              ("text", None) if cls else ("source", "target"), cap, plan.max_new_tokens,
-                              limit)
+        sizing = size_lengths(
+            load_tokenizer(tokenizer_dir),
+            read_rows(data["train"]),
+            ("text", None) if cls else ("source", "target"),
+            cap,
+            plan.max_new_tokens,
+            limit,
+        )
         atomic_write_json(os.path.join(out, "lengths.json"), sizing)
 
-    d = st.run("lengths", {"cap": cap, "max_new_tokens": plan.max_new_tokens, "v": 1}, [dep, "data-train"],
-               fn,
-               "sizing the maximum length and position tables from the training data")
+    d = st.run(
+        "lengths",
+        {"cap": cap, "max_new_tokens": plan.max_new_tokens, "v": 1},
+        [dep, "data-train"],
+        fn,
+        "sizing the maximum length and position tables from the training data",
+    )
     with open(os.path.join(d, "lengths.json")) as f:
         sizing = json.load(f)
     print(f"  {describe(sizing)}", flush=True)
@@ -303,7 +416,11 @@ def scratch_teacher(opts) -> str:
     """
     shape = opts.plan.teacher
     if opts.task == "classification":
-        return (f"trained from scratch (BERT, {shape['d_model']}-wide, {shape['layers']} layers: masked-LM "
-                "pre-training, then fine-tuned on the labels)")
-    arch = {"mbart": "pre-LN BART (mBART-style)", "bart": "BART"}.get(SEQ2SEQ_TEACHER_ARCH, SEQ2SEQ_TEACHER_ARCH)
+        return (
+            f"trained from scratch (BERT, {shape['d_model']}-wide, {shape['layers']} layers: masked-LM "
+            "pre-training, then fine-tuned on the labels)"
+        )
+    arch = {"mbart": "pre-LN BART (mBART-style)", "bart": "BART"}.get(
+        SEQ2SEQ_TEACHER_ARCH, SEQ2SEQ_TEACHER_ARCH
+    )
     return f"trained from scratch ({arch}, {shape['d_model']}-wide, {shape['layers']}+{shape['layers']} layers)"

@@ -12,12 +12,23 @@ ALPHA = 0.05
 #: the variant the KD variants are compared with: trained on the same rows without a teacher
 BASELINE_VARIANTS = ("baseline", "no-kd")
 
-METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
-                 "accuracy": "accuracy", "macro_f1": "macro-F1"}
+METRIC_LABELS = {
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+}
 
 #: the metrics the paired bootstrap runs on, per task (the first is the headline's)
-SIGNIFICANCE_METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge2", "rouge1", "rougeL"),
-                        "classification": ("accuracy", "macro_f1")}
+SIGNIFICANCE_METRICS = {
+    "translation": ("bleu", "chrf"),
+    "summarization": ("rouge2", "rouge1", "rougeL"),
+    "classification": ("accuracy", "macro_f1"),
+}
+
 
 def seed_check(a: dict, b: dict) -> dict | None:
     """Whether the difference between two variants survives the randomness of training: with several
@@ -44,12 +55,18 @@ def seed_check(a: dict, b: dict) -> dict | None:
     spread = max(max(s) - min(s) for s in (sa, sb))
     mean = sum(diffs) / len(diffs)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return {"seeds": len(diffs), "differences": diffs, "mean": mean, "spread": spread,
-            "survives": same_sign and abs(mean) > spread}
+    return {
+        "seeds": len(diffs),
+        "differences": diffs,
+        "mean": mean,
+        "spread": spread,
+        "survives": same_sign and abs(mean) > spread,
+    }
 
 
-def compare(kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tuple[str, ...],
-             mode: str | None) -> dict:
+def compare(
+    kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tuple[str, ...], mode: str | None
+) -> dict:
     """Paired bootstrap of group ``a``'s first model against group ``b``'s on every metric; on the
     headline metric (the first), a difference the test rows call significant is still inconclusive
     when it does not survive the seeds (:func:`seed_check`).
@@ -72,16 +89,29 @@ def compare(kind: str, a: dict, b: dict, preds: dict, refs: list, metrics: tuple
         pa, pb = pa[mode], pb[mode]
     tests = {m: paired_bootstrap(m, pa, pb, refs).as_dict() for m in metrics}
     for t in tests.values():
-        t["verdict"] = ("inconclusive" if t["p_value"] >= ALPHA else "better" if t["difference"] > 0 else "worse")
+        t["verdict"] = (
+            "inconclusive"
+            if t["p_value"] >= ALPHA
+            else "better"
+            if t["difference"] > 0
+            else "worse"
+        )
     seeds = seed_check(a, b)
     head = tests[metrics[0]]
     if seeds is not None:
         head["seeds"] = seeds
         if head["verdict"] != "inconclusive" and not seeds["survives"]:
             head["verdict"], head["within_seed_spread"] = "inconclusive", True
-    return {"kind": kind, "a": a["first"], "b": b["first"], "a_label": a["label"], "b_label": b["label"],
-            "a_variant": a["variant"],
-            "tests": tests}
+    return {
+        "kind": kind,
+        "a": a["first"],
+        "b": b["first"],
+        "a_label": a["label"],
+        "b_label": b["label"],
+        "a_variant": a["variant"],
+        "tests": tests,
+    }
+
 
 def signed(x: float, spec: str = ".1f") -> str:
     """``x`` with its sign, a true minus sign when negative.
@@ -94,6 +124,7 @@ def signed(x: float, spec: str = ".1f") -> str:
         ``+1.2`` or ``−1.2``.
     """
     return ("+" if x >= 0 else "−") + format(abs(x), spec)
+
 
 def verdict_line(c: dict, metric: str) -> str:
     """One comparison in words, e.g. ``Word-KD beats the baseline by +3.1 BLEU (95% CI +2.2…+4.0, p = 0.001).``
@@ -111,19 +142,27 @@ def verdict_line(c: dict, metric: str) -> str:
     a = a[0].upper() + a[1:]
     ci = f"95% CI {signed(t['ci_low'])}…{signed(t['ci_high'])}, p = {t['p_value']:.3f}"
     seeds = t.get("seeds")
-    over = (f"; over {seeds['seeds']} seeds {signed(seeds['mean'])}, seeds' spread {seeds['spread']:.1f}"
-            if seeds else "")
+    over = (
+        f"; over {seeds['seeds']} seeds {signed(seeds['mean'])}, seeds' spread {seeds['spread']:.1f}"
+        if seeds
+        else ""
+    )
     if t["verdict"] == "better":
         return f"{a} beats {b} by {signed(t['difference'])} {label} ({ci}{over})."
     if t["verdict"] == "worse":
         return f"{a} is behind {b} by {abs(t['difference']):.1f} {label} ({ci}{over})."
     if t.get("within_seed_spread"):
-        return (f"{a} does not differ from {b} beyond the randomness of training: {signed(t['difference'])} "
-                f"{label} on the test rows ({ci}), but over {seeds['seeds']} seeds the differences "
-                f"({', '.join(signed(d) for d in seeds['differences'])}) stay within the seeds' spread "
-                f"({seeds['spread']:.1f}) -- inconclusive.")
-    return (f"{a} does not differ significantly from {b}: {signed(t['difference'])} {label} ({ci}{over}) -- "
-            "inconclusive on this test set.")
+        return (
+            f"{a} does not differ from {b} beyond the randomness of training: {signed(t['difference'])} "
+            f"{label} on the test rows ({ci}), but over {seeds['seeds']} seeds the differences "
+            f"({', '.join(signed(d) for d in seeds['differences'])}) stay within the seeds' spread "
+            f"({seeds['spread']:.1f}) -- inconclusive."
+        )
+    return (
+        f"{a} does not differ significantly from {b}: {signed(t['difference'])} {label} ({ci}{over}) -- "
+        "inconclusive on this test set."
+    )
+
 
 def served_sources(rows: list[dict]) -> dict[str, dict]:
     """``{served model: the student it was exported from}`` as one-model groups for :func:`compare`.
@@ -135,11 +174,26 @@ def served_sources(rows: list[dict]) -> dict[str, dict]:
         ``{served model: group-like dict of its source}``.
     """
     by_name = {r["model"]: r for r in rows}
-    return {r["model"]: {"first": r["source"], "label": by_name[r["source"]]["label"],
-                         "variant": by_name[r["source"]]["variant"]} for r in rows if r.get("source")}
+    return {
+        r["model"]: {
+            "first": r["source"],
+            "label": by_name[r["source"]]["label"],
+            "variant": by_name[r["source"]]["variant"],
+        }
+        for r in rows
+        if r.get("source")
+    }
 
-def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs: list, mode: str | None,
-                 served: dict[str, dict] | None = None) -> dict:
+
+def significance(
+    task: str,
+    groups: list[dict],
+    teacher: dict,
+    preds: dict,
+    refs: list,
+    mode: str | None,
+    served: dict[str, dict] | None = None,
+) -> dict:
     """Every student variant against the baseline of its size and against the teacher, and the best
     student variant of each size against the others of that size; a served model (``served``: its
     source student, :func:`served_sources`) against that student and the teacher; verdict lines on
@@ -166,23 +220,38 @@ def significance(task: str, groups: list[dict], teacher: dict, preds: dict, refs
         base = next((g for v in BASELINE_VARIANTS for g in same if g["variant"] == v), None)
         others = [g for g in same if g is not base]
         if base is not None:
-            comparisons += [compare("vs-baseline", g, base, preds, refs, metrics, mode) for g in others]
+            comparisons += [
+                compare("vs-baseline", g, base, preds, refs, metrics, mode) for g in others
+            ]
         ranked = sorted(others, key=lambda g: -g["score_mean"])
         if len(ranked) > 1:
-            comparisons += [compare("best-vs-other", ranked[0], g, preds, refs, metrics, mode) for g in ranked[1:]]
+            comparisons += [
+                compare("best-vs-other", ranked[0], g, preds, refs, metrics, mode)
+                for g in ranked[1:]
+            ]
         comparisons += [compare("vs-teacher", g, teacher, preds, refs, metrics, mode) for g in same]
     for g in exports:
-        comparisons += [compare("served-vs-student", g, (served or {})[g["first"]], preds, refs, metrics, mode),
-                        compare("vs-teacher", g, teacher, preds, refs, metrics, mode)]
+        comparisons += [
+            compare("served-vs-student", g, (served or {})[g["first"]], preds, refs, metrics, mode),
+            compare("vs-teacher", g, teacher, preds, refs, metrics, mode),
+        ]
     order = {"vs-baseline": 0, "best-vs-other": 1, "served-vs-student": 2, "vs-teacher": 3}
     comparisons.sort(key=lambda c: order[c["kind"]])
     weak = weak_teacher(comparisons, metrics[0])
-    return {"metrics": list(metrics), "mode": mode, "alpha": ALPHA, "n_samples": DEFAULT_SAMPLES, "seed": DEFAULT_SEED,
-            "first_seed_only": any(len(g["models"]) > 1 for g in groups), "comparisons": comparisons,
-            # training variance: measured (seeds > 1, verdicts must survive it) or not (one seed)
-            "seeds": max((len(g["models"]) for g in groups), default=1),
-            "weak_teacher": weak,
-            "verdicts": ([weak] if weak else []) + [verdict_line(c, metrics[0]) for c in comparisons]}
+    return {
+        "metrics": list(metrics),
+        "mode": mode,
+        "alpha": ALPHA,
+        "n_samples": DEFAULT_SAMPLES,
+        "seed": DEFAULT_SEED,
+        "first_seed_only": any(len(g["models"]) > 1 for g in groups),
+        "comparisons": comparisons,
+        # training variance: measured (seeds > 1, verdicts must survive it) or not (one seed)
+        "seeds": max((len(g["models"]) for g in groups), default=1),
+        "weak_teacher": weak,
+        "verdicts": ([weak] if weak else []) + [verdict_line(c, metrics[0]) for c in comparisons],
+    }
+
 
 def weak_teacher(comparisons: list[dict], metric: str) -> str | None:
     """The warning that opens the verdicts when a baseline student -- trained on the gold targets with
@@ -199,14 +268,21 @@ def weak_teacher(comparisons: list[dict], metric: str) -> str | None:
     """
     for c in comparisons:
         t = c["tests"][metric]
-        if c["kind"] == "vs-teacher" and c["a_variant"] in BASELINE_VARIANTS and t["verdict"] == "better":
+        if (
+            c["kind"] == "vs-teacher"
+            and c["a_variant"] in BASELINE_VARIANTS
+            and t["verdict"] == "better"
+        ):
             label = METRIC_LABELS.get(metric, metric)
-            return (f"**Weak teacher**: {c['a_label']}, trained on the gold data without any teacher, beats "
-                    f"the teacher by {signed(t['difference'])} {label} (95% CI {signed(t['ci_low'])}…"
-                    f"{signed(t['ci_high'])}, p = {t['p_value']:.3f}). The teacher passed its check but learned "
-                    "less than a student a fraction of its size: the \"vs teacher\" figures and the KD variants' "
-                    "gains below are distillation from a weak teacher, not evidence about a good one.")
+            return (
+                f"**Weak teacher**: {c['a_label']}, trained on the gold data without any teacher, beats "
+                f"the teacher by {signed(t['difference'])} {label} (95% CI {signed(t['ci_low'])}…"
+                f"{signed(t['ci_high'])}, p = {t['p_value']:.3f}). The teacher passed its check but learned "
+                'less than a student a fraction of its size: the "vs teacher" figures and the KD variants\' '
+                "gains below are distillation from a weak teacher, not evidence about a good one."
+            )
     return None
+
 
 def below_floor(groups: list[dict], floors: dict[str, float], metric: str) -> str | None:
     """The warning that opens the verdicts when a student variant scores below the best trivial answer
@@ -228,10 +304,13 @@ def below_floor(groups: list[dict], floors: dict[str, float], metric: str) -> st
         return None
     label = METRIC_LABELS.get(metric, metric)
     who = ", ".join(f"{g['label']} ({g['score_mean']:.1f})" for g in low)
-    return (f"**Below the trivial floor**: {who} score{'s' if len(low) == 1 else ''} below {floor:.1f} {label}, "
-            f"what {name} scores on the test rows -- {'it' if len(low) == 1 else 'they'} did not learn to use the "
-            "inputs under this budget. Comparisons with a student below the floor measure whether its training "
-            "held together, not what distillation adds to a student that learned.")
+    return (
+        f"**Below the trivial floor**: {who} score{'s' if len(low) == 1 else ''} below {floor:.1f} {label}, "
+        f"what {name} scores on the test rows -- {'it' if len(low) == 1 else 'they'} did not learn to use the "
+        "inputs under this budget. Comparisons with a student below the floor measure whether its training "
+        "held together, not what distillation adds to a student that learned."
+    )
+
 
 def timing_noise(rows: list[dict], key: str) -> str | None:
     """The note on how far apart the speed of one architecture lands in this run: the PyTorch students
@@ -257,7 +336,9 @@ def timing_noise(rows: list[dict], key: str) -> str | None:
     values = [r[key] for r in same]
     lo, hi, mean = min(values), max(values), sum(values) / len(values)
     what = "ms/token" if key == "ms_per_token" else "latency (ms/example)"
-    return (f"Timing noise: the {len(same)} students of {same[0]['parameters'] / 1e6:.2f}M parameters are one "
-            f"architecture, and their {what} spread {lo:.2f}-{hi:.2f} in this run (±{(hi - lo) / 2 / mean:.0%} "
-            "around their mean): speed differences of that size between them are timing noise, not differences "
-            "between the models.")
+    return (
+        f"Timing noise: the {len(same)} students of {same[0]['parameters'] / 1e6:.2f}M parameters are one "
+        f"architecture, and their {what} spread {lo:.2f}-{hi:.2f} in this run (±{(hi - lo) / 2 / mean:.0%} "
+        "around their mean): speed differences of that size between them are timing noise, not differences "
+        "between the models."
+    )

@@ -1,1 +1,2 @@
-"""lmkd.teacher: the teacher signal: frozen/ensemble teachers, logit cache, pseudo-targets, cross-tokenizer alignment."""
+"""lmkd.teacher: the teacher signal: frozen/ensemble teachers, logit cache, pseudo-targets,
+cross-tokenizer alignment."""

@@ -45,7 +45,11 @@ logger = logging.getLogger(__name__)
 #: batch keys the collator adds: the teacher's tokens, their mask and, per student token (a seq2seq
 #: model's: per decoder position), its teacher position; a seq2seq teacher's labels (-100 padded)
 TEACHER_INPUT_IDS, TEACHER_ATTENTION_MASK, TEACHER_POSITION, TEACHER_LABELS = (
-    "teacher_input_ids", "teacher_attention_mask", "teacher_position", "teacher_labels")
+    "teacher_input_ids",
+    "teacher_attention_mask",
+    "teacher_position",
+    "teacher_labels",
+)
 BATCH_KEYS = (TEACHER_INPUT_IDS, TEACHER_ATTENTION_MASK, TEACHER_POSITION, TEACHER_LABELS)
 
 
@@ -72,7 +76,10 @@ def decoder_positions(align: list[int], student_offsets, teacher_offsets) -> lis
     """Per student decoder position, its teacher decoder position, or -1 (the seq2seq rule of this
     module).  Position ``i`` predicts label ``i`` having read labels ``< i``; ``align`` is
     :func:`align_offsets` of the two label sequences' ``*_offsets``."""
-    def leading(offsets):  # labels before the first real (non-empty) span: special tokens such as <s>
+
+    def leading(
+        offsets,
+    ):  # labels before the first real (non-empty) span: special tokens such as <s>
         return next((k for k, (s, e) in enumerate(offsets) if int(e) > int(s)), len(offsets))
 
     k_s, k_t, n_t = leading(student_offsets), leading(teacher_offsets), len(teacher_offsets)
@@ -85,16 +92,22 @@ def decoder_positions(align: list[int], student_offsets, teacher_offsets) -> lis
     return out
 
 
-def encode_with_offsets(tokenizer, text: str, max_length: int | None = None, add_special_tokens: bool = True):
+def encode_with_offsets(
+    tokenizer, text: str, max_length: int | None = None, add_special_tokens: bool = True
+):
     """(ids, offsets, truncated) of ``text`` with a fast tokenizer."""
     kw = dict(max_length=max_length, truncation=True) if max_length else {}
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens, **kw)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    truncated = bool(max_length) and len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]) > len(ids)
+    truncated = bool(max_length) and len(
+        tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    ) > len(ids)
     return ids, offsets, truncated
 
 
-def align_texts(student_tokenizer, teacher_tokenizer, text: str, teacher_max_length: int | None = None):
+def align_texts(
+    student_tokenizer, teacher_tokenizer, text: str, teacher_max_length: int | None = None
+):
     """(student ids, teacher ids, alignment) of one text: both encodings and :func:`align_offsets`."""
     s_ids, s_off, _ = encode_with_offsets(student_tokenizer, text)
     t_ids, t_off, cut = encode_with_offsets(teacher_tokenizer, text, teacher_max_length)
@@ -119,7 +132,9 @@ class CrossTokenizerCollator:
     none (padding included).  A row whose decoded text does not re-encode to the student's own ids
     (a lossy tokenizer) keeps no aligned position; the first such row is logged."""
 
-    def __init__(self, collator, student_tokenizer, teacher_tokenizer, teacher_max_length: int | None = None):
+    def __init__(
+        self, collator, student_tokenizer, teacher_tokenizer, teacher_max_length: int | None = None
+    ):
         self.collator = collator
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
@@ -134,14 +149,19 @@ class CrossTokenizerCollator:
         ``offsets``, also both encodings' offsets (None where the text does not re-encode)."""
         text = self.student_tokenizer.decode(ids, skip_special_tokens=True)
         for specials in (True, False):
-            s_ids, s_off, _ = encode_with_offsets(self.student_tokenizer, text, add_special_tokens=specials)
+            s_ids, s_off, _ = encode_with_offsets(
+                self.student_tokenizer, text, add_special_tokens=specials
+            )
             if s_ids == ids:
                 break
         t_ids, t_off, cut = encode_with_offsets(self.teacher_tokenizer, text, max_length)
         if s_ids != ids:
             if not self.warned:
-                logger.warning("cross-tokenizer KD: a row's text does not re-encode to the student's ids (%r...); "
-                               "its positions get no KD term", text[:40])
+                logger.warning(
+                    "cross-tokenizer KD: a row's text does not re-encode to the student's ids (%r...); "
+                    "its positions get no KD term",
+                    text[:40],
+                )
                 self.warned = True
             return (t_ids, [-1] * len(ids)) + ((None, None) if offsets else ())
         covers = max((int(e) for s, e in t_off if e > s), default=0) if cut else None
@@ -153,8 +173,8 @@ class CrossTokenizerCollator:
         ids = torch.full((len(rows), width), value, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, :len(r)] = 1
+            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, : len(r)] = 1
         return ids, mask
 
     def __call__(self, features):
@@ -170,7 +190,11 @@ class CrossTokenizerCollator:
             position[b, where] = torch.tensor(align, dtype=torch.long)
             t_rows.append(t_ids)
         t_ids, t_att = self.padded(t_rows, self.teacher_pad)
-        batch[TEACHER_INPUT_IDS], batch[TEACHER_ATTENTION_MASK], batch[TEACHER_POSITION] = t_ids, t_att, position
+        batch[TEACHER_INPUT_IDS], batch[TEACHER_ATTENTION_MASK], batch[TEACHER_POSITION] = (
+            t_ids,
+            t_att,
+            position,
+        )
         return batch
 
 
@@ -182,8 +206,14 @@ class Seq2SeqCrossTokenizerCollator(CrossTokenizerCollator):
     position (:func:`decoder_positions`), -1 where none.  ``teacher_target_length``: the most target
     tokens the teacher's decoder takes."""
 
-    def __init__(self, collator, student_tokenizer, teacher_tokenizer, teacher_max_length: int | None = None,
-                 teacher_target_length: int | None = None):
+    def __init__(
+        self,
+        collator,
+        student_tokenizer,
+        teacher_tokenizer,
+        teacher_max_length: int | None = None,
+        teacher_target_length: int | None = None,
+    ):
         super().__init__(collator, student_tokenizer, teacher_tokenizer, teacher_max_length)
         self.teacher_target_length = teacher_target_length
 
@@ -196,13 +226,21 @@ class Seq2SeqCrossTokenizerCollator(CrossTokenizerCollator):
         sources, targets = [], []
         for b in range(ids.shape[0]):
             text = self.student_tokenizer.decode(ids[b, att[b]].tolist(), skip_special_tokens=True)
-            sources.append(encode_with_offsets(self.teacher_tokenizer, text, self.teacher_max_length)[0])
+            sources.append(
+                encode_with_offsets(self.teacher_tokenizer, text, self.teacher_max_length)[0]
+            )
             where = labels[b].ne(IGNORE_INDEX).nonzero().flatten()
-            t_ids, align, s_off, t_off = self.row(labels[b, where].tolist(), self.teacher_target_length, offsets=True)
+            t_ids, align, s_off, t_off = self.row(
+                labels[b, where].tolist(), self.teacher_target_length, offsets=True
+            )
             if s_off is not None:
-                position[b, where] = torch.tensor(decoder_positions(align, s_off, t_off), dtype=torch.long)
+                position[b, where] = torch.tensor(
+                    decoder_positions(align, s_off, t_off), dtype=torch.long
+                )
             targets.append(t_ids)
-        batch[TEACHER_INPUT_IDS], batch[TEACHER_ATTENTION_MASK] = self.padded(sources, self.teacher_pad)
+        batch[TEACHER_INPUT_IDS], batch[TEACHER_ATTENTION_MASK] = self.padded(
+            sources, self.teacher_pad
+        )
         t_labels, _ = self.padded(targets, IGNORE_INDEX)
         batch[TEACHER_LABELS], batch[TEACHER_POSITION] = t_labels, position
         return batch

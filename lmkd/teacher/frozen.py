@@ -26,22 +26,32 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from lmkd.teacher import cross_tokenizer, logit_cache
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.losses import at_least_float32
-from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, shared_vocab_size, unwrap, vocab_size_of
+from lmkd.models.loading import (
+    load_model,
+    load_tokenizer,
+    model_kind,
+    saved_kind,
+    shared_vocab_size,
+    unwrap,
+    vocab_size_of,
+)
 from lmkd.models.truncation import input_limit, target_limit
+from lmkd.teacher import cross_tokenizer, logit_cache
 
 logger = logging.getLogger(__name__)
 
 #: config flags that make a forward return more than the logits; a teacher runs with them off
 _EXTRA_OUTPUT_FLAGS = ("use_cache", "output_hidden_states", "output_attentions")
 #: why a run trained from a logit cache with validation data needs a cache of those too
-EVAL_CACHE_NEEDED = ("eval_loss is the same CE+KD mix with a logit cache as with an online teacher, so the "
-                     "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
-                     "VALIDATION_FILE --output DIR, same settings) and set eval_logit_cache DIR, or drop the "
-                     "validation data")
+EVAL_CACHE_NEEDED = (
+    "eval_loss is the same CE+KD mix with a logit cache as with an online teacher, so the "
+    "validation data need the teacher's logits too: cache them (lmkd cache-logits --data "
+    "VALIDATION_FILE --output DIR, same settings) and set eval_logit_cache DIR, or drop the "
+    "validation data"
+)
 
 
 def forward_at_floor(model) -> None:
@@ -59,8 +69,10 @@ def check_teacher_kind(teacher, kind: str, path: str) -> None:
     saved = saved_kind(teacher)
     if saved is not None and saved != kind:
         arch = getattr(teacher, "config", teacher).architectures[0]
-        raise LmkdError(f"teacher {path} is a {saved} model ({arch}) but the student a {kind} model; distil "
-                        "between models of the same kind")
+        raise LmkdError(
+            f"teacher {path} is a {saved} model ({arch}) but the student a {kind} model; distil "
+            "between models of the same kind"
+        )
 
 
 def shares_decoder_inputs(teacher, student) -> bool:
@@ -72,7 +84,8 @@ def shares_decoder_inputs(teacher, student) -> bool:
     if hasattr(t, "teachers"):  # an ensemble: every member must
         return all(shares_decoder_inputs(m, student) for m in t.teachers)
     return type(t) is type(s) and getattr(t.config, "decoder_start_token_id", None) == getattr(
-        s.config, "decoder_start_token_id", None)
+        s.config, "decoder_start_token_id", None
+    )
 
 
 def teacher_paths(args) -> list[str]:
@@ -83,18 +96,29 @@ def teacher_paths(args) -> list[str]:
 # ---- one teacher ---------------------------------------------------------------------------------
 
 
-def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teacher_tokenizer=None, device=None,
-                        dtype: str = "auto", deepspeed_config: dict | None = None,
-                        cross_tokenizer: bool = False):
+def load_frozen_teacher(
+    source,
+    *,
+    kind: str,
+    student,
+    student_tokenizer,
+    teacher_tokenizer=None,
+    device=None,
+    dtype: str = "auto",
+    deepspeed_config: dict | None = None,
+    cross_tokenizer: bool = False,
+):
     """(teacher, shared vocabulary size or None) for ``source`` (a model, or a path to load as a
     ``kind`` model): in ``eval()`` with gradients off and its extra outputs off, on ``device`` in
     ``dtype`` (``auto``: the student's), or -- with a ZeRO-3 ``deepspeed_config`` -- in a DeepSpeed
     engine of its own.  The vocabulary size is what both logits are sliced to when the two output
     layers differ only by padding rows (see :func:`lmkd.models.loading.shared_vocab_size`)."""
     if source is None:
-        raise LmkdError("kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "
-                        "teacher_model_name_or_path (or pass teacher_model=...), or set kd_alpha 0 for "
-                        "plain fine-tuning")
+        raise LmkdError(
+            "kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "
+            "teacher_model_name_or_path (or pass teacher_model=...), or set kd_alpha 0 for "
+            "plain fine-tuning"
+        )
     teacher = source
     if isinstance(source, str):
         if teacher_tokenizer is None:
@@ -102,20 +126,30 @@ def load_frozen_teacher(source, *, kind: str, student, student_tokenizer, teache
         teacher = load_model(source, kind=kind)
         check_teacher_kind(teacher, kind, source)
     if model_kind(teacher) != kind:
-        raise LmkdError(f"teacher is a {model_kind(teacher)} model but the student a {kind} model; "
-                        "distil between models of the same kind")
+        raise LmkdError(
+            f"teacher is a {model_kind(teacher)} model but the student a {kind} model; "
+            "distil between models of the same kind"
+        )
     zero3 = zero3_enabled(deepspeed_config)
     if not zero3:
-        torch_dtype = next(unwrap(student).parameters()).dtype if dtype == "auto" else getattr(torch, dtype)
+        torch_dtype = (
+            next(unwrap(student).parameters()).dtype if dtype == "auto" else getattr(torch, dtype)
+        )
         teacher = teacher.to(device=device, dtype=torch_dtype)
     elif dtype != "auto":
-        raise LmkdError(f"teacher_dtype {dtype} is not supported under DeepSpeed ZeRO-3: the teacher takes the "
-                        "precision of the DeepSpeed config (bf16/fp16); set teacher_dtype auto")
+        raise LmkdError(
+            f"teacher_dtype {dtype} is not supported under DeepSpeed ZeRO-3: the teacher takes the "
+            "precision of the DeepSpeed config (bf16/fp16); set teacher_dtype auto"
+        )
     teacher.eval()
     teacher.requires_grad_(False)
     forward_at_floor(teacher)
     # (logs what it decided from); a cross-tokenizer teacher (teacher_tokenizer) has its own vocabulary
-    vocab = None if cross_tokenizer else shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
+    vocab = (
+        None
+        if cross_tokenizer
+        else shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
+    )
     return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
 
 
@@ -136,18 +170,30 @@ def deepspeed_teacher(teacher, deepspeed_config: dict):
     import deepspeed
 
     config = copy.deepcopy(deepspeed_config)
-    for key in ("optimizer", "scheduler"):  # training-only; an engine without them optimises nothing
+    for key in (
+        "optimizer",
+        "scheduler",
+    ):  # training-only; an engine without them optimises nothing
         config.pop(key, None)
     zero = config.setdefault("zero_optimization", {})
     for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
         zero.pop(key, None)
     cfg = unwrap(teacher).config
-    hidden = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "hidden_size", None)
-    if isinstance(hidden, int):  # the values the Trainer derives for the student, from the teacher's width
-        zero.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-                    stage3_param_persistence_threshold=10 * hidden)
+    hidden = getattr(
+        cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "hidden_size", None
+    )
+    if isinstance(
+        hidden, int
+    ):  # the values the Trainer derives for the student, from the teacher's width
+        zero.update(
+            reduce_bucket_size=hidden * hidden,
+            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+            stage3_param_persistence_threshold=10 * hidden,
+        )
 
-    def settle(node):  # "auto" values left are the Trainer's to fill for the student: DeepSpeed defaults here
+    def settle(
+        node,
+    ):  # "auto" values left are the Trainer's to fill for the student: DeepSpeed defaults here
         for k in [k for k, v in node.items() if v == "auto"]:
             del node[k]
         for v in node.values():
@@ -158,8 +204,10 @@ def deepspeed_teacher(teacher, deepspeed_config: dict):
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     engine.requires_grad_(False)
-    logger.info("DeepSpeed ZeRO-3: the teacher runs in its own inference engine (parameters partitioned, "
-                "gathered layer by layer for its forward)")
+    logger.info(
+        "DeepSpeed ZeRO-3: the teacher runs in its own inference engine (parameters partitioned, "
+        "gathered layer by layer for its forward)"
+    )
     return engine
 
 
@@ -192,16 +240,22 @@ class EnsembleTeacher(nn.Module):
             raise LmkdError("a teacher ensemble needs at least two teachers")
         weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
         if len(weights) != len(teachers) or any(not w > 0 for w in weights):
-            raise LmkdError(f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})")
+            raise LmkdError(
+                f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})"
+            )
         if not temperature > 0:
             raise LmkdError(f"temperature must be > 0, got {temperature}")
         kinds = {model_kind(t) for t in teachers}
         if len(kinds) > 1:
-            raise LmkdError(f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind")
+            raise LmkdError(
+                f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind"
+            )
         sizes = [vocab_size_of(t) for t in teachers]
         if len(set(sizes)) > 1:
-            raise LmkdError(f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
-                            "vocabulary (or label set) of one size")
+            raise LmkdError(
+                f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
+                "vocabulary (or label set) of one size"
+            )
         self.teachers = nn.ModuleList(teachers)
         total = sum(weights)
         self.weights = [w / total for w in weights]
@@ -244,53 +298,85 @@ def load_teacher(args, student, tokenizer):
         teacher = load_model(path, kind=kind)
         check_teacher_kind(teacher, kind, path)
         if model_kind(teacher) != kind:
-            raise LmkdError(f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model")
-        shared_vocab_size(student, teacher, tokenizer, load_tokenizer(path, required=False))  # raises on a mismatch
+            raise LmkdError(
+                f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model"
+            )
+        shared_vocab_size(
+            student, teacher, tokenizer, load_tokenizer(path, required=False)
+        )  # raises on a mismatch
         teachers.append(teacher)
     weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
-    logger.info("teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal")
+    logger.info(
+        "teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal"
+    )
     return EnsembleTeacher(teachers, weights, temperature=args.kd_temperature)
 
 
 # ---- the cached teacher (lmkd.teacher.logit_cache) -------------------------------------------------------
 
 
-def attach_logit_cache(path: str, *, kind: str, student, train_dataset, collator, padding_side: str = "right",
-                         what: str = "training"):
+def attach_logit_cache(
+    path: str,
+    *,
+    kind: str,
+    student,
+    train_dataset,
+    collator,
+    padding_side: str = "right",
+    what: str = "training",
+):
     """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
     training row tagged with its cache row, the cached top-K collated with each batch.  Checks
     that the cache's token ids fit the student's outputs."""
     cache = logit_cache.LogitCache(path)
     if train_dataset is not None:
         if not hasattr(train_dataset, "column_names"):
-            raise LmkdError(f"a logit cache needs the {what} data as a datasets.Dataset (tokenised, with "
-                            "the rows the cache was made from)")
+            raise LmkdError(
+                f"a logit cache needs the {what} data as a datasets.Dataset (tokenised, with "
+                "the rows the cache was made from)"
+            )
         train_dataset = logit_cache.attach_cache(train_dataset, cache, kind, what)
     top = max((int(s["ids"].max()) for s in cache.shards if len(s["ids"])), default=0)
     if top >= vocab_size_of(student):
-        raise LmkdError(f"the logit cache {cache.path} holds token id {top} but the student has only "
-                        f"{vocab_size_of(student)} outputs; cache with the student's teacher and tokenizer")
+        raise LmkdError(
+            f"the logit cache {cache.path} holds token id {top} but the student has only "
+            f"{vocab_size_of(student)} outputs; cache with the student's teacher and tokenizer"
+        )
     return cache, train_dataset, logit_cache.CachedLogitsCollator(collator, cache, padding_side)
 
 
-def attach_logit_caches(args, *, kind: str, student, train_dataset, eval_dataset, collator,
-                          padding_side: str = "right"):
+def attach_logit_caches(
+    args, *, kind: str, student, train_dataset, eval_dataset, collator, padding_side: str = "right"
+):
     """(training data, collator, validation data, validation collator or None) of a run trained from
     ``args.logit_cache`` (:func:`attach_logit_cache`).  With a KD term, validation data need
     ``args.eval_logit_cache`` too: eval_loss is the training loss's CE + KD mix with an online
     teacher, and without the teacher's logits on the validation data it would silently be CE alone."""
     _, train_dataset, train_collator = attach_logit_cache(
-        args.logit_cache, kind=kind, student=student, train_dataset=train_dataset, collator=collator,
-        padding_side=padding_side)
+        args.logit_cache,
+        kind=kind,
+        student=student,
+        train_dataset=train_dataset,
+        collator=collator,
+        padding_side=padding_side,
+    )
     eval_collator = None
     if args.kd_alpha > 0 and eval_dataset is not None:
         if not args.eval_logit_cache:
             raise LmkdError(EVAL_CACHE_NEEDED)
         if isinstance(eval_dataset, dict):
-            raise LmkdError("eval_logit_cache covers one validation set; pass one eval_dataset, not a dict")
+            raise LmkdError(
+                "eval_logit_cache covers one validation set; pass one eval_dataset, not a dict"
+            )
         _, eval_dataset, eval_collator = attach_logit_cache(
-            args.eval_logit_cache, kind=kind, student=student, train_dataset=eval_dataset, collator=collator,
-            padding_side=padding_side, what="validation")
+            args.eval_logit_cache,
+            kind=kind,
+            student=student,
+            train_dataset=eval_dataset,
+            collator=collator,
+            padding_side=padding_side,
+            what="validation",
+        )
     return train_dataset, train_collator, eval_dataset, eval_collator
 
 
@@ -301,29 +387,46 @@ def check_cross_tokenizer_kind(kind: str) -> None:
     """Cross-tokenizer KD (``teacher_tokenizer``) aligns the positions of generated text (a causal LM's
     tokens, a seq2seq decoder's targets); refuse the kinds that generate none."""
     if kind not in (CAUSAL, SEQ2SEQ):
-        raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs and seq2seq models, not "
-                        f"{kind} models: their outputs are per input token or per example, which another "
-                        "tokenizer does not share; distil from a teacher with the student's tokenizer")
+        raise LmkdError(
+            f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs and seq2seq models, not "
+            f"{kind} models: their outputs are per input token or per example, which another "
+            "tokenizer does not share; distil from a teacher with the student's tokenizer"
+        )
 
 
-def attach_teacher_tokenizer(collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer,
-                             kd_loss: str):
+def attach_teacher_tokenizer(
+    collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer, kd_loss: str
+):
     """(collator, shared token ids or None) of cross-tokenizer KD with ``teacher_tokenizer`` (a
     tokenizer, or the path to load it from): the collator re-tokenises each batch for the teacher and
     aligns the positions (:class:`lmkd.teacher.cross_tokenizer.CrossTokenizerCollator`); ``kd_loss`` uld_hybrid
     also gets the (student ids, teacher ids) of the token strings both vocabularies hold."""
     check_cross_tokenizer_kind(kind)
-    t_tok = load_tokenizer(teacher_tokenizer) if isinstance(teacher_tokenizer, str) else teacher_tokenizer
+    t_tok = (
+        load_tokenizer(teacher_tokenizer)
+        if isinstance(teacher_tokenizer, str)
+        else teacher_tokenizer
+    )
     if not getattr(t_tok, "is_fast", False) or not getattr(student_tokenizer, "is_fast", False):
-        raise LmkdError("cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
-                        "give: use the tokenizer.json (fast) versions of both tokenizers")
+        raise LmkdError(
+            "cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
+            "give: use the tokenizer.json (fast) versions of both tokenizers"
+        )
     if kind == SEQ2SEQ:  # the source for the teacher's encoder, the target for its decoder
         collator = cross_tokenizer.Seq2SeqCrossTokenizerCollator(
-            collator, student_tokenizer, t_tok, teacher_max_length=input_limit(unwrap(teacher), t_tok),
-            teacher_target_length=target_limit(unwrap(teacher)))
+            collator,
+            student_tokenizer,
+            t_tok,
+            teacher_max_length=input_limit(unwrap(teacher), t_tok),
+            teacher_target_length=target_limit(unwrap(teacher)),
+        )
     else:
-        collator = cross_tokenizer.CrossTokenizerCollator(collator, student_tokenizer, t_tok,
-                                                    teacher_max_length=input_limit(unwrap(teacher), t_tok))
+        collator = cross_tokenizer.CrossTokenizerCollator(
+            collator,
+            student_tokenizer,
+            t_tok,
+            teacher_max_length=input_limit(unwrap(teacher), t_tok),
+        )
     shared = None
     if kd_loss == "uld_hybrid":
         shared = cross_tokenizer.shared_vocabulary(student_tokenizer, t_tok)

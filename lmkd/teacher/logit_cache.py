@@ -65,9 +65,9 @@ import torch
 
 from lmkd.core.constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
-from lmkd.models.generation import longest_first
 from lmkd.core.io import atomic_write_json, check_output, replace_dir
 from lmkd.losses import TopK
+from lmkd.models.generation import longest_first
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,12 @@ FORMAT_VERSION = 1
 #: the dataset column carrying each example's row number in the cache
 CACHE_ROW = "logit_cache_row"
 #: batch keys added by :class:`CachedLogitsCollator` (the model never sees them)
-IDS, LOGPROBS, TAIL, MASK = "teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail", "teacher_topk_mask"
+IDS, LOGPROBS, TAIL, MASK = (
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+    "teacher_topk_tail",
+    "teacher_topk_mask",
+)
 SAMPLE_IDS, SAMPLE_LOGPROBS = "teacher_sample_ids", "teacher_sample_logprobs"
 BATCH_KEYS = (IDS, LOGPROBS, TAIL, MASK, SAMPLE_IDS, SAMPLE_LOGPROBS)
 LOGPROB_DTYPES = ("float16", "bfloat16", "float32")
@@ -95,8 +100,10 @@ def _targets(row: dict, kind: str) -> list[int]:
         return [int(t) for t in row["labels"]]
     if kind == CAUSAL:
         return [int(t) for t in row["input_ids"][1:]]
-    raise LmkdError(f"cached teacher logits support seq2seq and causal LMs, not {kind} models; "
-                    "use the online teacher (no logit_cache)")
+    raise LmkdError(
+        f"cached teacher logits support seq2seq and causal LMs, not {kind} models; "
+        "use the online teacher (no logit_cache)"
+    )
 
 
 def _lp_to_numpy(lp: torch.Tensor, dtype: str) -> np.ndarray:
@@ -120,7 +127,9 @@ def teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
     the teacher's distribution outside its top-K (None when 0)."""
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     if kind == SEQ2SEQ:
-        fwd["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        fwd["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(
+            labels=batch["labels"]
+        )
         mask = batch["labels"].ne(IGNORE_INDEX)
     else:
         mask = batch["attention_mask"][:, 1:].bool()
@@ -156,14 +165,34 @@ def write_shard(path: str, arrays: dict) -> None:
 
 
 #: the DataArguments of ``dataset_name``: in a cache's meta only when used
-DATASET_KEYS = ("dataset_name", "dataset_config_name", "train_split", "validation_split", "source_lang", "target_lang")
+DATASET_KEYS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_split",
+    "validation_split",
+    "source_lang",
+    "target_lang",
+)
 
 
-def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch_size: int = 16,
-                 shard_rows: int = 1024, logprob_dtype: str = "float16", teacher_dtype: str = "auto",
-                 device: str | None = None, overwrite: bool = False, tail_samples: int = 0,
-                 seed: int = 0, progress: bool | None = None) -> dict:
-    """Run the teacher over ``data_args.train_file`` (or ``dataset_name``'s ``train_split``) and write its top-K log-probs to ``output``.
+def cache_logits(
+    teacher_path: str,
+    data_args,
+    output: str,
+    top_k: int,
+    *,
+    batch_size: int = 16,
+    shard_rows: int = 1024,
+    logprob_dtype: str = "float16",
+    teacher_dtype: str = "auto",
+    device: str | None = None,
+    overwrite: bool = False,
+    tail_samples: int = 0,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> dict:
+    """Run the teacher over ``data_args.train_file`` (or ``dataset_name``'s ``train_split``) and write
+    its top-K log-probs to ``output``.
 
     ``data_args`` is a :class:`lmkd.data.dataset.DataArguments` (task, columns, max lengths, prefix): the
     same values must be used for training, so the positions match.  ``tail_samples`` M > 0 also
@@ -182,16 +211,22 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
 
     kind = TASK_KIND[data_args.task]
     if kind not in (SEQ2SEQ, CAUSAL):
-        raise LmkdError(f"cache-logits supports translation, summarization and causal-lm, not {data_args.task}")
+        raise LmkdError(
+            f"cache-logits supports translation, summarization and causal-lm, not {data_args.task}"
+        )
     if top_k < 1:
         raise LmkdError(f"--top-k must be >= 1, got {top_k}")
     if logprob_dtype not in LOGPROB_DTYPES:
-        raise LmkdError(f"unknown log-prob dtype {logprob_dtype!r}; choose one of {', '.join(LOGPROB_DTYPES)}")
+        raise LmkdError(
+            f"unknown log-prob dtype {logprob_dtype!r}; choose one of {', '.join(LOGPROB_DTYPES)}"
+        )
     if batch_size < 1 or shard_rows < 1:
         raise LmkdError("--batch-size and --shard-rows must be >= 1")
     if tail_samples < 0:
         raise LmkdError(f"--tail-samples must be >= 0, got {tail_samples}")
-    dev = resolve_device(device)  # before anything loads or is written: `--device cuda` without CUDA is one line
+    dev = resolve_device(
+        device
+    )  # before anything loads or is written: `--device cuda` without CUDA is one line
     check_output(output, "--output", directory=True)  # (written only after the teacher has run)
     labelled = kind == SEQ2SEQ
     columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
@@ -200,20 +235,34 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     teacher = load_model(teacher_path, kind=kind, dtype=teacher_dtype)
     vocab = vocab_size_of(teacher)
     if top_k > vocab:
-        raise LmkdError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use at most {vocab}")
+        raise LmkdError(
+            f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab}); use at most {vocab}"
+        )
     if data_args.max_train_samples is not None:
         ds = ds.select(range(min(data_args.max_train_samples, len(ds))))
     notes: list = []  # the one truncation rule (lmkd.models.truncation.fit_length): fitted to the teacher's tables
     ds = tokenize(ds, tokenizer, data_args, labelled=labelled, model=teacher, notes=notes)
 
     meta = {
-        "format": FORMAT_VERSION, "teacher": os.path.abspath(teacher_path) if os.path.exists(teacher_path)
-        else teacher_path, "kind": kind, "top_k": top_k, "vocab_size": vocab, "rows": len(ds),
-        "shard_rows": shard_rows, "batch_size": batch_size, "logprob_dtype": logprob_dtype,
-        "id_dtype": np.dtype(id_dtype(vocab)).name, "teacher_dtype": teacher_dtype,
-        "tail_samples": tail_samples, "seed": seed,
-        "data": {k: v for k, v in asdict(data_args).items() if k not in ("validation_file", "max_eval_samples")
-                 and not (k in DATASET_KEYS and v in (None, "train"))},  # (file caches keep their old meta)
+        "format": FORMAT_VERSION,
+        "teacher": os.path.abspath(teacher_path) if os.path.exists(teacher_path) else teacher_path,
+        "kind": kind,
+        "top_k": top_k,
+        "vocab_size": vocab,
+        "rows": len(ds),
+        "shard_rows": shard_rows,
+        "batch_size": batch_size,
+        "logprob_dtype": logprob_dtype,
+        "id_dtype": np.dtype(id_dtype(vocab)).name,
+        "teacher_dtype": teacher_dtype,
+        "tail_samples": tail_samples,
+        "seed": seed,
+        "data": {
+            k: v
+            for k, v in asdict(data_args).items()
+            if k not in ("validation_file", "max_eval_samples")
+            and not (k in DATASET_KEYS and v in (None, "train"))
+        },  # (file caches keep their old meta)
     }
     meta_path = os.path.join(output, "meta.json")
     if os.path.exists(meta_path) and not overwrite:
@@ -221,13 +270,17 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
             old = json.load(f)
         if old != json.loads(json.dumps(meta)):
             diff = sorted(k for k in meta if old.get(k) != json.loads(json.dumps(meta))[k])
-            raise LmkdError(f"{output} holds a cache made with other settings ({', '.join(diff)}); choose "
-                            "another --output, or pass --overwrite to start it again")
+            raise LmkdError(
+                f"{output} holds a cache made with other settings ({', '.join(diff)}); choose "
+                "another --output, or pass --overwrite to start it again"
+            )
     else:
         if os.path.exists(output) and os.listdir(output):
             if not overwrite:
-                raise LmkdError(f"output directory {output} exists and is not a logit cache; choose another "
-                                "--output or pass --overwrite")
+                raise LmkdError(
+                    f"output directory {output} exists and is not a logit cache; choose another "
+                    "--output or pass --overwrite"
+                )
             shutil.rmtree(output)
         os.makedirs(output, exist_ok=True)
         atomic_write_json(meta_path, meta, indent=1, sort_keys=True)
@@ -247,7 +300,12 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
     ids_dtype = id_dtype(vocab)
     n_shards = (len(ds) + shard_rows - 1) // shard_rows
     done = 0
-    bar = tqdm(total=len(ds), desc="cache-logits", unit="ex", disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=len(ds),
+        desc="cache-logits",
+        unit="ex",
+        disable=None if progress is None else not progress,
+    )
     for shard in range(n_shards):
         path = os.path.join(output, f"shard-{shard:05d}")
         if os.path.isdir(path):
@@ -261,30 +319,40 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         n_pos = int(offsets[-1])
         ids = np.zeros((n_pos, top_k), dtype=ids_dtype)
-        lps = np.zeros((n_pos, top_k), dtype=np.uint16 if logprob_dtype == "bfloat16" else logprob_dtype)
+        lps = np.zeros(
+            (n_pos, top_k), dtype=np.uint16 if logprob_dtype == "bfloat16" else logprob_dtype
+        )
         tails = np.zeros(n_pos, dtype=lps.dtype)
         s_ids = np.zeros((n_pos, tail_samples), dtype=ids_dtype)
         s_lps = np.zeros((n_pos, tail_samples), dtype=lps.dtype)
         # one generator per shard, seeded by (seed, shard): a resumed cache draws the same samples
-        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + shard) if tail_samples else None
+        gen = (
+            torch.Generator(device=dev).manual_seed(seed * 1_000_003 + shard)
+            if tail_samples
+            else None
+        )
         # length-sorted batches (less padding); the order is fixed, so shards are reproducible
         order = longest_first([len(r["input_ids"]) + n for r, n in zip(rows, lengths.tolist())])
         for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            feats = [{k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}
-                     for i in idx]
+            idx = order[b : b + batch_size]
+            feats = [
+                {k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}
+                for i in idx
+            ]
             batch = {k: v.to(dev) for k, v in collate(feats).items()}
-            top_ids, top_lp, tail, smp_ids, smp_lp = teacher_topk(teacher, kind, batch, top_k, tail_samples, gen)
+            top_ids, top_lp, tail, smp_ids, smp_lp = teacher_topk(
+                teacher, kind, batch, top_k, tail_samples, gen
+            )
             pos = 0
             for i in idx:
                 n = int(lengths[i])
                 sl = slice(int(offsets[i]), int(offsets[i]) + n)
-                ids[sl] = top_ids[pos:pos + n].cpu().numpy().astype(ids_dtype)
-                lps[sl] = _lp_to_numpy(top_lp[pos:pos + n].cpu(), logprob_dtype)
-                tails[sl] = _lp_to_numpy(tail[pos:pos + n].cpu(), logprob_dtype)
+                ids[sl] = top_ids[pos : pos + n].cpu().numpy().astype(ids_dtype)
+                lps[sl] = _lp_to_numpy(top_lp[pos : pos + n].cpu(), logprob_dtype)
+                tails[sl] = _lp_to_numpy(tail[pos : pos + n].cpu(), logprob_dtype)
                 if tail_samples:
-                    s_ids[sl] = smp_ids[pos:pos + n].cpu().numpy().astype(ids_dtype)
-                    s_lps[sl] = _lp_to_numpy(smp_lp[pos:pos + n].cpu(), logprob_dtype)
+                    s_ids[sl] = smp_ids[pos : pos + n].cpu().numpy().astype(ids_dtype)
+                    s_lps[sl] = _lp_to_numpy(smp_lp[pos : pos + n].cpu(), logprob_dtype)
                 pos += n
             bar.update(len(idx))
         tokens = np.array([t for ts in targets for t in ts], dtype=ids_dtype)
@@ -292,16 +360,34 @@ def cache_logits(teacher_path: str, data_args, output: str, top_k: int, *, batch
         if tail_samples:
             arrays.update(sample_ids=s_ids, sample_logprobs=s_lps)
         write_shard(path, arrays)
-        logger.info("cache-logits: shard %d/%d (%d rows, %d positions) -> %s", shard + 1, n_shards,
-                    hi - lo, n_pos, path)
+        logger.info(
+            "cache-logits: shard %d/%d (%d rows, %d positions) -> %s",
+            shard + 1,
+            n_shards,
+            hi - lo,
+            n_pos,
+            path,
+        )
     bar.close()
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(output) for f in fs
-               if dp != output)
+    size = sum(
+        os.path.getsize(os.path.join(dp, f))
+        for dp, _, fs in os.walk(output)
+        for f in fs
+        if dp != output
+    )
     cache = LogitCache(output)
-    return {"output": output, "rows": len(ds), "positions": cache.positions, "shards": n_shards,
-            "shards_skipped": done, "top_k": top_k, "tail_samples": tail_samples, "bytes": size,
-            "bytes_per_position": size / max(1, cache.positions),
-            "truncation": {n["what"]: n for n in notes}}
+    return {
+        "output": output,
+        "rows": len(ds),
+        "positions": cache.positions,
+        "shards": n_shards,
+        "shards_skipped": done,
+        "top_k": top_k,
+        "tail_samples": tail_samples,
+        "bytes": size,
+        "bytes_per_position": size / max(1, cache.positions),
+        "truncation": {n["what"]: n for n in notes},
+    }
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -318,19 +404,22 @@ def cache_teacher(path: str) -> str | None:
     return teacher if teacher and os.path.isfile(os.path.join(teacher, "config.json")) else None
 
 
-
 class LogitCache:
     """A cache directory opened for reading: shards memory-mapped, rows looked up by number."""
 
     def __init__(self, path: str):
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            raise LmkdError(f"{path} is not a logit cache (no meta.json); write one with `lmkd cache-logits`")
+            raise LmkdError(
+                f"{path} is not a logit cache (no meta.json); write one with `lmkd cache-logits`"
+            )
         with open(meta_path) as f:
             self.meta = json.load(f)
         if self.meta.get("format") != FORMAT_VERSION:
-            raise LmkdError(f"{path} is a logit cache of format {self.meta.get('format')}; this lmkd reads "
-                            f"format {FORMAT_VERSION}: write it again with `lmkd cache-logits`")
+            raise LmkdError(
+                f"{path} is a logit cache of format {self.meta.get('format')}; this lmkd reads "
+                f"format {FORMAT_VERSION}: write it again with `lmkd cache-logits`"
+            )
         self.path = path
         self.rows = self.meta["rows"]
         self.shard_rows = self.meta["shard_rows"]
@@ -343,10 +432,14 @@ class LogitCache:
         for s in range(n_shards):
             d = os.path.join(path, f"shard-{s:05d}")
             if not os.path.isdir(d):
-                raise LmkdError(f"logit cache {path} is incomplete (no {os.path.basename(d)}); rerun the same "
-                                "`lmkd cache-logits` command to finish it")
+                raise LmkdError(
+                    f"logit cache {path} is incomplete (no {os.path.basename(d)}); rerun the same "
+                    "`lmkd cache-logits` command to finish it"
+                )
             names = ARRAYS + (SAMPLE_ARRAYS if self.tail_samples else ())
-            self.shards.append({a: np.load(os.path.join(d, a + ".npy"), mmap_mode="r") for a in names})
+            self.shards.append(
+                {a: np.load(os.path.join(d, a + ".npy"), mmap_mode="r") for a in names}
+            )
         self.positions = sum(int(s["offsets"][-1]) for s in self.shards)
 
     def row(self, i: int):
@@ -373,20 +466,26 @@ def attach_cache(ds, cache: LogitCache | str, kind: str, what: str = "training")
     if isinstance(cache, str):
         cache = LogitCache(cache)
     if cache.kind != kind:
-        raise LmkdError(f"the logit cache {cache.path} was made for a {cache.kind} teacher but the student is "
-                        f"a {kind} model")
+        raise LmkdError(
+            f"the logit cache {cache.path} was made for a {cache.kind} teacher but the student is "
+            f"a {kind} model"
+        )
     if CACHE_ROW in ds.column_names:
         return ds
     if len(ds) != cache.rows:
-        raise LmkdError(f"the {what} data has {len(ds)} rows but the logit cache {cache.path} has {cache.rows}; "
-                        f"use the same file (and max_{'eval' if what == 'validation' else 'train'}_samples) the "
-                        "cache was made from")
+        raise LmkdError(
+            f"the {what} data has {len(ds)} rows but the logit cache {cache.path} has {cache.rows}; "
+            f"use the same file (and max_{'eval' if what == 'validation' else 'train'}_samples) the "
+            "cache was made from"
+        )
     for i, row in enumerate(ds):
         tokens = cache.row(i)[0]
         if _targets(row, kind) != tokens.tolist():
-            raise LmkdError(f"row {i} of the {what} data is tokenised differently from the logit cache "
-                            f"{cache.path}; use the same file, tokenizer, max lengths and prefix as `lmkd "
-                            "cache-logits` did")
+            raise LmkdError(
+                f"row {i} of the {what} data is tokenised differently from the logit cache "
+                f"{cache.path}; use the same file, tokenizer, max lengths and prefix as `lmkd "
+                "cache-logits` did"
+            )
     return ds.add_column(CACHE_ROW, list(range(len(ds))))
 
 
@@ -411,8 +510,12 @@ class CachedLogitsCollator:
             p = batch["input_ids"].shape[1] - 1
         b, k = len(rows), self.cache.top_k
         ids = torch.zeros((b, p, k), dtype=torch.int64)
-        lp = torch.zeros((b, p, k), dtype=torch.bfloat16 if self.cache.lp_dtype == "bfloat16"
-                         else getattr(torch, self.cache.lp_dtype))
+        lp = torch.zeros(
+            (b, p, k),
+            dtype=torch.bfloat16
+            if self.cache.lp_dtype == "bfloat16"
+            else getattr(torch, self.cache.lp_dtype),
+        )
         tail = torch.zeros((b, p), dtype=lp.dtype)
         mask = torch.zeros((b, p), dtype=torch.bool)
         m = self.cache.tail_samples
@@ -440,7 +543,13 @@ def batch_topk(inputs: dict, kd_mask: torch.Tensor) -> TopK:
     """The cached teacher of a batch at the KD positions (flattened, in order)."""
     cached = inputs[MASK]
     if cached.shape != kd_mask.shape or bool((kd_mask & ~cached).any()):
-        raise LmkdError("the logit cache does not cover every KD position of this batch (truncated or "
-                        "differently padded data); make the cache from the same data and settings")
-    return TopK(*(inputs[k][kd_mask] if k in inputs else None
-                  for k in (IDS, LOGPROBS, TAIL, SAMPLE_IDS, SAMPLE_LOGPROBS)))
+        raise LmkdError(
+            "the logit cache does not cover every KD position of this batch (truncated or "
+            "differently padded data); make the cache from the same data and settings"
+        )
+    return TopK(
+        *(
+            inputs[k][kd_mask] if k in inputs else None
+            for k in (IDS, LOGPROBS, TAIL, SAMPLE_IDS, SAMPLE_LOGPROBS)
+        )
+    )

@@ -46,11 +46,18 @@ import torch
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.models.generation import generate_batch, length_batches, longest_first
 from lmkd.core.io import atomic_write_text, check_output, write_jsonl
-from lmkd.scoring.metrics import SENTENCE_METRICS, sentence_scores
+from lmkd.models.generation import generate_batch, length_batches, longest_first
 from lmkd.models.loading import kind_from_config, load_model, load_tokenizer, model_kind
-from lmkd.models.truncation import describe_truncation, encode_fitted, generation_lengths, input_limit, target_limit, truncation_note
+from lmkd.models.truncation import (
+    describe_truncation,
+    encode_fitted,
+    generation_lengths,
+    input_limit,
+    target_limit,
+    truncation_note,
+)
+from lmkd.scoring.metrics import SENTENCE_METRICS, sentence_scores
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +72,16 @@ FORMATS = ("arrow", "jsonl")
 # ---- Seq-Inter and filtering: pure functions (the sentence scores are lmkd.scoring.metrics') ------------
 
 
-def seq_inter_select(nbest: Sequence[Sequence[str]], references: Sequence[str]) -> tuple[list[int], int]:
+def seq_inter_select(
+    nbest: Sequence[Sequence[str]], references: Sequence[str]
+) -> tuple[list[int], int]:
     """Seq-Inter (Kim & Rush): for each row, the index in its n-best list of the hypothesis with the
     highest sentence-BLEU against the reference (ties go to the teacher's higher-ranked one).
     Returns (chosen indices, number of rows whose choice is not the teacher's best)."""
     if len(nbest) != len(references):
-        raise LmkdError(f"{len(nbest)} n-best lists but {len(references)} references; give one reference per row")
+        raise LmkdError(
+            f"{len(nbest)} n-best lists but {len(references)} references; give one reference per row"
+        )
     chosen = []
     for hyps, ref in zip(nbest, references):
         if not hyps:
@@ -85,25 +96,37 @@ def filter_below(scores: Sequence[float], minimum: float) -> list[int]:
     return [i for i, s in enumerate(scores) if s >= minimum]
 
 
-def select_and_filter(rows: list[dict], select: str | None = None, reference_column: str | None = None,
-                      filter_metric: str | None = None, filter_min: float | None = None) -> tuple[list[dict], dict]:
+def select_and_filter(
+    rows: list[dict],
+    select: str | None = None,
+    reference_column: str | None = None,
+    filter_metric: str | None = None,
+    filter_min: float | None = None,
+) -> tuple[list[dict], dict]:
     """Apply Seq-Inter and/or a filter to generated rows (dicts with ``teacher_target`` and, for
     Seq-Inter, ``teacher_nbest``/``teacher_nbest_scores``).  Returns (rows, report) where the
     report says how many rows were changed and dropped."""
     report: dict = {"rows_in": len(rows)}
     if (select or filter_metric) and not reference_column:
-        raise LmkdError("--select/--filter-metric need the references: pass --reference-column (e.g. target)")
+        raise LmkdError(
+            "--select/--filter-metric need the references: pass --reference-column (e.g. target)"
+        )
     if rows and reference_column and reference_column not in rows[0]:
-        raise LmkdError(f"the data has no reference column {reference_column!r} (it has: "
-                        f"{', '.join(k for k in rows[0] if not k.startswith('teacher_'))}); fix --reference-column")
+        raise LmkdError(
+            f"the data has no reference column {reference_column!r} (it has: "
+            f"{', '.join(k for k in rows[0] if not k.startswith('teacher_'))}); fix --reference-column"
+        )
     if select is not None:
         if select not in SELECT_METHODS:
             raise LmkdError(f"unknown selection {select!r}; choose seq-inter")
         if rows and "teacher_nbest" not in rows[0]:
-            raise LmkdError("--select seq-inter needs an n-best list: pass --num-return-sequences K > 1 "
-                            "(with --num-beams >= K)")
-        chosen, changed = seq_inter_select([r["teacher_nbest"] for r in rows],
-                                           [str(r[reference_column]) for r in rows])
+            raise LmkdError(
+                "--select seq-inter needs an n-best list: pass --num-return-sequences K > 1 "
+                "(with --num-beams >= K)"
+            )
+        chosen, changed = seq_inter_select(
+            [r["teacher_nbest"] for r in rows], [str(r[reference_column]) for r in rows]
+        )
         for r, c in zip(rows, chosen):
             r["teacher_target"] = r["teacher_nbest"][c]
             r["teacher_score"] = r["teacher_nbest_scores"][c]
@@ -112,8 +135,11 @@ def select_and_filter(rows: list[dict], select: str | None = None, reference_col
     if filter_metric is not None:
         if filter_min is None:
             raise LmkdError("--filter-metric needs --filter-min (the lowest score kept, 0-100)")
-        scores = sentence_scores([r["teacher_target"] for r in rows], [str(r[reference_column]) for r in rows],
-                                 filter_metric)
+        scores = sentence_scores(
+            [r["teacher_target"] for r in rows],
+            [str(r[reference_column]) for r in rows],
+            filter_metric,
+        )
         for r, s in zip(rows, scores):
             r[f"teacher_{filter_metric}"] = s
         keep = filter_below(scores, filter_min)
@@ -160,13 +186,19 @@ class GenerationSettings:
 
     def check(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
-            raise LmkdError("--num-beams, --num-return-sequences and --max-new-tokens must be at least 1")
+            raise LmkdError(
+                "--num-beams, --num-return-sequences and --max-new-tokens must be at least 1"
+            )
         if self.do_sample and self.num_beams > 1:
-            raise LmkdError(f"sampling (--do-sample) uses one beam, not --num-beams {self.num_beams}; drop "
-                            "--num-beams (or pass --num-beams 1), or drop --do-sample for beam search")
+            raise LmkdError(
+                f"sampling (--do-sample) uses one beam, not --num-beams {self.num_beams}; drop "
+                "--num-beams (or pass --num-beams 1), or drop --do-sample for beam search"
+            )
         if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise LmkdError(f"--num-return-sequences {self.num_return_sequences} needs --num-beams >= "
-                            f"{self.num_return_sequences} (or --do-sample to draw K samples)")
+            raise LmkdError(
+                f"--num-return-sequences {self.num_return_sequences} needs --num-beams >= "
+                f"{self.num_return_sequences} (or --do-sample to draw K samples)"
+            )
         if self.do_sample and not self.temperature > 0:
             raise LmkdError(f"--temperature must be > 0, got {self.temperature}")
         if self.chunk_size < 1:
@@ -174,11 +206,17 @@ class GenerationSettings:
         if self.output_format not in FORMATS:
             raise LmkdError(f"unknown output format {self.output_format!r}; choose arrow or jsonl")
         if self.select is not None and self.num_return_sequences < 2:
-            raise LmkdError("--select seq-inter chooses among the K-best: pass --num-return-sequences K > 1")
+            raise LmkdError(
+                "--select seq-inter chooses among the K-best: pass --num-return-sequences K > 1"
+            )
         if self.filter_metric is not None and self.filter_metric not in FILTER_METRICS:
-            raise LmkdError(f"unknown filter metric {self.filter_metric!r}; choose one of {', '.join(FILTER_METRICS)}")
+            raise LmkdError(
+                f"unknown filter metric {self.filter_metric!r}; choose one of {', '.join(FILTER_METRICS)}"
+            )
         if (self.select or self.filter_metric) and not self.reference_column:
-            raise LmkdError("--select/--filter-metric need the references: pass --reference-column (e.g. target)")
+            raise LmkdError(
+                "--select/--filter-metric need the references: pass --reference-column (e.g. target)"
+            )
 
 
 # ---- the whole run -------------------------------------------------------------------------------
@@ -208,18 +246,40 @@ def _teacher_and_tokenizer(teacher, tokenizer, dtype: str):
     return teacher, tokenizer
 
 
-def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str | None = None, *,
-                            source_column: str = "source", source_prefix: str = "", max_source_length: int = 512,
-                            num_beams: int | None = None, num_return_sequences: int = 1, max_new_tokens: int = 128,
-                            do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                            top_p: float | None = None, seed: int = 0, length_penalty: float = 1.0,
-                            no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0,
-                            batch_size: int | None = 32, max_tokens: int | None = None, chunk_size: int = 1024,
-                            output_format: str = "arrow", select: str | None = None,
-                            reference_column: str | None = None, filter_metric: str | None = None,
-                            filter_min: float | None = None, dtype: str = "auto", sort_by_length: bool = True,
-                            overwrite: bool = False, progress: bool = True,
-                            on_chunk: Callable[[int], None] | None = None) -> dict:
+def generate_pseudo_targets(
+    teacher,
+    tokenizer=None,
+    data=None,
+    output_dir: str | None = None,
+    *,
+    source_column: str = "source",
+    source_prefix: str = "",
+    max_source_length: int = 512,
+    num_beams: int | None = None,
+    num_return_sequences: int = 1,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    repetition_penalty: float = 1.0,
+    batch_size: int | None = 32,
+    max_tokens: int | None = None,
+    chunk_size: int = 1024,
+    output_format: str = "arrow",
+    select: str | None = None,
+    reference_column: str | None = None,
+    filter_metric: str | None = None,
+    filter_min: float | None = None,
+    dtype: str = "auto",
+    sort_by_length: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict:
     """Generate teacher pseudo-targets for every row of ``data`` into ``output_dir``.
 
     ``teacher`` is a checkpoint path (the tokenizer is loaded from it) or a model object (then pass
@@ -244,17 +304,25 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
         raise LmkdError("give --batch-size or --max-tokens")
     if (batch_size is not None and batch_size < 1) or (max_tokens is not None and max_tokens < 1):
         raise LmkdError("--batch-size and --max-tokens must be at least 1")
-    check_output(str(output_dir), "--output", directory=True)  # (its first chunk is written after a batch)
+    check_output(
+        str(output_dir), "--output", directory=True
+    )  # (its first chunk is written after a batch)
     # cpu=True when there is no GPU: otherwise accelerate runs every torchrun process alone (non-distributed)
-    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-                         or not torch.cuda.is_available())
+    state = PartialState(
+        cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        or not torch.cuda.is_available()
+    )
     if dtype not in AUTO_DTYPE_NAMES:
         raise LmkdError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
     if isinstance(teacher, (str, os.PathLike)):
         teacher_name = str(teacher)
-        kind = kind_from_config(teacher_name)  # reads only the config: fail fast before loading weights
+        kind = kind_from_config(
+            teacher_name
+        )  # reads only the config: fail fast before loading weights
     else:
-        teacher_name = getattr(getattr(teacher, "config", None), "name_or_path", "") or type(teacher).__name__
+        teacher_name = (
+            getattr(getattr(teacher, "config", None), "name_or_path", "") or type(teacher).__name__
+        )
         kind = model_kind(teacher)
     if kind not in (SEQ2SEQ, CAUSAL):
         raise LmkdError(f"the teacher is a {kind} model; generation needs a seq2seq or causal LM")
@@ -262,24 +330,48 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     if not rows:
         raise LmkdError("the data is empty; it needs at least one row")
     if source_column not in rows[0]:
-        raise LmkdError(f"the data has no column {source_column!r} (it has: {', '.join(rows[0])}); "
-                        "name the input column with --source-column")
+        raise LmkdError(
+            f"the data has no column {source_column!r} (it has: {', '.join(rows[0])}); "
+            "name the input column with --source-column"
+        )
     if reference_column is not None and reference_column not in rows[0]:
-        raise LmkdError(f"the data has no reference column {reference_column!r} (it has: {', '.join(rows[0])}); "
-                        "fix --reference-column")
+        raise LmkdError(
+            f"the data has no reference column {reference_column!r} (it has: {', '.join(rows[0])}); "
+            "fix --reference-column"
+        )
     sources = [source_prefix + str(r[source_column]) for r in rows]
     digest = hashlib.sha256("\x00".join(sources).encode()).hexdigest()
-    if num_beams is None:  # the default: beam search with 5 beams (Kim & Rush), one "beam" when sampling
+    if (
+        num_beams is None
+    ):  # the default: beam search with 5 beams (Kim & Rush), one "beam" when sampling
         num_beams = 1 if do_sample else 5
     settings = GenerationSettings(
-        teacher=teacher_name, data_rows=len(rows), data_sha256=digest, source_column=source_column,
-        source_prefix=source_prefix, max_source_length=max_source_length, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-        dtype=dtype, chunk_size=chunk_size,
-        sort_by_length=sort_by_length, select=select, reference_column=reference_column,
-        filter_metric=filter_metric, filter_min=filter_min, output_format=output_format)
+        teacher=teacher_name,
+        data_rows=len(rows),
+        data_sha256=digest,
+        source_column=source_column,
+        source_prefix=source_prefix,
+        max_source_length=max_source_length,
+        num_beams=num_beams,
+        num_return_sequences=num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        repetition_penalty=repetition_penalty,
+        dtype=dtype,
+        chunk_size=chunk_size,
+        sort_by_length=sort_by_length,
+        select=select,
+        reference_column=reference_column,
+        filter_metric=filter_metric,
+        filter_min=filter_min,
+        output_format=output_format,
+    )
     settings.check()
 
     # -- the output directory: new, resumable, or finished --------------------------------------
@@ -291,22 +383,30 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
             recorded = json.load(f)
         old = recorded.get("settings", {})
         if old != settings_json:
-            diff = sorted(k for k in set(old) | set(settings_json) if old.get(k) != settings_json.get(k))
-            raise LmkdError(f"{output_dir} was made with different settings ({', '.join(diff)}); re-run with "
-                            "the original options to resume, or choose another --output (or pass --overwrite)")
+            diff = sorted(
+                k for k in set(old) | set(settings_json) if old.get(k) != settings_json.get(k)
+            )
+            raise LmkdError(
+                f"{output_dir} was made with different settings ({', '.join(diff)}); re-run with "
+                "the original options to resume, or choose another --output (or pass --overwrite)"
+            )
         if recorded.get("complete"):
             logger.info("%s is already complete; nothing to do", output_dir)
             return dict(recorded.get("report", {}), output=output_dir, already_complete=True)
     elif not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise LmkdError(f"output directory {output_dir} exists and was not written by lmkd generate; choose "
-                        "another --output or pass --overwrite")
+        raise LmkdError(
+            f"output directory {output_dir} exists and was not written by lmkd generate; choose "
+            "another --output or pass --overwrite"
+        )
     state.wait_for_everyone()  # every process has checked the directory before the main one changes it
     if state.is_main_process:
         if overwrite and os.path.isdir(output_dir):
             shutil.rmtree(output_dir)
         os.makedirs(chunk_dir, exist_ok=True)
         if not os.path.isfile(settings_path):
-            atomic_write_text(settings_path, json.dumps({"settings": settings_json, "complete": False}, indent=1))
+            atomic_write_text(
+                settings_path, json.dumps({"settings": settings_json, "complete": False}, indent=1)
+            )
     state.wait_for_everyone()
 
     # -- tokenise, sort, chunk ------------------------------------------------------------------
@@ -315,40 +415,65 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     src_len, new = generation_lengths(model, tokenizer, max_source_length, max_new_tokens)
     encoded, cut = encode_fitted(tokenizer, sources, src_len)
     enc = encoded["input_ids"]
-    truncation = {"inputs": truncation_note("inputs", len(rows), len(cut), src_len, max_source_length,
-                                            input_limit(model, tokenizer)),
-                  "new tokens": truncation_note("new tokens", len(rows), len(rows) if new < max_new_tokens else 0,
-                                                new, max_new_tokens, target_limit(model))}
+    truncation = {
+        "inputs": truncation_note(
+            "inputs", len(rows), len(cut), src_len, max_source_length, input_limit(model, tokenizer)
+        ),
+        "new tokens": truncation_note(
+            "new tokens",
+            len(rows),
+            len(rows) if new < max_new_tokens else 0,
+            new,
+            max_new_tokens,
+            target_limit(model),
+        ),
+    }
     if state.is_main_process:
         for note in truncation.values():
-            (logger.warning if note["truncated"] else logger.info)("generate: %s", describe_truncation(note))
+            (logger.warning if note["truncated"] else logger.info)(
+                "generate: %s", describe_truncation(note)
+            )
     decoding = replace(settings, max_new_tokens=new)  # the settings file keeps what was asked for
     lengths = [len(x) for x in enc]
     order = longest_first(lengths) if sort_by_length else list(range(len(rows)))
-    chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
+    chunks = [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
     mine = [c for c in range(len(chunks)) if c % state.num_processes == state.process_index]
     todo = [c for c in mine if not os.path.isfile(os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl"))]
     done_rows = sum(len(chunks[c]) for c in mine if c not in todo)
     if done_rows:
-        logger.info("resuming: process %d has %d of its %d chunks done", state.process_index,
-                    len(mine) - len(todo), len(mine))
+        logger.info(
+            "resuming: process %d has %d of its %d chunks done",
+            state.process_index,
+            len(mine) - len(todo),
+            len(mine),
+        )
 
     model.eval()
     model.to(state.device)
     start = time.perf_counter()
     generated = 0
-    bar = tqdm(total=sum(len(chunks[c]) for c in mine), initial=done_rows, unit="ex", desc="generating",
-               disable=not (progress and state.is_local_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(chunks[c]) for c in mine),
+        initial=done_rows,
+        unit="ex",
+        desc="generating",
+        disable=not (progress and state.is_local_main_process),
+        dynamic_ncols=True,
+    )
     try:
         for n_written, c in enumerate(todo, 1):
             lines = []
             for batch in length_batches(chunks[c], lengths, batch_size, max_tokens):
-                outs = generate_batch(model, tokenizer, [enc[i] for i in batch], batch, decoding, kind)
+                outs = generate_batch(
+                    model, tokenizer, [enc[i] for i in batch], batch, decoding, kind
+                )
                 for i, o in zip(batch, outs):
                     lines.append(json.dumps({"_index": i, **o}, ensure_ascii=False))
                 bar.update(len(batch))
                 generated += len(batch)
-            atomic_write_text(os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl"), "\n".join(lines) + "\n")
+            atomic_write_text(
+                os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl"), "\n".join(lines) + "\n"
+            )
             if on_chunk is not None:
                 on_chunk(n_written)
     finally:
@@ -356,20 +481,35 @@ def generate_pseudo_targets(teacher, tokenizer=None, data=None, output_dir: str 
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
 
-    report = {"rows": len(rows), "generated_here": generated, "seconds": round(seconds, 3),
-              "examples_per_second": round(generated / seconds, 2) if seconds > 0 else None,
-              "truncation": truncation, "output": output_dir}
+    report = {
+        "rows": len(rows),
+        "generated_here": generated,
+        "seconds": round(seconds, 3),
+        "examples_per_second": round(generated / seconds, 2) if seconds > 0 else None,
+        "truncation": truncation,
+        "output": output_dir,
+    }
     if state.is_main_process:
         report.update(_merge(rows, chunks, settings, output_dir))
-        atomic_write_text(settings_path, json.dumps({"settings": asdict(settings), "complete": True,
-                                                 "report": {k: v for k, v in report.items() if k != "output"}},
-                                                indent=1))
+        atomic_write_text(
+            settings_path,
+            json.dumps(
+                {
+                    "settings": asdict(settings),
+                    "complete": True,
+                    "report": {k: v for k, v in report.items() if k != "output"},
+                },
+                indent=1,
+            ),
+        )
         shutil.rmtree(chunk_dir, ignore_errors=True)
     state.wait_for_everyone()
     return report
 
 
-def _merge(rows: list[dict], chunks: list[list[int]], s: GenerationSettings, output_dir: str) -> dict:
+def _merge(
+    rows: list[dict], chunks: list[list[int]], s: GenerationSettings, output_dir: str
+) -> dict:
     """Read every chunk, put the rows back in input order, apply Seq-Inter/filtering, write."""
     import datasets
 
@@ -378,7 +518,9 @@ def _merge(rows: list[dict], chunks: list[list[int]], s: GenerationSettings, out
     for c, members in enumerate(chunks):
         path = os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl")
         if not os.path.isfile(path):
-            raise LmkdError(f"chunk {path} is missing (a process failed?); re-run the same command to finish it")
+            raise LmkdError(
+                f"chunk {path} is missing (a process failed?); re-run the same command to finish it"
+            )
         with open(path, encoding="utf-8") as f:
             for line in f:
                 o = json.loads(line)
@@ -395,13 +537,23 @@ def _merge(rows: list[dict], chunks: list[list[int]], s: GenerationSettings, out
             row["teacher_nbest"] = o["teacher_nbest"]
             row["teacher_nbest_scores"] = o["teacher_nbest_scores"]
         out.append(row)
-    out, report = select_and_filter(out, s.select, s.reference_column, s.filter_metric, s.filter_min)
+    out, report = select_and_filter(
+        out, s.select, s.reference_column, s.filter_metric, s.filter_min
+    )
     if "seq_inter_changed" in report:
-        logger.info("seq-inter: %d of %d rows use a hypothesis other than the teacher's best",
-                    report["seq_inter_changed"], report["rows_in"])
+        logger.info(
+            "seq-inter: %d of %d rows use a hypothesis other than the teacher's best",
+            report["seq_inter_changed"],
+            report["rows_in"],
+        )
     if "filter_dropped" in report:
-        logger.info("filter %s >= %s: dropped %d of %d rows", s.filter_metric, s.filter_min,
-                    report["filter_dropped"], report["rows_in"])
+        logger.info(
+            "filter %s >= %s: dropped %d of %d rows",
+            s.filter_metric,
+            s.filter_min,
+            report["filter_dropped"],
+            report["rows_in"],
+        )
     if not out:
         raise LmkdError("the filter dropped every row; lower --filter-min")
     if s.output_format == "jsonl":
@@ -429,5 +581,12 @@ def load_generated(output_dir: str):
     return datasets.load_from_disk(output_dir)
 
 
-__all__ = ["generate_pseudo_targets", "seq_inter_select", "sentence_scores", "filter_below",
-           "select_and_filter", "load_generated", "GenerationSettings"]
+__all__ = [
+    "generate_pseudo_targets",
+    "seq_inter_select",
+    "sentence_scores",
+    "filter_below",
+    "select_and_filter",
+    "load_generated",
+    "GenerationSettings",
+]

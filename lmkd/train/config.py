@@ -13,7 +13,15 @@ from transformers import Seq2SeqTrainingArguments
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES
 from lmkd.core.errors import LmkdError
-from lmkd.losses import ATTENTION_LOSSES, CROSS_KD_LOSSES, HIDDEN_LOSSES, KD_LOSSES, PLAIN_KD_LOSSES, RELATION_LOSSES, RELATION_POOLINGS
+from lmkd.losses import (
+    ATTENTION_LOSSES,
+    CROSS_KD_LOSSES,
+    HIDDEN_LOSSES,
+    KD_LOSSES,
+    PLAIN_KD_LOSSES,
+    RELATION_LOSSES,
+    RELATION_POOLINGS,
+)
 
 TEACHER_DTYPES = AUTO_DTYPE_NAMES
 MLM_KD_POSITIONS = ("all", "masked")
@@ -39,13 +47,17 @@ def parse_layer_map(spec: str) -> dict[str, list[tuple[int, int]]]:
         name = name.strip() if sep else "*"
         body = body if sep else part
         if sep and name not in LAYER_STACK_NAMES:
-            raise LmkdError(f"layer_map names an unknown layer stack {name!r}; use {', '.join(LAYER_STACK_NAMES)}")
+            raise LmkdError(
+                f"layer_map names an unknown layer stack {name!r}; use {', '.join(LAYER_STACK_NAMES)}"
+            )
         if name in out:
             raise LmkdError(f"layer_map gives the {name!r} stack twice")
         items = [x.strip() for x in body.split(",") if x.strip()]
         if not items or (any(":" in x for x in items) and not all(":" in x for x in items)):
-            raise LmkdError(f"layer_map {spec!r}: write either teacher layers per student layer ('0,2,4') or "
-                            "student:teacher pairs ('0:0,1:2'), not a mix")
+            raise LmkdError(
+                f"layer_map {spec!r}: write either teacher layers per student layer ('0,2,4') or "
+                "student:teacher pairs ('0:0,1:2'), not a mix"
+            )
         try:
             if ":" in items[0]:
                 pairs = [tuple(int(v) for v in x.split(":")) for x in items]
@@ -54,8 +66,10 @@ def parse_layer_map(spec: str) -> dict[str, list[tuple[int, int]]]:
             else:
                 pairs = list(enumerate(int(x) for x in items))
         except ValueError:
-            raise LmkdError(f"layer_map {spec!r} is not a list of integer layer indices like '0,2,4' or "
-                            "'0:0,1:2'") from None
+            raise LmkdError(
+                f"layer_map {spec!r} is not a list of integer layer indices like '0,2,4' or "
+                "'0:0,1:2'"
+            ) from None
         out[name] = pairs
     if not out:
         raise LmkdError(f"layer_map {spec!r} maps no layers")
@@ -73,8 +87,10 @@ def _chunk_size(value) -> str | int:
     except (TypeError, ValueError):
         size = None
     if size is None or size < -1 or isinstance(value, (bool, float)):
-        raise LmkdError(f"kd_chunk_size must be auto, -1 (automatic chunk size), 0 (plain loss) or a number of "
-                        f"positions, got {value!r}")
+        raise LmkdError(
+            f"kd_chunk_size must be auto, -1 (automatic chunk size), 0 (plain loss) or a number of "
+            f"positions, got {value!r}"
+        )
     return size
 
 
@@ -99,218 +115,316 @@ class DistillationConfig(Seq2SeqTrainingArguments):
 
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Teacher checkpoint (hub id or local dir). Not needed when a model object is "
-                          "passed to DistillationTrainer(teacher_model=...) or when kd_alpha is 0."},
+        metadata={
+            "help": "Teacher checkpoint (hub id or local dir). Not needed when a model object is "
+            "passed to DistillationTrainer(teacher_model=...) or when kd_alpha is 0."
+        },
     )
     teacher_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype the frozen teacher runs in: auto (the student's), float32, bfloat16 or float16. "
-                          "A lower precision halves teacher memory; softmaxes stay in float32."},
+        metadata={
+            "help": "dtype the frozen teacher runs in: auto (the student's), float32, bfloat16 or float16. "
+            "A lower precision halves teacher memory; softmaxes stay in float32."
+        },
     )
     kd_loss: str = field(
         default="forward_kl",
-        metadata={"help": "Token-level divergence: forward_kl (Hinton), reverse_kl, jsd (generalized JSD, "
-                          "see jsd_beta), mse (logit matching), skew_kl / skew_reverse_kl (DistiLLM, see "
-                          "skew_alpha) or taid (TAID's interpolated target, see taid_t_start). The last three run "
-                          "on the plain loss only (kd_chunk_size auto or 0); with teacher_tokenizer uld or uld_hybrid. Example: --kd-loss skew_kl "
-                          "--skew-alpha 0.1"},
+        metadata={
+            "help": "Token-level divergence: forward_kl (Hinton), reverse_kl, jsd (generalized JSD, "
+            "see jsd_beta), mse (logit matching), skew_kl / skew_reverse_kl (DistiLLM, see "
+            "skew_alpha) or taid (TAID's interpolated target, see taid_t_start). The last three run "
+            "on the plain loss only (kd_chunk_size auto or 0); with teacher_tokenizer uld or uld_hybrid. "
+            "Example: --kd-loss skew_kl "
+            "--skew-alpha 0.1"
+        },
     )
     teacher_tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Cross-tokenizer KD (causal LMs and seq2seq models): the teacher's tokenizer (a path) "
-                          "when it differs from the student's. Each batch's text (seq2seq: source and target) is "
-                          "re-tokenised for the teacher, positions are aligned by character offsets (lmkd.teacher.cross_tokenizer) "
-                          "and the KD term is kd_loss uld (sorted-probability L1, Boizard et al. 2024) or uld_hybrid "
-                          "(exact KL over shared token strings + ULD over the rest). "
-                          "Example: --teacher-tokenizer teachers/llama --kd-loss uld"},
+        metadata={
+            "help": "Cross-tokenizer KD (causal LMs and seq2seq models): the teacher's tokenizer (a path) "
+            "when it differs from the student's. Each batch's text (seq2seq: source and target) is "
+            "re-tokenised for the teacher, positions are aligned by character offsets (lmkd.teacher.cross_tokenizer) "
+            "and the KD term is kd_loss uld (sorted-probability L1, Boizard et al. 2024) or uld_hybrid "
+            "(exact KL over shared token strings + ULD over the rest). "
+            "Example: --teacher-tokenizer teachers/llama --kd-loss uld"
+        },
     )
     kd_alpha: float = field(
         default=0.5,
-        metadata={"help": "Weight of the KD term in [0, 1]; 1 - kd_alpha weights hard-label CE. "
-                          "0 = plain fine-tuning with no teacher forward (the baseline), 1 = KD only."},
+        metadata={
+            "help": "Weight of the KD term in [0, 1]; 1 - kd_alpha weights hard-label CE. "
+            "0 = plain fine-tuning with no teacher forward (the baseline), 1 = KD only."
+        },
     )
     kd_temperature: float = field(
         default=2.0,
-        metadata={"help": "Softmax temperature tau > 0 for the KL losses; the KD term is scaled by tau^2 "
-                          "so its gradient keeps its size (Hinton). DistilBERT used 2."},
+        metadata={
+            "help": "Softmax temperature tau > 0 for the KL losses; the KD term is scaled by tau^2 "
+            "so its gradient keeps its size (Hinton). DistilBERT used 2."
+        },
     )
     jsd_beta: float = field(
         default=0.5,
-        metadata={"help": "beta of the generalized JSD in [0, 1]: 0 = forward KL, 1 = reverse KL (TRL/GKD)."},
+        metadata={
+            "help": "beta of the generalized JSD in [0, 1]: 0 = forward KL, 1 = reverse KL (TRL/GKD)."
+        },
     )
     skew_alpha: float = field(
         default=0.1,
-        metadata={"help": "kd_loss skew_kl / skew_reverse_kl: the mixing weight alpha in [0, 1) of DistiLLM: "
-                          "KL(p || a p + (1-a) q), KL(q || (1-a) p + a q) (p teacher, q student); 0 = the plain "
-                          "forward / reverse KL. DistiLLM used 0.1. Example: --skew-alpha 0.1"},
+        metadata={
+            "help": "kd_loss skew_kl / skew_reverse_kl: the mixing weight alpha in [0, 1) of DistiLLM: "
+            "KL(p || a p + (1-a) q), KL(q || (1-a) p + a q) (p teacher, q student); 0 = the plain "
+            "forward / reverse KL. DistiLLM used 0.1. Example: --skew-alpha 0.1"
+        },
     )
     taid_t_start: float = field(
         default=0.4,
-        metadata={"help": "kd_loss taid: the interpolation t at step 0 of the target softmax((1-t) sg(z_s) + t z_t); "
-                          "it moves to taid_t_end over max_steps (TAID used 0.4 -> 1). Example: --taid-t-start 0.4"},
+        metadata={
+            "help": "kd_loss taid: the interpolation t at step 0 of the target softmax((1-t) sg(z_s) + t z_t); "
+            "it moves to taid_t_end over max_steps (TAID used 0.4 -> 1). Example: --taid-t-start 0.4"
+        },
     )
     taid_t_end: float = field(
-        default=1.0, metadata={"help": "kd_loss taid: t at the last step (1 = the forward KL to the teacher). "
-                                   "Example: --taid-t-end 1.0"})
+        default=1.0,
+        metadata={
+            "help": "kd_loss taid: t at the last step (1 = the forward KL to the teacher). "
+            "Example: --taid-t-end 1.0"
+        },
+    )
     taid_schedule: str = field(
         default="adaptive",
-        metadata={"help": "kd_loss taid: linear (t from taid_t_start to taid_t_end in proportion to the step) or "
-                          "adaptive (TAID's: never behind linear, faster while the loss falls; see taid_alpha, "
-                          "taid_beta). Example: --taid-schedule linear"},
+        metadata={
+            "help": "kd_loss taid: linear (t from taid_t_start to taid_t_end in proportion to the step) or "
+            "adaptive (TAID's: never behind linear, faster while the loss falls; see taid_alpha, "
+            "taid_beta). Example: --taid-schedule linear"
+        },
     )
     taid_alpha: float = field(
-        default=5e-4, metadata={"help": "kd_loss taid, adaptive schedule: step size of t's growth (TAID: 5e-4). "
-                                      "Example: --taid-alpha 5e-4"})
+        default=5e-4,
+        metadata={
+            "help": "kd_loss taid, adaptive schedule: step size of t's growth (TAID: 5e-4). "
+            "Example: --taid-alpha 5e-4"
+        },
+    )
     taid_beta: float = field(
         default=0.99,
-        metadata={"help": "kd_loss taid, adaptive schedule: momentum of the loss's relative change (TAID: 0.99). "
-                          "Example: --taid-beta 0.99"})
+        metadata={
+            "help": "kd_loss taid, adaptive schedule: momentum of the loss's relative change (TAID: 0.99). "
+            "Example: --taid-beta 0.99"
+        },
+    )
     mlm_kd_positions: str = field(
         default="all",
-        metadata={"help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "
-                          "on the masked ones (masked). CE is always on the masked positions."},
+        metadata={
+            "help": "Masked LM only: distil on all non-padding positions (all, as DistilBERT) or only "
+            "on the masked ones (masked). CE is always on the masked positions."
+        },
     )
     kd_chunk_size: str = field(
         default="auto",
-        metadata={"help": "Which CE+KD loss: auto (default) = the plain loss on GPUs when both models' full logits "
-                          "fit comfortably in free memory, else the memory-lean chunked/fused loss "
-                          "(lmkd.losses.chunked; always on CPU, where it is measured faster), decided on the first "
-                          "batch and logged once; -1 = the chunked loss with an automatic chunk size (~1M logits "
-                          "per chunk on CPU, 8M on GPU); N > 0 = chunks of N positions; 0 = the plain loss. Same "
-                          "loss and gradients; on causal and seq2seq LMs with a plain linear head the chunked loss "
-                          "never materialises the student's logits. Example: --kd-chunk-size 0"},
+        metadata={
+            "help": "Which CE+KD loss: auto (default) = the plain loss on GPUs when both models' full logits "
+            "fit comfortably in free memory, else the memory-lean chunked/fused loss "
+            "(lmkd.losses.chunked; always on CPU, where it is measured faster), decided on the first "
+            "batch and logged once; -1 = the chunked loss with an automatic chunk size (~1M logits "
+            "per chunk on CPU, 8M on GPU); N > 0 = chunks of N positions; 0 = the plain loss. Same "
+            "loss and gradients; on causal and seq2seq LMs with a plain linear head the chunked loss "
+            "never materialises the student's logits. Example: --kd-chunk-size 0"
+        },
     )
     logit_cache: str | None = field(
         default=None,
-        metadata={"help": "Directory written by `lmkd cache-logits`: train from the teacher's cached top-K "
-                          "log-probs with no teacher loaded and no teacher forward (kd_loss forward_kl, "
-                          "reverse_kl or jsd). The training data must be the file the cache was made from."},
+        metadata={
+            "help": "Directory written by `lmkd cache-logits`: train from the teacher's cached top-K "
+            "log-probs with no teacher loaded and no teacher forward (kd_loss forward_kl, "
+            "reverse_kl or jsd). The training data must be the file the cache was made from."
+        },
     )
     eval_logit_cache: str | None = field(
         default=None,
-        metadata={"help": "With logit_cache and validation data: `lmkd cache-logits` of the validation file (same "
-                          "settings), so that eval_loss is the same CE+KD mix as with an online teacher."},
+        metadata={
+            "help": "With logit_cache and validation data: `lmkd cache-logits` of the validation file (same "
+            "settings), so that eval_loss is the same CE+KD mix as with an online teacher."
+        },
     )
     hidden_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the hidden-state loss between mapped layers (0 = off). When the hidden "
-                          "sizes differ the student's states go through a learned linear projection (FitNets "
-                          "hint), trained with the student but not saved with it."},
+        metadata={
+            "help": "Weight of the hidden-state loss between mapped layers (0 = off). When the hidden "
+            "sizes differ the student's states go through a learned linear projection (FitNets "
+            "hint), trained with the student but not saved with it."
+        },
     )
     hidden_loss: str = field(
         default="mse",
-        metadata={"help": "Hidden-state loss per token: mse (mean over features, Shleifer & Rush) or cosine "
-                          "(1 - cos, DistilBERT's alpha_cos)."},
+        metadata={
+            "help": "Hidden-state loss per token: mse (mean over features, Shleifer & Rush) or cosine "
+            "(1 - cos, DistilBERT's alpha_cos)."
+        },
     )
     attention_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the self-attention-map loss between mapped layers (0 = off). Switches "
-                          "both models to eager attention (the only kind that returns attention maps)."},
+        metadata={
+            "help": "Weight of the self-attention-map loss between mapped layers (0 = off). Switches "
+            "both models to eager attention (the only kind that returns attention maps)."
+        },
     )
     attention_loss: str = field(
         default="kl",
-        metadata={"help": "Attention-map loss per query token: kl (KL(teacher || student) over keys, MiniLM) "
-                          "or mse (squared error summed over keys, TinyBERT). Heads are averaged when the "
-                          "head counts differ."},
+        metadata={
+            "help": "Attention-map loss per query token: kl (KL(teacher || student) over keys, MiniLM) "
+            "or mse (squared error summed over keys, TinyBERT). Heads are averaged when the "
+            "head counts differ."
+        },
     )
     relation_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the relation loss on the mapped layers (0 = off); needs no projection "
-                          "since relations do not depend on the feature size."},
+        metadata={
+            "help": "Weight of the relation loss on the mapped layers (0 = off); needs no projection "
+            "since relations do not depend on the feature size."
+        },
     )
     relation_loss: str = field(
         default="rkd",
-        metadata={"help": "rkd (Relational KD: distances + 2 x angles, Park et al. 2019) or sp "
-                          "(Similarity-Preserving KD: row-normalised Gram matrices, Tung & Mori 2019)."},
+        metadata={
+            "help": "rkd (Relational KD: distances + 2 x angles, Park et al. 2019) or sp "
+            "(Similarity-Preserving KD: row-normalised Gram matrices, Tung & Mori 2019)."
+        },
     )
     relation_pooling: str = field(
         default="mean",
-        metadata={"help": "Relations among examples, each the mean of its tokens (mean), or among the tokens "
-                          "of each sequence (token)."},
+        metadata={
+            "help": "Relations among examples, each the mean of its tokens (mean), or among the tokens "
+            "of each sequence (token)."
+        },
     )
     layer_map: str | None = field(
         default=None,
-        metadata={"help": "Which teacher layer each student layer is compared with: '0,2,4' (teacher layer "
-                          "per student layer), '0:1,2:5' (student:teacher pairs), '-1:-1' (last to last), "
-                          "'encoder=0,2;decoder=-1:-1' per stack. Default: the layers make-student copied "
-                          "(lmkd_layer_map in the student's config), else evenly spaced ending at the last. On the command "
-                          "line write --layer-map=-1:-1 (with '=') when the value starts with '-'."},
+        metadata={
+            "help": "Which teacher layer each student layer is compared with: '0,2,4' (teacher layer "
+            "per student layer), '0:1,2:5' (student:teacher pairs), '-1:-1' (last to last), "
+            "'encoder=0,2;decoder=-1:-1' per stack. Default: the layers make-student copied "
+            "(lmkd_layer_map in the student's config), else evenly spaced ending at the last. On the command "
+            "line write --layer-map=-1:-1 (with '=') when the value starts with '-'."
+        },
     )
     # ---- regimes beyond one fixed teacher (lmkd.train.regimes) ----
     teacher_weights: str | None = field(
         default=None,
-        metadata={"help": "Teacher ensemble: with teacher_model_name_or_path a comma-separated list of teachers, "
-                          "their weights ('0.7,0.3'; default equal). KD targets the weighted average of their "
-                          "softened distributions."},
+        metadata={
+            "help": "Teacher ensemble: with teacher_model_name_or_path a comma-separated list of teachers, "
+            "their weights ('0.7,0.3'; default equal). KD targets the weighted average of their "
+            "softened distributions."
+        },
     )
     rounds: int = field(
         default=1,
-        metadata={"help": "Born-again self-distillation: train N students in turn from the same init, round r's "
-                          "student the teacher of round r+1 (output_dir/round-r; the last also in output_dir). "
-                          "1 = one ordinary run."},
+        metadata={
+            "help": "Born-again self-distillation: train N students in turn from the same init, round r's "
+            "student the teacher of round r+1 (output_dir/round-r; the last also in output_dir). "
+            "1 = one ordinary run."
+        },
     )
     cohort_size: int = field(
         default=1,
-        metadata={"help": "Co-distillation (deep mutual learning): train K >= 2 students together, each with CE + "
-                          "KD towards the detached average of the others; no teacher (output_dir/member-k; member 0 "
-                          "also in output_dir). The members start from student_model_name_or_path: K checkpoints "
-                          "'a,b,c' (one per member), or one loaded K times (member k under seed + k for weights it "
-                          "lacks) that then diverge through dropout; a cohort that cannot differ (identical weights, "
-                          "no dropout) is refused. 1 = off."},
+        metadata={
+            "help": "Co-distillation (deep mutual learning): train K >= 2 students together, each with CE + "
+            "KD towards the detached average of the others; no teacher (output_dir/member-k; member 0 "
+            "also in output_dir). The members start from student_model_name_or_path: K checkpoints "
+            "'a,b,c' (one per member), or one loaded K times (member k under seed + k for weights it "
+            "lacks) that then diverge through dropout; a cohort that cannot differ (identical weights, "
+            "no dropout) is refused. 1 = off."
+        },
     )
     on_policy_fraction: float = field(
         default=0.0,
-        metadata={"help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn from the seed and the "
-                          "batch's index: a resumed run draws the same) whose targets are the student's own samples, scored by the teacher with kd_loss jsd. 0 = off."},
+        metadata={
+            "help": "On-policy KD (GKD) lambda in [0, 1]: share of batches (drawn from the seed and the "
+            "batch's index: a resumed run draws the same) whose targets are the student's own samples, "
+            "scored by the teacher with kd_loss jsd. 0 = off."
+        },
     )
     on_policy_temperature: float = field(
-        default=1.0, metadata={"help": "On-policy KD: sampling temperature of the student's generations."})
+        default=1.0,
+        metadata={"help": "On-policy KD: sampling temperature of the student's generations."},
+    )
     on_policy_max_new_tokens: int = field(
-        default=64, metadata={"help": "On-policy KD: length limit of the student's generations."})
+        default=64, metadata={"help": "On-policy KD: length limit of the student's generations."}
+    )
     on_policy_prompt_tokens: int = field(
         default=16,
-        metadata={"help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (at "
-                          "most all but its last), unless the data name each row's prompt (prompt_column)."},
+        metadata={
+            "help": "On-policy KD, causal LMs: the student continues the first N tokens of each row (at "
+            "most all but its last), unless the data name each row's prompt (prompt_column)."
+        },
     )
 
     def __post_init__(self):
         if not 0.0 <= self.kd_alpha <= 1.0:
-            raise LmkdError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}; it weights KD against CE")
+            raise LmkdError(
+                f"kd_alpha must be in [0, 1], got {self.kd_alpha}; it weights KD against CE"
+            )
         if not self.kd_temperature > 0:
-            raise LmkdError(f"kd_temperature must be > 0, got {self.kd_temperature}; 1 is the plain softmax, "
-                            "DistilBERT used 2")
+            raise LmkdError(
+                f"kd_temperature must be > 0, got {self.kd_temperature}; 1 is the plain softmax, "
+                "DistilBERT used 2"
+            )
         if self.kd_loss not in KD_LOSSES + PLAIN_KD_LOSSES + CROSS_KD_LOSSES:
-            raise LmkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of "
-                            f"{', '.join(KD_LOSSES + PLAIN_KD_LOSSES + CROSS_KD_LOSSES)}")
+            raise LmkdError(
+                f"unknown kd_loss {self.kd_loss!r}; choose one of "
+                f"{', '.join(KD_LOSSES + PLAIN_KD_LOSSES + CROSS_KD_LOSSES)}"
+            )
         self._check_cross_tokenizer()
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise LmkdError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.teacher_dtype not in TEACHER_DTYPES:
-            raise LmkdError(f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}")
+            raise LmkdError(
+                f"unknown teacher_dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}"
+            )
         if self.mlm_kd_positions not in MLM_KD_POSITIONS:
-            raise LmkdError(f"unknown mlm_kd_positions {self.mlm_kd_positions!r}; choose all or masked")
+            raise LmkdError(
+                f"unknown mlm_kd_positions {self.mlm_kd_positions!r}; choose all or masked"
+            )
         self.kd_chunk_size = _chunk_size(self.kd_chunk_size)
         self._check_plain_losses()
         if self.logit_cache is not None and self.kd_loss == "mse":
-            raise LmkdError("kd_loss mse needs the teacher's full logits, which a top-K logit_cache does not "
-                            "hold; use forward_kl, reverse_kl or jsd, or drop logit_cache")
+            raise LmkdError(
+                "kd_loss mse needs the teacher's full logits, which a top-K logit_cache does not "
+                "hold; use forward_kl, reverse_kl or jsd, or drop logit_cache"
+            )
         if self.eval_logit_cache and not self.logit_cache:
-            raise LmkdError("eval_logit_cache goes with logit_cache (an online teacher scores the validation "
-                            "data itself); drop it or set logit_cache")
+            raise LmkdError(
+                "eval_logit_cache goes with logit_cache (an online teacher scores the validation "
+                "data itself); drop it or set logit_cache"
+            )
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if not getattr(self, name) >= 0:
-                raise LmkdError(f"{name} must be >= 0, got {getattr(self, name)}; 0 turns that loss off")
-        for name, choices in (("hidden_loss", HIDDEN_LOSSES), ("attention_loss", ATTENTION_LOSSES),
-                              ("relation_loss", RELATION_LOSSES), ("relation_pooling", RELATION_POOLINGS)):
+                raise LmkdError(
+                    f"{name} must be >= 0, got {getattr(self, name)}; 0 turns that loss off"
+                )
+        for name, choices in (
+            ("hidden_loss", HIDDEN_LOSSES),
+            ("attention_loss", ATTENTION_LOSSES),
+            ("relation_loss", RELATION_LOSSES),
+            ("relation_pooling", RELATION_POOLINGS),
+        ):
             if getattr(self, name) not in choices:
-                raise LmkdError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+                raise LmkdError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}"
+                )
         if isinstance(self.layer_map, (list, tuple)):
             self.layer_map = ",".join(str(int(i)) for i in self.layer_map)
         if self.layer_map is not None:
             parse_layer_map(self.layer_map)
-        if self.relation_weight > 0 and self.relation_pooling == "mean" and self.per_device_train_batch_size < 2:
-            raise LmkdError("relation_pooling mean relates the examples of a batch, so it needs "
-                            "per_device_train_batch_size >= 2; raise it or use relation_pooling token")
+        if (
+            self.relation_weight > 0
+            and self.relation_pooling == "mean"
+            and self.per_device_train_batch_size < 2
+        ):
+            raise LmkdError(
+                "relation_pooling mean relates the examples of a batch, so it needs "
+                "per_device_train_batch_size >= 2; raise it or use relation_pooling token"
+            )
         self._check_regimes()
         self._check_sizes()
         self._check_optimisation()
@@ -319,57 +433,97 @@ class DistillationConfig(Seq2SeqTrainingArguments):
 
     def _check_cross_tokenizer(self) -> None:
         if self.kd_loss in CROSS_KD_LOSSES and not self.teacher_tokenizer:
-            raise LmkdError(f"kd_loss {self.kd_loss} is the cross-tokenizer loss: set teacher_tokenizer (the teacher's "
-                            "tokenizer path), or use forward_kl with a teacher of the student's tokenizer")
+            raise LmkdError(
+                f"kd_loss {self.kd_loss} is the cross-tokenizer loss: set teacher_tokenizer (the teacher's "
+                "tokenizer path), or use forward_kl with a teacher of the student's tokenizer"
+            )
         if self.teacher_tokenizer and self.kd_loss not in CROSS_KD_LOSSES:
-            raise LmkdError(f"teacher_tokenizer is set, so teacher and student vocabularies differ: kd_loss "
-                            f"{self.kd_loss} needs one vocabulary; use kd_loss uld or uld_hybrid")
+            raise LmkdError(
+                f"teacher_tokenizer is set, so teacher and student vocabularies differ: kd_loss "
+                f"{self.kd_loss} needs one vocabulary; use kd_loss uld or uld_hybrid"
+            )
         if self.teacher_tokenizer:
-            other = [name for name, on in (("logit_cache", self.logit_cache), ("on_policy_fraction",
-                     self.on_policy_fraction > 0), ("cohort_size", self.cohort_size > 1), ("teacher_weights",
-                     self.teacher_weights), ("hidden/attention/relation weights", self.hidden_weight > 0
-                     or self.attention_weight > 0 or self.relation_weight > 0)) if on]
+            other = [
+                name
+                for name, on in (
+                    ("logit_cache", self.logit_cache),
+                    ("on_policy_fraction", self.on_policy_fraction > 0),
+                    ("cohort_size", self.cohort_size > 1),
+                    ("teacher_weights", self.teacher_weights),
+                    (
+                        "hidden/attention/relation weights",
+                        self.hidden_weight > 0
+                        or self.attention_weight > 0
+                        or self.relation_weight > 0,
+                    ),
+                )
+                if on
+            ]
             if other:
-                raise LmkdError(f"teacher_tokenizer (cross-tokenizer KD) does not combine with {other[0]}; drop one")
+                raise LmkdError(
+                    f"teacher_tokenizer (cross-tokenizer KD) does not combine with {other[0]}; drop one"
+                )
 
     def _check_plain_losses(self) -> None:
         """skew_alpha and the TAID schedule, and the paths skew KL / TAID cannot take."""
         if not 0.0 <= self.skew_alpha < 1.0:
-            raise LmkdError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}; 0 is the plain KL, at 1 the "
-                            "skew KL is identically 0")
+            raise LmkdError(
+                f"skew_alpha must be in [0, 1), got {self.skew_alpha}; 0 is the plain KL, at 1 the "
+                "skew KL is identically 0"
+            )
         if not 0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0:
-            raise LmkdError(f"TAID needs 0 <= taid_t_start <= taid_t_end <= 1, got {self.taid_t_start} and "
-                            f"{self.taid_t_end}")
+            raise LmkdError(
+                f"TAID needs 0 <= taid_t_start <= taid_t_end <= 1, got {self.taid_t_start} and "
+                f"{self.taid_t_end}"
+            )
         if self.taid_schedule not in ("linear", "adaptive"):
-            raise LmkdError(f"unknown taid_schedule {self.taid_schedule!r}; choose linear or adaptive")
+            raise LmkdError(
+                f"unknown taid_schedule {self.taid_schedule!r}; choose linear or adaptive"
+            )
         if not (0.0 <= self.taid_alpha <= 1.0 and 0.0 <= self.taid_beta < 1.0):
-            raise LmkdError(f"taid_alpha must be in [0, 1] and taid_beta in [0, 1), got {self.taid_alpha} and "
-                            f"{self.taid_beta}")
+            raise LmkdError(
+                f"taid_alpha must be in [0, 1] and taid_beta in [0, 1), got {self.taid_alpha} and "
+                f"{self.taid_beta}"
+            )
         if self.kd_loss not in PLAIN_KD_LOSSES:
             return
         if self.kd_chunk_size not in ("auto", 0):
-            raise LmkdError(f"kd_loss {self.kd_loss} is computed on the plain loss only: set kd_chunk_size: 0 "
-                            f"(or auto), not {self.kd_chunk_size}")
+            raise LmkdError(
+                f"kd_loss {self.kd_loss} is computed on the plain loss only: set kd_chunk_size: 0 "
+                f"(or auto), not {self.kd_chunk_size}"
+            )
         if self.logit_cache:
-            raise LmkdError(f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K logit_cache "
-                            "does not hold; use forward_kl, reverse_kl or jsd, or drop logit_cache")
+            raise LmkdError(
+                f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K logit_cache "
+                "does not hold; use forward_kl, reverse_kl or jsd, or drop logit_cache"
+            )
 
     def _check_sizes(self) -> None:
         """Batch sizes and step counts the Trainer would only trip over later (a ZeroDivisionError or
         a DataLoader error after the models load and output_dir is made)."""
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise LmkdError(f"{name} must be an integer >= 1, got {value}")
         if self.eval_accumulation_steps is not None and not self.eval_accumulation_steps >= 1:
-            raise LmkdError(f"eval_accumulation_steps must be >= 1 (or unset), got {self.eval_accumulation_steps}")
+            raise LmkdError(
+                f"eval_accumulation_steps must be >= 1 (or unset), got {self.eval_accumulation_steps}"
+            )
         if self.dataloader_num_workers < 0:
-            raise LmkdError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+            raise LmkdError(
+                f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}"
+            )
         for name in ("save_steps", "eval_steps", "logging_steps"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise LmkdError(f"{name} must be > 0 (an integer, or a fraction < 1 of the training steps), "
-                                f"got {value}")
+                raise LmkdError(
+                    f"{name} must be > 0 (an integer, or a fraction < 1 of the training steps), "
+                    f"got {value}"
+                )
 
     def _check_optimisation(self) -> None:
         """Optimiser settings and a training length the Trainer would take without a word: a negative
@@ -378,16 +532,27 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if not self.learning_rate >= 0:  # (0 holds the weights still: a flat baseline)
             raise LmkdError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not self.max_steps > 0 and not self.num_train_epochs > 0:
-            raise LmkdError(f"training would run no step: max_steps is {self.max_steps} (<= 0: unset) and "
-                            f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or "
-                            "num_train_epochs > 0")
-        for name, high in (("weight_decay", None), ("adam_epsilon", None), ("max_grad_norm", None),
-                           ("warmup_steps", None), ("adam_beta1", 1.0), ("adam_beta2", 1.0),
-                           ("label_smoothing_factor", 1.0)):
+            raise LmkdError(
+                f"training would run no step: max_steps is {self.max_steps} (<= 0: unset) and "
+                f"num_train_epochs {self.num_train_epochs}; set max_steps > 0 or "
+                "num_train_epochs > 0"
+            )
+        for name, high in (
+            ("weight_decay", None),
+            ("adam_epsilon", None),
+            ("max_grad_norm", None),
+            ("warmup_steps", None),
+            ("adam_beta1", 1.0),
+            ("adam_beta2", 1.0),
+            ("label_smoothing_factor", 1.0),
+        ):
             value = getattr(self, name, None)
             if value is not None and not (value >= 0 and (high is None or value < high)):
-                raise LmkdError(f"{name} must be >= 0" + (f" and < {high:g}" if high is not None else "")
-                                + f", got {value}")
+                raise LmkdError(
+                    f"{name} must be >= 0"
+                    + (f" and < {high:g}" if high is not None else "")
+                    + f", got {value}"
+                )
         for name in ("generation_num_beams", "generation_max_length"):
             value = getattr(self, name, None)
             if value is not None and not value >= 1:
@@ -401,12 +566,19 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
         if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-            raise LmkdError("bf16 needs a GPU with bfloat16 support and none was found; choose by device "
-                            "(bf16=torch.cuda.is_available() from Python; on the command line override the "
-                            "recipe's key, e.g. --bf16 false --use-cpu true on a CPU)")
+            raise LmkdError(
+                "bf16 needs a GPU with bfloat16 support and none was found; choose by device "
+                "(bf16=torch.cuda.is_available() from Python; on the command line override the "
+                "recipe's key, e.g. --bf16 false --use-cpu true on a CPU)"
+            )
 
     def _check_regimes(self) -> None:
-        for name in ("rounds", "cohort_size", "on_policy_max_new_tokens", "on_policy_prompt_tokens"):
+        for name in (
+            "rounds",
+            "cohort_size",
+            "on_policy_max_new_tokens",
+            "on_policy_prompt_tokens",
+        ):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise LmkdError(f"{name} must be an integer >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.on_policy_fraction <= 1.0:
@@ -414,11 +586,17 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         if not self.on_policy_temperature > 0:
             raise LmkdError(f"on_policy_temperature must be > 0, got {self.on_policy_temperature}")
         if self.on_policy_fraction > 0 and self.kd_loss != "jsd":
-            raise LmkdError(f"on-policy KD scores the student's samples with the generalized JSD: set kd_loss jsd "
-                            f"(jsd_beta 0 = forward KL, 1 = reverse KL), not {self.kd_loss}")
-        if self.cohort_size > 1 and (self.teacher_model_name_or_path or self.rounds > 1 or self.on_policy_fraction):
-            raise LmkdError("cohort_size > 1 (co-distillation) trains without a teacher: drop "
-                            "teacher_model_name_or_path, rounds and on_policy_fraction")
+            raise LmkdError(
+                f"on-policy KD scores the student's samples with the generalized JSD: set kd_loss jsd "
+                f"(jsd_beta 0 = forward KL, 1 = reverse KL), not {self.kd_loss}"
+            )
+        if self.cohort_size > 1 and (
+            self.teacher_model_name_or_path or self.rounds > 1 or self.on_policy_fraction
+        ):
+            raise LmkdError(
+                "cohort_size > 1 (co-distillation) trains without a teacher: drop "
+                "teacher_model_name_or_path, rounds and on_policy_fraction"
+            )
         if self.cohort_size > 1:
             self.check_co_distillation()
         teachers = [t for t in (self.teacher_model_name_or_path or "").split(",") if t.strip()]
@@ -426,19 +604,28 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             try:
                 weights = [float(w) for w in str(self.teacher_weights).split(",")]
             except ValueError:
-                raise LmkdError(f"teacher_weights must be numbers like '0.7,0.3', got {self.teacher_weights!r}") \
-                    from None
+                raise LmkdError(
+                    f"teacher_weights must be numbers like '0.7,0.3', got {self.teacher_weights!r}"
+                ) from None
             if len(weights) != len(teachers) or any(not w > 0 for w in weights):
-                raise LmkdError(f"teacher_weights {self.teacher_weights!r}: give one weight > 0 per teacher of "
-                                f"teacher_model_name_or_path ({len(teachers)})")
+                raise LmkdError(
+                    f"teacher_weights {self.teacher_weights!r}: give one weight > 0 per teacher of "
+                    f"teacher_model_name_or_path ({len(teachers)})"
+                )
         if len(teachers) > 1 and self.kd_loss == "mse":
-            raise LmkdError("a teacher ensemble averages softened distributions, which logit matching (kd_loss "
-                            "mse) cannot use; choose forward_kl, reverse_kl or jsd")
+            raise LmkdError(
+                "a teacher ensemble averages softened distributions, which logit matching (kd_loss "
+                "mse) cannot use; choose forward_kl, reverse_kl or jsd"
+            )
         if len(teachers) > 1 and self.uses_features:
-            raise LmkdError("hidden/attention/relation losses compare with one teacher's layers, not an ensemble; "
-                            "set their weights 0 or name one teacher")
+            raise LmkdError(
+                "hidden/attention/relation losses compare with one teacher's layers, not an ensemble; "
+                "set their weights 0 or name one teacher"
+            )
         if len(teachers) > 1 and self.logit_cache and self.kd_alpha > 0:
-            raise LmkdError("logit_cache holds one teacher's logits; drop it to distil from an ensemble")
+            raise LmkdError(
+                "logit_cache holds one teacher's logits; drop it to distil from an ensemble"
+            )
 
     @property
     def uses_features(self) -> bool:
@@ -450,11 +637,15 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         by ``__post_init__`` for ``cohort_size > 1``, and by :class:`lmkd.train.regimes.CoDistillationTrainer`
         for a cohort it is given as a model."""
         if self.kd_loss == "mse" or self.kd_loss in PLAIN_KD_LOSSES:
-            raise LmkdError("co-distillation averages the members' distributions: use kd_loss forward_kl, "
-                            f"reverse_kl or jsd, not {self.kd_loss}")
+            raise LmkdError(
+                "co-distillation averages the members' distributions: use kd_loss forward_kl, "
+                f"reverse_kl or jsd, not {self.kd_loss}"
+            )
         if self.uses_features or self.logit_cache:
-            raise LmkdError("co-distillation uses the members' output distributions only: set hidden/attention/"
-                            "relation weights 0 and drop logit_cache")
+            raise LmkdError(
+                "co-distillation uses the members' output distributions only: set hidden/attention/"
+                "relation weights 0 and drop logit_cache"
+            )
 
 
 @dataclass
@@ -462,6 +653,10 @@ class ModelArguments:
     """Which student to train (the teacher is a DistillationConfig field)."""
 
     student_model_name_or_path: str = field(
-        metadata={"help": "Student checkpoint (hub id or local dir), e.g. one written by `lmkd make-student`."})
+        metadata={
+            "help": "Student checkpoint (hub id or local dir), e.g. one written by `lmkd make-student`."
+        }
+    )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use (default: the student's)."})
+        default=None, metadata={"help": "Tokenizer to use (default: the student's)."}
+    )

@@ -20,13 +20,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lmkd import losses
-from lmkd.train.config import parse_layer_map
-from lmkd.train.loss_stats import LossStats
 from lmkd.core.constants import IGNORE_INDEX, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.models.loading import unwrap
 from lmkd.data.positions import token_mask
+from lmkd.models.loading import unwrap
 from lmkd.models.student import stacks_of
+from lmkd.train.config import parse_layer_map
+from lmkd.train.loss_stats import LossStats
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ def _layer_counts(model_or_config) -> dict[str, int] | None:
     return {stack: getattr(config, field, None) for stack, (_, field) in stacks.items()}
 
 
-def resolve_layer_pairs(args, layer_spec, student_config, stack: str, n_s: int, n_t: int) -> list[tuple[int, int]]:
+def resolve_layer_pairs(
+    args, layer_spec, student_config, stack: str, n_s: int, n_t: int
+) -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs of ``stack``, from ``layer_map`` (``layer_spec``, parsed),
     else the layers make_student copied (``lmkd_layer_map``), else evenly spaced ending at the last
     layer; negative indices resolved.  Raises :class:`LmkdError` for a pair out of range."""
@@ -73,8 +75,10 @@ def resolve_layer_pairs(args, layer_spec, student_config, stack: str, n_s: int, 
         i2, j2 = i + n_s if i < 0 else i, j + n_t if j < 0 else j
         if not (0 <= i2 < n_s and 0 <= j2 < n_t):
             what = "" if stack == "layers" else f"{stack} "  # ("layers", not "layers layers")
-            raise LmkdError(f"{where} pairs {what}layers {i}:{j}, but the student has {n_s} and the teacher "
-                            f"{n_t} {what}layers; set layer_map (e.g. '-1:-1')")
+            raise LmkdError(
+                f"{where} pairs {what}layers {i}:{j}, but the student has {n_s} and the teacher "
+                f"{n_t} {what}layers; set layer_map (e.g. '-1:-1')"
+            )
         resolved.append((i2, j2))
     return resolved
 
@@ -91,7 +95,7 @@ def check_layer_maps(args, kind: str, student, teacher) -> None:
         return
     spec = parse_layer_map(args.layer_map) if args.layer_map is not None else None
     student_config = getattr(unwrap(student), "config", student)
-    for stack in (("encoder", "decoder") if kind == SEQ2SEQ else ("layers",)):
+    for stack in ("encoder", "decoder") if kind == SEQ2SEQ else ("layers",):
         n_s, n_t = counts[0].get(stack), counts[1].get(stack)
         if isinstance(n_s, int) and isinstance(n_t, int) and n_s > 0 and n_t > 0:
             resolve_layer_pairs(args, spec, student_config, stack, n_s, n_t)
@@ -113,31 +117,42 @@ class FeatureDistiller:
         self._pairs: dict = {}
         teacher = unwrap(teacher)
         if not isinstance(teacher, PreTrainedModel):
-            raise LmkdError(f"hidden/attention/relation losses need one Hugging Face teacher model, not a "
-                            f"{type(teacher).__name__} (e.g. a teacher ensemble); set their weights to 0")
+            raise LmkdError(
+                f"hidden/attention/relation losses need one Hugging Face teacher model, not a "
+                f"{type(teacher).__name__} (e.g. a teacher ensemble); set their weights to 0"
+            )
         if args.attention_weight > 0:
             for who, m in (("student", self.student), ("teacher", teacher)):
                 if m.config._attn_implementation != "eager":
                     try:
                         m.set_attn_implementation("eager")
                     except (ValueError, ImportError) as e:
-                        raise LmkdError(f"attention_weight > 0 needs attention maps but the {who} cannot use "
-                                        f"eager attention ({str(e).splitlines()[0]}); set attention_weight 0")
+                        raise LmkdError(
+                            f"attention_weight > 0 needs attention maps but the {who} cannot use "
+                            f"eager attention ({str(e).splitlines()[0]}); set attention_weight 0"
+                        ) from e
         self.check_layer_maps(teacher)
         if args.hidden_weight > 0:
             d_s = self.student.config.get_text_config().hidden_size
             d_t = teacher.config.get_text_config().hidden_size
             if d_s != d_t:
                 if deepspeed:
-                    raise LmkdError(f"student hidden size {d_s} differs from the teacher's {d_t}: the hint "
-                                    "projection is not supported under DeepSpeed; use relation_weight (no "
-                                    "projection needed) or a student of the teacher's width")
+                    raise LmkdError(
+                        f"student hidden size {d_s} differs from the teacher's {d_t}: the hint "
+                        "projection is not supported under DeepSpeed; use relation_weight (no "
+                        "projection needed) or a student of the teacher's width"
+                    )
                 dtype = next(self.student.parameters()).dtype
                 dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
                 for stack in self.stacks():
                     self.projections[stack] = nn.Linear(d_s, d_t).to(device=device, dtype=dtype)
-                logger.info("hidden sizes differ (student %d, teacher %d): training a linear projection per layer "
-                            "stack (%s) for the hint loss", d_s, d_t, ", ".join(self.projections))
+                logger.info(
+                    "hidden sizes differ (student %d, teacher %d): training a linear projection per layer "
+                    "stack (%s) for the hint loss",
+                    d_s,
+                    d_t,
+                    ", ".join(self.projections),
+                )
 
     def check_layer_maps(self, teacher) -> None:
         """:func:`check_layer_maps` of this run's student and ``teacher``."""
@@ -182,11 +197,14 @@ class FeatureDistiller:
         """(student layer, teacher layer) pairs of ``stack`` (:func:`resolve_layer_pairs`), cached."""
         key = (stack, n_s, n_t)
         if key not in self._pairs:
-            self._pairs[key] = resolve_layer_pairs(self.args, self.layer_spec, self.student.config, stack, n_s, n_t)
+            self._pairs[key] = resolve_layer_pairs(
+                self.args, self.layer_spec, self.student.config, stack, n_s, n_t
+            )
         return self._pairs[key]
 
-    def loss(self, outputs, t_outputs, inputs: dict,
-             totals: dict | None = None) -> tuple[torch.Tensor, LossStats]:
+    def loss(
+        self, outputs, t_outputs, inputs: dict, totals: dict | None = None
+    ) -> tuple[torch.Tensor, LossStats]:
         """``hidden_weight * hidden + attention_weight * attention + relation_weight * relation``.
 
         Each term is the mean over all mapped (stack, layer) pairs of a per-token (hidden,
@@ -216,16 +234,21 @@ class FeatureDistiller:
             key = hs_key if "output_hidden_states" in self.output_flags() else att_key
             s_out, t_out = outputs.get(key), t_outputs.get(key)
             if not s_out or not t_out:
-                raise LmkdError(f"the models returned no {key}; feature losses need models whose forward accepts "
-                                f"output_hidden_states/output_attentions (and eager attention for attention maps)")
+                raise LmkdError(
+                    f"the models returned no {key}; feature losses need models whose forward accepts "
+                    f"output_hidden_states/output_attentions (and eager attention for attention maps)"
+                )
             shift = 1 if key == hs_key else 0  # hidden_states[0] is the embedding output
             pairs[stack] = self.layer_pairs(stack, len(s_out) - shift, len(t_out) - shift)
         n_pairs = sum(len(p) for p in pairs.values())
 
         stats = LossStats()
         total = torch.zeros((), dtype=torch.float32, device=inputs["input_ids"].device)
-        for name, weight in (("hidden", args.hidden_weight), ("attention", args.attention_weight),
-                             ("relation", args.relation_weight)):
+        for name, weight in (
+            ("hidden", args.hidden_weight),
+            ("attention", args.attention_weight),
+            ("relation", args.relation_weight),
+        ):
             if weight <= 0:
                 continue
             value, logged = 0.0, 0.0
@@ -234,15 +257,28 @@ class FeatureDistiller:
                 raw = 0.0
                 for i, j in pairs[stack]:
                     if name == "hidden":
-                        raw = raw + losses.hint_loss(outputs[hs_key][i + 1], t_outputs[hs_key][j + 1],
-                                                     self.projections[stack] if stack in self.projections else None,
-                                                     mask, loss=args.hidden_loss)
+                        raw = raw + losses.hint_loss(
+                            outputs[hs_key][i + 1],
+                            t_outputs[hs_key][j + 1],
+                            self.projections[stack] if stack in self.projections else None,
+                            mask,
+                            loss=args.hidden_loss,
+                        )
                     elif name == "attention":
-                        raw = raw + losses.attention_loss(outputs[att_key][i], t_outputs[att_key][j], mask,
-                                                          loss=args.attention_loss)
+                        raw = raw + losses.attention_loss(
+                            outputs[att_key][i],
+                            t_outputs[att_key][j],
+                            mask,
+                            loss=args.attention_loss,
+                        )
                     else:
-                        raw = raw + losses.relation_loss(outputs[hs_key][i + 1], t_outputs[hs_key][j + 1], mask,
-                                                         loss=args.relation_loss, pooling=args.relation_pooling)
+                        raw = raw + losses.relation_loss(
+                            outputs[hs_key][i + 1],
+                            t_outputs[hs_key][j + 1],
+                            mask,
+                            loss=args.relation_loss,
+                            pooling=args.relation_pooling,
+                        )
                 count = "examples" if name == "relation" else stack
                 value = value + raw / max(totals[count], 1)
                 logged += float(raw.detach()) / max(local[count], 1)
@@ -264,8 +300,13 @@ def projection_param_groups(projections: nn.ModuleDict, weight_decay: float) -> 
     """The optimizer groups of the hint projections: their weights with ``weight_decay``, their
     biases without (as the Trainer groups the student's parameters)."""
     params = dict(projections.named_parameters())
-    return [{"params": [p for n, p in params.items() if not n.endswith("bias")], "weight_decay": weight_decay},
-            {"params": [p for n, p in params.items() if n.endswith("bias")], "weight_decay": 0.0}]
+    return [
+        {
+            "params": [p for n, p in params.items() if not n.endswith("bias")],
+            "weight_decay": weight_decay,
+        },
+        {"params": [p for n, p in params.items() if n.endswith("bias")], "weight_decay": 0.0},
+    ]
 
 
 def average_projection_grads(projections: nn.ModuleDict, world_size: int) -> None:
@@ -291,5 +332,8 @@ def load_projections(projections: nn.ModuleDict, checkpoint: str, device=None) -
     if os.path.isfile(path):
         projections.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     else:
-        logger.warning("%s has no %s: the hint projections restart from a random initialisation",
-                       checkpoint, PROJECTIONS_NAME)
+        logger.warning(
+            "%s has no %s: the hint projections restart from a random initialisation",
+            checkpoint,
+            PROJECTIONS_NAME,
+        )

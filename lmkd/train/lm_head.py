@@ -25,7 +25,9 @@ logger = logging.getLogger("lmkd.train.objective")  # (the log lines kept their 
 PROBE_POSITIONS = 32
 
 
-def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS) -> dict:
+def probe_inputs(
+    kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS
+) -> dict:
     """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
     of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
     tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
@@ -34,14 +36,18 @@ def probe_inputs(kind: str, fwd: dict, attention_mask=None, positions: int = PRO
     if ref is None:
         ref = fwd.get("decoder_inputs_embeds" if kind == SEQ2SEQ else "inputs_embeds")
     b, t = ref.shape[:2]
-    row = int(attention_mask.sum(-1).argmax()) if attention_mask is not None and kind != SEQ2SEQ else 0
+    row = (
+        int(attention_mask.sum(-1).argmax())
+        if attention_mask is not None and kind != SEQ2SEQ
+        else 0
+    )
     # right padding (or none): the first positions are real tokens; left padding: the last ones
     left = kind != SEQ2SEQ and attention_mask is not None and not bool(attention_mask[row, 0])
     cut = slice(max(0, t - positions), t) if left else slice(0, min(t, positions))
     out = {}
     for k, v in fwd.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b:
-            v = v[row:row + 1]
+            v = v[row : row + 1]
             if v.dim() >= 2 and v.shape[1] == t and (kind != SEQ2SEQ or k.startswith("decoder_")):
                 v = v[:, cut]
         out[k] = v
@@ -76,9 +82,14 @@ def head_for_fused_loss(model, kind: str, sharded: bool = False, data_parallel: 
     scale = getattr(cfg, "logit_scale", None)
     softcap = getattr(cfg, "final_logit_softcapping", None)
     extra = getattr(m, "final_logits_bias", None)
-    return chunked.Head(head.weight, head.bias, extra if isinstance(extra, torch.Tensor) else None,
-                        float(scale) if isinstance(scale, (int, float)) else 1.0,
-                        float(softcap) if softcap else None), ""
+    return chunked.Head(
+        head.weight,
+        head.bias,
+        extra if isinstance(extra, torch.Tensor) else None,
+        float(scale) if isinstance(scale, (int, float)) else 1.0,
+        float(softcap) if softcap else None,
+    ), ""
+
 
 @contextlib.contextmanager
 def head_skipped(model, decided):
@@ -115,6 +126,7 @@ def head_skipped(model, decided):
         if swap:
             inner._buffers["final_logits_bias"] = bias
 
+
 def check_head(box, outputs, who: str, found):
     """Once per model: does lmkd.losses.chunked.Head reproduce the model's logits?
 
@@ -134,15 +146,21 @@ def check_head(box, outputs, who: str, found):
         with torch.no_grad():
             real = outputs.logits.float()
             mine = head.logits(box["hidden"][0]).float()
-            tol = 1e-4 if real.dtype == torch.float32 and head.weight.dtype == torch.float32 else 1e-2
+            tol = (
+                1e-4 if real.dtype == torch.float32 and head.weight.dtype == torch.float32 else 1e-2
+            )
             ok = mine.shape == real.shape and bool(
-                (mine - real).abs().max() <= tol * real.abs().max().clamp(min=1.0))
+                (mine - real).abs().max() <= tol * real.abs().max().clamp(min=1.0)
+            )
         if not ok:
             head, why = None, "the model transforms its logits in a way lmkd cannot reproduce"
     if head is None:
         if who == "student":
-            logger.info("fused linear KD loss off (%s); using the chunked loss on the full logits -- the "
-                        "same objective", why)
+            logger.info(
+                "fused linear KD loss off (%s); using the chunked loss on the full logits -- the "
+                "same objective",
+                why,
+            )
         else:
             logger.info("teacher logits computed whole, not per chunk (%s)", why)
     return head if head is not None else False

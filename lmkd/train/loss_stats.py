@@ -145,4 +145,6 @@ class ObjectiveInputs:
         Returns:
             The CE and KD positions of this micro-batch.
         """
-        return LossCounts(int(self.ce_mask.sum()) if self.ce_mask is not None else 0, int(self.kd_mask.sum()))
+        return LossCounts(
+            int(self.ce_mask.sum()) if self.ce_mask is not None else 0, int(self.kd_mask.sum())
+        )

@@ -33,15 +33,20 @@ from typing import NamedTuple
 
 import torch
 
-from lmkd.teacher import cross_tokenizer, logit_cache
 from lmkd import losses
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
+from lmkd.data.positions import shifted, shifted_labels
 from lmkd.losses import chunked, fused
 from lmkd.models.loading import unwrap
-from lmkd.data.positions import shifted, shifted_labels
-from lmkd.train.lm_head import PROBE_POSITIONS  # noqa: F401 (imported from here by tests and benchmarks)
-from lmkd.train.lm_head import check_head, head_for_fused_loss, head_skipped, probe_inputs
+from lmkd.teacher import cross_tokenizer, logit_cache
+from lmkd.train.lm_head import (
+    PROBE_POSITIONS,  # noqa: F401 (imported from here by tests and benchmarks)
+    check_head,
+    head_for_fused_loss,
+    head_skipped,
+    probe_inputs,
+)
 from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 
 logger = logging.getLogger(__name__)
@@ -53,7 +58,9 @@ PLAIN_PEAK_LOGITS = 12
 FIT_SHARE = 0.5
 
 
-def choose_kd_path(positions: int, vocab: int, device, free_bytes: int | None = None) -> tuple[int, str]:
+def choose_kd_path(
+    positions: int, vocab: int, device, free_bytes: int | None = None
+) -> tuple[int, str]:
     """(kd_chunk_size, the line to log) for ``kd_chunk_size: auto``: 0 (the plain loss, fastest on
     GPUs) when its full logits fit comfortably in ``free_bytes`` (default: the device's free memory),
     else -1 (chunked/fused, automatic chunk size).  On CPU always -1: there the chunked/fused loss is
@@ -65,14 +72,23 @@ def choose_kd_path(positions: int, vocab: int, device, free_bytes: int | None = 
 
     dev = torch.device(device)
     if dev.type == "cpu":
-        return -1, f"kd path: chunked (on CPU it is faster than the plain loss; full logits would take {gb(need)})"
+        return (
+            -1,
+            f"kd path: chunked (on CPU it is faster than the plain loss; full logits would take {gb(need)})",
+        )
     if free_bytes is None and dev.type == "cuda":
         free_bytes = torch.cuda.mem_get_info(dev)[0]
     if free_bytes is None:
-        return -1, f"kd path: chunked (free memory of a {dev.type} device unknown; full logits {gb(need)})"
+        return (
+            -1,
+            f"kd path: chunked (free memory of a {dev.type} device unknown; full logits {gb(need)})",
+        )
     if need <= FIT_SHARE * free_bytes:
         return 0, f"kd path: plain (full logits {gb(need)} of {gb(free_bytes)} free)"
-    return -1, f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)"
+    return (
+        -1,
+        f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)",
+    )
 
 
 class ObjectiveResult(NamedTuple):
@@ -109,8 +125,16 @@ class DistillationObjective:
         data_parallel: whether the student is wrapped for data parallelism (DDP).
     """
 
-    def __init__(self, args, kind: str, teacher=None, vocab: int | None = None, cross_shared=None,
-                 sharded: bool = False, data_parallel: bool = False):
+    def __init__(
+        self,
+        args,
+        kind: str,
+        teacher=None,
+        vocab: int | None = None,
+        cross_shared=None,
+        sharded: bool = False,
+        data_parallel: bool = False,
+    ):
         self.args, self.kind, self.teacher = args, kind, teacher
         self.vocab = vocab
         self.cross_shared = cross_shared
@@ -118,8 +142,17 @@ class DistillationObjective:
         self.fused_head = None
         self.teacher_head = None
         self.auto_chunk = None  # what kd_chunk_size: auto chose (0 or -1), once, on the first batch
-        self.taid = (losses.TaidSchedule(args.taid_t_start, args.taid_t_end, args.taid_schedule == "adaptive",
-                                         args.taid_alpha, args.taid_beta) if args.kd_loss == "taid" else None)
+        self.taid = (
+            losses.TaidSchedule(
+                args.taid_t_start,
+                args.taid_t_end,
+                args.taid_schedule == "adaptive",
+                args.taid_alpha,
+                args.taid_beta,
+            )
+            if args.kd_loss == "taid"
+            else None
+        )
 
     @property
     def chunk(self) -> int:
@@ -145,13 +178,22 @@ class DistillationObjective:
             return
         m = unwrap(model)
         out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-        vocab = self.vocab or getattr(out, "out_features", None) or getattr(m.config, "num_labels", 2)
-        positions = (inputs.get("labels") if inputs.get("labels") is not None else inputs["input_ids"]).numel()
+        vocab = (
+            self.vocab or getattr(out, "out_features", None) or getattr(m.config, "num_labels", 2)
+        )
+        positions = (
+            inputs.get("labels") if inputs.get("labels") is not None else inputs["input_ids"]
+        ).numel()
         self.auto_chunk, line = choose_kd_path(positions, vocab, args.device)
         logger.info(line)
 
-    def __call__(self, model, x: ObjectiveInputs, counts: LossCounts | None = None,
-                 return_outputs: bool = False) -> ObjectiveResult:
+    def __call__(
+        self,
+        model,
+        x: ObjectiveInputs,
+        counts: LossCounts | None = None,
+        return_outputs: bool = False,
+    ) -> ObjectiveResult:
         """The loss of one micro-batch.
 
         Args:
@@ -173,22 +215,26 @@ class DistillationObjective:
         counts = counts if counts is not None else x.local_counts()
         cached = logit_cache.MASK in inputs
         if args.logit_cache and args.kd_alpha > 0 and self.teacher is None and not cached:
-            raise LmkdError("a batch without cached teacher logits in a run trained from logit_cache: its KD "
-                            "term cannot be computed (evaluate on the data of eval_logit_cache, or a cached "
-                            "dataset)")
+            raise LmkdError(
+                "a batch without cached teacher logits in a run trained from logit_cache: its KD "
+                "term cannot be computed (evaluate on the data of eval_logit_cache, or a cached "
+                "dataset)"
+            )
         alpha = args.kd_alpha if (self.teacher is not None or cached) else 0.0
         use_ce, use_kd = x.ce_mask is not None and alpha < 1, alpha > 0
         labels = shifted_labels(self.kind, inputs["labels"]) if use_ce else None
 
         stats = LossStats()
         if self.chunk == 0 and not cached:
-            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(x, s_logits, labels, alpha, counts,
-                                                               model.training, stats)
+            loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(
+                x, s_logits, labels, alpha, counts, model.training, stats
+            )
         else:
             w_ce = (1 - alpha) / max(counts.ce, 1) if use_ce else 0.0
             w_kd = alpha / max(counts.kd, 1) if use_kd else 0.0
-            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(x, outputs, s_logits, lean_head, labels,
-                                                              w_ce, w_kd)
+            loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(
+                x, outputs, s_logits, lean_head, labels, w_ce, w_kd
+            )
         if use_ce:
             stats.ce.add(ce_sum.item(), int(x.ce_mask.sum()))
         if use_kd:
@@ -209,8 +255,16 @@ class DistillationObjective:
         """
         return self.taid.at(*step) if training else self.taid.t
 
-    def plain_ce_kd(self, x: ObjectiveInputs, s_logits, labels, alpha: float, counts: LossCounts,
-                    training: bool, stats: LossStats):
+    def plain_ce_kd(
+        self,
+        x: ObjectiveInputs,
+        s_logits,
+        labels,
+        alpha: float,
+        counts: LossCounts,
+        training: bool,
+        stats: LossStats,
+    ):
         """Full logits, autograd: (loss, CE sum, KD sum, teacher outputs).
 
         Args:
@@ -240,8 +294,16 @@ class DistillationObjective:
                 t_logits = shifted(self.kind, t_outputs.logits)
             s_kd, t_kd = self._shared(s_logits), self._shared(t_logits)
             taid_t = self.taid_t(training, x.step) if self.taid is not None else 1.0
-            kd_sum = losses.token_kd_loss(s_kd, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
-                                          beta=args.jsd_beta, skew_alpha=args.skew_alpha, taid_t=taid_t)
+            kd_sum = losses.token_kd_loss(
+                s_kd,
+                t_kd,
+                kd_mask,
+                loss=args.kd_loss,
+                temperature=args.kd_temperature,
+                beta=args.jsd_beta,
+                skew_alpha=args.skew_alpha,
+                taid_t=taid_t,
+            )
             if self.taid is not None:
                 if training:
                     self.taid.observe(kd_sum.item() / max(int(kd_mask.sum()), 1))
@@ -254,21 +316,32 @@ class DistillationObjective:
         the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
         each student position's teacher position (lmkd.teacher.cross_tokenizer), ULD."""
         args = self.args
-        fwd = dict(input_ids=inputs[cross_tokenizer.TEACHER_INPUT_IDS],
-                   attention_mask=inputs[cross_tokenizer.TEACHER_ATTENTION_MASK])
+        fwd = dict(
+            input_ids=inputs[cross_tokenizer.TEACHER_INPUT_IDS],
+            attention_mask=inputs[cross_tokenizer.TEACHER_ATTENTION_MASK],
+        )
         if cross_tokenizer.TEACHER_LABELS in inputs:
             fwd["decoder_input_ids"] = unwrap(self.teacher).prepare_decoder_input_ids_from_labels(
-                labels=inputs[cross_tokenizer.TEACHER_LABELS])
+                labels=inputs[cross_tokenizer.TEACHER_LABELS]
+            )
         with torch.no_grad():
             t_outputs = self.teacher(**fwd)
         t_logits = t_outputs.logits
         where = shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
         t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
-        kd_sum = losses.cross_kd_loss(s_logits, t_kd, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
-                                      shared=self.cross_shared)
+        kd_sum = losses.cross_kd_loss(
+            s_logits,
+            t_kd,
+            kd_mask,
+            loss=args.kd_loss,
+            temperature=args.kd_temperature,
+            shared=self.cross_shared,
+        )
         return t_outputs, kd_sum
 
-    def lean_ce_kd(self, x: ObjectiveInputs, outputs, s_logits, lean_head, labels, w_ce: float, w_kd: float):
+    def lean_ce_kd(
+        self, x: ObjectiveInputs, outputs, s_logits, lean_head, labels, w_ce: float, w_kd: float
+    ):
         """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher.
 
         Args:
@@ -290,20 +363,40 @@ class DistillationObjective:
                 teacher = logit_cache.batch_topk(inputs, kd_mask)
             else:
                 t_outputs, teacher = self.teacher_for_loss(x)
-        kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, beta=args.jsd_beta, ce_weight=w_ce,
-                  kd_weight=w_kd, kd_vocab=self.vocab, chunk_size=self.chunk)
+        kw = dict(
+            loss=args.kd_loss,
+            temperature=args.kd_temperature,
+            beta=args.jsd_beta,
+            ce_weight=w_ce,
+            kd_weight=w_kd,
+            kd_vocab=self.vocab,
+            chunk_size=self.chunk,
+        )
         if lean_head is not None:
             hidden = shifted(self.kind, lean_head["hidden"][0])
-            total, ce_sum, kd_sum = fused.fused_linear_distill_loss(hidden, self.fused_head, teacher, labels,
-                                                                    kd_mask, **kw)
+            total, ce_sum, kd_sum = fused.fused_linear_distill_loss(
+                hidden, self.fused_head, teacher, labels, kd_mask, **kw
+            )
         elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
             zero = s_logits.new_zeros((), dtype=torch.float32)
             ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero
-            kd_sum = (chunked.topk_kd_loss(self._shared(s_logits), teacher, kd_mask, loss=args.kd_loss,
-                                           temperature=args.kd_temperature, beta=args.jsd_beta) if w_kd else zero)
+            kd_sum = (
+                chunked.topk_kd_loss(
+                    self._shared(s_logits),
+                    teacher,
+                    kd_mask,
+                    loss=args.kd_loss,
+                    temperature=args.kd_temperature,
+                    beta=args.jsd_beta,
+                )
+                if w_kd
+                else zero
+            )
             total = w_ce * ce_sum + w_kd * kd_sum
         else:
-            total, ce_sum, kd_sum = chunked.chunked_distill_loss(s_logits, teacher, labels, kd_mask, **kw)
+            total, ce_sum, kd_sum = chunked.chunked_distill_loss(
+                s_logits, teacher, labels, kd_mask, **kw
+            )
         zero = s_logits.new_zeros((), dtype=torch.float32)
         return zero + total, ce_sum, kd_sum, t_outputs
 
@@ -333,7 +426,9 @@ class DistillationObjective:
             t_outputs = self.teacher(**x.teacher_forward)
         if box is not None:
             hidden = shifted(self.kind, box["hidden"][0])
-            return t_outputs, chunked.LazyLogits(hidden.reshape(-1, hidden.shape[-1]), self.teacher_head)
+            return t_outputs, chunked.LazyLogits(
+                hidden.reshape(-1, hidden.shape[-1]), self.teacher_head
+            )
         return t_outputs, shifted(self.kind, t_outputs.logits)
 
     def lean_head(self, model, x: ObjectiveInputs, return_outputs: bool = False):
@@ -348,8 +443,13 @@ class DistillationObjective:
             :func:`lmkd.train.lm_head.head_skipped`'s context (training only, never with
             ``return_outputs``), else a null context.
         """
-        use = (model.training and not return_outputs and self.chunk != 0
-               and self.fused_head is not False and self.kind in (CAUSAL, SEQ2SEQ))
+        use = (
+            model.training
+            and not return_outputs
+            and self.chunk != 0
+            and self.fused_head is not False
+            and self.kind in (CAUSAL, SEQ2SEQ)
+        )
         if use and self.fused_head is None:
             self.fused_head = self.probe_head(model, x, "student")
             use = self.fused_head is not False
@@ -376,6 +476,10 @@ class DistillationObjective:
         # the RNG is left as it was (dropout in the probe would shift every later draw)
         device = getattr(unwrap(model), "device", torch.device("cpu"))
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), head_skipped(model, None) as box, torch.no_grad():
+        with (
+            torch.random.fork_rng(devices=devices),
+            head_skipped(model, None) as box,
+            torch.no_grad(),
+        ):
             outputs = model(**small)
         return check_head(box, outputs, who, (head, why))

@@ -11,18 +11,24 @@ import copy
 import logging
 import os
 
-from lmkd.train import card, regimes
-from lmkd.train.regimes import born_again
-from lmkd.teacher import logit_cache, frozen
-from lmkd.train.config import DistillationConfig
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, MLM, SEQ2SEQ, TASK_KIND
-from lmkd.data.dataset import DataArguments, collator_for, mix_gold_targets, read_split, tokenize
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, check_output, nothing_left_on_error
-from lmkd.train.features import check_layer_maps
+from lmkd.data.dataset import DataArguments, collator_for, mix_gold_targets, read_split, tokenize
+from lmkd.models.loading import (
+    check_model_path,
+    check_same_tokenizer,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from lmkd.scoring.metrics import compute_metrics_for
-from lmkd.models.loading import check_model_path, check_same_tokenizer, load_config, load_model, load_tokenizer
+from lmkd.teacher import frozen, logit_cache
+from lmkd.train import card, regimes
 from lmkd.train.card import RESULTS_NAME
+from lmkd.train.config import DistillationConfig
+from lmkd.train.features import check_layer_maps
+from lmkd.train.regimes import born_again
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +49,25 @@ def _raw(split, data_args, limit, mix_seed=None):
         return None
     ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
     if mix:  # Seq-KD with a share of gold references (`lmkd generate` output)
-        ds = mix_gold_targets(ds, data_args.target_column, data_args.gold_column, data_args.mix_gold_fraction,
-                              mix_seed)
+        ds = mix_gold_targets(
+            ds,
+            data_args.target_column,
+            data_args.gold_column,
+            data_args.mix_gold_fraction,
+            mix_seed,
+        )
     return ds
 
 
-def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, resume: bool = False,
-                teacher_model=None, callbacks: list | None = None, command: str | None = None) -> dict:
+def run_distill(
+    model_args,
+    data_args: DataArguments,
+    args: DistillationConfig,
+    resume: bool = False,
+    teacher_model=None,
+    callbacks: list | None = None,
+    command: str | None = None,
+) -> dict:
     """Train ``model_args.student_model_name_or_path`` on ``data_args`` with ``args``; save the
     student and its tokenizer to ``args.output_dir``, with a model card and the run's settings
     (:mod:`lmkd.train.card`); return the training metrics.  The regimes of lmkd.train.regimes (transfer sets,
@@ -59,19 +77,32 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     for the model card (None: run from Python).  With ``push_to_hub`` the student, its card and
     settings are pushed once they are all written."""
     if resume and not resumable(args.output_dir):
-        raise LmkdError(f"--resume: {args.output_dir} holds no checkpoint to resume from (the run stopped before its "
-                        "first save, or saves nothing: save_strategy no); run without --resume to start it again")
-    check_output(args.output_dir, "output_dir", directory=True)  # (the Trainer makes it, its saves write in it)
+        raise LmkdError(
+            f"--resume: {args.output_dir} holds no checkpoint to resume from (the run stopped before its "
+            "first save, or saves nothing: save_strategy no); run without --resume to start it again"
+        )
+    check_output(
+        args.output_dir, "output_dir", directory=True
+    )  # (the Trainer makes it, its saves write in it)
     if args.rounds > 1:
-        return regimes.run_born_again(run_distill, model_args, data_args, args, resume=resume,
-                                      teacher_model=teacher_model, command=command)
+        return regimes.run_born_again(
+            run_distill,
+            model_args,
+            data_args,
+            args,
+            resume=resume,
+            teacher_model=teacher_model,
+            command=command,
+        )
     eval_data_args = regimes.unlabelled_data_args(data_args, args, evaluation=True)
     data_args = regimes.unlabelled_data_args(data_args, args)
     kind = TASK_KIND[data_args.task]
     if data_args.prompt_column:
         if kind != CAUSAL or not args.on_policy_fraction > 0:
-            raise LmkdError("prompt_column names the prompt a causal LM student continues in on-policy KD: use it "
-                            "with task causal-lm and on_policy_fraction > 0, or drop it")
+            raise LmkdError(
+                "prompt_column names the prompt a causal LM student continues in on-policy KD: use it "
+                "with task causal-lm and on_policy_fraction > 0, or drop it"
+            )
         eval_data_args = copy.copy(eval_data_args)
         eval_data_args.prompt_column = None  # evaluation scores the data, it generates nothing
     # Check everything cheap (files, columns, paths) before loading any model.
@@ -79,10 +110,20 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
     evaluation = _raw("validation", eval_data_args, data_args.max_eval_samples)
     transfer = regimes.read_transfer_set(data_args)
     # BLEU/ROUGE (predict_with_generate) or accuracy on the validation set, as `lmkd evaluate` scores them
-    scored = evaluation is not None and _labelled(eval_data_args) and (kind == CLASSIFICATION or (
-        kind == SEQ2SEQ and args.predict_with_generate))
-    references = list(evaluation[eval_data_args.target_column]) if scored and kind == SEQ2SEQ else None
-    if args.logit_cache and args.kd_alpha > 0 and evaluation is not None and not args.eval_logit_cache:
+    scored = (
+        evaluation is not None
+        and _labelled(eval_data_args)
+        and (kind == CLASSIFICATION or (kind == SEQ2SEQ and args.predict_with_generate))
+    )
+    references = (
+        list(evaluation[eval_data_args.target_column]) if scored and kind == SEQ2SEQ else None
+    )
+    if (
+        args.logit_cache
+        and args.kd_alpha > 0
+        and evaluation is not None
+        and not args.eval_logit_cache
+    ):
         raise LmkdError(frozen.EVAL_CACHE_NEEDED)
     if teacher_model is None and args.teacher_model_name_or_path and args.kd_alpha > 0:
         for path in frozen.teacher_paths(args):
@@ -97,7 +138,9 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
         student_config = load_config(student_paths[0])
         if args.teacher_tokenizer:
             frozen.check_cross_tokenizer_kind(kind)
-        for path in frozen.teacher_paths(args):  # before any model loads or tokenising: one clear error
+        for path in frozen.teacher_paths(
+            args
+        ):  # before any model loads or tokenising: one clear error
             if args.teacher_tokenizer:
                 load_tokenizer(args.teacher_tokenizer)  # one clear error when it is missing
             else:
@@ -105,40 +148,87 @@ def run_distill(model_args, data_args: DataArguments, args: DistillationConfig, 
             teacher_config = load_config(path)
             frozen.check_teacher_kind(teacher_config, kind, path)
             check_layer_maps(args, kind, student_config, teacher_config)
-    student = (regimes.load_cohort(student_paths, kind, args) if args.cohort_size > 1
-               else load_model(student_paths[0], kind=kind))
-    teacher_model = teacher_model if teacher_model is not None else frozen.load_teacher(args, student, tokenizer)
+    student = (
+        regimes.load_cohort(student_paths, kind, args)
+        if args.cohort_size > 1
+        else load_model(student_paths[0], kind=kind)
+    )
+    teacher_model = (
+        teacher_model
+        if teacher_model is not None
+        else frozen.load_teacher(args, student, tokenizer)
+    )
     readers = data_readers(args, student, teacher_model)
     notes: dict[str, list] = {"train": [], "validation": [], "transfer": []}
     with args.main_process_first(desc="tokenising"):
         labelled = _labelled(data_args)
-        train = tokenize(train, tokenizer, data_args, labelled=labelled, model=readers, notes=notes["train"])
+        train = tokenize(
+            train, tokenizer, data_args, labelled=labelled, model=readers, notes=notes["train"]
+        )
         if evaluation is not None:
-            evaluation = tokenize(evaluation, tokenizer, eval_data_args, labelled=_labelled(eval_data_args),
-                                  model=readers, notes=notes["validation"])
+            evaluation = tokenize(
+                evaluation,
+                tokenizer,
+                eval_data_args,
+                labelled=_labelled(eval_data_args),
+                model=readers,
+                notes=notes["validation"],
+            )
         if transfer is not None:
-            train = regimes.add_transfer_set(train, transfer, data_args, tokenizer, model=readers, notes=notes["transfer"])
-    collator = collator_for(data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed)
+            train = regimes.add_transfer_set(
+                train, transfer, data_args, tokenizer, model=readers, notes=notes["transfer"]
+            )
+    collator = collator_for(
+        data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed
+    )
     collator = regimes.wrap_collator(collator, data_args)
-    with nothing_left_on_error(args.output_dir):  # (the regime trainers check more after the Trainer made it)
+    with nothing_left_on_error(
+        args.output_dir
+    ):  # (the regime trainers check more after the Trainer made it)
         trainer = regimes.trainer_class(args, data_args)(
-            model=student, args=args, teacher_model=teacher_model, train_dataset=train, eval_dataset=evaluation,
-            processing_class=tokenizer, data_collator=collator, callbacks=callbacks,
-            compute_metrics=compute_metrics_for(data_args.task, tokenizer, references) if scored else None)
-    rows = {"train": len(train)} | ({"validation": len(evaluation)} if evaluation is not None else {})
+            model=student,
+            args=args,
+            teacher_model=teacher_model,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            data_collator=collator,
+            callbacks=callbacks,
+            compute_metrics=compute_metrics_for(data_args.task, tokenizer, references)
+            if scored
+            else None,
+        )
+    rows = {"train": len(train)} | (
+        {"validation": len(evaluation)} if evaluation is not None else {}
+    )
     result = trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_model(args.output_dir, _internal_call=True)  # pushed below, once the card is written
+    trainer.save_model(
+        args.output_dir, _internal_call=True
+    )  # pushed below, once the card is written
     metrics = dict(result.metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())
     metrics.update(truncation_metrics(notes))
     if trainer.is_world_process_zero():
-        atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True)
-        card.write_card(args.output_dir, model_args, data_args, args, metrics, rows=rows,
-                        steps=trainer.state.global_step, command=command,
-                        teacher="a model passed from Python" if teacher_model is not None and
-                        not args.teacher_model_name_or_path else None)
-    if args.push_to_hub:  # the Trainer's own push (hub_model_id, hub_token, ...); it keeps lmkd's card
+        atomic_write_json(
+            os.path.join(args.output_dir, RESULTS_NAME), metrics, indent=1, sort_keys=True
+        )
+        card.write_card(
+            args.output_dir,
+            model_args,
+            data_args,
+            args,
+            metrics,
+            rows=rows,
+            steps=trainer.state.global_step,
+            command=command,
+            teacher="a model passed from Python"
+            if teacher_model is not None and not args.teacher_model_name_or_path
+            else None,
+        )
+    if (
+        args.push_to_hub
+    ):  # the Trainer's own push (hub_model_id, hub_token, ...); it keeps lmkd's card
         trainer.push_to_hub(commit_message="End of training")
     return metrics
 

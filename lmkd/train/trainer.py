@@ -18,16 +18,21 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lmkd.teacher import cross_tokenizer, logit_cache, frozen
-from lmkd.train import card
-from lmkd.data import positions
-from lmkd.train.config import DistillationConfig
 from lmkd.core.constants import SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.train.features import FeatureDistiller, average_projection_grads, load_projections, \
-    projection_param_groups, save_projections
 from lmkd.core.io import nothing_left_on_error
+from lmkd.data import positions
 from lmkd.models.loading import model_kind, unwrap
+from lmkd.teacher import cross_tokenizer, frozen, logit_cache
+from lmkd.train import card
+from lmkd.train.config import DistillationConfig
+from lmkd.train.features import (
+    FeatureDistiller,
+    average_projection_grads,
+    load_projections,
+    projection_param_groups,
+    save_projections,
+)
 from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective
 
@@ -36,11 +41,16 @@ logger = logging.getLogger(__name__)
 #: the regime keys of DistillationConfig a trainer class must run or refuse:
 #: key -> (whether the config turns the regime on, who runs it)
 REGIME_RUNNERS = {
-    "on_policy_fraction": (lambda a: a.on_policy_fraction > 0,
-                           "OnPolicyDistillationTrainer (lmkd.train.regimes)"),
+    "on_policy_fraction": (
+        lambda a: a.on_policy_fraction > 0,
+        "OnPolicyDistillationTrainer (lmkd.train.regimes)",
+    ),
     "cohort_size": (lambda a: a.cohort_size > 1, "CoDistillationTrainer (lmkd.train.regimes)"),
-    "rounds": (lambda a: a.rounds > 1, "a loop of whole runs: lmkd.train.run.run_distill (or `lmkd distill`), "
-               "which runs lmkd.train.regimes.run_born_again"),
+    "rounds": (
+        lambda a: a.rounds > 1,
+        "a loop of whole runs: lmkd.train.run.run_distill (or `lmkd distill`), "
+        "which runs lmkd.train.regimes.run_born_again",
+    ),
 }
 
 
@@ -56,8 +66,11 @@ def check_regimes_run(trainer_class: type, args: DistillationConfig) -> None:
     """
     for key, (on, runner) in REGIME_RUNNERS.items():
         if on(args) and key not in trainer_class.regimes_run:
-            raise LmkdError(f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does "
-                            "not run that regime (it would train without it)")
+            raise LmkdError(
+                f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does "
+                "not run that regime (it would train without it)"
+            )
+
 
 class DistillationTrainer(Seq2SeqTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
@@ -101,14 +114,24 @@ class DistillationTrainer(Seq2SeqTrainer):
     #: any other one the config turns on is refused by :func:`check_regimes_run`
     regimes_run: tuple[str, ...] = ()
 
-    def __init__(self, model=None, args: DistillationConfig | None = None, teacher_model=None,
-                 teacher_tokenizer=None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: DistillationConfig | None = None,
+        teacher_model=None,
+        teacher_tokenizer=None,
+        **kwargs,
+    ):
         if args is None:
             args = DistillationConfig(output_dir="lmkd_output")
         if not isinstance(args, DistillationConfig):
-            raise LmkdError("DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments")
+            raise LmkdError(
+                "DistillationTrainer needs args=DistillationConfig(...), not plain TrainingArguments"
+            )
         check_regimes_run(type(self), args)
-        with nothing_left_on_error(args.output_dir):  # a mistake found while wiring: leave no output_dir
+        with nothing_left_on_error(
+            args.output_dir
+        ):  # a mistake found while wiring: leave no output_dir
             super().__init__(model=model, args=args, **kwargs)
             self._setup(teacher_model, teacher_tokenizer)
 
@@ -118,36 +141,72 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.model_accepts_loss_kwargs = True
         self.kind = model_kind(self.model)
         self.teacher = None
-        self._vocab = None  # the vocabulary teacher and student share, when their output layers differ
+        self._vocab = (
+            None  # the vocabulary teacher and student share, when their output layers differ
+        )
         self.loss_stats = {"train": LossStats(), "eval": LossStats()}
         self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
         if self.uses_teacher:
             self._setup_teacher(teacher_model, teacher_tokenizer)
-            if args.teacher_tokenizer:  # the collator re-tokenises each batch for the teacher, aligns positions
+            if (
+                args.teacher_tokenizer
+            ):  # the collator re-tokenises each batch for the teacher, aligns positions
                 self.data_collator, self.cross_shared = frozen.attach_teacher_tokenizer(
-                    self.data_collator, kind=self.kind, student_tokenizer=self.processing_class, teacher=self.teacher,
-                    teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else args.teacher_tokenizer,
-                    kd_loss=args.kd_loss)
+                    self.data_collator,
+                    kind=self.kind,
+                    student_tokenizer=self.processing_class,
+                    teacher=self.teacher,
+                    teacher_tokenizer=teacher_tokenizer
+                    if teacher_tokenizer is not None
+                    else args.teacher_tokenizer,
+                    kd_loss=args.kd_loss,
+                )
         self.features = None  # lmkd.train.features.FeatureDistiller when a feature weight is > 0
         if args.uses_features:
-            self.features = FeatureDistiller(args, self.kind, self.model, self.teacher, device=args.device,
-                                             deepspeed=self.is_deepspeed_enabled)
+            self.features = FeatureDistiller(
+                args,
+                self.kind,
+                self.model,
+                self.teacher,
+                device=args.device,
+                deepspeed=self.is_deepspeed_enabled,
+            )
         # learned student->teacher projections of the hint loss, one per layer stack
-        self.projections = self.features.projections if self.features is not None else nn.ModuleDict()
+        self.projections = (
+            self.features.projections if self.features is not None else nn.ModuleDict()
+        )
         self.loss_objective = DistillationObjective(
-            args, self.kind, teacher=self.teacher, vocab=self._vocab, cross_shared=self.cross_shared,
-            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled, data_parallel=args.world_size > 1)
-        self._eval_collator = None  # the collator of the validation data's own cache (eval_logit_cache)
-        if args.logit_cache:  # the cached top-K collated with each batch (and the validation data's own cache)
+            args,
+            self.kind,
+            teacher=self.teacher,
+            vocab=self._vocab,
+            cross_shared=self.cross_shared,
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+            data_parallel=args.world_size > 1,
+        )
+        self._eval_collator = (
+            None  # the collator of the validation data's own cache (eval_logit_cache)
+        )
+        if (
+            args.logit_cache
+        ):  # the cached top-K collated with each batch (and the validation data's own cache)
             wired = frozen.attach_logit_caches(
-                args, kind=self.kind, student=self.model, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
-                collator=self.data_collator, padding_side=getattr(self.processing_class, "padding_side", "right") or "right")
+                args,
+                kind=self.kind,
+                student=self.model,
+                train_dataset=self.train_dataset,
+                eval_dataset=self.eval_dataset,
+                collator=self.data_collator,
+                padding_side=getattr(self.processing_class, "padding_side", "right") or "right",
+            )
             self.train_dataset, self.data_collator, self.eval_dataset, self._eval_collator = wired
         if args.fsdp and not self.is_fsdp_enabled:
             # accelerate switches to FSDP only for accelerator processes (GPU/NPU/XPU...); with CPU
             # processes the Trainer quietly wraps the student in DDP instead
-            logger.warning("fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
-                           "this run is plain data parallel (DDP), every process holding the whole student")
+            logger.warning(
+                "fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
+                "this run is plain data parallel (DDP), every process holding the whole student"
+            )
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The Trainer's, collating with the validation data's own logit cache (``eval_logit_cache``)."""
@@ -167,7 +226,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         return (self.args.kd_alpha > 0 and not self.args.logit_cache) or self.args.uses_features
 
     def _deepspeed_config(self) -> dict | None:
-        return self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+        return (
+            self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if self.is_deepspeed_enabled
+            else None
+        )
 
     @property
     def zero3(self) -> bool:
@@ -176,20 +239,34 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _setup_teacher(self, teacher, teacher_tokenizer) -> None:
         ds_config = self._deepspeed_config()
-        if teacher is None and len(frozen.teacher_paths(self.args)) > 1:  # teacher_model_name_or_path: a,b
-            teacher = frozen.load_teacher(self.args, self.model, self.processing_class)  # (+ teacher_weights)
+        if (
+            teacher is None and len(frozen.teacher_paths(self.args)) > 1
+        ):  # teacher_model_name_or_path: a,b
+            teacher = frozen.load_teacher(
+                self.args, self.model, self.processing_class
+            )  # (+ teacher_weights)
         if isinstance(teacher, frozen.EnsembleTeacher):
             if teacher.temperature != self.args.kd_temperature:
-                raise LmkdError(f"EnsembleTeacher(temperature={teacher.temperature}) must use the trainer's "
-                                f"kd_temperature {self.args.kd_temperature}")
+                raise LmkdError(
+                    f"EnsembleTeacher(temperature={teacher.temperature}) must use the trainer's "
+                    f"kd_temperature {self.args.kd_temperature}"
+                )
             if self.args.kd_loss == "mse":
-                raise LmkdError("a teacher ensemble averages distributions, not logits: use kd_loss "
-                                "forward_kl, reverse_kl or jsd")
+                raise LmkdError(
+                    "a teacher ensemble averages distributions, not logits: use kd_loss "
+                    "forward_kl, reverse_kl or jsd"
+                )
         self.teacher, self._vocab = frozen.load_frozen_teacher(
-            teacher if teacher is not None else self.args.teacher_model_name_or_path, kind=self.kind,
-            student=self.model, student_tokenizer=self.processing_class, teacher_tokenizer=teacher_tokenizer,
-            device=self.args.device, dtype=self.args.teacher_dtype, deepspeed_config=ds_config,
-            cross_tokenizer=bool(self.args.teacher_tokenizer))
+            teacher if teacher is not None else self.args.teacher_model_name_or_path,
+            kind=self.kind,
+            student=self.model,
+            student_tokenizer=self.processing_class,
+            teacher_tokenizer=teacher_tokenizer,
+            device=self.args.device,
+            dtype=self.args.teacher_dtype,
+            deepspeed_config=ds_config,
+            cross_tokenizer=bool(self.args.teacher_tokenizer),
+        )
 
     # ---- hooks: positions and forward keywords ------------------------------------------------------
 
@@ -197,18 +274,29 @@ class DistillationTrainer(Seq2SeqTrainer):
         """(CE mask, KD mask) over the shifted positions of a batch
         (:func:`lmkd.data.positions.position_masks`)."""
         ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
-        if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD: only the positions with a teacher position
+        if (
+            cross_tokenizer.TEACHER_POSITION in inputs
+        ):  # cross-tokenizer KD: only the positions with a teacher position
             kd = kd & positions.shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).ge(0)
         return ce, kd
 
     def forward_inputs(self, model, inputs: dict) -> dict:
         """The keywords of ``model``'s forward for a batch: no labels or cached-teacher keys, the
         decoder inputs of a seq2seq model, and the outputs the feature losses need."""
-        fwd = {k: v for k, v in inputs.items()
-               if k != "labels" and k not in logit_cache.BATCH_KEYS and k not in cross_tokenizer.BATCH_KEYS}
-        if self.kind == SEQ2SEQ and ("decoder_input_ids" not in fwd or (
-                model is self.teacher and not frozen.shares_decoder_inputs(model, self.model))):
-            fwd["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        fwd = {
+            k: v
+            for k, v in inputs.items()
+            if k != "labels"
+            and k not in logit_cache.BATCH_KEYS
+            and k not in cross_tokenizer.BATCH_KEYS
+        }
+        if self.kind == SEQ2SEQ and (
+            "decoder_input_ids" not in fwd
+            or (model is self.teacher and not frozen.shares_decoder_inputs(model, self.model))
+        ):
+            fwd["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(
+                labels=inputs["labels"]
+            )
         if self.features is not None:
             fwd.update(self.features.output_flags())
         return fwd
@@ -246,8 +334,11 @@ class DistillationTrainer(Seq2SeqTrainer):
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
         features = None
         if self.features is not None:
-            gather = (lambda c: self.accelerator.gather(c.to(device).unsqueeze(0)).sum(0).cpu()) \
-                if self._gathers_counts() else None
+            gather = (
+                (lambda c: self.accelerator.gather(c.to(device).unsqueeze(0)).sum(0).cpu())
+                if self._gathers_counts()
+                else None
+            )
             features = self.features.count_items(batch_samples, gather)
         n_ce, n_kd = counts.tolist()
         return LossCounts(n_ce, n_kd, features)
@@ -264,7 +355,9 @@ class DistillationTrainer(Seq2SeqTrainer):
             processes).
         """
         if isinstance(num_items_in_batch, LossCounts):
-            return num_items_in_batch, (self.accelerator.num_processes if self._gathers_counts() else 1)
+            return num_items_in_batch, (
+                self.accelerator.num_processes if self._gathers_counts() else 1
+            )
         return None, 1
 
     def objective_inputs(self, model, inputs: dict) -> ObjectiveInputs:
@@ -282,9 +375,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         teacher_forward = None
         if self.teacher is not None and cross_tokenizer.TEACHER_POSITION not in inputs:
             teacher_forward = self.forward_inputs(self.teacher, inputs)
-        return ObjectiveInputs(batch=inputs, student_forward=self.forward_inputs(model, inputs),
-                               teacher_forward=teacher_forward, ce_mask=ce_mask, kd_mask=kd_mask,
-                               step=(self.state.global_step, self.state.max_steps))
+        return ObjectiveInputs(
+            batch=inputs,
+            student_forward=self.forward_inputs(model, inputs),
+            teacher_forward=teacher_forward,
+            ce_mask=ce_mask,
+            kd_mask=kd_mask,
+            step=(self.state.global_step, self.state.max_steps),
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The CE + KD (+ feature terms) loss of a micro-batch, normalised by the accumulated batch.
@@ -314,8 +412,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             loss = loss + feature_loss
             stats.add(feature_stats)
         if not torch.isfinite(loss):
-            raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the "
-                            "learning rate, use bf16 instead of fp16, or check the data for empty targets")
+            raise LmkdError(
+                f"the loss became {loss.item()} at step {self.state.global_step}; lower the "
+                "learning rate, use bf16 instead of fp16, or check the data for empty targets"
+            )
         loss = loss * scale
         return (loss, outputs) if return_outputs else loss
 
@@ -324,10 +424,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         Seq2SeqTrainer's would be the model's own CE) and the generated ids go to ``compute_metrics``
         with the batch's labels."""
         if not self.args.predict_with_generate or prediction_loss_only or self.kind != SEQ2SEQ:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+            return super().prediction_step(
+                model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            )
         loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
         gen_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
-        _, tokens, _ = super().prediction_step(model, gen_inputs, False, ignore_keys=ignore_keys, **gen_kwargs)
+        _, tokens, _ = super().prediction_step(
+            model, gen_inputs, False, ignore_keys=ignore_keys, **gen_kwargs
+        )
         return loss, tokens, inputs.get("labels")
 
     def _set_signature_columns_if_needed(self):
@@ -347,15 +451,22 @@ class DistillationTrainer(Seq2SeqTrainer):
                 for group in projection_param_groups(self.projections, self.args.weight_decay):
                     optimizer.add_param_group(group)
             else:
-                logger.warning("a ready-made optimizer was given: add trainer.projections.parameters() to it, or "
-                               "the hint projections stay at their random initialisation")
+                logger.warning(
+                    "a ready-made optimizer was given: add trainer.projections.parameters() to it, or "
+                    "the hint projections stay at their random initialisation"
+                )
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The projections live outside the DDP-wrapped model: average their gradients by hand.
-        if (len(self.projections) and self.args.world_size > 1 and self.accelerator.sync_gradients
-                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if (
+            len(self.projections)
+            and self.args.world_size > 1
+            and self.accelerator.sync_gradients
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             average_projection_grads(self.projections, self.args.world_size)
         return loss
 
@@ -368,7 +479,10 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if len(self.projections) and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial),
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
+            )
             save_projections(self.projections, folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:

@@ -19,8 +19,8 @@ import hashlib
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
 from lmkd.core.constants import TASK_KIND
+from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
 from lmkd.models.loading import load_model, load_tokenizer, unwrap
 
 
@@ -33,7 +33,9 @@ def checksum(model) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)
     p.add_argument("--data", required=True)
@@ -45,18 +47,33 @@ def main():
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args()
 
-    data_args = DataArguments(task=a.task, train_file=a.data, source_column=a.source_column,
-                              target_column=a.target_column)
+    data_args = DataArguments(
+        task=a.task, train_file=a.data, source_column=a.source_column, target_column=a.target_column
+    )
     # The config first: under DeepSpeed ZeRO-3, from_pretrained then partitions the models it loads.
-    args = DistillationConfig(output_dir=a.output, teacher_model_name_or_path=a.teacher, kd_alpha=0.5,
-                              per_device_train_batch_size=4, max_steps=a.steps, learning_rate=1e-4,
-                              report_to="none", save_strategy="no", bf16=a.bf16, disable_tqdm=True)
+    args = DistillationConfig(
+        output_dir=a.output,
+        teacher_model_name_or_path=a.teacher,
+        kd_alpha=0.5,
+        per_device_train_batch_size=4,
+        max_steps=a.steps,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        bf16=a.bf16,
+        disable_tqdm=True,
+    )
     tok = load_tokenizer(a.student)
     student = load_model(a.student, kind=TASK_KIND[a.task])
     ds = load_data(a.data, [data_args.source_column, data_args.target_column])
     ds = tokenize(ds.select(range(min(64, len(ds)))), tok, data_args)
-    trainer = DistillationTrainer(model=student, args=args, train_dataset=ds, processing_class=tok,
-                                  data_collator=collator_for(a.task, tok, student))
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        data_collator=collator_for(a.task, tok, student),
+    )
     zero3 = trainer.zero3
     teacher = unwrap(trainer.teacher)
 
@@ -80,7 +97,9 @@ def main():
     if any(p.requires_grad for p in params):
         problems.append("teacher has parameters with requires_grad")
     if not zero3 and any(p.is_meta or p.numel() == 0 or hasattr(p, "ds_id") for p in params):
-        problems.append("teacher weights are partitioned or on the meta device (ZeRO-3 / FSDP loading)")
+        problems.append(
+            "teacher weights are partitioned or on the meta device (ZeRO-3 / FSDP loading)"
+        )
     with whole():
         after = checksum(teacher)
     if after != before:
@@ -94,9 +113,11 @@ def main():
         problems.append(f"teacher weights differ between processes: {sums}")
     wrapped = type(trainer.model_wrapped).__name__
     status = "ok" if not problems else "FAILED: " + "; ".join(problems)
-    print(f"rank {rank}/{world}: student wrapped as {wrapped}, teacher {type(trainer.teacher).__name__} on "
-          f"{next(teacher.parameters()).device} {next(teacher.parameters()).dtype}, checksum {after}: {status}",
-          flush=True)
+    print(
+        f"rank {rank}/{world}: student wrapped as {wrapped}, teacher {type(trainer.teacher).__name__} on "
+        f"{next(teacher.parameters()).device} {next(teacher.parameters()).dtype}, checksum {after}: {status}",
+        flush=True,
+    )
     raise SystemExit(1 if problems else 0)
 
 

@@ -2,14 +2,13 @@
 ZeRO-3 on CPU (DeepSpeed's CPU accelerator, gloo) through the real Python API, with checks of how
 the teacher is handled.  argv: teacher_dir student_dir data out per_device_batch zero_stage"""
 
-import sys
-
 import os
+import sys
 
 import deepspeed
 import torch
-from safetensors.torch import load_file
 from accelerate.state import DistributedType, PartialState
+from safetensors.torch import load_file
 
 from lmkd import DistillationConfig, DistillationTrainer
 from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
@@ -33,25 +32,49 @@ teacher_dir, student_dir, data, out, bs, stage = sys.argv[1:7]
 stage = int(stage)
 ds_config = {
     "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
-    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto", "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
 }
 # The config first: with ZeRO-3 set up, from_pretrained partitions every model it loads (zero.Init).
-args = DistillationConfig(output_dir=out, per_device_train_batch_size=int(bs), max_steps=3, learning_rate=1e-3,
-                          kd_alpha=0.5, report_to="none", save_strategy="no", seed=0,
-                          disable_tqdm=True, deepspeed=ds_config)
+args = DistillationConfig(
+    output_dir=out,
+    per_device_train_batch_size=int(bs),
+    max_steps=3,
+    learning_rate=1e-3,
+    kd_alpha=0.5,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    disable_tqdm=True,
+    deepspeed=ds_config,
+)
 tok = load_tokenizer(student_dir)
 student = load_model(student_dir, kind="seq2seq")
 teacher = load_model(teacher_dir, kind="seq2seq")
 # ZeRO-3 partitions the teacher at load time; under ZeRO-2 it is an ordinary full model
 assert all(hasattr(p, "ds_id") == (stage == 3) for p in teacher.parameters())
-ds = tokenize(load_data(data, ["source", "target"]), tok, DataArguments(task="translation", train_file=data))
-trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=ds,
-                              processing_class=tok, data_collator=collator_for("translation", tok, student))
+ds = tokenize(
+    load_data(data, ["source", "target"]), tok, DataArguments(task="translation", train_file=data)
+)
+trainer = DistillationTrainer(
+    model=student,
+    args=args,
+    teacher_model=teacher,
+    train_dataset=ds,
+    processing_class=tok,
+    data_collator=collator_for("translation", tok, student),
+)
 trainer.train()
-assert isinstance(trainer.model_wrapped, deepspeed.DeepSpeedEngine) and trainer.teacher is not trainer.model_wrapped
+assert (
+    isinstance(trainer.model_wrapped, deepspeed.DeepSpeedEngine)
+    and trainer.teacher is not trainer.model_wrapped
+)
 if stage == 3:  # its own inference engine, which gathers the partitioned weights for each forward
-    assert isinstance(trainer.teacher, deepspeed.DeepSpeedEngine) and trainer.teacher.module is teacher
+    assert (
+        isinstance(trainer.teacher, deepspeed.DeepSpeedEngine) and trainer.teacher.module is teacher
+    )
 else:  # a plain frozen replica, outside every engine
     assert trainer.teacher is teacher
 assert not any(p.requires_grad for p in teacher.parameters())

@@ -49,22 +49,44 @@ for i in range(64):
 
 def collate(batch):
     n = max(len(r["input_ids"]) for r in batch)
-    out = {"input_ids": torch.zeros(len(batch), n, dtype=torch.long),
-           "attention_mask": torch.zeros(len(batch), n, dtype=torch.long),
-           "labels": torch.full((len(batch), n), -100)}
+    out = {
+        "input_ids": torch.zeros(len(batch), n, dtype=torch.long),
+        "attention_mask": torch.zeros(len(batch), n, dtype=torch.long),
+        "labels": torch.full((len(batch), n), -100),
+    }
     for i, r in enumerate(batch):
         k = len(r["input_ids"])
-        out["input_ids"][i, :k], out["attention_mask"][i, :k], out["labels"][i, :k] = r["input_ids"], 1, r["labels"]
+        out["input_ids"][i, :k], out["attention_mask"][i, :k], out["labels"][i, :k] = (
+            r["input_ids"],
+            1,
+            r["labels"],
+        )
     return out
 
 
 out = tempfile.mkdtemp()
-args = DistillationConfig(output_dir=out, per_device_train_batch_size=16, gradient_accumulation_steps=2, max_steps=6,
-                          learning_rate=1e-3, bf16=True, teacher_dtype="bfloat16", kd_alpha=0.5, hidden_weight=1.0,
-                          attention_weight=1.0, relation_weight=1.0, logging_steps=2, report_to="none",
-                          save_strategy="steps", save_steps=6, disable_tqdm=True, remove_unused_columns=False)
-trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=rows,
-                              data_collator=collate)
+args = DistillationConfig(
+    output_dir=out,
+    per_device_train_batch_size=16,
+    gradient_accumulation_steps=2,
+    max_steps=6,
+    learning_rate=1e-3,
+    bf16=True,
+    teacher_dtype="bfloat16",
+    kd_alpha=0.5,
+    hidden_weight=1.0,
+    attention_weight=1.0,
+    relation_weight=1.0,
+    logging_steps=2,
+    report_to="none",
+    save_strategy="steps",
+    save_steps=6,
+    disable_tqdm=True,
+    remove_unused_columns=False,
+)
+trainer = DistillationTrainer(
+    model=student, args=args, teacher_model=teacher, train_dataset=rows, data_collator=collate
+)
 proj = trainer.projections["layers"]
 assert proj.weight.device.type == "cuda", proj.weight.device
 w0 = proj.weight.detach().clone()
@@ -72,11 +94,17 @@ t0 = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
 trainer.train()
 logs = [h for h in trainer.state.log_history if "loss_hidden" in h]
 print(logs)
-assert logs and all(all(torch.isfinite(torch.tensor(h[k])) for k in ("loss", "loss_kd", "loss_hidden",
-                                                                        "loss_attention", "loss_relation"))
-                    for h in logs)
+assert logs and all(
+    all(
+        torch.isfinite(torch.tensor(h[k]))
+        for k in ("loss", "loss_kd", "loss_hidden", "loss_attention", "loss_relation")
+    )
+    for h in logs
+)
 assert not torch.equal(w0, proj.weight), "projection unchanged"
-assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in t0.items()), "teacher changed"
+assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in t0.items()), (
+    "teacher changed"
+)
 assert (Path(out) / "checkpoint-6" / "lmkd_projections.pt").is_file()
 trainer.save_model(out + "/final")
 re = AutoModelForMaskedLM.from_pretrained(out + "/final")

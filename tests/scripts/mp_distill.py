@@ -16,16 +16,36 @@ tok = load_tokenizer(student_dir)
 student = load_model(student_dir, kind="seq2seq")
 teacher = load_model(teacher_dir, kind="seq2seq")
 t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
-ds = tokenize(load_data(data, ["source", "target"]), tok, DataArguments(task="translation", train_file=data))
-args = DistillationConfig(output_dir=out, per_device_train_batch_size=int(bs), max_steps=3, learning_rate=1e-3,
-                          kd_alpha=0.5, use_cpu=True, report_to="none", save_strategy="no", seed=0,
-                          disable_tqdm=True, ddp_backend="gloo" if torch.distributed.is_torchelastic_launched() else None,
-                          fsdp=fsdp)
-trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=ds,
-                              processing_class=tok, data_collator=collator_for("translation", tok, student))
+ds = tokenize(
+    load_data(data, ["source", "target"]), tok, DataArguments(task="translation", train_file=data)
+)
+args = DistillationConfig(
+    output_dir=out,
+    per_device_train_batch_size=int(bs),
+    max_steps=3,
+    learning_rate=1e-3,
+    kd_alpha=0.5,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    disable_tqdm=True,
+    ddp_backend="gloo" if torch.distributed.is_torchelastic_launched() else None,
+    fsdp=fsdp,
+)
+trainer = DistillationTrainer(
+    model=student,
+    args=args,
+    teacher_model=teacher,
+    train_dataset=ds,
+    processing_class=tok,
+    data_collator=collator_for("translation", tok, student),
+)
 trainer.train()
 assert not isinstance(trainer.teacher, DistributedDataParallel)
-assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in t0.items()), "teacher changed"
+assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in t0.items()), (
+    "teacher changed"
+)
 if args.world_size > 1:
     assert isinstance(trainer.model_wrapped, DistributedDataParallel), type(trainer.model_wrapped)
 trainer.save_model(out)

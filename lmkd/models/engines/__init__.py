@@ -55,10 +55,35 @@ from lmkd.models.engines.torch_int8 import load_torch_int8, quantize_int8
 from lmkd.models.loading import count_parameters, load_model, load_tokenizer
 from lmkd.models.loading import weights_bytes as hf_weights_bytes
 
-__all__ = ["CT2_CAUSAL_TYPES", "CT2_SEQ2SEQ_TYPES", "EXPORT_FILE", "FORMATS", "HF_DIR", "PACKAGES", "WEIGHTS",
-           "CT2Causal", "CT2Seq2Seq", "Engine", "OrtClassifier", "check_exportable", "convert_ct2",
-           "ct2_causal_problem", "engine_of", "export", "export_info", "export_onnx", "hf_config", "is_torch",
-           "load", "load_torch_int8", "parameters", "quantize_int8", "require", "scores_tokens", "weights_bytes"]
+__all__ = [
+    "CT2_CAUSAL_TYPES",
+    "CT2_SEQ2SEQ_TYPES",
+    "EXPORT_FILE",
+    "FORMATS",
+    "HF_DIR",
+    "PACKAGES",
+    "WEIGHTS",
+    "CT2Causal",
+    "CT2Seq2Seq",
+    "Engine",
+    "OrtClassifier",
+    "check_exportable",
+    "convert_ct2",
+    "ct2_causal_problem",
+    "engine_of",
+    "export",
+    "export_info",
+    "export_onnx",
+    "hf_config",
+    "is_torch",
+    "load",
+    "load_torch_int8",
+    "parameters",
+    "quantize_int8",
+    "require",
+    "scores_tokens",
+    "weights_bytes",
+]
 
 
 def check_exportable(fmt: str, config, kind: str) -> None:
@@ -85,26 +110,36 @@ def check_exportable(fmt: str, config, kind: str) -> None:
     if kind not in FORMATS[fmt]:
         takes = " and ".join(k for k in FORMATS[fmt])
         alt = [f for f, kinds in FORMATS.items() if kind in kinds]
-        raise LmkdError(f"{fmt} exports {takes} models, not this {config.model_type} {kind} model; for it use "
-                        f"{', '.join(alt)}")
+        raise LmkdError(
+            f"{fmt} exports {takes} models, not this {config.model_type} {kind} model; for it use "
+            f"{', '.join(alt)}"
+        )
     engine = engine_of(fmt)
     if engine == "ctranslate2" and kind == CAUSAL:
         if config.model_type not in CT2_CAUSAL_TYPES:
-            raise LmkdError(f"CTranslate2 export of a {config.model_type!r} causal LM is not supported (lmkd exports "
-                            f"{', '.join(CT2_CAUSAL_TYPES)} causal LMs to CTranslate2); export with torch-int8 instead")
+            raise LmkdError(
+                f"CTranslate2 export of a {config.model_type!r} causal LM is not supported (lmkd exports "
+                f"{', '.join(CT2_CAUSAL_TYPES)} causal LMs to CTranslate2); export with torch-int8 instead"
+            )
         problem = ct2_causal_problem(config)
         if problem:
-            raise LmkdError(f"CTranslate2 cannot convert this {config.model_type} model exactly: {problem}; export "
-                            "with torch-int8 instead")
+            raise LmkdError(
+                f"CTranslate2 cannot convert this {config.model_type} model exactly: {problem}; export "
+                "with torch-int8 instead"
+            )
     elif engine == "ctranslate2":
         if config.model_type not in CT2_SEQ2SEQ_TYPES:
-            raise LmkdError(f"CTranslate2 cannot convert a {config.model_type!r} encoder-decoder (it converts "
-                            f"{', '.join(CT2_SEQ2SEQ_TYPES)}); export with torch-int8 instead")
+            raise LmkdError(
+                f"CTranslate2 cannot convert a {config.model_type!r} encoder-decoder (it converts "
+                f"{', '.join(CT2_SEQ2SEQ_TYPES)}); export with torch-int8 instead"
+            )
         if config.model_type == "marian" and config.pad_token_id != config.vocab_size - 1:
             # the converter drops the last vocabulary row as Marian's <pad> (opus-mt puts it last)
-            raise LmkdError(f"CTranslate2 converts Marian models whose <pad> is the last token (opus-mt's layout); "
-                            f"this one has pad id {config.pad_token_id} of {config.vocab_size}: export with "
-                            "torch-int8, or use a BART-style model")
+            raise LmkdError(
+                f"CTranslate2 converts Marian models whose <pad> is the last token (opus-mt's layout); "
+                f"this one has pad id {config.pad_token_id} of {config.vocab_size}: export with "
+                "torch-int8, or use a BART-style model"
+            )
     require(engine)
 
 
@@ -120,10 +155,19 @@ def _write_meta(out: str, fmt: str, source: str, model, tokenizer, kind: str, **
         model.generation_config.save_pretrained(os.path.join(out, HF_DIR))
     tokenizer.save_pretrained(out)
     engine = engine_of(fmt)
-    atomic_write_json(os.path.join(out, EXPORT_FILE), {
-        "format": fmt, "engine": engine, "weights": WEIGHTS[engine], "source": str(source),
-        "kind": kind,
-        "parameters": count_parameters(model), **extra}, indent=1)
+    atomic_write_json(
+        os.path.join(out, EXPORT_FILE),
+        {
+            "format": fmt,
+            "engine": engine,
+            "weights": WEIGHTS[engine],
+            "source": str(source),
+            "kind": kind,
+            "parameters": count_parameters(model),
+            **extra,
+        },
+        indent=1,
+    )
 
 
 def export(source: str, out: str, fmt: str, kind: str, sample_text: str = "a sample input") -> None:
@@ -155,15 +199,30 @@ def export(source: str, out: str, fmt: str, kind: str, sample_text: str = "a sam
     if engine == "torch-int8":
         q = quantize_int8(model)
         torch.save(q.state_dict(), os.path.join(out, WEIGHTS[engine]))
-        _write_meta(out, fmt, source, model, tokenizer, kind, quantization="int8 dynamic (torch.ao, nn.Linear)")
+        _write_meta(
+            out,
+            fmt,
+            source,
+            model,
+            tokenizer,
+            kind,
+            quantization="int8 dynamic (torch.ao, nn.Linear)",
+        )
     elif engine == "ctranslate2":
-        quantization = fmt[len("ct2-"):]
+        quantization = fmt[len("ct2-") :]
         convert_ct2(source, out, quantization)
         _write_meta(out, fmt, source, model, tokenizer, kind, quantization=quantization)
     else:
         export_onnx(model, tokenizer, out, int8=fmt == "onnx-int8", sample_text=sample_text)
-        _write_meta(out, fmt, source, model, tokenizer, kind,
-                    quantization="int8 dynamic (onnxruntime)" if fmt == "onnx-int8" else "float32")
+        _write_meta(
+            out,
+            fmt,
+            source,
+            model,
+            tokenizer,
+            kind,
+            quantization="int8 dynamic (onnxruntime)" if fmt == "onnx-int8" else "float32",
+        )
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -188,15 +247,34 @@ def export_info(path: str) -> dict | None:
         with open(meta, encoding="utf-8") as f:
             return json.load(f)
     if os.path.isfile(os.path.join(path, "model.bin")) and any(
-            os.path.isfile(os.path.join(path, n)) for n in ("shared_vocabulary.json", "shared_vocabulary.txt",
-                                                             "source_vocabulary.json", "source_vocabulary.txt")):
-        return {"format": "ct2", "engine": "ctranslate2", "weights": "model.bin", "source": None, "kind": SEQ2SEQ,
-                "parameters": None}
+        os.path.isfile(os.path.join(path, n))
+        for n in (
+            "shared_vocabulary.json",
+            "shared_vocabulary.txt",
+            "source_vocabulary.json",
+            "source_vocabulary.txt",
+        )
+    ):
+        return {
+            "format": "ct2",
+            "engine": "ctranslate2",
+            "weights": "model.bin",
+            "source": None,
+            "kind": SEQ2SEQ,
+            "parameters": None,
+        }
     if os.path.isfile(os.path.join(path, "model.bin")) and any(
-            os.path.isfile(os.path.join(path, n)) for n in ("vocabulary.json", "vocabulary.txt")):
+        os.path.isfile(os.path.join(path, n)) for n in ("vocabulary.json", "vocabulary.txt")
+    ):
         # one vocabulary: a decoder-only model (a CTranslate2 Generator)
-        return {"format": "ct2", "engine": "ctranslate2", "weights": "model.bin", "source": None, "kind": CAUSAL,
-                "parameters": None}
+        return {
+            "format": "ct2",
+            "engine": "ctranslate2",
+            "weights": "model.bin",
+            "source": None,
+            "kind": CAUSAL,
+            "parameters": None,
+        }
     return None
 
 
@@ -281,23 +359,31 @@ def load(path: str, kind: str, dtype=None, device: torch.device | str = "cpu"):
         return load_model(path, kind=kind, dtype=dtype).to(device).eval(), load_tokenizer(path)
     device = torch.device(device)
     if info["kind"] != kind:
-        raise LmkdError(f"{path} holds a {info['kind']} model exported for {info['engine']}; this task needs a "
-                        f"{kind} model")
+        raise LmkdError(
+            f"{path} holds a {info['kind']} model exported for {info['engine']}; this task needs a "
+            f"{kind} model"
+        )
     if dtype not in (None, "auto"):
-        raise LmkdError(f"{path} is a {info['engine']} export whose precision was fixed at export "
-                        f"({info.get('quantization', 'as converted')}); drop --dtype")
+        raise LmkdError(
+            f"{path} is a {info['engine']} export whose precision was fixed at export "
+            f"({info.get('quantization', 'as converted')}); drop --dtype"
+        )
     tokenizer = load_tokenizer(path)
     engine = info["engine"]
     require(engine)
     if engine == "torch-int8":
         if device.type != "cpu":
-            raise LmkdError(f"{path} is a PyTorch dynamic-int8 model, which runs on CPU only; use --device cpu")
+            raise LmkdError(
+                f"{path} is a PyTorch dynamic-int8 model, which runs on CPU only; use --device cpu"
+            )
         model = load_torch_int8(path, kind)
     elif engine == "ctranslate2":
         model = (CT2Causal if kind == CAUSAL else CT2Seq2Seq)(path, tokenizer, device)
     else:
         if device.type != "cpu":
-            raise LmkdError(f"{path} is an ONNX Runtime export, run here on CPU only; use --device cpu")
+            raise LmkdError(
+                f"{path} is an ONNX Runtime export, run here on CPU only; use --device cpu"
+            )
         model = OrtClassifier(path)
     model.lmkd_engine, model.lmkd_parameters = engine, info.get("parameters")
     return model, tokenizer

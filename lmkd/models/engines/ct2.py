@@ -19,8 +19,13 @@ def _open_ct2(cls, path: str, device: torch.device):
     """A CTranslate2 ``Translator`` / ``Generator`` of ``path`` on ``device``, with the threads PyTorch gets."""
     threads = torch.get_num_threads()  # the same threads PyTorch gets: a fair comparison
     try:
-        return cls(path, device=device.type if device.type == "cuda" else "cpu", device_index=device.index or 0,
-                   intra_threads=threads, inter_threads=1)
+        return cls(
+            path,
+            device=device.type if device.type == "cuda" else "cpu",
+            device_index=device.index or 0,
+            intra_threads=threads,
+            inter_threads=1,
+        )
     except (RuntimeError, ValueError) as e:
         raise LmkdError(f"CTranslate2 cannot load {path}: {str(e).splitlines()[0]}") from e
 
@@ -29,8 +34,11 @@ def _generation_config(path: str):
     from transformers import GenerationConfig
 
     hf = os.path.join(path, HF_DIR)
-    return (GenerationConfig.from_pretrained(hf) if os.path.isfile(os.path.join(hf, "generation_config.json"))
-            else GenerationConfig())
+    return (
+        GenerationConfig.from_pretrained(hf)
+        if os.path.isfile(os.path.join(hf, "generation_config.json"))
+        else GenerationConfig()
+    )
 
 
 class _CT2Engine(Engine):
@@ -67,20 +75,27 @@ class _CT2Engine(Engine):
 
     def _tokens(self, ids: torch.Tensor, rows: list[torch.Tensor]) -> list[list[str]]:
         """The token strings of each row's real tokens (what CTranslate2 takes)."""
-        return [self.tokenizer.convert_ids_to_tokens(ids[i, idx].tolist()) for i, idx in enumerate(rows)]
+        return [
+            self.tokenizer.convert_ids_to_tokens(ids[i, idx].tolist()) for i, idx in enumerate(rows)
+        ]
 
     def _decoding_options(self) -> dict:
         """The model's own generation config as CTranslate2's decoding options (as HF applies it)."""
         gc = self.generation_config
-        return dict(length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
-                    no_repeat_ngram_size=gc.no_repeat_ngram_size or 0,
-                    repetition_penalty=gc.repetition_penalty or 1.0, max_batch_size=0)
+        return dict(
+            length_penalty=gc.length_penalty if gc.length_penalty is not None else 1.0,
+            no_repeat_ngram_size=gc.no_repeat_ngram_size or 0,
+            repetition_penalty=gc.repetition_penalty or 1.0,
+            max_batch_size=0,
+        )
 
 
 def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
     """``rows`` of token ids padded on the right with ``pad`` into one ``[len(rows), longest]`` tensor."""
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(
+        len(rows), width
+    )
 
 
 class CT2Seq2Seq(_CT2Engine):
@@ -103,15 +118,25 @@ class CT2Seq2Seq(_CT2Engine):
     CT2_CLASS = "Translator"
 
     def _plain_config(self, tokenizer) -> SimpleNamespace:
-        return SimpleNamespace(is_encoder_decoder=True, model_type="ctranslate2", decoder_start_token_id=None)
+        return SimpleNamespace(
+            is_encoder_decoder=True, model_type="ctranslate2", decoder_start_token_id=None
+        )
 
     @property
     def translator(self):
         """The ``ctranslate2.Translator`` (made again after :meth:`close`)."""
         return self.engine
 
-    def generate(self, input_ids, attention_mask=None, num_beams: int = 1, max_new_tokens: int = 128,
-                 min_new_tokens: int = 0, do_sample: bool = False, **_) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        num_beams: int = 1,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        **_,
+    ) -> torch.Tensor:
         """Decode a batch as HF's ``generate`` would (greedy or beam search; ``do_sample`` is ignored).
 
         Where the generation config forces an EOS, one fewer token is decoded and the EOS added, as
@@ -137,8 +162,12 @@ class CT2Seq2Seq(_CT2Engine):
         forced_eos = gc.forced_eos_token_id is not None and min_new_tokens < max_new_tokens
         limit = max_new_tokens - 1 if forced_eos else max_new_tokens
         results = self.translator.translate_batch(
-            sources, beam_size=num_beams, max_decoding_length=limit, min_decoding_length=min_new_tokens,
-            **self._decoding_options())
+            sources,
+            beam_size=num_beams,
+            max_decoding_length=limit,
+            min_decoding_length=min_new_tokens,
+            **self._decoding_options(),
+        )
         start = getattr(self.config, "decoder_start_token_id", None)
         start = self.tokenizer.pad_token_id if start is None else start
         rows = [[start] + self.tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
@@ -178,8 +207,12 @@ class CT2Causal(_CT2Engine):
     CT2_CLASS = "Generator"
 
     def _plain_config(self, tokenizer) -> SimpleNamespace:
-        return SimpleNamespace(is_encoder_decoder=False, model_type="ctranslate2",
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return SimpleNamespace(
+            is_encoder_decoder=False,
+            model_type="ctranslate2",
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     @property
     def generator(self):
@@ -204,7 +237,9 @@ class CT2Causal(_CT2Engine):
         scored = [i for i, idx in enumerate(rows) if len(idx) >= 2]
         if scored:
             tokens = self._tokens(ids, rows)
-            results = self.generator.score_batch([tokens[i] for i in scored], max_batch_size=0, max_input_length=0)
+            results = self.generator.score_batch(
+                [tokens[i] for i in scored], max_batch_size=0, max_input_length=0
+            )
             for i, r in zip(scored, results):
                 out[i, rows[i][1:] - 1] = torch.tensor(r.log_probs, dtype=torch.float32)
         return out
@@ -228,16 +263,20 @@ class CT2Causal(_CT2Engine):
         device = self.device
         # CTranslate2's memory, shared (CPU: numpy's array interface; GPU: __cuda_array_interface__): copied
         # once below, into a tensor of the input's layout -- the speed runner times this as a forward pass
-        logits = torch.as_tensor(view, device=device) if device.type == "cuda" else torch.from_numpy(np.asarray(view))
+        logits = (
+            torch.as_tensor(view, device=device)
+            if device.type == "cuda"
+            else torch.from_numpy(np.asarray(view))
+        )
         right_padded = all(len(idx) == 0 or int(idx[-1]) == len(idx) - 1 for idx in rows)
         if right_padded and logits.shape[1] == ids.shape[1]:
             out = logits.clone()
             for i, idx in enumerate(rows):
-                out[i, len(idx):] = 0
+                out[i, len(idx) :] = 0
         else:
             out = torch.zeros(*ids.shape, logits.shape[-1], dtype=logits.dtype, device=device)
             for i, idx in enumerate(rows):
-                out[i, idx.to(device)] = logits[i, :len(idx)]
+                out[i, idx.to(device)] = logits[i, : len(idx)]
         return SimpleNamespace(logits=out)
 
     def _eos_ids(self) -> list[int]:
@@ -246,8 +285,16 @@ class CT2Causal(_CT2Engine):
             eos = getattr(self.config, "eos_token_id", None)
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    def generate(self, input_ids, attention_mask=None, num_beams: int = 1, max_new_tokens: int = 128,
-                 min_new_tokens: int = 0, do_sample: bool = False, **_) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        num_beams: int = 1,
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        **_,
+    ) -> torch.Tensor:
         """Continue each prompt as HF's ``generate`` does (greedy or beam search).
 
         The prompt is forwarded at once and not decoded again: ``max_new_tokens`` and
@@ -269,14 +316,29 @@ class CT2Causal(_CT2Engine):
             LmkdError: ``do_sample`` is True (this engine does not sample).
         """
         if do_sample:
-            raise LmkdError("a CTranslate2 causal LM export decodes greedily or by beam search here, not by sampling")
+            raise LmkdError(
+                "a CTranslate2 causal LM export decodes greedily or by beam search here, not by sampling"
+            )
         ids = input_ids.cpu()
         rows = self._rows(ids, attention_mask)
         prompts = self._tokens(ids, rows)
         gc, eos = self.generation_config, self._eos_ids()
         # the prompt is forwarded at once and not returned: max/min_length count the new tokens only
         results = self.generator.generate_batch(
-            prompts, max_length=max_new_tokens, min_length=min_new_tokens, beam_size=num_beams,
-            include_prompt_in_result=False, end_token=eos or None, return_end_token=True, **self._decoding_options())
-        pad = gc.pad_token_id if gc.pad_token_id is not None else eos[0] if eos else (self.tokenizer.pad_token_id or 0)
+            prompts,
+            max_length=max_new_tokens,
+            min_length=min_new_tokens,
+            beam_size=num_beams,
+            include_prompt_in_result=False,
+            end_token=eos or None,
+            return_end_token=True,
+            **self._decoding_options(),
+        )
+        pad = (
+            gc.pad_token_id
+            if gc.pad_token_id is not None
+            else eos[0]
+            if eos
+            else (self.tokenizer.pad_token_id or 0)
+        )
         return torch.cat([ids, _padded([r.sequences_ids[0] for r in results], pad)], dim=1)

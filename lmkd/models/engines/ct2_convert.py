@@ -21,21 +21,37 @@ def ct2_causal_problem(config) -> str | None:
     """
     if config.model_type == "gpt2":
         act = config.activation_function
-        if act not in ("gelu", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "quick_gelu", "relu",
-                       "silu", "swish"):
+        if act not in (
+            "gelu",
+            "gelu_fast",
+            "gelu_new",
+            "gelu_python",
+            "gelu_pytorch_tanh",
+            "quick_gelu",
+            "relu",
+            "silu",
+            "swish",
+        ):
             return f"its activation {act!r} has no CTranslate2 counterpart"
-        plain = getattr(config, "scale_attn_weights", True) and not getattr(config, "scale_attn_by_inverse_layer_idx",
-                                                                             False)
+        plain = getattr(config, "scale_attn_weights", True) and not getattr(
+            config, "scale_attn_by_inverse_layer_idx", False
+        )
         if not plain:  # the converter ignores both settings (seen: log-probs off by 0.4-1.7 nats)
             return "its attention scores are scaled other than by 1/sqrt(head size), which the converter ignores"
         if getattr(config, "add_cross_attention", False):
             return "it has cross-attention"
-    if config.model_type == "llama":  # (biases, rope_theta and linear RoPE it converts exactly: checked by hand)
+    if (
+        config.model_type == "llama"
+    ):  # (biases, rope_theta and linear RoPE it converts exactly: checked by hand)
         head_dim = getattr(config, "head_dim", None)
         if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
-            return (f"its head size {head_dim} is not hidden size / heads ({config.hidden_size} / "
-                    f"{config.num_attention_heads}), which the converter assumes")
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+            return (
+                f"its head size {head_dim} is not hidden size / heads ({config.hidden_size} / "
+                f"{config.num_attention_heads}), which the converter assumes"
+            )
+        rope = (
+            getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        )
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if rope_type not in ("default", "linear", "llama3"):
             return f"its RoPE scaling {rope_type!r} is not one the converter implements for Llama"
@@ -75,8 +91,10 @@ def convert_ct2(source: str, out: str, quantization: str) -> None:
                 # the loader leaves the decoder start to a target prefix (MBart-25's language code) unless
                 # the tokenizer class says otherwise; a model whose decoder starts at </s> (lmkd's from-
                 # scratch mBART, the study's teacher) must start there without a prefix
-                if (getattr(model.config, "tokenizer_class", None) is None
-                        and model.config.decoder_start_token_id == model.config.eos_token_id):
+                if (
+                    getattr(model.config, "tokenizer_class", None) is None
+                    and model.config.decoder_start_token_id == model.config.eos_token_id
+                ):
                     model.config.tokenizer_class = "PreTrainedTokenizerFast"
             return model
 
@@ -85,14 +103,22 @@ def convert_ct2(source: str, out: str, quantization: str) -> None:
             # the converter derives T5's head size as d_model / num_heads; a T5 whose heads lmkd pruned
             # (or an mT5 built that way) has d_kv apart from it: say it in every attention spec
             config = load_config(source)
-            if config.model_type in ("t5", "mt5") and config.num_heads * config.d_kv != config.d_model:
+            if (
+                config.model_type in ("t5", "mt5")
+                and config.num_heads * config.d_kv != config.d_model
+            ):
                 import numpy as np
 
                 for stack in (spec.encoder, spec.decoder):
                     for layer in stack.layer:
-                        for attention in (getattr(layer, "self_attention", None), getattr(layer, "attention", None)):
+                        for attention in (
+                            getattr(layer, "self_attention", None),
+                            getattr(layer, "attention", None),
+                        ):
                             if attention is not None:  # the attribute the spec takes as head_dim=
-                                object.__setattr__(attention, "head_dim", np.dtype("int32").type(config.d_kv))
+                                object.__setattr__(
+                                    attention, "head_dim", np.dtype("int32").type(config.d_kv)
+                                )
             return spec
 
     try:

@@ -11,13 +11,29 @@ EXPORT_FILE = "lmkd_export.json"
 #: the source model's HF config (and generation config) inside an export
 HF_DIR = "hf"
 #: every format ``lmkd compress --export`` writes, and the model kinds it takes
-FORMATS = {"torch-int8": (SEQ2SEQ, CAUSAL, CLASSIFICATION), "ct2-int8": (SEQ2SEQ, CAUSAL),
-           "ct2-int8_float32": (SEQ2SEQ, CAUSAL), "ct2-float16": (SEQ2SEQ, CAUSAL), "ct2-float32": (SEQ2SEQ, CAUSAL),
-           "onnx": (CLASSIFICATION,), "onnx-int8": (CLASSIFICATION,)}
+FORMATS = {
+    "torch-int8": (SEQ2SEQ, CAUSAL, CLASSIFICATION),
+    "ct2-int8": (SEQ2SEQ, CAUSAL),
+    "ct2-int8_float32": (SEQ2SEQ, CAUSAL),
+    "ct2-float16": (SEQ2SEQ, CAUSAL),
+    "ct2-float32": (SEQ2SEQ, CAUSAL),
+    "onnx": (CLASSIFICATION,),
+    "onnx-int8": (CLASSIFICATION,),
+}
 #: the weights file of each engine (what "bytes on disk" counts)
 WEIGHTS = {"torch-int8": "model_int8.pt", "ctranslate2": "model.bin", "onnxruntime": "model.onnx"}
 #: model types CTranslate2's transformers converter takes as encoder-decoders
-CT2_SEQ2SEQ_TYPES = ("bart", "mbart", "marian", "t5", "mt5", "m2m_100", "nllb-moe", "pegasus", "whisper")
+CT2_SEQ2SEQ_TYPES = (
+    "bart",
+    "mbart",
+    "marian",
+    "t5",
+    "mt5",
+    "m2m_100",
+    "nllb-moe",
+    "pegasus",
+    "whisper",
+)
 #: causal LM types lmkd exports to CTranslate2 (a ``Generator``): those whose conversion lmkd tests
 #: token for token against PyTorch.  The converter registers more (OPT, GPT-J, GPT-NeoX, Bloom,
 #: Mistral, Qwen2/3, Gemma, Phi, Falcon, ...), untested here under transformers 5: not offered.
@@ -36,7 +52,13 @@ def engine_of(fmt: str) -> str:
         ``"ctranslate2"`` for a ``ct2-*`` format, ``"onnxruntime"`` for an ``onnx*`` one, else
         ``"torch-int8"`` (the keys of :data:`WEIGHTS` and of :data:`PACKAGES`).
     """
-    return "ctranslate2" if fmt.startswith("ct2-") else "onnxruntime" if fmt.startswith("onnx") else "torch-int8"
+    return (
+        "ctranslate2"
+        if fmt.startswith("ct2-")
+        else "onnxruntime"
+        if fmt.startswith("onnx")
+        else "torch-int8"
+    )
 
 
 def require(engine: str) -> None:
@@ -56,5 +78,7 @@ def require(engine: str) -> None:
 
     missing = [p for p in PACKAGES.get(engine, ()) if importlib.util.find_spec(p) is None]
     if missing:
-        raise LmkdError(f"{engine} needs the {' and '.join(missing)} package(s): pip install 'lmkd[deploy]' "
-                        f"(or pip install {' '.join(missing)})")
+        raise LmkdError(
+            f"{engine} needs the {' and '.join(missing)} package(s): pip install 'lmkd[deploy]' "
+            f"(or pip install {' '.join(missing)})"
+        )

@@ -27,7 +27,9 @@ def export_onnx(model, tokenizer, out: str, int8: bool, sample_text: str) -> Non
     Returns:
         None.
     """
-    enc = tokenizer([sample_text, sample_text + " " + sample_text], return_tensors="pt", padding=True)
+    enc = tokenizer(
+        [sample_text, sample_text + " " + sample_text], return_tensors="pt", padding=True
+    )
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
     axes = {n: {0: "batch", 1: "tokens"} for n in names}
     path = os.path.join(out, WEIGHTS["onnxruntime"])
@@ -45,8 +47,15 @@ def export_onnx(model, tokenizer, out: str, int8: bool, sample_text: str) -> Non
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Logits(model), tuple(enc[n] for n in names), fp32, input_names=names,
-                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            _Logits(model),
+            tuple(enc[n] for n in names),
+            fp32,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes={**axes, "logits": {0: "batch"}},
+            dynamo=False,
+        )
     if int8:
         import logging
 
@@ -83,8 +92,11 @@ class OrtClassifier(Engine):
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        return onnxruntime.InferenceSession(os.path.join(self.path, WEIGHTS["onnxruntime"]), opts,
-                                            providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(
+            os.path.join(self.path, WEIGHTS["onnxruntime"]),
+            opts,
+            providers=["CPUExecutionProvider"],
+        )
 
     @property
     def session(self):

@@ -58,7 +58,9 @@ def load_torch_int8(path: str, kind: str):
     config = hf_config(path)
     model = AUTO_CLASS[kind].from_config(config).eval()
     model = quantize_int8(model)
-    state = torch.load(os.path.join(path, WEIGHTS["torch-int8"]), map_location="cpu", weights_only=False)
+    state = torch.load(
+        os.path.join(path, WEIGHTS["torch-int8"]), map_location="cpu", weights_only=False
+    )
     model.load_state_dict(state)
     if os.path.isfile(os.path.join(path, HF_DIR, "generation_config.json")):
         from transformers import GenerationConfig

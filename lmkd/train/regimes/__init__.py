@@ -23,17 +23,43 @@ from __future__ import annotations
 from lmkd.core.constants import TASK_KIND
 from lmkd.train.regimes.base import ON_POLICY, REGIME_KEYS, RegimeTrainer
 from lmkd.train.regimes.born_again import run_born_again
-from lmkd.train.regimes.cohort import CoDistillationTrainer, CohortModel, check_cohort_can_differ, \
-    cohort_paths, load_cohort
+from lmkd.train.regimes.cohort import (
+    CoDistillationTrainer,
+    CohortModel,
+    check_cohort_can_differ,
+    cohort_paths,
+    load_cohort,
+)
 from lmkd.train.regimes.on_policy import OnPolicyDistillationTrainer, PromptLengthCollator
-from lmkd.train.regimes.transfer import LABELLED, TransferCollator, add_transfer_set, read_transfer_set, \
-    unlabelled_data_args
+from lmkd.train.regimes.transfer import (
+    LABELLED,
+    TransferCollator,
+    add_transfer_set,
+    read_transfer_set,
+    unlabelled_data_args,
+)
 from lmkd.train.trainer import DistillationTrainer
 
-__all__ = ["LABELLED", "ON_POLICY", "REGIME_KEYS", "CoDistillationTrainer", "CohortModel",
-           "OnPolicyDistillationTrainer", "PromptLengthCollator", "RegimeTrainer", "TransferCollator",
-           "add_transfer_set", "check_cohort_can_differ", "cohort_paths", "load_cohort", "read_transfer_set",
-           "run_born_again", "trainer_class", "unlabelled_data_args", "wrap_collator"]
+__all__ = [
+    "LABELLED",
+    "ON_POLICY",
+    "REGIME_KEYS",
+    "CoDistillationTrainer",
+    "CohortModel",
+    "OnPolicyDistillationTrainer",
+    "PromptLengthCollator",
+    "RegimeTrainer",
+    "TransferCollator",
+    "add_transfer_set",
+    "check_cohort_can_differ",
+    "cohort_paths",
+    "load_cohort",
+    "read_transfer_set",
+    "run_born_again",
+    "trainer_class",
+    "unlabelled_data_args",
+    "wrap_collator",
+]
 
 
 def trainer_class(args, data_args=None):

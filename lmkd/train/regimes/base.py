@@ -28,14 +28,22 @@ class RegimeTrainer(DistillationTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.kind == MLM and self.args.mlm_kd_positions == "masked" and isinstance(self.data_collator,
-                                                                                        TransferCollator):
-            raise LmkdError("transfer_file with mlm needs mlm_kd_positions all (unlabelled rows have no masked "
-                            "targets of their own)")
+        if (
+            self.kind == MLM
+            and self.args.mlm_kd_positions == "masked"
+            and isinstance(self.data_collator, TransferCollator)
+        ):
+            raise LmkdError(
+                "transfer_file with mlm needs mlm_kd_positions all (unlabelled rows have no masked "
+                "targets of their own)"
+            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for key in (LABELLED, PROMPT_LENGTH):  # keep the flag and prompt lengths through remove_unused_columns
+        for key in (
+            LABELLED,
+            PROMPT_LENGTH,
+        ):  # keep the flag and prompt lengths through remove_unused_columns
             if key not in self._signature_columns:
                 self._signature_columns = [*self._signature_columns, key]
 

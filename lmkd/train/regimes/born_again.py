@@ -49,8 +49,15 @@ def rounds_to_resume(output_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(r, RESULTS_NAME)) or has_checkpoint(r) for r in rounds)
 
 
-def run_born_again(run_one, model_args, data_args, args, resume: bool = False, teacher_model=None,
-                   command: str | None = None) -> dict:
+def run_born_again(
+    run_one,
+    model_args,
+    data_args,
+    args,
+    resume: bool = False,
+    teacher_model=None,
+    command: str | None = None,
+) -> dict:
     """``rounds: N``: N runs of ``run_one`` (:func:`lmkd.train.run.run_distill`), each from the same
     student init; round 1 learns
     from the given teacher (or, with none, from the labels alone -- the born-again "teacher"
@@ -83,7 +90,9 @@ def run_born_again(run_one, model_args, data_args, args, resume: bool = False, t
         if r > 1:
             a.teacher_model_name_or_path, a.teacher_weights, a.logit_cache = previous, None, None
         elif teacher_model is None and not args.teacher_model_name_or_path and not args.logit_cache:
-            logger.info("born-again round 1 has no teacher: it trains on the labels alone (kd_alpha 0)")
+            logger.info(
+                "born-again round 1 has no teacher: it trains on the labels alone (kd_alpha 0)"
+            )
             a.kd_alpha, a.hidden_weight, a.attention_weight, a.relation_weight = 0.0, 0.0, 0.0, 0.0
         done = os.path.join(out, RESULTS_NAME)
         if resume and os.path.isfile(done):
@@ -91,11 +100,25 @@ def run_born_again(run_one, model_args, data_args, args, resume: bool = False, t
                 metrics = json.load(f)
             logger.info("born-again round %d/%d already finished in %s", r, rounds, out)
         else:
-            logger.info("born-again round %d/%d -> %s (teacher: %s)", r, rounds, out,
-                        "given model" if r == 1 and teacher_model is not None else a.teacher_model_name_or_path
-                        if a.kd_alpha > 0 else "none")
-            metrics = run_one(model_args, data_args, a, resume=resume and has_checkpoint(out),
-                              teacher_model=teacher_model if r == 1 else None, command=command)
+            logger.info(
+                "born-again round %d/%d -> %s (teacher: %s)",
+                r,
+                rounds,
+                out,
+                "given model"
+                if r == 1 and teacher_model is not None
+                else a.teacher_model_name_or_path
+                if a.kd_alpha > 0
+                else "none",
+            )
+            metrics = run_one(
+                model_args,
+                data_args,
+                a,
+                resume=resume and has_checkpoint(out),
+                teacher_model=teacher_model if r == 1 else None,
+                command=command,
+            )
         per_round[f"round-{r}"] = metrics
         previous = out
     final = dict(metrics)
@@ -105,8 +128,18 @@ def run_born_again(run_one, model_args, data_args, args, resume: bool = False, t
             src = os.path.join(previous, name)
             if os.path.isfile(src) and name != RESULTS_NAME:
                 shutil.copy2(src, os.path.join(args.output_dir, name))
-        atomic_write_json(os.path.join(args.output_dir, RESULTS_NAME), final, indent=1, sort_keys=True)
-        card.write_card(args.output_dir, model_args, data_args, args, metrics, command=command,
-                        teacher="a model passed from Python" if teacher_model is not None and
-                        not args.teacher_model_name_or_path else None)
+        atomic_write_json(
+            os.path.join(args.output_dir, RESULTS_NAME), final, indent=1, sort_keys=True
+        )
+        card.write_card(
+            args.output_dir,
+            model_args,
+            data_args,
+            args,
+            metrics,
+            command=command,
+            teacher="a model passed from Python"
+            if teacher_model is not None and not args.teacher_model_name_or_path
+            else None,
+        )
     return final

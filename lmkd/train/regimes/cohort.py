@@ -35,7 +35,11 @@ def has_dropout(model) -> bool:
         if "Dropout" in type(m).__name__ and float(getattr(m, "p", 0) or 0) > 0:
             return True
         for name, value in vars(m).items():
-            if any(w in name for w in ("dropout", "pdrop", "layerdrop")) and isinstance(value, float) and value > 0:
+            if (
+                any(w in name for w in ("dropout", "pdrop", "layerdrop"))
+                and isinstance(value, float)
+                and value > 0
+            ):
                 return True
     return False
 
@@ -44,7 +48,8 @@ def same_weights(a, b) -> bool:
     """Whether two models hold bit-identical parameters and buffers."""
     sa, sb = unwrap(a).state_dict(), unwrap(b).state_dict()
     return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
+    )
 
 
 def check_cohort_can_differ(members) -> None:
@@ -54,9 +59,11 @@ def check_cohort_can_differ(members) -> None:
     if any(has_dropout(m) for m in members):
         return
     if all(same_weights(members[0], m) for m in members[1:]):
-        raise LmkdError(f"the cohort's {len(members)} members start from identical weights and have no dropout, so "
-                        "they would stay identical (KD term exactly 0); give each member its own checkpoint "
-                        "(student_model_name_or_path: a,b,... one per member) or use a student with dropout")
+        raise LmkdError(
+            f"the cohort's {len(members)} members start from identical weights and have no dropout, so "
+            "they would stay identical (KD term exactly 0); give each member its own checkpoint "
+            "(student_model_name_or_path: a,b,... one per member) or use a student with dropout"
+        )
 
 
 class CohortModel(nn.Module):
@@ -73,9 +80,13 @@ class CohortModel(nn.Module):
             raise LmkdError("a cohort needs at least two students (cohort_size >= 2)")
         kinds = {model_kind(m) for m in members}
         if len(kinds) > 1:
-            raise LmkdError(f"the cohort mixes model kinds ({', '.join(sorted(kinds))}); use students of one kind")
+            raise LmkdError(
+                f"the cohort mixes model kinds ({', '.join(sorted(kinds))}); use students of one kind"
+            )
         if len({vocab_size_of(m) for m in members}) > 1:
-            raise LmkdError("the cohort's students have different output sizes; use one vocabulary (label set)")
+            raise LmkdError(
+                "the cohort's students have different output sizes; use one vocabulary (label set)"
+            )
         check_cohort_can_differ(members)
         self.members = nn.ModuleList(members)
         self.lmkd_kind = kinds.pop()
@@ -109,12 +120,16 @@ class CoDistillationTrainer(RegimeTrainer):
     def __init__(self, model=None, args=None, **kwargs):
         if args is not None and not isinstance(model, CohortModel):
             if args.cohort_size < 2:
-                raise LmkdError("co-distillation needs cohort_size >= 2 (or model=CohortModel([...]))")
+                raise LmkdError(
+                    "co-distillation needs cohort_size >= 2 (or model=CohortModel([...]))"
+                )
             model = CohortModel.copies(model, args.cohort_size)
         if kwargs.get("teacher_model") is not None:
             raise LmkdError("co-distillation trains without a teacher; drop teacher_model")
         super().__init__(model=model, args=args, **kwargs)
-        if self.args.label_names is None:  # the Trainer looked for them in CohortModel.forward; use a member's
+        if (
+            self.args.label_names is None
+        ):  # the Trainer looked for them in CohortModel.forward; use a member's
             self.label_names = find_labels(type(unwrap(self.model).members[0]))
         self.args.check_co_distillation()  # (the config ran it already when cohort_size > 1)
 
@@ -126,17 +141,20 @@ class CoDistillationTrainer(RegimeTrainer):
         if self._signature_columns is None:
             member = unwrap(self.model).members[0]
             self._signature_columns = list(inspect.signature(member.forward).parameters) + list(
-                {"label", "label_ids", *self.label_names})
+                {"label", "label_ids", *self.label_names}
+            )
         super()._set_signature_columns_if_needed()
 
     def member_targets(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per member, the detached KD target logits ``tau * log mean_{j != k} softmax(z_j / tau)``."""
         tau, k = self.args.kd_temperature, len(logits)
         with torch.no_grad():
-            logp = torch.stack([torch.log_softmax(z.detach().float() / tau, dim=-1) for z in logits])
+            logp = torch.stack(
+                [torch.log_softmax(z.detach().float() / tau, dim=-1) for z in logits]
+            )
             out = []
             for i in range(k):
-                others = torch.cat([logp[:i], logp[i + 1:]])
+                others = torch.cat([logp[:i], logp[i + 1 :]])
                 out.append(tau * (torch.logsumexp(others, dim=0) - math.log(k - 1)))
         return out
 
@@ -159,8 +177,11 @@ class CoDistillationTrainer(RegimeTrainer):
         logits = [self.shifted(o.logits) for o in outputs]
         ce_mask, kd_mask = self.position_masks(inputs)
         counts, scale = self.loss_counts(num_items_in_batch)
-        n_ce, n_kd = counts[:2] if counts is not None else (int(ce_mask.sum()) if ce_mask is not None else 0,
-                                                             int(kd_mask.sum()))
+        n_ce, n_kd = (
+            counts[:2]
+            if counts is not None
+            else (int(ce_mask.sum()) if ce_mask is not None else 0, int(kd_mask.sum()))
+        )
         alpha, k = args.kd_alpha, len(logits)
         targets = self.member_targets(logits) if alpha > 0 else [None] * k
         stats = self.loss_stats["train" if model.training else "eval"]
@@ -173,13 +194,21 @@ class CoDistillationTrainer(RegimeTrainer):
                 loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
                 stats.ce.add(ce_sum.item() / k, int(ce_mask.sum()) / k)
             if alpha > 0:
-                kd_sum = losses.token_kd_loss(z, target, kd_mask, loss=args.kd_loss, temperature=args.kd_temperature,
-                                              beta=args.jsd_beta)
+                kd_sum = losses.token_kd_loss(
+                    z,
+                    target,
+                    kd_mask,
+                    loss=args.kd_loss,
+                    temperature=args.kd_temperature,
+                    beta=args.jsd_beta,
+                )
                 loss = loss + alpha * kd_sum / max(n_kd, 1)
                 stats.kd.add(kd_sum.item() / k, int(kd_mask.sum()) / k)
         if not torch.isfinite(loss):
-            raise LmkdError(f"the loss became {loss.item()} at step {self.state.global_step}; lower the learning "
-                            "rate or check the data for empty targets")
+            raise LmkdError(
+                f"the loss became {loss.item()} at step {self.state.global_step}; lower the learning "
+                "rate or check the data for empty targets"
+            )
         loss = loss * scale
         return (loss, outputs[0]) if return_outputs else loss
 
@@ -189,7 +218,9 @@ class CoDistillationTrainer(RegimeTrainer):
             return
         members = unwrap(self.accelerator.unwrap_model(self.model)).members
         for k, member in enumerate(members):
-            for path in ([os.path.join(output_dir, f"member-{k}")] + ([output_dir] if k == 0 else [])):
+            for path in [os.path.join(output_dir, f"member-{k}")] + (
+                [output_dir] if k == 0 else []
+            ):
                 os.makedirs(path, exist_ok=True)
                 member.save_pretrained(path)
                 if self.processing_class is not None:
@@ -201,8 +232,10 @@ class CoDistillationTrainer(RegimeTrainer):
         for k, member in enumerate(members):
             path = os.path.join(resume_from_checkpoint, f"member-{k}")
             if not os.path.isdir(path):
-                raise LmkdError(f"{resume_from_checkpoint} has no {os.path.basename(path)}; it is not a checkpoint "
-                                f"of a cohort of {len(members)}")
+                raise LmkdError(
+                    f"{resume_from_checkpoint} has no {os.path.basename(path)}; it is not a checkpoint "
+                    f"of a cohort of {len(members)}"
+                )
             member.load_state_dict(type(member).from_pretrained(path).state_dict())
 
 
@@ -221,8 +254,10 @@ def cohort_paths(model_args, args) -> list[str]:
     if not paths:
         raise LmkdError("student_model_name_or_path is empty; name the student checkpoint")
     if len(paths) > 1 and args.cohort_size != len(paths):
-        raise LmkdError(f"student_model_name_or_path names {len(paths)} students: that is a co-distillation cohort, "
-                        f"set cohort_size {len(paths)} (or name one student)")
+        raise LmkdError(
+            f"student_model_name_or_path names {len(paths)} students: that is a co-distillation cohort, "
+            f"set cohort_size {len(paths)} (or name one student)"
+        )
     return paths
 
 
@@ -245,7 +280,12 @@ def load_cohort(paths: list[str], kind: str, args) -> CohortModel:
         torch.manual_seed(args.seed + k)
         members.append(load_model(paths[k] if len(paths) > 1 else paths[0], kind=kind))
     torch.manual_seed(args.seed)
-    logger.info("co-distillation cohort of %d: %s", len(members),
-                ", ".join(paths) if len(paths) > 1 else f"{len(members)} loads of {paths[0]} (seeds {args.seed}.."
-                f"{args.seed + len(members) - 1} for weights it lacks)")
+    logger.info(
+        "co-distillation cohort of %d: %s",
+        len(members),
+        ", ".join(paths)
+        if len(paths) > 1
+        else f"{len(members)} loads of {paths[0]} (seeds {args.seed}.."
+        f"{args.seed + len(members) - 1} for weights it lacks)",
+    )
     return CohortModel(members)

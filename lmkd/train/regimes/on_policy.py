@@ -18,7 +18,12 @@ from lmkd.core.errors import LmkdError
 from lmkd.data.dataset import PROMPT_LENGTH
 from lmkd.models.generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
 from lmkd.models.loading import unwrap
-from lmkd.models.truncation import describe_truncation, generation_lengths, target_limit, truncation_note
+from lmkd.models.truncation import (
+    describe_truncation,
+    generation_lengths,
+    target_limit,
+    truncation_note,
+)
 from lmkd.train.regimes.base import ON_POLICY, RegimeTrainer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +38,9 @@ class PromptLengthCollator:
 
     def __call__(self, features):
         lengths = torch.tensor([int(f.get(PROMPT_LENGTH, -1)) for f in features], dtype=torch.long)
-        batch = self.collator([{k: v for k, v in f.items() if k != PROMPT_LENGTH} for f in features])
+        batch = self.collator(
+            [{k: v for k, v in f.items() if k != PROMPT_LENGTH} for f in features]
+        )
         batch[PROMPT_LENGTH] = lengths
         return batch
 
@@ -59,25 +66,36 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.kind not in (CAUSAL, SEQ2SEQ):
-            raise LmkdError(f"on-policy KD needs a generative student (causal or seq2seq LM), not a {self.kind} "
-                            "model; set on_policy_fraction 0")
+            raise LmkdError(
+                f"on-policy KD needs a generative student (causal or seq2seq LM), not a {self.kind} "
+                "model; set on_policy_fraction 0"
+            )
         if self.teacher is None:
-            raise LmkdError("on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
-                            "teacher_model_name_or_path (a logit_cache only covers the fixed data)")
+            raise LmkdError(
+                "on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
+                "teacher_model_name_or_path (a logit_cache only covers the fixed data)"
+            )
         self.max_new_tokens = self.fitted_new_tokens()
         self.on_policy_batches = 0
         self.last_generation_seed: int | None = None
-        self.batch_index: int | None = None  # the micro-batch being drawn, counted over the whole run
+        self.batch_index: int | None = (
+            None  # the micro-batch being drawn, counted over the whole run
+        )
 
     def on_policy_coin(self, index: int) -> bool:
         """Whether micro-batch ``index`` (counted from the start of the run) is on-policy: a function of
         (seed, index) alone, so a resumed run draws exactly what an uninterrupted one does."""
-        return random.Random(f"lmkd-on-policy:{self.args.seed}:{index}").random() < self.args.on_policy_fraction
+        return (
+            random.Random(f"lmkd-on-policy:{self.args.seed}:{index}").random()
+            < self.args.on_policy_fraction
+        )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer.get_batch_samples, with the on-policy batches swapped in before counting tokens."""
         lam, batch_samples = self.args.on_policy_fraction, []
-        first = self.state.global_step * self.args.gradient_accumulation_steps  # (restored on resume)
+        first = (
+            self.state.global_step * self.args.gradient_accumulation_steps
+        )  # (restored on resume)
         for i in range(num_batches):
             try:
                 batch = next(epoch_iterator)
@@ -87,8 +105,10 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
             if lam > 0 and self.on_policy_coin(self.batch_index):
                 batch = self.on_policy_batch(self.model, batch)
             elif self.kind == SEQ2SEQ and batch.get("labels") is None:
-                raise LmkdError("seq2seq training data without targets can only train on-policy: set "
-                                "on_policy_fraction 1, or give the data targets (lmkd generate)")
+                raise LmkdError(
+                    "seq2seq training data without targets can only train on-policy: set "
+                    "on_policy_fraction 1, or give the data targets (lmkd generate)"
+                )
             batch_samples.append(batch)
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
@@ -103,16 +123,28 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         if self.kind == SEQ2SEQ:
             new = generation_lengths(models, None, None, asked)[1]
         else:
-            new = asked if limit is None else min(asked, limit - min(a.on_policy_prompt_tokens, limit - 1))
+            new = (
+                asked
+                if limit is None
+                else min(asked, limit - min(a.on_policy_prompt_tokens, limit - 1))
+            )
         if new < asked:
-            logger.warning("on-policy KD: %s", describe_truncation(truncation_note("new tokens", 1, 1, new, asked,
-                                                                                   limit)))
+            logger.warning(
+                "on-policy KD: %s",
+                describe_truncation(truncation_note("new tokens", 1, 1, new, asked, limit)),
+            )
         return new
 
     def generation_kwargs(self) -> dict:
         a = self.args
-        return dict(do_sample=True, temperature=a.on_policy_temperature, top_k=0, top_p=1.0, num_beams=1,
-                    max_new_tokens=self.max_new_tokens)
+        return dict(
+            do_sample=True,
+            temperature=a.on_policy_temperature,
+            top_k=0,
+            top_p=1.0,
+            num_beams=1,
+            max_new_tokens=self.max_new_tokens,
+        )
 
     @torch.no_grad()
     def on_policy_batch(self, model, batch: dict) -> dict:
@@ -128,30 +160,51 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         self.last_generation_seed = self.args.seed + 1 + index
         self.on_policy_batches += 1
         if self.kind != CAUSAL:
-            out = generate_seeded(student, self.last_generation_seed, input_ids=ids, attention_mask=att,
-                                  pad_token_id=pad, **self.generation_kwargs())
+            out = generate_seeded(
+                student,
+                self.last_generation_seed,
+                input_ids=ids,
+                attention_mask=att,
+                pad_token_id=pad,
+                **self.generation_kwargs(),
+            )
             new = out[:, 1:]  # after the decoder start token
             labels = new.masked_fill(~eos_mask(new, eos_token_ids(student)), losses.IGNORE_INDEX)
-            return {"input_ids": ids, "attention_mask": att, "labels": labels,
-                    ON_POLICY: torch.ones((), dtype=torch.bool)}
+            return {
+                "input_ids": ids,
+                "attention_mask": att,
+                "labels": labels,
+                ON_POLICY: torch.ones((), dtype=torch.bool),
+            }
         # causal: each row continues its own prompt -- its prompt_column length, else its first
         # on_policy_prompt_tokens tokens (at most all but one) -- left-padded for generation
         rows = [row[m.bool()] for row, m in zip(ids, att)]
         given = batch.get(PROMPT_LENGTH)
         lengths = []
         for k, row in enumerate(rows):
-            n = int(given[k]) if given is not None and int(given[k]) > 0 else min(self.args.on_policy_prompt_tokens,
-                                                                                  len(row) - 1)
+            n = (
+                int(given[k])
+                if given is not None and int(given[k]) > 0
+                else min(self.args.on_policy_prompt_tokens, len(row) - 1)
+            )
             lengths.append(max(1, min(n, len(row))))
         width = max(lengths)
         prompt = torch.full((len(rows), width), pad, dtype=ids.dtype, device=device)
         p_att = torch.zeros_like(prompt)
         for k, (row, n) in enumerate(zip(rows, lengths)):
-            prompt[k, width - n:], p_att[k, width - n:] = row[:n], 1
-        out = generate_seeded(student, self.last_generation_seed, input_ids=prompt, attention_mask=p_att,
-                              pad_token_id=pad, **self.generation_kwargs())
+            prompt[k, width - n :], p_att[k, width - n :] = row[:n], 1
+        out = generate_seeded(
+            student,
+            self.last_generation_seed,
+            input_ids=prompt,
+            attention_mask=p_att,
+            pad_token_id=pad,
+            **self.generation_kwargs(),
+        )
         new = out[:, width:]
-        valid = eos_mask(new, eos_token_ids(student))  # generated tokens up to and including the first EOS
+        valid = eos_mask(
+            new, eos_token_ids(student)
+        )  # generated tokens up to and including the first EOS
         # the scored batch, right-padded: row k = its prompt, then its generated tokens
         t = new.shape[1]
         input_ids = torch.full((len(rows), width + t), pad, dtype=ids.dtype, device=device)
@@ -159,8 +212,12 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         mask = torch.zeros_like(input_ids)
         for k, (row, n) in enumerate(zip(rows, lengths)):
             input_ids[k, :n], mask[k, :n] = row[:n], 1
-            input_ids[k, n:n + t] = new[k].masked_fill(~valid[k], pad)
-            labels[k, n:n + t] = new[k].masked_fill(~valid[k], losses.IGNORE_INDEX)
-            mask[k, n:n + t] = valid[k].long()
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                ON_POLICY: torch.ones((), dtype=torch.bool)}
+            input_ids[k, n : n + t] = new[k].masked_fill(~valid[k], pad)
+            labels[k, n : n + t] = new[k].masked_fill(~valid[k], losses.IGNORE_INDEX)
+            mask[k, n : n + t] = valid[k].long()
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": labels,
+            ON_POLICY: torch.ones((), dtype=torch.bool),
+        }

@@ -60,7 +60,8 @@ def unlabelled_data_args(data_args, args, evaluation: bool = False):
     """
     kind = TASK_KIND[data_args.task]
     drop = (kind == CLASSIFICATION and args.kd_alpha == 1) or (
-        kind == SEQ2SEQ and args.on_policy_fraction == 1 and not evaluation)
+        kind == SEQ2SEQ and args.on_policy_fraction == 1 and not evaluation
+    )
     if drop and data_args.target_column:
         data_args = copy.copy(data_args)
         data_args.target_column = None
@@ -82,14 +83,24 @@ def read_transfer_set(data_args) -> datasets.Dataset | None:
     if not data_args.transfer_file:
         return None
     if TASK_KIND[data_args.task] == SEQ2SEQ:
-        raise LmkdError("transfer_file: a seq2seq student cannot train without target tokens; give the transfer "
-                        "set the teacher's outputs with `lmkd generate --teacher T --data FILE --output DIR` and "
-                        "train on DIR (target_column teacher_target), or train on it alone with on_policy_fraction 1")
-    return load_data(data_args.transfer_file, [data_args.source_column]).select_columns([data_args.source_column])
+        raise LmkdError(
+            "transfer_file: a seq2seq student cannot train without target tokens; give the transfer "
+            "set the teacher's outputs with `lmkd generate --teacher T --data FILE --output DIR` and "
+            "train on DIR (target_column teacher_target), or train on it alone with on_policy_fraction 1"
+        )
+    return load_data(data_args.transfer_file, [data_args.source_column]).select_columns(
+        [data_args.source_column]
+    )
 
 
-def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, tokenizer, model=None,
-                     notes: list | None = None) -> datasets.Dataset:
+def add_transfer_set(
+    train: datasets.Dataset,
+    raw: datasets.Dataset,
+    data_args,
+    tokenizer,
+    model=None,
+    notes: list | None = None,
+) -> datasets.Dataset:
     """``train`` (tokenised) plus the tokenised rows of ``raw`` (:func:`read_transfer_set`), each
     tagged with :data:`LABELLED` (1 for ``train``, 0 for the transfer set).  The
     Trainer's shuffling sampler interleaves the two.
@@ -107,14 +118,22 @@ def add_transfer_set(train: datasets.Dataset, raw: datasets.Dataset, data_args, 
     """
     kind = TASK_KIND[data_args.task]
     plain = copy.copy(data_args)
-    plain.prompt_column = None  # a transfer set has no prompt column: its rows use on_policy_prompt_tokens
+    plain.prompt_column = (
+        None  # a transfer set has no prompt column: its rows use on_policy_prompt_tokens
+    )
     extra = tokenize(raw, tokenizer, plain, labelled=False, model=model, notes=notes)
     if PROMPT_LENGTH in train.column_names:
         extra = extra.add_column(PROMPT_LENGTH, [-1] * len(extra))
-    if kind == CLASSIFICATION and "labels" in train.column_names:  # (kd_alpha 1 reads no labels at all)
+    if (
+        kind == CLASSIFICATION and "labels" in train.column_names
+    ):  # (kd_alpha 1 reads no labels at all)
         extra = extra.add_column("labels", [IGNORE_INDEX] * len(extra))
     train = train.add_column(LABELLED, [1] * len(train))
     extra = extra.add_column(LABELLED, [0] * len(extra)).cast(train.features)
-    logger.info("transfer set %s: %d unlabelled rows (KD only) mixed with %d labelled rows",
-                data_args.transfer_file, len(extra), len(train))
+    logger.info(
+        "transfer set %s: %d unlabelled rows (KD only) mixed with %d labelled rows",
+        data_args.transfer_file,
+        len(extra),
+        len(train),
+    )
     return datasets.concatenate_datasets([train, extra])
