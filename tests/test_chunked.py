@@ -13,13 +13,12 @@ from lmkd import DistillationConfig, DistillationTrainer, losses
 from lmkd.data.dataset import DataArguments, collator_for, tokenize
 from lmkd.losses.chunked import (
     Head,
-    TopK,
     chunked_cross_entropy,
     chunked_distill_loss,
     chunked_kd_loss,
-    topk_kd_loss,
 )
 from lmkd.losses.fused import fused_linear_distill_loss
+from lmkd.losses.topk import TopK, topk_kd_loss
 from lmkd.models.scratch import build_model
 from lmkd.train.objective import PROBE_POSITIONS
 

@@ -8,6 +8,7 @@ import torch
 
 from lmkd import losses
 from lmkd.losses import feature as FL
+from lmkd.losses import relation as RL
 
 DT = torch.float64
 
@@ -265,18 +266,18 @@ def sp_reference(s, t):
 def test_rkd_and_sp_match_loops():
     s, t = rand(5, 3, seed=1), 0.3 * rand(5, 6, seed=2)  # different feature sizes
     d_ref, a_ref = rkd_reference(s, t)
-    assert FL.rkd_distance_loss(s, t).item() == pytest.approx(d_ref, rel=1e-10)
-    assert FL.rkd_angle_loss(s, t).item() == pytest.approx(a_ref, rel=1e-10)
-    assert FL.rkd_loss(s, t).item() == pytest.approx(d_ref + 2 * a_ref, rel=1e-10)
-    assert FL.rkd_loss(s, t, distance_weight=3, angle_weight=0).item() == pytest.approx(
+    assert RL.rkd_distance_loss(s, t).item() == pytest.approx(d_ref, rel=1e-10)
+    assert RL.rkd_angle_loss(s, t).item() == pytest.approx(a_ref, rel=1e-10)
+    assert RL.rkd_loss(s, t).item() == pytest.approx(d_ref + 2 * a_ref, rel=1e-10)
+    assert RL.rkd_loss(s, t, distance_weight=3, angle_weight=0).item() == pytest.approx(
         3 * d_ref, rel=1e-10
     )
-    assert FL.sp_loss(s, t).item() == pytest.approx(sp_reference(s, t), rel=1e-10)
+    assert RL.sp_loss(s, t).item() == pytest.approx(sp_reference(s, t), rel=1e-10)
     # the Huber loss's linear branch is exercised too (distances far apart)
     far = s.clone()
     far[0] += 50
     d_far, _ = rkd_reference(far, t)
-    assert FL.rkd_distance_loss(far, t).item() == pytest.approx(d_far, rel=1e-10)
+    assert RL.rkd_distance_loss(far, t).item() == pytest.approx(d_far, rel=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["rkd", "sp"])
@@ -284,7 +285,7 @@ def test_rkd_and_sp_match_loops():
 def test_relation_losses_are_invariant_to_feature_size_rotation_and_scale(kind, pooling):
     mask = pad_mask()
     s, t = rand(3, 5, 4, seed=1), rand(3, 5, 6, seed=2)
-    ref = FL.relation_loss(s, t, mask, loss=kind, pooling=pooling).item()
+    ref = RL.relation_loss(s, t, mask, loss=kind, pooling=pooling).item()
     assert ref > 1e-3
     # rotated by a random orthogonal matrix
     rotated = s @ orthogonal(4, seed=3)
@@ -292,10 +293,10 @@ def test_relation_losses_are_invariant_to_feature_size_rotation_and_scale(kind, 
     embed = orthogonal(9, seed=4)[:, :4].T  # (4, 9), rows orthonormal
     bigger = s @ embed
     for variant in (rotated, bigger, 2.5 * s):
-        got = FL.relation_loss(variant, t, mask, loss=kind, pooling=pooling).item()
+        got = RL.relation_loss(variant, t, mask, loss=kind, pooling=pooling).item()
         assert got == pytest.approx(ref, rel=1e-9, abs=1e-12)
     # and identical relations give 0 whatever the feature sizes
-    assert FL.relation_loss(s, bigger, mask, loss=kind, pooling=pooling).item() == pytest.approx(
+    assert RL.relation_loss(s, bigger, mask, loss=kind, pooling=pooling).item() == pytest.approx(
         0, abs=1e-10
     )
 
@@ -304,20 +305,20 @@ def test_relation_losses_are_invariant_to_feature_size_rotation_and_scale(kind, 
 def test_relation_loss_reductions_and_padding(kind):
     mask = pad_mask()
     s, t = rand(3, 5, 4, seed=1), rand(3, 5, 6, seed=2)
-    fn = FL.rkd_loss if kind == "rkd" else FL.sp_loss
+    fn = RL.rkd_loss if kind == "rkd" else RL.sp_loss
     # mean pooling: the loss among the masked means, times the number of examples
     pooled_s = torch.stack([s[b][mask[b]].mean(0) for b in range(3)])
     pooled_t = torch.stack([t[b][mask[b]].mean(0) for b in range(3)])
-    got = FL.relation_loss(s, t, mask, loss=kind, pooling="mean").item()
+    got = RL.relation_loss(s, t, mask, loss=kind, pooling="mean").item()
     assert got == pytest.approx(3 * fn(pooled_s, pooled_t).item(), rel=1e-12)
     # token: the sum over sequences of the loss among each sequence's real tokens
     ref = sum(fn(s[b][mask[b]], t[b][mask[b]]).item() for b in range(3))
-    assert FL.relation_loss(s, t, mask, loss=kind, pooling="token").item() == pytest.approx(
+    assert RL.relation_loss(s, t, mask, loss=kind, pooling="token").item() == pytest.approx(
         ref, rel=1e-12
     )
     for pooling in ("mean", "token"):
-        clean = FL.relation_loss(s, t, mask, loss=kind, pooling=pooling).item()
-        noisy = FL.relation_loss(
+        clean = RL.relation_loss(s, t, mask, loss=kind, pooling=pooling).item()
+        noisy = RL.relation_loss(
             scramble_padding(s, mask),
             scramble_padding(t, mask, seed=4),
             mask,
@@ -332,10 +333,10 @@ def test_relation_gradients_are_finite_for_coinciding_points():
     s[1] = s[0]  # two identical examples: distance 0, undefined direction
     s.requires_grad_()
     t = rand(4, 5, seed=2)
-    (FL.rkd_loss(s, t) + FL.sp_loss(s, t)).backward()
+    (RL.rkd_loss(s, t) + RL.sp_loss(s, t)).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     # fewer than two examples: nothing to relate, 0
-    assert FL.rkd_loss(s[:1], t[:1]).item() == 0.0
+    assert RL.rkd_loss(s[:1], t[:1]).item() == 0.0
 
 
 def test_masked_mean_pool():
@@ -347,8 +348,9 @@ def test_masked_mean_pool():
 
 
 def test_losses_module_reexports_feature_losses():
-    for name in FL.__all__:
-        assert getattr(losses, name) is getattr(FL, name)
+    for module in (FL, RL):
+        for name in module.__all__:
+            assert getattr(losses, name) is getattr(module, name)
     with pytest.raises(ValueError, match="unknown relation loss"):
         losses.relation_loss(rand(2, 3, 4), rand(2, 3, 4), loss="cka")
     with pytest.raises(ValueError, match="unknown attention loss"):

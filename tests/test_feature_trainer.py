@@ -17,7 +17,7 @@ from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses, mak
 from lmkd.data.dataset import collator_for
 from lmkd.models.loading import load_model
 from lmkd.models.scratch import build_model
-from lmkd.train.config import parse_layer_map
+from lmkd.train.config_checks import parse_layer_map
 from lmkd.train.features import PROJECTIONS_NAME
 
 

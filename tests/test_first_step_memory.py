@@ -12,13 +12,13 @@ from torch.overrides import TorchFunctionMode
 from lmkd import DistillationConfig, DistillationTrainer
 from lmkd.core.errors import LmkdError
 from lmkd.data.dataset import DataArguments, collator_for, tokenize
-from lmkd.losses.chunked import (
+from lmkd.losses.chunk_forms import (
     ACCELERATOR_CHUNK_RANGE,
     ACCELERATOR_CHUNK_SHARE,
     CHUNK_TEMPORARIES,
-    Head,
     auto_chunk_size,
 )
+from lmkd.losses.chunked import Head
 from lmkd.models.scratch import build_model
 from lmkd.train import objective
 from lmkd.train.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path

@@ -326,7 +326,7 @@ def test_training_from_a_sampled_tail_cache_uses_the_samples(
 ):
     """The trainer's KD on a batch equals lmkd.losses.chunked.topk_kd_loss with the samples -- and differs
     from the same cache read without them (the tail bucket)."""
-    from lmkd.losses.chunked import TopK, topk_kd_loss
+    from lmkd.losses.topk import TopK, topk_kd_loss
 
     out = str(tmp_path / "cache")
     logit_cache.cache_logits(

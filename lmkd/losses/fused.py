@@ -17,14 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmkd.losses.chunked import (
-    ChunkSpec,
-    Head,
-    auto_chunk_size,
-    chunk_loss_and_grad,
-    chunk_slices,
-    prepare,
-)
+from lmkd.losses.chunk_forms import ChunkSpec, auto_chunk_size, chunk_loss_and_grad, chunk_slices
+from lmkd.losses.chunked import Head, prepare
 from lmkd.losses.topk import TopK
 
 #: the fused-linear loss uses at least this many positions per chunk (see fused_linear_distill_loss)
@@ -124,7 +118,7 @@ def fused_linear_distill_loss(
         ce_weight: the CE weight.
         kd_weight: the KD weight.
         kd_vocab: restricts KD to the first columns (vocabularies differing by padding rows).
-        chunk_size: positions per chunk (:func:`lmkd.losses.chunked.auto_chunk_size` when None).
+        chunk_size: positions per chunk (:func:`lmkd.losses.chunk_forms.auto_chunk_size` when None).
 
     Returns:
         ``(loss, ce_sum, kd_sum)``; gradients flow from ``loss`` to ``hidden``, ``head.weight`` and

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmkd.losses.token import masked_rows
+from lmkd.losses.rows import masked_rows
 
 #: the kd_loss names that take a teacher with another tokenizer (``teacher_tokenizer``)
 CROSS_KD_LOSSES = ("uld", "uld_hybrid")

@@ -25,7 +25,7 @@ from lmkd.core.errors import LmkdError
 from lmkd.data.positions import token_mask
 from lmkd.models.loading import unwrap
 from lmkd.models.student import stacks_of
-from lmkd.train.config import parse_layer_map
+from lmkd.train.config_checks import parse_layer_map
 from lmkd.train.loss_stats import LossStats
 
 logger = logging.getLogger(__name__)

@@ -381,7 +381,7 @@ class DistillationObjective:
             zero = s_logits.new_zeros((), dtype=torch.float32)
             ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero
             kd_sum = (
-                chunked.topk_kd_loss(
+                losses.topk_kd_loss(
                     self._shared(s_logits),
                     teacher,
                     kd_mask,
