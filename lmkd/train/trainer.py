@@ -3,20 +3,21 @@
 The trainer wires the parts and keeps the counts: the teacher (and a logit cache, or a teacher of
 another tokenizer) comes from :mod:`lmkd.teacher.frozen`, the positions from :mod:`lmkd.data.positions`, the
 CE + KD loss from :mod:`lmkd.train.objective`, the feature terms and their hint projections from
-:mod:`lmkd.train.features`.  What stays here: the token counts of the accumulated batch, logging, the
-declared hooks, and the Trainer overrides that call those modules.  (The Trainer's
-``compute_metrics`` of a task is :func:`lmkd.scoring.metrics.compute_metrics_for`.)
+:mod:`lmkd.train.features`, the token counts of the accumulated batch from
+:mod:`lmkd.train.batch_counts`, the hint projections' optimizer groups, gradients and checkpoints
+from :mod:`lmkd.train.projection_trainer` (its base class), the regime check from
+:mod:`lmkd.train.regime_keys`.  What stays here: the wiring, logging, the declared hooks, and the
+Trainer overrides that call those modules.  (The Trainer's ``compute_metrics`` of a task is
+:func:`lmkd.scoring.metrics.compute_metrics_for`.)
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer
 
 from lmkd.core.constants import SEQ2SEQ
 from lmkd.core.errors import LmkdError
@@ -25,54 +26,18 @@ from lmkd.data import positions
 from lmkd.models.loading import model_kind, unwrap
 from lmkd.teacher import cross_tokenizer, frozen, logit_cache
 from lmkd.train import card
+from lmkd.train.batch_counts import AccumulatedCounts
 from lmkd.train.config import DistillationConfig
-from lmkd.train.features import (
-    FeatureDistiller,
-    average_projection_grads,
-    load_projections,
-    projection_param_groups,
-    save_projections,
-)
-from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
+from lmkd.train.features import FeatureDistiller
+from lmkd.train.loss_stats import LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective
+from lmkd.train.projection_trainer import HintProjectionTrainer
+from lmkd.train.regime_keys import check_regimes_run
 
 logger = logging.getLogger(__name__)
 
-#: the regime keys of DistillationConfig a trainer class must run or refuse:
-#: key -> (whether the config turns the regime on, who runs it)
-REGIME_RUNNERS = {
-    "on_policy_fraction": (
-        lambda a: a.on_policy_fraction > 0,
-        "OnPolicyDistillationTrainer (lmkd.train.regimes)",
-    ),
-    "cohort_size": (lambda a: a.cohort_size > 1, "CoDistillationTrainer (lmkd.train.regimes)"),
-    "rounds": (
-        lambda a: a.rounds > 1,
-        "a loop of whole runs: lmkd.train.run.run_distill (or `lmkd distill`), "
-        "which runs lmkd.train.regimes.run_born_again",
-    ),
-}
 
-
-def check_regimes_run(trainer_class: type, args: DistillationConfig) -> None:
-    """Refuse, in one line, a regime ``args`` turns on that ``trainer_class`` would silently ignore.
-
-    Args:
-        trainer_class: the trainer class being built; its ``regimes_run`` names the keys it runs.
-        args: the run's config.
-
-    Raises:
-        LmkdError: naming the key, its value and the class or function that runs it.
-    """
-    for key, (on, runner) in REGIME_RUNNERS.items():
-        if on(args) and key not in trainer_class.regimes_run:
-            raise LmkdError(
-                f"{key} {getattr(args, key)} needs {runner}; {trainer_class.__name__} does "
-                "not run that regime (it would train without it)"
-            )
-
-
-class DistillationTrainer(Seq2SeqTrainer):
+class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
 
     The teacher (a model, or a path in ``args.teacher_model_name_or_path``) is moved to the
@@ -87,7 +52,10 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     Its parts: :attr:`loss_objective` (:class:`lmkd.train.objective.DistillationObjective`, CE + KD),
     :attr:`features` (:class:`lmkd.train.features.FeatureDistiller` when a feature weight is > 0, else
-    None) and :attr:`projections` (the hint projections; empty without them).
+    None) and :attr:`projections` (the hint projections; empty without them).  Its bases:
+    :class:`lmkd.train.batch_counts.AccumulatedCounts` (the accumulated batch's counts) and
+    :class:`lmkd.train.projection_trainer.HintProjectionTrainer` (the projections' optimisation and
+    checkpoints).
 
     Hooks for subclasses (lmkd.train.regimes overrides these and nothing private):
 
@@ -110,8 +78,9 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     # compute_loss normalises by the token count of the whole accumulated batch itself
     loss_is_scaled_for_ga = True
-    #: the regime keys of :data:`REGIME_RUNNERS` this class runs (a subclass that runs one names it);
-    #: any other one the config turns on is refused by :func:`check_regimes_run`
+    #: the regime keys of :data:`lmkd.train.regime_keys.REGIME_RUNNERS` this class runs (a subclass
+    #: that runs one names it); any other one the config turns on is refused by
+    #: :func:`check_regimes_run`
     regimes_run: tuple[str, ...] = ()
 
     def __init__(
@@ -305,60 +274,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.shifted`)."""
         return positions.shifted(self.kind, logits)
 
-    # ---- counts and loss ------------------------------------------------------------------------
-
-    def _gathers_counts(self) -> bool:
-        return self.args.average_tokens_across_devices and self.args.world_size > 1
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> LossCounts:
-        """The normalising counts of the whole accumulated batch, summed over processes.
-
-        The HF Trainer passes what this returns to ``compute_loss`` as ``num_items_in_batch``
-        (from :meth:`get_batch_samples`, and from ``prediction_step`` for one evaluation batch);
-        lmkd's value is a :class:`lmkd.train.loss_stats.LossCounts`, not the Trainer's one count.
-
-        Args:
-            batch_samples: the micro-batches of one optimizer step.
-            device: where the counts are gathered across processes.
-
-        Returns:
-            LossCounts(CE positions, KD positions, feature counts or None).
-        """
-        counts = torch.zeros(2, dtype=torch.long)
-        for batch in batch_samples:
-            ce, kd = self.position_masks(batch)
-            counts[0] += int(ce.sum()) if ce is not None else 0
-            counts[1] += int(kd.sum())
-        counts = counts.to(device)
-        if self._gathers_counts():
-            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
-        features = None
-        if self.features is not None:
-            gather = (
-                (lambda c: self.accelerator.gather(c.to(device).unsqueeze(0)).sum(0).cpu())
-                if self._gathers_counts()
-                else None
-            )
-            features = self.features.count_items(batch_samples, gather)
-        n_ce, n_kd = counts.tolist()
-        return LossCounts(n_ce, n_kd, features)
-
-    def loss_counts(self, num_items_in_batch) -> tuple[LossCounts | None, int]:
-        """What a ``compute_loss`` normalises by.
-
-        Args:
-            num_items_in_batch: what the Trainer passed to ``compute_loss`` (a LossCounts from
-                :meth:`_get_num_items_in_batch`, or None when called without one).
-
-        Returns:
-            (the accumulated batch's LossCounts or None, the factor undoing the Trainer's mean over
-            processes).
-        """
-        if isinstance(num_items_in_batch, LossCounts):
-            return num_items_in_batch, (
-                self.accelerator.num_processes if self._gathers_counts() else 1
-            )
-        return None, 1
+    # ---- loss ------------------------------------------------------------------------
 
     def objective_inputs(self, model, inputs: dict) -> ObjectiveInputs:
         """One micro-batch as the objective reads it: the forward keywords of the student and the live
@@ -439,56 +355,6 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.args.logit_cache and logit_cache.CACHE_ROW not in self._signature_columns:
             # keep the cache row number through remove_unused_columns
             self._signature_columns = [*self._signature_columns, logit_cache.CACHE_ROW]
-
-    # ---- optimisation and checkpoints of the hint projections -----------------------------------
-
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, plus the hint projections (when there are any) as extra groups."""
-        fresh = self.optimizer is None
-        optimizer = super().create_optimizer(model)
-        if len(self.projections):
-            if fresh:
-                for group in projection_param_groups(self.projections, self.args.weight_decay):
-                    optimizer.add_param_group(group)
-            else:
-                logger.warning(
-                    "a ready-made optimizer was given: add trainer.projections.parameters() to it, or "
-                    "the hint projections stay at their random initialisation"
-                )
-        return optimizer
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # The projections live outside the DDP-wrapped model: average their gradients by hand.
-        if (
-            len(self.projections)
-            and self.args.world_size > 1
-            and self.accelerator.sync_gradients
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        ):
-            average_projection_grads(self.projections, self.args.world_size)
-        return loss
-
-    def _clip_grad_norm(self, model):
-        norm = super()._clip_grad_norm(model)
-        if len(self.projections):  # clipped on their own, so the model's reported norm is unchanged
-            torch.nn.utils.clip_grad_norm_(self.projections.parameters(), self.args.max_grad_norm)
-        return norm
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if len(self.projections) and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial),
-                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
-            )
-            save_projections(self.projections, folder)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if len(self.projections):
-            load_projections(self.projections, resume_from_checkpoint, self.args.device)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The Trainer's draft card (``push_to_hub`` writes one before uploading), unless
