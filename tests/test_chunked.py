@@ -20,7 +20,7 @@ from lmkd.losses.chunked import (
 from lmkd.losses.fused import fused_linear_distill_loss
 from lmkd.losses.topk import TopK, topk_kd_loss
 from lmkd.models.scratch import build_model
-from lmkd.train.objective import PROBE_POSITIONS
+from lmkd.train.lm_head import PROBE_POSITIONS
 
 B, T, V, H = 3, 7, 13, 6  # N = 21 positions
 CHUNKS = [1, 4, 7, 21, 1000]  # 4 does not divide 21, 7 does; 1000 > N

@@ -21,7 +21,8 @@ from lmkd.losses.chunk_forms import (
 from lmkd.losses.chunked import Head
 from lmkd.models.scratch import build_model
 from lmkd.train import objective
-from lmkd.train.objective import FIT_SHARE, PLAIN_PEAK_LOGITS, PROBE_POSITIONS, choose_kd_path
+from lmkd.train.kd_path import FIT_SHARE, PLAIN_PEAK_LOGITS, choose_kd_path
+from lmkd.train.lm_head import PROBE_POSITIONS
 
 CHUNK = 8
 

@@ -324,7 +324,7 @@ def test_tail_samples_are_stored_compactly_and_drawn_outside_the_topk(
 def test_training_from_a_sampled_tail_cache_uses_the_samples(
     teacher_dir, translation_file, tmp_path
 ):
-    """The trainer's KD on a batch equals lmkd.losses.chunked.topk_kd_loss with the samples -- and differs
+    """The trainer's KD on a batch equals lmkd.losses.topk.topk_kd_loss with the samples -- and differs
     from the same cache read without them (the tail bucket)."""
     from lmkd.losses.topk import TopK, topk_kd_loss
 

@@ -9,7 +9,7 @@ LM example), the teacher's K most probable token ids and their log-probabilities
 ``tail = log(1 - sum_k p_k)``, computed in float32 by the teacher as the log-sum-exp of all the
 other log-probs (``-inf`` when the top-K holds all the mass).  The KD loss is then the divergence
 between two distributions over K + 1 buckets -- the K token ids and "everything else" -- the
-student's tail being the sum of its probabilities outside the K ids (:func:`lmkd.losses.chunked.topk_kd_loss`).
+student's tail being the sum of its probabilities outside the K ids (:func:`lmkd.losses.topk.topk_kd_loss`).
 Why not renormalise the top-K (as several toolkits do): renormalising tells the student that the
 teacher puts zero mass outside the top-K, so it pushes the student's tail mass towards 0 and
 inflates the top-K probabilities by ``1 / sum_k p_k`` -- a different, sharper target whenever

@@ -6,16 +6,18 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
 
 * **plain** (``kd_chunk_size: 0``, online teacher): full logits, :func:`lmkd.losses.cross_entropy`
   and :func:`lmkd.losses.token_kd_loss`;  ``kd_chunk_size: auto`` (the default) picks plain or
-  chunked once, on the first batch (:func:`choose_kd_path`) -- always plain for the losses of
-  :data:`lmkd.losses.PLAIN_KD_LOSSES` (skew KL, TAID; the config refuses them any other path).
+  chunked once, on the first batch (:func:`lmkd.train.kd_path.choose_kd_path`) -- always plain for
+  the losses of :data:`lmkd.losses.PLAIN_KD_LOSSES` (skew KL, TAID; the config refuses them any
+  other path).
   TAID's ``t`` comes from :class:`lmkd.losses.TaidSchedule` at the trainer's ``state.global_step``
   of ``state.max_steps``;
 * **chunked / fused** (:mod:`lmkd.losses.chunked`, :mod:`lmkd.losses.fused`): CE and KD in one pass
   over chunks of positions.  On causal and seq2seq LMs whose LM head lmkd can reproduce (checked
   once per model, before the first training forward, against the real logits of a no-grad forward
-  of a slice of the first batch: one row, :data:`PROBE_POSITIONS` positions -- so no (N, V) tensor
-  exists even at step 1), the student's head is skipped in the forward and run per chunk inside
-  the loss (no (N, V) student logits), and so is the teacher's (:mod:`lmkd.train.lm_head`);
+  of a slice of the first batch: one row, :data:`lmkd.train.lm_head.PROBE_POSITIONS` positions --
+  so no (N, V) tensor exists even at step 1), the student's head is skipped in the forward and run
+  per chunk inside the loss (no (N, V) student logits), and so is the teacher's
+  (:class:`lmkd.train.lean_heads.LeanHeads`, the objective's base, over :mod:`lmkd.train.lm_head`);
 * **cached** (``logit_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
 
 The objective never sees the trainer: it is built from the run's config, the model kind, the live
@@ -27,68 +29,22 @@ whose :class:`lmkd.train.loss_stats.LossStats` the trainer adds to what it logs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import NamedTuple
 
 import torch
 
 from lmkd import losses
-from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.data.positions import shifted, shifted_labels
 from lmkd.losses import chunked, fused
 from lmkd.models.loading import unwrap
 from lmkd.teacher import cross_tokenizer, logit_cache
-from lmkd.train.lm_head import (
-    PROBE_POSITIONS,  # noqa: F401 (imported from here by tests and benchmarks)
-    check_head,
-    head_for_fused_loss,
-    head_skipped,
-    probe_inputs,
-)
+from lmkd.train.kd_path import choose_kd_path
+from lmkd.train.lean_heads import LeanHeads
 from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 
 logger = logging.getLogger(__name__)
-
-#: the plain path's peak extra memory in (N, V) float32 tensors: both models' logits, their softmaxes
-#: and the gradient (benchmarks/bench_memory.py measured ~11 at N = 1024, V = 64k)
-PLAIN_PEAK_LOGITS = 12
-#: ``kd_chunk_size: auto`` takes the plain path when that peak is at most this share of free memory
-FIT_SHARE = 0.5
-
-
-def choose_kd_path(
-    positions: int, vocab: int, device, free_bytes: int | None = None
-) -> tuple[int, str]:
-    """(kd_chunk_size, the line to log) for ``kd_chunk_size: auto``: 0 (the plain loss, fastest on
-    GPUs) when its full logits fit comfortably in ``free_bytes`` (default: the device's free memory),
-    else -1 (chunked/fused, automatic chunk size).  On CPU always -1: there the chunked/fused loss is
-    measured faster than the plain one as well as leaner (benchmarks/results/bench_cpu.txt)."""
-    need = PLAIN_PEAK_LOGITS * positions * vocab * 4
-
-    def gb(x):
-        return f"{x / 2**30:.1f} GB"
-
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return (
-            -1,
-            f"kd path: chunked (on CPU it is faster than the plain loss; full logits would take {gb(need)})",
-        )
-    if free_bytes is None and dev.type == "cuda":
-        free_bytes = torch.cuda.mem_get_info(dev)[0]
-    if free_bytes is None:
-        return (
-            -1,
-            f"kd path: chunked (free memory of a {dev.type} device unknown; full logits {gb(need)})",
-        )
-    if need <= FIT_SHARE * free_bytes:
-        return 0, f"kd path: plain (full logits {gb(need)} of {gb(free_bytes)} free)"
-    return (
-        -1,
-        f"kd path: chunked (full logits {gb(need)} would not fit comfortably in {gb(free_bytes)} free)",
-    )
 
 
 class ObjectiveResult(NamedTuple):
@@ -107,7 +63,7 @@ class ObjectiveResult(NamedTuple):
     stats: LossStats
 
 
-class DistillationObjective:
+class DistillationObjective(LeanHeads):
     """CE + KD of a micro-batch: ``(1 - alpha) * CE / n_ce + alpha * KD / n_kd``.
 
     :attr:`fused_head` / :attr:`teacher_head`: None until the first training batch checks the
@@ -403,83 +359,3 @@ class DistillationObjective:
     def _shared(self, logits):
         """``logits`` cut to the vocabulary teacher and student share (see lmkd.models.loading.shared_vocab_size)."""
         return logits[..., : self.vocab] if self.vocab is not None else logits
-
-    # ---- the LM head run inside the loss --------------------------------------------------------------
-
-    def teacher_for_loss(self, x: ObjectiveInputs):
-        """The teacher's forward for the chunked loss.
-
-        Args:
-            x: the micro-batch.
-
-        Returns:
-            (teacher outputs, teacher logits for lmkd.losses.chunked): per-chunk logits from the
-            teacher's final hidden states when its head is checked (no (N, V) teacher tensor), else
-            its logits.
-        """
-        use = self.chunk != 0 and self.teacher_head is not False and self.kind in (CAUSAL, SEQ2SEQ)
-        if use and self.teacher_head is None:
-            self.teacher_head = self.probe_head(self.teacher, x, "teacher")
-            use = self.teacher_head is not False
-        ctx = head_skipped(self.teacher, self.teacher_head) if use else contextlib.nullcontext(None)
-        with ctx as box, torch.no_grad():
-            t_outputs = self.teacher(**x.teacher_forward)
-        if box is not None:
-            hidden = shifted(self.kind, box["hidden"][0])
-            return t_outputs, chunked.LazyLogits(
-                hidden.reshape(-1, hidden.shape[-1]), self.teacher_head
-            )
-        return t_outputs, shifted(self.kind, t_outputs.logits)
-
-    def lean_head(self, model, x: ObjectiveInputs, return_outputs: bool = False):
-        """The student's forward context: head skipped when the fused loss is on.
-
-        Args:
-            model: the student.
-            x: the micro-batch; the first time, the head is checked on a slice of it (:meth:`probe_head`).
-            return_outputs: whether the caller wants the outputs (their logits would be placeholders).
-
-        Returns:
-            :func:`lmkd.train.lm_head.head_skipped`'s context (training only, never with
-            ``return_outputs``), else a null context.
-        """
-        use = (
-            model.training
-            and not return_outputs
-            and self.chunk != 0
-            and self.fused_head is not False
-            and self.kind in (CAUSAL, SEQ2SEQ)
-        )
-        if use and self.fused_head is None:
-            self.fused_head = self.probe_head(model, x, "student")
-            use = self.fused_head is not False
-        return head_skipped(model, self.fused_head) if use else contextlib.nullcontext(None)
-
-    def probe_head(self, model, x: ObjectiveInputs, who: str):
-        """Check ``model``'s LM head once, on a no-grad forward of one row and PROBE_POSITIONS positions
-        of the batch (:func:`probe_inputs`).
-
-        Args:
-            model: the student or the teacher.
-            x: the micro-batch (its forward keywords for ``who``).
-            who: ``"student"`` or ``"teacher"``.
-
-        Returns:
-            The Head, or False (see :func:`lmkd.train.lm_head.check_head`).
-        """
-        ddp = who == "student" and self.data_parallel
-        head, why = head_for_fused_loss(model, self.kind, self.sharded, ddp)
-        if head is None:
-            return check_head(None, None, who, (None, why))
-        fwd = x.student_forward if who == "student" else x.teacher_forward
-        small = probe_inputs(self.kind, fwd, x.batch.get("attention_mask"))
-        # the RNG is left as it was (dropout in the probe would shift every later draw)
-        device = getattr(unwrap(model), "device", torch.device("cpu"))
-        devices = [device] if device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            head_skipped(model, None) as box,
-            torch.no_grad(),
-        ):
-            outputs = model(**small)
-        return check_head(box, outputs, who, (head, why))
