@@ -201,7 +201,8 @@ def test_encode_fitted_counts_the_rows_it_cuts_and_keeps_eos(tokenizer, document
 
 
 def test_evaluate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
-    from lmkd.evaluate.run import evaluate_models, markdown_table
+    from lmkd.evaluate.run import evaluate_models
+    from lmkd.evaluate.summary import markdown_table
 
     teacher, student = bart32
     data = write_jsonl(tmp_path / "test.jsonl", documents)
