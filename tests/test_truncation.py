@@ -236,7 +236,8 @@ def test_evaluate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
 
 
 def test_generate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
-    from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
+    from lmkd.teacher.pseudo_target_files import load_generated
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
     teacher, _ = bart32
     report = generate_pseudo_targets(
@@ -374,7 +375,8 @@ def test_evaluate_and_distill_bert_classifier_32_positions(tmp_path, bert32, doc
 def test_generate_causal_32_positions_prompt_and_new_tokens_fit(
     tmp_path, tiny_model_dir, documents, tokenizer
 ):
-    from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
+    from lmkd.teacher.pseudo_target_files import load_generated
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
     teacher = tiny_model_dir("gpt2", seed=1, layers=1, max_positions=TABLE)
     new = 8
