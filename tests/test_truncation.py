@@ -261,7 +261,7 @@ def test_cache_logits_and_distill_seq2seq_32_positions(
     tmp_path, bart32, documents, cut_counts, tokenizer
 ):
     from lmkd.data.dataset import DataArguments
-    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.teacher.logit_cache_writer import cache_logits
     from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.train.run import run_distill
 

@@ -1,5 +1,5 @@
-"""What each model runs when ``lmkd evaluate`` times it: a function from inputs to predictions per task,
-and one decoding exactly a fixed number of new tokens -- the runners
+"""What each model runs when ``lmkd evaluate`` times it: a function from inputs to predictions per
+task, and one decoding exactly a fixed number of new tokens -- the runners
 :func:`lmkd.scoring.metrics.measure_speed` times (also :file:`eval/speed.py`'s).
 """
 

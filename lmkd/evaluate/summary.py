@@ -1,6 +1,6 @@
 """``lmkd evaluate``'s result written up: one markdown row per model (quality, fidelity, size, speed
-and, with a teacher, retained quality and speed-ups) with its notes, the plot of quality against speed,
-and the JSON and ``.md`` files, through the shared writer :mod:`lmkd.evaluate.report`.
+and, with a teacher, retained quality and speed-ups) with its notes, the plot of quality against
+speed, and the JSON and ``.md`` files, through the shared writer :mod:`lmkd.evaluate.report`.
 """
 
 from __future__ import annotations

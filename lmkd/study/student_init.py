@@ -1,6 +1,7 @@
 """The seq2seq study's student init: the largest student within a share of the teacher's parameters
-(copied teacher layers when they fit, else the fewest that can be copied, else a fresh, narrower model),
-saved once per size and seed and copied by every variant, and its shape as the report names it.
+(copied teacher layers when they fit, else the fewest that can be copied, else a fresh, narrower
+model), saved once per size and seed and copied by every variant, and its shape as the report
+names it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The seq2seq study's transfer set: the teacher's beam n-best on the transfer rows, the Seq-Inter
-choice, the source-only rows of --unlabelled, and the memorisation figures (how far the teacher's outputs
-on its transfer rows are the gold targets again).
+choice, the source-only rows of --unlabelled, and the memorisation figures (how far the teacher's
+outputs on its transfer rows are the gold targets again).
 """
 
 from __future__ import annotations

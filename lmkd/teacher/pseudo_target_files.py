@@ -1,7 +1,8 @@
-"""The output directory of ``lmkd generate``: the settings that decide the generated rows (recorded in
-:data:`SETTINGS_FILE`, compared on resume), the chunks each process writes under :data:`CHUNK_DIR`,
-their merge in input order (with Seq-Inter and the filters of :mod:`lmkd.teacher.selection`) into
-``datasets``' format or :data:`JSONL_FILE`, and reading the result back (:func:`load_generated`).
+"""The output directory of ``lmkd generate``: the settings that decide the generated rows (recorded
+in :data:`SETTINGS_FILE`, compared on resume), the chunks each process writes under
+:data:`CHUNK_DIR`, their merge in input order (with Seq-Inter and the filters of
+:mod:`lmkd.teacher.selection`) into ``datasets``' format or :data:`JSONL_FILE`, and reading the
+result back (:func:`load_generated`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Seq-Inter selection and filtering of pseudo-targets (Kim & Rush 2016): pure functions on lists of
 strings, usable on their own; ``lmkd generate`` applies them when it merges its chunks
-(:func:`lmkd.teacher.pseudo_target_files.merge`).  The sentence scores are :mod:`lmkd.scoring.metrics`'.
+(:func:`lmkd.teacher.pseudo_target_files.merge`).  The sentence scores are
+:mod:`lmkd.scoring.metrics`'.
 """
 
 from __future__ import annotations
