@@ -29,7 +29,8 @@ import time
 import torch
 
 from lmkd.models.scratch import EOS, build_model, train_tokenizer
-from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
+from lmkd.teacher.pseudo_target_files import load_generated
+from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
 CORPUS = os.path.join(
     os.path.dirname(__file__), "..", "lmkd", "corpora", "ddtp_en_fr.train.jsonl.gz"

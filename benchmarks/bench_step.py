@@ -82,7 +82,7 @@ def main():
     from lmkd import DistillationConfig, DistillationTrainer
     from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
     from lmkd.models.scratch import build_model, train_tokenizer
-    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.teacher.logit_cache_writer import cache_logits
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -20,7 +20,8 @@ from _seqkd_helpers import build_teacher  # noqa: E402
 from conftest import corpus_rows  # noqa: E402
 
 from lmkd.models.scratch import build_model, train_tokenizer
-from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
+from lmkd.teacher.pseudo_target_files import load_generated
+from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def main() -> int:
 
     from lmkd.data.dataset import DataArguments
     from lmkd.study import BUDGETS, evaluate_quality, shipped_corpus, train_student
-    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.teacher.logit_cache_writer import cache_logits
 
     stages = os.path.join(ns.study, "stages")
     teacher, init = os.path.join(stages, "teacher"), os.path.join(stages, "s025-init")

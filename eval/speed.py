@@ -8,8 +8,8 @@ import argparse
 import json
 
 from lmkd.data.dataset import DEFAULT_COLUMNS, load_data
-from lmkd.evaluate.run import resolve_device, runner_for
-from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.evaluate.runners import runner_for
+from lmkd.models.loading import load_model, load_tokenizer, resolve_device
 from lmkd.scoring.metrics import measure_speed
 
 if __name__ == "__main__":

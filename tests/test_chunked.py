@@ -450,7 +450,7 @@ def test_teacher_forward_at_its_floor(tokenizer, corpus, tmp_path, hidden_weight
 def _topk_sampled(t, mask, k, m, seed=0):
     """The top-K of ``t`` plus ``m`` draws per position from its distribution outside the top-K,
     drawn here with torch.multinomial exactly as lmkd.teacher.logit_cache does."""
-    from lmkd.teacher.logit_cache import teacher_topk
+    from lmkd.teacher.logit_cache_writer import teacher_topk
 
     class _Teacher:  # what teacher_topk needs of a causal LM: logits of shape (1, N + 1, V)
         def __call__(self, **kw):

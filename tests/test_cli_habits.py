@@ -17,7 +17,7 @@ import yaml
 
 from lmkd.cli import main
 from lmkd.data.dataset import DataArguments
-from lmkd.teacher import logit_cache
+from lmkd.teacher import logit_cache_writer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DS_WARNING = "Setting accelerator to"
@@ -134,7 +134,7 @@ def test_cache_logits_shows_a_progress_bar(tiny_model_dir, translation_file, tmp
     data = DataArguments(
         task="translation", train_file=translation_file, max_source_length=24, max_target_length=24
     )
-    logit_cache.cache_logits(
+    logit_cache_writer.cache_logits(
         tiny_model_dir("bart"),
         data,
         str(tmp_path / "c"),
@@ -146,7 +146,7 @@ def test_cache_logits_shows_a_progress_bar(tiny_model_dir, translation_file, tmp
     err = capsys.readouterr().err
     assert _bar_finished(err), err
     for progress in (True, False):  # resumed: both shards are skipped, and still counted
-        logit_cache.cache_logits(
+        logit_cache_writer.cache_logits(
             tiny_model_dir("bart"),
             data,
             str(tmp_path / "c"),
@@ -167,7 +167,7 @@ def test_json_commands_print_one_json_document_on_stdout(
 
     teacher = tiny_model_dir("bart")
     for module, name in (
-        (logit_cache, "cache_logits"),
+        (logit_cache_writer, "cache_logits"),
         (lmkd.teacher.pseudo_targets, "generate_pseudo_targets"),
     ):
         real = getattr(module, name)

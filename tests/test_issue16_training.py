@@ -405,7 +405,7 @@ def test_eval_loss_is_the_same_mix_online_and_from_a_cache(
     tmp_path, tiny_model_dir, tokenizer, corpus
 ):
     from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
-    from lmkd.teacher import logit_cache
+    from lmkd.teacher import logit_cache_writer
 
     teacher_dir = tiny_model_dir("marian", layers=1)
     train = write_jsonl(tmp_path / "train.jsonl", corpus[:12])
@@ -416,7 +416,7 @@ def test_eval_loss_is_the_same_mix_online_and_from_a_cache(
     caches = {}
     for name, path in (("train", train), ("valid", valid)):
         caches[name] = str(tmp_path / f"cache-{name}")
-        logit_cache.cache_logits(
+        logit_cache_writer.cache_logits(
             teacher_dir,
             DataArguments(
                 task="translation", train_file=path, max_source_length=24, max_target_length=24

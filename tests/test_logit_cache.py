@@ -17,7 +17,7 @@ from lmkd.cli import ModelArguments, main
 from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
 from lmkd.models.loading import load_model, load_tokenizer
 from lmkd.models.scratch import build_model
-from lmkd.teacher import logit_cache
+from lmkd.teacher import logit_cache, logit_cache_writer
 from lmkd.train.run import run_distill
 
 
@@ -42,7 +42,7 @@ def _files(d):
 def test_cache_stores_teacher_topk_compactly(teacher_dir, translation_file, tmp_path):
     out = tmp_path / "cache"
     k = 8
-    summary = logit_cache.cache_logits(
+    summary = logit_cache_writer.cache_logits(
         teacher_dir, _data_args(translation_file), str(out), k, batch_size=5, shard_rows=16
     )
     cache = logit_cache.LogitCache(str(out))
@@ -84,9 +84,9 @@ def test_resume_after_kill_gives_identical_shards(
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     kw = dict(batch_size=3, shard_rows=6, tail_samples=tail_samples)
     data = _data_args(translation_file, max_train_samples=24)
-    logit_cache.cache_logits(teacher_dir, data, str(full), 4, **kw)
+    logit_cache_writer.cache_logits(teacher_dir, data, str(full), 4, **kw)
 
-    write = logit_cache.write_shard
+    write = logit_cache_writer.write_shard
     calls = []
 
     def killed(path, arrays):
@@ -97,20 +97,20 @@ def test_resume_after_kill_gives_identical_shards(
             raise KeyboardInterrupt
         write(path, arrays)
 
-    monkeypatch.setattr(logit_cache, "write_shard", killed)
+    monkeypatch.setattr(logit_cache_writer, "write_shard", killed)
     with pytest.raises(KeyboardInterrupt):
-        logit_cache.cache_logits(teacher_dir, data, str(resumed), 4, **kw)
-    monkeypatch.setattr(logit_cache, "write_shard", write)
+        logit_cache_writer.cache_logits(teacher_dir, data, str(resumed), 4, **kw)
+    monkeypatch.setattr(logit_cache_writer, "write_shard", write)
     with pytest.raises(LmkdError, match="incomplete"):
         logit_cache.LogitCache(str(resumed))
-    summary = logit_cache.cache_logits(teacher_dir, data, str(resumed), 4, **kw)
+    summary = logit_cache_writer.cache_logits(teacher_dir, data, str(resumed), 4, **kw)
     assert summary["shards_skipped"] == 2 and summary["shards"] == 4
     assert _files(full) == _files(resumed)
     for f in _files(full):
         assert filecmp.cmp(full / f, resumed / f, shallow=False), f
     # other settings into the same directory: refused, not mixed
     with pytest.raises(LmkdError, match="other settings"):
-        logit_cache.cache_logits(teacher_dir, data, str(resumed), 5, **kw)
+        logit_cache_writer.cache_logits(teacher_dir, data, str(resumed), 5, **kw)
 
 
 def _config(tmp_path, **kw):
@@ -138,7 +138,7 @@ def full_vocab_cache(teacher_dir, tokenizer, tmp_path_factory):
         for r in corpus_rows("train", 12):
             f.write(json.dumps(r) + "\n")
     out = str(path / "cache")
-    logit_cache.cache_logits(
+    logit_cache_writer.cache_logits(
         teacher_dir,
         _data_args(data),
         out,
@@ -260,7 +260,7 @@ def test_tail_samples_are_stored_compactly_and_drawn_outside_the_topk(
 ):
     out = tmp_path / "cache"
     k, m = 4, 6
-    summary = logit_cache.cache_logits(
+    summary = logit_cache_writer.cache_logits(
         teacher_dir,
         _data_args(translation_file, max_train_samples=32),
         str(out),
@@ -295,7 +295,7 @@ def test_tail_samples_are_stored_compactly_and_drawn_outside_the_topk(
         want = lp.gather(1, torch.from_numpy(s_ids.astype(np.int64)))
         assert np.allclose(s_lps.astype(np.float32), want.numpy(), atol=2e-2, rtol=1e-3)
     # another seed draws other samples; the same seed, the same ones
-    again = logit_cache.cache_logits(
+    again = logit_cache_writer.cache_logits(
         teacher_dir,
         _data_args(translation_file, max_train_samples=32),
         str(tmp_path / "again"),
@@ -305,7 +305,7 @@ def test_tail_samples_are_stored_compactly_and_drawn_outside_the_topk(
         tail_samples=m,
         seed=3,
     )
-    other = logit_cache.cache_logits(
+    other = logit_cache_writer.cache_logits(
         teacher_dir,
         _data_args(translation_file, max_train_samples=32),
         str(tmp_path / "other"),
@@ -329,7 +329,7 @@ def test_training_from_a_sampled_tail_cache_uses_the_samples(
     from lmkd.losses.topk import TopK, topk_kd_loss
 
     out = str(tmp_path / "cache")
-    logit_cache.cache_logits(
+    logit_cache_writer.cache_logits(
         teacher_dir,
         _data_args(translation_file, max_train_samples=16),
         out,
@@ -371,7 +371,7 @@ def test_training_from_a_sampled_tail_cache_uses_the_samples(
 def test_small_k_training_logs_kd_and_keeps_cache_columns(teacher_dir, translation_file, tmp_path):
     """remove_unused_columns (on by default) must not drop the cache row column: loss_kd is logged."""
     out = str(tmp_path / "cache")
-    logit_cache.cache_logits(
+    logit_cache_writer.cache_logits(
         teacher_dir, _data_args(translation_file, max_train_samples=16), out, 4, batch_size=8
     )
     tok = load_tokenizer(teacher_dir)
@@ -396,7 +396,9 @@ def test_small_k_training_logs_kd_and_keeps_cache_columns(teacher_dir, translati
 
 def test_mismatched_data_is_refused(teacher_dir, translation_file, tmp_path):
     out = str(tmp_path / "cache")
-    logit_cache.cache_logits(teacher_dir, _data_args(translation_file, max_train_samples=8), out, 4)
+    logit_cache_writer.cache_logits(
+        teacher_dir, _data_args(translation_file, max_train_samples=8), out, 4
+    )
     tok = load_tokenizer(teacher_dir)
     raw = load_data(translation_file, ["source", "target"])
     student = build_model("marian", len(tok), seed=2, layers=1, dropout=0.0)
@@ -440,7 +442,7 @@ def test_causal_lm_full_vocab_cache_equals_online_kd(tokenizer, corpus, tmp_path
             f.write(json.dumps({"text": r["source"]}) + "\n")
     data_args = DataArguments(task="causal-lm", train_file=str(data), max_source_length=20)
     out = str(tmp_path / "cache")
-    logit_cache.cache_logits(
+    logit_cache_writer.cache_logits(
         str(teacher_dir), data_args, out, len(tokenizer), batch_size=4, logprob_dtype="float32"
     )
     tok = load_tokenizer(str(teacher_dir))

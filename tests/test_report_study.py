@@ -313,7 +313,8 @@ def test_train_log_is_read_defensively(tmp_path):
 
 
 def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):
-    from lmkd.evaluate.run import evaluate_models, markdown_table
+    from lmkd.evaluate.run import evaluate_models
+    from lmkd.evaluate.summary import markdown_table
     from lmkd.models.generation import output_lengths
     from lmkd.models.loading import load_tokenizer
 

@@ -13,16 +13,10 @@ from sacrebleu import sentence_bleu, sentence_chrf
 
 from lmkd.core.errors import LmkdError
 from lmkd.models.loading import load_model, load_tokenizer
-from lmkd.teacher.pseudo_targets import (
-    CHUNK_DIR,
-    SETTINGS_FILE,
-    filter_below,
-    generate_pseudo_targets,
-    load_generated,
-    select_and_filter,
-    sentence_scores,
-    seq_inter_select,
-)
+from lmkd.scoring.metrics import sentence_scores
+from lmkd.teacher.pseudo_target_files import CHUNK_DIR, SETTINGS_FILE, load_generated
+from lmkd.teacher.pseudo_targets import generate_pseudo_targets
+from lmkd.teacher.selection import filter_below, select_and_filter, seq_inter_select
 
 
 @pytest.fixture(scope="module")

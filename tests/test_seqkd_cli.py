@@ -17,7 +17,7 @@ from lmkd.cli import main, parse_distill_args
 from lmkd.core.errors import LmkdError
 from lmkd.data.dataset import DataArguments, mix_gold_targets
 from lmkd.models.loading import load_model
-from lmkd.teacher.pseudo_targets import load_generated
+from lmkd.teacher.pseudo_target_files import load_generated
 from lmkd.train.trainer import DistillationTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_generate_do_sample_without_num_beams_samples_from_one_beam(
     teacher, data_file, tmp_path, capsys
 ):
     """issue 16: the default of 5 beams gives way to sampling; only an explicit --num-beams > 1 is refused."""
-    from lmkd.teacher.pseudo_targets import SETTINGS_FILE
+    from lmkd.teacher.pseudo_target_files import SETTINGS_FILE
 
     out = tmp_path / "sampled"
     assert (

@@ -98,7 +98,7 @@ def test_memorisation_figures_equal_a_direct_computation_on_the_saved_transfer_s
 
 def test_memorisation_warning_follows_its_rule():
     from lmkd.study.results import MEMORISED_RATIO, MEMORISED_SHARE, transfer_set_report
-    from lmkd.study.seq2seq import memorisation
+    from lmkd.study.transfer import memorisation
 
     gold = [
         "le chat dort sur le lit",

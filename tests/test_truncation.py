@@ -201,7 +201,8 @@ def test_encode_fitted_counts_the_rows_it_cuts_and_keeps_eos(tokenizer, document
 
 
 def test_evaluate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
-    from lmkd.evaluate.run import evaluate_models, markdown_table
+    from lmkd.evaluate.run import evaluate_models
+    from lmkd.evaluate.summary import markdown_table
 
     teacher, student = bart32
     data = write_jsonl(tmp_path / "test.jsonl", documents)
@@ -235,7 +236,8 @@ def test_evaluate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
 
 
 def test_generate_seq2seq_32_positions(tmp_path, bart32, documents, cut_counts):
-    from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
+    from lmkd.teacher.pseudo_target_files import load_generated
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
     teacher, _ = bart32
     report = generate_pseudo_targets(
@@ -259,7 +261,7 @@ def test_cache_logits_and_distill_seq2seq_32_positions(
     tmp_path, bart32, documents, cut_counts, tokenizer
 ):
     from lmkd.data.dataset import DataArguments
-    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.teacher.logit_cache_writer import cache_logits
     from lmkd.train.config import DistillationConfig, ModelArguments
     from lmkd.train.run import run_distill
 
@@ -373,7 +375,8 @@ def test_evaluate_and_distill_bert_classifier_32_positions(tmp_path, bert32, doc
 def test_generate_causal_32_positions_prompt_and_new_tokens_fit(
     tmp_path, tiny_model_dir, documents, tokenizer
 ):
-    from lmkd.teacher.pseudo_targets import generate_pseudo_targets, load_generated
+    from lmkd.teacher.pseudo_target_files import load_generated
+    from lmkd.teacher.pseudo_targets import generate_pseudo_targets
 
     teacher = tiny_model_dir("gpt2", seed=1, layers=1, max_positions=TABLE)
     new = 8

@@ -128,7 +128,7 @@ def run(ns) -> None:
         None.
     """
     from lmkd.data.dataset import DataArguments
-    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.teacher.logit_cache_writer import cache_logits
 
     data_args = dashed(
         DataArguments(

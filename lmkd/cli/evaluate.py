@@ -135,7 +135,8 @@ def run(ns) -> None:
         None.
     """
     from lmkd.core.io import check_output
-    from lmkd.evaluate.run import evaluate_models, write_report
+    from lmkd.evaluate.run import evaluate_models
+    from lmkd.evaluate.summary import write_report
 
     if ns.plot and ns.speed_samples == 0:
         raise LmkdError(

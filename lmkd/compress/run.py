@@ -37,6 +37,7 @@ from lmkd.core.io import atomic_dir, check_fresh_dir, check_output
 from lmkd.data.dataset import DataArguments, collator_for, read_split, tokenize
 from lmkd.evaluate import report
 from lmkd.evaluate import run as evaluate_run
+from lmkd.evaluate import summary as evaluate_summary
 from lmkd.models import engines
 from lmkd.models.loading import (
     check_model_path,
@@ -380,7 +381,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# lmkd compress",
         "",
-        evaluate_run.markdown_table(result),
+        evaluate_summary.markdown_table(result),
         "## Against the fp32 student",
         "",
         report.markdown_table(head, rows),

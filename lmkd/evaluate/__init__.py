@@ -1,1 +1,1 @@
-"""lmkd.evaluate.run: evaluate_models, fidelity and the one report writer."""
+"""lmkd.evaluate.run: evaluate_models (its runners, its summary), fidelity and the one report writer."""

@@ -2,7 +2,7 @@
 metrics, the JSON and markdown files (written atomically through :mod:`lmkd.core.io`), and the plot of
 quality against speed (with error bars, and the students' validation curves beside it).
 
-Each caller decides what its rows and notes say (:func:`lmkd.evaluate.run.markdown_table`, the study's
+Each caller decides what its rows and notes say (:func:`lmkd.evaluate.summary.markdown_table`, the study's
 :mod:`lmkd.study.results`); this module only lays them out and writes them.
 """
 

@@ -2,14 +2,14 @@
 
 The body of ``lmkd evaluate`` and what the study runner calls.  Quality comes from
 :mod:`lmkd.scoring.metrics` (sacrebleu, rouge-score), speed from one run in which every model takes
-turns on the same inputs.  ``write_report`` writes the JSON, a markdown table next to it and,
+turns on the same inputs (the runners of :mod:`lmkd.evaluate.runners`).
+:func:`lmkd.evaluate.summary.write_report` writes the JSON, a markdown table next to it and,
 optionally, a plot of quality against latency, through the shared writer :mod:`lmkd.evaluate.report`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import torch
@@ -17,11 +17,11 @@ import torch
 from lmkd.core.constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
 from lmkd.data.dataset import DataArguments, read_split
-from lmkd.evaluate import fidelity, report
-from lmkd.evaluate.report import format_cell
+from lmkd.evaluate import fidelity
+from lmkd.evaluate.runners import fixed_length_runner, runner_for
 from lmkd.models import engines, generation
 from lmkd.models.loading import check_same_tokenizer, resolve_device
-from lmkd.models.truncation import describe_truncation, fit_length
+from lmkd.models.truncation import describe_truncation
 from lmkd.scoring import metrics
 
 logger = logging.getLogger(__name__)
@@ -77,57 +77,6 @@ def _labels(values, model) -> list[int]:
 quality = (
     metrics.quality
 )  # (scores, signatures) of a task's predictions: also what training reports
-
-
-def runner_for(
-    task: str,
-    model,
-    tokenizer,
-    *,
-    num_beams: int = 4,
-    max_new_tokens: int = 128,
-    max_source_length: int = 512,
-):
-    """A function from a list of inputs to predictions, in one batch, no progress bar: what
-    :func:`lmkd.scoring.metrics.measure_speed` times."""
-    if task in LM_EVAL_TASKS:
-        length = fit_length(max_source_length, model, tokenizer, "inputs")
-        return lambda xs: model(
-            **tokenizer(
-                xs,
-                padding=True,
-                truncation=length is not None,
-                max_length=length,
-                return_tensors="pt",
-            ).to(model.device)
-        )
-    if task == "classification":
-        return lambda xs: generation.classify(
-            model,
-            tokenizer,
-            xs,
-            batch_size=max(len(xs), 1),
-            max_source_length=max_source_length,
-            progress=False,
-        )
-    return lambda xs: generation.generate_texts(
-        model,
-        tokenizer,
-        xs,
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        batch_size=max(len(xs), 1),
-        max_source_length=max_source_length,
-        progress=False,
-    )
-
-
-def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: int = 512):
-    """A function from one input to the number of tokens decoded when exactly ``new_tokens`` are
-    forced (greedy, batch 1): what :func:`lmkd.scoring.metrics.measure_speed` times per token."""
-    return lambda x: generation.generate_fixed_length(
-        model, tokenizer, x, new_tokens, max_source_length=max_source_length
-    )
 
 
 def evaluate_models(
@@ -453,163 +402,3 @@ def token_scores(
         batches = fidelity.token_batches(ds, tok, data_args, batch_size, model=model, seed=seed)
         out.update(fidelity.score_tokens({label: model}, batches, data_args.task))
     return out
-
-
-# ---- report -------------------------------------------------------------------------------------
-
-
-def markdown_table(result: dict) -> str:
-    """One row per model: quality, size, speed and, with a teacher, retained quality and speed-up."""
-    names = list(next(iter(result["models"].values()))["quality"])
-    primary = result["primary_metric"]
-    has_speed = all("speed" in m for m in result["models"].values())
-    per_token = has_speed and all("ms_per_token" in m["speed"] for m in result["models"].values())
-    has_len = all("output_tokens" in m for m in result["models"].values())
-    has_teacher = result["teacher"] is not None
-    # models run by an inference engine have no logits for teacher-forced scores: a dash in their row
-    has_fidelity = has_teacher and any(
-        "top1_agreement" in m.get("fidelity", {}) for m in result["models"].values()
-    )
-    seq2seq = result["task"] not in LM_EVAL_TASKS + ("classification",)
-    bs = result["settings"]["batch_size"]
-    fixed = result["settings"].get("fixed_new_tokens")
-    head = ["model"] + [METRIC_NAMES[n] for n in names]
-    if has_fidelity:
-        head += (["perplexity (teacher-forced)"] if seq2seq else []) + [
-            "top-1 agreement %",
-            "KL to teacher",
-        ]
-    head += ["parameters", "MB on disk"]
-    if has_len:
-        head += ["output tokens (mean)"]
-    if per_token:
-        head += [f"ms/token ({fixed} tokens, batch 1)"]
-    if has_speed:
-        head += ["latency ms (batch 1)", f"examples/s (batch {bs})"]
-    if has_teacher:
-        head += [f"{METRIC_NAMES[primary]} retained %"]
-        if per_token:
-            head += ["speed-up per token"]
-        if has_speed:
-            head += ["speed-up (batch 1)", f"speed-up (batch {bs})"]
-    rows = []
-    for label, m in result["models"].items():
-        size = m["size"]
-        row = [label] + [format_cell(m["quality"][n]) for n in names]
-        if has_fidelity:
-            f = m.get("fidelity", {})
-            row += ([format_cell(f.get("perplexity"))] if seq2seq else []) + [
-                format_cell(f.get("top1_agreement")),
-                format_cell(f.get("kl_to_teacher"), ".4f"),
-            ]
-        row += [
-            format_cell(size["parameters"], ","),
-            format_cell(
-                size["bytes_on_disk"] / 1e6 if size["bytes_on_disk"] is not None else None, ".1f"
-            ),
-        ]
-        if has_len:
-            row += [format_cell(m["output_tokens"]["mean"], ".1f")]
-        if per_token:
-            row += [format_cell(m["speed"]["ms_per_token"], ".2f")]
-        if has_speed:
-            row += [
-                format_cell(m["speed"]["latency_ms"], ".1f"),
-                format_cell(m["speed"]["throughput_per_s"], ".1f"),
-            ]
-        if has_teacher:
-            vs = m.get("vs_teacher")
-            row += [format_cell(vs["retained_%"][primary], ".1f") if vs else "100 (teacher)"]
-            if per_token:
-                row += [f"{vs['speedup_per_token']:.2f}x" if vs else "1x"]
-            if has_speed:
-                row += [
-                    f"{vs['speedup_latency']:.2f}x" if vs else "1x",
-                    f"{vs['speedup_throughput']:.2f}x" if vs else "1x",
-                ]
-        rows.append(row)
-    s = result["settings"]
-    notes = [
-        f"{result['task']} on {result['data']} ({result['n_examples']} examples)"
-        + (f", beam {s['num_beams']}, max {s['max_new_tokens']} new tokens" if seq2seq else "")
-        + (
-            f", {s['mlm_probability']:g} of the tokens masked (seed {s['seed']})"
-            if result["task"] == "mlm"
-            else ""
-        )
-        + f", {s['device']}."
-    ]
-    if has_fidelity:
-        n = next(
-            m["fidelity"]["tokens"]
-            for m in result["models"].values()
-            if "top1_agreement" in m.get("fidelity", {})
-        )
-        notes.append(
-            f"Fidelity over {n} scored tokens"
-            + (" (teacher-forced on the references)" if seq2seq else "")
-            + ": top-1 agreement = % of positions where the model's argmax is the teacher's; "
-            "KL to teacher = mean KL(teacher || model) per token, nats."
-        )
-    for k, sig in result["signatures"].items():
-        notes.append(f"{k} signature: {sig}")
-    for label, m in result["models"].items():  # only what the one truncation rule actually cut
-        notes += [
-            f"{label}: {describe_truncation(n)}."
-            for n in m.get("truncation", {}).values()
-            if n["truncated"]
-        ]
-    if has_speed:
-        sp = next(iter(result["models"].values()))["speed"]
-        notes.append(
-            f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
-            f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}."
-        )
-        busy = metrics.busy_warning(sp)
-        if busy:
-            notes.append(busy)
-        if per_token:
-            notes.append(
-                f"ms/token: greedy decoding of exactly {fixed} new tokens per example (EOS held off), batch 1, "
-                "the same latency examples -- the architecture's speed, whatever the length of a model's "
-                "own outputs; latency per example also counts how long those outputs are "
-                "(output tokens: mean over the scored rows)."
-            )
-    return report.markdown_table(head, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-
-
-def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> None:
-    """A plot of ``metric`` (default: the primary one) against speed, one marker per model in a
-    legend: ms per token at a fixed output length when measured (seq2seq), else latency per example."""
-    metric = metric or result["primary_metric"]
-    if not all("speed" in m for m in result["models"].values()):
-        raise LmkdError("--plot needs speed measurements; do not pass --speed-samples 0")
-    per_token = all("ms_per_token" in m["speed"] for m in result["models"].values())
-    key = "ms_per_token" if per_token else "latency_ms"
-    points = [
-        report.PlotPoint(label, m["speed"][key], m["quality"][metric], m["role"] == "teacher")
-        for label, m in result["models"].items()
-    ]
-    xlabel = (
-        f"ms per token, {result['settings']['fixed_new_tokens']} tokens forced, batch 1"
-        if per_token
-        else "latency per example, batch 1 (ms)"
-    )
-    report.plot_quality_speed(
-        points,
-        path,
-        xlabel=xlabel,
-        ylabel=METRIC_NAMES.get(metric, metric),
-        title=f"{result['task']}: quality against speed",
-    )
-
-
-def write_report(result: dict, output: str | None = None, plot: str | None = None) -> str:
-    """Write ``output`` (JSON), the markdown table next to it (``.md``) and ``plot`` (PNG); return
-    the markdown."""
-    table = markdown_table(result)
-    if output:
-        report.write_report(result, table, output, os.path.splitext(output)[0] + ".md")
-    if plot:
-        plot_quality_latency(result, plot)
-    return table

@@ -38,7 +38,8 @@ The package: :mod:`.budgets` (what each budget runs), :mod:`.plan` (the options,
 resolve into, the stage count), :mod:`.stages` (the cache and the job graph; jobs name their functions,
 :class:`Job`), :mod:`.worker` (a job in a process of its own), :mod:`.splits` (data stages),
 :mod:`.teachers` and :mod:`.checks` (the teacher and its check), :mod:`.seq2seq` and
-:mod:`.classification` (the pipelines), :mod:`.models` (train, save, score, time), :mod:`.serving`,
+:mod:`.classification` (the pipelines; the seq2seq one's :mod:`.transfer` set and
+:mod:`.student_init`), :mod:`.models` (train, save, score, time), :mod:`.serving`,
 :mod:`.results` (the report's figures), :mod:`.verdicts` (significance and the warnings),
 :mod:`.report_writer` (report.md and report.png) and :mod:`.run` (:func:`run_study`).
 """
@@ -47,8 +48,8 @@ from lmkd.study.models import evaluate_quality, measure_models_speed, train_stud
 from lmkd.study.options import StudyOptions, shipped_corpus
 from lmkd.study.plan import BUDGETS, CLS_VARIANTS, SEQ2SEQ_VARIANTS, Plan
 from lmkd.study.run import run_study
-from lmkd.study.seq2seq import make_transfer_set
 from lmkd.study.stages import Stages, StudyStopped
+from lmkd.study.transfer import make_transfer_set
 
 __all__ = [
     "BUDGETS",

@@ -86,7 +86,7 @@ def cache_teacher_logits(
         plan: the study's plan (or a mapping of its keys, :func:`~lmkd.study.plan.plan_view`).
         seed: the seed of the tail draws.
     """
-    from lmkd.teacher.logit_cache import cache_logits
+    from lmkd.teacher.logit_cache_writer import cache_logits
 
     settings = plan_view(plan).logit_cache
     cache_logits(

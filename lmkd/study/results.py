@@ -144,7 +144,7 @@ def transfer_set_report(
     memo: dict, teacher_check: dict | None, teacher_split: float | None
 ) -> dict:
     """The report's ``transfer_set``: the teacher's metric on its transfer rows (the transfer stage's
-    beam outputs against the gold, :func:`lmkd.study.seq2seq.memorisation`) beside its validation metric
+    beam outputs against the gold, :func:`lmkd.study.transfer.memorisation`) beside its validation metric
     (the teacher check's greedy score; None when the check was skipped), the share identical to the gold,
     and the one-line warning when Seq-KD's targets are mostly the gold targets (:data:`MEMORISED_SHARE`,
     :data:`MEMORISED_RATIO`).
@@ -199,7 +199,7 @@ def student_inits(inits: list[dict], rows: list[dict]) -> list[dict]:
     Returns:
         One dict per init.
     """
-    from lmkd.study.seq2seq import init_shape
+    from lmkd.study.student_init import init_shape
 
     out = []
     for i in inits:
@@ -405,7 +405,7 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         sig["verdicts"], sig["no_verdict"] = warnings + [nothing], nothing
     extra = {}
     if "transfer_dir" in data:
-        from lmkd.study.seq2seq import read_memorisation
+        from lmkd.study.transfer import read_memorisation
 
         extra["transfer_set"] = transfer_set_report(
             read_memorisation(data["transfer_dir"], opts.task),

@@ -9,15 +9,8 @@ transfer rows -> transfer set (teacher beam outputs + n-best, Seq-Inter choice)
 from __future__ import annotations
 
 import os
-import shutil
 
-from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
-from lmkd.study.models import (
-    LOGIT_CACHE_DIR,
-    cache_teacher_logits,
-    save_model,
-    train_student,
-)
+from lmkd.study.models import LOGIT_CACHE_DIR, cache_teacher_logits, train_student
 from lmkd.study.options import StudyOptions, seeded, student_seeds
 from lmkd.study.plan import (
     LOGIT_CACHE_STAGES,
@@ -25,14 +18,11 @@ from lmkd.study.plan import (
     size_name,
     thread_options,
 )
-from lmkd.study.splits import (
-    LABELLED,
-    TEACHER_ROW,
-    prepare_unlabelled,
-    select_transfer_rows,
-)
+from lmkd.study.splits import prepare_unlabelled, select_transfer_rows
 from lmkd.study.stages import Job, Stages
 from lmkd.study.stopping import TRAIN_LOG, StoppingRule
+from lmkd.study.student_init import student_init
+from lmkd.study.transfer import make_transfer_set
 
 #: the column each variant trains on: the gold target, the teacher's best beam, or Seq-Inter's pick
 VARIANT_TARGET = {
@@ -42,171 +32,6 @@ VARIANT_TARGET = {
     "seq-kd+word-kd": "teacher",
     "seq-inter": "inter",
 }
-
-
-#: the transfer stage's record of how far the teacher's outputs on its transfer rows are the gold targets
-MEMORISATION = "memorisation.json"
-
-
-def _generate(
-    teacher_dir: str, data_file: str, gen_dir: str, beams: int, max_new_tokens: int, max_length: int
-) -> tuple[list[dict], dict]:
-    """The teacher's beam n-best on ``data_file`` (rows in input order) and the generation's report;
-    ``gen_dir`` is removed after."""
-    from lmkd.teacher.pseudo_targets import JSONL_FILE, generate_pseudo_targets
-
-    report = generate_pseudo_targets(
-        teacher_dir,
-        data=data_file,
-        output_dir=gen_dir,
-        source_column="source",
-        num_beams=beams,
-        num_return_sequences=beams,
-        max_new_tokens=max_new_tokens,
-        max_source_length=max_length,
-        batch_size=64,
-        output_format="jsonl",
-    )
-    rows = read_rows(os.path.join(gen_dir, JSONL_FILE))
-    shutil.rmtree(gen_dir)
-    return rows, report
-
-
-def make_transfer_set(
-    teacher_dir: str,
-    data_file: str,
-    out: str,
-    beams: int,
-    max_new_tokens: int,
-    max_length: int,
-    task: str = "translation",
-    unlabelled_file: str | None = None,
-) -> str:
-    """The teacher's beam-search n-best on ``data_file``
-    (:func:`lmkd.teacher.pseudo_targets.generate_pseudo_targets`) plus the Seq-Inter choice
-    (:func:`lmkd.teacher.pseudo_targets.seq_inter_select`); returns the JSONL path with columns source,
-    target (gold), teacher (best beam), inter (closest to the gold of the n-best), and the
-    columns of ``data_file`` past those (``teacher_row`` with --teacher-split).  With ``unlabelled_file``
-    (``--unlabelled``) its rows follow, ``labelled`` false, their target, teacher and inter all the teacher's
-    best beam (no gold to pick by); the labelled rows then say ``labelled`` true.  Also writes
-    :data:`MEMORISATION` (:func:`memorisation`, on the labelled rows) and ``generate_report.json``.
-
-    Args:
-        teacher_dir: the teacher.
-        data_file: the transfer rows.
-        out: the stage's directory.
-        beams: the beam size (and the n-best size).
-        max_new_tokens: the longest generation.
-        max_length: inputs are cut at this many tokens.
-        task: the study task (the memorisation figures' metric).
-        unlabelled_file: the source-only rows (the data-unlabelled stage's file), or None.
-
-    Returns:
-        The path of ``transfer.jsonl``.
-    """
-    from lmkd.teacher.pseudo_targets import seq_inter_select
-
-    gen = (beams, max_new_tokens, max_length)
-    rows, report = _generate(teacher_dir, data_file, os.path.join(out, "generate"), *gen)
-    if beams > 1:
-        chosen, changed = seq_inter_select(
-            [r["teacher_nbest"] for r in rows], [r["target"] for r in rows]
-        )
-    else:
-        chosen, changed = [0] * len(rows), 0
-    extra = [k for k in read_rows(data_file)[0] if k not in ("source", "target")]
-    out_rows = [
-        {
-            "source": r["source"],
-            "target": r["target"],
-            "teacher": r["teacher_target"],
-            "inter": r["teacher_nbest"][c] if beams > 1 else r["teacher_target"],
-            **{k: r[k] for k in extra},
-        }
-        for r, c in zip(rows, chosen)
-    ]
-    if unlabelled_file is not None:
-        plain, _ = _generate(
-            teacher_dir, unlabelled_file, os.path.join(out, "generate-unlabelled"), *gen
-        )
-        out_rows = [{**r, LABELLED: True} for r in out_rows]
-        out_rows += [
-            {
-                "source": r["source"],
-                "target": r["teacher_target"],
-                "teacher": r["teacher_target"],
-                "inter": r["teacher_target"],
-                LABELLED: False,
-            }
-            for r in plain
-        ]
-    path = os.path.join(out, "transfer.jsonl")
-    write_jsonl(path, out_rows)
-    atomic_write_json(
-        os.path.join(out, "generate_report.json"),
-        {**{k: v for k, v in report.items() if k != "output"}, "seq_inter_changed": changed},
-    )
-    atomic_write_json(os.path.join(out, MEMORISATION), memorisation(out_rows, task))
-    return path
-
-
-def _agreement(rows: list[dict], task: str) -> dict:
-    """The teacher's best beam against the gold target on ``rows``: the check metric, the identical share."""
-    from lmkd.study.checks import CHECK_METRIC, task_score
-
-    same = sum(str(r["teacher"]).strip() == str(r["target"]).strip() for r in rows)
-    return {
-        "rows": len(rows),
-        "metric": CHECK_METRIC[task],
-        "score": (
-            task_score(task, [r["teacher"] for r in rows], [r["target"] for r in rows])
-            if rows
-            else None
-        ),
-        "identical": same / len(rows) if rows else None,
-    }
-
-
-def memorisation(rows: list[dict], task: str) -> dict:
-    """How far the teacher's outputs on its transfer rows are the gold targets again: on the labelled
-    rows, its best beam scored against the gold (BLEU / ROUGE-2, the teacher check's metric) and the
-    share identical to it after stripping whitespace; with --teacher-split the same on the rows the
-    teacher trained on and on the held-out ones.
-
-    Args:
-        rows: the transfer set's rows (``target``, ``teacher``; ``labelled``, ``teacher_row`` when present).
-        task: the study task.
-
-    Returns:
-        ``{"all": figures, "teacher_rows"?: figures, "held_out_rows"?: figures, "unlabelled_rows": n}``,
-        figures being ``{"rows", "metric", "score", "identical"}``.
-    """
-    gold = [r for r in rows if r.get(LABELLED, True)]
-    out = {"all": _agreement(gold, task), "unlabelled_rows": len(rows) - len(gold)}
-    if any(TEACHER_ROW in r for r in gold):
-        out["teacher_rows"] = _agreement([r for r in gold if r[TEACHER_ROW]], task)
-        out["held_out_rows"] = _agreement([r for r in gold if not r[TEACHER_ROW]], task)
-    return out
-
-
-def read_memorisation(transfer_dir: str, task: str) -> dict:
-    """The transfer stage's :data:`MEMORISATION`, or -- a stage made before it was written -- the same
-    figures computed from its ``transfer.jsonl``.
-
-    Args:
-        transfer_dir: the transfer stage's directory.
-        task: the study task.
-
-    Returns:
-        The figures (:func:`memorisation`).
-    """
-    import json
-
-    path = os.path.join(transfer_dir, MEMORISATION)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return memorisation(read_rows(os.path.join(transfer_dir, "transfer.jsonl")), task)
 
 
 def transfer_stage(
@@ -219,7 +44,7 @@ def transfer_stage(
     task: str = "translation",
     unlabelled_file: str | None = None,
 ) -> None:
-    """The transfer stage as a study job: :func:`make_transfer_set` into ``out``.
+    """The transfer stage as a study job: :func:`~lmkd.study.transfer.make_transfer_set` into ``out``.
 
     Args:
         out: the stage's directory.
@@ -234,96 +59,6 @@ def transfer_stage(
     make_transfer_set(
         teacher_dir, data_file, out, beams, max_new_tokens, max_length, task, unlabelled_file
     )
-
-
-def _fewest_copied_layers(teacher) -> dict[str, list[int]] | None:
-    """The smallest student made of copied teacher layers: one encoder and one decoder layer (the
-    first, :func:`~lmkd.models.student.spread_layers`); None for a model without both stacks."""
-    from lmkd.models.student import spread_layers, stacks_of
-
-    stacks = stacks_of(teacher)
-    if set(stacks) != {"encoder", "decoder"}:
-        return None
-    config = teacher.config
-    return {
-        name: spread_layers(getattr(config, f) or config.num_layers, 1)
-        for name, (_, f) in stacks.items()
-    }
-
-
-def _student_init(
-    teacher_dir: str, fraction: float, seed: int, out: str, copy_fewest: bool = False
-) -> None:
-    """The largest student within ``fraction`` of the teacher's parameters: copied teacher layers
-    when they fit (shrink-and-fine-tune), else -- ``copy_fewest`` (a given, trained teacher) -- the
-    fewest layers that can be copied (one encoder and one decoder layer: larger than asked), else a
-    fresh, narrower model of the teacher's shape.  ``init.json`` says which, with the layers, the
-    shape and the parameter share.
-
-    Args:
-        teacher_dir: the teacher.
-        fraction: the asked share of the teacher's parameters.
-        seed: the fresh model's seed.
-        out: the stage's directory.
-        copy_fewest: copy the fewest layers when none fit within ``fraction``.
-    """
-    import torch
-
-    from lmkd.models.loading import (
-        AUTO_CLASS,
-        count_parameters,
-        load_model,
-        load_tokenizer,
-        model_kind,
-    )
-    from lmkd.models.student import (
-        copied_layers_within,
-        make_student,
-        scaled_student_config,
-    )
-
-    teacher = load_model(teacher_dir)
-    copied = copied_layers_within(teacher, fraction)
-    larger = False
-    if copied is None and copy_fewest:
-        copied = _fewest_copied_layers(teacher)
-        larger = copied is not None
-    if copied is not None:
-        student = make_student(
-            teacher, encoder_layers=copied["encoder"], decoder_layers=copied["decoder"]
-        )
-    else:
-        torch.manual_seed(seed)
-        student = AUTO_CLASS[model_kind(teacher)].from_config(
-            scaled_student_config(teacher, fraction)
-        )
-    save_model(student, load_tokenizer(teacher_dir), out)
-    share = count_parameters(student) / count_parameters(teacher)
-    atomic_write_json(
-        os.path.join(out, "init.json"),
-        {
-            "init": "copied teacher layers" if copied else "fresh",
-            "layers": copied,
-            "asked": fraction,
-            "parameters_vs_teacher": share,
-            "larger_than_asked": larger,
-            "shape": init_shape(student.config),
-        },
-        indent=None,
-    )
-
-
-def init_shape(config) -> dict:
-    """A seq2seq model's shape as the report names it: width and layers per stack.
-
-    Args:
-        config: the model's config (or its config.json as a dict).
-
-    Returns:
-        ``{"d_model", "encoder_layers", "decoder_layers"}`` (a missing field: None).
-    """
-    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
-    return {k: get(k) for k in ("d_model", "encoder_layers", "decoder_layers")}
 
 
 def seq2seq_students(
@@ -435,7 +170,7 @@ def seq2seq_students(
                 init,
                 {"fraction": fraction, "seed": seed, "rule": init_rule},
                 ["teacher"],
-                lambda out, fraction=fraction, seed=seed: _student_init(
+                lambda out, fraction=fraction, seed=seed: student_init(
                     teacher_dir, fraction, seed, out, init_rule != "copy-if-fits"
                 ),
                 f"the student init with <= {fraction:g} of the teacher's parameters (seed {seed})",

@@ -27,8 +27,9 @@ How it is fast, reproducible and restartable:
   products and so their last bits, which can reorder n-best hypotheses whose scores tie to about
   1e-5 (in the tests' 64-row checks: top hypotheses always equal, a few tied lower ranks swapped).
 
-Seq-Inter (:func:`seq_inter_select`) and the filters (:func:`sentence_scores`, :func:`filter_below`)
-are pure functions on lists of strings, usable on their own.
+Seq-Inter and the filters (:mod:`lmkd.teacher.selection`) are pure functions on lists of strings,
+usable on their own; the output directory's files (the settings record, the chunks, their merge,
+reading the result back) are in :mod:`lmkd.teacher.pseudo_target_files`.
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 
 import torch
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.core.io import atomic_write_text, check_output, write_jsonl
+from lmkd.core.io import atomic_write_text, check_output
 from lmkd.models.generation import generate_batch, length_batches, longest_first
 from lmkd.models.loading import kind_from_config, load_model, load_tokenizer, model_kind
 from lmkd.models.truncation import (
@@ -57,169 +58,14 @@ from lmkd.models.truncation import (
     target_limit,
     truncation_note,
 )
-from lmkd.scoring.metrics import SENTENCE_METRICS, sentence_scores
+from lmkd.teacher.pseudo_target_files import (
+    CHUNK_DIR,
+    SETTINGS_FILE,
+    GenerationSettings,
+    merge,
+)
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_FILE = "lmkd_generate.json"
-CHUNK_DIR = "chunks"
-JSONL_FILE = "generated.jsonl"
-FILTER_METRICS = SENTENCE_METRICS  # --filter-metric: the sentence scores of lmkd.scoring.metrics
-SELECT_METHODS = ("seq-inter",)
-FORMATS = ("arrow", "jsonl")
-
-
-# ---- Seq-Inter and filtering: pure functions (the sentence scores are lmkd.scoring.metrics') ------------
-
-
-def seq_inter_select(
-    nbest: Sequence[Sequence[str]], references: Sequence[str]
-) -> tuple[list[int], int]:
-    """Seq-Inter (Kim & Rush): for each row, the index in its n-best list of the hypothesis with the
-    highest sentence-BLEU against the reference (ties go to the teacher's higher-ranked one).
-    Returns (chosen indices, number of rows whose choice is not the teacher's best)."""
-    if len(nbest) != len(references):
-        raise LmkdError(
-            f"{len(nbest)} n-best lists but {len(references)} references; give one reference per row"
-        )
-    chosen = []
-    for hyps, ref in zip(nbest, references):
-        if not hyps:
-            raise LmkdError("an n-best list is empty; generate at least one hypothesis per row")
-        scores = sentence_scores(list(hyps), [ref] * len(hyps), "bleu")
-        chosen.append(max(range(len(hyps)), key=lambda i: (scores[i], -i)))
-    return chosen, sum(1 for c in chosen if c != 0)
-
-
-def filter_below(scores: Sequence[float], minimum: float) -> list[int]:
-    """Indices of the rows to keep: those whose score is at least ``minimum``."""
-    return [i for i, s in enumerate(scores) if s >= minimum]
-
-
-def select_and_filter(
-    rows: list[dict],
-    select: str | None = None,
-    reference_column: str | None = None,
-    filter_metric: str | None = None,
-    filter_min: float | None = None,
-) -> tuple[list[dict], dict]:
-    """Apply Seq-Inter and/or a filter to generated rows (dicts with ``teacher_target`` and, for
-    Seq-Inter, ``teacher_nbest``/``teacher_nbest_scores``).  Returns (rows, report) where the
-    report says how many rows were changed and dropped."""
-    report: dict = {"rows_in": len(rows)}
-    if (select or filter_metric) and not reference_column:
-        raise LmkdError(
-            "--select/--filter-metric need the references: pass --reference-column (e.g. target)"
-        )
-    if rows and reference_column and reference_column not in rows[0]:
-        raise LmkdError(
-            f"the data has no reference column {reference_column!r} (it has: "
-            f"{', '.join(k for k in rows[0] if not k.startswith('teacher_'))}); fix --reference-column"
-        )
-    if select is not None:
-        if select not in SELECT_METHODS:
-            raise LmkdError(f"unknown selection {select!r}; choose seq-inter")
-        if rows and "teacher_nbest" not in rows[0]:
-            raise LmkdError(
-                "--select seq-inter needs an n-best list: pass --num-return-sequences K > 1 "
-                "(with --num-beams >= K)"
-            )
-        chosen, changed = seq_inter_select(
-            [r["teacher_nbest"] for r in rows], [str(r[reference_column]) for r in rows]
-        )
-        for r, c in zip(rows, chosen):
-            r["teacher_target"] = r["teacher_nbest"][c]
-            r["teacher_score"] = r["teacher_nbest_scores"][c]
-            r["teacher_rank"] = c
-        report["seq_inter_changed"] = changed
-    if filter_metric is not None:
-        if filter_min is None:
-            raise LmkdError("--filter-metric needs --filter-min (the lowest score kept, 0-100)")
-        scores = sentence_scores(
-            [r["teacher_target"] for r in rows],
-            [str(r[reference_column]) for r in rows],
-            filter_metric,
-        )
-        for r, s in zip(rows, scores):
-            r[f"teacher_{filter_metric}"] = s
-        keep = filter_below(scores, filter_min)
-        report["filter_dropped"] = len(rows) - len(keep)
-        rows = [rows[i] for i in keep]
-    elif filter_min is not None:
-        raise LmkdError("--filter-min needs --filter-metric (bleu, chrf or rouge2)")
-    report["rows_out"] = len(rows)
-    return rows, report
-
-
-# ---- settings ------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that decides the generated rows (recorded next to the output)."""
-
-    teacher: str
-    data_rows: int
-    data_sha256: str
-    source_column: str = "source"
-    source_prefix: str = ""
-    max_source_length: int = 512
-    num_beams: int = 5
-    num_return_sequences: int = 1
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    dtype: str = "float32"
-    chunk_size: int = 1024
-    sort_by_length: bool = True
-    select: str | None = None
-    reference_column: str | None = None
-    filter_metric: str | None = None
-    filter_min: float | None = None
-    output_format: str = "arrow"
-
-    def check(self) -> None:
-        if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
-            raise LmkdError(
-                "--num-beams, --num-return-sequences and --max-new-tokens must be at least 1"
-            )
-        if self.do_sample and self.num_beams > 1:
-            raise LmkdError(
-                f"sampling (--do-sample) uses one beam, not --num-beams {self.num_beams}; drop "
-                "--num-beams (or pass --num-beams 1), or drop --do-sample for beam search"
-            )
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise LmkdError(
-                f"--num-return-sequences {self.num_return_sequences} needs --num-beams >= "
-                f"{self.num_return_sequences} (or --do-sample to draw K samples)"
-            )
-        if self.do_sample and not self.temperature > 0:
-            raise LmkdError(f"--temperature must be > 0, got {self.temperature}")
-        if self.chunk_size < 1:
-            raise LmkdError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        if self.output_format not in FORMATS:
-            raise LmkdError(f"unknown output format {self.output_format!r}; choose arrow or jsonl")
-        if self.select is not None and self.num_return_sequences < 2:
-            raise LmkdError(
-                "--select seq-inter chooses among the K-best: pass --num-return-sequences K > 1"
-            )
-        if self.filter_metric is not None and self.filter_metric not in FILTER_METRICS:
-            raise LmkdError(
-                f"unknown filter metric {self.filter_metric!r}; choose one of {', '.join(FILTER_METRICS)}"
-            )
-        if (self.select or self.filter_metric) and not self.reference_column:
-            raise LmkdError(
-                "--select/--filter-metric need the references: pass --reference-column (e.g. target)"
-            )
-
-
-# ---- the whole run -------------------------------------------------------------------------------
 
 
 def _load_rows(data) -> list[dict]:
@@ -490,7 +336,7 @@ def generate_pseudo_targets(
         "output": output_dir,
     }
     if state.is_main_process:
-        report.update(_merge(rows, chunks, settings, output_dir))
+        report.update(merge(rows, chunks, settings, output_dir))
         atomic_write_text(
             settings_path,
             json.dumps(
@@ -507,86 +353,4 @@ def generate_pseudo_targets(
     return report
 
 
-def _merge(
-    rows: list[dict], chunks: list[list[int]], s: GenerationSettings, output_dir: str
-) -> dict:
-    """Read every chunk, put the rows back in input order, apply Seq-Inter/filtering, write."""
-    import datasets
-
-    chunk_dir = os.path.join(output_dir, CHUNK_DIR)
-    gen: dict[int, dict] = {}
-    for c, members in enumerate(chunks):
-        path = os.path.join(chunk_dir, f"chunk-{c:06d}.jsonl")
-        if not os.path.isfile(path):
-            raise LmkdError(
-                f"chunk {path} is missing (a process failed?); re-run the same command to finish it"
-            )
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                o = json.loads(line)
-                gen[o.pop("_index")] = o
-        if not set(members) <= set(gen):
-            raise LmkdError(f"chunk {path} is incomplete; delete it and re-run the same command")
-    out = []
-    for i, r in enumerate(rows):
-        o = gen[i]
-        row = dict(r)
-        row["teacher_target"] = o["teacher_nbest"][0]
-        row["teacher_score"] = o["teacher_nbest_scores"][0]
-        if s.num_return_sequences > 1:
-            row["teacher_nbest"] = o["teacher_nbest"]
-            row["teacher_nbest_scores"] = o["teacher_nbest_scores"]
-        out.append(row)
-    out, report = select_and_filter(
-        out, s.select, s.reference_column, s.filter_metric, s.filter_min
-    )
-    if "seq_inter_changed" in report:
-        logger.info(
-            "seq-inter: %d of %d rows use a hypothesis other than the teacher's best",
-            report["seq_inter_changed"],
-            report["rows_in"],
-        )
-    if "filter_dropped" in report:
-        logger.info(
-            "filter %s >= %s: dropped %d of %d rows",
-            s.filter_metric,
-            s.filter_min,
-            report["filter_dropped"],
-            report["rows_in"],
-        )
-    if not out:
-        raise LmkdError("the filter dropped every row; lower --filter-min")
-    if s.output_format == "jsonl":
-        write_jsonl(os.path.join(output_dir, JSONL_FILE), out)
-    else:
-        tmp = os.path.join(output_dir, ".tmp-dataset")
-        shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_list(out).save_to_disk(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: n == "state.json")  # state.json last
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        os.rmdir(tmp)
-    return {k: v for k, v in report.items()}
-
-
-def load_generated(output_dir: str):
-    """The generated dataset in ``output_dir`` (either format) as a ``datasets.Dataset``."""
-    import datasets
-
-    path = os.path.join(output_dir, JSONL_FILE)
-    if os.path.isfile(path):
-        from lmkd.data.dataset import load_data
-
-        return load_data(path)
-    return datasets.load_from_disk(output_dir)
-
-
-__all__ = [
-    "generate_pseudo_targets",
-    "seq_inter_select",
-    "sentence_scores",
-    "filter_below",
-    "select_and_filter",
-    "load_generated",
-    "GenerationSettings",
-]
+__all__ = ["generate_pseudo_targets"]
