@@ -7,10 +7,11 @@ on the same inputs -- no quality scoring.
 import argparse
 import json
 
-from lmkd.data.dataset import DEFAULT_COLUMNS, load_data
+from lmkd.data.dataset import DEFAULT_COLUMNS
+from lmkd.data.reading import load_data
 from lmkd.evaluate.run import resolve_device, runner_for
 from lmkd.models.loading import load_model, load_tokenizer
-from lmkd.scoring.metrics import measure_speed
+from lmkd.scoring.timing import measure_speed
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(

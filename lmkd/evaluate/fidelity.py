@@ -26,8 +26,10 @@ import torch
 
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, TASK_KIND
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
 from lmkd.data.positions import shifted, shifted_labels
+from lmkd.data.tokenizing import tokenize
 
 
 def token_batches(

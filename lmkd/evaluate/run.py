@@ -16,13 +16,15 @@ import torch
 
 from lmkd.core.constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import DataArguments, read_split
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import read_split
 from lmkd.evaluate import fidelity, report
 from lmkd.evaluate.report import format_cell
 from lmkd.models import engines, generation
-from lmkd.models.loading import check_same_tokenizer, resolve_device
+from lmkd.models.loading import resolve_device
 from lmkd.models.truncation import describe_truncation, fit_length
-from lmkd.scoring import metrics
+from lmkd.models.vocabulary import check_same_tokenizer
+from lmkd.scoring import metrics, timing
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +379,7 @@ def evaluate_models(
             if fixed
             else None
         )
-        speed = metrics.measure_speed(
+        speed = timing.measure_speed(
             runners,
             speed_inputs,
             batch_size=batch_size,
@@ -565,7 +567,7 @@ def markdown_table(result: dict) -> str:
             f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
             f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}."
         )
-        busy = metrics.busy_warning(sp)
+        busy = timing.busy_warning(sp)
         if busy:
             notes.append(busy)
         if per_token:

@@ -29,16 +29,9 @@ from transformers.utils import ModelOutput
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.losses import at_least_float32
-from lmkd.models.loading import (
-    load_model,
-    load_tokenizer,
-    model_kind,
-    saved_kind,
-    shared_vocab_size,
-    unwrap,
-    vocab_size_of,
-)
+from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, unwrap
 from lmkd.models.truncation import input_limit, target_limit
+from lmkd.models.vocabulary import shared_vocab_size, vocab_size_of
 from lmkd.teacher import cross_tokenizer, logit_cache
 
 logger = logging.getLogger(__name__)

@@ -67,7 +67,7 @@ from lmkd.core.constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, check_output, replace_dir
 from lmkd.losses import TopK
-from lmkd.models.generation import longest_first
+from lmkd.models.loop_rules import longest_first
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,10 @@ def cache_logits(
     from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
-    from lmkd.data.dataset import read_split, tokenize
-    from lmkd.models.loading import load_model, load_tokenizer, resolve_device, vocab_size_of
+    from lmkd.data.reading import read_split
+    from lmkd.data.tokenizing import tokenize
+    from lmkd.models.loading import load_model, load_tokenizer, resolve_device
+    from lmkd.models.vocabulary import vocab_size_of
 
     kind = TASK_KIND[data_args.task]
     if kind not in (SEQ2SEQ, CAUSAL):

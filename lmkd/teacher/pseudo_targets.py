@@ -47,8 +47,9 @@ import torch
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_text, check_output, write_jsonl
-from lmkd.models.generation import generate_batch, length_batches, longest_first
 from lmkd.models.loading import kind_from_config, load_model, load_tokenizer, model_kind
+from lmkd.models.loop_rules import length_batches, longest_first
+from lmkd.models.nbest import generate_batch
 from lmkd.models.truncation import (
     describe_truncation,
     encode_fitted,
@@ -229,7 +230,7 @@ def _load_rows(data) -> list[dict]:
 
     if isinstance(data, datasets.Dataset):
         return data.to_list()
-    from lmkd.data.dataset import load_data
+    from lmkd.data.reading import load_data
 
     return load_data(str(data)).to_list()
 
@@ -575,7 +576,7 @@ def load_generated(output_dir: str):
 
     path = os.path.join(output_dir, JSONL_FILE)
     if os.path.isfile(path):
-        from lmkd.data.dataset import load_data
+        from lmkd.data.reading import load_data
 
         return load_data(path)
     return datasets.load_from_disk(output_dir)

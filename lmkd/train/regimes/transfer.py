@@ -16,7 +16,8 @@ import torch
 
 from lmkd.core.constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import PROMPT_LENGTH, load_data, tokenize
+from lmkd.data.reading import load_data
+from lmkd.data.tokenizing import PROMPT_LENGTH, tokenize
 
 logger = logging.getLogger(__name__)
 
