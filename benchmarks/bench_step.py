@@ -80,7 +80,10 @@ def main():
     torch.set_num_threads(1)
 
     from lmkd import DistillationConfig, DistillationTrainer
-    from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+    from lmkd.data.collators import collator_for
+    from lmkd.data.dataset import DataArguments
+    from lmkd.data.reading import load_data
+    from lmkd.data.tokenizing import tokenize
     from lmkd.models.scratch import build_model, train_tokenizer
     from lmkd.teacher.logit_cache_writer import cache_logits
 

@@ -7,10 +7,11 @@ on the same inputs -- no quality scoring.
 import argparse
 import json
 
-from lmkd.data.dataset import DEFAULT_COLUMNS, load_data
+from lmkd.data.dataset import DEFAULT_COLUMNS
 from lmkd.evaluate.runners import runner_for
+from lmkd.lmkd.data.reading import load_data
+from lmkd.lmkd.scoring.timing import measure_speed
 from lmkd.models.loading import load_model, load_tokenizer, resolve_device
-from lmkd.scoring.metrics import measure_speed
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(

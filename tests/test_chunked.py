@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer, losses
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.tokenizing import tokenize
 from lmkd.losses.chunked import (
     Head,
     chunked_cross_entropy,

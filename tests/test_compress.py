@@ -13,8 +13,9 @@ import torch
 
 from lmkd.cli import main
 from lmkd.compress import pruning
-from lmkd.models import engines, generation
-from lmkd.models.loading import count_parameters, load_model, load_tokenizer
+from lmkd.models import engines, generation, loop_rules
+from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.models.size import count_parameters
 
 ct2 = pytest.importorskip("ctranslate2")
 ort = pytest.importorskip("onnxruntime")
@@ -552,7 +553,7 @@ def _left_padded_prompts(tok, texts, lengths=(3, 7, 5, 9, 4, 6, 8, 2)):
     """A batch of prompts of different lengths (each text's first tokens), padded on the left as lmkd
     pads causal generation batches."""
     rows = [tok(t)["input_ids"][:n] for t, n in zip(texts, lengths)]
-    return generation.pad_batch(rows, tok.pad_token_id, left=True, device="cpu")
+    return loop_rules.pad_batch(rows, tok.pad_token_id, left=True, device="cpu")
 
 
 @pytest.mark.parametrize("arch", CAUSAL_ARCHS)

@@ -345,7 +345,7 @@ def test_bytes_on_disk_counts_only_the_weights_from_pretrained_loads(
 ):
     import shutil
 
-    from lmkd.models.loading import weights_bytes
+    from lmkd.models.size import weights_bytes
 
     model_dir = tmp_path / "run"
     shutil.copytree(tiny_model_dir("marian", seed=1), model_dir)
@@ -393,26 +393,26 @@ def test_other_load_counts_cpu_used_by_other_processes_not_by_this_one(monkeypat
     real measurement depends on what else runs), then once for real: a fraction of the cores."""
     import time
 
-    from lmkd.scoring import metrics
-    from lmkd.scoring.metrics import OtherLoad, busy_warning
+    from lmkd.scoring import timing
+    from lmkd.scoring.timing import OtherLoad, busy_warning
 
     clock = {"wall": 100.0, "own": 5.0, "busy": 1000.0}
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock["wall"])
-    monkeypatch.setattr(metrics.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(metrics, "busy_cpu_seconds", lambda: clock["busy"])
-    monkeypatch.setattr(metrics.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(timing.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(timing, "busy_cpu_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 4)
     with OtherLoad() as load:  # 2 s; this process used 1.5 CPU s, the machine 3.5 busy CPU s in all
         clock.update(wall=102.0, own=6.5, busy=1003.5)
     assert load.fraction == pytest.approx((3.5 - 1.5) / (2.0 * 4))
     with OtherLoad() as alone:  # only this process worked
         clock.update(wall=104.0, own=8.0, busy=1005.0)
     assert alone.fraction == 0.0
-    monkeypatch.setattr(metrics, "busy_cpu_seconds", lambda: None)  # no /proc/stat: unknown, not 0
+    monkeypatch.setattr(timing, "busy_cpu_seconds", lambda: None)  # no /proc/stat: unknown, not 0
     with OtherLoad() as unknown:
         clock.update(wall=106.0)
     assert unknown.fraction is None
     monkeypatch.undo()
-    assert metrics.busy_cpu_seconds() > 0  # this machine's counters are read
+    assert timing.busy_cpu_seconds() > 0  # this machine's counters are read
     with OtherLoad() as real:
         time.sleep(0.2)
     assert 0.0 <= real.fraction <= 1.0
@@ -429,7 +429,7 @@ def test_measure_speed_closes_an_engine_after_each_of_its_turns_and_reopens_it_u
     opens it again is not timed (here: the slow first call after a close would show in the latency)."""
     import time
 
-    from lmkd.scoring.metrics import measure_speed
+    from lmkd.scoring.timing import measure_speed
 
     events = []
     state = {"open": False}

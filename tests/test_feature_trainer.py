@@ -14,7 +14,7 @@ from test_trainer import make_dataset, state
 from transformers import AutoModelForMaskedLM
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses, make_student
-from lmkd.data.dataset import collator_for
+from lmkd.data.collators import collator_for
 from lmkd.models.loading import load_model
 from lmkd.models.scratch import build_model
 from lmkd.train.config_checks import parse_layer_map

@@ -12,7 +12,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lmkd.cli import main
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import DataArguments, read_split, tokenize
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import read_split
+from lmkd.data.tokenizing import tokenize
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from lmkd.cli import main
-from lmkd.data.dataset import collator_for
+from lmkd.data.collators import collator_for
 from lmkd.evaluate.run import evaluate_models
 
 

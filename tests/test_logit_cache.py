@@ -14,7 +14,10 @@ import torch
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError
 from lmkd.cli import ModelArguments, main
-from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import load_data
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import load_model, load_tokenizer
 from lmkd.models.scratch import build_model
 from lmkd.teacher import logit_cache, logit_cache_writer

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
 from lmkd.data.positions import position_masks, shifted, shifted_labels
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.scratch import build_model
 from lmkd.train.loss_stats import LossCounts, LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective

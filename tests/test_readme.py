@@ -85,7 +85,7 @@ def test_python_quickstart_trains_a_smaller_student(workdir):
     from transformers import AutoModelForSeq2SeqLM
 
     from lmkd import make_student
-    from lmkd.models.loading import count_parameters
+    from lmkd.models.size import count_parameters
 
     root, teacher_dir = workdir
     code = substituted(
@@ -115,7 +115,7 @@ def test_python_quickstart_trains_a_smaller_student(workdir):
 def test_cli_quickstart_runs_as_written(workdir):
     from transformers import AutoModelForSeq2SeqLM
 
-    from lmkd.models.loading import count_parameters
+    from lmkd.models.size import count_parameters
 
     root, teacher_dir = workdir
     script = substituted(

@@ -12,7 +12,9 @@ import yaml
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses
 from lmkd.cli import main
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.scratch import build_model
 from lmkd.teacher.frozen import EnsembleTeacher
 from lmkd.train.regimes import (

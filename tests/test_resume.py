@@ -10,7 +10,7 @@ from test_trainer import make_dataset
 from transformers import TrainerCallback
 
 from lmkd import DistillationConfig, DistillationTrainer, make_student
-from lmkd.data.dataset import collator_for
+from lmkd.data.collators import collator_for
 from lmkd.models.loading import load_model
 
 
@@ -84,7 +84,7 @@ def test_mlm_resume_after_kill_gives_same_student(tiny_model_dir, tokenizer, cor
     """MLM masks are random per batch: drawn from one stream, a resumed run masked the batch after
     the checkpoint differently (the data loader collates one batch ahead, so the saved random
     state had already drawn it) and ended with another student.  Keyed by the batch, it does not."""
-    from lmkd.data.dataset import KeyedMasking
+    from lmkd.data.collators import KeyedMasking
 
     def run_mlm(out, callbacks=(), resume=None):
         teacher = load_model(tiny_model_dir("bert"), kind="mlm")

@@ -15,7 +15,8 @@ from _seqkd_helpers import save_teacher, write_jsonl
 
 from lmkd.cli import main, parse_distill_args
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import DataArguments, mix_gold_targets
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import mix_gold_targets
 from lmkd.models.loading import load_model
 from lmkd.teacher.pseudo_target_files import load_generated
 from lmkd.train.trainer import DistillationTrainer

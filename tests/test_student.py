@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 from lmkd import LmkdError, make_student
-from lmkd.models.loading import count_parameters, kind_from_config, load_model
+from lmkd.models.loading import kind_from_config, load_model
+from lmkd.models.size import count_parameters
 from lmkd.models.student import LAYER_STACKS
 
 

@@ -658,8 +658,8 @@ def test_cli_help_has_examples(capsys):
 
 
 def test_student_init_copies_teacher_layers_when_they_fit_else_builds_a_narrower_model():
-    from lmkd.models.loading import count_parameters
     from lmkd.models.scratch import build_model
+    from lmkd.models.size import count_parameters
     from lmkd.models.student import copied_layers_within, scaled_student_config
     from lmkd.models.student import spread_layers as _spread
 

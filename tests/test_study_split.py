@@ -221,7 +221,8 @@ def test_every_student_init_is_reported(split_study, tmp_path):
     """A from-scratch teacher's students: fresh (as Kim & Rush), said so; a given trained teacher's: the
     fewest layers that can be copied (one encoder and one decoder layer) when no copied student fits, said
     larger."""
-    from lmkd.models.loading import count_parameters, load_model
+    from lmkd.models.loading import load_model
+    from lmkd.models.size import count_parameters
 
     out, _ = split_study
     report = json.loads((Path(out) / "report.json").read_text())

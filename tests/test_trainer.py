@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from lmkd import DistillationConfig, DistillationTrainer, LmkdError, losses, make_student
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import load_model
 from lmkd.models.scratch import build_model
 

@@ -402,7 +402,9 @@ def test_generate_causal_32_positions_prompt_and_new_tokens_fit(
 def test_on_policy_new_tokens_fit_a_32_position_table(tmp_path, tokenizer, documents):
     import datasets
 
-    from lmkd.data.dataset import DataArguments, collator_for, tokenize
+    from lmkd.data.collators import collator_for
+    from lmkd.data.dataset import DataArguments
+    from lmkd.data.tokenizing import tokenize
     from lmkd.train.config import DistillationConfig
     from lmkd.train.regimes import OnPolicyDistillationTrainer
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lmkd.data.dataset import collator_for
+from lmkd.data.collators import collator_for
 from lmkd.models.scratch import build_model, train_tokenizer
 from lmkd.teacher.cross_tokenizer import (
     Seq2SeqCrossTokenizerCollator,

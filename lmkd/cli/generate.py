@@ -205,7 +205,8 @@ def _named_rows(ns):
     """The rows of ``--dataset-name`` (its ``--split``) or -- with ``--source-lang`` -- of ``--data``,
     the translation layout flattened into ``--source-column`` and ``target`` (which
     ``--reference-column target`` can then name)."""
-    from lmkd.data.dataset import DataArguments, read_split
+    from lmkd.data.dataset import DataArguments
+    from lmkd.data.reading import read_split
 
     args = dashed(
         DataArguments(

@@ -72,7 +72,8 @@ def run(ns) -> None:
     Returns:
         None.
     """
-    from lmkd.models.loading import count_parameters, kind_from_config, load_model, load_tokenizer
+    from lmkd.models.loading import kind_from_config, load_model, load_tokenizer
+    from lmkd.models.size import count_parameters
     from lmkd.models.student import make_student
 
     check_output(ns.output, "--output", directory=True)  # before the teacher loads, not when saving

@@ -204,7 +204,8 @@ def named_splits(ns) -> tuple[str, str, str]:
     from lmkd.core.constants import DEFAULT_COLUMNS
     from lmkd.core.errors import LmkdError
     from lmkd.core.io import write_jsonl
-    from lmkd.data.dataset import DataArguments, read_split
+    from lmkd.data.dataset import DataArguments
+    from lmkd.data.reading import read_split
 
     if ns.train or ns.validation or ns.test:
         raise LmkdError("give either --dataset-name or --train/--validation/--test, not both")

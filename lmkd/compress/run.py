@@ -34,19 +34,22 @@ from lmkd.core.constants import (
 )
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_dir, check_fresh_dir, check_output
-from lmkd.data.dataset import DataArguments, collator_for, read_split, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import read_split
+from lmkd.data.tokenizing import tokenize
 from lmkd.evaluate import report
 from lmkd.evaluate import run as evaluate_run
 from lmkd.evaluate import summary as evaluate_summary
 from lmkd.models import engines
 from lmkd.models.loading import (
     check_model_path,
-    count_parameters,
     load_config,
     load_model,
     load_tokenizer,
     resolve_device,
 )
+from lmkd.models.size import count_parameters
 
 logger = logging.getLogger(__name__)
 

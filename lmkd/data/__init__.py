@@ -1,1 +1,1 @@
-"""lmkd.data.dataset: reading rows, tokenising per task, collators, loss positions."""
+"""lmkd.data: DataArguments (dataset), reading rows, tokenising per task, collators, loss positions."""

@@ -26,8 +26,10 @@ import torch
 
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, TASK_KIND
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import DataArguments, collator_for, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
 from lmkd.data.positions import shifted, shifted_labels
+from lmkd.data.tokenizing import tokenize
 
 
 def token_batches(
@@ -38,7 +40,7 @@ def token_batches(
     model=None,
     seed: int = 0,
 ) -> Iterator[dict]:
-    """Collated batches of ``ds`` in order, tokenised for ``data_args.task`` by :func:`lmkd.data.dataset.tokenize`
+    """Collated batches of ``ds`` in order, tokenised for ``data_args.task`` by :func:`lmkd.data.tokenizing.tokenize`
     (the one truncation rule, fitted to ``model``: every model that will read them) and padded on
     the right; mlm batches are masked by the task's collator seeded with ``seed``."""
     if TASK_KIND[data_args.task] == CLASSIFICATION:

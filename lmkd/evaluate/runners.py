@@ -1,6 +1,6 @@
 """What each model runs when ``lmkd evaluate`` times it: a function from inputs to predictions per
 task, and one decoding exactly a fixed number of new tokens -- the runners
-:func:`lmkd.scoring.metrics.measure_speed` times (also :file:`eval/speed.py`'s).
+:func:`lmkd.scoring.timing.measure_speed` times (also :file:`eval/speed.py`'s).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def runner_for(
     max_source_length: int = 512,
 ):
     """A function from a list of inputs to predictions, in one batch, no progress bar: what
-    :func:`lmkd.scoring.metrics.measure_speed` times."""
+    :func:`lmkd.scoring.timing.measure_speed` times."""
     if task in LM_EVAL_TASKS:
         length = fit_length(max_source_length, model, tokenizer, "inputs")
         return lambda xs: model(
@@ -55,7 +55,7 @@ def runner_for(
 
 def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: int = 512):
     """A function from one input to the number of tokens decoded when exactly ``new_tokens`` are
-    forced (greedy, batch 1): what :func:`lmkd.scoring.metrics.measure_speed` times per token."""
+    forced (greedy, batch 1): what :func:`lmkd.scoring.timing.measure_speed` times per token."""
     return lambda x: generation.generate_fixed_length(
         model, tokenizer, x, new_tokens, max_source_length=max_source_length
     )

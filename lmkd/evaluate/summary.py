@@ -13,7 +13,7 @@ from lmkd.evaluate import report
 from lmkd.evaluate.report import format_cell
 from lmkd.evaluate.run import METRIC_NAMES
 from lmkd.models.truncation import describe_truncation
-from lmkd.scoring import metrics
+from lmkd.scoring import timing
 
 
 def markdown_table(result: dict) -> str:
@@ -123,7 +123,7 @@ def markdown_table(result: dict) -> str:
             f"Speed: median of {sp['repeats']} interleaved repeats after warm-up; latency over "
             f"{sp['latency_examples']} examples one at a time, throughput over {sp['throughput_examples']}."
         )
-        busy = metrics.busy_warning(sp)
+        busy = timing.busy_warning(sp)
         if busy:
             notes.append(busy)
         if per_token:

@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedModel
 
 from lmkd.core.errors import LmkdError
-from lmkd.models.loading import AUTO_CLASS, count_parameters, model_kind, unwrap
+from lmkd.models.loading import AUTO_CLASS, model_kind, unwrap
+from lmkd.models.size import count_parameters
 
 #: model_type -> {stack name: (module path of the layer list inside the state dict, config field)}
 LAYER_STACKS: dict[str, dict[str, tuple[str, str]]] = {

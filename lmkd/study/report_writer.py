@@ -14,7 +14,7 @@ from lmkd.evaluate.report import (
     plot_quality_speed,
     write_report,
 )
-from lmkd.scoring.metrics import busy_warning
+from lmkd.scoring.timing import busy_warning
 from lmkd.study.checks import summary as check_summary
 from lmkd.study.lengths import describe as describe_lengths
 from lmkd.study.plan import FORMAT_NAMES

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from lmkd.core.io import atomic_write_json, file_digest
-from lmkd.scoring.metrics import busy_warning
+from lmkd.scoring.timing import busy_warning
 from lmkd.study.classification import classification_students, no_mlm_head_note
 from lmkd.study.models import evaluate_into, has_mlm_head, measure_models_speed
 from lmkd.study.options import StudyOptions, count_stages

@@ -45,13 +45,8 @@ def student_init(
     """
     import torch
 
-    from lmkd.models.loading import (
-        AUTO_CLASS,
-        count_parameters,
-        load_model,
-        load_tokenizer,
-        model_kind,
-    )
+    from lmkd.lmkd.models.size import count_parameters
+    from lmkd.models.loading import AUTO_CLASS, load_model, load_tokenizer, model_kind
     from lmkd.models.student import (
         copied_layers_within,
         make_student,

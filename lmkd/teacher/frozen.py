@@ -5,7 +5,7 @@ Layer 3: takes plain values and a training-arguments object (read, never importe
 trainer (layer 4) calls it and not the other way round.
 
 * :func:`load_frozen_teacher` -- a model or path -> the frozen teacher on the student's device in
-  ``teacher_dtype``, with the vocabulary guard (:func:`lmkd.models.loading.shared_vocab_size`);
+  ``teacher_dtype``, with the vocabulary guard (:func:`lmkd.models.vocabulary.shared_vocab_size`);
 * :func:`zero3_enabled` / :func:`deepspeed_teacher` -- under ZeRO-3 the teacher runs in a
   DeepSpeed inference engine of its own;
 * :class:`EnsembleTeacher` / :func:`load_teacher` -- several teachers acting as one;
@@ -29,16 +29,9 @@ from transformers.utils import ModelOutput
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.losses import at_least_float32
-from lmkd.models.loading import (
-    load_model,
-    load_tokenizer,
-    model_kind,
-    saved_kind,
-    shared_vocab_size,
-    unwrap,
-    vocab_size_of,
-)
+from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, unwrap
 from lmkd.models.truncation import input_limit, target_limit
+from lmkd.models.vocabulary import shared_vocab_size, vocab_size_of
 from lmkd.teacher import cross_tokenizer, logit_cache
 
 logger = logging.getLogger(__name__)
@@ -112,7 +105,7 @@ def load_frozen_teacher(
     ``kind`` model): in ``eval()`` with gradients off and its extra outputs off, on ``device`` in
     ``dtype`` (``auto``: the student's), or -- with a ZeRO-3 ``deepspeed_config`` -- in a DeepSpeed
     engine of its own.  The vocabulary size is what both logits are sliced to when the two output
-    layers differ only by padding rows (see :func:`lmkd.models.loading.shared_vocab_size`)."""
+    layers differ only by padding rows (see :func:`lmkd.models.vocabulary.shared_vocab_size`)."""
     if source is None:
         raise LmkdError(
             "kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "

@@ -118,8 +118,10 @@ def cache_logits(
     from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
-    from lmkd.data.dataset import read_split, tokenize
-    from lmkd.models.loading import load_model, load_tokenizer, resolve_device, vocab_size_of
+    from lmkd.lmkd.data.reading import read_split
+    from lmkd.lmkd.data.tokenizing import tokenize
+    from lmkd.lmkd.models.vocabulary import vocab_size_of
+    from lmkd.models.loading import load_model, load_tokenizer, resolve_device
 
     kind = TASK_KIND[data_args.task]
     if kind not in (SEQ2SEQ, CAUSAL):

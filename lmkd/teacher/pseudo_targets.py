@@ -48,7 +48,8 @@ import torch
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_text, check_output
-from lmkd.models.generation import generate_batch, length_batches, longest_first
+from lmkd.lmkd.models.nbest import generate_batch
+from lmkd.models.generation import length_batches, longest_first
 from lmkd.models.loading import kind_from_config, load_model, load_tokenizer, model_kind
 from lmkd.models.truncation import (
     describe_truncation,
@@ -75,7 +76,7 @@ def _load_rows(data) -> list[dict]:
 
     if isinstance(data, datasets.Dataset):
         return data.to_list()
-    from lmkd.data.dataset import load_data
+    from lmkd.lmkd.data.reading import load_data
 
     return load_data(str(data)).to_list()
 
@@ -129,7 +130,7 @@ def generate_pseudo_targets(
     """Generate teacher pseudo-targets for every row of ``data`` into ``output_dir``.
 
     ``teacher`` is a checkpoint path (the tokenizer is loaded from it) or a model object (then pass
-    ``tokenizer``).  ``data`` is a file/dir :func:`lmkd.data.dataset.load_data` reads, a ``datasets.Dataset``
+    ``tokenizer``).  ``data`` is a file/dir :func:`lmkd.data.reading.load_data` reads, a ``datasets.Dataset``
     or a list of dicts.  Returns a report: rows generated, rows changed by Seq-Inter, rows dropped
     by the filter, seconds, examples/s, the truncation notes (``truncation``: inputs cut to the
     teacher's table or ``max_source_length``, ``max_new_tokens`` lowered to what its table holds;

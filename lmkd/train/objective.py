@@ -357,5 +357,5 @@ class DistillationObjective(LeanHeads):
         return zero + total, ce_sum, kd_sum, t_outputs
 
     def _shared(self, logits):
-        """``logits`` cut to the vocabulary teacher and student share (see lmkd.models.loading.shared_vocab_size)."""
+        """``logits`` cut to the vocabulary teacher and student share (see lmkd.models.vocabulary.shared_vocab_size)."""
         return logits[..., : self.vocab] if self.vocab is not None else logits

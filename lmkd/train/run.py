@@ -14,14 +14,12 @@ import os
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, MLM, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, check_output, nothing_left_on_error
-from lmkd.data.dataset import DataArguments, collator_for, mix_gold_targets, read_split, tokenize
-from lmkd.models.loading import (
-    check_model_path,
-    check_same_tokenizer,
-    load_config,
-    load_model,
-    load_tokenizer,
-)
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import mix_gold_targets, read_split
+from lmkd.data.tokenizing import tokenize
+from lmkd.models.loading import check_model_path, load_config, load_model, load_tokenizer
+from lmkd.models.vocabulary import check_same_tokenizer
 from lmkd.scoring.metrics import compute_metrics_for
 from lmkd.teacher import frozen, logit_cache
 from lmkd.train import card, regimes

@@ -11,7 +11,10 @@ from accelerate.state import DistributedType, PartialState
 from safetensors.torch import load_file
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import load_data
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import load_model, load_tokenizer
 
 _prepare_backend = PartialState._prepare_backend

@@ -8,7 +8,10 @@ import sys
 import torch
 
 from lmkd import DistillationConfig, DistillationTrainer
-from lmkd.data.dataset import DataArguments, collator_for, load_data, tokenize
+from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import load_data
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import load_model, load_tokenizer
 
 teacher_dir, student_dir, data, out, bs = sys.argv[1:6]

@@ -52,8 +52,9 @@ from lmkd.models.engines.formats import (
 )
 from lmkd.models.engines.onnx import OrtClassifier, export_onnx
 from lmkd.models.engines.torch_int8 import load_torch_int8, quantize_int8
-from lmkd.models.loading import count_parameters, load_model, load_tokenizer
-from lmkd.models.loading import weights_bytes as hf_weights_bytes
+from lmkd.models.loading import load_model, load_tokenizer
+from lmkd.models.size import count_parameters
+from lmkd.models.size import weights_bytes as hf_weights_bytes
 
 __all__ = [
     "CT2_CAUSAL_TYPES",

@@ -36,7 +36,7 @@ class Engine(torch.nn.Module):
     (a subclass's ``_open``) and can be released with :meth:`close`: measured on this 2-core CPU, while
     a CTranslate2 translator that has run exists, a PyTorch model in the same process decodes 1.4-2x
     slower per token (even on one thread; deleting the translator restores it, unloading its weights
-    does not), so :func:`lmkd.scoring.metrics.measure_speed` closes an engine after each of its turns.
+    does not), so :func:`lmkd.scoring.timing.measure_speed` closes an engine after each of its turns.
 
     Args:
         config: the model's HF config (or a stand-in with the fields lmkd reads).

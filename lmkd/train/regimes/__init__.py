@@ -87,7 +87,7 @@ def wrap_collator(collator, data_args):
     """The task's collator, wrapped for the regimes' batch keys.
 
     Args:
-        collator: the task's collator (:func:`lmkd.data.dataset.collator_for`).
+        collator: the task's collator (:func:`lmkd.data.collators.collator_for`).
         data_args: the run's DataArguments.
 
     Returns:

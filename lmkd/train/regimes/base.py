@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, MLM
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import PROMPT_LENGTH
 from lmkd.data.positions import token_mask
+from lmkd.data.tokenizing import PROMPT_LENGTH
 from lmkd.train.regimes.transfer import LABELLED, TransferCollator
 from lmkd.train.trainer import DistillationTrainer
 

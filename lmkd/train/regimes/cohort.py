@@ -21,7 +21,8 @@ from transformers.utils import find_labels
 from lmkd import losses
 from lmkd.core.errors import LmkdError
 from lmkd.data.positions import shifted_labels
-from lmkd.models.loading import load_model, model_kind, unwrap, vocab_size_of
+from lmkd.models.loading import load_model, model_kind, unwrap
+from lmkd.models.vocabulary import vocab_size_of
 from lmkd.train.regimes.base import RegimeTrainer
 
 logger = logging.getLogger(__name__)

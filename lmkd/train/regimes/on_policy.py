@@ -15,9 +15,10 @@ import torch
 from lmkd import losses
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import PROMPT_LENGTH
-from lmkd.models.generation import eos_mask, eos_token_ids, generate_seeded, pad_token_id
+from lmkd.data.tokenizing import PROMPT_LENGTH
+from lmkd.models.generation import generate_seeded
 from lmkd.models.loading import unwrap
+from lmkd.models.loop_rules import eos_mask, eos_token_ids, pad_token_id
 from lmkd.models.truncation import (
     describe_truncation,
     generation_lengths,

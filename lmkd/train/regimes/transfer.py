@@ -16,7 +16,8 @@ import torch
 
 from lmkd.core.constants import CLASSIFICATION, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
-from lmkd.data.dataset import PROMPT_LENGTH, load_data, tokenize
+from lmkd.data.reading import load_data
+from lmkd.data.tokenizing import PROMPT_LENGTH, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def add_transfer_set(
         raw: the transfer set's rows.
         data_args: the run's DataArguments.
         tokenizer: the student's tokenizer.
-        model: the models whose position tables limit the length (:func:`lmkd.data.dataset.tokenize`).
+        model: the models whose position tables limit the length (:func:`lmkd.data.tokenizing.tokenize`).
         notes: receives the truncation notes of the transfer rows.
 
     Returns:

@@ -1,0 +1,59 @@
+"""The collator of each task (:func:`collator_for`): dynamic padding, labels padded with
+``IGNORE_INDEX``, and MLM masks keyed by seed and batch (:class:`KeyedMasking`), so a resumed run masks
+each batch as an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+)
+
+from lmkd.core.constants import CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
+
+
+class KeyedMasking(DataCollatorForLanguageModeling):
+    """BERT's masking, with each batch's masks drawn from a generator seeded by ``seed`` and the
+    batch's tokens, not from one stream.  A stream cannot be resumed exactly: the Trainer's data
+    loader collates one batch ahead, so a checkpoint's saved random state (global, or the
+    collator's own) has already drawn the next batch's masks, and a resumed run masked that
+    batch differently from an uninterrupted one.  Keyed by content, the same batch gets the same
+    masks in both; shuffled epochs make other batches, so masks still change between epochs."""
+
+    def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256(
+            f"lmkd-mlm:{self.seed}:{tuple(inputs.shape)}:".encode()
+            + inputs.to(torch.int64).numpy().tobytes()
+        ).digest()
+        self.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return super().torch_mask_tokens(
+            inputs, special_tokens_mask=special_tokens_mask, offset_mapping=offset_mapping
+        )
+
+
+def collator_for(
+    task: str, tokenizer, model=None, mlm_probability: float = 0.15, seed: int | None = None
+):
+    """The HF collator for a task (dynamic padding; labels padded with IGNORE_INDEX, -100).  MLM
+    with a ``seed``: masks drawn per batch from the seed and the batch's tokens (:class:`KeyedMasking`),
+    so a resumed run masks each batch as an uninterrupted one does."""
+    kind = TASK_KIND[task]
+    if kind == SEQ2SEQ:
+        return DataCollatorForSeq2Seq(
+            tokenizer, model=model, label_pad_token_id=IGNORE_INDEX, padding=True
+        )
+    if kind == CLASSIFICATION:
+        return DataCollatorWithPadding(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if kind == MLM and seed is not None:
+        return KeyedMasking(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
+    return DataCollatorForLanguageModeling(
+        tokenizer, mlm=(kind == MLM), mlm_probability=mlm_probability, seed=seed
+    )

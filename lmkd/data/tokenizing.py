@@ -1,0 +1,124 @@
+"""Tokenising rows per task (:func:`tokenize`): inputs and labels fitted by
+:mod:`lmkd.models.truncation`'s rule, the rows cut logged once, and each row's prompt length in
+tokens (:func:`prompt_lengths`, the ``PROMPT_LENGTH`` column) for a causal LM's ``prompt_column``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+
+from lmkd.core.constants import CLASSIFICATION, SEQ2SEQ, TASK_KIND
+from lmkd.core.errors import LmkdError
+from lmkd.data.dataset import DataArguments
+from lmkd.models.truncation import (
+    describe_truncation,
+    encode_fitted,
+    fit_length,
+    input_limit,
+    target_limit,
+    truncation_note,
+)
+
+logger = logging.getLogger(__name__)
+
+
+#: temporary columns of :func:`tokenize`: 1 where the row's input (target) was truncated
+_CUT_SOURCE, _CUT_TARGET = "lmkd_truncated_input", "lmkd_truncated_target"
+
+
+def _flags(n: int, cut: list[int]) -> list[int]:
+    flags = [0] * n
+    for i in cut:
+        flags[i] = 1
+    return flags
+
+
+def tokenize(
+    ds: datasets.Dataset,
+    tokenizer,
+    args: DataArguments,
+    labelled: bool = True,
+    model=None,
+    notes: list | None = None,
+) -> datasets.Dataset:
+    """Tokenise ``ds`` for ``args.task``; the original columns are dropped.
+
+    Inputs are truncated to :func:`lmkd.models.truncation.fit_length` of ``args.max_source_length`` and the
+    ``model`` (a model, config, path, or a list of them: every model that will read the data;
+    None: the maximum alone), labels likewise to ``args.max_target_length`` and the decoder's
+    table.  The rows cut are logged once per call; with ``notes`` each
+    :func:`lmkd.models.truncation.truncation_note` is also appended to it."""
+    src, tgt = args.source_column, args.target_column
+    kind = TASK_KIND[args.task]
+    src_len = fit_length(args.max_source_length, model, tokenizer, "inputs")
+    with_targets = labelled and kind == SEQ2SEQ
+    tgt_len = fit_length(args.max_target_length, model, None, "targets") if with_targets else None
+
+    def fn(batch):
+        texts = [args.source_prefix + str(t) for t in batch[src]]
+        enc, cut = encode_fitted(tokenizer, texts, src_len)
+        enc[_CUT_SOURCE] = _flags(len(texts), cut)
+        if with_targets:
+            labels, cut = encode_fitted(
+                tokenizer, [str(t) for t in batch[tgt]], tgt_len, target=True
+            )
+            enc["labels"] = labels["input_ids"]
+            enc[_CUT_TARGET] = _flags(len(texts), cut)
+        elif labelled and kind == CLASSIFICATION:
+            enc["labels"] = [int(v) for v in batch[tgt]]
+        if args.prompt_column and kind not in (SEQ2SEQ, CLASSIFICATION):
+            enc[PROMPT_LENGTH] = prompt_lengths(
+                tokenizer, texts, batch[args.prompt_column], enc["input_ids"], args
+            )
+        return enc
+
+    out = ds.map(fn, batched=True, remove_columns=ds.column_names, desc="tokenising")
+    found = [
+        ("inputs", _CUT_SOURCE, src_len, args.max_source_length, input_limit(model, tokenizer))
+    ]
+    if with_targets:
+        found.append(("targets", _CUT_TARGET, tgt_len, args.max_target_length, target_limit(model)))
+    for what, column, length, requested, positions in found:
+        cut = int(sum(out[column])) if column in out.column_names else 0
+        note = truncation_note(what, len(out), cut, length, requested, positions)
+        (logger.warning if note["truncated"] and length != requested else logger.info)(
+            "tokenising: %s", describe_truncation(note)
+        )
+        if notes is not None:
+            notes.append(note)
+    return out.remove_columns([c for c in (_CUT_SOURCE, _CUT_TARGET) if c in out.column_names])
+
+
+#: the tokenised column (and batch key) of each row's prompt length in tokens (``prompt_column``)
+PROMPT_LENGTH = "lmkd_prompt_length"
+
+
+def prompt_lengths(tokenizer, texts, prompts, input_ids, args: DataArguments) -> list[int]:
+    """Per row, the number of its tokens that are its prompt: ``prompts`` holds token counts, or
+    texts the row's text starts with (then: the tokens the prompt and the row share at the start)."""
+    out = []
+    for text, prompt, ids in zip(texts, prompts, input_ids):
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            n = prompt
+        else:
+            prompt = args.source_prefix + str(prompt)
+            if not text.startswith(prompt):
+                raise LmkdError(
+                    f"a row's {args.source_column} does not start with its {args.prompt_column} "
+                    f"({prompt[:40]!r}...); the prompt column holds each row's prompt text (or its "
+                    "length in tokens)"
+                )
+            p_ids = tokenizer(prompt, max_length=args.max_source_length, truncation=True)[
+                "input_ids"
+            ]
+            n = next(
+                (i for i, (a, b) in enumerate(zip(p_ids, ids)) if a != b), min(len(p_ids), len(ids))
+            )
+        if n < 1:
+            raise LmkdError(
+                f"a row of {args.prompt_column!r} gives a prompt of {n} tokens; a prompt needs >= 1"
+            )
+        out.append(min(int(n), len(ids)))
+    return out
