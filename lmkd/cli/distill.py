@@ -75,7 +75,8 @@ REPORT_PACKAGES = {
 
 def check_report_to(report_to) -> None:
     """Refuse, before anything loads, a ``report_to`` integration whose package is not installed
-    (transformers would raise only when the Trainer is built, as a traceback) or that it does not know.
+    (transformers would raise only when the Trainer is built, as a traceback) or that it does not
+    know.
 
     Args:
         report_to: one integration name, a list of them, or None.

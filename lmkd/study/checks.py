@@ -36,7 +36,7 @@ class TeacherDidNotLearn(LmkdError):
     """The teacher failed the check: the study stops before any student is compared with it.
 
     Args:
-        *args: the message: the teacher's score and what to try.
+        *args: the message: why the check failed and what to do about it.
     """
 
 
