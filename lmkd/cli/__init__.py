@@ -80,6 +80,17 @@ def version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``lmkd`` command line: parse it, run the subcommand, and turn an :class:`LmkdError`
+    into one line on stderr (``--debug`` re-raises it with its traceback instead).
+
+    Args:
+        argv: the arguments after ``lmkd`` (default ``sys.argv[1:]``); ``--debug`` anywhere in them
+            is taken out and kept as ``ns.debug``.
+
+    Returns:
+        The exit status: 0 on success, 2 for no command or an lmkd error, 130 after Ctrl-C (with
+        what to run to resume on stderr).
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -133,10 +144,21 @@ def end_distributed() -> None:
 
 
 def interrupted_hint(command: str, argv: list[str], output_dir: str | None = None) -> str:
-    """What to run after Ctrl-C: the command that really resumes (``distill`` needs ``--resume``,
-    and must drop ``--overwrite``, which would start again; ``generate`` and ``cache-logits`` must
-    drop ``--overwrite``), or -- a distill run that saved no checkpoint in ``output_dir`` yet,
-    where ``--resume`` would be refused -- the command that starts it again."""
+    """What to run after Ctrl-C.
+
+    The command that really resumes (``distill`` needs ``--resume``, and must drop
+    ``--overwrite``, which would start again; ``generate`` and ``cache-logits`` must drop
+    ``--overwrite``), or -- a distill run that saved no checkpoint in ``output_dir`` yet, where
+    ``--resume`` would be refused -- the command that starts it again.
+
+    Args:
+        command: the subcommand that was interrupted (``distill``, ``generate``, ...).
+        argv: the command line as given (without ``--debug``).
+        output_dir: the run's output directory, where the command has one.
+
+    Returns:
+        A hint to print after "interrupted; ".
+    """
     if command == "distill":
         from lmkd.cli.distill import held_run
         from lmkd.train.run import resumable

@@ -8,8 +8,16 @@ from lmkd.core.errors import LmkdError
 
 
 def add_data_arguments(p, data_help: str, split: str) -> None:
-    """``--data`` / ``--dataset-name`` (one of them), ``--dataset-config-name``, ``--split`` (default
-    ``split``), ``--source-lang`` / ``--target-lang``."""
+    """Add the data flags to a command's parser.
+
+    ``--data`` / ``--dataset-name`` (one of them), ``--dataset-config-name``, ``--split`` (default
+    ``split``), ``--source-lang`` / ``--target-lang``.
+
+    Args:
+        p: the subcommand's ``argparse`` parser.
+        data_help: the help text of ``--data``.
+        split: ``--split``'s default (e.g. ``validation``).
+    """
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", help=data_help)
     g.add_argument(
@@ -36,7 +44,18 @@ def add_data_arguments(p, data_help: str, split: str) -> None:
 
 
 def data_kwargs(ns) -> dict:
-    """The DataArguments fields of those flags (make the DataArguments with :func:`dashed`)."""
+    """The DataArguments fields of those flags (make the DataArguments with :func:`dashed`).
+
+    Args:
+        ns: the parsed arguments of a command that called :func:`add_data_arguments`.
+
+    Returns:
+        ``train_file``, ``dataset_name``, ``dataset_config_name``, ``train_split``,
+        ``source_lang`` and ``target_lang``, keyed by field name.
+
+    Raises:
+        LmkdError: ``--source-lang`` without ``--target-lang``, or the other way round.
+    """
     if bool(ns.source_lang) != bool(ns.target_lang):
         raise LmkdError(
             "--source-lang and --target-lang go together: the keys of the 'translation' column's "
@@ -53,9 +72,17 @@ def data_kwargs(ns) -> dict:
 
 
 def dashed(data_args, split_advice: str | None = None):
-    """``data_args`` (a :class:`lmkd.data.dataset.DataArguments`) with its errors naming these dashed flags
-    (``--split``, ``--source-lang``, ...) instead of distill's keys; ``split_advice``: what to do
-    about a split the dataset lacks, for a command without ``--split``."""
+    """``data_args`` with its errors naming these dashed flags (``--split``, ``--source-lang``, ...)
+    instead of distill's keys.
+
+    Args:
+        data_args: a :class:`lmkd.data.dataset.DataArguments`; changed in place.
+        split_advice: what to do about a split the dataset lacks, for a command without
+            ``--split``.
+
+    Returns:
+        ``data_args`` itself.
+    """
     data_args.dashed_flags = True
     data_args.split_advice = split_advice
     return data_args

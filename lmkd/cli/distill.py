@@ -30,7 +30,15 @@ Run `lmkd distill --help-keys` to list every key."""
 
 
 def held_run(output_dir: str) -> list[str]:
-    """The files and checkpoints of a run that ``output_dir`` holds (none: a fresh or empty directory)."""
+    """The files and checkpoints of a run that ``output_dir`` holds.
+
+    Args:
+        output_dir: the run's output directory (it need not exist).
+
+    Returns:
+        The names of its ``checkpoint-*`` entries, ``distill_results.json``, ``config.json`` and
+        ``model.safetensors`` that it holds; empty for a fresh or empty directory.
+    """
     if not os.path.isdir(output_dir):
         return []
     return [
@@ -67,7 +75,15 @@ REPORT_PACKAGES = {
 
 def check_report_to(report_to) -> None:
     """Refuse, before anything loads, a ``report_to`` integration whose package is not installed
-    (transformers would raise only when the Trainer is built, as a traceback) or that it does not know."""
+    (transformers would raise only when the Trainer is built, as a traceback) or that it does not
+    know.
+
+    Args:
+        report_to: one integration name, a list of them, or None.
+
+    Raises:
+        LmkdError: a name transformers does not know, or one whose package is not installed.
+    """
     from importlib.util import find_spec
 
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK

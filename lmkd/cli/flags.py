@@ -180,7 +180,12 @@ def unknown_message(extras: list[str], options: list[str]) -> str:
 
 class OneActionPerAbbreviation:
     """A parser mixin: an abbreviation that several spellings of one flag match (``--tail`` of
-    ``--tail-samples`` and ``--tail_samples``) is that flag, not an ambiguity."""
+    ``--tail-samples`` and ``--tail_samples``) is that flag, not an ambiguity.
+
+    Args:
+        *args: passed on to the parser class it is mixed into.
+        **kwargs: passed on to the parser class it is mixed into.
+    """
 
     def _get_option_tuples(self, option_string):
         seen, out = set(), []
@@ -193,7 +198,12 @@ class OneActionPerAbbreviation:
 
 class Parser(OneActionPerAbbreviation, argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (exit 2), like every other lmkd error,
-    and an abbreviation that both spellings of one flag match is that flag, not an ambiguity."""
+    and an abbreviation that both spellings of one flag match is that flag, not an ambiguity.
+
+    Args:
+        *args: ``argparse.ArgumentParser``'s arguments.
+        **kwargs: ``argparse.ArgumentParser``'s keyword arguments.
+    """
 
     def error(self, message):
         """Print ``message`` as one line and exit with status 2.

@@ -9,7 +9,18 @@ from lmkd.core.io import atomic_dir, check_fresh_dir, check_output
 
 
 def layer_list(text: str) -> list[int]:
-    """'0,2,4' or '0-5,11' (inclusive ranges) -> [0, 2, 4] / [0, 1, 2, 3, 4, 5, 11]."""
+    """Parse a layer list: '0,2,4' or '0-5,11' (inclusive ranges) -> [0, 2, 4] /
+    [0, 1, 2, 3, 4, 5, 11].
+
+    Args:
+        text: layer indices and ranges, separated by commas or spaces.
+
+    Returns:
+        The layer indices in the order given.
+
+    Raises:
+        argparse.ArgumentTypeError: a part that is not an integer or range.
+    """
     out: list[int] = []
     try:
         for part in text.replace(",", " ").split():

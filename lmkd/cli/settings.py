@@ -53,7 +53,20 @@ def _known_keys() -> dict[str, str]:
 
 
 def yaml_to_argv(path: str) -> list[str]:
-    """Turn a recipe YAML into ``--key value`` arguments, rejecting unknown keys with a hint."""
+    """Turn a recipe YAML into ``--key value`` arguments, rejecting unknown keys with a hint.
+
+    A boolean becomes ``true``/``false``, a list several values, a mapping its JSON, a None value
+    is left out, and a value starting with ``-`` is joined as ``--key=value``.
+
+    Args:
+        path: the recipe YAML file.
+
+    Returns:
+        The arguments, in the file's order.
+
+    Raises:
+        LmkdError: the file is missing, not valid YAML, not a mapping, or has an unknown key.
+    """
     import yaml
 
     if not os.path.isfile(path):

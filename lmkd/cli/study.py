@@ -197,7 +197,18 @@ def add_parser(sub):
 
 def named_splits(ns) -> tuple[str, str, str]:
     """``--dataset-name``'s train / validation / test splits as .jsonl files under ``--output/dataset``
-    (the translation layout flattened into the task's columns), for the study's file-based stages."""
+    (the translation layout flattened into the task's columns), for the study's file-based stages.
+
+    Args:
+        ns: the parsed ``lmkd study`` arguments.
+
+    Returns:
+        The paths of the train, validation and test files.
+
+    Raises:
+        LmkdError: ``--train``/``--validation``/``--test`` given too, ``--source-lang`` without
+            ``--target-lang`` (or the other way round), or a split the dataset lacks.
+    """
     import os
 
     from lmkd.cli.dataset_flags import dashed

@@ -33,7 +33,11 @@ _LABEL = {"bleu": "BLEU", "rouge2": "ROUGE-2", "accuracy": "accuracy"}
 
 
 class TeacherDidNotLearn(LmkdError):
-    """The teacher failed the check: the study stops before any student is compared with it."""
+    """The teacher failed the check: the study stops before any student is compared with it.
+
+    Args:
+        *args: the message: why the check failed and what to do about it.
+    """
 
 
 def task_score(task: str, hypotheses: list, references: list) -> float:

@@ -77,7 +77,9 @@ class Plan:
     :meth:`for_study` (from :meth:`StudyOptions.resolve`), and read by attribute; :meth:`to_dict` is the
     form report.json prints and a worker process receives (the field order is its key order).
 
-    Args (keyword only): one per field below; the budget's fields are required, the others have defaults.
+    Attributes:
+        One per field below (each described where it is declared), passed as keyword arguments
+        only; the budget's fields are required, the others have defaults.
     """
 
     # ---- the budget's table, with --teacher-steps / --student-steps / --beams applied

@@ -26,7 +26,11 @@ from lmkd.core.io import atomic_dir, atomic_write_json, stable_hash
 
 class StudyStopped(Exception):
     """Stops a study between two stages, as an interruption would: an ``after_stage`` callback
-    raises it; the finished stages stay cached and the same command resumes after them."""
+    raises it; the finished stages stay cached and the same command resumes after them.
+
+    Args:
+        *args: an optional message, as for any exception.
+    """
 
 
 def format_duration(seconds: float) -> str:

@@ -18,6 +18,11 @@ class AccumulatedCounts:
 
     Read from the trainer: ``args``, ``accelerator``, ``features`` (None without feature terms) and
     the :meth:`position_masks` hook.
+
+    Attributes:
+        args: the trainer's :class:`lmkd.train.config.DistillationConfig` (read, not set).
+        accelerator: the trainer's accelerator, which gathers the counts across processes.
+        features: the trainer's feature distiller; None without feature terms.
     """
 
     def _gathers_counts(self) -> bool:

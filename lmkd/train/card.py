@@ -62,10 +62,19 @@ def _default(f: dataclasses.Field):
 
 
 def run_settings(model_args, data_args, args: DistillationConfig) -> dict:
-    """The keys of ``model_args``, ``data_args`` and ``args`` that differ from their defaults
-    (a :class:`DistillationConfig` is compared with one built from defaults, so the values its
-    ``__post_init__`` derives are not written twice), in the groups' field order.  Secrets are
-    left out."""
+    """The keys of ``model_args``, ``data_args`` and ``args`` that differ from their defaults.
+
+    A :class:`DistillationConfig` is compared with one built from defaults, so the values its
+    ``__post_init__`` derives are not written twice.  Secrets are left out.
+
+    Args:
+        model_args: the run's :class:`lmkd.train.config.ModelArguments`.
+        data_args: the run's :class:`lmkd.data.dataset.DataArguments`.
+        args: the run's :class:`DistillationConfig`.
+
+    Returns:
+        key -> plain value, in the groups' field order (model, data, then the config).
+    """
     try:  # the reference must not reset the process's accelerate state (a plain TrainingArguments does)
         reference = DistillationConfig(
             output_dir=args.output_dir,
@@ -174,10 +183,22 @@ def model_card(
     command: str | None = None,
     teacher: str | None = None,
 ):
-    """The model card (a ``huggingface_hub.ModelCard``) of a student trained by ``lmkd distill``.
-    ``rows``: rows read per split (``{"train": n, "validation": m}``); ``steps``: optimizer steps
-    taken; ``command``: the command line that ran it (None: run from Python); ``teacher``: what
-    taught it when not ``args.teacher_model_name_or_path`` (e.g. "a model passed from Python")."""
+    """The model card of a student trained by ``lmkd distill``.
+
+    Args:
+        model_args: the run's :class:`lmkd.train.config.ModelArguments`.
+        data_args: the run's :class:`lmkd.data.dataset.DataArguments`.
+        args: the run's :class:`DistillationConfig`.
+        metrics: the final validation metrics (the card's evaluation table).
+        rows: rows read per split (``{"train": n, "validation": m}``).
+        steps: optimizer steps taken.
+        command: the command line that ran it (None: run from Python).
+        teacher: what taught it when not ``args.teacher_model_name_or_path`` (e.g. "a model
+            passed from Python").
+
+    Returns:
+        A ``huggingface_hub.ModelCard``.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     teacher = teacher or args.teacher_model_name_or_path
@@ -264,7 +285,16 @@ def write_card(
     output_dir: str, model_args, data_args, args: DistillationConfig, metrics: dict, **kwargs
 ) -> None:
     """Write :func:`model_card` as ``README.md`` and :func:`run_settings` as ``lmkd_config.yaml``
-    into ``output_dir``; ``kwargs`` go to :func:`model_card`."""
+    into ``output_dir``.
+
+    Args:
+        output_dir: the student's directory.
+        model_args: the run's :class:`lmkd.train.config.ModelArguments`.
+        data_args: the run's :class:`lmkd.data.dataset.DataArguments`.
+        args: the run's :class:`DistillationConfig`.
+        metrics: the final validation metrics.
+        **kwargs: go to :func:`model_card` (``rows``, ``steps``, ``command``, ``teacher``).
+    """
     import yaml
 
     card = model_card(model_args, data_args, args, metrics, **kwargs)
@@ -281,7 +311,15 @@ def write_card(
 
 
 def is_lmkd_card(output_dir: str) -> bool:
-    """Whether ``output_dir/README.md`` is a card :func:`write_card` wrote (tagged ``lmkd``)."""
+    """Whether ``output_dir/README.md`` is a card :func:`write_card` wrote (tagged ``lmkd``).
+
+    Args:
+        output_dir: the directory to look in.
+
+    Returns:
+        True for a card tagged ``lmkd``; False when there is none, it is not tagged, or the hub
+        library cannot read it.
+    """
     path = os.path.join(output_dir, CARD_NAME)
     if not os.path.isfile(path):
         return False

@@ -40,6 +40,12 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
     own weight (0 = off): ``hidden_weight * hidden + attention_weight * attention +
     relation_weight * relation``, each averaged over the mapped layer pairs (see ``layer_map``)
     and over tokens (hidden, attention) or examples (relation) of the whole batch.
+
+    Attributes:
+        Every ``Seq2SeqTrainingArguments`` field, and the knowledge-distillation fields below, each
+        described by its ``help`` metadata (``lmkd distill --help-keys`` prints them); all are
+        keyword arguments, and ``__post_init__`` refuses a combination that cannot run
+        (:class:`lmkd.core.errors.LmkdError`).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -363,7 +369,13 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
 
 @dataclass
 class ModelArguments:
-    """Which student to train (the teacher is a DistillationConfig field)."""
+    """Which student to train (the teacher is a DistillationConfig field).
+
+    Attributes:
+        student_model_name_or_path: the student checkpoint (hub id or local dir), e.g. one
+            written by ``lmkd make-student``.
+        tokenizer_name: the tokenizer to use (None: the student's).
+    """
 
     student_model_name_or_path: str = field(
         metadata={

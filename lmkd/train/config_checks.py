@@ -103,7 +103,12 @@ def parse_chunk_size(value) -> str | int:
 
 class ConfigChecks:
     """The cross-field checks of :class:`lmkd.train.config.DistillationConfig` (a base class of it:
-    each method reads the config's fields)."""
+    each method reads the config's fields).
+
+    Attributes:
+        None of its own: the checks read the fields of the :class:`DistillationConfig` they are
+        part of, and raise :class:`lmkd.core.errors.LmkdError` for a combination that cannot run.
+    """
 
     def _check_cross_tokenizer(self) -> None:
         if self.kd_loss in CROSS_KD_LOSSES and not self.teacher_tokenizer:

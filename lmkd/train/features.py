@@ -55,9 +55,25 @@ def _layer_counts(model_or_config) -> dict[str, int] | None:
 def resolve_layer_pairs(
     args, layer_spec, student_config, stack: str, n_s: int, n_t: int
 ) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs of ``stack``, from ``layer_map`` (``layer_spec``, parsed),
-    else the layers make_student copied (``lmkd_layer_map``), else evenly spaced ending at the last
-    layer; negative indices resolved.  Raises :class:`LmkdError` for a pair out of range."""
+    """(student layer, teacher layer) pairs of ``stack``.
+
+    From ``layer_map`` (``layer_spec``, parsed), else the layers make_student copied
+    (``lmkd_layer_map``), else evenly spaced ending at the last layer; negative indices resolved.
+
+    Args:
+        args: the run's :class:`lmkd.DistillationConfig` (its ``layer_map`` text, for errors).
+        layer_spec: the parsed ``layer_map`` (stack or ``*`` -> pairs), or None.
+        student_config: the student's config (its ``lmkd_layer_map``, when make-student wrote one).
+        stack: the layer stack: ``layers``, ``encoder`` or ``decoder``.
+        n_s: the student's layers in that stack.
+        n_t: the teacher's layers in that stack.
+
+    Returns:
+        The pairs, with non-negative indices.
+
+    Raises:
+        LmkdError: ``layer_map`` says nothing about ``stack``, or a pair is out of range.
+    """
     copied = getattr(student_config, "lmkd_layer_map", None)
     copied = copied.get(stack) if isinstance(copied, dict) else None
     if layer_spec is not None:
@@ -85,9 +101,19 @@ def resolve_layer_pairs(
 
 def check_layer_maps(args, kind: str, student, teacher) -> None:
     """Resolve the layer map of every layer stack from the layer counts in the configs of
-    ``student`` and ``teacher`` (models or configs), so that a map out of range is refused before
-    any training (or any model load), not at the first step.  Models whose layers lmkd does not
-    know are left to the first step."""
+    ``student`` and ``teacher``, so that a map out of range is refused before any training (or any
+    model load), not at the first step.  Models whose layers lmkd does not know are left to the
+    first step; without feature terms nothing is checked.
+
+    Args:
+        args: the run's :class:`lmkd.DistillationConfig`.
+        kind: the model kind (seq2seq: the encoder and decoder stacks; else one stack).
+        student: the student model or config.
+        teacher: the teacher model or config.
+
+    Raises:
+        LmkdError: a layer map out of range (:func:`resolve_layer_pairs`).
+    """
     if not args.uses_features:
         return
     counts = [_layer_counts(m) for m in (student, teacher)]
@@ -107,7 +133,21 @@ class FeatureDistiller:
 
     Building it switches both models to eager attention when attention maps are needed, and
     creates :attr:`projections` (one ``nn.Linear`` per layer stack, trained with the student, never
-    saved with it) when the hint loss compares hidden states of different sizes."""
+    saved with it) when the hint loss compares hidden states of different sizes.
+
+    Args:
+        args: the run's :class:`lmkd.DistillationConfig`.
+        kind: the model kind (seq2seq: encoder and decoder stacks; else one stack).
+        student: the student model (unwrapped here).
+        teacher: the one Hugging Face teacher model.
+        device: where the projections are created.
+        deepspeed: whether the run uses DeepSpeed (which the projections do not support).
+
+    Raises:
+        LmkdError: the teacher is not one Hugging Face model (e.g. an ensemble), a model cannot use
+            eager attention for the attention term, a layer map is out of range, or the hidden
+            sizes differ under DeepSpeed.
+    """
 
     def __init__(self, args, kind: str, student, teacher, *, device=None, deepspeed: bool = False):
         self.args, self.kind = args, kind
@@ -155,7 +195,14 @@ class FeatureDistiller:
                 )
 
     def check_layer_maps(self, teacher) -> None:
-        """:func:`check_layer_maps` of this run's student and ``teacher``."""
+        """:func:`check_layer_maps` of this run's student and ``teacher``.
+
+        Args:
+            teacher: the teacher model or config.
+
+        Raises:
+            LmkdError: a layer map out of range.
+        """
         check_layer_maps(self.args, self.kind, self.student, teacher)
 
     def stacks(self) -> tuple[str, ...]:
@@ -173,15 +220,29 @@ class FeatureDistiller:
         return flags
 
     def stack_masks(self, inputs: dict) -> dict[str, torch.Tensor]:
-        """Per layer stack, the (batch, seq) mask of the real tokens its hidden states cover."""
+        """Per layer stack, the (batch, seq) mask of the real tokens its hidden states cover.
+
+        Args:
+            inputs: the collated batch (seq2seq: the decoder's mask is where ``labels`` are set).
+
+        Returns:
+            stack name -> boolean mask.
+        """
         enc = token_mask(inputs)
         if self.kind == SEQ2SEQ:
             return {"encoder": enc, "decoder": inputs["labels"].ne(IGNORE_INDEX)}
         return {"layers": enc}
 
     def count_items(self, batch_samples: list, gather=None) -> dict[str, int]:
-        """Tokens per stack and examples in the accumulated batch; ``gather`` (when given) sums the
-        counts tensor over processes."""
+        """Tokens per stack and examples in the accumulated batch.
+
+        Args:
+            batch_samples: the micro-batches of one optimizer step.
+            gather: sums the counts tensor over processes (None: this process's counts).
+
+        Returns:
+            stack name (and ``examples``) -> count.
+        """
         names = list(self.stacks()) + ["examples"]
         counts = torch.zeros(len(names), dtype=torch.long)
         for batch in batch_samples:
@@ -194,7 +255,19 @@ class FeatureDistiller:
         return dict(zip(names, counts.tolist()))
 
     def layer_pairs(self, stack: str, n_s: int, n_t: int) -> list[tuple[int, int]]:
-        """(student layer, teacher layer) pairs of ``stack`` (:func:`resolve_layer_pairs`), cached."""
+        """(student layer, teacher layer) pairs of ``stack`` (:func:`resolve_layer_pairs`), cached.
+
+        Args:
+            stack: the layer stack.
+            n_s: the student's layers in it.
+            n_t: the teacher's layers in it.
+
+        Returns:
+            The pairs.
+
+        Raises:
+            LmkdError: a pair out of range.
+        """
         key = (stack, n_s, n_t)
         if key not in self._pairs:
             self._pairs[key] = resolve_layer_pairs(
@@ -298,7 +371,15 @@ class FeatureDistiller:
 
 def projection_param_groups(projections: nn.ModuleDict, weight_decay: float) -> list[dict]:
     """The optimizer groups of the hint projections: their weights with ``weight_decay``, their
-    biases without (as the Trainer groups the student's parameters)."""
+    biases without (as the Trainer groups the student's parameters).
+
+    Args:
+        projections: the hint projections.
+        weight_decay: the weights' decay.
+
+    Returns:
+        Two parameter groups: the weights, then the biases.
+    """
     params = dict(projections.named_parameters())
     return [
         {
@@ -311,7 +392,12 @@ def projection_param_groups(projections: nn.ModuleDict, weight_decay: float) -> 
 
 def average_projection_grads(projections: nn.ModuleDict, world_size: int) -> None:
     """Average the projections' gradients over the processes by hand: they live outside the
-    DDP-wrapped model, so DDP does not."""
+    DDP-wrapped model, so DDP does not.  A missing gradient counts as zeros.
+
+    Args:
+        projections: the hint projections.
+        world_size: the number of processes.
+    """
     for p in projections.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -320,14 +406,25 @@ def average_projection_grads(projections: nn.ModuleDict, world_size: int) -> Non
 
 
 def save_projections(projections: nn.ModuleDict, checkpoint: str) -> None:
-    """Write the projections into the checkpoint directory ``checkpoint`` (when it exists)."""
+    """Write the projections into the checkpoint directory ``checkpoint`` (when it exists).
+
+    Args:
+        projections: the hint projections.
+        checkpoint: the checkpoint directory.
+    """
     if os.path.isdir(checkpoint):
         torch.save(projections.state_dict(), os.path.join(checkpoint, PROJECTIONS_NAME))
 
 
 def load_projections(projections: nn.ModuleDict, checkpoint: str, device=None) -> None:
     """Restore the projections from the checkpoint directory ``checkpoint``; without their file
-    there, say that they restart from a random initialisation."""
+    there, say that they restart from a random initialisation.
+
+    Args:
+        projections: the hint projections, loaded in place.
+        checkpoint: the checkpoint directory.
+        device: where the saved tensors are mapped.
+    """
     path = os.path.join(checkpoint, PROJECTIONS_NAME)
     if os.path.isfile(path):
         projections.load_state_dict(torch.load(path, map_location=device, weights_only=True))

@@ -18,10 +18,23 @@ FIT_SHARE = 0.5
 def choose_kd_path(
     positions: int, vocab: int, device, free_bytes: int | None = None
 ) -> tuple[int, str]:
-    """(kd_chunk_size, the line to log) for ``kd_chunk_size: auto``: 0 (the plain loss, fastest on
-    GPUs) when its full logits fit comfortably in ``free_bytes`` (default: the device's free memory),
+    """The kd_chunk_size that ``kd_chunk_size: auto`` stands for.
+
+    0 (the plain loss, fastest on GPUs) when its full logits fit comfortably in ``free_bytes``
+    (:data:`FIT_SHARE` of it, the peak taken as :data:`PLAIN_PEAK_LOGITS` (N, V) float32 tensors),
     else -1 (chunked/fused, automatic chunk size).  On CPU always -1: there the chunked/fused loss is
-    measured faster than the plain one as well as leaner (benchmarks/results/bench_cpu.txt)."""
+    measured faster than the plain one as well as leaner (benchmarks/results/bench_cpu.txt); on a
+    device whose free memory is unknown, -1 too.
+
+    Args:
+        positions: the positions (N) the KD term is taken over in one micro-batch.
+        vocab: the vocabulary size (V).
+        device: the device the loss runs on.
+        free_bytes: its free memory (None: asked of a CUDA device).
+
+    Returns:
+        (kd_chunk_size, the line to log).
+    """
     need = PLAIN_PEAK_LOGITS * positions * vocab * 4
 
     def gb(x):

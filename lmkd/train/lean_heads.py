@@ -27,6 +27,11 @@ class LeanHeads:
     Read from the objective: ``kind``, ``teacher``, ``sharded``, ``data_parallel``, the
     kd_chunk_size in force (``chunk``), and :attr:`fused_head` / :attr:`teacher_head` (None until
     checked, then the :class:`lmkd.losses.chunked.Head` or False), which the methods set.
+
+    Attributes:
+        fused_head: the student's head for the fused loss: None until checked, then the
+            :class:`lmkd.losses.chunked.Head`, or False where it cannot be used.
+        teacher_head: the teacher's head, likewise.
     """
 
     def teacher_for_loss(self, x: ObjectiveInputs):

@@ -28,9 +28,23 @@ PROBE_POSITIONS = 32
 def probe_inputs(
     kind: str, fwd: dict, attention_mask=None, positions: int = PROBE_POSITIONS
 ) -> dict:
-    """The forward keywords ``fwd`` of a batch cut to one row (its longest) and at most ``positions``
-    of the positions whose logits the model returns (a causal LM's tokens, a seq2seq model's decoder
-    tokens; the encoder's input stays whole): the real forward on it yields (1, positions, V) logits."""
+    """The forward keywords ``fwd`` of a batch cut to one row and at most ``positions`` positions.
+
+    One row (its longest) and at most ``positions`` of the positions whose logits the model returns
+    (a causal LM's tokens, a seq2seq model's decoder tokens; the encoder's input stays whole): the
+    real forward on it yields (1, positions, V) logits.
+
+    Args:
+        kind: the model kind (seq2seq: the decoder's tokens are cut).
+        fwd: the batch's forward keywords.
+        attention_mask: the batch's attention mask (picks a causal LM's longest row and whether it
+            is left-padded, where the last positions are kept); None: the first row and its first
+            positions.
+        positions: the most positions kept.
+
+    Returns:
+        The cut forward keywords (tensors without the batch dimension are kept as they are).
+    """
     seq_key = "decoder_input_ids" if kind == SEQ2SEQ else "input_ids"
     ref = fwd.get(seq_key)
     if ref is None:
@@ -96,7 +110,16 @@ def head_skipped(model, decided):
     """Around a forward of ``model``: with ``decided`` a Head, the LM head only records its input
     and returns zeros of width 1 (Marian/BART's final_logits_bias is swapped for a (1, 1) zero
     meanwhile, so no (B, T, V) tensor is made); with ``decided`` None a hook records the head's
-    input so the caller can check the fused head against the model's real logits."""
+    input so the caller can check the fused head against the model's real logits.
+
+    Args:
+        model: the student or the teacher (possibly wrapped).
+        decided: the checked :class:`lmkd.losses.chunked.Head`, or None to probe.
+
+    Returns:
+        A context manager yielding a box: ``box["hidden"]`` collects the head's inputs and
+        ``box["probe"]`` says whether this is a probe.
+    """
     module = unwrap(model).get_output_embeddings()
     box = {"hidden": [], "probe": decided is None}
     if box["probe"]:

@@ -268,9 +268,20 @@ class DistillationObjective(LeanHeads):
         return loss, ce_sum, kd_sum, t_outputs
 
     def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
-        """(teacher outputs, KD sum) with a teacher of another tokenizer: its forward on its own tokens of
-        the batch (a seq2seq teacher's decoder on its own encoding of the target), its logits gathered at
-        each student position's teacher position (lmkd.teacher.cross_tokenizer), ULD."""
+        """The KD term with a teacher of another tokenizer.
+
+        The teacher's forward on its own tokens of the batch (a seq2seq teacher's decoder on its
+        own encoding of the target), its logits gathered at each student position's teacher
+        position (lmkd.teacher.cross_tokenizer), then ULD (``kd_loss`` uld or uld_hybrid).
+
+        Args:
+            inputs: the collated batch, with the teacher's token columns the collator added.
+            s_logits: the student's (shifted) logits.
+            kd_mask: the student positions the KD term is taken over.
+
+        Returns:
+            (teacher outputs, KD sum over ``kd_mask``).
+        """
         args = self.args
         fwd = dict(
             input_ids=inputs[cross_tokenizer.TEACHER_INPUT_IDS],

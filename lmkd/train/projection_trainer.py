@@ -30,10 +30,22 @@ class HintProjectionTrainer(Seq2SeqTrainer):
 
     :attr:`projections` (an ``nn.ModuleDict``, empty without hint projections) is set by the
     subclass; with it empty every override is the Trainer's own.
+
+    Attributes:
+        projections: the hint projections (set by the subclass; empty without them).
     """
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, plus the hint projections (when there are any) as extra groups."""
+        """The Trainer's optimizer, plus the hint projections (when there are any) as extra groups.
+
+        A ready-made optimizer is not changed: a warning says to add the projections to it.
+
+        Args:
+            model: as the Trainer's.
+
+        Returns:
+            The optimizer.
+        """
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if len(self.projections):
@@ -48,6 +60,17 @@ class HintProjectionTrainer(Seq2SeqTrainer):
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, then the projections' gradients averaged over the processes by hand
+        (they live outside the DDP-wrapped model) when the gradients sync.
+
+        Args:
+            model: the student (as the Trainer wrapped it).
+            inputs: the collated batch.
+            num_items_in_batch: the accumulated batch's counts, as the Trainer's.
+
+        Returns:
+            The step's loss.
+        """
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The projections live outside the DDP-wrapped model: average their gradients by hand.
         if (

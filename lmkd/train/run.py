@@ -66,14 +66,30 @@ def run_distill(
     callbacks: list | None = None,
     command: str | None = None,
 ) -> dict:
-    """Train ``model_args.student_model_name_or_path`` on ``data_args`` with ``args``; save the
-    student and its tokenizer to ``args.output_dir``, with a model card and the run's settings
-    (:mod:`lmkd.train.card`); return the training metrics.  The regimes of lmkd.train.regimes (transfer sets,
-    ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``.
-    ``callbacks``: transformers ``TrainerCallback`` objects for the trainer (e.g. the study's early
-    stopping); not passed on to born-again rounds.  ``command``: the command line that ran it,
-    for the model card (None: run from Python).  With ``push_to_hub`` the student, its card and
-    settings are pushed once they are all written."""
+    """Train ``model_args.student_model_name_or_path`` on ``data_args`` with ``args``.
+
+    Saves the student and its tokenizer to ``args.output_dir``, with a model card and the run's
+    settings (:mod:`lmkd.train.card`).  The regimes of lmkd.train.regimes (transfer sets,
+    ensembles, rounds, cohorts, on-policy KD) are chosen by ``args``.  With ``push_to_hub`` the
+    student, its card and settings are pushed once they are all written.
+
+    Args:
+        model_args: the :class:`lmkd.train.config.ModelArguments` (which student).
+        data_args: the data to train (and validate) on.
+        args: the run's :class:`DistillationConfig`.
+        resume: continue from the last checkpoint in ``args.output_dir``.
+        teacher_model: a teacher model object (None: ``args.teacher_model_name_or_path``).
+        callbacks: transformers ``TrainerCallback`` objects for the trainer (e.g. the study's
+            early stopping); not passed on to born-again rounds.
+        command: the command line that ran it, for the model card (None: run from Python).
+
+    Returns:
+        The training metrics.
+
+    Raises:
+        LmkdError: ``resume`` with no checkpoint to resume from, or a mistake in the settings,
+            data or models.
+    """
     if resume and not resumable(args.output_dir):
         raise LmkdError(
             f"--resume: {args.output_dir} holds no checkpoint to resume from (the run stopped before its "
@@ -247,8 +263,15 @@ def resumable(output_dir: str) -> bool:
 
 def truncation_metrics(notes: dict[str, list]) -> dict[str, int]:
     """Flat metrics of the rows the truncation rule cut, per split (train, validation, transfer)
-    and part (inputs, targets): ``train_inputs_truncated`` (rows) and ``train_inputs_truncated_to``
-    (tokens; absent when nothing limits the length)."""
+    and part (inputs, targets).
+
+    Args:
+        notes: split -> the truncation notes of its parts (``what``, ``truncated``, ``length``).
+
+    Returns:
+        ``train_inputs_truncated`` (rows) and ``train_inputs_truncated_to`` (tokens; absent when
+        nothing limits the length), and so on for each split and part.
+    """
     out = {}
     for split, ns in notes.items():
         for n in ns:
@@ -260,8 +283,18 @@ def truncation_metrics(notes: dict[str, list]) -> dict[str, int]:
 
 def data_readers(args, student, teacher_model=None) -> list:
     """Every model that reads the training data, so the one truncation rule
-    (:func:`lmkd.models.truncation.fit_length`) fits the data to the smallest of their position tables: the
-    student, the live teacher(s) when they are used, and the teacher a logit cache was made with."""
+    (:func:`lmkd.models.truncation.fit_length`) fits the data to the smallest of their position
+    tables: the student, the live teacher(s) when they are used, and the teacher a logit cache was
+    made with.
+
+    Args:
+        args: the run's :class:`DistillationConfig`.
+        student: the student (model or path).
+        teacher_model: a teacher model object given from Python.
+
+    Returns:
+        The models (objects or paths).
+    """
     readers = [student]
     if teacher_model is not None:
         readers.append(teacher_model)

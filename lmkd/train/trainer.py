@@ -74,6 +74,19 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     and adds the :class:`lmkd.train.loss_stats.LossStats` it returns to :attr:`loss_stats`.  The
     HF Trainer's ``num_items_in_batch`` is a ``LossCounts(ce, kd, features)`` here
     (:meth:`_get_num_items_in_batch`), not one count.
+
+    Args:
+        model: the student.
+        args: a :class:`DistillationConfig` (default: one with ``output_dir="lmkd_output"``).
+        teacher_model: the teacher model object (None: loaded from
+            ``args.teacher_model_name_or_path``).
+        teacher_tokenizer: the teacher's tokenizer, for cross-tokenizer KD.
+        **kwargs: the ``Seq2SeqTrainer``'s other arguments (datasets, collator,
+            ``processing_class``, ...).
+
+    Raises:
+        LmkdError: ``args`` is not a :class:`DistillationConfig`, the config turns on a regime this
+            class does not run, or the wiring finds a mistake (then no ``output_dir`` is left).
     """
 
     # compute_loss normalises by the token count of the whole accumulated batch itself
@@ -178,7 +191,15 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
             )
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """The Trainer's, collating with the validation data's own logit cache (``eval_logit_cache``)."""
+        """The Trainer's eval DataLoader, collating with the validation data's own logit cache
+        (``eval_logit_cache``).
+
+        Args:
+            eval_dataset: as the Trainer's (None: ``self.eval_dataset``).
+
+        Returns:
+            The evaluation DataLoader.
+        """
         if self._eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
         train_collator, self.data_collator = self.data_collator, self._eval_collator
@@ -241,7 +262,15 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
 
     def position_masks(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(CE mask, KD mask) over the shifted positions of a batch
-        (:func:`lmkd.data.positions.position_masks`)."""
+        (:func:`lmkd.data.positions.position_masks`); with cross-tokenizer KD the KD mask keeps
+        only the positions that have a teacher position.
+
+        Args:
+            inputs: the collated batch.
+
+        Returns:
+            (CE mask or None, KD mask).
+        """
         ce, kd = positions.position_masks(self.kind, inputs, self.args.mlm_kd_positions)
         if (
             cross_tokenizer.TEACHER_POSITION in inputs
@@ -251,7 +280,15 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
 
     def forward_inputs(self, model, inputs: dict) -> dict:
         """The keywords of ``model``'s forward for a batch: no labels or cached-teacher keys, the
-        decoder inputs of a seq2seq model, and the outputs the feature losses need."""
+        decoder inputs of a seq2seq model, and the outputs the feature losses need.
+
+        Args:
+            model: the student or the teacher.
+            inputs: the collated batch.
+
+        Returns:
+            The forward keywords.
+        """
         fwd = {
             k: v
             for k, v in inputs.items()
@@ -271,7 +308,14 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
         return fwd
 
     def shifted(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.shifted`)."""
+        """``logits`` at the positions the masks cover (:func:`lmkd.data.positions.shifted`).
+
+        Args:
+            logits: a model's (batch, seq, ...) logits.
+
+        Returns:
+            The logits at the masks' positions (a causal LM's shifted by one).
+        """
         return positions.shifted(self.kind, logits)
 
     # ---- loss ------------------------------------------------------------------------
@@ -338,7 +382,19 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         """With ``predict_with_generate``: the loss is still :meth:`compute_loss`'s CE + KD mix (the
         Seq2SeqTrainer's would be the model's own CE) and the generated ids go to ``compute_metrics``
-        with the batch's labels."""
+        with the batch's labels.  Otherwise (or for a model that is not seq2seq) the
+        Seq2SeqTrainer's.
+
+        Args:
+            model: the student.
+            inputs: the collated batch.
+            prediction_loss_only: return the loss only.
+            ignore_keys: output keys to leave out, as the Trainer's.
+            **gen_kwargs: generation keywords, as the Seq2SeqTrainer's.
+
+        Returns:
+            (loss, generated ids, labels).
+        """
         if not self.args.predict_with_generate or prediction_loss_only or self.kind != SEQ2SEQ:
             return super().prediction_step(
                 model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
@@ -359,7 +415,12 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """The Trainer's draft card (``push_to_hub`` writes one before uploading), unless
         ``output_dir`` already holds lmkd's card (:func:`lmkd.train.card.write_card`), which says more
-        (teacher, KD settings, command) and is kept."""
+        (teacher, KD settings, command) and is kept.
+
+        Args:
+            *args: the Trainer's ``create_model_card`` arguments.
+            **kwargs: the Trainer's ``create_model_card`` keyword arguments.
+        """
         if self.is_world_process_zero() and card.is_lmkd_card(self.args.output_dir):
             return
         super().create_model_card(*args, **kwargs)

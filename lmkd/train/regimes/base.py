@@ -24,7 +24,16 @@ REGIME_KEYS = (LABELLED, ON_POLICY, PROMPT_LENGTH)
 class RegimeTrainer(DistillationTrainer):
     """DistillationTrainer that also understands the regime keys of a batch: rows without labels
     (:data:`LABELLED`, from ``transfer_file``) get KD on their tokens and no CE; a batch tagged
-    :data:`ON_POLICY` gets no CE.  Without those keys it is exactly DistillationTrainer."""
+    :data:`ON_POLICY` gets no CE.  Without those keys it is exactly DistillationTrainer.
+
+    Args:
+        *args: DistillationTrainer's arguments.
+        **kwargs: DistillationTrainer's keyword arguments.
+
+    Raises:
+        LmkdError: a ``transfer_file`` collator with an MLM student and ``mlm_kd_positions``
+            masked (unlabelled rows have no masked targets of their own).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,12 +57,30 @@ class RegimeTrainer(DistillationTrainer):
                 self._signature_columns = [*self._signature_columns, key]
 
     def forward_inputs(self, model, inputs: dict) -> dict:
+        """DistillationTrainer's forward keywords, without the regime keys.
+
+        Args:
+            model: the student or the teacher.
+            inputs: the collated batch.
+
+        Returns:
+            The forward keywords.
+        """
         fwd = super().forward_inputs(model, inputs)
         for key in REGIME_KEYS:
             fwd.pop(key, None)
         return fwd
 
     def position_masks(self, inputs: dict):
+        """DistillationTrainer's masks, with the regime keys applied: an on-policy batch has no CE;
+        unlabelled rows get no CE and (causal/MLM) KD on their real tokens.
+
+        Args:
+            inputs: the collated batch.
+
+        Returns:
+            (CE mask or None, KD mask).
+        """
         ce, kd = super().position_masks(inputs)
         if ON_POLICY in inputs:  # the targets are the student's own samples: KD only
             return None, kd

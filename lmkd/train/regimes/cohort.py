@@ -31,7 +31,14 @@ logger = logging.getLogger(__name__)
 def has_dropout(model) -> bool:
     """Whether a forward of ``model`` in train mode is random: a dropout module with p > 0, or a
     dropout or LayerDrop rate (``dropout``, ``attention_dropout``, ``*_pdrop``, ``layerdrop``) > 0
-    kept as a float by a module that applies it functionally (BART, Llama attention)."""
+    kept as a float by a module that applies it functionally (BART, Llama attention).
+
+    Args:
+        model: the model (possibly wrapped).
+
+    Returns:
+        True when some module drops out.
+    """
     for m in unwrap(model).modules():
         if "Dropout" in type(m).__name__ and float(getattr(m, "p", 0) or 0) > 0:
             return True
@@ -46,7 +53,15 @@ def has_dropout(model) -> bool:
 
 
 def same_weights(a, b) -> bool:
-    """Whether two models hold bit-identical parameters and buffers."""
+    """Whether two models hold bit-identical parameters and buffers.
+
+    Args:
+        a: one model (possibly wrapped).
+        b: the other.
+
+    Returns:
+        True when their state dicts have the same keys, shapes and values.
+    """
     sa, sb = unwrap(a).state_dict(), unwrap(b).state_dict()
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
@@ -56,7 +71,14 @@ def same_weights(a, b) -> bool:
 def check_cohort_can_differ(members) -> None:
     """Refuse a cohort whose members cannot become different: identical starting weights and no
     dropout (the same batches, no randomness per member) keep them bit-identical, so every KD
-    term is exactly 0 and the run is K copies of plain fine-tuning."""
+    term is exactly 0 and the run is K copies of plain fine-tuning.
+
+    Args:
+        members: the cohort's students.
+
+    Raises:
+        LmkdError: no member has dropout and all start from identical weights.
+    """
     if any(has_dropout(m) for m in members):
         return
     if all(same_weights(members[0], m) for m in members[1:]):
@@ -70,7 +92,16 @@ def check_cohort_can_differ(members) -> None:
 class CohortModel(nn.Module):
     """K students trained together (deep mutual learning).  One ``nn.Module`` so the Trainer's
     optimizer, device placement and DDP wrapping cover all of them; ``forward`` returns the list
-    of the members' outputs."""
+    of the members' outputs.
+
+    Args:
+        members: the students (at least two, of one kind and one output size, able to differ:
+            :func:`check_cohort_can_differ`).
+
+    Raises:
+        LmkdError: fewer than two members, mixed model kinds, different output sizes, or members
+            that would stay identical.
+    """
 
     main_input_name = "input_ids"
 
@@ -96,7 +127,18 @@ class CohortModel(nn.Module):
     def copies(cls, student, k: int) -> CohortModel:
         """``k`` members that start as copies of ``student``; they diverge through their own dropout
         masks.  A student without dropout is refused (its copies would stay identical): pass
-        differently initialised students to ``CohortModel([...])`` instead."""
+        differently initialised students to ``CohortModel([...])`` instead.
+
+        Args:
+            student: the model copied (it is member 0 itself).
+            k: the number of members.
+
+        Returns:
+            The cohort.
+
+        Raises:
+            LmkdError: ``k`` < 2, or a student without dropout.
+        """
         return cls([student] + [copy.deepcopy(student) for _ in range(k - 1)])
 
     @property
@@ -104,6 +146,14 @@ class CohortModel(nn.Module):
         return self.members[0].config
 
     def forward(self, **inputs):
+        """Every member's forward on the same inputs.
+
+        Args:
+            **inputs: the forward keywords.
+
+        Returns:
+            The members' outputs, in member order.
+        """
         return [m(**inputs) for m in self.members]
 
 
@@ -114,7 +164,18 @@ class CoDistillationTrainer(RegimeTrainer):
     KD loss as the logits ``tau * log mean_{j != k} softmax(z_j / tau)``, so the temperature-``tau``
     loss sees exactly that average).  The trained loss is the sum over members (each member's
     gradient comes from its own terms only).  ``save_model`` writes every member to
-    ``member-k`` (each a plain HF model) and member 0 also to the directory itself."""
+    ``member-k`` (each a plain HF model) and member 0 also to the directory itself.
+
+    Args:
+        model: a :class:`CohortModel`, or one student made into ``args.cohort_size`` copies
+            (:meth:`CohortModel.copies`).
+        args: the run's :class:`lmkd.DistillationConfig`.
+        **kwargs: RegimeTrainer's other arguments (no ``teacher_model``).
+
+    Raises:
+        LmkdError: one student with ``cohort_size`` < 2, a ``teacher_model`` given, or a config
+            co-distillation cannot run.
+    """
 
     regimes_run = ("cohort_size",)
 
@@ -147,7 +208,14 @@ class CoDistillationTrainer(RegimeTrainer):
         super()._set_signature_columns_if_needed()
 
     def member_targets(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per member, the detached KD target logits ``tau * log mean_{j != k} softmax(z_j / tau)``."""
+        """Per member, the detached KD target logits ``tau * log mean_{j != k} softmax(z_j / tau)``.
+
+        Args:
+            logits: the members' (shifted) logits, in member order.
+
+        Returns:
+            The target logits of each member, in member order.
+        """
         tau, k = self.args.kd_temperature, len(logits)
         with torch.no_grad():
             logp = torch.stack(

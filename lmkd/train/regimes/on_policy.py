@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 
 class PromptLengthCollator:
     """Wraps a collator: takes :data:`lmkd.data.dataset.PROMPT_LENGTH` off every example and returns the
-    prompt lengths as a tensor under that key (-1 for a row without one, e.g. of a transfer set)."""
+    prompt lengths as a tensor under that key (-1 for a row without one, e.g. of a transfer set).
+
+    Args:
+        collator: the collator wrapped, called on the examples without that key.
+    """
 
     def __init__(self, collator):
         self.collator = collator
@@ -60,7 +64,16 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
     on them is ``kd_alpha * JSD_beta`` (``kd_loss: jsd``) with no CE; generated tokens up to and
     including the first EOS count.  Batches kept from the data train as usual (GKD's supervised
     KD).  The replacement happens before the token counts of the accumulated batch are taken, so
-    gradient accumulation stays exact."""
+    gradient accumulation stays exact.
+
+    Args:
+        *args: RegimeTrainer's arguments.
+        **kwargs: RegimeTrainer's keyword arguments.
+
+    Raises:
+        LmkdError: a student that is not a causal or seq2seq LM, or no live teacher (kd_alpha 0,
+            or a logit_cache only).
+    """
 
     regimes_run = ("on_policy_fraction",)
 
@@ -85,14 +98,34 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
 
     def on_policy_coin(self, index: int) -> bool:
         """Whether micro-batch ``index`` (counted from the start of the run) is on-policy: a function of
-        (seed, index) alone, so a resumed run draws exactly what an uninterrupted one does."""
+        (seed, index) alone, so a resumed run draws exactly what an uninterrupted one does.
+
+        Args:
+            index: the micro-batch's index in the run.
+
+        Returns:
+            True with probability ``on_policy_fraction``.
+        """
         return (
             random.Random(f"lmkd-on-policy:{self.args.seed}:{index}").random()
             < self.args.on_policy_fraction
         )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Trainer.get_batch_samples, with the on-policy batches swapped in before counting tokens."""
+        """Trainer.get_batch_samples, with the on-policy batches swapped in before counting tokens.
+
+        Args:
+            epoch_iterator: the epoch's batches.
+            num_batches: the micro-batches of one optimizer step.
+            device: where the counts are gathered.
+
+        Returns:
+            (the micro-batches, the accumulated batch's
+            :class:`lmkd.train.loss_stats.LossCounts`).
+
+        Raises:
+            LmkdError: a seq2seq batch without targets drawn to train off-policy.
+        """
         lam, batch_samples = self.args.on_policy_fraction, []
         first = (
             self.state.global_step * self.args.gradient_accumulation_steps
@@ -149,7 +182,20 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
 
     @torch.no_grad()
     def on_policy_batch(self, model, batch: dict) -> dict:
-        """``batch`` with its targets replaced by the student's samples (tagged :data:`ON_POLICY`)."""
+        """``batch`` with its targets replaced by the student's samples (tagged :data:`ON_POLICY`).
+
+        Generated under the seed ``seed + 1 + index`` (kept as :attr:`last_generation_seed`);
+        seq2seq: given the batch's inputs; causal: given each row's own prompt (its
+        ``prompt_column`` length, else its first ``on_policy_prompt_tokens`` tokens).
+
+        Args:
+            model: the student (possibly wrapped).
+            batch: the collated batch drawn from the data.
+
+        Returns:
+            The on-policy batch: inputs, the sampled tokens as labels (up to and including the first
+            EOS), and the :data:`ON_POLICY` tag.
+        """
 
         student = unwrap(model)
         device = next(student.parameters()).device

@@ -28,7 +28,12 @@ LABELLED = "lmkd_labelled"
 class TransferCollator:
     """Wraps a task's collator: takes the :data:`LABELLED` flag off every example, collates the rest,
     sets the labels of unlabelled rows to -100 (causal-lm/mlm; classification rows already have
-    -100) and returns the flags as a boolean tensor under :data:`LABELLED`."""
+    -100) and returns the flags as a boolean tensor under :data:`LABELLED`.
+
+    Args:
+        collator: the task's collator, called on the examples without the flag.
+        kind: the model kind (classification rows keep their labels as they are).
+    """
 
     def __init__(self, collator, kind: str):
         self.collator, self.kind = collator, kind
