@@ -8,10 +8,10 @@ import argparse
 import json
 
 from lmkd.data.dataset import DEFAULT_COLUMNS
+from lmkd.data.reading import load_data
 from lmkd.evaluate.runners import runner_for
-from lmkd.lmkd.data.reading import load_data
-from lmkd.lmkd.scoring.timing import measure_speed
 from lmkd.models.loading import load_model, load_tokenizer, resolve_device
+from lmkd.scoring.timing import measure_speed
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(

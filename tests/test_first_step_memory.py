@@ -11,9 +11,9 @@ from torch.overrides import TorchFunctionMode
 
 from lmkd import DistillationConfig, DistillationTrainer
 from lmkd.core.errors import LmkdError
+from lmkd.data.collators import collator_for
 from lmkd.data.dataset import DataArguments
-from lmkd.lmkd.data.collators import collator_for
-from lmkd.lmkd.data.tokenizing import tokenize
+from lmkd.data.tokenizing import tokenize
 from lmkd.losses.chunk_forms import (
     ACCELERATOR_CHUNK_RANGE,
     ACCELERATOR_CHUNK_SHARE,

@@ -277,9 +277,9 @@ def _on_policy_run(
 ):
     import datasets
 
+    from lmkd.data.collators import collator_for
     from lmkd.data.dataset import DataArguments
-    from lmkd.lmkd.data.collators import collator_for
-    from lmkd.lmkd.data.tokenizing import tokenize
+    from lmkd.data.tokenizing import tokenize
     from lmkd.train.regimes import OnPolicyDistillationTrainer
 
     class Recording(OnPolicyDistillationTrainer):
@@ -349,9 +349,9 @@ def test_on_policy_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, corpu
 def test_on_policy_causal_prompts_are_per_row(tmp_path, tokenizer, corpus):
     import datasets
 
+    from lmkd.data.collators import collator_for
     from lmkd.data.dataset import DataArguments
-    from lmkd.lmkd.data.collators import collator_for
-    from lmkd.lmkd.data.tokenizing import PROMPT_LENGTH, tokenize
+    from lmkd.data.tokenizing import PROMPT_LENGTH, tokenize
     from lmkd.train.regimes import OnPolicyDistillationTrainer, wrap_collator
 
     rows = [
@@ -408,10 +408,10 @@ def test_on_policy_causal_prompts_are_per_row(tmp_path, tokenizer, corpus):
 def test_eval_loss_is_the_same_mix_online_and_from_a_cache(
     tmp_path, tiny_model_dir, tokenizer, corpus
 ):
+    from lmkd.data.collators import collator_for
     from lmkd.data.dataset import DataArguments
-    from lmkd.lmkd.data.collators import collator_for
-    from lmkd.lmkd.data.reading import load_data
-    from lmkd.lmkd.data.tokenizing import tokenize
+    from lmkd.data.reading import load_data
+    from lmkd.data.tokenizing import tokenize
     from lmkd.teacher import logit_cache_writer
 
     teacher_dir = tiny_model_dir("marian", layers=1)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lmkd.lmkd.losses.token import forward_kl
 from lmkd.losses import sorted_l1, uld_hybrid_loss, uld_loss
+from lmkd.losses.token import forward_kl
 from lmkd.teacher.cross_tokenizer import (
     CrossTokenizerCollator,
     align_offsets,

@@ -17,13 +17,13 @@ import torch
 from lmkd.core.constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
 from lmkd.data.dataset import DataArguments
+from lmkd.data.reading import read_split
 from lmkd.evaluate import fidelity
 from lmkd.evaluate.runners import fixed_length_runner, runner_for
-from lmkd.lmkd.data.reading import read_split
-from lmkd.lmkd.models.vocabulary import check_same_tokenizer
 from lmkd.models import engines, generation
 from lmkd.models.loading import resolve_device
 from lmkd.models.truncation import describe_truncation
+from lmkd.models.vocabulary import check_same_tokenizer
 from lmkd.scoring import metrics, timing
 
 logger = logging.getLogger(__name__)

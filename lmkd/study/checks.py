@@ -122,7 +122,7 @@ def target_cross_entropy(
     import torch
 
     from lmkd.core.constants import IGNORE_INDEX
-    from lmkd.lmkd.losses.token import cross_entropy
+    from lmkd.losses.token import cross_entropy
 
     model.eval()
     total, count = 0.0, 0

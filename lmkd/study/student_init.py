@@ -45,8 +45,8 @@ def student_init(
     """
     import torch
 
-    from lmkd.lmkd.models.size import count_parameters
     from lmkd.models.loading import AUTO_CLASS, load_model, load_tokenizer, model_kind
+    from lmkd.models.size import count_parameters
     from lmkd.models.student import (
         copied_layers_within,
         make_student,

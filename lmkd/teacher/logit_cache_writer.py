@@ -118,10 +118,10 @@ def cache_logits(
     from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
-    from lmkd.lmkd.data.reading import read_split
-    from lmkd.lmkd.data.tokenizing import tokenize
-    from lmkd.lmkd.models.vocabulary import vocab_size_of
+    from lmkd.data.reading import read_split
+    from lmkd.data.tokenizing import tokenize
     from lmkd.models.loading import load_model, load_tokenizer, resolve_device
+    from lmkd.models.vocabulary import vocab_size_of
 
     kind = TASK_KIND[data_args.task]
     if kind not in (SEQ2SEQ, CAUSAL):

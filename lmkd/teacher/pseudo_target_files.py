@@ -168,7 +168,7 @@ def load_generated(output_dir: str):
 
     path = os.path.join(output_dir, JSONL_FILE)
     if os.path.isfile(path):
-        from lmkd.lmkd.data.reading import load_data
+        from lmkd.data.reading import load_data
 
         return load_data(path)
     return datasets.load_from_disk(output_dir)

@@ -48,9 +48,9 @@ import torch
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_text, check_output
-from lmkd.lmkd.models.nbest import generate_batch
 from lmkd.models.generation import length_batches, longest_first
 from lmkd.models.loading import kind_from_config, load_model, load_tokenizer, model_kind
+from lmkd.models.nbest import generate_batch
 from lmkd.models.truncation import (
     describe_truncation,
     encode_fitted,
@@ -76,7 +76,7 @@ def _load_rows(data) -> list[dict]:
 
     if isinstance(data, datasets.Dataset):
         return data.to_list()
-    from lmkd.lmkd.data.reading import load_data
+    from lmkd.data.reading import load_data
 
     return load_data(str(data)).to_list()
 

@@ -14,9 +14,9 @@ from transformers import Seq2SeqTrainingArguments
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES
 from lmkd.core.errors import LmkdError
-from lmkd.lmkd.losses.feature import ATTENTION_LOSSES, HIDDEN_LOSSES
-from lmkd.lmkd.losses.relation import RELATION_LOSSES, RELATION_POOLINGS
 from lmkd.losses import CROSS_KD_LOSSES, KD_LOSSES, PLAIN_KD_LOSSES
+from lmkd.losses.feature import ATTENTION_LOSSES, HIDDEN_LOSSES
+from lmkd.losses.relation import RELATION_LOSSES, RELATION_POOLINGS
 from lmkd.train.config_checks import ConfigChecks, parse_chunk_size, parse_layer_map
 
 TEACHER_DTYPES = AUTO_DTYPE_NAMES
