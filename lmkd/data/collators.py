@@ -32,8 +32,8 @@ class KeyedMasking(DataCollatorForLanguageModeling):
     """
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
-        """BERT's masking of ``inputs``, from a generator seeded by the seed, the batch's shape and its
-        tokens.
+        """BERT's masking of ``inputs``, from a generator seeded by the seed, the batch's shape
+        and its tokens.
 
         Args:
             inputs: ``(B, T)`` token ids.

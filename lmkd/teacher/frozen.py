@@ -132,9 +132,9 @@ def load_frozen_teacher(
     deepspeed_config: dict | None = None,
     cross_tokenizer: bool = False,
 ):
-    """(teacher, shared vocabulary size or None) for ``source``: in ``eval()`` with gradients off and
-    its extra outputs off, on ``device`` in ``dtype``, or -- with a ZeRO-3 ``deepspeed_config`` --
-    in a DeepSpeed engine of its own.
+    """(teacher, shared vocabulary size or None) for ``source``: in ``eval()`` with gradients off
+    and its extra outputs off, on ``device`` in ``dtype``, or -- with a ZeRO-3
+    ``deepspeed_config`` -- in a DeepSpeed engine of its own.
 
     The vocabulary size is what both logits are sliced to when the two output layers differ only
     by padding rows (see :func:`lmkd.models.vocabulary.shared_vocab_size`).
