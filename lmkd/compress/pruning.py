@@ -34,7 +34,16 @@ HEAD_PRUNABLE = ("t5", "mt5")
 
 def check_head_pruning(config, remove: int) -> None:
     """One line, before any work, when ``remove`` heads cannot be removed from every attention of
-    a model of ``config``."""
+    a model of ``config``.
+
+    Args:
+        config: the model's config (``model_type``, ``num_heads``).
+        remove: heads to remove per attention module (``--prune-heads``; 0 removes none).
+
+    Raises:
+        LmkdError: ``remove`` is negative, the model type's heads cannot be pruned (not
+            T5 / mT5), or ``remove`` would leave no head.
+    """
     if remove < 0:
         raise LmkdError(f"--prune-heads must be >= 0, got {remove}")
     if remove == 0:
@@ -56,7 +65,18 @@ def check_head_pruning(config, remove: int) -> None:
 
 def attention_groups(model) -> dict[str, list[tuple[str, torch.nn.Module]]]:
     """T5 attention modules grouped by the head indices they must share: one group per stack's
-    self-attention (the shared relative position bias), one per cross-attention."""
+    self-attention (the shared relative position bias), one per cross-attention.
+
+    Args:
+        model: a T5-family model (wrapped or not).
+
+    Returns:
+        Group name (``encoder.self`` / ``decoder.self`` / a cross-attention's module name) -> its
+        ``(name, module)`` pairs.
+
+    Raises:
+        LmkdError: the model has no T5 attention modules.
+    """
     model = unwrap(model)
     groups: dict[str, list[tuple[str, torch.nn.Module]]] = {}
     for name, module in model.named_modules():
@@ -72,8 +92,18 @@ def attention_groups(model) -> dict[str, list[tuple[str, torch.nn.Module]]]:
 
 
 def head_importance(model, batches) -> dict[str, torch.Tensor]:
-    """Per attention module (by name), the importance of each head over ``batches`` (dicts of
-    tensors with ``labels``, on the model's device): ``sum |sum(W_o[:, h] * grad)|``."""
+    """Per attention module (by name), the importance of each head over ``batches``:
+    ``sum |sum(W_o[:, h] * grad)|``.
+
+    The model runs in eval mode (no dropout) and its gradients are cleared afterwards.
+
+    Args:
+        model: a T5-family model.
+        batches: dicts of tensors with ``labels``, on the model's device.
+
+    Returns:
+        Module name -> a float64 ``(n_heads,)`` tensor of importances.
+    """
     model = unwrap(model)
     modules = {n: m for g in attention_groups(model).values() for n, m in g}
     scores = {n: torch.zeros(m.n_heads, dtype=torch.float64) for n, m in modules.items()}
@@ -115,9 +145,21 @@ def _keep_heads(module, keep: list[int]) -> None:
 
 
 def prune_heads(model, remove: int, importance: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """Remove the ``remove`` least important heads (``importance``: :func:`head_importance`) from
-    every attention module of a T5-family ``model``, in place; set ``config.num_heads``.  Returns
-    the kept head indices per module."""
+    """Remove the ``remove`` least important heads from every attention module of a T5-family
+    ``model``, in place; set ``config.num_heads`` (and ``config.lmkd_pruned_heads``).
+
+    Args:
+        model: a T5-family model.
+        remove: heads to remove per attention module.
+        importance: per module, its heads' importance (:func:`head_importance`); a group that
+            shares heads keeps those with the highest summed importance.
+
+    Returns:
+        The kept head indices per module (empty when ``remove`` is 0).
+
+    Raises:
+        LmkdError: as :func:`check_head_pruning`.
+    """
     model = unwrap(model)
     check_head_pruning(model.config, remove)
     kept: dict[str, list[int]] = {}

@@ -96,12 +96,51 @@ def compress_model(
     """Prune, fine-tune, quantise and export ``model`` (a saved student directory) and measure every
     stage on ``data`` beside ``teacher``; write ``output/compress.json`` + ``.md`` and the models.
 
-    Returns the result: :func:`lmkd.evaluate.run.evaluate_models`'s (``models`` holds one row per model,
-    labelled ``teacher``, ``student``, ``pruned``, ``pruned-ft`` and the export formats; paths point
-    into ``output``) plus ``compress`` -- the steps taken, the pruning (kept heads, layer map) and
-    ``vs_student`` per model (bytes ratio, per-token speed-up, quality difference).  ``evaluation``:
-    the other keywords of :func:`~lmkd.evaluate.run.evaluate_models` (``num_beams``, ``max_new_tokens``,
-    ``batch_size``, ``max_samples``, ``speed_samples``, ``repeats``, ``fixed_new_tokens``, ...).
+    Args:
+        model: the saved student directory.
+        data: the rows every stage is scored on (a file or ``save_to_disk`` dir; None: ``dataset``
+            names them).
+        task: translation, summarization, classification or causal-lm.
+        output: the output directory (written atomically at the end).
+        teacher: the teacher's path: scored beside the others, and the fine-tuning's KD teacher.
+        train: training rows to score heads on and to fine-tune on (needed by ``prune_heads`` and
+            ``finetune_steps``; not the test rows).
+        prune_heads: attention heads removed per module (T5 / mT5; 0: none).
+        layers: the layers kept (a one-stack model; None: all).
+        encoder_layers: the encoder layers kept (None: all).
+        decoder_layers: the decoder layers kept (None: all).
+        importance_rows: training rows head importance is summed over (>= 1).
+        finetune_steps: fine-tuning steps after pruning (0: none; needs pruning).
+        learning_rate: the fine-tuning's learning rate.
+        kd_alpha: the fine-tuning's KD weight (0 without a teacher).
+        kd_temperature: the fine-tuning's KD temperature.
+        train_batch_size: the batch size for head importance and fine-tuning.
+        seed: the fine-tuning's seed.
+        exports: the export formats (None: :data:`DEFAULT_EXPORTS` of the model kind).
+        overwrite: replace a non-empty ``output``.
+        device: the device (torch-int8 and ONNX formats run on CPU only).
+        dataset: with ``data=None``, the :class:`DataArguments` fields that name the rows.
+        source_column: the input column (default by task).
+        target_column: the reference column (default by task).
+        source_prefix: text put before every input.
+        max_source_length: inputs are cut to this many tokens.
+        max_target_length: targets are cut to this many tokens.
+        **evaluation: the other keywords of :func:`~lmkd.evaluate.run.evaluate_models`
+            (``num_beams``, ``max_new_tokens``, ``batch_size``, ``max_samples``, ``speed_samples``,
+            ``repeats``, ``fixed_new_tokens``, ...).
+
+    Returns:
+        :func:`lmkd.evaluate.run.evaluate_models`'s result (``models`` holds one row per model,
+        labelled ``teacher``, ``student``, ``pruned``, ``pruned-ft`` and the export formats;
+        paths point into ``output``) plus ``compress`` -- the steps taken, the pruning (kept
+        heads, layer map), the exports and ``vs_student`` per model (bytes ratio, per-token
+        speed-up, quality difference).
+
+    Raises:
+        LmkdError: before any work: an unsupported task, a format listed twice or not
+            exportable (or not on this device), heads that cannot be pruned, fine-tuning without
+            pruning, pruning or fine-tuning without ``train``, a setting out of range, unreadable
+            data, or an output that cannot be written.
     """
     if task not in COMPRESS_TASKS:
         raise LmkdError(
@@ -339,7 +378,15 @@ def _finetune(
 
 def vs_student(result: dict) -> dict:
     """Per model, against the fp32 student: bytes on disk (ratio), parameters (ratio), per-token and
-    batch-1 speed-ups, and the primary metric's difference in points (model - student)."""
+    batch-1 speed-ups, and the primary metric's difference in points (model - student).
+
+    Args:
+        result: :func:`lmkd.evaluate.run.evaluate_models`'s result, with a ``student`` row.
+
+    Returns:
+        Label -> its comparison (every model but ``student`` and ``teacher``; a ratio is None
+        where a size is unknown).
+    """
     s = result["models"]["student"]
     primary = result["primary_metric"]
     out = {}
@@ -360,7 +407,14 @@ def vs_student(result: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """evaluate's table of every model, then the comparison with the fp32 student and the steps."""
+    """evaluate's table of every model, then the comparison with the fp32 student and the steps.
+
+    Args:
+        result: :func:`compress_model`'s result.
+
+    Returns:
+        The report's markdown.
+    """
     primary = result["primary_metric"]
     name = evaluate_run.METRIC_NAMES[primary]
     vs = result["compress"]["vs_student"]
@@ -412,7 +466,15 @@ def _times(x):
 
 
 def write_report(result: dict, json_path: str) -> str:
-    """``compress.json`` at ``json_path`` and ``compress.md`` beside it; returns the markdown."""
+    """``compress.json`` at ``json_path`` and ``compress.md`` beside it; returns the markdown.
+
+    Args:
+        result: :func:`compress_model`'s result.
+        json_path: the JSON file to write.
+
+    Returns:
+        The markdown of :func:`markdown`.
+    """
     text = markdown(result)
     report.write_report(
         result, text, json_path, os.path.join(os.path.dirname(json_path), REPORT_MD)

@@ -130,7 +130,12 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it (fsync'd, then renamed)."""
+    """Write ``text`` to ``path`` through a temporary file beside it (fsync'd, then renamed).
+
+    Args:
+        path: the file to write (replaced if it exists).
+        text: its whole content, written as UTF-8.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -145,18 +150,34 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, obj, **kwargs) -> None:
-    """``json.dump`` of ``obj`` to ``path``, atomically (keyword arguments go to ``json.dumps``)."""
+    """``json.dump`` of ``obj`` to ``path``, atomically (keyword arguments go to ``json.dumps``).
+
+    Args:
+        path: the file to write.
+        obj: a JSON-able object.
+        **kwargs: passed to ``json.dumps`` (``indent`` defaults to 1).
+    """
     kwargs.setdefault("indent", 1)
     atomic_write_text(path, json.dumps(obj, **kwargs) + "\n")
 
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
-    """One JSON object per line (UTF-8, not ASCII-escaped), atomically."""
+    """One JSON object per line (UTF-8, not ASCII-escaped), atomically.
+
+    Args:
+        path: the ``.jsonl`` file to write.
+        rows: the objects, one per line.
+    """
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def replace_dir(tmp: str, final: str) -> None:
-    """Move the finished directory ``tmp`` to ``final``, replacing what was there."""
+    """Move the finished directory ``tmp`` to ``final``, replacing what was there.
+
+    Args:
+        tmp: the finished directory (on the same file system as ``final``).
+        final: where it goes; an existing directory there is removed first.
+    """
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -164,7 +185,15 @@ def replace_dir(tmp: str, final: str) -> None:
 
 def check_fresh_dir(final: str, overwrite: bool = False) -> None:
     """Refuse a non-empty directory ``final`` unless ``overwrite`` (what :func:`atomic_dir` would
-    replace), so a command can say so before its work instead of after it."""
+    replace), so a command can say so before its work instead of after it.
+
+    Args:
+        final: the output directory.
+        overwrite: allow a non-empty ``final`` (``--overwrite``).
+
+    Raises:
+        LmkdError: ``final`` exists, is not empty, and ``overwrite`` is False.
+    """
     if os.path.isdir(final) and os.listdir(final) and not overwrite:
         raise LmkdError(
             f"output directory {final} already exists and is not empty; choose another "
@@ -175,8 +204,20 @@ def check_fresh_dir(final: str, overwrite: bool = False) -> None:
 @contextlib.contextmanager
 def atomic_dir(final: str, overwrite: bool = False):
     """Yield a temporary directory next to ``final``; it becomes ``final`` when the block succeeds
-    and is removed when it fails, so a failed command leaves no partial output behind.  A
-    non-empty ``final`` is refused unless ``overwrite``."""
+    and is removed when it fails, so a failed command leaves no partial output behind.
+
+    A non-empty ``final`` is refused unless ``overwrite``.
+
+    Args:
+        final: the output directory (its parent is made if missing).
+        overwrite: replace a non-empty ``final``.
+
+    Returns:
+        A context manager yielding the temporary directory's path.
+
+    Raises:
+        LmkdError: ``final`` is not empty and ``overwrite`` is False.
+    """
     check_fresh_dir(final, overwrite)
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
@@ -190,11 +231,21 @@ def atomic_dir(final: str, overwrite: bool = False):
 
 
 def check_output(path: str, flag: str, directory: bool = False) -> None:
-    """A one-line error, before any work, when the output ``path`` (given as ``flag``) -- a file, or
-    with ``directory`` a directory, made if missing -- could not be written at the end: a directory
-    (a file) is in its place, a parent of it is a file, or the nearest existing directory cannot be
-    written in.  That last is tried with a temporary file, removed at once: permission bits do not
-    tell a read-only mount, or what root may write."""
+    """A one-line error, before any work, when the output ``path`` could not be written at the end.
+
+    ``path`` (given as ``flag``) is a file, or with ``directory`` a directory, made if missing; it
+    could not be written when a directory (a file) is in its place, a parent of it is a file, or the
+    nearest existing directory cannot be written in.  That last is tried with a temporary file,
+    removed at once: permission bits do not tell a read-only mount, or what root may write.
+
+    Args:
+        path: the output file or directory.
+        flag: the command-line option that gave it, named in the error.
+        directory: ``path`` is a directory (made if missing), not a file.
+
+    Raises:
+        LmkdError: ``path`` could not be written, in words.
+    """
     path = os.path.abspath(path)
     if directory and os.path.exists(path) and not os.path.isdir(path):
         raise LmkdError(
@@ -223,7 +274,14 @@ def check_output(path: str, flag: str, directory: bool = False) -> None:
 def nothing_left_on_error(path):
     """Around building a trainer (``Trainer.__init__`` creates ``output_dir``): when an
     :class:`LmkdError` comes out, remove the directories made meanwhile if they are still empty,
-    so a refused run leaves nothing behind."""
+    so a refused run leaves nothing behind.
+
+    Args:
+        path: the output directory the block may create (None or empty: nothing to clean up).
+
+    Returns:
+        A context manager; it re-raises the :class:`LmkdError` after the cleanup.
+    """
     made, p = [], os.path.abspath(str(path)) if path else None
     while p and not os.path.exists(p):  # path and its parents that do not exist yet, deepest first
         made.append(p)
@@ -239,12 +297,26 @@ def nothing_left_on_error(path):
 
 
 def stable_hash(obj) -> str:
-    """A short content hash of a JSON-able object (keys sorted), stable across runs."""
+    """A short content hash of a JSON-able object (keys sorted), stable across runs.
+
+    Args:
+        obj: a JSON-able object (other values hash by their ``str``).
+
+    Returns:
+        The first 16 hex digits of its SHA-256.
+    """
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_digest(path: str) -> str:
-    """Content hash of a data file (or of every file under a directory, names included)."""
+    """Content hash of a data file (or of every file under a directory, names included).
+
+    Args:
+        path: a file or a directory.
+
+    Returns:
+        The first 16 hex digits of the SHA-256 of the names (relative to ``path``) and bytes.
+    """
     h = hashlib.sha256()
     paths = (
         [path]

@@ -16,13 +16,33 @@ from lmkd.core.constants import CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK
 
 class KeyedMasking(DataCollatorForLanguageModeling):
     """BERT's masking, with each batch's masks drawn from a generator seeded by ``seed`` and the
-    batch's tokens, not from one stream.  A stream cannot be resumed exactly: the Trainer's data
-    loader collates one batch ahead, so a checkpoint's saved random state (global, or the
-    collator's own) has already drawn the next batch's masks, and a resumed run masked that
-    batch differently from an uninterrupted one.  Keyed by content, the same batch gets the same
-    masks in both; shuffled epochs make other batches, so masks still change between epochs."""
+    batch's tokens, not from one stream.
+
+    A stream cannot be resumed exactly: the Trainer's data loader collates one batch ahead, so a
+    checkpoint's saved random state (global, or the collator's own) has already drawn the next
+    batch's masks, and a resumed run masked that batch differently from an uninterrupted one.
+    Keyed by content, the same batch gets the same masks in both; shuffled epochs make other
+    batches, so masks still change between epochs.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        mlm: True (masked language modelling).
+        mlm_probability: the share of tokens masked.
+        seed: the run's seed; with the batch's tokens it keys each batch's masks.
+    """
 
     def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+        """BERT's masking of ``inputs``, from a generator seeded by the seed, the batch's shape
+        and its tokens.
+
+        Args:
+            inputs: ``(B, T)`` token ids.
+            special_tokens_mask: positions never to mask (None: the tokenizer's special tokens).
+            offset_mapping: passed on to the parent's masking.
+
+        Returns:
+            ``(inputs, labels)`` as :class:`DataCollatorForLanguageModeling` returns them.
+        """
         import hashlib
 
         import torch
@@ -40,9 +60,24 @@ class KeyedMasking(DataCollatorForLanguageModeling):
 def collator_for(
     task: str, tokenizer, model=None, mlm_probability: float = 0.15, seed: int | None = None
 ):
-    """The HF collator for a task (dynamic padding; labels padded with IGNORE_INDEX, -100).  MLM
-    with a ``seed``: masks drawn per batch from the seed and the batch's tokens (:class:`KeyedMasking`),
-    so a resumed run masks each batch as an uninterrupted one does."""
+    """The HF collator for a task (dynamic padding; labels padded with IGNORE_INDEX, -100).
+
+    MLM with a ``seed``: masks drawn per batch from the seed and the batch's tokens
+    (:class:`KeyedMasking`), so a resumed run masks each batch as an uninterrupted one does.  A
+    causal or MLM tokenizer without a pad token gets its EOS token as one.
+
+    Args:
+        task: the task name (a key of :data:`lmkd.core.constants.TASK_KIND`).
+        tokenizer: the model's tokenizer.
+        model: the seq2seq model (its ``prepare_decoder_input_ids_from_labels``); other kinds
+            ignore it.
+        mlm_probability: the share of tokens masked (MLM).
+        seed: keys MLM masks per batch (None: one random stream).
+
+    Returns:
+        A ``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``, :class:`KeyedMasking` or
+        ``DataCollatorForLanguageModeling``.
+    """
     kind = TASK_KIND[task]
     if kind == SEQ2SEQ:
         return DataCollatorForSeq2Seq(

@@ -28,7 +28,39 @@ class DataArguments:
     Errors name these fields as distill's keys (``train_split``); a command whose flags are dashed
     (``evaluate``, ``cache-logits``, ``generate``, ``study``: :func:`lmkd.cli.dataset_flags.dashed`)
     sets the attributes ``dashed_flags = True`` (and ``split_advice``, for a missing split) so that
-    its errors name its flags (``--split``) instead."""
+    its errors name its flags (``--split``) instead.  Each field's ``help`` says more.
+
+    Attributes:
+        task: one of :data:`lmkd.core.constants.TASKS`.
+        train_file: training data (.jsonl[.gz], .json, .csv or a save_to_disk dir); this or
+            ``dataset_name``, not both.
+        validation_file: optional evaluation data, same format.
+        source_column: the input column (default by task: source / document / text).
+        target_column: the label column (default by task: target / summary / label).
+        source_prefix: text put before every input (T5's task prefix).
+        max_source_length: inputs are truncated to this many tokens (>= 1).
+        max_target_length: targets are truncated to this many tokens (>= 1).
+        max_train_samples: use only the first N training rows.
+        max_eval_samples: use only the first N evaluation rows.
+        mlm_probability: mlm only: the share of tokens masked, in (0, 1].
+        mix_gold_fraction: seq-KD: the share of training rows, in [0, 1], labelled with
+            ``gold_column`` instead of ``target_column``.
+        gold_column: the gold reference column for ``mix_gold_fraction`` (default by task); must
+            differ from ``target_column``.
+        prompt_column: causal-lm on-policy KD: each row's prompt, as text or a length in tokens.
+        dataset_name: instead of ``train_file``: what ``datasets.load_dataset`` reads (a hub id,
+            a directory or a data file).
+        dataset_config_name: the dataset's configuration (e.g. ro-en).
+        train_split: ``dataset_name``'s training split (slices work).
+        validation_split: ``dataset_name``'s evaluation split (default: validation, if any).
+        source_lang: translation layout: the source language key; goes with ``target_lang``.
+        target_lang: translation layout: the target language key.
+        transfer_file: an unlabelled transfer set mixed into the training data (KD only, no CE).
+
+    Raises:
+        LmkdError: (on construction) an unknown task, neither or both of ``train_file`` and
+            ``dataset_name``, one language key without the other, or a value out of range.
+    """
 
     task: str = field(metadata={"help": f"One of {', '.join(TASKS)}."})
     train_file: str | None = field(
@@ -190,5 +222,13 @@ DASHED_FLAGS = {
 
 def key_name(args, name: str) -> str:
     """The name the calling command gives the DataArguments field ``name``: distill's key, or with
-    ``args.dashed_flags`` the flag of evaluate / cache-logits / generate / study."""
+    ``args.dashed_flags`` the flag of evaluate / cache-logits / generate / study.
+
+    Args:
+        args: the :class:`DataArguments` (or any object with ``dashed_flags``).
+        name: the field's name.
+
+    Returns:
+        ``name``, or its flag from :data:`DASHED_FLAGS` (``name`` when it has none).
+    """
     return DASHED_FLAGS.get(name, name) if getattr(args, "dashed_flags", False) else name

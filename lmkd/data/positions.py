@@ -45,8 +45,15 @@ def shifted_labels(kind: str, labels: torch.Tensor) -> torch.Tensor:
 
 
 def token_mask(inputs: dict, shift: bool = False) -> torch.Tensor:
-    """The real (non-padding) tokens of a batch, from its attention mask (all when it has none);
-    ``shift`` drops the first position, as the causal alignment does."""
+    """The real (non-padding) tokens of a batch, from its attention mask (all when it has none).
+
+    Args:
+        inputs: the batch (``attention_mask``, else ``input_ids`` for the shape).
+        shift: drop the first position, as the causal alignment does.
+
+    Returns:
+        A ``(B, T)`` (``(B, T - 1)`` shifted) boolean mask.
+    """
     att = inputs.get("attention_mask")
     mask = att.bool() if att is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     return mask[:, 1:] if shift else mask
@@ -60,7 +67,19 @@ def position_masks(
 
     classification: one position per example; causal: the labelled next tokens (all real
     tokens without labels); mlm: CE on the masked tokens, KD on every real token
-    (``mlm_kd_positions: all``) or the masked ones (``masked``); seq2seq: every target token."""
+    (``mlm_kd_positions: all``) or the masked ones (``masked``); seq2seq: every target token.
+
+    Args:
+        kind: the model kind (:data:`lmkd.core.constants.CAUSAL`, ...).
+        inputs: the batch (``input_ids``, ``attention_mask``, ``labels``).
+        mlm_kd_positions: ``all`` or ``masked`` (MLM only).
+
+    Returns:
+        ``(ce_mask or None, kd_mask)``, boolean tensors.
+
+    Raises:
+        LmkdError: a seq2seq batch without labels.
+    """
     labels = inputs.get("labels")
     if kind == CLASSIFICATION:
         n = inputs["input_ids"].shape[0]

@@ -29,7 +29,21 @@ def load_data(
 
     ``flags[i]`` is the option that names ``columns[i]`` in the calling command (distill's keys by
     default; ``lmkd evaluate`` and ``cache-logits`` pass ``--source-column``/``--target-column``),
-    so the error for a missing column says which option to fix."""
+    so the error for a missing column says which option to fix.
+
+    Args:
+        path: a .jsonl/.json/.csv file (optionally gzipped) or a ``save_to_disk`` directory (of a
+            ``DatasetDict``: its ``train`` split, else its first).
+        columns: the columns the rows must have.
+        flags: the option naming each of ``columns``.
+
+    Returns:
+        The rows as a ``datasets.Dataset``.
+
+    Raises:
+        LmkdError: the file cannot be read, the directory is not a saved dataset, the data are
+            empty, or a column is missing.
+    """
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)
@@ -140,11 +154,26 @@ def read_split(
     columns: list[str] | tuple[str, ...] = (),
     flags: list[str] | tuple[str, ...] = DISTILL_COLUMN_FLAGS,
 ) -> datasets.Dataset | None:
-    """The training (``split="train"``) or evaluation (``"validation"``) rows of ``args``:
-    ``train_file`` / ``validation_file``, else ``dataset_name``'s ``train_split`` / ``validation_split``
-    (the default ``validation`` only when the dataset has it: None otherwise), the translation layout
-    flattened into ``source_column`` / ``target_column`` (:func:`flatten_translation`), checked for
-    ``columns``."""
+    """The training (``split="train"``) or evaluation (``"validation"``) rows of ``args``.
+
+    ``train_file`` / ``validation_file``, else ``dataset_name``'s ``train_split`` /
+    ``validation_split`` (the default ``validation`` only when the dataset has it: None
+    otherwise), the translation layout flattened into ``source_column`` / ``target_column``
+    (:func:`flatten_translation`), checked for ``columns``.
+
+    Args:
+        args: the data arguments.
+        split: ``"train"`` or ``"validation"``.
+        columns: the columns the rows must have.
+        flags: the option naming each of ``columns`` (as :func:`load_data`).
+
+    Returns:
+        The rows, or None when there is no such data (no validation data given or found).
+
+    Raises:
+        LmkdError: the data cannot be read, lack a split that was asked for, are empty, or lack
+            a column.
+    """
     path = args.train_file if split == "train" else args.validation_file
     if path:
         ds = load_data(path, [] if args.source_lang else columns, flags)
@@ -166,9 +195,21 @@ def read_split(
 
 
 def flatten_translation(ds: datasets.Dataset, args: DataArguments) -> datasets.Dataset:
-    """Rows ``{"translation": {src_lang: ..., tgt_lang: ...}}`` as ``source_column`` / ``target_column``
-    (what transformers' ``run_translation.py`` reads with ``source_lang`` / ``target_lang``); other
-    data, or no languages given, unchanged."""
+    """Rows ``{"translation": {src_lang: ..., tgt_lang: ...}}`` as ``source_column`` /
+    ``target_column`` (what transformers' ``run_translation.py`` reads with ``source_lang`` /
+    ``target_lang``); other data, or no languages given, unchanged.
+
+    Args:
+        ds: the rows.
+        args: the data arguments (``source_lang`` / ``target_lang``, the column names).
+
+    Returns:
+        ``ds`` with the two columns in place of ``translation``, or ``ds`` itself.
+
+    Raises:
+        LmkdError: languages are given but ``ds`` has no ``translation`` column, or its first row
+            lacks one of them.
+    """
     if not args.source_lang:
         return ds
     k = {
@@ -202,7 +243,17 @@ def flatten_translation(ds: datasets.Dataset, args: DataArguments) -> datasets.D
 
 
 def check_columns(ds: datasets.Dataset, columns, flags, where: str) -> None:
-    """A one-line error naming the option to fix when ``ds`` lacks one of ``columns``."""
+    """A one-line error naming the option to fix when ``ds`` lacks one of ``columns``.
+
+    Args:
+        ds: the rows.
+        columns: the columns needed (empty names are skipped).
+        flags: the option naming each of ``columns`` (fewer: the rest named generically).
+        where: the data's name (path or dataset), for the error.
+
+    Raises:
+        LmkdError: a column is missing (the first one, with its option).
+    """
     missing = [
         (c, flag)
         for c, flag in zip(columns, list(flags) + [None] * len(columns))
@@ -220,7 +271,18 @@ def mix_gold_targets(
     ds: datasets.Dataset, target_column: str, gold_column: str, fraction: float, seed: int = 0
 ) -> datasets.Dataset:
     """``ds`` with ``round(fraction * len(ds))`` rows, drawn at random with ``seed``, taking their
-    ``target_column`` from ``gold_column`` (a mix of teacher pseudo-targets and gold references)."""
+    ``target_column`` from ``gold_column`` (a mix of teacher pseudo-targets and gold references).
+
+    Args:
+        ds: the rows, with both columns.
+        target_column: the label column (the teacher's pseudo-targets).
+        gold_column: the gold reference column.
+        fraction: the share of rows given their gold reference, in [0, 1].
+        seed: seeds the draw of rows.
+
+    Returns:
+        The mapped dataset.
+    """
     import random
 
     n = round(fraction * len(ds))

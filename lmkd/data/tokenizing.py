@@ -45,11 +45,27 @@ def tokenize(
 ) -> datasets.Dataset:
     """Tokenise ``ds`` for ``args.task``; the original columns are dropped.
 
-    Inputs are truncated to :func:`lmkd.models.truncation.fit_length` of ``args.max_source_length`` and the
-    ``model`` (a model, config, path, or a list of them: every model that will read the data;
-    None: the maximum alone), labels likewise to ``args.max_target_length`` and the decoder's
-    table.  The rows cut are logged once per call; with ``notes`` each
-    :func:`lmkd.models.truncation.truncation_note` is also appended to it."""
+    Inputs are truncated to :func:`lmkd.models.truncation.fit_length` of
+    ``args.max_source_length`` and the ``model``, labels likewise to ``args.max_target_length``
+    and the decoder's table.  The rows cut are logged once per call; with ``notes`` each
+    :func:`lmkd.models.truncation.truncation_note` is also appended to it.
+
+    Args:
+        ds: the rows (``args.source_column``, and ``args.target_column`` when labelled).
+        tokenizer: the tokenizer.
+        args: the data arguments (task, columns, prefix, lengths, ``prompt_column``).
+        labelled: tokenise the labels too (seq2seq targets, classification labels).
+        model: a model, config, path, or a list of them: every model that will read the data
+            (None: the maximum lengths alone).
+        notes: a list that each truncation note is appended to (None: logged only).
+
+    Returns:
+        The tokenised dataset (``input_ids``, ``attention_mask``, ``labels`` where labelled, and
+        :data:`PROMPT_LENGTH` with a ``prompt_column`` on a causal or MLM task).
+
+    Raises:
+        LmkdError: as :func:`prompt_lengths`.
+    """
     src, tgt = args.source_column, args.target_column
     kind = TASK_KIND[args.task]
     src_len = fit_length(args.max_source_length, model, tokenizer, "inputs")
@@ -97,7 +113,21 @@ PROMPT_LENGTH = "lmkd_prompt_length"
 
 def prompt_lengths(tokenizer, texts, prompts, input_ids, args: DataArguments) -> list[int]:
     """Per row, the number of its tokens that are its prompt: ``prompts`` holds token counts, or
-    texts the row's text starts with (then: the tokens the prompt and the row share at the start)."""
+    texts the row's text starts with (then: the tokens the prompt and the row share at the start).
+
+    Args:
+        tokenizer: the tokenizer (tokenises text prompts).
+        texts: the rows' texts, prefix included.
+        prompts: per row, its prompt's length in tokens or its text (without the prefix).
+        input_ids: per row, its token ids.
+        args: the data arguments (``source_prefix``, ``max_source_length``, the column names).
+
+    Returns:
+        Per row, its prompt's length in tokens (at most the row's length).
+
+    Raises:
+        LmkdError: a row's text does not start with its prompt, or a prompt has under 1 token.
+    """
     out = []
     for text, prompt, ids in zip(texts, prompts, input_ids):
         if isinstance(prompt, int) and not isinstance(prompt, bool):

@@ -40,9 +40,25 @@ def token_batches(
     model=None,
     seed: int = 0,
 ) -> Iterator[dict]:
-    """Collated batches of ``ds`` in order, tokenised for ``data_args.task`` by :func:`lmkd.data.tokenizing.tokenize`
-    (the one truncation rule, fitted to ``model``: every model that will read them) and padded on
-    the right; mlm batches are masked by the task's collator seeded with ``seed``."""
+    """Collated batches of ``ds`` in order, tokenised for ``data_args.task`` by
+    :func:`lmkd.data.tokenizing.tokenize` (the one truncation rule, fitted to ``model``: every
+    model that will read them) and padded on the right; mlm batches are masked by the task's
+    collator seeded with ``seed``.
+
+    Args:
+        ds: the rows (source and target columns).
+        tokenizer: the tokenizer (copied: its padding side is left as it was).
+        data_args: the data arguments (task, columns, lengths, ``mlm_probability``).
+        batch_size: rows per batch.
+        model: a model, config, path or a list of them, for the truncation lengths.
+        seed: seeds the mlm masks (the same masks for every model).
+
+    Returns:
+        An iterator of collated batches (dicts of tensors, with ``labels``).
+
+    Raises:
+        LmkdError: a classification task (no token-level scores).
+    """
     if TASK_KIND[data_args.task] == CLASSIFICATION:
         raise LmkdError(
             "token-level scores are for causal-lm, mlm and seq2seq tasks, not classification"
@@ -71,9 +87,26 @@ def score_tokens(
     models: Mapping[str, torch.nn.Module], batches, task: str, teacher: str | None = None
 ) -> dict[str, dict[str, float]]:
     """Per label of ``models``: ``tokens`` scored, ``ce`` (mean token cross-entropy, nats) and
-    ``perplexity``; with ``teacher`` (one of the labels) also ``top1_agreement`` (%) and
-    ``kl_to_teacher`` (mean KL(teacher || model) per token, nats).  The models must share one
-    vocabulary (the teacher's and the model's logits are compared position by position)."""
+    ``perplexity``; with ``teacher`` also ``top1_agreement`` (%) and ``kl_to_teacher`` (mean
+    KL(teacher || model) per token, nats).
+
+    The models must share one vocabulary (the teacher's and the model's logits are compared
+    position by position).  An engine model (``token_log_probs``, causal only) gets ``ce`` and
+    ``perplexity``, no fidelity.
+
+    Args:
+        models: label -> model (a PyTorch model or an engine).
+        batches: collated batches (:func:`token_batches`), read once.
+        task: the task name (its kind decides the causal shift).
+        teacher: the label of the model the others are compared with (None: no fidelity).
+
+    Returns:
+        Label -> its scores.
+
+    Raises:
+        LmkdError: ``teacher`` is not a label, an engine scores a non-causal task or is the
+            teacher, vocabularies differ, or no token is scored.
+    """
     kind = TASK_KIND[task]
     if teacher is not None and teacher not in models:
         raise LmkdError(f"teacher {teacher!r} is not one of the models scored")

@@ -132,6 +132,43 @@ def evaluate_models(
     and so do seq2seq models, teacher-forced on the references (cut to ``max_target_length``).
     Models run by an engine (:mod:`lmkd.models.engines`) give no logits, so no fidelity; a causal LM's
     CTranslate2 export still gets perplexity, from the log-probabilities of the same tokens.
+
+    Args:
+        models: a model's path (labelled ``student``), or ``{label: path}``; a path may be an
+            engine's export.
+        data: the data file or ``save_to_disk`` directory (None: ``dataset`` names the rows).
+        task: the task (one of :data:`lmkd.core.constants.TASKS`).
+        teacher: the teacher's path (labelled ``teacher``), or None.
+        num_beams: beams for seq2seq generation.
+        max_new_tokens: the most tokens generated per example.
+        batch_size: the batch size for predicting, scoring and throughput.
+        source_column: the input column (default by task).
+        target_column: the reference column (default by task).
+        source_prefix: text put before every input.
+        max_source_length: inputs are cut to this many tokens.
+        max_target_length: references are cut to this many tokens (teacher-forced scores).
+        mlm_probability: mlm: the share of tokens masked, in (0, 1).
+        seed: seeds the mlm masks.
+        max_samples: score only the first N rows (>= 1).
+        speed_samples: inputs timed for throughput (0: no speed).
+        latency_samples: inputs timed one at a time for latency.
+        repeats: interleaved timing repeats (>= 1 with speed).
+        fixed_new_tokens: seq2seq: tokens forced per example for ms/token (None:
+            ``max_new_tokens``; 0: no per-token speed).
+        device: the device (None: the best available).
+        dtype: the models' dtype (None: auto).
+        progress: show progress bars.
+        dataset: with ``data=None``, the :class:`DataArguments` fields that name the rows.
+
+    Returns:
+        The result: ``task``, ``data``, ``n_examples``, ``primary_metric``, ``teacher``,
+        ``settings``, ``signatures``, ``predictions`` and per label under ``models`` its
+        ``quality``, ``size`` and, where measured, ``fidelity``, ``output_tokens``, ``speed``,
+        ``truncation`` and ``vs_teacher``.
+
+    Raises:
+        LmkdError: an unknown task, a setting out of range, no model, a student labelled
+            ``teacher``, or data that cannot be read.
     """
     if task not in TASKS:
         raise LmkdError(f"unknown task {task!r} for evaluate; choose one of {', '.join(TASKS)}")
@@ -368,7 +405,16 @@ def evaluate_models(
 
 
 def retained(metric: str, student: float, teacher: float) -> float | None:
-    """Quality retained, in %: student / teacher, or teacher / student where lower is better."""
+    """Quality retained, in %: student / teacher, or teacher / student where lower is better.
+
+    Args:
+        metric: the metric's name (those in :data:`LOWER_IS_BETTER` are inverted).
+        student: the student's score.
+        teacher: the teacher's score.
+
+    Returns:
+        The percentage, or None when its denominator is 0.
+    """
     num, den = (teacher, student) if metric in LOWER_IS_BETTER else (student, teacher)
     return 100.0 * num / den if den else None
 
@@ -376,9 +422,23 @@ def retained(metric: str, student: float, teacher: float) -> float | None:
 def token_scores(
     loaded: dict, ds, data_args: DataArguments, batch_size: int, teacher: str | None, seed: int
 ) -> dict[str, dict]:
-    """:func:`lmkd.evaluate.fidelity.score_tokens` of every loaded ``(model, tokenizer)`` on ``ds``: in one
-    pass over the same batches with fidelity to ``teacher`` when all share its tokenizer, else each
-    on its own tokenisation (perplexity only)."""
+    """:func:`lmkd.evaluate.fidelity.score_tokens` of every loaded ``(model, tokenizer)`` on ``ds``.
+
+    In one pass over the same batches with fidelity to ``teacher`` when all share its tokenizer
+    (else a warning), else each on its own tokenisation (perplexity only; seq2seq: nothing).
+    Engines that score no tokens are left out.
+
+    Args:
+        loaded: label -> ``(model, tokenizer)``.
+        ds: the rows.
+        data_args: the data arguments (task, columns, lengths).
+        batch_size: rows per batch.
+        teacher: the teacher's label (None, or not a PyTorch model: no fidelity).
+        seed: seeds the mlm masks.
+
+    Returns:
+        Label -> its token scores.
+    """
     # PyTorch models give logits; a causal LM's engine the log-probs of the tokens (perplexity only);
     # other engines nothing teacher-forced
     loaded = {k: v for k, v in loaded.items() if engines.scores_tokens(v[0])}

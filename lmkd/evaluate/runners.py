@@ -20,7 +20,20 @@ def runner_for(
     max_source_length: int = 512,
 ):
     """A function from a list of inputs to predictions, in one batch, no progress bar: what
-    :func:`lmkd.scoring.timing.measure_speed` times."""
+    :func:`lmkd.scoring.timing.measure_speed` times.
+
+    Args:
+        task: the task name (an LM task runs a forward pass, classification classifies,
+            others generate).
+        model: the model.
+        tokenizer: its tokenizer.
+        num_beams: beams when generating.
+        max_new_tokens: the most tokens generated per input.
+        max_source_length: inputs are truncated to this many tokens (fitted to the model).
+
+    Returns:
+        The runner, a function of a list of input texts.
+    """
     if task in LM_EVAL_TASKS:
         length = fit_length(max_source_length, model, tokenizer, "inputs")
         return lambda xs: model(
@@ -55,7 +68,17 @@ def runner_for(
 
 def fixed_length_runner(model, tokenizer, new_tokens: int, max_source_length: int = 512):
     """A function from one input to the number of tokens decoded when exactly ``new_tokens`` are
-    forced (greedy, batch 1): what :func:`lmkd.scoring.timing.measure_speed` times per token."""
+    forced (greedy, batch 1): what :func:`lmkd.scoring.timing.measure_speed` times per token.
+
+    Args:
+        model: the model.
+        tokenizer: its tokenizer.
+        new_tokens: the tokens decoded per input.
+        max_source_length: inputs are truncated to this many tokens.
+
+    Returns:
+        The runner, a function of one input text.
+    """
     return lambda x: generation.generate_fixed_length(
         model, tokenizer, x, new_tokens, max_source_length=max_source_length
     )

@@ -17,7 +17,15 @@ from lmkd.scoring import timing
 
 
 def markdown_table(result: dict) -> str:
-    """One row per model: quality, size, speed and, with a teacher, retained quality and speed-up."""
+    """One row per model: quality, size, speed and, with a teacher, retained quality and speed-up,
+    followed by the notes (data, fidelity, signatures, truncation, speed).
+
+    Args:
+        result: what :func:`lmkd.evaluate.run.evaluate_models` returns.
+
+    Returns:
+        The markdown table and its notes.
+    """
     names = list(next(iter(result["models"].values()))["quality"])
     primary = result["primary_metric"]
     has_speed = all("speed" in m for m in result["models"].values())
@@ -137,8 +145,17 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> None:
-    """A plot of ``metric`` (default: the primary one) against speed, one marker per model in a
-    legend: ms per token at a fixed output length when measured (seq2seq), else latency per example."""
+    """A plot of ``metric`` against speed, one marker per model in a legend: ms per token at a
+    fixed output length when measured (seq2seq), else latency per example.
+
+    Args:
+        result: what :func:`lmkd.evaluate.run.evaluate_models` returns.
+        path: the PNG to write.
+        metric: the quality metric (default: the primary one).
+
+    Raises:
+        LmkdError: the result has no speed measurements.
+    """
     metric = metric or result["primary_metric"]
     if not all("speed" in m for m in result["models"].values()):
         raise LmkdError("--plot needs speed measurements; do not pass --speed-samples 0")
@@ -164,7 +181,19 @@ def plot_quality_latency(result: dict, path: str, metric: str | None = None) -> 
 
 def write_report(result: dict, output: str | None = None, plot: str | None = None) -> str:
     """Write ``output`` (JSON), the markdown table next to it (``.md``) and ``plot`` (PNG); return
-    the markdown."""
+    the markdown.
+
+    Args:
+        result: what :func:`lmkd.evaluate.run.evaluate_models` returns.
+        output: the JSON file (None: not written).
+        plot: the PNG of :func:`plot_quality_latency` (None: not drawn).
+
+    Returns:
+        The markdown of :func:`markdown_table`.
+
+    Raises:
+        LmkdError: a plot without speed measurements.
+    """
     table = markdown_table(result)
     if output:
         report.write_report(result, table, output, os.path.splitext(output)[0] + ".md")

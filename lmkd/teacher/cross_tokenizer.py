@@ -56,9 +56,16 @@ BATCH_KEYS = (TEACHER_INPUT_IDS, TEACHER_ATTENTION_MASK, TEACHER_POSITION, TEACH
 def align_offsets(student_offsets, teacher_offsets, teacher_covers: int | None = None) -> list[int]:
     """Per student token, the index of its teacher token under the rule of this module, or -1.
 
-    ``*_offsets``: ``(start, end)`` character spans, one per token (empty spans are special tokens).
-    ``teacher_covers``: the last character the teacher's (truncated) encoding reaches; student tokens
-    ending after it are unmatched (None: the teacher read the whole text)."""
+    Args:
+        student_offsets: the student's ``(start, end)`` character spans, one per token (empty
+            spans are special tokens).
+        teacher_offsets: the teacher's, likewise.
+        teacher_covers: the last character the teacher's (truncated) encoding reaches; student
+            tokens ending after it are unmatched (None: the teacher read the whole text).
+
+    Returns:
+        Per student token, its teacher token's index, or -1.
+    """
     spans = sorted((int(e), j) for j, (s, e) in enumerate(teacher_offsets) if int(e) > int(s))
     ends = [e for e, _ in spans]
     out = []
@@ -74,8 +81,16 @@ def align_offsets(student_offsets, teacher_offsets, teacher_covers: int | None =
 
 def decoder_positions(align: list[int], student_offsets, teacher_offsets) -> list[int]:
     """Per student decoder position, its teacher decoder position, or -1 (the seq2seq rule of this
-    module).  Position ``i`` predicts label ``i`` having read labels ``< i``; ``align`` is
-    :func:`align_offsets` of the two label sequences' ``*_offsets``."""
+    module).  Position ``i`` predicts label ``i`` having read labels ``< i``.
+
+    Args:
+        align: :func:`align_offsets` of the two label sequences' offsets.
+        student_offsets: the student labels' character spans.
+        teacher_offsets: the teacher labels' character spans.
+
+    Returns:
+        Per student decoder position, its teacher decoder position, or -1.
+    """
 
     def leading(
         offsets,
@@ -95,7 +110,18 @@ def decoder_positions(align: list[int], student_offsets, teacher_offsets) -> lis
 def encode_with_offsets(
     tokenizer, text: str, max_length: int | None = None, add_special_tokens: bool = True
 ):
-    """(ids, offsets, truncated) of ``text`` with a fast tokenizer."""
+    """(ids, offsets, truncated) of ``text`` with a fast tokenizer.
+
+    Args:
+        tokenizer: a fast tokenizer (``return_offsets_mapping``).
+        text: the text.
+        max_length: cut to this many tokens (None: no limit).
+        add_special_tokens: add the tokenizer's special tokens.
+
+    Returns:
+        The token ids, their ``(start, end)`` character spans, and whether ``max_length`` cut
+        the encoding.
+    """
     kw = dict(max_length=max_length, truncation=True) if max_length else {}
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens, **kw)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -108,7 +134,17 @@ def encode_with_offsets(
 def align_texts(
     student_tokenizer, teacher_tokenizer, text: str, teacher_max_length: int | None = None
 ):
-    """(student ids, teacher ids, alignment) of one text: both encodings and :func:`align_offsets`."""
+    """(student ids, teacher ids, alignment) of one text: both encodings and :func:`align_offsets`.
+
+    Args:
+        student_tokenizer: the student's fast tokenizer.
+        teacher_tokenizer: the teacher's fast tokenizer.
+        text: the text.
+        teacher_max_length: the teacher's encoding is cut to this many tokens (None: no limit).
+
+    Returns:
+        The student's ids, the teacher's ids, and per student token its teacher token or -1.
+    """
     s_ids, s_off, _ = encode_with_offsets(student_tokenizer, text)
     t_ids, t_off, cut = encode_with_offsets(teacher_tokenizer, text, teacher_max_length)
     covers = max((int(e) for s, e in t_off if e > s), default=0) if cut else None
@@ -116,7 +152,15 @@ def align_texts(
 
 
 def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student ids, teacher ids) of the token strings both vocabularies hold, in student-id order."""
+    """(student ids, teacher ids) of the token strings both vocabularies hold, in student-id order.
+
+    Args:
+        student_tokenizer: the student's tokenizer.
+        teacher_tokenizer: the teacher's tokenizer.
+
+    Returns:
+        Two equally long ``long`` tensors (empty when no string is shared).
+    """
     s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     pairs = sorted((i, t_vocab[tok]) for tok, i in s_vocab.items() if tok in t_vocab)
     if not pairs:
@@ -129,8 +173,17 @@ class CrossTokenizerCollator:
     """Wraps a collator: each batch also gets the teacher's encoding of the same text
     (:data:`TEACHER_INPUT_IDS`, :data:`TEACHER_ATTENTION_MASK`, right-padded) and
     :data:`TEACHER_POSITION` (B, T_student): the teacher position of each student token, -1 where
-    none (padding included).  A row whose decoded text does not re-encode to the student's own ids
-    (a lossy tokenizer) keeps no aligned position; the first such row is logged."""
+    none (padding included).
+
+    A row whose decoded text does not re-encode to the student's own ids (a lossy tokenizer)
+    keeps no aligned position; the first such row is logged.
+
+    Args:
+        collator: the student's collator.
+        student_tokenizer: the student's fast tokenizer (decodes the rows).
+        teacher_tokenizer: the teacher's fast tokenizer (pads with its pad token, else EOS, else 0).
+        teacher_max_length: the teacher's encoding is cut to this many tokens (None: no limit).
+    """
 
     def __init__(
         self, collator, student_tokenizer, teacher_tokenizer, teacher_max_length: int | None = None
@@ -145,8 +198,18 @@ class CrossTokenizerCollator:
 
     def row(self, ids: list[int], max_length: int | None = None, offsets: bool = False):
         """(teacher ids, teacher token per student token) of one row's real student tokens (their text
-        re-encoded for the teacher, at most ``max_length`` tokens; None: no limit); with
-        ``offsets``, also both encodings' offsets (None where the text does not re-encode)."""
+        re-encoded for the teacher); with ``offsets``, also both encodings' offsets.
+
+        Args:
+            ids: the row's real student token ids.
+            max_length: the teacher's encoding is cut to this many tokens (None: no limit).
+            offsets: also return the student's and the teacher's offsets (None where the text does
+                not re-encode).
+
+        Returns:
+            ``(teacher ids, alignment)``, or ``(teacher ids, alignment, student offsets, teacher
+            offsets)`` with ``offsets``; the alignment is all -1 when the text does not re-encode.
+        """
         text = self.student_tokenizer.decode(ids, skip_special_tokens=True)
         for specials in (True, False):
             s_ids, s_off, _ = encode_with_offsets(
@@ -168,7 +231,15 @@ class CrossTokenizerCollator:
         return (t_ids, align_offsets(s_off, t_off, covers)) + ((s_off, t_off) if offsets else ())
 
     def padded(self, rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) of teacher rows right-padded with ``value``."""
+        """(ids, mask) of teacher rows right-padded with ``value``.
+
+        Args:
+            rows: the teacher's token ids per row.
+            value: the padding id.
+
+        Returns:
+            ``(B, W)`` ids and attention mask, ``W`` the longest row (at least 1).
+        """
         width = max(1, max(len(r) for r in rows))
         ids = torch.full((len(rows), width), value, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -200,11 +271,19 @@ class CrossTokenizerCollator:
 
 class Seq2SeqCrossTokenizerCollator(CrossTokenizerCollator):
     """:class:`CrossTokenizerCollator` for encoder-decoder models: the source (``input_ids``) is
-    re-encoded for the teacher's encoder (:data:`TEACHER_INPUT_IDS`, :data:`TEACHER_ATTENTION_MASK`),
-    the target (``labels``) for its decoder (:data:`TEACHER_LABELS`, -100 padded), and
-    :data:`TEACHER_POSITION` (B, T_labels) holds each student decoder position's teacher decoder
-    position (:func:`decoder_positions`), -1 where none.  ``teacher_target_length``: the most target
-    tokens the teacher's decoder takes."""
+    re-encoded for the teacher's encoder (:data:`TEACHER_INPUT_IDS`,
+    :data:`TEACHER_ATTENTION_MASK`), the target (``labels``) for its decoder
+    (:data:`TEACHER_LABELS`, -100 padded), and :data:`TEACHER_POSITION` (B, T_labels) holds each
+    student decoder position's teacher decoder position (:func:`decoder_positions`), -1 where none.
+
+    Args:
+        collator: the student's seq2seq collator.
+        student_tokenizer: the student's fast tokenizer.
+        teacher_tokenizer: the teacher's fast tokenizer.
+        teacher_max_length: the most source tokens the teacher's encoder takes (None: no limit).
+        teacher_target_length: the most target tokens the teacher's decoder takes (None: no
+            limit).
+    """
 
     def __init__(
         self,

@@ -49,7 +49,11 @@ EVAL_CACHE_NEEDED = (
 
 def forward_at_floor(model) -> None:
     """Turn off the KV cache and the hidden-state/attention outputs in ``model.config``: a
-    teacher returns them only when a loss asks for them as a forward keyword."""
+    teacher returns them only when a loss asks for them as a forward keyword.
+
+    Args:
+        model: the teacher (its config is changed in place).
+    """
     for flag in _EXTRA_OUTPUT_FLAGS:
         if getattr(model.config, flag, None):
             setattr(model.config, flag, False)
@@ -58,7 +62,16 @@ def forward_at_floor(model) -> None:
 def check_teacher_kind(teacher, kind: str, path: str) -> None:
     """Refuse a teacher checkpoint (a model or its config) saved as another kind of model than the
     student (loaded with the student's auto class it may load all the same, e.g. BART as
-    BartForCausalLM, and fail later)."""
+    BartForCausalLM, and fail later).
+
+    Args:
+        teacher: the teacher model or its config.
+        kind: the student's model kind.
+        path: the teacher's path, for the error.
+
+    Raises:
+        LmkdError: the checkpoint was saved as another kind.
+    """
     saved = saved_kind(teacher)
     if saved is not None and saved != kind:
         arch = getattr(teacher, "config", teacher).architectures[0]
@@ -69,10 +82,20 @@ def check_teacher_kind(teacher, kind: str, path: str) -> None:
 
 
 def shares_decoder_inputs(teacher, student) -> bool:
-    """Whether a seq2seq ``teacher`` reads the student's decoder inputs as its own: the same model class
-    (the same label shift -- mBART's wraps the last token, BART's prepends a start token) and the same
-    ``decoder_start_token_id``.  When not (a Marian teacher, start ``<pad>``, for a BART student, start
-    ``</s>``), the teacher's decoder inputs are built from the labels by the teacher itself."""
+    """Whether a seq2seq ``teacher`` reads the student's decoder inputs as its own: the same model
+    class (the same label shift -- mBART's wraps the last token, BART's prepends a start token) and
+    the same ``decoder_start_token_id``.
+
+    When not (a Marian teacher, start ``<pad>``, for a BART student, start ``</s>``), the
+    teacher's decoder inputs are built from the labels by the teacher itself.
+
+    Args:
+        teacher: the teacher (wrapped or not; an ensemble: every member must).
+        student: the student (wrapped or not).
+
+    Returns:
+        True when the student's decoder inputs serve the teacher.
+    """
     t, s = unwrap(teacher), unwrap(student)
     if hasattr(t, "teachers"):  # an ensemble: every member must
         return all(shares_decoder_inputs(m, student) for m in t.teachers)
@@ -82,7 +105,15 @@ def shares_decoder_inputs(teacher, student) -> bool:
 
 
 def teacher_paths(args) -> list[str]:
-    """The teachers named by ``args.teacher_model_name_or_path`` (a comma-separated list for an ensemble)."""
+    """The teachers named by ``args.teacher_model_name_or_path`` (a comma-separated list for an
+    ensemble).
+
+    Args:
+        args: the run's config (``teacher_model_name_or_path``, may be None).
+
+    Returns:
+        The paths, stripped, empty entries dropped.
+    """
     return [p.strip() for p in (args.teacher_model_name_or_path or "").split(",") if p.strip()]
 
 
@@ -101,11 +132,31 @@ def load_frozen_teacher(
     deepspeed_config: dict | None = None,
     cross_tokenizer: bool = False,
 ):
-    """(teacher, shared vocabulary size or None) for ``source`` (a model, or a path to load as a
-    ``kind`` model): in ``eval()`` with gradients off and its extra outputs off, on ``device`` in
-    ``dtype`` (``auto``: the student's), or -- with a ZeRO-3 ``deepspeed_config`` -- in a DeepSpeed
-    engine of its own.  The vocabulary size is what both logits are sliced to when the two output
-    layers differ only by padding rows (see :func:`lmkd.models.vocabulary.shared_vocab_size`)."""
+    """(teacher, shared vocabulary size or None) for ``source``: in ``eval()`` with gradients off
+    and its extra outputs off, on ``device`` in ``dtype``, or -- with a ZeRO-3
+    ``deepspeed_config`` -- in a DeepSpeed engine of its own.
+
+    The vocabulary size is what both logits are sliced to when the two output layers differ only
+    by padding rows (see :func:`lmkd.models.vocabulary.shared_vocab_size`).
+
+    Args:
+        source: a model, or a path to load as a ``kind`` model.
+        kind: the student's model kind.
+        student: the student (its dtype for ``auto``; its vocabulary for the guard).
+        student_tokenizer: the student's tokenizer.
+        teacher_tokenizer: the teacher's tokenizer (None: loaded from a path ``source`` if there).
+        device: where the teacher goes (not under ZeRO-3).
+        dtype: a torch dtype name, or ``auto``: the student's (the only choice under ZeRO-3).
+        deepspeed_config: the run's DeepSpeed config (None: no DeepSpeed).
+        cross_tokenizer: the teacher has its own tokenizer: no vocabulary guard (size None).
+
+    Returns:
+        (the frozen teacher or its engine, the shared vocabulary size or None).
+
+    Raises:
+        LmkdError: no teacher, a teacher of another kind, a ``dtype`` under ZeRO-3, or
+            vocabularies that do not match.
+    """
     if source is None:
         raise LmkdError(
             "kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "
@@ -147,19 +198,36 @@ def load_frozen_teacher(
 
 
 def zero3_enabled(deepspeed_config: dict | None) -> bool:
-    """Whether a DeepSpeed config (None: no DeepSpeed) partitions parameters (ZeRO stage 3)."""
+    """Whether a DeepSpeed config (None: no DeepSpeed) partitions parameters (ZeRO stage 3).
+
+    Args:
+        deepspeed_config: the DeepSpeed config as a dict, or None.
+
+    Returns:
+        True under ZeRO stage 3.
+    """
     if deepspeed_config is None:
         return False
     return int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
 def deepspeed_teacher(teacher, deepspeed_config: dict):
-    """Under ZeRO-3, ``from_pretrained`` builds every model partitioned (``zero.Init``), the
-    teacher included, so a plain forward would see empty weights.  Wrap the teacher in a
-    DeepSpeed engine of its own -- ZeRO-3, no optimizer -- whose forward gathers each layer's
-    parameters just in time and frees them after, as DeepSpeed inference and TRL's
-    ``prepare_deepspeed`` do.  The engine is never the Trainer's model: not in the optimizer,
-    not saved.  (Under ZeRO-1/2 the teacher is an ordinary full replica and stays unwrapped.)"""
+    """Wrap the teacher in a DeepSpeed engine of its own -- ZeRO-3, no optimizer.
+
+    Under ZeRO-3, ``from_pretrained`` builds every model partitioned (``zero.Init``), the teacher
+    included, so a plain forward would see empty weights.  The engine's forward gathers each
+    layer's parameters just in time and frees them after, as DeepSpeed inference and TRL's
+    ``prepare_deepspeed`` do.  The engine is never the Trainer's model: not in the optimizer, not
+    saved.  (Under ZeRO-1/2 the teacher is an ordinary full replica and stays unwrapped.)
+
+    Args:
+        teacher: the (partitioned) teacher model.
+        deepspeed_config: the run's ZeRO-3 config (copied; its training-only and ``auto``
+            entries are dropped, its bucket sizes derived from the teacher's width).
+
+    Returns:
+        The DeepSpeed engine, in eval mode with gradients off.
+    """
     import deepspeed
 
     config = copy.deepcopy(deepspeed_config)
@@ -209,7 +277,11 @@ def deepspeed_teacher(teacher, deepspeed_config: dict):
 
 @dataclass
 class EnsembleOutput(ModelOutput):
-    """What :class:`EnsembleTeacher` returns: the logits of the mixed distribution."""
+    """What :class:`EnsembleTeacher` returns: the logits of the mixed distribution.
+
+    Attributes:
+        logits: ``tau * log(sum_i w_i * softmax(z_i / tau))``, float32 at least.
+    """
 
     logits: torch.Tensor | None = None
 
@@ -220,10 +292,18 @@ class EnsembleTeacher(nn.Module):
         tau * log( sum_i w_i * softmax(z_i / tau) )
 
     so a temperature-``tau`` KD loss (forward/reverse KL, JSD) sees exactly the weighted average of
-    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  ``temperature``
-    must be the trainer's ``kd_temperature``.  Logit matching (``kd_loss: mse``) is refused: the
-    average of distributions is not an average of logits.  All teachers must be of one model kind
-    with one output size; each is checked against the student's vocabulary by :func:`load_teacher`.
+    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  Logit
+    matching (``kd_loss: mse``) is refused: the average of distributions is not an average of
+    logits.  Each teacher is checked against the student's vocabulary by :func:`load_teacher`.
+
+    Args:
+        teachers: at least two frozen teachers, of one model kind with one output size.
+        weights: one weight > 0 per teacher, normalised to sum 1 (None: equal).
+        temperature: ``tau``; must be the trainer's ``kd_temperature``.
+
+    Raises:
+        LmkdError: fewer than two teachers, bad weights, a temperature <= 0, mixed kinds or
+            output sizes.
     """
 
     def __init__(self, teachers, weights=None, *, temperature: float):
@@ -265,9 +345,25 @@ class EnsembleTeacher(nn.Module):
         return self.teachers[0].get_output_embeddings()
 
     def prepare_decoder_input_ids_from_labels(self, labels):
+        """The decoder inputs the first teacher builds from ``labels`` (seq2seq).
+
+        Args:
+            labels: ``(B, T)`` label ids.
+
+        Returns:
+            The first teacher's decoder input ids.
+        """
         return self.teachers[0].prepare_decoder_input_ids_from_labels(labels=labels)
 
     def forward(self, **inputs) -> EnsembleOutput:
+        """The logits of the teachers' mixed softened distribution.
+
+        Args:
+            **inputs: the batch, passed to every teacher.
+
+        Returns:
+            An :class:`EnsembleOutput`.
+        """
         tau, mix = self.temperature, None
         for w, teacher in zip(self.weights, self.teachers):
             z = teacher(**inputs).logits
@@ -280,8 +376,19 @@ class EnsembleTeacher(nn.Module):
 def load_teacher(args, student, tokenizer):
     """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
     checked against the student's vocabulary), else None (DistillationTrainer loads the one).
-    ``args`` is the run's :class:`lmkd.DistillationConfig`, which has refused the settings an
-    ensemble cannot serve (feature losses, a logit cache, logit matching)."""
+
+    Args:
+        args: the run's :class:`lmkd.DistillationConfig`, which has refused the settings an
+            ensemble cannot serve (feature losses, a logit cache, logit matching).
+        student: the student (its kind and vocabulary).
+        tokenizer: the student's tokenizer.
+
+    Returns:
+        The ensemble, or None (one teacher, or no KD term).
+
+    Raises:
+        LmkdError: a teacher of another kind, or a vocabulary that does not match the student's.
+    """
     paths = teacher_paths(args)
     if len(paths) < 2 or not (args.kd_alpha > 0 or args.uses_features):
         return None
@@ -320,7 +427,25 @@ def attach_logit_cache(
 ):
     """(cache, training data, collator) of a run trained from `lmkd cache-logits` output: each
     training row tagged with its cache row, the cached top-K collated with each batch.  Checks
-    that the cache's token ids fit the student's outputs."""
+    that the cache's token ids fit the student's outputs.
+
+    Args:
+        path: the cache directory.
+        kind: the student's model kind.
+        student: the student (its output size).
+        train_dataset: the tokenised rows the cache was made from (None: not tagged).
+        collator: the run's collator, wrapped.
+        padding_side: the side the collator pads on.
+        what: ``training`` or ``validation``, for the errors.
+
+    Returns:
+        (the :class:`lmkd.teacher.logit_cache.LogitCache`, the tagged data, a
+        :class:`lmkd.teacher.logit_cache.CachedLogitsCollator`).
+
+    Raises:
+        LmkdError: the data are not a ``datasets.Dataset`` or do not match the cache, or the cache
+            holds a token id beyond the student's outputs.
+    """
     cache = logit_cache.LogitCache(path)
     if train_dataset is not None:
         if not hasattr(train_dataset, "column_names"):
@@ -342,9 +467,28 @@ def attach_logit_caches(
     args, *, kind: str, student, train_dataset, eval_dataset, collator, padding_side: str = "right"
 ):
     """(training data, collator, validation data, validation collator or None) of a run trained from
-    ``args.logit_cache`` (:func:`attach_logit_cache`).  With a KD term, validation data need
-    ``args.eval_logit_cache`` too: eval_loss is the training loss's CE + KD mix with an online
-    teacher, and without the teacher's logits on the validation data it would silently be CE alone."""
+    ``args.logit_cache`` (:func:`attach_logit_cache`).
+
+    With a KD term, validation data need ``args.eval_logit_cache`` too: eval_loss is the training
+    loss's CE + KD mix with an online teacher, and without the teacher's logits on the validation
+    data it would silently be CE alone.
+
+    Args:
+        args: the run's config (``logit_cache``, ``eval_logit_cache``, ``kd_alpha``).
+        kind: the student's model kind.
+        student: the student.
+        train_dataset: the tokenised training rows.
+        eval_dataset: the tokenised validation rows, or None.
+        collator: the run's collator.
+        padding_side: the side the collator pads on.
+
+    Returns:
+        (training data, training collator, validation data, validation collator or None).
+
+    Raises:
+        LmkdError: validation data with a KD term but no ``eval_logit_cache``, a dict of
+            validation sets, or as :func:`attach_logit_cache`.
+    """
     _, train_dataset, train_collator = attach_logit_cache(
         args.logit_cache,
         kind=kind,
@@ -377,8 +521,15 @@ def attach_logit_caches(
 
 
 def check_cross_tokenizer_kind(kind: str) -> None:
-    """Cross-tokenizer KD (``teacher_tokenizer``) aligns the positions of generated text (a causal LM's
-    tokens, a seq2seq decoder's targets); refuse the kinds that generate none."""
+    """Cross-tokenizer KD (``teacher_tokenizer``) aligns the positions of generated text (a causal
+    LM's tokens, a seq2seq decoder's targets); refuse the kinds that generate none.
+
+    Args:
+        kind: the student's model kind.
+
+    Raises:
+        LmkdError: ``kind`` is neither causal nor seq2seq.
+    """
     if kind not in (CAUSAL, SEQ2SEQ):
         raise LmkdError(
             f"teacher_tokenizer (cross-tokenizer KD) works with causal LMs and seq2seq models, not "
@@ -390,10 +541,25 @@ def check_cross_tokenizer_kind(kind: str) -> None:
 def attach_teacher_tokenizer(
     collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer, kd_loss: str
 ):
-    """(collator, shared token ids or None) of cross-tokenizer KD with ``teacher_tokenizer`` (a
-    tokenizer, or the path to load it from): the collator re-tokenises each batch for the teacher and
-    aligns the positions (:class:`lmkd.teacher.cross_tokenizer.CrossTokenizerCollator`); ``kd_loss`` uld_hybrid
-    also gets the (student ids, teacher ids) of the token strings both vocabularies hold."""
+    """(collator, shared token ids or None) of cross-tokenizer KD with ``teacher_tokenizer``: the
+    collator re-tokenises each batch for the teacher and aligns the positions
+    (:class:`lmkd.teacher.cross_tokenizer.CrossTokenizerCollator`); ``kd_loss`` uld_hybrid also
+    gets the (student ids, teacher ids) of the token strings both vocabularies hold.
+
+    Args:
+        collator: the student's collator, wrapped.
+        kind: the student's model kind (causal or seq2seq).
+        student_tokenizer: the student's fast tokenizer.
+        teacher: the teacher (its input and target length limits).
+        teacher_tokenizer: a fast tokenizer, or the path to load it from.
+        kd_loss: the run's KD loss.
+
+    Returns:
+        (the wrapping collator, the shared (student ids, teacher ids) or None).
+
+    Raises:
+        LmkdError: a kind that generates no text, or a tokenizer that is not fast.
+    """
     check_cross_tokenizer_kind(kind)
     t_tok = (
         load_tokenizer(teacher_tokenizer)

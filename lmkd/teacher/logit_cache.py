@@ -84,7 +84,15 @@ SAMPLE_ARRAYS = ("sample_ids", "sample_logprobs")
 
 
 def id_dtype(vocab: int):
-    """The numpy dtype a cache stores token ids of a ``vocab``-sized vocabulary in (uint16 when it fits)."""
+    """The numpy dtype a cache stores token ids of a ``vocab``-sized vocabulary in (uint16 when it
+    fits).
+
+    Args:
+        vocab: the vocabulary size.
+
+    Returns:
+        ``np.uint16`` for at most 65536 ids, else ``np.int32``.
+    """
     return np.uint16 if vocab <= 65536 else np.int32
 
 
@@ -118,7 +126,14 @@ def _lp_from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
 def cache_teacher(path: str) -> str | None:
     """The teacher directory a cache was made with, when it is still there (its position tables
-    decide how the cached data were truncated); None otherwise."""
+    decide how the cached data were truncated); None otherwise.
+
+    Args:
+        path: the cache directory.
+
+    Returns:
+        The teacher's directory (it has a ``config.json``), or None.
+    """
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         return None
@@ -128,7 +143,15 @@ def cache_teacher(path: str) -> str | None:
 
 
 class LogitCache:
-    """A cache directory opened for reading: shards memory-mapped, rows looked up by number."""
+    """A cache directory opened for reading: shards memory-mapped, rows looked up by number.
+
+    Args:
+        path: the cache directory written by ``lmkd cache-logits``.
+
+    Raises:
+        LmkdError: ``path`` has no ``meta.json``, is of another format version, or lacks a shard
+            (an unfinished cache).
+    """
 
     def __init__(self, path: str):
         meta_path = os.path.join(path, "meta.json")
@@ -166,12 +189,27 @@ class LogitCache:
         self.positions = sum(int(s["offsets"][-1]) for s in self.shards)
 
     def row(self, i: int):
-        """(tokens, ids, logprobs, tail) numpy views of data row ``i``."""
+        """(tokens, ids, logprobs, tail) numpy views of data row ``i``.
+
+        Args:
+            i: the data row's number.
+
+        Returns:
+            The row's target tokens ``(P,)``, top-K ids and log-probs ``(P, K)`` and tail mass
+            ``(P,)``.
+        """
         s, sl = self._where(i)
         return s["tokens"][sl], s["ids"][sl], s["logprobs"][sl], s["tail"][sl]
 
     def samples(self, i: int):
-        """(sample ids, sample logprobs) numpy views of data row ``i`` (a cache with tail samples)."""
+        """(sample ids, sample logprobs) numpy views of data row ``i`` (a cache with tail samples).
+
+        Args:
+            i: the data row's number.
+
+        Returns:
+            The row's sampled tail ids and their log-probs, ``(P, M)`` each.
+        """
         s, sl = self._where(i)
         return s["sample_ids"][sl], s["sample_logprobs"][sl]
 
@@ -185,7 +223,21 @@ class LogitCache:
 
 def attach_cache(ds, cache: LogitCache | str, kind: str, what: str = "training"):
     """``ds`` (the tokenised training data) with a :data:`CACHE_ROW` column, after checking row by
-    row that it is tokenised exactly as the cache was (same rows, same target tokens)."""
+    row that it is tokenised exactly as the cache was (same rows, same target tokens).
+
+    Args:
+        ds: the tokenised rows (returned as they are when they already have the column).
+        cache: the cache, or its directory.
+        kind: the student's model kind.
+        what: ``training`` or ``validation``, for the errors.
+
+    Returns:
+        ``ds`` with each row's cache row number.
+
+    Raises:
+        LmkdError: the cache was made for another kind, the row counts differ, or a row is
+            tokenised differently.
+    """
     if isinstance(cache, str):
         cache = LogitCache(cache)
     if cache.kind != kind:
@@ -215,7 +267,15 @@ def attach_cache(ds, cache: LogitCache | str, kind: str, what: str = "training")
 class CachedLogitsCollator:
     """Wraps a collator: pops :data:`CACHE_ROW` from each example and adds the cached top-K of the
     batch as ``(B, P, K)`` tensors aligned with the KD positions (the logits' leading shape after
-    the causal shift), padded on the tokenizer's side, plus a ``(B, P)`` mask of cached positions."""
+    the causal shift), padded on the tokenizer's side, plus a ``(B, P)`` mask of cached positions.
+
+    A batch with an example lacking :data:`CACHE_ROW` is collated as it is.
+
+    Args:
+        collator: the run's collator.
+        cache: the cache, or its directory.
+        padding_side: the side the collator pads on (``right`` or ``left``).
+    """
 
     def __init__(self, collator, cache: LogitCache | str, padding_side: str = "right"):
         self.collator = collator
@@ -263,7 +323,18 @@ class CachedLogitsCollator:
 
 
 def batch_topk(inputs: dict, kd_mask: torch.Tensor) -> TopK:
-    """The cached teacher of a batch at the KD positions (flattened, in order)."""
+    """The cached teacher of a batch at the KD positions (flattened, in order).
+
+    Args:
+        inputs: the batch, with the keys :class:`CachedLogitsCollator` adds.
+        kd_mask: ``(B, P)`` KD positions.
+
+    Returns:
+        A :class:`lmkd.losses.TopK` of the ids, log-probs, tail and (if cached) tail samples.
+
+    Raises:
+        LmkdError: the cache does not cover every KD position.
+    """
     cached = inputs[MASK]
     if cached.shape != kd_mask.shape or bool((kd_mask & ~cached).any()):
         raise LmkdError(

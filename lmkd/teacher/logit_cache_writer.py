@@ -35,7 +35,20 @@ def _lp_to_numpy(lp: torch.Tensor, dtype: str) -> np.ndarray:
 def teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
     """(ids, logprobs, tail, sample ids, sample logprobs) per KD position of a padded batch, rows
     in order, positions in order; ``tail_samples`` ids per position drawn with replacement from
-    the teacher's distribution outside its top-K (None when 0)."""
+    the teacher's distribution outside its top-K (None when 0).
+
+    Args:
+        teacher: the teacher model.
+        kind: its model kind (seq2seq or causal).
+        batch: the padded batch on the teacher's device (``labels`` for seq2seq).
+        top_k: log-probs kept per position.
+        tail_samples: ids drawn per position from the renormalised tail (0: none).
+        generator: the torch generator the samples are drawn with.
+
+    Returns:
+        The top-K ids and log-probs ``(N, K)``, the tail's log-mass ``(N,)``, and the sampled ids
+        and their log-probs ``(N, M)`` or None, for the ``N`` KD positions.
+    """
     fwd = {k: v for k, v in batch.items() if k != "labels"}
     if kind == SEQ2SEQ:
         fwd["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(
@@ -66,7 +79,12 @@ def teacher_topk(teacher, kind, batch, top_k, tail_samples=0, generator=None):
 
 def write_shard(path: str, arrays: dict) -> None:
     """Write one shard directory (``name.npy`` per array) atomically: into ``path.tmp``, which
-    replaces ``path`` once complete, so an interrupted run leaves no half-written shard."""
+    replaces ``path`` once complete, so an interrupted run leaves no half-written shard.
+
+    Args:
+        path: the shard's directory.
+        arrays: array name -> numpy array.
+    """
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -114,6 +132,31 @@ def cache_logits(
     (:func:`lmkd.teacher.logit_cache.cache_teacher`).  Returns a summary dict (with
     ``truncation``: the rows cut, :func:`lmkd.models.truncation.truncation_note`).  A tqdm bar counts the
     rows the teacher has read (``progress``: None shows it on a terminal only, as tqdm decides).
+    Shards already written are kept, so rerunning the same command finishes an interrupted cache.
+
+    Args:
+        teacher_path: the teacher's directory or hub id.
+        data_args: the data arguments (task, columns, lengths, prefix, ``max_train_samples``).
+        output: the cache directory.
+        top_k: log-probs kept per position (>= 1, at most the vocabulary).
+        batch_size: rows per teacher forward (>= 1).
+        shard_rows: rows per shard (>= 1).
+        logprob_dtype: how log-probs are stored (one of :data:`LOGPROB_DTYPES`).
+        teacher_dtype: the teacher's dtype (``auto``: as saved).
+        device: the device (None: the best available).
+        overwrite: replace a cache made with other settings, or a directory that is none.
+        tail_samples: token ids per position drawn from outside the top-K (0: none).
+        seed: seeds the tail samples (per shard).
+        progress: show the progress bar (None: on a terminal only).
+
+    Returns:
+        A summary: ``output``, ``rows``, ``positions``, ``shards``, ``shards_skipped``,
+        ``top_k``, ``tail_samples``, ``bytes``, ``bytes_per_position`` and ``truncation``.
+
+    Raises:
+        LmkdError: a task other than seq2seq or causal-lm, a setting out of range, unreadable
+            data, or an ``output`` that holds something else (without ``overwrite``) or cannot
+            be written.
     """
     from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq

@@ -27,7 +27,36 @@ FORMATS = ("arrow", "jsonl")
 
 @dataclass
 class GenerationSettings:
-    """Everything that decides the generated rows (recorded next to the output)."""
+    """Everything that decides the generated rows (recorded next to the output; a resumed run must
+    have the same).
+
+    Attributes:
+        teacher: the teacher's path or name.
+        data_rows: the number of input rows.
+        data_sha256: the SHA-256 of the prefixed inputs.
+        source_column: the input column.
+        source_prefix: text put before every input.
+        max_source_length: inputs are cut to this many tokens.
+        num_beams: beams (1 when sampling).
+        num_return_sequences: hypotheses kept per row (<= ``num_beams`` for beam search).
+        max_new_tokens: the most tokens generated per row.
+        do_sample: sample instead of beam search.
+        temperature: the sampling temperature.
+        top_k: sample from the K likeliest tokens only (None: all).
+        top_p: nucleus sampling's mass (None: off).
+        seed: seeds the sampling.
+        length_penalty: beam search's length penalty.
+        no_repeat_ngram_size: forbid repeating n-grams of this size (0: off).
+        repetition_penalty: the penalty on repeated tokens.
+        dtype: the teacher's dtype.
+        chunk_size: rows per chunk.
+        sort_by_length: the longest rows are generated first.
+        select: ``seq-inter``, or None.
+        reference_column: the references for ``select`` and the filter.
+        filter_metric: the sentence metric filtered on, or None.
+        filter_min: the lowest score kept.
+        output_format: ``arrow`` or ``jsonl``.
+    """
 
     teacher: str
     data_rows: int
@@ -163,7 +192,14 @@ def merge(
 
 
 def load_generated(output_dir: str):
-    """The generated dataset in ``output_dir`` (either format) as a ``datasets.Dataset``."""
+    """The generated dataset in ``output_dir`` (either format) as a ``datasets.Dataset``.
+
+    Args:
+        output_dir: the directory ``lmkd generate`` wrote.
+
+    Returns:
+        Its rows (:data:`JSONL_FILE` when there, else the saved arrow dataset).
+    """
     import datasets
 
     path = os.path.join(output_dir, JSONL_FILE)

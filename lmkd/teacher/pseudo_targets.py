@@ -141,6 +141,48 @@ def generate_pseudo_targets(
     ``on_chunk``, when given, is called after each chunk this process generates is durably written,
     with the number of chunks this call has written so far (a progress hook; what it raises stops
     the run as a kill would, and the same call resumes it).
+
+    Args:
+        teacher: a seq2seq or causal checkpoint path, or a model object.
+        tokenizer: the teacher's tokenizer (needed with a model object; None: loaded from the
+            path).
+        data: a file/dir, a ``datasets.Dataset`` or a list of dicts.
+        output_dir: the output directory (resumed when it holds the same settings).
+        source_column: the input column.
+        source_prefix: text put before every input.
+        max_source_length: inputs are cut to this many tokens (and the teacher's table).
+        num_beams: beams (None: 5, or 1 with ``do_sample``).
+        num_return_sequences: hypotheses kept per row (K > 1: an n-best list).
+        max_new_tokens: the most tokens generated per row.
+        do_sample: sample instead of beam search.
+        temperature: the sampling temperature (> 0).
+        top_k: sample from the K likeliest tokens only (None: all).
+        top_p: nucleus sampling's mass (None: off).
+        seed: seeds the sampling.
+        length_penalty: beam search's length penalty.
+        no_repeat_ngram_size: forbid repeating n-grams of this size (0: off).
+        repetition_penalty: the penalty on repeated tokens (1: none).
+        batch_size: rows per batch (None: ``max_tokens`` alone decides).
+        max_tokens: the most tokens per batch (None: ``batch_size`` alone decides).
+        chunk_size: rows per durably written chunk (the unit of resuming).
+        output_format: ``arrow`` or ``jsonl``.
+        select: ``seq-inter`` (Seq-Inter among the n-best), or None.
+        reference_column: the references for ``select`` and the filter.
+        filter_metric: drop rows whose sentence score (this metric) is below ``filter_min``.
+        filter_min: the lowest score kept (0-100).
+        dtype: the teacher's dtype (``auto``, float32, bfloat16 or float16).
+        sort_by_length: generate the longest rows first (less padding).
+        overwrite: start again in a directory made with other settings or holding other files.
+        progress: show the progress bar.
+        on_chunk: called with the chunks written so far, after each chunk.
+
+    Returns:
+        The report described above.
+
+    Raises:
+        LmkdError: no data or output directory, a setting out of range or inconsistent, a
+            teacher that does not generate, empty data, a missing column, or an output
+            directory made with other settings (without ``overwrite``).
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm

@@ -20,7 +20,17 @@ def seq_inter_select(
 ) -> tuple[list[int], int]:
     """Seq-Inter (Kim & Rush): for each row, the index in its n-best list of the hypothesis with the
     highest sentence-BLEU against the reference (ties go to the teacher's higher-ranked one).
-    Returns (chosen indices, number of rows whose choice is not the teacher's best)."""
+
+    Args:
+        nbest: per row, the teacher's hypotheses, best first.
+        references: per row, its reference.
+
+    Returns:
+        (chosen indices, number of rows whose choice is not the teacher's best).
+
+    Raises:
+        LmkdError: the two lengths differ, or an n-best list is empty.
+    """
     if len(nbest) != len(references):
         raise LmkdError(
             f"{len(nbest)} n-best lists but {len(references)} references; give one reference per row"
@@ -35,7 +45,15 @@ def seq_inter_select(
 
 
 def filter_below(scores: Sequence[float], minimum: float) -> list[int]:
-    """Indices of the rows to keep: those whose score is at least ``minimum``."""
+    """Indices of the rows to keep: those whose score is at least ``minimum``.
+
+    Args:
+        scores: per row, its score.
+        minimum: the lowest score kept.
+
+    Returns:
+        The kept rows' indices, in order.
+    """
     return [i for i, s in enumerate(scores) if s >= minimum]
 
 
@@ -47,8 +65,26 @@ def select_and_filter(
     filter_min: float | None = None,
 ) -> tuple[list[dict], dict]:
     """Apply Seq-Inter and/or a filter to generated rows (dicts with ``teacher_target`` and, for
-    Seq-Inter, ``teacher_nbest``/``teacher_nbest_scores``).  Returns (rows, report) where the
-    report says how many rows were changed and dropped."""
+    Seq-Inter, ``teacher_nbest``/``teacher_nbest_scores``).
+
+    Seq-Inter sets each row's ``teacher_target``, ``teacher_score`` and ``teacher_rank`` in place;
+    the filter sets ``teacher_<metric>``.
+
+    Args:
+        rows: the generated rows.
+        select: ``seq-inter``, or None.
+        reference_column: the rows' reference column (needed by both).
+        filter_metric: a sentence metric (:data:`FILTER_METRICS`) to filter on, or None.
+        filter_min: the lowest score kept (0-100; goes with ``filter_metric``).
+
+    Returns:
+        (rows, report) where the report says how many rows came in, were changed and dropped,
+        and went out.
+
+    Raises:
+        LmkdError: no ``reference_column`` (or the rows lack it), an unknown selection, Seq-Inter
+            without n-best lists, or one of ``filter_metric`` / ``filter_min`` without the other.
+    """
     report: dict = {"rows_in": len(rows)}
     if (select or filter_metric) and not reference_column:
         raise LmkdError(
