@@ -18,10 +18,12 @@ MLM-distil + task KD:
             and the eval of every model, as soon as it is ready
          -> the best student exported for serving, its eval -> speed -> report
 
-Every student trains until its validation CE stops improving (early stopping with patience,
-``student_steps`` the cap; :class:`~lmkd.study.stopping.StoppingRule`) and keeps its best weights;
-its stage holds ``train_log.json`` (steps, stopped early or not, the validation curve).
-``--seeds N`` trains every student variant with N seeds.
+Every student learns from the whole training set and trains until the task metric of its greedy
+outputs on the validation rows stops improving (BLEU / ROUGE-L / accuracy; early stopping with
+patience, ``student_steps`` the cap; :class:`~lmkd.study.stopping.StoppingRule`) and keeps its best
+weights; its stage holds ``train_log.json`` (steps, stopped early or not, the validation curve).
+``--seeds N`` trains every student variant with N seeds (default: the budget's); a verdict must
+survive their spread.
 
 Every stage lives in ``OUTPUT/stages/NAME`` (:mod:`.stages`): it is written to a temp dir and renamed into place
 when it finishes, with a ``stage.json`` holding the hash of the options it depends on (its own

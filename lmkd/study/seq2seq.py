@@ -3,7 +3,7 @@
 transfer rows -> transfer set (teacher beam outputs + n-best, Seq-Inter choice)
 -> student init (one per size and seed, saved once, copied by every variant)
 -> baseline | word-kd | seq-kd | seq-kd+word-kd | seq-inter   (one stage each, per seed;
-   each trained until its validation CE stops improving, within the budget's cap)
+   each trained until its validation task metric stops improving, within the budget's cap)
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ def seq2seq_students(
                         if word
                         else ""
                     )
-                    + f", until its validation CE stops improving (at most {plan.student_steps} steps)"
+                    + f", until its validation {stopping.metric.removeprefix('eval_')} stops improving"
+                    + f" (at most {plan.student_steps} steps)"
                 )
                 # an online Word-KD step also runs the teacher: 2.5x a plain one; from the cache about 1.05x
                 cost = (1.2 if caches else 2.0) if word else 1.0
