@@ -472,7 +472,7 @@ def test_two_processes_equal_one_with_hint_projections(tiny_model_dir, tokenizer
 
 
 def test_teacher_ensemble_is_refused_for_feature_losses(tokenizer, tmp_path):
-    from lmkd.teacher.frozen import EnsembleTeacher
+    from lmkd.teacher.ensemble import EnsembleTeacher
 
     teachers = [build_model("bert", len(tokenizer), seed=s, layers=1) for s in (1, 2)]
     with pytest.raises(LmkdError, match="one Hugging Face teacher model"):

@@ -16,7 +16,7 @@ from lmkd.data.collators import collator_for
 from lmkd.data.dataset import DataArguments
 from lmkd.data.tokenizing import tokenize
 from lmkd.models.scratch import build_model
-from lmkd.teacher.frozen import EnsembleTeacher
+from lmkd.teacher.ensemble import EnsembleTeacher
 from lmkd.train.regimes import (
     LABELLED,
     ON_POLICY,

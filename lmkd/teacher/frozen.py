@@ -1,14 +1,14 @@
-"""The teacher side of a run: loading, placing and freezing a teacher, DeepSpeed ZeRO-3's teacher
-engine, teacher ensembles, and wiring a cached teacher (``lmkd cache-logits``) into a trainer.
+"""The teacher side of a run: loading, placing and freezing a teacher, and wiring a cached teacher
+(``lmkd cache-logits``) or a teacher of another tokenizer into a trainer.
 
 Layer 3: takes plain values and a training-arguments object (read, never imported), so that the
 trainer (layer 4) calls it and not the other way round.
 
 * :func:`load_frozen_teacher` -- a model or path -> the frozen teacher on the student's device in
   ``teacher_dtype``, with the vocabulary guard (:func:`lmkd.models.vocabulary.shared_vocab_size`);
-* :func:`zero3_enabled` / :func:`deepspeed_teacher` -- under ZeRO-3 the teacher runs in a
-  DeepSpeed inference engine of its own;
-* :class:`EnsembleTeacher` / :func:`load_teacher` -- several teachers acting as one;
+  under ZeRO-3 in a DeepSpeed inference engine of its own (:mod:`lmkd.teacher.deepspeed_engine`);
+* :func:`check_teacher_kind`, :func:`teacher_paths`, :func:`forward_at_floor` -- also what the
+  teacher ensembles of :mod:`lmkd.teacher.ensemble` are built with;
 * :func:`attach_logit_cache` / :func:`attach_logit_caches` -- the training (and validation)
   data and collators of a run trained from a cache;
 * :func:`attach_teacher_tokenizer` -- the collator of a teacher with another tokenizer
@@ -17,22 +17,17 @@ trainer (layer 4) calls it and not the other way round.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-from dataclasses import dataclass
 
 import torch
-from torch import nn
-from transformers.utils import ModelOutput
 
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.losses import at_least_float32
 from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, unwrap
 from lmkd.models.truncation import input_limit, target_limit
 from lmkd.models.vocabulary import shared_vocab_size, vocab_size_of
 from lmkd.teacher import cross_tokenizer, logit_cache
+from lmkd.teacher.deepspeed_engine import deepspeed_teacher, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -195,221 +190,6 @@ def load_frozen_teacher(
         else shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
     )
     return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
-
-
-def zero3_enabled(deepspeed_config: dict | None) -> bool:
-    """Whether a DeepSpeed config (None: no DeepSpeed) partitions parameters (ZeRO stage 3).
-
-    Args:
-        deepspeed_config: the DeepSpeed config as a dict, or None.
-
-    Returns:
-        True under ZeRO stage 3.
-    """
-    if deepspeed_config is None:
-        return False
-    return int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
-
-
-def deepspeed_teacher(teacher, deepspeed_config: dict):
-    """Wrap the teacher in a DeepSpeed engine of its own -- ZeRO-3, no optimizer.
-
-    Under ZeRO-3, ``from_pretrained`` builds every model partitioned (``zero.Init``), the teacher
-    included, so a plain forward would see empty weights.  The engine's forward gathers each
-    layer's parameters just in time and frees them after, as DeepSpeed inference and TRL's
-    ``prepare_deepspeed`` do.  The engine is never the Trainer's model: not in the optimizer, not
-    saved.  (Under ZeRO-1/2 the teacher is an ordinary full replica and stays unwrapped.)
-
-    Args:
-        teacher: the (partitioned) teacher model.
-        deepspeed_config: the run's ZeRO-3 config (copied; its training-only and ``auto``
-            entries are dropped, its bucket sizes derived from the teacher's width).
-
-    Returns:
-        The DeepSpeed engine, in eval mode with gradients off.
-    """
-    import deepspeed
-
-    config = copy.deepcopy(deepspeed_config)
-    for key in (
-        "optimizer",
-        "scheduler",
-    ):  # training-only; an engine without them optimises nothing
-        config.pop(key, None)
-    zero = config.setdefault("zero_optimization", {})
-    for key in ("offload_optimizer", "stage3_gather_16bit_weights_on_model_save"):
-        zero.pop(key, None)
-    cfg = unwrap(teacher).config
-    hidden = getattr(
-        cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "hidden_size", None
-    )
-    if isinstance(
-        hidden, int
-    ):  # the values the Trainer derives for the student, from the teacher's width
-        zero.update(
-            reduce_bucket_size=hidden * hidden,
-            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-            stage3_param_persistence_threshold=10 * hidden,
-        )
-
-    def settle(
-        node,
-    ):  # "auto" values left are the Trainer's to fill for the student: DeepSpeed defaults here
-        for k in [k for k, v in node.items() if v == "auto"]:
-            del node[k]
-        for v in node.values():
-            if isinstance(v, dict):
-                settle(v)
-
-    settle(config)
-    engine, *_ = deepspeed.initialize(model=teacher, config=config)
-    engine.eval()
-    engine.requires_grad_(False)
-    logger.info(
-        "DeepSpeed ZeRO-3: the teacher runs in its own inference engine (parameters partitioned, "
-        "gathered layer by layer for its forward)"
-    )
-    return engine
-
-
-# ---- teacher ensembles ---------------------------------------------------------------------------
-
-
-@dataclass
-class EnsembleOutput(ModelOutput):
-    """What :class:`EnsembleTeacher` returns: the logits of the mixed distribution.
-
-    Attributes:
-        logits: ``tau * log(sum_i w_i * softmax(z_i / tau))``, float32 at least.
-    """
-
-    logits: torch.Tensor | None = None
-
-
-class EnsembleTeacher(nn.Module):
-    """Several frozen teachers acting as one: ``forward`` returns the logits
-
-        tau * log( sum_i w_i * softmax(z_i / tau) )
-
-    so a temperature-``tau`` KD loss (forward/reverse KL, JSD) sees exactly the weighted average of
-    the teachers' softened distributions (``softmax(logits / tau)`` is that average).  Logit
-    matching (``kd_loss: mse``) is refused: the average of distributions is not an average of
-    logits.  Each teacher is checked against the student's vocabulary by :func:`load_teacher`.
-
-    Args:
-        teachers: at least two frozen teachers, of one model kind with one output size.
-        weights: one weight > 0 per teacher, normalised to sum 1 (None: equal).
-        temperature: ``tau``; must be the trainer's ``kd_temperature``.
-
-    Raises:
-        LmkdError: fewer than two teachers, bad weights, a temperature <= 0, mixed kinds or
-            output sizes.
-    """
-
-    def __init__(self, teachers, weights=None, *, temperature: float):
-        super().__init__()
-        teachers = list(teachers)
-        if len(teachers) < 2:
-            raise LmkdError("a teacher ensemble needs at least two teachers")
-        weights = [1.0] * len(teachers) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(teachers) or any(not w > 0 for w in weights):
-            raise LmkdError(
-                f"give one weight > 0 per teacher ({len(teachers)} teachers, weights {weights})"
-            )
-        if not temperature > 0:
-            raise LmkdError(f"temperature must be > 0, got {temperature}")
-        kinds = {model_kind(t) for t in teachers}
-        if len(kinds) > 1:
-            raise LmkdError(
-                f"the ensemble mixes model kinds ({', '.join(sorted(kinds))}); use teachers of one kind"
-            )
-        sizes = [vocab_size_of(t) for t in teachers]
-        if len(set(sizes)) > 1:
-            raise LmkdError(
-                f"the ensemble's teachers have different output sizes {sizes}; use teachers with one "
-                "vocabulary (or label set) of one size"
-            )
-        self.teachers = nn.ModuleList(teachers)
-        total = sum(weights)
-        self.weights = [w / total for w in weights]
-        self.temperature = float(temperature)
-        self.lmkd_kind = kinds.pop()  # lmkd.models.loading.model_kind reads this
-        for t in teachers:
-            forward_at_floor(t)
-
-    @property
-    def config(self):
-        return self.teachers[0].config
-
-    def get_output_embeddings(self):
-        return self.teachers[0].get_output_embeddings()
-
-    def prepare_decoder_input_ids_from_labels(self, labels):
-        """The decoder inputs the first teacher builds from ``labels`` (seq2seq).
-
-        Args:
-            labels: ``(B, T)`` label ids.
-
-        Returns:
-            The first teacher's decoder input ids.
-        """
-        return self.teachers[0].prepare_decoder_input_ids_from_labels(labels=labels)
-
-    def forward(self, **inputs) -> EnsembleOutput:
-        """The logits of the teachers' mixed softened distribution.
-
-        Args:
-            **inputs: the batch, passed to every teacher.
-
-        Returns:
-            An :class:`EnsembleOutput`.
-        """
-        tau, mix = self.temperature, None
-        for w, teacher in zip(self.weights, self.teachers):
-            z = teacher(**inputs).logits
-            z = at_least_float32(z)
-            lp = torch.log_softmax(z / tau, dim=-1) + math.log(w)
-            mix = lp if mix is None else torch.logaddexp(mix, lp)
-        return EnsembleOutput(logits=tau * mix)
-
-
-def load_teacher(args, student, tokenizer):
-    """An :class:`EnsembleTeacher` when ``teacher_model_name_or_path`` lists several teachers (each
-    checked against the student's vocabulary), else None (DistillationTrainer loads the one).
-
-    Args:
-        args: the run's :class:`lmkd.DistillationConfig`, which has refused the settings an
-            ensemble cannot serve (feature losses, a logit cache, logit matching).
-        student: the student (its kind and vocabulary).
-        tokenizer: the student's tokenizer.
-
-    Returns:
-        The ensemble, or None (one teacher, or no KD term).
-
-    Raises:
-        LmkdError: a teacher of another kind, or a vocabulary that does not match the student's.
-    """
-    paths = teacher_paths(args)
-    if len(paths) < 2 or not (args.kd_alpha > 0 or args.uses_features):
-        return None
-    kind = model_kind(student)
-    teachers = []
-    for path in paths:
-        teacher = load_model(path, kind=kind)
-        check_teacher_kind(teacher, kind, path)
-        if model_kind(teacher) != kind:
-            raise LmkdError(
-                f"teacher {path} is a {model_kind(teacher)} model but the student a {kind} model"
-            )
-        shared_vocab_size(
-            student, teacher, tokenizer, load_tokenizer(path, required=False)
-        )  # raises on a mismatch
-        teachers.append(teacher)
-    weights = [float(w) for w in args.teacher_weights.split(",")] if args.teacher_weights else None
-    logger.info(
-        "teacher ensemble of %d: %s (weights %s)", len(paths), ", ".join(paths), weights or "equal"
-    )
-    return EnsembleTeacher(teachers, weights, temperature=args.kd_temperature)
 
 
 # ---- the cached teacher (lmkd.teacher.logit_cache) -------------------------------------------------------

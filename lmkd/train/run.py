@@ -21,7 +21,7 @@ from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import check_model_path, load_config, load_model, load_tokenizer
 from lmkd.models.vocabulary import check_same_tokenizer
 from lmkd.scoring.metrics import compute_metrics_for
-from lmkd.teacher import frozen, logit_cache
+from lmkd.teacher import ensemble, frozen, logit_cache
 from lmkd.train import card, regimes
 from lmkd.train.card import RESULTS_NAME
 from lmkd.train.config import DistillationConfig
@@ -170,7 +170,7 @@ def run_distill(
     teacher_model = (
         teacher_model
         if teacher_model is not None
-        else frozen.load_teacher(args, student, tokenizer)
+        else ensemble.load_teacher(args, student, tokenizer)
     )
     readers = data_readers(args, student, teacher_model)
     notes: dict[str, list] = {"train": [], "validation": [], "transfer": []}

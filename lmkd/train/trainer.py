@@ -24,7 +24,7 @@ from lmkd.core.errors import LmkdError
 from lmkd.core.io import nothing_left_on_error
 from lmkd.data import positions
 from lmkd.models.loading import model_kind, unwrap
-from lmkd.teacher import cross_tokenizer, frozen, logit_cache
+from lmkd.teacher import cross_tokenizer, deepspeed_engine, ensemble, frozen, logit_cache
 from lmkd.train import card
 from lmkd.train.batch_counts import AccumulatedCounts
 from lmkd.train.config import DistillationConfig
@@ -225,17 +225,17 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     @property
     def zero3(self) -> bool:
         """Whether this run uses DeepSpeed ZeRO stage 3 (parameters partitioned across processes)."""
-        return frozen.zero3_enabled(self._deepspeed_config())
+        return deepspeed_engine.zero3_enabled(self._deepspeed_config())
 
     def _setup_teacher(self, teacher, teacher_tokenizer) -> None:
         ds_config = self._deepspeed_config()
         if (
             teacher is None and len(frozen.teacher_paths(self.args)) > 1
         ):  # teacher_model_name_or_path: a,b
-            teacher = frozen.load_teacher(
+            teacher = ensemble.load_teacher(
                 self.args, self.model, self.processing_class
             )  # (+ teacher_weights)
-        if isinstance(teacher, frozen.EnsembleTeacher):
+        if isinstance(teacher, ensemble.EnsembleTeacher):
             if teacher.temperature != self.args.kd_temperature:
                 raise LmkdError(
                     f"EnsembleTeacher(temperature={teacher.temperature}) must use the trainer's "

@@ -8,7 +8,7 @@
   target tokens to train on: either give an unlabelled seq2seq transfer set the teacher's outputs with ``lmkd
   generate`` and distil on them (sequence-level KD), or train on the inputs alone on-policy
   (``on_policy_fraction: 1``: the targets are the student's own samples, scored by the teacher).
-* **Teacher ensembles**: :class:`lmkd.teacher.frozen.EnsembleTeacher` averages several teachers' softened
+* **Teacher ensembles**: :class:`lmkd.teacher.ensemble.EnsembleTeacher` averages several teachers' softened
   distributions; ``teacher_model_name_or_path: a,b`` (+ ``teacher_weights``) builds one.
 * **Born-again networks** (Furlanello et al. 2018): ``rounds: N`` (:func:`run_born_again`, a
   driver of whole runs, :mod:`lmkd.train.regimes.born_again`).
