@@ -228,7 +228,8 @@ def run(ns) -> None:
     Returns:
         None.
     """
-    from lmkd.compress.run import REPORT_JSON, REPORT_MD, compress_model
+    from lmkd.compress.run import compress_model
+    from lmkd.compress.summary import REPORT_JSON, REPORT_MD
 
     check_task_fits(ns.model, ns.task)
 

@@ -12,7 +12,7 @@ The body of ``lmkd compress`` (and what ``lmkd study``'s compress stage calls). 
    ``DIR/ct2-int8`` (seq2seq, causal LMs), ``DIR/onnx-int8`` (classifiers), ...;
 4. **measure** every model -- teacher, student, pruned, fine-tuned, each export -- with
    :func:`lmkd.evaluate.run.evaluate_models` in one run (one scoring code path, speed interleaved), and
-   write ``DIR/compress.json`` and ``DIR/compress.md``.
+   write ``DIR/compress.json`` and ``DIR/compress.md`` (:mod:`lmkd.compress.summary`).
 
 Every check (paths, data, columns, formats the engine cannot take, pruning every head) runs before
 anything is written; the directory is built beside ``DIR`` and moved into place when complete.
@@ -24,6 +24,7 @@ import logging
 import os
 
 from lmkd.compress import pruning
+from lmkd.compress.summary import REPORT_JSON, vs_student, write_report
 from lmkd.core.constants import (
     CAUSAL,
     CLASSIFICATION,
@@ -38,9 +39,7 @@ from lmkd.data.collators import collator_for
 from lmkd.data.dataset import DataArguments
 from lmkd.data.reading import read_split
 from lmkd.data.tokenizing import tokenize
-from lmkd.evaluate import report
 from lmkd.evaluate import run as evaluate_run
-from lmkd.evaluate import summary as evaluate_summary
 from lmkd.models import engines
 from lmkd.models.loading import (
     check_model_path,
@@ -59,8 +58,6 @@ DEFAULT_EXPORTS = {
     CLASSIFICATION: ("torch-int8", "onnx-int8"),
     CAUSAL: ("torch-int8", "ct2-int8"),
 }
-#: the report's files inside the output directory
-REPORT_JSON, REPORT_MD = "compress.json", "compress.md"
 
 
 def compress_model(
@@ -374,109 +371,3 @@ def _finetune(
         disable_tqdm=True,
     )
     run_distill(ModelArguments(student_model_name_or_path=init), train_args, args)
-
-
-def vs_student(result: dict) -> dict:
-    """Per model, against the fp32 student: bytes on disk (ratio), parameters (ratio), per-token and
-    batch-1 speed-ups, and the primary metric's difference in points (model - student).
-
-    Args:
-        result: :func:`lmkd.evaluate.run.evaluate_models`'s result, with a ``student`` row.
-
-    Returns:
-        Label -> its comparison (every model but ``student`` and ``teacher``; a ratio is None
-        where a size is unknown).
-    """
-    s = result["models"]["student"]
-    primary = result["primary_metric"]
-    out = {}
-    for label, m in result["models"].items():
-        if label in ("student", "teacher"):
-            continue
-        row: dict = {f"{primary}_difference": m["quality"][primary] - s["quality"][primary]}
-        a, b = m["size"]["bytes_on_disk"], s["size"]["bytes_on_disk"]
-        row["bytes_ratio"] = a / b if a and b else None
-        a, b = m["size"]["parameters"], s["size"]["parameters"]
-        row["parameters_ratio"] = a / b if a and b else None
-        if "speed" in m and "speed" in s:
-            if "ms_per_token" in m["speed"] and "ms_per_token" in s["speed"]:
-                row["speedup_per_token"] = s["speed"]["ms_per_token"] / m["speed"]["ms_per_token"]
-            row["speedup_latency"] = s["speed"]["latency_ms"] / m["speed"]["latency_ms"]
-        out[label] = row
-    return out
-
-
-def markdown(result: dict) -> str:
-    """evaluate's table of every model, then the comparison with the fp32 student and the steps.
-
-    Args:
-        result: :func:`compress_model`'s result.
-
-    Returns:
-        The report's markdown.
-    """
-    primary = result["primary_metric"]
-    name = evaluate_run.METRIC_NAMES[primary]
-    vs = result["compress"]["vs_student"]
-    per_token = any("speedup_per_token" in r for r in vs.values())
-    head = ["model", f"{name} - student's", "bytes vs student", "parameters vs student"]
-    head += (["speed-up per token vs student"] if per_token else []) + [
-        "speed-up (batch 1) vs student"
-    ]
-    rows = []
-    for label, r in vs.items():
-        row = [
-            label,
-            format(r[f"{primary}_difference"], "+.2f"),
-            _ratio(r["bytes_ratio"]),
-            _ratio(r["parameters_ratio"]),
-        ]
-        row += ([_times(r.get("speedup_per_token"))] if per_token else []) + [
-            _times(r.get("speedup_latency"))
-        ]
-        rows.append(row)
-    lines = [
-        "# lmkd compress",
-        "",
-        evaluate_summary.markdown_table(result),
-        "## Against the fp32 student",
-        "",
-        report.markdown_table(head, rows),
-        "",
-        "## Steps",
-        "",
-    ]
-    for step in result["compress"]["steps"]:
-        lines.append("- " + ", ".join(f"{k}: {v}" for k, v in step.items()))
-    heads = result["compress"]["pruning"].get("heads")
-    if heads:
-        lines.append(
-            f"- heads kept per attention module (of {heads['removed_per_layer']} removed): "
-            + "; ".join(f"{k} {v}" for k, v in heads["kept"].items())
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _ratio(x):
-    return report.format_cell(x, ".3f")
-
-
-def _times(x):
-    return "–" if x is None else f"{x:.2f}x"
-
-
-def write_report(result: dict, json_path: str) -> str:
-    """``compress.json`` at ``json_path`` and ``compress.md`` beside it; returns the markdown.
-
-    Args:
-        result: :func:`compress_model`'s result.
-        json_path: the JSON file to write.
-
-    Returns:
-        The markdown of :func:`markdown`.
-    """
-    text = markdown(result)
-    report.write_report(
-        result, text, json_path, os.path.join(os.path.dirname(json_path), REPORT_MD)
-    )
-    return text

@@ -11,7 +11,7 @@ from lmkd.core.constants import LM_EVAL_TASKS
 from lmkd.core.errors import LmkdError
 from lmkd.evaluate import report
 from lmkd.evaluate.report import format_cell
-from lmkd.evaluate.run import METRIC_NAMES
+from lmkd.evaluate.scores import METRIC_NAMES
 from lmkd.models.truncation import describe_truncation
 from lmkd.scoring import timing
 
