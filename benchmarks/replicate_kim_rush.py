@@ -46,11 +46,18 @@ PAPER = {
     },
 }
 VARIANTS = ("baseline", "word-kd", "seq-kd", "seq-kd+word-kd", "seq-inter")
-NAMES = {"baseline": "Baseline", "word-kd": "Word-KD", "seq-kd": "Seq-KD", "seq-kd+word-kd": "Seq-KD + Word-KD",
-         "seq-inter": "Seq-Inter"}
+NAMES = {
+    "baseline": "Baseline",
+    "word-kd": "Word-KD",
+    "seq-kd": "Seq-KD",
+    "seq-kd+word-kd": "Seq-KD + Word-KD",
+    "seq-inter": "Seq-Inter",
+}
 
 
-def study_command(output: str, sizes: list[float], teacher_split: float | None, seeds: int) -> list[str]:
+def study_command(
+    output: str, sizes: list[float], teacher_split: float | None, seeds: int
+) -> list[str]:
     """The ``lmkd study`` command of the replication.
 
     Args:
@@ -62,8 +69,23 @@ def study_command(output: str, sizes: list[float], teacher_split: float | None, 
     Returns:
         The argv.
     """
-    cmd = [sys.executable, "-m", "lmkd", "study", "--task", "translation", "--budget", "quick", "--output", output,
-           "--student-sizes", *[str(s) for s in sizes], "--seeds", str(seeds), "--no-serve"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmkd",
+        "study",
+        "--task",
+        "translation",
+        "--budget",
+        "quick",
+        "--output",
+        output,
+        "--student-sizes",
+        *[str(s) for s in sizes],
+        "--seeds",
+        str(seeds),
+        "--no-serve",
+    ]
     return cmd + (["--teacher-split", str(teacher_split)] if teacher_split else [])
 
 
@@ -81,10 +103,12 @@ def table(report: dict, sizes: list[float]) -> str:
     by = {(g["size"], g["variant"]): g for g in rows}
     teacher = next(r for r in report["rows"] if r["variant"] == "teacher")
     q = teacher["quality"]
-    lines = ["| model | ours: BLEU greedy | ours: BLEU beam | paper: BLEU K=1 | paper: BLEU K=5 |",
-             "|---|---|---|---|---|",
-             f"| teacher ({teacher['parameters'] / 1e6:.2f}M / paper 4x1000) | {q['greedy']['bleu']:.1f} | "
-             f"{q['beam']['bleu']:.1f} | {PAPER['teacher']['greedy']} | {PAPER['teacher']['beam']} |"]
+    lines = [
+        "| model | ours: BLEU greedy | ours: BLEU beam | paper: BLEU K=1 | paper: BLEU K=5 |",
+        "|---|---|---|---|---|",
+        f"| teacher ({teacher['parameters'] / 1e6:.2f}M / paper 4x1000) | {q['greedy']['bleu']:.1f} | "
+        f"{q['beam']['bleu']:.1f} | {PAPER['teacher']['greedy']} | {PAPER['teacher']['beam']} |",
+    ]
     orderings = []
     for size, key in zip(sizes, ("large", "small")):
         ours = {}
@@ -95,8 +119,10 @@ def table(report: dict, sizes: list[float]) -> str:
             cols = g["columns"]
             ours[v] = (cols["greedy.bleu"]["mean"], cols["beam.bleu"]["mean"])
             paper = PAPER[key][v]
-            lines.append(f"| {NAMES[v]} ({size:g} of the teacher / paper {PAPER[key]['label']}) | {ours[v][0]:.1f} | "
-                         f"{ours[v][1]:.1f} | {paper[0]} | {paper[1]} |")
+            lines.append(
+                f"| {NAMES[v]} ({size:g} of the teacher / paper {PAPER[key]['label']}) | {ours[v][0]:.1f} | "
+                f"{ours[v][1]:.1f} | {paper[0]} | {paper[1]} |"
+            )
         for mode, i in (("greedy", 0), ("beam", 1)):
             mine = " > ".join(NAMES[v] for v in sorted(ours, key=lambda v: -ours[v][i]))
             theirs = " > ".join(NAMES[v] for v in sorted(ours, key=lambda v: -PAPER[key][v][i]))
@@ -110,16 +136,24 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: the command line (default: sys.argv).
     """
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output", default="runs/kim-rush", help="the study's directory")
     p.add_argument("--run", action="store_true", help="run the study first (resumes a partial one)")
-    p.add_argument("--sizes", type=float, nargs=2, default=[0.25, 0.1], help="the two student sizes")
-    p.add_argument("--teacher-split", type=float, default=0.5, help="0 trains the teacher on every row")
+    p.add_argument(
+        "--sizes", type=float, nargs=2, default=[0.25, 0.1], help="the two student sizes"
+    )
+    p.add_argument(
+        "--teacher-split", type=float, default=0.5, help="0 trains the teacher on every row"
+    )
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--save", help="also write the table to this file")
     a = p.parse_args(argv)
     if a.run:
-        subprocess.run(study_command(a.output, a.sizes, a.teacher_split or None, a.seeds), check=True)
+        subprocess.run(
+            study_command(a.output, a.sizes, a.teacher_split or None, a.seeds), check=True
+        )
     out = Path(a.output)
     report = json.loads((out / "report.json").read_text())
     text = table(report, a.sizes)
