@@ -105,10 +105,17 @@ def test_translation_scores_equal_sacrebleu_and_self_is_100_percent(
     assert result["signatures"]["chrf"].startswith(
         "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:"
     )
-    # against itself: all quality retained, speed-up near 1 (loose: a shared machine is noisy)
+    # against itself: all quality retained; the speed-ups are the ratios of the measured speeds (their
+    # values are timings of one model twice, which a loaded machine moves by 2x: performance lives in
+    # benchmarks/, not in a timed assertion)
     vs = result["models"]["student"]["vs_teacher"]
     assert vs["retained_%"] == {"bleu": 100.0, "chrf": 100.0} and vs["parameters_ratio"] == 1.0
-    assert 0.5 < vs["speedup_latency"] < 2 and 0.5 < vs["speedup_throughput"] < 2
+    t_sp, s_sp = result["models"]["teacher"]["speed"], result["models"]["student"]["speed"]
+    assert vs["speedup_latency"] == pytest.approx(t_sp["latency_ms"] / s_sp["latency_ms"])
+    assert vs["speedup_throughput"] == pytest.approx(
+        s_sp["throughput_per_s"] / t_sp["throughput_per_s"]
+    )
+    assert s_sp["latency_ms"] > 0 and t_sp["latency_ms"] > 0
     size = result["models"]["student"]["size"]
     model = AutoModelForSeq2SeqLM.from_pretrained(path)
     assert size["parameters"] == sum(
