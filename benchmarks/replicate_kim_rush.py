@@ -123,6 +123,8 @@ def table(report: dict, sizes: list[float]) -> str:
                 f"| {NAMES[v]} ({size:g} of the teacher / paper {PAPER[key]['label']}) | {ours[v][0]:.1f} | "
                 f"{ours[v][1]:.1f} | {paper[0]} | {paper[1]} |"
             )
+        if not ours:  # (a study without this size)
+            continue
         for mode, i in (("greedy", 0), ("beam", 1)):
             mine = " > ".join(NAMES[v] for v in sorted(ours, key=lambda v: -ours[v][i]))
             theirs = " > ".join(NAMES[v] for v in sorted(ours, key=lambda v: -PAPER[key][v][i]))
