@@ -40,7 +40,6 @@ def best_student(models: dict[str, dict], read_log) -> tuple[str, float, str] | 
         ``(name, value, metric)`` or None.
     """
     best: tuple[str, float, str] | None = None
-    sign = 1.0
     for name, m in models.items():
         if m["variant"] in ("teacher", SERVED):
             continue

@@ -92,18 +92,6 @@ class StoppingRule:
             "eval_rougeL",
         )
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether the value ``a`` is better than ``b`` by this rule's direction (no ``min_delta``).
-
-        Args:
-            a: a value of the metric.
-            b: another.
-
-        Returns:
-            Whether ``a`` is better.
-        """
-        return a > b if self.greater_is_better else a < b
-
     def options(self) -> dict:
         """What a stage's hash must include (a changed rule retrains).
 
