@@ -130,8 +130,11 @@ def test_significance_equals_sacrebleu_paired_test_on_the_saved_outputs(study):
     assert md.splitlines()[2] == "## Verdicts"
     body = md.split("## Verdicts\n\n", 1)[1]
     assert body.startswith("\n".join(f"- {v}" for v in report["verdicts"]))
-    # the warnings first (a weak teacher, students below the trivial floor), then one line per comparison
-    warnings = [w for w in (sig["weak_teacher"], report["below_floor"]) if w]
+    # the warnings first (a weak teacher, students below the trivial floor, all at the step cap), then one
+    # line per comparison
+    warnings = [
+        w for w in (sig["weak_teacher"], report["below_floor"], report["ran_to_the_cap"]) if w
+    ]
     assert report["verdicts"][: len(warnings)] == warnings
     # every tiny student scored 0: one "no verdict" line instead of one line per comparison
     assert all(g["score_mean"] == 0 for g in report["variants"] if g["variant"] != "teacher")
@@ -531,3 +534,31 @@ def test_a_verdict_within_the_seeds_spread_is_inconclusive_however_small_its_p_v
     # the teacher (one model) against a variant of two seeds: its score paired with each seed
     assert seed_check(group("a", [30.0, 31.0]), group("t", [40.0]))["differences"] == [-10.0, -9.0]
     assert seed_check(group("a", [30.0]), group("b", [20.0])) is None  # one seed: not measured
+
+
+def test_students_that_all_ran_to_the_cap_are_flagged_and_early_stoppers_are_not():
+    """When no student stopped on its plateau the verdicts rank the variants at the step budget: the
+    report says so (with how many were still at their best at their last evaluation); one student that
+    stopped early means the rule decided, and there is no warning."""
+    from lmkd.study.verdicts import ran_to_the_cap
+
+    def row(values, steps=300, early=False, greater=True):
+        curve = [{"step": 100 * (i + 1), "metric": v} for i, v in enumerate(values)]
+        return {
+            "steps": steps,
+            "stopped_early": early,
+            "curve": curve,
+            "curve_greater_is_better": greater,
+        }
+
+    teacher = {"steps": None, "stopped_early": None}  # no train log: not a student
+    rows = [teacher, row([10.0, 12.0, 13.0]), row([10.0, 14.0, 13.5]), row([9.0, 9.5, 11.0])]
+    warning = ran_to_the_cap(rows)
+    assert warning.startswith("**Every student ran to the step cap** (300 steps)")
+    assert "(2 of 3 were at their best at their last evaluation)" in warning
+    # a loss (lower is better): the last value is the best when it is the minimum
+    assert "(1 of 2 were" in ran_to_the_cap(
+        [row([3.0, 2.0], greater=False), row([3.0, 3.5], greater=False)]
+    )
+    assert ran_to_the_cap(rows + [row([10.0, 10.0], steps=200, early=True)]) is None
+    assert ran_to_the_cap([teacher]) is None

@@ -274,8 +274,13 @@ def test_all_zero_students_give_one_no_verdict_line(split_study):
     students = [g for g in report["variants"] if g["variant"] != "teacher"]
     assert students and all(g["score_mean"] == 0 for g in students)  # 12 steps: nothing learned
     # the warnings stay first (below the trivial floor here); one line instead of one per comparison
-    assert report["verdicts"] == [report["below_floor"], report["significance"]["no_verdict"]]
-    assert report["verdicts"][1].startswith("**No verdict is possible**")
+    assert report["verdicts"] == [
+        report["below_floor"],
+        report["ran_to_the_cap"],  # the tiny students all train their 12 steps
+        report["significance"]["no_verdict"],
+    ]
+    assert report["ran_to_the_cap"].startswith("**Every student ran to the step cap**")
+    assert report["verdicts"][2].startswith("**No verdict is possible**")
     md = (Path(out) / "report.md").read_text()
     assert "p = 1.000)" not in md and "No comparisons listed" in md
     assert report["significance"]["comparisons"]  # still in report.json, for whoever wants them

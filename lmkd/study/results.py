@@ -29,7 +29,13 @@ from lmkd.study.checks import trivial_floors
 from lmkd.study.options import StudyOptions
 from lmkd.study.plan import FORMAT_NAMES
 from lmkd.study.teachers import scratch_teacher
-from lmkd.study.verdicts import METRIC_LABELS, below_floor, served_sources, significance
+from lmkd.study.verdicts import (
+    METRIC_LABELS,
+    below_floor,
+    ran_to_the_cap,
+    served_sources,
+    significance,
+)
 
 VARIANT_NAMES = {
     "baseline": "the baseline",
@@ -380,6 +386,7 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
                 stopped_early=log["stopped_early"],
                 curve=log["curve"],
                 curve_metric=log["metric"],
+                curve_greater_is_better=log["greater_is_better"],
             )
         rows.append(row)
     keys = [k for _, k in cols]
@@ -399,6 +406,9 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
     below = below_floor(groups, floors, sig["metrics"][0])
     if below:
         sig["verdicts"].insert(1 if sig["weak_teacher"] else 0, below)
+    at_cap = ran_to_the_cap(rows)
+    if at_cap:  # after the other warnings, before the comparisons
+        sig["verdicts"].insert(bool(sig["weak_teacher"]) + bool(below), at_cap)
     nothing = no_verdict(groups, METRIC_LABELS.get(sig["metrics"][0], sig["metrics"][0]), t_score)
     if nothing:  # the warnings stay; the line replaces one line per comparison
         warnings = sig["verdicts"][: len(sig["verdicts"]) - len(sig["comparisons"])]
@@ -431,4 +441,5 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         "rows": rows,
         "floors": floors,
         "below_floor": below,
+        "ran_to_the_cap": at_cap,
     }

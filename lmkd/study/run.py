@@ -172,10 +172,11 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     # reports are rewritten); v5: the from-scratch teacher's architecture, the workers; v6: the served
     # model's row, bytes on disk; v7: its label; v8: the students below the trivial floor; v9, v10: the
     # Word-KD teacher note (cached or online); v11: the timing-noise note; v12: verdicts that must survive
-    # the seeds' spread, the memorisation figures and inits, the served model by its validation metric
+    # the seeds' spread, the memorisation figures and inits, the served model by its validation metric;
+    # v13: the warning when every student ran to the step cap
     rd = st.run(
         "report",
-        {"v": 12},
+        {"v": 13},
         [f"eval-{n}" for n in models] + ["speed"],
         lambda out: write_study_report(report, out),
         "writing the report",

@@ -1,7 +1,8 @@
 """The study report's verdicts: the paired bootstrap of every student variant against the baseline, the
 teacher and the best student (:func:`significance`), the verdict lines in words, and the warnings that
 open them or stand among the notes -- a weak teacher (:func:`weak_teacher`), students below the trivial
-floor (:func:`below_floor`), the timing noise of one architecture (:func:`timing_noise`)."""
+floor (:func:`below_floor`), students that all ran to the step cap (:func:`ran_to_the_cap`), the timing
+noise of one architecture (:func:`timing_noise`)."""
 
 from __future__ import annotations
 
@@ -309,6 +310,37 @@ def below_floor(groups: list[dict], floors: dict[str, float], metric: str) -> st
         f"what {name} scores on the test rows -- {'it' if len(low) == 1 else 'they'} did not learn to use the "
         "inputs under this budget. Comparisons with a student below the floor measure whether its training "
         "held together, not what distillation adds to a student that learned."
+    )
+
+
+def ran_to_the_cap(rows: list[dict]) -> str | None:
+    """The warning that stands among the verdicts when no student stopped on its validation plateau:
+    every one trained to the step cap, so the cap, not the stopping rule, ended them all, and the ranking
+    the verdicts give is at that budget -- the students that were still improving (best evaluation at
+    their last one) may rank otherwise at convergence.  None when any student stopped early, or no row
+    has a train log.
+
+    Args:
+        rows: the report's rows (``steps``, ``stopped_early``, ``curve`` from each student's train log).
+
+    Returns:
+        The warning, or None.
+    """
+    students = [r for r in rows if r.get("curve")]
+    if not students or any(r["stopped_early"] for r in students):
+        return None
+    greater = any(r.get("curve_greater_is_better") for r in students)
+    rising = 0
+    for r in students:
+        values = [c["metric"] for c in r["curve"]]
+        best = max(values) if greater else min(values)
+        rising += values[-1] == best
+    cap = max(r["steps"] for r in students)
+    return (
+        f"**Every student ran to the step cap** ({cap} steps) without its validation metric levelling off "
+        f"({rising} of {len(students)} were at their best at their last evaluation): the cap, not the "
+        "stopping rule, ended their training, so these verdicts rank the variants at this budget, not at "
+        "convergence (more steps: --student-steps)."
     )
 
 
