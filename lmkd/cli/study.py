@@ -45,7 +45,8 @@ def add_parser(sub):
         "seq-kd, seq-kd+word-kd, seq-inter (Kim & Rush 2016); classification: fine-tuning alone (no-kd), "
         "task KD from the fine-tuned teacher's class logits (task-kd), the DistilBERT path "
         "(MLM-distil a layer-copied student, then fine-tune) and MLM-distil + task KD.  Every student "
-        "trains until its validation loss stops improving (within the budget's cap).  Every "
+        "trains until its validation metric (BLEU / ROUGE-L / accuracy of its greedy outputs) stops "
+        "improving, within the budget's cap.  Every "
         "stage is cached under --output/stages: re-run the same command to resume; a changed "
         "option recomputes only the stages that depend on it.",
         epilog="examples:\n"
@@ -117,7 +118,7 @@ def add_parser(sub):
         "--student-steps",
         type=count(1),
         help="override the budget's cap of steps per student (each student stops earlier when its "
-        "validation loss stops improving)",
+        "validation metric stops improving)",
     )
     p.add_argument(
         "--kd-alpha",
@@ -163,7 +164,7 @@ def add_parser(sub):
     p.add_argument(
         "--no-serve",
         action="store_true",
-        help="skip the last stage, which exports the best student (lowest validation CE) as it would be "
+        help="skip the last stage, which exports the best student (best validation metric) as it would be "
         "served -- CTranslate2 int8 for seq2seq, ONNX Runtime int8 for classifiers, as lmkd compress "
         "does -- and reports it as one more model (needs pip install 'lmkd[deploy]'; skipped with "
         "a note when not installed)",
