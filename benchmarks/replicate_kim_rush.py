@@ -81,7 +81,7 @@ def study_command(
         "--output",
         output,
         "--student-sizes",
-        *[str(s) for s in sizes],
+        ",".join(str(s) for s in sizes),
         "--seeds",
         str(seeds),
         "--no-serve",
