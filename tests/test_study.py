@@ -817,6 +817,49 @@ def test_plateau_callback_stops_training_and_puts_the_best_weights_back():
         cb.on_evaluate(None, TrainerState(), TrainerControl(), metrics={"eval_loss": 1.0})
 
 
+def test_no_stop_before_min_steps_then_patience_counts_from_there():
+    """A student whose greedy outputs score 0 BLEU for its first evaluations (it has not learned to
+    write yet) is not called a plateau before ``min_steps``; after it, a flat metric stops it after
+    ``patience`` evaluations, and the best weights are kept from every evaluation."""
+    from transformers import TrainerControl, TrainerState
+
+    from lmkd.study.stopping import PlateauStopping, StoppingRule
+
+    def run(values, min_steps, cap=200):
+        rule = StoppingRule(10, 2, 0.1, "eval_bleu", True, min_steps=min_steps)
+        cb = PlateauStopping(rule)
+        state, control = TrainerState(max_steps=cap), TrainerControl()
+        cb.on_train_begin(None, state, control)
+        for i, v in enumerate(values):
+            state.global_step = 10 * (i + 1)
+            cb.on_evaluate(None, state, control, metrics={"eval_bleu": v})
+            if control.should_training_stop:
+                break
+        cb.on_train_end(None, state, control)
+        return cb.log()
+
+    slow_start = [0.0, 0.0, 0.0, 0.0, 0.5, 2.0, 6.0, 9.0]
+    assert run(slow_start, min_steps=0)["steps"] == 30  # the old rule: stopped at 0 BLEU
+    log = run(slow_start, min_steps=50)
+    assert not log["stopped_early"] and log["best_metric"] == 9.0
+    flat = [0.0] * 12
+    log = run(flat, min_steps=50)  # evaluations at 50 and 60 count: stopped at 60, not 30
+    assert log["stopped_early"] and log["steps"] == 60
+    log = run([0.0, 3.0, 1.0, 1.0, 1.0, 1.0], min_steps=30)  # best kept from before min_steps
+    assert log["stopped_early"] and log["steps"] == 40 and log["best_metric"] == 3.0
+
+
+def test_the_study_rule_waits_half_the_cap():
+    from lmkd.study.stopping import StoppingRule
+
+    rule = StoppingRule.from_plan(
+        {"eval_every": 100, "patience": 3, "metric_min_delta": 0.1, "student_steps": 1500},
+        "translation",
+    )
+    assert (rule.min_steps, rule.metric, rule.greater_is_better) == (750, "eval_bleu", True)
+    assert StoppingRule(**rule.options()) == rule  # a worker's job rebuilds the same rule
+
+
 def test_tiny_real_students_flat_is_stopped_early_improving_is_not(tmp_path, tiny_model_dir):
     """Real DistillationTrainer runs: a student that cannot learn (learning rate 0: its validation
     CE is flat) stops after `patience` evaluations; one that learns trains to the cap."""

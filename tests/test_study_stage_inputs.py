@@ -3,7 +3,7 @@ retrain what it already has.  The options and dependencies of every stage (and j
 studies, and the plan the report prints, are pinned (tests/data/study_stage_inputs.json): recorded before
 the plan became a dataclass, and recorded again when the protocol changed on purpose (students on the whole
 training set, stopped on the validation task metric, two seeds in the quick budget, the transfer set a job
-of the graph) -- a change of these inputs must be deliberate, and re-recorded with it.
+of the graph; no stop before half the cap) -- a change of these inputs must be deliberate, and re-recorded with it.
 
 The study runs for real up to its plan (data, tokenizer, lengths, transfer rows); the costly stages
 (teacher, transfer set, students, evaluations) are only recorded, and the study stops at its speed stage."""

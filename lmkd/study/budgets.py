@@ -10,7 +10,8 @@ from __future__ import annotations
 # the task metric of the student's greedy outputs on the validation rows (BLEU, ROUGE-L, accuracy) is
 # measured every ``eval_every`` steps and a student stops after ``patience`` evaluations without an
 # improvement of at least ``metric_min_delta`` points (MLM distillation: the gold CE, ``min_delta``
-# nats), keeping its best evaluation's weights.
+# nats), keeping its best evaluation's weights -- never before half ``student_steps``
+# (lmkd.study.stopping.StoppingRule.min_steps).
 # Every seq2seq student learns from the whole training set (``transfer_rows`` None), as Kim & Rush's did:
 # the gold targets (baseline, Word-KD) or the teacher's outputs on every training row (Seq-KD).
 BUDGETS: dict[str, dict] = {
