@@ -71,8 +71,8 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         **kwargs: RegimeTrainer's keyword arguments.
 
     Raises:
-        LmkdError: a student that is not a causal or seq2seq LM, or no live teacher (kd_alpha 0,
-            or a logit_cache only).
+        LmkdError: a student that is not a causal or seq2seq LM, or no live or served teacher
+            (kd_alpha 0, or a logit_cache only).
     """
 
     regimes_run = ("on_policy_fraction",)
@@ -84,10 +84,11 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
                 f"on-policy KD needs a generative student (causal or seq2seq LM), not a {self.kind} "
                 "model; set on_policy_fraction 0"
             )
-        if self.teacher is None:
+        if self.teacher is None and self.served is None:  # (a served teacher scores them too)
             raise LmkdError(
                 "on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
-                "teacher_model_name_or_path (a logit_cache only covers the fixed data)"
+                "teacher_model_name_or_path or teacher_server_url (a logit_cache only covers the "
+                "fixed data)"
             )
         self.max_new_tokens = self.fitted_new_tokens()
         self.on_policy_batches = 0
