@@ -286,6 +286,8 @@ def serve_in_thread(model, **kwargs) -> tuple[ThreadingHTTPServer, str]:
         (the server -- stop it with ``shutdown()`` then ``server_close()`` -- , its URL).
     """
     server = make_server(model, **kwargs)
-    threading.Thread(target=server.serve_forever, daemon=True, name="lmkd-teacher-http").start()
+    threading.Thread(
+        target=server.serve_forever, args=(0.05,), daemon=True, name="lmkd-teacher-http"
+    ).start()
     host, port = server.server_address[:2]
     return server, f"http://{host}:{port}"
