@@ -11,7 +11,6 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import datasets
 import pytest
 import torch
 from test_regimes import lm_dataset
@@ -22,15 +21,11 @@ from lmkd import DistillationTrainer, losses
 from lmkd.cli import main
 from lmkd.core.errors import LmkdError
 from lmkd.data.collators import collator_for
-from lmkd.data.dataset import DataArguments
-from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import load_model
 from lmkd.models.scratch import build_model, train_tokenizer
 from lmkd.teacher import logit_cache, served
 from lmkd.teacher.served_server import serve_in_thread
 from lmkd.train.regimes.on_policy import OnPolicyDistillationTrainer
-
-V = None  # the tokenizer's size, set by the fixtures
 
 
 @pytest.fixture(autouse=True)
