@@ -11,6 +11,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import datasets
 import pytest
 import torch
 from test_regimes import lm_dataset
@@ -21,6 +22,8 @@ from lmkd import DistillationTrainer, losses
 from lmkd.cli import main
 from lmkd.core.errors import LmkdError
 from lmkd.data.collators import collator_for
+from lmkd.data.dataset import DataArguments
+from lmkd.data.tokenizing import tokenize
 from lmkd.models.loading import load_model
 from lmkd.models.scratch import build_model, train_tokenizer
 from lmkd.teacher import logit_cache, served
@@ -171,7 +174,7 @@ def test_training_with_a_served_teacher_is_training_with_the_teacher_in_process(
     assert any(not torch.equal(v, a[k]) for k, v in init.state_dict().items())
     assert srv.scorer.batches >= 1
     assert all(torch.equal(v, srv.scorer.model.state_dict()[k]) for k, v in teacher_before.items())
-    assert remote.served.positions_received > 0
+    assert remote.served[0].positions_received > 0
 
 
 def test_on_policy_kd_scores_the_students_fresh_samples_on_the_server(
@@ -336,6 +339,7 @@ def test_a_server_of_another_vocabulary_is_refused_in_one_line(
         (dict(teacher_server="triton"), "unknown teacher_server 'triton'"),
         (dict(teacher_top_k=0), "teacher_top_k must be an integer >= 1"),
         (dict(teacher_server_url="gpu-box:8000"), "must start with http://"),
+        (dict(teacher_server_url="http://a:1,b:2"), "got 'b:2'"),
     ],
 )
 def test_served_settings_are_checked_when_the_config_is_built(tmp_path, keys, message):
@@ -457,3 +461,59 @@ def test_vllms_log_prob_cap_names_the_server_flag(fake_engine, tokenizer, corpus
     line = str(e.value)
     assert "\n" not in line and "vllm serve MODEL --max-logprobs 32" in line, line
     assert "which is greater than max allowed: 20" in line
+
+
+# ---- several servers: each row to the one its teacher_id names ----------------------------------
+
+
+def test_teacher_id_routes_each_row_to_its_server(tmp_path, tokenizer, corpus, tiny_model_dir):
+    paths = [tiny_model_dir("gpt2", layers=2, seed=s) for s in (1, 7)]
+    servers = [serve_in_thread(p) for p in paths]
+    scored = [[], []]
+    for i, (srv, _) in enumerate(servers):
+        score = srv.scorer.score
+        srv.scorer.score = lambda rows, k, i=i, f=score: scored[i].extend(rows) or f(rows, k)
+    raw = [{"text": r["source"], "teacher_id": i % 3 % 2} for i, r in enumerate(corpus[:12])]
+    ds = tokenize(
+        datasets.Dataset.from_list(raw), tokenizer, DataArguments(task="causal-lm", train_file="-")
+    )
+    assert ds["teacher_id"] == [r["teacher_id"] for r in raw]
+    url = ",".join(u for _, u in servers)
+    try:
+        collate = served.TeacherIdCollator(collator_for("causal-lm", tokenizer))
+        batch = collate([ds[i] for i in range(6)])
+        clients = [served.ServedTeacher(u, top_k=5) for _, u in servers]
+        keys = served.served_batch(clients, batch, "causal")
+        for row in range(6):  # each row's top-k is its own teacher's
+            t = load_model(paths[int(batch["teacher_id"][row])]).eval()
+            one = {k: batch[k][row : row + 1] for k in ("input_ids", "attention_mask")}
+            ref, _, mask = direct_topk(t, one, "causal", 5)
+            assert torch.equal(keys[logit_cache.IDS][row][mask[0]], ref.ids)
+        with pytest.raises(LmkdError, match="give the data a teacher_id column"):
+            served.served_batch(
+                clients, {k: batch[k] for k in ("input_ids", "attention_mask")}, "causal"
+            )
+        scored[0].clear(), scored[1].clear()
+        student = build_model("gpt2", len(tokenizer), seed=3, layers=1)
+        trainer = DistillationTrainer(
+            model=student,
+            args=config(
+                tmp_path,
+                teacher_server_url=url,
+                teacher_top_k=8,
+                max_steps=3,
+                per_device_train_batch_size=4,
+            ),
+            train_dataset=ds,
+            processing_class=tokenizer,
+            data_collator=collator_for("causal-lm", tokenizer),
+        )
+        trainer.train()
+    finally:
+        for srv, _ in servers:
+            srv.shutdown()
+            srv.server_close()
+    rows = {tuple(r): t for r, t in zip(ds["input_ids"], ds["teacher_id"])}
+    assert scored[0] and scored[1]
+    for t in (0, 1):
+        assert all(rows[tuple(r["input_ids"])] == t for r in scored[t])

@@ -36,6 +36,7 @@ import torch
 
 from lmkd.core.constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ
 from lmkd.core.errors import LmkdError
+from lmkd.data.tokenizing import TEACHER_ID
 from lmkd.teacher import logit_cache
 from lmkd.teacher.served_protocol import (
     PROTOCOL,
@@ -282,13 +283,14 @@ def _rows_of(batch: dict, kind: str) -> tuple[list[dict], list]:
     return rows, where
 
 
-def served_batch(teacher: ServedTeacher, batch: dict, kind: str) -> dict:
+def served_batch(teacher, batch: dict, kind: str) -> dict:
     """The served teacher's answer for a collated batch, as the tensors a logit-cache row gives:
     ``(B, P, K)`` ids and log-probs, ``(B, P)`` tail and mask of answered positions, aligned with
     the KD positions (the logits' leading shape after the causal shift).
 
     Args:
-        teacher: the client.
+        teacher: the client, or several: each row then goes to the one its
+            :data:`lmkd.data.tokenizing.TEACHER_ID` names (all must ask the same k).
         batch: the collated batch (``input_ids``, ``attention_mask``; ``labels`` for seq2seq).
         kind: the model kind (causal or seq2seq).
 
@@ -296,13 +298,33 @@ def served_batch(teacher: ServedTeacher, batch: dict, kind: str) -> dict:
         The batch keys :data:`lmkd.teacher.logit_cache.IDS`, ``LOGPROBS``, ``TAIL``, ``MASK``.
 
     Raises:
-        LmkdError: a model kind a served teacher does not score.
+        LmkdError: a model kind a served teacher does not score, or a row routed to no server.
     """
     if kind not in (CAUSAL, SEQ2SEQ):
         raise LmkdError(f"a served teacher scores causal and seq2seq LMs, not {kind} models")
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     rows, where = _rows_of(batch, kind)
-    answers = teacher.score(rows)
-    b, k = len(rows), teacher.top_k
+    route = [0] * len(rows)
+    if len(teachers) > 1:
+        if TEACHER_ID not in batch:
+            raise LmkdError(
+                f"teacher_server_url lists {len(teachers)} servers: give the data a {TEACHER_ID} "
+                "column (each row's server, counted from 0)"
+            )
+        route = [int(t) for t in batch[TEACHER_ID]]
+        bad = [t for t in route if not 0 <= t < len(teachers)]
+        if bad:
+            raise LmkdError(
+                f"{TEACHER_ID} {bad[0]} names no server: teacher_server_url lists "
+                f"{len(teachers)} (ids 0 to {len(teachers) - 1})"
+            )
+    answers: list = [None] * len(rows)
+    for t, client in enumerate(teachers):
+        mine = [i for i, r in enumerate(route) if r == t]
+        if mine:
+            for i, ans in zip(mine, client.score([rows[i] for i in mine])):
+                answers[i] = ans
+    b, k = len(rows), teachers[0].top_k
     p = batch["labels"].shape[1] if kind == SEQ2SEQ else batch["input_ids"].shape[1] - 1
     ids = torch.zeros((b, p, k), dtype=torch.int64)
     lp = torch.zeros((b, p, k), dtype=torch.float32)
@@ -325,6 +347,26 @@ def served_batch(teacher: ServedTeacher, batch: dict, kind: str) -> dict:
     }
 
 
+class TeacherIdCollator:
+    """Wraps a collator: takes :data:`lmkd.data.tokenizing.TEACHER_ID` off every example and returns
+    the rows' teacher ids as a tensor under that key.
+
+    Args:
+        collator: the collator wrapped, called on the examples without that key.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        if not all(isinstance(f, dict) and TEACHER_ID in f for f in features):
+            return self.collator(features)
+        ids = torch.tensor([int(f[TEACHER_ID]) for f in features], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in f.items() if k != TEACHER_ID} for f in features])
+        batch[TEACHER_ID] = ids
+        return batch
+
+
 class Prefetcher:
     """Pulls batches ahead of need and asks for each one's teacher answer in a thread pool.
 
@@ -337,10 +379,12 @@ class Prefetcher:
         annotate: batch -> the keys to merge into it (runs in the pool).
         depth: batches asked for ahead of the ones handed out (0: none, each asked when taken).
         workers: requests in flight at once.
+        merge: ``(batch, answer) -> batch`` (default: ``batch.update(answer)``).
     """
 
-    def __init__(self, annotate, depth: int = 2, workers: int = 2):
+    def __init__(self, annotate, depth: int = 2, workers: int = 2, merge=None):
         self.annotate, self.depth = annotate, depth
+        self.merge = merge or (lambda batch, answer: batch.update(answer) or batch)
         self.pool = ThreadPoolExecutor(
             max_workers=max(workers, 1), thread_name_prefix="lmkd-teacher"
         )
@@ -372,8 +416,7 @@ class Prefetcher:
         out = []
         for _ in range(min(n, len(self.queue))):
             batch, future = self.queue.popleft()
-            batch.update(future.result())
-            out.append(batch)
+            out.append(self.merge(batch, future.result()))
         return out
 
     def drop(self) -> None:

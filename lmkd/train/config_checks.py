@@ -199,11 +199,12 @@ class ConfigChecks:
             )
         if not self.teacher_server_url:
             return
-        if not self.teacher_server_url.startswith(("http://", "https://")):
-            raise LmkdError(
-                f"teacher_server_url must start with http:// or https://, got "
-                f"{self.teacher_server_url!r} (e.g. http://gpu-box:8000)"
-            )
+        for url in self.teacher_server_url.split(","):
+            if not url.strip().startswith(("http://", "https://")):
+                raise LmkdError(
+                    f"teacher_server_url must start with http:// or https:// (several: comma-"
+                    f"separated), got {url.strip()!r} (e.g. http://gpu-box:8000)"
+                )
         if self.kd_loss not in TOPK_KD_LOSSES:
             raise LmkdError(
                 f"kd_loss {self.kd_loss} needs the teacher's full logits, which a served top-k "

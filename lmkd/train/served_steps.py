@@ -21,10 +21,17 @@ import os
 
 from lmkd.core.constants import CAUSAL, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
+from lmkd.data.tokenizing import TEACHER_ID
 from lmkd.models.loading import check_model_path, load_config, load_tokenizer
 from lmkd.models.vocabulary import vocab_size_of
 from lmkd.teacher import logit_cache
-from lmkd.teacher.served import Prefetcher, ServedTeacher, TeacherServerDown, served_batch
+from lmkd.teacher.served import (
+    Prefetcher,
+    ServedTeacher,
+    TeacherIdCollator,
+    TeacherServerDown,
+    served_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +62,43 @@ def check_served_teacher(model_args, data_args, args) -> None:
     check_model_path(student)
     tokenizer = load_tokenizer(model_args.tokenizer_name or student)
     head = load_config(student).get_text_config()
-    ServedTeacher(
-        args.teacher_server_url,
-        args.teacher_server,
-        top_k=args.teacher_top_k,
-        timeout=args.teacher_server_timeout,
-    ).check(tokenizer, getattr(head, "vocab_size", None))
+    for client in clients(args):
+        client.check(tokenizer, getattr(head, "vocab_size", None))
+
+
+def clients(args) -> list[ServedTeacher]:
+    """A client per URL of ``teacher_server_url`` (a comma-separated list routes rows by their
+    :data:`lmkd.data.tokenizing.TEACHER_ID`).
+
+    Args:
+        args: the run's :class:`lmkd.DistillationConfig`.
+
+    Returns:
+        The clients, in the list's order.
+    """
+    return [
+        ServedTeacher(
+            url.strip(),
+            args.teacher_server,
+            top_k=args.teacher_top_k,
+            timeout=args.teacher_server_timeout,
+        )
+        for url in args.teacher_server_url.split(",")
+        if url.strip()
+    ]
 
 
 class ServedTeacherSteps:
     """Trainer mixin: the served teacher's client, prefetch and resumable stop.
 
     Attributes:
-        served: the :class:`lmkd.teacher.served.ServedTeacher` (None without ``teacher_server_url``).
+        served: the :class:`lmkd.teacher.served.ServedTeacher` of each URL of
+            ``teacher_server_url`` (None without one).
         prefetcher: the :class:`lmkd.teacher.served.Prefetcher` of the training batches (None
             without a served teacher).
     """
 
-    served: ServedTeacher | None = None
+    served: list[ServedTeacher] | None = None
     prefetcher: Prefetcher | None = None
 
     def setup_served_teacher(self) -> None:
@@ -85,15 +111,16 @@ class ServedTeacherSteps:
         args = self.args
         if not args.teacher_server_url or args.kd_alpha == 0:
             return
-        self.served = ServedTeacher(
-            args.teacher_server_url,
-            args.teacher_server,
-            top_k=args.teacher_top_k,
-            timeout=args.teacher_server_timeout,
-        )
-        self.served.check(self.processing_class, vocab_size_of(self.model))
+        self.served = clients(args)
+        for client in self.served:
+            client.check(self.processing_class, vocab_size_of(self.model))
+        if len(self.served) > 1:  # each row's server: its teacher_id, carried to the batch
+            self.data_collator = TeacherIdCollator(self.data_collator)
         self.prefetcher = Prefetcher(
-            self.served_answer, depth=args.teacher_prefetch, workers=max(args.teacher_prefetch, 1)
+            self.served_answer,
+            depth=args.teacher_prefetch,
+            workers=max(args.teacher_prefetch, 1),
+            merge=self._merge,
         )
 
     def served_answer(self, batch: dict) -> dict:
@@ -106,6 +133,12 @@ class ServedTeacherSteps:
             The keys :func:`lmkd.teacher.served.served_batch` gives.
         """
         return served_batch(self.served, batch, self.kind)
+
+    @staticmethod
+    def _merge(batch: dict, answer: dict) -> dict:
+        batch.update(answer)
+        batch.pop(TEACHER_ID, None)  # (routed: no forward takes it)
+        return batch
 
     def with_served_teacher(self, inputs: dict) -> dict:
         """``inputs`` with the served teacher's answer, asked now when it has none yet (evaluation,
@@ -120,8 +153,8 @@ class ServedTeacherSteps:
         if self.served is None or logit_cache.MASK in inputs:
             return inputs
         device = inputs["input_ids"].device
-        inputs.update({k: v.to(device) for k, v in self.served_answer(inputs).items()})
-        return inputs
+        answer = self.served_answer(inputs)
+        return self._merge(inputs, {k: v.to(device) for k, v in answer.items()})
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's micro-batches of one step, through the prefetcher with a served teacher.
@@ -138,6 +171,12 @@ class ServedTeacherSteps:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         batches = self.prefetcher.take(epoch_iterator, num_batches)
         return batches, self._get_num_items_in_batch(batches, device)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.served and len(self.served) > 1 and TEACHER_ID not in self._signature_columns:
+            # keep each row's teacher id through remove_unused_columns
+            self._signature_columns = [*self._signature_columns, TEACHER_ID]
 
     def train(self, *args, **kwargs):
         """The Trainer's ``train``; when the teacher server stops answering, a checkpoint of the last

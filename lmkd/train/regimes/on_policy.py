@@ -15,7 +15,7 @@ import torch
 from lmkd import losses
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.data.tokenizing import PROMPT_LENGTH
+from lmkd.data.tokenizing import PROMPT_LENGTH, TEACHER_ID
 from lmkd.models.generation import generate_seeded
 from lmkd.models.loading import unwrap
 from lmkd.models.loop_rules import eos_mask, eos_token_ids, pad_token_id
@@ -138,7 +138,10 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
                 break
             self.batch_index = first + i
             if lam > 0 and self.on_policy_coin(self.batch_index):
-                batch = self.on_policy_batch(self.model, batch)
+                fresh = self.on_policy_batch(self.model, batch)
+                if TEACHER_ID in batch:  # each row's served teacher scores its samples
+                    fresh[TEACHER_ID] = batch[TEACHER_ID]
+                batch = fresh
             elif self.kind == SEQ2SEQ and batch.get("labels") is None:
                 raise LmkdError(
                     "seq2seq training data without targets can only train on-policy: set "
