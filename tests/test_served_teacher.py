@@ -310,6 +310,8 @@ def test_a_served_run_end_to_end_from_the_command_line(
     assert main(["distill", recipe]) == 0
     results = json.loads((tmp_path / "out" / "distill_results.json").read_text())
     assert results["train_loss"] > 0 and srv.scorer.batches >= 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"teacher: `served at {url} (lmkd, top-8)`" in card and "word-level KD" in card
 
 
 def test_a_server_of_another_vocabulary_is_refused_in_one_line(
