@@ -4,7 +4,7 @@ Every user mistake (an :class:`~lmkd.core.errors.LmkdError`) is printed as one l
 exit status 2; ``--debug`` shows the traceback instead.
 
 One module per subcommand (``make_student``, ``distill``, ``evaluate``, ``generate``, ``study``,
-``cache_logits``, ``compress``), each with ``add_parser(subparsers)`` and ``run(namespace)``;
+``cache_logits``, ``serve_teacher``, ``compress``), each with ``add_parser(subparsers)`` and ``run(namespace)``;
 ``settings`` turns a recipe YAML plus ``--key value`` overrides into the distill argument dataclasses.  Nothing imports
 this package but ``lmkd/__main__.py`` and the ``lmkd`` console script.
 """
@@ -17,14 +17,23 @@ import os
 import shlex
 import sys
 
-from lmkd.cli import cache_logits, compress, distill, evaluate, generate, make_student, study
+from lmkd.cli import (
+    cache_logits,
+    compress,
+    distill,
+    evaluate,
+    generate,
+    make_student,
+    serve_teacher,
+    study,
+)
 from lmkd.cli.flags import Parser, one_spelling, shown_options, unknown_message
 from lmkd.cli.settings import parse_distill_args, yaml_to_argv
 from lmkd.core.errors import LmkdError
 from lmkd.train.config import ModelArguments
 
 #: the subcommands, in the order ``lmkd --help`` lists them; each module adds its parser and runs it
-COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits, compress]
+COMMANDS = [make_student, distill, evaluate, generate, study, cache_logits, serve_teacher, compress]
 
 
 def build_parser() -> argparse.ArgumentParser:

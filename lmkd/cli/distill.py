@@ -23,6 +23,7 @@ regimes beyond one fixed teacher (recipes/regimes/):
   lmkd distill config.yaml --rounds 3                              # born-again: round r teaches r+1
   lmkd distill config.yaml --cohort-size 2                         # co-distillation, no teacher
   lmkd distill config.yaml --kd-loss jsd --on-policy-fraction 0.5  # on-policy KD (GKD)
+  lmkd distill config.yaml --teacher-server-url http://gpu-box:8000 --teacher-server vllm  # served
 
 The YAML holds keys of the three argument groups below (model, data, DistillationConfig -- which
 includes every Seq2SeqTrainingArguments field); --key value pairs after it override the YAML.
@@ -151,11 +152,13 @@ def run(ns) -> None:
             "distill needs a recipe YAML (or --key value arguments); see `lmkd distill --help`"
         )
     from lmkd.train.run import run_distill
+    from lmkd.train.served_steps import check_served_teacher
 
     model_args, data_args, training_args = parse_distill_args(ns.config, ns.overrides)
     ns.output_dir = training_args.output_dir  # (what Ctrl-C's hint looks in for a checkpoint)
     check_report_to(training_args.report_to)
     _check_fresh_output(training_args.output_dir, ns.resume, ns.overwrite)
+    check_served_teacher(model_args, data_args, training_args)  # teacher_server_url: is it there?
     command = "lmkd " + shlex.join(ns.argv)
     with work_on_stderr():  # the Trainer's log dicts: stdout carries the metrics' JSON alone
         metrics = run_distill(

@@ -61,7 +61,8 @@ def tokenize(
 
     Returns:
         The tokenised dataset (``input_ids``, ``attention_mask``, ``labels`` where labelled, and
-        :data:`PROMPT_LENGTH` with a ``prompt_column`` on a causal or MLM task).
+        :data:`PROMPT_LENGTH` with a ``prompt_column`` on a causal or MLM task, and the rows'
+        :data:`TEACHER_ID` when ``ds`` has that column).
 
     Raises:
         LmkdError: as :func:`prompt_lengths`.
@@ -84,6 +85,8 @@ def tokenize(
             enc[_CUT_TARGET] = _flags(len(texts), cut)
         elif labelled and kind == CLASSIFICATION:
             enc["labels"] = [int(v) for v in batch[tgt]]
+        if TEACHER_ID in batch:  # the served teacher each row goes to (teacher_server_url a,b)
+            enc[TEACHER_ID] = [int(v) for v in batch[TEACHER_ID]]
         if args.prompt_column and kind not in (SEQ2SEQ, CLASSIFICATION):
             enc[PROMPT_LENGTH] = prompt_lengths(
                 tokenizer, texts, batch[args.prompt_column], enc["input_ids"], args
@@ -109,6 +112,9 @@ def tokenize(
 
 #: the tokenised column (and batch key) of each row's prompt length in tokens (``prompt_column``)
 PROMPT_LENGTH = "lmkd_prompt_length"
+#: the data column (kept by :func:`tokenize`) naming, per row, which of several served teachers
+#: scores it: its index in ``teacher_server_url``'s comma-separated list
+TEACHER_ID = "teacher_id"
 
 
 def prompt_lengths(tokenizer, texts, prompts, input_ids, args: DataArguments) -> list[int]:

@@ -109,6 +109,13 @@ def _is_hub_id(name: str | None) -> bool:
     )
 
 
+def _served(args: DistillationConfig) -> str | None:
+    """A served teacher (``teacher_server_url``) as the card names it; None without one."""
+    if not args.teacher_server_url:
+        return None
+    return f"served at {args.teacher_server_url} ({args.teacher_server}, top-{args.teacher_top_k})"
+
+
 def _method(args: DistillationConfig, teacher: str | None) -> list[str]:
     """Lines saying how the student learnt: the objective, its KD settings, the regime."""
     lines = []
@@ -201,7 +208,7 @@ def model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    teacher = teacher or args.teacher_model_name_or_path
+    teacher = teacher or args.teacher_model_name_or_path or _served(args)
     init = str(model_args.student_model_name_or_path)
     name = os.path.basename(os.path.normpath(args.output_dir)) or "student"
     dataset = getattr(data_args, "dataset_name", None)  # a hub dataset, when the data came from one

@@ -182,6 +182,44 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
             "settings), so that eval_loss is the same CE+KD mix as with an online teacher."
         },
     )
+    teacher_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "URL of a teacher server (lmkd serve-teacher, vLLM or SGLang; see "
+            "docs/served-teacher.md) asked, for each batch, the teacher's top-k log-probs at every "
+            "KD position: no teacher in this process, the loss of the logit cache's top-K path. "
+            "Several, comma-separated: each row goes to the one its teacher_id column names "
+            "(from 0). Example: --teacher-server-url http://gpu-box:8000"
+        },
+    )
+    teacher_server: str = field(
+        default="lmkd",
+        metadata={
+            "help": "The protocol of teacher_server_url: lmkd (lmkd serve-teacher), vllm (its "
+            "OpenAI-compatible /v1/completions with prompt_logprobs) or sglang (/generate)."
+        },
+    )
+    teacher_server_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds to wait for one answer of the teacher server; a timeout or dropped "
+            "connection is retried with exponential back-off, then the run stops resumably."
+        },
+    )
+    teacher_top_k: int = field(
+        default=20,
+        metadata={
+            "help": "Log-probs asked per position from the teacher server (20: vLLM's default "
+            "--max-logprobs cap; more needs that server flag raised)."
+        },
+    )
+    teacher_prefetch: int = field(
+        default=2,
+        metadata={
+            "help": "Batches whose teacher answers are asked for ahead of need, while the current "
+            "one trains (0: each batch waits for its answer)."
+        },
+    )
     hidden_weight: float = field(
         default=0.0,
         metadata={
@@ -322,6 +360,7 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
             )
         self.kd_chunk_size = parse_chunk_size(self.kd_chunk_size)
         self._check_plain_losses()
+        self._check_served_teacher()
         if self.logit_cache is not None and self.kd_loss == "mse":
             raise LmkdError(
                 "kd_loss mse needs the teacher's full logits, which a top-K logit_cache does not "

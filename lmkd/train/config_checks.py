@@ -11,7 +11,10 @@ the parsing of its structured fields.
 from __future__ import annotations
 
 from lmkd.core.errors import LmkdError
-from lmkd.losses import CROSS_KD_LOSSES, PLAIN_KD_LOSSES
+from lmkd.losses import CROSS_KD_LOSSES, PLAIN_KD_LOSSES, TOPK_KD_LOSSES
+
+#: the protocols a teacher server may speak (``teacher_server``)
+TEACHER_SERVERS = ("lmkd", "vllm", "sglang")
 
 LAYER_STACK_NAMES = ("layers", "encoder", "decoder")
 
@@ -175,6 +178,57 @@ class ConfigChecks:
             raise LmkdError(
                 f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K logit_cache "
                 "does not hold; use forward_kl, reverse_kl or jsd, or drop logit_cache"
+            )
+
+    def _check_served_teacher(self) -> None:
+        """teacher_server_url and its settings, and what a served top-k teacher cannot feed."""
+        if self.teacher_server not in TEACHER_SERVERS:
+            raise LmkdError(
+                f"unknown teacher_server {self.teacher_server!r}; choose one of "
+                f"{', '.join(TEACHER_SERVERS)}"
+            )
+        for name, value, low in (
+            ("teacher_top_k", self.teacher_top_k, 1),
+            ("teacher_prefetch", self.teacher_prefetch, 0),
+        ):
+            if not (isinstance(value, int) and value >= low):
+                raise LmkdError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.teacher_server_timeout > 0:
+            raise LmkdError(
+                f"teacher_server_timeout must be > 0 seconds, got {self.teacher_server_timeout}"
+            )
+        if not self.teacher_server_url:
+            return
+        for url in self.teacher_server_url.split(","):
+            if not url.strip().startswith(("http://", "https://")):
+                raise LmkdError(
+                    f"teacher_server_url must start with http:// or https:// (several: comma-"
+                    f"separated), got {url.strip()!r} (e.g. http://gpu-box:8000)"
+                )
+        if self.kd_loss not in TOPK_KD_LOSSES:
+            raise LmkdError(
+                f"kd_loss {self.kd_loss} needs the teacher's full logits, which a served top-k "
+                f"teacher does not send; use {', '.join(TOPK_KD_LOSSES)}"
+            )
+        other = [
+            name
+            for name, on in (
+                ("teacher_model_name_or_path", self.teacher_model_name_or_path),
+                ("logit_cache", self.logit_cache),
+                ("teacher_tokenizer", self.teacher_tokenizer),
+                ("rounds", self.rounds > 1),
+                ("cohort_size", self.cohort_size > 1),
+                (
+                    "hidden/attention/relation weights",
+                    self.hidden_weight > 0 or self.attention_weight > 0 or self.relation_weight > 0,
+                ),
+            )
+            if on
+        ]
+        if other:
+            raise LmkdError(
+                f"teacher_server_url (a served teacher) does not combine with {other[0]}; the "
+                "server is the teacher: drop one"
             )
 
     def _check_sizes(self) -> None:

@@ -33,11 +33,12 @@ from lmkd.train.loss_stats import LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective
 from lmkd.train.projection_trainer import HintProjectionTrainer
 from lmkd.train.regime_keys import check_regimes_run
+from lmkd.train.served_steps import ServedTeacherSteps
 
 logger = logging.getLogger(__name__)
 
 
-class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
+class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionTrainer):
     """``Seq2SeqTrainer`` + a frozen teacher + token-level KD.
 
     The teacher (a model, or a path in ``args.teacher_model_name_or_path``) is moved to the
@@ -53,6 +54,7 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     Its parts: :attr:`loss_objective` (:class:`lmkd.train.objective.DistillationObjective`, CE + KD),
     :attr:`features` (:class:`lmkd.train.features.FeatureDistiller` when a feature weight is > 0, else
     None) and :attr:`projections` (the hint projections; empty without them).  Its bases:
+    :class:`lmkd.train.served_steps.ServedTeacherSteps` (a served teacher: ``teacher_server_url``),
     :class:`lmkd.train.batch_counts.AccumulatedCounts` (the accumulated batch's counts) and
     :class:`lmkd.train.projection_trainer.HintProjectionTrainer` (the projections' optimisation and
     checkpoints).
@@ -123,9 +125,7 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
         self.model_accepts_loss_kwargs = True
         self.kind = model_kind(self.model)
         self.teacher = None
-        self._vocab = (
-            None  # the vocabulary teacher and student share, when their output layers differ
-        )
+        self._vocab = None  # the vocabulary teacher and student share, when output layers differ
         self.loss_stats = {"train": LossStats(), "eval": LossStats()}
         self.cross_shared = None  # uld_hybrid: (student ids, teacher ids) of the token strings both vocabularies hold
         if self.uses_teacher:
@@ -143,6 +143,7 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
                     else args.teacher_tokenizer,
                     kd_loss=args.kd_loss,
                 )
+        self.setup_served_teacher()  # teacher_server_url: the served teacher's client (lmkd.train.served_steps)
         self.features = None  # lmkd.train.features.FeatureDistiller when a feature weight is > 0
         if args.uses_features:
             self.features = FeatureDistiller(
@@ -166,9 +167,7 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
             sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
             data_parallel=args.world_size > 1,
         )
-        self._eval_collator = (
-            None  # the collator of the validation data's own cache (eval_logit_cache)
-        )
+        self._eval_collator = None  # the collator of the validation data's own eval_logit_cache
         if (
             args.logit_cache
         ):  # the cached top-K collated with each batch (and the validation data's own cache)
@@ -213,7 +212,8 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
     @property
     def uses_teacher(self) -> bool:
         """Whether any loss term needs the teacher's outputs."""
-        return (self.args.kd_alpha > 0 and not self.args.logit_cache) or self.args.uses_features
+        served = self.args.logit_cache or self.args.teacher_server_url
+        return (self.args.kd_alpha > 0 and not served) or self.args.uses_features
 
     def _deepspeed_config(self) -> dict | None:
         return (
@@ -331,6 +331,9 @@ class DistillationTrainer(AccumulatedCounts, HintProjectionTrainer):
         Returns:
             The :class:`lmkd.train.loss_stats.ObjectiveInputs` of the batch.
         """
+        inputs = self.with_served_teacher(
+            inputs
+        )  # (a served teacher's answer, when not prefetched)
         ce_mask, kd_mask = self.position_masks(inputs)
         teacher_forward = None
         if self.teacher is not None and cross_tokenizer.TEACHER_POSITION not in inputs:

@@ -15,7 +15,7 @@ import torch
 from lmkd import losses
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
-from lmkd.data.tokenizing import PROMPT_LENGTH
+from lmkd.data.tokenizing import PROMPT_LENGTH, TEACHER_ID
 from lmkd.models.generation import generate_seeded
 from lmkd.models.loading import unwrap
 from lmkd.models.loop_rules import eos_mask, eos_token_ids, pad_token_id
@@ -71,8 +71,8 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
         **kwargs: RegimeTrainer's keyword arguments.
 
     Raises:
-        LmkdError: a student that is not a causal or seq2seq LM, or no live teacher (kd_alpha 0,
-            or a logit_cache only).
+        LmkdError: a student that is not a causal or seq2seq LM, or no live or served teacher
+            (kd_alpha 0, or a logit_cache only).
     """
 
     regimes_run = ("on_policy_fraction",)
@@ -84,10 +84,11 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
                 f"on-policy KD needs a generative student (causal or seq2seq LM), not a {self.kind} "
                 "model; set on_policy_fraction 0"
             )
-        if self.teacher is None:
+        if self.teacher is None and self.served is None:  # (a served teacher scores them too)
             raise LmkdError(
                 "on-policy KD scores the student's samples with a live teacher: set kd_alpha > 0 and "
-                "teacher_model_name_or_path (a logit_cache only covers the fixed data)"
+                "teacher_model_name_or_path or teacher_server_url (a logit_cache only covers the "
+                "fixed data)"
             )
         self.max_new_tokens = self.fitted_new_tokens()
         self.on_policy_batches = 0
@@ -137,7 +138,10 @@ class OnPolicyDistillationTrainer(RegimeTrainer):
                 break
             self.batch_index = first + i
             if lam > 0 and self.on_policy_coin(self.batch_index):
-                batch = self.on_policy_batch(self.model, batch)
+                fresh = self.on_policy_batch(self.model, batch)
+                if TEACHER_ID in batch:  # each row's served teacher scores its samples
+                    fresh[TEACHER_ID] = batch[TEACHER_ID]
+                batch = fresh
             elif self.kind == SEQ2SEQ and batch.get("labels") is None:
                 raise LmkdError(
                     "seq2seq training data without targets can only train on-policy: set "
