@@ -21,20 +21,25 @@ import time
 from pathlib import Path
 
 
-def retrain(study: Path, variant: str, steps: int, seed: int, out: Path) -> dict:
-    """One variant of ``study`` retrained with a cap of ``steps`` and scored on the study's test rows.
+def retrain(
+    study: Path, variant: str, steps: int, seed: int, out: Path, size: str = "s025"
+) -> dict:
+    """One variant of ``study`` retrained with a cap of ``steps`` (and the stopping rule of this version)
+    and scored on the study's test rows.
 
     Args:
         study: the finished study's directory (its ``stages`` and ``report.json``).
-        variant: baseline, seq-kd or seq-inter (the variants that read no teacher logits).
+        variant: baseline, word-kd, seq-kd, seq-kd+word-kd or seq-inter (Word-KD from the study's
+            logit cache).
         steps: the new cap.
         seed: the student's seed (the study's first is 42).
         out: where the student is written.
+        size: the student's stage prefix (``s025``: 0.25 of the teacher).
 
     Returns:
         ``steps`` (run), ``seconds``, ``greedy`` and ``beam`` BLEU.
     """
-    from lmkd.study.models import evaluate_quality, train_student
+    from lmkd.study.models import LOGIT_CACHE_DIR, evaluate_quality, train_student
     from lmkd.study.plan import plan_view
     from lmkd.study.seq2seq import VARIANT_TARGET
     from lmkd.study.stopping import TRAIN_LOG, StoppingRule
@@ -49,7 +54,14 @@ def retrain(study: Path, variant: str, steps: int, seed: int, out: Path) -> dict
         else stages / "transfer" / "transfer.jsonl"
     )
     first = report["plan"].get("seed", 42)
-    init = stages / ("s025-init" if seed == first else f"s025-init-seed{seed}")
+    init = stages / (f"{size}-init" if seed == first else f"{size}-init-seed{seed}")
+    word = {}
+    if "word-kd" in variant:
+        word = dict(
+            kd_alpha=plan.kd_alpha,
+            logit_cache=str(stages / f"kd-cache-{target}" / LOGIT_CACHE_DIR),
+            eval_logit_cache=str(stages / "kd-cache-validation" / LOGIT_CACHE_DIR),
+        )
     t0 = time.perf_counter()
     train_student(
         str(out),
@@ -62,7 +74,8 @@ def retrain(study: Path, variant: str, steps: int, seed: int, out: Path) -> dict
         lr=plan.student_lr,
         target_column=target,
         seed=seed,
-        stopping=StoppingRule.from_plan(plan, report["task"]).options(),
+        stopping=StoppingRule.from_plan({**report["plan"], "student_steps": steps}, report["task"]),
+        **word,
     )
     seconds = time.perf_counter() - t0
     log = json.loads((out / TRAIN_LOG).read_text())
@@ -73,6 +86,9 @@ def retrain(study: Path, variant: str, steps: int, seed: int, out: Path) -> dict
         plan.beams,
         plan.max_new_tokens,
     )
+    (out / "quality.json").write_text(
+        json.dumps(q)
+    )  # (with the predictions: a bootstrap can follow)
     return {
         "steps": log.get("steps"),
         "seconds": seconds,
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=4500, help="the new cap")
     p.add_argument("--variants", nargs="+", default=["baseline", "seq-kd"])
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--size", default="0.25", help="the student size (a fraction of the teacher)")
     p.add_argument("--save", help="also write the table to this file")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -103,18 +120,25 @@ def main(argv: list[str] | None = None) -> None:
     study = Path(a.study)
     report = json.loads((study / "report.json").read_text())
     at_cap = {
-        r["variant"]: r for r in report["rows"] if r.get("seed") == a.seed and r["size"] == 0.25
+        r["variant"]: r
+        for r in report["rows"]
+        if r.get("seed") == a.seed and r["size"] == float(a.size)
     }
+    from lmkd.study.plan import size_name
+
+    prefix = size_name(float(a.size))
     lines = [
         f"Step cap {report['plan']['student_steps']} (the study) vs {a.steps} (here), seed {a.seed}, "
-        f"{study.name}; BLEU on the study's {report['plan'].get('test_rows')} test rows",
+        f"{study.name}, size {a.size}; BLEU on the study's {report['plan'].get('test_rows')} test rows "
+        "(this version's stopping rule: no stop before half the cap)",
         "",
         "| variant | steps (study) | BLEU greedy / beam (study) | steps (here) | BLEU greedy / beam (here) "
         "| minutes |",
         "|---|---|---|---|---|---|",
     ]
     for variant in a.variants:
-        got = retrain(study, variant, a.steps, a.seed, study / "step-cap" / f"{variant}-{a.steps}")
+        out = study / "step-cap" / f"{prefix}-{variant}-{a.steps}-seed{a.seed}"
+        got = retrain(study, variant, a.steps, a.seed, out, prefix)
         row = at_cap.get(variant, {})
         q = row.get("quality", {})
         lines.append(
