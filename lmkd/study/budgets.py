@@ -127,3 +127,33 @@ BUDGETS: dict[str, dict] = {
 #: two machines of the same kind moved Seq-Inter from "behind the baseline by 2.5 BLEU (p = 0.011)" to
 #: "no different (p = 0.126)".  ``tiny`` (tests) trains one.
 DEFAULT_SEEDS = {"tiny": 1, "quick": 2, "full": 3}
+
+#: what a causal-lm study (lmkd.study.causal_lm_study) changes in each budget's table.  ``max_length`` is
+#: the prompt's cut in tokens (the first tokens of the instruction and the description, as the seq2seq
+#: quick budget cuts descriptions at 64), ``max_new_tokens`` the response's (EOS included) and the
+#: longest generation; the teacher is a Llama-style decoder of ``teacher`` (layers: the students copy
+#: ``--student-sizes`` of them, 0.25 -> 1 of 4).
+CAUSAL_LM_BUDGETS: dict[str, dict] = {
+    "tiny": dict(
+        teacher=dict(d_model=32, layers=4, heads=2, ffn=64),
+        teacher_steps=40,
+        student_steps=8,
+        eval_every=4,
+        max_length=24,
+        max_new_tokens=12,
+    ),
+    "quick": dict(
+        teacher=dict(d_model=256, layers=4, heads=4, ffn=1024),
+        teacher_steps=1500,
+        student_steps=600,
+        eval_every=100,
+        max_length=64,
+        max_new_tokens=32,
+        batch_size=16,
+    ),
+    "full": dict(
+        teacher=dict(d_model=512, layers=8, heads=8, ffn=2048),
+        max_length=256,
+        max_new_tokens=64,
+    ),
+}
