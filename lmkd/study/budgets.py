@@ -142,14 +142,25 @@ CAUSAL_LM_BUDGETS: dict[str, dict] = {
         max_length=24,
         max_new_tokens=12,
     ),
+    # Sized to ~30 min on 2 cores from per-step CPU times measured on the shipped descriptions (one core,
+    # batch 16, prompt cut at 64 tokens + separator + synopsis: 79 tokens a row on average, p99 92;
+    # synopses 14 tokens on average, p99 26 -> max_new_tokens 32): a teacher step (256-wide, 4 layers,
+    # vocab 4000, 6.0M parameters) 0.72 s; a student step (1 copied layer, 3.0M) 0.28 s, 0.58 s with
+    # the teacher's forward (the KD variants), on-policy ~0.65 s; greedy responses to 64 prompts 0.18 s
+    # (student), 0.59 s (teacher), beam 4 on 32 prompts 1.45 s.  So: the teacher's 800 steps ~10 min;
+    # Seq-KD's transfer set greedy (beams 1: 13,922 prompts ~2.2 min; beam 4 would take ~10 min) while
+    # the gold-only students train; 8 variants x 2 seeds cost 2 x (2 x 0.28 + 5 x 0.58 + 0.65) = 8.2
+    # core-s per step of all of them, 250 steps ~2,050 core-s + 5 validations each (200 prompts, ~1 s)
+    # -> ~18 min on two workers; evaluations and the speed stage ~3 min.  Not yet run end to end.
     "quick": dict(
         teacher=dict(d_model=256, layers=4, heads=4, ffn=1024),
-        teacher_steps=1500,
-        student_steps=600,
-        eval_every=100,
+        teacher_steps=800,
+        student_steps=250,
+        eval_every=50,
         max_length=64,
         max_new_tokens=32,
         batch_size=16,
+        beams=1,
     ),
     "full": dict(
         teacher=dict(d_model=512, layers=8, heads=8, ffn=2048),

@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from lmkd.core.io import atomic_write_json, read_rows, write_jsonl
-from lmkd.study.causal_lm import PadCollator, encode_rows, pad_id_of, prompt_ids
+from lmkd.study.causal_lm_data import PadCollator, encode_rows, pad_id_of, prompt_ids
 from lmkd.study.checks import QUALITY_MARGIN, SOURCE_USE_MARGIN
 from lmkd.study.plan import Plan, plan_view
 
@@ -36,7 +36,7 @@ def generate_responses(
     batch_size: int = 32,
 ) -> list[str]:
     """The model's responses to ``prompts`` (greedy, or beam search with ``num_beams``), in order:
-    each prompt as :func:`~lmkd.study.causal_lm.prompt_ids` makes it, left-padded, decoded up to the
+    each prompt as :func:`~lmkd.study.causal_lm_data.prompt_ids` makes it, left-padded, decoded up to the
     first EOS without special tokens.
 
     Args:

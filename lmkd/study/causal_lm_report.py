@@ -12,10 +12,22 @@ from lmkd.core.io import atomic_write_json, read_rows
 from lmkd.evaluate.report import markdown_table
 from lmkd.study.causal_lm import VARIANT_SETTINGS
 from lmkd.study.causal_lm_eval import CAUSAL_METRIC, check_summary
-from lmkd.study.causal_lm_study import CAUSAL_LABELS, seed_stats, train_log
 from lmkd.study.options import StudyOptions
 from lmkd.study.results import no_verdict
+from lmkd.study.stopping import TRAIN_LOG
 from lmkd.study.verdicts import below_floor, ran_to_the_cap, significance
+
+#: how the report names each variant
+CAUSAL_LABELS = {
+    "sft": "SFT (gold responses, no teacher)",
+    "seq-kd": "Seq-KD (SFT on the teacher's responses)",
+    "fkl": "forward KL",
+    "rkl": "reverse KL",
+    "jsd": "JSD (β 0.5)",
+    "skew-kl": "skew KL (α 0.1)",
+    "taid": "TAID",
+    "on-policy": "on-policy GKD (λ 0.5, JSD β 0.5)",
+}
 
 #: the columns of each model's row (quality.json's keys), with how the report names them
 COLUMNS = {
@@ -277,3 +289,31 @@ def write_causal_report(report: dict, out: str) -> None:
         curves=curves,
         curve_ylabel="validation ROUGE-L",
     )
+
+
+def train_log(model: dict) -> dict | None:
+    """A student's ``train_log.json`` (None for the teacher).
+
+    Args:
+        model: the model's entry (``dir``).
+
+    Returns:
+        The log, or None.
+    """
+    path = os.path.join(model["dir"], TRAIN_LOG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def seed_stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard deviation (None for one value) over seeds.
+
+    Args:
+        values: one value per seed.
+
+    Returns:
+        ``(mean, std)``.
+    """
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

@@ -18,19 +18,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 
 from lmkd.core.io import atomic_write_json, file_digest, read_rows
 from lmkd.study.causal_lm import (
     CAUSAL_TEACHER_ARCH,
     CAUSAL_VARIANTS,
     NO_TEACHER_VARIANTS,
-    SEPARATOR,
     VARIANT_SETTINGS,
     causal_student_init,
-    prepare_causal_split,
     train_causal,
 )
+from lmkd.study.causal_lm_data import SEPARATOR, prepare_causal_split
 from lmkd.study.causal_lm_eval import (
     CAUSAL_METRIC,
     causal_speed,
@@ -40,23 +38,12 @@ from lmkd.study.causal_lm_eval import (
     transfer_stage,
     trivial_floors,
 )
+from lmkd.study.causal_lm_report import build_causal_report, write_causal_report
 from lmkd.study.checks import TeacherDidNotLearn
 from lmkd.study.options import StudyOptions, seeded, student_seeds
 from lmkd.study.plan import size_name, thread_options
 from lmkd.study.stages import Job, Stages, format_duration
-from lmkd.study.stopping import TRAIN_LOG, StoppingRule
-
-#: how the report names each variant
-CAUSAL_LABELS = {
-    "sft": "SFT (gold responses, no teacher)",
-    "seq-kd": "Seq-KD (SFT on the teacher's responses)",
-    "fkl": "forward KL",
-    "rkl": "reverse KL",
-    "jsd": "JSD (β 0.5)",
-    "skew-kl": "skew KL (α 0.1)",
-    "taid": "TAID",
-    "on-policy": "on-policy GKD (λ 0.5, JSD β 0.5)",
-}
+from lmkd.study.stopping import StoppingRule
 
 
 def _total(opts: StudyOptions) -> int:
@@ -294,8 +281,6 @@ def run_causal_study(opts: StudyOptions, after_stage=None) -> dict:
     Returns:
         The report.
     """
-    from lmkd.study.causal_lm_report import build_causal_report, write_causal_report
-
     plan = opts.plan
     # the position tables of a teacher built here: the longest prompt, its separator and response
     plan.positions = plan.max_length + plan.max_new_tokens + 8
@@ -396,31 +381,3 @@ def _elapsed(st: Stages) -> float:
     import time
 
     return time.time() - st.start
-
-
-def train_log(model: dict) -> dict | None:
-    """A student's ``train_log.json`` (None for the teacher).
-
-    Args:
-        model: the model's entry (``dir``).
-
-    Returns:
-        The log, or None.
-    """
-    path = os.path.join(model["dir"], TRAIN_LOG)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def seed_stats(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard deviation (None for one value) over seeds.
-
-    Args:
-        values: one value per seed.
-
-    Returns:
-        ``(mean, std)``.
-    """
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

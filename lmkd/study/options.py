@@ -112,7 +112,7 @@ class StudyOptions:
                 shipped_corpus(s, self.task) for s in ("train", "validation", "test")
             )
             if self.task == "causal-lm":  # prompts made of the shipped descriptions -> synopses
-                from lmkd.study.causal_lm import DEFAULT_INSTRUCTION
+                from lmkd.study.causal_lm_data import DEFAULT_INSTRUCTION
 
                 self.source_column, self.target_column = DEFAULT_COLUMNS["summarization"]
                 if self.instruction is None:
