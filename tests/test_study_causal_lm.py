@@ -18,8 +18,8 @@ from lmkd.models.scratch import build_model, train_tokenizer
 from lmkd.scoring.significance import paired_bootstrap
 from lmkd.study import StudyOptions, causal_lm_data, run_study
 from lmkd.study.causal_lm import CAUSAL_VARIANTS, causal_student_init, train_causal
-from lmkd.study.causal_lm_data import SEPARATOR, encode_rows
-from lmkd.study.causal_lm_eval import trivial_floors
+from lmkd.study.causal_lm_data import SEPARATOR, encode_rows, read_prompt_rows
+from lmkd.study.causal_lm_eval import check_causal_teacher, trivial_floors
 from lmkd.study.verdicts import ALPHA
 
 WORDS = (
@@ -163,6 +163,21 @@ def test_trivial_floors():
     assert floors["the most frequent response"] == pytest.approx(0.0)
     floors = trivial_floors(train, [{"source": "z", "completion": "a b"}])
     assert floors["the most frequent response"] == pytest.approx(100.0)
+
+
+def test_an_untrained_teacher_fails_its_check(teacher_dir, corpus):
+    """A freshly initialised teacher answers nothing like the responses and reads its prompt no better
+    than a shuffled one: the check fails on both counts, with its figures."""
+    plan = dict(max_length=12, max_new_tokens=6)
+    train, val = (
+        read_prompt_rows(corpus[s], "prompt", "completion") for s in ("train", "validation")
+    )
+    check = check_causal_teacher(teacher_dir, train, val, plan, rows=16, seed=0)
+    assert check["rows"] == 16 and not check["passed"]
+    assert check["floor"] == max(trivial_floors(train, val[:16]).values())
+    assert check["score"] < check["floor"] + 1
+    assert abs(check["ce_shuffled_sources"] - check["ce_real_sources"]) < 0.25
+    assert len(check["reasons"]) == 2 and "ignores the prompt" in check["reasons"][1]
 
 
 def test_options(tmp_path):
