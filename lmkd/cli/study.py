@@ -6,8 +6,8 @@ import argparse
 import os
 
 from lmkd.cli.flags import count, fraction, hidden_alias, positive
-from lmkd.core.constants import EVAL_TASKS
 from lmkd.study import BUDGETS
+from lmkd.study.options import STUDY_TASKS
 
 
 def _fractions(text: str) -> list[float]:
@@ -44,9 +44,10 @@ def add_parser(sub):
         "report.md, report.json and report.png into --output.  Seq2seq variants: baseline, word-kd, "
         "seq-kd, seq-kd+word-kd, seq-inter (Kim & Rush 2016); classification: fine-tuning alone (no-kd), "
         "task KD from the fine-tuned teacher's class logits (task-kd), the DistilBERT path "
-        "(MLM-distil a layer-copied student, then fine-tune) and MLM-distil + task KD.  Every student "
-        "trains until its validation metric (BLEU / ROUGE-L / accuracy of its greedy outputs) stops "
-        "improving, within the budget's cap.  Every "
+        "(MLM-distil a layer-copied student, then fine-tune) and MLM-distil + task KD; causal-lm "
+        "(prompt/completion rows, the loss on the response only): sft, seq-kd, fkl, rkl, jsd, skew-kl, "
+        "taid and on-policy (GKD).  Every student trains until its validation metric (BLEU / ROUGE-L / "
+        "accuracy of its greedy outputs) stops improving, within the budget's cap.  Every "
         "stage is cached under --output/stages: re-run the same command to resume; a changed "
         "option recomputes only the stages that depend on it.",
         epilog="examples:\n"
@@ -55,6 +56,9 @@ def add_parser(sub):
         "      --teacher Helsinki-NLP/opus-mt-en-de --student-sizes 0.25,0.5 --budget full --output runs/de\n"
         "  lmkd study --task summarization --output runs/sum    # shipped French descriptions -> synopses\n"
         "  lmkd study --task classification --output runs/cls   # shipped French descriptions -> section\n"
+        "  lmkd study --task causal-lm --output runs/lm   # a decoder-only teacher, prompts -> responses\n"
+        "  lmkd study --task causal-lm --train tr.jsonl --validation va.jsonl --test te.jsonl "
+        "--teacher my-gpt2 --output runs/mylm   # columns prompt / completion\n"
         "  lmkd study --task summarization --train tr.jsonl --validation va.jsonl --test te.jsonl "
         "--output runs/mysum\n"
         "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
@@ -65,7 +69,7 @@ def add_parser(sub):
         "63 min on the shipped en->fr corpus with other work sharing the cores, not yet timed idle), "
         "full (hours).",
     )
-    p.add_argument("--task", required=True, choices=EVAL_TASKS)
+    p.add_argument("--task", required=True, choices=STUDY_TASKS)
     p.add_argument(
         "--train",
         help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
@@ -88,10 +92,17 @@ def add_parser(sub):
         "--target-lang", help="the translation layout's target language (with --source-lang)"
     )
     p.add_argument(
-        "--source-column", help="input column (default: source / document / text by task)"
+        "--source-column",
+        help="input column (default: source / document / text / prompt by task)",
     )
     p.add_argument(
-        "--target-column", help="target column (default: target / summary / label by task)"
+        "--target-column",
+        help="target column (default: target / summary / label / completion by task)",
+    )
+    p.add_argument(
+        "--instruction",
+        help="causal-lm: text put before every prompt, on a line of its own (default: none; the "
+        "shipped corpus: an instruction to summarise the description)",
     )
     p.add_argument(
         "--teacher",
@@ -313,5 +324,6 @@ def _run(ns) -> None:
         online_kd=ns.online_kd,
         teacher_split=ns.teacher_split,
         unlabelled=ns.unlabelled,
+        instruction=ns.instruction,
     )
     run_study(options)

@@ -18,6 +18,13 @@ MLM-distil + task KD:
             and the eval of every model, as soon as it is ready
          -> the best student exported for serving, its eval -> speed -> report
 
+Causal LMs (``--task causal-lm``, :mod:`.causal_lm_study`) -- prompt/response rows, the loss on the
+response only:
+
+    data -> tokenizer -> teacher (Llama-style, or --teacher) + its check -> transfer set (Seq-KD)
+         -> student init (copied teacher layers) -> sft | seq-kd | fkl | rkl | jsd | skew-kl | taid | on-policy
+            and the eval of every model -> speed -> report
+
 Every student learns from the whole training set and trains until the task metric of its greedy
 outputs on the validation rows stops improving (BLEU / ROUGE-L / accuracy; early stopping with
 patience, ``student_steps`` the cap; :class:`~lmkd.study.stopping.StoppingRule`) and keeps its best
@@ -43,7 +50,9 @@ resolve into, the stage count), :mod:`.stages` (the cache and the job graph; job
 :mod:`.classification` (the pipelines; the seq2seq one's :mod:`.transfer` set and
 :mod:`.student_init`), :mod:`.models` (train, save, score, time), :mod:`.serving`,
 :mod:`.results` (the report's figures), :mod:`.verdicts` (significance and the warnings),
-:mod:`.report_writer` (report.md and report.png) and :mod:`.run` (:func:`run_study`).
+:mod:`.report_writer` (report.md and report.png) and :mod:`.run` (:func:`run_study`); the causal-LM
+study's :mod:`.causal_lm_data`, :mod:`.causal_lm` (inits, training), :mod:`.causal_lm_eval`,
+:mod:`.causal_lm_report` and :mod:`.causal_lm_study` (its stages).
 """
 
 from lmkd.study.models import evaluate_quality, measure_models_speed, train_student

@@ -128,3 +128,44 @@ BUDGETS: dict[str, dict] = {
 #: two machines of the same kind moved Seq-Inter from "behind the baseline by 2.5 BLEU (p = 0.011)" to
 #: "no different (p = 0.126)".  ``tiny`` (tests) trains one.
 DEFAULT_SEEDS = {"tiny": 1, "quick": 2, "full": 3}
+
+#: what a causal-lm study (lmkd.study.causal_lm_study) changes in each budget's table.  ``max_length`` is
+#: the prompt's cut in tokens (the first tokens of the instruction and the description, as the seq2seq
+#: quick budget cuts descriptions at 64), ``max_new_tokens`` the response's (EOS included) and the
+#: longest generation; the teacher is a Llama-style decoder of ``teacher`` (layers: the students copy
+#: ``--student-sizes`` of them, 0.25 -> 1 of 4).
+CAUSAL_LM_BUDGETS: dict[str, dict] = {
+    "tiny": dict(
+        teacher=dict(d_model=32, layers=4, heads=2, ffn=64),
+        teacher_steps=40,
+        student_steps=8,
+        eval_every=4,
+        max_length=24,
+        max_new_tokens=12,
+    ),
+    # Sized to ~30 min on 2 cores from per-step CPU times measured on the shipped descriptions (one core,
+    # batch 16, prompt cut at 64 tokens + separator + synopsis: 79 tokens a row on average, p99 92;
+    # synopses 14 tokens on average, p99 26 -> max_new_tokens 32): a teacher step (256-wide, 4 layers,
+    # vocab 4000, 6.0M parameters) 0.72 s; a student step (1 copied layer, 3.0M) 0.28 s, 0.58 s with
+    # the teacher's forward (the KD variants), on-policy ~0.65 s; greedy responses to 64 prompts 0.18 s
+    # (student), 0.59 s (teacher), beam 4 on 32 prompts 1.45 s.  So: the teacher's 800 steps ~10 min;
+    # Seq-KD's transfer set greedy (beams 1: 13,922 prompts ~2.2 min; beam 4 would take ~10 min) while
+    # the gold-only students train; 8 variants x 2 seeds cost 2 x (2 x 0.28 + 5 x 0.58 + 0.65) = 8.2
+    # core-s per step of all of them, 250 steps ~2,050 core-s + 5 validations each (200 prompts, ~1 s)
+    # -> ~18 min on two workers; evaluations and the speed stage ~3 min.  Not yet run end to end.
+    "quick": dict(
+        teacher=dict(d_model=256, layers=4, heads=4, ffn=1024),
+        teacher_steps=800,
+        student_steps=250,
+        eval_every=50,
+        max_length=64,
+        max_new_tokens=32,
+        batch_size=16,
+        beams=1,
+    ),
+    "full": dict(
+        teacher=dict(d_model=512, layers=8, heads=8, ffn=2048),
+        max_length=256,
+        max_new_tokens=64,
+    ),
+}

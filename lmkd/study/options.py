@@ -18,6 +18,12 @@ from lmkd.study.plan import (
     engine_installed,
 )
 
+#: the tasks ``lmkd study`` runs: those ``lmkd evaluate`` scores with a quality metric, and causal-lm
+#: (prompt/response rows, lmkd.study.causal_lm_study)
+STUDY_TASKS = (*EVAL_TASKS, "causal-lm")
+#: the study's default columns per task (causal-lm: prompt and response, lmkd.study.causal_lm)
+STUDY_COLUMNS = {**DEFAULT_COLUMNS, "causal-lm": ("prompt", "completion")}
+
 
 @dataclass
 class StudyOptions:
@@ -63,6 +69,8 @@ class StudyOptions:
     teacher_split: float | None = None
     #: seq2seq: source-only rows added to every KD variant's transfer set (lmkd.study.seq2seq)
     unlabelled: str | None = None
+    #: causal-lm: text put before every prompt, on a line of its own (the shipped corpus: an instruction)
+    instruction: str | None = None
     #: filled in by resolve(): the study's plan (the budget's table with the overrides applied)
     plan: Plan | None = None
 
@@ -73,8 +81,8 @@ class StudyOptions:
         Returns:
             ``self``, its :attr:`plan` built (:meth:`Plan.for_study`).
         """
-        if self.task not in EVAL_TASKS:
-            raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(EVAL_TASKS)}")
+        if self.task not in STUDY_TASKS:
+            raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(STUDY_TASKS)}")
         if self.budget not in BUDGETS:
             raise LmkdError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         if not 0 < self.kd_alpha <= 1:
@@ -91,7 +99,7 @@ class StudyOptions:
             )
         if self.kd_temperature is not None and not self.kd_temperature > 0:
             raise LmkdError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
-        default_cols = DEFAULT_COLUMNS[self.task]
+        default_cols = STUDY_COLUMNS[self.task]
         self.source_column = self.source_column or default_cols[0]
         self.target_column = self.target_column or default_cols[1]
         if self.train is None and self.validation is None and self.test is None:
@@ -103,6 +111,12 @@ class StudyOptions:
             self.train, self.validation, self.test = (
                 shipped_corpus(s, self.task) for s in ("train", "validation", "test")
             )
+            if self.task == "causal-lm":  # prompts made of the shipped descriptions -> synopses
+                from lmkd.study.causal_lm_data import DEFAULT_INSTRUCTION
+
+                self.source_column, self.target_column = DEFAULT_COLUMNS["summarization"]
+                if self.instruction is None:
+                    self.instruction = DEFAULT_INSTRUCTION
         missing = [n for n in ("train", "validation", "test") if getattr(self, n) is None]
         if missing:
             raise LmkdError(
@@ -152,6 +166,13 @@ class StudyOptions:
     def _check_transfer_options(self) -> None:
         """One-line errors for ``--teacher-split`` and ``--unlabelled`` (seq2seq only; the split needs a
         teacher trained here, whose training rows the study chooses)."""
+        if self.task == "causal-lm":
+            for flag, value in (
+                ("--teacher-split", self.teacher_split),
+                ("--unlabelled", self.unlabelled),
+            ):
+                if value is not None:
+                    raise LmkdError(f"{flag} is for the seq2seq tasks (translation, summarization)")
         if self.teacher_split is not None:
             if self.task == "classification":
                 raise LmkdError(
@@ -185,6 +206,8 @@ SHIPPED_CORPORA = {
     "translation": "ddtp_en_fr",
     "summarization": "ddtp_fr_summ",
     "classification": "ddtp_fr_section",
+    # prompts made of the descriptions (an instruction before each), the synopses as responses
+    "causal-lm": "ddtp_fr_summ",
 }
 
 

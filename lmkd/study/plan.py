@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from lmkd.core.constants import CLASSIFICATION, SEQ2SEQ, TASK_KIND
-from lmkd.study.budgets import BUDGETS
+from lmkd.study.budgets import BUDGETS, CAUSAL_LM_BUDGETS
 
 #: the architecture of a seq2seq teacher trained from scratch (lmkd.models.scratch.model_config): BART with pre-LN
 #: layers.  Post-LN BART at lr 1e-3 collapsed (its encoder output one constant vector) on the 5k-row
@@ -184,6 +184,8 @@ class Plan:
         from lmkd.study.stages import threads_per_worker
 
         table = copy.deepcopy(BUDGETS[budget])
+        if task == "causal-lm":
+            table.update(copy.deepcopy(CAUSAL_LM_BUDGETS[budget]))
         overrides = {"teacher_steps": teacher_steps, "student_steps": student_steps, "beams": beams}
         for key, value in overrides.items():
             if value is not None:
@@ -196,7 +198,8 @@ class Plan:
             kd_alpha=kd_alpha,
             kd_temperature=kd_temperature or (2.0 if cls_task else 1.0),
             # classification's task KD reads class logits, which lmkd cache-logits does not store
-            logit_cache=None if online_kd or cls_task else dict(LOGIT_CACHE),
+            # (causal-lm: its KD variants run the teacher online)
+            logit_cache=None if online_kd or cls_task or task == "causal-lm" else dict(LOGIT_CACHE),
         )
 
     @classmethod

@@ -71,6 +71,10 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
         The report.
     """
     opts.resolve()
+    if opts.task == "causal-lm":
+        from lmkd.study.causal_lm_study import run_causal_study
+
+        return run_causal_study(opts, after_stage)
     plan = opts.plan
     # a given classification teacher may be a bare encoder: no MLM to distil from (checked before any stage)
     mlm_head = opts.task != "classification" or opts.teacher is None or has_mlm_head(opts.teacher)

@@ -11,7 +11,7 @@ from lmkd.scoring.significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_boot
 #: a comparison with p below this is reported as a difference; otherwise it is inconclusive
 ALPHA = 0.05
 #: the variant the KD variants are compared with: trained on the same rows without a teacher
-BASELINE_VARIANTS = ("baseline", "no-kd")
+BASELINE_VARIANTS = ("baseline", "no-kd", "sft")
 
 METRIC_LABELS = {
     "bleu": "BLEU",
@@ -28,6 +28,7 @@ SIGNIFICANCE_METRICS = {
     "translation": ("bleu", "chrf"),
     "summarization": ("rouge2", "rouge1", "rougeL"),
     "classification": ("accuracy", "macro_f1"),
+    "causal-lm": ("rougeL", "chrf"),
 }
 
 
