@@ -206,6 +206,7 @@ def causal_students(
         min_delta=plan.metric_min_delta,
         metric=f"eval_{CAUSAL_METRIC}",
         greater_is_better=True,
+        min_steps=plan.student_steps // 2,  # as every study's students (StoppingRule.from_plan)
     )
     students: dict[str, dict] = {}
     for fraction in opts.student_sizes:
