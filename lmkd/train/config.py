@@ -18,6 +18,7 @@ from lmkd.losses import CROSS_KD_LOSSES, KD_LOSSES, PLAIN_KD_LOSSES
 from lmkd.losses.feature import ATTENTION_LOSSES, HIDDEN_LOSSES
 from lmkd.losses.relation import RELATION_LOSSES, RELATION_POOLINGS
 from lmkd.train.config_checks import ConfigChecks, parse_chunk_size, parse_layer_map
+from lmkd.train.processes import check_process_group, settle_processes
 
 TEACHER_DTYPES = AUTO_DTYPE_NAMES
 MLM_KD_POSITIONS = ("all", "masked")
@@ -402,8 +403,10 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
         self._check_regimes()
         self._check_sizes()
         self._check_optimisation()
+        settle_processes(self)  # several processes launched: one process group, or one line
         self._check_precision()
         super().__post_init__()
+        check_process_group(self)
 
 
 @dataclass
