@@ -4,7 +4,7 @@ description -> its one-line synopsis, from the Debian Description Translation Pr
 
 Run from the repository root (it rewrites the three files; the output is the same every run)::
 
-    python lmkd/corpora/make_chat_corpus.py
+    python benchmarks/make_chat_corpus.py
 
 Each ``ddtp_fr_summ`` row (of the first ``LIMITS[split]`` rows of its split, in the file's order)
 becomes one conversation, drawn with ``random.Random(SEED)``:
@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "lmkd" / "corpora"
 #: the seed of every draw (direction, wording, system turn)
 SEED = 20261207
 #: rows kept per split: small enough to ship (about 1 MB gzipped in all)
