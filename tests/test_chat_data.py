@@ -219,14 +219,14 @@ def test_prompt_and_response_for_other_callers(chat_tokenizer):
     assert chat.row_format(["prompt", "completion"], _args()) == chat.PROMPT_COMPLETION
 
 
-def _models(tokenizer_dir):
+def _models(tokenizer_dir, seeds=(0, 1)):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmkd.models.scratch import build_model
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     out = []
-    for seed, layers in ((0, 2), (1, 1)):
+    for seed, layers in zip(seeds, (2, 1)):
         path = Path(tokenizer_dir).parent / f"gpt2-{seed}"
         build_model("gpt2", len(tok), seed=seed, layers=layers, max_positions=512).save_pretrained(
             path
@@ -400,3 +400,76 @@ def test_shipped_chat_corpus_tokenises():
             rows = [json.loads(line) for line in f]
         assert len(rows) == n
         assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_generate_answers_each_prompt_and_distill_reads_its_conversations(
+    chat_tokenizer, chat_tokenizer_dir, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from lmkd.cli import main
+    from lmkd.teacher.pseudo_target_files import load_generated
+
+    # seed 2: a random teacher whose greedy answers are not blank (seeds 0 and 1 write newlines)
+    (teacher, student), _ = _models(chat_tokenizer_dir, seeds=(2, 1))
+    rows = _rows(4)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "generated"
+    assert (
+        main(
+            [
+                "generate",
+                "--teacher",
+                teacher,
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--num-beams",
+                "1",
+                "--max-new-tokens",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    generated = load_generated(str(out)).to_list()
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    for row, got in zip(rows, generated):
+        prompt = chat_tokenizer.apply_chat_template(
+            row["messages"][:-1], tokenize=False, add_generation_prompt=True
+        )
+        ids = chat_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=1)[
+                0, ids.shape[1] :
+            ]
+        answer = chat_tokenizer.decode(new, skip_special_tokens=True).strip()
+        assert answer and got["teacher_target"] == answer
+        assert got["teacher_messages"] == row["messages"][:-1] + [
+            {"role": "assistant", "content": answer}
+        ]
+    trained = tmp_path / "seqkd-student"
+    assert (
+        main(
+            [
+                "distill",
+                f"--student_model_name_or_path={student}",
+                f"--output_dir={trained}",
+                f"--teacher_model_name_or_path={teacher}",
+                "--task=causal-lm",
+                f"--train_file={out}",
+                "--source_column=teacher_messages",
+                "--kd_alpha=0",
+                "--max_steps=1",
+                "--per_device_train_batch_size=4",
+                "--report_to=none",
+                "--save_strategy=no",
+                "--use_cpu=true",
+                "--max_source_length=512",
+            ]
+        )
+        == 0
+    )

@@ -429,6 +429,24 @@ def encode_rows(batch: dict, features, tokenizer, args, length: int | None) -> t
     return out, cut
 
 
+def with_response(messages, response: str) -> list[dict]:
+    """``messages`` with ``response`` as the assistant's last turn: it replaces the last message
+    when that is the assistant's, else it is appended (what ``lmkd generate`` writes as
+    ``teacher_messages``).
+
+    Args:
+        messages: the conversation.
+        response: the new answer.
+
+    Returns:
+        The new conversation (``role`` / ``content`` dicts).
+    """
+    msgs = [{"role": m["role"], "content": _content(m)} for m in messages]
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    return msgs + [{"role": "assistant", "content": str(response)}]
+
+
 def prompt_and_response(row: dict, tokenizer, args, features=None) -> tuple[str, str]:
     """One row as ``(prompt_text, response_text)``: chat rows, the rendering of the conversation
     before its last assistant turn with the generation prompt, and that turn's content (rows whose

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 
 from lmkd.core.errors import LmkdError
+from lmkd.data import chat
 from lmkd.core.io import write_jsonl
 from lmkd.teacher.selection import FILTER_METRICS, select_and_filter
 
@@ -56,6 +57,9 @@ class GenerationSettings:
         filter_metric: the sentence metric filtered on, or None.
         filter_min: the lowest score kept.
         output_format: ``arrow`` or ``jsonl``.
+        chat_column: causal chat rows: the column of their messages (``messages``, or ``prompt``
+            of prompt/completion messages); the output gets ``teacher_messages``: the
+            conversation with the teacher's answer as its last assistant turn (None: text rows).
     """
 
     teacher: str
@@ -83,6 +87,7 @@ class GenerationSettings:
     filter_metric: str | None = None
     filter_min: float | None = None
     output_format: str = "arrow"
+    chat_column: str | None = None
 
     def check(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
@@ -178,6 +183,9 @@ def merge(
         )
     if not out:
         raise LmkdError("the filter dropped every row; lower --filter-min")
+    if s.chat_column:  # what the student trains on: source_column teacher_messages
+        for row in out:
+            row["teacher_messages"] = chat.with_response(row[s.chat_column], row["teacher_target"])
     if s.output_format == "jsonl":
         write_jsonl(os.path.join(output_dir, JSONL_FILE), out)
     else:
