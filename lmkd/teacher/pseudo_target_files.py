@@ -11,11 +11,11 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lmkd.core.errors import LmkdError
-from lmkd.data import chat
 from lmkd.core.io import write_jsonl
+from lmkd.data import chat
 from lmkd.teacher.selection import FILTER_METRICS, select_and_filter
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,22 @@ class GenerationSettings:
             raise LmkdError(
                 "--select/--filter-metric need the references: pass --reference-column (e.g. target)"
             )
+
+
+def recorded_settings(settings: GenerationSettings) -> dict:
+    """The settings as the output directory records them: without ``chat_column`` on text rows,
+    so a directory written before it existed still resumes.
+
+    Args:
+        settings: the run's settings.
+
+    Returns:
+        The settings as a dict.
+    """
+    out = asdict(settings)
+    if out.get("chat_column") is None:
+        out.pop("chat_column", None)
+    return out
 
 
 def merge(

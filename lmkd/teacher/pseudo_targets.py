@@ -41,7 +41,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -66,6 +66,7 @@ from lmkd.teacher.pseudo_target_files import (
     SETTINGS_FILE,
     GenerationSettings,
     merge,
+    recorded_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -421,22 +422,6 @@ def generate_pseudo_targets(
         shutil.rmtree(chunk_dir, ignore_errors=True)
     state.wait_for_everyone()
     return report
-
-
-def recorded_settings(settings: GenerationSettings) -> dict:
-    """The settings as the output directory records them: without ``chat_column`` on text rows,
-    so a directory written before it existed still resumes.
-
-    Args:
-        settings: the run's settings.
-
-    Returns:
-        The settings as a dict.
-    """
-    out = asdict(settings)
-    if out.get("chat_column") is None:
-        out.pop("chat_column", None)
-    return out
 
 
 __all__ = ["generate_pseudo_targets"]
