@@ -473,3 +473,75 @@ def test_generate_answers_each_prompt_and_distill_reads_its_conversations(
         )
         == 0
     )
+
+
+def test_logit_cache_of_chat_rows_trains_and_cross_tokenizer_is_refused(
+    chat_tokenizer_dir, tmp_path, capsys
+):
+    from lmkd.cli import main
+    from lmkd.teacher import logit_cache
+
+    (teacher, student), _ = _models(chat_tokenizer_dir)
+    data = tmp_path / "chat.jsonl"
+    rows = _rows(8)
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cache = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "cache-logits",
+                "--teacher",
+                teacher,
+                "--data",
+                str(data),
+                "--task",
+                "causal-lm",
+                "--output",
+                str(cache),
+                "--top-k",
+                "8",
+                "--max-source-length",
+                "512",
+            ]
+        )
+        == 0
+    )
+    # every next token of each rendered row is cached (the labels pick the trained ones)
+    lengths = [len(chat.encode_chat(r["messages"], _tok(teacher), CHATML)[0]) - 1 for r in rows]
+    assert json.loads(capsys.readouterr().out)["positions"] == sum(lengths)
+    keys = [
+        "distill",
+        f"--student_model_name_or_path={student}",
+        "--task=causal-lm",
+        f"--train_file={data}",
+        "--per_device_train_batch_size=4",
+        "--max_steps=1",
+        "--report_to=none",
+        "--save_strategy=no",
+        "--use_cpu=true",
+        "--kd_alpha=0.5",
+        "--max_source_length=512",
+    ]
+    assert main(keys + [f"--output_dir={tmp_path / 'cached'}", f"--logit_cache={cache}"]) == 0
+    assert logit_cache.cache_teacher(str(cache))
+    capsys.readouterr()
+    assert (
+        main(
+            keys
+            + [
+                f"--output_dir={tmp_path / 'cross'}",
+                f"--teacher_model_name_or_path={teacher}",
+                f"--teacher_tokenizer={teacher}",
+                "--kd_loss=uld",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "teacher_tokenizer" in err and "chat" in err and len(err.splitlines()) == 1
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
