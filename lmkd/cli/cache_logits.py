@@ -113,6 +113,11 @@ def add_parser(sub):
     p.add_argument(
         "--device", help="torch device for the teacher (default: cuda if available, else cpu)"
     )
+    p.add_argument(
+        "--chat-template",
+        help="causal-lm rows of chat messages: a Jinja chat template file (default: the "
+        "teacher tokenizer's own); the same as distill's chat_template (docs/chat-data.md)",
+    )
     p.add_argument("--overwrite", action="store_true", help="discard an existing cache in --output")
     hidden_alias(p, "--cache-dtype", "--dtype")  # its old name (elsewhere --dtype is the model's)
     p.set_defaults(func=run)
@@ -140,6 +145,7 @@ def run(ns) -> None:
             max_source_length=ns.max_source_length,
             max_target_length=ns.max_target_length,
             max_train_samples=ns.max_samples,
+            chat_template=ns.chat_template,
         )
     )
     with work_on_stderr():  # stdout carries the summary's JSON alone

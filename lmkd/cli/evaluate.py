@@ -38,6 +38,8 @@ def add_parser(sub):
         "--source-column sentence\n"
         "  lmkd evaluate --model runs/distilgpt2 --teacher gpt2 --data data/wikitext/test.jsonl --task causal-lm "
         "--max-source-length 256\n"
+        "  lmkd evaluate --model runs/chat-student --teacher runs/chat-teacher --task causal-lm \\\n"
+        "      --data lmkd/corpora/ddtp_fr_chat.test.jsonl.gz   # chat rows: assistant tokens only\n"
         "  lmkd evaluate --model runs/distilbert --teacher bert-base-uncased --data data/wiki.jsonl --task mlm "
         "--mlm-probability 0.15 --seed 0\n"
         "  lmkd evaluate --model runs/marian-ro --teacher Helsinki-NLP/opus-mt-en-ro --task translation \\\n"
@@ -120,6 +122,11 @@ def add_parser(sub):
         default="auto",
         help="dtype the models run in (default: as saved)",
     )
+    p.add_argument(
+        "--chat-template",
+        help="causal-lm rows of chat messages: a Jinja chat template file (default: each "
+        "tokenizer's own); perplexity is over the assistant tokens only (docs/chat-data.md)",
+    )
     p.add_argument("--output", help="write the results here (JSON) and the table next to it (.md)")
     p.add_argument("--plot", help="draw quality against latency into this PNG file")
     p.set_defaults(func=run)
@@ -169,6 +176,7 @@ def run(ns) -> None:
         repeats=ns.repeats,
         device=ns.device,
         dtype=None if ns.dtype == "auto" else ns.dtype,
+        chat_template=ns.chat_template,
     )
     print(write_report(result, ns.output, ns.plot), end="")
     for path in (ns.output, ns.output and os.path.splitext(ns.output)[0] + ".md", ns.plot):

@@ -38,10 +38,13 @@ def add_parser(sub):
         "--reference-column target --filter-metric chrf --filter-min 30\n"
         "  lmkd generate --teacher my-gpt --data prompts.jsonl --source-column prompt --output data/compl "
         "--do-sample --top-p 0.9 --seed 1\n"
+        "  lmkd generate --teacher my-chat-lm --data lmkd/corpora/ddtp_fr_chat.train.jsonl.gz "
+        "--output data/chat-seqkd --num-beams 1   # chat rows: the teacher answers each prompt\n"
         "  lmkd generate --teacher my-teacher --dataset-name wmt16 --dataset-config-name ro-en --split train "
         "--source-lang en --target-lang ro --output data/seqkd-ro\n"
         "Then train on it: `lmkd distill recipe.yaml --train-file data/seqkd-fr --target-column "
-        "teacher_target` (recipes/translation/seqkd_*.yaml).",
+        "teacher_target` (recipes/translation/seqkd_*.yaml); chat rows: `--train-file data/chat-seqkd "
+        "--source-column teacher_messages` (docs/chat-data.md).",
     )
     p.add_argument(
         "--teacher", required=True, help="teacher checkpoint (seq2seq or causal LM; dir or hub id)"
@@ -53,6 +56,12 @@ def add_parser(sub):
         help="output directory (a save_to_disk dataset, or generated.jsonl)",
     )
     p.add_argument("--source-column", default="source", help="input column (default: source)")
+    p.add_argument(
+        "--chat-template",
+        help="causal LM teacher, rows of chat messages: a Jinja chat template file (default: the "
+        "teacher tokenizer's own); the output's teacher_messages holds each conversation with "
+        "the teacher's answer as its last turn (docs/chat-data.md)",
+    )
     p.add_argument(
         "--source-prefix",
         default="",
@@ -198,6 +207,7 @@ def _generate(ns) -> dict:
         dtype=ns.dtype,
         overwrite=ns.overwrite,
         progress=not ns.no_progress,
+        chat_template=ns.chat_template,
     )
 
 

@@ -11,7 +11,8 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
-from lmkd.core.constants import CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
+from lmkd.core.constants import CAUSAL, CLASSIFICATION, IGNORE_INDEX, MLM, SEQ2SEQ, TASK_KIND
+from lmkd.data.tokenizing import PROMPT_LENGTH
 
 
 class KeyedMasking(DataCollatorForLanguageModeling):
@@ -89,6 +90,50 @@ def collator_for(
         tokenizer.pad_token = tokenizer.eos_token
     if kind == MLM and seed is not None:
         return KeyedMasking(tokenizer, mlm=True, mlm_probability=mlm_probability, seed=seed)
-    return DataCollatorForLanguageModeling(
+    plain = DataCollatorForLanguageModeling(
         tokenizer, mlm=(kind == MLM), mlm_probability=mlm_probability, seed=seed
     )
+    return CausalCollator(tokenizer, plain) if kind == CAUSAL else plain
+
+
+class CausalCollator:
+    """A causal LM's collator: rows with their own ``labels`` (chat and prompt/completion rows,
+    :mod:`lmkd.data.chat`, whose labels mask every token but the assistant's) are padded as they
+    are -- labels with ``IGNORE_INDEX``, on the tokenizer's padding side; rows without are given
+    ``plain``'s labels (every real token).  Each row's :data:`PROMPT_LENGTH` is dropped (the
+    on-policy regime's collator takes it off before this one).
+
+    Args:
+        tokenizer: the model's tokenizer (its pad token and padding side).
+        plain: the collator of rows without labels (``DataCollatorForLanguageModeling``).
+    """
+
+    def __init__(self, tokenizer, plain):
+        self.tokenizer, self.plain = tokenizer, plain
+
+    def __call__(self, features: list[dict]) -> dict:
+        """Collate ``features``.
+
+        Args:
+            features: the rows (``input_ids``, ``attention_mask``, optionally ``labels``).
+
+        Returns:
+            The padded batch, as tensors.
+        """
+        import torch
+
+        features = [{k: v for k, v in f.items() if k != PROMPT_LENGTH} for f in features]
+        if "labels" not in features[0]:
+            return self.plain(features)
+        labels = [list(f.pop("labels")) for f in features]
+        batch = self.tokenizer.pad(features, return_tensors="pt")
+        width = batch["input_ids"].shape[1]
+        out = torch.full((len(labels), width), IGNORE_INDEX, dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for i, row in enumerate(labels):
+            if row and left:
+                out[i, width - len(row) :] = torch.tensor(row)
+            elif row:
+                out[i, : len(row)] = torch.tensor(row)
+        batch["labels"] = out
+        return batch

@@ -15,6 +15,7 @@ and causal-lm -- each name is an option; rows in the HF translation layout
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from lmkd.core.constants import DEFAULT_COLUMNS, TASKS
@@ -56,6 +57,8 @@ class DataArguments:
         source_lang: translation layout: the source language key; goes with ``target_lang``.
         target_lang: translation layout: the target language key.
         transfer_file: an unlabelled transfer set mixed into the training data (KD only, no CE).
+        chat_template: causal-lm chat rows: a Jinja chat template file to render them with
+            (default: the tokenizer's own); see :mod:`lmkd.data.chat`.
 
     Raises:
         LmkdError: (on construction) an unknown task, neither or both of ``train_file`` and
@@ -167,6 +170,15 @@ class DataArguments:
         },
     )
 
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "causal-lm rows of chat messages ({'messages': [{'role': ..., 'content': "
+            "...}]}): a Jinja chat template file to render them with (default: the tokenizer's "
+            "chat template). Only the assistant turns are learned (docs/chat-data.md)."
+        },
+    )
+
     def __post_init__(self):
         if self.task not in TASKS:
             raise LmkdError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
@@ -191,6 +203,11 @@ class DataArguments:
                 value is not None and not value >= 1
             ):  # 0 rows or tokens: nothing to train on or all cut
                 raise LmkdError(f"{key_name(self, name)} must be >= 1, got {value}")
+        if self.chat_template and not os.path.isfile(self.chat_template):
+            raise LmkdError(
+                f"{key_name(self, 'chat_template')}: no file {self.chat_template!r}; give a Jinja "
+                "chat template file"
+            )
         if not 0.0 < self.mlm_probability <= 1.0:
             raise LmkdError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
         src, tgt = DEFAULT_COLUMNS[self.task]
@@ -217,6 +234,8 @@ DASHED_FLAGS = {
     "target_lang": "--target-lang",
     "source_column": "--source-column",
     "target_column": "--target-column",
+    "prompt_column": "--prompt-column",
+    "chat_template": "--chat-template",
 }
 
 

@@ -15,6 +15,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import read_rows, unreadable
+from lmkd.data import chat
 from lmkd.data.dataset import DISTILL_COLUMN_FLAGS, DataArguments, key_name
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def read_split(
     """
     path = args.train_file if split == "train" else args.validation_file
     if path:
-        ds = load_data(path, [] if args.source_lang else columns, flags)
+        ds = load_data(path, [], flags)
     elif args.dataset_name:
         name = args.train_split if split == "train" else (args.validation_split or "validation")
         ds = _load_named(args, name, required=split == "train" or args.validation_split is not None)
@@ -190,6 +191,16 @@ def read_split(
     else:
         return None
     ds = flatten_translation(ds, args)
+    if chat.row_format(ds.features, args) != chat.TEXT:  # causal-lm messages or prompt/completion
+        columns = [
+            c for c in columns if c != args.source_column and c != args.prompt_column
+        ] + chat.data_columns(ds.features, args)
+        if args.prompt_column:
+            raise LmkdError(
+                f"{key_name(args, 'prompt_column')} is for text rows: chat and prompt/completion "
+                "rows give each row's prompt themselves (before the last assistant turn or the "
+                "completion); drop it"
+            )
     check_columns(ds, columns, flags, path or args.dataset_name)
     return ds
 

@@ -1,6 +1,8 @@
 """Tokenising rows per task (:func:`tokenize`): inputs and labels fitted by
 :mod:`lmkd.models.truncation`'s rule, the rows cut logged once, and each row's prompt length in
 tokens (:func:`prompt_lengths`, the ``PROMPT_LENGTH`` column) for a causal LM's ``prompt_column``.
+Causal-lm chat and prompt/completion rows are :mod:`lmkd.data.chat`'s: labelled on the assistant's
+(completion's) tokens only, each with its prompt length.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datasets
 
 from lmkd.core.constants import CLASSIFICATION, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
+from lmkd.data import chat
 from lmkd.data.dataset import DataArguments
 from lmkd.models.truncation import (
     describe_truncation,
@@ -62,18 +65,31 @@ def tokenize(
     Returns:
         The tokenised dataset (``input_ids``, ``attention_mask``, ``labels`` where labelled, and
         :data:`PROMPT_LENGTH` with a ``prompt_column`` on a causal or MLM task, and the rows'
-        :data:`TEACHER_ID` when ``ds`` has that column).
+        :data:`TEACHER_ID` when ``ds`` has that column).  Causal-lm chat and prompt/completion rows
+        (:func:`lmkd.data.chat.row_format`) always get ``labels`` (``IGNORE_INDEX`` but on the
+        assistant's tokens) and :data:`PROMPT_LENGTH`.
 
     Raises:
-        LmkdError: as :func:`prompt_lengths`.
+        LmkdError: as :func:`prompt_lengths`, or :func:`lmkd.data.chat.encode_rows`.
     """
     src, tgt = args.source_column, args.target_column
     kind = TASK_KIND[args.task]
     src_len = fit_length(args.max_source_length, model, tokenizer, "inputs")
     with_targets = labelled and kind == SEQ2SEQ
     tgt_len = fit_length(args.max_target_length, model, None, "targets") if with_targets else None
+    features = ds.features
+    rows = chat.row_format(features, args)
+    if rows != chat.TEXT:
+        chat.check_chat_data(features, tokenizer, args)  # no template: one line, before any row
 
     def fn(batch):
+        if rows != chat.TEXT:
+            enc, cut = chat.encode_rows(batch, features, tokenizer, args, src_len)
+            enc[PROMPT_LENGTH] = enc.pop("prompt_lengths")
+            enc[_CUT_SOURCE] = _flags(len(enc["input_ids"]), cut)
+            if TEACHER_ID in batch:
+                enc[TEACHER_ID] = [int(v) for v in batch[TEACHER_ID]]
+            return enc
         texts = [args.source_prefix + str(t) for t in batch[src]]
         enc, cut = encode_fitted(tokenizer, texts, src_len)
         enc[_CUT_SOURCE] = _flags(len(texts), cut)

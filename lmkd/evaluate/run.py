@@ -17,6 +17,7 @@ import torch
 
 from lmkd.core.constants import DEFAULT_COLUMNS, EVAL_TASKS, LM_EVAL_TASKS, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
+from lmkd.data import chat
 from lmkd.data.dataset import DataArguments
 from lmkd.data.reading import read_split
 from lmkd.evaluate.runners import fixed_length_runner, runner_for
@@ -85,6 +86,7 @@ def evaluate_models(
     dtype: str | None = None,
     progress: bool = True,
     dataset: Mapping[str, str | None] | None = None,
+    chat_template: str | None = None,
 ) -> dict:
     """Score ``models`` (a path, or ``{label: path}``) and ``teacher`` on ``data``.
 
@@ -138,6 +140,8 @@ def evaluate_models(
         dtype: the models' dtype (None: auto).
         progress: show progress bars.
         dataset: with ``data=None``, the :class:`DataArguments` fields that name the rows.
+        chat_template: causal-lm chat rows: a Jinja template file (None: each tokenizer's own);
+            perplexity is then over the assistant tokens only (:mod:`lmkd.data.chat`).
 
     Returns:
         The result: ``task``, ``data``, ``n_examples``, ``primary_metric``, ``teacher``,
@@ -188,6 +192,7 @@ def evaluate_models(
         max_source_length=max_source_length,
         max_target_length=max_target_length,
         mlm_probability=mlm_probability,
+        chat_template=chat_template,
         **(dataset or {}),
     )
     data_args.dashed_flags = (
@@ -204,7 +209,8 @@ def evaluate_models(
         if max_samples < 1:
             raise LmkdError("--max-samples must be at least 1")
         ds = ds.select(range(min(max_samples, len(ds))))
-    sources = [source_prefix + str(s) for s in ds[src]]
+    rows = chat.row_format(ds.features, data_args)  # causal-lm chat / prompt-completion rows
+    sources = [source_prefix + str(s) for s in ds[src]] if rows == chat.TEXT else [""] * len(ds)
     references = list(ds[tgt]) if tgt else []
     kind = TASK_KIND[task]
 
@@ -218,7 +224,15 @@ def evaluate_models(
             lm and tokenizer.pad_token is None
         ):  # GPT-2: batches pad with EOS (masked out of every score)
             tokenizer.pad_token = tokenizer.eos_token
+        if rows != chat.TEXT:  # one line for a tokenizer without a chat template, before scoring
+            chat.check_chat_data(ds.features, tokenizer, data_args)
         loaded[label] = (model, tokenizer)
+    if rows != chat.TEXT and speed_samples > 0:  # speed on the whole conversations
+        tok = next(iter(loaded.values()))[1]
+        sources[:speed_samples] = [
+            "".join(chat.prompt_and_response(ds[i], tok, data_args, ds.features))
+            for i in range(min(speed_samples, len(ds)))
+        ]
 
     result: dict = {
         "task": task,

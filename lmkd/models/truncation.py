@@ -287,7 +287,11 @@ def describe_truncation(note: dict) -> str:
 
 
 def encode_fitted(
-    tokenizer, texts: list[str], length: int | None, target: bool = False
+    tokenizer,
+    texts: list[str],
+    length: int | None,
+    target: bool = False,
+    special_tokens: bool = True,
 ) -> tuple[dict, list[int]]:
     """``tokenizer(texts)`` truncated to ``length`` tokens.
 
@@ -296,15 +300,17 @@ def encode_fitted(
         texts: the texts.
         length: the tokens to truncate to (None: not truncated).
         target: encode as ``text_target``.
+        special_tokens: add the tokenizer's special tokens (False: texts that hold them
+            already, e.g. a rendered chat template).
 
     Returns:
         ``(encoding, cut)``: the encoding as a dict of lists, and the indices of the texts that were cut.
     """
     texts = [str(t) for t in texts]
     call = (
-        (lambda xs, **kw: tokenizer(text_target=xs, **kw))
+        (lambda xs, **kw: tokenizer(text_target=xs, add_special_tokens=special_tokens, **kw))
         if target
-        else (lambda xs, **kw: tokenizer(xs, **kw))
+        else (lambda xs, **kw: tokenizer(xs, add_special_tokens=special_tokens, **kw))
     )
     full = dict(call(texts, verbose=False))
     if length is None:

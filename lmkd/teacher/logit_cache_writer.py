@@ -161,6 +161,7 @@ def cache_logits(
     from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
+    from lmkd.data import chat
     from lmkd.data.reading import read_split
     from lmkd.data.tokenizing import tokenize
     from lmkd.models.loading import load_model, load_tokenizer, resolve_device
@@ -189,6 +190,8 @@ def cache_logits(
     columns = [data_args.source_column] + ([data_args.target_column] if labelled else [])
     ds = read_split(data_args, "train", columns, flags=("--source-column", "--target-column"))
     tokenizer = load_tokenizer(teacher_path)
+    if chat.row_format(ds.features, data_args) != chat.TEXT:  # no chat template: one line, now
+        chat.check_chat_data(ds.features, tokenizer, data_args)
     teacher = load_model(teacher_path, kind=kind, dtype=teacher_dtype)
     vocab = vocab_size_of(teacher)
     if top_k > vocab:
@@ -292,10 +295,9 @@ def cache_logits(
         order = longest_first([len(r["input_ids"]) + n for r, n in zip(rows, lengths.tolist())])
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            feats = [
-                {k: rows[i][k] for k in rows[i] if k in ("input_ids", "attention_mask", "labels")}
-                for i in idx
-            ]
+            keep = ("input_ids", "attention_mask") + (("labels",) if kind == SEQ2SEQ else ())
+            # (a causal LM's cache covers every next token; chat rows' labels pick the trained ones)
+            feats = [{k: rows[i][k] for k in rows[i] if k in keep} for i in idx]
             batch = {k: v.to(dev) for k, v in collate(feats).items()}
             top_ids, top_lp, tail, smp_ids, smp_lp = teacher_topk(
                 teacher, kind, batch, top_k, tail_samples, gen

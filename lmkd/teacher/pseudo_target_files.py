@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import write_jsonl
+from lmkd.data import chat
 from lmkd.teacher.selection import FILTER_METRICS, select_and_filter
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class GenerationSettings:
         filter_metric: the sentence metric filtered on, or None.
         filter_min: the lowest score kept.
         output_format: ``arrow`` or ``jsonl``.
+        chat_column: causal chat rows: the column of their messages (``messages``, or ``prompt``
+            of prompt/completion messages); the output gets ``teacher_messages``: the
+            conversation with the teacher's answer as its last assistant turn (None: text rows).
     """
 
     teacher: str
@@ -83,6 +87,7 @@ class GenerationSettings:
     filter_metric: str | None = None
     filter_min: float | None = None
     output_format: str = "arrow"
+    chat_column: str | None = None
 
     def check(self) -> None:
         if self.num_beams < 1 or self.num_return_sequences < 1 or self.max_new_tokens < 1:
@@ -117,6 +122,22 @@ class GenerationSettings:
             raise LmkdError(
                 "--select/--filter-metric need the references: pass --reference-column (e.g. target)"
             )
+
+
+def recorded_settings(settings: GenerationSettings) -> dict:
+    """The settings as the output directory records them: without ``chat_column`` on text rows,
+    so a directory written before it existed still resumes.
+
+    Args:
+        settings: the run's settings.
+
+    Returns:
+        The settings as a dict.
+    """
+    out = asdict(settings)
+    if out.get("chat_column") is None:
+        out.pop("chat_column", None)
+    return out
 
 
 def merge(
@@ -178,6 +199,9 @@ def merge(
         )
     if not out:
         raise LmkdError("the filter dropped every row; lower --filter-min")
+    if s.chat_column:  # what the student trains on: source_column teacher_messages
+        for row in out:
+            row["teacher_messages"] = chat.with_response(row[s.chat_column], row["teacher_target"])
     if s.output_format == "jsonl":
         write_jsonl(os.path.join(output_dir, JSONL_FILE), out)
     else:

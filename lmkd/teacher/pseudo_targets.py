@@ -41,13 +41,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
 from lmkd.core.constants import AUTO_DTYPE_NAMES, CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_text, check_output
+from lmkd.data import chat
 from lmkd.models.generation import length_batches, longest_first
 from lmkd.models.loading import kind_from_config, load_model, load_tokenizer, model_kind
 from lmkd.models.nbest import generate_batch
@@ -64,6 +66,7 @@ from lmkd.teacher.pseudo_target_files import (
     SETTINGS_FILE,
     GenerationSettings,
     merge,
+    recorded_settings,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,6 +129,7 @@ def generate_pseudo_targets(
     overwrite: bool = False,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    chat_template: str | None = None,
 ) -> dict:
     """Generate teacher pseudo-targets for every row of ``data`` into ``output_dir``.
 
@@ -175,6 +179,10 @@ def generate_pseudo_targets(
         overwrite: start again in a directory made with other settings or holding other files.
         progress: show the progress bar.
         on_chunk: called with the chunks written so far, after each chunk.
+        chat_template: causal teacher, rows of chat messages: a Jinja template file (None: the
+            tokenizer's own).  Each row's prompt (before its last assistant turn) is rendered
+            and answered; the output's ``teacher_messages`` is the conversation with the
+            teacher's answer as its last turn (:mod:`lmkd.data.chat`).
 
     Returns:
         The report described above.
@@ -218,7 +226,24 @@ def generate_pseudo_targets(
     rows = _load_rows(data)
     if not rows:
         raise LmkdError("the data is empty; it needs at least one row")
-    if source_column not in rows[0]:
+    chat_args = SimpleNamespace(
+        task="causal-lm", source_column=source_column, chat_template=chat_template
+    )
+    chat_rows = kind == CAUSAL and (
+        chat.row_format(rows[0], chat_args) == chat.MESSAGES
+        or isinstance(rows[0].get(chat.PROMPT_COLUMN), list)  # prompt/completion messages
+    )
+    if chat_template and not chat_rows:
+        raise LmkdError(
+            "--chat-template renders rows of chat messages for a causal LM teacher; these rows "
+            "are text (or the teacher is not causal): drop it"
+        )
+    if chat_rows:  # the teacher answers each conversation's prompt (before its last answer)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(teacher_name)
+        chat.check_chat_data(rows[0], tokenizer, chat_args)
+        sources = [chat.prompt_and_response(r, tokenizer, chat_args)[0] for r in rows]
+    elif source_column not in rows[0]:
         raise LmkdError(
             f"the data has no column {source_column!r} (it has: {', '.join(rows[0])}); "
             "name the input column with --source-column"
@@ -228,7 +253,8 @@ def generate_pseudo_targets(
             f"the data has no reference column {reference_column!r} (it has: {', '.join(rows[0])}); "
             "fix --reference-column"
         )
-    sources = [source_prefix + str(r[source_column]) for r in rows]
+    if not chat_rows:
+        sources = [source_prefix + str(r[source_column]) for r in rows]
     digest = hashlib.sha256("\x00".join(sources).encode()).hexdigest()
     if (
         num_beams is None
@@ -260,13 +286,14 @@ def generate_pseudo_targets(
         filter_metric=filter_metric,
         filter_min=filter_min,
         output_format=output_format,
+        chat_column=chat.data_columns(rows[0], chat_args)[0] if chat_rows else None,
     )
     settings.check()
 
     # -- the output directory: new, resumable, or finished --------------------------------------
     settings_path = os.path.join(output_dir, SETTINGS_FILE)
     chunk_dir = os.path.join(output_dir, CHUNK_DIR)
-    settings_json = json.loads(json.dumps(asdict(settings)))
+    settings_json = json.loads(json.dumps(recorded_settings(settings)))
     if not overwrite and os.path.isfile(settings_path):
         with open(settings_path, encoding="utf-8") as f:
             recorded = json.load(f)
@@ -302,7 +329,8 @@ def generate_pseudo_targets(
     model, tokenizer = _teacher_and_tokenizer(teacher, tokenizer, dtype)
     # the one truncation rule (lmkd.models.loading): inputs and new tokens fitted to the teacher's tables
     src_len, new = generation_lengths(model, tokenizer, max_source_length, max_new_tokens)
-    encoded, cut = encode_fitted(tokenizer, sources, src_len)
+    # a rendered chat prompt holds its special tokens already (as apply_chat_template tokenises)
+    encoded, cut = encode_fitted(tokenizer, sources, src_len, special_tokens=not chat_rows)
     enc = encoded["input_ids"]
     truncation = {
         "inputs": truncation_note(
@@ -384,7 +412,7 @@ def generate_pseudo_targets(
             settings_path,
             json.dumps(
                 {
-                    "settings": asdict(settings),
+                    "settings": recorded_settings(settings),
                     "complete": True,
                     "report": {k: v for k, v in report.items() if k != "output"},
                 },

@@ -14,6 +14,7 @@ import os
 from lmkd.core.constants import CAUSAL, CLASSIFICATION, MLM, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, check_output, nothing_left_on_error
+from lmkd.data import chat
 from lmkd.data.collators import collator_for
 from lmkd.data.dataset import DataArguments
 from lmkd.data.reading import mix_gold_targets, read_split
@@ -146,6 +147,7 @@ def run_distill(
     for path in student_paths:
         check_model_path(path)
     tokenizer = load_tokenizer(model_args.tokenizer_name or student_paths[0])
+    chat_rows = check_chat_rows(train, evaluation, tokenizer, data_args, args)
     for path in student_paths[1:]:  # a cohort of checkpoints: one vocabulary
         check_same_tokenizer(tokenizer, load_tokenizer(path, required=False))
     if teacher_model is None and not args.logit_cache and (args.kd_alpha > 0 or args.uses_features):
@@ -195,7 +197,9 @@ def run_distill(
     collator = collator_for(
         data_args.task, tokenizer, student, data_args.mlm_probability, seed=args.seed
     )
-    collator = regimes.wrap_collator(collator, data_args)
+    collator = regimes.wrap_collator(
+        collator, data_args, prompt_lengths=chat_rows and args.on_policy_fraction > 0
+    )
     with nothing_left_on_error(
         args.output_dir
     ):  # (the regime trainers check more after the Trainer made it)
@@ -245,6 +249,37 @@ def run_distill(
     ):  # the Trainer's own push (hub_model_id, hub_token, ...); it keeps lmkd's card
         trainer.push_to_hub(commit_message="End of training")
     return metrics
+
+
+def check_chat_rows(train, evaluation, tokenizer, data_args, args) -> bool:
+    """Whether the training rows are chat or prompt/completion rows (:mod:`lmkd.data.chat`),
+    checked before any model loads: a template for them, and no cross-tokenizer teacher.
+
+    Args:
+        train: the training rows.
+        evaluation: the evaluation rows (or None).
+        tokenizer: the student's tokenizer.
+        data_args: the data arguments.
+        args: the run's :class:`DistillationConfig`.
+
+    Returns:
+        True for chat or prompt/completion rows.
+
+    Raises:
+        LmkdError: chat rows and no chat template, or with ``teacher_tokenizer``.
+    """
+    found = False
+    for ds in (train, evaluation):
+        if ds is not None and chat.row_format(ds.features, data_args) != chat.TEXT:
+            chat.check_chat_data(ds.features, tokenizer, data_args)
+            found = True
+    if found and args.teacher_tokenizer:
+        raise LmkdError(
+            "teacher_tokenizer (cross-tokenizer KD) with chat or prompt/completion rows: the "
+            "teacher would read the student's chat template as plain text, not its own; distil "
+            "chat data from a teacher with the student's tokenizer (docs/chat-data.md)"
+        )
+    return found
 
 
 def resumable(output_dir: str) -> bool:

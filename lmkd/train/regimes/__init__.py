@@ -83,17 +83,21 @@ def trainer_class(args, data_args=None):
     return DistillationTrainer
 
 
-def wrap_collator(collator, data_args):
+def wrap_collator(collator, data_args, prompt_lengths: bool = False):
     """The task's collator, wrapped for the regimes' batch keys.
 
     Args:
         collator: the task's collator (:func:`lmkd.data.collators.collator_for`).
         data_args: the run's DataArguments.
+        prompt_lengths: the rows carry their prompt lengths (chat rows, on-policy KD) even
+            without a ``prompt_column``.
 
     Returns:
         ``collator`` in :class:`TransferCollator` when a transfer set is mixed in, and in
-        :class:`PromptLengthCollator` when the data name each row's prompt (``prompt_column``).
+        :class:`PromptLengthCollator` when the data name each row's prompt (``prompt_column``,
+        or ``prompt_lengths``).
     """
     if data_args.transfer_file:
         collator = TransferCollator(collator, TASK_KIND[data_args.task])
-    return PromptLengthCollator(collator) if getattr(data_args, "prompt_column", None) else collator
+    given = prompt_lengths or getattr(data_args, "prompt_column", None)
+    return PromptLengthCollator(collator) if given else collator

@@ -134,6 +134,9 @@ def add_transfer_set(
         kind == CLASSIFICATION and "labels" in train.column_names
     ):  # (kd_alpha 1 reads no labels at all)
         extra = extra.add_column("labels", [IGNORE_INDEX] * len(extra))
+    elif "labels" in train.column_names and "labels" not in extra.column_names:
+        # causal chat rows carry their labels; text rows' labels are every token, as the collator's
+        extra = extra.add_column("labels", [list(ids) for ids in extra["input_ids"]])
     train = train.add_column(LABELLED, [1] * len(train))
     extra = extra.add_column(LABELLED, [0] * len(extra)).cast(train.features)
     logger.info(
