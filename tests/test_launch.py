@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -205,3 +206,62 @@ def test_accelerate_cpu_two_processes_refuses_in_one_line(recipe, tmp_path, flag
     assert len(lines) == 1 and REFUSAL in lines[0], done.stderr[-2000:]
     assert "torchrun --nproc_per_node N -m lmkd distill cfg.yaml" in lines[0]
     assert not (tmp_path / "acc").exists()
+
+
+# ---- FSDP: what is checked when the trainer is built -------------------------------------------
+
+
+class Accelerator:
+    """What check_sharding / load_frozen_teacher read of accelerate's Accelerator."""
+
+    def __init__(self, fsdp2=False, plugin=None):
+        self.is_fsdp2 = fsdp2
+        self.state = SimpleNamespace(fsdp_plugin=plugin)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_fsdp2_refuses_an_embedding_shared_beyond_its_two_ends(tiny_model_dir, arch):
+    model = load_model(tiny_model_dir(arch, layers=2))
+    embed = model.get_input_embeddings().weight
+    others = {  # the modules besides the input/output embeddings that hold the embedding weight
+        n
+        for n, m in model.named_modules()
+        if getattr(m, "weight", None) is embed
+        and m is not model.get_input_embeddings()
+        and m is not model.get_output_embeddings()
+    }
+    assert {n.split(".")[-2] for n in others} == {"encoder", "decoder"}
+    fsdp2 = Accelerator(fsdp2=True, plugin=SimpleNamespace())
+    with pytest.raises(LmkdError, match="FSDP2 cannot shard this") as e:
+        processes.check_sharding(SimpleNamespace(fsdp=True), fsdp2, model)
+    assert all(n in str(e.value) for n in others)
+    # FSDP1 (and no FSDP) wraps the whole model in one unit: nothing to refuse
+    processes.check_sharding(SimpleNamespace(fsdp=True), Accelerator(plugin=object()), model)
+
+
+def test_fsdp2_takes_a_causal_lm(tiny_model_dir):
+    model = load_model(tiny_model_dir("gpt2", layers=2))
+    fsdp2 = Accelerator(fsdp2=True, plugin=SimpleNamespace())
+    processes.check_sharding(SimpleNamespace(fsdp=True), fsdp2, model)
+
+
+def test_fsdp_without_fsdp_says_so(tiny_model_dir, caplog):
+    model = load_model(tiny_model_dir("gpt2", layers=2))
+    with caplog.at_level("WARNING", logger="lmkd.train.processes"):
+        processes.check_sharding(SimpleNamespace(fsdp=True), Accelerator(), model)
+    assert "fsdp is set but accelerate did not enable FSDP" in caplog.text
+
+
+def test_cpu_ram_efficient_loading_refused_for_a_teacher_path(tiny_model_dir, tokenizer):
+    from lmkd.teacher.frozen import load_frozen_teacher
+
+    path = tiny_model_dir("gpt2", layers=2)
+    lazy = Accelerator(fsdp2=True, plugin=SimpleNamespace(cpu_ram_efficient_loading=True))
+    with pytest.raises(LmkdError, match="cpu_ram_efficient_loading"):
+        load_frozen_teacher(
+            path,
+            kind="causal",
+            student=load_model(path),
+            student_tokenizer=tokenizer,
+            accelerator=lazy,
+        )

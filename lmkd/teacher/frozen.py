@@ -26,7 +26,7 @@ from lmkd.core.errors import LmkdError
 from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, unwrap
 from lmkd.models.truncation import input_limit, target_limit
 from lmkd.models.vocabulary import shared_vocab_size, vocab_size_of
-from lmkd.teacher import cross_tokenizer, logit_cache
+from lmkd.teacher import cross_tokenizer, fsdp_teacher, logit_cache
 from lmkd.teacher.deepspeed_engine import deepspeed_teacher, zero3_enabled
 
 logger = logging.getLogger(__name__)
@@ -126,10 +126,12 @@ def load_frozen_teacher(
     dtype: str = "auto",
     deepspeed_config: dict | None = None,
     cross_tokenizer: bool = False,
+    accelerator=None,
 ):
     """(teacher, shared vocabulary size or None) for ``source``: in ``eval()`` with gradients off
     and its extra outputs off, on ``device`` in ``dtype``, or -- with a ZeRO-3
-    ``deepspeed_config`` -- in a DeepSpeed engine of its own.
+    ``deepspeed_config`` -- in a DeepSpeed engine of its own, or -- under FSDP2 -- sharded for
+    inference (:func:`lmkd.teacher.fsdp_teacher.shard_teacher`).
 
     The vocabulary size is what both logits are sliced to when the two output layers differ only
     by padding rows (see :func:`lmkd.models.vocabulary.shared_vocab_size`).
@@ -144,19 +146,28 @@ def load_frozen_teacher(
         dtype: a torch dtype name, or ``auto``: the student's (the only choice under ZeRO-3).
         deepspeed_config: the run's DeepSpeed config (None: no DeepSpeed).
         cross_tokenizer: the teacher has its own tokenizer: no vocabulary guard (size None).
+        accelerator: the Trainer's accelerator (None: no FSDP); under FSDP2 the teacher is sharded.
 
     Returns:
         (the frozen teacher or its engine, the shared vocabulary size or None).
 
     Raises:
-        LmkdError: no teacher, a teacher of another kind, a ``dtype`` under ZeRO-3, or
-            vocabularies that do not match.
+        LmkdError: no teacher, a teacher of another kind, a ``dtype`` under ZeRO-3,
+            vocabularies that do not match, or FSDP's ``cpu_ram_efficient_loading`` (the teacher
+            would keep uninitialised weights on every process but the first).
     """
     if source is None:
         raise LmkdError(
             "kd_alpha > 0 (or a hidden/attention/relation weight > 0) needs a teacher: set "
             "teacher_model_name_or_path (or pass teacher_model=...), or set kd_alpha 0 for "
             "plain fine-tuning"
+        )
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if isinstance(source, str) and getattr(plugin, "cpu_ram_efficient_loading", False):
+        raise LmkdError(
+            "FSDP's cpu_ram_efficient_loading loads weights on the first process only and leaves the "
+            "teacher uninitialised on the others: set fsdp_cpu_ram_efficient_loading false in the "
+            "accelerate config (recipes/accelerate/fsdp2.yaml)"
         )
     teacher = source
     if isinstance(source, str):
@@ -189,7 +200,11 @@ def load_frozen_teacher(
         if cross_tokenizer
         else shared_vocab_size(student, teacher, student_tokenizer, teacher_tokenizer)
     )
-    return (deepspeed_teacher(teacher, deepspeed_config) if zero3 else teacher), vocab
+    if zero3:
+        return deepspeed_teacher(teacher, deepspeed_config), vocab
+    if fsdp_teacher.fsdp2_enabled(accelerator):
+        return fsdp_teacher.shard_teacher(teacher, fsdp_teacher.fsdp_mesh(accelerator)), vocab
+    return teacher, vocab
 
 
 # ---- the cached teacher (lmkd.teacher.logit_cache) -------------------------------------------------------

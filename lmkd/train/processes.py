@@ -133,3 +133,51 @@ def check_process_group(config, env=None) -> None:
             f"would train alone into one output_dir); on CPUs run `{CPU_COMMAND}`, on GPUs "
             "`accelerate launch --config_file recipes/accelerate/ddp.yaml -m lmkd distill cfg.yaml`"
         )
+
+
+def check_sharding(args, accelerator, model) -> None:
+    """Once the Trainer has its accelerator: say when ``fsdp`` is set but FSDP is off, and refuse
+    an FSDP2 student whose input embedding weight is shared by further modules.
+
+    accelerate switches FSDP on only for accelerator processes (GPU/NPU/XPU...); with CPU
+    processes the Trainer quietly wraps the student in DDP instead -- a warning.  Under FSDP2,
+    accelerate 1.16 puts the input and output embeddings in one FSDP group and every other module
+    in others, so an encoder-decoder whose encoder and decoder ``embed_tokens`` share the
+    embedding weight (BART, mBART, Marian, T5 in transformers 5) sees one parameter in two groups,
+    which torch 2.13 refuses at the first forward -- a one-line error before any work.
+
+    Args:
+        args: the run's :class:`lmkd.train.config.DistillationConfig`.
+        accelerator: the Trainer's accelerator.
+        model: the student.
+
+    Raises:
+        LmkdError: an FSDP2 student with its embedding weight shared beyond its input and output
+            embeddings.
+    """
+    state = accelerator.state
+    if args.fsdp and getattr(state, "fsdp_plugin", None) is None:
+        logger.warning(
+            "fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
+            "this run is plain data parallel (DDP), every process holding the whole student"
+        )
+    if not getattr(accelerator, "is_fsdp2", False):
+        return
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(embed, "weight", None)
+    sharing = [
+        name
+        for name, module in model.named_modules(remove_duplicate=False)
+        if module is not embed
+        and module is not head
+        and weight is not None
+        and getattr(module, "weight", None) is weight
+    ]
+    if sharing:
+        raise LmkdError(
+            f"FSDP2 cannot shard this {type(model).__name__}: its embedding weight is shared by "
+            f"{', '.join(sharing)}, which accelerate's FSDP2 puts in another group than the "
+            "input embedding (torch refuses that); use recipes/accelerate/fsdp.yaml (FSDP1) or "
+            "DeepSpeed for it"
+        )

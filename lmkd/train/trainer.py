@@ -31,6 +31,7 @@ from lmkd.train.config import DistillationConfig
 from lmkd.train.features import FeatureDistiller
 from lmkd.train.loss_stats import LossStats, ObjectiveInputs
 from lmkd.train.objective import DistillationObjective
+from lmkd.train.processes import check_sharding
 from lmkd.train.projection_trainer import HintProjectionTrainer
 from lmkd.train.regime_keys import check_regimes_run
 from lmkd.train.served_steps import ServedTeacherSteps
@@ -45,7 +46,8 @@ class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionT
     student's device in ``args.teacher_dtype``, put in ``eval()`` with gradients off, and kept out
     of the Trainer's model: it is never wrapped by DDP/FSDP, never in the optimizer and never in
     a checkpoint (under DeepSpeed ZeRO-3, where loading partitions it, it runs in a DeepSpeed
-    inference engine of its own).  With ``kd_alpha == 0`` no teacher is loaded or run.
+    inference engine of its own; under FSDP2 it is sharded for inference,
+    :mod:`lmkd.teacher.fsdp_teacher`).  With ``kd_alpha == 0`` no teacher is loaded or run.
 
     ``compute_loss`` sums the hard-label CE and the KD divergence over their positions and divides
     each by its count in the whole accumulated (and, across processes, gathered) batch, so gradient
@@ -117,6 +119,7 @@ class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionT
             args.output_dir
         ):  # a mistake found while wiring: leave no output_dir
             super().__init__(model=model, args=args, **kwargs)
+            check_sharding(args, self.accelerator, self.model)  # FSDP off on CPU; FSDP2
             self._setup(teacher_model, teacher_tokenizer)
 
     def _setup(self, teacher_model, teacher_tokenizer) -> None:
@@ -181,13 +184,6 @@ class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionT
                 padding_side=getattr(self.processing_class, "padding_side", "right") or "right",
             )
             self.train_dataset, self.data_collator, self.eval_dataset, self._eval_collator = wired
-        if args.fsdp and not self.is_fsdp_enabled:
-            # accelerate switches to FSDP only for accelerator processes (GPU/NPU/XPU...); with CPU
-            # processes the Trainer quietly wraps the student in DDP instead
-            logger.warning(
-                "fsdp is set but accelerate did not enable FSDP (it does only on GPU-like devices): "
-                "this run is plain data parallel (DDP), every process holding the whole student"
-            )
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The Trainer's eval DataLoader, collating with the validation data's own logit cache
@@ -256,6 +252,7 @@ class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionT
             dtype=self.args.teacher_dtype,
             deepspeed_config=ds_config,
             cross_tokenizer=bool(self.args.teacher_tokenizer),
+            accelerator=self.accelerator,  # FSDP2: the teacher sharded for inference
         )
 
     # ---- hooks: positions and forward keywords ------------------------------------------------------

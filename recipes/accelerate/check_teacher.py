@@ -8,8 +8,8 @@ Runs a few DistillationTrainer steps on the first rows of --data and asserts on 
 the teacher is not wrapped for training (DDP/FSDP/the student's DeepSpeed engine), holds real (not
 partitioned or meta) weights, has no gradients, is unchanged by training and is identical on every
 process; prints one line per process and exits non-zero if any check fails.  Under DeepSpeed ZeRO-3
-the teacher is expected partitioned inside an inference engine of its own; its weights are gathered
-for the checksum.
+the teacher is expected partitioned inside an inference engine of its own, and under FSDP2 sharded
+for inference (every parameter a DTensor shard); their weights are gathered for the checksum.
 """
 
 import argparse
@@ -17,6 +17,8 @@ import contextlib
 import hashlib
 
 import torch
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 
 from lmkd import DistillationConfig, DistillationTrainer
 from lmkd.core.constants import TASK_KIND
@@ -30,6 +32,7 @@ from lmkd.models.loading import load_model, load_tokenizer, unwrap
 def checksum(model) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
+        p = p.full_tensor() if isinstance(p, DTensor) else p  # FSDP2: gathered from every process
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -78,6 +81,7 @@ def main():
         data_collator=collator_for(a.task, tok, student),
     )
     zero3 = trainer.zero3
+    fsdp2 = trainer.accelerator.is_fsdp2  # the teacher sharded for inference
     teacher = unwrap(trainer.teacher)
 
     def whole():  # ZeRO-3: gather the partitioned weights for reading
@@ -92,14 +96,18 @@ def main():
     trainer.train()
     rank, world = args.process_index, args.world_size
     problems = []
-    if type(teacher).__module__.split(".")[0] != "transformers":
+    if not isinstance(teacher, PreTrainedModel):
         problems.append(f"teacher is not a transformers model: {type(teacher).__name__}")
     if trainer.teacher is trainer.model_wrapped or (not zero3 and trainer.teacher is not teacher):
         problems.append(f"teacher is wrapped: {type(trainer.teacher).__name__}")
     params = list(teacher.parameters())
     if any(p.requires_grad for p in params):
         problems.append("teacher has parameters with requires_grad")
-    if not zero3 and any(p.is_meta or p.numel() == 0 or hasattr(p, "ds_id") for p in params):
+    if fsdp2 and not all(isinstance(p, DTensor) for p in params):
+        problems.append("FSDP2: teacher weights are not sharded")
+    elif not (zero3 or fsdp2) and any(
+        p.is_meta or p.numel() == 0 or hasattr(p, "ds_id") for p in params
+    ):
         problems.append(
             "teacher weights are partitioned or on the meta device (ZeRO-3 / FSDP loading)"
         )
