@@ -858,6 +858,18 @@ def test_the_study_rule_waits_half_the_cap():
     )
     assert (rule.min_steps, rule.metric, rule.greater_is_better) == (750, "eval_bleu", True)
     assert StoppingRule(**rule.options()) == rule  # a worker's job rebuilds the same rule
+    from lmkd.study.causal_lm_eval import CAUSAL_METRIC
+
+    causal = StoppingRule.from_plan(
+        {"eval_every": 50, "patience": 3, "metric_min_delta": 0.1, "student_steps": 250},
+        "causal-lm",
+    )
+    assert (causal.metric, causal.greater_is_better, causal.min_steps, causal.min_delta) == (
+        f"eval_{CAUSAL_METRIC}",
+        True,
+        125,
+        0.1,
+    )
 
 
 def test_tiny_real_students_flat_is_stopped_early_improving_is_not(tmp_path, tiny_model_dir):

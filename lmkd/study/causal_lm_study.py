@@ -30,7 +30,6 @@ from lmkd.study.causal_lm import (
 )
 from lmkd.study.causal_lm_data import SEPARATOR, prepare_causal_split
 from lmkd.study.causal_lm_eval import (
-    CAUSAL_METRIC,
     causal_speed,
     check_causal_teacher,
     check_summary,
@@ -200,14 +199,7 @@ def causal_students(
         )
     ]
     transfer_file = os.path.join(st.path("transfer"), "transfer.jsonl")
-    stopping = StoppingRule(
-        eval_every=plan.eval_every,
-        patience=plan.patience,
-        min_delta=plan.metric_min_delta,
-        metric=f"eval_{CAUSAL_METRIC}",
-        greater_is_better=True,
-        min_steps=plan.student_steps // 2,  # as every study's students (StoppingRule.from_plan)
-    )
+    stopping = StoppingRule.from_plan(plan, "causal-lm")
     students: dict[str, dict] = {}
     for fraction in opts.student_sizes:
         size = size_name(fraction)

@@ -27,6 +27,10 @@ STOP_METRICS = {
     "translation": ("eval_bleu", True),
     "summarization": ("eval_rougeL", True),
     "classification": ("eval_accuracy", True),
+    "causal-lm": (
+        "eval_rougeL",
+        True,
+    ),  # ROUGE-L of the greedy responses (lmkd.study.causal_lm_eval)
     "mlm": (STOP_METRIC, False),
 }
 #: the file each early-stopped training writes into its output dir (see :meth:`PlateauStopping.log`)
