@@ -134,6 +134,7 @@ def train_causal(
 
     from lmkd.models.loading import load_model, load_tokenizer
     from lmkd.study.causal_lm_eval import ResponseScore
+    from lmkd.study.models import training_settings
     from lmkd.train import regimes
     from lmkd.train.config import DistillationConfig
 
@@ -149,24 +150,7 @@ def train_causal(
     if "on_policy_fraction" in settings:
         settings = {**settings, "on_policy_max_new_tokens": view.max_new_tokens}
     args = DistillationConfig(
-        output_dir=out,
-        max_steps=steps,
-        learning_rate=lr,
-        warmup_steps=min(view.warmup_steps, steps // 3),
-        lr_scheduler_type="constant_with_warmup",
-        weight_decay=0.01,
-        per_device_train_batch_size=view.batch_size,
-        per_device_eval_batch_size=64,
-        save_strategy="no",
-        report_to="none",
-        eval_strategy="steps" if stopping is not None else "no",
-        eval_steps=stopping.eval_every if stopping is not None else None,
-        logging_steps=max(1, steps // 5),
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        max_grad_norm=0.0,
-        dataloader_pin_memory=False,
+        **training_settings(out, view, steps, lr, seed, stopping),
         remove_unused_columns=False,
         kd_alpha=view.kd_alpha if kd else 0.0,
         kd_temperature=view.kd_temperature,

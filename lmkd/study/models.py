@@ -101,6 +101,50 @@ def cache_teacher_logits(
     )
 
 
+def training_settings(
+    out: str, view, steps: int, lr: float, seed: int, stopping: StoppingRule | None
+) -> dict:
+    """The optimiser, schedule, evaluation and logging settings every student (and from-scratch teacher)
+    of every study trains with: constant rate after warm-up, weight decay 0.01, no gradient clipping,
+    no checkpoints, an evaluation every ``stopping.eval_every`` steps when a rule stops it.
+
+    Args:
+        out: the output directory.
+        view: the study's plan (:func:`~lmkd.study.plan.plan_view`): batch size and warm-up.
+        steps: the training steps (a cap with ``stopping``).
+        lr: the learning rate.
+        seed: the seed of the initialisation and data order.
+        stopping: the stopping rule, or None (no evaluation on the way).
+
+    Returns:
+        :class:`~lmkd.train.config.DistillationConfig` fields.
+    """
+    return dict(
+        output_dir=out,
+        max_steps=steps,
+        learning_rate=lr,
+        warmup_steps=min(view.warmup_steps, steps // 3),
+        # constant after warm-up: small from-scratch models learn the target-side language model first
+        # and only later use the source; a decaying rate slows them down before that
+        lr_scheduler_type="constant_with_warmup",
+        weight_decay=0.01,
+        per_device_train_batch_size=view.batch_size,
+        per_device_eval_batch_size=64,
+        save_strategy="no",
+        report_to="none",
+        eval_strategy="steps" if stopping is not None else "no",
+        eval_steps=stopping.eval_every if stopping is not None else None,
+        logging_steps=max(1, steps // 5),
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        # measured on the quick teacher: with length-grouped batches and gradient clipping at 1.0 it still
+        # ignored the source after 2000 steps, while random batches without clipping used it after 400
+        max_grad_norm=0.0,
+        dataloader_pin_memory=False,
+    )
+
+
 def train_student(
     out: str,
     init_dir: str,
@@ -158,28 +202,7 @@ def train_student(
     data_args = study_data_args(task, train_file, validation_file, plan, target_column)
     view = plan_view(plan)
     args = DistillationConfig(
-        output_dir=out,
-        max_steps=steps,
-        learning_rate=lr,
-        warmup_steps=min(view.warmup_steps, steps // 3),
-        # constant after warm-up: small from-scratch models learn the target-side language model first
-        # and only later use the source; a decaying rate slows them down before that
-        lr_scheduler_type="constant_with_warmup",
-        weight_decay=0.01,
-        per_device_train_batch_size=view.batch_size,
-        per_device_eval_batch_size=64,
-        save_strategy="no",
-        report_to="none",
-        eval_strategy="steps" if stopping is not None else "no",
-        eval_steps=stopping.eval_every if stopping is not None else None,
-        logging_steps=max(1, steps // 5),
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        # measured on the quick teacher: with length-grouped batches and gradient clipping at 1.0 it still
-        # ignored the source after 2000 steps, while random batches without clipping used it after 400
-        max_grad_norm=0.0,
-        dataloader_pin_memory=False,
+        **training_settings(out, view, steps, lr, seed, stopping),
         kd_alpha=kd_alpha,
         kd_temperature=view.kd_temperature,
         teacher_model_name_or_path=teacher_dir if kd_alpha > 0 else None,
