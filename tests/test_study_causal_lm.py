@@ -180,10 +180,51 @@ def test_an_untrained_teacher_fails_its_check(teacher_dir, corpus):
     assert len(check["reasons"]) == 2 and "ignores the prompt" in check["reasons"][1]
 
 
+def test_chat_rows_become_prompt_and_response(tmp_path):
+    """messages rows: the prompt is every turn before the last assistant turn, rendered role by role;
+    the response that turn; rows that do not end with an assistant turn are dropped."""
+    path = str(tmp_path / "chat.jsonl")
+    write_jsonl(
+        path,
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Sois bref."},
+                    {"role": "user", "content": "Résume :\n\nun éditeur de texte puissant"},
+                    {"role": "assistant", "content": " éditeur de texte "},
+                ]
+            },
+            {"messages": [{"role": "user", "content": "Bonjour"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d"},
+                ]
+            },
+        ],
+    )
+    rows = read_prompt_rows(path, "prompt", "completion", instruction="Tâche :")
+    assert rows == [
+        {
+            "prompt": "Tâche :\nsystem: Sois bref.\n\nuser: Résume :\n\nun éditeur de texte puissant",
+            "completion": "éditeur de texte",
+            "source": "un éditeur de texte puissant",
+        },
+        {"prompt": "Tâche :\nuser: a\n\nassistant: b\n\nuser: c", "completion": "d", "source": "c"},
+    ]
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "Bonjour"}]}])
+    with pytest.raises(LmkdError, match="no messages row that ends with an assistant turn"):
+        read_prompt_rows(path, "prompt", "completion")
+
+
 def test_options(tmp_path):
     opts = StudyOptions(task="causal-lm", output=str(tmp_path / "o"), budget="tiny").resolve()
-    assert (opts.source_column, opts.target_column) == ("document", "summary")
-    assert opts.instruction and opts.train.endswith("ddtp_fr_summ.train.jsonl.gz")
+    assert (opts.source_column, opts.target_column) == ("prompt", "completion")
+    assert opts.instruction is None and opts.train.endswith("ddtp_fr_chat.train.jsonl.gz")
+    rows = read_prompt_rows(opts.train, opts.source_column, opts.target_column)
+    assert len(rows) == 5000 and rows[0]["prompt"].startswith("user: Voici la description")
     assert opts.plan.max_length == 24 and opts.plan.logit_cache is None
     with pytest.raises(LmkdError, match="--teacher-split is for the seq2seq"):
         StudyOptions(task="causal-lm", output=str(tmp_path), teacher_split=0.5).resolve()

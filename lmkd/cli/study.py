@@ -56,9 +56,9 @@ def add_parser(sub):
         "      --teacher Helsinki-NLP/opus-mt-en-de --student-sizes 0.25,0.5 --budget full --output runs/de\n"
         "  lmkd study --task summarization --output runs/sum    # shipped French descriptions -> synopses\n"
         "  lmkd study --task classification --output runs/cls   # shipped French descriptions -> section\n"
-        "  lmkd study --task causal-lm --output runs/lm   # a decoder-only teacher, prompts -> responses\n"
+        "  lmkd study --task causal-lm --output runs/lm   # shipped French chat rows (messages)\n"
         "  lmkd study --task causal-lm --train tr.jsonl --validation va.jsonl --test te.jsonl "
-        "--teacher my-gpt2 --output runs/mylm   # columns prompt / completion\n"
+        "--teacher my-gpt2 --output runs/mylm   # columns prompt / completion, or messages\n"
         "  lmkd study --task summarization --train tr.jsonl --validation va.jsonl --test te.jsonl "
         "--output runs/mysum\n"
         "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
@@ -73,7 +73,7 @@ def add_parser(sub):
     p.add_argument(
         "--train",
         help="training data (.jsonl[.gz], .json, .csv); default: the shipped corpus of the task (en->fr "
-        "synopses; French descriptions -> synopsis; -> archive section)",
+        "synopses; French descriptions -> synopsis; -> archive section; French chat rows)",
     )
     p.add_argument("--validation", help="validation data, same format")
     p.add_argument("--test", help="test data the report is measured on, same format")
@@ -101,8 +101,7 @@ def add_parser(sub):
     )
     p.add_argument(
         "--instruction",
-        help="causal-lm: text put before every prompt, on a line of its own (default: none; the "
-        "shipped corpus: an instruction to summarise the description)",
+        help="causal-lm: text put before every prompt, on a line of its own (default: none)",
     )
     p.add_argument(
         "--teacher",

@@ -20,17 +20,18 @@ from lmkd.core.io import read_rows, write_jsonl
 
 #: the study's default prompt/completion columns (--source-column / --target-column map others)
 CAUSAL_COLUMNS = ("prompt", "completion")
+#: chat rows' column: a list of ``{"role", "content"}`` turns, the last one the assistant's response
+MESSAGES_COLUMN = "messages"
 #: what separates a prompt from its response in the token sequence (tokenised on its own)
 SEPARATOR = "\n"
-#: the instruction put before every input of the default corpus (French descriptions -> synopsis)
-DEFAULT_INSTRUCTION = "Résume cette description de paquet en une ligne :"
 
 
 def read_prompt_rows(
     path: str, prompt_column: str, completion_column: str, instruction: str | None = None
 ) -> list[dict]:
-    """The study's reading of prompt/response data: one small function, so that another reader (chat
-    ``messages``) can take its place.  Rows with an empty prompt or response are dropped.
+    """The study's reading of prompt/response data: ``prompt``/``completion`` rows (other columns
+    named by the arguments), or chat rows with a ``messages`` column and no prompt column
+    (:func:`_chat_rows`).  Rows with an empty prompt or response are dropped.
 
     Args:
         path: the data file (.jsonl[.gz], .json, .csv).
@@ -45,6 +46,8 @@ def read_prompt_rows(
         LmkdError: a missing column, or no row with both filled in.
     """
     rows = read_rows(path)
+    if prompt_column not in rows[0] and MESSAGES_COLUMN in rows[0]:
+        return _chat_rows(path, rows, instruction)
     for col, flag in ((prompt_column, "--source-column"), (completion_column, "--target-column")):
         if col not in rows[0]:
             raise LmkdError(
@@ -61,6 +64,49 @@ def read_prompt_rows(
         raise LmkdError(
             f"{path} has no row with both {prompt_column!r} and {completion_column!r} filled in"
         )
+    return out
+
+
+def render_turns(messages: list[dict]) -> str:
+    """The study's rendering of the turns before a response: one ``role: content`` block per turn,
+    separated by blank lines.  The study trains its own tokenizer, which has no chat template, and
+    renders every conversation this way for every model (a given teacher's own template is what
+    ``lmkd distill`` / ``generate`` use with ``--chat-template``).
+
+    Args:
+        messages: the turns (``role``, ``content``).
+
+    Returns:
+        The text.
+    """
+    return "\n\n".join(
+        f"{m.get('role', 'user')}: {str(m.get('content') or '').strip()}" for m in messages
+    )
+
+
+def _chat_rows(path: str, rows: list[dict], instruction: str | None) -> list[dict]:
+    """:func:`read_prompt_rows` of ``messages`` rows: the prompt is the conversation before its last
+    assistant turn (:func:`render_turns`), the response that turn; ``source`` is the last user turn's
+    last paragraph (what a copying answer copies: the text after the instruction).  Rows whose last
+    turn is not the assistant's, or is empty, are dropped."""
+    out = []
+    for r in rows:
+        turns = list(r[MESSAGES_COLUMN] or [])
+        if len(turns) < 2 or turns[-1].get("role") != "assistant":
+            continue
+        response = str(turns[-1].get("content") or "").strip()
+        users = [m for m in turns[:-1] if m.get("role") == "user"]
+        if not response or not users:
+            continue
+        prompt = render_turns(turns[:-1])
+        if instruction:
+            prompt = f"{instruction}\n{prompt}"
+        last_user = str(users[-1].get("content") or "").strip()
+        out.append(
+            {"prompt": prompt, "completion": response, "source": last_user.split("\n\n")[-1]}
+        )
+    if not out:
+        raise LmkdError(f"{path} has no messages row that ends with an assistant turn")
     return out
 
 

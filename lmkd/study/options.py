@@ -69,7 +69,7 @@ class StudyOptions:
     teacher_split: float | None = None
     #: seq2seq: source-only rows added to every KD variant's transfer set (lmkd.study.seq2seq)
     unlabelled: str | None = None
-    #: causal-lm: text put before every prompt, on a line of its own (the shipped corpus: an instruction)
+    #: causal-lm: text put before every prompt, on a line of its own (None: the prompt as it is)
     instruction: str | None = None
     #: filled in by resolve(): the study's plan (the budget's table with the overrides applied)
     plan: Plan | None = None
@@ -111,12 +111,6 @@ class StudyOptions:
             self.train, self.validation, self.test = (
                 shipped_corpus(s, self.task) for s in ("train", "validation", "test")
             )
-            if self.task == "causal-lm":  # prompts made of the shipped descriptions -> synopses
-                from lmkd.study.causal_lm_data import DEFAULT_INSTRUCTION
-
-                self.source_column, self.target_column = DEFAULT_COLUMNS["summarization"]
-                if self.instruction is None:
-                    self.instruction = DEFAULT_INSTRUCTION
         missing = [n for n in ("train", "validation", "test") if getattr(self, n) is None]
         if missing:
             raise LmkdError(
@@ -206,8 +200,9 @@ SHIPPED_CORPORA = {
     "translation": "ddtp_en_fr",
     "summarization": "ddtp_fr_summ",
     "classification": "ddtp_fr_section",
-    # prompts made of the descriptions (an instruction before each), the synopses as responses
-    "causal-lm": "ddtp_fr_summ",
+    # chat conversations (messages rows) made from the descriptions and synopses: summarise a
+    # description, write a description from a synopsis (docs/chat-data.md)
+    "causal-lm": "ddtp_fr_chat",
 }
 
 
