@@ -59,6 +59,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--warmup", type=int, help="warm-up steps (default: the budget's)")
     p.add_argument("--steps", type=int, help="the teacher's steps (default: the budget's)")
+    p.add_argument(
+        "--shape",
+        help="train another shape in the teacher's place: d_model,layers,heads,ffn (e.g. 128,2,2,512, "
+        "the quick budget's 0.25 student: does a baseline student learn at this rate?)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--budget", default="quick", choices=("tiny", "quick"))
     p.add_argument("--output", required=True)
@@ -71,6 +76,11 @@ def main(argv=None) -> int:
 
     if args.lr is not None:
         budgets.BUDGETS[args.budget]["teacher_lr"] = args.lr
+    if args.shape:
+        d, layers, heads, ffn = (int(x) for x in args.shape.split(","))
+        budgets.BUDGETS[args.budget]["teacher"] = dict(
+            d_model=d, layers=layers, heads=heads, ffn=ffn
+        )
     if args.warmup is not None:
         budgets.BUDGETS[args.budget]["warmup_steps"] = args.warmup
     settings = models.training_settings
@@ -107,6 +117,7 @@ def main(argv=None) -> int:
             {
                 "settings": {
                     "rows": args.rows or "all",
+                    "shape": opts.plan.teacher,
                     "lr": lr,
                     "max_grad_norm": args.max_grad_norm or 0.0,
                     "warmup": opts.plan.warmup_steps,
