@@ -137,9 +137,17 @@ def build_causal_report(
             inits.append({"size": i["size"], "seed": i["seed"], **json.load(f)})
     transfer = os.path.join(os.path.dirname(os.path.dirname(data["train"])), "transfer")
     memo = os.path.join(transfer, "memorisation.json")
+    n_train = len(read_rows(data["train"]))
+    seen = plan.student_steps * plan.batch_size
+    passes = (
+        f"at the cap ({plan.student_steps} steps of {plan.batch_size}) a student sees {seen / n_train:.2f} "
+        f"passes over them"
+        + (f" -- {min(seen, n_train):,} rows at most, not all" if seen < n_train else "")
+    )
     notes = list(plan.notes) + [
-        "Every student learns from every training row; its loss covers the response tokens (and EOS) "
-        "only -- the prompt's label positions are ignored by both the CE and the KD term.",
+        f"Every student's training data holds all {n_train:,} training rows, drawn in a random order; "
+        f"{passes}. Its loss covers the response tokens (and EOS) only -- the prompt's label positions "
+        "are ignored by both the CE and the KD term.",
         f"The KD variants mix the gold CE and the divergence at kd_alpha {plan.kd_alpha:g} (temperature "
         f"{plan.kd_temperature:g}); on-policy GKD's sampled batches (half of them) get the JSD alone.",
         f"Every student stops when the ROUGE-L of its greedy responses to the validation prompts has not "
