@@ -3,8 +3,9 @@
 Goals (issue 29):
   * step time, teacher served by `lmkd serve-teacher` on this machine / teacher in process, with
     and without prefetch (teacher_prefetch 2 / 0)                          goal <= 1.10 with it
-  * bytes per target token on the wire (lmkd's protocol; vLLM's format synthesised from the same
-    numbers) against what `lmkd cache-logits` stores for the same K
+  * bytes per target token on the wire (lmkd's binary answer in each log-prob dtype and its older
+    JSON/base64 answer; vLLM's format synthesised from the same numbers) against what `lmkd
+    cache-logits` stores for the same K                                    goal: binary <= cache
   * the same student trained both ways reaches the same loss (measured on held-out rows against
     the teacher's full distribution: KL(teacher || student) and CE)
 
@@ -19,9 +20,11 @@ another process, so the trainer's CPU time would flatter it): the median over th
 first 3 of a DistillationTrainer run, timed by a callback.  On shared, loaded cores wall-clock
 ratios swing with the other jobs, so the CPU seconds per step are printed too: the trainer
 process's (its prefetch threads included) and the server process's over the same run -- the work
-serving adds (HTTP, JSON, base64, the top-k) whatever the scheduler does.  kd_alpha 0.5, tau 1, forward KL; the
-in-process run takes lmkd's default path (chunked KD on full logits), the served runs the top-K
-path of the logit cache (K = --k).
+serving adds (HTTP, encoding the answer, the top-k) whatever the scheduler does.  kd_alpha 1, tau 1,
+forward KL; the in-process run takes lmkd's default path (chunked KD on full logits), the served runs
+the top-K path of the logit cache (K = --k) with teacher_logprob_dtype float16 (the default).  Wire
+bytes are answer bodies (HTTP headers left out), per target position: the prefetch-2 run's, then the
+same training batches asked again in each encoding.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def main():
     from lmkd.models.scratch import build_model, train_tokenizer
     from lmkd.teacher.logit_cache import LogitCache
     from lmkd.teacher.logit_cache_writer import cache_logits
+    from lmkd.teacher.served import ServedTeacher, served_batch
 
     rows = corpus(1000)
     texts = [r["source"] for r in rows]
@@ -193,6 +197,20 @@ def main():
         local_b, t_local_b, tr_lb = run(
             "local_b"
         )  # the baseline again, after: load drifts on shared cores
+        # the same training batches in each answer (the JSON one: what a pre-binary server sends)
+        batches = [collate([train[i] for i in range(b, b + 16)]) for b in range(0, n_train, 16)]
+        encodings = {}
+        for name, dtype in (
+            ("float16", "float16"),
+            ("bfloat16", "bfloat16"),
+            ("float32", "float32"),
+            ("json", "float32"),
+        ):
+            client = ServedTeacher(url, top_k=ns.k, logprob_dtype=dtype)
+            client.binary = name != "json"
+            for batch in batches:
+                served_batch(client, batch, "causal")
+            encodings[name] = client.bytes_received / client.positions_received
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -248,7 +266,8 @@ def main():
         "ratio_served_prefetch2": t_s2 / base,
         "ratio_served_prefetch0": t_s0 / base,
         "bytes_per_token": {
-            "wire_lmkd": wire,
+            "wire_lmkd_training_run": wire,
+            "wire_lmkd_binary": encodings,
             "wire_vllm_json_synthetic": vllm_bytes / positions,
             "cache_tail_bucket": cache_bytes[0],
             "cache_32_tail_samples": cache_bytes[32],
@@ -289,11 +308,18 @@ def main():
             f"{cpu_base * 1e3:.0f} ms"
         )
     bt = results["bytes_per_token"]
+    enc = bt["wire_lmkd_binary"]
     print(
-        f"bytes per target token, K={ns.k}: wire (lmkd protocol, base64 int32+float32 in JSON) "
-        f"{bt['wire_lmkd']:.0f}; vLLM prompt_logprobs JSON (synthesised, same numbers) "
-        f"{bt['wire_vllm_json_synthetic']:.0f}; cache on disk {bt['cache_tail_bucket']:.0f} "
-        f"(tail bucket) / {bt['cache_32_tail_samples']:.0f} (+32 tail samples)"
+        f"bytes per target token, K={ns.k}: wire, lmkd binary answer (uint16 ids) float16 "
+        f"{enc['float16']:.1f} (the training run's {bt['wire_lmkd_training_run']:.1f}) / bfloat16 "
+        f"{enc['bfloat16']:.1f} / float32 {enc['float32']:.1f}; cache on disk "
+        f"{bt['cache_tail_bucket']:.1f} (float16, tail bucket) / {bt['cache_32_tail_samples']:.1f} "
+        f"(+32 tail samples)  (goal: float16 wire <= cache: "
+        f"{'met' if enc['float16'] <= bt['cache_tail_bucket'] else 'NOT met'})"
+    )
+    print(
+        f"  older answers: lmkd JSON (base64 int32 + float32) {enc['json']:.0f}; vLLM "
+        f"prompt_logprobs JSON (synthesised, same numbers) {bt['wire_vllm_json_synthetic']:.0f}"
     )
     h = results["held_out"]
     print(

@@ -142,6 +142,12 @@ def test_did_you_mean_prefers_the_flag_meant():
     assert did_you_mean("--kd_alpah", keys) == "--kd-alpha"
     assert did_you_mean("--lr", keys) == "--learning-rate"
     assert did_you_mean("--epochs", keys) == "--num-train-epochs"
+    # the log-probs' dtype, as the other command calls it (not the teacher's own --teacher-dtype)
+    assert did_you_mean("--cache-dtype", keys) == "--teacher-logprob-dtype"
+    assert did_you_mean("--logprob_dtype", keys) == "--teacher-logprob-dtype"
+    cache = shown_options(subcommand_parser(build_parser(), "cache-logits"))
+    assert did_you_mean("--teacher-logprob-dtype", cache) == "--cache-dtype"
+    assert did_you_mean("--logprob-dtype", cache) == "--cache-dtype"
     study = shown_options(subcommand_parser(build_parser(), "study"))
     assert did_you_mean("--output-dir", study) == "--output"
     assert did_you_mean("--student-step", study) == "--student-steps"

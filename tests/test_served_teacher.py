@@ -5,13 +5,17 @@ by small fake servers that answer from the same teacher in their documented form
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import socket
 import threading
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from test_regimes import lm_dataset
@@ -24,9 +28,10 @@ from lmkd.core.errors import LmkdError
 from lmkd.data.collators import collator_for
 from lmkd.data.dataset import DataArguments
 from lmkd.data.tokenizing import tokenize
-from lmkd.models.loading import load_model
+from lmkd.models.loading import load_model, load_tokenizer
 from lmkd.models.scratch import build_model, train_tokenizer
-from lmkd.teacher import logit_cache, served
+from lmkd.teacher import logit_cache, served, served_protocol, served_server
+from lmkd.teacher.logit_cache_writer import cache_logits
 from lmkd.teacher.served_server import serve_in_thread
 from lmkd.train.regimes.on_policy import OnPolicyDistillationTrainer
 
@@ -91,7 +96,7 @@ def test_served_teacher_gives_the_in_process_kd_loss(tiny_model_dir, tokenizer, 
     srv, url = serve_in_thread(path)
     try:
         for k in (7, len(tokenizer)):
-            client = served.ServedTeacher(url, "lmkd", top_k=k)
+            client = served.ServedTeacher(url, "lmkd", top_k=k, logprob_dtype="float32")
             client.check(tokenizer, len(tokenizer))
             keys = served.served_batch(client, batch, kind)
             ref, t_logits, mask = direct_topk(teacher, batch, kind, k)
@@ -117,6 +122,168 @@ def test_served_teacher_gives_the_in_process_kd_loss(tiny_model_dir, tokenizer, 
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ---- the binary answer: the cache's dtypes and bytes ----------------------------------------------
+
+
+def token_rows(batch):
+    """The rows of a right-padded causal batch, as a /topk request carries them."""
+    return [
+        {"input_ids": ids[att.bool()].tolist()}
+        for ids, att in zip(batch["input_ids"], batch["attention_mask"])
+    ]
+
+
+def recording(srv):
+    """The float32 arrays the server computes, per row, as it computes them."""
+    seen = []
+    score = srv.scorer.score
+    srv.scorer.score = lambda rows, k: seen.extend(score(rows, k)) or seen[-len(rows) :]
+    return seen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_binary_answer_decodes_to_the_arrays_the_server_computed(
+    server, tokenizer, corpus, dtype
+):
+    srv, url = server
+    seen = recording(srv)
+    rows = token_rows(causal_batch(tokenizer, corpus))
+    client = served.ServedTeacher(url, top_k=12, logprob_dtype=dtype)
+    client.check(tokenizer, len(tokenizer))
+    client.bytes_received = 0  # (the /info answer)
+    got = client.score(rows)
+    assert len(seen) == len(got) == 4
+    n = sum(r["n"] for r in seen)
+    for r, (ids, lp, tail) in zip(seen, got):
+        assert ids.dtype == np.int64 and np.array_equal(ids, r["ids"])
+        # the values the server computed, cast to the dtype asked (float32: exactly them)
+        for mine, theirs in ((lp, r["logprobs"]), (tail, r["tail"])):
+            want = torch.from_numpy(theirs).to(getattr(torch, dtype)).float().numpy()
+            assert mine.dtype == np.float32 and np.array_equal(mine, want)
+            assert np.array_equal(mine, theirs) == (dtype == "float32")
+    # its size: ids uint16 (300 ids), log-probs and tail 2 or 4 bytes, plus one small header
+    size = 2 if dtype != "float32" else 4
+    header = client.bytes_received - n * (12 * 2 + 13 * size)
+    assert 0 < header <= 120 and client.positions_received == n, header
+
+
+def test_an_old_servers_json_answer_still_parses(server, tokenizer, corpus, caplog):
+    """A server without the binary answer (its /info names no encodings) is asked as before; its
+    float32 answer, rounded here, gives the batch a binary answer gives."""
+    srv, url = server
+    batch = causal_batch(tokenizer, corpus)
+    for dtype in ("float32", "float16"):
+        new = served.ServedTeacher(url, top_k=9, logprob_dtype=dtype)
+        new.check(tokenizer, len(tokenizer))
+        info = srv.scorer.info
+        srv.scorer.info = lambda: {k: v for k, v in info().items() if k != "encodings"}
+        old = served.ServedTeacher(url, top_k=9, logprob_dtype=dtype)
+        with caplog.at_level("WARNING", logger="lmkd.teacher.served"):
+            old.check(tokenizer, len(tokenizer))
+        srv.scorer.info = info
+        new.bytes_received = old.bytes_received = 0  # (the /info answers)
+        assert new.binary and not old.binary and "answers in JSON only" in caplog.text
+        a = served.served_batch(new, batch, "causal")
+        b = served.served_batch(old, batch, "causal")
+        for key in (logit_cache.IDS, logit_cache.LOGPROBS, logit_cache.TAIL, logit_cache.MASK):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (dtype, key)
+        assert a[logit_cache.LOGPROBS].dtype == getattr(torch, dtype)
+        # base64 of int32 / float32 in JSON against uint16 / float16 (float32: uint16 / float32)
+        assert old.bytes_received > (2.5 if dtype == "float16" else 1.5) * new.bytes_received
+    # the JSON answer as it is on the wire: rows of base64 arrays
+    rows = token_rows(batch)
+    body = json.dumps({"top_k": 9, "rows": rows}).encode()
+    with urllib.request.urlopen(urllib.request.Request(url + "/topk", data=body)) as r:
+        assert r.headers["Content-Type"] == "application/json"
+        answer = json.loads(r.read())
+    assert sorted(answer["rows"][0]) == ["ids", "logprobs", "n", "tail"]
+    ids = served_protocol.decode_array(answer["rows"][0]["ids"], np.int32, (-1, 9))
+    assert ids.shape == (answer["rows"][0]["n"], 9)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"encoding": "xml"}, "unknown encoding 'xml'; choose one of json, binary"),
+        ({"encoding": "binary", "logprob_dtype": "int8"}, "unknown logprob_dtype 'int8'"),
+        ({"logprob_dtype": "float16"}, 'the JSON answer carries float32 log-probs; ask "encoding"'),
+    ],
+)
+def test_a_request_for_an_answer_the_server_cannot_give_is_refused_in_one_line(
+    server, extra, message
+):
+    body = json.dumps(dict({"top_k": 3, "rows": [{"input_ids": [5, 6, 7]}]}, **extra)).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(server[1] + "/topk", data=body))
+    assert e.value.code == 400
+    error = json.loads(e.value.read())["error"]
+    assert message in error and "\n" not in error, error
+
+
+@pytest.fixture()
+def float16_cache(tmp_path, causal_teacher, corpus):
+    """A float16 logit cache of 8 rows at K = 32 (what `lmkd cache-logits` writes by default),
+    and those rows tokenised for training on it."""
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": r["source"]}) + "\n" for r in corpus[:8]))
+    data_args = DataArguments(task="causal-lm", train_file=str(data))
+    out = str(tmp_path / "cache")
+    cache_logits(causal_teacher, data_args, out, 32, batch_size=8, progress=False)
+    tok = load_tokenizer(causal_teacher)
+    ds = tokenize(
+        datasets.Dataset.from_list([{"text": r["source"]} for r in corpus[:8]]), tok, data_args
+    )
+    return logit_cache.LogitCache(out), logit_cache.attach_cache(ds, out, "causal"), tok
+
+
+def test_the_float16_served_loss_is_the_float16_cache_loss(server, float16_cache):
+    cache, ds, tok = float16_cache
+    assert cache.lp_dtype == "float16"
+    collate = logit_cache.CachedLogitsCollator(collator_for("causal-lm", tok), cache)
+    cached = collate([dict(ds[i]) for i in range(8)])  # the cache's tensors of the 8 rows
+    batch = {k: cached[k] for k in ("input_ids", "attention_mask", "labels")}
+    student = build_model("gpt2", len(tok), seed=5, layers=1)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"][:, 1:].bool()
+    ref = losses.topk_kd_loss(s[:, :-1], logit_cache.batch_topk(cached, mask), mask)
+    got = {}
+    for dtype in ("float16", "float32"):
+        client = served.ServedTeacher(server[1], top_k=32, logprob_dtype=dtype)
+        keys = served.served_batch(client, batch, "causal")
+        got[dtype] = losses.topk_kd_loss(s[:, :-1], logit_cache.batch_topk(keys, mask), mask)
+        if dtype == "float16":  # the very tensors the cache gives, in its dtype
+            for key in (logit_cache.IDS, logit_cache.LOGPROBS, logit_cache.TAIL, logit_cache.MASK):
+                assert keys[key].dtype == cached[key].dtype and torch.equal(keys[key], cached[key])
+    assert torch.equal(got["float16"], ref), (got["float16"], ref)
+    # float32 is another (exact) teacher signal: the rounding is visible in the loss
+    assert not torch.equal(got["float32"], ref)
+    assert torch.allclose(got["float32"], ref, rtol=1e-3)
+
+
+def test_the_binary_answer_costs_no_more_bytes_per_token_than_the_cache(server, float16_cache):
+    cache, ds, tok = float16_cache
+    cache_bytes = sum(os.path.getsize(p) for p in glob.glob(f"{cache.path}/shard-*/*.npy"))
+    rows = [{k: v for k, v in ds[i].items() if k != logit_cache.CACHE_ROW} for i in range(8)]
+    batch = collator_for("causal-lm", tok)(rows)
+    per_token = {}
+    for dtype in ("float16", "bfloat16", "float32"):
+        client = served.ServedTeacher(server[1], top_k=32, logprob_dtype=dtype)
+        served.served_batch(client, batch, "causal")
+        assert client.positions_received == cache.positions
+        per_token[dtype] = client.bytes_received / client.positions_received
+    json_client = served.ServedTeacher(server[1], top_k=32)
+    json_client.binary = False  # the JSON answer (an older server's)
+    served.served_batch(json_client, batch, "causal")
+    per_token["json"] = json_client.bytes_received / json_client.positions_received
+    in_cache = cache_bytes / cache.positions
+    # K = 32: the cache stores 32 x (2 + 2) + 2 (tail) + 2 (target token) bytes a position
+    assert 132 < in_cache < 140, in_cache
+    assert per_token["float16"] <= in_cache and per_token["bfloat16"] <= in_cache, per_token
+    assert 130 <= per_token["float16"] < 132 and per_token["float32"] > in_cache, per_token
+    assert per_token["json"] > 2.5 * in_cache, per_token
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -165,6 +332,7 @@ def test_training_with_a_served_teacher_is_training_with_the_teacher_in_process(
         "served",
         teacher_server_url=url,
         teacher_top_k=len(tokenizer),
+        teacher_logprob_dtype="float32",
         teacher_prefetch=prefetch,
     )
     assert remote.teacher is None and remote.served is not None
@@ -303,13 +471,22 @@ def test_no_server_is_one_line_before_any_work(tmp_path, tiny_model_dir, corpus,
 
 
 def test_a_served_run_end_to_end_from_the_command_line(
-    tmp_path, tiny_model_dir, corpus, server, capsys
+    tmp_path, tiny_model_dir, corpus, server, capsys, monkeypatch
 ):
     srv, url = server
-    recipe = causal_recipe(tmp_path, tiny_model_dir, corpus, url, teacher_top_k=8)
+    recipe = causal_recipe(
+        tmp_path, tiny_model_dir, corpus, url, teacher_top_k=8, teacher_logprob_dtype="bfloat16"
+    )
+    asked = []
+    encode = served_server.encode_binary
+    monkeypatch.setattr(
+        served_server,
+        "encode_binary",
+        lambda rows, k, vocab, dtype: asked.append((k, dtype)) or encode(rows, k, vocab, dtype),
+    )
     assert main(["distill", recipe]) == 0
     results = json.loads((tmp_path / "out" / "distill_results.json").read_text())
-    assert results["train_loss"] > 0 and srv.scorer.batches >= 1
+    assert results["train_loss"] > 0 and srv.scorer.batches >= 1 and set(asked) == {(8, "bfloat16")}
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"teacher: `served at {url} (lmkd, top-8)`" in card and "word-level KD" in card
 
@@ -340,6 +517,7 @@ def test_a_server_of_another_vocabulary_is_refused_in_one_line(
         (dict(logit_cache="c"), "does not combine with logit_cache"),
         (dict(teacher_server="triton"), "unknown teacher_server 'triton'"),
         (dict(teacher_top_k=0), "teacher_top_k must be an integer >= 1"),
+        (dict(teacher_logprob_dtype="float8"), "unknown teacher_logprob_dtype 'float8'; choose"),
         (dict(teacher_server_url="gpu-box:8000"), "must start with http://"),
         (dict(teacher_server_url="http://a:1,b:2"), "got 'b:2'"),
     ],
@@ -442,9 +620,9 @@ def test_vllm_and_sglang_answers_give_the_lmkd_servers_batch(
     engine, fake_engine, server, tokenizer, corpus
 ):
     batch = causal_batch(tokenizer, corpus)
-    ours = served.ServedTeacher(server[1], "lmkd", top_k=12)
+    ours = served.ServedTeacher(server[1], "lmkd", top_k=12, logprob_dtype="float32")
     ours.check(tokenizer, len(tokenizer))
-    theirs = served.ServedTeacher(fake_engine, engine, top_k=12)
+    theirs = served.ServedTeacher(fake_engine, engine, top_k=12, logprob_dtype="float32")
     theirs.check(tokenizer, len(tokenizer))
     a = served.served_batch(ours, batch, "causal")
     b = served.served_batch(theirs, batch, "causal")

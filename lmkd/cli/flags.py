@@ -35,6 +35,10 @@ SHORT_FORMS = {
     "--alpha": ("--kd-alpha",),
     "--temperature": ("--kd-temperature",),
     "--dtype": ("--cache-dtype", "--teacher-dtype"),
+    # the log-probs' dtype: cache-logits stores them in it, distill asks a served teacher for it
+    "--cache-dtype": ("--teacher-logprob-dtype",),
+    "--teacher-logprob-dtype": ("--cache-dtype",),
+    "--logprob-dtype": ("--cache-dtype", "--teacher-logprob-dtype"),
 }
 
 

@@ -116,6 +116,22 @@ def targets(row: dict, kind: str) -> list[int]:
     )
 
 
+def stored_logprobs(lp: torch.Tensor, dtype: str) -> np.ndarray:
+    """Log-probs as a cache stores them (and ``lmkd serve-teacher``'s binary answer sends them):
+    rounded to ``dtype`` by torch, bfloat16 as its uint16 bits (numpy has no bfloat16).
+
+    Args:
+        lp: float32 log-probs (on the CPU).
+        dtype: one of :data:`LOGPROB_DTYPES`.
+
+    Returns:
+        The numpy array (float16, uint16 bits of bfloat16, or float32).
+    """
+    if dtype == "bfloat16":
+        return lp.to(torch.bfloat16).view(torch.uint16).numpy()
+    return lp.to(getattr(torch, dtype)).numpy()
+
+
 def _lp_from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.array(arr))  # a copy: the shards are read-only memory maps
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t

@@ -19,16 +19,16 @@ from lmkd.core.constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ, TASK_KIND
 from lmkd.core.errors import LmkdError
 from lmkd.core.io import atomic_write_json, check_output, replace_dir
 from lmkd.models.generation import longest_first
-from lmkd.teacher.logit_cache import FORMAT_VERSION, LOGPROB_DTYPES, LogitCache, id_dtype
+from lmkd.teacher.logit_cache import (
+    FORMAT_VERSION,
+    LOGPROB_DTYPES,
+    LogitCache,
+    id_dtype,
+    stored_logprobs,
+)
 from lmkd.teacher.logit_cache import targets as logit_cache_targets
 
 logger = logging.getLogger(__name__)
-
-
-def _lp_to_numpy(lp: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return lp.to(torch.bfloat16).view(torch.uint16).numpy()
-    return lp.to(getattr(torch, dtype)).numpy()
 
 
 @torch.inference_mode()
@@ -307,11 +307,11 @@ def cache_logits(
                 n = int(lengths[i])
                 sl = slice(int(offsets[i]), int(offsets[i]) + n)
                 ids[sl] = top_ids[pos : pos + n].cpu().numpy().astype(ids_dtype)
-                lps[sl] = _lp_to_numpy(top_lp[pos : pos + n].cpu(), logprob_dtype)
-                tails[sl] = _lp_to_numpy(tail[pos : pos + n].cpu(), logprob_dtype)
+                lps[sl] = stored_logprobs(top_lp[pos : pos + n].cpu(), logprob_dtype)
+                tails[sl] = stored_logprobs(tail[pos : pos + n].cpu(), logprob_dtype)
                 if tail_samples:
                     s_ids[sl] = smp_ids[pos : pos + n].cpu().numpy().astype(ids_dtype)
-                    s_lps[sl] = _lp_to_numpy(smp_lp[pos : pos + n].cpu(), logprob_dtype)
+                    s_lps[sl] = stored_logprobs(smp_lp[pos : pos + n].cpu(), logprob_dtype)
                 pos += n
             bar.update(len(idx))
         tokens = np.array([t for ts in targets for t in ts], dtype=ids_dtype)

@@ -2,11 +2,14 @@
 
 ``teacher_server_url`` (with ``teacher_server``: lmkd, vllm or sglang) replaces the in-process
 teacher: for each batch the client (:class:`ServedTeacher`) asks the server for the teacher's top-k
-log-probs at every KD position (:mod:`lmkd.teacher.served_protocol` has the three wire formats) and
+log-probs at every KD position (:mod:`lmkd.teacher.served_protocol` has the three wire formats; an
+lmkd server is asked its binary answer, stored as a logit cache stores the same rows) and
 :func:`served_batch` turns the answer into exactly the tensors a logit-cache row gives
 (:data:`lmkd.teacher.logit_cache.IDS`, ``LOGPROBS``, ``TAIL``, ``MASK``), so the KD loss is the
 cached top-K path's (:func:`lmkd.teacher.logit_cache.batch_topk`, :mod:`lmkd.losses.topk`): one code
-path, one objective.
+path, one objective.  The log-probs are rounded to ``logprob_dtype`` (``teacher_logprob_dtype``,
+float16 by default as ``lmkd cache-logits`` stores them) whichever server sent them: an lmkd server
+rounds them before sending, the JSON numbers of vLLM and SGLang are rounded here.
 
 :class:`Prefetcher` asks for the next batches while the current one trains: a bounded queue of
 batches, each with its request running in a small thread pool, handed out in order.  Each request
@@ -39,6 +42,7 @@ from lmkd.core.errors import LmkdError
 from lmkd.data.tokenizing import TEACHER_ID
 from lmkd.teacher import logit_cache
 from lmkd.teacher.served_protocol import (
+    BINARY_TYPE,
     PROTOCOL,
     SERVERS,
     parse_answer,
@@ -75,6 +79,8 @@ class ServedTeacher:
         timeout: seconds to wait for one answer.
         retries: tries of a request before :class:`TeacherServerDown`.
         backoff: the first back-off in seconds (doubled after each failed try).
+        logprob_dtype: the teacher's log-probs and tail rounded to (float16, bfloat16, float32):
+            what an lmkd server sends, in its binary answer; the others' answers are rounded here.
     """
 
     def __init__(
@@ -85,12 +91,20 @@ class ServedTeacher:
         timeout: float = 60.0,
         retries: int | None = None,
         backoff: float | None = None,
+        logprob_dtype: str = "float16",
     ):
         if server not in SERVERS:
             raise LmkdError(
                 f"unknown teacher_server {server!r}; choose one of {', '.join(SERVERS)}"
             )
+        if logprob_dtype not in logit_cache.LOGPROB_DTYPES:
+            raise LmkdError(
+                f"unknown teacher_logprob_dtype {logprob_dtype!r}; choose one of "
+                f"{', '.join(logit_cache.LOGPROB_DTYPES)}"
+            )
         self.url, self.server, self.top_k, self.timeout = url.rstrip("/"), server, top_k, timeout
+        self.logprob_dtype = logprob_dtype
+        self.binary = server == "lmkd"  # ask lmkd's binary answer (off for a server without it)
         self.retries = RETRIES if retries is None else retries
         self.backoff = BACKOFF_S if backoff is None else backoff
         self.model: str | None = None  # vLLM's served model name, from /v1/models
@@ -100,13 +114,13 @@ class ServedTeacher:
 
     # ---- HTTP ----------------------------------------------------------------------------------
 
-    def _http(self, path: str, body: dict | None, timeout: float) -> bytes:
+    def _http(self, path: str, body: dict | None, timeout: float) -> tuple[str, bytes]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + path, data=data, headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.read()
+            return r.headers.get("Content-Type", ""), r.read()
 
     def call(self, path: str, body: dict | None = None, retries: int | None = None):
         """One request, retried with exponential back-off on a timeout or dropped connection.
@@ -117,7 +131,7 @@ class ServedTeacher:
             retries: tries (None: :attr:`retries`).
 
         Returns:
-            The decoded JSON answer.
+            The decoded JSON answer, or the body of a binary answer (bytes).
 
         Raises:
             LmkdError: the server refused the request (HTTP 4xx), in one line.
@@ -127,9 +141,9 @@ class ServedTeacher:
         wait, last = self.backoff, None
         for attempt in range(max(tries, 1)):
             try:
-                raw = self._http(path, body, self.timeout)
+                kind, raw = self._http(path, body, self.timeout)
                 self.bytes_received += len(raw)
-                return json.loads(raw)
+                return raw if kind.startswith(BINARY_TYPE) else json.loads(raw)
             except urllib.error.HTTPError as e:
                 text = e.read().decode(errors="replace")
                 if e.code < 500:
@@ -229,6 +243,15 @@ class ServedTeacher:
                 f"(vocabulary fingerprint {info['tokenizer']}, the student's "
                 f"{tokenizer_fingerprint(tokenizer)}); serve a teacher of the student's tokenizer"
             )
+        if "binary" not in info.get("encodings", ()):
+            self.binary = False
+            logger.warning(
+                "the teacher server at %s answers in JSON only (an older lmkd serve-teacher): int32 "
+                "ids and float32 log-probs in base64, about 2.7x the bytes of the binary answer "
+                "at float16; the log-probs are rounded to %s here",
+                self.url,
+                self.logprob_dtype,
+            )
         if vocab is not None and int(info["vocab_size"]) != vocab:
             if tokenizer is None or len(tokenizer) > min(int(info["vocab_size"]), vocab):
                 raise LmkdError(
@@ -254,9 +277,11 @@ class ServedTeacher:
             rows: ``{"input_ids": [...]}`` per row (+ ``labels`` for a seq2seq teacher).
 
         Returns:
-            Per row ``(ids (n, k), logprobs (n, k), tail (n,))`` numpy arrays.
+            Per row ``(ids (n, k), logprobs (n, k), tail (n,))`` numpy arrays (log-probs float32:
+            a binary answer's values widened exactly; :func:`served_batch` rounds them).
         """
-        path, body = request_for(self.server, rows, self.top_k, self.model)
+        dtype = self.logprob_dtype if self.binary else None
+        path, body = request_for(self.server, rows, self.top_k, self.model, dtype)
         out = parse_answer(self.server, self.call(path, body), rows, self.top_k)
         self.positions_received += sum(len(r[0]) for r in out)
         return out
@@ -286,11 +311,12 @@ def _rows_of(batch: dict, kind: str) -> tuple[list[dict], list]:
 def served_batch(teacher, batch: dict, kind: str) -> dict:
     """The served teacher's answer for a collated batch, as the tensors a logit-cache row gives:
     ``(B, P, K)`` ids and log-probs, ``(B, P)`` tail and mask of answered positions, aligned with
-    the KD positions (the logits' leading shape after the causal shift).
+    the KD positions (the logits' leading shape after the causal shift); log-probs and tail in the
+    client's ``logprob_dtype``, as a logit cache of that dtype gives them.
 
     Args:
         teacher: the client, or several: each row then goes to the one its
-            :data:`lmkd.data.tokenizing.TEACHER_ID` names (all must ask the same k).
+            :data:`lmkd.data.tokenizing.TEACHER_ID` names (all must ask the same k and dtype).
         batch: the collated batch (``input_ids``, ``attention_mask``; ``labels`` for seq2seq).
         kind: the model kind (causal or seq2seq).
 
@@ -327,8 +353,9 @@ def served_batch(teacher, batch: dict, kind: str) -> dict:
     b, k = len(rows), teachers[0].top_k
     p = batch["labels"].shape[1] if kind == SEQ2SEQ else batch["input_ids"].shape[1] - 1
     ids = torch.zeros((b, p, k), dtype=torch.int64)
-    lp = torch.zeros((b, p, k), dtype=torch.float32)
-    tail = torch.zeros((b, p), dtype=torch.float32)
+    dtype = getattr(torch, teachers[0].logprob_dtype)
+    lp = torch.zeros((b, p, k), dtype=dtype)
+    tail = torch.zeros((b, p), dtype=dtype)
     mask = torch.zeros((b, p), dtype=torch.bool)
     for i, (pos, ans) in enumerate(zip(where, answers)):
         if len(ans[0]) != len(pos):
@@ -336,8 +363,8 @@ def served_batch(teacher, batch: dict, kind: str) -> dict:
                 f"the teacher server answered {len(ans[0])} positions for a row of {len(pos)}"
             )
         ids[i, pos] = torch.from_numpy(ans[0])
-        lp[i, pos] = torch.from_numpy(ans[1])
-        tail[i, pos] = torch.from_numpy(ans[2])
+        lp[i, pos] = torch.from_numpy(ans[1]).to(dtype)  # (exact for an answer in this dtype)
+        tail[i, pos] = torch.from_numpy(ans[2]).to(dtype)
         mask[i, pos] = True
     return {
         logit_cache.IDS: ids,

@@ -7,11 +7,25 @@ the remaining mass ``(n,)``.  Row ``r`` of a causal LM of tokens ``t_0 .. t_{L-1
 positions (position ``j`` predicts ``t_{j+1}``); a seq2seq row has one position per target token.
 
 * **lmkd** (``lmkd serve-teacher``, :mod:`lmkd.teacher.served_server`): ``GET /info`` ->
-  ``{"protocol", "kind", "vocab_size", "tokenizer", "max_positions"}``; ``POST /topk`` with
-  ``{"top_k": k, "rows": [{"input_ids": [...], "labels": [...]?}]}`` (or ``{"text", "target"?}``
-  rows, tokenised by the server) -> ``{"rows": [{"n", "ids", "logprobs", "tail", "input_ids"?}]}``,
-  arrays as base64 of little-endian ``int32`` / ``float32`` (:func:`encode_array`).  The tail is the
-  server's exact float32 log-sum-exp of the other log-probs, as ``lmkd cache-logits`` stores it.
+  ``{"protocol", "kind", "vocab_size", "tokenizer", "max_positions", "encodings",
+  "logprob_dtypes"}``; ``POST /topk`` with ``{"top_k": k, "rows": [{"input_ids": [...], "labels":
+  [...]?}], "encoding"?, "logprob_dtype"?}`` (or ``{"text", "target"?}`` rows, tokenised by the
+  server).  Two answers:
+
+  - ``"encoding": "binary"`` (what :class:`lmkd.teacher.served.ServedTeacher` asks): an
+    ``application/octet-stream`` body stored as a logit cache stores the same rows
+    (:func:`encode_binary`): a 4-byte little-endian header length ``H``, a JSON header of ``H``
+    bytes ``{"top_k", "ids", "logprobs", "n", "input_ids"?}`` (space-padded so the arrays start at a
+    multiple of 8), then all rows' top-k ids ``(N, k)`` in the cache's id dtype
+    (:func:`lmkd.teacher.logit_cache.id_dtype`: uint16 up to 65,536 ids, else int32), their
+    log-probs ``(N, k)`` and tails ``(N,)`` in ``logprob_dtype`` (float16, the default, bfloat16 as
+    its uint16 bits, or float32), little-endian, ``N = sum(n)``.
+  - without ``encoding`` (or ``"json"``, the answer of lmkd before the binary one):
+    ``{"rows": [{"n", "ids", "logprobs", "tail", "input_ids"?}]}``, arrays as base64 of
+    little-endian ``int32`` / ``float32`` (:func:`encode_array`).
+
+  The tail is the server's exact float32 log-sum-exp of the other log-probs, as ``lmkd
+  cache-logits`` stores it, rounded to the answer's dtype as the cache rounds it.
 * **vLLM** (OpenAI-compatible server, ``vllm serve``): ``POST /v1/completions`` with
   ``{"model", "prompt": [[ids], ...], "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}``
   -> ``choices[i].prompt_logprobs``: one entry per prompt token, the first ``null``, each a map
@@ -34,10 +48,18 @@ import hashlib
 import json
 
 import numpy as np
+import torch
 
 from lmkd.core.errors import LmkdError
+from lmkd.teacher.logit_cache import LOGPROB_DTYPES, id_dtype, stored_logprobs
 
+#: the protocol ``GET /info`` names; the binary answer is an addition a client asks for, so an older
+#: client (no ``encoding``) still gets the JSON answer and a newer one reads an older server's
 PROTOCOL = "lmkd-teacher/1"
+#: the answers of ``POST /topk`` (its ``encoding``; JSON when absent)
+ENCODINGS = ("json", "binary")
+#: the Content-Type of the binary answer
+BINARY_TYPE = "application/octet-stream"
 #: the servers a run can name (``teacher_server``)
 SERVERS = ("lmkd", "vllm", "sglang")
 #: what vLLM says when asked more log-probs than ``--max-logprobs`` allows
@@ -76,6 +98,170 @@ def decode_array(text: str, dtype, shape) -> np.ndarray:
     )
 
 
+def answer_format(body: dict) -> tuple[str, str]:
+    """``(encoding, logprob dtype)`` a ``POST /topk`` body asks for.
+
+    Args:
+        body: the request's JSON body.
+
+    Returns:
+        ``("json", "float32")`` without ``encoding``; ``("binary", dtype)`` for a binary answer
+        (``logprob_dtype`` float16 by default, as ``lmkd cache-logits``).
+
+    Raises:
+        LmkdError: an unknown encoding or dtype, or a JSON answer asked in a dtype it cannot carry.
+    """
+    if not isinstance(body, dict):
+        raise LmkdError('a /topk request is a JSON object {"top_k": k, "rows": [...]}')
+    encoding = body.get("encoding", "json")
+    if encoding not in ENCODINGS:
+        raise LmkdError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    dtype = body.get("logprob_dtype", "float16" if encoding == "binary" else "float32")
+    if dtype not in LOGPROB_DTYPES:
+        raise LmkdError(
+            f"unknown logprob_dtype {dtype!r}; choose one of {', '.join(LOGPROB_DTYPES)}"
+        )
+    if encoding == "json" and dtype != "float32":
+        raise LmkdError(
+            f'the JSON answer carries float32 log-probs; ask "encoding": "binary" for {dtype}'
+        )
+    return encoding, dtype
+
+
+def encode_json(rows: list[dict]) -> dict:
+    """The JSON answer of scored rows (base64 of int32 ids, float32 log-probs and tails).
+
+    Args:
+        rows: per row ``{"n", "ids" (n, k), "logprobs" (n, k), "tail" (n,), "input_ids"?}`` arrays.
+
+    Returns:
+        ``{"rows": [...]}``.
+    """
+    out = []
+    for r in rows:
+        ans = {
+            "n": int(r["n"]),
+            "ids": encode_array(np.asarray(r["ids"], dtype=np.int32)),
+            "logprobs": encode_array(np.asarray(r["logprobs"], dtype=np.float32)),
+            "tail": encode_array(np.asarray(r["tail"], dtype=np.float32)),
+        }
+        if "input_ids" in r:
+            ans["input_ids"] = r["input_ids"]
+        out.append(ans)
+    return {"rows": out}
+
+
+def _le(dtype) -> np.dtype:
+    return np.dtype(dtype).newbyteorder("<")
+
+
+def _wire_dtype(logprob_dtype: str) -> np.dtype:
+    """The numpy dtype log-probs of ``logprob_dtype`` travel in (bfloat16: its uint16 bits)."""
+    return _le(np.uint16 if logprob_dtype == "bfloat16" else logprob_dtype)
+
+
+def encode_binary(rows: list[dict], top_k: int, vocab: int, logprob_dtype: str) -> bytes:
+    """The binary answer of scored rows, its arrays as a logit cache stores them.
+
+    Args:
+        rows: per row ``{"n", "ids" (n, k), "logprobs" (n, k), "tail" (n,), "input_ids"?}``
+            (float32 log-probs).
+        top_k: log-probs per position.
+        vocab: the teacher's vocabulary size (the id dtype).
+        logprob_dtype: one of :data:`lmkd.teacher.logit_cache.LOGPROB_DTYPES`.
+
+    Returns:
+        The body: header length (uint32 LE), JSON header, ids, log-probs, tails.
+    """
+    ids_dtype = _le(id_dtype(vocab))
+    header = {
+        "top_k": top_k,
+        "ids": ids_dtype.name,
+        "logprobs": logprob_dtype,
+        "n": [int(r["n"]) for r in rows],
+    }
+    if any("input_ids" in r for r in rows):
+        header["input_ids"] = [r.get("input_ids") for r in rows]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(4 + len(head)) % 8)  # the arrays start at a multiple of 8
+
+    def cat(key, shape):
+        parts = [np.asarray(r[key]).reshape(shape) for r in rows]
+        return np.concatenate(parts) if parts else np.zeros((0, *shape[1:]))
+
+    ids = cat("ids", (-1, top_k)).astype(ids_dtype)
+    lps = [
+        stored_logprobs(
+            torch.from_numpy(np.ascontiguousarray(cat(key, shape), np.float32)), logprob_dtype
+        ).astype(_wire_dtype(logprob_dtype))
+        for key, shape in (("logprobs", (-1, top_k)), ("tail", (-1,)))
+    ]
+    return b"".join(
+        [len(head).to_bytes(4, "little"), head, ids.tobytes(), lps[0].tobytes(), lps[1].tobytes()]
+    )
+
+
+def widen(arr: np.ndarray, logprob_dtype: str) -> np.ndarray:
+    """Log-probs as they travel (:func:`encode_binary`) -> float32, exactly.
+
+    Args:
+        arr: float16, float32, or the uint16 bits of bfloat16.
+        logprob_dtype: which.
+
+    Returns:
+        The same values as float32.
+    """
+    if logprob_dtype == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32)
+
+
+def decode_binary(data: bytes, top_k: int) -> list[tuple]:
+    """Per row ``(ids (n, k) int64, logprobs (n, k) float32, tail (n,) float32, input_ids?)`` of a
+    binary answer; the log-probs are the answer's values (float16 or bfloat16) widened exactly.
+
+    Args:
+        data: the answer's body.
+        top_k: the log-probs asked per position.
+
+    Returns:
+        One tuple per row, in order.
+
+    Raises:
+        LmkdError: a body that does not fit its header.
+    """
+    try:
+        size = int.from_bytes(data[:4], "little")
+        header = json.loads(data[4 : 4 + size])
+        k, lp_dtype = int(header["top_k"]), header["logprobs"]
+        counts = [int(n) for n in header["n"]]
+        ids_dtype, wire = _le(header["ids"]), _wire_dtype(lp_dtype)
+        if lp_dtype not in LOGPROB_DTYPES or ids_dtype.kind not in "iu":
+            raise ValueError(f"dtypes {header['ids']} / {lp_dtype}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise LmkdError(f"the lmkd teacher server sent an unreadable binary answer ({e})") from None
+    if k != top_k:
+        raise LmkdError(f"the lmkd teacher server answered top-{k} for top_k {top_k}")
+    total = sum(counts)
+    at = 4 + size
+    want = at + total * k * ids_dtype.itemsize + total * (k + 1) * wire.itemsize
+    if len(data) != want:
+        raise LmkdError(
+            f"the lmkd teacher server's binary answer is {len(data)} bytes; its header says {want}"
+        )
+    ids = np.frombuffer(data, ids_dtype, total * k, at).reshape(total, k).astype(np.int64)
+    at += ids.size * ids_dtype.itemsize
+    lp = widen(np.frombuffer(data, wire, total * k, at), lp_dtype).reshape(total, k)
+    tail = widen(np.frombuffer(data, wire, total, at + total * k * wire.itemsize), lp_dtype)
+    texts = header.get("input_ids") or [None] * len(counts)
+    out, start = [], 0
+    for n, text in zip(counts, texts):
+        sl = slice(start, start + n)
+        out.append((ids[sl], lp[sl], tail[sl], *(() if text is None else (text,))))
+        start += n
+    return out
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of a tokenizer's vocabulary (token -> id), the same for the same vocabulary.
 
@@ -106,7 +292,13 @@ def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:
 # ---- requests ------------------------------------------------------------------------------------
 
 
-def request_for(server: str, rows: list[dict], top_k: int, model: str | None) -> tuple[str, dict]:
+def request_for(
+    server: str,
+    rows: list[dict],
+    top_k: int,
+    model: str | None,
+    logprob_dtype: str | None = None,
+) -> tuple[str, dict]:
     """(path, JSON body) of one request for ``rows``.
 
     Args:
@@ -114,12 +306,17 @@ def request_for(server: str, rows: list[dict], top_k: int, model: str | None) ->
         rows: ``{"input_ids": [...]}`` per row (``labels`` too for a seq2seq lmkd teacher).
         top_k: log-probs per position.
         model: the served model's name (vLLM's ``model`` field).
+        logprob_dtype: lmkd: ask the binary answer with log-probs in this dtype (None: the JSON
+            answer).
 
     Returns:
         The request path and body.
     """
     if server == "lmkd":
-        return "/topk", {"top_k": top_k, "rows": rows}
+        body = {"top_k": top_k, "rows": rows}
+        if logprob_dtype is not None:
+            body.update(encoding="binary", logprob_dtype=logprob_dtype)
+        return "/topk", body
     prompts = [[int(t) for t in r["input_ids"]] for r in rows]
     if server == "vllm":
         return "/v1/completions", {
@@ -174,7 +371,7 @@ def parse_answer(server: str, answer, rows: list[dict], top_k: int) -> list[tupl
 
     Args:
         server: one of :data:`SERVERS`.
-        answer: the decoded JSON answer.
+        answer: the decoded JSON answer, or the body of lmkd's binary answer (bytes).
         rows: the rows asked (their token counts).
         top_k: log-probs per position.
 
@@ -187,6 +384,13 @@ def parse_answer(server: str, answer, rows: list[dict], top_k: int) -> list[tupl
     """
     out = []
     if server == "lmkd":
+        if isinstance(answer, (bytes, bytearray)):
+            out = decode_binary(bytes(answer), top_k)
+            if len(out) != len(rows):
+                raise LmkdError(
+                    f"the lmkd teacher server answered {len(out)} rows for {len(rows)} asked"
+                )
+            return out
         for r in answer["rows"]:
             n = int(r["n"])
             ids = decode_array(r["ids"], np.int32, (n, top_k)).astype(np.int64)

@@ -3,7 +3,8 @@
 Any causal or seq2seq LM that ``from_pretrained`` loads answers, for rows of token ids (or of text,
 tokenised here: for a student of another tokenizer), its top-k log-probs at every position and the
 log of the remaining mass -- what ``lmkd cache-logits`` stores (the same function,
-:func:`lmkd.teacher.logit_cache_writer.teacher_topk`).  The wire format is in
+:func:`lmkd.teacher.logit_cache_writer.teacher_topk`), in the binary answer stored as the cache stores
+it (ids uint16 when the vocabulary fits, log-probs in the dtype asked).  The wire formats are in
 :mod:`lmkd.teacher.served_protocol`.
 
 Standard library only: a ``ThreadingHTTPServer`` whose handler threads put their rows in a queue;
@@ -21,7 +22,6 @@ import threading
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import torch
 
 from lmkd.core.constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ
@@ -29,8 +29,17 @@ from lmkd.core.errors import LmkdError
 from lmkd.models.loading import load_model, load_tokenizer, model_kind
 from lmkd.models.truncation import input_limit, target_limit
 from lmkd.models.vocabulary import vocab_size_of
+from lmkd.teacher.logit_cache import LOGPROB_DTYPES
 from lmkd.teacher.logit_cache_writer import teacher_topk
-from lmkd.teacher.served_protocol import PROTOCOL, encode_array, tokenizer_fingerprint
+from lmkd.teacher.served_protocol import (
+    BINARY_TYPE,
+    ENCODINGS,
+    PROTOCOL,
+    answer_format,
+    encode_binary,
+    encode_json,
+    tokenizer_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +87,8 @@ class TeacherScorer:
         """What ``GET /info`` answers.
 
         Returns:
-            Protocol, kind, vocabulary size, tokenizer fingerprint, position limits.
+            Protocol, kind, vocabulary size, tokenizer fingerprint, position limits, the answers'
+            encodings and log-prob dtypes.
         """
         return {
             "protocol": PROTOCOL,
@@ -88,6 +98,8 @@ class TeacherScorer:
             "tokenizer": tokenizer_fingerprint(self.tokenizer) if self.tokenizer else None,
             "max_positions": input_limit(self.model),
             "max_target_positions": target_limit(self.model) if self.kind == SEQ2SEQ else None,
+            "encodings": list(ENCODINGS),
+            "logprob_dtypes": list(LOGPROB_DTYPES),
         }
 
     def submit(self, rows: list[dict], top_k: int) -> Future:
@@ -150,14 +162,16 @@ class TeacherScorer:
                 answers = answers[len(j[0]) :]
 
     def score(self, rows: list[dict], top_k: int) -> list[dict]:
-        """Run the teacher on ``rows`` as one padded batch: per row its encoded top-k answer.
+        """Run the teacher on ``rows`` as one padded batch: per row its top-k arrays (each request's
+        answer is encoded by the thread that serves it, in the encoding that request asked).
 
         Args:
             rows: ``{"input_ids", "labels"?}`` rows.
             top_k: log-probs per position.
 
         Returns:
-            Per row ``{"n", "ids", "logprobs", "tail"}`` (+ ``input_ids`` for rows sent as text).
+            Per row ``{"n", "ids" (n, k) int64, "logprobs" (n, k) float32, "tail" (n,) float32}``
+            numpy arrays (+ ``input_ids`` for rows sent as text).
         """
         self.batches += 1
         b = len(rows)
@@ -179,17 +193,12 @@ class TeacherScorer:
         else:
             counts = [len(r["input_ids"]) - 1 for r in rows]
         top_ids, top_lp, tail, _, _ = teacher_topk(self.model, self.kind, batch, top_k)
-        top_ids = top_ids.cpu().numpy().astype(np.int32)
+        top_ids = top_ids.cpu().numpy()
         top_lp, tail = top_lp.float().cpu().numpy(), tail.float().cpu().numpy()
         out, start = [], 0
         for r, n in zip(rows, counts):
             sl = slice(start, start + n)
-            ans = {
-                "n": n,
-                "ids": encode_array(top_ids[sl]),
-                "logprobs": encode_array(top_lp[sl]),
-                "tail": encode_array(tail[sl]),
-            }
+            ans = {"n": n, "ids": top_ids[sl], "logprobs": top_lp[sl], "tail": tail[sl]}
             if r.get("from_text"):
                 ans["input_ids"] = r["input_ids"]
             out.append(ans)
@@ -204,10 +213,11 @@ def _handler(scorer: TeacherScorer, timeout: float):
         def log_message(self, fmt, *args):  # the access log at debug level, not on stderr
             logger.debug("%s " + fmt, self.address_string(), *args)
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
+        def _send(self, status: int, body: dict | bytes) -> None:
+            binary = isinstance(body, bytes)
+            data = body if binary else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", BINARY_TYPE if binary else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -226,7 +236,9 @@ def _handler(scorer: TeacherScorer, timeout: float):
                 return
             try:
                 body = json.loads(raw)
-                future = scorer.submit(body["rows"], int(body["top_k"]))
+                encoding, dtype = answer_format(body)
+                top_k = int(body["top_k"])
+                future = scorer.submit(body["rows"], top_k)
             except (LmkdError, KeyError, TypeError, ValueError) as e:
                 self._send(400, {"error": str(e)})
                 return
@@ -238,7 +250,10 @@ def _handler(scorer: TeacherScorer, timeout: float):
             except Exception as e:  # noqa: BLE001 -- the client hears it as a server error
                 self._send(500, {"error": f"{type(e).__name__}: {e}"})
                 return
-            self._send(200, {"rows": rows})
+            if encoding == "binary":
+                self._send(200, encode_binary(rows, top_k, scorer.vocab, dtype))
+            else:
+                self._send(200, encode_json(rows))
 
     return Handler
 

@@ -214,6 +214,15 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
             "--max-logprobs cap; more needs that server flag raised)."
         },
     )
+    teacher_logprob_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "The precision of the served teacher's log-probs and tail: float16 (default, as "
+            "`lmkd cache-logits` stores them), bfloat16, or float32 (exact). lmkd serve-teacher "
+            "sends them in it (with ids as uint16 when the vocabulary fits: the cache's bytes); "
+            "vLLM's and SGLang's JSON numbers are rounded to it on arrival."
+        },
+    )
     teacher_prefetch: int = field(
         default=2,
         metadata={

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from lmkd.core.errors import LmkdError
 from lmkd.losses import CROSS_KD_LOSSES, PLAIN_KD_LOSSES, TOPK_KD_LOSSES
+from lmkd.teacher.logit_cache import LOGPROB_DTYPES
 
 #: the protocols a teacher server may speak (``teacher_server``)
 TEACHER_SERVERS = ("lmkd", "vllm", "sglang")
@@ -193,6 +194,11 @@ class ConfigChecks:
         ):
             if not (isinstance(value, int) and value >= low):
                 raise LmkdError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.teacher_logprob_dtype not in LOGPROB_DTYPES:
+            raise LmkdError(
+                f"unknown teacher_logprob_dtype {self.teacher_logprob_dtype!r}; choose one of "
+                f"{', '.join(LOGPROB_DTYPES)}"
+            )
         if not self.teacher_server_timeout > 0:
             raise LmkdError(
                 f"teacher_server_timeout must be > 0 seconds, got {self.teacher_server_timeout}"

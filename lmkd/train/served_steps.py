@@ -82,6 +82,7 @@ def clients(args) -> list[ServedTeacher]:
             args.teacher_server,
             top_k=args.teacher_top_k,
             timeout=args.teacher_server_timeout,
+            logprob_dtype=args.teacher_logprob_dtype,
         )
         for url in args.teacher_server_url.split(",")
         if url.strip()
