@@ -280,7 +280,8 @@ def main():
     }
     print(f"# bench_served_teacher  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(
-        f"# machine: {platform.machine()} {os.cpu_count()}-core VM, shared with other runs; torch "
+        f"# machine: {platform.machine()} {os.cpu_count()}-core VM, load average "
+        f"{os.getloadavg()[0]:.1f} at the end; torch "
         f"{torch.__version__}, 1 thread per process; steps {ns.steps}, batch 16, K {ns.k}, vocab {len(tok)}"
     )
     print(
