@@ -140,6 +140,7 @@ def plot_quality_speed(
     curve_ylabel: str = "",
     curve_title: str = "students' validation curves",
     note: str = "",
+    floor: tuple[str, float] | None = None,
 ) -> None:
     """A PNG of up to three panels.
 
@@ -160,6 +161,8 @@ def plot_quality_speed(
         curve_ylabel: the curve panel's y label.
         curve_title: the curve panel's title.
         note: printed under the plot (what the error bars are).
+        floor: ``(what, score)`` of the best trivial answer, drawn as a dashed line on both score
+            axes (a model below it did not learn to use its inputs), or None.
 
     Returns:
         None.
@@ -189,11 +192,16 @@ def plot_quality_speed(
             student += 1
     lows = [p.score - (p.score_err[0] if p.score_err else 0) for p in points]
     highs = [p.score + (p.score_err[1] if p.score_err else 0) for p in points]
+    if floor is not None:
+        lows, highs = lows + [floor[1]], highs + [floor[1]]
     score_range = padded_range(min(lows), max(highs), min_score_span, floor=0.0) if points else None
+    line = dict(color="grey", linestyle="--", linewidth=1)
     # panel 1: the scores, one row per model (top to bottom in the given order)
     for i, (p, style) in enumerate(zip(points, styles)):
         xerr = None if p.score_err is None else [[p.score_err[0]], [p.score_err[1]]]
         bars.errorbar([p.score], [i], xerr=xerr, linestyle="none", capsize=4, **style)
+    if floor is not None:
+        bars.axvline(floor[1], **line)  # named in the speed panel's legend
     bars.set_yticks(range(len(points)), [p.label for p in points], fontsize=8)
     bars.set_ylim(len(points) - 0.5, -0.5)
     if score_range:
@@ -215,6 +223,8 @@ def plot_quality_speed(
             label=p.label,
             **style,
         )
+    if floor is not None:
+        ax.axhline(floor[1], label=f"trivial floor: {floor[0]}", **line)
     if points:
         ax.set_ylim(*score_range)
         xs_lo = [p.speed - (p.speed_err[0] if p.speed_err else 0) for p in points]

@@ -296,6 +296,7 @@ def write_causal_report(report: dict, out: str) -> None:
         title="test ROUGE-L of greedy responses",
         curves=curves,
         curve_ylabel="validation ROUGE-L",
+        floor=max(report["floors"].items(), key=lambda kv: kv[1]) if report.get("floors") else None,
     )
 
 
