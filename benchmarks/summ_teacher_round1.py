@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             dest, init, opts.task, data["train"], data["validation"], opts.plan, steps=steps,
             lr=lr, seed=opts.seed,
         )  # fmt: skip
-        check = teachers._run_check(opts, data, dest, opts.task)
+        check = teachers.run_check(opts, data, dest, opts.task)
         result.update(
             {
                 "settings": {

@@ -184,7 +184,19 @@ def _check_options(opts: StudyOptions) -> dict:
     return {"on": opts.teacher_check, "rows": opts.plan.check_rows, "v": 1}
 
 
-def _run_check(opts: StudyOptions, data: dict, model_dir: str, task: str) -> dict:
+def run_check(opts: StudyOptions, data: dict, model_dir: str, task: str) -> dict:
+    """The teacher check (:func:`lmkd.study.checks.check_teacher`) of ``model_dir`` with the study's
+    rows and plan.
+
+    Args:
+        opts: the resolved options.
+        data: the data stages' paths.
+        model_dir: the teacher.
+        task: the study task.
+
+    Returns:
+        The check's figures (``passed``, ``reasons``, ``score``, ``floor``, ...).
+    """
     plan = opts.plan
     return check_teacher(
         model_dir,
@@ -248,7 +260,7 @@ def train_checked(
             seed=opts.seed,
         )
         check = (
-            _run_check(opts, data, dest, task)
+            run_check(opts, data, dest, task)
             if opts.teacher_check
             else {"passed": True, "skipped": True}
         )
@@ -301,7 +313,7 @@ def _check_stage(
 
     def fn(out):
         check = (
-            _run_check(opts, data, model_dir, task)
+            run_check(opts, data, model_dir, task)
             if opts.teacher_check
             else {"passed": True, "skipped": True}
         )
