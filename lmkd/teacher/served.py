@@ -7,7 +7,10 @@ lmkd server is asked its binary answer, stored as a logit cache stores the same 
 :func:`served_batch` turns the answer into exactly the tensors a logit-cache row gives
 (:data:`lmkd.teacher.logit_cache.IDS`, ``LOGPROBS``, ``TAIL``, ``MASK``), so the KD loss is the
 cached top-K path's (:func:`lmkd.teacher.logit_cache.batch_topk`, :mod:`lmkd.losses.topk`): one code
-path, one objective.  The log-probs are rounded to ``logprob_dtype`` (``teacher_logprob_dtype``,
+path, one objective.  With ``teacher_tokenizer`` (cross-tokenizer KD) the server is asked at the
+teacher's own tokens, which the collator added to the batch, and each student KD position gets the
+answer at its aligned teacher position; the objective rebuilds the teacher's distribution from it for
+the cross-tokenizer loss.  The log-probs are rounded to ``logprob_dtype`` (``teacher_logprob_dtype``,
 float16 by default as ``lmkd cache-logits`` stores them) whichever server sent them: an lmkd server
 rounds them before sending, the JSON numbers of vLLM and SGLang are rounded here.
 

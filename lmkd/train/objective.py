@@ -18,7 +18,10 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
   so no (N, V) tensor exists even at step 1), the student's head is skipped in the forward and run
   per chunk inside the loss (no (N, V) student logits), and so is the teacher's
   (:class:`lmkd.train.lean_heads.LeanHeads`, the objective's base, over :mod:`lmkd.train.lm_head`);
-* **cached** (``logit_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
+* **cached** (``logit_cache``, or a served teacher): the teacher's top-K from the batch
+  (:mod:`lmkd.teacher.logit_cache`).  With ``teacher_tokenizer`` a served teacher's top-k is instead
+  rebuilt over the teacher's vocabulary for the cross-tokenizer loss, on the plain path
+  (:meth:`DistillationObjective.cross_tokenizer_kd`).
 
 The objective never sees the trainer: it is built from the run's config, the model kind, the live
 teacher and a few flags of how the student is wrapped, and each call is given the micro-batch as an
