@@ -7,7 +7,8 @@
 * :mod:`lmkd.losses.rows` -- masks, the float32 up-cast, row-wise KL and mixtures in log space.
 * :mod:`lmkd.losses.feature` -- hidden-state, attention and hint losses.
 * :mod:`lmkd.losses.relation` -- relation losses (RKD, SP).
-* :mod:`lmkd.losses.topk` -- KD against a cached top-K teacher (K + 1 buckets, sampled tails).
+* :mod:`lmkd.losses.topk` -- KD against a cached top-K teacher (K + 1 buckets, sampled tails), and
+  a top-K teacher rebuilt over its whole vocabulary (:func:`dense_logprobs`).
 * :mod:`lmkd.losses.uld` -- cross-tokenizer KD: ULD (sorted-probability L1) and its hybrid with the
   exact KL over shared tokens.
 * :mod:`lmkd.losses.chunked` -- memory-lean chunked CE+KD (full or top-K teachers); same values and
@@ -37,5 +38,5 @@ from lmkd.losses.skew_taid import *
 from lmkd.losses.skew_taid import TaidSchedule
 from lmkd.losses.token import *
 from lmkd.losses.token import IGNORE_INDEX, KD_LOSSES, PLAIN_KD_LOSSES
-from lmkd.losses.topk import TOPK_KD_LOSSES, TopK, topk_kd_loss
+from lmkd.losses.topk import TOPK_KD_LOSSES, TopK, dense_logprobs, topk_kd_loss
 from lmkd.losses.uld import CROSS_KD_LOSSES, cross_kd_loss, sorted_l1, uld_hybrid_loss, uld_loss

@@ -239,6 +239,40 @@ def topk_kd_chunk(s: torch.Tensor, teacher: TopK, loss: str, temperature: float,
     return rows.sum() * temperature**2, grad
 
 
+# ---- a top-K teacher over its whole vocabulary ------------------------------------------------------
+
+
+def dense_logprobs(teacher: TopK, vocab: int) -> torch.Tensor:
+    """A top-K teacher's log-probs over its whole vocabulary: the K log-probs at their ids, and the
+    tail's mass spread evenly over the other ``vocab - K`` ids (``tail - log(vocab - K)`` each).
+
+    Exact when K = ``vocab`` (no tail); for K < ``vocab`` the K log-probs and the tail's total mass
+    are the teacher's, the shape of the tail is not (every id outside the top-K gets the same
+    probability).  What a loss that needs a distribution over the whole vocabulary (the
+    cross-tokenizer losses of :mod:`lmkd.losses.uld`) reads where a live teacher's log-softmax goes.
+
+    Args:
+        teacher: one row per position.
+        vocab: the teacher's vocabulary size ``V``.
+
+    Returns:
+        ``(N, V)`` float32 log-probs.
+
+    Raises:
+        ValueError: K above ``vocab``, or an id outside it.
+    """
+    lp = teacher.logprobs.float()
+    n, k = lp.shape
+    if k > vocab or (teacher.ids.numel() and int(teacher.ids.max()) >= vocab):
+        raise ValueError(
+            f"a top-{k} teacher whose ids reach {int(teacher.ids.max()) if teacher.ids.numel() else 0} "
+            f"does not fit a vocabulary of {vocab}"
+        )
+    fill = teacher.tail.float() - math.log(vocab - k) if vocab > k else teacher.tail.float()
+    out = fill.reshape(n, 1).expand(n, vocab).clone()
+    return out.scatter_(1, teacher.ids.long(), lp)
+
+
 # ---- plain (autograd) top-K loss: the reference of the cached path ----------------------------
 
 

@@ -24,7 +24,7 @@ import torch
 from lmkd.core.constants import CAUSAL, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.models.loading import load_model, load_tokenizer, model_kind, saved_kind, unwrap
-from lmkd.models.truncation import input_limit, target_limit
+from lmkd.models.truncation import input_limit, target_limit, tokenizer_limit
 from lmkd.models.vocabulary import shared_vocab_size, vocab_size_of
 from lmkd.teacher import cross_tokenizer, fsdp_teacher, logit_cache
 from lmkd.teacher.deepspeed_engine import deepspeed_teacher, zero3_enabled
@@ -334,7 +334,14 @@ def check_cross_tokenizer_kind(kind: str) -> None:
 
 
 def attach_teacher_tokenizer(
-    collator, *, kind: str, student_tokenizer, teacher, teacher_tokenizer, kd_loss: str
+    collator,
+    *,
+    kind: str,
+    student_tokenizer,
+    teacher,
+    teacher_tokenizer,
+    kd_loss: str,
+    limits: tuple[int | None, int | None] | None = None,
 ):
     """(collator, shared token ids or None) of cross-tokenizer KD with ``teacher_tokenizer``: the
     collator re-tokenises each batch for the teacher and aligns the positions
@@ -345,9 +352,11 @@ def attach_teacher_tokenizer(
         collator: the student's collator, wrapped.
         kind: the student's model kind (causal or seq2seq).
         student_tokenizer: the student's fast tokenizer.
-        teacher: the teacher (its input and target length limits).
+        teacher: the teacher (its input and target length limits), or None with ``limits``.
         teacher_tokenizer: a fast tokenizer, or the path to load it from.
         kd_loss: the run's KD loss.
+        limits: without ``teacher`` (a served one): the (input, target) tokens the teacher takes
+            (None: no limit); the tokenizer's own limit counts too.
 
     Returns:
         (the wrapping collator, the shared (student ids, teacher ids) or None).
@@ -366,20 +375,27 @@ def attach_teacher_tokenizer(
             "cross-tokenizer KD aligns positions by character offsets, which only fast tokenizers "
             "give: use the tokenizer.json (fast) versions of both tokenizers"
         )
+    if teacher is not None:
+        max_length, target_length = (
+            input_limit(unwrap(teacher), t_tok),
+            target_limit(unwrap(teacher)),
+        )
+    else:
+        given, target_length = limits or (None, None)
+        max_length = min(
+            (n for n in (given, tokenizer_limit(t_tok)) if n is not None), default=None
+        )
     if kind == SEQ2SEQ:  # the source for the teacher's encoder, the target for its decoder
         collator = cross_tokenizer.Seq2SeqCrossTokenizerCollator(
             collator,
             student_tokenizer,
             t_tok,
-            teacher_max_length=input_limit(unwrap(teacher), t_tok),
-            teacher_target_length=target_limit(unwrap(teacher)),
+            teacher_max_length=max_length,
+            teacher_target_length=target_length,
         )
     else:
         collator = cross_tokenizer.CrossTokenizerCollator(
-            collator,
-            student_tokenizer,
-            t_tok,
-            teacher_max_length=input_limit(unwrap(teacher), t_tok),
+            collator, student_tokenizer, t_tok, teacher_max_length=max_length
         )
     shared = None
     if kd_loss == "uld_hybrid":

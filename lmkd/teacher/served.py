@@ -7,7 +7,10 @@ lmkd server is asked its binary answer, stored as a logit cache stores the same 
 :func:`served_batch` turns the answer into exactly the tensors a logit-cache row gives
 (:data:`lmkd.teacher.logit_cache.IDS`, ``LOGPROBS``, ``TAIL``, ``MASK``), so the KD loss is the
 cached top-K path's (:func:`lmkd.teacher.logit_cache.batch_topk`, :mod:`lmkd.losses.topk`): one code
-path, one objective.  The log-probs are rounded to ``logprob_dtype`` (``teacher_logprob_dtype``,
+path, one objective.  With ``teacher_tokenizer`` (cross-tokenizer KD) the server is asked at the
+teacher's own tokens, which the collator added to the batch, and each student KD position gets the
+answer at its aligned teacher position; the objective rebuilds the teacher's distribution from it for
+the cross-tokenizer loss.  The log-probs are rounded to ``logprob_dtype`` (``teacher_logprob_dtype``,
 float16 by default as ``lmkd cache-logits`` stores them) whichever server sent them: an lmkd server
 rounds them before sending, the JSON numbers of vLLM and SGLang are rounded here.
 
@@ -40,7 +43,7 @@ import torch
 from lmkd.core.constants import CAUSAL, IGNORE_INDEX, SEQ2SEQ
 from lmkd.core.errors import LmkdError
 from lmkd.data.tokenizing import TEACHER_ID
-from lmkd.teacher import logit_cache
+from lmkd.teacher import cross_tokenizer, logit_cache
 from lmkd.teacher.served_protocol import (
     BINARY_TYPE,
     PROTOCOL,
@@ -109,6 +112,8 @@ class ServedTeacher:
         self.backoff = BACKOFF_S if backoff is None else backoff
         self.model: str | None = None  # vLLM's served model name, from /v1/models
         self.info: dict = {}
+        # checked against teacher_tokenizer (cross-tokenizer KD), not the student's
+        self.cross = False
         self.bytes_received = 0  # answer bytes, for the benchmark
         self.positions_received = 0
 
@@ -175,7 +180,7 @@ class ServedTeacher:
 
     # ---- the check before any work -------------------------------------------------------------
 
-    def check(self, tokenizer, vocab: int | None) -> None:
+    def check(self, tokenizer, vocab: int | None, cross: bool = False) -> None:
         """Refuse, in one line, a server that is not there or serves another vocabulary.
 
         lmkd: ``/info``'s vocabulary size and tokenizer fingerprint against the student's; vLLM:
@@ -183,12 +188,16 @@ class ServedTeacher:
         ``/get_model_info`` and the probe's tokens as ``/generate`` echoes them.
 
         Args:
-            tokenizer: the student's tokenizer (None: not checked).
+            tokenizer: the student's tokenizer (None: not checked); with ``cross``, the
+                ``teacher_tokenizer``.
             vocab: the student's output size (None: not checked).
+            cross: cross-tokenizer KD: ``tokenizer`` is the ``teacher_tokenizer`` the server's
+                must be (the lines say so).
 
         Raises:
             LmkdError: no server, a server of another protocol, vocabulary or tokenizer.
         """
+        self.cross = cross
         try:
             if self.server == "lmkd":
                 self.info = self.call("/info", retries=1)
@@ -196,7 +205,10 @@ class ServedTeacher:
             elif self.server == "vllm":
                 models = self.call("/v1/models", retries=1)
                 self.model = models["data"][0]["id"]
-                self.info = {"model": self.model}
+                self.info = {
+                    "model": self.model,
+                    "max_positions": models["data"][0].get("max_model_len"),
+                }
                 if tokenizer is not None:
                     got = self.call(
                         "/tokenize", {"model": self.model, "prompt": PROBE_TEXT}, retries=1
@@ -240,8 +252,8 @@ class ServedTeacher:
         if tokenizer is not None and info["tokenizer"] != tokenizer_fingerprint(tokenizer):
             raise LmkdError(
                 f"the teacher served at {self.url} ({info.get('model')}) has another tokenizer "
-                f"(vocabulary fingerprint {info['tokenizer']}, the student's "
-                f"{tokenizer_fingerprint(tokenizer)}); serve a teacher of the student's tokenizer"
+                f"(vocabulary fingerprint {info['tokenizer']}, {self._whose()} "
+                f"{tokenizer_fingerprint(tokenizer)}); {self._fix()}"
             )
         if "binary" not in info.get("encodings", ()):
             self.binary = False
@@ -259,13 +271,21 @@ class ServedTeacher:
                     f"student {vocab}; serve a teacher of the student's vocabulary"
                 )
 
+    def _whose(self) -> str:
+        return "teacher_tokenizer's" if self.cross else "the student's"
+
+    def _fix(self) -> str:
+        if self.cross:
+            return "set teacher_tokenizer to the served teacher's tokenizer"
+        return "serve a teacher of the student's tokenizer"
+
     def _check_probe(self, tokenizer, got, ids=None) -> None:
         want = tokenizer(PROBE_TEXT)["input_ids"] if ids is None else ids
         if [int(t) for t in got] != [int(t) for t in want]:
             raise LmkdError(
-                f"the teacher served at {self.url} tokenises a probe text differently from the "
-                f"student ({list(got)[:8]}... vs {list(want)[:8]}...): another tokenizer; serve a "
-                "teacher of the student's tokenizer"
+                f"the teacher served at {self.url} tokenises a probe text differently from "
+                f"{'teacher_tokenizer' if self.cross else 'the student'} "
+                f"({list(got)[:8]}... vs {list(want)[:8]}...): another tokenizer; {self._fix()}"
             )
 
     # ---- scoring -------------------------------------------------------------------------------
@@ -287,8 +307,9 @@ class ServedTeacher:
         return out
 
 
-def _rows_of(batch: dict, kind: str) -> tuple[list[dict], list]:
-    """The rows to ask for and, per row, the positions (in the shifted KD layout) they fill."""
+def _rows_of(batch: dict, kind: str) -> tuple[list[dict], list, int]:
+    """The rows to ask for, per row the positions (in the shifted KD layout) they fill, and that
+    layout's width."""
     ids = batch["input_ids"]
     att = batch.get("attention_mask")
     att = torch.ones_like(ids) if att is None else att
@@ -303,9 +324,54 @@ def _rows_of(batch: dict, kind: str) -> tuple[list[dict], list]:
             row["labels"] = lab[lo:hi].tolist()
             where.append(torch.arange(lo, hi))
         else:
-            where.append(keep.nonzero().flatten()[:-1])  # logits at j predict token j + 1
+            where.append(keep.nonzero().flatten()[:-1].cpu())  # logits at j predict token j + 1
         rows.append(row)
-    return rows, where
+    width = batch["labels"].shape[1] if kind == SEQ2SEQ else ids.shape[1] - 1
+    return rows, where, width
+
+
+def _teacher_rows_of(batch: dict, kind: str) -> tuple[list, list, int]:
+    """:func:`_rows_of` of a cross-tokenizer batch (``teacher_tokenizer``): the teacher's own tokens
+    (:mod:`lmkd.teacher.cross_tokenizer`'s keys), positions in the teacher's layout -- a causal
+    teacher's position ``j`` is its distribution after reading its tokens ``0..j`` (the unshifted
+    logits at ``j``), a seq2seq teacher's one per teacher label.  A causal row is sent with its last
+    token repeated, so that the answer also holds the distribution after the last real token (a
+    student position can align with it); a causal LM's earlier positions do not see the extra
+    token.  Rows with no aligned position are not asked (None)."""
+    t_ids = batch[cross_tokenizer.TEACHER_INPUT_IDS].cpu()
+    t_att = batch[cross_tokenizer.TEACHER_ATTENTION_MASK].cpu().bool()
+    aligned = batch[cross_tokenizer.TEACHER_POSITION].cpu().ge(0).any(-1)
+    rows, where = [], []
+    for b in range(t_ids.shape[0]):
+        source = t_ids[b][t_att[b]].tolist()
+        if kind == SEQ2SEQ:
+            lab = batch[cross_tokenizer.TEACHER_LABELS][b].cpu()
+            real = (lab != IGNORE_INDEX).nonzero().flatten()
+            lo, hi = (int(real[0]), int(real[-1]) + 1) if len(real) else (0, 0)
+            row = {"input_ids": source, "labels": lab[lo:hi].tolist()}
+            pos = torch.arange(lo, hi)
+        else:
+            row = {"input_ids": source + source[-1:]}
+            pos = torch.arange(len(source))
+        ok = bool(aligned[b]) and len(pos) > 0
+        rows.append(row if ok else None)
+        where.append(pos if ok else pos[:0])
+    width = batch[cross_tokenizer.TEACHER_LABELS].shape[1] if kind == SEQ2SEQ else t_ids.shape[1]
+    return rows, where, width
+
+
+def _at_student_positions(keys: dict, batch: dict, kind: str) -> dict:
+    """Answer tensors in the teacher's layout -> at each student KD position, the teacher position
+    it is aligned with (:data:`lmkd.teacher.cross_tokenizer.TEACHER_POSITION`; unaligned: masked)."""
+    pos = batch[cross_tokenizer.TEACHER_POSITION].cpu()
+    pos = pos[:, :-1] if kind == CAUSAL else pos  # a causal student's KD positions: shifted
+    at = pos.clamp(min=0)
+    out = {}
+    for key, t in keys.items():
+        index = at.unsqueeze(-1).expand(-1, -1, t.shape[-1]) if t.dim() == 3 else at
+        out[key] = t.gather(1, index)
+    out[logit_cache.MASK] = out[logit_cache.MASK] & pos.ge(0)
+    return out
 
 
 def served_batch(teacher, batch: dict, kind: str) -> dict:
@@ -313,6 +379,11 @@ def served_batch(teacher, batch: dict, kind: str) -> dict:
     ``(B, P, K)`` ids and log-probs, ``(B, P)`` tail and mask of answered positions, aligned with
     the KD positions (the logits' leading shape after the causal shift); log-probs and tail in the
     client's ``logprob_dtype``, as a logit cache of that dtype gives them.
+
+    A cross-tokenizer batch (``teacher_tokenizer``: the keys of
+    :class:`lmkd.teacher.cross_tokenizer.CrossTokenizerCollator`) is asked with the teacher's own
+    tokens, and each student KD position gets the answer at its aligned teacher position (ids in
+    the teacher's vocabulary); a position aligned with none is masked.
 
     Args:
         teacher: the client, or several: each row then goes to the one its
@@ -329,7 +400,8 @@ def served_batch(teacher, batch: dict, kind: str) -> dict:
     if kind not in (CAUSAL, SEQ2SEQ):
         raise LmkdError(f"a served teacher scores causal and seq2seq LMs, not {kind} models")
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-    rows, where = _rows_of(batch, kind)
+    cross = cross_tokenizer.TEACHER_POSITION in batch
+    rows, where, p = (_teacher_rows_of if cross else _rows_of)(batch, kind)
     route = [0] * len(rows)
     if len(teachers) > 1:
         if TEACHER_ID not in batch:
@@ -346,18 +418,19 @@ def served_batch(teacher, batch: dict, kind: str) -> dict:
             )
     answers: list = [None] * len(rows)
     for t, client in enumerate(teachers):
-        mine = [i for i, r in enumerate(route) if r == t]
+        mine = [i for i, r in enumerate(route) if r == t and rows[i] is not None]
         if mine:
             for i, ans in zip(mine, client.score([rows[i] for i in mine])):
                 answers[i] = ans
     b, k = len(rows), teachers[0].top_k
-    p = batch["labels"].shape[1] if kind == SEQ2SEQ else batch["input_ids"].shape[1] - 1
     ids = torch.zeros((b, p, k), dtype=torch.int64)
     dtype = getattr(torch, teachers[0].logprob_dtype)
     lp = torch.zeros((b, p, k), dtype=dtype)
     tail = torch.zeros((b, p), dtype=dtype)
     mask = torch.zeros((b, p), dtype=torch.bool)
     for i, (pos, ans) in enumerate(zip(where, answers)):
+        if ans is None:
+            continue
         if len(ans[0]) != len(pos):
             raise LmkdError(
                 f"the teacher server answered {len(ans[0])} positions for a row of {len(pos)}"
@@ -366,12 +439,13 @@ def served_batch(teacher, batch: dict, kind: str) -> dict:
         lp[i, pos] = torch.from_numpy(ans[1]).to(dtype)  # (exact for an answer in this dtype)
         tail[i, pos] = torch.from_numpy(ans[2]).to(dtype)
         mask[i, pos] = True
-    return {
+    keys = {
         logit_cache.IDS: ids,
         logit_cache.LOGPROBS: lp,
         logit_cache.TAIL: tail,
         logit_cache.MASK: mask,
     }
+    return _at_student_positions(keys, batch, kind) if cross else keys
 
 
 class TeacherIdCollator:

@@ -188,7 +188,9 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
         metadata={
             "help": "URL of a teacher server (lmkd serve-teacher, vLLM or SGLang; see "
             "docs/served-teacher.md) asked, for each batch, the teacher's top-k log-probs at every "
-            "KD position: no teacher in this process, the loss of the logit cache's top-K path. "
+            "KD position: no teacher in this process, the loss of the logit cache's top-K path "
+            "(with teacher_tokenizer: uld/uld_hybrid over the top-k rebuilt on the teacher's "
+            "vocabulary, the tail spread evenly). "
             "Several, comma-separated: each row goes to the one its teacher_id column names "
             "(from 0). Example: --teacher-server-url http://gpu-box:8000"
         },

@@ -211,7 +211,9 @@ class ConfigChecks:
                     f"teacher_server_url must start with http:// or https:// (several: comma-"
                     f"separated), got {url.strip()!r} (e.g. http://gpu-box:8000)"
                 )
-        if self.kd_loss not in TOPK_KD_LOSSES:
+        if self.kd_loss not in TOPK_KD_LOSSES and not self.teacher_tokenizer:
+            # (with teacher_tokenizer: uld or uld_hybrid over the top-k rebuilt on the teacher's
+            # vocabulary, lmkd.losses.dense_logprobs; _check_cross_tokenizer checks kd_loss)
             raise LmkdError(
                 f"kd_loss {self.kd_loss} needs the teacher's full logits, which a served top-k "
                 f"teacher does not send; use {', '.join(TOPK_KD_LOSSES)}"
@@ -221,7 +223,6 @@ class ConfigChecks:
             for name, on in (
                 ("teacher_model_name_or_path", self.teacher_model_name_or_path),
                 ("logit_cache", self.logit_cache),
-                ("teacher_tokenizer", self.teacher_tokenizer),
                 ("rounds", self.rounds > 1),
                 ("cohort_size", self.cohort_size > 1),
                 (

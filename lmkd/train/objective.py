@@ -18,7 +18,10 @@ one of three paths to the same loss ``(1 - alpha) * CE / n_ce + alpha * KD / n_k
   so no (N, V) tensor exists even at step 1), the student's head is skipped in the forward and run
   per chunk inside the loss (no (N, V) student logits), and so is the teacher's
   (:class:`lmkd.train.lean_heads.LeanHeads`, the objective's base, over :mod:`lmkd.train.lm_head`);
-* **cached** (``logit_cache``): the teacher's top-K from the batch (:mod:`lmkd.teacher.logit_cache`).
+* **cached** (``logit_cache``, or a served teacher): the teacher's top-K from the batch
+  (:mod:`lmkd.teacher.logit_cache`).  With ``teacher_tokenizer`` a served teacher's top-k is instead
+  rebuilt over the teacher's vocabulary for the cross-tokenizer loss, on the plain path
+  (:meth:`DistillationObjective.cross_tokenizer_kd`).
 
 The objective never sees the trainer: it is built from the run's config, the model kind, the live
 teacher and a few flags of how the student is wrapped, and each call is given the micro-batch as an
@@ -77,6 +80,8 @@ class DistillationObjective(LeanHeads):
         teacher: the live teacher (None: a logit cache, or no KD).
         vocab: the vocabulary teacher and student share, when their output layers differ.
         cross_shared: ``kd_loss: uld_hybrid``: the (student ids, teacher ids) both vocabularies hold.
+        teacher_vocab: a served teacher's vocabulary size, with ``teacher_tokenizer``: its top-k at
+            each aligned position is rebuilt over it (:func:`lmkd.losses.dense_logprobs`).
         sharded: whether the student is sharded (FSDP / DeepSpeed): its head then never runs in the loss.
         data_parallel: whether the student is wrapped for data parallelism (DDP).
     """
@@ -88,12 +93,14 @@ class DistillationObjective(LeanHeads):
         teacher=None,
         vocab: int | None = None,
         cross_shared=None,
+        teacher_vocab: int | None = None,
         sharded: bool = False,
         data_parallel: bool = False,
     ):
         self.args, self.kind, self.teacher = args, kind, teacher
         self.vocab = vocab
         self.cross_shared = cross_shared
+        self.teacher_vocab = teacher_vocab
         self.sharded, self.data_parallel = sharded, data_parallel
         self.fused_head = None
         self.teacher_head = None
@@ -181,7 +188,8 @@ class DistillationObjective(LeanHeads):
         labels = shifted_labels(self.kind, inputs["labels"]) if use_ce else None
 
         stats = LossStats()
-        if self.chunk == 0 and not cached:
+        cross = cross_tokenizer.TEACHER_POSITION in inputs  # (a live or a served teacher)
+        if self.chunk == 0 and (not cached or cross):
             loss, ce_sum, kd_sum, t_outputs = self.plain_ce_kd(
                 x, s_logits, labels, alpha, counts, model.training, stats
             )
@@ -270,19 +278,30 @@ class DistillationObjective(LeanHeads):
     def cross_tokenizer_kd(self, inputs, s_logits, kd_mask):
         """The KD term with a teacher of another tokenizer.
 
-        The teacher's forward on its own tokens of the batch (a seq2seq teacher's decoder on its
-        own encoding of the target), its logits gathered at each student position's teacher
-        position (lmkd.teacher.cross_tokenizer), then ULD (``kd_loss`` uld or uld_hybrid).
+        A live teacher: its forward on its own tokens of the batch (a seq2seq teacher's decoder on
+        its own encoding of the target), its logits gathered at each student position's teacher
+        position (lmkd.teacher.cross_tokenizer).  A served one (``teacher_server_url``): its top-k
+        at those positions (:func:`lmkd.teacher.served.served_batch`), rebuilt over its vocabulary
+        with the tail spread evenly (:func:`lmkd.losses.dense_logprobs`; exact when k is the
+        vocabulary), in place of the log-softmax of the live teacher's logits.  Then ULD
+        (``kd_loss`` uld or uld_hybrid): one objective either way.
 
         Args:
-            inputs: the collated batch, with the teacher's token columns the collator added.
+            inputs: the collated batch, with the teacher's token columns the collator added (and
+                a served teacher's answer).
             s_logits: the student's (shifted) logits.
             kd_mask: the student positions the KD term is taken over.
 
         Returns:
-            (teacher outputs, KD sum over ``kd_mask``).
+            (teacher outputs or None, KD sum over ``kd_mask``).
         """
         args = self.args
+        kw = dict(loss=args.kd_loss, temperature=args.kd_temperature, shared=self.cross_shared)
+        if logit_cache.MASK in inputs:  # a served teacher's top-k, at the student's positions
+            teacher = losses.dense_logprobs(
+                logit_cache.batch_topk(inputs, kd_mask), self.teacher_vocab
+            )
+            return None, losses.cross_kd_loss(s_logits[kd_mask], teacher, **kw)
         fwd = dict(
             input_ids=inputs[cross_tokenizer.TEACHER_INPUT_IDS],
             attention_mask=inputs[cross_tokenizer.TEACHER_ATTENTION_MASK],
@@ -296,15 +315,7 @@ class DistillationObjective(LeanHeads):
         t_logits = t_outputs.logits
         where = shifted(self.kind, inputs[cross_tokenizer.TEACHER_POSITION]).clamp(min=0)
         t_kd = t_logits.gather(1, where.unsqueeze(-1).expand(-1, -1, t_logits.shape[-1]))
-        kd_sum = losses.cross_kd_loss(
-            s_logits,
-            t_kd,
-            kd_mask,
-            loss=args.kd_loss,
-            temperature=args.kd_temperature,
-            shared=self.cross_shared,
-        )
-        return t_outputs, kd_sum
+        return t_outputs, losses.cross_kd_loss(s_logits, t_kd, kd_mask, **kw)
 
     def lean_ce_kd(
         self, x: ObjectiveInputs, outputs, s_logits, lean_head, labels, w_ce: float, w_kd: float

@@ -4,6 +4,11 @@
 (:mod:`lmkd.teacher.served`) it
 
 * checks the server before training (one line for no server, another vocabulary or tokenizer);
+* with ``teacher_tokenizer`` (cross-tokenizer KD), checks the server against that tokenizer and
+  wraps the collator so that each batch also carries the teacher's tokens and the aligned
+  positions (:mod:`lmkd.teacher.cross_tokenizer`): the server is asked at the teacher's tokens, and
+  the objective rebuilds each aligned position's distribution over the teacher's vocabulary from
+  the top-k (:func:`lmkd.losses.dense_logprobs`) for the cross-tokenizer loss;
 * hands out the training batches through a :class:`lmkd.teacher.served.Prefetcher`
   (``get_batch_samples``): the teacher's answers for the next ``teacher_prefetch`` batches are asked
   while the current one trains, and each batch arrives with the same keys a logit-cache batch has,
@@ -25,6 +30,7 @@ from lmkd.data.tokenizing import TEACHER_ID
 from lmkd.models.loading import check_model_path, load_config, load_tokenizer
 from lmkd.models.vocabulary import vocab_size_of
 from lmkd.teacher import logit_cache
+from lmkd.teacher.frozen import attach_teacher_tokenizer
 from lmkd.teacher.served import (
     Prefetcher,
     ServedTeacher,
@@ -60,6 +66,11 @@ def check_served_teacher(model_args, data_args, args) -> None:
         )
     student = model_args.student_model_name_or_path
     check_model_path(student)
+    if args.teacher_tokenizer:  # cross-tokenizer KD: the server must serve teacher_tokenizer
+        teacher_tokenizer = load_tokenizer(args.teacher_tokenizer)
+        for client in clients(args):
+            client.check(teacher_tokenizer, None, cross=True)
+        return
     tokenizer = load_tokenizer(model_args.tokenizer_name or student)
     head = load_config(student).get_text_config()
     for client in clients(args):
@@ -101,10 +112,16 @@ class ServedTeacherSteps:
 
     served: list[ServedTeacher] | None = None
     prefetcher: Prefetcher | None = None
+    served_vocab: int | None = None
 
-    def setup_served_teacher(self) -> None:
-        """Connect to ``teacher_server_url`` and check it serves the student's vocabulary (a no-op
-        without one).
+    def setup_served_teacher(self, teacher_tokenizer=None) -> None:
+        """Connect to ``teacher_server_url`` and check it serves the student's vocabulary -- with
+        ``teacher_tokenizer``, that tokenizer's, and wrap the collator for cross-tokenizer KD (a
+        no-op without a served teacher).
+
+        Args:
+            teacher_tokenizer: the teacher's tokenizer given to the trainer (None: loaded from
+                ``teacher_tokenizer`` when set).
 
         Raises:
             LmkdError: no server, or one of another vocabulary or tokenizer.
@@ -113,8 +130,11 @@ class ServedTeacherSteps:
         if not args.teacher_server_url or args.kd_alpha == 0:
             return
         self.served = clients(args)
-        for client in self.served:
-            client.check(self.processing_class, vocab_size_of(self.model))
+        if args.teacher_tokenizer:
+            self.attach_served_cross_tokenizer(teacher_tokenizer)
+        else:
+            for client in self.served:
+                client.check(self.processing_class, vocab_size_of(self.model))
         if len(self.served) > 1:  # each row's server: its teacher_id, carried to the batch
             self.data_collator = TeacherIdCollator(self.data_collator)
         self.prefetcher = Prefetcher(
@@ -123,6 +143,41 @@ class ServedTeacherSteps:
             workers=max(args.teacher_prefetch, 1),
             merge=self._merge,
         )
+
+    def attach_served_cross_tokenizer(self, teacher_tokenizer=None) -> None:
+        """Cross-tokenizer KD with a served teacher: each server must serve ``teacher_tokenizer``
+        (its fingerprint, or the probe text's tokens); the collator re-tokenises each batch for the
+        teacher and aligns the positions, within the servers' position limits (a causal teacher's
+        less one: its rows are sent with one more token, :func:`lmkd.teacher.served.served_batch`);
+        :attr:`served_vocab` is the teacher's vocabulary its top-k is rebuilt over (``/info``'s
+        ``vocab_size``; vLLM and SGLang name none: the tokenizer's size).
+
+        Args:
+            teacher_tokenizer: the teacher's tokenizer (None: loaded from ``teacher_tokenizer``).
+
+        Raises:
+            LmkdError: a server of another tokenizer, a tokenizer that is not fast.
+        """
+        args = self.args
+        t_tok = teacher_tokenizer
+        if t_tok is None or isinstance(t_tok, str):
+            t_tok = load_tokenizer(t_tok or args.teacher_tokenizer)
+        for client in self.served:
+            client.check(t_tok, None, cross=True)
+        info = [c.info for c in self.served]
+        inputs = [i.get("max_positions") for i in info if i.get("max_positions")]
+        targets = [i.get("max_target_positions") for i in info if i.get("max_target_positions")]
+        limit = min(inputs) - (1 if self.kind == CAUSAL else 0) if inputs else None
+        self.data_collator, self.cross_shared = attach_teacher_tokenizer(
+            self.data_collator,
+            kind=self.kind,
+            student_tokenizer=self.processing_class,
+            teacher=None,
+            teacher_tokenizer=t_tok,
+            kd_loss=args.kd_loss,
+            limits=(limit, min(targets) if targets else None),
+        )
+        self.served_vocab = max(int(i.get("vocab_size") or len(t_tok)) for i in info)
 
     def served_answer(self, batch: dict) -> dict:
         """The served teacher's top-k for a batch, as logit-cache batch keys.

@@ -146,7 +146,9 @@ class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionT
                     else args.teacher_tokenizer,
                     kd_loss=args.kd_loss,
                 )
-        self.setup_served_teacher()  # teacher_server_url: the served teacher's client (lmkd.train.served_steps)
+        # teacher_server_url: the served teacher's client (lmkd.train.served_steps); with
+        # teacher_tokenizer also the cross-tokenizer collator
+        self.setup_served_teacher(teacher_tokenizer)
         self.features = None  # lmkd.train.features.FeatureDistiller when a feature weight is > 0
         if args.uses_features:
             self.features = FeatureDistiller(
@@ -167,6 +169,7 @@ class DistillationTrainer(ServedTeacherSteps, AccumulatedCounts, HintProjectionT
             teacher=self.teacher,
             vocab=self._vocab,
             cross_shared=self.cross_shared,
+            teacher_vocab=self.served_vocab,
             sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
             data_parallel=args.world_size > 1,
         )
