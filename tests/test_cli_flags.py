@@ -347,13 +347,14 @@ def test_no_count_or_probability_flag_takes_a_value_out_of_range(command, capsys
 
 
 def test_study_help_says_the_measured_budget_times(capsys):
-    """The quick budget took 63 min (`make demo` with the whole training set and 2 seeds, shipped en->fr
-    corpus, 2 cores shared with other work), tiny 7 min with a real teacher: --help says so, and that the
-    time depends on the corpus and the teacher."""
+    """The quick budget took 34 min (`make demo` from a fresh clone with the whole training set and 2
+    seeds, shipped en->fr corpus, 2 idle cores; 63 min when the cores were shared), tiny 7 min with a real
+    teacher: --help says so, and that the time depends on the corpus and the teacher."""
     with pytest.raises(SystemExit):
         main(["study", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "63 min" in out and "about 7 min with a real teacher" in out, out
+    assert "34 min from a fresh clone" in out and "about 7 min with a real teacher" in out, out
+    assert "63 min" not in out  # the shared-machine time of the same protocol
     assert "18-20 min" not in out  # the time of the 4,000-row, one-seed protocol
     assert "depends on the corpus and the teacher" in out
     assert "30-40" not in out and "tiny (seconds" not in out
