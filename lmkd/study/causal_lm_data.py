@@ -30,8 +30,9 @@ def read_prompt_rows(
     path: str, prompt_column: str, completion_column: str, instruction: str | None = None
 ) -> list[dict]:
     """The study's reading of prompt/response data: ``prompt``/``completion`` rows (other columns
-    named by the arguments), or chat rows with a ``messages`` column and no prompt column
-    (:func:`_chat_rows`).  Rows with an empty prompt or response are dropped.
+    named by the arguments), or chat rows: a ``messages`` column and no prompt column, or a prompt
+    column holding lists of turns (:func:`_chat_rows`).  Rows with an empty prompt or response are
+    dropped, with one line on stderr.
 
     Args:
         path: the data file (.jsonl[.gz], .json, .csv).
@@ -46,14 +47,17 @@ def read_prompt_rows(
         LmkdError: a missing column, or no row with both filled in.
     """
     rows = read_rows(path)
+    if isinstance(rows[0].get(prompt_column), list):  # --source-column naming a chat column
+        return _dropped(path, len(rows), _chat_rows(path, rows, instruction, prompt_column))
     if prompt_column not in rows[0] and MESSAGES_COLUMN in rows[0]:
-        return _chat_rows(path, rows, instruction)
-    for col, flag in ((prompt_column, "--source-column"), (completion_column, "--target-column")):
-        if col not in rows[0]:
-            raise LmkdError(
-                f"{path} has no column {col!r} (it has: {', '.join(rows[0])}); name the right one "
-                f"with {flag}"
-            )
+        return _dropped(path, len(rows), _chat_rows(path, rows, instruction))
+    missing = [c for c in (prompt_column, completion_column) if c not in rows[0]]
+    if missing:
+        raise LmkdError(
+            f"{path} has no column {' or '.join(repr(c) for c in missing)} (it has: "
+            f"{', '.join(rows[0])}); name the prompt and response columns with --source-column and "
+            f"--target-column, or give chat rows (a {MESSAGES_COLUMN!r} column of role/content turns)"
+        )
     out = []
     for r in rows:
         src, tgt = str(r[prompt_column] or "").strip(), str(r[completion_column] or "").strip()
@@ -64,7 +68,38 @@ def read_prompt_rows(
         raise LmkdError(
             f"{path} has no row with both {prompt_column!r} and {completion_column!r} filled in"
         )
-    return out
+    return _dropped(path, len(rows), out)
+
+
+def chat_column_of(path: str, prompt_column: str) -> str | None:
+    """The column :func:`read_prompt_rows` reads chat turns from in ``path``, or None (prompt/completion
+    rows).
+
+    Args:
+        path: the data file.
+        prompt_column: the prompt column asked for.
+
+    Returns:
+        The column's name, or None.
+    """
+    first = read_rows(path)[0]
+    if isinstance(first.get(prompt_column), list):
+        return prompt_column
+    return MESSAGES_COLUMN if prompt_column not in first and MESSAGES_COLUMN in first else None
+
+
+def _dropped(path: str, read: int, kept: list[dict]) -> list[dict]:
+    """``kept``, after one line on stderr when rows were dropped (empty prompt or response, or a
+    conversation that does not end with an assistant turn)."""
+    if len(kept) < read:
+        import sys
+
+        print(
+            f"lmkd study: {read - len(kept)} of {read} rows of {path} dropped (an empty prompt or "
+            "response, or a conversation whose last turn is not the assistant's)",
+            file=sys.stderr,
+        )
+    return kept
 
 
 def render_turns(messages: list[dict]) -> str:
@@ -84,14 +119,16 @@ def render_turns(messages: list[dict]) -> str:
     )
 
 
-def _chat_rows(path: str, rows: list[dict], instruction: str | None) -> list[dict]:
+def _chat_rows(
+    path: str, rows: list[dict], instruction: str | None, column: str = MESSAGES_COLUMN
+) -> list[dict]:
     """:func:`read_prompt_rows` of ``messages`` rows: the prompt is the conversation before its last
     assistant turn (:func:`render_turns`), the response that turn; ``source`` is the last user turn's
     last paragraph (what a copying answer copies: the text after the instruction).  Rows whose last
     turn is not the assistant's, or is empty, are dropped."""
     out = []
     for r in rows:
-        turns = list(r[MESSAGES_COLUMN] or [])
+        turns = list(r[column] or [])
         if len(turns) < 2 or turns[-1].get("role") != "assistant":
             continue
         response = str(turns[-1].get("content") or "").strip()

@@ -11,6 +11,7 @@ import statistics
 from lmkd.core.io import atomic_write_json, read_rows
 from lmkd.evaluate.report import markdown_table
 from lmkd.study.causal_lm import VARIANT_SETTINGS
+from lmkd.study.causal_lm_data import chat_column_of
 from lmkd.study.causal_lm_eval import CAUSAL_METRIC, check_summary
 from lmkd.study.options import StudyOptions
 from lmkd.study.results import no_verdict
@@ -163,7 +164,8 @@ def build_causal_report(
             "completion_column": opts.target_column,
             "instruction": opts.instruction,
         }
-        | {f"{s}_rows": len(read_rows(data[s])) for s in ("train", "validation", "test")},
+        | {f"{s}_rows": len(read_rows(data[s])) for s in ("train", "validation", "test")}
+        | {"chat_column": chat_column_of(opts.train, opts.source_column)},
         "teacher": opts.teacher
         or "trained from scratch (Llama-style, {d_model}-wide, {layers} layers, {heads} heads)".format(
             **plan.teacher
@@ -209,8 +211,14 @@ def report_markdown(report: dict) -> str:
         "# lmkd study: causal-lm",
         "",
         f"Budget **{report['budget']}**; {d['train_rows']} training, {d['validation_rows']} validation and "
-        f"{d['test_rows']} test rows (prompt column `{d['prompt_column']}`, response column "
-        f"`{d['completion_column']}`); {report['seeds']} seed(s) per variant.",
+        f"{d['test_rows']} test rows ("
+        + (
+            f"chat rows, column `{d['chat_column']}`: the last assistant turn is the response, the "
+            "turns before it the prompt, rendered `role: content`"
+            if d.get("chat_column")
+            else f"prompt column `{d['prompt_column']}`, response column `{d['completion_column']}`"
+        )
+        + f"); {report['seeds']} seed(s) per variant.",
         "",
         f"Teacher: {report['teacher']}. Teacher check: "
         + (check_summary(report["teacher_check"]) if report["teacher_check"] else "none")
