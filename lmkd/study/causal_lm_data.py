@@ -47,10 +47,9 @@ def read_prompt_rows(
         LmkdError: a missing column, or no row with both filled in.
     """
     rows = read_rows(path)
-    if isinstance(rows[0].get(prompt_column), list):  # --source-column naming a chat column
-        return _dropped(path, len(rows), _chat_rows(path, rows, instruction, prompt_column))
-    if prompt_column not in rows[0] and MESSAGES_COLUMN in rows[0]:
-        return _dropped(path, len(rows), _chat_rows(path, rows, instruction))
+    chat = _chat_column(rows[0], prompt_column)
+    if chat is not None:
+        return _dropped(path, len(rows), _chat_rows(path, rows, instruction, chat))
     missing = [c for c in (prompt_column, completion_column) if c not in rows[0]]
     if missing:
         raise LmkdError(
@@ -82,7 +81,13 @@ def chat_column_of(path: str, prompt_column: str) -> str | None:
     Returns:
         The column's name, or None.
     """
-    first = read_rows(path)[0]
+    return _chat_column(read_rows(path)[0], prompt_column)
+
+
+def _chat_column(first: dict, prompt_column: str) -> str | None:
+    """The chat column of a file whose first row is ``first``: the prompt column when it holds a list of
+    turns (``--source-column conversation``), else ``messages`` when there is no prompt column; None
+    for prompt/completion rows."""
     if isinstance(first.get(prompt_column), list):
         return prompt_column
     return MESSAGES_COLUMN if prompt_column not in first and MESSAGES_COLUMN in first else None
@@ -119,9 +124,7 @@ def render_turns(messages: list[dict]) -> str:
     )
 
 
-def _chat_rows(
-    path: str, rows: list[dict], instruction: str | None, column: str = MESSAGES_COLUMN
-) -> list[dict]:
+def _chat_rows(path: str, rows: list[dict], instruction: str | None, column: str) -> list[dict]:
     """:func:`read_prompt_rows` of ``messages`` rows: the prompt is the conversation before its last
     assistant turn (:func:`render_turns`), the response that turn; ``source`` is the last user turn's
     last paragraph (what a copying answer copies: the text after the instruction).  Rows whose last
@@ -143,7 +146,7 @@ def _chat_rows(
             {"prompt": prompt, "completion": response, "source": last_user.split("\n\n")[-1]}
         )
     if not out:
-        raise LmkdError(f"{path} has no messages row that ends with an assistant turn")
+        raise LmkdError(f"{path} has no {column} row that ends with an assistant turn")
     return out
 
 

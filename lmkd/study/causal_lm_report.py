@@ -164,7 +164,8 @@ def build_causal_report(
             "completion_column": opts.target_column,
             "instruction": opts.instruction,
         }
-        | {f"{s}_rows": len(read_rows(data[s])) for s in ("train", "validation", "test")}
+        | {"train_rows": n_train}
+        | {f"{s}_rows": len(read_rows(data[s])) for s in ("validation", "test")}
         | {"chat_column": chat_column_of(opts.train, opts.source_column)},
         "teacher": opts.teacher
         or "trained from scratch (Llama-style, {d_model}-wide, {layers} layers, {heads} heads)".format(
