@@ -244,7 +244,20 @@ def test_seeds_give_mean_and_std_per_variant_and_train_logs_give_steps_and_curve
     assert (
         rows["s025-word-kd"]["curve"] == json.loads(Path(logs["s025-word-kd"]).read_text())["curve"]
     )
-    assert "steps" not in rows["s025-word-kd-seed43"] and "steps" not in rows["teacher"]
+    assert "steps" not in rows["s025-word-kd-seed43"]
+    # the teacher trained here stops by the students' rule: its steps from its own log, no curve
+    teacher_log = json.loads((Path(models["teacher"]["dir"]) / "train_log.json").read_text())
+    assert rows["teacher"]["steps"] == teacher_log["steps"] > 0 and "curve" not in rows["teacher"]
+    assert rows["teacher"]["stopped_early"] is teacher_log["stopped_early"]
+    check = json.loads((Path(models["teacher"]["dir"]) / "teacher_check.json").read_text())
+    assert check["rounds"][-1]["trained_steps"] == teacher_log["steps"]
+    md = (out / "report.md").read_text()
+    said = (
+        f"stopped by the students' rule at {teacher_log['steps']} steps"
+        if teacher_log["stopped_early"]
+        else f"**The teacher ran to its step cap** ({teacher_log['steps']} steps)"
+    )
+    assert said in md
     word = next(g for g in report["variants"] if g["variant"] == "word-kd")
     assert word["models"] == ["s025-word-kd", "s025-word-kd-seed43"] and word["seeds"] == [42, 43]
     chrf = [results["s025-word-kd"]["beam"]["chrf"], results["s025-seq-kd"]["beam"]["chrf"]]

@@ -228,6 +228,9 @@ def test_options(tmp_path):
     assert opts.plan.max_length == 24 and opts.plan.logit_cache is None
     with pytest.raises(LmkdError, match="--teacher-split is for the seq2seq"):
         StudyOptions(task="causal-lm", output=str(tmp_path), teacher_split=0.5).resolve()
+    # the causal-lm teacher always trains its steps: the flag that would fix them is refused, not ignored
+    with pytest.raises(LmkdError, match="--fixed-teacher-steps is for a teacher the study trains"):
+        StudyOptions(task="causal-lm", output=str(tmp_path), fixed_teacher_steps=True).resolve()
 
 
 @pytest.mark.slow

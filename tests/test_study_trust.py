@@ -16,7 +16,9 @@ from conftest import corpus_rows
 
 from lmkd.scoring import metrics
 from lmkd.study import StudyOptions, run_study
+from lmkd.study.budgets import BUDGETS
 from lmkd.study.checks import QUALITY_MARGIN, check_teacher, target_cross_entropy
+from lmkd.study.plan import Plan
 
 
 @pytest.fixture()
@@ -195,17 +197,24 @@ def test_a_failed_teacher_retries_by_how_it_failed(tmp_path, monkeypatch, first,
         ],
     )
 
-    def fake_train(dest, start_dir, *args, lr, **kw):
+    def fake_train(dest, start_dir, *args, lr, stopping, **kw):
         calls.append((start_dir, lr))
+        rules.append(stopping)
         os.makedirs(dest)
         Path(dest, "model.safetensors").write_text(str(len(calls)))
+        log = {"steps": 6 + len(calls), "stopped_early": len(calls) == 2, "curve": []}
+        Path(dest, "train_log.json").write_text(json.dumps(log))
+
+    rules = []
 
     monkeypatch.setattr(teachers, "train_student", fake_train)
     monkeypatch.setattr(teachers, "check_teacher", lambda *a, **k: checks[len(calls) - 1])
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"source": "a", "target": "b"}) + "\n")
-    plan = types.SimpleNamespace(check_rows=4, max_new_tokens=8, max_length=16)
-    opts = types.SimpleNamespace(plan=plan, task="translation", teacher_check=True, seed=0)
+    plan = Plan(**{**BUDGETS["tiny"], "max_new_tokens": 8, "max_length": 16}, check_rows=4)
+    opts = types.SimpleNamespace(
+        plan=plan, task="translation", teacher_check=True, seed=0, fixed_teacher_steps=False
+    )
     out, init = tmp_path / "out", str(tmp_path / "init")
     out.mkdir()
     teachers.train_checked(
@@ -222,3 +231,14 @@ def test_a_failed_teacher_retries_by_how_it_failed(tmp_path, monkeypatch, first,
         "init" if start == "init" else "round 1",
     ]
     assert saved["passed"] and teachers.collapsed(saved["rounds"][0]) == (start == "init")
+    # each round is trained like a student, to its validation plateau, never stopped before half its cap
+    assert all(
+        r.metric == "eval_bleu"
+        and r.min_steps == plan.teacher_steps // 2
+        and r.patience == plan.patience
+        for r in rules
+    )
+    assert [(r["trained_steps"], r["stopped_early"]) for r in saved["rounds"]] == [
+        (7, False),
+        (8, True),
+    ]

@@ -122,7 +122,15 @@ def add_parser(sub):
         help="how much to train and evaluate (default quick; times: see below)",
     )
     p.add_argument(
-        "--teacher-steps", type=count(1), help="override the budget's teacher training steps"
+        "--teacher-steps",
+        type=count(1),
+        help="override the budget's cap of the teacher's training steps (a teacher trained here stops "
+        "earlier when its validation metric stops improving, by the students' rule)",
+    )
+    p.add_argument(
+        "--fixed-teacher-steps",
+        action="store_true",
+        help="train the teacher exactly --teacher-steps steps (the budget's cap), with no early stop",
     )
     p.add_argument(
         "--student-steps",
@@ -319,6 +327,7 @@ def _run(ns) -> None:
         seeds=ns.seeds,
         jobs=ns.jobs,
         teacher_check=not ns.skip_teacher_check,
+        fixed_teacher_steps=ns.fixed_teacher_steps,
         serve=not ns.no_serve,
         online_kd=ns.online_kd,
         teacher_split=ns.teacher_split,

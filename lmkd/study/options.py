@@ -48,6 +48,9 @@ class StudyOptions:
     budget: str = "quick"
     teacher_steps: int | None = None
     student_steps: int | None = None
+    #: a teacher trained here trains exactly ``teacher_steps`` steps instead of to its validation plateau
+    #: (lmkd.study.stopping.StoppingRule.for_teacher)
+    fixed_teacher_steps: bool = False
     kd_alpha: float = 0.5
     kd_temperature: float | None = None
     beams: int | None = None
@@ -137,6 +140,16 @@ class StudyOptions:
             if value is not None and value < 1:
                 raise LmkdError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
         self._check_transfer_options()
+        if self.fixed_teacher_steps and (self.teacher is not None or self.task == "causal-lm"):
+            raise LmkdError(
+                "--fixed-teacher-steps is for a teacher the study trains (translation, summarization, "
+                "classification); "
+                + (
+                    "--teacher is trained already -- drop one"
+                    if self.teacher is not None
+                    else "the causal-lm study's teacher always trains --teacher-steps steps"
+                )
+            )
         if self.jobs is not None and (
             isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
         ):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from lmkd.core.constants import CLASSIFICATION, SEQ2SEQ, TASK_KIND
-from lmkd.study.budgets import BUDGETS, CAUSAL_LM_BUDGETS
+from lmkd.study.budgets import BUDGETS, TASK_BUDGETS
 
 #: the architecture of a seq2seq teacher trained from scratch (lmkd.models.scratch.model_config): BART with pre-LN
 #: layers.  Post-LN BART at lr 1e-3 collapsed (its encoder output one constant vector) on the 5k-row
@@ -184,8 +184,7 @@ class Plan:
         from lmkd.study.stages import threads_per_worker
 
         table = copy.deepcopy(BUDGETS[budget])
-        if task == "causal-lm":
-            table.update(copy.deepcopy(CAUSAL_LM_BUDGETS[budget]))
+        table.update(copy.deepcopy(TASK_BUDGETS.get(task, {}).get(budget, {})))
         overrides = {"teacher_steps": teacher_steps, "student_steps": student_steps, "beams": beams}
         for key, value in overrides.items():
             if value is not None:

@@ -40,6 +40,32 @@ def _steps_cell(r: dict) -> str:
     return f"{r['steps']}" + (" (stopped)" if r.get("stopped_early") else "")
 
 
+def teacher_training_note(last_round: dict) -> str | None:
+    """What the report says of how long a teacher trained here trained: stopped by the students' rule, or
+    at its cap still improving (then it is not the strongest teacher the recipe makes).
+
+    Args:
+        last_round: the last round of ``teacher_check.json`` (``steps`` the cap, ``trained_steps``,
+            ``stopped_early``).
+
+    Returns:
+        The sentence, or None for a teacher without a training log (a given one, an older study).
+    """
+    trained = last_round.get("trained_steps")
+    if trained is None:
+        return None
+    if last_round.get("stopped_early"):
+        return (
+            f"The teacher trained to its validation plateau: stopped by the students' rule at {trained} "
+            f"steps (cap {last_round['steps']}), keeping its best evaluation's weights."
+        )
+    return (
+        f"**The teacher ran to its step cap** ({trained} steps) without its validation metric levelling "
+        "off: a stronger teacher needs more steps (--teacher-steps), and students that beat it may only "
+        "show that it is under-trained."
+    )
+
+
 def report_markdown(report: dict) -> str:
     """``report.md``: the verdict lines, the table of models (or variants, with several seeds) and
     notes saying how everything was measured.
@@ -224,6 +250,10 @@ def report_markdown(report: dict) -> str:
             "**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
             "comparisons with it may mean nothing."
         )
+    rounds = (check or {}).get("rounds") or [{}]
+    trained = teacher_training_note(rounds[-1])
+    if trained:
+        lines.append(trained)
     if report.get("floors"):
         lines.append(
             f"Trivial floors on the test rows ({metric}): "

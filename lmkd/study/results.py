@@ -377,10 +377,12 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         if mode is not None:
             lengths = output_lengths(load_tokenizer(m["dir"]), r["predictions"][mode])
             row["output_tokens_mean"] = sum(lengths) / len(lengths)
-        log = read_train_log(m) if m["variant"] != "teacher" else None
+        log = read_train_log(m)
         if m["variant"] == "served":
             row.update(source=m["source"], format=m["format"])
-        if log is not None:
+        if log is not None and m["variant"] == "teacher":  # trained here: its steps, not its curve
+            row.update(steps=log["steps"], stopped_early=log["stopped_early"])
+        elif log is not None:
             row.update(
                 steps=log["steps"],
                 stopped_early=log["stopped_early"],

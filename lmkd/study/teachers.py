@@ -6,6 +6,7 @@ trains one more round at half the learning rate, then the study stops (no report
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -16,6 +17,7 @@ from lmkd.study.models import classifier_from, save_model, train_student
 from lmkd.study.options import StudyOptions
 from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, Plan
 from lmkd.study.stages import Stages
+from lmkd.study.stopping import TRAIN_LOG, StoppingRule
 
 
 def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]:
@@ -81,6 +83,8 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
             "seed": opts.seed,
             "dropout": plan.dropout,
         }
+        if not cls:  # trained like the students: to its validation plateau, at most ``steps``
+            teacher_opts["stopping"] = _rule_options(teacher_rule(opts))
 
         def teacher_fn(out, kind=None):
             from lmkd.models.loading import load_tokenizer
@@ -124,7 +128,8 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         what = (
             f"pre-training a BERT-style masked-LM teacher ({n}) for {teacher_opts['steps']} steps"
             if cls
-            else f"training a pre-LN BART-style (mBART) teacher ({n}) for {teacher_opts['steps']} steps"
+            else f"training a pre-LN BART-style (mBART) teacher ({n}) "
+            + _how_long(opts, teacher_opts["steps"])
         )
         if not cls:
             teacher_opts["check"] = _check_options(opts)
@@ -148,15 +153,39 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         "max_length": plan.max_length,
         "seed": opts.seed,
         "check": _check_options(opts),
+        "stopping": _rule_options(teacher_rule(opts)),
     }
     teacher_dir = st.run(
         "teacher",
         cls_opts,
         ["teacher-mlm", "data-train", "data-validation"],
         teacher_cls_fn,
-        f"fine-tuning the teacher classifier for {plan.teacher_steps} steps",
+        "fine-tuning the teacher classifier " + _how_long(opts, plan.teacher_steps),
     )
     return {"teacher": teacher_dir, "teacher-mlm": mlm_dir}
+
+
+def teacher_rule(opts: StudyOptions) -> StoppingRule | None:
+    """How a teacher trained here stops: the students' rule with the teacher's cap
+    (:meth:`StoppingRule.for_teacher`), or None with ``--fixed-teacher-steps``.
+
+    Args:
+        opts: the resolved options.
+
+    Returns:
+        The rule, or None.
+    """
+    return None if opts.fixed_teacher_steps else StoppingRule.for_teacher(opts.plan, opts.task)
+
+
+def _how_long(opts: StudyOptions, steps: int) -> str:
+    if opts.fixed_teacher_steps:
+        return f"for {steps} steps (--fixed-teacher-steps)"
+    return f"until its validation metric levels off (at most {steps} steps)"
+
+
+def _rule_options(rule: StoppingRule | None) -> dict | None:
+    return None if rule is None else rule.options()
 
 
 def _teacher_rows_stage(st: Stages, opts: StudyOptions, data: dict) -> str:
@@ -258,7 +287,12 @@ def train_checked(
             steps=steps,
             lr=lr,
             seed=opts.seed,
+            stopping=teacher_rule(opts),
         )
+        log = {}
+        if os.path.exists(os.path.join(dest, TRAIN_LOG)):
+            with open(os.path.join(dest, TRAIN_LOG)) as f:
+                log = json.load(f)
         check = (
             run_check(opts, data, dest, task)
             if opts.teacher_check
@@ -268,6 +302,8 @@ def train_checked(
             {
                 "round": r,
                 "steps": steps,
+                "trained_steps": log.get("steps"),
+                "stopped_early": log.get("stopped_early"),
                 "lr": lr,
                 "from": "init" if start == init else f"round {r - 1}",
                 **check,
