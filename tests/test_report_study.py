@@ -575,3 +575,35 @@ def test_students_that_all_ran_to_the_cap_are_flagged_and_early_stoppers_are_not
     )
     assert ran_to_the_cap(rows + [row([10.0, 10.0], steps=200, early=True)]) is None
     assert ran_to_the_cap([teacher]) is None
+
+
+def test_a_p_value_below_alpha_with_an_interval_over_zero_is_inconclusive(monkeypatch):
+    """sacrebleu's p-value and the percentile interval read the same resamples differently and can
+    disagree near the edge (a report printed "95% CI −0.1…+3.8, p = 0.038" as a win): a difference is
+    called only when both say so."""
+    from lmkd.scoring.significance import Comparison
+    from lmkd.study import verdicts
+
+    def fake(lo, hi, p):
+        def bootstrap(metric, *a, **k):
+            return Comparison(
+                metric, 30.0, 28.2, 1.8, lo, hi, p, 30.0, 1.0, 28.2, 1.0, 1000, 1, 300, "fake"
+            )
+
+        return bootstrap
+
+    group = {"label": "x", "variant": "x", "scores": [1.0]}
+    a, b = (
+        {**group, "first": "a", "label": "Word-KD"},
+        {**group, "first": "b", "label": "the baseline"},
+    )
+    preds = {"a": ["x"], "b": ["y"]}
+    cases = [((-0.1, 3.8, 0.038), "inconclusive"), ((0.2, 3.8, 0.038), "better")]
+    for (lo, hi, p), want in cases:
+        monkeypatch.setattr(verdicts, "paired_bootstrap", fake(lo, hi, p))
+        c = verdicts.compare("vs-baseline", a, b, preds, ["r"], ("bleu",), None)
+        t = c["tests"]["bleu"]
+        assert t["verdict"] == want and t.get("ci_includes_zero", False) == (lo <= 0)
+        line = verdicts.verdict_line(c, "bleu")
+        assert ("the 95% interval includes zero -- inconclusive" in line) == (lo <= 0), line
+        assert line.startswith("Word-KD beats the baseline by +1.8") == (lo > 0), line

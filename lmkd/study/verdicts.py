@@ -98,6 +98,10 @@ def compare(
             if t["difference"] > 0
             else "worse"
         )
+        # the p-value (sacrebleu's, on centred |differences|) and the percentile interval are two readings
+        # of the same resamples and can disagree near the edge: a difference is called only when both do
+        if t["verdict"] != "inconclusive" and t["ci_low"] <= 0 <= t["ci_high"]:
+            t["verdict"], t["ci_includes_zero"] = "inconclusive", True
     seeds = seed_check(a, b)
     head = tests[metrics[0]]
     if seeds is not None:
@@ -153,6 +157,11 @@ def verdict_line(c: dict, metric: str) -> str:
         return f"{a} beats {b} by {signed(t['difference'])} {label} ({ci}{over})."
     if t["verdict"] == "worse":
         return f"{a} is behind {b} by {abs(t['difference']):.1f} {label} ({ci}{over})."
+    if t.get("ci_includes_zero"):
+        return (
+            f"{a} does not differ significantly from {b}: {signed(t['difference'])} {label} ({ci}{over}); "
+            "the p-value is below 0.05 but the 95% interval includes zero -- inconclusive on this test set."
+        )
     if t.get("within_seed_spread"):
         return (
             f"{a} does not differ from {b} beyond the randomness of training: {signed(t['difference'])} "
