@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 
 from lmkd.core.io import atomic_write_json, read_rows
 from lmkd.evaluate.report import markdown_table
@@ -16,7 +15,13 @@ from lmkd.study.causal_lm_eval import CAUSAL_METRIC, check_summary
 from lmkd.study.options import StudyOptions
 from lmkd.study.results import no_verdict
 from lmkd.study.stopping import TRAIN_LOG
-from lmkd.study.verdicts import below_floor, ran_to_the_cap, significance
+from lmkd.study.verdicts import (
+    below_floor,
+    ran_to_the_cap,
+    seed_stats,
+    significance,
+    variant_groups,
+)
 
 #: how the report names each variant
 CAUSAL_LABELS = {
@@ -65,32 +70,10 @@ def _row(name: str, model: dict, quality: dict, speed: dict, sizes: int) -> dict
 
 
 def _groups(rows: list[dict]) -> list[dict]:
-    by_key: dict[tuple, list[dict]] = {}
-    for r in rows:
-        by_key.setdefault((r["size"], r["variant"]), []).append(r)
-    out = []
-    for (size, variant), rs in by_key.items():
-        scores = [r["score"] for r in rs]
-        mean, std = seed_stats(scores)
-        g = {
-            "size": size,
-            "variant": variant,
-            "label": rs[0]["label"],
-            "models": [r["model"] for r in rs],
-            "seeds": [r["seed"] for r in rs],
-            "first": rs[0]["model"],
-            "scores": scores,
-            "score_mean": mean,
-            "score_std": std,
-            "columns": {
-                k: dict(zip(("mean", "std"), seed_stats([r[k] for r in rs]))) for k in COLUMNS
-            },
-        }
-        for key in ("ms_per_token", "steps", "parameters"):
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            g[f"{key}_mean"] = statistics.fmean(vals) if vals else None
-        out.append(g)
-    return out
+    def columns(rs: list[dict]) -> dict:
+        return {k: dict(zip(("mean", "std"), seed_stats([r[k] for r in rs]))) for k in COLUMNS}
+
+    return variant_groups(rows, columns, ("ms_per_token", "steps", "parameters"), every_seed=False)
 
 
 def build_causal_report(
@@ -323,15 +306,3 @@ def train_log(model: dict) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def seed_stats(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard deviation (None for one value) over seeds.
-
-    Args:
-        values: one value per seed.
-
-    Returns:
-        ``(mean, std)``.
-    """
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 
 from lmkd.core.io import read_rows
 from lmkd.models.generation import output_lengths
@@ -33,8 +32,10 @@ from lmkd.study.verdicts import (
     METRIC_LABELS,
     below_floor,
     ran_to_the_cap,
+    seed_stats,
     served_sources,
     significance,
+    variant_groups,
 )
 
 VARIANT_NAMES = {
@@ -267,42 +268,17 @@ def _references(task: str, test_file: str) -> list:
     )
 
 
-def _std(values: list[float]) -> float | None:
-    return statistics.stdev(values) if len(values) > 1 else None
-
-
 def _groups(rows: list[dict], keys: list[str]) -> list[dict]:
-    """Rows grouped by (size, variant) in model order: the seeds, mean ± std of every column and of
-    the headline score, and the first seed's model (the one the significance tests use)."""
-    by_key: dict[tuple, list[dict]] = {}
-    for r in rows:
-        by_key.setdefault((r["size"], r["variant"]), []).append(r)
-    out = []
-    for (size, variant), rs in by_key.items():
-        scores = [r["score"] for r in rs]
-        g = {
-            "size": size,
-            "variant": variant,
-            "label": rs[0]["label"],
-            "models": [r["model"] for r in rs],
-            "seeds": [r["seed"] for r in rs],
-            "first": rs[0]["model"],
-            "scores": scores,
-            "score_mean": statistics.fmean(scores),
-            "score_std": _std(scores),
-            "columns": {
-                k: {
-                    "mean": statistics.fmean(value_at(r["quality"], k) for r in rs),
-                    "std": _std([value_at(r["quality"], k) for r in rs]),
-                }
-                for k in keys
-            },
+    """Rows grouped by (size, variant) in model order (:func:`~lmkd.study.verdicts.variant_groups`), with
+    mean ± std of every quality column ``keys``."""
+
+    def columns(rs: list[dict]) -> dict:
+        return {
+            k: dict(zip(("mean", "std"), seed_stats([value_at(r["quality"], k) for r in rs])))
+            for k in keys
         }
-        for key in ("ms_per_token", "latency_ms", "steps"):
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            g[f"{key}_mean"] = statistics.fmean(vals) if len(vals) == len(rs) else None
-        out.append(g)
-    return out
+
+    return variant_groups(rows, columns, ("ms_per_token", "latency_ms", "steps"))
 
 
 def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, data: dict) -> dict:

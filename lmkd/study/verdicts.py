@@ -6,10 +6,73 @@ noise of one architecture (:func:`timing_noise`)."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
+
 from lmkd.scoring.significance import DEFAULT_SAMPLES, DEFAULT_SEED, paired_bootstrap
 
 #: a comparison with p below this is reported as a difference; otherwise it is inconclusive
 ALPHA = 0.05
+
+
+def seed_stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard deviation (None for one value) over seeds.
+
+    Args:
+        values: one value per seed.
+
+    Returns:
+        ``(mean, std)``.
+    """
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def variant_groups(
+    rows: list[dict],
+    columns: Callable[[list[dict]], dict],
+    means: tuple[str, ...],
+    every_seed: bool = True,
+) -> list[dict]:
+    """A study's rows grouped by (size, variant) in model order -- what the verdicts compare: the seeds,
+    mean ± std of the headline ``score``, the first seed's model (the one the significance tests use),
+    ``columns(rows of the group)`` and the mean of each key of ``means`` (``<key>_mean``).
+
+    Args:
+        rows: one row per model (``size``, ``variant``, ``label``, ``model``, ``seed``, ``score``).
+        columns: the group's ``columns`` entry from its rows (mean ± std of each reported metric).
+        means: row keys averaged over the seeds that have them.
+        every_seed: a mean only when every seed has the key (else None); False: over those that do.
+
+    Returns:
+        The groups.
+    """
+    by_key: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault((r["size"], r["variant"]), []).append(r)
+    out = []
+    for (size, variant), rs in by_key.items():
+        scores = [r["score"] for r in rs]
+        mean, std = seed_stats(scores)
+        g = {
+            "size": size,
+            "variant": variant,
+            "label": rs[0]["label"],
+            "models": [r["model"] for r in rs],
+            "seeds": [r["seed"] for r in rs],
+            "first": rs[0]["model"],
+            "scores": scores,
+            "score_mean": mean,
+            "score_std": std,
+            "columns": columns(rs),
+        }
+        for key in means:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            whole = len(vals) == len(rs) if every_seed else bool(vals)
+            g[f"{key}_mean"] = statistics.fmean(vals) if whole else None
+        out.append(g)
+    return out
+
+
 #: the variant the KD variants are compared with: trained on the same rows without a teacher
 BASELINE_VARIANTS = ("baseline", "no-kd", "sft")
 
