@@ -119,3 +119,22 @@ def test_the_batch_fits_the_token_budget_once_and_from_the_budget_s_batch(max_le
     )
     plan.fit_batch()  # again: from the budget's batch, not the fitted one
     assert plan.batch_size == batch
+
+
+def test_a_task_s_budget_changes_only_what_it_names():
+    """TASK_BUDGETS: the translation quick budget's caps (a teacher trained to its plateau, students with
+    room to stop), the summarisation quick teacher's learning rate; every other key is the budget's."""
+    from lmkd.study.budgets import TASK_BUDGETS
+
+    quick = {t: _resolved(task=t, budget="quick") for t in ("translation", "summarization")}
+    changed = {"translation": {"teacher_steps", "student_steps"}, "summarization": {"teacher_lr"}}
+    for task, plan in quick.items():
+        assert set(TASK_BUDGETS[task]["quick"]) == changed[task]
+        for key, value in BUDGETS["quick"].items():
+            want = TASK_BUDGETS[task]["quick"].get(key, value)
+            if key not in ("batch_size", "max_length", "workers"):  # fitted to the data / the cores
+                assert getattr(plan, key) == want, (task, key)
+    assert quick["summarization"].teacher_lr < quick["translation"].teacher_lr
+    assert quick["translation"].teacher_steps > quick["translation"].student_steps
+    # a budget no task changes is the table itself
+    assert _resolved(task="summarization").teacher_lr == BUDGETS["tiny"]["teacher_lr"]

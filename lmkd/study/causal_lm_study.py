@@ -41,7 +41,7 @@ from lmkd.study.causal_lm_report import build_causal_report, write_causal_report
 from lmkd.study.checks import TeacherDidNotLearn
 from lmkd.study.options import StudyOptions, seeded, student_seeds
 from lmkd.study.plan import size_name, thread_options
-from lmkd.study.stages import Job, Stages, format_duration
+from lmkd.study.stages import Job, Stages
 from lmkd.study.stopping import StoppingRule
 
 
@@ -351,26 +351,11 @@ def run_causal_study(opts: StudyOptions, after_stage=None) -> dict:
         speed = json.load(f)
     floors = trivial_floors(read_rows(data["train"]), read_rows(data["test"]))
     report = build_causal_report(opts, models, results, speed, data, floors)
-    rd = st.run(
-        "report",
-        {"v": 1},
+    # v2: verdicts need an interval excluding zero
+    st.publish_report(
+        2,
         [f"eval-{n}" for n in models] + ["speed"],
         lambda out: write_causal_report(report, out),
-        "writing the report",
-    )
-    for fname in ("report.md", "report.json", "report.png"):
-        shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
-    with open(os.path.join(opts.output, "report.md")) as f:
-        print("\n" + f.read(), flush=True)
-    print(
-        f"lmkd study: finished in {format_duration(_elapsed(st))}; report in "
-        f"{opts.output}/report.md",
-        flush=True,
+        opts.output,
     )
     return report
-
-
-def _elapsed(st: Stages) -> float:
-    import time
-
-    return time.time() - st.start

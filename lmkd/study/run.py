@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import time
 from collections.abc import Callable
 
 from lmkd.core.io import atomic_write_json, file_digest
@@ -21,7 +19,7 @@ from lmkd.study.results import build_report, read_train_log
 from lmkd.study.seq2seq import seq2seq_students
 from lmkd.study.serving import serve_stage
 from lmkd.study.splits import prepare_split
-from lmkd.study.stages import Job, Stages, format_duration
+from lmkd.study.stages import Job, Stages
 from lmkd.study.teachers import teacher_check_of, teacher_stages
 
 
@@ -177,21 +175,13 @@ def run_study(opts: StudyOptions, after_stage: Callable[[str], None] | None = No
     # model's row, bytes on disk; v7: its label; v8: the students below the trivial floor; v9, v10: the
     # Word-KD teacher note (cached or online); v11: the timing-noise note; v12: verdicts that must survive
     # the seeds' spread, the memorisation figures and inits, the served model by its validation metric;
-    # v13: the warning when every student ran to the step cap
-    rd = st.run(
-        "report",
-        {"v": 13},
+    # v13: the warning when every student ran to the step cap;
+    # v14: the teacher's steps and whether it ran to its cap; verdicts need an interval excluding zero
+    st.publish_report(
+        14,
         [f"eval-{n}" for n in models] + ["speed"],
         lambda out: write_study_report(report, out),
-        "writing the report",
-    )
-    for fname in ("report.md", "report.json", "report.png"):
-        shutil.copyfile(os.path.join(rd, fname), os.path.join(opts.output, fname))
-    with open(os.path.join(opts.output, "report.md")) as f:
-        print("\n" + f.read(), flush=True)
-    print(
-        f"lmkd study: finished in {format_duration(time.time() - st.start)}; report in {opts.output}/report.md",
-        flush=True,
+        opts.output,
     )
     if busy_warning(report["speed_setup"]):
         print(

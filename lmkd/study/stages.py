@@ -260,6 +260,30 @@ class Stages:
             self.after_stage(name)
         return str(final)
 
+    def publish_report(
+        self, version: int, deps: list[str], write: Callable[[str], None], output: str
+    ) -> None:
+        """The study's last stage: ``write(stage dir)`` writes ``report.{md,json,png}`` (the stage
+        ``report``, redone when ``version`` changes), copied into ``output``; ``report.md`` and the study's
+        time are printed.
+
+        Args:
+            version: the report format's version (a new one rewrites older reports).
+            deps: the stages the report reads.
+            write: writes the three files into the stage's directory.
+            output: the study's output directory.
+        """
+        rd = self.run("report", {"v": version}, deps, write, "writing the report")
+        for fname in ("report.md", "report.json", "report.png"):
+            shutil.copyfile(os.path.join(rd, fname), os.path.join(output, fname))
+        with open(os.path.join(output, "report.md")) as f:
+            print("\n" + f.read(), flush=True)
+        print(
+            f"lmkd study: finished in {format_duration(time.time() - self.start)}; report in "
+            f"{output}/report.md",
+            flush=True,
+        )
+
     def run_jobs(self, jobs: list[Job], workers: int = 1) -> dict[str, str]:
         """Run every :class:`Job` (each one a :meth:`run`, cached the same way); returns ``{name: dir}``.
 
