@@ -358,3 +358,27 @@ def test_study_help_says_the_measured_budget_times(capsys):
     assert "18-20 min" not in out  # the time of the 4,000-row, one-seed protocol
     assert "depends on the corpus and the teacher" in out
     assert "30-40" not in out and "tiny (seconds" not in out
+
+
+def test_fixed_teacher_steps_reaches_the_study_and_is_refused_where_it_would_be_ignored(
+    monkeypatch, tmp_path, capsys
+):
+    """`--fixed-teacher-steps` sets the option the teacher stages read; for a given seq2seq teacher or the
+    causal-lm study (whose teacher always trains its steps) it is refused in one line, not ignored; a
+    given classification teacher is still fine-tuned here, so there it is taken."""
+    import lmkd.study
+
+    seen = []
+    monkeypatch.setattr(lmkd.study, "run_study", lambda options: seen.append(options.resolve()))
+    out = str(tmp_path / "o")
+    assert main(["study", "--task", "translation", "--budget", "tiny", "--output", out,
+                 "--fixed-teacher-steps", "--teacher-steps", "9"]) in (0, None)  # fmt: skip
+    assert seen[-1].fixed_teacher_steps is True and seen[-1].plan.teacher_steps == 9
+    assert main(["study", "--task", "translation", "--budget", "tiny", "--output", out]) in (
+        0,
+        None,
+    )
+    assert seen[-1].fixed_teacher_steps is False
+    assert main(["study", "--task", "causal-lm", "--output", out, "--fixed-teacher-steps"]) == 2
+    err = capsys.readouterr().err
+    assert "--fixed-teacher-steps is for a teacher the study trains" in err and len(seen) == 2

@@ -13,7 +13,7 @@ import pytest
 
 from lmkd.evaluate.report import padded_range
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, run_study
-from lmkd.study.report_writer import report_markdown, write_study_report
+from lmkd.study.report_writer import report_markdown, teacher_training_note, write_study_report
 from lmkd.study.results import build_report, read_train_log
 from lmkd.study.verdicts import verdict_line
 
@@ -252,12 +252,7 @@ def test_seeds_give_mean_and_std_per_variant_and_train_logs_give_steps_and_curve
     check = json.loads((Path(models["teacher"]["dir"]) / "teacher_check.json").read_text())
     assert check["rounds"][-1]["trained_steps"] == teacher_log["steps"]
     md = (out / "report.md").read_text()
-    said = (
-        f"stopped by the students' rule at {teacher_log['steps']} steps"
-        if teacher_log["stopped_early"]
-        else f"**The teacher ran to its step cap** ({teacher_log['steps']} steps)"
-    )
-    assert said in md
+    assert teacher_training_note(check["rounds"]) in md
     word = next(g for g in report["variants"] if g["variant"] == "word-kd")
     assert word["models"] == ["s025-word-kd", "s025-word-kd-seed43"] and word["seeds"] == [42, 43]
     chrf = [results["s025-word-kd"]["beam"]["chrf"], results["s025-seq-kd"]["beam"]["chrf"]]
@@ -577,6 +572,49 @@ def test_students_that_all_ran_to_the_cap_are_flagged_and_early_stoppers_are_not
     assert ran_to_the_cap([teacher]) is None
 
 
+def test_the_teacher_s_training_note_says_how_it_stopped():
+    """Stopped by the rule; at its cap with an earlier best (levelling off); at its cap still improving
+    (bold: the students may beat an under-trained teacher); round 2 continued from round 1 counts both;
+    no log (a given teacher, --fixed-teacher-steps): nothing."""
+    r = {"round": 1, "steps": 6000, "from": "init"}
+    stopped = teacher_training_note(
+        [{**r, "trained_steps": 3700, "stopped_early": True, "best_step": 3400}]
+    )
+    assert stopped == (
+        "The teacher trained to its validation plateau: stopped by the students' rule at 3700 steps "
+        "(cap 6000), keeping its best evaluation's weights (step 3400)."
+    )
+    level = teacher_training_note(
+        [{**r, "trained_steps": 6000, "stopped_early": False, "best_step": 5800}]
+    )
+    assert (
+        level.startswith("The teacher ran to its step cap (6000 steps); its best validation")
+        and "5800" in level
+    )
+    rising = teacher_training_note(
+        [{**r, "trained_steps": 6000, "stopped_early": False, "best_step": 6000}]
+    )
+    assert rising.startswith("**The teacher ran to its step cap** (6000 steps) still improving")
+    two = teacher_training_note(
+        [
+            {**r, "trained_steps": 6000, "stopped_early": False, "best_step": 6000},
+            {
+                **r,
+                "round": 2,
+                "from": "round 1",
+                "trained_steps": 3100,
+                "stopped_early": True,
+                "best_step": 3000,
+            },
+        ]
+    )
+    assert "at 3100 steps (round 2, after round 1's 6000) (cap 6000)" in two
+    assert (
+        teacher_training_note([{**r, "trained_steps": None}]) is None
+        and teacher_training_note([]) is None
+    )
+
+
 def test_a_p_value_below_alpha_with_an_interval_over_zero_is_inconclusive(monkeypatch):
     """sacrebleu's p-value and the percentile interval read the same resamples differently and can
     disagree near the edge (a report printed "95% CI −0.1…+3.8, p = 0.038" as a win): a difference is
@@ -598,12 +636,17 @@ def test_a_p_value_below_alpha_with_an_interval_over_zero_is_inconclusive(monkey
         {**group, "first": "b", "label": "the baseline"},
     )
     preds = {"a": ["x"], "b": ["y"]}
-    cases = [((-0.1, 3.8, 0.038), "inconclusive"), ((0.2, 3.8, 0.038), "better")]
+    cases = [
+        ((-0.1, 3.8, 0.038), "inconclusive"),
+        ((0.2, 3.8, 0.038), "better"),
+        ((-3.8, 0.1, 0.038), "inconclusive"),
+    ]
     for (lo, hi, p), want in cases:
         monkeypatch.setattr(verdicts, "paired_bootstrap", fake(lo, hi, p))
         c = verdicts.compare("vs-baseline", a, b, preds, ["r"], ("bleu",), None)
         t = c["tests"]["bleu"]
-        assert t["verdict"] == want and t.get("ci_includes_zero", False) == (lo <= 0)
+        over_zero = lo <= 0 <= hi
+        assert t["verdict"] == want and t.get("ci_includes_zero", False) == over_zero
         line = verdicts.verdict_line(c, "bleu")
-        assert ("the 95% interval includes zero -- inconclusive" in line) == (lo <= 0), line
-        assert line.startswith("Word-KD beats the baseline by +1.8") == (lo > 0), line
+        assert ("the 95% interval includes zero -- inconclusive" in line) == over_zero, line
+        assert line.startswith("Word-KD beats the baseline by +1.8") == (not over_zero), line

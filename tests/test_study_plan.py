@@ -125,6 +125,7 @@ def test_a_task_s_budget_changes_only_what_it_names():
     """TASK_BUDGETS: the translation quick budget's caps (a teacher trained to its plateau, students with
     room to stop), the summarisation quick teacher's learning rate; every other key is the budget's."""
     from lmkd.study.budgets import TASK_BUDGETS
+    from lmkd.study.stopping import StoppingRule
 
     quick = {t: _resolved(task=t, budget="quick") for t in ("translation", "summarization")}
     changed = {"translation": {"teacher_steps", "student_steps"}, "summarization": {"teacher_lr"}}
@@ -136,5 +137,13 @@ def test_a_task_s_budget_changes_only_what_it_names():
                 assert getattr(plan, key) == want, (task, key)
     assert quick["summarization"].teacher_lr < quick["translation"].teacher_lr
     assert quick["translation"].teacher_steps > quick["translation"].student_steps
+    # the teacher's rule is the students' with its own cap: no stop before half of it
+    rule = StoppingRule.for_teacher(quick["translation"], "translation")
+    assert rule.min_steps == quick["translation"].teacher_steps // 2
+    students = StoppingRule.from_plan(quick["translation"], "translation").options()
+    assert rule.options() == {**students, "min_steps": rule.min_steps}
+    # the flags win over the task's changes
+    steps = _resolved(task="translation", budget="quick", teacher_steps=7, student_steps=5)
+    assert (steps.teacher_steps, steps.student_steps) == (7, 5)
     # a budget no task changes is the table itself
     assert _resolved(task="summarization").teacher_lr == BUDGETS["tiny"]["teacher_lr"]

@@ -47,7 +47,7 @@ def split_study(tmp_path_factory):
             output=out,
             serve=False,
             teacher_steps=TEACHER_STEPS,
-            fixed_teacher_steps=True,  # a tiny teacher's validation BLEU stays ~0: no plateau to stop on
+            fixed_teacher_steps=True,  # a tiny teacher's validation BLEU stays ~0: the rule would stop it
             teacher_split=0.5,
             unlabelled=str(unlabelled),
         )

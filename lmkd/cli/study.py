@@ -125,12 +125,15 @@ def add_parser(sub):
         "--teacher-steps",
         type=count(1),
         help="override the budget's cap of the teacher's training steps (a teacher trained here stops "
-        "earlier when its validation metric stops improving, by the students' rule)",
+        "earlier when its validation metric stops improving, by the students' rule; classification: "
+        "the cap of its fine-tuning -- the masked-LM pre-training trains its budget's steps)",
     )
     p.add_argument(
         "--fixed-teacher-steps",
         action="store_true",
-        help="train the teacher exactly --teacher-steps steps (the budget's cap), with no early stop",
+        help="train the teacher exactly --teacher-steps steps (default: the budget's cap, 6000 for a "
+        "quick translation study), with no early stop; the demo before this rule: --fixed-teacher-steps "
+        "--teacher-steps 1500 --student-steps 1500",
     )
     p.add_argument(
         "--student-steps",

@@ -140,13 +140,14 @@ class StudyOptions:
             if value is not None and value < 1:
                 raise LmkdError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
         self._check_transfer_options()
-        if self.fixed_teacher_steps and (self.teacher is not None or self.task == "causal-lm"):
+        given_seq2seq = self.teacher is not None and self.task != "classification"
+        if self.fixed_teacher_steps and (given_seq2seq or self.task == "causal-lm"):
             raise LmkdError(
-                "--fixed-teacher-steps is for a teacher the study trains (translation, summarization, "
-                "classification); "
+                "--fixed-teacher-steps is for a teacher the study trains (translation, summarization; "
+                "classification: the teacher's fine-tuning); "
                 + (
                     "--teacher is trained already -- drop one"
-                    if self.teacher is not None
+                    if given_seq2seq
                     else "the causal-lm study's teacher always trains --teacher-steps steps"
                 )
             )

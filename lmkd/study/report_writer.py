@@ -40,29 +40,42 @@ def _steps_cell(r: dict) -> str:
     return f"{r['steps']}" + (" (stopped)" if r.get("stopped_early") else "")
 
 
-def teacher_training_note(last_round: dict) -> str | None:
+def teacher_training_note(rounds: list[dict]) -> str | None:
     """What the report says of how long a teacher trained here trained: stopped by the students' rule, or
-    at its cap still improving (then it is not the strongest teacher the recipe makes).
+    at its cap -- still improving (its best evaluation the last: not the strongest teacher the recipe
+    makes), or levelling off without the patience to stop.
 
     Args:
-        last_round: the last round of ``teacher_check.json`` (``steps`` the cap, ``trained_steps``,
-            ``stopped_early``).
+        rounds: the rounds of ``teacher_check.json`` (``steps`` the cap, ``trained_steps``,
+            ``stopped_early``, ``best_step``, ``from``).
 
     Returns:
-        The sentence, or None for a teacher without a training log (a given one, an older study).
+        The sentence, or None for a teacher without a training log (a given one, an older study,
+        ``--fixed-teacher-steps``).
     """
-    trained = last_round.get("trained_steps")
+    last = rounds[-1] if rounds else {}
+    trained = last.get("trained_steps")
     if trained is None:
         return None
-    if last_round.get("stopped_early"):
+    before = ""
+    if len(rounds) > 1 and last.get("from") == "round 1" and rounds[0].get("trained_steps"):
+        before = f" (round 2, after round 1's {rounds[0]['trained_steps']})"
+    best = last.get("best_step")
+    if last.get("stopped_early"):
         return (
             f"The teacher trained to its validation plateau: stopped by the students' rule at {trained} "
-            f"steps (cap {last_round['steps']}), keeping its best evaluation's weights."
+            f"steps{before} (cap {last['steps']}), keeping its best evaluation's weights"
+            + (f" (step {best})." if best is not None else ".")
+        )
+    if best is not None and best < trained:
+        return (
+            f"The teacher ran to its step cap ({trained} steps{before}); its best validation evaluation "
+            f"was at step {best}, whose weights it keeps."
         )
     return (
-        f"**The teacher ran to its step cap** ({trained} steps) without its validation metric levelling "
-        "off: a stronger teacher needs more steps (--teacher-steps), and students that beat it may only "
-        "show that it is under-trained."
+        f"**The teacher ran to its step cap** ({trained} steps{before}) still improving: a stronger "
+        "teacher needs more steps (--teacher-steps), and students that beat it may only show that it is "
+        "under-trained."
     )
 
 
@@ -250,8 +263,7 @@ def report_markdown(report: dict) -> str:
             "**Teacher NOT checked** (--skip-teacher-check): nothing shows it learned the task, so the "
             "comparisons with it may mean nothing."
         )
-    rounds = (check or {}).get("rounds") or [{}]
-    trained = teacher_training_note(rounds[-1])
+    trained = teacher_training_note((check or {}).get("rounds") or [])
     if trained:
         lines.append(trained)
     if report.get("floors"):

@@ -356,6 +356,8 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         log = read_train_log(m)
         if m["variant"] == "served":
             row.update(source=m["source"], format=m["format"])
+        if m["variant"] == "teacher" and opts.teacher is not None:
+            log = None  # a given teacher: how it was trained is not this study's
         if log is not None and m["variant"] == "teacher":  # trained here: its steps, not its curve
             row.update(steps=log["steps"], stopped_early=log["stopped_early"])
         elif log is not None:

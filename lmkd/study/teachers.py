@@ -83,8 +83,8 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
             "seed": opts.seed,
             "dropout": plan.dropout,
         }
-        if not cls:  # trained like the students: to its validation plateau, at most ``steps``
-            teacher_opts["stopping"] = _rule_options(teacher_rule(opts))
+        if not cls and not opts.fixed_teacher_steps:  # trained like the students: to its plateau
+            teacher_opts["stopping"] = teacher_rule(opts).options()
 
         def teacher_fn(out, kind=None):
             from lmkd.models.loading import load_tokenizer
@@ -153,8 +153,9 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         "max_length": plan.max_length,
         "seed": opts.seed,
         "check": _check_options(opts),
-        "stopping": _rule_options(teacher_rule(opts)),
     }
+    if not opts.fixed_teacher_steps:  # the fine-tuning stops on its validation plateau
+        cls_opts["stopping"] = teacher_rule(opts).options()
     teacher_dir = st.run(
         "teacher",
         cls_opts,
@@ -182,10 +183,6 @@ def _how_long(opts: StudyOptions, steps: int) -> str:
     if opts.fixed_teacher_steps:
         return f"for {steps} steps (--fixed-teacher-steps)"
     return f"until its validation metric levels off (at most {steps} steps)"
-
-
-def _rule_options(rule: StoppingRule | None) -> dict | None:
-    return None if rule is None else rule.options()
 
 
 def _teacher_rows_stage(st: Stages, opts: StudyOptions, data: dict) -> str:
@@ -304,6 +301,7 @@ def train_checked(
                 "steps": steps,
                 "trained_steps": log.get("steps"),
                 "stopped_early": log.get("stopped_early"),
+                "best_step": log.get("best_step"),
                 "lr": lr,
                 "from": "init" if start == init else f"round {r - 1}",
                 **check,
