@@ -136,7 +136,8 @@ def report_markdown(report: dict) -> str:
         f"Paired bootstrap resampling of the test rows ({sig['n_samples']} resamples, seed {sig['seed']}; "
         f"BLEU/chrF exactly sacrebleu's paired bootstrap test) on {metric}"
         + (f", {sig['mode']} search" if sig["mode"] else "")
-        + f": a difference is reported when p < {sig['alpha']}, otherwise the comparison is inconclusive; "
+        + f": a difference is reported when p < {sig['alpha']} and its 95% interval excludes zero, otherwise "
+        "the comparison is inconclusive; "
         "each p-value is for one comparison (no correction for the number of comparisons)."
         + (
             " With several seeds per variant the tests compare each variant's first seed; the table "
