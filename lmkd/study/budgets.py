@@ -176,7 +176,8 @@ CAUSAL_LM_BUDGETS: dict[str, dict] = {
 #: rule at 2,600-3,100 steps.  So the teacher trains to its own validation plateau
 #: (lmkd.study.stopping.StoppingRule.for_teacher: never before half its cap) and the students' cap leaves
 #: the rule room to stop them.  The caps were set from where the curves level off, not from any ordering
-#: of the methods.  Cost on 2 cores: the demo takes about an hour (docs/results.md).
+#: of the methods.  Cost on 2 cores: `make demo` took 65 min from a fresh clone (the teacher stopped at
+#: 3,700 steps, the students at 2,500-3,600; docs/results.md).
 TRANSLATION_BUDGETS: dict[str, dict] = {
     "quick": dict(teacher_steps=6000, student_steps=4500),
 }
