@@ -47,7 +47,8 @@ def add_parser(sub):
         "(MLM-distil a layer-copied student, then fine-tune) and MLM-distil + task KD; causal-lm "
         "(prompt/completion rows, the loss on the response only): sft, seq-kd, fkl, rkl, jsd, skew-kl, "
         "taid and on-policy (GKD).  Every student trains until its validation metric (BLEU / ROUGE-L / "
-        "accuracy of its greedy outputs) stops improving, within the budget's cap.  Every "
+        "accuracy of its greedy outputs) stops improving, within the budget's cap, and so does a seq2seq "
+        "or classifier teacher trained here (--fixed-teacher-steps: a fixed count).  Every "
         "stage is cached under --output/stages: re-run the same command to resume; a changed "
         "option recomputes only the stages that depend on it.",
         epilog="examples:\n"
