@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     from lmkd.core.io import read_rows
     from lmkd.study import budgets, teachers
-    from lmkd.study.options import StudyOptions
+    from lmkd.study.options import StudyOptions, shipped_corpus
     from lmkd.study.run import run_study
 
     budgets.BUDGETS[args.budget]["dropout"] = args.dropout
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
         teacher_check=not args.skip_teacher_check,
         source_column=args.source_column,
         target_column=args.target_column,
+        # other columns of the shipped corpus (a derived corpus, e.g. fr->en) name its files
+        **{s: shipped_corpus(s, "translation") for s in ("train", "validation", "test")},
     ).resolve()
     try:
         run_study(opts)
