@@ -353,17 +353,15 @@ def build_report(opts: StudyOptions, models: dict, results: dict, speed: dict, d
         if mode is not None:
             lengths = output_lengths(load_tokenizer(m["dir"]), r["predictions"][mode])
             row["output_tokens_mean"] = sum(lengths) / len(lengths)
-        log = read_train_log(m)
+        teacher = m["variant"] == "teacher"
+        # a given teacher: how it was trained is not this study's; one trained here: its steps, no curve
+        log = None if teacher and opts.teacher is not None else read_train_log(m)
         if m["variant"] == "served":
             row.update(source=m["source"], format=m["format"])
-        if m["variant"] == "teacher" and opts.teacher is not None:
-            log = None  # a given teacher: how it was trained is not this study's
-        if log is not None and m["variant"] == "teacher":  # trained here: its steps, not its curve
+        if log is not None:
             row.update(steps=log["steps"], stopped_early=log["stopped_early"])
-        elif log is not None:
+        if log is not None and not teacher:
             row.update(
-                steps=log["steps"],
-                stopped_early=log["stopped_early"],
                 curve=log["curve"],
                 curve_metric=log["metric"],
                 curve_greater_is_better=log["greater_is_better"],

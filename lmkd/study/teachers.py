@@ -83,8 +83,9 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
             "seed": opts.seed,
             "dropout": plan.dropout,
         }
-        if not cls and not opts.fixed_teacher_steps:  # trained like the students: to its plateau
-            teacher_opts["stopping"] = teacher_rule(opts).options()
+        rule = teacher_rule(opts)
+        if not cls and rule is not None:  # trained like the students: to its plateau
+            teacher_opts["stopping"] = rule.options()
 
         def teacher_fn(out, kind=None):
             from lmkd.models.loading import load_tokenizer
@@ -154,8 +155,9 @@ def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]
         "seed": opts.seed,
         "check": _check_options(opts),
     }
-    if not opts.fixed_teacher_steps:  # the fine-tuning stops on its validation plateau
-        cls_opts["stopping"] = teacher_rule(opts).options()
+    rule = teacher_rule(opts)
+    if rule is not None:  # the fine-tuning stops on its validation plateau
+        cls_opts["stopping"] = rule.options()
     teacher_dir = st.run(
         "teacher",
         cls_opts,
