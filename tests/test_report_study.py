@@ -14,7 +14,8 @@ import pytest
 from lmkd.evaluate.report import padded_range
 from lmkd.study import SEQ2SEQ_VARIANTS, StudyOptions, run_study
 from lmkd.study.report_writer import report_markdown, teacher_training_note, write_study_report
-from lmkd.study.results import build_report, read_train_log
+from lmkd.study.results import build_report
+from lmkd.study.stopping import read_train_log
 from lmkd.study.verdicts import verdict_line
 
 
@@ -317,10 +318,13 @@ def test_train_log_is_read_defensively(tmp_path):
     assert read_train_log({"dir": str(tmp_path)}) == {
         "steps": 30,
         "stopped_early": False,
+        "best_step": None,
         "metric": "eval_loss_ce",
         "curve": [{"step": 10, "metric": 2.5}],
         "greater_is_better": False,
     }
+    (tmp_path / "train_log.json").write_text(json.dumps({"steps": 30, "best_step": 20}))
+    assert read_train_log({"dir": str(tmp_path)})["best_step"] == 20
 
 
 def test_evaluate_reports_per_token_speed_and_output_length(tmp_path, tiny_model_dir, corpus):

@@ -14,7 +14,7 @@ from lmkd.study.causal_lm_data import chat_column_of
 from lmkd.study.causal_lm_eval import CAUSAL_METRIC, check_summary
 from lmkd.study.options import StudyOptions
 from lmkd.study.results import no_verdict
-from lmkd.study.stopping import TRAIN_LOG
+from lmkd.study.stopping import read_train_log
 from lmkd.study.verdicts import (
     below_floor,
     ran_to_the_cap,
@@ -46,7 +46,7 @@ COLUMNS = {
 
 
 def _row(name: str, model: dict, quality: dict, speed: dict, sizes: int) -> dict:
-    log = train_log(model) if model["variant"] != "teacher" else None
+    log = read_train_log(model) if model["variant"] != "teacher" else None
     label = CAUSAL_LABELS.get(model["variant"], model["variant"])
     if sizes > 1 and model["size"] is not None:
         label += f", {model['size']:g} of the layers"
@@ -290,19 +290,3 @@ def write_causal_report(report: dict, out: str) -> None:
         curve_ylabel="validation ROUGE-L",
         floor=max(report["floors"].items(), key=lambda kv: kv[1]) if report.get("floors") else None,
     )
-
-
-def train_log(model: dict) -> dict | None:
-    """A student's ``train_log.json`` (None for the teacher).
-
-    Args:
-        model: the model's entry (``dir``).
-
-    Returns:
-        The log, or None.
-    """
-    path = os.path.join(model["dir"], TRAIN_LOG)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)

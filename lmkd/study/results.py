@@ -27,6 +27,7 @@ from lmkd.models.loading import load_tokenizer
 from lmkd.study.checks import trivial_floors
 from lmkd.study.options import StudyOptions
 from lmkd.study.plan import FORMAT_NAMES
+from lmkd.study.stopping import read_train_log
 from lmkd.study.teachers import scratch_teacher
 from lmkd.study.verdicts import (
     METRIC_LABELS,
@@ -51,7 +52,6 @@ VARIANT_NAMES = {
     "teacher": "the teacher",
 }
 
-TRAIN_LOG = "train_log.json"
 #: how the validation metric of train_log.json is named in the notes and on the curve panel
 CURVE_METRICS = {
     "eval_loss_ce": "validation CE on the gold targets (nats)",
@@ -108,36 +108,6 @@ def variant_label(variant: str, size: float | None, sizes: int) -> str:
     """
     name = VARIANT_NAMES.get(variant, variant)
     return name if size is None or sizes <= 1 else f"{name} ({size:.0%})"
-
-
-def read_train_log(model: dict) -> dict | None:
-    """A student's ``train_log.json`` (its ``train_log`` path, else the file in its stage dir), or
-    None when there is none or it is not the documented shape.
-
-    Args:
-        model: a model entry (``train_log`` or ``dir``).
-
-    Returns:
-        ``{"steps", "stopped_early", "curve", "metric"}``, or None.
-    """
-    path = model.get("train_log") or os.path.join(model["dir"], TRAIN_LOG)
-    try:
-        with open(path) as f:
-            log = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(log, dict) or not isinstance(log.get("steps"), int):
-        return None
-    curve = [
-        c for c in log.get("curve") or [] if isinstance(c, dict) and "step" in c and "metric" in c
-    ]
-    return {
-        "steps": log["steps"],
-        "stopped_early": bool(log.get("stopped_early", False)),
-        "curve": curve,
-        "metric": str(log.get("metric", "validation metric")),
-        "greater_is_better": bool(log.get("greater_is_better", False)),
-    }
 
 
 #: the memorisation warning's rule (:func:`transfer_set_report`): Seq-KD's targets are mostly the gold targets

@@ -15,11 +15,12 @@ from lmkd.study.models import evaluate_into, has_mlm_head, measure_models_speed
 from lmkd.study.options import StudyOptions, count_stages
 from lmkd.study.plan import thread_options
 from lmkd.study.report_writer import write_study_report
-from lmkd.study.results import build_report, read_train_log
+from lmkd.study.results import build_report
 from lmkd.study.seq2seq import seq2seq_students
 from lmkd.study.serving import serve_stage
 from lmkd.study.splits import prepare_split
 from lmkd.study.stages import Job, Stages
+from lmkd.study.stopping import read_train_log
 from lmkd.study.teachers import teacher_check_of, teacher_stages
 
 

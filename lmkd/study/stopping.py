@@ -4,7 +4,9 @@ transformers callback applying it during training, keeping the best evaluation's
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -314,3 +316,34 @@ class PlateauStopping(TrainerCallback):
             "min_delta": self.rule.min_delta,
             "greater_is_better": self.rule.greater_is_better,
         }
+
+
+def read_train_log(model: dict) -> dict | None:
+    """A trained model's ``train_log.json`` (its ``train_log`` path, else the file in its stage dir), or
+    None when there is none or it is not the documented shape (:meth:`PlateauStopping.log`).
+
+    Args:
+        model: a model entry (``train_log`` or ``dir``).
+
+    Returns:
+        ``{"steps", "stopped_early", "best_step", "curve", "metric", "greater_is_better"}``, or None.
+    """
+    path = model.get("train_log") or os.path.join(model["dir"], TRAIN_LOG)
+    try:
+        with open(path) as f:
+            log = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(log, dict) or not isinstance(log.get("steps"), int):
+        return None
+    curve = [
+        c for c in log.get("curve") or [] if isinstance(c, dict) and "step" in c and "metric" in c
+    ]
+    return {
+        "steps": log["steps"],
+        "stopped_early": bool(log.get("stopped_early", False)),
+        "best_step": log["best_step"] if isinstance(log.get("best_step"), int) else None,
+        "curve": curve,
+        "metric": str(log.get("metric", "validation metric")),
+        "greater_is_better": bool(log.get("greater_is_better", False)),
+    }

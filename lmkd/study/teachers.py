@@ -17,7 +17,7 @@ from lmkd.study.models import classifier_from, save_model, train_student
 from lmkd.study.options import StudyOptions
 from lmkd.study.plan import SEQ2SEQ_TEACHER_ARCH, Plan
 from lmkd.study.stages import Stages
-from lmkd.study.stopping import TRAIN_LOG, StoppingRule
+from lmkd.study.stopping import StoppingRule, read_train_log
 
 
 def teacher_stages(st: Stages, opts: StudyOptions, data: dict) -> dict[str, str]:
@@ -288,10 +288,7 @@ def train_checked(
             seed=opts.seed,
             stopping=teacher_rule(opts),
         )
-        log = {}
-        if os.path.exists(os.path.join(dest, TRAIN_LOG)):
-            with open(os.path.join(dest, TRAIN_LOG)) as f:
-                log = json.load(f)
+        log = read_train_log({"dir": dest}) or {}
         check = (
             run_check(opts, data, dest, task)
             if opts.teacher_check
@@ -376,8 +373,6 @@ def teacher_check_of(teacher_dir: str, stage_dir: str | None = None) -> dict | N
     Returns:
         The check, or None.
     """
-    import json
-
     for d in (teacher_dir, stage_dir):
         path = os.path.join(d, "teacher_check.json") if d else None
         if path and os.path.isfile(path):
@@ -389,8 +384,6 @@ def teacher_check_of(teacher_dir: str, stage_dir: str | None = None) -> dict | N
 def _length_stage(st: Stages, opts: StudyOptions, data: dict, tokenizer_dir: str, dep: str) -> None:
     """Size the study's max length and position tables from the training data (:mod:`lmkd.study.lengths`)
     and put them into the plan: ``max_length``, ``positions`` and the record ``length_sizing``."""
-    import json
-
     plan = opts.plan
     cap = plan.length_cap()
     cls = opts.task == "classification"
