@@ -40,11 +40,11 @@ test-fast: test
 test-slow: setup
 	$(PY) -m pytest -m slow -q -p no:cacheprovider
 
-test-all: setup
+test-all: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: setup
-	$(VENV)/bin/lmkd study --task translation --budget quick --output runs/demo
+	$(VENV)/bin/lmkd study --task translation --budget quick --output runs/demo $(ARGS)
 
 # `make bench`: one table (benchmarks/bench.py); the other benchmarks/bench_*.py run on their own.
 bench: setup

@@ -25,9 +25,9 @@ regimes beyond one fixed teacher (recipes/regimes/):
   lmkd distill config.yaml --kd-loss jsd --on-policy-fraction 0.5  # on-policy KD (GKD)
   lmkd distill config.yaml --teacher-server-url http://gpu-box:8000 --teacher-server vllm  # served
 
-The YAML holds keys of the three argument groups below (model, data, DistillationConfig -- which
-includes every Seq2SeqTrainingArguments field); --key value pairs after it override the YAML.
-Run `lmkd distill --help-keys` to list every key."""
+The YAML holds keys of three argument groups (model, data, DistillationConfig -- which includes
+every Seq2SeqTrainingArguments field); --key value pairs after it override the YAML.
+`lmkd distill --help-keys` lists every key."""
 
 
 def held_run(output_dir: str) -> list[str]:

@@ -65,10 +65,10 @@ def add_parser(sub):
         "  lmkd study --task classification --train tr.csv --validation va.csv --test te.csv "
         "--source-column sentence --output runs/cls\n"
         "Budgets (measured on 2 CPU cores; the time depends on the corpus and the teacher): "
-        "tiny (for tests: seconds with a tiny test model, about 7 min with a real teacher, ~4 of "
-        "them timing speed), quick (the demo, `make demo`: every student on all 16,973 rows, 2 seeds; "
-        "65 min from a fresh clone on the shipped en->fr corpus, the teacher and every student trained "
-        "to their validation plateau; causal-lm 13-25 min), "
+        "tiny (for tests: seconds with a tiny test model), "
+        "quick (the demo, `make demo`: every student on all 16,973 rows, 2 seeds; "
+        "65 min from a fresh clone on the shipped en->fr corpus on a partly shared machine, the teacher "
+        "and every student trained to their validation plateau; causal-lm 13-25 min), "
         "full (hours).",
     )
     p.add_argument("--task", required=True, choices=STUDY_TASKS)
