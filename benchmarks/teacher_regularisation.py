@@ -6,18 +6,20 @@ the first ``--train-check`` training rows (its memorisation), and greedy / beam 
 for the new teacher and, with ``--compare DIR``, for a teacher already trained (e.g. a study's
 ``stages/teacher``), on the same rows.
 
-The measurement behind the quick budget's teacher dropout (issue 27, item 4).  Nothing here changes the
-study.
+The measurement behind the quick budget's teacher dropout and label smoothing (issue 27, item 4).  Nothing
+here changes the study.
 
 Example::
 
     OMP_NUM_THREADS=1 python benchmarks/teacher_regularisation.py --dropout 0.1 \\
         --compare runs/demo/stages/teacher --output runs/reg-dropout0.1
+    OMP_NUM_THREADS=1 python benchmarks/teacher_regularisation.py --label-smoothing 0.1 --output runs/reg-ls0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -68,7 +70,13 @@ def main(argv=None) -> int:
         epilog="example: python benchmarks/teacher_regularisation.py --dropout 0.1 --output runs/reg",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dropout", type=float, required=True, help="the teacher's dropout (study: 0)")
+    p.add_argument("--dropout", type=float, default=0.0, help="the teacher's dropout (study: 0)")
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="the teacher's label_smoothing_factor (study: 0)",
+    )
     p.add_argument("--source-column")
     p.add_argument("--target-column")
     p.add_argument(
@@ -89,6 +97,10 @@ def main(argv=None) -> int:
     from lmkd.study.run import run_study
 
     budgets.BUDGETS[args.budget]["dropout"] = args.dropout
+    if args.label_smoothing:
+        teachers.train_student = functools.partial(
+            teachers.train_student, label_smoothing_factor=args.label_smoothing
+        )
     trained = {}
     train_checked = teachers.train_checked
 
@@ -126,6 +138,7 @@ def main(argv=None) -> int:
         check = json.load(f)
     result = {
         "dropout": args.dropout,
+        "label_smoothing": args.label_smoothing,
         "columns": [opts.source_column, opts.target_column],
         "train_s": trained["train_s"],
         "rounds": [

@@ -178,7 +178,10 @@ def logit_mse(
 
 
 def cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Hard-label cross-entropy summed over the positions whose label is not ``ignore_index``.
 
@@ -186,6 +189,8 @@ def cross_entropy(
         logits: ``(..., V)`` logits.
         labels: ``(...)`` label ids.
         ignore_index: the label of positions that count in no loss.
+        label_smoothing: ε: each position's loss is ``(1 - ε)·NLL + ε·mean over the V classes of
+            -log p`` (torch's definition, and the HF Trainer's ``LabelSmoother``).
 
     Returns:
         The 0-dim sum, in at least float32.
@@ -195,6 +200,7 @@ def cross_entropy(
         labels.reshape(-1),
         ignore_index=ignore_index,
         reduction="sum",
+        label_smoothing=label_smoothing,
     )
 
 

@@ -372,6 +372,7 @@ class DistillationConfig(Seq2SeqTrainingArguments, ConfigChecks):
             )
         self.kd_chunk_size = parse_chunk_size(self.kd_chunk_size)
         self._check_plain_losses()
+        self._check_label_smoothing()
         self._check_served_teacher()
         if self.logit_cache is not None and self.kd_loss == "mse":
             raise LmkdError(

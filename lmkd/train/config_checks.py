@@ -181,6 +181,15 @@ class ConfigChecks:
                 "does not hold; use forward_kl, reverse_kl or jsd, or drop logit_cache"
             )
 
+    def _check_label_smoothing(self) -> None:
+        """label_smoothing_factor is applied to the CE term on the plain loss (full logits): the
+        chunked and fused paths compute no smoothed CE, so they refuse it rather than ignore it."""
+        if self.label_smoothing_factor and self.kd_chunk_size not in ("auto", 0):
+            raise LmkdError(
+                f"label_smoothing_factor {self.label_smoothing_factor} is applied on the plain loss "
+                f"only: set kd_chunk_size: 0 (or auto), not {self.kd_chunk_size}"
+            )
+
     def _check_served_teacher(self) -> None:
         """teacher_server_url and its settings, and what a served top-k teacher cannot feed."""
         if self.teacher_server not in TEACHER_SERVERS:

@@ -139,6 +139,10 @@ class DistillationObjective(LeanHeads):
             self.auto_chunk = 0
             logger.info("kd path: plain (kd_loss %s is computed on full logits only)", args.kd_loss)
             return
+        if self.smoothing(True) > 0:
+            self.auto_chunk = 0
+            logger.info("kd path: plain (label_smoothing_factor is applied on full logits only)")
+            return
         m = unwrap(model)
         out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
         vocab = (
@@ -197,7 +201,7 @@ class DistillationObjective(LeanHeads):
             w_ce = (1 - alpha) / max(counts.ce, 1) if use_ce else 0.0
             w_kd = alpha / max(counts.kd, 1) if use_kd else 0.0
             loss, ce_sum, kd_sum, t_outputs = self.lean_ce_kd(
-                x, outputs, s_logits, lean_head, labels, w_ce, w_kd
+                x, outputs, s_logits, lean_head, labels, w_ce, w_kd, model.training
             )
         if use_ce:
             stats.ce.add(ce_sum.item(), int(x.ce_mask.sum()))
@@ -206,6 +210,18 @@ class DistillationObjective(LeanHeads):
         return ObjectiveResult(loss, outputs, t_outputs, stats)
 
     # ---- the three paths --------------------------------------------------------------------------
+
+    def smoothing(self, training: bool) -> float:
+        """The CE term's label smoothing: ``label_smoothing_factor`` while the student trains, 0 in
+        evaluation (``eval_loss_ce`` stays the CE against the gold labels, comparable across runs).
+
+        Args:
+            training: whether the student trains.
+
+        Returns:
+            ε.
+        """
+        return float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0) if training else 0.0
 
     def taid_t(self, training: bool, step: tuple[int, int]) -> float:
         """TAID's t for this batch.
@@ -247,7 +263,9 @@ class DistillationObjective(LeanHeads):
         loss = s_logits.new_zeros((), dtype=torch.float32)
         ce_sum = kd_sum = t_outputs = None
         if labels is not None:
-            ce_sum = losses.cross_entropy(s_logits, labels)
+            ce_sum = losses.cross_entropy(
+                s_logits, labels, label_smoothing=self.smoothing(training)
+            )
             loss = loss + (1 - alpha) * ce_sum / max(counts.ce, 1)
         if alpha > 0:
             if cross_tokenizer.TEACHER_POSITION in inputs:  # cross-tokenizer KD (teacher_tokenizer)
@@ -318,7 +336,15 @@ class DistillationObjective(LeanHeads):
         return t_outputs, losses.cross_kd_loss(s_logits, t_kd, kd_mask, **kw)
 
     def lean_ce_kd(
-        self, x: ObjectiveInputs, outputs, s_logits, lean_head, labels, w_ce: float, w_kd: float
+        self,
+        x: ObjectiveInputs,
+        outputs,
+        s_logits,
+        lean_head,
+        labels,
+        w_ce: float,
+        w_kd: float,
+        training: bool = False,
     ):
         """CE + KD in one chunked pass (lmkd.losses.chunked), or against the cached teacher.
 
@@ -330,6 +356,7 @@ class DistillationObjective(LeanHeads):
             labels: the labels after the causal shift (None: no CE term).
             w_ce: the CE weight per position (0: no CE term).
             w_kd: the KD weight per position (0: no KD term).
+            training: whether the student trains (label smoothing applies only then).
 
         Returns:
             (loss, CE sum, KD sum, teacher outputs or None).
@@ -357,7 +384,11 @@ class DistillationObjective(LeanHeads):
             )
         elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
             zero = s_logits.new_zeros((), dtype=torch.float32)
-            ce_sum = losses.cross_entropy(s_logits, labels) if w_ce else zero
+            ce_sum = (
+                losses.cross_entropy(s_logits, labels, label_smoothing=self.smoothing(training))
+                if w_ce
+                else zero
+            )
             kd_sum = (
                 losses.topk_kd_loss(
                     self._shared(s_logits),

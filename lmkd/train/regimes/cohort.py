@@ -259,7 +259,11 @@ class CoDistillationTrainer(RegimeTrainer):
         labels = shifted_labels(self.kind, labels) if labels is not None else None
         for z, target in zip(logits, targets):
             if ce_mask is not None and alpha < 1:
-                ce_sum = losses.cross_entropy(z, labels)
+                ce_sum = losses.cross_entropy(
+                    z,
+                    labels,
+                    label_smoothing=args.label_smoothing_factor if model.training else 0.0,
+                )
                 loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
                 stats.ce.add(ce_sum.item() / k, int(ce_mask.sum()) / k)
             if alpha > 0:
