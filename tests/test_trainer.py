@@ -129,16 +129,21 @@ def test_loss_value_equals_manual_combination(tiny_model_dir, tokenizer, corpus,
     labels = batch["labels"]
     mask = labels != -100
     ce = torch.nn.functional.cross_entropy(s[mask], labels[mask])
-    kd = (
+    assert torch.allclose(got, 0.7 * ce + 0.3 * manual_kd(s, t, mask, 3.0), rtol=1e-5)
+
+
+def manual_kd(s, t, mask, tau):
+    """Hinton's KD term by hand: KL(teacher || student) at temperature tau over the masked positions,
+    their mean, times tau^2 -- the reference the trainer's loss is checked against."""
+    return (
         torch.nn.functional.kl_div(
-            torch.log_softmax(s[mask] / 3, -1),
-            torch.log_softmax(t[mask] / 3, -1),
+            torch.log_softmax(s[mask] / tau, -1),
+            torch.log_softmax(t[mask] / tau, -1),
             reduction="batchmean",
             log_target=True,
         )
-        * 9
+        * tau**2
     )
-    assert torch.allclose(got, 0.7 * ce + 0.3 * kd, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch,task", [("bart", "translation"), ("gpt2", "causal-lm")])
