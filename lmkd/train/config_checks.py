@@ -170,11 +170,7 @@ class ConfigChecks:
             )
         if self.kd_loss not in PLAIN_KD_LOSSES:
             return
-        if self.kd_chunk_size not in ("auto", 0):
-            raise LmkdError(
-                f"kd_loss {self.kd_loss} is computed on the plain loss only: set kd_chunk_size: 0 "
-                f"(or auto), not {self.kd_chunk_size}"
-            )
+        self._require_plain_loss(f"kd_loss {self.kd_loss} is computed")
         if self.logit_cache:
             raise LmkdError(
                 f"kd_loss {self.kd_loss} needs the teacher's full logits, which a top-K logit_cache "
@@ -184,10 +180,21 @@ class ConfigChecks:
     def _check_label_smoothing(self) -> None:
         """label_smoothing_factor is applied to the CE term on the plain loss (full logits): the
         chunked and fused paths compute no smoothed CE, so they refuse it rather than ignore it."""
-        if self.label_smoothing_factor and self.kd_chunk_size not in ("auto", 0):
+        if self.label_smoothing_factor:
+            self._require_plain_loss(
+                f"label_smoothing_factor {self.label_smoothing_factor} is applied"
+            )
+
+    def _require_plain_loss(self, what: str) -> None:
+        """Refuse a chunked or fused ``kd_chunk_size`` for something only the plain loss computes.
+
+        Args:
+            what: the subject of the error line (e.g. ``"kd_loss taid is computed"``).
+        """
+        if self.kd_chunk_size not in ("auto", 0):
             raise LmkdError(
-                f"label_smoothing_factor {self.label_smoothing_factor} is applied on the plain loss "
-                f"only: set kd_chunk_size: 0 (or auto), not {self.kd_chunk_size}"
+                f"{what} on the plain loss only: set kd_chunk_size: 0 (or auto), not "
+                f"{self.kd_chunk_size}"
             )
 
     def _check_served_teacher(self) -> None:

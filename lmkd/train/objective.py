@@ -66,6 +66,20 @@ class ObjectiveResult(NamedTuple):
     stats: LossStats
 
 
+def ce_smoothing(args, training: bool) -> float:
+    """The CE term's label smoothing: ``label_smoothing_factor`` while the student trains, 0 in
+    evaluation (``eval_loss_ce`` stays the CE against the gold labels, comparable across runs).
+
+    Args:
+        args: the run's DistillationConfig.
+        training: whether the student trains.
+
+    Returns:
+        ε.
+    """
+    return float(getattr(args, "label_smoothing_factor", 0.0) or 0.0) if training else 0.0
+
+
 class DistillationObjective(LeanHeads):
     """CE + KD of a micro-batch: ``(1 - alpha) * CE / n_ce + alpha * KD / n_kd``.
 
@@ -139,7 +153,7 @@ class DistillationObjective(LeanHeads):
             self.auto_chunk = 0
             logger.info("kd path: plain (kd_loss %s is computed on full logits only)", args.kd_loss)
             return
-        if self.smoothing(True) > 0:
+        if ce_smoothing(args, True) > 0:
             self.auto_chunk = 0
             logger.info("kd path: plain (label_smoothing_factor is applied on full logits only)")
             return
@@ -211,18 +225,6 @@ class DistillationObjective(LeanHeads):
 
     # ---- the three paths --------------------------------------------------------------------------
 
-    def smoothing(self, training: bool) -> float:
-        """The CE term's label smoothing: ``label_smoothing_factor`` while the student trains, 0 in
-        evaluation (``eval_loss_ce`` stays the CE against the gold labels, comparable across runs).
-
-        Args:
-            training: whether the student trains.
-
-        Returns:
-            ε.
-        """
-        return float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0) if training else 0.0
-
     def taid_t(self, training: bool, step: tuple[int, int]) -> float:
         """TAID's t for this batch.
 
@@ -264,7 +266,7 @@ class DistillationObjective(LeanHeads):
         ce_sum = kd_sum = t_outputs = None
         if labels is not None:
             ce_sum = losses.cross_entropy(
-                s_logits, labels, label_smoothing=self.smoothing(training)
+                s_logits, labels, label_smoothing=ce_smoothing(self.args, training)
             )
             loss = loss + (1 - alpha) * ce_sum / max(counts.ce, 1)
         if alpha > 0:
@@ -385,7 +387,9 @@ class DistillationObjective(LeanHeads):
         elif self.chunk == 0:  # the cached teacher on the plain (autograd) path
             zero = s_logits.new_zeros((), dtype=torch.float32)
             ce_sum = (
-                losses.cross_entropy(s_logits, labels, label_smoothing=self.smoothing(training))
+                losses.cross_entropy(
+                    s_logits, labels, label_smoothing=ce_smoothing(self.args, training)
+                )
                 if w_ce
                 else zero
             )

@@ -23,6 +23,7 @@ from lmkd.core.errors import LmkdError
 from lmkd.data.positions import shifted_labels
 from lmkd.models.loading import load_model, model_kind, unwrap
 from lmkd.models.vocabulary import vocab_size_of
+from lmkd.train.objective import ce_smoothing
 from lmkd.train.regimes.base import RegimeTrainer
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ class CoDistillationTrainer(RegimeTrainer):
                 ce_sum = losses.cross_entropy(
                     z,
                     labels,
-                    label_smoothing=args.label_smoothing_factor if model.training else 0.0,
+                    label_smoothing=ce_smoothing(args, model.training),
                 )
                 loss = loss + (1 - alpha) * ce_sum / max(n_ce, 1)
                 stats.ce.add(ce_sum.item() / k, int(ce_mask.sum()) / k)
